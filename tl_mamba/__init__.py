@@ -1,0 +1,38 @@
+"""tl_mamba: Mamba-1 and Mamba-2 as first-class TransformerLens models.
+
+    import tl_mamba
+    model = tl_mamba.from_pretrained("path/or/hub-id")      # picks the class
+    logits, cache = model.run_with_cache("The capital of France is")
+"""
+
+from tl_mamba.backends import BACKENDS, BackendUnavailableError
+from tl_mamba.cache import MambaActivationCache
+from tl_mamba.config import HookedMambaConfig
+from tl_mamba.models.base import RecurrentState
+from tl_mamba.models.mamba import HookedMamba
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(name_or_path, device=None, dtype=None, **kwargs):
+    """Load a Mamba checkpoint (hub id or local directory) with the class its config calls for.
+
+    mamba_ssm and transformers layouts are both read; Mamba-1 and Falcon-Mamba
+    give a ``HookedMamba``, Mamba-2 a ``HookedMamba2``.
+    """
+    import torch
+
+    from tl_mamba.loading import load_any
+
+    return load_any(name_or_path, device=device, dtype=torch.float32 if dtype is None else dtype, **kwargs)
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "HookedMamba",
+    "HookedMambaConfig",
+    "MambaActivationCache",
+    "RecurrentState",
+    "from_pretrained",
+]

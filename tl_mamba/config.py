@@ -1,0 +1,122 @@
+"""Model configuration shared by every tl_mamba model family.
+
+One dataclass serves Mamba-1 (and Falcon-Mamba) and Mamba-2; ``family`` says which.
+Field names follow TransformerLens (``n_layers``, ``d_model``, ``d_vocab``...) so that
+TransformerLens utilities which read ``model.cfg`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional, Tuple
+
+import torch
+
+Family = Literal["mamba1", "mamba2"]
+
+
+@dataclass
+class HookedMambaConfig:
+    """Hyper-parameters of a hooked Mamba model.
+
+    Shapes used throughout the package: b batch, p position, d ``d_model``,
+    e ``d_inner``, n ``d_state``, r ``dt_rank``, h ``n_heads``, hd ``d_head``,
+    g ``n_groups``, v ``d_vocab``, k ``d_conv``.
+    """
+
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    family: Family = "mamba1"
+    d_inner: Optional[int] = None  # default: expand * d_model
+    expand: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    dt_rank: Optional[int] = None  # Mamba-1 only; default ceil(d_model / 16)
+    # Mamba-2 only
+    d_head: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_groups: int = 1
+    chunk_size: int = 256
+    dt_limit: Tuple[float, float] = (0.0, float("inf"))
+    # biases
+    conv_bias: bool = True
+    proj_bias: bool = False  # in_proj / out_proj bias
+    # norms
+    eps: float = 1e-5  # block and final RMSNorm epsilon
+    bcdt_rms_eps: Optional[float] = None  # Falcon-Mamba: weightless RMS on dt_low, B and C
+    norm_before_gate: bool = False  # Mamba-2 gated RMSNorm
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    # initialisation of a random model (matches mamba_ssm / transformers defaults)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    initializer_range: float = 0.02
+    seed: Optional[int] = None
+    # tokens
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 0
+    pad_token_id: Optional[int] = 0
+    default_prepend_bos: bool = True
+    default_padding_side: Literal["left", "right"] = "right"
+    # bookkeeping, mirrors TransformerLens' HookedTransformerConfig
+    model_name: str = "custom"
+    architecture: str = "Mamba"
+    device: Optional[str] = None
+    dtype: torch.dtype = torch.float32
+    normalization_type: str = "RMS"
+    final_rms: bool = True
+    attn_only: bool = True  # one residual write per block (the mixer), no MLP
+    positional_embedding_type: str = "none"
+    n_ctx: int = 1_000_000  # recurrent: no context limit; kept for TL utilities
+    d_vocab_out: Optional[int] = None
+    d_mlp: Optional[int] = None
+    act_fn: str = "silu"
+    use_attn_result: bool = False
+    original_architecture: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in ("mamba1", "mamba2"):
+            raise ValueError(f"family must be 'mamba1' or 'mamba2', got {self.family!r}")
+        for name in ("n_layers", "d_model", "d_vocab", "d_state", "d_conv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_inner is None:
+            self.d_inner = self.expand * self.d_model
+        if self.d_vocab_out is None:
+            self.d_vocab_out = self.d_vocab
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype.replace("torch.", ""))
+        if self.family == "mamba1":
+            if self.dt_rank is None:
+                self.dt_rank = math.ceil(self.d_model / 16)
+            self.n_heads = 1
+            self.d_head = self.d_inner
+            self.n_groups = 1
+        else:
+            if self.d_head is None and self.n_heads is None:
+                self.d_head = 64
+            if self.n_heads is None:
+                self.n_heads = self.d_inner // self.d_head
+            if self.d_head is None:
+                self.d_head = self.d_inner // self.n_heads
+            if self.n_heads * self.d_head != self.d_inner:
+                raise ValueError(
+                    f"n_heads * d_head must equal d_inner: {self.n_heads} * {self.d_head} != {self.d_inner}"
+                )
+            if self.n_heads % self.n_groups != 0:
+                raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_groups ({self.n_groups})")
+            self.dt_limit = tuple(float(v) for v in self.dt_limit)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dtype"] = str(self.dtype).replace("torch.", "")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HookedMambaConfig":
+        return cls(**data)

@@ -1,0 +1,1 @@
+"""Model families: ``HookedMamba`` (Mamba-1, Falcon-Mamba)."""

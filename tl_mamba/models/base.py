@@ -1,0 +1,640 @@
+"""What every hooked Mamba model shares: tokens in, logits out, caching, generation.
+
+A family (``HookedMamba``, ``HookedMamba2``) supplies its block class; this base
+supplies the TransformerLens-facing surface:
+
+- ``forward`` with TransformerLens' arguments (return types, loss, attention
+  masks, ``start_at_layer`` / ``stop_at_layer``, strings);
+- ``run_with_cache`` returning a ``MambaActivationCache``, with heavy hooks left
+  out unless named and ``pos_slice`` cutting the position axis of every hook;
+- tokenizer helpers (``to_tokens``, ``to_str_tokens`` ...);
+- ``generate``, which is the same forward run one token at a time on a carried
+  ``RecurrentState``, so hooks fire at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+try:  # transformer-lens 4.x
+    from transformer_lens.HookedRootModule import HookedRootModule
+except ImportError:  # transformer-lens 3.x
+    from transformer_lens.hook_points import HookedRootModule  # type: ignore
+
+from transformer_lens.utilities import Slice
+
+from tl_mamba.backends import resolve_backend, validate_backend
+from tl_mamba.cache import MambaActivationCache
+from tl_mamba.config import HookedMambaConfig
+from tl_mamba.models.components import Embed, RMSNorm, Unembed
+
+#: Hooks whose tensors are O(p·e·n) or O(p²): computed only when hooked or named in a cache.
+HEAVY_HOOKS = ("hook_h", "hook_ssm_mask")
+
+#: Refuse to materialise a heavy hook larger than this (bytes); see ``heavy_hook_memory_limit``.
+DEFAULT_HEAVY_HOOK_LIMIT = 8 * 2**30
+
+
+def is_heavy_hook(name: str) -> bool:
+    """True for hooks that are computed only on demand (``hook_h``, ``hook_ssm_mask``)."""
+    return name.rsplit(".", 1)[-1] in HEAVY_HOOKS
+
+
+def hook_is_active(hook_point: HookPoint) -> bool:
+    """Whether a forward or backward hook is attached (works on transformer-lens 3.x and 4.x)."""
+    return bool(hook_point.fwd_hooks) or bool(hook_point.bwd_hooks)
+
+
+@dataclass
+class RecurrentState:
+    """Per-layer recurrent state carried across forward calls (generation).
+
+    ``layers[l]`` holds ``"conv"`` (the last k-1 conv inputs, ``[b, c, k-1]``) and
+    ``"ssm"`` (the SSM state: ``[b, e, n]`` for Mamba-1, ``[b, h, hd, n]`` for
+    Mamba-2). A forward given a state continues from it and writes the new one back.
+    """
+
+    layers: List[Dict[str, Optional[Tensor]]] = field(default_factory=list)
+    seqlen_offset: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "RecurrentState":
+        return cls(layers=[{"conv": None, "ssm": None} for _ in range(n_layers)])
+
+
+class HookedSSM(HookedRootModule):
+    """Base class of the hooked Mamba families. Subclasses set ``family`` and ``block_cls``."""
+
+    family: str = ""
+    block_cls: type = nn.Module
+
+    def __init__(self, cfg: HookedMambaConfig, tokenizer: Any = None):
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = HookedMambaConfig(**cfg)
+        if cfg.family != self.family:
+            raise ValueError(
+                f"{type(self).__name__} builds {self.family} models but the config is for {cfg.family}"
+            )
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self._backend = None  # None: follow TL_MAMBA_BACKEND
+        self.heavy_hook_memory_limit = DEFAULT_HEAVY_HOOK_LIMIT
+        dtype = cfg.dtype
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, dtype)
+        self.hook_embed = HookPoint()  # [b, p, d]
+        self.blocks = nn.ModuleList([self.block_cls(cfg, layer) for layer in range(cfg.n_layers)])
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, dtype, apply_weight=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, dtype, self.embed if cfg.tie_embeddings else None)
+        self.reset_parameters()
+        self.setup()
+        for block in self.blocks:
+            block.model_ref = [self]  # list: keep the root out of the block's module tree
+        if cfg.device is not None:
+            self.to(cfg.device)
+
+    # ------------------------------------------------------------------ weights
+    def reset_parameters(self) -> None:
+        """Random initialisation in the style of mamba_ssm (seeded by ``cfg.seed`` when set)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed) if self.cfg.seed is not None else None
+        with torch.no_grad():
+            self.embed.W_E.copy_(torch.randn(self.embed.W_E.shape, generator=gen) * self.cfg.initializer_range)
+            if not self.cfg.tie_embeddings:
+                self.unembed.weight.copy_(
+                    torch.randn(self.unembed.weight.shape, generator=gen) * self.cfg.initializer_range
+                )
+            for block in self.blocks:
+                block.reset_parameters(gen)
+
+    @property
+    def W_E(self) -> Tensor:
+        """``[d_vocab, d_model]`` embedding."""
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Tensor:
+        """``[d_model, d_vocab]`` unembedding with the final RMSNorm weight folded in.
+
+        ``cache.apply_ln_to_stack(resid) @ W_U`` gives the logits.
+        """
+        return (self.ln_final.w[:, None].float() * self.unembed.matrix.T.float()).to(self.cfg.dtype)
+
+    @property
+    def b_U(self) -> Tensor:
+        return torch.zeros(self.cfg.d_vocab_out, dtype=self.cfg.dtype, device=self.W_E.device)
+
+    def tokens_to_residual_directions(self, tokens: Union[str, int, Tensor]) -> Tensor:
+        """Residual directions ``W_U[:, token]`` (``[d]`` for one token, ``[..., d]`` for a tensor)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        tokens = torch.as_tensor(tokens, device=self.W_E.device)
+        return self.W_U[:, tokens].movedim(0, -1)
+
+    # ------------------------------------------------------------------ backend
+    @property
+    def backend(self) -> str:
+        """The scan backend name set (``"auto"`` unless changed or ``TL_MAMBA_BACKEND`` says otherwise)."""
+        from tl_mamba.backends import default_backend
+
+        return self._backend if self._backend is not None else default_backend()
+
+    def set_backend(self, name: str) -> "HookedSSM":
+        """Choose the scan implementation: ``"auto" | "torch" | "triton" | "reference"``.
+
+        Only speed changes with the backend, never results.
+        """
+        name = validate_backend(name)
+        resolve_backend(name, self.W_E.device)  # raise now if it cannot run here
+        self._backend = name
+        return self
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, device=None, dtype=torch.float32, tokenizer=None, **kwargs):
+        """Load a hub id or local directory (mamba_ssm or transformers layout)."""
+        from tl_mamba.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer=None):
+        """Build from an in-memory transformers model (weights are copied)."""
+        from tl_mamba.loading import from_hf
+
+        return from_hf(cls, hf_model, tokenizer=tokenizer)
+
+    # ------------------------------------------------------------------ tokens
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} needs a tokenizer, and this model has none. Pass token tensors [batch, pos] instead, "
+                "or give one: HookedMamba.from_pretrained(path, tokenizer=...) or model.tokenizer = tok."
+            )
+        return self.tokenizer
+
+    def _bos_id(self) -> int:
+        tok = self.tokenizer
+        if tok is not None and getattr(tok, "bos_token_id", None) is not None:
+            return int(tok.bos_token_id)
+        if self.cfg.bos_token_id is None:
+            raise ValueError("prepend_bos=True but neither the tokenizer nor the config has a BOS token id")
+        return int(self.cfg.bos_token_id)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (
+            getattr(tok, "pad_token_id", None) if tok is not None else None,
+            self.cfg.pad_token_id,
+            getattr(tok, "eos_token_id", None) if tok is not None else None,
+            self.cfg.eos_token_id,
+        ):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def to_tokens(
+        self,
+        input: Union[str, List[str]],
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[Literal["left", "right"]] = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+        return_attention_mask: bool = False,
+    ):
+        """Tokenize a string or list of strings to ``[b, p]`` (padded to the longest).
+
+        ``prepend_bos`` defaults to ``cfg.default_prepend_bos``; ``padding_side`` to
+        ``cfg.default_padding_side``. With ``return_attention_mask`` also returns the
+        ``[b, p]`` mask (1 = real token).
+        """
+        tok = self._require_tokenizer("to_tokens")
+        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        padding_side = padding_side or self.cfg.default_padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        strings = [input] if isinstance(input, str) else list(input)
+        if not strings or not all(isinstance(s, str) for s in strings):
+            raise ValueError("to_tokens takes a string or a non-empty list of strings")
+        ids = [list(tok(s, add_special_tokens=False)["input_ids"]) for s in strings]
+        if prepend_bos:
+            bos = self._bos_id()
+            ids = [[bos] + seq for seq in ids]
+        length = max(len(seq) for seq in ids)
+        if length == 0:
+            raise ValueError("to_tokens: every input tokenized to nothing (empty strings without BOS)")
+        pad = self._pad_id()
+        tokens = torch.full((len(ids), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            if padding_side == "right":
+                tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[row, : len(seq)] = 1
+            else:
+                tokens[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                mask[row, length - len(seq) :] = 1
+        if move_to_device:
+            tokens, mask = tokens.to(self.W_E.device), mask.to(self.W_E.device)
+        return (tokens, mask) if return_attention_mask else tokens
+
+    def to_string(self, tokens: Union[Tensor, List[int], int]) -> Union[str, List[str]]:
+        """Decode ``[p]`` to a string, or ``[b, p]`` to a list of strings."""
+        tok = self._require_tokenizer("to_string")
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 2:
+            return [tok.decode(row.tolist()) for row in tokens]
+        return tok.decode(tokens.tolist())
+
+    def to_str_tokens(
+        self,
+        input: Union[str, Tensor, List[int]],
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+    ) -> Union[List[str], List[List[str]]]:
+        """One string per token: of a string (tokenized first) or of token ids."""
+        tok = self._require_tokenizer("to_str_tokens")
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+        elif isinstance(input, list) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(s, prepend_bos=prepend_bos) for s in input]
+        else:
+            tokens = torch.as_tensor(input)
+            if tokens.dim() == 2:
+                if tokens.shape[0] != 1:
+                    return [[tok.decode([t]) for t in row.tolist()] for row in tokens]
+                tokens = tokens[0]
+        return [tok.decode([t]) for t in tokens.tolist()]
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (no BOS); error otherwise."""
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if tokens.numel() != 1:
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one: {self.to_str_tokens(tokens)}")
+        return int(tokens.item())
+
+    # ------------------------------------------------------------------ forward
+    def _prepare_input(self, input, attention_mask, prepend_bos, padding_side):
+        """Returns ``(tokens [b, p] long, attention_mask [b, p] or None)``."""
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            tokens, mask = self.to_tokens(
+                input, prepend_bos=prepend_bos, padding_side=padding_side, return_attention_mask=True
+            )
+            if attention_mask is None and not bool(mask.all()):
+                attention_mask = mask
+            return tokens, attention_mask
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a token tensor [batch, pos], a string or a list of strings, got {type(input).__name__}")
+        tokens = input
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2:
+            raise ValueError(f"token input must be [batch, pos], got shape {tuple(input.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(
+                f"token input must be an integer tensor, got {tokens.dtype}; to feed residual activations "
+                "use start_at_layer"
+            )
+        if tokens.shape[1] == 0:
+            raise ValueError("token input has no positions")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            raise ValueError(
+                f"token ids must lie in [0, {self.cfg.d_vocab}), got min {int(tokens.min())} max {int(tokens.max())}"
+            )
+        tokens = tokens.to(self.W_E.device)
+        if attention_mask is not None:
+            attention_mask = self._check_mask(attention_mask, tokens.shape)
+        return tokens, attention_mask
+
+    def _check_mask(self, attention_mask: Tensor, shape) -> Optional[Tensor]:
+        attention_mask = torch.as_tensor(attention_mask, device=self.W_E.device)
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if tuple(attention_mask.shape) != tuple(shape):
+            raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {tuple(attention_mask.shape)}")
+        if bool(attention_mask.all()):
+            return None
+        _check_contiguous_padding(attention_mask)
+        return attention_mask
+
+    def forward(
+        self,
+        input,
+        return_type: Optional[str] = "logits",
+        loss_per_token: bool = False,
+        attention_mask: Optional[Tensor] = None,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+        tokens: Optional[Tensor] = None,
+        state: Optional[RecurrentState] = None,
+    ):
+        """Run the model.
+
+        Args:
+            input: token tensor ``[b, p]``, a string or a list of strings; with
+                ``start_at_layer`` the residual stream ``[b, p, d]`` into that layer.
+            return_type: ``"logits"`` ``[b, p, v]``, ``"loss"``, ``"both"`` (logits,
+                loss) or None.
+            loss_per_token: return the loss per position ``[b, p-1]`` instead of the mean.
+            attention_mask: ``[b, p]``, 1 at real tokens. Left or right padding; each
+                prompt's real tokens get the logits of that prompt run alone.
+            prepend_bos / padding_side: how strings are tokenized.
+            start_at_layer / stop_at_layer: run blocks ``[start, stop)``. With
+                ``stop_at_layer`` the residual stream ``[b, p, d]`` is returned.
+            tokens: the tokens, for the loss when ``start_at_layer`` is used.
+            state: a ``RecurrentState`` to continue from; it is updated in place.
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        n_layers = self.cfg.n_layers
+        start = 0 if start_at_layer is None else _layer_index(start_at_layer, n_layers, "start_at_layer")
+        stop = n_layers if stop_at_layer is None else _layer_index(stop_at_layer, n_layers, "stop_at_layer")
+        if start_at_layer is None:
+            tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side)
+            resid = self.hook_embed(self.embed(tokens))
+        else:
+            resid = input
+            if not isinstance(resid, Tensor) or resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model:
+                raise ValueError(f"with start_at_layer, input must be the residual stream [b, p, {self.cfg.d_model}]")
+            if attention_mask is not None:
+                attention_mask = self._check_mask(attention_mask, resid.shape[:2])
+        if self.cfg.residual_in_fp32:
+            resid = resid.float()
+        if state is not None and len(state.layers) != n_layers:
+            raise ValueError(f"state has {len(state.layers)} layers, the model {n_layers}")
+        for layer in range(start, stop):
+            resid = self.blocks[layer](
+                resid, attention_mask=attention_mask, layer_state=state.layers[layer] if state is not None else None
+            )
+        if state is not None:
+            state.seqlen_offset += resid.shape[1]
+        if stop_at_layer is not None:
+            return resid
+        logits = self.unembed(self.ln_final(resid), self.ln_final.w)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise ValueError("the loss needs tokens: pass tokens=... when using start_at_layer")
+        loss = _lm_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    # ------------------------------------------------------------------ caching
+    def get_caching_hooks(
+        self,
+        names_filter=None,
+        incl_bwd: bool = False,
+        device=None,
+        remove_batch_dim: bool = False,
+        cache: Optional[dict] = None,
+        pos_slice=None,
+    ):
+        """Hooks that store activations. ``names_filter=None`` takes every hook but the heavy ones.
+
+        ``pos_slice`` cuts the position axis of every hook (axis 1; the target axis
+        2 of ``hook_ssm_mask``).
+        """
+        cache = {} if cache is None else cache
+        pos_slice = Slice.unwrap(pos_slice) if hasattr(Slice, "unwrap") else Slice(pos_slice)
+        if not isinstance(pos_slice, Slice):
+            pos_slice = Slice(pos_slice)
+        names_filter = _names_filter(names_filter, set(self.hook_dict))
+        self.is_caching = True
+
+        def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool = False):
+            name = hook.name + ("_grad" if is_backward else "")
+            value = tensor.detach()
+            if device is not None:
+                value = value.to(device)
+            if value.dim() >= 2:
+                value = pos_slice.apply(value, dim=2 if hook.name.endswith("hook_ssm_mask") else 1)
+            if remove_batch_dim and value.shape[0] == 1:
+                value = value[0]
+            cache[name] = value
+
+        fwd, bwd = [], []
+        for name in self.hook_dict:
+            if names_filter(name):
+                fwd.append((name, partial(save_hook, is_backward=False)))
+                if incl_bwd:
+                    bwd.append((name, partial(save_hook, is_backward=True)))
+        return cache, fwd, bwd
+
+    def run_with_cache(
+        self,
+        *model_args,
+        names_filter=None,
+        device=None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice=None,
+        return_cache_object: bool = True,
+        **model_kwargs,
+    ):
+        """Run and cache activations; returns ``(output, MambaActivationCache)``.
+
+        Heavy hooks (``hook_h``, ``hook_ssm_mask``) are cached only when
+        ``names_filter`` names them.
+        """
+        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor):
+            batch = model_args[0].shape[0] if model_args[0].dim() > 1 else 1
+            if batch != 1:
+                raise ValueError(f"remove_batch_dim=True needs batch size 1, got {batch}")
+        cache_dict, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+        )
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not isinstance(out, Tensor) or out.numel() != 1:
+                    raise ValueError("incl_bwd=True needs a scalar output: use return_type='loss'")
+                out.backward()
+        if not return_cache_object:
+            return out, cache_dict
+        return out, MambaActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def hook_shapes(self, tokens: Optional[Tensor] = None) -> Dict[str, tuple]:
+        """Every hook name with the shape it holds on ``tokens`` (default ``[1, 4]``), heavy hooks included."""
+        if tokens is None:
+            tokens = torch.zeros(1, 4, dtype=torch.long, device=self.W_E.device)
+        shapes: Dict[str, tuple] = {}
+
+        def record(tensor, hook):
+            shapes[hook.name] = tuple(tensor.shape)
+
+        with torch.no_grad():
+            self.run_with_hooks(tokens, fwd_hooks=[(lambda name: True, record)], return_type=None)
+        return shapes
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input: Union[str, List[str], Tensor] = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+        do_sample: bool = True,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        return_type: Optional[str] = "input",
+        verbose: bool = True,
+        attention_mask: Optional[Tensor] = None,
+        seed: Optional[int] = None,
+    ):
+        """Decode recurrently: one prefill forward, then one forward per new token.
+
+        The conv and SSM states are carried in a ``RecurrentState``, so each new
+        token costs the same whatever the prefix length, and hooks fire at every
+        step (on ``p = 1`` tensors after the prefill). Keyword names follow
+        TransformerLens' ``generate``. ``return_type="input"`` returns strings for
+        string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one.
+        ``use_past_kv_cache`` is accepted for compatibility (the state is always carried).
+        """
+        from tqdm.auto import tqdm
+
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        string_input = isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str))
+        tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side)
+        if eos_token_id is None and stop_at_eos:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+            if eos_token_id is None:
+                eos_token_id = self.cfg.eos_token_id
+        eos_ids = (
+            torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=tokens.device)
+            if (stop_at_eos and eos_token_id is not None)
+            else None
+        )
+        gen = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+        state = RecurrentState.empty(self.cfg.n_layers)
+        logits = self(tokens, attention_mask=attention_mask, state=state)
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        out_tokens = [tokens]
+        pad = self._pad_id() if eos_ids is None else int(eos_ids[0])
+        for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+            history = torch.cat(out_tokens, dim=1)
+            next_tokens = sample_next_token(
+                logits[:, -1], do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
+                freq_penalty=freq_penalty, history=history, generator=gen,
+            )
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+            out_tokens.append(next_tokens[:, None])
+            if eos_ids is not None:
+                finished |= torch.isin(next_tokens, eos_ids)
+                if bool(finished.all()):
+                    break
+            logits = self(next_tokens[:, None], state=state)
+        result = torch.cat(out_tokens, dim=1)
+        if return_type == "str" or (return_type == "input" and string_input):
+            strings = self.to_string(result)
+            return strings[0] if isinstance(input, str) else strings
+        return result
+
+
+def sample_next_token(
+    logits: Tensor,
+    *,
+    do_sample: bool,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    temperature: float,
+    freq_penalty: float = 0.0,
+    history: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Pick the next token from ``logits [b, v]``: greedy, or sampled with temperature / top-k / top-p."""
+    logits = logits.float()
+    if not do_sample or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if freq_penalty and history is not None:
+        counts = torch.zeros_like(logits).scatter_add_(1, history, torch.ones_like(history, dtype=logits.dtype))
+        logits = logits - freq_penalty * counts
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _lm_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor], per_token: bool) -> Tensor:
+    """Next-token cross entropy; padded positions are excluded (and zero per token)."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    loss = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [b, p-1]
+    if attention_mask is None:
+        return loss if per_token else loss.mean()
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(loss.dtype)
+    loss = loss * valid
+    return loss if per_token else loss.sum() / valid.sum().clamp(min=1)
+
+
+def _layer_index(value: int, n_layers: int, name: str) -> int:
+    index = value + n_layers if value < 0 else value
+    if not 0 <= index <= n_layers:
+        raise ValueError(f"{name}={value} is out of range for a model with {n_layers} layers")
+    return index
+
+
+def _check_contiguous_padding(mask: Tensor) -> None:
+    """Padding must be a prefix (left) or a suffix (right) of each row."""
+    m = mask.long()
+    for row in range(m.shape[0]):
+        values = m[row]
+        changes = int((values[1:] != values[:-1]).sum())
+        if changes > 1 or (changes == 1 and not (values[0] == 0 or values[-1] == 0)):
+            raise ValueError(
+                f"attention_mask row {row} is not left- or right-padded ({values.tolist()}); "
+                "padding must be a contiguous prefix or suffix"
+            )
+        if int(values.sum()) == 0:
+            raise ValueError(f"attention_mask row {row} has no real tokens")
+
+
+def _names_filter(names_filter, all_names: set) -> Callable[[str], bool]:
+    """TransformerLens' names_filter forms, with heavy hooks excluded from the default."""
+    if names_filter is None:
+        return lambda name: not is_heavy_hook(name)
+    if isinstance(names_filter, str):
+        names = [names_filter]
+    elif isinstance(names_filter, (list, tuple, set)):
+        names = list(names_filter)
+    elif callable(names_filter):
+        return names_filter
+    else:
+        raise ValueError("names_filter must be a string, a list of strings, or a function")
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        raise ValueError(f"unknown hook name(s) in names_filter: {unknown}")
+    wanted = set(names)
+    return lambda name: name in wanted

@@ -1,0 +1,78 @@
+"""Small modules shared by every model family: embedding, RMSNorm, unembedding.
+
+HookPoint names and conventions follow TransformerLens: every norm exposes
+``hook_scale`` (the RMSNorm divisor sqrt(mean(x²) + eps)) and ``hook_normalized``
+(x / scale, before any weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+
+class Embed(nn.Module):
+    """Token embedding. ``W_E``: ``[d_vocab, d_model]``."""
+
+    def __init__(self, d_vocab: int, d_model: int, dtype: torch.dtype):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model, dtype=dtype))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``tokens [b, p]`` → ``[b, p, d]``."""
+        return self.W_E[tokens]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with TransformerLens hooks.
+
+    ``apply_weight=False`` makes it a pre-norm whose weight ``w`` is folded into the
+    next linear map (the final norm: its weight lives in ``W_U``, as with
+    TransformerLens' ``fold_ln``), so that ``cache.apply_ln_to_stack`` followed by
+    ``W_U`` reproduces the logits exactly. The weight is still stored here, under
+    the checkpoint's name.
+    """
+
+    def __init__(self, d: int, eps: float, dtype: torch.dtype, apply_weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.apply_weight = apply_weight
+        self.w = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.hook_scale = HookPoint()  # [b, p, 1]
+        self.hook_normalized = HookPoint()  # [b, p, d]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[b, p, d]`` → ``[b, p, d]`` in the weight's dtype (the norm itself runs in fp32)."""
+        xf = x.float()
+        scale = self.hook_scale((xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized(xf / scale).to(self.w.dtype)
+        return normalized * self.w if self.apply_weight else normalized
+
+
+def weightless_rms(x: Tensor, eps: float) -> Tensor:
+    """Falcon-Mamba's weightless RMS norm on dt_low, B and C (computed in fp32)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Unembed(nn.Module):
+    """Unembedding. Owns ``weight [d_vocab, d_model]`` unless tied to ``Embed.W_E``."""
+
+    def __init__(self, d_model: int, d_vocab: int, dtype: torch.dtype, tied_to: Embed | None):
+        super().__init__()
+        # a plain attribute would register the embedding twice; keep it out of the module tree
+        self._tied = [tied_to] if tied_to is not None else None
+        if tied_to is None:
+            self.weight = nn.Parameter(torch.empty(d_vocab, d_model, dtype=dtype))
+
+    @property
+    def matrix(self) -> Tensor:
+        """``[d_vocab, d_model]``: lm_head weight (the embedding when tied)."""
+        return self._tied[0].W_E if self._tied is not None else self.weight
+
+    def forward(self, normalized: Tensor, final_norm_weight: Tensor) -> Tensor:
+        """``normalized [b, p, d]`` (final RMSNorm output before its weight) → logits ``[b, p, v]``."""
+        w = self.matrix
+        return torch.nn.functional.linear((normalized * final_norm_weight).to(w.dtype), w)

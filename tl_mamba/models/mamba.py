@@ -1,0 +1,234 @@
+"""HookedMamba: Mamba-1 and Falcon-Mamba with a HookPoint on every intermediate.
+
+The block, with the hook that holds each value (shapes: b batch, p position,
+d d_model, e d_inner, n d_state, r dt_rank):
+
+    resid_pre  [b,p,d]  ──────────────────────────────────────────────┐
+    mixer_in   [b,p,d]  → ln1 → in_proj → conv_in [b,p,e], z [b,p,e]  │
+    conv       [b,p,e]  = causal depthwise conv(conv_in)              │
+    x          [b,p,e]  = SiLU(conv)                                  │
+    dt_low [b,p,r], B [b,p,n], C [b,p,n] = x_proj(x)  (Falcon: RMS'd) │
+    delta      [b,p,e]  = softplus(dt_proj(dt_low))                   │
+    h          [b,p,e,n] states of the scan (heavy)                   │
+    y          [b,p,e]  = h·C + D⊙x                                   │
+    gate       [b,p,e]  = SiLU(z);   y_gated = y ⊙ gate               │
+    mixer_out  [b,p,d]  = out_proj(y_gated)                           │
+    resid_post [b,p,d]  = resid_pre + mixer_out  ←────────────────────┘
+
+Every value is computed from the hooked value before it, so an edit anywhere
+flows downstream. ``hook_h`` overrides the state: the recurrence continues from
+edited entries. ``hook_ssm_mask`` ``[b,1,p,p]`` (1 = kept) removes
+hidden-attention edges α[i,j]·x_j. Both are computed only when hooked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from tl_mamba.config import HookedMambaConfig
+from tl_mamba.models.base import HookedSSM, hook_is_active
+from tl_mamba.models.components import RMSNorm, weightless_rms
+from tl_mamba.ops import StateOverride, causal_conv1d, selective_scan
+
+
+class MambaMixerParams(nn.Module):
+    """The mixer's weights, named as in the checkpoints (``mixer.in_proj.weight`` ...)."""
+
+    def __init__(self, cfg: HookedMambaConfig):
+        super().__init__()
+        d, e, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+        dtype = cfg.dtype
+        self.in_proj = nn.Linear(d, 2 * e, bias=cfg.proj_bias, dtype=dtype)
+        self.conv1d = nn.Conv1d(e, e, k, groups=e, bias=cfg.conv_bias, dtype=dtype)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False, dtype=dtype)
+        self.dt_proj = nn.Linear(r, e, bias=True, dtype=dtype)
+        self.A_log = nn.Parameter(torch.empty(e, n, dtype=dtype))
+        self.D = nn.Parameter(torch.empty(e, dtype=dtype))
+        self.out_proj = nn.Linear(e, d, bias=cfg.proj_bias, dtype=dtype)
+
+
+class MambaBlock(nn.Module):
+    """One residual block: ``resid + mixer(ln1(resid))`` with every hook of the contract."""
+
+    def __init__(self, cfg: HookedMambaConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.dtype)
+        self.mixer = MambaMixerParams(cfg)
+        self.hook_resid_pre = HookPoint()  # [b, p, d]
+        self.hook_mixer_in = HookPoint()  # [b, p, d]
+        self.hook_conv_in = HookPoint()  # [b, p, e]
+        self.hook_conv = HookPoint()  # [b, p, e]
+        self.hook_x = HookPoint()  # [b, p, e]
+        self.hook_z = HookPoint()  # [b, p, e]
+        self.hook_gate = HookPoint()  # [b, p, e]
+        self.hook_dt_low = HookPoint()  # [b, p, r]
+        self.hook_delta = HookPoint()  # [b, p, e]
+        self.hook_B = HookPoint()  # [b, p, n]
+        self.hook_C = HookPoint()  # [b, p, n]
+        self.hook_ssm_mask = HookPoint()  # [b, 1, p, p] heavy
+        self.hook_h = HookPoint()  # [b, p, e, n] heavy
+        self.hook_y = HookPoint()  # [b, p, e]
+        self.hook_y_gated = HookPoint()  # [b, p, e]
+        self.hook_mixer_out = HookPoint()  # [b, p, d]
+        self.hook_resid_post = HookPoint()  # [b, p, d]
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """mamba_ssm's initialisation: S4D-real A, D = 1, Δ bias from a log-uniform [dt_min, dt_max]."""
+        cfg, m = self.cfg, self.mixer
+
+        def uniform(param: Tensor, bound: float) -> None:
+            param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
+
+        for linear in (m.in_proj, m.x_proj, m.out_proj):
+            uniform(linear.weight, 1 / math.sqrt(linear.in_features))
+            if linear.bias is not None:
+                linear.bias.zero_()
+        uniform(m.conv1d.weight, 1 / math.sqrt(cfg.d_conv))
+        if m.conv1d.bias is not None:
+            uniform(m.conv1d.bias, 1 / math.sqrt(cfg.d_conv))
+        uniform(m.dt_proj.weight, cfg.dt_rank**-0.5)
+        dt = torch.exp(
+            torch.rand(cfg.d_inner, generator=generator) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+            + math.log(cfg.dt_min)
+        ).clamp(min=cfg.dt_init_floor)
+        m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1))
+        m.D.fill_(1.0)
+        self.ln1.w.fill_(1.0)
+
+    @property
+    def backend(self) -> str:
+        return self.model_ref[0].backend if hasattr(self, "model_ref") else "auto"
+
+    def forward(
+        self,
+        resid: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        layer_state: Optional[Dict[str, Optional[Tensor]]] = None,
+    ) -> Tensor:
+        """``resid [b, p, d]`` → ``resid_post [b, p, d]``.
+
+        ``attention_mask [b, p]`` (1 = real): padded positions feed zeros into the
+        conv and the SSM, so they never reach real tokens. ``layer_state`` (a dict
+        with ``"conv"`` and ``"ssm"``) is continued from and updated in place.
+        """
+        cfg, m = self.cfg, self.mixer
+        e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        dtype = m.in_proj.weight.dtype
+        keep = None if attention_mask is None else attention_mask[..., None].to(dtype)
+
+        resid_pre = self.hook_resid_pre(resid)
+        normed = self.ln1(self.hook_mixer_in(resid_pre).to(dtype))
+        conv_in, z = m.in_proj(normed).split([e, e], dim=-1)
+        conv_in = self.hook_conv_in(conv_in)
+        z = self.hook_z(z)
+        if keep is not None:
+            conv_in = conv_in * keep
+        conv, conv_state = causal_conv1d(
+            conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
+        )
+        conv = self.hook_conv(conv)
+        x = self.hook_x(F.silu(conv))
+        if keep is not None:
+            x = x * keep
+        dt_low, B, C = m.x_proj(x).split([r, n, n], dim=-1)
+        if cfg.bcdt_rms_eps is not None:
+            dt_low, B, C = (weightless_rms(t, cfg.bcdt_rms_eps) for t in (dt_low, B, C))
+        dt_low = self.hook_dt_low(dt_low)
+        B = self.hook_B(B)
+        C = self.hook_C(C)
+        delta = self.hook_delta(F.softplus(F.linear(dt_low, m.dt_proj.weight).float() + m.dt_proj.bias.float()))
+        A = -torch.exp(m.A_log.float())
+
+        y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"])
+        y = self.hook_y(y)
+        gate = self.hook_gate(F.silu(z))
+        y_gated = self.hook_y_gated(y * gate)
+        mixer_out = self.hook_mixer_out(m.out_proj(y_gated.to(dtype)))
+        if layer_state is not None:
+            layer_state["conv"], layer_state["ssm"] = conv_state, ssm_state
+        return self.hook_resid_post(resid_pre + mixer_out)
+
+    def _scan(self, x, delta, A, B, C, initial_state):
+        """The SSM with the two heavy hooks. Returns ``(y [b,p,e], final state [b,e,n])``."""
+        b, p, e = x.shape
+        D = self.mixer.D
+        root = self.model_ref[0]
+        ssm_mask = None
+        if hook_is_active(self.hook_ssm_mask):
+            _check_heavy(root, "hook_ssm_mask", b * p * p * 4)
+            ones = torch.ones(b, 1, p, p, device=x.device, dtype=torch.float32)
+            ssm_mask = self.hook_ssm_mask(ones)
+            if tuple(ssm_mask.shape) != (b, 1, p, p):
+                raise ValueError(f"a hook on {self.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {(b, 1, p, p)}")
+            if bool((ssm_mask != 0).all()):
+                ssm_mask = None
+        want_states = hook_is_active(self.hook_h)
+        if want_states:
+            _check_heavy(root, "hook_h", b * p * e * self.cfg.d_state * 4)
+        out = selective_scan(
+            x, delta, A, B, C, D, initial_state=initial_state, ssm_mask=ssm_mask,
+            return_states=want_states, backend=self.backend,
+        )
+        if not want_states:
+            return out.y, out.final_state
+        states = out.states
+        version = states._version
+        seen = self.hook_h(states)
+        if tuple(seen.shape) != tuple(states.shape):
+            raise ValueError(f"a hook on {self.hook_h.name} returned shape {tuple(seen.shape)}, expected {tuple(states.shape)}")
+        if seen is not states or states._version != version:
+            # the hook edited the state: find the edited entries against a fresh scan,
+            # then rerun with those entries fixed so the recurrence continues from them
+            original = selective_scan(
+                x, delta, A, B, C, D, initial_state=initial_state, return_states=True, backend=self.backend
+            ).states
+            edited = seen.detach() != original.detach()
+            if bool(edited.any()):
+                if ssm_mask is not None:
+                    raise NotImplementedError(
+                        f"{self.hook_h.name} was edited while {self.hook_ssm_mask.name} knocks out edges in the same "
+                        "layer; a knockout has no single state sequence to override. Do one at a time."
+                    )
+                out = selective_scan(
+                    x, delta, A, B, C, D, initial_state=initial_state,
+                    state_override=StateOverride(values=seen, mask=edited), return_states=True, backend=self.backend,
+                )
+                return out.y, out.final_state
+        if ssm_mask is not None:
+            return out.y, out.final_state
+        # unedited: read y from the hooked states, so gradients reach hook_h (its direct effect on y_t)
+        y = torch.einsum("bpen,bpn->bpe", seen, C.float()) + D.float() * x.float()
+        return y, out.final_state
+
+
+def _check_heavy(root, hook: str, nbytes: int) -> None:
+    limit = root.heavy_hook_memory_limit
+    if nbytes > limit:
+        raise MemoryError(
+            f"{hook} would need {nbytes / 2**30:.2f} GiB for this input, over the model's limit of "
+            f"{limit / 2**30:.2f} GiB (model.heavy_hook_memory_limit). Use a shorter sequence or a smaller batch, "
+            "or raise the limit if you have the memory."
+        )
+
+
+class HookedMamba(HookedSSM):
+    """Mamba-1 (and Falcon-Mamba) language model with TransformerLens hooks.
+
+    ``HookedMamba(cfg)`` builds a randomly initialised model; ``from_pretrained``
+    loads mamba_ssm or transformers checkpoints; ``from_hf`` converts an in-memory
+    transformers model. See ``docs/hooks.md`` for every hook and its shape.
+    """
+
+    family = "mamba1"
+    block_cls = MambaBlock

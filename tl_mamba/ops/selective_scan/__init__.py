@@ -1,0 +1,151 @@
+"""Mamba-1 selective scan behind one dispatch function.
+
+    h_t = exp(Δ_t ⊗ A) ⊙ h_{t-1} + (Δ_t x_t) ⊗ B_t        h: [b, e, n]
+    y_t = h_t · C_t + D ⊙ x_t
+
+Implementations (same signature, same results):
+
+- ``reference.py``: the plain sequential scan, one position at a time. The oracle.
+- ``chunked.py``: the ``"torch"`` backend: discretises a chunk of positions at
+  once, then runs a tight fused update per position. Fast on CPU, differentiable.
+
+Two features live here, in the dispatcher, so that every backend honours them
+with no code of its own:
+
+- ``state_override`` (what an edit of ``hook_h`` means): the recurrence continues
+  from edited state entries. It is passed down to the backend as a reset of the
+  recurrence (``h_t = v_t`` where the mask is set), which is still a linear scan.
+- ``ssm_mask`` (``hook_ssm_mask`` knockout): removes hidden-attention terms
+  α[i, j]·x_j by linearity. With Δ, B and C fixed, y is linear in x, so the
+  knocked-out part is ``1_T ⊙ scan(x ⊙ 1_S)`` with no D skip. Source columns of
+  the mask that knock out the same targets are grouped, so an S→T knockout costs
+  one extra scan and a general p×p mask one scan per distinct column pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tl_mamba.backends import resolve_backend
+from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
+from tl_mamba.ops.selective_scan.reference import selective_scan_reference
+
+
+@dataclass
+class StateOverride:
+    """Replace state entries during the scan: where ``mask`` is True, h_t := values."""
+
+    values: Tensor  # [b, p, e, n]
+    mask: Tensor  # [b, p, e, n] bool
+
+
+@dataclass
+class ScanOutput:
+    y: Tensor  # [b, p, e], fp32
+    final_state: Tensor  # [b, e, n], fp32
+    states: Optional[Tensor] = None  # [b, p, e, n], fp32, only when asked for
+
+
+_IMPLEMENTATIONS = {
+    "reference": selective_scan_reference,
+    "torch": selective_scan_chunked,
+}
+
+
+def selective_scan(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    *,
+    initial_state: Optional[Tensor] = None,
+    state_override: Optional[StateOverride] = None,
+    ssm_mask: Optional[Tensor] = None,
+    return_states: bool = False,
+    backend: Optional[str] = None,
+) -> ScanOutput:
+    """Run the selective scan with the chosen backend.
+
+    Args:
+        x: ``[b, p, e]`` SSM input u.
+        delta: ``[b, p, e]`` Δ (after softplus).
+        A: ``[e, n]`` (negative) state matrix diagonal.
+        B, C: ``[b, p, n]``.
+        D: ``[e]`` skip, or None.
+        initial_state: ``[b, e, n]`` state before position 0 (zeros when None).
+        state_override: entries of the state to replace (see ``StateOverride``).
+        ssm_mask: ``[b, 1, p, p]`` hidden-attention mask, 1 = edge kept, 0 = the
+            term α[i, j]·x_j is removed from y_i. Entries above the diagonal are
+            ignored. The D skip is never masked.
+        return_states: also return every state ``[b, p, e, n]`` (memory heavy).
+        backend: ``"reference"``, ``"torch"`` or ``"auto"``.
+
+    Returns:
+        ``ScanOutput`` with y ``[b, p, e]``, the final state ``[b, e, n]`` and,
+        when asked for, the states. All fp32 (the scan runs in fp32 for every
+        input dtype, as mamba_ssm does).
+    """
+    b, p, e = x.shape
+    n = A.shape[-1]
+    _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n)
+    impl = _IMPLEMENTATIONS[resolve_backend(backend, x.device)]
+    out = impl(
+        x, delta, A, B, C, D,
+        initial_state=initial_state,
+        state_override=state_override,
+        return_states=return_states,
+    )
+    if ssm_mask is not None:
+        out.y = out.y - _knocked_out_terms(impl, x, delta, A, B, C, ssm_mask)
+    return out
+
+
+def _knocked_out_terms(impl, x, delta, A, B, C, ssm_mask: Tensor) -> Tensor:
+    """Σ_j (1 - M[i, j]) α[i, j] x_j for every target i, by one scan per column pattern."""
+    b, p, _ = x.shape
+    if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or ssm_mask.shape[-2:] != (p, p):
+        raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
+    knocked = (ssm_mask[:, 0] == 0).expand(b, p, p)  # [b, target i, source j]
+    knocked = knocked & torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if not bool(knocked.any()):
+        return total
+    # one row per source column: the targets it is removed from, in every batch row
+    columns = knocked.permute(2, 0, 1).reshape(p, b * p)
+    patterns, group_of_source = torch.unique(columns, dim=0, return_inverse=True)
+    for g, pattern in enumerate(patterns):
+        if not bool(pattern.any()):
+            continue
+        sources = (group_of_source == g).to(x.dtype)  # [p]
+        contribution = impl(
+            x * sources[None, :, None], delta, A, B, C, None,
+            initial_state=None, state_override=None, return_states=False,
+        ).y
+        targets = pattern.view(b, p, 1).to(contribution.dtype)
+        total = total + targets * contribution
+    return total
+
+
+def _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n) -> None:
+    expected = {
+        "delta": (delta, (b, p, e)),
+        "A": (A, (e, n)),
+        "B": (B, (b, p, n)),
+        "C": (C, (b, p, n)),
+    }
+    if D is not None:
+        expected["D"] = (D, (e,))
+    if initial_state is not None:
+        expected["initial_state"] = (initial_state, (b, e, n))
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+__all__ = ["selective_scan", "ScanOutput", "StateOverride", "selective_scan_reference", "selective_scan_chunked"]
