@@ -10,6 +10,7 @@ from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import RecurrentState
 from tl_mamba.models.mamba import HookedMamba
+from tl_mamba._pending import HookedMamba2, Knockout  # not implemented yet: raise on use
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "HookedMamba",
+    "HookedMamba2",
+    "Knockout",
     "HookedMambaConfig",
     "MambaActivationCache",
     "RecurrentState",

@@ -160,10 +160,11 @@ def _weight_patterns(repo_id: str, revision: Optional[str], token) -> list:
     ``snapshot_download`` then falls back to whatever the cache holds.
     """
     try:
-        from huggingface_hub import list_repo_files
+        from huggingface_hub import HfApi
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-        files = list_repo_files(repo_id, revision=revision, token=token)
+        # a fresh HfApi reads the endpoint (HF_ENDPOINT) as it is now
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
     except (RepositoryNotFoundError, GatedRepoError):
         raise
     except Exception:

@@ -392,6 +392,29 @@ class HookedSSM(HookedRootModule):
         loss = _lm_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
+    # ------------------------------------------------------------------ hook names
+    def check_hook_name(self, name: str) -> None:
+        """Raise a ``ValueError`` naming ``name`` (and close matches) if it is not a hook of this model."""
+        if name in self.hook_dict:
+            return
+        import difflib
+
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"{name!r} is not a hook of {type(self).__name__}.{hint} "
+            "model.hook_dict lists them all (docs/hooks.md has their shapes)."
+        )
+
+    def add_hook(self, name, hook, *args, **kwargs):
+        if isinstance(name, str):
+            self.check_hook_name(name)
+        return super().add_hook(name, hook, *args, **kwargs)
+
+    def _enable_hook_with_name(self, name, hook, dir):
+        self.check_hook_name(name)
+        return super()._enable_hook_with_name(name, hook, dir)
+
     # ------------------------------------------------------------------ caching
     def get_caching_hooks(
         self,
@@ -635,6 +658,6 @@ def _names_filter(names_filter, all_names: set) -> Callable[[str], bool]:
         raise ValueError("names_filter must be a string, a list of strings, or a function")
     unknown = [n for n in names if n not in all_names]
     if unknown:
-        raise ValueError(f"unknown hook name(s) in names_filter: {unknown}")
+        raise ValueError(f"unknown hook name(s) in names_filter: {unknown}; model.hook_dict lists the hooks")
     wanted = set(names)
     return lambda name: name in wanted

@@ -1,0 +1,67 @@
+"""Checkpoint loading: mamba_ssm and transformers layouts -> tl_mamba models.
+
+Public API::
+
+    resolve_checkpoint(name_or_path, *, revision=None) -> pathlib.Path
+    read_checkpoint_config(path) -> dict
+    detect_layout(raw_config) -> (layout, family)   # ("mamba_ssm"|"transformers",
+                                                    #  "mamba1"|"falcon_mamba"|"mamba2")
+    config_from_checkpoint(raw, layout, family, *, model_name=..., state_dict=None,
+                           device=None, dtype=torch.float32, **overrides) -> HookedMambaConfig
+    load_state_dict_files(path) -> dict[str, Tensor]
+    convert_state_dict(sd, cfg, layout, family) -> dict[str, Tensor]
+    expected_param_shapes(cfg) -> dict[str, tuple]
+    load_pretrained(model_cls, name_or_path, *, device=None, dtype=torch.float32,
+                    tokenizer=None, revision=None, **cfg_overrides) -> model
+    load_any(name_or_path, **kw) -> HookedMamba | HookedMamba2
+    auto_model_class(name_or_path) -> "mamba1" | "mamba2"
+    from_hf(model_cls, hf_model, tokenizer=None, *, device=None, dtype=None, **cfg_overrides)
+    load_tokenizer(path) -> tokenizer | None
+
+Errors: CheckpointNotFoundError, CheckpointFilesError (FileNotFoundError);
+UnsupportedArchitectureError, WrongModelClassError, CheckpointMismatchError (ValueError).
+"""
+
+from .checkpoint import (
+    auto_model_class,
+    build_model,
+    from_hf,
+    load_any,
+    load_pretrained,
+    model_class_for_family,
+)
+from .convert import checkpoint_name, convert_state_dict, expected_param_shapes
+from .errors import (
+    CheckpointFilesError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    UnsupportedArchitectureError,
+    WrongModelClassError,
+)
+from .files import load_state_dict_files, load_tokenizer, read_checkpoint_config
+from .hub import resolve_checkpoint
+from .layouts import config_from_checkpoint, detect_layout, family_of_model_class
+
+__all__ = [
+    "CheckpointFilesError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "UnsupportedArchitectureError",
+    "WrongModelClassError",
+    "auto_model_class",
+    "build_model",
+    "checkpoint_name",
+    "config_from_checkpoint",
+    "convert_state_dict",
+    "detect_layout",
+    "expected_param_shapes",
+    "family_of_model_class",
+    "from_hf",
+    "load_any",
+    "load_pretrained",
+    "load_state_dict_files",
+    "load_tokenizer",
+    "model_class_for_family",
+    "read_checkpoint_config",
+    "resolve_checkpoint",
+]

@@ -1,0 +1,236 @@
+"""Load pretrained checkpoints into tl_mamba models.
+
+The model classes' ``from_pretrained`` / ``from_hf`` classmethods delegate here::
+
+    HookedMamba.from_pretrained(name_or_path)  ->  load_pretrained(HookedMamba, name_or_path)
+    HookedMamba.from_hf(hf_model)              ->  from_hf(HookedMamba, hf_model)
+    tl_mamba.from_pretrained(name_or_path)     ->  load_any(name_or_path)
+
+Pipeline: :func:`resolve_checkpoint` (local dir or hub id) -> :func:`read_checkpoint_config`
+-> :func:`detect_layout` -> :func:`load_state_dict_files` -> :func:`config_from_checkpoint`
+-> :func:`convert_state_dict` -> ``model_cls(cfg, tokenizer=...)`` ->
+``model.load_state_dict(strict=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from ..config import HookedMambaConfig
+from .convert import convert_state_dict
+from .errors import UnsupportedArchitectureError, WrongModelClassError
+from .files import load_state_dict_files, load_tokenizer, read_checkpoint_config
+from .hub import resolve_checkpoint
+from .layouts import config_from_checkpoint, detect_layout, family_of_model_class
+
+_FAMILY_WORDS = {"mamba1": "Mamba-1", "falcon_mamba": "Falcon-Mamba", "mamba2": "Mamba-2"}
+_CLASS_FOR_FAMILY = {"mamba1": "HookedMamba", "mamba2": "HookedMamba2"}
+
+
+def model_class_for_family(family: str) -> type:
+    """Import and return the model class for a (checkpoint or model) family.
+
+    ``"mamba1"`` and ``"falcon_mamba"`` -> ``HookedMamba``; ``"mamba2"`` -> ``HookedMamba2``.
+    Imports are lazy so that loading code never imports a model it does not need.
+    """
+    family = family_of_model_class(family)
+    if family == "mamba1":
+        from ..models.mamba import HookedMamba
+
+        return HookedMamba
+    if family == "mamba2":
+        try:
+            from ..models.mamba2 import HookedMamba2
+        except ImportError as err:
+            raise UnsupportedArchitectureError(
+                "this is a Mamba-2 checkpoint, but HookedMamba2 is not available in this version "
+                f"of tl_mamba ({err})"
+            ) from err
+        return HookedMamba2
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _check_family(model_cls: type, layout: str, family: str, what: str) -> None:
+    wanted = getattr(model_cls, "family", None)
+    if wanted is None:
+        raise TypeError(f"{getattr(model_cls, '__name__', model_cls)!r} has no 'family' class attribute")
+    if family_of_model_class(family) != wanted:
+        right = _CLASS_FOR_FAMILY[family_of_model_class(family)]
+        raise WrongModelClassError(
+            f"{what} is a {_FAMILY_WORDS[family]} checkpoint ({layout} layout), but "
+            f"{model_cls.__name__} loads {'Mamba-1 / Falcon-Mamba' if wanted == 'mamba1' else 'Mamba-2'} "
+            f"checkpoints; use {right}.from_pretrained, or tl_mamba.from_pretrained which picks the class."
+        )
+
+
+def build_model(
+    model_cls: type,
+    cfg: HookedMambaConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: Any = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> torch.nn.Module:
+    """Construct ``model_cls(cfg, tokenizer=tokenizer)``, load ``state_dict`` strictly
+    (values are copied, so they are cast to the model's parameter dtypes), move to
+    ``device`` when given, and return the model in eval mode."""
+    model = model_cls(cfg, tokenizer=tokenizer)
+    model.load_state_dict(dict(state_dict), strict=True)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _load_from_dir(
+    model_cls: Optional[type],
+    path: pathlib.Path,
+    *,
+    model_name: str,
+    device,
+    dtype: torch.dtype,
+    tokenizer: Any,
+    cfg_overrides: Mapping[str, Any],
+) -> torch.nn.Module:
+    raw = read_checkpoint_config(path)
+    layout, family = detect_layout(raw)
+    if model_cls is None:
+        model_cls = model_class_for_family(family)
+    _check_family(model_cls, layout, family, what=repr(model_name))
+    sd = load_state_dict_files(path)
+    cfg = config_from_checkpoint(
+        raw, layout, family, model_name=model_name, state_dict=sd, device=device, dtype=dtype, **cfg_overrides
+    )
+    ours = convert_state_dict(sd, cfg, layout, family)
+    del sd
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
+    return build_model(model_cls, cfg, ours, tokenizer=tokenizer, device=device)
+
+
+def load_pretrained(
+    model_cls: type,
+    name_or_path: Union[str, os.PathLike],
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Any = None,
+    revision: Optional[str] = None,
+    **cfg_overrides: Any,
+) -> torch.nn.Module:
+    """Load a pretrained checkpoint into ``model_cls`` (HookedMamba or HookedMamba2).
+
+    Args:
+        model_cls: the model class; its ``family`` class attribute must match the
+            checkpoint (Falcon-Mamba counts as ``"mamba1"``), else
+            :class:`WrongModelClassError` says which class to use.
+        name_or_path: a local checkpoint directory (mamba_ssm or transformers layout)
+            or a hub id such as ``"state-spaces/mamba-130m-hf"``.
+        device, dtype: stored in the config; the model is built with them.
+        tokenizer: used as given; otherwise the checkpoint's own tokenizer files are
+            loaded when present (see :func:`load_tokenizer`), else the model has none.
+        revision: hub revision (branch, tag or commit) for hub ids.
+        **cfg_overrides: any :class:`HookedMambaConfig` field, applied last.
+
+    Raises ``CheckpointNotFoundError``, ``CheckpointFilesError``,
+    ``UnsupportedArchitectureError``, ``WrongModelClassError`` or
+    ``CheckpointMismatchError`` (which lists every missing / unexpected / misshapen key).
+    """
+    path = resolve_checkpoint(name_or_path, revision=revision)
+    return _load_from_dir(
+        model_cls,
+        path,
+        model_name=os.fspath(name_or_path),
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        cfg_overrides=cfg_overrides,
+    )
+
+
+def load_any(
+    name_or_path: Union[str, os.PathLike],
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Any = None,
+    revision: Optional[str] = None,
+    **cfg_overrides: Any,
+) -> torch.nn.Module:
+    """Like :func:`load_pretrained`, but pick the model class from the checkpoint:
+    Mamba-1 and Falcon-Mamba -> ``HookedMamba``, Mamba-2 -> ``HookedMamba2``."""
+    path = resolve_checkpoint(name_or_path, revision=revision)
+    return _load_from_dir(
+        None,
+        path,
+        model_name=os.fspath(name_or_path),
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        cfg_overrides=cfg_overrides,
+    )
+
+
+def auto_model_class(name_or_path: Union[str, os.PathLike], *, revision: Optional[str] = None) -> str:
+    """The model-class family of a checkpoint: ``"mamba1"`` (Mamba-1 and Falcon-Mamba,
+    built by ``HookedMamba``) or ``"mamba2"`` (``HookedMamba2``). It equals the right
+    class's ``family`` attribute. Reads only config.json (after resolving the checkpoint)."""
+    path = resolve_checkpoint(name_or_path, revision=revision)
+    _, family = detect_layout(read_checkpoint_config(path))
+    return family_of_model_class(family)
+
+
+def from_hf(
+    model_cls: type,
+    hf_model: torch.nn.Module,
+    tokenizer: Any = None,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    **cfg_overrides: Any,
+) -> torch.nn.Module:
+    """Convert an in-memory transformers Mamba model into ``model_cls``.
+
+    ``hf_model`` is a ``MambaForCausalLM`` / ``FalconMambaForCausalLM`` /
+    ``Mamba2ForCausalLM`` (a bare ``MambaModel`` backbone works too when tied). Its
+    config and state dict go through the same conversion as a checkpoint on disk; the
+    weights are copied. ``dtype`` and ``device`` default to those of the model's
+    parameters. ``tokenizer`` defaults to the tokenizer saved beside the model when
+    ``hf_model.name_or_path`` is a local directory that has one.
+    """
+    config = getattr(hf_model, "config", None)
+    if not isinstance(hf_model, torch.nn.Module) or not hasattr(config, "to_dict"):
+        raise TypeError(
+            "from_hf expects a transformers MambaForCausalLM, FalconMambaForCausalLM or "
+            f"Mamba2ForCausalLM instance, got {type(hf_model).__name__}"
+        )
+    raw = config.to_dict()
+    try:
+        layout, family = detect_layout(raw)
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedArchitectureError(
+            f"from_hf cannot convert a {type(hf_model).__name__}: {err}"
+        ) from err
+    if layout != "transformers":  # pragma: no cover - a transformers config always has model_type
+        raise UnsupportedArchitectureError(f"from_hf needs a transformers model, got {type(hf_model).__name__}")
+    _check_family(model_cls, layout, family, what=f"the {type(hf_model).__name__}")
+
+    params = [p for p in hf_model.parameters() if p.is_floating_point()]
+    if dtype is None:
+        dtype = params[0].dtype if params else torch.float32
+    if device is None and params:
+        device = params[0].device
+    if isinstance(device, torch.device):
+        device = str(device)
+    sd = hf_model.state_dict()
+    cfg_overrides.setdefault("original_architecture", type(hf_model).__name__)
+    name = getattr(hf_model, "name_or_path", "") or getattr(config, "_name_or_path", "") or type(hf_model).__name__
+    cfg = config_from_checkpoint(
+        raw, layout, family, model_name=str(name), state_dict=sd, device=device, dtype=dtype, **cfg_overrides
+    )
+    ours = convert_state_dict(sd, cfg, layout, family)
+    if tokenizer is None and name and pathlib.Path(str(name)).is_dir():
+        tokenizer = load_tokenizer(pathlib.Path(str(name)))
+    return build_model(model_cls, cfg, ours, tokenizer=tokenizer, device=device)
