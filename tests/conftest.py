@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs and an offline word-level tokenizer.
+
+Nothing here downloads anything: the tokenizer is built in memory with the
+``tokenizers`` library and wrapped in transformers' ``PreTrainedTokenizerFast``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from tl_mamba import HookedMamba, HookedMambaConfig
+
+WORDS = (
+    "the a cat dog sat on mat and then ran to park when mary john went store gave drink "
+    "capital of is paris france key value red blue green one two three four five"
+).split()
+
+
+def make_tokenizer():
+    """A word-level tokenizer: ``<bos>`` 0, ``<eos>`` 1, ``<pad>`` 2, ``<unk>`` 3, then WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def tiny_config(**overrides) -> HookedMambaConfig:
+    """A small random Mamba-1 config (odd sizes on purpose)."""
+    base = dict(n_layers=2, d_model=24, d_vocab=48, d_state=5, d_conv=3, dt_rank=3, seed=0,
+                bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    base.update(overrides)
+    return HookedMambaConfig(**base)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    model = HookedMamba(tiny_config(), tokenizer=tokenizer)
+    model.eval()
+    return model

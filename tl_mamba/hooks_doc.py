@@ -1,0 +1,97 @@
+"""Generate ``docs/hooks.md`` from a live model, so the table cannot drift.
+
+    python -m tl_mamba.hooks_doc > docs/hooks.md
+
+``tests/test_hooks_doc.py`` regenerates it and compares with the committed file.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Dict, List, Tuple
+
+import torch
+
+from tl_mamba.config import HookedMambaConfig
+from tl_mamba.models.base import is_heavy_hook
+
+#: What each hook holds, by its name within a block / the model.
+DESCRIPTIONS = {
+    "hook_embed": "token embedding",
+    "hook_resid_pre": "residual stream into the block",
+    "hook_mixer_in": "copy of resid_pre that feeds only this block (edge patching)",
+    "ln1.hook_scale": "RMSNorm divisor sqrt(mean(x²) + eps)",
+    "ln1.hook_normalized": "x / scale, before the norm weight",
+    "hook_conv_in": "x branch of in_proj (conv input)",
+    "hook_conv": "depthwise causal conv output, before SiLU",
+    "hook_x": "SiLU(conv): the SSM input u",
+    "hook_z": "gate branch of in_proj, before SiLU",
+    "hook_gate": "SiLU(z)",
+    "hook_dt_low": "low-rank dt from x_proj (after Falcon-Mamba's norm)",
+    "hook_delta": "Δ = softplus(dt_proj(dt_low) + bias)",
+    "hook_B": "input-dependent B (after Falcon-Mamba's norm)",
+    "hook_C": "input-dependent C (after Falcon-Mamba's norm)",
+    "hook_ssm_mask": "knockout mask, 1 = edge kept (heavy)",
+    "hook_h": "state after each step; edits override the state (heavy)",
+    "hook_y": "SSM output, including the D·x skip",
+    "hook_y_gated": "y ⊙ gate (input to out_proj)",
+    "hook_mixer_out": "out_proj output: the block's write to the residual",
+    "hook_resid_post": "residual stream after the block",
+    "ln_final.hook_scale": "final RMSNorm divisor",
+    "ln_final.hook_normalized": "x / scale (the norm weight is folded into W_U)",
+}
+
+
+def _symbolic_shape(shape: Tuple[int, ...], sizes: Dict[int, str]) -> str:
+    return "[" + ", ".join(sizes.get(s, str(s)) for s in shape) + "]"
+
+
+def hook_table(model, batch: int = 2, pos: int = 7) -> List[Tuple[str, str, str]]:
+    """Rows ``(hook name with blocks.{l}, symbolic shape, description)`` measured on a live forward."""
+    cfg = model.cfg
+    tokens = torch.zeros(batch, pos, dtype=torch.long, device=model.W_E.device)
+    shapes = model.hook_shapes(tokens)
+    # sizes are chosen distinct in the documentation model so each maps back to one symbol
+    sizes = {batch: "b", pos: "p", cfg.d_model: "d", cfg.d_inner: "e", cfg.d_state: "n", 1: "1"}
+    if cfg.family == "mamba1":
+        sizes[cfg.dt_rank] = "r"
+    rows, seen = [], set()
+    for name, shape in shapes.items():
+        generic = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
+        if generic in seen:
+            continue
+        seen.add(generic)
+        short = generic.replace("blocks.{l}.", "")
+        rows.append((generic, _symbolic_shape(shape, sizes), DESCRIPTIONS.get(short, "") +
+                     (" — cached only when named" if is_heavy_hook(name) else "")))
+    return rows
+
+
+def render_markdown() -> str:
+    """The full ``docs/hooks.md`` text."""
+    from tl_mamba.models.mamba import HookedMamba
+
+    cfg = HookedMambaConfig(n_layers=2, d_model=12, d_vocab=40, d_state=5, d_conv=4, dt_rank=3, expand=3, seed=0)
+    lines = [
+        "# Hooks",
+        "",
+        "Generated from a live model by `python -m tl_mamba.hooks_doc > docs/hooks.md`;",
+        "`tests/test_hooks_doc.py` fails if this file drifts from the code.",
+        "",
+        "Shapes: b batch, p position, d d_model, e d_inner, n d_state, r dt_rank.",
+        "Heavy hooks are computed only when a hook is attached or a cache names them;",
+        "`run_with_cache()` without `names_filter` leaves them out.",
+        "",
+        "## HookedMamba (Mamba-1, Falcon-Mamba)",
+        "",
+        "| hook | shape | what |",
+        "|---|---|---|",
+    ]
+    for name, shape, what in hook_table(HookedMamba(cfg)):
+        lines.append(f"| `{name}` | {shape} | {what} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())
