@@ -98,8 +98,16 @@ class HookedSSM(HookedRootModule):
         self.setup()
         for block in self.blocks:
             block.model_ref = [self]  # list: keep the root out of the block's module tree
-        if cfg.device is not None:
-            self.to(cfg.device)
+        self.to(cfg.device if cfg.device is not None else "cpu")
+
+    def _apply(self, fn, *args, **kwargs):
+        # keep cfg.device / cfg.dtype in step with the weights after .to(), .cuda(), .half() ...
+        # (TransformerLens utilities such as transformer_lens.patching read cfg.device)
+        result = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "embed"):
+            self.cfg.device = str(self.embed.W_E.device)
+            self.cfg.dtype = self.embed.W_E.dtype
+        return result
 
     # ------------------------------------------------------------------ weights
     def reset_parameters(self) -> None:
