@@ -161,11 +161,13 @@ def _weight_patterns(repo_id: str, revision: Optional[str], token) -> list:
     """
     try:
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-        # a fresh HfApi reads the endpoint (HF_ENDPOINT) as it is now
-        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
-    except (RepositoryNotFoundError, GatedRepoError):
+        # One request, no retries (list_repo_files retries with backoff for ~20 s when the
+        # hub is down). A fresh HfApi reads the endpoint (HF_ENDPOINT) as it is now.
+        info = HfApi().model_info(repo_id, revision=revision, token=token)
+        files = [sibling.rfilename for sibling in (info.siblings or [])]
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
         raise
     except Exception:
         return SAFETENSORS_PATTERNS + BIN_PATTERNS

@@ -207,6 +207,14 @@ def _detect_mamba_ssm(raw: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- config
 
 
+def _as_float(value: Any) -> float:
+    """A float from config.json: transformers 5 writes infinity as ``{"__float__": "Infinity"}``,
+    older versions as the bare JSON token ``Infinity`` (parsed by ``json`` already)."""
+    if isinstance(value, Mapping) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
+
+
 def _pad_vocab(vocab_size: int, multiple: Optional[int]) -> int:
     if not multiple or multiple <= 1:
         return vocab_size
@@ -334,7 +342,7 @@ def _fields_from_mamba_ssm(raw: Mapping[str, Any], family: str) -> Dict[str, Any
             n_heads=d_inner // int(o["headdim"]),
             n_groups=int(o["ngroups"]),
             chunk_size=int(o["chunk_size"]),
-            dt_limit=tuple(float(v) for v in o["dt_limit"]),
+            dt_limit=tuple(_as_float(v) for v in o["dt_limit"]),
             conv_bias=bool(o["conv_bias"]),
             proj_bias=bool(o["bias"]),
             norm_before_gate=False,
@@ -394,7 +402,7 @@ def _fields_from_transformers(raw: Mapping[str, Any], family: str) -> Dict[str, 
             n_heads=int(raw["num_heads"]) if "num_heads" in raw else None,
             n_groups=int(raw.get("n_groups", 1)),
             chunk_size=int(raw.get("chunk_size", 256)),
-            dt_limit=tuple(float(v) for v in limit),
+            dt_limit=tuple(_as_float(v) for v in limit),
             norm_before_gate=False,  # transformers' Mamba2 always gates before the norm
         )
     fields = dict(common, family="mamba1", dt_rank=_dt_rank(raw.get("time_step_rank"), d_model))
