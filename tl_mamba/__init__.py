@@ -10,7 +10,8 @@ from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import RecurrentState
 from tl_mamba.models.mamba import HookedMamba
-from tl_mamba._pending import HookedMamba2, Knockout  # not implemented yet: raise on use
+from tl_mamba.models.mamba2 import HookedMamba2
+from tl_mamba._pending import Knockout  # not implemented yet: raises on use
 
 __version__ = "0.1.0"
 

@@ -23,16 +23,6 @@ class _Pending:
         raise NotImplementedError(cls._what)
 
 
-class HookedMamba2(_Pending):
-    """Mamba-2 model: not implemented yet (issue 'HookedMamba2')."""
-
-    family = "mamba2"
-    _what = (
-        "HookedMamba2 (Mamba-2) is not implemented yet in this version of tl_mamba; "
-        "only Mamba-1 and Falcon-Mamba (HookedMamba) are supported so far."
-    )
-
-
 class Knockout(_Pending):
     """Token-to-token knockout: not implemented yet (issue 'Knockout and hidden attention')."""
 

@@ -551,7 +551,14 @@ class HookedSSM(HookedRootModule):
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         string_input = isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str))
+        if string_input and padding_side is None:
+            padding_side = "left"  # new tokens are appended on the right, so prompts must end together
         tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side)
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "generate needs every prompt to end at the last column: use left padding "
+                "(padding_side='left', or a left-padded attention_mask)"
+            )
         if eos_token_id is None and stop_at_eos:
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
             if eos_token_id is None:

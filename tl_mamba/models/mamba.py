@@ -33,9 +33,10 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.base import HookedSSM, hook_is_active
+from tl_mamba.models.base import HookedSSM
+from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.models.components import RMSNorm, weightless_rms
-from tl_mamba.ops import StateOverride, causal_conv1d, selective_scan
+from tl_mamba.ops import causal_conv1d, selective_scan
 
 
 class MambaMixerParams(nn.Module):
@@ -110,6 +111,9 @@ class MambaBlock(nn.Module):
     def backend(self) -> str:
         return self.model_ref[0].backend if hasattr(self, "model_ref") else "auto"
 
+    def hook_device(self) -> torch.device:
+        return self.mixer.A_log.device
+
     def forward(
         self,
         resid: Tensor,
@@ -160,66 +164,18 @@ class MambaBlock(nn.Module):
         return self.hook_resid_post(resid_pre + mixer_out)
 
     def _scan(self, x, delta, A, B, C, initial_state):
-        """The SSM with the two heavy hooks. Returns ``(y [b,p,e], final state [b,e,n])``."""
-        b, p, e = x.shape
+        """The SSM with its heavy hooks. Returns ``(y [b,p,e], final state [b,e,n])``."""
         D = self.mixer.D
-        root = self.model_ref[0]
-        ssm_mask = None
-        if hook_is_active(self.hook_ssm_mask):
-            _check_heavy(root, "hook_ssm_mask", b * p * p * 4)
-            ones = torch.ones(b, 1, p, p, device=x.device, dtype=torch.float32)
-            ssm_mask = self.hook_ssm_mask(ones)
-            if tuple(ssm_mask.shape) != (b, 1, p, p):
-                raise ValueError(f"a hook on {self.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {(b, 1, p, p)}")
-            if bool((ssm_mask != 0).all()):
-                ssm_mask = None
-        want_states = hook_is_active(self.hook_h)
-        if want_states:
-            _check_heavy(root, "hook_h", b * p * e * self.cfg.d_state * 4)
-        out = selective_scan(
-            x, delta, A, B, C, D, initial_state=initial_state, ssm_mask=ssm_mask,
-            return_states=want_states, backend=self.backend,
-        )
-        if not want_states:
-            return out.y, out.final_state
-        states = out.states
-        version = states._version
-        seen = self.hook_h(states)
-        if tuple(seen.shape) != tuple(states.shape):
-            raise ValueError(f"a hook on {self.hook_h.name} returned shape {tuple(seen.shape)}, expected {tuple(states.shape)}")
-        if seen is not states or states._version != version:
-            # the hook edited the state: find the edited entries against a fresh scan,
-            # then rerun with those entries fixed so the recurrence continues from them
-            original = selective_scan(
-                x, delta, A, B, C, D, initial_state=initial_state, return_states=True, backend=self.backend
-            ).states
-            edited = seen.detach() != original.detach()
-            if bool(edited.any()):
-                if ssm_mask is not None:
-                    raise NotImplementedError(
-                        f"{self.hook_h.name} was edited while {self.hook_ssm_mask.name} knocks out edges in the same "
-                        "layer; a knockout has no single state sequence to override. Do one at a time."
-                    )
-                out = selective_scan(
-                    x, delta, A, B, C, D, initial_state=initial_state,
-                    state_override=StateOverride(values=seen, mask=edited), return_states=True, backend=self.backend,
-                )
-                return out.y, out.final_state
-        if ssm_mask is not None:
-            return out.y, out.final_state
-        # unedited: read y from the hooked states, so gradients reach hook_h (its direct effect on y_t)
-        y = torch.einsum("bpen,bpn->bpe", seen, C.float()) + D.float() * x.float()
-        return y, out.final_state
 
+        def scan(**kwargs):
+            return selective_scan(x, delta, A, B, C, D, initial_state=initial_state, backend=self.backend, **kwargs)
 
-def _check_heavy(root, hook: str, nbytes: int) -> None:
-    limit = root.heavy_hook_memory_limit
-    if nbytes > limit:
-        raise MemoryError(
-            f"{hook} would need {nbytes / 2**30:.2f} GiB for this input, over the model's limit of "
-            f"{limit / 2**30:.2f} GiB (model.heavy_hook_memory_limit). Use a shorter sequence or a smaller batch, "
-            "or raise the limit if you have the memory."
-        )
+        def read_out(states):  # y from the (hooked) states [b, p, e, n]
+            return torch.einsum("bpen,bpn->bpe", states, C.float()) + D.float() * x.float()
+
+        b, p, e = x.shape
+        return scan_with_heavy_hooks(self, scan, read_out, mask_shape=(b, 1, p, p),
+                                     state_bytes=b * p * e * self.cfg.d_state * 4)
 
 
 class HookedMamba(HookedSSM):

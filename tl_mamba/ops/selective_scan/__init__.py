@@ -31,16 +31,10 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import resolve_backend
+from tl_mamba.ops.knockout import knocked_out_terms
+from tl_mamba.ops.state_override import StateOverride
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
-
-
-@dataclass
-class StateOverride:
-    """Replace state entries during the scan: where ``mask`` is True, h_t := values."""
-
-    values: Tensor  # [b, p, e, n]
-    mask: Tensor  # [b, p, e, n] bool
 
 
 @dataclass
@@ -102,34 +96,15 @@ def selective_scan(
         return_states=return_states,
     )
     if ssm_mask is not None:
-        out.y = out.y - _knocked_out_terms(impl, x, delta, A, B, C, ssm_mask)
+        if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
+            raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
+
+        def contribution(sources: Tensor) -> Tensor:
+            return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
+                        initial_state=None, state_override=None, return_states=False).y
+
+        out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
     return out
-
-
-def _knocked_out_terms(impl, x, delta, A, B, C, ssm_mask: Tensor) -> Tensor:
-    """Σ_j (1 - M[i, j]) α[i, j] x_j for every target i, by one scan per column pattern."""
-    b, p, _ = x.shape
-    if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or ssm_mask.shape[-2:] != (p, p):
-        raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
-    knocked = (ssm_mask[:, 0] == 0).expand(b, p, p)  # [b, target i, source j]
-    knocked = knocked & torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
-    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    if not bool(knocked.any()):
-        return total
-    # one row per source column: the targets it is removed from, in every batch row
-    columns = knocked.permute(2, 0, 1).reshape(p, b * p)
-    patterns, group_of_source = torch.unique(columns, dim=0, return_inverse=True)
-    for g, pattern in enumerate(patterns):
-        if not bool(pattern.any()):
-            continue
-        sources = (group_of_source == g).to(x.dtype)  # [p]
-        contribution = impl(
-            x * sources[None, :, None], delta, A, B, C, None,
-            initial_state=None, state_override=None, return_states=False,
-        ).y
-        targets = pattern.view(b, p, 1).to(contribution.dtype)
-        total = total + targets * contribution
-    return total
 
 
 def _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n) -> None:

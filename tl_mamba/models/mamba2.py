@@ -1,0 +1,204 @@
+"""HookedMamba2: Mamba-2 with per-head hooks.
+
+Heads are first-class, as attention heads are in TransformerLens: the SSM input,
+output, gate and Δ carry a head axis, so zeroing one head of ``hook_y`` ablates
+that head. Shapes: b batch, p position, d d_model, e d_inner = h·hd, h n_heads,
+hd d_head, g n_groups, n d_state.
+
+    resid_pre → mixer_in → ln1 → in_proj → z, xBC, dt
+    z          [b,p,h,hd]   gate branch;  gate = SiLU(z)  [b,p,h,hd]
+    conv_in    [b,p,e+2gn]  xBC before the conv;  conv [b,p,e+2gn] after it (before SiLU)
+    x          [b,p,h,hd]   SiLU(conv) split per head;  B, C [b,p,g,n] per group
+    delta_raw  [b,p,h]      dt slice of in_proj;  delta [b,p,h] = clamp(softplus(dt + dt_bias))
+    h          [b,p,h,hd,n] states (heavy);  ssm_mask [b,h,p,p] (heavy)
+    y          [b,p,h,hd]   h·C + D·x: the head's output
+    y_gated    [b,p,e]      y ⊙ gate;  y_normed [b,p,e] = grouped RMSNorm(y_gated) · w
+    mixer_out  [b,p,d]      out_proj(y_normed);  resid_post = resid_pre + mixer_out
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from tl_mamba.config import HookedMambaConfig
+from tl_mamba.models.base import HookedSSM
+from tl_mamba.models.components import RMSNorm
+from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
+from tl_mamba.ops import causal_conv1d
+from tl_mamba.ops.ssd import ssd_scan
+
+
+class GatedNormParams(nn.Module):
+    """The gated RMSNorm's weight, named ``mixer.norm.weight`` as in the checkpoints."""
+
+    def __init__(self, e: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(e, dtype=dtype))
+
+
+class Mamba2MixerParams(nn.Module):
+    """The mixer's weights under the checkpoint names."""
+
+    def __init__(self, cfg: HookedMambaConfig):
+        super().__init__()
+        d, e, n, h, g, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.n_heads, cfg.n_groups, cfg.d_conv
+        conv_dim = e + 2 * g * n
+        dtype = cfg.dtype
+        self.in_proj = nn.Linear(d, 2 * e + 2 * g * n + h, bias=cfg.proj_bias, dtype=dtype)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, k, groups=conv_dim, bias=cfg.conv_bias, dtype=dtype)
+        self.dt_bias = nn.Parameter(torch.empty(h, dtype=dtype))
+        self.A_log = nn.Parameter(torch.empty(h, dtype=dtype))
+        self.D = nn.Parameter(torch.empty(h, dtype=dtype))
+        self.norm = GatedNormParams(e, dtype)
+        self.out_proj = nn.Linear(e, d, bias=cfg.proj_bias, dtype=dtype)
+
+
+class Mamba2Block(nn.Module):
+    """One residual block of Mamba-2 with every hook of the contract."""
+
+    def __init__(self, cfg: HookedMambaConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.dtype)
+        self.mixer = Mamba2MixerParams(cfg)
+        self.hook_resid_pre = HookPoint()  # [b, p, d]
+        self.hook_mixer_in = HookPoint()  # [b, p, d]
+        self.hook_z = HookPoint()  # [b, p, h, hd]
+        self.hook_gate = HookPoint()  # [b, p, h, hd]
+        self.hook_conv_in = HookPoint()  # [b, p, e+2gn]
+        self.hook_conv = HookPoint()  # [b, p, e+2gn]
+        self.hook_x = HookPoint()  # [b, p, h, hd]
+        self.hook_B = HookPoint()  # [b, p, g, n]
+        self.hook_C = HookPoint()  # [b, p, g, n]
+        self.hook_delta_raw = HookPoint()  # [b, p, h]
+        self.hook_delta = HookPoint()  # [b, p, h]
+        self.hook_ssm_mask = HookPoint()  # [b, h, p, p] heavy
+        self.hook_h = HookPoint()  # [b, p, h, hd, n] heavy
+        self.hook_y = HookPoint()  # [b, p, h, hd]
+        self.hook_y_gated = HookPoint()  # [b, p, e]
+        self.hook_y_normed = HookPoint()  # [b, p, e]
+        self.hook_mixer_out = HookPoint()  # [b, p, d]
+        self.hook_resid_post = HookPoint()  # [b, p, d]
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """mamba_ssm's Mamba-2 initialisation: A ~ U[1, 16], D = 1, Δ bias from log-uniform [dt_min, dt_max]."""
+        cfg, m = self.cfg, self.mixer
+
+        def uniform(param: Tensor, bound: float) -> None:
+            param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
+
+        for linear in (m.in_proj, m.out_proj):
+            uniform(linear.weight, 1 / math.sqrt(linear.in_features))
+            if linear.bias is not None:
+                linear.bias.zero_()
+        uniform(m.conv1d.weight, 1 / math.sqrt(cfg.d_conv))
+        if m.conv1d.bias is not None:
+            uniform(m.conv1d.bias, 1 / math.sqrt(cfg.d_conv))
+        dt = torch.exp(
+            torch.rand(cfg.n_heads, generator=generator) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+            + math.log(cfg.dt_min)
+        ).clamp(min=cfg.dt_init_floor)
+        m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        m.A_log.copy_(torch.log(torch.rand(cfg.n_heads, generator=generator) * 15 + 1))
+        m.D.fill_(1.0)
+        m.norm.weight.fill_(1.0)
+        self.ln1.w.fill_(1.0)
+
+    @property
+    def backend(self) -> str:
+        return self.model_ref[0].backend if hasattr(self, "model_ref") else "auto"
+
+    def hook_device(self) -> torch.device:
+        return self.mixer.A_log.device
+
+    def forward(
+        self,
+        resid: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        layer_state: Optional[Dict[str, Optional[Tensor]]] = None,
+    ) -> Tensor:
+        """``resid [b, p, d]`` → ``resid_post [b, p, d]`` (see the module docstring for the hooks)."""
+        cfg, m = self.cfg, self.mixer
+        e, n, h, hd, g = cfg.d_inner, cfg.d_state, cfg.n_heads, cfg.d_head, cfg.n_groups
+        b, p, _ = resid.shape
+        dtype = m.in_proj.weight.dtype
+        keep = None if attention_mask is None else attention_mask[..., None].to(dtype)
+
+        resid_pre = self.hook_resid_pre(resid)
+        normed = self.ln1(self.hook_mixer_in(resid_pre).to(dtype))
+        z, conv_in, dt = m.in_proj(normed).split([e, e + 2 * g * n, h], dim=-1)
+        z = self.hook_z(z.reshape(b, p, h, hd))
+        conv_in = self.hook_conv_in(conv_in)
+        dt = self.hook_delta_raw(dt)
+        if keep is not None:
+            conv_in = conv_in * keep
+        conv, conv_state = causal_conv1d(
+            conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
+        )
+        conv = self.hook_conv(conv)
+        xBC = F.silu(conv)
+        if keep is not None:
+            xBC = xBC * keep
+        x, B, C = xBC.split([e, g * n, g * n], dim=-1)
+        x = self.hook_x(x.reshape(b, p, h, hd))
+        B = self.hook_B(B.reshape(b, p, g, n))
+        C = self.hook_C(C.reshape(b, p, g, n))
+        lo, hi = cfg.dt_limit
+        delta = self.hook_delta(torch.clamp(F.softplus(dt.float() + m.dt_bias.float()), min=lo, max=hi))
+        A = -torch.exp(m.A_log.float())
+
+        y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"])
+        y = self.hook_y(y)  # [b, p, h, hd]
+        gate = self.hook_gate(F.silu(z.float()))
+        y_gated = self.hook_y_gated((y * gate).reshape(b, p, e))
+        y_normed = self.hook_y_normed(self._gated_norm(y_gated))
+        mixer_out = self.hook_mixer_out(m.out_proj(y_normed.to(dtype)))
+        if layer_state is not None:
+            layer_state["conv"], layer_state["ssm"] = conv_state, ssm_state
+        return self.hook_resid_post(resid_pre + mixer_out)
+
+    def _gated_norm(self, y_gated: Tensor) -> Tensor:
+        """RMSNorm over groups of ``e / n_groups`` channels, then the weight (norm_before_gate=False)."""
+        cfg = self.cfg
+        grouped = y_gated.float().unflatten(-1, (cfg.n_groups, cfg.d_inner // cfg.n_groups))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + cfg.eps)
+        return self.mixer.norm.weight * grouped.flatten(-2).to(self.mixer.norm.weight.dtype)
+
+    def _scan(self, x, delta, A, B, C, initial_state):
+        """The SSM with its heavy hooks. Returns ``(y [b,p,h,hd], final state [b,h,hd,n])``."""
+        D = self.mixer.D
+        cfg = self.cfg
+        heads_per_group = cfg.n_heads // cfg.n_groups
+
+        def scan(**kwargs):
+            return ssd_scan(x, delta, A, B, C, D, initial_state=initial_state, backend=self.backend,
+                            chunk_size=cfg.chunk_size, **kwargs)
+
+        def read_out(states):  # y from the (hooked) states [b, p, h, hd, n]
+            Ch = C.float().repeat_interleave(heads_per_group, dim=2)
+            return torch.einsum("bphdn,bphn->bphd", states, Ch) + D.float()[:, None] * x.float()
+
+        b, p = x.shape[:2]
+        return scan_with_heavy_hooks(self, scan, read_out, mask_shape=(b, cfg.n_heads, p, p),
+                                     state_bytes=b * p * cfg.d_inner * cfg.d_state * 4)
+
+
+class HookedMamba2(HookedSSM):
+    """Mamba-2 language model with per-head TransformerLens hooks.
+
+    Covers Codestral-style configs with ``n_groups > 1``. ``cfg.n_heads`` and
+    ``cfg.d_head`` are the SSM heads, so TransformerLens utilities that iterate
+    over heads (``transformer_lens.patching`` by head) work on ``hook_y``.
+    """
+
+    family = "mamba2"
+    block_cls = Mamba2Block

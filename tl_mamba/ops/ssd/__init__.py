@@ -1,0 +1,119 @@
+"""Mamba-2 scan (SSD: scalar decay per head) behind one dispatch function.
+
+    h_t = exp(Δ_t A_h) h_{t-1} + (Δ_t x_t) ⊗ B_t       h: [b, h, hd, n]
+    y_t = h_t C_t + D_h x_t
+
+- ``reference.py``: the sequential scan, the oracle.
+- ``chunked.py``: the ``"torch"`` backend, the chunked SSD form.
+
+State edits (``hook_h``) and knockout masks (``hook_ssm_mask``) are applied
+here, in the dispatcher, with nothing asked of the backends beyond an initial
+state and a final state: see ``tl_mamba.ops.state_override`` and
+``tl_mamba.ops.knockout``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tl_mamba.backends import resolve_backend
+from tl_mamba.ops.knockout import knocked_out_terms
+from tl_mamba.ops.ssd.chunked import ssd_chunked
+from tl_mamba.ops.ssd.reference import ssd_reference
+from tl_mamba.ops.state_override import StateOverride, scan_with_override
+
+
+@dataclass
+class SSDOutput:
+    y: Tensor  # [b, p, h, hd] fp32
+    final_state: Tensor  # [b, h, hd, n] fp32
+    states: Optional[Tensor] = None  # [b, p, h, hd, n] fp32, only when asked for
+
+
+def _implementation(backend: Optional[str], device, chunk_size: int):
+    name = resolve_backend(backend, device)
+    if name == "reference":
+        return ssd_reference
+    return lambda *a, **k: ssd_chunked(*a, chunk_size=chunk_size, **k)
+
+
+def ssd_scan(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    *,
+    initial_state: Optional[Tensor] = None,
+    state_override: Optional[StateOverride] = None,
+    ssm_mask: Optional[Tensor] = None,
+    return_states: bool = False,
+    backend: Optional[str] = None,
+    chunk_size: int = 64,
+) -> SSDOutput:
+    """Run the Mamba-2 scan with the chosen backend.
+
+    Args:
+        x: ``[b, p, h, hd]`` SSM input per head.
+        delta: ``[b, p, h]`` Δ (after softplus and clamping).
+        A: ``[h]`` negative decay rate per head.
+        B, C: ``[b, p, g, n]`` per group (``h`` divisible by ``g``).
+        D: ``[h]`` skip, or None.
+        initial_state: ``[b, h, hd, n]``.
+        state_override: edits of the state (what editing ``hook_h`` means).
+        ssm_mask: ``[b, h, p, p]`` per-head hidden-attention mask, 1 = kept.
+        return_states: also return every state ``[b, p, h, hd, n]``.
+        backend: ``"reference"``, ``"torch"`` or ``"auto"``.
+        chunk_size: chunk length of the torch backend (results do not depend on it).
+
+    Returns:
+        ``SSDOutput`` (all fp32).
+    """
+    b, p, h, hd = x.shape
+    if B.dim() != 4 or B.shape[:2] != (b, p) or C.shape != B.shape:
+        raise ValueError(f"ssd_scan: B and C must be [b, p, g, n] = [{b}, {p}, g, n], got {tuple(B.shape)} and {tuple(C.shape)}")
+    g, n = B.shape[-2:]
+    if h % g:
+        raise ValueError(f"ssd_scan: {h} heads are not divisible into {g} groups")
+    for name, tensor, shape in (("delta", delta, (b, p, h)), ("A", A, (h,)), ("D", D, (h,)),
+                                ("initial_state", initial_state, (b, h, hd, n))):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"ssd_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+    impl = _implementation(backend, x.device, chunk_size)
+
+    if state_override is None:
+        out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
+    else:
+        heads_per_group = h // g
+
+        def run(start, stop, init, want_states):
+            return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
+                        initial_state=init, return_states=want_states)
+
+        def read_out(state, t):
+            Ct = C[:, t].float().repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+            y = torch.einsum("bhpn,bhn->bhp", state, Ct)
+            return y + (D.float()[:, None] * x[:, t].float() if D is not None else 0)
+
+        y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
+        out = SSDOutput(y=y, final_state=final, states=states)
+
+    if ssm_mask is not None:
+        if tuple(ssm_mask.shape) != (b, h, p, p) and tuple(ssm_mask.shape) != (b, 1, p, p):
+            raise ValueError(f"ssm_mask must be [b, h, p, p] = {(b, h, p, p)}, got {tuple(ssm_mask.shape)}")
+
+        def contribution(source_weights: Tensor) -> Tensor:
+            # source_weights [b, h, p]: which (head, source) pairs contribute
+            xs = x * source_weights.permute(0, 2, 1)[..., None].to(x.dtype)
+            return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
+
+        out.y = out.y - knocked_out_terms(contribution, ssm_mask, target_layout="bphd")
+    return out
+
+
+__all__ = ["ssd_scan", "SSDOutput", "StateOverride", "ssd_reference", "ssd_chunked"]

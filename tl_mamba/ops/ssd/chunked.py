@@ -1,0 +1,91 @@
+"""The ``"torch"`` backend of the Mamba-2 scan: the chunked SSD form.
+
+Within a chunk of L positions the scan is a masked attention-like product
+(the "diagonal blocks"): y_t = Σ_{s≤t} C_t·B_s exp(Σ_{k=s+1..t} Δ_k A) Δ_s x_s.
+Across chunks, each chunk's final state is passed on with one small recurrence
+over chunks (the "off-diagonal blocks"). All exponents are differences of a
+within-chunk cumulative sum with s ≤ t, so they are ≤ 0 and never overflow.
+Differentiable; results do not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_CHUNK = 64
+
+
+def ssd_chunked(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    *,
+    initial_state: Optional[Tensor] = None,
+    return_states: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+):
+    """Chunked SSD scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``."""
+    from tl_mamba.ops.ssd import SSDOutput
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, p, h, hd = x.shape
+    g, n = B.shape[-2:]
+    heads_per_group = h // g
+    L = min(chunk_size, max(p, 1))
+    pad = (-p) % L
+    xf, df = x.float(), delta.float()
+    Bh = B.float().repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
+    Ch = C.float().repeat_interleave(heads_per_group, dim=2)
+    if pad:  # padded steps have Δ = 0 and x = 0: no decay, no write
+        xf, df, Bh, Ch = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xf, df, Bh, Ch))
+    nc = (p + pad) // L
+    xd = (xf * df[..., None]).view(b, nc, L, h, hd)  # Δ_s x_s
+    Bc, Cc = Bh.view(b, nc, L, h, n), Ch.view(b, nc, L, h, n)
+
+    # diagonal blocks: causal decay matrix per chunk and head. seg[t, s] = Σ_{k=s+1..t} Δ_k A is
+    # summed directly (a cumulative sum over k of the terms with k > s) rather than as a
+    # difference of two long cumulative sums, which would lose precision.
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    step = (df * A.float()).view(b, nc, L, h)
+    terms = step[:, :, :, None, :].expand(b, nc, L, L, h)  # [b, c, k, s, h] = Δ_k A
+    after_source = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)  # [k, s]: k > s
+    terms = terms.masked_fill(~after_source[None, None, :, :, None], 0.0)
+    seg = torch.cumsum(terms, dim=2)  # [b, c, t, s, h]
+    decay_ts = torch.exp(seg.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+    scores = torch.einsum("bcthn,bcshn->bctsh", Cc, Bc) * decay_ts
+    y = torch.einsum("bctsh,bcshp->bcthp", scores, xd)
+
+    log_decay = torch.cumsum(step, dim=2)  # [b, c, L, h]: decay from the chunk start to t
+
+    # each chunk's contribution to its own final state
+    to_end = torch.exp(log_decay[:, :, -1:, :] - log_decay)  # [b, c, L, h]
+    chunk_writes = torch.einsum("bcshn,bcsh,bcshp->bchpn", Bc, to_end, xd)
+    chunk_decay = torch.exp(log_decay[:, :, -1, :])  # [b, c, h]
+
+    # off-diagonal blocks: carry the state across chunks
+    state = x.new_zeros(b, h, hd, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    starts = []
+    for c in range(nc):
+        starts.append(state)
+        state = chunk_decay[:, c, :, None, None] * state + chunk_writes[:, c]
+    start_states = torch.stack(starts, dim=1)  # [b, c, h, hd, n]
+    from_start = torch.exp(log_decay)  # [b, c, L, h]
+    y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, start_states) * from_start[..., None]
+    y = y.reshape(b, nc * L, h, hd)[:, :p]
+    if D is not None:
+        y = y + D.float()[:, None] * xf[:, :p]
+
+    states = None
+    if return_states:
+        inner = torch.einsum("bctsh,bcshp,bcshn->bcthpn", decay_ts, xd, Bc)
+        carried = from_start[..., None, None] * start_states[:, :, None]
+        states = (inner + carried).reshape(b, nc * L, h, hd, n)[:, :p]
+    return SSDOutput(y=y, final_state=state, states=states)

@@ -1,0 +1,76 @@
+"""Editing the recurrent state mid-scan, for any scan backend.
+
+An edit of ``hook_h`` at position t means: the state after step t is the edited
+value, y_t is read from it, and the recurrence continues from it. Any backend
+that takes an initial state and returns its final state can do that: scan up to
+each edited position, apply the edit, re-read y there, and continue. A backend
+needs no code of its own for it; the number of extra backend calls is the
+number of distinct edited positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StateOverride:
+    """Replace state entries during the scan: where ``mask`` is True, h_t := ``values``.
+
+    Both are ``[b, p, *state]`` (``state`` is ``[e, n]`` for Mamba-1 and
+    ``[h, hd, n]`` for Mamba-2).
+    """
+
+    values: Tensor
+    mask: Tensor
+
+
+def scan_with_override(
+    run: Callable[[int, int, Optional[Tensor], bool], "object"],
+    read_out: Callable[[Tensor, int], Tensor],
+    p: int,
+    override: StateOverride,
+    initial_state: Optional[Tensor],
+    return_states: bool,
+):
+    """Scan ``[0, p)`` in segments that end at edited positions.
+
+    Args:
+        run: ``run(start, stop, initial_state, return_states)`` scans positions
+            ``[start, stop)`` and returns an object with ``y [b, L, ...]``,
+            ``final_state`` and ``states``.
+        read_out: ``read_out(state [b, *state], t)`` → ``y_t`` (including the D skip).
+        p: sequence length.
+        override: the edits.
+        initial_state: state before position 0 (None: zeros).
+        return_states: also return ``[b, p, *state]``.
+
+    Returns:
+        ``(y [b, p, ...], final_state, states or None)``.
+    """
+    edited_positions = override.mask.flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+    ys, states = [], []
+    state, start = initial_state, 0
+    for t in edited_positions + [p]:
+        if t > start or t == p:
+            if t > start:
+                out = run(start, t, state, return_states)
+                ys.append(out.y)
+                if return_states:
+                    states.append(out.states)
+                state = out.final_state
+        if t == p:
+            break
+        # step t itself: scan one position, then apply the edit and re-read y_t
+        out = run(t, t + 1, state, False)
+        edited = torch.where(override.mask[:, t], override.values[:, t].to(out.final_state.dtype), out.final_state)
+        ys.append(read_out(edited, t)[:, None])
+        if return_states:
+            states.append(edited[:, None])
+        state, start = edited, t + 1
+    y = torch.cat(ys, dim=1)
+    return y, state, (torch.cat(states, dim=1) if return_states else None)
