@@ -574,7 +574,7 @@ class HookedSSM(HookedRootModule):
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out_tokens = [tokens]
         pad = self._pad_id() if eos_ids is None else int(eos_ids[0])
-        for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+        for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
             history = torch.cat(out_tokens, dim=1)
             next_tokens = sample_next_token(
                 logits[:, -1], do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -586,7 +586,8 @@ class HookedSSM(HookedRootModule):
                 finished |= torch.isin(next_tokens, eos_ids)
                 if bool(finished.all()):
                     break
-            logits = self(next_tokens[:, None], state=state)
+            if step + 1 < max_new_tokens:  # no forward for a token nobody will read
+                logits = self(next_tokens[:, None], state=state)
         result = torch.cat(out_tokens, dim=1)
         if return_type == "str" or (return_type == "input" and string_input):
             strings = self.to_string(result)

@@ -1,0 +1,339 @@
+"""The forward contract of HookedMamba: return types, input forms, padding,
+start/stop layers, tokenizer helpers and error messages.
+
+References are independent of the code path under test: a manual cross
+entropy, the same prompt run alone (unpadded), the cache of a full run, the
+tokenizer itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tl_mamba import HookedMamba
+
+from conftest import WORDS, tiny_config
+
+ATOL = 1e-5
+RTOL = 1e-4
+BOS, EOS, PAD = 0, 1, 2
+
+
+def close(a, b, atol=ATOL, rtol=RTOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def perturb_(model, scale=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+    return model
+
+
+@pytest.fixture
+def model(tiny_model):
+    return perturb_(tiny_model)
+
+
+def word_id(tokenizer, word):
+    return tokenizer.convert_tokens_to_ids(word)
+
+
+def manual_ce(logits, tokens):
+    """Per-token next-token cross entropy ``[b, p-1]``."""
+    b, p, v = logits.shape
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v), tokens[:, 1:].reshape(-1), reduction="none").view(b, p - 1)
+
+
+# --------------------------------------------------------------------------- return types
+
+
+def test_return_types(model):
+    tokens = torch.tensor([[0, 5, 9, 12, 7, 30, 4], [0, 22, 8, 8, 41, 3, 17]])
+    logits = model(tokens)
+    assert logits.shape == (2, 7, model.cfg.d_vocab)
+    assert model(tokens, return_type="logits").shape == logits.shape
+    assert model(tokens, return_type=None) is None
+
+    loss = model(tokens, return_type="loss")
+    assert loss.dim() == 0
+    close(loss, manual_ce(logits, tokens).mean())
+
+    both = model(tokens, return_type="both")
+    assert isinstance(both, tuple) and len(both) == 2
+    close(both[0], logits, atol=0, rtol=0)
+    close(both[1], loss, atol=1e-6, rtol=1e-6)
+
+    per_token = model(tokens, return_type="loss", loss_per_token=True)
+    assert per_token.shape == (2, 6)
+    close(per_token, manual_ce(logits, tokens))
+
+
+def test_one_dim_token_input_is_one_batch_row(model):
+    tokens = torch.tensor([0, 5, 9, 12])
+    close(model(tokens), model(tokens[None]), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- strings
+
+
+def test_string_and_list_input_equal_token_input(model, tokenizer):
+    text = "the cat sat on the mat"
+    ids = [BOS] + [word_id(tokenizer, w) for w in text.split()]
+    tokens = torch.tensor([ids])
+    assert torch.equal(model.to_tokens(text), tokens)
+    close(model(text), model(tokens), atol=0, rtol=0)
+
+    texts = ["the cat sat on the mat", "a dog ran to the park"]  # same length: no padding
+    batch = torch.tensor([[BOS] + [word_id(tokenizer, w) for w in t.split()] for t in texts])
+    assert torch.equal(model.to_tokens(texts), batch)
+    close(model(texts), model(batch), atol=0, rtol=0)
+    close(model(texts, return_type="loss"), model(batch, return_type="loss"), atol=0, rtol=0)
+
+
+def test_prepend_bos(model, tokenizer):
+    text = "mary went to the store"
+    ids = [word_id(tokenizer, w) for w in text.split()]
+    assert model.cfg.default_prepend_bos is True
+    assert model.to_tokens(text).tolist() == [[BOS] + ids]
+    assert model.to_tokens(text, prepend_bos=True).tolist() == [[BOS] + ids]
+    assert model.to_tokens(text, prepend_bos=False).tolist() == [ids]
+    close(model(text, prepend_bos=False), model(torch.tensor([ids])), atol=0, rtol=0)
+    close(model(text, prepend_bos=True), model(torch.tensor([[BOS] + ids])), atol=0, rtol=0)
+    assert not torch.allclose(model(text, prepend_bos=False)[:, -1], model(text)[:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_string_batch_matches_each_prompt_alone(model, side):
+    texts = ["when mary and john went to the store", "the cat", "one two three four"]
+    logits = model(texts, padding_side=side)
+    tokens = model.to_tokens(texts, padding_side=side)
+    width = max(len(t.split()) for t in texts) + 1
+    assert logits.shape == (3, width, model.cfg.d_vocab)
+    for row, text in enumerate(texts):
+        alone_tokens = model.to_tokens(text)
+        alone = model(alone_tokens)
+        n = alone_tokens.shape[1]
+        real = slice(0, n) if side == "right" else slice(width - n, width)
+        assert torch.equal(tokens[row, real], alone_tokens[0])
+        pad_part = tokens[row, n:] if side == "right" else tokens[row, : width - n]
+        assert bool((pad_part == PAD).all())
+        close(logits[row, real], alone[0])
+
+
+def _random_padded_batch(lengths, side, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    # the pad positions hold random (non-pad) tokens: only the mask may say what is padding
+    tokens = torch.randint(4, vocab, (len(lengths), width), generator=gen)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, width - n :] = 1
+    return tokens, mask
+
+
+def _real(side, width, n):
+    return slice(0, n) if side == "right" else slice(width - n, width)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attention_mask_padding_does_not_leak(model, side, backend):
+    model.set_backend(backend)
+    assert model.backend == backend
+    lengths = [9, 5, 2]
+    tokens, mask = _random_padded_batch(lengths, side, model.cfg.d_vocab)
+    width = tokens.shape[1]
+    logits = model(tokens, attention_mask=mask)
+    for row, n in enumerate(lengths):
+        real = _real(side, width, n)
+        alone = model(tokens[row : row + 1, real])
+        close(logits[row, real], alone[0])
+    if side == "left":
+        # without the mask, the pad tokens do leak (so the check above is meaningful)
+        unmasked = model(tokens)
+        real = _real(side, width, lengths[1])
+        assert not torch.allclose(unmasked[1, real], logits[1, real], atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attention_mask_padding_every_hook_matches_alone(model, side):
+    """Not only the logits: every per-position activation at a real token equals the prompt run alone."""
+    lengths = [7, 3]
+    tokens, mask = _random_padded_batch(lengths, side, model.cfg.d_vocab, seed=1)
+    width = tokens.shape[1]
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n.endswith(("hook_h", "hook_y", "hook_conv", "hook_resid_post")))
+    row, n = 1, lengths[1]
+    real = _real(side, width, n)
+    _, alone = model.run_with_cache(tokens[row : row + 1, real], names_filter=lambda n: n.endswith(("hook_h", "hook_y", "hook_conv", "hook_resid_post")))
+    for name in alone.keys():
+        close(cache[name][row, real], alone[name][0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_loss_with_attention_mask_ignores_padding(model, side):
+    lengths = [8, 4, 3]
+    tokens, mask = _random_padded_batch(lengths, side, model.cfg.d_vocab, seed=2)
+    width = tokens.shape[1]
+    per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
+    assert per_token.shape == (3, width - 1)
+    alone_losses = []
+    for row, n in enumerate(lengths):
+        real = _real(side, width, n)
+        alone = model(tokens[row : row + 1, real], return_type="loss", loss_per_token=True)[0]  # [n-1]
+        alone_losses.append(alone)
+        # per-token loss at position t predicts t+1: the valid window is real minus its last position
+        start = 0 if side == "right" else width - n
+        close(per_token[row, start : start + n - 1], alone)
+    mean = model(tokens, attention_mask=mask, return_type="loss")
+    close(mean, torch.cat(alone_losses).mean())
+    # and the padded garbage would change it
+    assert not torch.allclose(mean, model(tokens, return_type="loss"), atol=1e-4)
+
+
+def test_string_batch_loss_ignores_padding(model):
+    texts = ["the cat sat on the mat and then ran", "a dog"]
+    alone = torch.cat([model(t, return_type="loss", loss_per_token=True)[0] for t in texts])
+    for side in ("left", "right"):
+        close(model(texts, return_type="loss", padding_side=side), alone.mean())
+
+
+# --------------------------------------------------------------------------- start / stop at layer
+
+
+def test_stop_and_start_at_layer(model):
+    tokens = torch.tensor([[0, 5, 9, 12, 7, 30, 4], [0, 22, 8, 8, 41, 3, 17]])
+    n = model.cfg.n_layers
+    logits, cache = model.run_with_cache(tokens)
+    for k in range(n):
+        resid = model(tokens, stop_at_layer=k)
+        close(resid, cache[f"blocks.{k}.hook_resid_pre"], atol=1e-6, rtol=1e-5)
+        close(model(resid, start_at_layer=k), logits)
+    close(model(tokens, stop_at_layer=0), cache["hook_embed"], atol=1e-6, rtol=1e-5)
+    # negative indices count from the end
+    resid = model(tokens, stop_at_layer=-1)
+    close(resid, cache[f"blocks.{n - 1}.hook_resid_pre"], atol=1e-6, rtol=1e-5)
+    close(model(resid, start_at_layer=-1), logits)
+    # start and stop together: one block
+    mid = model(cache["blocks.0.hook_resid_pre"], start_at_layer=0, stop_at_layer=1)
+    close(mid, cache["blocks.1.hook_resid_pre"], atol=1e-5, rtol=1e-4)
+
+
+def test_start_stop_with_attention_mask(model):
+    lengths = [6, 3]
+    tokens, mask = _random_padded_batch(lengths, "left", model.cfg.d_vocab, seed=3)
+    full = model(tokens, attention_mask=mask)
+    resid = model(tokens, attention_mask=mask, stop_at_layer=1)
+    resumed = model(resid, attention_mask=mask, start_at_layer=1)
+    real = _real("left", tokens.shape[1], 3)
+    close(resumed[1, real], full[1, real])
+    close(resumed[0], full[0])
+
+
+def test_start_at_layer_hooks_only_later_blocks(model):
+    tokens = torch.tensor([[0, 5, 9, 12]])
+    resid = model(tokens, stop_at_layer=1)
+    fired = []
+    model.run_with_hooks(resid, start_at_layer=1, fwd_hooks=[(lambda name: name.endswith("hook_x"), lambda a, hook: fired.append(hook.name))])
+    assert fired == ["blocks.1.hook_x"]
+
+
+# --------------------------------------------------------------------------- tokenizer helpers
+
+
+def test_tokenizer_helpers(model, tokenizer):
+    text = "the capital of france is paris"
+    ids = [word_id(tokenizer, w) for w in text.split()]
+    assert model.tokenizer is tokenizer
+    assert model.to_tokens(text).tolist() == [[BOS] + ids]
+    assert model.to_string(torch.tensor(ids)) == text
+    assert model.to_string(torch.tensor([ids, ids])) == [text, text]
+    assert model.to_str_tokens(text) == ["<bos>"] + text.split()
+    assert model.to_str_tokens(text, prepend_bos=False) == text.split()
+    assert model.to_str_tokens(torch.tensor([BOS] + ids)) == ["<bos>"] + text.split()
+    assert model.to_single_token("paris") == word_id(tokenizer, "paris")
+    assert model.to_single_token("cat") == WORDS.index("cat") + 4
+    with pytest.raises((ValueError, AssertionError)):
+        model.to_single_token("the cat")
+
+
+def test_model_without_tokenizer(tiny_model):
+    bare = HookedMamba(tiny_config())
+    assert bare.tokenizer is None
+    tokens = torch.tensor([[0, 5, 9, 12]])
+    assert bare(tokens).shape == (1, 4, 48)
+    # with the fixture's weights it gives the fixture's logits: the tokenizer plays no part
+    bare.load_state_dict(tiny_model.state_dict())
+    close(bare(tokens), tiny_model(tokens), atol=0, rtol=0)
+    with pytest.raises((ValueError, RuntimeError, TypeError), match="(?i)tokenizer"):
+        bare("the cat")
+    with pytest.raises((ValueError, RuntimeError, TypeError), match="(?i)tokenizer"):
+        bare(["the cat", "a dog"])
+    with pytest.raises((ValueError, RuntimeError, TypeError), match="(?i)tokenizer"):
+        bare.to_tokens("the cat")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_messages(model):
+    tokens = torch.tensor([[0, 5, 9, 12]])
+    with pytest.raises(ValueError, match=r"(?i)shape|dim|batch"):
+        model(torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises((TypeError, ValueError), match=r"(?i)int|dtype|float"):
+        model(torch.tensor([[0.0, 5.0, 9.0]]))
+    with pytest.raises((ValueError, IndexError), match=r"(?i)token|vocab"):
+        model(torch.tensor([[0, 5, 50]]))
+    with pytest.raises((ValueError, IndexError), match=r"(?i)token|vocab"):
+        model(torch.tensor([[0, -1, 5]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(tokens, attention_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(tokens, attention_mask=torch.tensor([[1, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(tokens, attention_mask=torch.tensor([[0, 1, 0, 1]]))
+    with pytest.raises(ValueError, match="return_type"):
+        model(tokens, return_type="logprobs")
+    with pytest.raises(ValueError, match="stop_at_layer"):
+        model(tokens, stop_at_layer=model.cfg.n_layers + 1)
+    with pytest.raises(ValueError, match="start_at_layer"):
+        model(torch.zeros(1, 4, model.cfg.d_model), start_at_layer=model.cfg.n_layers + 5)
+    with pytest.raises(ValueError, match="stop_at_layer"):
+        model(tokens, stop_at_layer=-model.cfg.n_layers - 1)
+    with pytest.raises(ValueError, match="nope"):
+        model.set_backend("nope")
+    assert model.backend != "nope"
+    # the model still works after all of that
+    assert model(tokens).shape == (1, 4, model.cfg.d_vocab)
+
+
+def test_set_backend_and_backend_property(model):
+    tokens = torch.tensor([[0, 5, 9, 12, 7, 30, 4, 11, 19]])
+    model.set_backend("reference")
+    assert model.backend == "reference"
+    ref = model(tokens)
+    model.set_backend("torch")
+    assert model.backend == "torch"
+    close(model(tokens), ref)
+
+
+def test_heavy_hook_memory_guard(model):
+    tokens = torch.tensor([[0, 5, 9, 12, 7, 30]])
+    b, p = tokens.shape
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_h")
+    assert cache["blocks.0.hook_h"].shape == (b, p, model.cfg.d_inner, model.cfg.d_state)
+    model.heavy_hook_memory_limit = 1000
+    with pytest.raises(MemoryError, match="hook_h"):
+        model.run_with_cache(tokens, names_filter="blocks.0.hook_h")
+    with pytest.raises(MemoryError, match="hook_h"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_h", lambda a, hook: a)])
+    # light hooks are unaffected by the limit, and nothing stays attached
+    _, cache = model.run_with_cache(tokens)
+    assert "blocks.0.hook_x" in cache
+    assert model(tokens).shape == (b, p, model.cfg.d_vocab)

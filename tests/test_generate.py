@@ -1,0 +1,431 @@
+"""``HookedMamba.generate``: recurrent decoding that matches full forwards, with hooks firing.
+
+References: a loop of full forwards over the growing prefix (argmax, or the
+top-k / nucleus sets computed from those logits), the same prompt generated
+alone, and the tokens that a hook forces.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_mamba import RecurrentState
+
+ATOL = 1e-5
+RTOL = 1e-4
+EOS = 1
+
+
+def close(a, b, atol=ATOL, rtol=RTOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def perturb_(model, scale=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+    return model
+
+
+@pytest.fixture
+def model(tiny_model):
+    return perturb_(tiny_model)
+
+
+@pytest.fixture
+def prompt(model):
+    tokens = model.to_tokens(["the cat sat on the mat", "mary gave john a red drink"])
+    assert tokens.shape == (2, 7)  # equal lengths: no padding
+    return tokens
+
+
+def gen(model, input, **kwargs):
+    kwargs.setdefault("verbose", False)
+    return model.generate(input, **kwargs)
+
+
+@torch.no_grad()
+def greedy_by_full_forwards(model, tokens, n_new, fwd_hooks=()):
+    """Independent reference: rerun the whole prefix every step and take the argmax."""
+    tokens = tokens.clone()
+    for _ in range(n_new):
+        logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+def force_token_hook(model, token, rows=None, from_call=0, until_call=None):
+    """A hook on ``ln_final.hook_normalized`` that makes ``token`` the argmax at the last position.
+
+    The replacement vector v solves v @ W_U ≈ 30 · onehot(token) in the least-squares sense.
+    """
+    target = torch.zeros(model.cfg.d_vocab)
+    target[token] = 30.0
+    with torch.no_grad():
+        v = target @ torch.linalg.pinv(model.W_U.detach())
+        assert int((v @ model.W_U).argmax()) == token  # precondition of the tests below
+    calls = {"n": 0}
+
+    def hook(act, hook):
+        if calls["n"] >= from_call and (until_call is None or calls["n"] < until_call):
+            act = act.clone()
+            sel = slice(None) if rows is None else rows
+            act[sel, -1] = v
+        calls["n"] += 1
+        return act
+
+    return hook
+
+
+# --------------------------------------------------------------------------- greedy
+
+
+def test_greedy_equals_loop_of_full_forwards(model, prompt):
+    out = gen(model, prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False)
+    expected = greedy_by_full_forwards(model, prompt, 8)
+    assert out.shape == (2, prompt.shape[1] + 8)
+    assert torch.equal(out, expected)
+    assert torch.equal(out[:, : prompt.shape[1]], prompt)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_greedy_single_prompt_per_backend(model, backend):
+    model.set_backend(backend)
+    tokens = model.to_tokens("when mary and john went to the store")
+    out = gen(model, tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False)
+    assert torch.equal(out, greedy_by_full_forwards(model, tokens, 6))
+
+
+def test_step_logits_equal_full_forward_via_hook(model, prompt):
+    """The logits of every decoding step equal those of a full forward over the same prefix."""
+    captured = []
+
+    def grab(act, hook):
+        captured.append(act[:, -1].detach().clone())
+
+    n_new, P = 7, prompt.shape[1]
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", grab)]):
+        out = gen(model, prompt, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+    assert len(captured) in (n_new, n_new + 1)  # prefill + one per fed token (the last may be skipped)
+    with torch.no_grad():
+        for step, normalized in enumerate(captured):
+            full = model(out[:, : P + step])[:, -1]
+            close(normalized @ model.W_U, full)
+
+
+def test_step_logits_equal_full_forward_via_recurrent_state(model, prompt):
+    """Drive the recurrence by hand: prefill, then one token at a time on a RecurrentState."""
+    tokens = torch.cat([prompt, torch.tensor([[5, 9, 33, 17, 40], [44, 6, 6, 21, 12]])], dim=1)
+    P = prompt.shape[1]
+    state = RecurrentState.empty(model.cfg.n_layers)
+    with torch.no_grad():
+        logits = model(tokens[:, :P], state=state)
+        close(logits, model(tokens[:, :P]))
+        for t in range(P, tokens.shape[1]):
+            step = model(tokens[:, t : t + 1], state=state)
+            assert step.shape == (2, 1, model.cfg.d_vocab)
+            close(step[:, -1], model(tokens[:, : t + 1])[:, -1])
+
+
+# --------------------------------------------------------------------------- hooks during decoding
+
+
+def test_hooks_fire_during_decoding(model, prompt):
+    shapes = []
+    fed = []
+
+    def count(act, hook):
+        shapes.append(tuple(act.shape))
+
+    def embed(act, hook):
+        fed.append(act.detach().clone())
+
+    n_new, P = 6, prompt.shape[1]
+    with model.hooks(fwd_hooks=[("blocks.0.hook_x", count), ("hook_embed", embed)]):
+        out = gen(model, prompt, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+    e = model.cfg.d_inner
+    assert shapes[0] == (2, P, e)  # the prefill
+    assert len(shapes) - 1 in (n_new - 1, n_new)  # then one call per fed new token
+    assert all(s == (2, 1, e) for s in shapes[1:])
+    # each decoding step is fed the token generated just before it
+    for step, emb in enumerate(fed[1:]):
+        close(emb[:, 0], model.W_E[out[:, P + step]], atol=0, rtol=0)
+
+
+def test_editing_hook_changes_generation_like_full_forward(model, prompt):
+    def zero_y(act, hook):
+        return torch.zeros_like(act)
+
+    hooks = [("blocks.1.hook_y", zero_y), ("blocks.0.hook_y", zero_y)]
+    with model.hooks(fwd_hooks=hooks):
+        edited = gen(model, prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False)
+    plain = gen(model, prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False)
+    assert torch.equal(edited, greedy_by_full_forwards(model, prompt, 6, fwd_hooks=hooks))
+    assert not torch.equal(edited, plain)  # the edit mattered
+    assert torch.equal(plain, greedy_by_full_forwards(model, prompt, 6))  # and is gone afterwards
+
+
+def test_editing_conv_hook_during_decoding(model, prompt):
+    """An edit of a conv-path hook at every step flows into the carried conv state consistently."""
+
+    def scale_conv_in(act, hook):
+        return act * 1.7
+
+    hooks = [("blocks.0.hook_conv_in", scale_conv_in)]
+    with model.hooks(fwd_hooks=hooks):
+        edited = gen(model, prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False)
+    assert torch.equal(edited, greedy_by_full_forwards(model, prompt, 6, fwd_hooks=hooks))
+
+
+def test_constant_cost_per_token_structural(model):
+    """After the prefill every hook sees p = 1, whatever the prefix length: no reprocessing."""
+
+    def run(tokens, n_new):
+        calls = []
+
+        def record(act, hook):
+            calls.append((hook.name, tuple(act.shape)))
+
+        with model.hooks(fwd_hooks=[(lambda name: True, record)]):  # heavy hooks included
+            gen(model, tokens, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+        return calls
+
+    short = model.to_tokens("the cat")
+    long = model.to_tokens(" ".join(["the cat sat on the mat and then ran to the park"] * 3))
+    n_hooks = len(model.hook_dict)
+    calls_short, calls_long = run(short, 5), run(long, 5)
+    for tokens, calls in ((short, calls_short), (long, calls_long)):
+        prefill, steps = calls[:n_hooks], calls[n_hooks:]
+        assert {name for name, _ in prefill} == set(model.hook_dict)
+        assert dict(prefill)["blocks.0.hook_x"][1] == tokens.shape[1]
+        assert len(steps) >= 4 * n_hooks
+        for name, shape in steps:
+            assert shape[1] == 1, (name, shape)
+            if name.endswith("hook_ssm_mask"):
+                assert shape[2:] == (1, 1), (name, shape)
+    # the per-step work is identical for a 3 and a 37 token prefix
+    assert calls_short[len(model.hook_dict):] == calls_long[len(model.hook_dict):]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampling_seed_is_reproducible(model, prompt):
+    kw = dict(max_new_tokens=10, do_sample=True, stop_at_eos=False)
+    torch.manual_seed(0)
+    a = gen(model, prompt, seed=123, **kw)
+    torch.manual_seed(999)  # the global RNG does not matter when seed= is given
+    b = gen(model, prompt, seed=123, **kw)
+    assert torch.equal(a, b)
+    others = [gen(model, prompt, seed=s, **kw) for s in (1, 2)]
+    assert any(not torch.equal(a, o) for o in others)
+    greedy = gen(model, prompt, max_new_tokens=10, do_sample=False, stop_at_eos=False)
+    assert not torch.equal(a, greedy)  # sampling really samples
+
+
+def test_sampling_limits_equal_greedy(model, prompt):
+    greedy = gen(model, prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False)
+    kw = dict(max_new_tokens=8, do_sample=True, stop_at_eos=False, seed=7)
+    assert torch.equal(gen(model, prompt, top_k=1, **kw), greedy)
+    assert torch.equal(gen(model, prompt, temperature=1e-6, **kw), greedy)
+    assert torch.equal(gen(model, prompt, top_p=1e-3, **kw), greedy)
+
+
+@torch.no_grad()
+def test_top_k_and_top_p_respect_the_full_forward_distribution(model, prompt):
+    P, n_new = prompt.shape[1], 12
+    out_k = gen(model, prompt, max_new_tokens=n_new, do_sample=True, top_k=3, seed=0, stop_at_eos=False)
+    out_p = gen(model, prompt, max_new_tokens=n_new, do_sample=True, top_p=0.2, seed=0, stop_at_eos=False)
+    for out, kind in ((out_k, "k"), (out_p, "p")):
+        for step in range(n_new):
+            logits = model(out[:, : P + step])[:, -1]
+            chosen = out[:, P + step]
+            for row in range(out.shape[0]):
+                if kind == "k":
+                    allowed = set(logits[row].topk(3).indices.tolist())
+                else:
+                    probs, order = logits[row].softmax(-1).sort(descending=True)
+                    keep = int((probs.cumsum(0) < 0.2).sum()) + 1  # smallest prefix reaching 0.2
+                    allowed = set(order[:keep].tolist())
+                assert int(chosen[row]) in allowed, (kind, step, row)
+
+
+@torch.no_grad()
+def test_sampling_follows_softmax_with_temperature(model):
+    """Many one-step samples: their frequencies follow softmax(logits / T) of a full forward."""
+    n, T = 20000, 0.5
+    tokens = model.to_tokens("the cat sat").expand(n, -1).contiguous()
+    out = gen(model, tokens, max_new_tokens=1, do_sample=True, temperature=T, seed=0, stop_at_eos=False)
+    freq = torch.bincount(out[:, -1], minlength=model.cfg.d_vocab).float() / n
+    logits = model(tokens[:1])[0, -1]
+    tv = lambda p, q: 0.5 * float((p - q).abs().sum())  # noqa: E731
+    assert tv(freq, (logits / T).softmax(-1)) < 0.03
+    assert tv(freq, logits.softmax(-1)) > 0.05  # the temperature is applied (not T = 1)
+
+
+# --------------------------------------------------------------------------- EOS
+
+
+def test_stop_at_eos_with_forced_eos(model):
+    tokens = model.to_tokens("the cat sat on the mat")
+    P = tokens.shape[1]
+    hook = force_token_hook(model, EOS)
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", hook)]):
+        stopped = gen(model, tokens, max_new_tokens=8, do_sample=False, stop_at_eos=True)
+    assert stopped.tolist() == [tokens[0].tolist() + [EOS]]
+
+    hook = force_token_hook(model, EOS)
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", hook)]):
+        unstopped = gen(model, tokens, max_new_tokens=8, do_sample=False, stop_at_eos=False)
+    assert unstopped.shape == (1, P + 8)
+    assert bool((unstopped[0, P:] == EOS).all())
+
+
+def test_stop_at_eos_after_a_few_tokens(model):
+    tokens = model.to_tokens("mary gave john a drink")
+    P = tokens.shape[1]
+    reference = greedy_by_full_forwards(model, tokens, 3)
+    assert EOS not in reference[0, P:].tolist()
+    hook = force_token_hook(model, EOS, from_call=3)  # calls 0..2 give the first three tokens
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", hook)]):
+        out = gen(model, tokens, max_new_tokens=10, do_sample=False)
+    assert out.tolist() == [reference[0].tolist() + [EOS]]
+
+
+def test_stop_at_eos_in_a_batch_pads_finished_rows(model, prompt):
+    P, n_new = prompt.shape[1], 6
+    row1_alone = greedy_by_full_forwards(model, prompt[1:], n_new)
+    assert EOS not in row1_alone[0, P:].tolist()
+    # row 0 is pushed to EOS at the first step only; left alone it would go on with other tokens
+    hook = force_token_hook(model, EOS, rows=0, until_call=1)
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", hook)]):
+        out = gen(model, prompt, max_new_tokens=n_new, do_sample=False, stop_at_eos=True)
+    assert out.shape == (2, P + n_new)  # row 1 never finishes
+    assert torch.equal(out[1], row1_alone[0])
+    assert out[0, P] == EOS
+    assert bool((out[0, P:] == EOS).all())  # a finished row is filled with EOS, as in TransformerLens
+
+    hook = force_token_hook(model, EOS, rows=0, until_call=1)
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", hook)]):
+        unstopped = gen(model, prompt, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+    assert unstopped[0, P] == EOS
+    assert not bool((unstopped[0, P + 1 :] == EOS).all())  # without stop_at_eos it goes on
+
+
+def test_explicit_eos_token_id(model):
+    # find a prompt whose greedy continuation has a token that did not occur earlier in it
+    for text in ("mary gave john a drink", "one two three", "the capital of france is", "red blue green"):
+        tokens = model.to_tokens(text)
+        P = tokens.shape[1]
+        reference = greedy_by_full_forwards(model, tokens, 10)
+        new = reference[0, P:].tolist()
+        fresh = [i for i in range(1, len(new)) if new[i] not in new[:i]]
+        if fresh:
+            break
+    assert fresh, "no usable prompt"
+    stop_at = fresh[0]
+    eos = new[stop_at]
+    out = gen(model, tokens, max_new_tokens=10, do_sample=False, stop_at_eos=True, eos_token_id=eos)
+    assert out.tolist() == [reference[0, : P + stop_at + 1].tolist()]
+    # a list of ids: the first one produced stops
+    other = next(t for t in range(4, model.cfg.d_vocab) if t not in new)
+    out_list = gen(model, tokens, max_new_tokens=10, do_sample=False, stop_at_eos=True, eos_token_id=[other, eos])
+    assert out_list.tolist() == out.tolist()
+    # stop_at_eos=False ignores it
+    out_all = gen(model, tokens, max_new_tokens=10, do_sample=False, stop_at_eos=False, eos_token_id=eos)
+    assert torch.equal(out_all, reference)
+
+
+# --------------------------------------------------------------------------- strings and padding
+
+
+def test_string_input_returns_string(model):
+    text = "the cat sat on the mat"
+    out = gen(model, text, max_new_tokens=5, do_sample=False, stop_at_eos=False)
+    assert isinstance(out, str)
+    expected = greedy_by_full_forwards(model, model.to_tokens(text), 5)
+    assert out == model.to_string(expected[0])
+    assert out.startswith("<bos> " + text) or out.startswith(text)
+
+
+def test_list_of_strings_returns_list(model):
+    texts = ["the cat sat on the mat", "mary gave john a red drink"]  # same token count
+    out = gen(model, texts, max_new_tokens=4, do_sample=False, stop_at_eos=False)
+    assert isinstance(out, list) and len(out) == 2
+    expected = greedy_by_full_forwards(model, model.to_tokens(texts), 4)
+    assert out == [model.to_string(row) for row in expected]
+
+
+def test_left_padded_batch_generation_equals_alone(model):
+    texts = ["when mary and john went to the store", "a dog", "one two three"]
+    n_new = 6
+    out = gen(model, texts, max_new_tokens=n_new, do_sample=False, stop_at_eos=False,
+              padding_side="left", return_type="tokens")
+    assert out.shape[1] == model.to_tokens(texts[0]).shape[1] + n_new
+    for row, text in enumerate(texts):
+        alone_tokens = model.to_tokens(text)
+        alone = greedy_by_full_forwards(model, alone_tokens, n_new)
+        assert torch.equal(out[row, -n_new:], alone[0, -n_new:]), row
+        assert torch.equal(out[row, -(n_new + alone_tokens.shape[1]):], alone[0]), row
+
+
+def test_left_padded_tensor_with_attention_mask_equals_alone(model):
+    gen_ = torch.Generator().manual_seed(0)
+    lengths, width, n_new = [7, 3], 7, 5
+    tokens = torch.randint(4, model.cfg.d_vocab, (2, width), generator=gen_)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, width - n :] = 1
+    out = gen(model, tokens, attention_mask=mask, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+    for row, n in enumerate(lengths):
+        alone = greedy_by_full_forwards(model, tokens[row : row + 1, width - n :], n_new)
+        assert torch.equal(out[row, width:], alone[0, n:]), row
+
+
+def test_string_batch_generation_with_default_padding_equals_alone(model):
+    """No padding_side given: a batch of prompts of different lengths still continues each prompt."""
+    texts = ["when mary and john went to the store", "a dog"]
+    n_new = 5
+    out = gen(model, texts, max_new_tokens=n_new, do_sample=False, stop_at_eos=False, return_type="tokens")
+    for row, text in enumerate(texts):
+        alone = greedy_by_full_forwards(model, model.to_tokens(text), n_new)
+        assert torch.equal(out[row, -n_new:], alone[0, -n_new:]), row
+    strings = gen(model, texts, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+    for row, text in enumerate(texts):
+        alone = gen(model, text, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+        assert strings[row].replace("<pad>", "").split() == alone.split(), row
+
+
+def test_right_padding_in_generate_is_correct_or_refused(model):
+    """Right padding cannot be continued in place: generate either handles it or refuses clearly."""
+    texts = ["when mary and john went to the store", "a dog"]
+    n_new = 4
+    try:
+        out = gen(model, texts, max_new_tokens=n_new, do_sample=False, stop_at_eos=False,
+                  padding_side="right", return_type="tokens")
+    except ValueError as err:
+        assert "left" in str(err)
+    else:
+        for row, text in enumerate(texts):
+            alone = greedy_by_full_forwards(model, model.to_tokens(text), n_new)
+            got = [t for t in out[row].tolist() if t != 2]
+            assert got == alone[0].tolist(), row
+    tokens, mask = model.to_tokens(texts, padding_side="right", return_attention_mask=True)
+    try:
+        out = gen(model, tokens, attention_mask=mask, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+    except ValueError as err:
+        assert "left" in str(err)
+    else:
+        for row, text in enumerate(texts):
+            alone = greedy_by_full_forwards(model, model.to_tokens(text), n_new)
+            assert out[row, -n_new:].tolist() == alone[0, -n_new:].tolist(), row
+
+
+def test_generate_zero_new_tokens_and_bad_arguments(model, prompt):
+    assert torch.equal(gen(model, prompt, max_new_tokens=0, do_sample=False), prompt)
+    with pytest.raises(ValueError):
+        gen(model, prompt, max_new_tokens=-1)
+    with pytest.raises(ValueError):
+        gen(model, prompt, do_sample=True, top_p=1.5)

@@ -1,0 +1,577 @@
+"""TransformerLens behaviour that must hold unchanged on HookedMamba (transformer-lens 3.9 and 4.x).
+
+Covers: run_with_hooks / hooks() / add_hook / reset_hooks / backward hooks,
+run_with_cache and its options, cache shorthand keys, the residual-stream
+analysis helpers of ``ActivationCache``, the folded ``W_U``, and
+``transformer_lens.patching``. Every check compares against an independent
+reference: a manual computation from weights, a separate run, or autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformer_lens
+import transformer_lens.patching as tl_patching
+
+from tl_mamba import HookedMamba
+
+from conftest import tiny_config
+
+ATOL = 1e-5
+RTOL = 1e-4
+HEAVY = ("hook_h", "hook_ssm_mask")
+
+
+def close(a, b, atol=ATOL, rtol=RTOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def perturb_(model, scale=0.1, seed=0):
+    """Noise on every parameter, so that unit norm weights / D = 1 cannot hide a bug."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def final_norm_weight(model):
+    params = [p for name, p in model.named_parameters() if name.startswith("ln_final")]
+    assert len(params) == 1, "expected exactly one parameter (the weight) in ln_final"
+    return params[0]
+
+
+def manual_rms(x, eps):
+    x = x.float()
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.fixture
+def model(tiny_model):
+    return perturb_(tiny_model)
+
+
+@pytest.fixture
+def tokens(model):
+    return model.to_tokens(["the cat sat on the mat and then ran", "mary gave john a drink at the park"])
+
+
+def is_heavy(name):
+    return name.rsplit(".", 1)[-1] in HEAVY
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def test_run_with_hooks_by_name_edit_flows_downstream(model, tokens):
+    """Zeroing the last mixer's write gives logits = unembed(final norm(resid_pre of the last block))."""
+    n = model.cfg.n_layers
+    clean = model(tokens)
+    _, cache = model.run_with_cache(tokens)
+    resid = cache[f"blocks.{n - 1}.hook_resid_pre"]
+    w = final_norm_weight(model)
+    expected = (manual_rms(resid, model.cfg.eps) * w) @ model.W_E.T  # tied embeddings
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{n - 1}.hook_mixer_out", zero)])
+    close(edited, expected)
+    assert not torch.allclose(edited, clean, atol=1e-4)
+    # the hook is gone afterwards
+    close(model(tokens), clean, atol=0, rtol=0)
+
+
+def test_run_with_hooks_filter_function(model, tokens):
+    seen = {}
+
+    def record(act, hook):
+        seen[hook.name] = tuple(act.shape)
+
+    model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(lambda name: name.endswith("hook_x"), record)])
+    b, p = tokens.shape
+    assert seen == {f"blocks.{l}.hook_x": (b, p, model.cfg.d_inner) for l in range(model.cfg.n_layers)}
+
+    # zeroing every SSM output (filter) leaves only the embedding in the residual stream:
+    # mixer_out = out_proj(0) (+ bias if any)
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    out, cache = None, None
+    with model.hooks(fwd_hooks=[(lambda name: name.endswith("hook_y"), zero)]):
+        out, cache = model.run_with_cache(tokens)
+    resid = cache["hook_embed"].clone()
+    for l in range(model.cfg.n_layers):
+        bias = model.blocks[l].mixer.out_proj.bias
+        if bias is not None:
+            resid = resid + bias
+    expected = (manual_rms(resid, model.cfg.eps) * final_norm_weight(model)) @ model.W_E.T
+    close(out, expected)
+
+
+def test_hooks_context_and_add_hook_reset_hooks(model, tokens):
+    clean = model(tokens)
+    calls = []
+
+    def scale(act, hook):
+        calls.append(hook.name)
+        return act * 0.5
+
+    name = "blocks.0.hook_conv"
+    with model.hooks(fwd_hooks=[(name, scale)]):
+        in_context = model(tokens)
+    after_context = model(tokens)
+    assert calls == [name]
+    assert not torch.allclose(in_context, clean, atol=1e-5)
+    close(after_context, clean, atol=0, rtol=0)
+
+    # same edit through run_with_hooks: identical logits (independent mechanism)
+    close(model.run_with_hooks(tokens, fwd_hooks=[(name, lambda a, hook: a * 0.5)]), in_context, atol=0, rtol=0)
+
+    model.add_hook(name, scale)
+    persistent_1 = model(tokens)
+    persistent_2 = model(tokens)
+    close(persistent_1, in_context, atol=0, rtol=0)
+    close(persistent_2, in_context, atol=0, rtol=0)
+    assert calls == [name] * 3
+    model.reset_hooks()
+    close(model(tokens), clean, atol=0, rtol=0)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("hook_name", ["blocks.0.hook_x", "blocks.1.hook_B", "blocks.0.hook_resid_post", "blocks.1.hook_h"])
+def test_backward_hook_matches_autograd(model, tokens, hook_name):
+    # reference: retain the forward activation and differentiate the loss w.r.t. it
+    stored = {}
+
+    def keep(act, hook):
+        stored["act"] = act
+        return act
+
+    loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, keep)])
+    (expected,) = torch.autograd.grad(loss, stored["act"])
+    assert expected.abs().sum() > 0
+
+    grads = []
+
+    def grab(grad, hook):
+        grads.append(grad.detach().clone())
+
+    model.add_hook(hook_name, grab, dir="bwd")
+    try:
+        loss2 = model(tokens, return_type="loss")
+        loss2.backward()
+    finally:
+        model.reset_hooks(including_permanent=False)
+        model.zero_grad(set_to_none=True)
+    assert len(grads) == 1
+    assert grads[0].shape == stored["act"].shape
+    close(grads[0], expected, atol=1e-6, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- run_with_cache
+
+
+def _record_all(model, tokens):
+    """Every hook's value (heavy included) captured with plain forward hooks."""
+    acts = {}
+
+    def record(act, hook):
+        acts[hook.name] = act.detach().clone()
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(lambda name: True, record)])
+    return logits, acts
+
+
+def test_run_with_cache_type_and_default_contents(model, tokens):
+    logits_ref, acts = _record_all(model, tokens)
+    logits, cache = model.run_with_cache(tokens)
+    assert isinstance(cache, transformer_lens.ActivationCache)
+    close(logits, logits_ref, atol=1e-6, rtol=1e-5)
+    expected_names = {name for name in model.hook_dict if not is_heavy(name)}
+    assert set(cache.keys()) == expected_names
+    assert any(is_heavy(name) for name in model.hook_dict)  # the heavy hooks exist, just not cached by default
+    for name in expected_names:
+        close(cache[name], acts[name], atol=1e-6, rtol=1e-5)
+    b, p = tokens.shape
+    cfg = model.cfg
+    assert cache["blocks.0.hook_x"].shape == (b, p, cfg.d_inner)
+    assert cache["blocks.0.hook_B"].shape == (b, p, cfg.d_state)
+    assert cache["blocks.0.hook_dt_low"].shape == (b, p, cfg.dt_rank)
+    assert cache["ln_final.hook_scale"].shape == (b, p, 1)
+
+
+def test_run_with_cache_names_filter_forms(model, tokens):
+    _, c_str = model.run_with_cache(tokens, names_filter="blocks.1.hook_conv")
+    assert set(c_str.keys()) == {"blocks.1.hook_conv"}
+
+    wanted = ["hook_embed", "blocks.0.hook_z", "blocks.1.hook_h"]
+    _, c_list = model.run_with_cache(tokens, names_filter=wanted)
+    assert set(c_list.keys()) == set(wanted)
+    b, p = tokens.shape
+    assert c_list["blocks.1.hook_h"].shape == (b, p, model.cfg.d_inner, model.cfg.d_state)
+
+    _, c_fn = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_delta"))
+    assert set(c_fn.keys()) == {f"blocks.{l}.hook_delta" for l in range(model.cfg.n_layers)}
+
+    _, full = model.run_with_cache(tokens)
+    for cache in (c_str, c_list, c_fn):
+        for name in cache.keys():
+            if name in full.cache_dict:
+                close(cache[name], full[name], atol=1e-6, rtol=1e-5)
+
+
+def test_hook_h_readout_gives_y(model, tokens):
+    """hook_h is the state after each step: y_t = h_t · C_t + D x_t (manual readout from the cache)."""
+    names = ["blocks.0.hook_h", "blocks.0.hook_C", "blocks.0.hook_x", "blocks.0.hook_y"]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    h, C, x, y = (cache[n] for n in names)
+    D = model.blocks[0].mixer.D
+    close(torch.einsum("bpen,bpn->bpe", h, C) + D * x, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pos_slice", [3, -1, slice(2, 6), [0, 4, 5]], ids=["int", "neg-int", "slice", "list"])
+def test_run_with_cache_pos_slice_cuts_every_hook(model, tokens, pos_slice):
+    everything = lambda name: True  # noqa: E731  (heavy hooks included)
+    _, full = model.run_with_cache(tokens, names_filter=everything)
+    _, sliced = model.run_with_cache(tokens, names_filter=everything, pos_slice=pos_slice)
+    assert set(sliced.keys()) == set(full.keys())
+    for name in ("blocks.0.hook_h", "blocks.1.hook_z", "blocks.0.hook_x", "ln_final.hook_scale", "hook_embed"):
+        assert name in full.cache_dict
+    index = [pos_slice] if isinstance(pos_slice, int) else pos_slice  # an int keeps the axis, as in TL
+    for name in full.keys():
+        value = full[name]
+        if name.endswith("hook_ssm_mask"):  # [b, 1, target, source]: the target axis is cut
+            expected = value[:, :, index]
+        else:
+            expected = value[:, index]
+        assert sliced[name].shape == expected.shape, name
+        close(sliced[name], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_run_with_cache_remove_batch_dim(model, tokens):
+    one = tokens[:1]
+    _, full = model.run_with_cache(one, names_filter=lambda n: True)
+    _, nobatch = model.run_with_cache(one, names_filter=lambda n: True, remove_batch_dim=True)
+    assert set(nobatch.keys()) == set(full.keys())
+    for name in full.keys():
+        assert nobatch[name].shape == full[name].shape[1:], name
+        close(nobatch[name], full[name][0], atol=1e-6, rtol=1e-5)
+
+
+def test_run_with_cache_incl_bwd(model, tokens):
+    loss, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True)
+    assert loss.dim() == 0
+    fwd_names = [n for n in cache.keys() if not n.endswith("_grad")]
+    grad_names = {n for n in cache.keys() if n.endswith("_grad")}
+    assert grad_names == {n + "_grad" for n in fwd_names}
+    model.zero_grad(set_to_none=True)
+
+    for name in ("blocks.0.hook_x", "blocks.1.hook_resid_pre", "ln_final.hook_normalized"):
+        stored = {}
+
+        def keep(act, hook):
+            stored["act"] = act
+            return act
+
+        ref_loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(name, keep)])
+        (expected,) = torch.autograd.grad(ref_loss, stored["act"])
+        assert cache[name + "_grad"].shape == cache[name].shape
+        close(cache[name + "_grad"], expected, atol=1e-6, rtol=1e-4)
+    close(loss.detach(), ref_loss.detach(), atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- shorthand keys
+
+
+def test_cache_shorthand_keys(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    n = model.cfg.n_layers
+    pairs = [
+        (("conv", 1), "blocks.1.hook_conv"),
+        (("resid_pre", -1), f"blocks.{n - 1}.hook_resid_pre"),
+        (("resid_post", 0), "blocks.0.hook_resid_post"),
+        (("z", 0), "blocks.0.hook_z"),
+        (("x", 1), "blocks.1.hook_x"),
+        (("scale", 0, "ln1"), "blocks.0.ln1.hook_scale"),
+        (("normalized", 1, "ln1"), "blocks.1.ln1.hook_normalized"),
+    ]
+    for key, name in pairs:
+        assert key in cache, key
+        assert cache[key] is cache[name] or torch.equal(cache[key], cache[name]), key
+    assert torch.equal(cache["embed"], cache["hook_embed"])
+    # z is the gate branch: SiLU(z) is the cached gate (independent check that the fallback hits the right hook)
+    close(F.silu(cache["z", 0]), cache["blocks.0.hook_gate"], atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- residual-stream analysis
+
+
+def test_accumulated_resid_and_logit_lens(model, tokens):
+    logits, cache = model.run_with_cache(tokens)
+    n = model.cfg.n_layers
+    acc, labels = cache.accumulated_resid(return_labels=True)
+    assert acc.shape == (n + 1, *tokens.shape, model.cfg.d_model)
+    assert len(labels) == n + 1
+    for l in range(n):
+        close(acc[l], cache[f"blocks.{l}.hook_resid_pre"], atol=1e-6, rtol=1e-5)
+    close(acc[n], cache[f"blocks.{n - 1}.hook_resid_post"], atol=1e-6, rtol=1e-5)
+
+    acc_ln = cache.accumulated_resid(apply_ln=True)
+    close(acc_ln[-1] @ model.W_U, logits)
+    # logit lens: every layer's residual normalized by its own RMS (TransformerLens 3.9+ recomputes the final norm)
+    for l in range(n + 1):
+        close(acc_ln[l], manual_rms(acc[l], model.cfg.eps), atol=1e-5, rtol=1e-4)
+
+
+def test_decompose_resid_sums_to_final_resid(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    n = model.cfg.n_layers
+    dec, labels = cache.decompose_resid(return_labels=True)
+    assert dec.shape == (n + 1, *tokens.shape, model.cfg.d_model)
+    assert len(labels) == n + 1
+    close(dec[0], cache["hook_embed"], atol=1e-6, rtol=1e-5)
+    for l in range(n):
+        close(dec[l + 1], cache[f"blocks.{l}.hook_mixer_out"], atol=1e-6, rtol=1e-5)
+    close(dec.sum(0), cache[f"blocks.{n - 1}.hook_resid_post"])
+
+
+def test_logit_attrs_of_decomposition_sum_to_logit(model, tokens):
+    logits, cache = model.run_with_cache(tokens)
+    b = tokens.shape[0]
+    rows = torch.arange(b)
+    correct = torch.tensor([model.to_single_token("park"), model.to_single_token("store")])
+    wrong = torch.tensor([model.to_single_token("dog"), model.to_single_token("mat")])
+
+    dec = cache.decompose_resid(pos_slice=-1)  # [c, b, d]
+    assert dec.shape == (model.cfg.n_layers + 1, b, model.cfg.d_model)
+    # apply_ln_to_stack divides by the cached final scale: its unembedding sums to the logits
+    dec_ln = cache.apply_ln_to_stack(dec, layer=None, pos_slice=-1)
+    close((dec_ln @ model.W_U).sum(0), logits[:, -1])
+    close(dec_ln, dec / cache["ln_final.hook_scale"][:, -1], atol=1e-6, rtol=1e-5)
+
+    # logit_attrs (which applies the final norm's scale itself) sums to the logit ...
+    attrs = cache.logit_attrs(dec, tokens=correct, pos_slice=-1)
+    assert attrs.shape == (model.cfg.n_layers + 1, b)
+    close(attrs.sum(0), logits[rows, -1, correct])
+    # ... and to the logit difference with incorrect_tokens
+    diff = cache.logit_attrs(dec, tokens=correct, incorrect_tokens=wrong, pos_slice=-1)
+    close(diff.sum(0), logits[rows, -1, correct] - logits[rows, -1, wrong])
+    # a single token given as a string
+    attrs_str = cache.logit_attrs(dec, tokens="park", pos_slice=-1)
+    close(attrs_str.sum(0), logits[:, -1, model.to_single_token("park")])
+
+    # every position at once: attributions of the next token sum to its logit
+    dec_all = cache.decompose_resid()  # [c, b, p, d]
+    next_tokens = tokens[:, 1:]
+    attrs_all = cache.logit_attrs(dec_all[:, :, :-1], tokens=next_tokens, pos_slice=slice(0, -1))
+    expected = logits[:, :-1].gather(-1, next_tokens[..., None])[..., 0]
+    close(attrs_all.sum(0), expected)
+    # decompose_resid(apply_ln=True) is the decomposition divided by the final scale
+    close(cache.decompose_resid(apply_ln=True), dec_all / cache["ln_final.hook_scale"], atol=1e-6, rtol=1e-5)
+
+
+def test_stack_activation(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    stack = cache.stack_activation("conv")
+    assert stack.shape == (model.cfg.n_layers, *tokens.shape, model.cfg.d_inner)
+    for l in range(model.cfg.n_layers):
+        assert torch.equal(stack[l], cache[f"blocks.{l}.hook_conv"])
+
+
+# --------------------------------------------------------------------------- W_U and directions
+
+
+def test_W_U_folds_the_final_norm_weight(model, tokens):
+    w = final_norm_weight(model)
+    assert not torch.allclose(w, torch.ones_like(w))  # the fold must matter in this test
+    logits, cache = model.run_with_cache(tokens)
+    close(cache["ln_final.hook_normalized"] @ model.W_U, logits)
+    # independent reference from the weights: RMS-normalize, scale by w, project on the tied embedding
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    close(cache["ln_final.hook_normalized"], manual_rms(resid, model.cfg.eps), atol=1e-6, rtol=1e-5)
+    close(cache["ln_final.hook_scale"], torch.sqrt(resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps))
+    close((manual_rms(resid, model.cfg.eps) * w) @ model.W_E.T, logits)
+    assert model.W_U.shape == (model.cfg.d_model, model.cfg.d_vocab)
+
+
+def test_tokens_to_residual_directions(model, tokens):
+    cat = model.to_single_token("cat")
+    d_int = model.tokens_to_residual_directions(cat)
+    d_str = model.tokens_to_residual_directions("cat")
+    assert d_int.shape == (model.cfg.d_model,)
+    close(d_int, model.W_U[:, cat], atol=0, rtol=0)
+    close(d_str, d_int, atol=0, rtol=0)
+
+    d_1d = model.tokens_to_residual_directions(tokens[0])
+    assert d_1d.shape == (tokens.shape[1], model.cfg.d_model)
+    d_2d = model.tokens_to_residual_directions(tokens)
+    assert d_2d.shape == (*tokens.shape, model.cfg.d_model)
+    close(d_2d[1, 3], model.W_U[:, tokens[1, 3]], atol=0, rtol=0)
+
+    # meaning: normalized final residual · direction = that token's logit
+    logits, cache = model.run_with_cache(tokens)
+    normalized = cache["ln_final.hook_normalized"]
+    close((normalized * d_2d).sum(-1), logits.gather(-1, tokens[..., None])[..., 0])
+
+
+# --------------------------------------------------------------------------- patching
+
+
+@pytest.fixture
+def patch_setup(model):
+    clean = model.to_tokens("when mary and john went to store john gave")
+    corrupted = clean.clone()
+    diff_pos = 4
+    corrupted[0, diff_pos] = model.to_single_token("paris")  # "john" -> "paris"
+    answer = model.to_single_token("mary")
+
+    def metric(logits):
+        return logits[:, -1, answer].mean()
+
+    clean_logits, clean_cache = model.run_with_cache(clean)
+    corrupted_logits = model(corrupted)
+    return clean, corrupted, diff_pos, metric, clean_logits, clean_cache, corrupted_logits
+
+
+def _manual_patch(model, corrupted, clean_cache, name, pos, metric):
+    def patch(act, hook):
+        act = act.clone()
+        act[:, pos] = clean_cache[name][:, pos]
+        return act
+
+    with torch.no_grad():
+        return metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)]))
+
+
+def test_get_act_patch_resid_pre(model, patch_setup):
+    clean, corrupted, diff_pos, metric, clean_logits, clean_cache, corrupted_logits = patch_setup
+    n, p = model.cfg.n_layers, clean.shape[1]
+    result = tl_patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+    assert result.shape == (n, p)
+    clean_m, corrupted_m = float(metric(clean_logits.detach())), float(metric(corrupted_logits.detach()))
+    assert abs(clean_m - corrupted_m) > 1e-5  # the corruption matters
+    # layer 0: resid_pre is the embedding; only diff_pos differs, and patching it restores the clean run
+    for pos in range(p):
+        want = clean_m if pos == diff_pos else corrupted_m
+        assert math.isclose(float(result[0, pos]), want, rel_tol=1e-4, abs_tol=1e-5), pos
+    # causality: positions before the corruption are identical at every layer
+    for l in range(n):
+        for pos in range(diff_pos):
+            assert math.isclose(float(result[l, pos]), corrupted_m, rel_tol=1e-4, abs_tol=1e-5)
+    # one entry against a manual run_with_hooks patch
+    manual = _manual_patch(model, corrupted, clean_cache, f"blocks.{n - 1}.hook_resid_pre", p - 1, metric)
+    assert math.isclose(float(result[n - 1, p - 1]), float(manual), rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_generic_patch_all_positions_restores_clean(model, patch_setup):
+    clean, corrupted, diff_pos, metric, clean_logits, clean_cache, corrupted_logits = patch_setup
+
+    def all_pos_setter(corrupted_activation, index, clean_activation):
+        (layer,) = index
+        corrupted_activation[:] = clean_activation
+        return corrupted_activation
+
+    result = tl_patching.generic_activation_patch(
+        model, corrupted, clean_cache, metric, patch_setter=all_pos_setter,
+        activation_name="resid_pre", index_axis_names=("layer",),
+    )
+    assert result.shape == (model.cfg.n_layers,)
+    clean_m = float(metric(clean_logits.detach()))
+    for l in range(model.cfg.n_layers):
+        assert math.isclose(float(result[l]), clean_m, rel_tol=1e-4, abs_tol=1e-5), l
+
+
+@pytest.mark.parametrize("activation_name", ["conv", "x"])
+def test_generic_patch_mixer_activation(model, patch_setup, activation_name):
+    clean, corrupted, diff_pos, metric, clean_logits, clean_cache, corrupted_logits = patch_setup
+    n, p = model.cfg.n_layers, clean.shape[1]
+    result = tl_patching.generic_activation_patch(
+        model, corrupted, clean_cache, metric, patch_setter=tl_patching.layer_pos_patch_setter,
+        activation_name=activation_name, index_axis_names=("layer", "pos"),
+    )
+    assert result.shape == (n, p)
+    corrupted_m = float(metric(corrupted_logits.detach()))
+    for l in range(n):
+        for pos in range(diff_pos):  # unaffected by the corruption: patching is a no-op
+            assert math.isclose(float(result[l, pos]), corrupted_m, rel_tol=1e-4, abs_tol=1e-5)
+    for l, pos in [(0, diff_pos), (n - 1, p - 1)]:
+        manual = _manual_patch(model, corrupted, clean_cache, f"blocks.{l}.hook_{activation_name}", pos, metric)
+        assert math.isclose(float(result[l, pos]), float(manual), rel_tol=1e-4, abs_tol=1e-5), (l, pos)
+    assert abs(float(result[0, diff_pos]) - corrupted_m) > 1e-6  # patching the corrupted position matters
+
+
+# --------------------------------------------------------------------------- cfg
+
+
+def test_cfg_has_contract_fields(model):
+    cfg = model.cfg
+    expected = tiny_config()
+    assert cfg.n_layers == 2
+    assert cfg.d_model == 24
+    assert cfg.d_vocab == 48
+    assert cfg.d_state == 5
+    assert cfg.d_conv == 3
+    assert cfg.dt_rank == 3
+    assert cfg.d_inner == expected.d_inner == 2 * 24
+    assert cfg.n_heads == 1
+    assert cfg.normalization_type == "RMS"
+    assert cfg.final_rms is True
+    assert isinstance(cfg.default_prepend_bos, bool)
+    assert cfg.dtype == torch.float32
+    assert hasattr(cfg, "device")
+    # the shapes of the weights agree with the cfg
+    assert model.W_E.shape == (cfg.d_vocab, cfg.d_model)
+    _, cache = model.run_with_cache(torch.tensor([[5, 6, 7]]), names_filter=["blocks.0.hook_x", "blocks.0.hook_dt_low"])
+    assert cache["blocks.0.hook_x"].shape[-1] == cfg.d_inner
+    assert cache["blocks.0.hook_dt_low"].shape[-1] == cfg.dt_rank
+
+
+def test_cfg_from_constructor_without_tokenizer():
+    model = HookedMamba(tiny_config(n_layers=3, d_model=16, d_state=4, d_conv=4, dt_rank=2))
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.d_state, cfg.d_conv, cfg.dt_rank, cfg.n_heads) == (3, 16, 4, 4, 2, 1)
+    assert len(model.blocks) == 3
+
+
+# --------------------------------------------------------------------------- unknown hook names
+
+
+BAD = "blocks.0.hook_nope"
+
+
+def test_unknown_hook_in_run_with_hooks(model, tokens):
+    clean = model(tokens)
+    with pytest.raises((ValueError, KeyError), match="hook_nope"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_x", lambda a, hook: a * 0), (BAD, lambda a, hook: a)])
+    # nothing stays attached after the failure
+    close(model(tokens), clean, atol=0, rtol=0)
+
+
+def test_unknown_hook_in_names_filter(model, tokens):
+    with pytest.raises((ValueError, KeyError), match="hook_nope"):
+        model.run_with_cache(tokens, names_filter=BAD)
+    with pytest.raises((ValueError, KeyError), match="blocks.9.hook_x"):
+        model.run_with_cache(tokens, names_filter=["hook_embed", "blocks.9.hook_x"])
+
+
+def test_unknown_hook_in_add_hook(model, tokens):
+    clean = model(tokens)
+    with pytest.raises((ValueError, KeyError), match="hook_nope"):
+        model.add_hook(BAD, lambda a, hook: a)
+    with pytest.raises((ValueError, KeyError), match="hook_nope"):
+        model.add_hook(BAD, lambda g, hook: None, dir="bwd")
+    close(model(tokens), clean, atol=0, rtol=0)
+
+
+def test_unknown_cache_key_names_the_key(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(KeyError, match="hook_nope"):
+        cache[BAD]
+    with pytest.raises(KeyError, match="hook_h"):
+        cache["blocks.0.hook_h"]  # heavy hooks are not cached by default
