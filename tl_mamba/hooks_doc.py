@@ -29,6 +29,7 @@ DESCRIPTIONS = {
     "hook_z": "gate branch of in_proj, before SiLU",
     "hook_gate": "SiLU(z)",
     "hook_dt_low": "low-rank dt from x_proj (after Falcon-Mamba's norm)",
+    "hook_delta_raw": "dt slice of in_proj (no bias)",
     "hook_delta": "Δ = softplus(dt_proj(dt_low) + bias)",
     "hook_B": "input-dependent B (after Falcon-Mamba's norm)",
     "hook_C": "input-dependent C (after Falcon-Mamba's norm)",
@@ -36,10 +37,24 @@ DESCRIPTIONS = {
     "hook_h": "state after each step; edits override the state (heavy)",
     "hook_y": "SSM output, including the D·x skip",
     "hook_y_gated": "y ⊙ gate (input to out_proj)",
+    "hook_y_normed": "gated RMSNorm output (input to out_proj)",
     "hook_mixer_out": "out_proj output: the block's write to the residual",
     "hook_resid_post": "residual stream after the block",
     "ln_final.hook_scale": "final RMSNorm divisor",
     "ln_final.hook_normalized": "x / scale (the norm weight is folded into W_U)",
+}
+
+#: Mamba-2 descriptions where they differ from Mamba-1's.
+DESCRIPTIONS_MAMBA2 = {
+    "hook_conv_in": "xBC slice of in_proj, before the conv",
+    "hook_conv": "xBC after the depthwise causal conv, before SiLU",
+    "hook_x": "SSM input per head (SiLU(conv) split)",
+    "hook_B": "input-dependent B per group",
+    "hook_C": "input-dependent C per group",
+    "hook_delta": "Δ = clamp(softplus(dt + dt_bias), dt_limit) per head",
+    "hook_ssm_mask": "knockout mask per head, 1 = edge kept (heavy)",
+    "hook_y": "SSM output per head, including D·x: the head's output",
+    "hook_y_gated": "y ⊙ gate, before the gated RMSNorm",
 }
 
 
@@ -47,7 +62,7 @@ def _symbolic_shape(shape: Tuple[int, ...], sizes: Dict[int, str]) -> str:
     return "[" + ", ".join(sizes.get(s, str(s)) for s in shape) + "]"
 
 
-def hook_table(model, batch: int = 2, pos: int = 7) -> List[Tuple[str, str, str]]:
+def hook_table(model, batch: int = 3, pos: int = 7) -> List[Tuple[str, str, str]]:
     """Rows ``(hook name with blocks.{l}, symbolic shape, description)`` measured on a live forward."""
     cfg = model.cfg
     tokens = torch.zeros(batch, pos, dtype=torch.long, device=model.W_E.device)
@@ -56,6 +71,11 @@ def hook_table(model, batch: int = 2, pos: int = 7) -> List[Tuple[str, str, str]
     sizes = {batch: "b", pos: "p", cfg.d_model: "d", cfg.d_inner: "e", cfg.d_state: "n", 1: "1"}
     if cfg.family == "mamba1":
         sizes[cfg.dt_rank] = "r"
+    else:
+        sizes.update({cfg.n_heads: "h", cfg.d_head: "hd", cfg.n_groups: "g",
+                      cfg.d_inner + 2 * cfg.n_groups * cfg.d_state: "e+2gn"})
+    if len(set(sizes.values())) != len(sizes) or len(sizes) != len(set(sizes)):
+        raise ValueError("hook_table needs a model whose sizes are all distinct")
     rows, seen = [], set()
     for name, shape in shapes.items():
         generic = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
@@ -63,7 +83,8 @@ def hook_table(model, batch: int = 2, pos: int = 7) -> List[Tuple[str, str, str]
             continue
         seen.add(generic)
         short = generic.replace("blocks.{l}.", "")
-        rows.append((generic, _symbolic_shape(shape, sizes), DESCRIPTIONS.get(short, "") +
+        what = (DESCRIPTIONS_MAMBA2.get(short) if cfg.family == "mamba2" else None) or DESCRIPTIONS.get(short, "")
+        rows.append((generic, _symbolic_shape(shape, sizes), what +
                      (" — cached only when named" if is_heavy_hook(name) else "")))
     return rows
 
@@ -89,6 +110,22 @@ def render_markdown() -> str:
         "|---|---|---|",
     ]
     for name, shape, what in hook_table(HookedMamba(cfg)):
+        lines.append(f"| `{name}` | {shape} | {what} |")
+    from tl_mamba.models.mamba2 import HookedMamba2
+
+    cfg2 = HookedMambaConfig(family="mamba2", n_layers=2, d_model=12, d_vocab=40, d_state=5, expand=3,
+                             n_heads=4, n_groups=2, seed=0)
+    lines += [
+        "",
+        "## HookedMamba2 (Mamba-2)",
+        "",
+        "Shapes: h n_heads, hd d_head, g n_groups. Per-head hooks carry a head axis, so",
+        "zeroing `hook_y[:, :, head]` ablates a head.",
+        "",
+        "| hook | shape | what |",
+        "|---|---|---|",
+    ]
+    for name, shape, what in hook_table(HookedMamba2(cfg2)):
         lines.append(f"| `{name}` | {shape} | {what} |")
     return "\n".join(lines) + "\n"
 
