@@ -4,7 +4,9 @@
   hooked. If a hook zeroes entries, the scan removes those hidden-attention edges.
 - ``hook_h`` (the state after every step): materialised only when hooked. If a
   hook edits it, the scan is rerun with the edited entries fixed, so the
-  recurrence continues from them and y is read from them.
+  recurrence continues from them and y is read from them. Its gradient (backward
+  hooks, ``incl_bwd``) is the total derivative: through y_t and through every
+  later state the recurrence carries h_t into.
 
 Both are handled in the scan dispatchers (``tl_mamba.ops``), so every backend
 honours them.
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.models.base import hook_is_active
-from tl_mamba.ops.state_override import StateOverride
+from tl_mamba.ops.state_override import StateOverride, linear_recurrence
 
 
 def check_heavy_hook_memory(block, hook: str, nbytes: int) -> None:
@@ -36,6 +38,7 @@ def scan_with_heavy_hooks(
     block,
     scan: Callable[..., object],
     read_out: Callable[[Tensor], Tensor],
+    decay: Callable[[], Tensor],
     *,
     mask_shape: Tuple[int, int, int, int],
     state_bytes: int,
@@ -46,7 +49,8 @@ def scan_with_heavy_hooks(
         block: the block (has ``hook_ssm_mask``, ``hook_h``, ``layer``, ``model_ref``).
         scan: ``scan(ssm_mask=..., state_override=..., return_states=...)`` → an
             output with ``y``, ``final_state`` and ``states``.
-        read_out: ``read_out(states)`` → y computed from every state (incl. D skip).
+        read_out: ``read_out(states)`` → the state part of y, ``h_t · C_t`` (no D skip).
+        decay: ``decay()`` → the per-step decay ``exp(Δ_t A)``, broadcastable to the states.
         mask_shape: ``(b, H, p, p)`` of the mask to materialise.
         state_bytes: size of the materialised states, for the memory guard.
 
@@ -71,11 +75,17 @@ def scan_with_heavy_hooks(
 
     check_heavy_hook_memory(block, "hook_h", state_bytes)
     out = scan(ssm_mask=ssm_mask, return_states=True)
-    states = out.states
+    # The hook sees the states as a fresh leaf: gradients reach it through the path added
+    # below, never a second time through the scan that computed them.
+    states = out.states.detach()
+    wants_grad = torch.is_grad_enabled()
+    if wants_grad:  # a non-leaf copy, so hooks may still edit it in place
+        states = states.requires_grad_(True).clone()
     version = states._version
     seen = block.hook_h(states)
     if tuple(seen.shape) != tuple(states.shape):
         raise ValueError(f"a hook on {block.hook_h.name} returned shape {tuple(seen.shape)}, expected {tuple(states.shape)}")
+    edited = None
     if seen is not states or states._version != version:
         # the hook edited the state: find the edited entries against a fresh scan, then
         # rerun with them fixed so the recurrence continues from the edited values
@@ -88,8 +98,17 @@ def scan_with_heavy_hooks(
                     "layer; a knockout has no single state sequence to edit. Apply one at a time."
                 )
             out = scan(state_override=StateOverride(values=seen, mask=edited), return_states=True)
-            return out.y, out.final_state
-    if ssm_mask is not None:
-        return out.y, out.final_state
-    # unedited: read y from the hooked states, so gradients reach hook_h (its direct effect on y_t)
-    return read_out(seen), out.final_state
+        else:
+            edited = None
+    y = out.y
+    if wants_grad and seen.requires_grad and ssm_mask is None:
+        # Add a term whose value is zero and whose gradient with respect to ``seen`` is the
+        # total derivative: a perturbation of h_t enters the recurrence at t and is carried by
+        # the decays into every later state (edited entries are reset, so nothing passes them).
+        perturbation = seen - seen.detach()
+        step_decay = decay().expand_as(perturbation)
+        if edited is not None:
+            perturbation = perturbation.masked_fill(edited, 0.0)
+            step_decay = step_decay.masked_fill(edited, 0.0)
+        y = y + read_out(linear_recurrence(step_decay, perturbation))
+    return y, out.final_state

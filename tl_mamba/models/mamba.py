@@ -37,6 +37,7 @@ from tl_mamba.models.base import HookedSSM
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.models.components import RMSNorm, weightless_rms
 from tl_mamba.ops import causal_conv1d, selective_scan
+from tl_mamba.ops.precision import upcast
 
 
 class MambaMixerParams(nn.Module):
@@ -170,11 +171,14 @@ class MambaBlock(nn.Module):
         def scan(**kwargs):
             return selective_scan(x, delta, A, B, C, D, initial_state=initial_state, backend=self.backend, **kwargs)
 
-        def read_out(states):  # y from the (hooked) states [b, p, e, n]
-            return torch.einsum("bpen,bpn->bpe", states, C.float()) + D.float() * x.float()
+        def read_out(states):  # h_t · C_t for states [b, p, e, n]
+            return torch.einsum("bpen,bpn->bpe", states, C.to(states.dtype))
+
+        def decay():  # exp(Δ_t A): [b, p, e, n]
+            return torch.exp(upcast(delta)[..., None] * A)
 
         b, p, e = x.shape
-        return scan_with_heavy_hooks(self, scan, read_out, mask_shape=(b, 1, p, p),
+        return scan_with_heavy_hooks(self, scan, read_out, decay, mask_shape=(b, 1, p, p),
                                      state_bytes=b * p * e * self.cfg.d_state * 4)
 
 

@@ -32,6 +32,7 @@ from tl_mamba.models.base import HookedSSM
 from tl_mamba.models.components import RMSNorm
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.ops import causal_conv1d
+from tl_mamba.ops.precision import upcast
 from tl_mamba.ops.ssd import ssd_scan
 
 
@@ -183,12 +184,15 @@ class Mamba2Block(nn.Module):
             return ssd_scan(x, delta, A, B, C, D, initial_state=initial_state, backend=self.backend,
                             chunk_size=cfg.chunk_size, **kwargs)
 
-        def read_out(states):  # y from the (hooked) states [b, p, h, hd, n]
-            Ch = C.float().repeat_interleave(heads_per_group, dim=2)
-            return torch.einsum("bphdn,bphn->bphd", states, Ch) + D.float()[:, None] * x.float()
+        def read_out(states):  # h_t · C_t for states [b, p, h, hd, n]
+            Ch = C.to(states.dtype).repeat_interleave(heads_per_group, dim=2)
+            return torch.einsum("bphdn,bphn->bphd", states, Ch)
+
+        def decay():  # exp(Δ_t A_h): [b, p, h, 1, 1]
+            return torch.exp(upcast(delta) * A)[..., None, None]
 
         b, p = x.shape[:2]
-        return scan_with_heavy_hooks(self, scan, read_out, mask_shape=(b, cfg.n_heads, p, p),
+        return scan_with_heavy_hooks(self, scan, read_out, decay, mask_shape=(b, cfg.n_heads, p, p),
                                      state_bytes=b * p * cfg.d_inner * cfg.d_state * 4)
 
 

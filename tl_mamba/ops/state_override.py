@@ -29,6 +29,14 @@ class StateOverride:
     mask: Tensor
 
 
+def check_override_shape(override: StateOverride, shape) -> None:
+    """Raise a ``ValueError`` naming ``state_override`` unless values and mask are ``shape``."""
+    for part in ("values", "mask"):
+        got = tuple(getattr(override, part).shape)
+        if got != tuple(shape):
+            raise ValueError(f"state_override.{part} must have shape {tuple(shape)} (the states), got {got}")
+
+
 def scan_with_override(
     run: Callable[[int, int, Optional[Tensor], bool], "object"],
     read_out: Callable[[Tensor, int], Tensor],
@@ -74,3 +82,17 @@ def scan_with_override(
         state, start = edited, t + 1
     y = torch.cat(ys, dim=1)
     return y, state, (torch.cat(states, dim=1) if return_states else None)
+
+
+def linear_recurrence(decay: Tensor, write: Tensor) -> Tensor:
+    """h_t = decay_t ⊙ h_{t-1} + write_t from h_{-1} = 0, for every t: ``[b, p, *state]``.
+
+    ``decay`` broadcasts against ``write``. A plain loop, differentiable; used only
+    to route gradients (see ``tl_mamba.models.heavy_hooks``), never for a forward value.
+    """
+    h = torch.zeros_like(write[:, 0])
+    out = []
+    for t in range(write.shape[1]):
+        h = decay[:, t] * h + write[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)

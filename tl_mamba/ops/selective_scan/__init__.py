@@ -32,7 +32,7 @@ from torch import Tensor
 
 from tl_mamba.backends import resolve_backend
 from tl_mamba.ops.knockout import knocked_out_terms
-from tl_mamba.ops.state_override import StateOverride
+from tl_mamba.ops.state_override import StateOverride, check_override_shape
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
 
@@ -85,8 +85,14 @@ def selective_scan(
         when asked for, the states. All fp32 (the scan runs in fp32 for every
         input dtype, as mamba_ssm does).
     """
+    if x.dim() != 3:
+        raise ValueError(f"selective_scan: x must be [b, p, e], got shape {tuple(x.shape)}")
+    if A.dim() != 2:
+        raise ValueError(f"selective_scan: A must be [e, n], got shape {tuple(A.shape)}")
     b, p, e = x.shape
     n = A.shape[-1]
+    if state_override is not None:
+        check_override_shape(state_override, (b, p, e, n))
     _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n)
     impl = _IMPLEMENTATIONS[resolve_backend(backend, x.device)]
     out = impl(

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from tl_mamba.ops.precision import compute_dtype
+
 DEFAULT_CHUNK = 64
 
 
@@ -36,8 +38,9 @@ def selective_scan_chunked(
 
     b, p, e = x.shape
     n = A.shape[-1]
-    xf, df, Bf, Cf, Af = x.float(), delta.float(), B.float(), C.float(), A.float()
-    h = x.new_zeros(b, e, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    cdt = compute_dtype(x, delta, A, B, C, initial_state)
+    xf, df, Bf, Cf, Af = (t.to(cdt) for t in (x, delta, B, C, A))
+    h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, delta, A, B, C, initial_state, state_override.values if state_override else None)
@@ -51,7 +54,7 @@ def selective_scan_chunked(
         if state_override is not None:
             m = state_override.mask[:, start:stop]
             decay = decay.masked_fill(m, 0.0)
-            write = torch.where(m, state_override.values[:, start:stop].float(), write)
+            write = torch.where(m, state_override.values[:, start:stop].to(cdt), write)
         if needs_grad:
             chunk_states = []
             for t in range(stop - start):
@@ -67,5 +70,8 @@ def selective_scan_chunked(
             all_states.append(states)
     y = torch.cat(ys, dim=1) if ys else xf.new_zeros(b, 0, e)
     if D is not None:
-        y = y + D.float() * xf
-    return ScanOutput(y=y, final_state=h, states=torch.cat(all_states, dim=1) if return_states else None)
+        y = y + D.to(cdt) * xf
+    states = None
+    if return_states:
+        states = torch.cat(all_states, dim=1) if all_states else xf.new_zeros(b, 0, e, n)
+    return ScanOutput(y=y, final_state=h, states=states)

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from tl_mamba.ops.precision import compute_dtype
+
 
 def selective_scan_reference(
     x: Tensor,
@@ -28,19 +30,22 @@ def selective_scan_reference(
 
     b, p, e = x.shape
     n = A.shape[-1]
-    xf, df, Bf, Cf, Af = x.float(), delta.float(), B.float(), C.float(), A.float()
-    h = x.new_zeros(b, e, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    cdt = compute_dtype(x, delta, A, B, C, initial_state)
+    xf, df, Bf, Cf, Af = (t.to(cdt) for t in (x, delta, B, C, A))
+    h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     ys, states = [], []
     for t in range(p):
         decay = torch.exp(df[:, t, :, None] * Af)  # [b, e, n]
         write = (df[:, t] * xf[:, t])[:, :, None] * Bf[:, t, None, :]  # [b, e, n]
         h = decay * h + write
         if state_override is not None:
-            h = torch.where(state_override.mask[:, t], state_override.values[:, t].float(), h)
+            h = torch.where(state_override.mask[:, t], state_override.values[:, t].to(cdt), h)
         ys.append((h * Cf[:, t, None, :]).sum(-1))
         if return_states:
             states.append(h)
     y = torch.stack(ys, dim=1) if p > 0 else xf.new_zeros(b, 0, e)
     if D is not None:
-        y = y + D.float() * xf
-    return ScanOutput(y=y, final_state=h, states=torch.stack(states, dim=1) if return_states else None)
+        y = y + D.to(cdt) * xf
+    if return_states:
+        states = torch.stack(states, dim=1) if p > 0 else xf.new_zeros(b, 0, e, n)
+    return ScanOutput(y=y, final_state=h, states=states if return_states else None)

@@ -24,7 +24,7 @@ from tl_mamba.backends import resolve_backend
 from tl_mamba.ops.knockout import knocked_out_terms
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
-from tl_mamba.ops.state_override import StateOverride, scan_with_override
+from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 
 
 @dataclass
@@ -74,6 +74,8 @@ def ssd_scan(
     Returns:
         ``SSDOutput`` (all fp32).
     """
+    if x.dim() != 4:
+        raise ValueError(f"ssd_scan: x must be [b, p, h, hd], got shape {tuple(x.shape)}")
     b, p, h, hd = x.shape
     if B.dim() != 4 or B.shape[:2] != (b, p) or C.shape != B.shape:
         raise ValueError(f"ssd_scan: B and C must be [b, p, g, n] = [{b}, {p}, g, n], got {tuple(B.shape)} and {tuple(C.shape)}")
@@ -84,6 +86,8 @@ def ssd_scan(
                                 ("initial_state", initial_state, (b, h, hd, n))):
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"ssd_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if state_override is not None:
+        check_override_shape(state_override, (b, p, h, hd, n))
     impl = _implementation(backend, x.device, chunk_size)
 
     if state_override is None:
@@ -96,9 +100,9 @@ def ssd_scan(
                         initial_state=init, return_states=want_states)
 
         def read_out(state, t):
-            Ct = C[:, t].float().repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+            Ct = C[:, t].to(state.dtype).repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
             y = torch.einsum("bhpn,bhn->bhp", state, Ct)
-            return y + (D.float()[:, None] * x[:, t].float() if D is not None else 0)
+            return y + (D.to(state.dtype)[:, None] * x[:, t].to(state.dtype) if D is not None else 0)
 
         y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
         out = SSDOutput(y=y, final_state=final, states=states)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tl_mamba.ops.precision import compute_dtype
+
 DEFAULT_CHUNK = 64
 
 
@@ -39,11 +41,16 @@ def ssd_chunked(
     b, p, h, hd = x.shape
     g, n = B.shape[-2:]
     heads_per_group = h // g
-    L = min(chunk_size, max(p, 1))
+    cdt = compute_dtype(x, delta, A, B, C, initial_state)
+    if p == 0:
+        state = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+        return SSDOutput(y=x.new_zeros(b, 0, h, hd, dtype=cdt), final_state=state,
+                         states=x.new_zeros(b, 0, h, hd, n, dtype=cdt) if return_states else None)
+    L = min(chunk_size, p)
     pad = (-p) % L
-    xf, df = x.float(), delta.float()
-    Bh = B.float().repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
-    Ch = C.float().repeat_interleave(heads_per_group, dim=2)
+    xf, df, Af = x.to(cdt), delta.to(cdt), A.to(cdt)
+    Bh = B.to(cdt).repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
+    Ch = C.to(cdt).repeat_interleave(heads_per_group, dim=2)
     if pad:  # padded steps have Δ = 0 and x = 0: no decay, no write
         xf, df, Bh, Ch = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xf, df, Bh, Ch))
     nc = (p + pad) // L
@@ -54,7 +61,7 @@ def ssd_chunked(
     # summed directly (a cumulative sum over k of the terms with k > s) rather than as a
     # difference of two long cumulative sums, which would lose precision.
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    step = (df * A.float()).view(b, nc, L, h)
+    step = (df * Af).view(b, nc, L, h)
     terms = step[:, :, :, None, :].expand(b, nc, L, L, h)  # [b, c, k, s, h] = Δ_k A
     after_source = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)  # [k, s]: k > s
     terms = terms.masked_fill(~after_source[None, None, :, :, None], 0.0)
@@ -71,7 +78,7 @@ def ssd_chunked(
     chunk_decay = torch.exp(log_decay[:, :, -1, :])  # [b, c, h]
 
     # off-diagonal blocks: carry the state across chunks
-    state = x.new_zeros(b, h, hd, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    state = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     starts = []
     for c in range(nc):
         starts.append(state)
@@ -81,7 +88,7 @@ def ssd_chunked(
     y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, start_states) * from_start[..., None]
     y = y.reshape(b, nc * L, h, hd)[:, :p]
     if D is not None:
-        y = y + D.float()[:, None] * xf[:, :p]
+        y = y + D.to(cdt)[:, None] * xf[:, :p]
 
     states = None
     if return_states:

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from tl_mamba.ops.precision import compute_dtype
+
 
 def ssd_reference(
     x: Tensor,
@@ -29,13 +31,14 @@ def ssd_reference(
     b, p, h, hd = x.shape
     g, n = B.shape[-2:]
     heads_per_group = h // g
-    xf, df = x.float(), delta.float()
-    Bh = B.float().repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
-    Ch = C.float().repeat_interleave(heads_per_group, dim=2)
-    state = x.new_zeros(b, h, hd, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    cdt = compute_dtype(x, delta, A, B, C, initial_state)
+    xf, df, Af = x.to(cdt), delta.to(cdt), A.to(cdt)
+    Bh = B.to(cdt).repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
+    Ch = C.to(cdt).repeat_interleave(heads_per_group, dim=2)
+    state = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     ys, states = [], []
     for t in range(p):
-        decay = torch.exp(df[:, t] * A.float())  # [b, h]
+        decay = torch.exp(df[:, t] * Af)  # [b, h]
         write = (df[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]  # [b, h, hd, n]
         state = decay[:, :, None, None] * state + write
         ys.append((state * Ch[:, t, :, None, :]).sum(-1))  # [b, h, hd]
@@ -43,5 +46,7 @@ def ssd_reference(
             states.append(state)
     y = torch.stack(ys, dim=1) if p else xf.new_zeros(b, 0, h, hd)
     if D is not None:
-        y = y + D.float()[:, None] * xf
-    return SSDOutput(y=y, final_state=state, states=torch.stack(states, dim=1) if return_states else None)
+        y = y + D.to(cdt)[:, None] * xf
+    if return_states:
+        states = torch.stack(states, dim=1) if p else xf.new_zeros(b, 0, h, hd, n)
+    return SSDOutput(y=y, final_state=state, states=states if return_states else None)

@@ -1,0 +1,499 @@
+"""Op-level tests: the selective scan, its state override and knockout mask, the causal conv,
+and backend selection.
+
+The oracles are written here and differ in construction from ``reference.py``:
+
+- ``closed_form``: the scan unrolled into hidden attention, in float64. With
+  S_t = Σ_{k≤t} Δ_k A, the decay from j to i is exp(S_i − S_j); the states are
+  h_i = Σ_{j≤i} exp(S_i − S_j) Δ_j x_j B_j + exp(S_i) h_0, and y is read from an
+  explicit α[i, j] = Σ_n C_i[n] exp(S_i − S_j)[n] Δ_j B_j[n], not from the states.
+- ``scalar_loop``: the recurrence in Python floats, one (b, t, e, n) entry at a time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import tiny_config
+from tl_mamba import BackendUnavailableError, HookedMamba
+from tl_mamba.backends import resolve_backend
+from tl_mamba.ops import StateOverride, causal_conv1d, selective_scan
+from tl_mamba.ops.selective_scan import selective_scan_chunked
+
+BACKENDS = ("reference", "torch")
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- oracles
+def closed_form(x, delta, A, B, C, D=None, h0=None, mask=None):
+    """Returns ``(y [b,p,e], states [b,p,e,n], alpha [b,e,p,p])`` in float64.
+
+    ``mask [b,1,p,p]`` (1 = kept) multiplies α before the sum; the D skip is never masked.
+    """
+    x, delta, A, B, C = (t.double() for t in (x, delta, A, B, C))
+    b, p, e = x.shape
+    S = torch.cumsum(delta[..., None] * A, dim=1)  # [b, p, e, n]
+    causal = torch.ones(p, p, dtype=torch.bool).tril()[None, :, :, None, None]  # [1, i, j, 1, 1]
+    log_decay = torch.where(causal, S[:, :, None] - S[:, None, :], torch.tensor(-math.inf, dtype=torch.float64))
+    L = log_decay.exp()  # [b, i, j, e, n]; zero above the diagonal
+    write = (delta * x)[..., None] * B[:, :, None, :]  # [b, j, e, n]
+    states = torch.einsum("bijen,bjen->bien", L, write)
+    alpha = torch.einsum("bin,bijen,bje,bjn->beij", C, L, delta, B)
+    if mask is not None:
+        alpha_used = alpha * mask.double()  # [b,1,p,p] broadcasts over e
+    else:
+        alpha_used = alpha
+    y = torch.einsum("beij,bje->bie", alpha_used, x)
+    if h0 is not None:
+        carried = S.exp() * h0.double()[:, None]  # [b, p, e, n]
+        states = states + carried
+        y = y + torch.einsum("bpen,bpn->bpe", carried, C)
+    if D is not None:
+        y = y + D.double() * x
+    return y, states, alpha
+
+
+def scalar_loop(x, delta, A, B, C, D=None, h0=None, override=None):
+    """The recurrence entry by entry in Python floats; ``override = (values, mask)`` sets h_t."""
+    b, p, e = x.shape
+    n = A.shape[1]
+    xs, ds, As, Bs, Cs = (t.double().tolist() for t in (x, delta, A, B, C))
+    y = torch.zeros(b, p, e, dtype=torch.float64)
+    states = torch.zeros(b, p, e, n, dtype=torch.float64)
+    final = torch.zeros(b, e, n, dtype=torch.float64)
+    for bi in range(b):
+        for ei in range(e):
+            for ni in range(n):
+                h = 0.0 if h0 is None else float(h0[bi, ei, ni])
+                for t in range(p):
+                    h = math.exp(ds[bi][t][ei] * As[ei][ni]) * h + ds[bi][t][ei] * xs[bi][t][ei] * Bs[bi][t][ni]
+                    if override is not None and bool(override[1][bi, t, ei, ni]):
+                        h = float(override[0][bi, t, ei, ni])
+                    states[bi, t, ei, ni] = h
+                    y[bi, t, ei] += h * Cs[bi][t][ni]
+                final[bi, ei, ni] = h
+    if D is not None:
+        y = y + D.double() * x.double()
+    return y, states, final
+
+
+def make_inputs(b, p, e, n, seed=0, dtype=torch.float32, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, p, e, generator=g)
+    delta = F.softplus(torch.randn(b, p, e, generator=g) - 0.5)
+    A = -torch.exp(0.5 * torch.randn(e, n, generator=g))
+    B = torch.randn(b, p, n, generator=g)
+    C = torch.randn(b, p, n, generator=g)
+    D = torch.randn(e, generator=g)
+    h0 = torch.randn(b, e, n, generator=g)
+    out = [t.to(dtype) for t in (x, delta, A, B, C, D, h0)]
+    if requires_grad:
+        out = [t.requires_grad_() for t in out]
+    return out
+
+
+# ----------------------------------------------------------------------------- selective scan
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "b,p,e,n,use_D,use_h0",
+    [
+        (2, 13, 6, 4, True, False),
+        (2, 13, 6, 4, False, True),
+        (3, 1, 5, 3, True, True),  # p = 1
+        (2, 130, 4, 3, True, True),  # crosses the torch backend's chunk boundary (64) twice
+    ],
+)
+def test_scan_matches_closed_form(backend, b, p, e, n, use_D, use_h0):
+    x, delta, A, B, C, D, h0 = make_inputs(b, p, e, n, seed=p)
+    D = D if use_D else None
+    h0 = h0 if use_h0 else None
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend=backend)
+    y_ref, states_ref, _ = closed_form(x, delta, A, B, C, D, h0)
+    assert out.y.shape == (b, p, e) and out.states.shape == (b, p, e, n) and out.final_state.shape == (b, e, n)
+    assert out.y.dtype == out.states.dtype == out.final_state.dtype == torch.float32
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+    torch.testing.assert_close(out.states.double(), states_ref, **TOL)
+    torch.testing.assert_close(out.final_state.double(), states_ref[:, -1], **TOL)
+    # without return_states the y and the final state are the same, and no states come back
+    lean = selective_scan(x, delta, A, B, C, D, initial_state=h0, backend=backend)
+    assert lean.states is None
+    torch.testing.assert_close(lean.y.double(), y_ref, **TOL)
+    torch.testing.assert_close(lean.final_state.double(), states_ref[:, -1], **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_chunked_any_chunk_size_matches_scalar_loop(chunk_size):
+    x, delta, A, B, C, D, h0 = make_inputs(2, 11, 3, 2, seed=3)
+    out = selective_scan_chunked(x, delta, A, B, C, D, initial_state=h0, return_states=True, chunk_size=chunk_size)
+    y_ref, states_ref, final_ref = scalar_loop(x, delta, A, B, C, D, h0)
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+    torch.testing.assert_close(out.states.double(), states_ref, **TOL)
+    torch.testing.assert_close(out.final_state.double(), final_ref, **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_zero_length(backend):
+    x, delta, A, B, C, D, h0 = make_inputs(2, 0, 3, 2)
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, backend=backend)
+    assert out.y.shape == (2, 0, 3)
+    torch.testing.assert_close(out.final_state, h0)  # nothing happened to the state
+    out = selective_scan(x, delta, A, B, C, D, backend=backend)
+    assert torch.equal(out.final_state, torch.zeros(2, 3, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_zero_length_with_states(backend):
+    x, delta, A, B, C, D, h0 = make_inputs(2, 0, 3, 2)
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend=backend)
+    assert out.states.shape == (2, 0, 3, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_bf16_inputs_give_fp32_results(backend):
+    x, delta, A, B, C, D, h0 = make_inputs(2, 70, 4, 3, seed=5, dtype=torch.bfloat16)
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend=backend)
+    assert out.y.dtype == out.final_state.dtype == out.states.dtype == torch.float32
+    # the scan itself is fp32: the result equals the fp32 math on the (exactly upcast) bf16 values,
+    # not a bf16-rounded result (which would be off by ~1e-2)
+    y_ref, states_ref, _ = closed_form(x.float(), delta.float(), A.float(), B.float(), C.float(), D.float(), h0.float())
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+    torch.testing.assert_close(out.states.double(), states_ref, **TOL)
+
+
+# ----------------------------------------------------------------------------- gradients
+def _scan_objective(out, weights):
+    gy, gh, gs = weights
+    return (out.y * gy).sum() + (out.final_state * gh).sum() + (out.states * gs).sum()
+
+
+def test_torch_backend_gradients_match_reference_backend():
+    b, p, e, n = 2, 70, 4, 3  # p crosses a chunk boundary
+    inputs = make_inputs(b, p, e, n, seed=11, requires_grad=True)
+    g = torch.Generator().manual_seed(12)
+    weights = (torch.randn(b, p, e, generator=g), torch.randn(b, e, n, generator=g), torch.randn(b, p, e, n, generator=g))
+    grads = {}
+    for backend in BACKENDS:
+        x, delta, A, B, C, D, h0 = inputs
+        out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend=backend)
+        grads[backend] = torch.autograd.grad(_scan_objective(out, weights), inputs)
+    names = ("x", "delta", "A", "B", "C", "D", "initial_state")
+    for name, g_torch, g_ref in zip(names, grads["torch"], grads["reference"]):
+        assert g_torch is not None and g_torch.abs().sum() > 0, name
+        torch.testing.assert_close(g_torch, g_ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_autograd_through_closed_form(backend):
+    """Autograd through the float64 closed form is an independent gradient oracle."""
+    b, p, e, n = 2, 9, 3, 2
+    inputs = make_inputs(b, p, e, n, seed=21, requires_grad=True)
+    g = torch.Generator().manual_seed(22)
+    gy, gs = torch.randn(b, p, e, generator=g), torch.randn(b, p, e, n, generator=g)
+    x, delta, A, B, C, D, h0 = inputs
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend=backend)
+    got = torch.autograd.grad((out.y * gy).sum() + (out.states * gs).sum(), inputs)
+    y_ref, states_ref, _ = closed_form(x, delta, A, B, C, D, h0)
+    want = torch.autograd.grad((y_ref * gy.double()).sum() + (states_ref * gs.double()).sum(), inputs)
+    for name, a, w in zip(("x", "delta", "A", "B", "C", "D", "initial_state"), got, want):
+        torch.testing.assert_close(a.double(), w.double(), atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+def _gradcheck_inputs(dtype):
+    x, delta, A, B, C, D, h0 = make_inputs(1, 5, 2, 2, seed=31, dtype=dtype)
+    return tuple(t.detach().clone().requires_grad_() for t in (x, delta, A, B, C, D, h0))
+
+
+def _scan_fn(x, delta, A, B, C, D, h0):
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="torch")
+    return out.y, out.states
+
+
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")  # gradcheck's "not double precision" warning
+def test_gradcheck_torch_backend_fp32_precision():
+    """Finite differences at fp32 precision (eps 1e-3: roundoff ~1e-4, truncation ~1e-6)."""
+    assert torch.autograd.gradcheck(_scan_fn, _gradcheck_inputs(torch.float32), eps=1e-3, atol=2e-3, rtol=2e-2)
+
+
+def test_gradcheck_torch_backend_float64():
+    assert torch.autograd.gradcheck(_scan_fn, _gradcheck_inputs(torch.float64))
+
+
+# ----------------------------------------------------------------------------- state override
+def _override(b, p, e, n, positions, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, p, e, n, dtype=torch.bool)
+    for t in positions:
+        mask[:, t] = torch.rand(b, e, n, generator=g) < 0.5  # only some (e, n) entries
+    mask[0, positions[0]] = True  # and one full state
+    values = torch.randn(b, p, e, n, generator=g) * 3
+    return values, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("positions", [[0], [4], [2, 3, 8], [10]])
+def test_state_override_matches_scalar_loop(backend, positions):
+    b, p, e, n = 2, 11, 3, 2
+    x, delta, A, B, C, D, h0 = make_inputs(b, p, e, n, seed=41)
+    values, mask = _override(b, p, e, n, positions, seed=sum(positions))
+    out = selective_scan(
+        x, delta, A, B, C, D, initial_state=h0, state_override=StateOverride(values=values, mask=mask),
+        return_states=True, backend=backend,
+    )
+    y_ref, states_ref, final_ref = scalar_loop(x, delta, A, B, C, D, h0, override=(values, mask))
+    torch.testing.assert_close(out.states[mask], values[mask])  # the state at t is the value set
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+    torch.testing.assert_close(out.states.double(), states_ref, **TOL)
+    torch.testing.assert_close(out.final_state.double(), final_ref, **TOL)
+    # the override changed what came after it
+    plain = selective_scan(x, delta, A, B, C, D, initial_state=h0, backend=backend)
+    if positions[0] < p - 1:
+        assert (plain.y[:, positions[0] + 1 :] - out.y[:, positions[0] + 1 :]).abs().max() > 1e-3
+
+
+def test_state_override_across_chunk_boundary_torch():
+    b, p, e, n = 1, 130, 2, 2
+    x, delta, A, B, C, D, h0 = make_inputs(b, p, e, n, seed=43)
+    values, mask = _override(b, p, e, n, [63, 64, 100], seed=44)
+    override = StateOverride(values=values, mask=mask)
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, state_override=override, return_states=True, backend="torch")
+    y_ref, states_ref, final_ref = scalar_loop(x, delta, A, B, C, D, h0, override=(values, mask))
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+    torch.testing.assert_close(out.states.double(), states_ref, **TOL)
+    torch.testing.assert_close(out.final_state.double(), final_ref, **TOL)
+
+
+# ----------------------------------------------------------------------------- knockout mask
+def _random_mask(b, p, seed, density=0.6):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, 1, p, p, generator=g) < density).float()  # entries above the diagonal too
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ssm_mask_equals_masked_hidden_attention(backend):
+    b, p, e, n = 3, 12, 4, 3
+    x, delta, A, B, C, D, _ = make_inputs(b, p, e, n, seed=51)
+    mask = _random_mask(b, p, seed=52)  # a different random mask per batch row
+    out = selective_scan(x, delta, A, B, C, D, ssm_mask=mask, backend=backend)
+    causal = torch.ones(p, p).tril()
+    y_ref, _, _ = closed_form(x, delta, A, B, C, D, mask=mask * causal)
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+    plain = selective_scan(x, delta, A, B, C, D, backend=backend)
+    assert (plain.y - out.y).abs().max() > 1e-2  # the mask did something
+    # entries above the diagonal are ignored
+    upper_ones = torch.maximum(mask, 1 - causal)
+    again = selective_scan(x, delta, A, B, C, D, ssm_mask=upper_ones, backend=backend)
+    torch.testing.assert_close(again.y, out.y, **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ssm_mask_source_to_target_keeps_D_skip(backend):
+    b, p, e, n = 2, 10, 3, 2
+    x, delta, A, B, C, D, _ = make_inputs(b, p, e, n, seed=53)
+    mask = torch.ones(b, 1, p, p)
+    mask[:, 0, p - 1, [1, 2]] = 0
+    out = selective_scan(x, delta, A, B, C, D, ssm_mask=mask, backend=backend)
+    y_plain, _, alpha = closed_form(x, delta, A, B, C, D)
+    expected = y_plain.clone()
+    expected[:, p - 1] -= alpha[:, :, p - 1, 1] * x[:, 1].double() + alpha[:, :, p - 1, 2] * x[:, 2].double()
+    torch.testing.assert_close(out.y.double(), expected, **TOL)
+    # knocking out every edge, the diagonal included, leaves exactly the D skip
+    none_kept = selective_scan(x, delta, A, B, C, D, ssm_mask=torch.zeros(b, 1, p, p), backend=backend)
+    torch.testing.assert_close(none_kept.y.double(), (D * x).double(), **TOL)
+
+
+# ----------------------------------------------------------------------------- shape errors
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("delta", lambda t: {**t, "delta": t["delta"][:, :-1]}),
+        ("A", lambda t: {**t, "A": t["A"][:-1]}),
+        ("B", lambda t: {**t, "B": t["B"][..., :-1]}),
+        ("C", lambda t: {**t, "C": t["C"][:1]}),
+        ("D", lambda t: {**t, "D": t["D"][:-1]}),
+        ("initial_state", lambda t: {**t, "initial_state": t["initial_state"][..., :-1]}),
+        ("ssm_mask", lambda t: {**t, "ssm_mask": torch.ones(2, 1, 5, 4)}),
+    ],
+)
+def test_scan_shape_errors_name_the_argument(name, bad):
+    x, delta, A, B, C, D, h0 = make_inputs(2, 5, 3, 2)
+    kwargs = bad(dict(x=x, delta=delta, A=A, B=B, C=C, D=D, initial_state=h0))
+    with pytest.raises(ValueError, match=name):
+        selective_scan(**kwargs)
+
+
+def test_scan_shape_error_names_x():
+    x, delta, A, B, C, D, _ = make_inputs(2, 5, 3, 2)
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        selective_scan(x[0], delta, A, B, C, D)
+
+
+def test_scan_shape_error_names_state_override():
+    x, delta, A, B, C, D, _ = make_inputs(2, 5, 3, 2)
+    bad = StateOverride(values=torch.zeros(2, 4, 3, 2), mask=torch.ones(2, 4, 3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="state_override"):
+        selective_scan(x, delta, A, B, C, D, state_override=bad, backend="reference")
+
+
+# ----------------------------------------------------------------------------- causal conv
+def conv_taps(x, weight, bias=None, history=None):
+    """out[t, c] = bias[c] + Σ_i w[c, i] · x_ext[t + i, c], x_ext = history (k-1 inputs) ++ x."""
+    b, p, c = x.shape
+    w = weight.reshape(c, -1).double()
+    k = w.shape[1]
+    hist = torch.zeros(b, k - 1, c, dtype=torch.float64) if history is None else history.double().transpose(1, 2)
+    x_ext = torch.cat([hist, x.double()], dim=1)  # [b, k-1+p, c]
+    out = torch.zeros(b, p, c, dtype=torch.float64)
+    for t in range(p):
+        for i in range(k):
+            out[:, t] += w[:, i] * x_ext[:, t + i]
+    if bias is not None:
+        out += bias.double()
+    return out
+
+
+@pytest.mark.parametrize("p", [1, 2, 9])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("weight_2d", [True, False])
+def test_causal_conv1d_matches_taps(p, with_bias, with_state, weight_2d):
+    b, c, k = 2, 5, 4
+    g = torch.Generator().manual_seed(p)
+    x = torch.randn(b, p, c, generator=g)
+    weight = torch.randn(c, 1, k, generator=g)
+    bias = torch.randn(c, generator=g) if with_bias else None
+    history = torch.randn(b, c, k - 1, generator=g) if with_state else None
+    out, final = causal_conv1d(x, weight[:, 0] if weight_2d else weight, bias, history)
+    assert out.shape == (b, p, c) and final.shape == (b, c, k - 1)
+    torch.testing.assert_close(out.double(), conv_taps(x, weight, bias, history), **TOL)
+    # the final state is the last k-1 inputs (reaching into the history when p < k-1)
+    hist = torch.zeros(b, c, k - 1) if history is None else history
+    expected_final = torch.cat([hist, x.transpose(1, 2)], dim=-1)[..., -(k - 1):]
+    assert torch.equal(final, expected_final)
+
+
+def test_causal_conv1d_is_causal():
+    b, p, c, k = 1, 8, 3, 4
+    x = torch.randn(b, p, c)
+    weight = torch.randn(c, 1, k)
+    out, _ = causal_conv1d(x, weight)
+    x2 = x.clone()
+    x2[:, 5] += 10.0
+    out2, _ = causal_conv1d(x2, weight)
+    assert torch.equal(out[:, :5], out2[:, :5])
+    assert (out[:, 5:] - out2[:, 5:]).abs().min() > 0
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_causal_conv1d_chaining_equals_one_call(split):
+    b, p, c, k = 2, 7, 4, 3
+    g = torch.Generator().manual_seed(split)
+    x = torch.randn(b, p, c, generator=g)
+    weight, bias = torch.randn(c, 1, k, generator=g), torch.randn(c, generator=g)
+    whole, whole_final = causal_conv1d(x, weight, bias)
+    first, state = causal_conv1d(x[:, :split], weight, bias)
+    second, final = causal_conv1d(x[:, split:], weight, bias, state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-6, rtol=0)
+    assert torch.equal(final, whole_final)
+
+
+def test_causal_conv1d_errors():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="channels"):
+        causal_conv1d(x, torch.randn(3, 1, 3))
+    with pytest.raises(ValueError, match="initial_state"):
+        causal_conv1d(x, torch.randn(4, 1, 3), None, torch.randn(2, 4, 3))
+
+
+# ----------------------------------------------------------------------------- backend selection
+@pytest.fixture
+def no_env_backend(monkeypatch):
+    monkeypatch.delenv("TL_MAMBA_BACKEND", raising=False)
+
+
+def _model():
+    return HookedMamba(tiny_config())
+
+
+def test_default_backend_is_auto(no_env_backend):
+    model = _model()
+    assert model.backend == "auto"
+    assert resolve_backend("auto", "cpu") == "torch"  # auto runs the torch path off CUDA
+
+
+def test_set_backend_returns_model_and_sets_name(no_env_backend):
+    model = _model()
+    assert model.set_backend("reference") is model
+    assert model.backend == "reference"
+    model.set_backend("torch")
+    assert model.backend == "torch"
+
+
+def test_triton_backend_not_implemented_yet(no_env_backend):
+    model = _model()
+    with pytest.raises(BackendUnavailableError, match="not implemented yet"):
+        model.set_backend("triton")
+    assert model.backend == "auto"  # unchanged after the failed call
+    x, delta, A, B, C, D, _ = make_inputs(1, 3, 2, 2)
+    with pytest.raises(BackendUnavailableError, match="not implemented yet"):
+        selective_scan(x, delta, A, B, C, D, backend="triton")
+
+
+def test_unknown_backend_names_the_choices(no_env_backend):
+    model = _model()
+    with pytest.raises(ValueError) as info:
+        model.set_backend("cuda")
+    message = str(info.value)
+    assert "cuda" in message
+    for choice in ("auto", "torch", "triton", "reference"):
+        assert choice in message
+    x, delta, A, B, C, D, _ = make_inputs(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="reference"):
+        selective_scan(x, delta, A, B, C, D, backend="fast")
+
+
+def test_env_var_sets_default_backend(monkeypatch):
+    scan_module = importlib.import_module("tl_mamba.ops.selective_scan")  # the package, not the function
+
+    monkeypatch.setenv("TL_MAMBA_BACKEND", "reference")
+    model = _model()
+    assert model.backend == "reference"
+    # the env var really routes the scans: count calls into each implementation
+    calls = {"reference": 0, "torch": 0}
+    for name, impl in list(scan_module._IMPLEMENTATIONS.items()):
+        def spy(*args, _impl=impl, _name=name, **kwargs):
+            calls[_name] += 1
+            return _impl(*args, **kwargs)
+
+        monkeypatch.setitem(scan_module._IMPLEMENTATIONS, name, spy)
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert calls == {"reference": model.cfg.n_layers, "torch": 0}
+    model.set_backend("torch")  # an explicit choice overrides the env var
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert calls == {"reference": model.cfg.n_layers, "torch": model.cfg.n_layers}
+    monkeypatch.setenv("TL_MAMBA_BACKEND", "Torch")  # case-insensitive
+    assert _model().backend == "torch"
+
+
+def test_bad_env_var_errors(monkeypatch):
+    monkeypatch.setenv("TL_MAMBA_BACKEND", "warp-drive")
+    model = _model()
+    with pytest.raises(ValueError, match="TL_MAMBA_BACKEND"):
+        model.backend
+    with pytest.raises(ValueError, match="warp-drive"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    model.set_backend("reference")  # an explicit choice does not read the env var
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, model.cfg.d_vocab)

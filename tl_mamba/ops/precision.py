@@ -1,0 +1,22 @@
+"""Internal precision of the scans.
+
+Scans accumulate in fp32 for fp32, bf16 and fp16 inputs (as mamba_ssm does), and
+in float64 when any input is float64, so float64 gradchecks are meaningful.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in at least fp32 (float64 stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
