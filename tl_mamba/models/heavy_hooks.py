@@ -81,6 +81,10 @@ def scan_with_heavy_hooks(
     wants_grad = torch.is_grad_enabled()
     if wants_grad:  # a non-leaf copy, so hooks may still edit it in place
         states = states.requires_grad_(True).clone()
+    elif states.is_inference():
+        # inference tensors keep no version counter, and we need one to see in-place edits
+        with torch.inference_mode(False):
+            states = states.clone()
     version = states._version
     seen = block.hook_h(states)
     if tuple(seen.shape) != tuple(states.shape):

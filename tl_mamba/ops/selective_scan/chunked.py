@@ -46,6 +46,12 @@ def selective_scan_chunked(
         for t in (x, delta, A, B, C, initial_state, state_override.values if state_override else None)
     )
     ys, all_states = [], []
+    # Without autograd, states go straight into one buffer (no concatenation copy). It is a
+    # normal tensor even under inference mode, so hook_h can track in-place edits without a copy.
+    states_buffer = None
+    if return_states and not needs_grad:
+        with torch.inference_mode(False):
+            states_buffer = x.new_empty(b, p, e, n, dtype=cdt)
     for start in range(0, p, chunk_size):
         stop = min(start + chunk_size, p)
         d_c = df[:, start:stop]
@@ -62,16 +68,18 @@ def selective_scan_chunked(
                 chunk_states.append(h)
             states = torch.stack(chunk_states, dim=1)
         else:
-            states = torch.empty_like(write)
+            states = torch.empty_like(write) if states_buffer is None else states_buffer[:, start:stop]
             for t in range(stop - start):
                 h = torch.addcmul(write[:, t], decay[:, t], h, out=states[:, t])
         ys.append(torch.einsum("blen,bln->ble", states, Cf[:, start:stop]))
-        if return_states:
+        if return_states and states_buffer is None:
             all_states.append(states)
     y = torch.cat(ys, dim=1) if ys else xf.new_zeros(b, 0, e)
     if D is not None:
         y = y + D.to(cdt) * xf
     states = None
-    if return_states:
+    if states_buffer is not None:
+        states = states_buffer
+    elif return_states:
         states = torch.cat(all_states, dim=1) if all_states else xf.new_zeros(b, 0, e, n)
     return ScanOutput(y=y, final_state=h, states=states)
