@@ -111,9 +111,8 @@ def ssd_scan(
         if tuple(ssm_mask.shape) != (b, h, p, p) and tuple(ssm_mask.shape) != (b, 1, p, p):
             raise ValueError(f"ssm_mask must be [b, h, p, p] = {(b, h, p, p)}, got {tuple(ssm_mask.shape)}")
 
-        def contribution(source_weights: Tensor) -> Tensor:
-            # source_weights [b, h, p]: which (head, source) pairs contribute
-            xs = x * source_weights.permute(0, 2, 1)[..., None].to(x.dtype)
+        def contribution(sources: Tensor) -> Tensor:  # sources [p]: the positions whose input is kept
+            xs = x * sources[None, :, None, None].to(x.dtype)
             return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
 
         out.y = out.y - knocked_out_terms(contribution, ssm_mask, target_layout="bphd")
