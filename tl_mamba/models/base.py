@@ -35,6 +35,7 @@ from tl_mamba.backends import resolve_backend, validate_backend
 from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.components import Embed, RMSNorm, Unembed
+from tl_mamba.ops.precision import upcast
 
 #: Hooks whose tensors are O(p·e·n) or O(p²): computed only when hooked or named in a cache.
 HEAVY_HOOKS = ("hook_h", "hook_ssm_mask")
@@ -133,7 +134,7 @@ class HookedSSM(HookedRootModule):
 
         ``cache.apply_ln_to_stack(resid) @ W_U`` gives the logits.
         """
-        return (self.ln_final.w[:, None].float() * self.unembed.matrix.T.float()).to(self.cfg.dtype)
+        return (upcast(self.ln_final.w)[:, None] * upcast(self.unembed.matrix).T).to(self.cfg.dtype)
 
     @property
     def b_U(self) -> Tensor:
@@ -379,7 +380,7 @@ class HookedSSM(HookedRootModule):
             if attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, resid.shape[:2])
         if self.cfg.residual_in_fp32:
-            resid = resid.float()
+            resid = upcast(resid)
         if state is not None and len(state.layers) != n_layers:
             raise ValueError(f"state has {len(state.layers)} layers, the model {n_layers}")
         for layer in range(start, stop):

@@ -12,6 +12,8 @@ import torch.nn as nn
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from tl_mamba.ops.precision import upcast
+
 
 class Embed(nn.Module):
     """Token embedding. ``W_E``: ``[d_vocab, d_model]``."""
@@ -45,7 +47,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[b, p, d]`` → ``[b, p, d]`` in the weight's dtype (the norm itself runs in fp32)."""
-        xf = x.float()
+        xf = upcast(x)
         scale = self.hook_scale((xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         normalized = self.hook_normalized(xf / scale).to(self.w.dtype)
         return normalized * self.w if self.apply_weight else normalized
@@ -53,7 +55,7 @@ class RMSNorm(nn.Module):
 
 def weightless_rms(x: Tensor, eps: float) -> Tensor:
     """Falcon-Mamba's weightless RMS norm on dt_low, B and C (computed in fp32)."""
-    xf = x.float()
+    xf = upcast(x)
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 

@@ -152,8 +152,8 @@ class MambaBlock(nn.Module):
         dt_low = self.hook_dt_low(dt_low)
         B = self.hook_B(B)
         C = self.hook_C(C)
-        delta = self.hook_delta(F.softplus(F.linear(dt_low, m.dt_proj.weight).float() + m.dt_proj.bias.float()))
-        A = -torch.exp(m.A_log.float())
+        delta = self.hook_delta(F.softplus(upcast(F.linear(dt_low, m.dt_proj.weight)) + upcast(m.dt_proj.bias)))
+        A = -torch.exp(upcast(m.A_log))
 
         y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"])
         y = self.hook_y(y)

@@ -154,12 +154,12 @@ class Mamba2Block(nn.Module):
         B = self.hook_B(B.reshape(b, p, g, n))
         C = self.hook_C(C.reshape(b, p, g, n))
         lo, hi = cfg.dt_limit
-        delta = self.hook_delta(torch.clamp(F.softplus(dt.float() + m.dt_bias.float()), min=lo, max=hi))
-        A = -torch.exp(m.A_log.float())
+        delta = self.hook_delta(torch.clamp(F.softplus(upcast(dt) + upcast(m.dt_bias)), min=lo, max=hi))
+        A = -torch.exp(upcast(m.A_log))
 
         y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"])
         y = self.hook_y(y)  # [b, p, h, hd]
-        gate = self.hook_gate(F.silu(z.float()))
+        gate = self.hook_gate(F.silu(upcast(z)))
         y_gated = self.hook_y_gated((y * gate).reshape(b, p, e))
         y_normed = self.hook_y_normed(self._gated_norm(y_gated))
         mixer_out = self.hook_mixer_out(m.out_proj(y_normed.to(dtype)))
@@ -170,7 +170,7 @@ class Mamba2Block(nn.Module):
     def _gated_norm(self, y_gated: Tensor) -> Tensor:
         """RMSNorm over groups of ``e / n_groups`` channels, then the weight (norm_before_gate=False)."""
         cfg = self.cfg
-        grouped = y_gated.float().unflatten(-1, (cfg.n_groups, cfg.d_inner // cfg.n_groups))
+        grouped = upcast(y_gated).unflatten(-1, (cfg.n_groups, cfg.d_inner // cfg.n_groups))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + cfg.eps)
         return self.mixer.norm.weight * grouped.flatten(-2).to(self.mixer.norm.weight.dtype)
 
