@@ -23,7 +23,6 @@ hidden-attention edges α[i,j]·x_j. Both are computed only when hooked.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch
@@ -34,8 +33,9 @@ from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import HookedSSM
+from tl_mamba.models.block import MixerBlock, uniform_
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
-from tl_mamba.models.components import RMSNorm, weightless_rms
+from tl_mamba.models.components import weightless_rms
 from tl_mamba.ops import causal_conv1d, selective_scan
 from tl_mamba.ops.precision import upcast
 
@@ -56,17 +56,12 @@ class MambaMixerParams(nn.Module):
         self.out_proj = nn.Linear(e, d, bias=cfg.proj_bias, dtype=dtype)
 
 
-class MambaBlock(nn.Module):
+class MambaBlock(MixerBlock):
     """One residual block: ``resid + mixer(ln1(resid))`` with every hook of the contract."""
 
     def __init__(self, cfg: HookedMambaConfig, layer: int):
-        super().__init__()
-        self.cfg = cfg
-        self.layer = layer
-        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.dtype)
+        super().__init__(cfg, layer)
         self.mixer = MambaMixerParams(cfg)
-        self.hook_resid_pre = HookPoint()  # [b, p, d]
-        self.hook_mixer_in = HookPoint()  # [b, p, d]
         self.hook_conv_in = HookPoint()  # [b, p, e]
         self.hook_conv = HookPoint()  # [b, p, e]
         self.hook_x = HookPoint()  # [b, p, e]
@@ -87,33 +82,9 @@ class MambaBlock(nn.Module):
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """mamba_ssm's initialisation: S4D-real A, D = 1, Δ bias from a log-uniform [dt_min, dt_max]."""
         cfg, m = self.cfg, self.mixer
-
-        def uniform(param: Tensor, bound: float) -> None:
-            param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
-
-        for linear in (m.in_proj, m.x_proj, m.out_proj):
-            uniform(linear.weight, 1 / math.sqrt(linear.in_features))
-            if linear.bias is not None:
-                linear.bias.zero_()
-        uniform(m.conv1d.weight, 1 / math.sqrt(cfg.d_conv))
-        if m.conv1d.bias is not None:
-            uniform(m.conv1d.bias, 1 / math.sqrt(cfg.d_conv))
-        uniform(m.dt_proj.weight, cfg.dt_rank**-0.5)
-        dt = torch.exp(
-            torch.rand(cfg.d_inner, generator=generator) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-            + math.log(cfg.dt_min)
-        ).clamp(min=cfg.dt_init_floor)
-        m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        m.dt_proj.bias.copy_(self.init_common(generator, (m.in_proj, m.x_proj, m.out_proj), cfg.d_inner))
+        uniform_(m.dt_proj.weight, cfg.dt_rank**-0.5, generator)
         m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1))
-        m.D.fill_(1.0)
-        self.ln1.w.fill_(1.0)
-
-    @property
-    def backend(self) -> str:
-        return self.model_ref[0].backend if hasattr(self, "model_ref") else "auto"
-
-    def hook_device(self) -> torch.device:
-        return self.mixer.A_log.device
 
     def forward(
         self,

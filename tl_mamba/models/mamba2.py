@@ -18,7 +18,6 @@ hd d_head, g n_groups, n d_state.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch
@@ -29,7 +28,7 @@ from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import HookedSSM
-from tl_mamba.models.components import RMSNorm
+from tl_mamba.models.block import MixerBlock
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.ops import causal_conv1d
 from tl_mamba.ops.precision import upcast
@@ -61,17 +60,12 @@ class Mamba2MixerParams(nn.Module):
         self.out_proj = nn.Linear(e, d, bias=cfg.proj_bias, dtype=dtype)
 
 
-class Mamba2Block(nn.Module):
+class Mamba2Block(MixerBlock):
     """One residual block of Mamba-2 with every hook of the contract."""
 
     def __init__(self, cfg: HookedMambaConfig, layer: int):
-        super().__init__()
-        self.cfg = cfg
-        self.layer = layer
-        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.dtype)
+        super().__init__(cfg, layer)
         self.mixer = Mamba2MixerParams(cfg)
-        self.hook_resid_pre = HookPoint()  # [b, p, d]
-        self.hook_mixer_in = HookPoint()  # [b, p, d]
         self.hook_z = HookPoint()  # [b, p, h, hd]
         self.hook_gate = HookPoint()  # [b, p, h, hd]
         self.hook_conv_in = HookPoint()  # [b, p, e+2gn]
@@ -93,33 +87,9 @@ class Mamba2Block(nn.Module):
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """mamba_ssm's Mamba-2 initialisation: A ~ U[1, 16], D = 1, Δ bias from log-uniform [dt_min, dt_max]."""
         cfg, m = self.cfg, self.mixer
-
-        def uniform(param: Tensor, bound: float) -> None:
-            param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
-
-        for linear in (m.in_proj, m.out_proj):
-            uniform(linear.weight, 1 / math.sqrt(linear.in_features))
-            if linear.bias is not None:
-                linear.bias.zero_()
-        uniform(m.conv1d.weight, 1 / math.sqrt(cfg.d_conv))
-        if m.conv1d.bias is not None:
-            uniform(m.conv1d.bias, 1 / math.sqrt(cfg.d_conv))
-        dt = torch.exp(
-            torch.rand(cfg.n_heads, generator=generator) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-            + math.log(cfg.dt_min)
-        ).clamp(min=cfg.dt_init_floor)
-        m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        m.dt_bias.copy_(self.init_common(generator, (m.in_proj, m.out_proj), cfg.n_heads))
         m.A_log.copy_(torch.log(torch.rand(cfg.n_heads, generator=generator) * 15 + 1))
-        m.D.fill_(1.0)
         m.norm.weight.fill_(1.0)
-        self.ln1.w.fill_(1.0)
-
-    @property
-    def backend(self) -> str:
-        return self.model_ref[0].backend if hasattr(self, "model_ref") else "auto"
-
-    def hook_device(self) -> torch.device:
-        return self.mixer.A_log.device
 
     def forward(
         self,
