@@ -17,3 +17,70 @@ def test_hooks_lists_contract_hooks(capsys):
     out = capsys.readouterr().out
     for hook in ("hook_h", "hook_ssm_mask", "hook_delta", "ln_final.hook_scale"):
         assert hook in out
+
+
+# ---------------------------------------------------------------- run, errors, save/load round trip
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tl_mamba
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer):
+    model = HookedMamba(HookedMambaConfig(n_layers=2, d_model=16, d_vocab=48, seed=1), tokenizer=tokenizer)
+    return model, model.save_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_save_pretrained_round_trip(tmp_path, tokenizer, family):
+    extra = dict(n_heads=4, n_groups=2, dt_limit=(0.01, 0.5)) if family == "mamba2" else {}
+    cfg = HookedMambaConfig(family=family, n_layers=2, d_model=16, d_vocab=48, seed=2, **extra)
+    model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
+    with torch.no_grad():  # move every weight off its init so the round trip is checked on real values
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    path = model.save_pretrained(tmp_path / family)
+    loaded = tl_mamba.from_pretrained(str(path))
+    assert type(loaded) is type(model) and loaded.tokenizer is not None
+    tokens = torch.randint(0, 48, (2, 9))
+    torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+    assert loaded.to_tokens("the cat").tolist() == model.to_tokens("the cat").tolist()
+
+
+def test_run_prints_top_tokens_and_lens(saved_model, capsys):
+    model, path = saved_model
+    assert main(["run", str(path), "the cat sat", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    expected = model.to_string([int(model("the cat sat")[0, -1].argmax())])
+    assert repr(expected) in out and "logit lens" in out and "final_post" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "/nonexistent/model-dir", "the cat"], "does not exist"),
+        (["run", "random", "the cat"], "no tokenizer"),
+        (["demo", "--out", "/proc/no-such-dir/x"], "cannot write"),
+    ],
+)
+def test_errors_exit_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_words_exit_2(saved_model, capsys):
+    _, path = saved_model
+    assert main(["run", str(path), "the zyzzyva sat"]) == 2
+    assert "does not know" in capsys.readouterr().err
+
+
+def test_cli_entry_point_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "tl_mamba.cli", "run", "/nonexistent/model-dir", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr

@@ -2,6 +2,10 @@
 
     tl-mamba demo [--model PATH_OR_ID] [--out DIR]   the README's main job
     tl-mamba hooks [MODEL]                            every hook with its shape
+    tl-mamba run MODEL "prompt" [--top 10]            top next tokens and a logit lens
+
+Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
+output folder that cannot be written) print a message and exit with code 2.
 
 MODEL is a local checkpoint directory, a hub id (when online), or ``random``:
 a seeded random-init Mamba-1 (the default until the shipped toy models land).
@@ -88,7 +92,13 @@ def cmd_demo(args) -> int:
 
     console = Console(soft_wrap=True)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".tl_mamba_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write plots to {out_dir}: {err.strerror or err}") from None
     model = _load(args.model)
     console.print(f"[bold]tl_mamba demo[/bold] on {model.cfg.model_name}: {type(model).__name__}, "
                   f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, backend {model.backend}")
@@ -145,6 +155,50 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Top next tokens for a prompt, and the logit lens of the top token across layers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    model = _load(args.model)
+    if model.tokenizer is None:
+        raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read a text prompt")
+    tokens = model.to_tokens(args.prompt)
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if unk is not None and bool((tokens == unk).any()):
+        words = [s for s, t in zip(model.to_str_tokens(tokens[0]), tokens[0].tolist()) if t == unk]
+        raise UsageError(f"the prompt has words the tokenizer does not know ({len(words)} unknown token(s)); "
+                         "use words from the model's vocabulary")
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre")
+                                             or n.endswith("hook_resid_post") or n.startswith("ln_final"))
+    probs = logits[0, -1].float().softmax(-1)
+    top = probs.topk(min(args.top, probs.numel()))
+    table = Table(title=f"next token after {args.prompt!r}")
+    for column in ("rank", "token", "id", "prob"):
+        table.add_column(column, justify="right" if column != "token" else "left")
+    for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+        table.add_row(str(rank), repr(model.to_string([i])), str(i), f"{p:.4f}")
+    console.print(table)
+    best = int(top.indices[0])
+    with torch.no_grad():
+        resid, labels = cache.accumulated_resid(apply_ln=True, pos_slice=-1, return_labels=True)
+        lens = (resid[:, 0] @ model.W_U).float().softmax(-1)
+    table = Table(title=f"logit lens: p({model.to_string([best])!r}) in the residual stream at the last position")
+    table.add_column("stream")
+    table.add_column("p", justify="right")
+    table.add_column("top token")
+    for label, row in zip(labels, lens):
+        table.add_row(label, f"{float(row[best]):.4f}", repr(model.to_string([int(row.argmax())])))
+    console.print(table)
+    return 0
+
+
+class UsageError(Exception):
+    """A bad argument: reported as a message with exit code 2, never a traceback."""
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="tl-mamba", description="Mamba models in TransformerLens")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,8 +209,17 @@ def main(argv: Optional[list] = None) -> int:
     hooks = sub.add_parser("hooks", help="every hook with its shape")
     hooks.add_argument("model", nargs="?", default="random")
     hooks.set_defaults(func=cmd_hooks)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    run = sub.add_parser("run", help="top next tokens and a logit lens for a prompt")
+    run.add_argument("model", help="checkpoint dir, hub id, or 'random'")
+    run.add_argument("prompt")
+    run.add_argument("--top", type=int, default=10)
+    run.set_defaults(func=cmd_run)
+    args = parser.parse_args(argv)  # argparse itself exits 2 on bad syntax
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError, PermissionError, NotImplementedError, OSError) as err:
+        print(f"tl-mamba {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -175,6 +175,12 @@ class HookedSSM(HookedRootModule):
 
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
 
+    def save_pretrained(self, path) -> "Path":
+        """Write a mamba_ssm-layout checkpoint (``config.json``, ``model.safetensors``, tokenizer) to ``path``."""
+        from tl_mamba.loading.save import save_pretrained
+
+        return save_pretrained(self, path)
+
     @classmethod
     def from_hf(cls, hf_model, tokenizer=None):
         """Build from an in-memory transformers model (weights are copied)."""

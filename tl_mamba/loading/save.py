@@ -1,0 +1,61 @@
+"""Write a model as a mamba_ssm-layout checkpoint directory, which the loader reads back.
+
+    model.save_pretrained("my-model")          # config.json, model.safetensors, tokenizer files
+    tl_mamba.from_pretrained("my-model")       # the same model
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+from safetensors.torch import save_file
+
+
+def mamba_ssm_config(cfg) -> dict:
+    """The mamba_ssm ``config.json`` of a ``HookedMambaConfig``."""
+    ssm_cfg = {"layer": "Mamba1" if cfg.family == "mamba1" else "Mamba2", "d_state": cfg.d_state,
+               "d_conv": cfg.d_conv, "expand": cfg.d_inner // cfg.d_model if cfg.d_inner % cfg.d_model == 0 else None,
+               "conv_bias": cfg.conv_bias, "bias": cfg.proj_bias}
+    if ssm_cfg["expand"] is None:
+        raise ValueError(f"d_inner {cfg.d_inner} is not a multiple of d_model {cfg.d_model}: mamba_ssm cannot express it")
+    if cfg.family == "mamba1":
+        if cfg.bcdt_rms_eps is not None:
+            raise ValueError("Falcon-Mamba (norms on dt, B, C) has no mamba_ssm layout; save it with transformers instead")
+        ssm_cfg["dt_rank"] = cfg.dt_rank
+    else:
+        ssm_cfg.update(headdim=cfg.d_head, ngroups=cfg.n_groups, chunk_size=cfg.chunk_size,
+                       dt_limit=list(cfg.dt_limit) if cfg.dt_limit[1] != float("inf") else [cfg.dt_limit[0], None])
+        if ssm_cfg["dt_limit"][1] is None:
+            ssm_cfg.pop("dt_limit")
+    return {"d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layers, "vocab_size": cfg.d_vocab,
+            "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+            "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+            "tie_embeddings": cfg.tie_embeddings, "norm_epsilon": cfg.eps}
+
+
+def mamba_ssm_key(name: str) -> str:
+    """Our parameter name → the mamba_ssm checkpoint key."""
+    if name == "embed.W_E":
+        return "backbone.embedding.weight"
+    if name == "ln_final.w":
+        return "backbone.norm_f.weight"
+    if name == "unembed.weight":
+        return "lm_head.weight"
+    if name.startswith("blocks."):
+        _, layer, rest = name.split(".", 2)
+        return f"backbone.layers.{layer}." + ("norm.weight" if rest == "ln1.w" else rest)
+    raise KeyError(f"no mamba_ssm name for parameter {name!r}")
+
+
+def save_pretrained(model, path: Union[str, Path]) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer (if any) to ``path``."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {mamba_ssm_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(mamba_ssm_config(model.cfg), indent=2))
+    if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(str(out))
+    return out
