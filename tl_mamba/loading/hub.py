@@ -82,6 +82,7 @@ def resolve_checkpoint(
     """Return a local directory holding the checkpoint ``name_or_path``.
 
     * An existing local directory is returned as is (resolved to an absolute path).
+    * The name of a model shipped with the package (``"toy-mamba2"``) gives its directory.
     * A path that looks local (starts with ``/``, ``./``, ``../`` or ``~``, or has more
       than one ``/``) but does not exist raises :class:`CheckpointNotFoundError`.
     * Anything else is a hub id (``"state-spaces/mamba-130m-hf"``): the config, the
@@ -96,6 +97,11 @@ def resolve_checkpoint(
     path = pathlib.Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
+    from tl_mamba.toy.shipped import shipped_model_dir
+
+    shipped = shipped_model_dir(name)
+    if shipped is not None:  # a model shipped inside the package ("toy-mamba2")
+        return shipped
     if path.exists():
         raise CheckpointNotFoundError(
             f"{name!r} is a file; pass the checkpoint directory (the folder with config.json "
