@@ -497,3 +497,15 @@ def test_bad_env_var_errors(monkeypatch):
         model(torch.zeros(1, 4, dtype=torch.long))
     model.set_backend("reference")  # an explicit choice does not read the env var
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, model.cfg.d_vocab)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fractional_mask_keeps_that_share_of_the_edge(backend):
+    """By linearity, a mask value m keeps m·α[i,j]·x_j: halfway between keeping and removing it."""
+    x, delta, A, B, C, D, _ = make_inputs(2, 9, 3, 2, seed=11)
+    keep, cut, half = (torch.ones(2, 1, 9, 9) for _ in range(3))
+    cut[:, 0, 7, 2] = 0
+    half[:, 0, 7, 2] = 0.5
+    y_keep, y_cut, y_half = (selective_scan(x, delta, A, B, C, D, ssm_mask=m, backend=backend).y for m in (keep, cut, half))
+    assert (y_keep - y_cut).abs().max() > 1e-4  # the edge matters
+    torch.testing.assert_close(y_half, (y_keep + y_cut) / 2, atol=1e-6, rtol=1e-5)

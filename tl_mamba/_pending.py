@@ -28,6 +28,6 @@ class Knockout(_Pending):
 
     _what = (
         "Knockout is not implemented yet in this version of tl_mamba. The underlying mechanism already "
-        "works: a hook on blocks.{l}.hook_ssm_mask that zeroes entries [b, 0, target, source] removes those "
-        "hidden-attention edges."
+        "works: a hook on blocks.{l}.hook_ssm_mask that zeroes entries [b, head, target, source] (head 0 for "
+        "Mamba-1) removes those hidden-attention edges."
     )

@@ -75,6 +75,7 @@ class HookedMambaConfig:
     d_mlp: Optional[int] = None
     act_fn: str = "silu"
     use_attn_result: bool = False
+    n_key_value_heads: Optional[int] = None  # no attention; read by some TransformerLens helpers
     original_architecture: Optional[str] = None
     extra: dict = field(default_factory=dict)
 

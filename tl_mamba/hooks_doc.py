@@ -68,14 +68,15 @@ def hook_table(model, batch: int = 3, pos: int = 7) -> List[Tuple[str, str, str]
     tokens = torch.zeros(batch, pos, dtype=torch.long, device=model.W_E.device)
     shapes = model.hook_shapes(tokens)
     # sizes are chosen distinct in the documentation model so each maps back to one symbol
-    sizes = {batch: "b", pos: "p", cfg.d_model: "d", cfg.d_inner: "e", cfg.d_state: "n", 1: "1"}
+    pairs = [(batch, "b"), (pos, "p"), (cfg.d_model, "d"), (cfg.d_inner, "e"), (cfg.d_state, "n"), (1, "1")]
     if cfg.family == "mamba1":
-        sizes[cfg.dt_rank] = "r"
+        pairs.append((cfg.dt_rank, "r"))
     else:
-        sizes.update({cfg.n_heads: "h", cfg.d_head: "hd", cfg.n_groups: "g",
-                      cfg.d_inner + 2 * cfg.n_groups * cfg.d_state: "e+2gn"})
-    if len(set(sizes.values())) != len(sizes) or len(sizes) != len(set(sizes)):
-        raise ValueError("hook_table needs a model whose sizes are all distinct")
+        pairs += [(cfg.n_heads, "h"), (cfg.d_head, "hd"), (cfg.n_groups, "g"),
+                  (cfg.d_inner + 2 * cfg.n_groups * cfg.d_state, "e+2gn")]
+    sizes = dict(pairs)
+    if len(sizes) != len(pairs):
+        raise ValueError(f"hook_table needs a model whose sizes are all distinct, got {pairs}")
     rows, seen = [], set()
     for name, shape in shapes.items():
         generic = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
@@ -93,7 +94,7 @@ def render_markdown() -> str:
     """The full ``docs/hooks.md`` text."""
     from tl_mamba.models.mamba import HookedMamba
 
-    cfg = HookedMambaConfig(n_layers=2, d_model=12, d_vocab=40, d_state=5, d_conv=4, dt_rank=3, expand=3, seed=0)
+    cfg = HookedMambaConfig(n_layers=2, d_model=12, d_vocab=40, d_state=5, d_conv=4, dt_rank=2, expand=3, seed=0)
     lines = [
         "# Hooks",
         "",

@@ -100,6 +100,7 @@ class HookedSSM(HookedRootModule):
         for block in self.blocks:
             block.model_ref = [self]  # list: keep the root out of the block's module tree
         self.to(cfg.device if cfg.device is not None else "cpu")
+        self.eval()  # no dropout anywhere; TransformerLens' patching refuses models in training mode
 
     def _apply(self, fn, *args, **kwargs):
         # keep cfg.device / cfg.dtype in step with the weights after .to(), .cuda(), .half() ...
@@ -157,11 +158,15 @@ class HookedSSM(HookedRootModule):
 
         return self._backend if self._backend is not None else default_backend()
 
-    def set_backend(self, name: str) -> "HookedSSM":
+    def set_backend(self, name: Optional[str]) -> "HookedSSM":
         """Choose the scan implementation: ``"auto" | "torch" | "triton" | "reference"``.
 
-        Only speed changes with the backend, never results.
+        Only speed changes with the backend, never results. ``None`` goes back to
+        following ``TL_MAMBA_BACKEND``.
         """
+        if name is None:
+            self._backend = None
+            return self
         name = validate_backend(name)
         resolve_backend(name, self.W_E.device)  # raise now if it cannot run here
         self._backend = name
@@ -681,6 +686,10 @@ def _names_filter(names_filter, all_names: set) -> Callable[[str], bool]:
         raise ValueError("names_filter must be a string, a list of strings, or a function")
     unknown = [n for n in names if n not in all_names]
     if unknown:
-        raise ValueError(f"unknown hook name(s) in names_filter: {unknown}; model.hook_dict lists the hooks")
+        import difflib
+
+        close = {n: difflib.get_close_matches(n, list(all_names), n=2) for n in unknown}
+        hints = "; ".join(f"{n!r} (did you mean {', '.join(map(repr, c))}?)" if c else repr(n) for n, c in close.items())
+        raise ValueError(f"unknown hook name(s) in names_filter: {hints}. model.hook_dict lists the hooks")
     wanted = set(names)
     return lambda name: name in wanted

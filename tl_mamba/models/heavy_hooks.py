@@ -66,7 +66,7 @@ def scan_with_heavy_hooks(
             raise ValueError(
                 f"a hook on {block.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {mask_shape}"
             )
-        if bool((ssm_mask != 0).all()):
+        if bool((ssm_mask == 1).all()):  # nothing removed
             ssm_mask = None
 
     if not hook_is_active(block.hook_h):

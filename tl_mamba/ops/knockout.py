@@ -23,8 +23,9 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
         contribution: ``contribution(sources [p])`` returns the scan output (no D
             skip, zero initial state) of the input restricted to those source
             positions: ``[b, p, e]`` or ``[b, p, h, hd]``.
-        ssm_mask: ``[b, H, p, p]`` (target i, source j), 1 = kept. Entries above
-            the diagonal are ignored (there is no edge from the future).
+        ssm_mask: ``[b, H, p, p]`` (target i, source j), 1 = kept, 0 = removed; a
+            value in between keeps that share of the edge (exact, by linearity).
+            Entries above the diagonal are ignored (there is no edge from the future).
         target_layout: ``"bpe"`` (Mamba-1, H must be 1) or ``"bphd"`` (Mamba-2, H is 1 or h).
 
     Returns:
@@ -32,11 +33,12 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
     """
     b, H, p, _ = ssm_mask.shape
     causal = torch.ones(p, p, dtype=torch.bool, device=ssm_mask.device).tril()
-    knocked = (ssm_mask == 0) & causal  # [b, H, i, j]
+    # the share of each edge to remove: 1 - M (a mask of 0.5 halves the edge, by linearity)
+    removed = (1 - ssm_mask.detach().float()) * causal  # [b, H, i, j]
     total = None
-    if not bool(knocked.any()):
+    if not bool(removed.any()):
         return torch.zeros((), device=ssm_mask.device)
-    columns = knocked.permute(3, 0, 1, 2).reshape(p, b * H * p)  # one row per source j
+    columns = removed.permute(3, 0, 1, 2).reshape(p, b * H * p)  # one row per source j
     patterns, group_of_source = torch.unique(columns, dim=0, return_inverse=True)
     for g, pattern in enumerate(patterns):
         if not bool(pattern.any()):
