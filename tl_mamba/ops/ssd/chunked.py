@@ -92,7 +92,23 @@ def ssd_chunked(
 
     states = None
     if return_states:
-        inner = torch.einsum("bctsh,bcshp,bcshn->bcthpn", decay_ts, xd, Bc)
-        carried = from_start[..., None, None] * start_states[:, :, None]
-        states = (inner + carried).reshape(b, nc * L, h, hd, n)[:, :p]
+        # Every state, by the recurrence itself: p steps on [b, h, hd, n]. (Expanding the chunk
+        # form to every position would cost L² work per state entry.) Written into one buffer
+        # that is a normal tensor even under inference mode, so hook_h can track in-place edits.
+        decay_t = torch.exp(df[:, :p] * Af)  # [b, p, h]
+        write_x = xf[:, :p] * df[:, :p, :, None]  # [b, p, h, hd]
+        with torch.inference_mode(False):
+            buffer = x.new_empty(b, p, h, hd, n, dtype=cdt)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, delta, A, B, C, initial_state))
+        h_t = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+        kept = []
+        for t in range(p):
+            write = write_x[:, t, :, :, None] * Bh[:, t, :, None, :]
+            if needs_grad:
+                h_t = torch.addcmul(write, decay_t[:, t, :, None, None], h_t)
+                kept.append(h_t)
+            else:
+                h_t = torch.addcmul(write, decay_t[:, t, :, None, None], h_t, out=buffer[:, t])
+        states = torch.stack(kept, dim=1) if needs_grad else buffer
     return SSDOutput(y=y, final_state=state, states=states)
