@@ -19,6 +19,23 @@ the package is changed.
 
 HookPoint cost is measured separately: the time of one call to a HookPoint with
 nothing attached, times the number of HookPoints a forward passes through.
+
+For Mamba-2 (``HookedMamba2``, ``model.cfg.family == "mamba2"``) the categories
+are ``MAMBA2_CATEGORIES``:
+
+- ``projections``: ``in_proj`` and ``out_proj`` of every block (there is no
+  ``x_proj`` / ``dt_proj``).
+- ``unembed``, ``conv``: as above (``causal_conv1d`` in ``tl_mamba.models.mamba2``).
+- ``scan``: ``ssd_scan`` as called by the block (the chunked SSD form, with the
+  states when ``hook_h`` is hooked).
+- ``states_hook``: what ``scan_with_heavy_hooks`` adds around the scan when
+  ``hook_h`` is hooked (the copy of the states it hands to the hook, the hook
+  call and the cache's store); about zero otherwise.
+- ``other``: embedding, RMSNorms, the gated norm, SiLU, softplus, splits,
+  residual adds, HookPoints and Python.
+
+``ssd_scan_parts`` splits one layer's Mamba-2 scan into the steps of the chunked
+form, per chunk size.
 """
 
 from __future__ import annotations
@@ -32,8 +49,59 @@ from typing import Dict
 import torch
 
 
+def _timed(acc: Dict[str, float], label: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        acc[label] += time.perf_counter() - start
+        return out
+
+    return wrapper
+
+
+def _attach(handles, starts, acc: Dict[str, float], module, label: str) -> None:
+    """Add the wall time of ``module``'s forward to ``acc[label]`` (forward pre/post hooks)."""
+
+    def pre(mod, args):
+        starts[id(mod)] = time.perf_counter()
+
+    def post(mod, args, out):
+        acc[label] += time.perf_counter() - starts.pop(id(mod))
+
+    handles.append(module.register_forward_pre_hook(pre))
+    handles.append(module.register_forward_hook(post))
+
+
+@contextmanager
+def _timers_mamba2(model, acc: Dict[str, float]):
+    """Timers of ``MAMBA2_CATEGORIES``; ``acc["heavy_hooks"]`` includes the scan (subtracted later)."""
+    import tl_mamba.models.mamba2 as mamba2_module
+
+    names = ("ssd_scan", "causal_conv1d", "scan_with_heavy_hooks")
+    originals = {name: getattr(mamba2_module, name) for name in names}
+    mamba2_module.ssd_scan = _timed(acc, "scan", originals["ssd_scan"])
+    mamba2_module.causal_conv1d = _timed(acc, "conv", originals["causal_conv1d"])
+    mamba2_module.scan_with_heavy_hooks = _timed(acc, "heavy_hooks", originals["scan_with_heavy_hooks"])
+    handles, starts = [], {}
+    for block in model.blocks:
+        for name in ("in_proj", "out_proj"):
+            _attach(handles, starts, acc, getattr(block.mixer, name), "projections")
+    _attach(handles, starts, acc, model.unembed, "unembed")
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(mamba2_module, name, fn)
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def _timers(model, acc: Dict[str, float]):
+    if getattr(model.cfg, "family", None) == "mamba2":
+        with _timers_mamba2(model, acc):
+            yield
+        return
     import tl_mamba.models.mamba as mamba_module
 
     originals = {"selective_scan": mamba_module.selective_scan, "causal_conv1d": mamba_module.causal_conv1d}
@@ -111,15 +179,23 @@ def count_hookpoint_calls(model, tokens) -> int:
 
 
 CATEGORIES = ("projections", "unembed", "conv", "scan", "other")
+MAMBA2_CATEGORIES = ("projections", "unembed", "conv", "scan", "states_hook", "other")
 
 
-def breakdown(model, call, repeats: int = 3) -> Dict[str, float]:
-    """Median seconds per category over ``repeats`` calls of ``call()`` (after one warm-up).
+def categories_for(model):
+    """The breakdown's categories for ``model``'s family (``CATEGORIES`` for Mamba-1)."""
+    return MAMBA2_CATEGORIES if getattr(model.cfg, "family", None) == "mamba2" else CATEGORIES
+
+
+def breakdown(model, call, repeats: int = 3, warmup: int = 1) -> Dict[str, float]:
+    """Median seconds per category over ``repeats`` calls of ``call()`` (after ``warmup`` untimed calls).
 
     ``call`` runs ``model`` once (a forward, or a ``run_with_cache``); its wall
     time is ``total`` and what no timer covers is ``other``.
     """
-    call()
+    categories = categories_for(model)
+    for _ in range(warmup):
+        call()
     runs = []
     for _ in range(repeats):
         acc: Dict[str, float] = defaultdict(float)
@@ -128,9 +204,11 @@ def breakdown(model, call, repeats: int = 3) -> Dict[str, float]:
             out = call()
             del out
             acc["total"] = time.perf_counter() - start
-        acc["other"] = acc["total"] - sum(acc[k] for k in CATEGORIES[:-1])
+        if "states_hook" in categories:  # scan_with_heavy_hooks' own time, without the scan it runs
+            acc["states_hook"] = max(0.0, acc.pop("heavy_hooks", 0.0) - acc["scan"])
+        acc["other"] = acc["total"] - sum(acc[k] for k in categories[:-1])
         runs.append(dict(acc))
-    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in ("total",) + CATEGORIES}
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in ("total",) + categories}
 
 
 def hookpoint_overhead(model, tokens) -> Dict[str, float]:
@@ -217,4 +295,153 @@ def scan_parts(model, tokens, repeats: int = 3) -> Dict[str, float]:
         tag = "replica_with_states" if return_states else "replica"
         for key in ("allocate", "discretise", "loop", "readout", "concat_and_skip", "total"):
             out[f"{tag}_{key}"] = statistics.median(r.get(key, 0.0) for r in runs[1:])
+    return out
+
+
+SSD_PARTS = ("prepare", "diag_decay", "diag_scores", "diag_y", "chunk_states", "chunk_recurrence",
+             "off_diag", "skip")
+SSD_STATE_PARTS = ("states_inner", "states_carried")
+
+
+def _ssd_replica(x, delta, A, B, C, D, chunk: int, acc: Dict[str, float], return_states: bool = False):
+    """``tl_mamba/ops/ssd/chunked.py`` (as of commit 9042b4f), fp32, no initial state, with a timer per step.
+
+    prepare: casts, repeat_interleave of B and C over heads, padding, Δx.
+    diag_decay: the [b, c, L, L, h] within-chunk decay (masked cumulative sum, exp).
+    diag_scores: C·B per chunk times the decay.  diag_y: scores applied to Δx.
+    chunk_states: each chunk's contribution to its final state.  chunk_recurrence:
+    the Python loop over chunks.  off_diag: start states read out by C.  skip:
+    reshape and the D skip.  With ``return_states``: states_inner (the
+    within-chunk part of every state, one einsum over three operands) and
+    states_carried (the start state decayed to every position, the sum, reshape).
+    """
+    import torch.nn.functional as F
+
+    def mark(label, t0):
+        t1 = time.perf_counter()
+        acc[label] += t1 - t0
+        return t1
+
+    t = time.perf_counter()
+    b, p, h, hd = x.shape
+    g, n = B.shape[-2:]
+    L = min(chunk, p)
+    pad = (-p) % L
+    xf, df, Af = x.float(), delta.float(), A.float()
+    Bh = B.float().repeat_interleave(h // g, dim=2)
+    Ch = C.float().repeat_interleave(h // g, dim=2)
+    if pad:
+        xf, df, Bh, Ch = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (xf, df, Bh, Ch))
+    nc = (p + pad) // L
+    xd = (xf * df[..., None]).view(b, nc, L, h, hd)
+    Bc, Cc = Bh.view(b, nc, L, h, n), Ch.view(b, nc, L, h, n)
+    t = mark("prepare", t)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    step = (df * Af).view(b, nc, L, h)
+    terms = step[:, :, :, None, :].expand(b, nc, L, L, h)
+    after_source = torch.ones(L, L, dtype=torch.bool).tril(-1)
+    terms = terms.masked_fill(~after_source[None, None, :, :, None], 0.0)
+    seg = torch.cumsum(terms, dim=2)
+    decay_ts = torch.exp(seg.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+    t = mark("diag_decay", t)
+    scores = torch.einsum("bcthn,bcshn->bctsh", Cc, Bc) * decay_ts
+    t = mark("diag_scores", t)
+    y = torch.einsum("bctsh,bcshp->bcthp", scores, xd)
+    t = mark("diag_y", t)
+    log_decay = torch.cumsum(step, dim=2)
+    to_end = torch.exp(log_decay[:, :, -1:, :] - log_decay)
+    chunk_writes = torch.einsum("bcshn,bcsh,bcshp->bchpn", Bc, to_end, xd)
+    chunk_decay = torch.exp(log_decay[:, :, -1, :])
+    t = mark("chunk_states", t)
+    state = x.new_zeros(b, h, hd, n, dtype=torch.float32)
+    starts = []
+    for c in range(nc):
+        starts.append(state)
+        state = chunk_decay[:, c, :, None, None] * state + chunk_writes[:, c]
+    start_states = torch.stack(starts, dim=1)
+    t = mark("chunk_recurrence", t)
+    from_start = torch.exp(log_decay)
+    y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, start_states) * from_start[..., None]
+    t = mark("off_diag", t)
+    y = y.reshape(b, nc * L, h, hd)[:, :p] + D.float()[:, None] * xf[:, :p]
+    t = mark("skip", t)
+    states = None
+    if return_states:
+        inner = torch.einsum("bctsh,bcshp,bcshn->bcthpn", decay_ts, xd, Bc)
+        t = mark("states_inner", t)
+        carried = from_start[..., None, None] * start_states[:, :, None]
+        states = (inner + carried).reshape(b, nc * L, h, hd, n)[:, :p]
+        mark("states_carried", t)
+    return y, states
+
+
+def ssd_scan_parts(model, tokens, chunk_sizes=(64, 128, 256), repeats: int = 3,
+                   package_states_chunk_sizes=None, states_chunk_sizes=(256,),
+                   states_repeats: int = 1, compare_transformers: bool = True) -> Dict[str, object]:
+    """One layer's Mamba-2 torch-backend scan, split into its steps, per chunk size.
+
+    Captures layer 0's scan inputs with hooks. For each chunk size: the package's
+    ``ssd_scan(backend="torch")`` without the states (median of ``repeats`` after
+    a warm-up) and the replica's steps without the states. For
+    ``package_states_chunk_sizes`` (default: all) the package call with the
+    states (``states_repeats`` calls, no warm-up: each call writes a fresh
+    ``[b, p, h, hd, n]`` tensor anyway), and for ``states_chunk_sizes`` the
+    replica with the states. The replica's totals sit next to the package's so a
+    drift between the two shows. With ``compare_transformers``, transformers'
+    torch fallback ``mamba2_chunk_scan`` on the same inputs (Δ passed as is:
+    no bias, no softplus) at each chunk size, median of ``repeats``.
+    """
+    from tl_mamba.ops.ssd import ssd_scan
+
+    names = ["blocks.0.hook_x", "blocks.0.hook_delta", "blocks.0.hook_B", "blocks.0.hook_C"]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    x, delta, B, C = (cache[name].float() for name in names)
+    del cache
+    mixer = model.blocks[0].mixer
+    A = -torch.exp(mixer.A_log.float())
+    D = mixer.D.float()
+
+    def med(fn, reps, warmup=1):
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - start)
+            del out
+        return statistics.median(ts)
+
+    def replica_parts(chunk, return_states, reps, warmup):
+        for _ in range(warmup):
+            _ssd_replica(x, delta, A, B, C, D, chunk, defaultdict(float), return_states)
+        runs = []
+        for _ in range(reps):
+            acc: Dict[str, float] = defaultdict(float)
+            start = time.perf_counter()
+            out = _ssd_replica(x, delta, A, B, C, D, chunk, acc, return_states)
+            acc["total"] = time.perf_counter() - start
+            del out
+            runs.append(acc)
+        keys = SSD_PARTS + (SSD_STATE_PARTS if return_states else ()) + ("total",)
+        return {key: statistics.median(r.get(key, 0.0) for r in runs) for key in keys}
+
+    out: Dict[str, object] = {"positions": int(x.shape[1]), "chunks": {}}
+    for chunk in chunk_sizes:
+        row: Dict[str, object] = {
+            "scan": med(lambda: ssd_scan(x, delta, A, B, C, D, backend="torch", chunk_size=chunk), repeats),
+            "replica": replica_parts(chunk, False, repeats, 1),
+        }
+        if compare_transformers:
+            from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+            row["transformers_scan"] = med(lambda: mamba2_chunk_scan(x, delta, A, B, C, chunk_size=chunk, D=D), repeats)
+        if package_states_chunk_sizes is None or chunk in package_states_chunk_sizes:
+            row["scan_with_states"] = med(
+                lambda: ssd_scan(x, delta, A, B, C, D, backend="torch", chunk_size=chunk, return_states=True),
+                states_repeats, warmup=0,
+            )
+        if chunk in states_chunk_sizes:
+            row["replica_with_states"] = replica_parts(chunk, True, states_repeats, 0)
+        out["chunks"][str(chunk)] = row
     return out
