@@ -300,20 +300,20 @@ def scan_parts(model, tokens, repeats: int = 3) -> Dict[str, float]:
 
 SSD_PARTS = ("prepare", "diag_decay", "diag_scores", "diag_y", "chunk_states", "chunk_recurrence",
              "off_diag", "skip")
-SSD_STATE_PARTS = ("states_inner", "states_carried")
+SSD_STATE_PARTS = ("states_prepare", "states_loop")
 
 
 def _ssd_replica(x, delta, A, B, C, D, chunk: int, acc: Dict[str, float], return_states: bool = False):
-    """``tl_mamba/ops/ssd/chunked.py`` (as of commit 9042b4f), fp32, no initial state, with a timer per step.
+    """``tl_mamba/ops/ssd/chunked.py`` (as of commit afe2fcd), fp32, no initial state, with a timer per step.
 
     prepare: casts, repeat_interleave of B and C over heads, padding, Δx.
     diag_decay: the [b, c, L, L, h] within-chunk decay (masked cumulative sum, exp).
     diag_scores: C·B per chunk times the decay.  diag_y: scores applied to Δx.
     chunk_states: each chunk's contribution to its final state.  chunk_recurrence:
     the Python loop over chunks.  off_diag: start states read out by C.  skip:
-    reshape and the D skip.  With ``return_states``: states_inner (the
-    within-chunk part of every state, one einsum over three operands) and
-    states_carried (the start state decayed to every position, the sum, reshape).
+    reshape and the D skip.  With ``return_states`` (no gradient): states_prepare
+    (the per-step decay exp(Δ_t A), Δx, the [b, p, h, hd, n] buffer) and
+    states_loop (the recurrence, one ``addcmul`` per position into the buffer).
     """
     import torch.nn.functional as F
 
@@ -367,11 +367,16 @@ def _ssd_replica(x, delta, A, B, C, D, chunk: int, acc: Dict[str, float], return
     t = mark("skip", t)
     states = None
     if return_states:
-        inner = torch.einsum("bctsh,bcshp,bcshn->bcthpn", decay_ts, xd, Bc)
-        t = mark("states_inner", t)
-        carried = from_start[..., None, None] * start_states[:, :, None]
-        states = (inner + carried).reshape(b, nc * L, h, hd, n)[:, :p]
-        mark("states_carried", t)
+        decay_t = torch.exp(df[:, :p] * Af)
+        write_x = xf[:, :p] * df[:, :p, :, None]
+        with torch.inference_mode(False):
+            states = x.new_empty(b, p, h, hd, n, dtype=torch.float32)
+        h_t = x.new_zeros(b, h, hd, n, dtype=torch.float32)
+        t = mark("states_prepare", t)
+        for pos in range(p):
+            write = write_x[:, pos, :, :, None] * Bh[:, pos, :, None, :]
+            h_t = torch.addcmul(write, decay_t[:, pos, :, None, None], h_t, out=states[:, pos])
+        mark("states_loop", t)
     return y, states
 
 
