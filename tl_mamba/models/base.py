@@ -15,6 +15,7 @@ supplies the TransformerLens-facing surface:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from functools import partial
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 

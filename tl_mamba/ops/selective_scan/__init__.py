@@ -13,8 +13,9 @@ Two features live here, in the dispatcher, so that every backend honours them
 with no code of its own:
 
 - ``state_override`` (what an edit of ``hook_h`` means): the recurrence continues
-  from edited state entries. It is passed down to the backend as a reset of the
-  recurrence (``h_t = v_t`` where the mask is set), which is still a linear scan.
+  from edited state entries. The scan runs in segments that end at edited
+  positions (``tl_mamba.ops.state_override``), so a backend needs only an
+  initial and a final state.
 - ``ssm_mask`` (``hook_ssm_mask`` knockout): removes hidden-attention terms
   α[i, j]·x_j by linearity. With Δ, B and C fixed, y is linear in x, so the
   knocked-out part is ``1_T ⊙ scan(x ⊙ 1_S)`` with no D skip. Source columns of
@@ -27,11 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from tl_mamba.backends import resolve_backend
 from tl_mamba.ops.knockout import knocked_out_terms
-from tl_mamba.ops.state_override import StateOverride, check_override_shape
+from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
 
@@ -94,19 +96,26 @@ def selective_scan(
         check_override_shape(state_override, (b, p, e, n))
     _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n)
     impl = _IMPLEMENTATIONS[resolve_backend(backend, x.device)]
-    out = impl(
-        x, delta, A, B, C, D,
-        initial_state=initial_state,
-        state_override=state_override,
-        return_states=return_states,
-    )
+    if state_override is None:
+        out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
+    else:
+        def run(start, stop, init, want_states):
+            return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
+                        initial_state=init, return_states=want_states)
+
+        def read_out(state, t):  # y_t from an edited state [b, e, n]
+            y = torch.einsum("ben,bn->be", state, C[:, t].to(state.dtype))
+            return y + (D.to(state.dtype) * x[:, t].to(state.dtype) if D is not None else 0)
+
+        y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
+        out = ScanOutput(y=y, final_state=final, states=states)
     if ssm_mask is not None:
         if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
             raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
 
         def contribution(sources: Tensor) -> Tensor:
             return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
-                        initial_state=None, state_override=None, return_states=False).y
+                        initial_state=None, return_states=False).y
 
         out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
     return out

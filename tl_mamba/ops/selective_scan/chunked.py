@@ -29,7 +29,6 @@ def selective_scan_chunked(
     D: Optional[Tensor] = None,
     *,
     initial_state: Optional[Tensor] = None,
-    state_override=None,
     return_states: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
 ):
@@ -43,7 +42,7 @@ def selective_scan_chunked(
     h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in (x, delta, A, B, C, initial_state, state_override.values if state_override else None)
+        for t in (x, delta, A, B, C, initial_state)
     )
     ys, all_states = [], []
     # Without autograd, states go straight into one buffer (no concatenation copy). It is a
@@ -57,10 +56,6 @@ def selective_scan_chunked(
         d_c = df[:, start:stop]
         decay = torch.exp(d_c[..., None] * Af)  # [b, L, e, n]
         write = (d_c * xf[:, start:stop])[..., None] * Bf[:, start:stop, None, :]  # [b, L, e, n]
-        if state_override is not None:
-            m = state_override.mask[:, start:stop]
-            decay = decay.masked_fill(m, 0.0)
-            write = torch.where(m, state_override.values[:, start:stop].to(cdt), write)
         if needs_grad:
             chunk_states = []
             for t in range(stop - start):

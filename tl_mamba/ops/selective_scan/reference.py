@@ -22,7 +22,6 @@ def selective_scan_reference(
     D: Optional[Tensor] = None,
     *,
     initial_state: Optional[Tensor] = None,
-    state_override=None,
     return_states: bool = False,
 ):
     """Sequential scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``."""
@@ -38,8 +37,6 @@ def selective_scan_reference(
         decay = torch.exp(df[:, t, :, None] * Af)  # [b, e, n]
         write = (df[:, t] * xf[:, t])[:, :, None] * Bf[:, t, None, :]  # [b, e, n]
         h = decay * h + write
-        if state_override is not None:
-            h = torch.where(state_override.mask[:, t], state_override.values[:, t].to(cdt), h)
         ys.append((h * Cf[:, t, None, :]).sum(-1))
         if return_states:
             states.append(h)
