@@ -46,8 +46,6 @@ import datetime as _dt
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
@@ -61,6 +59,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from _setup import Shapes, build_bridge, build_hf, build_ours, set_eager_scan  # noqa: E402
+from _env import machine_info, package_revision  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 # Logits must agree to 1e-4 relative to the largest logit. Random-init logits here
@@ -69,8 +68,6 @@ from _timing import interleaved  # noqa: E402
 # p=256 from those of the same model cast to float64, and our torch and
 # reference backends differ by 8e-5.
 LOGIT_RTOL = 1e-4
-# environment variables that change the numbers; recorded with the results
-ENV_RECORDED = ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TL_MAMBA_BACKEND", "ATEN_CPU_CAPABILITY")
 
 TARGETS = [
     # (label, numerator, denominator, target, lengths it is judged at; None = every length)
@@ -92,43 +89,6 @@ def _is_h(name: str) -> bool:
 
 def _is_ssm_state(name: str) -> bool:
     return name.endswith("hook_ssm_state")
-
-
-def machine_info() -> dict:
-    model_name = platform.processor() or "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model_name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    from importlib.metadata import version as _version
-
-    import transformers
-
-    return {
-        "cpu": model_name,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "transformer_lens": _version("transformer-lens"),
-        "python": platform.python_version(),
-        "env": {k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
-    }
-
-
-def package_revision() -> str:
-    """The checkout's commit, with ``+dirty`` when ``tl_mamba/`` has uncommitted changes."""
-    root = HERE.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tl_mamba"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def check_agreement(hf, ours, bridge, tokens, log) -> dict:

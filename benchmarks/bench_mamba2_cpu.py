@@ -72,7 +72,7 @@ import torch  # noqa: E402
 
 from _setup import Mamba2Shapes, build_bridge, build_hf_mamba2, build_ours, set_eager_scan  # noqa: E402
 from _timing import Timings, interleaved, timed_call  # noqa: E402
-from bench_mamba1_cpu import machine_info, package_revision  # noqa: E402
+from _env import machine_info, package_revision  # noqa: E402
 
 # Logits must agree to 1e-4 relative to the largest logit (as for Mamba-1). Random-init
 # logits here reach |15.5|; fp32 rounding alone moves them by ~2e-4 at p = 1024
