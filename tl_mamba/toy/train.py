@@ -52,7 +52,13 @@ def needle_top(step: int, steps: int, max_len: int) -> int:
 
 
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
-          max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None) -> dict:
+          max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
+          sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3)) -> dict:
+    """Train one toy model and save it to ``out``; returns the held-out metrics.
+
+    ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
+    ``task_weights`` are the sampling weights of (facts, ioi, needle) batches.
+    """
     from tqdm.auto import tqdm
 
     from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
@@ -67,7 +73,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     tokenizer = load_tokenizer(out)
     vocab = len(build_tokenizer().get_vocab())
     d_vocab = int(math.ceil(vocab / 8) * 8)
-    spec = dict(ARCHS[arch])
+    spec = dict(ARCHS[arch], **(sizes or {}))
     family = spec.pop("family")
     cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -84,7 +90,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     start_time = time.time()
     bar = tqdm(range(steps), desc=f"train {arch}", dynamic_ncols=True)
     for step in bar:
-        task = rng.choices(TASKS, weights=(0.4, 0.3, 0.3))[0]
+        task = rng.choices(TASKS, weights=tuple(task_weights))[0]
         top = needle_top(step, steps, max_needle_len)
         batch = toy_tasks.training_batch(tokenizer, batch_size, rng, task=task, needle_max_len=top, mode="answer")
         batch = {k: batch[k].to(dev) for k in ("tokens", "attention_mask", "answers")}
@@ -106,8 +112,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     else:
         steps_done = steps
 
-    metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=max_needle_len)
-    metrics.update(arch=arch, steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
+    metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
+    metrics.update(arch=arch, sizes=spec, task_weights=list(task_weights), steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -148,9 +154,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-needle-len", type=int, default=512)
     parser.add_argument("--eval-n", type=int, default=400, help="held-out prompts per task (and per needle length)")
     parser.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    parser.add_argument("--d-model", type=int, default=None, help="override the architecture's width")
+    parser.add_argument("--d-state", type=int, default=None, help="override the state size")
+    parser.add_argument("--n-layers", type=int, default=None, help="override the depth")
+    parser.add_argument("--task-weights", default="0.4,0.3,0.3",
+                        help="sampling weights of facts,ioi,needle batches (default 0.4,0.3,0.3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    weights = [float(w) for w in args.task_weights.split(",")]
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        parser.error(f"--task-weights needs three non-negative numbers, got {args.task_weights!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = {k: v for k, v in (("d_model", args.d_model), ("d_state", args.d_state), ("n_layers", args.n_layers))
+             if v is not None}
     metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
-                    args.max_needle_len, args.eval_n, time_limit=args.time_limit)
+                    args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
+                    task_weights=weights)
     print(json.dumps(metrics, indent=2))
     return 0
 

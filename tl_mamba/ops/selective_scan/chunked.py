@@ -57,9 +57,11 @@ def selective_scan_chunked(
         decay = torch.exp(d_c[..., None] * Af)  # [b, L, e, n]
         write = (d_c * xf[:, start:stop])[..., None] * Bf[:, start:stop, None, :]  # [b, L, e, n]
         if needs_grad:
+            # unbind, not decay[:, t]: each indexing op's backward would scatter into a
+            # zero [b, L, e, n] buffer (quadratic in L); unbind's backward is one stack.
             chunk_states = []
-            for t in range(stop - start):
-                h = torch.addcmul(write[:, t], decay[:, t], h)
+            for decay_t, write_t in zip(decay.unbind(1), write.unbind(1)):
+                h = torch.addcmul(write_t, decay_t, h)
                 chunk_states.append(h)
             states = torch.stack(chunk_states, dim=1)
         else:
