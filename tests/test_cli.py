@@ -1,6 +1,10 @@
-"""The `tl-mamba` command runs end to end (the README's main job)."""
+"""The `tl-mamba` command: every subcommand runs, every bad argument exits 2 with a message."""
+
+
+import pytest
 
 from tl_mamba.cli import main
+from tl_mamba.toy.shipped import shipped_metrics, shipped_models
 
 
 def test_demo_writes_plots(tmp_path, capsys):
@@ -9,7 +13,11 @@ def test_demo_writes_plots(tmp_path, capsys):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     out = capsys.readouterr().out
-    assert "logit lens" in out and "agrees with a full forward: True" in out
+    assert "logit lens" in out and "activation patching" in out and "corrupted:" in out
+    # resid_pre patching at S2 in layer 0 swaps in the whole clean prompt's information
+    # (the prompts differ only there), so it restores the clean logit difference exactly
+    row = next(line for line in out.splitlines() if line.strip("│ ").startswith("resid_pre"))
+    assert "1.00" in row
 
 
 def test_hooks_lists_contract_hooks(capsys):
@@ -17,13 +25,33 @@ def test_hooks_lists_contract_hooks(capsys):
     out = capsys.readouterr().out
     for hook in ("hook_h", "hook_ssm_mask", "hook_delta", "ln_final.hook_scale"):
         assert hook in out
+    embed_row = next(line for line in out.splitlines() if "hook_embed" in line)
+    assert "[b, p, d]" in embed_row  # shapes are printed as text, not eaten as rich markup
+
+
+def test_models_lists_shipped_models_with_accuracies(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in shipped_models():
+        assert name in out
+        ioi = shipped_metrics(name)["ioi"]
+        assert f"{100 * ioi:.1f}%" in out
+
+
+def test_eval_reports_accuracy(capsys):
+    assert main(["eval", "toy-mamba2", "--n", "16", "--lengths", "64"]) == 0
+    out = capsys.readouterr().out
+    for task in ("facts", "ioi", "needle @ 64 tokens"):
+        assert task in out
+    # the shipped model's IOI accuracy is high on any sample; a broken eval would print ~0-50%
+    ioi_row = next(line for line in out.splitlines() if "ioi" in line)
+    assert float(ioi_row.split()[-2].rstrip("%")) >= 80.0
 
 
 # ---------------------------------------------------------------- run, errors, save/load round trip
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import tl_mamba
@@ -66,6 +94,13 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["run", "/nonexistent/model-dir", "the cat"], "does not exist"),
         (["run", "random", "the cat"], "no tokenizer"),
         (["demo", "--out", "/proc/no-such-dir/x"], "cannot write"),
+        (["demo", "--model", "no-such-model", "--out", "/tmp"], "no-such-model"),
+        (["eval", "random"], "no tokenizer"),
+        (["eval", "toy-mamba2", "--n", "0"], "--n"),
+        (["eval", "toy-mamba2", "--lengths", "64,abc"], "--lengths"),
+        (["eval", "toy-mamba2", "--lengths", "8"], "between 16 and 4096"),
+        (["eval", "toy-mamba2", "--tasks", "poetry"], "unknown task"),
+        (["hooks", "no-such-model"], "no-such-model"),
     ],
 )
 def test_errors_exit_2_with_a_message(argv, message, capsys):
@@ -78,6 +113,17 @@ def test_unknown_words_exit_2(saved_model, capsys):
     _, path = saved_model
     assert main(["run", str(path), "the zyzzyva sat"]) == 2
     assert "does not know" in capsys.readouterr().err
+
+
+def test_run_on_shipped_model(capsys):
+    assert main(["run", "toy-mamba2", "The capital of Zor Vel Quen is", "--top", "3"]) == 0
+    assert "logit lens" in capsys.readouterr().out
+
+
+def test_eval_refuses_a_foreign_vocabulary(saved_model, capsys):
+    _, path = saved_model
+    assert main(["eval", str(path)]) == 2
+    assert "toy vocabulary" in capsys.readouterr().err
 
 
 def test_cli_entry_point_exits_2_without_traceback():

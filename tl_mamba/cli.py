@@ -1,14 +1,17 @@
 """The ``tl-mamba`` command.
 
-    tl-mamba demo [--model PATH_OR_ID] [--out DIR]   the README's main job
-    tl-mamba hooks [MODEL]                            every hook with its shape
-    tl-mamba run MODEL "prompt" [--top 10]            top next tokens and a logit lens
+    tl-mamba demo [--model MODEL] [--out DIR]        the README's main job (IOI patching tour)
+    tl-mamba models                                  the shipped toy models and their accuracies
+    tl-mamba hooks [MODEL]                           every hook with its shape
+    tl-mamba eval MODEL [--n 200]                    accuracy on the toy tasks (facts, IOI, needle by length)
+    tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
 
 Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
 output folder that cannot be written) print a message and exit with code 2.
 
-MODEL is a local checkpoint directory, a hub id (when online), or ``random``:
-a seeded random-init Mamba-1 (the default until the shipped toy models land).
+MODEL is a shipped name (``toy-mamba2``, ``toy-mamba``; see ``tl-mamba models``),
+a local checkpoint directory, a hub id (when online), or ``random``: a seeded
+random-init Mamba-1 with no tokenizer.
 """
 
 from __future__ import annotations
@@ -16,9 +19,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
+
+
+DEFAULT_MODEL = "toy-mamba2"
+
+
+def _console():
+    """A rich console; when the output is not a terminal (a pipe, a log, a test) tables get
+    120 columns instead of rich's 80 so they are not squeezed. Markup is off: shapes like
+    "[b, p, d]" and tokens like "[" are text, not style tags."""
+    from rich.console import Console
+
+    return Console(soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 120)
 
 
 def _load(model: str):
@@ -32,66 +47,48 @@ def _load(model: str):
 
 
 def cmd_hooks(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
-    from tl_mamba.hooks_doc import hook_table
+    from tl_mamba.hooks_doc import hook_table, size_symbols
 
     model = _load(args.model)
     table = Table(title=f"hooks of {type(model).__name__} ({model.cfg.model_name})")
     for column in ("hook", "shape", "what"):
         table.add_column(column)
-    for row in hook_table(model):
+    for row in hook_table(model, strict=False):
         table.add_row(*row)
-    Console().print(table)
+    console = _console()
+    console.print(table)
+    legend = ", ".join(f"{symbol} = {size}" for size, symbol in size_symbols(model) if symbol not in ("b", "p", "1"))
+    console.print(f"sizes: {legend}; b batch, p position; blocks.{{l}} for l in 0..{model.cfg.n_layers - 1}")
     return 0
 
 
-def _state_patching(model, clean, corrupted, clean_cache, metric):
-    """Patch the clean SSM state ``hook_h`` into the corrupted run, per layer × position."""
-    from tqdm.auto import tqdm
-
-    n_layers, p = model.cfg.n_layers, clean.shape[1]
-    result = torch.zeros(n_layers, p)
-    for layer in tqdm(range(n_layers), desc="hook_h patching"):
-        name = f"blocks.{layer}.hook_h"
-        for pos in range(p):
-
-            def patch(h, hook, pos=pos):
-                h = h.clone()
-                h[:, pos] = clean_cache[hook.name][:, pos]
-                return h
-
-            result[layer, pos] = metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)]))
-    return result
-
-
-def _heatmap(values: torch.Tensor, title: str, path: Path) -> None:
+def _heatmap(values: torch.Tensor, title: str, path: Path, xlabels: Optional[Sequence[str]] = None) -> None:
+    """A layer × position heatmap (diverging, centred on 0) written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * values.shape[1], 1 + 0.45 * values.shape[0]))
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * values.shape[1], 1.5 + 0.45 * values.shape[0]))
     bound = float(values.abs().max()) or 1.0
-    image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    image = ax.imshow(values.float().numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    if xlabels is not None:
+        ax.set_xticks(range(len(xlabels)))
+        ax.set_xticklabels(xlabels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(values.shape[0]))
     ax.set_xlabel("position")
     ax.set_ylabel("layer")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def cmd_demo(args) -> int:
-    """A short tour: cache, logit lens, activation patching of resid_pre and hook_h, generation."""
-    from rich.console import Console
-    from rich.table import Table
-    from transformer_lens import patching
-
-    console = Console(soft_wrap=True)
-    out_dir = Path(args.out)
+def _writable_dir(out: str) -> Path:
+    out_dir = Path(out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".tl_mamba_write_test"
@@ -99,68 +96,194 @@ def cmd_demo(args) -> int:
         probe.unlink()
     except OSError as err:
         raise UsageError(f"cannot write plots to {out_dir}: {err.strerror or err}") from None
+    return out_dir
+
+
+def _check_toy_vocabulary(model, name: str) -> None:
+    """The toy tasks are written in the toy vocabulary; other tokenizers would read them as unknowns."""
+    from tl_mamba.toy import vocab as toy_vocab
+
+    if model.tokenizer is None:
+        raise UsageError(f"model {name!r} has no tokenizer, so it cannot read the toy tasks")
+    known = set(model.tokenizer.get_vocab())
+    missing = [w for w in toy_vocab.vocabulary() if w not in known]
+    if missing:
+        raise UsageError(f"model {name!r} does not use the toy vocabulary ({len(missing)} task words unknown, "
+                         f"e.g. {missing[:3]}); the toy tasks only make sense for the shipped toy models "
+                         "and models trained with python -m tl_mamba.toy.train")
+
+def cmd_demo(args) -> int:
+    """A short tour on a shipped toy model: cache, logit lens, and activation patching of an
+    IOI pair over layer × position for ``resid_pre`` and ``hook_h``."""
+    from rich.table import Table
+    from transformer_lens import patching
+
+    from tl_mamba.toy import encode_prompts, make_ioi
+
+    console = _console()
+    out_dir = _writable_dir(args.out)
     model = _load(args.model)
-    console.print(f"[bold]tl_mamba demo[/bold] on {model.cfg.model_name}: {type(model).__name__}, "
+    _check_toy_vocabulary(model, args.model)
+    console.print(f"tl_mamba demo on {model.cfg.model_name}: {type(model).__name__}, "
                   f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, backend {model.backend}")
 
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, model.cfg.d_vocab, (1, 10), generator=gen)
-    corrupted = clean.clone()
-    corrupted[0, 3] = (clean[0, 3] + 1) % model.cfg.d_vocab  # one token differs
-    if model.tokenizer is not None:
-        console.print(f"clean prompt: {model.to_string(clean[0])!r}")
+    # An IOI pair from the held-out split (unseen name/template combination) and its ABC
+    # corruption: the second mention of the subject replaced by a third name.
+    prompt = make_ioi(1, seed=args.seed, split="heldout")[0]
+    clean = encode_prompts([prompt], model.tokenizer)["tokens"]
+    corrupted = model.to_tokens(prompt.corrupted)
+    labels = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(clean[0]))]
+    io_id, s_id = (model.to_single_token(w) for w in (prompt.meta["IO"], prompt.meta["S"]))
+    console.print(f"clean:     {prompt.text!r} -> {prompt.answer!r}")
+    console.print(f"corrupted: {prompt.corrupted!r}")
 
-    with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(clean)
+    with torch.no_grad():  # hook_h is a heavy hook: cached only when named
+        clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: not n.endswith("hook_ssm_mask"))
         corrupted_logits = model(corrupted)
-    answer = int(clean_logits[0, -1].argmax())
-    rival = int(corrupted_logits[0, -1].argmax())
-    if rival == answer:
-        rival = int(clean_logits[0, -1].topk(2).indices[1])
 
-    def logit_diff(logits):
-        return logits[0, -1, answer] - logits[0, -1, rival]
+    def logit_diff(logits):  # IO minus S at the last position
+        return logits[0, -1, io_id] - logits[0, -1, s_id]
 
     clean_diff, corrupted_diff = float(logit_diff(clean_logits)), float(logit_diff(corrupted_logits))
-    console.print(f"cached {len(cache)} activations; logit diff clean {clean_diff:.3f}, corrupted {corrupted_diff:.3f}")
+    top = model.to_string([int(clean_logits[0, -1].argmax())])
+    console.print(f"cached {len(cache)} activations; top prediction {top!r}; logit diff (IO - S) "
+                  f"clean {clean_diff:.2f}, corrupted {corrupted_diff:.2f}")
 
     # logit lens: the answer's probability read off the residual stream before each layer
-    resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True, pos_slice=-1)
-    lens_probs = (resid @ model.W_U).softmax(-1)[:, 0, answer]
-    table = Table(title="logit lens: p(answer) at the last position")
-    table.add_column("stream")
-    table.add_column("p(answer)", justify="right")
-    for label, prob in zip(labels, lens_probs.tolist()):
-        table.add_row(label, f"{prob:.4f}")
+    resid, stream_labels = cache.accumulated_resid(apply_ln=True, return_labels=True, pos_slice=-1)
+    with torch.no_grad():
+        lens = (resid[:, 0] @ model.W_U).softmax(-1)
+    table = Table(title=f"logit lens at the last position: p({prompt.answer!r}) and the top token")
+    for column in ("stream", "p(answer)", "top token"):
+        table.add_column(column, justify="right" if column == "p(answer)" else "left")
+    for label, row in zip(stream_labels, lens):
+        table.add_row(label, f"{float(row[io_id]):.4f}", repr(model.to_string([int(row.argmax())])))
     console.print(table)
 
-    def metric(logits):
+    def metric(logits):  # 1 = clean behaviour restored, 0 = corrupted behaviour
         return (logit_diff(logits) - corrupted_diff) / ((clean_diff - corrupted_diff) or 1.0)
 
     with torch.no_grad():
         resid_patch = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
-        _, state_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_h"))
-        state_patch = _state_patching(model, clean, corrupted, state_cache, metric)
-    _heatmap(resid_patch.detach(), "patching resid_pre (fraction of logit diff restored)", out_dir / "patch_resid_pre.png")
-    _heatmap(state_patch.detach(), "patching hook_h (fraction of logit diff restored)", out_dir / "patch_state.png")
-    console.print(f"resid_pre patching: restored {float(resid_patch[0, 3]):.3f} at layer 0, position 3 "
-                  f"(the changed token); hook_h patching max {float(state_patch.max()):.3f}")
+        state_patch = _state_patching(model, corrupted, cache, metric)
+    _heatmap(resid_patch, "patching resid_pre clean → corrupted (fraction of IO−S logit diff restored)",
+             out_dir / "patch_resid_pre.png", labels)
+    _heatmap(state_patch, "patching hook_h clean → corrupted (fraction of IO−S logit diff restored)",
+             out_dir / "patch_state.png", labels)
 
-    with torch.no_grad():
-        generated = model.generate(clean, max_new_tokens=8, do_sample=False, verbose=False)
-        prefix_logits = model(generated[:, :-1])[0, -1]
-    console.print(f"greedy continuation: {generated[0, clean.shape[1]:].tolist()} "
-                  f"(last step agrees with a full forward: {int(prefix_logits.argmax()) == int(generated[0, -1])})")
-    console.print(f"plots written to {out_dir}/patch_resid_pre.png and {out_dir}/patch_state.png")
+    s2 = prompt.spans["S2"][0]
+    table = Table(title="activation patching: where the IOI information lives")
+    for column in ("hook", "at S2 (layer 0)", "best cell", "restored"):
+        table.add_column(column)
+    for name, values in (("resid_pre", resid_patch), ("hook_h", state_patch)):
+        layer, pos = divmod(int(values.argmax()), values.shape[1])
+        table.add_row(name, f"{float(values[0, s2]):.2f}", f"layer {layer}, {labels[pos]}",
+                      f"{float(values.max()):.2f}")
+    console.print(table)
+    console.print(f"plots written to {out_dir / 'patch_resid_pre.png'} and {out_dir / 'patch_state.png'}")
+    return 0
+
+
+def _state_patching(model, corrupted, clean_cache, metric):
+    """Patch the clean SSM state ``hook_h`` into the corrupted run, one (layer, position) at a time."""
+    from tqdm.auto import tqdm
+
+    n_layers, p = model.cfg.n_layers, corrupted.shape[1]
+    result = torch.zeros(n_layers, p)
+    cells = [(layer, pos) for layer in range(n_layers) for pos in range(p)]
+    for layer, pos in tqdm(cells, desc="hook_h patching", leave=False):
+        clean_state = clean_cache[f"blocks.{layer}.hook_h"][:, pos]
+
+        def patch(h, hook, pos=pos, clean_state=clean_state):
+            h[:, pos] = clean_state
+            return h
+
+        result[layer, pos] = metric(model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.hook_h", patch)]))
+    return result
+
+
+def cmd_models(args) -> int:
+    """The shipped toy models, their sizes and their held-out accuracies (from training)."""
+    from rich.table import Table
+
+    from tl_mamba.toy.shipped import shipped_metrics, shipped_models
+
+    models = shipped_models()
+    if not models:
+        raise UsageError("no shipped models found in the installed package")
+    table = Table(title="shipped toy models: tl_mamba.from_pretrained(name)")
+    for column in ("name", "family", "size", "params", "MB", "facts", "IOI", "needle@256", "needle@512"):
+        table.add_column(column, justify="left" if column in ("name", "family", "size") else "right", no_wrap=True)
+    notes = []
+    for name, path in models.items():
+        import json
+
+        config = json.loads((path / "config.json").read_text())
+        metrics = shipped_metrics(name)
+        layer = config.get("ssm_cfg", {}).get("layer", "Mamba1")
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+        by_len = metrics.get("needle_by_length", {})
+
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        table.add_row(name, layer, f"{config.get('n_layer')}x{config.get('d_model')}", f"{metrics.get('params', 0):,}",
+                      f"{size:.1f}", pct(metrics.get("facts")), pct(metrics.get("ioi")), pct(by_len.get("256")),
+                      pct(by_len.get("512")))
+        notes.append(f"{name}: {metrics.get('steps', '?')} steps, batch {metrics.get('batch_size', '?')}, "
+                     f"on {metrics.get('device', '?')} in {metrics.get('train_seconds', 0) / 60:.0f} min")
+    console = _console()
+    console.print(table)
+    console.print("held-out accuracy measured at the end of training (tl-mamba eval NAME re-measures it)")
+    for note in notes:
+        console.print(note)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Held-out accuracy of a model on the toy tasks, measured now."""
+    from rich.table import Table
+
+    from tl_mamba.toy import evaluate, make_dataset
+
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    try:
+        lengths: List[int] = [int(x) for x in args.lengths.split(",") if x]
+    except ValueError:
+        raise UsageError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if any(not 16 <= length <= 4096 for length in lengths):
+        raise UsageError(f"needle lengths must be between 16 and 4096 tokens, got {lengths}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in ("facts", "ioi", "needle")]
+    if unknown or not tasks:
+        raise UsageError(f"unknown task(s) {unknown or tasks}: choose from facts, ioi, needle")
+    model = _load(args.model)
+    _check_toy_vocabulary(model, args.model)
+    rows = []
+    for task in tasks:
+        if task == "needle":
+            for length in lengths:
+                prompts = make_dataset("needle", "heldout", args.n, seed=args.seed, length=length)
+                rows.append((f"needle @ {length} tokens", evaluate(model, prompts, batch_size=32,
+                                                                   desc=f"needle {length}")))
+        else:
+            prompts = make_dataset(task, "heldout", args.n, seed=args.seed)
+            rows.append((task, evaluate(model, prompts, desc=task)))
+    table = Table(title=f"held-out accuracy of {args.model} (n = {args.n} per row, seed {args.seed})")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for task, accuracy in rows:
+        table.add_row(task, f"{100 * accuracy:.1f}%")
+    _console().print(table)
     return 0
 
 
 def cmd_run(args) -> int:
     """Top next tokens for a prompt, and the logit lens of the top token across layers."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=True)
+    console = _console()
     model = _load(args.model)
     if model.tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read a text prompt")
@@ -202,15 +325,25 @@ class UsageError(Exception):
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="tl-mamba", description="Mamba models in TransformerLens")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the README's main job: a short tour on a model")
-    demo.add_argument("--model", default="random", help="checkpoint dir, hub id, or 'random' (default)")
+    demo = sub.add_parser("demo", help="the README's main job: an IOI patching tour on a shipped toy model")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"shipped name or checkpoint dir (default {DEFAULT_MODEL})")
     demo.add_argument("--out", default="tl_mamba_demo", help="folder for the plots")
+    demo.add_argument("--seed", type=int, default=0, help="which held-out IOI prompt to use")
     demo.set_defaults(func=cmd_demo)
+    models = sub.add_parser("models", help="the shipped toy models and their accuracies")
+    models.set_defaults(func=cmd_models)
     hooks = sub.add_parser("hooks", help="every hook with its shape")
-    hooks.add_argument("model", nargs="?", default="random")
+    hooks.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     hooks.set_defaults(func=cmd_hooks)
+    evaluate = sub.add_parser("eval", help="accuracy on the toy tasks (held-out prompts)")
+    evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    evaluate.add_argument("--n", type=int, default=200, help="prompts per task and per needle length")
+    evaluate.add_argument("--tasks", default="facts,ioi,needle")
+    evaluate.add_argument("--lengths", default="64,128,256,384,512", help="needle lengths in tokens")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=cmd_eval)
     run = sub.add_parser("run", help="top next tokens and a logit lens for a prompt")
-    run.add_argument("model", help="checkpoint dir, hub id, or 'random'")
+    run.add_argument("model", help="shipped name, checkpoint dir, hub id, or 'random'")
     run.add_argument("prompt")
     run.add_argument("--top", type=int, default=10)
     run.set_defaults(func=cmd_run)

@@ -62,21 +62,35 @@ def _symbolic_shape(shape: Tuple[int, ...], sizes: Dict[int, str]) -> str:
     return "[" + ", ".join(sizes.get(s, str(s)) for s in shape) + "]"
 
 
-def hook_table(model, batch: int = 3, pos: int = 7) -> List[Tuple[str, str, str]]:
-    """Rows ``(hook name with blocks.{l}, symbolic shape, description)`` measured on a live forward."""
+def size_symbols(model, batch: int = 3, pos: int = 7) -> List[Tuple[int, str]]:
+    """``(size, symbol)`` pairs of a model's dimensions (b, p, d, e, n, ...)."""
     cfg = model.cfg
-    tokens = torch.zeros(batch, pos, dtype=torch.long, device=model.W_E.device)
-    shapes = model.hook_shapes(tokens)
-    # sizes are chosen distinct in the documentation model so each maps back to one symbol
     pairs = [(batch, "b"), (pos, "p"), (cfg.d_model, "d"), (cfg.d_inner, "e"), (cfg.d_state, "n"), (1, "1")]
     if cfg.family == "mamba1":
         pairs.append((cfg.dt_rank, "r"))
     else:
         pairs += [(cfg.n_heads, "h"), (cfg.d_head, "hd"), (cfg.n_groups, "g"),
                   (cfg.d_inner + 2 * cfg.n_groups * cfg.d_state, "e+2gn")]
-    sizes = dict(pairs)
-    if len(sizes) != len(pairs):
+    return pairs
+
+
+def hook_table(model, batch: int = 3, pos: int = 7, strict: bool = True) -> List[Tuple[str, str, str]]:
+    """Rows ``(hook name with blocks.{l}, symbolic shape, description)`` measured on a live forward.
+
+    A size shared by two dimensions (``d_state == d_head``, say) cannot be mapped back to one
+    symbol: ``strict`` raises (the documentation model keeps them distinct), otherwise such
+    sizes are printed as numbers.
+    """
+    cfg = model.cfg
+    tokens = torch.zeros(batch, pos, dtype=torch.long, device=model.W_E.device)
+    shapes = model.hook_shapes(tokens)
+    pairs = size_symbols(model, batch, pos)
+    counts: Dict[int, int] = {}
+    for size, _ in pairs:
+        counts[size] = counts.get(size, 0) + 1
+    if strict and max(counts.values()) > 1:
         raise ValueError(f"hook_table needs a model whose sizes are all distinct, got {pairs}")
+    sizes = {size: symbol for size, symbol in pairs if counts[size] == 1}
     rows, seen = [], set()
     for name, shape in shapes.items():
         generic = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
