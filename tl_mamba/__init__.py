@@ -11,7 +11,8 @@ from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import RecurrentState
 from tl_mamba.models.mamba import HookedMamba
 from tl_mamba.models.mamba2 import HookedMamba2
-from tl_mamba._pending import Knockout  # not implemented yet: raises on use
+from tl_mamba.hidden_attention import hidden_attention
+from tl_mamba.knockout import Knockout
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     "MambaActivationCache",
     "RecurrentState",
     "from_pretrained",
+    "hidden_attention",
 ]

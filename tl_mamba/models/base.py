@@ -512,6 +512,44 @@ class HookedSSM(HookedRootModule):
             return out, cache_dict
         return out, MambaActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
+    # ------------------------------------------------------------------- knockout
+    def knockouts(self, knockouts):
+        """Context manager: ``with model.knockouts(ko):`` runs every forward with the knockouts.
+
+        ``knockouts`` is a ``Knockout`` or a list of them (their union is removed).
+        They are ordinary hooks (``hook_ssm_mask`` for the SSM path, ``hook_conv_in`` and
+        ``hook_conv`` for the conv path) and compose with any other hooks.
+        """
+        from tl_mamba.knockout import knockouts_context
+
+        return knockouts_context(self, knockouts)
+
+    def run_with_knockout(self, *model_args, knockouts=None, fwd_hooks=(), **model_kwargs):
+        """``model(*model_args)`` with ``knockouts`` (a ``Knockout`` or a list) applied.
+
+        ``run_with_knockout(tokens, ko)`` or ``run_with_knockout(tokens, knockouts=[ko1, ko2])``;
+        extra ``fwd_hooks`` run alongside. Keyword arguments go to ``forward``.
+        """
+        from tl_mamba.knockout import Knockout
+
+        args = list(model_args)
+        if knockouts is None and len(args) >= 2 and (isinstance(args[1], Knockout) or (
+                isinstance(args[1], (list, tuple)) and args[1] and all(isinstance(k, Knockout) for k in args[1]))):
+            knockouts = args.pop(1)
+        if knockouts is None:
+            raise TypeError("run_with_knockout needs knockouts: run_with_knockout(tokens, Knockout(...))")
+        with self.knockouts(knockouts):
+            if fwd_hooks:
+                return self.run_with_hooks(*args, fwd_hooks=list(fwd_hooks), **model_kwargs)
+            return self(*args, **model_kwargs)
+
+    def hidden_attention(self, input_or_cache, layer: int, heads=None, channels=None, reduce: Optional[str] = None,
+                         **kwargs):
+        """The hidden-attention matrix α of one layer (see ``tl_mamba.hidden_attention``)."""
+        from tl_mamba.hidden_attention import hidden_attention
+
+        return hidden_attention(self, input_or_cache, layer, heads=heads, channels=channels, reduce=reduce, **kwargs)
+
     def hook_shapes(self, tokens: Optional[Tensor] = None) -> Dict[str, tuple]:
         """Every hook name with the shape it holds on ``tokens`` (default ``[1, 4]``), heavy hooks included."""
         if tokens is None:

@@ -2,6 +2,8 @@
 
 - ``hook_ssm_mask`` (``[b, H, p, p]``, 1 = edge kept): materialised only when
   hooked. If a hook zeroes entries, the scan removes those hidden-attention edges.
+  When only ``Knockout`` hooks are on it, their S → T structure goes to the scan
+  instead and no mask is built (``tl_mamba.knockout.structured_removals``).
 - ``hook_h`` (the state after every step): materialised only when hooked. If a
   hook edits it, the scan is rerun with the edited entries fixed, so the
   recurrence continues from them and y is read from them. Its gradient (backward
@@ -19,6 +21,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
+from tl_mamba.knockout import structured_removals
 from tl_mamba.models.base import hook_is_active
 from tl_mamba.ops.state_override import StateOverride, linear_recurrence
 
@@ -60,6 +63,9 @@ def scan_with_heavy_hooks(
     ssm_mask = None
     if hook_is_active(block.hook_ssm_mask):
         b, H, p, _ = mask_shape
+        # hooked only by Knockouts: keep their S → T structure, never build the p × p mask
+        ssm_mask = structured_removals(block.hook_ssm_mask, b, p, block.hook_device())
+    if ssm_mask is None and hook_is_active(block.hook_ssm_mask):
         check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
         ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
         if tuple(ssm_mask.shape) != tuple(mask_shape):

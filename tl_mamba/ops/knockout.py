@@ -6,14 +6,109 @@ skip). Removing the edges j → i where ``mask[i, j] == 0`` therefore costs one
 extra scan per distinct *column pattern* of the mask: the sources whose columns
 knock out the same targets (in every batch row and head) are scanned together.
 An S → T knockout is one extra scan; a general p×p mask at most p.
+
+A mask with S → T structure need not be materialised at all: :class:`EdgeRemoval`
+describes it by its sources and targets (one set per batch row) and the features
+(heads or channels) it touches, and :func:`removed_terms` computes
+``1_T ⊙ F ⊙ scan(x ⊙ 1_S)`` directly: one extra scan and no p×p tensor.
+The dispatchers accept either form as ``ssm_mask``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class EdgeRemoval:
+    """The edges j → i with j a source and i a target (j ≤ i), in one layer, as a structure.
+
+    Attributes:
+        sources: ``[b, p]`` 1 where a position is a source (float or bool).
+        targets: ``[b, p]`` 1 where a position is a target.
+        features: ``[F]`` 1 for the features whose edges are removed (heads for Mamba-2,
+            channels for Mamba-1), or None for all.
+    """
+
+    sources: Tensor
+    targets: Tensor
+    features: Optional[Tensor] = None
+
+    def dense(self, n_heads: int) -> Tensor:
+        """The same removal as a ``[b, H, p, p]`` 0/1 tensor (1 = removed), H = n_heads."""
+        b, p = self.sources.shape
+        causal = torch.ones(p, p, dtype=torch.bool, device=self.sources.device).tril()
+        edges = self.targets.bool()[:, :, None] & self.sources.bool()[:, None, :] & causal  # [b, i, j]
+        heads = torch.ones(n_heads, dtype=torch.bool, device=edges.device) if self.features is None \
+            else self.features.bool().to(edges.device)
+        if heads.numel() != n_heads:
+            raise ValueError(f"features has {heads.numel()} entries, the mask has {n_heads} heads")
+        return (edges[:, None] & heads[None, :, None, None]).float()
+
+    def overlaps(self, other: "EdgeRemoval") -> bool:
+        """Whether the two removals share an edge (then their sum would remove it twice)."""
+        both_features = True if self.features is None or other.features is None else \
+            bool((self.features.bool() & other.features.bool()).any())
+        if not both_features:
+            return False
+        rows = ((self.sources.bool() & other.sources.bool()).any(-1)
+                & (self.targets.bool() & other.targets.bool()).any(-1))
+        return bool(rows.any())
+
+
+SSMMask = Union[Tensor, Sequence[EdgeRemoval]]
+
+
+def removed_terms(contribution_by_row: Callable[[Tensor], Tensor], removals: Sequence[EdgeRemoval],
+                  target_layout: str) -> Tensor:
+    """Σ over removals of ``1_T ⊙ F ⊙ scan(x ⊙ 1_S)``: the knocked-out part of y, one scan each.
+
+    Args:
+        contribution_by_row: ``contribution_by_row(sources [b, p])`` returns the scan output (no D
+            skip, zero initial state) of the input restricted to each row's sources:
+            ``[b, p, e]`` (Mamba-1) or ``[b, p, h, hd]`` (Mamba-2).
+        removals: pairwise disjoint (see :meth:`EdgeRemoval.overlaps`).
+        target_layout: ``"bpe"`` (features are channels) or ``"bphd"`` (features are heads).
+    """
+    total = None
+    for removal in removals:
+        part = contribution_by_row(removal.sources)
+        targets = removal.targets.to(part.dtype)
+        if target_layout == "bpe":
+            weight = targets[..., None]  # [b, p, 1]
+            if removal.features is not None:
+                weight = weight * removal.features.to(part.dtype)  # [b, p, e]
+        elif target_layout == "bphd":
+            weight = targets[..., None, None]  # [b, p, 1, 1]
+            if removal.features is not None:
+                weight = weight * removal.features.to(part.dtype)[:, None]  # [b, p, h, 1]
+        else:
+            raise ValueError(f"unknown target_layout {target_layout!r}")
+        term = weight * part
+        total = term if total is None else total + term
+    return torch.zeros(()) if total is None else total
+
+
+def check_disjoint(removals: Sequence[EdgeRemoval]) -> None:
+    """Raise if two removals share an edge (their union cannot be computed as a sum)."""
+    for a in range(len(removals)):
+        for c in range(a + 1, len(removals)):
+            if removals[a].overlaps(removals[c]):
+                raise ValueError("two knockouts in one layer share edges; their union needs the dense mask")
+
+
+def as_removal_list(ssm_mask: SSMMask) -> Optional[List[EdgeRemoval]]:
+    """The structured form of ``ssm_mask`` when it is one (a list of EdgeRemoval), else None."""
+    if isinstance(ssm_mask, Tensor):
+        return None
+    removals = list(ssm_mask)
+    if not all(isinstance(r, EdgeRemoval) for r in removals):
+        raise TypeError("ssm_mask must be a [b, H, p, p] tensor or a list of EdgeRemoval")
+    return removals
 
 
 def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor, target_layout: str) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import resolve_backend
-from tl_mamba.ops.knockout import knocked_out_terms
+from tl_mamba.ops.knockout import SSMMask, as_removal_list, knocked_out_terms, removed_terms
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
@@ -61,7 +61,7 @@ def selective_scan(
     *,
     initial_state: Optional[Tensor] = None,
     state_override: Optional[StateOverride] = None,
-    ssm_mask: Optional[Tensor] = None,
+    ssm_mask: Optional[SSMMask] = None,
     return_states: bool = False,
     backend: Optional[str] = None,
 ) -> ScanOutput:
@@ -77,7 +77,8 @@ def selective_scan(
         state_override: entries of the state to replace (see ``StateOverride``).
         ssm_mask: ``[b, 1, p, p]`` hidden-attention mask, 1 = edge kept, 0 = the
             term α[i, j]·x_j is removed from y_i. Entries above the diagonal are
-            ignored. The D skip is never masked.
+            ignored. The D skip is never masked. Or a list of ``EdgeRemoval``
+            (S → T knockouts, optionally per channel), computed without a p×p tensor.
         return_states: also return every state ``[b, p, e, n]`` (memory heavy).
         backend: ``"reference"``, ``"torch"`` or ``"auto"``.
 
@@ -110,15 +111,35 @@ def selective_scan(
         y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
         out = ScanOutput(y=y, final_state=final, states=states)
     if ssm_mask is not None:
-        if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
-            raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
+        removals = as_removal_list(ssm_mask)
+        if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
+            for removal in removals:
+                _check_removal(removal, b, p, e, "channels")
 
-        def contribution(sources: Tensor) -> Tensor:
-            return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
-                        initial_state=None, return_states=False).y
+            def contribution_by_row(sources: Tensor) -> Tensor:  # sources [b, p]
+                return impl(x * sources[:, :, None].to(x.dtype), delta, A, B, C, None,
+                            initial_state=None, return_states=False).y
 
-        out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
+            out.y = out.y - removed_terms(contribution_by_row, removals, target_layout="bpe")
+        else:
+            if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
+                raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
+
+            def contribution(sources: Tensor) -> Tensor:
+                return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
+                            initial_state=None, return_states=False).y
+
+            out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
     return out
+
+
+def _check_removal(removal, b: int, p: int, n_features: int, what: str) -> None:
+    for name in ("sources", "targets"):
+        shape = tuple(getattr(removal, name).shape)
+        if shape != (b, p):
+            raise ValueError(f"a knockout's {name} must be [b, p] = {(b, p)} here, got {shape}")
+    if removal.features is not None and tuple(removal.features.shape) != (n_features,):
+        raise ValueError(f"a knockout's {what} mask must have {n_features} entries, got {tuple(removal.features.shape)}")
 
 
 def _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n) -> None:

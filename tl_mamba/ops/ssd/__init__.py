@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import resolve_backend
-from tl_mamba.ops.knockout import knocked_out_terms
+from tl_mamba.ops.knockout import SSMMask, as_removal_list, knocked_out_terms, removed_terms
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
@@ -51,7 +51,7 @@ def ssd_scan(
     *,
     initial_state: Optional[Tensor] = None,
     state_override: Optional[StateOverride] = None,
-    ssm_mask: Optional[Tensor] = None,
+    ssm_mask: Optional[SSMMask] = None,
     return_states: bool = False,
     backend: Optional[str] = None,
     chunk_size: int = 64,
@@ -66,7 +66,8 @@ def ssd_scan(
         D: ``[h]`` skip, or None.
         initial_state: ``[b, h, hd, n]``.
         state_override: edits of the state (what editing ``hook_h`` means).
-        ssm_mask: ``[b, h, p, p]`` per-head hidden-attention mask, 1 = kept.
+        ssm_mask: ``[b, h, p, p]`` per-head hidden-attention mask, 1 = kept; or a list of
+            ``EdgeRemoval`` (S → T knockouts, optionally per head), computed without a p×p tensor.
         return_states: also return every state ``[b, p, h, hd, n]``.
         backend: ``"reference"``, ``"torch"`` or ``"auto"``.
         chunk_size: chunk length of the torch backend (results do not depend on it).
@@ -108,14 +109,27 @@ def ssd_scan(
         out = SSDOutput(y=y, final_state=final, states=states)
 
     if ssm_mask is not None:
-        if tuple(ssm_mask.shape) != (b, h, p, p) and tuple(ssm_mask.shape) != (b, 1, p, p):
-            raise ValueError(f"ssm_mask must be [b, h, p, p] = {(b, h, p, p)}, got {tuple(ssm_mask.shape)}")
+        removals = as_removal_list(ssm_mask)
+        if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
+            from tl_mamba.ops.selective_scan import _check_removal
 
-        def contribution(sources: Tensor) -> Tensor:  # sources [p]: the positions whose input is kept
-            xs = x * sources[None, :, None, None].to(x.dtype)
-            return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
+            for removal in removals:
+                _check_removal(removal, b, p, h, "heads")
 
-        out.y = out.y - knocked_out_terms(contribution, ssm_mask, target_layout="bphd")
+            def contribution_by_row(sources: Tensor) -> Tensor:  # sources [b, p]
+                xs = x * sources[:, :, None, None].to(x.dtype)
+                return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y
+
+            out.y = out.y - removed_terms(contribution_by_row, removals, target_layout="bphd")
+        else:
+            if tuple(ssm_mask.shape) != (b, h, p, p) and tuple(ssm_mask.shape) != (b, 1, p, p):
+                raise ValueError(f"ssm_mask must be [b, h, p, p] = {(b, h, p, p)}, got {tuple(ssm_mask.shape)}")
+
+            def contribution(sources: Tensor) -> Tensor:  # sources [p]: the positions whose input is kept
+                xs = x * sources[None, :, None, None].to(x.dtype)
+                return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
+
+            out.y = out.y - knocked_out_terms(contribution, ssm_mask, target_layout="bphd")
     return out
 
 

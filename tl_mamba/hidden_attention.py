@@ -1,0 +1,176 @@
+"""Hidden attention: the scan written as an attention matrix.
+
+With Δ, B and C fixed, a selective scan is linear in its input, so
+
+    y_i = Σ_{j ≤ i} α[i, j] · x_j  +  D · x_i,
+    α[i, j] = C_i · (Π_{k=j+1..i} exp(Δ_k A)) · Δ_j B_j
+
+(Ali et al., "The Hidden Attention of Mamba Models"). α[i, i] = C_i · Δ_i B_i is
+part of α; the D skip is not. Mamba-1 has one α per d_inner channel (A differs
+per channel and state entry); Mamba-2 one per head (A is a scalar per head).
+
+These are the edges ``hook_ssm_mask`` and ``Knockout(path="ssm")`` remove.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = (None, "norm", "sum", "mean", "abs_max")
+
+
+def _layer_inputs(model, input_or_cache, layer: int, attention_mask=None):
+    """Δ, B, C of ``layer`` from a cache (a MambaActivationCache or dict) or by running the model."""
+    names = [f"blocks.{layer}.hook_{what}" for what in ("delta", "B", "C")]
+    if isinstance(input_or_cache, (str, list, Tensor)):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(input_or_cache, names_filter=lambda name: name in names,
+                                            stop_at_layer=layer + 1, attention_mask=attention_mask)
+    else:
+        cache = input_or_cache
+    try:
+        return [cache[name] for name in names]
+    except KeyError as err:
+        raise KeyError(f"hidden_attention needs {names} in the cache; run_with_cache without a names_filter "
+                       f"(or one that keeps them) provides them") from err
+
+
+def _select(index, size: int, what: str) -> Tensor:
+    if index is None:
+        return torch.arange(size)
+    if isinstance(index, int):
+        index = [index]
+    index = torch.as_tensor(list(index.tolist() if isinstance(index, Tensor) else index), dtype=torch.long)
+    if index.numel() == 0:
+        raise ValueError(f"hidden_attention: {what} is empty")
+    if bool(((index < -size) | (index >= size)).any()):
+        raise IndexError(f"hidden_attention: {what} {index.tolist()} out of range for {size}")
+    return index % size
+
+
+def _reduce_into(total: Optional[Tensor], alpha: Tensor, reduce: str) -> Tensor:
+    """Accumulate a chunk of features ``alpha [b, c, p, p]`` into a ``[b, p, p]`` reduction."""
+    if reduce == "norm":
+        part = alpha.pow(2).sum(1)
+    elif reduce in ("sum", "mean"):
+        part = alpha.sum(1)
+    else:  # abs_max
+        part = alpha.abs().amax(1)
+    if total is None:
+        return part
+    return torch.maximum(total, part) if reduce == "abs_max" else total + part
+
+
+def hidden_attention(
+    model,
+    input_or_cache: Union[str, Sequence[str], Tensor, "object"],
+    layer: int,
+    heads: Optional[Sequence[int]] = None,
+    channels: Optional[Sequence[int]] = None,
+    reduce: Optional[str] = None,
+    attention_mask: Optional[Tensor] = None,
+    chunk_bytes: int = 2**28,
+) -> Tensor:
+    """α of ``layer``: ``[b, h, p, p]`` (Mamba-2, the chosen heads) or ``[b, c, p, p]``
+    (Mamba-1, the chosen channels; all d_inner channels when None). Target i is axis -2,
+    source j axis -1; entries above the diagonal are 0.
+
+    Args:
+        input_or_cache: tokens ``[b, p]``, text, or a cache holding the layer's
+            ``hook_delta``, ``hook_B`` and ``hook_C``.
+        heads: Mamba-2 heads to return. channels: Mamba-1 channels to return.
+        reduce: ``None`` (every feature), or a ``[b, p, p]`` view over the chosen
+            features for plotting: ``"norm"`` (L2 norm), ``"sum"``, ``"mean"``,
+            ``"abs_max"``. Computed chunk by chunk, so the per-feature tensor is never held.
+        chunk_bytes: working memory per chunk of channels (Mamba-1).
+
+    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` when reduced), plus about
+    ``chunk_bytes`` of working memory. For Mamba-1 the ``[b, e, n, p, p]`` tensor of
+    per-state decays is never built: the state axis is summed one entry at a time over
+    chunks of channels. At 130m widths (e = 1536) and p = 512 the unreduced Mamba-1
+    result is 1.5 GiB per sequence, so choose channels or a reduction. A result over
+    ``model.heavy_hook_memory_limit`` raises ``MemoryError``.
+    """
+    cfg = model.cfg
+    if not -cfg.n_layers <= layer < cfg.n_layers:
+        raise IndexError(f"hidden_attention: layer {layer} out of range for {cfg.n_layers} layers")
+    layer = layer % cfg.n_layers
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"hidden_attention: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if cfg.family == "mamba1" and heads is not None:
+        raise ValueError("hidden_attention: heads= is for Mamba-2; Mamba-1 has channels=")
+    if cfg.family == "mamba2" and channels is not None:
+        raise ValueError("hidden_attention: channels= is for Mamba-1; Mamba-2 has heads=")
+    delta, B, C = _layer_inputs(model, input_or_cache, layer, attention_mask)
+    if delta.dim() == 2:  # a cache with the batch dim removed
+        delta, B, C = delta[None], B[None], C[None]
+    A = -torch.exp(model.blocks[layer].mixer.A_log.detach().double())
+    b, p = delta.shape[:2]
+    features = _select(heads if cfg.family == "mamba2" else channels,
+                       cfg.n_heads if cfg.family == "mamba2" else cfg.d_inner, "heads" if heads is not None else "channels")
+    out_features = 1 if reduce else features.numel()
+    needed = b * out_features * p * p * 4
+    if needed > model.heavy_hook_memory_limit:
+        raise MemoryError(f"hidden_attention of layer {layer} would need {needed / 2**30:.2f} GiB for this input, over "
+                          f"model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); choose "
+                          "fewer heads/channels, pass reduce=, or shorten the input")
+    causal = torch.ones(p, p, dtype=torch.bool, device=delta.device).tril()
+    with torch.no_grad():
+        if cfg.family == "mamba2":
+            alpha = _mamba2_alpha(cfg, delta, A.to(delta.device), B, C, features.to(delta.device), causal)
+            if reduce is None:
+                return alpha
+            total = _reduce_into(None, alpha, reduce)
+        else:
+            return_all = reduce is None
+            result, total = [], None
+            chunk = max(1, chunk_bytes // max(1, b * p * p * 8 * 3))
+            for start in range(0, features.numel(), chunk):
+                idx = features[start:start + chunk].to(delta.device)
+                alpha = _mamba1_alpha(delta[..., idx], A.to(delta.device)[idx], B, C, causal)
+                if return_all:
+                    result.append(alpha)
+                else:
+                    total = _reduce_into(total, alpha, reduce)
+            if return_all:
+                return torch.cat(result, dim=1)
+    if reduce == "norm":
+        return total.sqrt()
+    if reduce == "mean":
+        return total / features.numel()
+    return total
+
+
+def _segment_decay(log_decay: Tensor, causal: Tensor) -> Tensor:
+    """``exp(L_i - L_j)`` for ``L = cumsum(log_decay)`` over the last axis, masked to j ≤ i.
+
+    The cumulative sum is taken in float64, so the difference of two long sums keeps
+    its precision; entries above the diagonal are 0.
+    """
+    L = torch.cumsum(log_decay.double(), dim=-1)
+    diff = L[..., :, None] - L[..., None, :]  # [..., i, j]
+    return torch.exp(diff.masked_fill(~causal, float("-inf"))).float()
+
+
+def _mamba1_alpha(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, causal: Tensor) -> Tensor:
+    """α for a chunk of channels: delta ``[b, p, c]``, A ``[c, n]``, B/C ``[b, p, n]`` → ``[b, c, p, p]``."""
+    b, p, c = delta.shape
+    dt = delta.double().permute(0, 2, 1)  # [b, c, p]
+    alpha = torch.zeros(b, c, p, p, dtype=torch.float32, device=delta.device)
+    for s in range(A.shape[-1]):  # one state entry at a time: never [b, c, n, p, p]
+        decay = _segment_decay(dt * A[:, s, None], causal)  # [b, c, i, j]
+        cb = (C[:, :, s, None].float() * B[:, None, :, s].float())  # [b, i, j]
+        alpha += decay * cb[:, None]
+    return alpha * delta.float().permute(0, 2, 1)[:, :, None, :]  # Δ_j
+
+
+def _mamba2_alpha(cfg, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, heads: Tensor, causal: Tensor) -> Tensor:
+    """α for the chosen heads: delta ``[b, p, h]``, A ``[h]``, B/C ``[b, p, g, n]`` → ``[b, len(heads), p, p]``."""
+    groups = heads // (cfg.n_heads // cfg.n_groups)
+    dt = delta.double()[..., heads].permute(0, 2, 1)  # [b, H, p]
+    decay = _segment_decay(dt * A[heads, None], causal)  # [b, H, i, j]
+    cb = torch.einsum("bign,bjgn->bgij", C.float(), B.float())[:, groups]  # [b, H, i, j]
+    return decay * cb * dt.float()[:, :, None, :]

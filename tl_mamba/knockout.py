@@ -1,0 +1,300 @@
+"""Token-to-token knockout: ``Knockout`` and the hooks it installs.
+
+A knockout removes what source tokens j contribute to target tokens i inside the
+mixers of some layers:
+
+- ``path="ssm"``: the hidden-attention terms α[i, j]·x_j (α[i, i] included) of
+  the scan. This *is* a hook on ``blocks.{l}.hook_ssm_mask`` that zeroes the
+  entries ``[b, head, i, j]``; a hand-written TransformerLens hook doing the same
+  gives the same result. When every hook on the mask is a Knockout (and nothing
+  caches the mask), the block never builds the p×p mask: by linearity the removed
+  part is ``1_T ⊙ scan(x ⊙ 1_S)``, one extra scan per knockout.
+- ``path="conv"``: the depthwise causal-conv taps that carry j into i (including
+  i = j). For Mamba-2 the conv runs over x, B and C together, so all three lose
+  those taps. The changed conv output flows into everything computed from it
+  (Δ, B, C for Mamba-1; x, B, C for Mamba-2). Implemented as a pair of hooks:
+  ``hook_conv_in`` records the conv input, ``hook_conv`` subtracts
+  ``1_T ⊙ conv(conv_in ⊙ 1_S)`` (no bias).
+- ``path="both"``: both.
+
+What remains after a knockout (by design; this is the definition the Mamba
+Knockout paper uses, made exact):
+
+- the D·x skip of every token (its own path);
+- information about j that reached a *non-source* position k before this layer
+  or through this layer's conv (for ``path="ssm"``): α[i, k]·x_k still flows,
+  and x_k, B_k may carry j through the conv window when ``path="ssm"``;
+- Δ_i, B_i, C_i of the target itself, which for ``path="ssm"`` are still computed
+  from a conv window that includes sources within ``d_conv - 1`` positions;
+- with ``heads=`` on Mamba-2's conv path, B and C are shared by the heads of a
+  group, so their taps are removed only for groups whose heads are all chosen;
+  the chosen heads' x channels always lose them.
+
+Several knockouts (several ``Knockout`` objects, or hooks) remove the union of
+their edges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from tl_mamba.ops.conv import causal_conv1d
+from tl_mamba.ops.knockout import EdgeRemoval
+
+Positions = Union[int, Sequence[int], Tensor]
+PATHS = ("ssm", "conv", "both")
+
+
+def resolve_positions(positions: Positions, b: int, p: int, what: str, device=None) -> Tensor:
+    """Turn sources/targets into a ``[b, p]`` bool tensor.
+
+    Accepts an int, a list of ints (negative counts from the end), an int tensor of
+    positions, or a bool tensor ``[p]`` or ``[b, p]`` (one row per batch element).
+    """
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        if positions.dim() == 1:
+            if positions.shape[0] != p:
+                raise ValueError(f"Knockout {what}: a bool mask [p] must have p = {p} entries, got {positions.shape[0]}")
+            return positions.to(device)[None].expand(b, p)
+        if positions.dim() == 2:
+            if tuple(positions.shape) != (b, p):
+                raise ValueError(f"Knockout {what}: a bool mask [b, p] must have shape {(b, p)}, "
+                                 f"got {tuple(positions.shape)}")
+            return positions.to(device)
+        raise ValueError(f"Knockout {what}: a bool mask must be [p] or [b, p], got shape {tuple(positions.shape)}")
+    if isinstance(positions, Tensor):
+        if positions.is_floating_point():
+            raise TypeError(f"Knockout {what}: give positions as ints or a bool mask, not a float tensor")
+        positions = positions.flatten().tolist()
+    if isinstance(positions, int):
+        positions = [positions]
+    index = []
+    for pos in positions:
+        pos = int(pos)
+        if not -p <= pos < p:
+            raise IndexError(f"Knockout {what}: position {pos} is out of range for a sequence of {p} tokens")
+        index.append(pos % p)
+    out = torch.zeros(b, p, dtype=torch.bool, device=device)
+    if index:
+        out[:, index] = True
+    return out
+
+
+def _feature_mask(chosen: Optional[Sequence[int]], size: int, what: str, device=None) -> Optional[Tensor]:
+    if chosen is None:
+        return None
+    if isinstance(chosen, Tensor) and chosen.dtype == torch.bool:
+        if chosen.shape != (size,):
+            raise ValueError(f"Knockout {what}: a bool mask must have {size} entries, got {tuple(chosen.shape)}")
+        return chosen.to(device=device, dtype=torch.float32)
+    index = [int(i) for i in (chosen.tolist() if isinstance(chosen, Tensor) else ([chosen] if isinstance(chosen, int) else chosen))]
+    bad = [i for i in index if not -size <= i < size]
+    if bad:
+        raise IndexError(f"Knockout {what} {bad} out of range: the layer has {size}")
+    out = torch.zeros(size, dtype=torch.float32, device=device)
+    out[[i % size for i in index]] = 1.0
+    return out
+
+
+@dataclass
+class Knockout:
+    """Remove source → target edges inside the mixers of ``layers``.
+
+    Args:
+        layers: a layer index, or an iterable of them (negative counts from the end).
+        sources, targets: positions (ints, negatives allowed), an int tensor, or bool
+            masks ``[p]`` / ``[b, p]`` (one knockout per batch row).
+        path: ``"ssm"`` (hidden-attention terms), ``"conv"`` (conv taps) or ``"both"``.
+        heads: Mamba-2 only: restrict to these heads.
+        channels: Mamba-1 only: restrict to these d_inner channels.
+
+    Use with ``model.run_with_knockout(tokens, ko)`` or ``with model.knockouts(ko):``;
+    ``ko.hooks(model)`` gives the plain ``(name, fn)`` hooks.
+    """
+
+    layers: Union[int, Iterable[int]]
+    sources: Positions
+    targets: Positions = -1
+    path: str = "ssm"
+    heads: Optional[Sequence[int]] = None
+    channels: Optional[Sequence[int]] = None
+    _layers: Tuple[int, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"Knockout path must be one of {PATHS}, got {self.path!r}")
+        if self.heads is not None and self.channels is not None:
+            raise ValueError("Knockout takes heads= (Mamba-2) or channels= (Mamba-1), not both")
+        layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        if not layers:
+            raise ValueError("Knockout needs at least one layer")
+        self._layers = tuple(int(layer) for layer in layers)
+
+    # ----------------------------------------------------------------- resolution
+    def resolved_layers(self, n_layers: int) -> List[int]:
+        bad = [layer for layer in self._layers if not -n_layers <= layer < n_layers]
+        if bad:
+            raise IndexError(f"Knockout layers {bad} out of range: the model has {n_layers} layers")
+        return sorted({layer % n_layers for layer in self._layers})
+
+    def _check_family(self, cfg) -> None:
+        if cfg.family == "mamba1" and self.heads is not None:
+            raise ValueError("heads= restricts a Mamba-2 knockout; for Mamba-1 use channels= (d_inner channels)")
+        if cfg.family == "mamba2" and self.channels is not None:
+            raise ValueError("channels= restricts a Mamba-1 knockout; for Mamba-2 use heads=")
+
+    def removal(self, cfg, b: int, p: int, device=None) -> EdgeRemoval:
+        """This knockout's SSM edges for a batch of ``b`` sequences of ``p`` tokens."""
+        sources = resolve_positions(self.sources, b, p, "sources", device).float()
+        targets = resolve_positions(self.targets, b, p, "targets", device).float()
+        if cfg.family == "mamba2":
+            features = _feature_mask(self.heads, cfg.n_heads, "heads", device)
+        else:
+            features = _feature_mask(self.channels, cfg.d_inner, "channels", device)
+        return EdgeRemoval(sources=sources, targets=targets, features=features)
+
+    # ---------------------------------------------------------------------- hooks
+    def hooks(self, model) -> List[Tuple[str, "object"]]:
+        """The ``(hook name, hook function)`` pairs that implement this knockout on ``model``."""
+        cfg = model.cfg
+        self._check_family(cfg)
+        hooks: List[Tuple[str, object]] = []
+        for layer in self.resolved_layers(cfg.n_layers):
+            if self.path in ("ssm", "both"):
+                hooks.append((f"blocks.{layer}.hook_ssm_mask", SSMMaskKnockoutHook(self, cfg)))
+            if self.path in ("conv", "both"):
+                conv = ConvKnockoutHooks(self, cfg, model.blocks[layer])
+                hooks += [(f"blocks.{layer}.hook_conv_in", conv.record_input),
+                          (f"blocks.{layer}.hook_conv", conv.remove_taps)]
+        return hooks
+
+
+class SSMMaskKnockoutHook:
+    """A hook on ``hook_ssm_mask`` that zeroes a Knockout's edges.
+
+    It also carries the knockout's structure (``removal``), so a block whose mask is
+    hooked only by such hooks skips building the mask (see ``structured_removals``).
+    """
+
+    def __init__(self, knockout: Knockout, cfg):
+        self.knockout, self.cfg = knockout, cfg
+
+    def removal(self, b: int, p: int, device) -> EdgeRemoval:
+        return self.knockout.removal(self.cfg, b, p, device)
+
+    def __call__(self, mask: Tensor, hook) -> Tensor:
+        b, H, p, _ = mask.shape
+        removal = self.removal(b, p, mask.device)
+        if self.cfg.family == "mamba1" and removal.features is not None:
+            raise ValueError(
+                f"{hook.name}: a channels= knockout cannot be written into the [b, 1, p, p] mask. This happens when "
+                "the mask is also cached or hooked by something other than a Knockout; drop the other hook."
+            )
+        return mask * (1 - removal.dense(H).to(mask.dtype))
+
+
+class ConvKnockoutHooks:
+    """The conv path of a Knockout: record the conv input, then remove the source taps."""
+
+    def __init__(self, knockout: Knockout, cfg, block):
+        self.knockout, self.cfg, self.block = knockout, cfg, block
+        self.conv_in: Optional[Tensor] = None
+
+    def record_input(self, conv_in: Tensor, hook) -> None:
+        self.conv_in = conv_in
+
+    def channel_mask(self, n_channels: int, device) -> Optional[Tensor]:
+        """Which conv channels lose their taps: all, Mamba-1 ``channels``, or Mamba-2 ``heads``."""
+        cfg, ko = self.cfg, self.knockout
+        if cfg.family == "mamba1":
+            return _feature_mask(ko.channels, n_channels, "channels", device)
+        if ko.heads is None:
+            return None
+        heads = _feature_mask(ko.heads, cfg.n_heads, "heads", device)
+        x_channels = heads.repeat_interleave(cfg.d_head)  # [e]
+        # B and C are shared by a group's heads: only groups whose heads are all chosen lose their taps
+        whole_groups = heads.view(cfg.n_groups, -1).min(-1).values  # [g]
+        bc = whole_groups.repeat_interleave(cfg.d_state)  # [g * n]
+        return torch.cat([x_channels, bc, bc])
+
+    def remove_taps(self, conv: Tensor, hook) -> Tensor:
+        if self.conv_in is None or self.conv_in.shape != conv.shape:
+            raise RuntimeError(f"{hook.name}: the conv knockout did not see this forward's conv input")
+        b, p, c = conv.shape
+        sources = resolve_positions(self.knockout.sources, b, p, "sources", conv.device).to(conv.dtype)
+        targets = resolve_positions(self.knockout.targets, b, p, "targets", conv.device).to(conv.dtype)
+        weight = self.block.mixer.conv1d.weight
+        carried, _ = causal_conv1d(self.conv_in * sources[..., None], weight, None)  # [b, p, c]
+        removed = carried * targets[..., None]
+        channels = self.channel_mask(c, conv.device)
+        if channels is not None:
+            removed = removed * channels.to(conv.dtype)
+        self.conv_in = None
+        return conv - removed.to(conv.dtype)
+
+
+def structured_removals(hook_point, b: int, p: int, device) -> Optional[List[EdgeRemoval]]:
+    """The Knockouts on ``hook_ssm_mask`` in structured form, if they are all that hooks it.
+
+    Returns None when the mask must be built: no hook, a hook that is not a
+    Knockout (a user hook, a cache hook), a backward hook, or knockouts that share
+    edges (their union is not a sum).
+    """
+    registry = getattr(hook_point, "_tl_mamba_knockouts", None)
+    if not registry or hook_point.bwd_hooks:
+        return None
+    live = {id(handle.hook) for handle in hook_point.fwd_hooks}
+    for key in [key for key in registry if key not in live]:  # forget hooks removed by reset_hooks
+        del registry[key]
+    if not registry or len(registry) != len(hook_point.fwd_hooks):
+        return None
+    removals = [fn.removal(b, p, device) for fn in registry.values()]
+    for a in range(len(removals)):
+        for c in range(a + 1, len(removals)):
+            if removals[a].overlaps(removals[c]):
+                return None
+    return removals
+
+
+def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[object, object]]:
+    """Register the knockouts' hooks on ``model``; returns ``(hook point, handle)`` pairs."""
+    added = []
+    for ko in knockouts:
+        for name, fn in ko.hooks(model):
+            hook_point = model.mod_dict[name]
+            hook_point.add_hook(fn, dir="fwd")
+            handle = hook_point.fwd_hooks[-1]
+            if isinstance(fn, SSMMaskKnockoutHook):
+                if getattr(hook_point, "_tl_mamba_knockouts", None) is None:
+                    hook_point._tl_mamba_knockouts = {}
+                hook_point._tl_mamba_knockouts[id(handle.hook)] = fn
+            added.append((hook_point, handle))
+    return added
+
+
+def as_knockout_list(knockouts) -> List[Knockout]:
+    if isinstance(knockouts, Knockout):
+        return [knockouts]
+    knockouts = list(knockouts)
+    for ko in knockouts:
+        if not isinstance(ko, Knockout):
+            raise TypeError(f"expected a Knockout or a list of Knockouts, got {type(ko).__name__}")
+    return knockouts
+
+
+@contextlib.contextmanager
+def knockouts_context(model, knockouts) -> Iterator[None]:
+    """``with model.knockouts(ko):``: the knockouts' hooks are active inside the block."""
+    added = add_knockout_hooks(model, as_knockout_list(knockouts))
+    try:
+        yield
+    finally:
+        for hook_point, handle in added:
+            handle.hook.remove()
+            hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]
+            (getattr(hook_point, "_tl_mamba_knockouts", None) or {}).pop(id(handle.hook), None)
