@@ -1,0 +1,353 @@
+"""Knockout and hidden attention against an explicit brute-force computation.
+
+The reference recomputes each knocked-out layer from its hooked inputs with
+nothing of tl_mamba's scan code: α[i, j] is built from explicit products of the
+per-step decays (no cumulative sums), the mask is applied entry by entry, and the
+conv is written out tap by tap. It replaces ``hook_conv`` and ``hook_y`` in an
+ordinary forward, so everything downstream is the model's own computation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_mamba
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout
+
+B, P = 3, 9
+
+
+def make_model(family: str, seed: int = 0):
+    if family == "mamba1":
+        cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4, expand=2, seed=seed)
+        model = HookedMamba(cfg)
+    else:
+        cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4,
+                                expand=2, n_heads=4, n_groups=2, chunk_size=4, seed=seed)
+        model = HookedMamba2(cfg)
+    with torch.no_grad():  # move weights off their init so every path carries signal
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model.double()
+
+
+def brute_alpha(family, delta, A, Bm, C, heads_per_group=1):
+    """α by explicit products: Mamba-1 ``[b, e, p, p]``, Mamba-2 ``[b, h, p, p]`` (float64)."""
+    b, p = delta.shape[:2]
+    F = delta.shape[-1]
+    alpha = torch.zeros(b, F, p, p, dtype=torch.float64)
+    for i in range(p):
+        for j in range(i + 1):
+            if family == "mamba1":
+                prod = torch.ones(b, F, A.shape[-1], dtype=torch.float64)  # [b, e, n]
+                for k in range(j + 1, i + 1):
+                    prod = prod * torch.exp(delta[:, k, :, None] * A)
+                alpha[:, :, i, j] = (prod * Bm[:, j, None, :] * C[:, i, None, :]).sum(-1) * delta[:, j]
+            else:
+                prod = torch.ones(b, F, dtype=torch.float64)
+                for k in range(j + 1, i + 1):
+                    prod = prod * torch.exp(delta[:, k] * A)
+                Bh = Bm[:, j].repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+                Ch = C[:, i].repeat_interleave(heads_per_group, dim=1)
+                alpha[:, :, i, j] = prod * (Bh * Ch).sum(-1) * delta[:, j]
+    return alpha
+
+
+def brute_conv(conv_in, weight, bias, keep):
+    """Causal depthwise conv tap by tap; ``keep[b, i, j, c]`` multiplies the tap j → i."""
+    b, p, c = conv_in.shape
+    k = weight.shape[-1]
+    out = torch.zeros_like(conv_in) + (bias if bias is not None else 0)
+    for i in range(p):
+        for j in range(max(0, i - k + 1), i + 1):
+            out[:, i] += weight[:, 0, k - 1 - (i - j)] * conv_in[:, j] * keep[:, i, j]
+    return out
+
+
+def edge_mask(b, p, sources, targets, n_features, features=None):
+    """keep[b, F, i, j]: 0 where j is a source, i a target and the feature chosen (j ≤ i)."""
+    keep = torch.ones(b, n_features, p, p, dtype=torch.float64)
+    for row in range(b):
+        for i in targets[row]:
+            for j in sources[row]:
+                if j <= i:
+                    for f in (range(n_features) if features is None else features):
+                        keep[row, f, i, j] = 0.0
+    return keep
+
+
+def reference_forward(model, tokens, layers, sources, targets, path, features=None):
+    """Logits with the knockout applied by the brute-force hooks.
+
+    sources / targets: per row, lists of non-negative positions.
+    """
+    cfg = model.cfg
+    b, p = tokens.shape
+    seen = {}
+    hooks = []
+
+    def grab(name):
+        def fn(value, hook):
+            seen[name] = value.clone()
+        return fn
+
+    for layer in layers:
+        block = model.blocks[layer]
+        prefix = f"blocks.{layer}."
+        for name in ("hook_conv_in", "hook_x", "hook_delta", "hook_B", "hook_C"):
+            hooks.append((prefix + name, grab(prefix + name)))
+        if path in ("conv", "both"):
+            c = block.mixer.conv1d.weight.shape[0]
+            if cfg.family == "mamba1":
+                chans = features
+            elif features is None:
+                chans = None
+            else:  # chosen heads' x channels; B/C of groups whose heads are all chosen
+                hpg = cfg.n_heads // cfg.n_groups
+                chans = [h * cfg.d_head + d for h in features for d in range(cfg.d_head)]
+                for g in range(cfg.n_groups):
+                    if all(h in features for h in range(g * hpg, (g + 1) * hpg)):
+                        for part in range(2):
+                            start = cfg.d_inner + part * cfg.n_groups * cfg.d_state + g * cfg.d_state
+                            chans += list(range(start, start + cfg.d_state))
+            keep = edge_mask(b, p, sources, targets, c, chans).permute(0, 2, 3, 1)  # [b, i, j, c]
+
+            def conv_hook(value, hook, block=block, prefix=prefix, keep=keep):
+                return brute_conv(seen[prefix + "hook_conv_in"], block.mixer.conv1d.weight, block.mixer.conv1d.bias,
+                                  keep)
+            hooks.append((prefix + "hook_conv", conv_hook))
+        if path in ("ssm", "both"):
+            def y_hook(value, hook, block=block, prefix=prefix):
+                A = -torch.exp(block.mixer.A_log)
+                x, delta, Bm, C = (seen[prefix + n] for n in ("hook_x", "hook_delta", "hook_B", "hook_C"))
+                if cfg.family == "mamba1":
+                    alpha = brute_alpha("mamba1", delta, A, Bm, C)
+                    keep = edge_mask(b, p, sources, targets, cfg.d_inner, features)
+                    return torch.einsum("beij,bje->bie", alpha * keep, x) + block.mixer.D * x
+                alpha = brute_alpha("mamba2", delta, A, Bm, C, cfg.n_heads // cfg.n_groups)
+                keep = edge_mask(b, p, sources, targets, cfg.n_heads, features)
+                return torch.einsum("bhij,bjhd->bihd", alpha * keep, x) + block.mixer.D[:, None] * x
+            hooks.append((prefix + "hook_y", y_hook))
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+FAMILIES = ["mamba1", "mamba2"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("path", ["ssm", "conv", "both"])
+def test_knockout_matches_brute_force(family, path, backend):
+    model = make_model(family).set_backend(backend)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(1))
+    ko = Knockout(layers=[0, 1], sources=[1, 2, -5], targets=[-1, -3, 4], path=path)
+    with torch.no_grad():
+        ours = model.run_with_knockout(tokens, ko)
+        plain = model(tokens)
+    ref = reference_forward(model, tokens, [0, 1], [[1, 2, 4]] * B, [[8, 6, 4]] * B, path)
+    assert (ref - plain).abs().max() > 1e-3  # the knockout does something
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("path", ["ssm", "conv", "both"])
+def test_feature_restricted_knockout(family, path):
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(2))
+    features = [0, 1] if family == "mamba2" else [0, 3, 5, 17]
+    kwargs = {"heads": features} if family == "mamba2" else {"channels": features}
+    ko = Knockout(layers=1, sources=[0, 3, 6], targets=[-1, -2], path=path, **kwargs)
+    with torch.no_grad():
+        ours = model.run_with_knockout(tokens, ko)
+        full = model.run_with_knockout(tokens, Knockout(layers=1, sources=[0, 3, 6], targets=[-1, -2], path=path))
+    ref = reference_forward(model, tokens, [1], [[0, 3, 6]] * B, [[8, 7]] * B, path, features)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    assert (ours - full).abs().max() > 1e-6  # restricting the features changes the result
+
+
+@pytest.mark.parametrize("path", ["ssm", "conv"])
+def test_per_row_masks(family, path):
+    """[b, p] bool sources/targets: one different knockout per batch row in one forward."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(3))
+    src_rows, tgt_rows = [[1], [0, 4], [2, 3, 5]], [[8], [5, 8], [6]]
+    sources = torch.zeros(B, P, dtype=torch.bool)
+    targets = torch.zeros(B, P, dtype=torch.bool)
+    for row in range(B):
+        sources[row, src_rows[row]] = True
+        targets[row, tgt_rows[row]] = True
+    with torch.no_grad():
+        ours = model.run_with_knockout(tokens, Knockout(layers=range(2), sources=sources, targets=targets, path=path))
+    ref = reference_forward(model, tokens, [0, 1], src_rows, tgt_rows, path)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_plain_mask_hook_matches_brute_force(family):
+    """hook_ssm_mask is an ordinary hook: zeroing entries by hand is the knockout."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(4))
+
+    def zero_edges(mask, hook):
+        mask[:, :, 7, 2] = 0.0
+        mask[:, :, 8, [0, 5]] = 0.0
+        return mask
+
+    with torch.no_grad():
+        ours = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_ssm_mask", zero_edges)])
+    sources = [[2, 0, 5]] * B
+    # the hand mask is not S→T (2→7, 0→8, 5→8), so build the reference mask directly
+    cfg = model.cfg
+    seen = {}
+
+    def grab(value, hook):
+        seen[hook.name] = value.clone()
+
+    def y_hook(value, hook):
+        block = model.blocks[0]
+        A = -torch.exp(block.mixer.A_log)
+        x, delta, Bm, C = (seen[f"blocks.0.hook_{n}"] for n in ("x", "delta", "B", "C"))
+        F = cfg.d_inner if cfg.family == "mamba1" else cfg.n_heads
+        keep = torch.ones(B, F, P, P, dtype=torch.float64)
+        keep[:, :, 7, 2] = 0
+        keep[:, :, 8, 0] = 0
+        keep[:, :, 8, 5] = 0
+        if cfg.family == "mamba1":
+            alpha = brute_alpha("mamba1", delta, A, Bm, C)
+            return torch.einsum("beij,bje->bie", alpha * keep, x) + block.mixer.D * x
+        alpha = brute_alpha("mamba2", delta, A, Bm, C, cfg.n_heads // cfg.n_groups)
+        return torch.einsum("bhij,bjhd->bihd", alpha * keep, x) + block.mixer.D[:, None] * x
+
+    hooks = [(f"blocks.0.hook_{n}", grab) for n in ("x", "delta", "B", "C")] + [("blocks.0.hook_y", y_hook)]
+    with torch.no_grad():
+        ref = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    assert sources  # (documentation of the edges above)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_all_ones_mask_changes_nothing(family):
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = model(tokens)
+        hooked = model.run_with_hooks(tokens, fwd_hooks=[
+            (lambda name: name.endswith("hook_ssm_mask"), lambda mask, hook: torch.ones_like(mask))])
+        empty = model.run_with_knockout(tokens, Knockout(layers=[0, 1], sources=[], targets=[-1]))
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+    torch.testing.assert_close(empty, plain, rtol=0, atol=0)
+
+
+def test_union_of_overlapping_knockouts(family):
+    """Two knockouts sharing edges remove their union (each edge once), like one mask."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(6))
+    kos = [Knockout(layers=0, sources=[1, 2], targets=[-1]), Knockout(layers=0, sources=[2, 3], targets=[-1, -2])]
+    with torch.no_grad():
+        ours = model.run_with_knockout(tokens, kos)
+        with model.knockouts(kos):
+            in_context = model(tokens)
+        after = model(tokens)
+    keep_sources = [[1, 2, 3]] * B  # edges: {1,2,3}→8 and {2,3}→7
+    ref_first = reference_forward(model, tokens, [0], keep_sources, [[8]] * B, "ssm")
+    assert (ref_first - ours).abs().max() > 1e-6  # 2,3 → 7 is also removed
+    cfg = model.cfg
+    F = cfg.d_inner if cfg.family == "mamba1" else cfg.n_heads
+    keep = edge_mask(B, P, [[1, 2, 3]] * B, [[8]] * B, F) * edge_mask(B, P, [[2, 3]] * B, [[7]] * B, F)
+
+    def dense(mask, hook):
+        return mask * keep[:, :mask.shape[1]].to(mask.dtype)
+
+    with torch.no_grad():
+        dense_out = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_ssm_mask", dense)])
+    torch.testing.assert_close(ours, in_context, rtol=0, atol=0)
+    torch.testing.assert_close(ours, dense_out, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(after, model(tokens).detach(), rtol=0, atol=0)  # context removed its hooks
+    assert not any(model.blocks[0].hook_ssm_mask.fwd_hooks)
+
+
+def test_structured_knockout_builds_no_mask(family):
+    """Knockouts alone never materialise the p×p mask: a 1-byte limit does not stop them."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P))
+    model.heavy_hook_memory_limit = 1
+    with torch.no_grad():
+        model.run_with_knockout(tokens, Knockout(layers=[0, 1], sources=[0], targets=[-1]))
+        with pytest.raises(MemoryError, match="hook_ssm_mask"):
+            model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_ssm_mask", lambda m, hook: m)])
+
+
+def test_knockout_hooks_compose_with_cache(family):
+    """Caching the mask next to a knockout shows the knocked-out entries, and the output is the same."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P))
+    ko = Knockout(layers=1, sources=[2], targets=[-1], path="ssm")
+    with torch.no_grad():
+        expected = model.run_with_knockout(tokens, ko)
+        with model.knockouts(ko):
+            logits, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_ssm_mask")
+    mask = cache["blocks.1.hook_ssm_mask"]
+    assert float(mask[:, :, -1, 2].max()) == 0.0 and float(mask.sum()) == mask.numel() - mask.shape[0] * mask.shape[1]
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ hidden attention
+def test_hidden_attention_matches_brute_force_and_reconstructs_y(family):
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    cfg, block = model.cfg, model.blocks[1]
+    delta, Bm, C, x, y = (cache[f"blocks.1.hook_{n}"] for n in ("delta", "B", "C", "x", "y"))
+    A = -torch.exp(block.mixer.A_log)
+    alpha = model.hidden_attention(cache, 1)
+    ref = brute_alpha(family, delta, A, Bm, C, cfg.n_heads // cfg.n_groups if family == "mamba2" else 1)
+    torch.testing.assert_close(alpha.double(), ref, rtol=1e-5, atol=1e-6)
+    if family == "mamba1":
+        rebuilt = torch.einsum("beij,bje->bie", alpha.double(), x) + block.mixer.D * x
+    else:
+        rebuilt = torch.einsum("bhij,bjhd->bihd", alpha.double(), x) + block.mixer.D[:, None] * x
+    torch.testing.assert_close(rebuilt, y, rtol=1e-5, atol=1e-5)
+    # from tokens, with a selection, and reduced
+    pick = {"heads": [2, 0]} if family == "mamba2" else {"channels": [5, 1]}
+    chosen = model.hidden_attention(tokens, 1, **pick)
+    torch.testing.assert_close(chosen, alpha[:, [2, 0] if family == "mamba2" else [5, 1]])
+    norm = tl_mamba.hidden_attention(model, cache, 1, reduce="norm", chunk_bytes=1)
+    torch.testing.assert_close(norm, alpha.pow(2).sum(1).sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_attention_memory_guard():
+    model = make_model("mamba1")
+    model.heavy_hook_memory_limit = 1000
+    with pytest.raises(MemoryError, match="reduce="):
+        model.hidden_attention(torch.zeros(1, 40, dtype=torch.long), 0)
+    assert model.hidden_attention(torch.zeros(1, 8, dtype=torch.long), 0, reduce="norm").shape == (1, 8, 8)
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "family, kwargs, error, message",
+    [
+        ("mamba1", dict(layers=0, sources=[0], heads=[0]), ValueError, "channels="),
+        ("mamba2", dict(layers=0, sources=[0], channels=[0]), ValueError, "heads="),
+        ("mamba1", dict(layers=5, sources=[0]), IndexError, "layers"),
+        ("mamba1", dict(layers=0, sources=[20]), IndexError, "out of range"),
+        ("mamba2", dict(layers=0, sources=[0], heads=[9]), IndexError, "heads"),
+        ("mamba1", dict(layers=0, sources=torch.ones(5, dtype=torch.bool)), ValueError, "p = 9"),
+    ],
+)
+def test_bad_knockouts_raise_clearly(family, kwargs, error, message):
+    model = make_model(family)
+    with pytest.raises(error, match=message):
+        with torch.no_grad():
+            model.run_with_knockout(torch.zeros(B, P, dtype=torch.long), Knockout(**kwargs))
+
+
+def test_bad_path_and_missing_knockout():
+    with pytest.raises(ValueError, match="path"):
+        Knockout(layers=0, sources=[0], path="attn")
+    with pytest.raises(TypeError, match="needs knockouts"):
+        make_model("mamba1").run_with_knockout(torch.zeros(1, 3, dtype=torch.long))
