@@ -1,0 +1,132 @@
+"""Information-flow experiments and the behaviour of knockouts on the shipped toy models."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import tl_mamba
+from tl_mamba import Knockout
+from tl_mamba.experiments import (
+    features_by_decay,
+    information_flow,
+    information_flow_per_token,
+    layer_windows,
+    plot_information_flow,
+    plot_per_token_flow,
+)
+from tl_mamba.toy import encode_prompts, make_dataset
+from tl_mamba.toy.shipped import shipped_models
+
+SHIPPED = sorted(shipped_models())
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def toy(request):
+    return tl_mamba.from_pretrained(request.param)
+
+
+def test_layer_windows():
+    assert layer_windows(4, 1) == [(0, [0]), (1, [1]), (2, [2]), (3, [3])]
+    assert layer_windows(5, 3) == [(0, [0, 1, 2]), (1, [0, 1, 2]), (2, [1, 2, 3]), (3, [2, 3, 4]), (4, [2, 3, 4])]
+    with pytest.raises(ValueError, match="window"):
+        layer_windows(4, 5)
+
+
+def test_information_flow_rows_equal_single_knockouts(toy, tmp_path):
+    """Each batched row equals the same knockout run alone on its prompt (unpadded)."""
+    prompts = make_dataset("facts", "heldout", 6, seed=1)
+    df = information_flow(toy, prompts, window=2, sources=("subject", "context"), batch_size=5, progress=False)
+    n_layers = toy.cfg.n_layers
+    assert len(df) == len(prompts) * n_layers * 2
+    assert set(df.columns) >= {"prompt", "layer", "layers", "source", "p", "p_ko", "change"}
+    for _, row in df.sample(5, random_state=0).iterrows():
+        prompt = prompts[row.prompt]
+        tokens = toy.to_tokens(prompt.text)
+        answer = toy.to_single_token(prompt.answer)
+        last = tokens.shape[1] - 1
+        with torch.no_grad():
+            p = toy(tokens)[0, -1].softmax(-1)[answer]
+            ko = Knockout(layers=list(row.layers), sources=prompt.spans[row.source], targets=[last])
+            p_ko = toy.run_with_knockout(tokens, ko)[0, -1].softmax(-1)[answer]
+        assert row.p == pytest.approx(float(p), rel=1e-4, abs=1e-6)
+        assert row.p_ko == pytest.approx(float(p_ko), rel=1e-4, abs=1e-6)
+        assert row.change == pytest.approx((float(p_ko) - float(p)) / float(p), rel=1e-3, abs=1e-5)
+    path = plot_information_flow(df, tmp_path / "flow.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_per_token_flow(toy, tmp_path):
+    prompt = make_dataset("facts", "heldout", 1, seed=2)[0]
+    values = information_flow_per_token(toy, prompt, window=1, progress=False)
+    assert values.shape == (toy.cfg.n_layers, prompt.n_tokens)
+    tokens = toy.to_tokens(prompt.text)
+    answer = toy.to_single_token(prompt.answer)
+    layer, pos = toy.cfg.n_layers - 1, prompt.spans["subject"][-1]
+    with torch.no_grad():
+        p = toy(tokens)[0, -1].softmax(-1)[answer]
+        p_ko = toy.run_with_knockout(tokens, Knockout(layer, [pos], [-1]))[0, -1].softmax(-1)[answer]
+    assert float(values[layer, pos]) == pytest.approx(float((p_ko - p) / p), rel=1e-3, abs=1e-5)
+    labels = toy.to_str_tokens(tokens[0])
+    assert plot_per_token_flow(values, labels, tmp_path / "tok.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_features_by_decay_ranks_by_delta_times_A(toy):
+    order, rates = features_by_decay(toy, 1)
+    mixer = toy.blocks[1].mixer
+    A = torch.exp(mixer.A_log.float())
+    if toy.cfg.family == "mamba1":
+        expected = torch.nn.functional.softplus(mixer.dt_proj.bias.float()) * A.mean(-1)
+    else:
+        expected = torch.nn.functional.softplus(mixer.dt_bias.float()) * A
+    torch.testing.assert_close(rates, expected)
+    assert torch.all(rates[order][:-1] >= rates[order][1:])
+    tokens = toy.to_tokens("The capital of Zor Vel Quen is")
+    _, with_tokens = features_by_decay(toy, 1, tokens)
+    with torch.no_grad():
+        _, cache = toy.run_with_cache(tokens, names_filter="blocks.1.hook_delta")
+    typical = cache["blocks.1.hook_delta"].float().flatten(0, 1).mean(0)
+    torch.testing.assert_close(with_tokens, typical * (A.mean(-1) if toy.cfg.family == "mamba1" else A))
+
+
+def test_subject_knockout_collapses_factual_recall(toy):
+    """Knocking out subject → last in every layer destroys factual recall; a size-matched
+    knockout of context tokens (neither subject, relation, BOS nor last) does not.
+
+    Thresholds: the models recall ≥ 95% of held-out facts. Without the subject the answer
+    can only be guessed from the relation (8 attributes per relation: chance 12.5%), so
+    "collapse" is ≤ 45%. The control keeps ≥ 60% (it measured ~70% on toy-mamba2: the
+    template words carry some of the relation), and the gap must be ≥ 25 points.
+    """
+    prompts = make_dataset("facts", "heldout", 128, seed=3)
+    batch = encode_prompts(prompts, toy.tokenizer)
+    tokens, mask, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
+    width = tokens.shape[1]
+    offsets = (width - batch["lengths"]).tolist()
+    rng = random.Random(0)
+    subject = torch.zeros(len(prompts), width, dtype=torch.bool)
+    context, last = subject.clone(), subject.clone()
+    for row, (prompt, offset) in enumerate(zip(prompts, offsets)):
+        span = prompt.spans["subject"]
+        subject[row, [offset + i for i in span]] = True
+        candidates = [i for i in prompt.spans["context"] if i not in (0, prompt.n_tokens - 1)]
+        context[row, [offset + i for i in rng.sample(candidates, min(len(span), len(candidates)))]] = True
+        last[row, offset + prompt.n_tokens - 1] = True
+    assert abs(float(subject.sum() - context.sum())) / float(subject.sum()) < 0.15  # size-matched
+
+    def accuracy(sources):
+        with torch.no_grad():
+            if sources is None:
+                logits = toy(tokens, attention_mask=mask)
+            else:
+                ko = Knockout(range(toy.cfg.n_layers), sources=sources, targets=last)
+                logits = toy.run_with_knockout(tokens, ko, attention_mask=mask)
+        return float((logits[:, -1].argmax(-1) == answers).float().mean())
+
+    clean, without_subject, without_context = accuracy(None), accuracy(subject), accuracy(context)
+    assert clean >= 0.9
+    assert without_subject <= 0.45, (clean, without_subject, without_context)
+    assert without_context >= 0.6, (clean, without_subject, without_context)
+    assert without_context - without_subject >= 0.25

@@ -1,0 +1,248 @@
+"""Information-flow experiments with knockouts (the Mamba Knockout paper, exact and batched).
+
+    from tl_mamba.experiments import information_flow, plot_information_flow
+    prompts = tl_mamba.toy.make_dataset("facts", "heldout", 64)
+    df = information_flow(model, prompts, window=3)
+    plot_information_flow(df, "flow.png")
+
+For every window of layers and every source class (subject, relation, first,
+last, context), the edges source → target are knocked out in that window and
+the change in the correct answer's probability, ``(p_ko − p) / p``, recorded.
+Every (window, class, prompt) combination is one batch row: a row carries its
+own ``[b, p]`` source and target masks, so one forward runs many knockouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from tl_mamba.knockout import Knockout
+
+DEFAULT_SOURCES = ("subject", "relation", "first", "last", "context")
+
+
+def layer_windows(n_layers: int, window: int) -> List[Tuple[int, List[int]]]:
+    """``(centre layer, layers)`` for a window of ``window`` layers centred on each layer, clipped at the ends."""
+    if not 1 <= window <= n_layers:
+        raise ValueError(f"window must be between 1 and the number of layers ({n_layers}), got {window}")
+    half = window // 2
+    out = []
+    for centre in range(n_layers):
+        start = min(max(0, centre - half), n_layers - window)
+        out.append((centre, list(range(start, start + window))))
+    return out
+
+
+def _encode(model, prompts):
+    from tl_mamba.toy import encode_prompts
+
+    batch = encode_prompts(prompts, model.tokenizer, padding_side="left")
+    offsets = (batch["tokens"].shape[1] - batch["lengths"]).tolist()  # left padding per row
+    return batch, offsets
+
+
+def _span_mask(prompts, offsets, width: int, name: str) -> torch.Tensor:
+    """``[n, width]`` bool: the positions of span ``name`` in each (left-padded) prompt."""
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, (prompt, offset) in enumerate(zip(prompts, offsets)):
+        if name not in prompt.spans:
+            raise KeyError(f"prompt {row} has no span {name!r}; its spans are {sorted(prompt.spans)}")
+        positions = [offset + pos for pos in prompt.spans[name]]
+        if positions:
+            mask[row, positions] = True
+    return mask
+
+
+def _answer_probs(model, tokens, attention_mask, answers, knockouts: Optional[List[Knockout]]):
+    with torch.no_grad():
+        if knockouts:
+            logits = model.run_with_knockout(tokens, knockouts=knockouts, attention_mask=attention_mask)
+        else:
+            logits = model(tokens, attention_mask=attention_mask)
+    probs = logits[:, -1].float().softmax(-1)
+    return probs.gather(1, answers[:, None])[:, 0]
+
+
+def information_flow(
+    model,
+    prompts: Sequence,
+    window: int = 3,
+    sources: Sequence[str] = DEFAULT_SOURCES,
+    target: str = "last",
+    path: str = "ssm",
+    batch_size: int = 64,
+    progress: bool = True,
+):
+    """Knock out source → target in every layer window, for every source class.
+
+    Args:
+        model: a ``HookedMamba`` / ``HookedMamba2`` with the toy tokenizer.
+        prompts: toy ``Prompt`` objects (``tl_mamba.toy.make_dataset``) carrying
+            ``spans``; a class missing from a prompt's spans raises.
+        window: layers per window (centred on each layer, clipped at the ends).
+        sources: span names to knock out as sources.
+        target: span name of the targets (``"last"``: the position predicting the answer).
+        path: ``"ssm"``, ``"conv"`` or ``"both"`` (see ``Knockout``).
+        batch_size: rows per forward; a row is one (prompt, window, class).
+
+    Returns:
+        A pandas DataFrame, one row per (prompt, layer, source): ``prompt``, ``layer``
+        (the window's centre), ``layers`` (the window), ``source``, ``n_sources``,
+        ``p`` (clean answer probability), ``p_ko`` and ``change = (p_ko − p) / p``.
+        Classes with no tokens in a prompt (an empty span) give ``change = 0``.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("information_flow needs at least one prompt")
+    batch, offsets = _encode(model, prompts)
+    tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
+    width = tokens.shape[1]
+    device = model.W_E.device
+    clean = torch.cat([
+        _answer_probs(model, tokens[i:i + batch_size].to(device), attention[i:i + batch_size].to(device),
+                      answers[i:i + batch_size].to(device), None).cpu()
+        for i in range(0, len(prompts), batch_size)])
+    targets = _span_mask(prompts, offsets, width, target)
+    source_masks = {name: _span_mask(prompts, offsets, width, name) for name in sources}
+    windows = layer_windows(model.cfg.n_layers, window)
+    # one row per (window, class, prompt)
+    jobs = [(w, name, i) for w in range(len(windows)) for name in sources for i in range(len(prompts))]
+    records = []
+    bar = tqdm(range(0, len(jobs), batch_size), desc="information flow", disable=not progress, leave=False)
+    for start in bar:
+        chunk = jobs[start:start + batch_size]
+        rows = torch.tensor([i for _, _, i in chunk])
+        knockouts = []
+        for layer in range(model.cfg.n_layers):
+            src = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for r, (w, name, i) in enumerate(chunk):
+                if layer in windows[w][1]:
+                    src[r] = source_masks[name][i]
+            if bool(src.any()):
+                knockouts.append(Knockout(layers=layer, sources=src.to(device), targets=targets[rows].to(device),
+                                          path=path))
+        p_ko = _answer_probs(model, tokens[rows].to(device), attention[rows].to(device), answers[rows].to(device),
+                             knockouts).cpu()
+        for r, (w, name, i) in enumerate(chunk):
+            p = float(clean[i])
+            records.append(dict(prompt=i, layer=windows[w][0], layers=tuple(windows[w][1]), source=name,
+                                n_sources=int(source_masks[name][i].sum()), p=p, p_ko=float(p_ko[r]),
+                                change=(float(p_ko[r]) - p) / p if p > 0 else float("nan")))
+    return pd.DataFrame.from_records(records)
+
+
+def information_flow_per_token(model, prompt, window: int = 3, target: str = "last", path: str = "ssm",
+                               batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Each token → target knocked out in each layer window: ``[n_layers, p]`` relative change
+    ``(p_ko − p) / p`` of the answer probability (row = window centre, column = source token)."""
+    batch, offsets = _encode(model, [prompt])
+    tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
+    p = tokens.shape[1]
+    device = model.W_E.device
+    clean = float(_answer_probs(model, tokens.to(device), None, answers.to(device), None)[0])
+    targets = _span_mask([prompt], offsets, p, target)[0]
+    windows = layer_windows(model.cfg.n_layers, window)
+    jobs = [(w, pos) for w in range(len(windows)) for pos in range(p)]
+    result = torch.zeros(len(windows), p)
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(jobs), batch_size), desc="per-token flow", disable=not progress, leave=False):
+        chunk = jobs[start:start + batch_size]
+        knockouts = []
+        for layer in range(model.cfg.n_layers):
+            src = torch.zeros(len(chunk), p, dtype=torch.bool)
+            for r, (w, pos) in enumerate(chunk):
+                if layer in windows[w][1]:
+                    src[r, pos] = True
+            if bool(src.any()):
+                knockouts.append(Knockout(layers=layer, sources=src.to(device),
+                                          targets=targets.expand(len(chunk), p).to(device), path=path))
+        rows = tokens.expand(len(chunk), p).to(device)
+        p_ko = _answer_probs(model, rows, None, answers.expand(len(chunk)).to(device), knockouts).cpu()
+        for r, (w, pos) in enumerate(chunk):
+            result[w, pos] = (float(p_ko[r]) - clean) / clean if clean > 0 else float("nan")
+    return result
+
+
+def plot_information_flow(df, path, title: Optional[str] = None) -> Path:
+    """Paper-style curves: mean relative change of p(answer) per source class against layer (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = df.groupby(["source", "layer"])["change"].mean().unstack(0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for source in summary.columns:
+        ax.plot(summary.index, 100 * summary[source], marker="o", label=source)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("layer (window centre)")
+    ax.set_ylabel("% change in p(answer)")
+    ax.set_title(title or "knockout of source → last")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_token_flow(values: torch.Tensor, labels: Sequence[str], path, title: Optional[str] = None) -> Path:
+    """Heatmap of :func:`information_flow_per_token` (layer × source token)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2 + 0.45 * values.shape[1], 1.5 + 0.45 * values.shape[0]))
+    bound = float(values.abs().max()) * 100 or 1.0
+    image = ax.imshow(100 * values.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(values.shape[0]))
+    ax.set_xlabel("source token")
+    ax.set_ylabel("layer (window centre)")
+    ax.set_title(title or "% change in p(answer) when token → last is knocked out", fontsize=10)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def features_by_decay(model, layer: int, tokens=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rank a layer's features (Mamba-1 channels, Mamba-2 heads) from fastest to slowest decay.
+
+    The decay rate of a feature is ``Δ·|A|``: how much of the state one step forgets
+    (``exp(−Δ|A|)`` is kept). Δ is the mean over ``tokens`` when given (run through
+    the model), else the Δ of a zero input (softplus of the bias). For Mamba-1, |A| is
+    averaged over the state entries of the channel.
+
+    Returns ``(order, rates)``: feature indices sorted by decreasing rate, and the
+    rate of every feature. ``order[:k]`` are the fast-decay (short memory) features
+    to pass as ``channels=`` / ``heads=``; ``order[-k:]`` the slow-decay ones.
+    """
+    cfg = model.cfg
+    if not -cfg.n_layers <= layer < cfg.n_layers:
+        raise IndexError(f"layer {layer} out of range for {cfg.n_layers} layers")
+    mixer = model.blocks[layer].mixer
+    with torch.no_grad():
+        A = torch.exp(mixer.A_log.float())  # |A|
+        A = A.mean(-1) if cfg.family == "mamba1" else A
+        if tokens is not None:
+            name = f"blocks.{layer % cfg.n_layers}.hook_delta"
+            _, cache = model.run_with_cache(tokens, names_filter=name, stop_at_layer=layer % cfg.n_layers + 1)
+            delta = cache[name].float().flatten(0, 1).mean(0)
+        elif cfg.family == "mamba1":
+            delta = torch.nn.functional.softplus(mixer.dt_proj.bias.float())
+        else:
+            delta = torch.nn.functional.softplus(mixer.dt_bias.float())
+        rates = delta * A
+    return torch.argsort(rates, descending=True), rates
