@@ -38,6 +38,18 @@ def test_models_lists_shipped_models_with_accuracies(capsys):
         assert f"{100 * ioi:.1f}%" in out
 
 
+def test_knockout_task_and_prompt(tmp_path, capsys):
+    assert main(["knockout", "--task", "facts", "--n", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "subject" in out and "relation" in out and "layer" in out
+    assert (tmp_path / "knockout_facts.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "knockout_facts.csv").stat().st_size > 100
+    assert main(["knockout", "--prompt", "The capital of Zor Vel Quen is", "--window", "2", "--path", "both",
+                 "--out", str(tmp_path)]) == 0
+    assert "3:of" in capsys.readouterr().out
+    assert (tmp_path / "knockout_tokens.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_eval_reports_accuracy(capsys):
     assert main(["eval", "toy-mamba2", "--n", "16", "--lengths", "64"]) == 0
     out = capsys.readouterr().out
@@ -101,6 +113,9 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["eval", "toy-mamba2", "--lengths", "8"], "between 16 and 4096"),
         (["eval", "toy-mamba2", "--tasks", "poetry"], "unknown task"),
         (["hooks", "no-such-model"], "no-such-model"),
+        (["knockout", "--window", "9", "--out", "/tmp"], "--window"),
+        (["knockout", "--prompt", "the zyzzyva is", "--out", "/tmp"], "does not know"),
+        (["knockout", "random", "--out", "/tmp"], "no tokenizer"),
     ],
 )
 def test_errors_exit_2_with_a_message(argv, message, capsys):

@@ -5,6 +5,8 @@
     tl-mamba hooks [MODEL]                           every hook with its shape
     tl-mamba eval MODEL [--n 200]                    accuracy on the toy tasks (facts, IOI, needle by length)
     tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
+    tl-mamba knockout [MODEL] [--task facts | --prompt "..."] [--window W] [--path ssm|conv|both]
+                                                     information flow by knockout: table and plot
 
 Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
 output folder that cannot be written) print a message and exit with code 2.
@@ -279,6 +281,67 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_knockout(args) -> int:
+    """Information flow by knockout: source classes → last on a toy task, or every token → last of a prompt."""
+    from rich.table import Table
+
+    from tl_mamba.experiments import (information_flow, information_flow_per_token, plot_information_flow,
+                                      plot_per_token_flow)
+    from tl_mamba.toy import make_dataset
+    from tl_mamba.toy.tasks import Prompt
+
+    out_dir = _writable_dir(args.out)
+    model = _load(args.model)
+    if model.tokenizer is None:
+        raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read prompts")
+    if not 1 <= args.window <= model.cfg.n_layers:
+        raise UsageError(f"--window must be between 1 and {model.cfg.n_layers} (the model's layers), got {args.window}")
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    console = _console()
+    console.print(f"knockout on {model.cfg.model_name}: window {args.window}, path {args.path}")
+    if args.prompt is not None:
+        tokens = model.to_tokens(args.prompt)
+        unk = getattr(model.tokenizer, "unk_token_id", None)
+        if unk is not None and bool((tokens == unk).any()):
+            raise UsageError("the prompt has words the tokenizer does not know; use words from the model's vocabulary")
+        with torch.no_grad():
+            logits = model(tokens)
+        answer = model.to_string([int(logits[0, -1].argmax())])
+        labels = model.to_str_tokens(tokens[0])
+        prompt = Prompt(text=" ".join(labels[1:]), answer=answer, task="prompt",
+                        spans={"last": [tokens.shape[1] - 1]})
+        values = information_flow_per_token(model, prompt, window=args.window, path=args.path)
+        path = plot_per_token_flow(values, [f"{i}:{t}" for i, t in enumerate(labels)], out_dir / "knockout_tokens.png",
+                                   title=f"% change in p({answer!r}) when token → last is knocked out")
+        table = Table(title=f"token → last knockout: % change in p({answer!r}), the model's top prediction")
+        table.add_column("token")
+        for layer in range(values.shape[0]):
+            table.add_column(f"layer {layer}", justify="right")
+        for pos, label in enumerate(labels):
+            table.add_row(f"{pos}:{label}", *[f"{100 * float(values[layer, pos]):+.1f}" for layer in range(values.shape[0])])
+    else:
+        prompts = make_dataset(args.task, "heldout", args.n, seed=args.seed)
+        sources = {"facts": ("subject", "relation", "first", "last", "context"),
+                   "ioi": ("IO", "S1", "S2", "first", "last", "context"),
+                   "needle": ("needle", "query", "distractors", "last", "context")}[args.task]
+        frame = information_flow(model, prompts, window=args.window, sources=sources, path=args.path)
+        path = plot_information_flow(frame, out_dir / f"knockout_{args.task}.png",
+                                     title=f"{args.task}: knockout of source → last ({args.path}, window {args.window})")
+        summary = frame.groupby(["layer", "source"])["change"].mean().unstack(1)
+        table = Table(title=f"{args.task}: mean % change in p(answer) when source → last is knocked out "
+                            f"(n = {args.n} held-out prompts)")
+        table.add_column("layer (window centre)")
+        for source in sources:
+            table.add_column(source, justify="right")
+        for layer, row in summary.iterrows():
+            table.add_row(str(layer), *[f"{100 * float(row[source]):+.1f}" for source in sources])
+        frame.to_csv(out_dir / f"knockout_{args.task}.csv", index=False)
+    console.print(table)
+    console.print(f"plot written to {path}")
+    return 0
+
+
 def cmd_run(args) -> int:
     """Top next tokens for a prompt, and the logit lens of the top token across layers."""
     from rich.table import Table
@@ -342,6 +405,18 @@ def main(argv: Optional[list] = None) -> int:
     evaluate.add_argument("--lengths", default="64,128,256,384,512", help="needle lengths in tokens")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=cmd_eval)
+    knockout = sub.add_parser("knockout", help="information flow by knockout (source → last, per layer window)")
+    knockout.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    source = knockout.add_mutually_exclusive_group()
+    source.add_argument("--task", choices=("facts", "ioi", "needle"), default="facts",
+                        help="a toy task: knock out each span class → last (default facts)")
+    source.add_argument("--prompt", default=None, help="a prompt: knock out each token → last")
+    knockout.add_argument("--window", type=int, default=1, help="layers per knockout window (default 1)")
+    knockout.add_argument("--path", choices=("ssm", "conv", "both"), default="ssm")
+    knockout.add_argument("--n", type=int, default=32, help="prompts (with --task)")
+    knockout.add_argument("--seed", type=int, default=0)
+    knockout.add_argument("--out", default="tl_mamba_knockout", help="folder for the plot (and CSV)")
+    knockout.set_defaults(func=cmd_knockout)
     run = sub.add_parser("run", help="top next tokens and a logit lens for a prompt")
     run.add_argument("model", help="shipped name, checkpoint dir, hub id, or 'random'")
     run.add_argument("prompt")

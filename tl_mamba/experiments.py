@@ -142,7 +142,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     """Each token → target knocked out in each layer window: ``[n_layers, p]`` relative change
     ``(p_ko − p) / p`` of the answer probability (row = window centre, column = source token)."""
     batch, offsets = _encode(model, [prompt])
-    tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
+    tokens, answers = batch["tokens"], batch["answers"]
     p = tokens.shape[1]
     device = model.W_E.device
     clean = float(_answer_probs(model, tokens.to(device), None, answers.to(device), None)[0])
