@@ -63,33 +63,47 @@ class EdgeRemoval:
 SSMMask = Union[Tensor, Sequence[EdgeRemoval]]
 
 
-def removed_terms(contribution_by_row: Callable[[Tensor], Tensor], removals: Sequence[EdgeRemoval],
-                  target_layout: str) -> Tensor:
+def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], removals: Sequence[EdgeRemoval],
+                  target_layout: str, shape: Sequence[int]) -> Tensor:
     """Σ over removals of ``1_T ⊙ F ⊙ scan(x ⊙ 1_S)``: the knocked-out part of y, one scan each.
 
     Args:
-        contribution_by_row: ``contribution_by_row(sources [b, p])`` returns the scan output (no D
-            skip, zero initial state) of the input restricted to each row's sources:
-            ``[b, p, e]`` (Mamba-1) or ``[b, p, h, hd]`` (Mamba-2).
+        contribution_by_row: ``contribution_by_row(sources [b, p], start, stop)`` returns the scan
+            output (no D skip, zero initial state) of the input restricted to each row's sources,
+            over positions ``start:stop`` only: ``[b, stop - start, e]`` (Mamba-1) or
+            ``[b, stop - start, h, hd]`` (Mamba-2). Nothing before the first source reaches
+            the state and nothing after the last target is read, so the scan is cropped to them.
         removals: pairwise disjoint (see :meth:`EdgeRemoval.overlaps`).
         target_layout: ``"bpe"`` (features are channels) or ``"bphd"`` (features are heads).
+        shape: the shape of y, ``[b, p, e]`` or ``[b, p, h, hd]``.
+
+    Returns:
+        ``[*shape]`` fp32 (a 0-dim zero when nothing is removed).
     """
     total = None
     for removal in removals:
-        part = contribution_by_row(removal.sources)
-        targets = removal.targets.to(part.dtype)
+        any_source = removal.sources.bool().any(0).nonzero()
+        any_target = removal.targets.bool().any(0).nonzero()
+        if any_source.numel() == 0 or any_target.numel() == 0:
+            continue
+        start, stop = int(any_source[0]), int(any_target[-1]) + 1
+        if start >= stop:  # every target precedes every source: no edge
+            continue
+        part = contribution_by_row(removal.sources, start, stop)
+        targets = removal.targets[:, start:stop].to(part.dtype)
         if target_layout == "bpe":
-            weight = targets[..., None]  # [b, p, 1]
+            weight = targets[..., None]  # [b, L, 1]
             if removal.features is not None:
-                weight = weight * removal.features.to(part.dtype)  # [b, p, e]
+                weight = weight * removal.features.to(part.dtype)  # [b, L, e]
         elif target_layout == "bphd":
-            weight = targets[..., None, None]  # [b, p, 1, 1]
+            weight = targets[..., None, None]  # [b, L, 1, 1]
             if removal.features is not None:
-                weight = weight * removal.features.to(part.dtype)[:, None]  # [b, p, h, 1]
+                weight = weight * removal.features.to(part.dtype)[:, None]  # [b, L, h, 1]
         else:
             raise ValueError(f"unknown target_layout {target_layout!r}")
-        term = weight * part
-        total = term if total is None else total + term
+        if total is None:
+            total = part.new_zeros(shape)
+        total[:, start:stop] += weight * part
     return torch.zeros(()) if total is None else total
 
 

@@ -116,11 +116,12 @@ def selective_scan(
             for removal in removals:
                 _check_removal(removal, b, p, e, "channels")
 
-            def contribution_by_row(sources: Tensor) -> Tensor:  # sources [b, p]
-                return impl(x * sources[:, :, None].to(x.dtype), delta, A, B, C, None,
-                            initial_state=None, return_states=False).y
+            def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
+                window = slice(start, stop)
+                return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,
+                            B[:, window], C[:, window], None, initial_state=None, return_states=False).y
 
-            out.y = out.y - removed_terms(contribution_by_row, removals, target_layout="bpe")
+            out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape)
         else:
             if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
                 raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")

@@ -116,11 +116,13 @@ def ssd_scan(
             for removal in removals:
                 _check_removal(removal, b, p, h, "heads")
 
-            def contribution_by_row(sources: Tensor) -> Tensor:  # sources [b, p]
-                xs = x * sources[:, :, None, None].to(x.dtype)
-                return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y
+            def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
+                window = slice(start, stop)
+                xs = x[:, window] * sources[:, window, None, None].to(x.dtype)
+                return impl(xs, delta[:, window], A, B[:, window], C[:, window], None, initial_state=None,
+                            return_states=False).y
 
-            out.y = out.y - removed_terms(contribution_by_row, removals, target_layout="bphd")
+            out.y = out.y - removed_terms(contribution_by_row, removals, "bphd", out.y.shape)
         else:
             if tuple(ssm_mask.shape) != (b, h, p, p) and tuple(ssm_mask.shape) != (b, 1, p, p):
                 raise ValueError(f"ssm_mask must be [b, h, p, p] = {(b, h, p, p)}, got {tuple(ssm_mask.shape)}")
