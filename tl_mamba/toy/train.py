@@ -53,11 +53,13 @@ def needle_top(step: int, steps: int, max_len: int) -> int:
 
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
           max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
-          sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3)) -> dict:
+          sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3),
+          init_from: Optional[Path] = None) -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
     ``task_weights`` are the sampling weights of (facts, ioi, needle) batches.
+    ``init_from`` continues from a saved toy model (same architecture) instead of a fresh init.
     """
     from tqdm.auto import tqdm
 
@@ -78,7 +80,16 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
-    model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer).to(dev)
+    model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
+    if init_from is not None:
+        import tl_mamba
+
+        previous = tl_mamba.from_pretrained(str(init_from))
+        if previous.cfg.family != cfg.family or previous.cfg.d_model != cfg.d_model or \
+                previous.cfg.n_layers != cfg.n_layers or previous.cfg.d_state != cfg.d_state:
+            raise ValueError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these sizes")
+        model.load_state_dict(previous.state_dict())
+    model = model.to(dev)
     model.set_backend("torch")
     model.train()
 
@@ -113,7 +124,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         steps_done = steps
 
     metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
-    metrics.update(arch=arch, sizes=spec, task_weights=list(task_weights), steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
+    metrics.update(arch=arch, sizes=spec, init_from=None if init_from is None else str(init_from), task_weights=list(task_weights), steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -160,6 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--task-weights", default="0.4,0.3,0.3",
                         help="sampling weights of facts,ioi,needle batches (default 0.4,0.3,0.3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--init-from", type=Path, default=None, help="continue training a saved toy model")
     args = parser.parse_args(argv)
     weights = [float(w) for w in args.task_weights.split(",")]
     if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
@@ -170,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              if v is not None}
     metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
                     args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
-                    task_weights=weights)
+                    task_weights=weights, init_from=args.init_from)
     print(json.dumps(metrics, indent=2))
     return 0
 
