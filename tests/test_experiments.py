@@ -16,6 +16,7 @@ from tl_mamba.experiments import (
     layer_windows,
     plot_information_flow,
     plot_per_token_flow,
+    summarize_information_flow,
 )
 from tl_mamba.toy import encode_prompts, make_dataset
 from tl_mamba.toy.shipped import shipped_models
@@ -54,6 +55,11 @@ def test_information_flow_rows_equal_single_knockouts(toy, tmp_path):
         assert row.p == pytest.approx(float(p), rel=1e-4, abs=1e-6)
         assert row.p_ko == pytest.approx(float(p_ko), rel=1e-4, abs=1e-6)
         assert row.change == pytest.approx((float(p_ko) - float(p)) / float(p), rel=1e-3, abs=1e-5)
+    pooled = summarize_information_flow(df, "pooled")
+    subset = df[(df.layer == 1) & (df.source == "subject")]
+    assert float(pooled.loc[1, "subject"]) == pytest.approx(100 * (subset.p_ko.sum() / subset.p.sum() - 1), rel=1e-6)
+    assert float(summarize_information_flow(df, "median").loc[1, "subject"]) == pytest.approx(
+        100 * subset.change.median(), rel=1e-6)
     path = plot_information_flow(df, tmp_path / "flow.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 

@@ -286,7 +286,7 @@ def cmd_knockout(args) -> int:
     from rich.table import Table
 
     from tl_mamba.experiments import (information_flow, information_flow_per_token, plot_information_flow,
-                                      plot_per_token_flow)
+                                      plot_per_token_flow, summarize_information_flow)
     from tl_mamba.toy import make_dataset
     from tl_mamba.toy.tasks import Prompt
 
@@ -328,14 +328,14 @@ def cmd_knockout(args) -> int:
         frame = information_flow(model, prompts, window=args.window, sources=sources, path=args.path)
         path = plot_information_flow(frame, out_dir / f"knockout_{args.task}.png",
                                      title=f"{args.task}: knockout of source → last ({args.path}, window {args.window})")
-        summary = frame.groupby(["layer", "source"])["change"].mean().unstack(1)
-        table = Table(title=f"{args.task}: mean % change in p(answer) when source → last is knocked out "
+        summary = summarize_information_flow(frame, "pooled")
+        table = Table(title=f"{args.task}: % change in mean p(answer) when source → last is knocked out "
                             f"(n = {args.n} held-out prompts)")
         table.add_column("layer (window centre)")
         for source in sources:
             table.add_column(source, justify="right")
         for layer, row in summary.iterrows():
-            table.add_row(str(layer), *[f"{100 * float(row[source]):+.1f}" for source in sources])
+            table.add_row(str(layer), *[f"{float(row[source]):+.1f}" for source in sources])
         frame.to_csv(out_dir / f"knockout_{args.task}.csv", index=False)
     console.print(table)
     console.print(f"plot written to {path}")

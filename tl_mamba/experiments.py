@@ -170,20 +170,47 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     return result
 
 
-def plot_information_flow(df, path, title: Optional[str] = None) -> Path:
-    """Paper-style curves: mean relative change of p(answer) per source class against layer (PNG)."""
+STATISTICS = ("pooled", "mean", "median")
+
+
+def summarize_information_flow(df, statistic: str = "pooled"):
+    """Layer × source table of the % change in p(answer).
+
+    ``"pooled"`` (default): ``(mean p_ko − mean p) / mean p``, the change of the mean
+    probability, which a few prompts with a tiny clean p cannot dominate. ``"mean"``:
+    the mean of the per-prompt relative changes (unbounded above: one prompt going
+    from p = 0.001 to 0.5 adds +50000%); ``"median"``: their median.
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    grouped = df.groupby(["layer", "source"], sort=False)
+    if statistic == "pooled":
+        sums = grouped[["p", "p_ko"]].sum()
+        table = (sums["p_ko"] / sums["p"] - 1).unstack(1)
+    elif statistic == "mean":
+        table = grouped["change"].mean().unstack(1)
+    else:
+        table = grouped["change"].median().unstack(1)
+    return 100 * table.sort_index()
+
+
+def plot_information_flow(df, path, title: Optional[str] = None, statistic: str = "pooled") -> Path:
+    """Paper-style curves: % change of p(answer) per source class against layer (PNG).
+
+    ``statistic``: see :func:`summarize_information_flow`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = df.groupby(["source", "layer"])["change"].mean().unstack(0)
+    summary = summarize_information_flow(df, statistic)
     fig, ax = plt.subplots(figsize=(6, 4))
     for source in summary.columns:
-        ax.plot(summary.index, 100 * summary[source], marker="o", label=source)
+        ax.plot(summary.index, summary[source], marker="o", label=source)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("layer (window centre)")
-    ax.set_ylabel("% change in p(answer)")
+    ax.set_ylabel("% change in p(answer)" + (" (pooled)" if statistic == "pooled" else f" ({statistic})"))
     ax.set_title(title or "knockout of source → last")
     ax.legend()
     fig.tight_layout()
