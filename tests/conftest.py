@@ -10,6 +10,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch is read
+# when triton.language is first imported (its own @jit functions are built then), and
+# torch or transformers may import triton before any test module runs, so it is set
+# here, before anything else is imported. Set TRITON_INTERPRET=0 to compile on a GPU.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -442,14 +442,20 @@ def test_set_backend_returns_model_and_sets_name(no_env_backend):
     assert model.backend == "torch"
 
 
-def test_triton_backend_not_implemented_yet(no_env_backend):
+def test_triton_backend_needs_cuda_or_the_interpreter(no_env_backend, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = _model()
-    with pytest.raises(BackendUnavailableError, match="not implemented yet"):
+    with pytest.raises(BackendUnavailableError, match="needs CUDA"):
         model.set_backend("triton")
     assert model.backend == "auto"  # unchanged after the failed call
     x, delta, A, B, C, D, _ = make_inputs(1, 3, 2, 2)
-    with pytest.raises(BackendUnavailableError, match="not implemented yet"):
+    with pytest.raises(BackendUnavailableError, match="needs CUDA"):
         selective_scan(x, delta, A, B, C, D, backend="triton")
+    from tl_mamba import HookedMamba2, HookedMambaConfig
+
+    model2 = HookedMamba2(HookedMambaConfig(family="mamba2", n_layers=1, d_model=16, d_vocab=20, n_heads=2))
+    with pytest.raises(BackendUnavailableError, match="no Triton kernel"):
+        model2.set_backend("triton")
 
 
 def test_unknown_backend_names_the_choices(no_env_backend):

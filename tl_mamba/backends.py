@@ -12,7 +12,7 @@ when unset). ``model.set_backend(name)`` overrides it per model.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -42,18 +42,38 @@ def default_backend() -> str:
         raise ValueError(f"{ENV_VAR}={value!r} is not a backend: {err}") from None
 
 
-def resolve_backend(name: Optional[str], device: torch.device | str | None = None) -> str:
+def triton_usable(device) -> bool:
+    """Whether Triton kernels can run on tensors of ``device``: CUDA, or CPU under
+    ``TRITON_INTERPRET=1`` (Triton's interpreter: exact but slow, for tests)."""
+    try:
+        import triton  # noqa: F401  (is it installed?)
+    except ImportError:
+        return False
+    if torch.device(device if device is not None else "cpu").type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(name: Optional[str], device: torch.device | str | None = None,
+                    available: Sequence[str] = ("reference", "torch")) -> str:
     """Map a user-facing backend name to the implementation that will run.
 
-    ``"auto"`` is the torch path everywhere until the Triton kernels land
-    (issue "Triton scan kernels"); then it becomes Triton on CUDA tensors.
+    ``available``: the implementations the op has. ``"auto"`` is the torch path
+    everywhere for now; it becomes Triton on CUDA tensors once the kernels are
+    validated on a GPU (issue "Triton scan kernels").
     """
     name = validate_backend(name or default_backend())
     if name == "auto":
         return "torch"
     if name == "triton":
-        raise BackendUnavailableError(
-            "The 'triton' backend is not implemented yet: the Triton scan kernels are a later issue. "
-            "Use set_backend('torch') (fast, differentiable) or set_backend('reference') (sequential oracle)."
-        )
+        if "triton" not in available:
+            raise BackendUnavailableError(
+                "There is no Triton kernel for this scan yet (Mamba-1 has one; the Mamba-2 SSD kernel is not "
+                "written yet). Use set_backend('torch') (fast, differentiable) or set_backend('reference')."
+            )
+        if not triton_usable(device):
+            raise BackendUnavailableError(
+                "The 'triton' backend needs CUDA tensors (or TRITON_INTERPRET=1, which runs the kernels in "
+                "Triton's CPU interpreter, slowly). On CPU use set_backend('torch')."
+            )
     return name

@@ -77,6 +77,8 @@ class HookedSSM(HookedRootModule):
 
     family: str = ""
     block_cls: type = nn.Module
+    #: scan implementations the family has (``set_backend`` refuses others)
+    scan_backends: tuple = ("reference", "torch")
 
     def __init__(self, cfg: HookedMambaConfig, tokenizer: Any = None):
         super().__init__()
@@ -169,7 +171,7 @@ class HookedSSM(HookedRootModule):
             self._backend = None
             return self
         name = validate_backend(name)
-        resolve_backend(name, self.W_E.device)  # raise now if it cannot run here
+        resolve_backend(name, self.W_E.device, available=self.scan_backends)  # raise now if it cannot run here
         self._backend = name
         return self
 

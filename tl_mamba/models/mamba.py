@@ -162,4 +162,5 @@ class HookedMamba(HookedSSM):
     """
 
     family = "mamba1"
+    scan_backends = ("reference", "torch", "triton")
     block_cls = MambaBlock

@@ -8,6 +8,8 @@ Implementations (same signature, same results):
 - ``reference.py``: the plain sequential scan, one position at a time. The oracle.
 - ``chunked.py``: the ``"torch"`` backend: discretises a chunk of positions at
   once, then runs a tight fused update per position. Fast on CPU, differentiable.
+- ``triton_kernel.py``: the ``"triton"`` backend: one fused kernel (state in
+  registers, fp32, D skip fused), CUDA or ``TRITON_INTERPRET=1``.
 
 Two features live here, in the dispatcher, so that every backend honours them
 with no code of its own:
@@ -45,9 +47,18 @@ class ScanOutput:
     states: Optional[Tensor] = None  # [b, p, e, n], fp32, only when asked for
 
 
+def _triton(*args, **kwargs):
+    # imported on first use: the kernel module compiles (or, under TRITON_INTERPRET=1,
+    # interprets) its kernels, which plain CPU use never needs
+    from tl_mamba.ops.selective_scan.triton_kernel import selective_scan_triton
+
+    return selective_scan_triton(*args, **kwargs)
+
+
 _IMPLEMENTATIONS = {
     "reference": selective_scan_reference,
     "torch": selective_scan_chunked,
+    "triton": _triton,
 }
 
 
@@ -96,7 +107,7 @@ def selective_scan(
     if state_override is not None:
         check_override_shape(state_override, (b, p, e, n))
     _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n)
-    impl = _IMPLEMENTATIONS[resolve_backend(backend, x.device)]
+    impl = _IMPLEMENTATIONS[resolve_backend(backend, x.device, available=tuple(_IMPLEMENTATIONS))]
     if state_override is None:
         out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
     else:
