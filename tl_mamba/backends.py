@@ -68,8 +68,8 @@ def resolve_backend(name: Optional[str], device: torch.device | str | None = Non
     if name == "triton":
         if "triton" not in available:
             raise BackendUnavailableError(
-                "There is no Triton kernel for this scan yet (Mamba-1 has one; the Mamba-2 SSD kernel is not "
-                "written yet). Use set_backend('torch') (fast, differentiable) or set_backend('reference')."
+                "There is no Triton kernel for this scan. Use set_backend('torch') (fast, differentiable) "
+                "or set_backend('reference')."
             )
         if not triton_usable(device):
             raise BackendUnavailableError(

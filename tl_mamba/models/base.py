@@ -78,7 +78,7 @@ class HookedSSM(HookedRootModule):
     family: str = ""
     block_cls: type = nn.Module
     #: scan implementations the family has (``set_backend`` refuses others)
-    scan_backends: tuple = ("reference", "torch")
+    scan_backends: tuple = ("reference", "torch", "triton")
 
     def __init__(self, cfg: HookedMambaConfig, tokenizer: Any = None):
         super().__init__()

@@ -162,5 +162,4 @@ class HookedMamba(HookedSSM):
     """
 
     family = "mamba1"
-    scan_backends = ("reference", "torch", "triton")
     block_cls = MambaBlock

@@ -5,6 +5,8 @@
 
 - ``reference.py``: the sequential scan, the oracle.
 - ``chunked.py``: the ``"torch"`` backend, the chunked SSD form.
+- ``triton_kernel.py``: the ``"triton"`` backend, a fused recurrent kernel (fp32
+  state in registers, D skip fused), CUDA or ``TRITON_INTERPRET=1``.
 
 State edits (``hook_h``) and knockout masks (``hook_ssm_mask``) are applied
 here, in the dispatcher, with nothing asked of the backends beyond an initial
@@ -34,10 +36,18 @@ class SSDOutput:
     states: Optional[Tensor] = None  # [b, p, h, hd, n] fp32, only when asked for
 
 
+AVAILABLE = ("reference", "torch", "triton")
+
+
 def _implementation(backend: Optional[str], device, chunk_size: int):
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, available=AVAILABLE)
     if name == "reference":
         return ssd_reference
+    if name == "triton":
+        # imported on first use: plain CPU use never needs the kernel module
+        from tl_mamba.ops.ssd.triton_kernel import ssd_triton
+
+        return ssd_triton
     return lambda *a, **k: ssd_chunked(*a, chunk_size=chunk_size, **k)
 
 

@@ -1,0 +1,151 @@
+"""The ``"triton"`` backend of the Mamba-2 scan (forward kernel, recurrent form).
+
+One program per (sequence, head, block of ``BLOCK_HD`` head channels) holds its
+``[BLOCK_HD, n]`` slice of the state in registers, in fp32, and walks the positions:
+
+    h = exp(Δ_t A_h) h + (Δ_t x_t) ⊗ B_t,    y_t = h C_t + D_h x_t   (D skip fused)
+
+B and C are read from the head's group. This is the recurrent form, not the chunked
+SSD form with tensor-core matmuls that mamba_ssm uses: exact and simple, but it
+walks the sequence one position at a time; the chunked kernel is future work
+(see docs/performance.md). Knockouts and state edits are applied by the dispatcher.
+
+Gradients: under autograd the backward recomputes the scan with the ``"torch"``
+backend on the same device and differentiates that.
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before
+anything imports triton).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ssd_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
+    y_ptr, h_final_ptr, states_ptr,
+    p, h, hd, g, n,
+    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
+    BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # x, y: [b, p, h, hd]; dt: [b, p, h]; A, D: [h]; B, C: [b, p, g, n];
+    # h0, h_final: [b, h, hd, n]; states: [b, p, h, hd, n]; all contiguous.
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    group = pid_h // (h // g)
+    offs_d = pid_d * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < hd
+    mask_n = offs_n < n
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn_offsets = offs_d[:, None] * n + offs_n[None, :]
+    A = tl.load(A_ptr + pid_h).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + pid_h).to(tl.float32)
+    state_base = (pid_b * h + pid_h) * hd * n
+    if HAS_H0:
+        state = tl.load(h0_ptr + state_base + dn_offsets, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_HD, BLOCK_N), dtype=tl.float32)
+    for t in range(0, p):
+        row = pid_b * p + t
+        x = tl.load(x_ptr + (row * h + pid_h) * hd + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + row * h + pid_h).to(tl.float32)
+        Bt = tl.load(B_ptr + (row * g + group) * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + (row * g + group) * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        state = tl.exp(dt * A) * state + (dt * x)[:, None] * Bt[None, :]
+        y = tl.sum(state * Ct[None, :], axis=1)
+        if HAS_D:
+            y += D * x
+        tl.store(y_ptr + (row * h + pid_h) * hd + offs_d, y, mask=mask_d)
+        if STORE_STATES:
+            tl.store(states_ptr + (row * h + pid_h) * hd * n + dn_offsets, state, mask=mask_dn)
+    tl.store(h_final_ptr + state_base + dn_offsets, state, mask=mask_dn)
+
+
+def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd: Optional[int] = None):
+    b, p, h, hd = x.shape
+    g, n = B.shape[-2:]
+    x, delta, A, B, C = (t.contiguous() for t in (x, delta, A, B, C))
+    D = None if D is None else D.contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    y = torch.empty(b, p, h, hd, device=x.device, dtype=torch.float32)
+    h_final = torch.empty(b, h, hd, n, device=x.device, dtype=torch.float32)
+    states = torch.empty(b, p, h, hd, n, device=x.device, dtype=torch.float32) if return_states else y
+    block_n = triton.next_power_of_2(n)
+    block_hd = block_hd or max(1, min(triton.next_power_of_2(hd), 4096 // block_n))
+    grid = (b, h, triton.cdiv(hd, block_hd))
+    _ssd_fwd_kernel[grid](
+        x, delta, A, B, C, D if D is not None else A, h0 if h0 is not None else h_final,
+        y, h_final, states, p, h, hd, g, n,
+        HAS_D=D is not None, HAS_H0=h0 is not None, STORE_STATES=return_states,
+        BLOCK_HD=block_hd, BLOCK_N=block_n,
+    )
+    return y, h_final, (states if return_states else None)
+
+
+class _TritonSSD(torch.autograd.Function):
+    """Kernel forward; backward by recomputing through the differentiable ``"torch"`` backend."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D, initial_state, return_states):
+        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states)
+        ctx.save_for_backward(x, delta, A, B, C, D, initial_state)
+        ctx.return_states = return_states
+        return y, h_final, states
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final, grad_states):
+        from tl_mamba.ops.ssd.chunked import ssd_chunked
+
+        inputs = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[i])
+                  for i, t in enumerate(ctx.saved_tensors)]
+        with torch.enable_grad():
+            out = ssd_chunked(*inputs[:6], initial_state=inputs[6], return_states=ctx.return_states)
+            outputs, grads = [out.y, out.final_state], [grad_y, grad_final]
+            if ctx.return_states and grad_states is not None:
+                outputs.append(out.states)
+                grads.append(grad_states)
+            wanted = [t for t in inputs if t is not None and t.requires_grad]
+            found = torch.autograd.grad(outputs, wanted, [torch.zeros_like(o) if gr is None else gr
+                                                          for o, gr in zip(outputs, grads)], allow_unused=True)
+        found = iter(found)
+        return (*[next(found) if t is not None and t.requires_grad else None for t in inputs], None)
+
+
+def ssd_triton(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    *,
+    initial_state: Optional[Tensor] = None,
+    return_states: bool = False,
+):
+    """Triton Mamba-2 scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``; outputs fp32."""
+    from tl_mamba.backends import triton_usable
+    from tl_mamba.ops.ssd import SSDOutput
+
+    if not triton_usable(x.device):
+        raise RuntimeError("the Triton SSD scan needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state))
+    if needs_grad:
+        y, h_final, states = _TritonSSD.apply(x, delta, A, B, C, D, initial_state, return_states)
+    else:
+        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states)
+    if x.dtype == torch.float64:  # the kernel accumulates in fp32; keep the dispatcher's dtype contract
+        y, h_final = y.double(), h_final.double()
+        states = None if states is None else states.double()
+    return SSDOutput(y=y, final_state=h_final, states=states)
