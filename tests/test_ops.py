@@ -514,3 +514,24 @@ def test_fractional_mask_keeps_that_share_of_the_edge(backend):
     y_keep, y_cut, y_half = (selective_scan(x, delta, A, B, C, D, ssm_mask=m, backend=backend).y for m in (keep, cut, half))
     assert (y_keep - y_cut).abs().max() > 1e-4  # the edge matters
     torch.testing.assert_close(y_half, (y_keep + y_cut) / 2, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_picks_triton_on_cuda_and_falls_back_with_a_warning(no_env_backend, monkeypatch):
+    """The contract: "auto" is Triton on CUDA. A kernel that fails there (never compiled on
+    that GPU, say) warns once and the torch path takes over; "triton" named explicitly raises."""
+    from tl_mamba import backends
+
+    monkeypatch.setattr(backends, "_TRITON_FAILED", None)
+    pytest.importorskip("triton")
+    assert resolve_backend("auto", "cuda", available=("reference", "torch", "triton")) == "triton"
+    assert resolve_backend("auto", "cuda", available=("reference", "torch")) == "torch"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX compilation failed")
+
+    impls = {"reference": lambda: "reference", "torch": lambda: "torch", "triton": broken}
+    with pytest.warns(RuntimeWarning, match="PTX compilation failed"):
+        assert backends.pick_implementation("auto", "cuda", impls)() == "torch"
+    assert resolve_backend("auto", "cuda", available=tuple(impls)) == "torch"  # remembered
+    with pytest.raises(RuntimeError, match="PTX"):
+        backends.pick_implementation("triton", "cuda", impls)()

@@ -54,16 +54,22 @@ def triton_usable(device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_TRITON_FAILED: Optional[str] = None  # set when a Triton kernel failed under "auto"
+
+
 def resolve_backend(name: Optional[str], device: torch.device | str | None = None,
                     available: Sequence[str] = ("reference", "torch")) -> str:
     """Map a user-facing backend name to the implementation that will run.
 
-    ``available``: the implementations the op has. ``"auto"`` is the torch path
-    everywhere for now; it becomes Triton on CUDA tensors once the kernels are
-    validated on a GPU (issue "Triton scan kernels").
+    ``available``: the implementations the op has. ``"auto"`` is Triton on CUDA
+    tensors (when triton is installed and the op has a kernel) and the torch path
+    everywhere else.
     """
     name = validate_backend(name or default_backend())
     if name == "auto":
+        on_cuda = torch.device(device if device is not None else "cpu").type == "cuda"
+        if on_cuda and "triton" in available and _TRITON_FAILED is None and triton_usable(device):
+            return "triton"
         return "torch"
     if name == "triton":
         if "triton" not in available:
@@ -77,3 +83,30 @@ def resolve_backend(name: Optional[str], device: torch.device | str | None = Non
                 "Triton's CPU interpreter, slowly). On CPU use set_backend('torch')."
             )
     return name
+
+
+def pick_implementation(requested: Optional[str], device, implementations: dict):
+    """The function that runs a scan for backend ``requested`` on ``device``.
+
+    Under ``"auto"`` a Triton kernel that fails (to compile, say, on a GPU it was never
+    run on) is reported once with a warning and replaced by the torch path for the rest
+    of the process; a backend named explicitly raises instead.
+    """
+    name = resolve_backend(requested, device, available=tuple(implementations))
+    impl = implementations[name]
+    if name != "triton" or validate_backend(requested or default_backend()) != "auto":
+        return impl
+
+    def triton_or_torch(*args, **kwargs):
+        global _TRITON_FAILED
+        try:
+            return impl(*args, **kwargs)
+        except (RuntimeError, ValueError, TypeError, ImportError) as err:
+            import warnings
+
+            _TRITON_FAILED = f"{type(err).__name__}: {err}"
+            warnings.warn(f"backend 'auto': the Triton kernel failed ({_TRITON_FAILED}); using the torch backend "
+                          "from now on. set_backend('triton') raises the error instead.", RuntimeWarning)
+            return implementations["torch"](*args, **kwargs)
+
+    return triton_or_torch

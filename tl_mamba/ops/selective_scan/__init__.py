@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.backends import resolve_backend
+from tl_mamba.backends import pick_implementation
 from tl_mamba.ops.knockout import SSMMask, as_removal_list, knocked_out_terms, removed_terms
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
@@ -107,7 +107,7 @@ def selective_scan(
     if state_override is not None:
         check_override_shape(state_override, (b, p, e, n))
     _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n)
-    impl = _IMPLEMENTATIONS[resolve_backend(backend, x.device, available=tuple(_IMPLEMENTATIONS))]
+    impl = pick_implementation(backend, x.device, _IMPLEMENTATIONS)
     if state_override is None:
         out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
     else:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.backends import resolve_backend
+from tl_mamba.backends import pick_implementation
 from tl_mamba.ops.knockout import SSMMask, as_removal_list, knocked_out_terms, removed_terms
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
@@ -36,19 +36,19 @@ class SSDOutput:
     states: Optional[Tensor] = None  # [b, p, h, hd, n] fp32, only when asked for
 
 
-AVAILABLE = ("reference", "torch", "triton")
+def _triton(*args, **kwargs):
+    # imported on first use: plain CPU use never needs the kernel module
+    from tl_mamba.ops.ssd.triton_kernel import ssd_triton
+
+    return ssd_triton(*args, **kwargs)
 
 
 def _implementation(backend: Optional[str], device, chunk_size: int):
-    name = resolve_backend(backend, device, available=AVAILABLE)
-    if name == "reference":
-        return ssd_reference
-    if name == "triton":
-        # imported on first use: plain CPU use never needs the kernel module
-        from tl_mamba.ops.ssd.triton_kernel import ssd_triton
-
-        return ssd_triton
-    return lambda *a, **k: ssd_chunked(*a, chunk_size=chunk_size, **k)
+    return pick_implementation(backend, device, {
+        "reference": ssd_reference,
+        "torch": lambda *a, **k: ssd_chunked(*a, chunk_size=chunk_size, **k),
+        "triton": _triton,
+    })
 
 
 def ssd_scan(
