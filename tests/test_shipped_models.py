@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tl_mamba
-from tl_mamba import HookedMamba2
+from tl_mamba import HookedMamba, HookedMamba2
 from tl_mamba.toy import tasks
 from tl_mamba.toy.shipped import shipped_metrics, shipped_models
 
@@ -17,15 +17,30 @@ def test_toy_mamba2_is_shipped_and_loads_by_name():
     assert model.to_str_tokens("what is key cug ? it is")[0] == "<bos>"
 
 
-@pytest.mark.parametrize("task, n, floor", [("facts", 96, 0.9), ("ioi", 96, 0.9), ("needle", 48, 0.75)])
-def test_toy_mamba2_heldout_accuracy(task, n, floor):
+def test_toy_mamba_is_shipped_and_loads_by_name():
+    assert "toy-mamba" in shipped_models()
+    model = tl_mamba.from_pretrained("toy-mamba")
+    assert isinstance(model, HookedMamba) and model.tokenizer is not None
+    assert model.cfg.family == "mamba1"
+
+
+@pytest.mark.parametrize("name", sorted(shipped_models()))
+@pytest.mark.parametrize("task, n", [("facts", 96), ("ioi", 96), ("needle", 64)])
+def test_heldout_accuracy_matches_the_recorded_one(name, task, n):
+    """A fresh held-out sample (other seeds than training's evaluation) reaches the accuracy
+    recorded in metrics.json, within sampling noise: n = 64-96 gives a standard error of
+    3-5 points, so the floor is the recorded accuracy minus 12 points. Tasks a model did
+    not learn (recorded below 50%) are skipped, with the recorded number as the reason."""
+    recorded = shipped_metrics(name)
+    value = recorded["needle_by_length"]["128"] if task == "needle" else recorded[task]
+    if value < 0.5:
+        pytest.skip(f"{name} did not learn {task} (recorded {100 * value:.0f}% held out)")
     torch.manual_seed(0)
-    model = tl_mamba.from_pretrained("toy-mamba2")
+    model = tl_mamba.from_pretrained(name)
     kw = {"length": 128} if task == "needle" else {}
     prompts = tasks.make_dataset(task, "heldout", n, seed=123, **kw)
     accuracy = tasks.evaluate(model, prompts, progress=False)
-    # floors sit below the accuracies recorded at training (metrics.json) to absorb sampling noise
-    assert accuracy >= floor, (task, accuracy, shipped_metrics("toy-mamba2"))
+    assert accuracy >= value - 0.12, (name, task, accuracy, value)
 
 
 def test_shipped_weights_are_small():

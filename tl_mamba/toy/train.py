@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 #: Architectures of the shipped models (small enough for 2 CPU cores, ≤ 10 MB together).
 ARCHS = {
-    "mamba": dict(family="mamba1", n_layers=4, d_model=128, d_state=16, d_conv=4, expand=2),
+    "mamba": dict(family="mamba1", n_layers=4, d_model=96, d_state=8, d_conv=4, expand=2),
     "mamba2": dict(family="mamba2", n_layers=4, d_model=128, d_state=32, d_conv=4, expand=2, d_head=32,
                    n_groups=1, chunk_size=64),
 }
