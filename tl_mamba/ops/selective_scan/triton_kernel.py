@@ -10,10 +10,8 @@ It writes y, the final state, and, only when asked for (``hook_h`` hooked or
 cached), every state. Knockout masks and state overrides need nothing here: the
 dispatcher applies them with extra calls that only use the initial and final state.
 
-Gradients: the kernel itself has no backward yet. Under autograd the forward runs
-the kernel, and the backward recomputes the scan with the ``"torch"`` backend on the
-same device and differentiates that (correct, but its memory is that of the torch
-backend, O(p·e·n), not the O(p) a fused backward kernel would give).
+Gradients: the kernel itself has no backward yet; ``tl_mamba.ops.triton_scan``
+recomputes the scan through the ``"torch"`` backend under autograd.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow: tests only).
 The variable must be set before anything imports triton (torch and transformers may):
@@ -27,56 +25,51 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
+import triton
+import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton is a dependency on Linux
-    HAVE_TRITON = False
+from tl_mamba.ops.triton_scan import run_triton_scan
 
 
-if HAVE_TRITON:
-
-    @triton.jit
-    def _selective_scan_fwd_kernel(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
-        y_ptr, h_final_ptr, states_ptr,
-        p, e, n,
-        HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        # x, dt, y: [b, p, e]; A: [e, n]; B, C: [b, p, n]; h0, h_final: [b, e, n];
-        # states: [b, p, e, n]; all contiguous.
-        pid_b = tl.program_id(0)
-        pid_e = tl.program_id(1)
-        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_e = offs_e < e
-        mask_n = offs_n < n
-        mask_en = mask_e[:, None] & mask_n[None, :]
-        en_offsets = offs_e[:, None] * n + offs_n[None, :]
-        A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(tl.float32)
+@triton.jit
+def _selective_scan_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
+    y_ptr, h_final_ptr, states_ptr,
+    p, e, n,
+    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # x, dt, y: [b, p, e]; A: [e, n]; B, C: [b, p, n]; h0, h_final: [b, e, n];
+    # states: [b, p, e, n]; all contiguous.
+    pid_b = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e = offs_e < e
+    mask_n = offs_n < n
+    mask_en = mask_e[:, None] & mask_n[None, :]
+    en_offsets = offs_e[:, None] * n + offs_n[None, :]
+    A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+    for t in range(0, p):
+        row = pid_b * p + t
+        x = tl.load(x_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
         if HAS_D:
-            D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        if HAS_H0:
-            h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(tl.float32)
-        else:
-            h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
-        for t in range(0, p):
-            row = pid_b * p + t
-            x = tl.load(x_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
-            y = tl.sum(h * Ct[None, :], axis=1)
-            if HAS_D:
-                y += D * x
-            tl.store(y_ptr + row * e + offs_e, y, mask=mask_e)
-            if STORE_STATES:
-                tl.store(states_ptr + row * e * n + en_offsets, h, mask=mask_en)
-        tl.store(h_final_ptr + pid_b * e * n + en_offsets, h, mask=mask_en)
+            y += D * x
+        tl.store(y_ptr + row * e + offs_e, y, mask=mask_e)
+        if STORE_STATES:
+            tl.store(states_ptr + row * e * n + en_offsets, h, mask=mask_en)
+    tl.store(h_final_ptr + pid_b * e * n + en_offsets, h, mask=mask_en)
 
 
 def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: Optional[int] = None):
@@ -100,37 +93,6 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
     return y, h_final, (states if return_states else None)
 
 
-class _TritonSelectiveScan(torch.autograd.Function):
-    """Kernel forward; backward by recomputing through the differentiable ``"torch"`` backend."""
-
-    @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, initial_state, return_states):
-        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states)
-        ctx.save_for_backward(x, delta, A, B, C, D, initial_state)
-        ctx.return_states = return_states
-        return y, h_final, states
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_final, grad_states):
-        from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
-
-        saved = ctx.saved_tensors
-        inputs = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[i])
-                  for i, t in enumerate(saved)]
-        with torch.enable_grad():
-            out = selective_scan_chunked(*inputs[:6], initial_state=inputs[6], return_states=ctx.return_states)
-            outputs, grads = [out.y, out.final_state], [grad_y, grad_final]
-            if ctx.return_states and grad_states is not None:
-                outputs.append(out.states)
-                grads.append(grad_states)
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            found = torch.autograd.grad(outputs, wanted, [torch.zeros_like(o) if g is None else g
-                                                          for o, g in zip(outputs, grads)], allow_unused=True)
-        found = iter(found)
-        result = [next(found) if t is not None and t.requires_grad else None for t in inputs]
-        return (*result, None)
-
-
 def selective_scan_triton(
     x: Tensor,
     delta: Tensor,
@@ -143,18 +105,8 @@ def selective_scan_triton(
     return_states: bool = False,
 ):
     """Triton scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``; outputs fp32."""
-    from tl_mamba.backends import triton_usable
     from tl_mamba.ops.selective_scan import ScanOutput
+    from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 
-    if not triton_usable(x.device):
-        raise RuntimeError("the Triton selective scan needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state))
-    if needs_grad:
-        y, h_final, states = _TritonSelectiveScan.apply(x, delta, A, B, C, D, initial_state, return_states)
-    else:
-        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states)
-    if x.dtype == torch.float64:  # the kernel accumulates in fp32; keep the dispatcher's dtype contract
-        y, h_final = y.double(), h_final.double()
-        states = None if states is None else states.double()
-    return ScanOutput(y=y, final_state=h_final, states=states)
+    return run_triton_scan(_forward, selective_scan_chunked, ScanOutput, "selective scan", x, delta, A, B, C, D,
+                           initial_state, return_states)

@@ -10,8 +10,8 @@ SSD form with tensor-core matmuls that mamba_ssm uses: exact and simple, but it
 walks the sequence one position at a time; the chunked kernel is future work
 (see docs/performance.md). Knockouts and state edits are applied by the dispatcher.
 
-Gradients: under autograd the backward recomputes the scan with the ``"torch"``
-backend on the same device and differentiates that.
+Gradients: the kernel itself has no backward yet; ``tl_mamba.ops.triton_scan``
+recomputes the scan through the ``"torch"`` backend under autograd.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before
 anything imports triton).
@@ -26,6 +26,8 @@ from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from tl_mamba.ops.triton_scan import run_triton_scan
 
 
 @triton.jit
@@ -93,35 +95,6 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd:
     return y, h_final, (states if return_states else None)
 
 
-class _TritonSSD(torch.autograd.Function):
-    """Kernel forward; backward by recomputing through the differentiable ``"torch"`` backend."""
-
-    @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, initial_state, return_states):
-        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states)
-        ctx.save_for_backward(x, delta, A, B, C, D, initial_state)
-        ctx.return_states = return_states
-        return y, h_final, states
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_final, grad_states):
-        from tl_mamba.ops.ssd.chunked import ssd_chunked
-
-        inputs = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[i])
-                  for i, t in enumerate(ctx.saved_tensors)]
-        with torch.enable_grad():
-            out = ssd_chunked(*inputs[:6], initial_state=inputs[6], return_states=ctx.return_states)
-            outputs, grads = [out.y, out.final_state], [grad_y, grad_final]
-            if ctx.return_states and grad_states is not None:
-                outputs.append(out.states)
-                grads.append(grad_states)
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            found = torch.autograd.grad(outputs, wanted, [torch.zeros_like(o) if gr is None else gr
-                                                          for o, gr in zip(outputs, grads)], allow_unused=True)
-        found = iter(found)
-        return (*[next(found) if t is not None and t.requires_grad else None for t in inputs], None)
-
-
 def ssd_triton(
     x: Tensor,
     delta: Tensor,
@@ -134,18 +107,8 @@ def ssd_triton(
     return_states: bool = False,
 ):
     """Triton Mamba-2 scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``; outputs fp32."""
-    from tl_mamba.backends import triton_usable
     from tl_mamba.ops.ssd import SSDOutput
+    from tl_mamba.ops.ssd.chunked import ssd_chunked
 
-    if not triton_usable(x.device):
-        raise RuntimeError("the Triton SSD scan needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state))
-    if needs_grad:
-        y, h_final, states = _TritonSSD.apply(x, delta, A, B, C, D, initial_state, return_states)
-    else:
-        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states)
-    if x.dtype == torch.float64:  # the kernel accumulates in fp32; keep the dispatcher's dtype contract
-        y, h_final = y.double(), h_final.double()
-        states = None if states is None else states.double()
-    return SSDOutput(y=y, final_state=h_final, states=states)
+    return run_triton_scan(_forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
+                           initial_state, return_states)
