@@ -56,6 +56,22 @@ def _span_mask(prompts, offsets, width: int, name: str) -> torch.Tensor:
     return mask
 
 
+def _window_knockouts(n_layers: int, windows, row_windows: Sequence[int], row_sources: torch.Tensor,
+                      targets: torch.Tensor, path: str, device) -> List[Knockout]:
+    """One Knockout per layer whose rows knock out their own sources in their own window.
+
+    Row r removes ``row_sources[r]`` → ``targets[r]`` in the layers of ``windows[row_windows[r]]``;
+    layers no row's window covers get no knockout.
+    """
+    knockouts = []
+    for layer in range(n_layers):
+        in_window = torch.tensor([layer in windows[w][1] for w in row_windows])
+        sources = row_sources & in_window[:, None]
+        if bool(sources.any()):
+            knockouts.append(Knockout(layers=layer, sources=sources.to(device), targets=targets.to(device), path=path))
+    return knockouts
+
+
 def _answer_probs(model, tokens, attention_mask, answers, knockouts: Optional[List[Knockout]]):
     with torch.no_grad():
         if knockouts:
@@ -118,15 +134,9 @@ def information_flow(
     for start in bar:
         chunk = jobs[start:start + batch_size]
         rows = torch.tensor([i for _, _, i in chunk])
-        knockouts = []
-        for layer in range(model.cfg.n_layers):
-            src = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for r, (w, name, i) in enumerate(chunk):
-                if layer in windows[w][1]:
-                    src[r] = source_masks[name][i]
-            if bool(src.any()):
-                knockouts.append(Knockout(layers=layer, sources=src.to(device), targets=targets[rows].to(device),
-                                          path=path))
+        row_sources = torch.stack([source_masks[name][i] for _, name, i in chunk])
+        knockouts = _window_knockouts(model.cfg.n_layers, windows, [w for w, _, _ in chunk], row_sources,
+                                      targets[rows], path, device)
         p_ko = _answer_probs(model, tokens[rows].to(device), attention[rows].to(device), answers[rows].to(device),
                              knockouts).cpu()
         for r, (w, name, i) in enumerate(chunk):
@@ -154,15 +164,10 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
 
     for start in tqdm(range(0, len(jobs), batch_size), desc="per-token flow", disable=not progress, leave=False):
         chunk = jobs[start:start + batch_size]
-        knockouts = []
-        for layer in range(model.cfg.n_layers):
-            src = torch.zeros(len(chunk), p, dtype=torch.bool)
-            for r, (w, pos) in enumerate(chunk):
-                if layer in windows[w][1]:
-                    src[r, pos] = True
-            if bool(src.any()):
-                knockouts.append(Knockout(layers=layer, sources=src.to(device),
-                                          targets=targets.expand(len(chunk), p).to(device), path=path))
+        row_sources = torch.zeros(len(chunk), p, dtype=torch.bool)
+        row_sources[torch.arange(len(chunk)), torch.tensor([pos for _, pos in chunk])] = True
+        knockouts = _window_knockouts(model.cfg.n_layers, windows, [w for w, _ in chunk], row_sources,
+                                      targets.expand(len(chunk), p), path, device)
         rows = tokens.expand(len(chunk), p).to(device)
         p_ko = _answer_probs(model, rows, None, answers.expand(len(chunk)).to(device), knockouts).cpu()
         for r, (w, pos) in enumerate(chunk):
