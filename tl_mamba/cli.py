@@ -101,6 +101,17 @@ def _writable_dir(out: str) -> Path:
     return out_dir
 
 
+def _prompt_tokens(model, prompt: str) -> torch.Tensor:
+    """``model.to_tokens(prompt)``, refusing a prompt with words the tokenizer does not know."""
+    tokens = model.to_tokens(prompt)
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if unk is not None and bool((tokens == unk).any()):
+        n_unknown = int((tokens == unk).sum())
+        raise UsageError(f"the prompt has words the tokenizer does not know ({n_unknown} unknown token(s)); "
+                         "use words from the model's vocabulary")
+    return tokens
+
+
 def _check_toy_vocabulary(model, name: str) -> None:
     """The toy tasks are written in the toy vocabulary; other tokenizers would read them as unknowns."""
     from tl_mamba.toy import vocab as toy_vocab
@@ -301,10 +312,7 @@ def cmd_knockout(args) -> int:
     console = _console()
     console.print(f"knockout on {model.cfg.model_name}: window {args.window}, path {args.path}")
     if args.prompt is not None:
-        tokens = model.to_tokens(args.prompt)
-        unk = getattr(model.tokenizer, "unk_token_id", None)
-        if unk is not None and bool((tokens == unk).any()):
-            raise UsageError("the prompt has words the tokenizer does not know; use words from the model's vocabulary")
+        tokens = _prompt_tokens(model, args.prompt)
         with torch.no_grad():
             logits = model(tokens)
         answer = model.to_string([int(logits[0, -1].argmax())])
@@ -350,12 +358,7 @@ def cmd_run(args) -> int:
     model = _load(args.model)
     if model.tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read a text prompt")
-    tokens = model.to_tokens(args.prompt)
-    unk = getattr(model.tokenizer, "unk_token_id", None)
-    if unk is not None and bool((tokens == unk).any()):
-        words = [s for s, t in zip(model.to_str_tokens(tokens[0]), tokens[0].tolist()) if t == unk]
-        raise UsageError(f"the prompt has words the tokenizer does not know ({len(words)} unknown token(s)); "
-                         "use words from the model's vocabulary")
+    tokens = _prompt_tokens(model, args.prompt)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre")
                                              or n.endswith("hook_resid_post") or n.startswith("ln_final"))
