@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
@@ -66,29 +66,6 @@ def cmd_hooks(args) -> int:
     return 0
 
 
-def _heatmap(values: torch.Tensor, title: str, path: Path, xlabels: Optional[Sequence[str]] = None) -> None:
-    """A layer × position heatmap (diverging, centred on 0) written as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(2 + 0.5 * values.shape[1], 1.5 + 0.45 * values.shape[0]))
-    bound = float(values.abs().max()) or 1.0
-    image = ax.imshow(values.float().numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-    if xlabels is not None:
-        ax.set_xticks(range(len(xlabels)))
-        ax.set_xticklabels(xlabels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(values.shape[0]))
-    ax.set_xlabel("position")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _writable_dir(out: str) -> Path:
     out_dir = Path(out)
     try:
@@ -131,6 +108,7 @@ def cmd_demo(args) -> int:
     from rich.table import Table
     from transformer_lens import patching
 
+    from tl_mamba.plotting import layer_position_heatmap
     from tl_mamba.toy import encode_prompts, make_ioi
 
     console = _console()
@@ -179,10 +157,10 @@ def cmd_demo(args) -> int:
     with torch.no_grad():
         resid_patch = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
         state_patch = _state_patching(model, corrupted, cache, metric)
-    _heatmap(resid_patch, "patching resid_pre clean → corrupted (fraction of IO−S logit diff restored)",
-             out_dir / "patch_resid_pre.png", labels)
-    _heatmap(state_patch, "patching hook_h clean → corrupted (fraction of IO−S logit diff restored)",
-             out_dir / "patch_state.png", labels)
+    layer_position_heatmap(resid_patch, out_dir / "patch_resid_pre.png",
+                           "patching resid_pre clean → corrupted (fraction of IO−S logit diff restored)", labels)
+    layer_position_heatmap(state_patch, out_dir / "patch_state.png",
+                           "patching hook_h clean → corrupted (fraction of IO−S logit diff restored)", labels)
 
     s2 = prompt.spans["S2"][0]
     table = Table(title="activation patching: where the IOI information lives")

@@ -226,27 +226,11 @@ def plot_information_flow(df, path, title: Optional[str] = None, statistic: str 
 
 
 def plot_per_token_flow(values: torch.Tensor, labels: Sequence[str], path, title: Optional[str] = None) -> Path:
-    """Heatmap of :func:`information_flow_per_token` (layer × source token)."""
-    import matplotlib
+    """Heatmap of :func:`information_flow_per_token` (layer × source token, in %)."""
+    from tl_mamba.plotting import layer_position_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(2 + 0.45 * values.shape[1], 1.5 + 0.45 * values.shape[0]))
-    bound = float(values.abs().max()) * 100 or 1.0
-    image = ax.imshow(100 * values.numpy(), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(values.shape[0]))
-    ax.set_xlabel("source token")
-    ax.set_ylabel("layer (window centre)")
-    ax.set_title(title or "% change in p(answer) when token → last is knocked out", fontsize=10)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return layer_position_heatmap(100 * values, path, title or "% change in p(answer) when token → last is knocked out",
+                                  xlabels=labels, xlabel="source token", ylabel="layer (window centre)")
 
 
 def features_by_decay(model, layer: int, tokens=None) -> Tuple[torch.Tensor, torch.Tensor]:
