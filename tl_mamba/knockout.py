@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.ops.conv import causal_conv1d
-from tl_mamba.ops.knockout import EdgeRemoval
+from tl_mamba.ops.knockout import EdgeRemoval, any_overlap
 
 Positions = Union[int, Sequence[int], Tensor]
 PATHS = ("ssm", "conv", "both")
@@ -254,11 +254,7 @@ def structured_removals(hook_point, b: int, p: int, device) -> Optional[List[Edg
     if not registry or len(registry) != len(hook_point.fwd_hooks):
         return None
     removals = [fn.removal(b, p, device) for fn in registry.values()]
-    for a in range(len(removals)):
-        for c in range(a + 1, len(removals)):
-            if removals[a].overlaps(removals[c]):
-                return None
-    return removals
+    return None if any_overlap(removals) else removals
 
 
 def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[object, object]]:

@@ -73,7 +73,7 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
             over positions ``start:stop`` only: ``[b, stop - start, e]`` (Mamba-1) or
             ``[b, stop - start, h, hd]`` (Mamba-2). Nothing before the first source reaches
             the state and nothing after the last target is read, so the scan is cropped to them.
-        removals: pairwise disjoint (see :meth:`EdgeRemoval.overlaps`).
+        removals: pairwise disjoint (see :func:`any_overlap`).
         target_layout: ``"bpe"`` (features are channels) or ``"bphd"`` (features are heads).
         shape: the shape of y, ``[b, p, e]`` or ``[b, p, h, hd]``.
 
@@ -107,12 +107,19 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
     return torch.zeros(()) if total is None else total
 
 
-def check_disjoint(removals: Sequence[EdgeRemoval]) -> None:
-    """Raise if two removals share an edge (their union cannot be computed as a sum)."""
-    for a in range(len(removals)):
-        for c in range(a + 1, len(removals)):
-            if removals[a].overlaps(removals[c]):
-                raise ValueError("two knockouts in one layer share edges; their union needs the dense mask")
+def any_overlap(removals: Sequence[EdgeRemoval]) -> bool:
+    """Whether two removals share an edge (then their union is not the sum of their terms)."""
+    return any(removals[a].overlaps(removals[c]) for a in range(len(removals)) for c in range(a + 1, len(removals)))
+
+
+def check_removal(removal: EdgeRemoval, b: int, p: int, n_features: int, what: str) -> None:
+    """Raise if a removal's shapes do not fit a ``[b, p]`` scan with ``n_features`` heads/channels."""
+    for name in ("sources", "targets"):
+        shape = tuple(getattr(removal, name).shape)
+        if shape != (b, p):
+            raise ValueError(f"a knockout's {name} must be [b, p] = {(b, p)} here, got {shape}")
+    if removal.features is not None and tuple(removal.features.shape) != (n_features,):
+        raise ValueError(f"a knockout's {what} mask must have {n_features} entries, got {tuple(removal.features.shape)}")
 
 
 def as_removal_list(ssm_mask: SSMMask) -> Optional[List[EdgeRemoval]]:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import pick_implementation
-from tl_mamba.ops.knockout import SSMMask, as_removal_list, knocked_out_terms, removed_terms
+from tl_mamba.ops.knockout import SSMMask, as_removal_list, check_removal, knocked_out_terms, removed_terms
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
@@ -125,7 +125,7 @@ def selective_scan(
         removals = as_removal_list(ssm_mask)
         if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
             for removal in removals:
-                _check_removal(removal, b, p, e, "channels")
+                check_removal(removal, b, p, e, "channels")
 
             def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
                 window = slice(start, stop)
@@ -143,15 +143,6 @@ def selective_scan(
 
             out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
     return out
-
-
-def _check_removal(removal, b: int, p: int, n_features: int, what: str) -> None:
-    for name in ("sources", "targets"):
-        shape = tuple(getattr(removal, name).shape)
-        if shape != (b, p):
-            raise ValueError(f"a knockout's {name} must be [b, p] = {(b, p)} here, got {shape}")
-    if removal.features is not None and tuple(removal.features.shape) != (n_features,):
-        raise ValueError(f"a knockout's {what} mask must have {n_features} entries, got {tuple(removal.features.shape)}")
 
 
 def _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import pick_implementation
-from tl_mamba.ops.knockout import SSMMask, as_removal_list, knocked_out_terms, removed_terms
+from tl_mamba.ops.knockout import SSMMask, as_removal_list, check_removal, knocked_out_terms, removed_terms
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
@@ -121,10 +121,8 @@ def ssd_scan(
     if ssm_mask is not None:
         removals = as_removal_list(ssm_mask)
         if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
-            from tl_mamba.ops.selective_scan import _check_removal
-
             for removal in removals:
-                _check_removal(removal, b, p, h, "heads")
+                check_removal(removal, b, p, h, "heads")
 
             def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
                 window = slice(start, stop)
