@@ -65,15 +65,15 @@ def scan_with_heavy_hooks(
         b, H, p, _ = mask_shape
         # hooked only by Knockouts: keep their S → T structure, never build the p × p mask
         ssm_mask = structured_removals(block.hook_ssm_mask, b, p, block.hook_device())
-    if ssm_mask is None and hook_is_active(block.hook_ssm_mask):
-        check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
-        ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
-        if tuple(ssm_mask.shape) != tuple(mask_shape):
-            raise ValueError(
-                f"a hook on {block.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {mask_shape}"
-            )
-        if bool((ssm_mask == 1).all()):  # nothing removed
-            ssm_mask = None
+        if ssm_mask is None:
+            check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
+            ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
+            if tuple(ssm_mask.shape) != tuple(mask_shape):
+                raise ValueError(
+                    f"a hook on {block.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {mask_shape}"
+                )
+            if bool((ssm_mask == 1).all()):  # nothing removed
+                ssm_mask = None
 
     if not hook_is_active(block.hook_h):
         out = scan(ssm_mask=ssm_mask)
