@@ -4,6 +4,8 @@
   hooked. If a hook zeroes entries, the scan removes those hidden-attention edges.
   When only ``Knockout`` hooks are on it, their S → T structure goes to the scan
   instead and no mask is built (``tl_mamba.knockout.structured_removals``).
+  A hook may return a mask that requires grad (knockout attribution): it is kept
+  even when all ones, and the scan gives it its gradient.
 - ``hook_h`` (the state after every step): materialised only when hooked. If a
   hook edits it, the scan is rerun with the edited entries fixed, so the
   recurrence continues from them and y is read from them. Its gradient (backward
@@ -61,10 +63,12 @@ def scan_with_heavy_hooks(
         ``(y, final_state)``.
     """
     ssm_mask = None
+    removes_edges = False  # whether ssm_mask removes anything (an all-ones mask kept for its gradient does not)
     if hook_is_active(block.hook_ssm_mask):
         b, H, p, _ = mask_shape
         # hooked only by Knockouts: keep their S → T structure, never build the p × p mask
         ssm_mask = structured_removals(block.hook_ssm_mask, b, p, block.hook_device())
+        removes_edges = ssm_mask is not None
         if ssm_mask is None:
             check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
             ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
@@ -72,8 +76,14 @@ def scan_with_heavy_hooks(
                 raise ValueError(
                     f"a hook on {block.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {mask_shape}"
                 )
-            if bool((ssm_mask == 1).all()):  # nothing removed
+            if ssm_mask.requires_grad and torch.is_grad_enabled():
+                # knockout attribution: keep the mask even when it removes nothing, so the scan
+                # gives it a gradient (∂L/∂mask[i, j] scores the edge j → i)
+                removes_edges = not bool((ssm_mask.detach() == 1).all())
+            elif bool((ssm_mask == 1).all()):  # nothing removed
                 ssm_mask = None
+            else:
+                removes_edges = True
 
     if not hook_is_active(block.hook_h):
         out = scan(ssm_mask=ssm_mask)
@@ -111,7 +121,7 @@ def scan_with_heavy_hooks(
         else:
             edited = None
     y = out.y
-    if wants_grad and seen.requires_grad and ssm_mask is None:
+    if wants_grad and seen.requires_grad and not removes_edges:
         # Add a term whose value is zero and whose gradient with respect to ``seen`` is the
         # total derivative: a perturbation of h_t enters the recurrence at t and is carried by
         # the decays into every later state (edited entries are reset, so nothing passes them).

@@ -12,6 +12,13 @@ describes it by its sources and targets (one set per batch row) and the features
 (heads or channels) it touches, and :func:`removed_terms` computes
 ``1_T ⊙ F ⊙ scan(x ⊙ 1_S)`` directly: one extra scan and no p×p tensor.
 The dispatchers accept either form as ``ssm_mask``.
+
+A dense mask that requires grad (knockout attribution) also gets a gradient:
+y_i depends on M[i, j] through ``M[i, j]·α[i, j]·x_j``, so
+``∂L/∂M[i, j] = Σ_features ∂L/∂y_i · α[i, j] · x_j`` (zero above the diagonal).
+:func:`attach_mask_gradient` adds that path to y with no change to its value;
+:func:`edge_gradient_bpe` and :func:`edge_gradient_bphd` compute it from Δ, A,
+B, C and x in chunks of features, so no ``[b, features, p, p]`` α is held.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from tl_mamba.ops.precision import upcast
 
 
 @dataclass
@@ -150,7 +159,7 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
     b, H, p, _ = ssm_mask.shape
     causal = torch.ones(p, p, dtype=torch.bool, device=ssm_mask.device).tril()
     # the share of each edge to remove: 1 - M (a mask of 0.5 halves the edge, by linearity)
-    removed = (1 - ssm_mask.detach().float()) * causal  # [b, H, i, j]
+    removed = (1 - upcast(ssm_mask.detach())) * causal  # [b, H, i, j] (a float64 mask stays float64)
     total = None
     if not bool(removed.any()):
         return torch.zeros((), device=ssm_mask.device)
@@ -171,6 +180,124 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
         term = targets * part
         total = term if total is None else total + term
     return total
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Identity on y; backward also gives the mask its gradient ``edge_gradient(∂L/∂y)``."""
+
+    @staticmethod
+    def forward(ctx, mask, y, edge_gradient):
+        ctx.edge_gradient = edge_gradient
+        ctx.mask_dtype = mask.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_mask = None
+        if ctx.needs_input_grad[0]:
+            grad_mask = ctx.edge_gradient(grad_y).to(ctx.mask_dtype)
+        return grad_mask, grad_y, None
+
+
+def attach_mask_gradient(y: Tensor, ssm_mask: Tensor, edge_gradient: Callable[[Tensor], Tensor]) -> Tensor:
+    """``y`` unchanged in value, with a gradient path to ``ssm_mask``.
+
+    Args:
+        y: the masked scan output ``[b, p, e]`` or ``[b, p, h, hd]`` (value and other
+            gradients already correct: the knocked-out terms are subtracted from it).
+        ssm_mask: ``[b, H, p, p]``, requires grad.
+        edge_gradient: ``edge_gradient(grad_y)`` → ``[b, H, p, p]``, ∂L/∂M given ∂L/∂y.
+
+    Returns:
+        y as a view, or y itself when no gradient is being recorded.
+    """
+    if not (ssm_mask.requires_grad and torch.is_grad_enabled()):
+        return y
+    return _MaskGradient.apply(ssm_mask, y, edge_gradient)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _log_decay_differences(log_decay: Tensor, causal: Tensor, dtype: torch.dtype) -> Tensor:
+    """``L_i - L_j`` for ``L = cumsum(log_decay)`` over the last axis → ``[..., i, j]``, 0 for j > i.
+
+    The cumulative sum is taken in float64 so that the difference of two long sums keeps its precision.
+    """
+    L = torch.cumsum(log_decay.double(), dim=-1)
+    return (L[..., :, None] - L[..., None, :]).masked_fill(~causal, 0.0).to(dtype)
+
+
+def edge_gradient_bpe(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      chunk_bytes: int = 2**28) -> Tensor:
+    """Mamba-1: ∂L/∂M ``[b, 1, p, p]`` from ∂L/∂y.
+
+    ``G[i, j] = Σ_e Σ_n g_i[e] · C_i[n] · exp(A[e, n] Σ_{k=j+1..i} Δ_k[e]) · B_j[n] · Δ_j[e] · x_j[e]``
+    for j ≤ i (0 above the diagonal).
+
+    Args:
+        grad_y, x, delta: ``[b, p, e]``. A: ``[e, n]``. B, C: ``[b, p, n]``.
+        chunk_bytes: working memory per chunk of channels (about three ``[b, c, p, p]`` tensors).
+
+    Returns:
+        ``[b, 1, p, p]`` in the compute dtype (float64 if any input is, else float32).
+    """
+    b, p, e = x.shape
+    dtype = _compute_dtype(grad_y, x, delta, A, B, C)
+    causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
+    g = grad_y.detach().to(dtype).transpose(1, 2)  # [b, e, i]
+    source = (delta.detach().to(dtype) * x.detach().to(dtype)).transpose(1, 2)  # [b, e, j]: Δ_j x_j
+    dt = delta.detach().transpose(1, 2)  # [b, e, p]
+    A = A.detach().to(dtype)
+    B, C = B.detach().to(dtype), C.detach().to(dtype)
+    total = torch.zeros(b, p, p, dtype=dtype, device=x.device)
+    chunk = max(1, chunk_bytes // max(1, 3 * b * p * p * 8))
+    for start in range(0, e, chunk):
+        c = slice(start, start + chunk)
+        span = _log_decay_differences(dt[:, c], causal, dtype)  # [b, c, i, j]: Σ_{k=j+1..i} Δ_k
+        weight = g[:, c, :, None] * source[:, c, None, :] * causal  # [b, c, i, j]
+        for s in range(A.shape[-1]):  # one state entry at a time: never [b, c, n, p, p]
+            part = (weight * torch.exp(span * A[c, s, None, None])).sum(1)  # [b, i, j]
+            total += part * (C[:, :, s, None] * B[:, None, :, s])
+    return total[:, None]
+
+
+def edge_gradient_bphd(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       mask_heads: int, chunk_bytes: int = 2**28) -> Tensor:
+    """Mamba-2: ∂L/∂M ``[b, H, p, p]`` from ∂L/∂y (H = h, or 1 for a mask shared by the heads).
+
+    ``G_h[i, j] = (C_i · B_j) · exp(A_h Σ_{k=j+1..i} Δ_k[h]) · Δ_j[h] · (g_i[h] · x_j[h])`` for j ≤ i.
+
+    Args:
+        grad_y, x: ``[b, p, h, hd]``. delta: ``[b, p, h]``. A: ``[h]``. B, C: ``[b, p, g, n]``.
+        mask_heads: H, the mask's head axis (h or 1: then the heads are summed).
+        chunk_bytes: working memory per chunk of heads.
+
+    Returns:
+        ``[b, H, p, p]`` in the compute dtype (float64 if any input is, else float32).
+    """
+    b, p, h, hd = x.shape
+    heads_per_group = h // B.shape[2]
+    dtype = _compute_dtype(grad_y, x, delta, A, B, C)
+    causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
+    g = grad_y.detach().to(dtype)
+    source = delta.detach().to(dtype)[..., None] * x.detach().to(dtype)  # Δ_j x_j [b, p, h, hd]
+    cb = torch.einsum("bign,bjgn->bgij", C.detach().to(dtype), B.detach().to(dtype))  # [b, g, i, j]
+    dt = delta.detach().transpose(1, 2)  # [b, h, p]
+    A = A.detach().to(dtype)
+    parts = []
+    chunk = max(1, chunk_bytes // max(1, 3 * b * p * p * 8))
+    for start in range(0, h, chunk):
+        heads = torch.arange(start, min(h, start + chunk), device=x.device)
+        span = _log_decay_differences(dt[:, heads], causal, dtype)  # [b, c, i, j]
+        decay = torch.exp(span * A[heads, None, None]) * causal
+        gx = torch.einsum("bihd,bjhd->bhij", g[:, :, heads], source[:, :, heads])  # [b, c, i, j]
+        part = decay * gx * cb[:, heads // heads_per_group]
+        parts.append(part.sum(1, keepdim=True) if mask_heads == 1 else part)
+    if mask_heads == 1:
+        return torch.stack(parts, 0).sum(0)
+    return torch.cat(parts, 1)
 
 
 def _bad_layout(H: int):

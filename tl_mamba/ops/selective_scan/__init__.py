@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import pick_implementation
-from tl_mamba.ops.knockout import SSMMask, as_removal_list, check_removal, knocked_out_terms, removed_terms
+from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal, edge_gradient_bpe,
+                                  knocked_out_terms, removed_terms)
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
@@ -90,6 +91,7 @@ def selective_scan(
             term α[i, j]·x_j is removed from y_i. Entries above the diagonal are
             ignored. The D skip is never masked. Or a list of ``EdgeRemoval``
             (S → T knockouts, optionally per channel), computed without a p×p tensor.
+            A tensor mask that requires grad gets ∂L/∂mask (knockout attribution).
         return_states: also return every state ``[b, p, e, n]`` (memory heavy).
         backend: ``"reference"``, ``"torch"`` or ``"auto"``.
 
@@ -142,6 +144,9 @@ def selective_scan(
                             initial_state=None, return_states=False).y
 
             out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
+            if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
+                out.y = attach_mask_gradient(out.y, ssm_mask.expand(b, 1, p, p),
+                                             lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))
     return out
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import pick_implementation
-from tl_mamba.ops.knockout import SSMMask, as_removal_list, check_removal, knocked_out_terms, removed_terms
+from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal, edge_gradient_bphd,
+                                  knocked_out_terms, removed_terms)
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
@@ -78,6 +79,7 @@ def ssd_scan(
         state_override: edits of the state (what editing ``hook_h`` means).
         ssm_mask: ``[b, h, p, p]`` per-head hidden-attention mask, 1 = kept; or a list of
             ``EdgeRemoval`` (S → T knockouts, optionally per head), computed without a p×p tensor.
+            A tensor mask that requires grad gets ∂L/∂mask (knockout attribution).
         return_states: also return every state ``[b, p, h, hd, n]``.
         backend: ``"reference"``, ``"torch"`` or ``"auto"``.
         chunk_size: chunk length of the torch backend (results do not depend on it).
@@ -140,6 +142,9 @@ def ssd_scan(
                 return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
 
             out.y = out.y - knocked_out_terms(contribution, ssm_mask, target_layout="bphd")
+            if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
+                out.y = attach_mask_gradient(out.y, ssm_mask, lambda grad_y: edge_gradient_bphd(
+                    grad_y, x, delta, A, B, C, mask_heads=ssm_mask.shape[1]))
     return out
 
 

@@ -1,0 +1,437 @@
+"""Knockout attribution: every token → token edge of every layer scored in one backward pass.
+
+``hook_ssm_mask`` (1 = edge kept) multiplies each hidden-attention term α[i, j]·x_j
+of a layer's scan (Mamba-1 ``[b, 1, p, p]``, Mamba-2 ``[b, h, p, p]``, one mask per
+head). Knocking out the edge j → i sets ``mask[i, j]`` from 1 to 0, so to first
+order
+
+    metric(knocked out) - metric(clean) ≈ -∂metric/∂mask[i, j]   =: score[i, j]
+
+(attribution patching, applied to knockouts). One forward and one backward per
+batch give the score of every edge in every chosen layer: the hook on each layer's
+mask returns a tensor of ones that requires grad, and the scan dispatchers give it
+its gradient ``Σ_features ∂metric/∂y_i · α[i, j]·x_j`` (``tl_mamba.ops.knockout``).
+
+Only the causal lower triangle (j ≤ i) holds edges; the scores above the diagonal
+are 0, and the plots leave them blank. The estimate is exact for a metric linear in
+the layer's output with nothing downstream nonlinear; otherwise check it against
+real knockouts with :func:`knockout_attribution_vs_knockout`.
+
+Metric: ``metric(logits [b, p, v])`` returns one value per prompt ``[b]`` (or a
+scalar, taken as the mean over the batch). By default all prompts run in one
+batch, so a metric may close over per-prompt data (answer ids ``[b]``). With
+``batch_size`` the metric sees consecutive slices of the prompts; a metric that
+needs per-prompt data then takes a second argument ``rows`` (the indices of this
+batch's prompts, a LongTensor), e.g. ``lambda logits, rows: logits[:, -1].gather(
+-1, answers[rows, None])[:, 0]``.
+
+Memory: each chosen layer's mask and its gradient (``[b, H, p, p]`` each) are held
+from the forward to the backward, so a batch needs about
+``3 · n_layers · b · H · p² · 4`` bytes on top of the usual activations, checked
+against ``model.heavy_hook_memory_limit`` (the limit of the heavy hooks): a given
+``batch_size`` is shrunk to fit; without one, a batch that does not fit raises
+``MemoryError``, as does a single prompt that does not fit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Tokens = Union[Tensor, str, Sequence[str]]
+Metric = Callable[[Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- inputs
+def _as_tokens(model, tokens: Tokens) -> Tensor:
+    """``[b, p]`` token ids; every prompt must have the same length p (no padding)."""
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if isinstance(tokens, (list, tuple)):
+        if not tokens or not all(isinstance(t, str) for t in tokens):
+            raise TypeError("tokens must be a [b, p] token tensor, a string or a list of strings")
+        rows = [model.to_tokens(t)[0] for t in tokens]
+        lengths = sorted({int(r.numel()) for r in rows})
+        if len(lengths) > 1:
+            raise ValueError(f"knockout attribution needs prompts of one length (scores are averaged per position "
+                             f"pair); these tokenize to lengths {lengths}. Group the prompts by length.")
+        return torch.stack(rows)
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a [b, p] token tensor, a string or a list of strings, "
+                        f"got {type(tokens).__name__}")
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [b, p], got shape {tuple(tokens.shape)}")
+    return tokens
+
+
+def _layers(model, layers) -> List[int]:
+    n = model.cfg.n_layers
+    if layers is None:
+        return list(range(n))
+    layers = [layers] if isinstance(layers, int) else [int(layer) for layer in layers]
+    if not layers:
+        raise ValueError("layers is empty")
+    bad = [layer for layer in layers if not -n <= layer < n]
+    if bad:
+        raise IndexError(f"layers {bad} out of range for a model of {n} layers")
+    return [layer % n for layer in layers]
+
+
+def _heads(model, heads) -> Optional[List[int]]:
+    """The chosen heads (Mamba-2), or None for all (and always None for Mamba-1)."""
+    cfg = model.cfg
+    if cfg.family != "mamba2":
+        if heads is not None:
+            raise ValueError("heads= is for Mamba-2; a Mamba-1 mask has no head axis (its edges cover every channel)")
+        return None
+    if heads is None:
+        return None
+    heads = [heads] if isinstance(heads, int) else [int(h) for h in heads]
+    if not heads:
+        raise ValueError("heads is empty")
+    bad = [h for h in heads if not -cfg.n_heads <= h < cfg.n_heads]
+    if bad:
+        raise IndexError(f"heads {bad} out of range for {cfg.n_heads} heads")
+    return [h % cfg.n_heads for h in heads]
+
+
+def _mask_heads(model) -> int:
+    return model.cfg.n_heads if model.cfg.family == "mamba2" else 1
+
+
+def _score_dtype(model) -> torch.dtype:
+    return torch.float64 if model.W_E.dtype == torch.float64 else torch.float32
+
+
+def _fitting_batch(model, n_layers: int, n: int, p: int, batch_size: Optional[int], dtype: torch.dtype) -> int:
+    """The largest batch ≤ batch_size whose masks fit ``model.heavy_hook_memory_limit``
+    (all ``n`` prompts, or ``MemoryError``, when batch_size is None)."""
+    limit = model.heavy_hook_memory_limit
+    itemsize = torch.finfo(dtype).bits // 8
+    # per prompt and layer: the hooked mask, the ones it is multiplied by, and the gradient
+    per_prompt = 3 * n_layers * _mask_heads(model) * p * p * itemsize
+    if per_prompt > limit:
+        raise MemoryError(
+            f"knockout attribution over {n_layers} layer(s) of a {p}-token sequence would need "
+            f"{per_prompt / 2**30:.2f} GiB per prompt for the [H={_mask_heads(model)}, p, p] masks and their "
+            f"gradients, over model.heavy_hook_memory_limit ({limit / 2**30:.2f} GiB). The sequence is too long "
+            "for this many layers: choose fewer layers (layers=[...]), shorten the prompts, or raise the limit "
+            "if you have the memory.")
+    fits = limit // per_prompt
+    if batch_size is None:
+        if n > fits:
+            raise MemoryError(
+                f"knockout attribution of {n} prompts of {p} tokens over {n_layers} layer(s) would need "
+                f"{n * per_prompt / 2**30:.2f} GiB for the masks and their gradients, over "
+                f"model.heavy_hook_memory_limit ({limit / 2**30:.2f} GiB); pass batch_size={fits} or less (see the "
+                "module docstring on metrics that need per-prompt data), choose fewer layers, or raise the limit.")
+        return n
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return max(1, min(batch_size, fits))
+
+
+def _metric_takes_rows(metric: Metric) -> bool:
+    """Whether ``metric`` has a second positional parameter without a default (``rows``)."""
+    try:
+        parameters = list(inspect.signature(metric).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [q for q in parameters if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+
+
+def _batch_metric(metric: Metric, logits: Tensor, rows: Tensor, takes_rows: bool) -> Tensor:
+    """The sum over the batch of the per-prompt metric."""
+    value = metric(logits, rows.to(logits.device)) if takes_rows else metric(logits)
+    return _reduce_metric(value, rows.numel())
+
+
+def _reduce_metric(value: Tensor, b: int) -> Tensor:
+    """The sum over the batch of the per-prompt metric (a scalar is taken as its mean: × b)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"metric must return a tensor (a scalar or one value per prompt [b]), got {type(value).__name__}")
+    if value.dim() == 0:
+        return value * b
+    if tuple(value.shape) == (b,):
+        return value.sum()
+    raise ValueError(f"metric must return a scalar or one value per prompt [b] = [{b}], got shape {tuple(value.shape)}")
+
+
+# -------------------------------------------------------------------------- attribution
+def knockout_attribution(
+    model,
+    tokens: Tokens,
+    metric: Metric,
+    layers: Optional[Union[int, Sequence[int]]] = None,
+    heads: Optional[Union[int, Sequence[int]]] = None,
+    batch_size: Optional[int] = None,
+) -> Tensor:
+    """First-order knockout effect of every edge j → i in the chosen layers, from one backward pass.
+
+    ``score[l, (head,) i, j] ≈ metric(with edge j → i of layer l knocked out) - metric(clean)``,
+    the mean over the prompts, as ``-∂metric/∂hook_ssm_mask[i, j]``. Mamba-2 scores each head's
+    edge (its own mask entry); summing over heads scores knocking the edge out in all of them.
+
+    Args:
+        model: a ``HookedMamba`` or ``HookedMamba2``.
+        tokens: ``[b, p]`` token ids, or strings that all tokenize to the same length p
+            (there is no padding: scores are averaged per position pair).
+        metric: ``metric(logits [b, p, v])`` → one value per prompt ``[b]`` (preferred), or a
+            scalar, which is taken to be the *mean* over the batch of a per-prompt metric
+            (e.g. a mean logit difference). The scores estimate the change of the mean per-prompt
+            metric. A scalar *sum* over the batch would make the scores b times too large.
+            ``metric(logits, rows)`` (a second parameter without default) also gets the indices
+            of the batch's prompts, for per-prompt data when ``batch_size`` splits the prompts.
+        layers: layer indices (default all); negative counts from the end.
+        heads: Mamba-2 only: keep these heads of the head axis (default all).
+        batch_size: prompts per forward/backward (shrunk to fit ``model.heavy_hook_memory_limit``);
+            default None: all prompts in one batch (``MemoryError`` if that does not fit).
+
+    Returns:
+        Mamba-1: ``[n_layers_selected, p, p]``; Mamba-2: ``[n_layers_selected, n_heads_selected, p, p]``.
+        Target i on axis -2, source j on axis -1; 0 above the diagonal (no edge from the future).
+        float32 on the CPU (float64 for a float64 model).
+
+    Raises:
+        MemoryError: a single prompt's masks over all chosen layers exceed
+            ``model.heavy_hook_memory_limit`` (the sequence is too long for that many layers).
+    """
+    tokens = _as_tokens(model, tokens)
+    layer_list = _layers(model, layers)
+    head_list = _heads(model, heads)
+    n, p = tokens.shape
+    if n == 0:
+        raise ValueError("no prompts")
+    dtype = _score_dtype(model)
+    batch = _fitting_batch(model, len(layer_list), n, p, batch_size, dtype)
+    takes_rows = _metric_takes_rows(metric)
+    total = torch.zeros(len(layer_list), _mask_heads(model), p, p, dtype=dtype)
+    for start in range(0, n, batch):
+        chunk = tokens[start:start + batch]
+        leaves = {}
+
+        def attribution_hook(mask: Tensor, hook) -> Tensor:
+            leaf = torch.ones(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
+            leaves[hook.name] = leaf
+            # times the incoming mask, so edges that another hook already removed keep a zero score
+            return mask.to(dtype) * leaf
+
+        names = [f"blocks.{layer}.hook_ssm_mask" for layer in layer_list]
+        with torch.inference_mode(False), torch.enable_grad():
+            logits = model.run_with_hooks(chunk, fwd_hooks=[(name, attribution_hook) for name in names])
+            value = _batch_metric(metric, logits, torch.arange(start, start + chunk.shape[0]), takes_rows)
+            if not value.requires_grad:
+                raise ValueError("the metric does not depend on the logits through autograd (detached?)")
+            grads = torch.autograd.grad(value, [leaves[name] for name in names], allow_unused=True)
+        for k, grad in enumerate(grads):
+            if grad is not None:
+                total[k] -= grad.detach().sum(0).to("cpu", dtype)
+    scores = total / n
+    if model.cfg.family != "mamba2":
+        return scores[:, 0]
+    return scores if head_list is None else scores[:, head_list]
+
+
+# ----------------------------------------------------------------------------- validation
+def rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-d tensors (ties get their average rank); NaN if one is constant."""
+    a, b = torch.as_tensor(a).flatten().double(), torch.as_tensor(b).flatten().double()
+    if a.numel() != b.numel():
+        raise ValueError(f"rank_correlation: {a.numel()} values against {b.numel()}")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float("nan") if denominator == 0 else float((ra * rb).sum()) / denominator
+
+
+def _ranks(v: Tensor) -> Tensor:
+    """Ranks 0..n-1 with ties averaged."""
+    order = torch.argsort(v, stable=True)
+    ranks = torch.empty_like(v)
+    ranks[order] = torch.arange(v.numel(), dtype=v.dtype)
+    values, inverse = torch.unique(v, return_inverse=True)
+    sums = torch.zeros(values.numel(), dtype=v.dtype).index_add_(0, inverse, ranks)
+    counts = torch.zeros(values.numel(), dtype=v.dtype).index_add_(0, inverse, torch.ones_like(v))
+    return (sums / counts)[inverse]
+
+
+@dataclass
+class AttributionCheck:
+    """Attribution against real knockouts for the edges ``sources[k] → target`` of one layer.
+
+    Attributes:
+        layer, target: the layer and the (non-negative) target position.
+        sources: the source positions ``[n]``.
+        attribution: ``[n]`` first-order estimate of metric(knocked out) - metric(clean).
+        knockout: ``[n]`` the real change, from ``model.run_with_knockout`` (SSM path).
+        spearman: rank correlation of the two. pearson: their linear correlation.
+        clean_metric: the mean per-prompt metric without knockout.
+    """
+
+    layer: int
+    target: int
+    sources: List[int]
+    attribution: Tensor
+    knockout: Tensor
+    spearman: float
+    pearson: float
+    clean_metric: float
+
+
+def _mean_metric(model, tokens: Tensor, metric: Metric, batch: int, knockout=None) -> float:
+    """The mean per-prompt metric, with ``knockout`` applied when given."""
+    total = 0.0
+    takes_rows = _metric_takes_rows(metric)
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch):
+            chunk = tokens[start:start + batch]
+            logits = model(chunk) if knockout is None else model.run_with_knockout(chunk, knockout)
+            total += float(_batch_metric(metric, logits, torch.arange(start, start + chunk.shape[0]), takes_rows))
+    return total / tokens.shape[0]
+
+
+def knockout_attribution_vs_knockout(
+    model,
+    tokens: Tokens,
+    metric: Metric,
+    layer: int,
+    target: int = -1,
+    sources: Optional[Sequence[int]] = None,
+    heads: Optional[Union[int, Sequence[int]]] = None,
+    batch_size: Optional[int] = None,
+) -> AttributionCheck:
+    """Score the edges ``j → target`` of one layer by attribution and by real knockouts.
+
+    One call to validate attribution against brute force: the attribution comes from
+    :func:`knockout_attribution` (one backward); each source j is then knocked out for real,
+    ``model.run_with_knockout(tokens, Knockout(layers=[layer], sources=[j], targets=[target],
+    heads=heads))``, one forward per source, and both are compared by rank correlation.
+
+    Args:
+        tokens, metric, batch_size: as in :func:`knockout_attribution` (same reduction of the metric).
+        layer: the layer. target: the target position (default the last).
+        sources: source positions (default every j ≤ target, the target itself included).
+        heads: Mamba-2: knock out (and sum the attribution over) these heads only; default all heads.
+
+    Returns:
+        :class:`AttributionCheck` with ``attribution [n]``, ``knockout [n]`` and their correlations.
+    """
+    from tl_mamba.knockout import Knockout
+
+    tokens = _as_tokens(model, tokens)
+    p = tokens.shape[1]
+    if not -p <= target < p:
+        raise IndexError(f"target {target} out of range for {p} positions")
+    target = target % p
+    if sources is None:
+        sources = list(range(target + 1))
+    sources = [int(j) % p for j in sources]
+    late = [j for j in sources if j > target]
+    if late:
+        raise ValueError(f"sources {late} come after the target {target}: there is no such edge")
+    layer = _layers(model, [layer])[0]
+    head_list = _heads(model, heads)
+    scores = knockout_attribution(model, tokens, metric, layers=[layer], heads=head_list, batch_size=batch_size)[0]
+    if model.cfg.family == "mamba2":
+        scores = scores.sum(0)  # knocking the edge out in every chosen head
+    attribution = scores[target, sources]
+    batch = tokens.shape[0] if batch_size is None else max(1, batch_size)
+    clean = _mean_metric(model, tokens, metric, batch)
+    effects = []
+    for j in sources:
+        knockout = Knockout(layers=[layer], sources=[j], targets=[target], path="ssm", heads=head_list)
+        effects.append(_mean_metric(model, tokens, metric, batch, knockout) - clean)
+    effect = torch.tensor(effects, dtype=attribution.dtype)
+    pearson = torch.corrcoef(torch.stack([attribution.double(), effect.double()]))[0, 1]
+    return AttributionCheck(layer=layer, target=target, sources=sources, attribution=attribution, knockout=effect,
+                            spearman=rank_correlation(attribution, effect), pearson=float(pearson),
+                            clean_metric=clean)
+
+
+# ------------------------------------------------------------------------------ plotting
+def plot_knockout_attribution(
+    scores: Tensor,
+    path,
+    str_tokens: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence[int]] = None,
+    head: Optional[int] = None,
+    title: str = "knockout attribution",
+) -> List[Path]:
+    """One PNG heatmap per layer of :func:`knockout_attribution` scores (target rows, source columns).
+
+    Diverging colours centred on 0 (red: knocking the edge out lowers the metric, blue: raises it,
+    with matplotlib's ``RdBu``), one colour scale per layer. Only the causal lower triangle
+    (j ≤ i) holds edges; the cells above the diagonal are blank (NaN).
+
+    Args:
+        scores: ``[L, p, p]`` (Mamba-1) or ``[L, h, p, p]`` (Mamba-2); a single ``[p, p]`` is one layer.
+        path: a directory (created; files ``layer{l}.png``) or a file name containing ``{layer}``.
+        str_tokens: ``p`` labels for the axes (e.g. ``model.to_str_tokens(tokens[0])``).
+        layers: the layer numbers of the L panels, for file names and titles (default 0..L-1).
+        head: Mamba-2: plot this index of the head axis; default the sum over heads (the score of
+            knocking the edge out in every head).
+        title: prefix of each plot's title.
+
+    Returns:
+        The paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = scores.detach().float().cpu()
+    if scores.dim() == 2:
+        scores = scores[None]
+    if scores.dim() == 4:
+        scores = scores.sum(1) if head is None else scores[:, head]
+    elif head is not None:
+        raise ValueError("head= needs Mamba-2 scores [L, h, p, p]")
+    if scores.dim() != 3 or scores.shape[-1] != scores.shape[-2]:
+        raise ValueError(f"scores must be [L, p, p] or [L, h, p, p], got {tuple(scores.shape)}")
+    L, p, _ = scores.shape
+    layers = list(range(L)) if layers is None else list(layers)
+    if len(layers) != L:
+        raise ValueError(f"{len(layers)} layer labels for {L} layers of scores")
+    if str_tokens is not None and len(str_tokens) != p:
+        raise ValueError(f"{len(str_tokens)} str_tokens for {p} positions")
+    template = str(path)
+    if "{layer}" not in template:
+        Path(template).mkdir(parents=True, exist_ok=True)
+        template = str(Path(template) / "layer{layer}.png")
+    upper = ~torch.ones(p, p, dtype=torch.bool).tril()
+    written = []
+    for values, layer in zip(scores, layers):
+        shown = values.masked_fill(upper, float("nan"))
+        bound = float(values.abs().max()) or 1.0
+        size = 2.5 + 0.32 * p
+        fig, ax = plt.subplots(figsize=(size + 1.2, size))
+        image = ax.imshow(shown.numpy(), cmap="RdBu", vmin=-bound, vmax=bound)
+        labels = list(str_tokens) if str_tokens is not None else [str(k) for k in range(p)]
+        ax.set_xticks(range(p))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(p))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xlabel("source j")
+        ax.set_ylabel("target i")
+        ax.set_title(f"{title}: layer {layer}" + (f", head {head}" if head is not None else ""), fontsize=10)
+        fig.colorbar(image, ax=ax, label="≈ metric(knocked out) − metric(clean)")
+        fig.tight_layout()
+        out = Path(template.format(layer=layer))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+__all__ = ["knockout_attribution", "knockout_attribution_vs_knockout", "plot_knockout_attribution",
+           "rank_correlation", "AttributionCheck"]
