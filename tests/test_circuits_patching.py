@@ -1,0 +1,441 @@
+"""Patching and ablation helpers (tl_mamba.circuits.patching / .ablation) against independent references.
+
+References: transformer_lens.patching (its own loop, one patch per forward), the
+model's recurrent decoding path with a hand-built state (for hook_h patching),
+hand-written hooks, and statistics computed by hand from a cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+
+import pandas as pd
+import pytest
+import torch
+
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout
+from tl_mamba.circuits.ablation import (
+    ablate,
+    class_conditional_ablation_hooks,
+    class_conditional_hook_factory,
+    delta_stats_by_class,
+    mean_ablation_hooks,
+    needle_accuracy,
+    resample_ablation_hooks,
+    token_class_mask,
+    zero_ablation_hooks,
+)
+from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
+from tl_mamba.models.base import RecurrentState
+
+B, P, V = 2, 7, 50
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin contention on a busy machine (100x slower otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(family: str, seed: int = 0):
+    if family == "mamba1":
+        cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=V, d_state=4, d_conv=4, expand=2, seed=seed)
+        model = HookedMamba(cfg)
+    else:
+        cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=V, d_state=4, d_conv=4,
+                                expand=2, n_heads=4, n_groups=2, chunk_size=4, seed=seed)
+        model = HookedMamba2(cfg)
+    with torch.no_grad():  # move weights off their init so every path carries signal
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    model.set_backend("torch")
+    return model.double()
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {family: make_model(family) for family in ("mamba1", "mamba2")}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(1, V, (B, P), generator=g)
+    clean[:, 0] = 0  # BOS
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 7) % (V - 1) + 1
+    corrupted[:, 4] = (clean[:, 4] + 11) % (V - 1) + 1
+    return clean, corrupted
+
+
+def metric(logits):
+    return logits[:, -1, 5].mean() - logits[:, -1, 9].mean()
+
+
+def tl_patch(model, corrupted, cache, setter, act, axes=None, index_df=None):
+    from transformer_lens.patching import generic_activation_patch
+
+    return generic_activation_patch(model, corrupted, cache, metric, setter, act, index_axis_names=axes,
+                                    index_df=index_df).double()
+
+
+# --------------------------------------------------------------- layer x position
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_resid_pre_equals_transformer_lens(models, pair, family):
+    from transformer_lens.patching import get_act_patch_resid_pre
+
+    model = models[family]
+    clean, corrupted = pair
+    _, cache = model.run_with_cache(clean)
+    expected = get_act_patch_resid_pre(model, corrupted, cache, metric).double()
+    # batch_size 5: two patches per forward, and a last forward with one
+    got = patch_layer_position(model, clean, corrupted, metric, hook="resid_pre", batch_size=5, progress=False)
+    assert got.shape == (2, P)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+    assert got.abs().max() > 1e-3  # the patches do something
+    # a subset of layers and positions, negative indices, the hook spelled in full
+    sub = patch_layer_position(model, clean, corrupted, metric, hook="hook_resid_pre", layers=[-1],
+                               positions=[4, -1], progress=False)
+    torch.testing.assert_close(sub, expected[[1]][:, [4, P - 1]], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_other_hooks_equal_transformer_lens(models, pair, family):
+    from transformer_lens.patching import layer_pos_patch_setter
+
+    model = models[family]
+    clean, corrupted = pair
+    names = lambda n: n.endswith(("hook_delta", "hook_B", "hook_h"))  # noqa: E731
+    _, cache = model.run_with_cache(clean, names_filter=names)
+    for hook in ("delta", "B", "h"):
+        expected = tl_patch(model, corrupted, cache, layer_pos_patch_setter, hook, ["layer", "pos"])
+        got = patch_layer_position(model, clean, corrupted, metric, hook=hook, progress=False, batch_size=64)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=hook)
+        # positions 0 and 1 precede the corruption: patching them changes nothing
+        base = float(metric(model(corrupted).detach()))
+        torch.testing.assert_close(got[:, :2], torch.full((2, 2), base, dtype=torch.float64))
+        assert (got[:, 2:] - base).abs().max() > 1e-4, hook
+
+
+def state_continuation_patch(model, clean_cache, corrupted, layer, t):
+    """Logits at positions t.. of the corrupted run whose layer-``layer`` state after step t is the
+    clean one, via the recurrent decoding path: decode up to t-1, then choose the state entering
+    step t so that the update h_t = exp(ΔA) h_{t-1} + Δ B x (written out here from hooked Δ, B, x)
+    lands exactly on the clean h_t."""
+    cfg = model.cfg
+    _, cc = model.run_with_cache(corrupted, names_filter=lambda n: n.startswith(f"blocks.{layer}."))
+    pre = f"blocks.{layer}."
+    delta, Bm, x = cc[pre + "hook_delta"][:, t], cc[pre + "hook_B"][:, t], cc[pre + "hook_x"][:, t]
+    A = -torch.exp(model.blocks[layer].mixer.A_log.double())
+    h_clean = clean_cache[pre + "hook_h"][:, t]
+    if cfg.family == "mamba1":  # h [b, e, n]; delta, x [b, e]; B [b, n]; A [e, n]
+        decay = torch.exp(delta[:, :, None] * A)
+        write = delta[:, :, None] * Bm[:, None, :] * x[:, :, None]
+    else:  # h [b, h, hd, n]; delta [b, h]; x [b, h, hd]; B [b, g, n]; A [h]
+        Bh = Bm.repeat_interleave(cfg.n_heads // cfg.n_groups, dim=1)  # [b, h, n]
+        decay = torch.exp(delta * A)[:, :, None, None]
+        write = delta[:, :, None, None] * x[:, :, :, None] * Bh[:, :, None, :]
+    state = RecurrentState.empty(cfg.n_layers)
+    with torch.no_grad():
+        model(corrupted[:, :t], state=state)
+        state.layers[layer]["ssm"] = (h_clean - write) / decay
+        return model(corrupted[:, t:], state=state)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_state_patch_equals_recurrent_continuation(models, pair, family):
+    model = models[family]
+    clean, corrupted = pair
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_h"))
+    got = patch_layer_position(model, clean, corrupted, metric, hook="hook_h", clean_cache=cache, progress=False)
+    for layer in range(2):
+        for t in (2, 3, 5):
+            logits = state_continuation_patch(model, cache, corrupted, layer, t)
+            assert got[layer, t].item() == pytest.approx(float(metric(logits)), rel=1e-6, abs=1e-8)
+    assert (got[:, 2:] - got[:, :1]).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------- heads
+def test_heads_equal_transformer_lens(models, pair):
+    from transformer_lens.patching import layer_head_vector_patch_setter, layer_pos_head_vector_patch_setter
+
+    model = models["mamba2"]
+    clean, corrupted = pair
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(("hook_y", "hook_delta", "hook_h")))
+    for hook in ("y", "delta"):
+        expected = tl_patch(model, corrupted, cache, layer_head_vector_patch_setter, hook, ["layer", "head"])
+        got = patch_heads(model, clean, corrupted, metric, hook=hook, batch_size=6, progress=False)
+        assert got.shape == (2, 4)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=hook)
+    expected = tl_patch(model, corrupted, cache, layer_pos_head_vector_patch_setter, "y", ["layer", "pos", "head"])
+    got = patch_heads(model, clean, corrupted, metric, hook="y", per_position=True, progress=False)
+    assert got.shape == (2, 4, P)
+    torch.testing.assert_close(got, expected.permute(0, 2, 1), rtol=1e-6, atol=1e-8)
+    # the state of chosen heads at chosen positions
+    index_df = pd.DataFrame([(1, t, h) for h in (0, 2) for t in (2, 5)], columns=["layer", "pos", "head"])
+    expected = tl_patch(model, corrupted, cache, layer_pos_head_vector_patch_setter, "h", index_df=index_df)
+    got = patch_heads(model, clean, corrupted, metric, hook="h", layers=[1], heads=[0, 2], positions=[2, 5],
+                      per_position=True, progress=False)
+    torch.testing.assert_close(got.reshape(-1), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_flat_head_hook_and_channel_groups_equal_manual_slices(models, pair):
+    model = models["mamba2"]
+    clean, corrupted = pair
+    hd = model.cfg.d_head
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_y_normed"))
+
+    def head_slice(act, index, clean_act):  # y_normed is [b, p, e]: head h is channels h*hd .. (h+1)*hd
+        act[:, :, index[1] * hd:(index[1] + 1) * hd] = clean_act[:, :, index[1] * hd:(index[1] + 1) * hd]
+        return act
+
+    expected = tl_patch(model, corrupted, cache, head_slice, "y_normed", ["layer", "head"])
+    got = patch_heads(model, clean, corrupted, metric, hook="y_normed", progress=False)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+    model = models["mamba1"]  # d_inner 32 in 3 groups: channels 0-10, 11-21, 22-31
+    bounds = [(0, 11), (11, 22), (22, 32)]
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(("hook_x", "hook_h")))
+    for hook in ("x", "h"):
+        def group_slice(act, index, clean_act):
+            a, z = bounds[index[1]]
+            act[:, :, a:z] = clean_act[:, :, a:z]
+            return act
+
+        index_df = pd.DataFrame([(layer, g) for layer in range(2) for g in range(3)], columns=["layer", "group"])
+        expected = tl_patch(model, corrupted, cache, group_slice, hook, index_df=index_df).reshape(2, 3)
+        got = patch_heads(model, clean, corrupted, metric, hook=hook, channel_groups=3, progress=False)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=hook)
+        alias = patch_channel_groups(model, clean, corrupted, metric, 3, hook=hook, groups=[2], progress=False)
+        torch.testing.assert_close(alias, expected[:, [2]], rtol=1e-6, atol=1e-8)
+
+
+def test_errors_name_the_problem(models, pair):
+    m1, m2 = models["mamba1"], models["mamba2"]
+    clean, corrupted = pair
+    cases = [
+        (lambda: patch_heads(m1, clean, corrupted, metric, hook="y"), "Mamba-1 has no heads"),
+        (lambda: patch_heads(m2, clean, corrupted, metric, hook="y", channel_groups=2), "Mamba-2"),
+        (lambda: patch_heads(m2, clean, corrupted, metric, hook="B"), "hook_B has no head axis"),
+        (lambda: patch_heads(m1, clean, corrupted, metric, hook="B", channel_groups=2), "hook_B has no channel"),
+        (lambda: patch_layer_position(m2, clean, corrupted, metric, hook="nope"), "not a per-block hook"),
+        (lambda: patch_layer_position(m2, clean, corrupted, metric, hook="blocks.0.hook_h"), "names a layer"),
+        (lambda: patch_layer_position(m2, clean, corrupted, metric, hook="ssm_mask"), "Knockout"),
+        (lambda: patch_layer_position(m2, clean, corrupted, metric, layers=[2]), "layer 2 is out of range"),
+        (lambda: patch_layer_position(m2, clean, corrupted, metric, positions=[P]), "position 7 is out of range"),
+        (lambda: patch_heads(m2, clean, corrupted, metric, heads=[4]), "head 4 is out of range"),
+        (lambda: patch_layer_position(m2, clean, corrupted[:, :-1], metric), "same shape"),
+        (lambda: zero_ablation_hooks(m1, "y", heads=[0]), "Mamba-1 model, which has no heads"),
+        (lambda: zero_ablation_hooks(m2, "y", channels=[0]), "whose features are heads"),
+        (lambda: zero_ablation_hooks(m2, "mixer_out", heads=[0]), "no head axis"),
+        (lambda: mean_ablation_hooks(m2, "y"), "reference_tokens"),
+        (lambda: token_class_mask(m2, clean, "newline"), "tokenizer"),
+        (lambda: token_class_mask(m2, clean, "commas"), "expected 'bos'"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fn()
+    hooks = zero_ablation_hooks(m2, "y", positions=torch.ones(3, P, dtype=torch.bool))  # a mask for 3 rows
+    with pytest.raises(ValueError, match="build the hooks for this batch"):
+        m2.run_with_hooks(clean, fwd_hooks=hooks)
+
+
+# ---------------------------------------------------------------------- ablation
+def record(store, key):
+    def fn(act, hook):
+        store[key] = act.detach().clone()
+    return fn
+
+
+def test_zero_ablation_equals_manual_and_touches_only_chosen(models, pair):
+    model = models["mamba2"]
+    tokens, _ = pair
+    manual = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_y", lambda a, hook: torch.zeros_like(a))])
+    got = ablate(model, tokens, "y", layers=[1])
+    torch.testing.assert_close(got, manual, rtol=0, atol=0)
+    assert (got - model(tokens)).abs().max() > 1e-3
+    # heads 1 and 3 at positions 2 and 4 of layer 0
+    seen = {}
+    hooks = zero_ablation_hooks(model, "y", layers=[0], heads=[1, 3], positions=[2, 4])
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_y", record(seen, "pre"))] + hooks
+                         + [("blocks.0.hook_y", record(seen, "post"))])
+    expected = seen["pre"].clone()
+    for t in (2, 4):
+        expected[:, t, [1, 3]] = 0
+    assert torch.equal(seen["post"], expected)
+    assert (seen["pre"][:, [2, 4]][:, :, [1, 3]] != 0).all()
+
+
+def test_state_zero_ablation_leaves_the_skip(models, pair):
+    """Zeroing a head's state h_t leaves y_t = D·x_t for that head (y = h·C + D·x)."""
+    model = models["mamba2"]
+    tokens, _ = pair
+    seen = {}
+    hooks = zero_ablation_hooks(model, "h", heads={1: [2]}, positions=[3])
+    model.run_with_hooks(tokens, fwd_hooks=hooks + [("blocks.1.hook_y", record(seen, "y")),
+                                                    ("blocks.1.hook_x", record(seen, "x"))])
+    D = model.blocks[1].mixer.D.detach()
+    torch.testing.assert_close(seen["y"][:, 3, 2], D[2] * seen["x"][:, 3, 2], rtol=1e-10, atol=1e-12)
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_y", "blocks.1.hook_x"])
+    assert (cache["blocks.1.hook_y"][:, 3, 2] - D[2] * cache["blocks.1.hook_x"][:, 3, 2]).abs().max() > 1e-4
+    # the recurrence continues from the zero state: later positions change too, earlier ones do not
+    assert torch.equal(seen["y"][:, :3], cache["blocks.1.hook_y"][:, :3])
+    assert (seen["y"][:, 4:, 2] - cache["blocks.1.hook_y"][:, 4:, 2]).abs().max() > 1e-6
+
+
+def test_mean_and_resample_ablation(models, pair):
+    model = models["mamba1"]
+    tokens, other = pair
+    g = torch.Generator().manual_seed(3)
+    reference = torch.randint(1, V, (3, P), generator=g)
+    ref_mask = torch.ones(3, P, dtype=torch.long)
+    ref_mask[0, :2] = 0  # left padding in the first reference row
+    _, ref_cache = model.run_with_cache(reference, attention_mask=ref_mask, names_filter=lambda n: "hook_x" in n)
+    ref_x = ref_cache["blocks.0.hook_x"]  # [3, p, e]
+    w = ref_mask.double()[:, :, None]
+    mean = (ref_x * w).sum((0, 1)) / w.sum()
+    per_pos = (ref_x * w).sum(0) / w.sum(0)
+    seen = {}
+    for kind, hooks, value in [
+        ("mean", mean_ablation_hooks(model, "x", reference, layers=[0], channels=[0, 5],
+                                     reference_attention_mask=ref_mask), mean.expand(P, -1)),
+        ("per_pos", mean_ablation_hooks(model, "x", reference, layers=[0], channels=[0, 5], per_position=True,
+                                        reference_attention_mask=ref_mask), per_pos),
+    ]:
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_x", record(seen, "pre"))] + hooks
+                             + [("blocks.0.hook_x", record(seen, "post"))])
+        expected = seen["pre"].clone()
+        expected[:, :, [0, 5]] = value[None][:, :, [0, 5]]
+        torch.testing.assert_close(seen["post"], expected, rtol=1e-12, atol=0, msg=kind)
+    # resample: row i takes the other prompt's activation at the chosen channels and positions
+    _, other_cache = model.run_with_cache(other, names_filter="blocks.1.hook_delta")
+    hooks = resample_ablation_hooks(model, "delta", other, layers=[1], channels=range(4), positions=[1, 6])
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_delta", record(seen, "pre"))] + hooks
+                         + [("blocks.1.hook_delta", record(seen, "post"))])
+    expected = seen["pre"].clone()
+    expected[:, [1, 6], :4] = other_cache["blocks.1.hook_delta"][:, [1, 6], :4]
+    torch.testing.assert_close(seen["post"], expected, rtol=0, atol=0)
+    # the ablation composes with a Knockout (ordinary hooks on other hook points)
+    ko = Knockout(layers=[1], sources=[1], targets=[-1])
+    both = model.run_with_knockout(tokens, ko, fwd_hooks=hooks)
+    assert (both - model.run_with_knockout(tokens, ko)).abs().max() > 1e-6
+    assert (both - model.run_with_hooks(tokens, fwd_hooks=hooks)).abs().max() > 1e-6
+
+
+# ------------------------------------------------------------ class-conditional
+def test_class_conditional_touches_only_chosen_positions_and_heads(models, pair):
+    model = models["mamba2"]
+    tokens, _ = pair
+    tokens = tokens.clone()
+    tokens[0, 4] = 0  # a second BOS in row 0
+    tokens[1, 3] = 17
+    bos = torch.zeros(B, P, dtype=torch.bool)
+    bos[:, 0] = True
+    bos[0, 4] = True
+    assert torch.equal(token_class_mask(model, tokens, "bos"), bos)
+    assert torch.equal(token_class_mask(model, tokens, lambda t: t == 0), bos)
+    assert torch.equal(token_class_mask(model, tokens, [17]), tokens == 17)
+    pad = torch.ones(B, P, dtype=torch.long)
+    pad[1, 0] = 0
+    assert torch.equal(token_class_mask(model, tokens, "bos", attention_mask=pad), bos & pad.bool())
+
+    layer_heads = {0: [1], 1: [0, 2]}
+    _, clean = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_delta"))
+    for kind in ("zero", "mean"):
+        hooks = class_conditional_ablation_hooks(model, tokens, layer_heads, token_class="bos", kind=kind)
+        seen = {}
+        fwd = []
+        for layer in (0, 1):
+            name = f"blocks.{layer}.hook_delta"
+            fwd.append((name, record(seen, ("pre", layer))))
+        fwd += hooks
+        for layer in (0, 1):
+            fwd.append((f"blocks.{layer}.hook_delta", record(seen, ("post", layer))))
+        model.run_with_hooks(tokens, fwd_hooks=fwd)
+        assert torch.equal(seen[("pre", 0)], clean["blocks.0.hook_delta"])  # nothing upstream changed
+        for layer, heads in layer_heads.items():
+            pre, post = seen[("pre", layer)], seen[("post", layer)]
+            chosen = bos[:, :, None] & torch.isin(torch.arange(4), torch.tensor(heads))[None, None, :]
+            assert torch.equal(post[~chosen], pre[~chosen]), (kind, layer)
+            if kind == "zero":
+                assert (post[chosen] == 0).all() and (pre[chosen] > 0).all()
+            else:  # the head's mean Δ over every position of the clean run
+                means = clean[f"blocks.{layer}.hook_delta"].mean((0, 1))
+                torch.testing.assert_close(post[chosen], means.expand(B, P, 4)[chosen], rtol=1e-12, atol=0)
+                assert (post[chosen] != pre[chosen]).all()
+
+
+def test_delta_stats_by_class_agree_with_hand_averages(models, pair):
+    tokens, _ = pair
+    classes = {"bos": "bos", "seventeen": [17, 23], "mask": torch.rand(B, P, generator=torch.Generator()
+                                                                          .manual_seed(5)) > 0.5}
+    tokens = tokens.clone()
+    tokens[0, 3], tokens[1, 5] = 17, 23
+    for family in ("mamba2", "mamba1"):
+        model = models[family]
+        groups = None if family == "mamba2" else 2
+        df = delta_stats_by_class(model, tokens, classes, channel_groups=groups, progress=False)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_delta"))
+        masks = {"bos": tokens == 0, "seventeen": (tokens == 17) | (tokens == 23), "mask": classes["mask"]}
+        masks["other"] = ~(masks["bos"] | masks["seventeen"] | masks["mask"])
+        n_feat = 4 if family == "mamba2" else 2
+        assert len(df) == 2 * n_feat * 4
+        for layer in range(2):
+            delta = cache[f"blocks.{layer}.hook_delta"]
+            absA = torch.exp(model.blocks[layer].mixer.A_log.detach())
+            for f in range(n_feat):
+                if family == "mamba2":
+                    d, rate = delta[..., f], delta[..., f] * absA[f]
+                else:  # channels 0-15 and 16-31; |A| of a channel is its mean over the state entries
+                    sl = slice(16 * f, 16 * (f + 1))
+                    d = delta[..., sl].mean(-1)
+                    rate = (delta[..., sl, None] * absA[sl]).mean((-1, -2))
+                for name, mask in masks.items():
+                    row = df[(df.layer == layer) & (df["head"] == f) & (df["class"] == name)].iloc[0]
+                    assert row["count"] == int(mask.sum())
+                    assert row.mean_delta == pytest.approx(float(d[mask].mean()), rel=1e-9)
+                    assert row.mean_decay == pytest.approx(float(rate[mask].mean()), rel=1e-9)
+                    assert row.rel_delta == pytest.approx(float(d[mask].mean() / d.mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="channel_groups apply to Mamba-1"):
+        delta_stats_by_class(models["mamba2"], tokens, {"bos": "bos"}, channel_groups=2)
+
+
+# ------------------------------------------------------------------ needle harness
+def test_needle_accuracy_matches_shipped_metrics():
+    import tl_mamba
+    from tl_mamba.toy import tasks as toy_tasks
+
+    model = tl_mamba.from_pretrained("toy-mamba2")
+    metrics = json.loads(resources.files("tl_mamba.toy").joinpath("models/toy-mamba2/metrics.json").read_text())
+    seed, n = metrics["seed"] + 1, 40  # evaluate_model used the training seed + 1
+    calls = []
+
+    def factory(tokens):  # hooks built per batch from its tokens; no-op hooks here
+        calls.append(tuple(tokens.shape))
+        return []
+
+    acc = needle_accuracy(model, lengths=(64,), n=n, seed=seed, batch_size=20, fwd_hooks=factory, progress=False)
+    expected = metrics["needle_by_length"]["64"]
+    tolerance = 3 * math.sqrt(expected * (1 - expected) / n) + 1 / n
+    assert abs(acc[64] - expected) <= tolerance, (acc, expected)
+    assert calls == [(20, 64), (20, 64)]
+    # the same number as the toy evaluation code on the same prompts
+    prompts = toy_tasks.make_dataset("needle", "heldout", n, seed=seed, length=64)
+    assert acc[64] == toy_tasks.evaluate(model, prompts, progress=False)
+    # ablating every layer's mixer output leaves no way to retrieve the needle
+    zero = needle_accuracy(model, lengths=(64,), n=n, seed=seed, fwd_hooks=zero_ablation_hooks(model, "mixer_out"),
+                           progress=False)
+    assert zero[64] < 0.3
+    # a class-conditional factory builds its mask per batch: removing the embedding of every digit
+    # (the values) from the residual stream leaves nothing to retrieve
+    digits = [str(i) for i in range(10)]
+    hooked = needle_accuracy(model, lengths=(64,), n=n, seed=seed, batch_size=20, progress=False,
+                             fwd_hooks=class_conditional_hook_factory(model, {0: None}, token_class=digits,
+                                                                      hook="resid_pre"))
+    assert hooked[64] < 0.5 < acc[64]

@@ -1,0 +1,662 @@
+"""Zero, mean and resample ablation of any Mamba hook, class-conditional ablation, Δ statistics by
+token class, and a needle-in-a-haystack accuracy harness.
+
+Every factory returns plain TransformerLens ``(hook_name, hook_fn)`` pairs, so they
+compose with ``run_with_hooks``, the ``model.hooks(...)`` context, other hooks and
+``Knockout``s (``model.run_with_knockout(tokens, ko, fwd_hooks=hooks)``):
+
+    from tl_mamba.circuits.ablation import (zero_ablation_hooks, mean_ablation_hooks,
+        class_conditional_ablation_hooks, delta_stats_by_class, needle_accuracy)
+
+    hooks = zero_ablation_hooks(model, "y", layers=[2], heads=[0, 5])          # Mamba-2 heads
+    hooks = mean_ablation_hooks(model, "x", reference_tokens, channels=range(32))  # Mamba-1 channels
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+    # the Mamba-2 "state sink": zero Δ of chosen heads only at BOS positions
+    hooks = class_conditional_ablation_hooks(model, tokens, {1: [3], 2: [0, 7]}, token_class="bos")
+    df = delta_stats_by_class(model, tokens, {"bos": "bos", "period": ["."]})   # find such heads
+    needle_accuracy(model, lengths=(64, 128), n=100,
+                    fwd_hooks=class_conditional_hook_factory(model, {1: [3]}, token_class="bos"))
+
+Features: ``heads=`` picks Mamba-2 heads, ``channels=`` Mamba-1 ``d_inner`` channels,
+on hooks that have that axis (see :func:`tl_mamba.circuits.patching.feature_axis`);
+either may be a mapping ``{layer: features}`` to choose features per layer.
+Positions: None (all), ints (negative from the end), a bool mask ``[p]`` or ``[b, p]``
+(one row per batch element: the hooks then only fit runs of that batch size).
+
+Ablating ``hook_delta`` (Δ) of a head to zero at a position means that head neither
+decays its state (exp(0·A) = 1) nor writes to it (Δ·B = 0) there: the state passes
+through that position unchanged. Ablating ``hook_h`` sets the state, and the
+recurrence continues from the ablated value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from tl_mamba.circuits.patching import (
+    FeatureAxis,
+    channel_group_slices,
+    check_indices,
+    check_layers,
+    require_feature_axis,
+    resolve_hook,
+)
+
+Hook = Tuple[str, Callable]
+Features = Optional[Union[int, Sequence[int], Tensor, range, Mapping[int, Any]]]
+PositionSpec = Optional[Union[int, Sequence[int], Tensor]]
+TokenClass = Union[str, int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
+
+KINDS = ("zero", "mean", "resample")
+
+__all__ = [
+    "KINDS",
+    "zero_ablation_hooks",
+    "mean_ablation_hooks",
+    "resample_ablation_hooks",
+    "ablation_hooks",
+    "ablate",
+    "mean_activations",
+    "token_class_mask",
+    "class_conditional_ablation_hooks",
+    "class_conditional_hook_factory",
+    "delta_stats_by_class",
+    "needle_accuracy",
+]
+
+
+# ----------------------------------------------------------------------- helpers
+def _layer_features(model, name: str, layers, heads: Features,
+                    channels: Features) -> Tuple[Dict[int, Optional[List[int]]], Optional[FeatureAxis]]:
+    """``({layer: feature indices or None (all)}, feature axis or None)`` for a resolved hook ``name``."""
+    if heads is not None and channels is not None:
+        raise ValueError("give heads= (Mamba-2) or channels= (Mamba-1), not both")
+    if heads is None and channels is None:
+        return {layer: None for layer in check_layers(model, layers)}, None
+    asked, chosen = ("heads", heads) if heads is not None else ("channels", channels)
+    if isinstance(chosen, Mapping):
+        if layers is not None:
+            raise ValueError(f"{asked} is a mapping {{layer: {asked}}}: it names the layers, so leave layers=None")
+        if not chosen:
+            raise ValueError(f"the {asked} mapping is empty")
+        # a layer mapped to None takes every feature, which needs no feature axis
+        axis = None
+        if any(feats is not None for feats in chosen.values()):
+            axis = require_feature_axis(model, name, asked)
+        out: Dict[int, Optional[List[int]]] = {}
+        for layer, feats in chosen.items():
+            (layer,) = check_layers(model, [layer])
+            out[layer] = None if feats is None else check_indices(feats, axis.size, asked)
+        return out, axis
+    axis = require_feature_axis(model, name, asked)
+    feats = check_indices(chosen, axis.size, asked)
+    return {layer: feats for layer in check_layers(model, layers)}, axis
+
+
+def _position_mask(positions: PositionSpec, b: int, p: int, device) -> Tensor:
+    """``positions`` as a ``[b, p]`` bool mask for a run of ``b`` rows and ``p`` positions."""
+    if positions is None:
+        return torch.ones(b, p, dtype=torch.bool, device=device)
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        mask = positions.to(device)
+        if mask.dim() == 1:
+            if mask.shape[0] != p:
+                raise ValueError(f"the position mask has {mask.shape[0]} positions, the run {p}")
+            return mask[None].expand(b, p)
+        if mask.dim() != 2 or tuple(mask.shape) != (b, p):
+            raise ValueError(f"a [b, p] position mask of shape {tuple(mask.shape)} cannot ablate a run of shape "
+                             f"[{b}, {p}]: build the hooks for this batch (a factory tokens -> hooks)")
+        return mask
+    mask = torch.zeros(b, p, dtype=torch.bool, device=device)
+    mask[:, check_indices(positions, p, "positions")] = True
+    return mask
+
+
+def _masked_replace(act: Tensor, replacement: Union[Tensor, float], positions: PositionSpec,
+                    axis: Optional[FeatureAxis], features: Optional[List[int]]) -> Tensor:
+    """``act`` with ``replacement`` (broadcastable to ``act``) at the chosen positions and features."""
+    b, p = act.shape[:2]
+    mask = _position_mask(positions, b, p, act.device)
+    if not isinstance(replacement, Tensor):
+        replacement = torch.tensor(replacement, dtype=act.dtype, device=act.device)
+    replacement = replacement.to(device=act.device, dtype=act.dtype).expand_as(act)
+    if features is None or axis is None:
+        keep_dims = act.dim() - 2
+        return torch.where(mask.reshape(b, p, *([1] * keep_dims)), replacement, act)
+    view, repl = axis.view(act), axis.view(replacement)
+    fmask = torch.zeros(axis.size, dtype=torch.bool, device=act.device)
+    fmask[features] = True
+    full = (mask[:, :, None] & fmask[None, None, :]).reshape(b, p, axis.size, *([1] * (view.dim() - 3)))
+    return axis.unview(torch.where(full, repl, view))
+
+
+def _device_tokens(model, tokens) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be a token tensor [b, p], got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+    return tokens.to(model.W_E.device)
+
+
+# ---------------------------------------------------------------------- factories
+def zero_ablation_hooks(model, hook: str, layers=None, heads: Features = None, channels: Features = None,
+                        positions: PositionSpec = None) -> List[Hook]:
+    """Hooks that set ``blocks.{l}.{hook}`` to zero at the chosen positions and features.
+
+    Args:
+        hook: a per-block hook (``"y"``, ``"delta"``, ``"h"``, ``"mixer_out"`` ...).
+        layers: None = all layers (or the keys of a ``heads``/``channels`` mapping).
+        heads: Mamba-2 heads (on hooks with a head axis); channels: Mamba-1 ``d_inner``
+            channels. A list applies to every layer; a mapping ``{layer: list or None}``
+            picks per layer. None = every feature.
+        positions: None (all), ints, or a bool mask ``[p]`` / ``[b, p]``.
+
+    Returns:
+        ``[(name, fn)]`` for ``run_with_hooks``.
+    """
+    name = resolve_hook(model, hook)
+    per_layer, axis = _layer_features(model, name, layers, heads, channels)
+
+    def make(features):
+        def zero_ablate(act: Tensor, hook) -> Tensor:
+            return _masked_replace(act, 0.0, positions, axis, features)
+        return zero_ablate
+
+    return [(f"blocks.{layer}.{name}", make(features)) for layer, features in per_layer.items()]
+
+
+def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_position: bool = False,
+                     attention_mask: Optional[Tensor] = None, batch_size: int = 32) -> Dict[int, Tensor]:
+    """Mean of ``blocks.{l}.{hook}`` over a reference batch: ``{layer: mean}``.
+
+    The mean is over rows and positions (shape ``act.shape[2:]``), or over rows only
+    with ``per_position`` (shape ``[p, *act.shape[2:]]``). Padding (``attention_mask``
+    0) is left out; a position with no real token gets 0.
+    """
+    name = resolve_hook(model, hook)
+    layer_list = check_layers(model, layers)
+    tokens = _device_tokens(model, tokens)
+    names = [f"blocks.{layer}.{name}" for layer in layer_list]
+    sums: Dict[str, Tensor] = {}
+    dtypes: Dict[str, torch.dtype] = {}
+    count: Union[Tensor, float] = 0.0
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            chunk = tokens[start:start + batch_size]
+            mask = None if attention_mask is None else torch.as_tensor(attention_mask)[start:start + batch_size].to(
+                chunk.device)
+            _, cache = model.run_with_cache(chunk, names_filter=names, attention_mask=mask, return_type=None,
+                                            stop_at_layer=max(layer_list) + 1)
+            weight = torch.ones(chunk.shape, dtype=torch.float64, device=chunk.device) if mask is None \
+                else mask.to(torch.float64)
+            for n in names:
+                dtypes[n] = cache[n].dtype
+                act = cache[n].to(torch.float64)
+                w = weight.reshape(*weight.shape, *([1] * (act.dim() - 2)))
+                total = (act * w).sum(0) if per_position else (act * w).sum((0, 1))
+                sums[n] = total if n not in sums else sums[n] + total
+            count = count + (weight.sum(0) if per_position else weight.sum())
+    if not sums:
+        raise ValueError("mean_activations needs at least one reference prompt")
+    out = {}
+    for layer, n in zip(layer_list, names):
+        c = count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1.0)
+        if isinstance(c, Tensor) and per_position:
+            c = c.reshape(-1, *([1] * (sums[n].dim() - 1)))
+        out[layer] = (sums[n] / c).to(dtypes[n])
+    return out
+
+
+def mean_ablation_hooks(model, hook: str, reference_tokens: Optional[Tensor] = None, layers=None,
+                        heads: Features = None, channels: Features = None, positions: PositionSpec = None, *,
+                        per_position: bool = False, reference_attention_mask: Optional[Tensor] = None,
+                        means: Optional[Mapping[int, Tensor]] = None, batch_size: int = 32) -> List[Hook]:
+    """Hooks that replace ``blocks.{l}.{hook}`` by its mean over a reference batch at the chosen
+    positions and features (see :func:`zero_ablation_hooks` for ``layers``, ``heads``,
+    ``channels``, ``positions``).
+
+    The mean (:func:`mean_activations`) is over the rows and real positions of
+    ``reference_tokens``, or per position with ``per_position`` (then runs must have
+    the reference's length). ``means`` (``{layer: mean}``) skips the reference run.
+    """
+    name = resolve_hook(model, hook)
+    per_layer, axis = _layer_features(model, name, layers, heads, channels)
+    if means is None:
+        if reference_tokens is None:
+            raise ValueError("mean ablation needs reference_tokens (or precomputed means={layer: mean})")
+        means = mean_activations(model, reference_tokens, name, list(per_layer), per_position=per_position,
+                                 attention_mask=reference_attention_mask, batch_size=batch_size)
+    missing = [layer for layer in per_layer if layer not in means]
+    if missing:
+        raise ValueError(f"means has no entry for layers {missing}")
+
+    def make(features, mean: Tensor):
+        def mean_ablate(act: Tensor, hook) -> Tensor:
+            value = mean
+            if value.dim() == act.dim() - 1:  # per position: [p, ...]
+                if value.shape[0] != act.shape[1]:
+                    raise ValueError(f"per-position means cover {value.shape[0]} positions, the run has "
+                                     f"{act.shape[1]}: use a reference batch of the same length")
+                value = value[None]
+            elif tuple(value.shape) != tuple(act.shape[2:]):
+                raise ValueError(f"the mean of {hook.name} has shape {tuple(value.shape)}, the activation "
+                                 f"{tuple(act.shape)}")
+            return _masked_replace(act, value, positions, axis, features)
+        return mean_ablate
+
+    return [(f"blocks.{layer}.{name}", make(features, means[layer])) for layer, features in per_layer.items()]
+
+
+def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None, heads: Features = None,
+                            channels: Features = None, positions: PositionSpec = None, *,
+                            source_rows: Optional[Sequence[int]] = None, seed: int = 0,
+                            source_attention_mask: Optional[Tensor] = None) -> List[Hook]:
+    """Hooks that replace ``blocks.{l}.{hook}`` by its value on other prompts (resample ablation).
+
+    ``source_tokens [b_s, p]`` are run once (no hooks); in a run of ``b`` rows, row i
+    takes the activations of source row ``source_rows[i]``. By default that is row i
+    when ``b_s == b`` (pass other prompts, aligned), else a seeded random draw
+    (``seed``; the same rows on every forward of that batch size). Runs must have
+    the sources' length ``p``. See :func:`zero_ablation_hooks` for the other arguments.
+    """
+    name = resolve_hook(model, hook)
+    per_layer, axis = _layer_features(model, name, layers, heads, channels)
+    source_tokens = _device_tokens(model, source_tokens)
+    names = [f"blocks.{layer}.{name}" for layer in per_layer]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source_tokens, names_filter=names, attention_mask=source_attention_mask,
+                                        return_type=None, stop_at_layer=max(per_layer) + 1)
+    b_s, p_s = source_tokens.shape
+    fixed = None
+    if source_rows is not None:
+        fixed = torch.as_tensor(source_rows, dtype=torch.long).reshape(-1)
+        if fixed.numel() and (int(fixed.min()) < 0 or int(fixed.max()) >= b_s):
+            raise ValueError(f"source_rows must be in [0, {b_s}), got {fixed.tolist()}")
+
+    def rows_for(b: int, device) -> Tensor:
+        if fixed is not None:
+            if fixed.numel() != b:
+                raise ValueError(f"source_rows has {fixed.numel()} entries, the run {b} rows")
+            return fixed.to(device)
+        if b == b_s:
+            return torch.arange(b, device=device)
+        generator = torch.Generator().manual_seed(int(seed))
+        return torch.randint(b_s, (b,), generator=generator).to(device)
+
+    def make(features, source: Tensor):
+        def resample_ablate(act: Tensor, hook) -> Tensor:
+            if act.shape[1] != p_s:
+                raise ValueError(f"resample ablation: the run has {act.shape[1]} positions, the source prompts "
+                                 f"{p_s}; use source prompts of the same length")
+            return _masked_replace(act, source[rows_for(act.shape[0], source.device)], positions, axis, features)
+        return resample_ablate
+
+    return [(n, make(features, cache[n])) for n, features in zip(names, per_layer.values())]
+
+
+def ablation_hooks(model, hook: str, kind: str = "zero", layers=None, heads: Features = None,
+                   channels: Features = None, positions: PositionSpec = None, **kwargs) -> List[Hook]:
+    """:func:`zero_ablation_hooks`, :func:`mean_ablation_hooks` (``reference_tokens=`` or ``means=``,
+    ``per_position=``) or :func:`resample_ablation_hooks` (``source_tokens=``, ``source_rows=``,
+    ``seed=``) by ``kind``."""
+    if kind == "zero":
+        if kwargs:
+            raise ValueError(f"zero ablation takes no {', '.join(sorted(kwargs))}")
+        return zero_ablation_hooks(model, hook, layers, heads, channels, positions)
+    if kind == "mean":
+        return mean_ablation_hooks(model, hook, kwargs.pop("reference_tokens", None), layers, heads, channels,
+                                   positions, **kwargs)
+    if kind == "resample":
+        if "source_tokens" not in kwargs:
+            raise ValueError("resample ablation needs source_tokens (the prompts to take activations from)")
+        return resample_ablation_hooks(model, hook, kwargs.pop("source_tokens"), layers, heads, channels,
+                                       positions, **kwargs)
+    raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def ablate(model, tokens: Tensor, hook: str, kind: str = "zero", layers=None, heads: Features = None,
+           channels: Features = None, positions: PositionSpec = None, *, attention_mask: Optional[Tensor] = None,
+           fwd_hooks: Sequence[Hook] = (), return_type: Optional[str] = "logits", **kwargs):
+    """Run ``tokens`` with an ablation (:func:`ablation_hooks`) plus any ``fwd_hooks``; returns the
+    model's output (``return_type`` as ``model.forward``)."""
+    hooks = ablation_hooks(model, hook, kind, layers, heads, channels, positions, **kwargs)
+    return model.run_with_hooks(_device_tokens(model, tokens), fwd_hooks=list(fwd_hooks) + hooks,
+                                attention_mask=attention_mask, return_type=return_type)
+
+
+# -------------------------------------------------------------- token classes
+_NEWLINE_CACHE: Dict[int, Tuple[Any, List[int]]] = {}
+
+
+def _newline_ids(model) -> List[int]:
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("token_class='newline' needs a tokenizer (model.tokenizer is None); pass token ids instead")
+    cached = _NEWLINE_CACHE.get(id(tok))
+    if cached is not None and cached[0] is tok:
+        return cached[1]
+    ids = []
+    for piece, i in tok.get_vocab().items():
+        if piece in ("\n", "<0x0A>", "Ċ", "<nl>") or (piece and set(piece) <= {"Ċ"}):
+            ids.append(int(i))
+            continue
+        try:
+            text = tok.decode([i])
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot decode one id has no newline we can find
+            continue
+        if "\n" in text and not text.strip():
+            ids.append(int(i))
+    ids = sorted(set(ids))
+    _NEWLINE_CACHE[id(tok)] = (tok, ids)
+    return ids
+
+
+def _bos_id(model) -> int:
+    tok = model.tokenizer
+    if tok is not None and getattr(tok, "bos_token_id", None) is not None:
+        return int(tok.bos_token_id)
+    if model.cfg.bos_token_id is None:
+        raise ValueError("token_class='bos' needs a BOS id: neither the tokenizer nor the config has one")
+    return int(model.cfg.bos_token_id)
+
+
+def token_class_mask(model, tokens: Tensor, token_class: TokenClass,
+                     attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Where the tokens of a class are: a bool ``[b, p]`` mask.
+
+    ``token_class``: ``"bos"`` (the BOS id of the tokenizer, else of the config),
+    ``"newline"`` (every vocabulary entry that decodes to whitespace containing a
+    newline), an id, a list of ids or of token strings (looked up in the
+    tokenizer's vocabulary), an int tensor of ids, a bool mask ``[b, p]`` (or
+    ``[p]``), or a function ``tokens -> bool [b, p]``. Padding (``attention_mask`` 0)
+    is never in a class.
+    """
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [b, p], got shape {tuple(tokens.shape)}")
+    if callable(token_class) and not isinstance(token_class, (str, Tensor)):
+        mask = torch.as_tensor(token_class(tokens))
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"a token_class function must return a bool mask of shape {tuple(tokens.shape)}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+    elif isinstance(token_class, Tensor) and token_class.dtype == torch.bool:
+        mask = token_class.to(tokens.device)
+        if mask.dim() == 1 and mask.shape[0] == tokens.shape[1]:
+            mask = mask[None].expand_as(tokens)
+        if tuple(mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"a token_class mask must have shape {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    else:
+        if isinstance(token_class, str):
+            if token_class == "bos":
+                ids = [_bos_id(model)]
+            elif token_class == "newline":
+                ids = _newline_ids(model)
+                if not ids:
+                    raise ValueError("token_class='newline': the tokenizer has no newline token")
+            else:
+                raise ValueError(f"token_class {token_class!r}: expected 'bos', 'newline', token ids, a list of "
+                                 "token strings, a bool mask [b, p] or a function of the tokens")
+        elif isinstance(token_class, Tensor):
+            ids = token_class.reshape(-1).tolist()
+        elif isinstance(token_class, int) and not isinstance(token_class, bool):
+            ids = [token_class]
+        elif isinstance(token_class, (list, tuple, set, frozenset, range)):
+            ids = []
+            for item in token_class:
+                if isinstance(item, str):
+                    vocab = None if model.tokenizer is None else model.tokenizer.get_vocab()
+                    if vocab is None or item not in vocab:
+                        raise ValueError(f"token_class: {item!r} is not a token of the tokenizer's vocabulary")
+                    ids.append(int(vocab[item]))
+                elif isinstance(item, int) and not isinstance(item, bool):
+                    ids.append(item)
+                else:
+                    raise ValueError(f"token_class entries must be token ids or token strings, got {item!r}")
+        else:
+            raise ValueError(f"token_class {token_class!r}: expected 'bos', 'newline', token ids, a bool mask [b, p] "
+                             "or a function of the tokens")
+        mask = torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
+    if attention_mask is not None:
+        mask = mask & torch.as_tensor(attention_mask, device=mask.device).bool()
+    return mask
+
+
+def class_conditional_ablation_hooks(model, tokens: Tensor, layer_heads: Mapping[int, Any],
+                                     token_class: TokenClass = "bos", hook: str = "delta", kind: str = "zero", *,
+                                     attention_mask: Optional[Tensor] = None,
+                                     reference_tokens: Optional[Tensor] = None,
+                                     reference_attention_mask: Optional[Tensor] = None,
+                                     means: Optional[Mapping[int, Tensor]] = None) -> List[Hook]:
+    """Ablate chosen heads only at the positions of one token class (the state-sink experiment).
+
+    Args:
+        tokens: the ``[b, p]`` batch the hooks will run on (the mask is per row, so the
+            hooks fit this batch only; build them per batch, or use
+            :func:`class_conditional_hook_factory`).
+        layer_heads: ``{layer: heads}`` (Mamba-2) or ``{layer: channels}`` (Mamba-1);
+            None for every feature of that layer.
+        token_class: see :func:`token_class_mask` (default ``"bos"``).
+        hook: default ``"delta"``. Mamba-2's Δ is shared by all channels of a head, and
+            zeroing it at a position means the head neither decays nor writes its
+            state there (the state passes through unchanged), which is how the state
+            sink paper's BOS-specialist heads are implicated. Any hook with a head /
+            channel axis works (``"y"`` to silence the head's output instead).
+        kind: ``"zero"`` or ``"mean"``: the mean of the hook over every real position of
+            ``reference_tokens`` (default ``tokens`` with ``attention_mask``), or ``means``.
+        attention_mask: padding of ``tokens`` (padding is never in the class).
+
+    Returns:
+        ``[(name, fn)]`` hooks that change ``blocks.{l}.{hook}`` only at
+        ``token_class_mask(tokens)`` positions and the chosen features.
+    """
+    if not isinstance(layer_heads, Mapping) or not layer_heads:
+        raise ValueError("layer_heads must be a non-empty mapping {layer: heads (Mamba-2) or channels (Mamba-1)}")
+    tokens = _device_tokens(model, tokens)
+    mask = token_class_mask(model, tokens, token_class, attention_mask)
+    key = "channels" if model.cfg.family == "mamba1" else "heads"
+    features = {key: dict(layer_heads)}
+    if kind == "zero":
+        return zero_ablation_hooks(model, hook, positions=mask, **features)
+    if kind == "mean":
+        if means is None and reference_tokens is None:
+            reference_tokens, reference_attention_mask = tokens, attention_mask
+        return mean_ablation_hooks(model, hook, reference_tokens, positions=mask, means=means,
+                                   reference_attention_mask=reference_attention_mask, **features)
+    raise ValueError(f"class-conditional ablation kind must be 'zero' or 'mean', got {kind!r}")
+
+
+def class_conditional_hook_factory(model, layer_heads: Mapping[int, Any], token_class: TokenClass = "bos",
+                                   hook: str = "delta", kind: str = "zero", *,
+                                   reference_tokens: Optional[Tensor] = None,
+                                   reference_attention_mask: Optional[Tensor] = None,
+                                   means: Optional[Mapping[int, Tensor]] = None) -> Callable[..., List[Hook]]:
+    """``tokens [, attention_mask] -> hooks``: :func:`class_conditional_ablation_hooks` built per batch
+    (for :func:`needle_accuracy` and other loops over batches). For ``kind="mean"`` with
+    ``reference_tokens`` the means are computed once here; without, per batch from its tokens."""
+    if kind == "mean" and means is None and reference_tokens is not None:
+        name = resolve_hook(model, hook)
+        means = mean_activations(model, reference_tokens, name, [int(k) for k in layer_heads],
+                                 attention_mask=reference_attention_mask)
+
+    def factory(tokens: Tensor, attention_mask: Optional[Tensor] = None) -> List[Hook]:
+        return class_conditional_ablation_hooks(model, tokens, layer_heads, token_class, hook, kind,
+                                                attention_mask=attention_mask, means=means)
+
+    return factory
+
+
+# ------------------------------------------------------------- Δ statistics
+def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *,
+                         attention_mask: Optional[Tensor] = None, layers=None, channel_groups: Optional[int] = None,
+                         include_other: bool = True, batch_size: int = 32, progress: bool = True):
+    """Per-head Δ and decay rate at the positions of each token class (to find state-sink heads).
+
+    For every layer, head and class: the mean of Δ (``hook_delta``) and of the decay
+    rate Δ·|A| (the state keeps exp(−Δ|A|) per step) over the class's positions.
+
+    Mamba-1 has no heads: ``channel_groups=G`` (default 1) splits ``d_inner`` into ``G``
+    contiguous groups (see :func:`tl_mamba.circuits.patching.channel_group_slices`) and
+    reports the mean over each group's channels (|A| of a channel is its mean over
+    the state entries, so the rate is the mean of Δ·|A| over channels and entries).
+    ``channel_groups`` on Mamba-2 is a ``ValueError``.
+
+    Args:
+        tokens: ``[b, p]``.
+        classes: ``{name: token class}`` (see :func:`token_class_mask`: ``"bos"``,
+            ``"newline"``, ids, token strings, a bool mask ``[b, p]``, a function).
+            Classes may overlap.
+        attention_mask: padding is in no class.
+        include_other: add a class ``"other"``: real positions in none of the classes.
+
+    Returns:
+        A pandas DataFrame, one row per (layer, head, class): ``layer``, ``head`` (head,
+        or channel-group index for Mamba-1), ``class``, ``count`` (positions),
+        ``mean_delta``, ``mean_decay`` (mean Δ·|A|) and ``rel_delta`` (``mean_delta``
+        over the head's mean Δ on all real positions; > 1: Δ is larger on this class).
+        Mamba-1 rows also carry ``channels`` ``(start, stop)``. NaN where count is 0.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    cfg = model.cfg
+    mamba1 = cfg.family == "mamba1"
+    if not isinstance(classes, Mapping) or not classes:
+        raise ValueError("classes must be a non-empty mapping {name: token class}")
+    if include_other and "other" in classes:
+        raise ValueError("a class is named 'other', which include_other=True adds: rename it or pass include_other=False")
+    if not mamba1 and channel_groups is not None:
+        raise ValueError("channel_groups apply to Mamba-1; Mamba-2 statistics are per head already")
+    layer_list = check_layers(model, layers)
+    tokens = _device_tokens(model, tokens)
+    device = tokens.device
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=device)
+        if tuple(attention_mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
+    # a full-batch mask class is cut per chunk below, so resolve the masks once
+    names = list(classes) + (["other"] if include_other else [])
+    class_masks = [token_class_mask(model, tokens, cls, attention_mask) for cls in classes.values()]
+    real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if include_other:
+        covered = torch.stack(class_masks).any(0)
+        class_masks.append(real & ~covered)
+    masks = torch.stack(class_masks).to(torch.float64)  # [C, b, p]
+
+    if mamba1:
+        groups = channel_group_slices(cfg.d_inner, 1 if channel_groups is None else channel_groups)
+        pool = torch.zeros(cfg.d_inner, len(groups), dtype=torch.float64, device=device)
+        for g, (a, z) in enumerate(groups):
+            pool[a:z, g] = 1.0 / (z - a)
+    n_features = len(groups) if mamba1 else cfg.n_heads
+    abs_a = {}
+    for layer in layer_list:
+        a = torch.exp(model.blocks[layer].mixer.A_log.detach().to(device, torch.float64))
+        abs_a[layer] = a.mean(-1) if mamba1 else a  # [e] or [h]
+    hook_names = {layer: f"blocks.{layer}.hook_delta" for layer in layer_list}
+    C = masks.shape[0]
+    sum_delta = {layer: torch.zeros(C, n_features, dtype=torch.float64, device=device) for layer in layer_list}
+    sum_decay = {layer: torch.zeros(C, n_features, dtype=torch.float64, device=device) for layer in layer_list}
+    sum_all = {layer: torch.zeros(n_features, dtype=torch.float64, device=device) for layer in layer_list}
+    counts = masks.sum((1, 2))
+    n_real = real.sum().to(torch.float64)
+    with torch.no_grad():
+        starts = range(0, tokens.shape[0], batch_size)
+        for start in tqdm(starts, desc="delta stats", disable=not progress, leave=False, unit="batch"):
+            chunk = tokens[start:start + batch_size]
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size]
+            _, cache = model.run_with_cache(chunk, names_filter=list(hook_names.values()), attention_mask=mask,
+                                            return_type=None, stop_at_layer=max(layer_list) + 1)
+            m = masks[:, start:start + batch_size]
+            r = real[start:start + batch_size].to(torch.float64)
+            for layer in layer_list:
+                delta = cache[hook_names[layer]].to(torch.float64)  # [b, p, e] or [b, p, h]
+                decay = delta * abs_a[layer]
+                if mamba1:
+                    delta, decay = delta @ pool, decay @ pool
+                sum_delta[layer] += torch.einsum("cbp,bpf->cf", m, delta)
+                sum_decay[layer] += torch.einsum("cbp,bpf->cf", m, decay)
+                sum_all[layer] += torch.einsum("bp,bpf->f", r, delta)
+    records = []
+    for layer in layer_list:
+        overall = (sum_all[layer] / n_real).cpu()
+        for ci, cname in enumerate(names):
+            count = float(counts[ci])
+            for f in range(n_features):
+                mean_delta = float(sum_delta[layer][ci, f] / count) if count else float("nan")
+                mean_decay = float(sum_decay[layer][ci, f] / count) if count else float("nan")
+                row = dict(layer=layer, head=f, **{"class": cname}, count=int(count), mean_delta=mean_delta,
+                           mean_decay=mean_decay,
+                           rel_delta=mean_delta / float(overall[f]) if float(overall[f]) else float("nan"))
+                if mamba1:
+                    row["channels"] = groups[f]
+                records.append(row)
+    return pd.DataFrame.from_records(records)
+
+
+# ------------------------------------------------------------- needle harness
+def _takes_attention_mask(fn) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "attention_mask" or p.kind == p.VAR_KEYWORD for p in params)
+
+
+class _HookedModel:
+    """Calls ``model.run_with_hooks`` with hooks (fixed, or built from each batch's tokens);
+    everything else is the model's, so ``tl_mamba.toy.tasks.evaluate`` can run it."""
+
+    def __init__(self, model, fwd_hooks):
+        self._model = model
+        self._fwd_hooks = fwd_hooks
+
+    def __call__(self, tokens: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        if callable(self._fwd_hooks):
+            if _takes_attention_mask(self._fwd_hooks):
+                hooks = self._fwd_hooks(tokens, attention_mask=attention_mask)
+            else:
+                hooks = self._fwd_hooks(tokens)
+        else:
+            hooks = self._fwd_hooks
+        return self._model.run_with_hooks(tokens, fwd_hooks=list(hooks), attention_mask=attention_mask, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def needle_accuracy(model, lengths: Sequence[int] = (64, 128, 256), n: int = 100, seed: int = 0, *,
+                    fwd_hooks: Union[Sequence[Hook], Callable[..., Sequence[Hook]]] = (), batch_size: int = 32,
+                    split: str = "heldout", progress: bool = True, **needle_kw) -> Dict[int, float]:
+    """Needle-in-a-haystack accuracy against length, under hooks: ``{length: accuracy}``.
+
+    The toy key-value task (:func:`tl_mamba.toy.tasks.make_needle`), ``n`` prompts of
+    exactly ``length`` tokens per length, scored as the toy models are
+    (:func:`tl_mamba.toy.tasks.needle_accuracy_by_length`: argmax at the last prompt
+    token == the value); ``tl_mamba.toy.train.evaluate_model`` reports the same numbers
+    with ``seed = training seed + 1`` and ``split="heldout"``.
+
+    Args:
+        model: a model with the toy tokenizer (``tl_mamba.from_pretrained("toy-mamba2")``).
+        fwd_hooks: hooks for every batch, or a function ``tokens [b, p] -> hooks`` (it may
+            also take ``attention_mask=``) called per batch, for hooks that depend on
+            the tokens (:func:`class_conditional_hook_factory`). Knockouts apply with
+            ``with model.knockouts(ko): needle_accuracy(...)``.
+        batch_size, split, progress: batching, ``"heldout"``/``"train"`` prompts, tqdm bars.
+        needle_kw: ``depth``, ``n_pairs``, ``max_pairs`` of ``make_needle``.
+    """
+    from tl_mamba.toy import tasks as toy_tasks
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    for length in lengths:
+        if not toy_tasks.NEEDLE_MIN_LENGTH <= int(length) <= toy_tasks.NEEDLE_MAX_LENGTH:
+            raise ValueError(f"needle length {length} is outside [{toy_tasks.NEEDLE_MIN_LENGTH}, "
+                             f"{toy_tasks.NEEDLE_MAX_LENGTH}]")
+    runner = _HookedModel(model, fwd_hooks if callable(fwd_hooks) else list(fwd_hooks))
+    return toy_tasks.needle_accuracy_by_length(runner, lengths=lengths, n=n, seed=seed, split=split,
+                                               batch_size=batch_size, progress=progress, **needle_kw)

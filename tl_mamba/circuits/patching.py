@@ -1,0 +1,464 @@
+"""Activation patching of any Mamba hook: by layer × position, by head (Mamba-2), by channel group (Mamba-1).
+
+The convention is ``transformer_lens.patching``'s: run the CORRUPTED input and
+patch in the CLEAN run's activation at one index at a time (a layer and a
+position, a layer and a head, ...), then record ``metric(patched_logits)``. A
+metric that measures how much of the clean behaviour is recovered (a logit
+difference, the answer's probability) is high where the patched activation
+carries the information the corruption removed.
+
+    from tl_mamba.circuits.patching import patch_layer_position, patch_heads
+
+    def metric(logits):                                # [b, p, v] -> scalar
+        return (logits[:, -1, good] - logits[:, -1, bad]).mean()
+
+    patch_layer_position(model, clean, corrupted, metric, hook="resid_pre")   # [n_layers, p]
+    patch_layer_position(model, clean, corrupted, metric, hook="h")           # the state: [n_layers, p]
+    patch_heads(model, clean, corrupted, metric, hook="y")                    # Mamba-2: [n_layers, h]
+    patch_heads(model, clean, corrupted, metric, hook="y", per_position=True) # [n_layers, h, p]
+    patch_heads(model, clean, corrupted, metric, hook="x", channel_groups=8)  # Mamba-1: [n_layers, 8]
+
+Hooks are named without their layer, with or without the ``hook_`` prefix:
+``"resid_pre"``, ``"hook_h"``, ``"delta"``, ``"B"``, ``"ln1.hook_scale"``... Any
+per-block hook with a position axis works (every one but ``hook_ssm_mask``: use
+``tl_mamba.Knockout`` for edges). Patching ``hook_h`` at position t replaces the
+state after step t, and the recurrence continues from the clean state (the model
+does this whenever a hook edits ``hook_h``), so later positions see it too.
+
+Speed: several patches run in one forward, each on its own copy of the corrupted
+batch (``batch_size`` rows per forward in all), and the metric is called on each
+copy's logits separately, so the numbers are those of one patch per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+Metric = Callable[[Tensor], Union[Tensor, float]]
+LayerSpec = Optional[Union[int, Sequence[int]]]
+IndexSpec = Optional[Union[int, Sequence[int], Tensor, range]]
+
+__all__ = [
+    "block_hook_names",
+    "resolve_hook",
+    "feature_axis",
+    "patch_layer_position",
+    "patch_heads",
+    "patch_channel_groups",
+]
+
+# Per-block hooks whose axis 2 is a feature axis, by family. Mamba-2 hooks of width
+# e = h·hd (y_gated, y_normed) are head-major, so they are split into [h, hd].
+_MAMBA1_CHANNEL_HOOKS = ("hook_conv_in", "hook_conv", "hook_x", "hook_z", "hook_gate", "hook_delta", "hook_h",
+                         "hook_y", "hook_y_gated")
+_MAMBA2_HEAD_HOOKS = ("hook_z", "hook_gate", "hook_x", "hook_delta_raw", "hook_delta", "hook_h", "hook_y")
+_MAMBA2_FLAT_HEAD_HOOKS = ("hook_y_gated", "hook_y_normed")
+_NO_POSITION_HOOKS = ("hook_ssm_mask",)
+
+
+# ----------------------------------------------------------------------- hook names
+def block_hook_names(model) -> List[str]:
+    """The hook names of one block, relative to ``blocks.{l}.`` (``"hook_resid_pre"``, ``"ln1.hook_scale"``...)."""
+    from transformer_lens.hook_points import HookPoint
+
+    return [name for name, module in model.blocks[0].named_modules() if isinstance(module, HookPoint)]
+
+
+def resolve_hook(model, hook: str, *, need_position: bool = True) -> str:
+    """The block-relative name of ``hook`` (``"h"``, ``"hook_h"``, ``"ln1.scale"`` → ``"hook_h"``, ``"ln1.hook_scale"``).
+
+    Raises ``ValueError`` naming the valid hooks when ``hook`` is not a per-block
+    hook of ``model``, when it names a layer (``"blocks.3.hook_h"``: pass the layer
+    in ``layers=``), and, with ``need_position``, for ``hook_ssm_mask`` (no position axis).
+    """
+    if not isinstance(hook, str) or not hook:
+        raise ValueError(f"hook must be a hook name such as 'resid_pre' or 'hook_h', got {hook!r}")
+    names = block_hook_names(model)
+    if hook.startswith("blocks."):
+        raise ValueError(
+            f"hook {hook!r} names a layer: give the hook without it (e.g. {hook.split('.', 2)[-1]!r}) and the "
+            "layers in layers=")
+    candidates = [hook, "hook_" + hook]
+    if "." in hook:
+        prefix, last = hook.rsplit(".", 1)
+        candidates.append(f"{prefix}.hook_{last}")
+    for candidate in candidates:
+        if candidate in names:
+            if need_position and candidate in _NO_POSITION_HOOKS:
+                raise ValueError(
+                    f"{candidate} [b, H, p, p] has no position axis to patch or ablate position by position; "
+                    "remove hidden-attention edges with tl_mamba.Knockout instead")
+            return candidate
+    if hook in ("embed", "hook_embed") or hook.startswith("ln_final"):
+        raise ValueError(f"{hook!r} is a model-level hook; these helpers take per-block hooks: {', '.join(names)}")
+    import difflib
+
+    close = difflib.get_close_matches(hook, names + [n[5:] for n in names if n.startswith("hook_")], n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"{hook!r} is not a per-block hook of {type(model).__name__}.{hint} "
+                     f"Per-block hooks: {', '.join(names)}")
+
+
+@dataclass(frozen=True)
+class FeatureAxis:
+    """Where a hook's heads (Mamba-2) or channels (Mamba-1) are.
+
+    ``kind`` is ``"head"`` or ``"channel"``; ``size`` the number of heads or
+    channels; ``split`` is ``(h, hd)`` when axis 2 holds ``e = h·hd`` head-major
+    channels that must be viewed as ``[h, hd]`` (Mamba-2 ``hook_y_gated``,
+    ``hook_y_normed``), else None.
+    """
+
+    kind: str
+    size: int
+    split: Optional[Tuple[int, int]] = None
+
+    def view(self, act: Tensor) -> Tensor:
+        """``act`` with the features on axis 2 (a view of ``act``)."""
+        return act.unflatten(2, self.split) if self.split is not None else act
+
+    def unview(self, act: Tensor) -> Tensor:
+        return act.flatten(2, 3) if self.split is not None else act
+
+
+def feature_axis(model, hook: str) -> Optional[FeatureAxis]:
+    """The head (Mamba-2) or channel (Mamba-1) axis of a resolved block hook, None if it has none."""
+    cfg = model.cfg
+    if cfg.family == "mamba1":
+        return FeatureAxis("channel", cfg.d_inner) if hook in _MAMBA1_CHANNEL_HOOKS else None
+    if hook in _MAMBA2_HEAD_HOOKS:
+        return FeatureAxis("head", cfg.n_heads)
+    if hook in _MAMBA2_FLAT_HEAD_HOOKS:
+        return FeatureAxis("head", cfg.n_heads, split=(cfg.n_heads, cfg.d_head))
+    return None
+
+
+def _feature_hooks(model) -> str:
+    if model.cfg.family == "mamba1":
+        return ", ".join(_MAMBA1_CHANNEL_HOOKS)
+    return ", ".join(_MAMBA2_HEAD_HOOKS + _MAMBA2_FLAT_HEAD_HOOKS)
+
+
+def require_feature_axis(model, hook: str, asked: str) -> FeatureAxis:
+    """The feature axis of ``hook`` for a request of ``asked`` (``"heads"``, ``"channels"``,
+    ``"channel_groups"``); ``ValueError`` when the family or the hook has no such axis."""
+    family = model.cfg.family
+    if asked == "heads" and family == "mamba1":
+        raise ValueError(
+            "heads were asked of a Mamba-1 model, which has no heads: restrict Mamba-1 hooks to channels "
+            "(channels=... for ablation, channel_groups=G for patching)")
+    if asked in ("channels", "channel_groups") and family == "mamba2":
+        raise ValueError(
+            f"{asked} were asked of a Mamba-2 model, whose features are heads: pass heads=... instead")
+    axis = feature_axis(model, hook)
+    if axis is None:
+        what = "head" if family == "mamba2" else "channel (d_inner)"
+        raise ValueError(
+            f"{hook} has no {what} axis, so {asked} cannot be chosen on it. Hooks with one: {_feature_hooks(model)}")
+    return axis
+
+
+# --------------------------------------------------------------------- index checks
+def check_layers(model, layers: LayerSpec) -> List[int]:
+    """``layers`` (None = all, an int, or ints; negative from the end) as non-negative ints."""
+    n = model.cfg.n_layers
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, Tensor):
+        layers = layers.reshape(-1).tolist()
+    elif hasattr(layers, "__index__"):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not hasattr(layer, "__index__"):
+            raise ValueError(f"layers must be ints, got {layer!r}")
+        layer = int(layer)
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} is out of range for a model with {n} layers")
+        out.append(layer % n)
+    if not out:
+        raise ValueError("layers is empty")
+    return out
+
+
+def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
+    """``values`` (None = all, an int, ints, a range, an int or bool tensor) as ints in ``[0, size)``."""
+    if values is None:
+        return list(range(size))
+    if isinstance(values, Tensor):
+        if values.dtype == torch.bool:
+            if values.shape != (size,):
+                raise ValueError(f"a bool mask of {what} must have shape [{size}], got {tuple(values.shape)}")
+            return values.nonzero()[:, 0].tolist()
+        values = values.reshape(-1).tolist()
+    elif isinstance(values, int):
+        values = [values]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise ValueError(f"{what} must be ints, got {v!r}")
+        v = int(v)
+        if not -size <= v < size:
+            raise ValueError(f"{what[:-1] if what.endswith('s') else what} {v} is out of range [0, {size})")
+        out.append(v % size)
+    if not out:
+        raise ValueError(f"{what} is empty")
+    return out
+
+
+def channel_group_slices(d_inner: int, groups: int) -> List[Tuple[int, int]]:
+    """``[(start, stop)]`` of ``groups`` contiguous channel groups of ``d_inner``
+    (as equal as possible: the first ``d_inner % groups`` groups get one channel more)."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= d_inner:
+        raise ValueError(f"channel_groups must be an int in [1, d_inner={d_inner}], got {groups!r}")
+    bounds = [chunk[0].item() for chunk in torch.arange(d_inner).tensor_split(groups)] + [d_inner]
+    return [(bounds[i], bounds[i + 1]) for i in range(groups)]
+
+
+def _check_tokens(clean_tokens, corrupted_tokens) -> Tuple[Tensor, Tensor]:
+    for name, t in (("clean_tokens", clean_tokens), ("corrupted_tokens", corrupted_tokens)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a token tensor [b, p], got "
+                             f"{type(t).__name__ if not isinstance(t, Tensor) else tuple(t.shape)}")
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise ValueError(f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens "
+                         f"{tuple(corrupted_tokens.shape)} must have the same shape")
+    return clean_tokens, corrupted_tokens
+
+
+# -------------------------------------------------------------------- patch engine
+@dataclass(frozen=True)
+class _Patch:
+    layer: int
+    positions: Optional[Tuple[int, ...]]  # None: every position
+    features: Optional[Tuple[int, ...]]  # None: every feature (or the hook has none)
+
+
+def _clean_activations(model, clean_tokens, names: List[str], attention_mask, clean_cache) -> Dict[str, Tensor]:
+    if clean_cache is not None:
+        out = {}
+        for n in names:
+            try:
+                out[n] = clean_cache[n]
+            except KeyError:
+                raise ValueError(f"clean_cache lacks {n}; cache it with run_with_cache(names_filter=...)") from None
+        return out
+    with torch.no_grad():
+        last = max(int(n.split(".")[1]) for n in names)
+        _, cache = model.run_with_cache(clean_tokens, names_filter=list(names), attention_mask=attention_mask,
+                                        return_type=None, stop_at_layer=last + 1)
+    return {n: cache[n] for n in names}
+
+
+def _patch_hook(patches: List[Tuple[int, _Patch]], clean: Tensor, b: int, axis: Optional[FeatureAxis]):
+    """A hook writing ``clean`` into the rows of each ``(copy k, patch)``: rows ``k·b .. (k+1)·b``."""
+
+    def hook(act: Tensor, hook) -> Tensor:
+        new = act.clone()
+        view = axis.view(new) if axis is not None else new
+        source = (axis.view(clean) if axis is not None else clean).to(new.dtype)
+        for k, patch in patches:
+            rows = view[k * b:(k + 1) * b]
+            pos = slice(None) if patch.positions is None else torch.tensor(patch.positions, device=act.device)
+            if patch.features is None:
+                index = (slice(None), pos)
+            else:
+                feat = torch.tensor(patch.features, device=act.device)
+                if patch.positions is None:
+                    index = (slice(None), slice(None), feat)
+                else:
+                    index = (slice(None), pos[:, None], feat[None, :])
+            rows[index] = source[index]
+        return axis.unview(view) if axis is not None else view
+
+    return hook
+
+
+def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, hook: str,
+                 patches: Sequence[_Patch], axis: Optional[FeatureAxis], *, attention_mask=None, clean_cache=None,
+                 batch_size: int = 64, progress: bool = True, desc: str = "patching") -> Tensor:
+    """``metric`` of the corrupted run with each patch applied alone: a float64 tensor ``[len(patches)]``."""
+    from tqdm.auto import tqdm
+
+    if not callable(metric):
+        raise ValueError(f"metric must be a function logits [b, p, v] -> scalar, got {metric!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = model.W_E.device
+    clean_tokens, corrupted_tokens = clean_tokens.to(device), corrupted_tokens.to(device)
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=device)
+    b = corrupted_tokens.shape[0]
+    layers = sorted({p.layer for p in patches})
+    names = {layer: f"blocks.{layer}.{hook}" for layer in layers}
+    clean = _clean_activations(model, clean_tokens, list(names.values()), attention_mask, clean_cache)
+    copies = max(1, batch_size // b)
+    out = torch.zeros(len(patches), dtype=torch.float64)
+    starts = range(0, len(patches), copies)
+    with torch.no_grad():
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+            chunk = list(patches[start:start + copies])
+            k = len(chunk)
+            tokens = corrupted_tokens.repeat(k, 1)
+            mask = None if attention_mask is None else attention_mask.repeat(k, 1)
+            by_layer: Dict[int, List[Tuple[int, _Patch]]] = {}
+            for i, patch in enumerate(chunk):
+                by_layer.setdefault(patch.layer, []).append((i, patch))
+            fwd_hooks = [(names[layer], _patch_hook(items, clean[names[layer]].to(device), b, axis))
+                         for layer, items in by_layer.items()]
+            logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=mask)
+            for i in range(k):
+                value = metric(logits[i * b:(i + 1) * b])
+                value = torch.as_tensor(value)
+                if value.numel() != 1:
+                    raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
+                out[start + i] = float(value)
+    return out
+
+
+# -------------------------------------------------------------------- public API
+def patch_layer_position(
+    model,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    metric: Metric,
+    hook: str = "resid_pre",
+    layers: LayerSpec = None,
+    positions: IndexSpec = None,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    clean_cache: Optional[Mapping[str, Tensor]] = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Tensor:
+    """Patch one per-block hook at one (layer, position) at a time: ``[n_layers, n_positions]``.
+
+    Runs ``corrupted_tokens`` and, for every layer in ``layers`` and position in
+    ``positions``, replaces ``blocks.{layer}.{hook}[:, pos]`` (every feature) by its
+    value in the clean run, then records ``metric(logits)``. For ``hook="resid_pre"``
+    this is ``transformer_lens.patching.get_act_patch_resid_pre``.
+
+    Args:
+        model: a ``HookedMamba`` or ``HookedMamba2``.
+        clean_tokens, corrupted_tokens: ``[b, p]`` token tensors of the same shape.
+        metric: ``logits [b, p, v]`` of one patched corrupted run → a scalar.
+        hook: any per-block hook with a position axis (``"resid_pre"``, ``"mixer_out"``,
+            ``"h"`` (the state: ``[b, p, e, n]`` / ``[b, p, h, hd, n]``), ``"delta"``,
+            ``"B"``, ``"conv"``, ``"ln1.hook_scale"`` ...), with or without ``hook_``.
+        layers: layers to patch (None = all; ints, negative from the end). Rows of the result.
+        positions: positions to patch (None = all ``p``; ints, negative from the end).
+            Columns of the result. Positions are absolute columns of the batch.
+        attention_mask: ``[b, p]`` padding mask, used for both runs.
+        clean_cache: activations of the clean run holding ``blocks.{l}.{hook}``
+            (e.g. from ``run_with_cache``); computed when None.
+        batch_size: rows per forward; ``batch_size // b`` patches run together.
+        progress: show a tqdm bar.
+
+    Returns:
+        float64 tensor ``[len(layers), len(positions)]`` of metric values.
+    """
+    clean_tokens, corrupted_tokens = _check_tokens(clean_tokens, corrupted_tokens)
+    name = resolve_hook(model, hook)
+    layer_list = check_layers(model, layers)
+    pos_list = check_indices(positions, corrupted_tokens.shape[1], "positions")
+    patches = [_Patch(layer, (pos,), None) for layer in layer_list for pos in pos_list]
+    values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, None,
+                          attention_mask=attention_mask, clean_cache=clean_cache, batch_size=batch_size,
+                          progress=progress, desc=f"patch {name} by layer x position")
+    return values.reshape(len(layer_list), len(pos_list))
+
+
+def patch_heads(
+    model,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    metric: Metric,
+    hook: str = "y",
+    layers: LayerSpec = None,
+    heads: IndexSpec = None,
+    positions: IndexSpec = None,
+    *,
+    per_position: bool = False,
+    channel_groups: Optional[int] = None,
+    attention_mask: Optional[Tensor] = None,
+    clean_cache: Optional[Mapping[str, Tensor]] = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Tensor:
+    """Patch one head (Mamba-2) or one channel group (Mamba-1) of a hook at a time.
+
+    Runs ``corrupted_tokens`` and, for every layer and head, replaces that head's
+    slice of ``blocks.{layer}.{hook}`` (axis 2: ``hook_y [b, p, h, hd]``,
+    ``hook_delta [b, p, h]``, ``hook_h [b, p, h, hd, n]``...) by the clean run's,
+    then records ``metric(logits)``.
+
+    - Mamba-2: heads are the SSM heads; hooks with a head axis are ``hook_x``,
+      ``hook_y``, ``hook_z``, ``hook_gate``, ``hook_delta``, ``hook_delta_raw``,
+      ``hook_h``, and ``hook_y_gated`` / ``hook_y_normed`` (``[b, p, e]``, viewed as
+      ``[b, p, h, hd]``). ``hook_B`` / ``hook_C`` have a group axis, the conv hooks
+      mix x, B and C, so they have none.
+    - Mamba-1 has no heads: pass ``channel_groups=G`` to split ``d_inner`` into ``G``
+      contiguous channel groups (as equal as possible) and patch one group at a time;
+      hooks with a channel axis are ``hook_conv_in``, ``hook_conv``, ``hook_x``,
+      ``hook_z``, ``hook_gate``, ``hook_delta``, ``hook_h``, ``hook_y``, ``hook_y_gated``.
+
+    Args:
+        hook: the hook (default ``"y"``: the head's output, including D·x).
+        layers: None = all. Rows of the result.
+        heads: heads (Mamba-2) or channel-group indices (Mamba-1) to patch; None = all.
+        positions: positions patched (None = all). With ``per_position=False`` the head
+            is patched at all of them together; with ``per_position=True`` at one
+            position at a time, which adds a last axis.
+        channel_groups: Mamba-1 only (required there); ``ValueError`` on Mamba-2.
+        attention_mask, clean_cache, batch_size, progress: as :func:`patch_layer_position`.
+
+    Returns:
+        float64 tensor ``[len(layers), len(heads)]``, or ``[len(layers), len(heads),
+        len(positions)]`` with ``per_position=True``.
+    """
+    clean_tokens, corrupted_tokens = _check_tokens(clean_tokens, corrupted_tokens)
+    name = resolve_hook(model, hook)
+    if model.cfg.family == "mamba1":
+        if channel_groups is None:
+            raise ValueError(
+                "Mamba-1 has no heads: pass channel_groups=G to patch G contiguous groups of d_inner channels")
+        axis = require_feature_axis(model, name, "channel_groups")
+        groups = channel_group_slices(model.cfg.d_inner, channel_groups)
+        feature_sets = [tuple(range(a, z)) for a, z in groups]
+        what = "channel groups"
+    else:
+        if channel_groups is not None:
+            require_feature_axis(model, name, "channel_groups")  # raises: Mamba-2 has heads
+        axis = require_feature_axis(model, name, "heads")
+        feature_sets = [(h,) for h in range(model.cfg.n_heads)]
+        what = "heads"
+    layer_list = check_layers(model, layers)
+    head_list = check_indices(heads, len(feature_sets), what)
+    p = corrupted_tokens.shape[1]
+    if per_position:
+        pos_list = check_indices(positions, p, "positions")
+        patches = [_Patch(layer, (pos,), feature_sets[h]) for layer in layer_list for h in head_list
+                   for pos in pos_list]
+        shape: Tuple[int, ...] = (len(layer_list), len(head_list), len(pos_list))
+    else:
+        pos = None if positions is None else tuple(check_indices(positions, p, "positions"))
+        patches = [_Patch(layer, pos, feature_sets[h]) for layer in layer_list for h in head_list]
+        shape = (len(layer_list), len(head_list))
+    values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, axis,
+                          attention_mask=attention_mask, clean_cache=clean_cache, batch_size=batch_size,
+                          progress=progress, desc=f"patch {name} by {what}")
+    return values.reshape(shape)
+
+
+def patch_channel_groups(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, channel_groups: int,
+                         hook: str = "y", layers: LayerSpec = None, groups: IndexSpec = None,
+                         positions: IndexSpec = None, **kwargs) -> Tensor:
+    """Mamba-1 spelling of :func:`patch_heads`: patch ``channel_groups`` contiguous groups of
+    ``d_inner`` one at a time. ``[len(layers), len(groups)]`` (``[..., len(positions)]`` with
+    ``per_position=True``)."""
+    return patch_heads(model, clean_tokens, corrupted_tokens, metric, hook=hook, layers=layers, heads=groups,
+                       positions=positions, channel_groups=channel_groups, **kwargs)
