@@ -1,0 +1,338 @@
+"""tl_mamba.circuits: the graph, EAP / EAP-IG edge scores, exact edge patching, faithfulness.
+
+References are independent of the code under test: hand-written hooks that patch one
+edge (a residual-stream difference added at a receiver, or one head's slice of
+out_proj), the fundamental theorem of calculus for EAP-IG, and exact patching.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+import tl_mamba
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+from tl_mamba.circuits import Graph, attribute, evaluate_baseline, evaluate_graph, faithfulness, patched_logits
+
+B, P = 6, 8
+
+
+def tiny(family: str, seed: int = 0, n_layers: int = 3):
+    if family == "mamba1":
+        cfg = HookedMambaConfig(n_layers=n_layers, d_model=16, d_vocab=40, d_state=4, d_conv=4, expand=2, seed=seed)
+        model = HookedMamba(cfg)
+    else:
+        cfg = HookedMambaConfig(family="mamba2", n_layers=n_layers, d_model=16, d_vocab=40, d_state=4, d_conv=4,
+                                expand=2, n_heads=4, n_groups=2, chunk_size=4, seed=seed)
+        model = HookedMamba2(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model.double()
+
+
+def pair(seed=0, change=(2, 5)):
+    """Clean tokens and a corrupted copy that differs at a few positions."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 40, (B, P), generator=g)
+    corrupted = clean.clone()
+    for pos in change:
+        corrupted[:, pos] = torch.randint(0, 40, (B,), generator=g)
+    return clean, corrupted
+
+
+def small_corruption(model, eps=1e-4):
+    """Clean tokens, and a corrupted copy whose token at position 4 has an embedding
+    ``eps`` away from the clean one (the model's embedding row 39 is rewritten)."""
+    clean, _ = pair()
+    clean[:, 4] = 5
+    corrupted = clean.clone()
+    corrupted[:, 4] = 39
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        model.embed.W_E[39] = model.embed.W_E[5] + eps * torch.randn(model.cfg.d_model, generator=gen).double()
+    return clean, corrupted
+
+
+def last_logit_metric(target=7):
+    return lambda logits: logits[:, -1, target] - logits[:, -1].mean(-1)
+
+
+def pearson(a, b):
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+FAMILIES = ["mamba1", "mamba2"]
+
+
+# ------------------------------------------------------------------ structure
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_structure(family):
+    model = tiny(family)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    layer = Graph.from_model(model, "layer")
+    assert len(layer.edges) == (L + 1) * (L + 2) // 2  # receiver r reads the embedding and r mixers
+    assert {"input->m0", "m0->m2", "m2->logits", "input->logits"} <= set(layer.edges)
+    assert "m2->m1" not in layer.edges and "m1->m1" not in layer.edges
+    comp = Graph.from_model(model, "component")
+    per_layer = 6 if family == "mamba2" else 5
+    assert len(comp.edges) == len(layer.edges) + per_layer * L
+    assert comp.edge("m1.conv->m1.ssm").hook == "blocks.1.hook_conv"
+    if family == "mamba2":
+        head = Graph.from_model(model, "head")
+        assert len(head.edges) == sum(1 + r * H for r in range(L + 1))
+        assert head.edge("m1.h3->m2").hook == "blocks.2.hook_mixer_in"
+    else:
+        with pytest.raises(ValueError, match="Mamba-2"):
+            Graph.from_model(model, "head")
+    with pytest.raises(ValueError, match="n_pos"):
+        Graph.from_model(model, "layer", positional=True)
+    with pytest.raises(ValueError, match="level"):
+        Graph.from_model(model, "neuron")
+    with pytest.raises(KeyError, match="m0->"):
+        layer.edge("m0->m9")
+
+
+def test_topn_threshold_prune_and_json(tmp_path):
+    graph = Graph.from_model(tiny("mamba2"), "head")
+    torch.manual_seed(0)
+    graph.scores = torch.randn(len(graph.edges))
+    graph.apply_topn(10, prune=False)
+    assert graph.count_included_edges() == 10
+    chosen = set(graph.included_edges())
+    top = {name for name, _ in graph.top_edges(10)}
+    assert chosen == top
+    graph.apply_threshold(1.0, prune=False)
+    assert graph.count_included_edges() == int((graph.scores.abs() >= 1.0).sum())
+
+    # pruning: an edge into a node that nothing carries on from is dropped
+    graph.reset(empty=True)
+    for name in ("input->m0", "m0.h1->m2", "m2.h0->logits", "m0.h2->m1"):
+        graph.in_graph[graph.edge(name).index] = True
+    graph.prune()
+    assert set(graph.included_edges()) == {"input->m0", "m0.h1->m2", "m2.h0->logits"}
+
+    path = graph.to_json(tmp_path / "g.json")
+    back = Graph.from_json(path)
+    assert torch.equal(back.scores, graph.scores) and torch.equal(back.in_graph, graph.in_graph)
+    png = graph.to_image(tmp_path / "g.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ patching one edge, against hand-written hooks
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resid_edge_patch_matches_hand_written_hook(family):
+    model = tiny(family)
+    clean, corrupted = pair()
+    graph = Graph.from_model(model, "layer")
+    keep = torch.ones_like(graph.in_graph)
+    keep[graph.edge("m0->m2").index] = False
+    ours = patched_logits(model, graph, clean, corrupted, in_graph=keep)
+
+    with torch.no_grad():
+        _, corr_cache = model.run_with_cache(corrupted, names_filter="blocks.0.hook_mixer_out")
+        _, clean_cache = model.run_with_cache(clean, names_filter="blocks.0.hook_mixer_out")
+        shift = corr_cache["blocks.0.hook_mixer_out"] - clean_cache["blocks.0.hook_mixer_out"]
+        ref = model.run_with_hooks(clean, fwd_hooks=[("blocks.2.hook_mixer_in", lambda x, hook: x + shift)])
+        plain = model(clean)
+    torch.testing.assert_close(ours, ref)
+    assert (ours - plain).abs().max() > 1e-4  # the edge carries something
+
+
+def test_head_edge_patch_matches_hand_written_hook():
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    graph = Graph.from_model(model, "head")
+    keep = torch.ones_like(graph.in_graph)
+    keep[graph.edge("m1.h2->logits").index] = False
+    ours = patched_logits(model, graph, clean, corrupted, in_graph=keep)
+
+    hd = model.cfg.d_head
+    cols = slice(2 * hd, 3 * hd)  # head 2's channels of y_normed, and out_proj's columns for them
+    w = model.blocks[1].mixer.out_proj.weight[:, cols]
+    with torch.no_grad():
+        _, corr_cache = model.run_with_cache(corrupted, names_filter="blocks.1.hook_y_normed")
+        _, clean_cache = model.run_with_cache(clean, names_filter="blocks.1.hook_y_normed")
+        shift = (corr_cache["blocks.1.hook_y_normed"][..., cols] - clean_cache["blocks.1.hook_y_normed"][..., cols]) @ w.T
+        last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        ref = model.run_with_hooks(clean, fwd_hooks=[(last, lambda x, hook: x + shift)])
+    torch.testing.assert_close(ours, ref)
+
+
+def test_head_writes_sum_to_the_mixer_output():
+    """The premise of head-level edges: out_proj of each head's channels of hook_y_normed,
+    summed over heads, is hook_mixer_out (less the bias)."""
+    model = tiny("mamba2")
+    clean, _ = pair()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    out_proj = model.blocks[1].mixer.out_proj
+    yn = cache["blocks.1.hook_y_normed"]
+    hd = model.cfg.d_head
+    total = sum(yn[..., j * hd:(j + 1) * hd] @ out_proj.weight[:, j * hd:(j + 1) * hd].T
+                for j in range(model.cfg.n_heads))
+    if out_proj.bias is not None:
+        total = total + out_proj.bias
+    torch.testing.assert_close(total, cache["blocks.1.hook_mixer_out"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_internal_edge_patch_is_the_corrupted_activation(family):
+    model = tiny(family)
+    clean, corrupted = pair()
+    graph = Graph.from_model(model, "component")
+    keep = torch.ones_like(graph.in_graph)
+    keep[graph.edge("m1.gate->m1.out").index] = False
+    ours = patched_logits(model, graph, clean, corrupted, in_graph=keep)
+    with torch.no_grad():
+        _, corr_cache = model.run_with_cache(corrupted, names_filter="blocks.1.hook_gate")
+        ref = model.run_with_hooks(clean, fwd_hooks=[("blocks.1.hook_gate",
+                                                      lambda x, hook: corr_cache["blocks.1.hook_gate"])])
+    torch.testing.assert_close(ours, ref)
+
+
+# ------------------------------------------------------------------ faithfulness
+@pytest.mark.parametrize("family,level", [("mamba1", "layer"), ("mamba1", "component"), ("mamba2", "layer"),
+                                          ("mamba2", "head"), ("mamba2", "component")])
+def test_full_graph_is_faithful_and_empty_graph_is_not(family, level):
+    model = tiny(family)
+    clean, corrupted = pair()
+    metric = last_logit_metric()
+    graph = Graph.from_model(model, level)
+    assert faithfulness(model, graph.reset(empty=False), clean, corrupted, metric) == pytest.approx(1.0, abs=1e-9)
+    assert faithfulness(model, graph.reset(empty=True), clean, corrupted, metric) == pytest.approx(0.0, abs=1e-9)
+    # empty graph == the corrupted run itself, prompt by prompt
+    torch.testing.assert_close(evaluate_graph(model, graph, clean, corrupted, metric),
+                               evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True))
+
+
+# ------------------------------------------------------------------ scores
+@pytest.mark.parametrize("family,level", [("mamba1", "component"), ("mamba1", "layer"), ("mamba2", "head"),
+                                          ("mamba2", "component")])
+def test_eap_matches_exact_patching_for_a_small_corruption(family, level):
+    """EAP is the first-order Taylor estimate of each edge's patching effect, so for a
+    small corruption it must agree with exact patching edge by edge. The corrupted token
+    gets an embedding 1e-4 away from the clean one: every effect is then first order. The
+    measured worst error, relative to the largest effect, falls with the size of the
+    corruption as a second-order error should (mamba2: 0.31, 0.014, 0.0012 at 1e-2, 1e-3,
+    1e-4), so a 1e-2 tolerance at 1e-4 has a margin of ~8x. A sign error, a wrong receiver
+    or a wrong head decomposition breaks this completely. (For large corruptions EAP is
+    known to be poor; see the toy-model test below.)"""
+    model = tiny(family)
+    clean, corrupted = small_corruption(model)
+    metric = last_logit_metric()
+    graph = Graph.from_model(model, level)
+    eap = attribute(model, graph, clean, corrupted, metric, method="EAP", quiet=True).scores.clone()
+    exact = attribute(model, graph, clean, corrupted, metric, method="exact", quiet=True).scores.clone()
+    assert exact.abs().max() > 1e-6
+    assert pearson(eap, exact) > 0.999
+    torch.testing.assert_close(eap.double(), exact.double(), atol=1e-2 * float(exact.abs().max()), rtol=0)
+
+
+def test_eap_ig_with_one_step_is_eap():
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    metric = last_logit_metric()
+    g1 = attribute(model, Graph.from_model(model, "head"), clean, corrupted, metric, method="EAP", quiet=True)
+    g2 = attribute(model, Graph.from_model(model, "head"), clean, corrupted, metric, method="EAP-IG", ig_steps=1,
+                   quiet=True)
+    torch.testing.assert_close(g1.scores, g2.scores)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eap_ig_converges_to_exact_patching_on_a_linearised_model(family):
+    """Zero every out_proj: the mixers write nothing, and the only path from the input to
+    the logits is the edge input->logits. Interpolating the input is then interpolating
+    that edge alone, so EAP-IG's Riemann sum converges to metric(corrupted) - metric(clean),
+    which is exactly the effect of patching that edge, as the steps grow (error O(1/steps)).
+    """
+    model = tiny(family)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mixer.out_proj.weight.zero_()
+    clean, corrupted = pair(change=(2, P - 1))  # the last token changes: the direct path carries it
+    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 3]  # noqa: E731  (nonlinear in the residual)
+    graph = Graph.from_model(model, "layer")
+    exact = float(attribute(model, graph, clean, corrupted, metric, method="exact", quiet=True).score("input->logits"))
+    ig = {steps: float(attribute(model, graph, clean, corrupted, metric, method="EAP-IG", ig_steps=steps,
+                                 quiet=True).score("input->logits")) for steps in (8, 16, 32, 64)}
+    errors = {steps: abs(value - exact) for steps, value in ig.items()}
+    assert abs(exact) > 1e-2
+    assert errors[8] > errors[16] > errors[32] > errors[64]
+    assert errors[64] < 0.6 * errors[32]  # O(1/steps): halves when the steps double
+    # Richardson extrapolation cancels the O(1/steps) term; what is left is the limit
+    # (measured: 2e-4 of the effect for both families)
+    assert abs(2 * ig[64] - ig[32] - exact) < 0.005 * abs(exact)
+
+
+def test_positional_scores_sum_to_the_unsplit_scores_and_match_exact():
+    model = tiny("mamba1")
+    clean, corrupted = small_corruption(model)
+    metric = last_logit_metric()
+    flat = attribute(model, Graph.from_model(model, "layer"), clean, corrupted, metric, quiet=True)
+    pos = attribute(model, Graph.from_model(model, "layer", positional=True, n_pos=P), clean, corrupted, metric,
+                    quiet=True)
+    assert pos.scores.shape == (len(flat.edges), P)
+    torch.testing.assert_close(pos.scores.sum(-1), flat.scores, atol=1e-5, rtol=1e-4)
+    assert float(pos.scores[:, :4].abs().max()) < 1e-6  # nothing before the changed token differs
+    exact = attribute(model, Graph.from_model(model, "layer", positional=True, n_pos=P), clean, corrupted, metric,
+                      method="exact", quiet=True)
+    assert pearson(pos.scores, exact.scores) > 0.999
+    with pytest.raises(ValueError, match="positional"):
+        attribute(model, Graph.from_model(model, "layer", positional=True, n_pos=P + 1), clean, corrupted, metric,
+                  quiet=True)
+
+
+def test_dataloader_and_labels_give_the_same_scores_as_tensors():
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    targets = torch.arange(B) % 40
+    metric = lambda logits, labels: logits[:, -1].gather(1, labels[:, None])[:, 0]  # noqa: E731
+    a = attribute(model, Graph.from_model(model, "layer"), clean, corrupted, metric, labels=targets,
+                  batch_size=4, quiet=True)
+    loader = [(clean[:3], corrupted[:3], targets[:3]), (clean[3:], corrupted[3:], targets[3:])]
+    b = attribute(model, Graph.from_model(model, "layer"), loader, None, metric, quiet=True)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        attribute(model, Graph.from_model(model, "layer"), clean, corrupted[:, :-1], metric, labels=targets)
+    with pytest.raises(ValueError, match="one value per prompt"):
+        attribute(model, Graph.from_model(model, "layer"), clean, corrupted, lambda logits: logits[:, -1, :3],
+                  quiet=True)
+    with pytest.raises(ValueError, match="method"):
+        attribute(model, Graph.from_model(model, "layer"), clean, corrupted, metric, method="ACDC", labels=targets)
+
+
+# ------------------------------------------------------------------ the shipped toy model
+def ioi_batch(model, n=48, seed=1, limit=12):
+    from tl_mamba.toy import make_ioi
+
+    by_len = defaultdict(list)
+    for prompt in make_ioi(n, seed=seed, split="heldout"):
+        by_len[prompt.n_tokens].append(prompt)
+    prompts = max(by_len.values(), key=len)[:limit]
+    clean = torch.tensor([p.token_ids() for p in prompts])
+    corrupted = torch.cat([model.to_tokens(p.corrupted) for p in prompts])
+    io = torch.tensor([model.to_single_token(p.meta["IO"]) for p in prompts])
+    s = torch.tensor([model.to_single_token(p.meta["S"]) for p in prompts])
+
+    def logit_diff(logits):
+        last = logits[:, -1]
+        return last.gather(1, io[:, None])[:, 0] - last.gather(1, s[:, None])[:, 0]
+    return clean, corrupted, logit_diff
+
+
+def test_eap_ig_finds_a_faithful_ioi_circuit_on_toy_mamba2():
+    """On toy-mamba2's IOI task, EAP-IG head-level scores track exact edge patching
+    (measured Pearson 0.996 with 5 steps on 25 prompts; plain EAP: 0.15, the usual gap
+    when a corruption is large), and a handful of top edges keeps most of the behaviour."""
+    model = tl_mamba.from_pretrained("toy-mamba2")
+    clean, corrupted, metric = ioi_batch(model)
+    graph = Graph.from_model(model, "layer")
+    ig = attribute(model, graph, clean, corrupted, metric, method="EAP-IG", ig_steps=5, quiet=True).scores.clone()
+    exact = attribute(model, graph, clean, corrupted, metric, method="exact", quiet=True).scores.clone()
+    assert pearson(ig, exact) > 0.9
+    graph.scores = ig
+    graph.apply_topn(8)
+    assert faithfulness(model, graph, clean, corrupted, metric) > 0.8

@@ -1,0 +1,385 @@
+"""Edge attribution patching (EAP, EAP-IG), exact edge patching, and circuit evaluation.
+
+Everything here runs the model's ordinary forward with TransformerLens hooks: the
+senders' outputs are read at their hooks (``hook_embed``, ``hook_mixer_out``,
+``hook_y_normed``), and each receiver's input is edited at ``hook_mixer_in`` (or
+the last ``hook_resid_post`` for the logits). No private forward.
+
+Data: ``clean`` and ``corrupted`` are token tensors ``[N, p]`` of the same shape
+(split into ``batch_size`` rows), or ``clean`` is an iterable of batches
+``(clean, corrupted)`` or ``(clean, corrupted, labels)`` and ``corrupted`` is None.
+Prompts in one batch share a length; batches may differ unless the graph is positional.
+
+Metric: ``metric(logits)`` — or ``metric(logits, labels)`` when labels are given —
+returns one value per prompt (``[b]``) or the batch mean (a scalar). Scores are
+means over prompts of first-order estimates of
+``metric(edge patched to corrupted) - metric(clean)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_mamba.circuits.graph import Graph
+
+Batch = Tuple[Tensor, Tensor, object]
+METHODS = ("EAP", "EAP-IG", "exact")
+
+
+# ---------------------------------------------------------------------- data
+def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] = None) -> Iterator[Batch]:
+    """Yield ``(clean [b, p], corrupted [b, p], labels or None)`` from tensors or a dataloader (see module doc)."""
+    if isinstance(clean, Tensor):
+        if not isinstance(corrupted, Tensor):
+            raise TypeError("clean is a token tensor, so corrupted must be a token tensor of the same shape")
+        if clean.ndim != 2 or clean.shape != corrupted.shape:
+            raise ValueError(f"clean and corrupted must be [batch, pos] token tensors of one shape, got "
+                             f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
+        n = clean.shape[0]
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} prompts")
+        step = n if batch_size is None else int(batch_size)
+        for start in range(0, n, step):
+            part = None if labels is None else labels[start:start + step]
+            yield clean[start:start + step], corrupted[start:start + step], part
+        return
+    if corrupted is not None and not isinstance(corrupted, Tensor):  # two parallel iterables
+        for c, k in zip(clean, corrupted):
+            yield _check_pair(c, k, None)
+        return
+    if corrupted is not None:
+        raise TypeError("corrupted is a tensor but clean is not; pass two token tensors or one dataloader")
+    for item in clean:
+        if isinstance(item, dict):
+            item = (item["clean"], item["corrupted"], item.get("labels"))
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise ValueError("each batch of the dataloader must be (clean, corrupted) or (clean, corrupted, labels)")
+        yield _check_pair(item[0], item[1], item[2] if len(item) == 3 else None)
+
+
+def _check_pair(clean: Tensor, corrupted: Tensor, labels) -> Batch:
+    if clean.ndim != 2 or clean.shape != corrupted.shape:
+        raise ValueError(f"a batch's clean and corrupted tokens must be [batch, pos] of one shape, got "
+                         f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
+    return clean, corrupted, labels
+
+
+def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
+    """The metric as a sum over the batch's prompts (a scalar metric is taken as the batch mean)."""
+    value = metric(logits) if labels is None else metric(logits, labels)
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(value)
+    if value.ndim == 0:
+        return value * b
+    if value.shape != (b,):
+        raise ValueError(f"the metric must return one value per prompt ([{b}]) or a scalar, got {tuple(value.shape)}")
+    return value.sum()
+
+
+def _per_prompt(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
+    value = metric(logits) if labels is None else metric(logits, labels)
+    value = torch.as_tensor(value).detach().float().cpu()
+    return value.expand(b).clone() if value.ndim == 0 else value.reshape(b)
+
+
+# ---------------------------------------------------------------------- senders / receivers
+class _Wiring:
+    """How the graph's edges map onto the model's hooks, for one batch."""
+
+    def __init__(self, model, graph: Graph, p: int):
+        if graph.n_layers != model.cfg.n_layers or graph.family != _family(model):
+            raise ValueError(f"this graph was built for a {graph.family} model with {graph.n_layers} layers; the "
+                             f"model is {_family(model)} with {model.cfg.n_layers} layers")
+        if graph.positional and p != graph.n_pos:
+            raise ValueError(f"the graph is positional over {graph.n_pos} positions but this batch has {p}; "
+                             "positional graphs need prompts of exactly that length")
+        self.model, self.graph = model, graph
+        self.resid = [e for e in graph.edges.values() if e.kind == "resid"]
+        self.internal = [e for e in graph.edges.values() if e.kind == "internal"]
+        self.sender_hooks = [g.hook for g in graph.groups]
+        self.internal_hooks = sorted({e.hook for e in self.internal})
+
+    def out_proj(self, layer: int) -> Tensor:
+        return self.model.blocks[layer].mixer.out_proj.weight  # [d, e]
+
+    def to_resid(self, g: int, diff: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """Sum of the residual writes of group ``g``'s senders, from ``diff`` (the group hook's
+        activation difference), each sender weighted by ``weight`` ([units] or [p, units])."""
+        group = self.graph.groups[g]
+        if not group.per_head:
+            return diff if weight is None else diff * _expand(weight[..., 0], diff)
+        b, p, e = diff.shape
+        h = group.units
+        heads = diff.reshape(b, p, h, e // h)
+        if weight is not None:
+            heads = heads * (weight[..., None] if weight.ndim == 2 else weight[:, None])
+        w_out = self.out_proj(group.layer)
+        return heads.reshape(b, p, e).to(w_out.dtype) @ w_out.T
+
+    def pull_back(self, g: int, diff: Tensor, grad: Tensor) -> Tensor:
+        """``[units, p]``: sum over batch (and width) of each sender's write difference times ``grad``."""
+        group = self.graph.groups[g]
+        if not group.per_head:
+            return torch.einsum("bpd,bpd->p", diff.float(), grad.float())[None]
+        b, p, e = diff.shape
+        h = group.units
+        grad_e = grad.to(self.out_proj(group.layer).dtype) @ self.out_proj(group.layer)  # [b, p, e]
+        return torch.einsum("bphk,bphk->hp", diff.reshape(b, p, h, e // h).float(),
+                            grad_e.reshape(b, p, h, e // h).float())
+
+
+def _expand(weight: Tensor, like: Tensor) -> Tensor:
+    """A scalar or ``[p]`` weight broadcast over ``[b, p, d]``."""
+    return weight[None, :, None] if weight.ndim == 1 else weight
+
+
+def _family(model) -> str:
+    from tl_mamba.models.mamba2 import HookedMamba2
+
+    return "mamba2" if isinstance(model, HookedMamba2) else "mamba"
+
+
+def _run_cached(model, tokens: Tensor, names: Sequence[str]) -> Dict[str, Tensor]:
+    wanted = set(names)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
+    return {n: cache[n] for n in names}
+
+
+# ---------------------------------------------------------------------- attribution
+def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = None, method: str = "EAP",
+              ig_steps: Optional[int] = None, *, labels=None, batch_size: Optional[int] = None,
+              quiet: bool = False) -> Graph:
+    """Score every edge of ``graph`` in place (``graph.scores``) and return the graph.
+
+    Args:
+        method: ``"EAP"`` (one gradient at the clean input: ``(a_corr - a_clean) · ∂metric/∂receiver``),
+            ``"EAP-IG"`` (the gradient averaged over ``ig_steps`` inputs interpolated between the
+            corrupted and clean embeddings, α = k / ig_steps for k = 1..ig_steps; ``ig_steps=1`` is EAP),
+            or ``"exact"`` (patch each edge alone, one forward per edge: slow, the reference).
+        ig_steps: EAP-IG steps (default 5).
+        labels, batch_size: see the module docstring.
+
+    Scores estimate ``metric(edge patched to corrupted) - metric(clean)``, averaged over prompts.
+    """
+    if metric is None:
+        raise TypeError("attribute() needs a metric: metric(logits) or metric(logits, labels)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
+    if method != "EAP-IG" and ig_steps not in (None, 1) and method != "exact":
+        raise ValueError("ig_steps applies to method='EAP-IG' only")
+    steps = 1 if method == "EAP" else (ig_steps or 5)
+    if steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    if method == "exact":
+        return _attribute_exact(model, graph, clean, corrupted, metric, labels, batch_size, quiet)
+
+    total = torch.zeros_like(graph.scores, dtype=torch.float64)
+    n_prompts = 0
+    batches = iter_batches(clean, corrupted, labels, batch_size)
+    for clean_tokens, corrupted_tokens, batch_labels in tqdm(batches, desc=f"{method} attribution", disable=quiet,
+                                                             leave=False):
+        b, p = clean_tokens.shape
+        wiring = _Wiring(model, graph, p)
+        names = wiring.sender_hooks + wiring.internal_hooks  # sender_hooks[0] is hook_embed
+        clean_acts = _run_cached(model, clean_tokens, names)
+        corrupted_acts = _run_cached(model, corrupted_tokens, names)
+        grads = _receiver_grads(model, wiring, clean_tokens, clean_acts["hook_embed"],
+                                corrupted_acts["hook_embed"], metric, batch_labels, steps)
+        scores = torch.zeros_like(total)
+        for e in wiring.resid:
+            hook = wiring.graph.groups[e.group].hook
+            diff = corrupted_acts[hook] - clean_acts[hook]
+            scores[e.index] = _reduce_pos(wiring.pull_back(e.group, diff, grads[e.hook])[e.unit], graph)
+        for e in wiring.internal:
+            diff = (corrupted_acts[e.hook] - clean_acts[e.hook]).float()
+            per_pos = (diff * grads[e.hook].float()).reshape(b, p, -1).sum((0, 2))
+            scores[e.index] = _reduce_pos(per_pos, graph)
+        total += scores.double().cpu()
+        n_prompts += b
+    if n_prompts == 0:
+        raise ValueError("no prompts: the data was empty")
+    graph.scores = (total / n_prompts).float()
+    return graph
+
+
+def _reduce_pos(per_pos: Tensor, graph: Graph) -> Tensor:
+    return per_pos.detach().cpu() if graph.positional else per_pos.sum().detach().cpu()
+
+
+def _receiver_grads(model, wiring: _Wiring, tokens: Tensor, clean_embed: Tensor, corrupted_embed: Tensor,
+                    metric: Callable, labels, steps: int) -> Dict[str, Tensor]:
+    """∂(Σ metric)/∂(each receiver hook and patched internal hook), summed over the IG steps and divided by ``steps``."""
+    watched = sorted({e.hook for e in wiring.resid} | set(wiring.internal_hooks))
+    grads: Dict[str, Tensor] = {}
+
+    def capture(act: Tensor, hook) -> Tensor:
+        # A fresh tensor: the hook's output feeds only this receiver (the mixer behind
+        # hook_mixer_in, or ln_final), while ``act`` itself also flows down the residual
+        # stream. Its gradient is the receiver's alone.
+        act = act.clone()
+
+        def store(grad: Tensor) -> None:
+            grads[hook.name] = grads[hook.name] + grad.detach() if hook.name in grads else grad.detach()
+        act.register_hook(store)
+        return act
+
+    b = tokens.shape[0]
+    for k in range(1, steps + 1):
+        alpha = k / steps
+        start = corrupted_embed + alpha * (clean_embed - corrupted_embed) if steps > 1 else clean_embed
+        leaf = start.detach().clone().requires_grad_(True)
+        hooks = [("hook_embed", lambda act, hook, leaf=leaf: leaf)] + [(name, capture) for name in watched]
+        with torch.enable_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            value = _metric_values(metric, logits, labels, b)
+            torch.autograd.grad(value, leaf)
+    missing = [n for n in watched if n not in grads]
+    if missing:
+        raise RuntimeError(f"no gradient reached {missing[:3]}: does the metric depend on the logits?")
+    return {name: g / steps for name, g in grads.items()}
+
+
+# ---------------------------------------------------------------------- patched runs
+def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: Tensor,
+                   in_graph: Optional[Tensor] = None) -> Tensor:
+    """Logits of the clean run in which every edge NOT in the graph carries its corrupted value.
+
+    Receivers read ``Σ_{s in graph} a_s(this run) + Σ_{s not in graph} a_s(corrupted run)``;
+    internal edges not in the graph get the corrupted run's activation at their hook.
+    ``in_graph`` overrides ``graph.in_graph`` (same shape).
+    """
+    b, p = clean_tokens.shape
+    wiring = _Wiring(model, graph, p)
+    keep = graph.in_graph if in_graph is None else in_graph
+    if keep.shape != graph.in_graph.shape:
+        raise ValueError(f"in_graph must have shape {tuple(graph.in_graph.shape)}, got {tuple(keep.shape)}")
+    removed = ~keep.to(clean_tokens.device)
+    if not bool(removed.any()):
+        with torch.no_grad():
+            return model(clean_tokens)
+
+    internal_hooks = [e.hook for e in wiring.internal if bool(removed[e.index].any())]
+    corrupted_acts = _run_cached(model, corrupted_tokens, wiring.sender_hooks + internal_hooks)
+    diffs: Dict[int, Tensor] = {}
+    # weights[r][g]: [units] or [p, units], 1 where the edge from that sender to receiver r is removed
+    weights: Dict[int, Dict[int, Tensor]] = {}
+    for e in wiring.resid:
+        w = removed[e.index].float()
+        if bool(w.any()):
+            group = graph.groups[e.group]
+            shape = (group.units,) if not graph.positional else (p, group.units)
+            slot = weights.setdefault(e.receiver, {}).setdefault(
+                e.group, torch.zeros(shape, device=clean_tokens.device))
+            slot[..., e.unit] = w
+
+    def record(g: int):
+        def hook_fn(act: Tensor, hook) -> None:
+            diffs[g] = corrupted_acts[hook.name] - act
+        return hook_fn
+
+    def receive(r: int):
+        def hook_fn(act: Tensor, hook) -> Tensor:
+            for g, w in weights[r].items():
+                act = act + wiring.to_resid(g, diffs[g], w).to(act.dtype)
+            return act
+        return hook_fn
+
+    def replace(e_index: int):
+        def hook_fn(act: Tensor, hook) -> Tensor:
+            where = removed[e_index]
+            if not graph.positional:
+                return corrupted_acts[hook.name]
+            mask = where.view(1, p, *([1] * (act.ndim - 2)))
+            return torch.where(mask, corrupted_acts[hook.name], act)
+        return hook_fn
+
+    needed_groups = sorted({g for ws in weights.values() for g in ws})
+    hooks = [(graph.groups[g].hook, record(g)) for g in needed_groups]
+    hooks += [(graph.receivers[r][1], receive(r)) for r in weights]
+    hooks += [(e.hook, replace(e.index)) for e in wiring.internal if bool(removed[e.index].any())]
+    with torch.no_grad():
+        return model.run_with_hooks(clean_tokens, fwd_hooks=hooks)
+
+
+def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable = None, *, labels=None,
+                   batch_size: Optional[int] = None, quiet: bool = False) -> Tensor:
+    """The metric of the circuit: clean runs with every edge outside the graph patched to
+    its corrupted value. Returns per-prompt values ``[N]`` (``[n_batches]`` if the metric is a scalar)."""
+    if metric is None:
+        raise TypeError("evaluate_graph() needs a metric")
+    out: List[Tensor] = []
+    for clean_tokens, corrupted_tokens, batch_labels in tqdm(iter_batches(clean, corrupted, labels, batch_size),
+                                                             desc="evaluate graph", disable=quiet, leave=False):
+        logits = patched_logits(model, graph, clean_tokens, corrupted_tokens)
+        out.append(_per_prompt(metric, logits, batch_labels, clean_tokens.shape[0]))
+    return torch.cat(out)
+
+
+def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, run_corrupted: bool = False,
+                      labels=None, batch_size: Optional[int] = None) -> Tensor:
+    """The metric of the unpatched model on the clean prompts (or the corrupted ones), per prompt ``[N]``."""
+    if metric is None:
+        raise TypeError("evaluate_baseline() needs a metric")
+    out: List[Tensor] = []
+    if isinstance(clean, Tensor) and corrupted is None:
+        corrupted = clean  # the baseline needs no corrupted prompts
+    for clean_tokens, corrupted_tokens, batch_labels in iter_batches(clean, corrupted, labels, batch_size):
+        with torch.no_grad():
+            logits = model(corrupted_tokens if run_corrupted else clean_tokens)
+        out.append(_per_prompt(metric, logits, batch_labels, clean_tokens.shape[0]))
+    return torch.cat(out)
+
+
+def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = None, *, labels=None,
+                 batch_size: Optional[int] = None, quiet: bool = False) -> float:
+    """``(circuit - corrupted) / (clean - corrupted)`` of the mean metric: 1 for the full graph,
+    0 for the empty one."""
+    kw = dict(labels=labels, batch_size=batch_size)
+    if not isinstance(clean, Tensor):
+        clean = list(iter_batches(clean, corrupted, labels, batch_size))  # iterate the dataloader once
+        corrupted, kw = None, {}
+    circuit = evaluate_graph(model, graph, clean, corrupted, metric, quiet=quiet, **kw).mean()
+    clean_value = evaluate_baseline(model, clean, corrupted, metric, **kw).mean()
+    corrupted_value = evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True, **kw).mean()
+    gap = float(clean_value - corrupted_value)
+    if abs(gap) < 1e-8:
+        raise ValueError("the metric is the same on clean and corrupted prompts: faithfulness is undefined")
+    return float(circuit - corrupted_value) / gap
+
+
+def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batch_size, quiet) -> Graph:
+    """Patch one edge (one (edge, position) when positional) at a time; score = metric change."""
+    batches = list(iter_batches(clean, corrupted, labels, batch_size))
+    baseline = torch.cat([evaluate_baseline(model, c, k, metric, labels=lab) for c, k, lab in batches])
+    total = torch.zeros_like(graph.scores, dtype=torch.float64)
+    cells = [(e.index, pos) for e in graph.edges.values()
+             for pos in (range(graph.n_pos) if graph.positional else [None])]
+    for index, pos in tqdm(cells, desc="exact edge patching", disable=quiet, leave=False):
+        keep = torch.ones_like(graph.in_graph)
+        if pos is None:
+            keep[index] = False
+        else:
+            keep[index, pos] = False
+        values = []
+        for c, k, lab in batches:
+            logits = patched_logits(model, graph, c, k, in_graph=keep)
+            values.append(_per_prompt(metric, logits, lab, c.shape[0]))
+        total[(index,) if pos is None else (index, pos)] = float((torch.cat(values) - baseline).mean())
+    graph.scores = total.float()
+    return graph
+
+
+def edge_scores_table(graph: Graph, k: int = 20) -> List[Dict[str, Union[str, float, bool]]]:
+    """The top ``k`` edges by |score| as rows ``{"edge", "score", "in_graph"}`` (for printing)."""
+    flags = graph.in_graph.any(-1) if graph.positional else graph.in_graph
+    return [{"edge": name, "score": score, "in_graph": bool(flags[graph.edge(name).index])}
+            for name, score in graph.top_edges(k)]
+
+
+__all__ = ["attribute", "evaluate_graph", "evaluate_baseline", "faithfulness", "patched_logits",
+           "iter_batches", "edge_scores_table", "METHODS"]

@@ -1,0 +1,323 @@
+"""The computational graph of a Mamba model, for edge attribution and circuit evaluation.
+
+Shaped like the EAP-IG library's ``Graph`` (``from_model``, ``apply_topn``,
+``apply_threshold``, ``prune``, ``to_json``), but built from Mamba's own
+structure. A Mamba block adds its mixer's output to the residual stream, so every
+node that *writes* the residual stream (a sender: the embedding, a mixer, a
+Mamba-2 head) has an edge to every later node that *reads* it (a receiver: a
+mixer's input ``hook_mixer_in``, or the logits, read from the last
+``hook_resid_post``). Patching edge ``s -> r`` means that receiver ``r`` sees
+sender ``s``'s corrupted output in place of its clean one, while everything else
+``r`` reads stays as it is.
+
+Levels (``Graph.from_model(model, level=...)``):
+
+- ``"layer"``: nodes ``input``, ``m0 .. m{L-1}`` (each mixer, read at
+  ``hook_mixer_in`` and written at ``hook_mixer_out``), ``logits``.
+- ``"head"`` (Mamba-2): each head ``m{l}.h{j}`` is its own sender. Its write to the
+  residual stream is ``out_proj`` restricted to that head's channels of
+  ``hook_y_normed`` — the head's output ``hook_y``, gated and normed — so the heads'
+  writes sum exactly to ``hook_mixer_out`` (less the out_proj bias, which no
+  patch changes). The gated RMSNorm's divisor is shared by the heads: a head's
+  write is taken with the divisor of the run it comes from, as TransformerLens
+  treats LayerNorm scales in its decompositions. All heads of a layer read the
+  same normalised residual through one ``in_proj``, so the receiver is the layer
+  (``m{l}``), not the head.
+- ``"component"``: the residual edges of ``"layer"`` (nodes ``m{l}.in`` and
+  ``m{l}.out``) plus the paths inside each mixer, each patched at one hook:
+  ``m{l}.in -> m{l}.conv`` (``hook_conv_in``), ``m{l}.conv -> m{l}.ssm``
+  (``hook_conv``: the conv output, which feeds x and, after it, Δ, B and C for
+  Mamba-1, and x, B, C for Mamba-2), ``m{l}.in -> m{l}.ssm`` (Mamba-2 only:
+  ``hook_delta_raw``, Δ comes straight from in_proj), ``m{l}.ssm -> m{l}.out``
+  (``hook_y``, the SSM output including D·x), ``m{l}.in -> m{l}.gate``
+  (``hook_z``) and ``m{l}.gate -> m{l}.out`` (``hook_gate``).
+
+``positional=True`` gives every edge one score and one in-graph flag per position
+(``n_pos`` positions; all prompts must then have that length).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+LEVELS = ("layer", "head", "component")
+
+
+@dataclass(frozen=True)
+class SenderGroup:
+    """Senders whose outputs come from one hook.
+
+    ``units`` senders share ``hook`` (1 for the embedding or a whole mixer; ``n_heads``
+    for the heads of a Mamba-2 layer, read from ``hook_y_normed`` ``[b, p, e]`` and
+    mapped to the residual stream by that layer's ``out_proj`` weight).
+    """
+
+    hook: str
+    units: int
+    layer: Optional[int]  # None for the embedding
+    per_head: bool = False
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One edge. ``kind`` is ``"resid"`` (sender -> receiver through the residual stream)
+    or ``"internal"`` (a path inside a mixer, patched at ``hook``)."""
+
+    index: int
+    name: str
+    parent: str
+    child: str
+    kind: str
+    hook: str  # receiver hook (resid) or the patched hook (internal)
+    group: int = -1  # resid: sender group index
+    unit: int = 0  # resid: sender index within its group
+    receiver: int = -1  # resid: receiver index
+
+
+class Graph:
+    """Nodes and edges of a Mamba model, with one score and one in-graph flag per edge.
+
+    ``graph.scores`` is ``[n_edges]`` (``[n_edges, n_pos]`` when positional), float32;
+    ``graph.in_graph`` is a bool tensor of the same shape. ``graph.edges`` maps edge
+    names (``"m0->m2"``, ``"m1.h3->logits"``, ``"m2.conv->m2.ssm"``) to :class:`Edge`.
+    """
+
+    def __init__(self, *, family: str, n_layers: int, n_heads: int, level: str,
+                 positional: bool = False, n_pos: Optional[int] = None):
+        if level not in LEVELS:
+            raise ValueError(f"unknown graph level {level!r}: choose from {LEVELS}")
+        if level == "head" and family != "mamba2":
+            raise ValueError("level='head' needs a Mamba-2 model (Mamba-1 has no heads); use 'layer' or 'component'")
+        if positional and (n_pos is None or int(n_pos) < 1):
+            raise ValueError("a positional graph needs n_pos (the prompt length, in tokens)")
+        self.family, self.n_layers, self.n_heads, self.level = family, int(n_layers), int(n_heads), level
+        self.positional, self.n_pos = bool(positional), (int(n_pos) if positional else None)
+        self.groups: List[SenderGroup] = []
+        self.receivers: List[Tuple[str, str]] = []  # (node name, hook)
+        self.edges: Dict[str, Edge] = {}
+        self.nodes: List[str] = []
+        self._build()
+        shape = (len(self.edges), self.n_pos) if self.positional else (len(self.edges),)
+        self.scores = torch.zeros(shape, dtype=torch.float32)
+        self.in_graph = torch.ones(shape, dtype=torch.bool)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model, level: str = "layer", positional: bool = False,
+                   n_pos: Optional[int] = None) -> "Graph":
+        """The graph of ``model`` (a ``HookedMamba`` or ``HookedMamba2``) at ``level``.
+
+        Args:
+            level: ``"layer"``, ``"head"`` (Mamba-2) or ``"component"`` (see the module docstring).
+            positional: one score per edge and position; then ``n_pos`` (the prompt length) is required.
+        """
+        from tl_mamba.models.mamba2 import HookedMamba2
+
+        family = "mamba2" if isinstance(model, HookedMamba2) else "mamba"
+        return cls(family=family, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads, level=level,
+                   positional=positional, n_pos=n_pos)
+
+    def _sender_name(self, group: SenderGroup, unit: int) -> str:
+        if group.layer is None:
+            return "input"
+        if group.per_head:
+            return f"m{group.layer}.h{unit}"
+        return f"m{group.layer}.out" if self.level == "component" else f"m{group.layer}"
+
+    def _receiver_node(self, layer: int) -> str:
+        return f"m{layer}.in" if self.level == "component" else f"m{layer}"
+
+    def _add_edge(self, parent: str, child: str, kind: str, hook: str, **where) -> None:
+        name = f"{parent}->{child}"
+        self.edges[name] = Edge(len(self.edges), name, parent, child, kind, hook, **where)
+
+    def _build(self) -> None:
+        L = self.n_layers
+        self.groups.append(SenderGroup("hook_embed", 1, None))
+        for layer in range(L):
+            if self.level == "head":
+                self.groups.append(SenderGroup(f"blocks.{layer}.hook_y_normed", self.n_heads, layer, per_head=True))
+            else:
+                self.groups.append(SenderGroup(f"blocks.{layer}.hook_mixer_out", 1, layer))
+        self.receivers = [(self._receiver_node(layer), f"blocks.{layer}.hook_mixer_in") for layer in range(L)]
+        self.receivers.append(("logits", f"blocks.{L - 1}.hook_resid_post"))
+
+        self.nodes = ["input"]
+        for layer in range(L):
+            if self.level == "component":
+                self.nodes += [f"m{layer}.{part}" for part in ("in", "conv", "ssm", "gate", "out")]
+            elif self.level == "head":
+                self.nodes += [f"m{layer}"] + [f"m{layer}.h{j}" for j in range(self.n_heads)]
+            else:
+                self.nodes.append(f"m{layer}")
+        self.nodes.append("logits")
+
+        for r, (receiver, hook) in enumerate(self.receivers):
+            reads_up_to = r  # receiver r (layer r, or logits = L) reads senders of layers < r
+            for g, group in enumerate(self.groups):
+                if group.layer is not None and group.layer >= reads_up_to:
+                    continue
+                for unit in range(group.units):
+                    self._add_edge(self._sender_name(group, unit), receiver, "resid", hook,
+                                   group=g, unit=unit, receiver=r)
+            if self.level == "component" and r < L:
+                self._add_internal_edges(r)
+
+    def _add_internal_edges(self, layer: int) -> None:
+        m, hook = f"m{layer}", f"blocks.{layer}.hook_"
+        self._add_edge(f"{m}.in", f"{m}.conv", "internal", hook + "conv_in")
+        self._add_edge(f"{m}.conv", f"{m}.ssm", "internal", hook + "conv")
+        if self.family == "mamba2":
+            self._add_edge(f"{m}.in", f"{m}.ssm", "internal", hook + "delta_raw")
+        self._add_edge(f"{m}.ssm", f"{m}.out", "internal", hook + "y")
+        self._add_edge(f"{m}.in", f"{m}.gate", "internal", hook + "z")
+        self._add_edge(f"{m}.gate", f"{m}.out", "internal", hook + "gate")
+
+    # ------------------------------------------------------------------ queries
+    def __repr__(self) -> str:
+        pos = f", positional over {self.n_pos} positions" if self.positional else ""
+        return (f"Graph({self.family}, level={self.level!r}, {len(self.nodes)} nodes, {len(self.edges)} edges, "
+                f"{self.count_included_edges()} in graph{pos})")
+
+    def edge(self, name: str) -> Edge:
+        """The edge called ``name`` (``"parent->child"``); a KeyError lists close names."""
+        try:
+            return self.edges[name]
+        except KeyError:
+            parent = name.split("->")[0]
+            close = [e for e in self.edges if e.startswith(parent + "->")][:8]
+            raise KeyError(f"no edge {name!r} in this {self.level}-level graph; edges from {parent!r}: {close}") from None
+
+    def edge_names(self) -> List[str]:
+        return list(self.edges)
+
+    def score(self, name: str) -> Tensor:
+        """Score of one edge (a scalar, or ``[n_pos]`` when positional)."""
+        return self.scores[self.edge(name).index]
+
+    def count_included_edges(self) -> int:
+        """Edges in the graph (for a positional graph: (edge, position) pairs)."""
+        return int(self.in_graph.sum())
+
+    def included_edges(self) -> List[str]:
+        """Names of the edges in the graph (at any position, when positional)."""
+        flags = self.in_graph.any(-1) if self.positional else self.in_graph
+        return [name for name, e in self.edges.items() if bool(flags[e.index])]
+
+    def top_edges(self, k: int = 10, absolute: bool = True, only_in_graph: bool = False) -> List[Tuple[str, float]]:
+        """The ``k`` highest-scoring edges as ``(name, score)`` (positional scores summed over positions)."""
+        total = self.scores.sum(-1) if self.positional else self.scores
+        key = total.abs() if absolute else total
+        order = torch.argsort(key, descending=True).tolist()
+        names = list(self.edges)
+        flags = self.in_graph.any(-1) if self.positional else self.in_graph
+        out = [(names[i], float(total[i])) for i in order if not only_in_graph or bool(flags[i])]
+        return out[:k]
+
+    # ------------------------------------------------------------------ selection
+    def reset(self, empty: bool = True) -> "Graph":
+        """Remove every edge (``empty=True``) or put every edge back."""
+        self.in_graph.fill_(not empty)
+        return self
+
+    def apply_topn(self, n: int, absolute: bool = True, prune: bool = True) -> "Graph":
+        """Keep the ``n`` highest-scoring edges ((edge, position) pairs when positional)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        key = self.scores.abs() if absolute else self.scores
+        flat = key.flatten()
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        if n > 0:
+            keep[torch.topk(flat, min(n, flat.numel())).indices] = True
+        self.in_graph = keep.view_as(self.in_graph)
+        return self.prune() if prune else self
+
+    def apply_threshold(self, threshold: float, absolute: bool = True, prune: bool = True) -> "Graph":
+        """Keep the edges whose score (its absolute value by default) is at least ``threshold``."""
+        key = self.scores.abs() if absolute else self.scores
+        self.in_graph = key >= threshold
+        return self.prune() if prune else self
+
+    def _implicit_edges(self) -> List[Tuple[str, str]]:
+        """Always-present links that are not scored: a layer's input feeds its heads."""
+        if self.level != "head":
+            return []
+        return [(f"m{l}", f"m{l}.h{j}") for l in range(self.n_layers) for j in range(self.n_heads)]
+
+    def prune(self) -> "Graph":
+        """Drop edges that are not on a path from ``input`` to ``logits`` through edges in the graph.
+
+        For a positional graph a node counts as reached if any of its edges is in the
+        graph at any position (patching acts position by position, but information
+        moves across positions inside a mixer).
+        """
+        flags = self.in_graph.any(-1) if self.positional else self.in_graph
+        live = [(e.parent, e.child) for e in self.edges.values() if bool(flags[e.index])]
+        links = live + self._implicit_edges()
+        forward = _reachable("input", links)
+        backward = _reachable("logits", [(c, p) for p, c in links])
+        for e in self.edges.values():
+            if not (e.parent in forward and e.child in backward):
+                self.in_graph[e.index] = False
+        return self
+
+    # ------------------------------------------------------------------ export
+    def to_dict(self) -> dict:
+        def value(t: Tensor):
+            return t.tolist()
+
+        return {
+            "format": "tl_mamba.circuits.Graph/1",
+            "family": self.family, "n_layers": self.n_layers, "n_heads": self.n_heads, "level": self.level,
+            "positional": self.positional, "n_pos": self.n_pos,
+            "nodes": self.nodes,
+            "edges": {name: {"score": value(self.scores[e.index]), "in_graph": value(self.in_graph[e.index])}
+                      for name, e in self.edges.items()},
+        }
+
+    def to_json(self, path: Union[str, Path]) -> Path:
+        """Write the graph (structure, scores, in-graph flags) as JSON; read it back with :meth:`from_json`."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def from_json(cls, path: Union[str, Path]) -> "Graph":
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != "tl_mamba.circuits.Graph/1":
+            raise ValueError(f"{path} is not a tl_mamba circuit graph (format {data.get('format')!r})")
+        graph = cls(family=data["family"], n_layers=data["n_layers"], n_heads=data["n_heads"], level=data["level"],
+                    positional=data["positional"], n_pos=data["n_pos"])
+        missing = set(graph.edges) ^ set(data["edges"])
+        if missing:
+            raise ValueError(f"{path}: edges do not match a {data['level']}-level graph: {sorted(missing)[:5]}")
+        for name, e in graph.edges.items():
+            graph.scores[e.index] = torch.tensor(data["edges"][name]["score"], dtype=torch.float32)
+            graph.in_graph[e.index] = torch.tensor(data["edges"][name]["in_graph"], dtype=torch.bool)
+        return graph
+
+    def to_image(self, path: Union[str, Path], title: Optional[str] = None, max_edges: int = 200) -> Path:
+        """Draw the edges in the graph as a PNG: nodes by layer (input at the bottom,
+        logits on top), edge width by |score|, blue for positive and red for negative scores."""
+        from tl_mamba.circuits.draw import draw_graph
+
+        return draw_graph(self, Path(path), title=title, max_edges=max_edges)
+
+
+def _reachable(start: str, links: Sequence[Tuple[str, str]]) -> set:
+    out: Dict[str, List[str]] = {}
+    for a, b in links:
+        out.setdefault(a, []).append(b)
+    seen, stack = {start}, [start]
+    while stack:
+        for nxt in out.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
