@@ -50,6 +50,17 @@ def test_knockout_task_and_prompt(tmp_path, capsys):
     assert (tmp_path / "knockout_tokens.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_circuit_prints_edges_and_faithfulness_and_writes_png_and_json(tmp_path, capsys):
+    import json
+
+    assert main(["circuit", "--n", "12", "--steps", "2", "--top", "10", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "input->m0" in out and "faithfulness" in out
+    assert (tmp_path / "circuit.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((tmp_path / "circuit.json").read_text())
+    assert data["level"] == "head" and sum(e["in_graph"] for e in data["edges"].values()) <= 10
+
+
 def test_eval_reports_accuracy(capsys):
     assert main(["eval", "toy-mamba2", "--n", "16", "--lengths", "64"]) == 0
     out = capsys.readouterr().out
@@ -116,6 +127,11 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["knockout", "--window", "9", "--out", "/tmp"], "--window"),
         (["knockout", "--prompt", "the zyzzyva is", "--out", "/tmp"], "does not know"),
         (["knockout", "random", "--out", "/tmp"], "no tokenizer"),
+        (["circuit", "toy-mamba", "--level", "head", "--out", "/tmp"], "Mamba-2"),
+        (["circuit", "--n", "0", "--out", "/tmp"], "--n"),
+        (["circuit", "--steps", "0", "--out", "/tmp"], "--steps"),
+        (["circuit", "--out", "/proc/no-such-dir/x"], "cannot write"),
+        (["circuit", "random", "--out", "/tmp"], "no tokenizer"),
     ],
 )
 def test_errors_exit_2_with_a_message(argv, message, capsys):

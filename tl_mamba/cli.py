@@ -7,6 +7,8 @@
     tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
     tl-mamba knockout [MODEL] [--task facts | --prompt "..."] [--window W] [--path ssm|conv|both]
                                                      information flow by knockout: table and plot
+    tl-mamba circuit [MODEL] [--task ioi|facts] [--level auto|layer|head|component] [--method EAP-IG|EAP]
+                                                     edge attribution: top edges, faithfulness, circuit PNG + JSON
 
 Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
 output folder that cannot be written) print a message and exit with code 2.
@@ -362,6 +364,64 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_circuit(args) -> int:
+    """EAP / EAP-IG on a toy task's clean/corrupted pairs: top edges, faithfulness, circuit PNG and JSON."""
+    from rich.table import Table
+
+    from tl_mamba.circuits import Graph, attribute, evaluate_baseline, faithfulness, logit_diff, task_batches
+    from tl_mamba.models.mamba2 import HookedMamba2
+
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    out_dir = _writable_dir(args.out)
+    model = _load(args.model)
+    _check_toy_vocabulary(model, args.model)
+    level = args.level
+    if level == "auto":
+        level = "head" if isinstance(model, HookedMamba2) else "layer"
+    if level == "head" and not isinstance(model, HookedMamba2):
+        raise UsageError("--level head needs a Mamba-2 model; use layer or component for Mamba-1")
+    console = _console()
+    batches = task_batches(model, args.task, n=args.n, seed=args.seed, batch_size=args.batch_size)
+    clean_value = float(evaluate_baseline(model, batches, None, logit_diff).mean())
+    corrupted_value = float(evaluate_baseline(model, batches, None, logit_diff, run_corrupted=True).mean())
+    console.print(f"{args.method} on {model.cfg.model_name}, task {args.task} ({args.n} held-out pairs), "
+                  f"{level}-level graph; logit diff clean {clean_value:.2f}, corrupted {corrupted_value:.2f}")
+    graph = Graph.from_model(model, level=level)
+    attribute(model, graph, batches, None, logit_diff, method=args.method,
+              ig_steps=args.steps if args.method == "EAP-IG" else None)
+
+    table = Table(title=f"top {args.top} of {len(graph.edges)} edges (score ≈ change of the logit diff "
+                        "when the edge carries its corrupted value)")
+    for column in ("rank", "edge", "score"):
+        table.add_column(column, justify="left" if column == "edge" else "right")
+    for rank, (name, score) in enumerate(graph.top_edges(args.top), 1):
+        table.add_row(str(rank), name, f"{score:+.3f}")
+    console.print(table)
+
+    curve = Table(title="faithfulness of the top-n circuit: (circuit - corrupted) / (clean - corrupted)")
+    curve.add_column("edges", justify="right")
+    curve.add_column("faithfulness", justify="right")
+    sizes = sorted({k for k in (1, 2, 5, 10, 20, 50, args.top) if k <= len(graph.edges)})
+    scores = graph.scores.clone()
+    for k in sizes:
+        graph.scores = scores
+        graph.apply_topn(k)
+        curve.add_row(str(k), f"{faithfulness(model, graph, batches, None, logit_diff, quiet=True):.3f}")
+    console.print(curve)
+    graph.scores = scores
+    graph.apply_topn(args.top)
+    json_path = graph.to_json(out_dir / "circuit.json")
+    png_path = graph.to_image(out_dir / "circuit.png", title=f"{model.cfg.model_name} {args.task}: top {args.top} "
+                              f"edges by {args.method} ({graph.count_included_edges()} after pruning)")
+    console.print(f"wrote {png_path} and {json_path}")
+    return 0
+
+
 class UsageError(Exception):
     """A bad argument: reported as a message with exit code 2, never a traceback."""
 
@@ -398,6 +458,19 @@ def main(argv: Optional[list] = None) -> int:
     knockout.add_argument("--seed", type=int, default=0)
     knockout.add_argument("--out", default="tl_mamba_knockout", help="folder for the plot (and CSV)")
     knockout.set_defaults(func=cmd_knockout)
+    circuit = sub.add_parser("circuit", help="EAP / EAP-IG circuit discovery on a toy task (IOI by default)")
+    circuit.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    circuit.add_argument("--task", choices=("ioi", "facts"), default="ioi")
+    circuit.add_argument("--level", choices=("auto", "layer", "head", "component"), default="auto",
+                         help="graph level (auto: head for Mamba-2, layer for Mamba-1)")
+    circuit.add_argument("--method", choices=("EAP", "EAP-IG"), default="EAP-IG")
+    circuit.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps")
+    circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs")
+    circuit.add_argument("--batch-size", type=int, default=32)
+    circuit.add_argument("--top", type=int, default=20, help="edges to keep in the circuit")
+    circuit.add_argument("--seed", type=int, default=0)
+    circuit.add_argument("--out", default="tl_mamba_circuit", help="folder for circuit.png and circuit.json")
+    circuit.set_defaults(func=cmd_circuit)
     run = sub.add_parser("run", help="top next tokens and a logit lens for a prompt")
     run.add_argument("model", help="shipped name, checkpoint dir, hub id, or 'random'")
     run.add_argument("prompt")

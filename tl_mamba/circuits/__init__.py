@@ -1,14 +1,34 @@
 """Circuit discovery on Mamba: edge attribution (EAP, EAP-IG), circuit evaluation,
 knockout attribution, patching and ablation helpers.
 
-    from tl_mamba.circuits import Graph, attribute, evaluate_graph, evaluate_baseline
+    from tl_mamba.circuits import Graph, attribute, faithfulness, task_batches, logit_diff
+    batches = task_batches(model, "ioi", n=64)               # (clean, corrupted, labels) batches
     graph = Graph.from_model(model, level="layer")          # or "head" (Mamba-2), "component"
-    attribute(model, graph, clean, corrupted, metric, method="EAP-IG", ig_steps=5)
+    attribute(model, graph, batches, None, logit_diff, method="EAP-IG", ig_steps=5)
     graph.apply_topn(10)
-    faithfulness(model, graph, clean, corrupted, metric)
+    faithfulness(model, graph, batches, None, logit_diff)
     graph.to_json("circuit.json"); graph.to_image("circuit.png")
+
+    scores = knockout_attribution(model, tokens, metric)    # [layer, (head,) p, p], one backward
+    patch_layer_position(model, clean, corrupted, metric, hook="h")
+    hooks = class_conditional_ablation_hooks(model, tokens, {3: [0, 5]}, token_class="bos")
 """
 
+from tl_mamba.circuits.ablation import (
+    KINDS,
+    ablate,
+    ablation_hooks,
+    class_conditional_ablation_hooks,
+    class_conditional_hook_factory,
+    delta_stats_by_class,
+    mean_ablation_hooks,
+    mean_activations,
+    needle_accuracy,
+    resample_ablation_hooks,
+    token_class_mask,
+    zero_ablation_hooks,
+)
+from tl_mamba.circuits.data import logit_diff, task_batches
 from tl_mamba.circuits.eap import (
     METHODS,
     attribute,
@@ -19,16 +39,46 @@ from tl_mamba.circuits.eap import (
     patched_logits,
 )
 from tl_mamba.circuits.graph import LEVELS, Edge, Graph
+from tl_mamba.circuits.knockout_attribution import (
+    AttributionCheck,
+    knockout_attribution,
+    knockout_attribution_vs_knockout,
+    plot_knockout_attribution,
+    rank_correlation,
+)
+from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
 
 __all__ = [
+    "AttributionCheck",
     "Edge",
     "Graph",
+    "KINDS",
     "LEVELS",
     "METHODS",
+    "ablate",
+    "ablation_hooks",
     "attribute",
+    "class_conditional_ablation_hooks",
+    "class_conditional_hook_factory",
+    "delta_stats_by_class",
     "evaluate_baseline",
     "evaluate_graph",
     "faithfulness",
     "iter_batches",
+    "knockout_attribution",
+    "knockout_attribution_vs_knockout",
+    "logit_diff",
+    "mean_ablation_hooks",
+    "mean_activations",
+    "needle_accuracy",
+    "patch_channel_groups",
+    "patch_heads",
+    "patch_layer_position",
     "patched_logits",
+    "plot_knockout_attribution",
+    "rank_correlation",
+    "resample_ablation_hooks",
+    "task_batches",
+    "token_class_mask",
+    "zero_ablation_hooks",
 ]
