@@ -175,3 +175,237 @@ def test_model_hooks_knockout_and_state_edits_through_triton(family):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         else:
             assert torch.equal(a, b)
+
+
+# --- the chunked-recompute backward (memory linear in p) ------------------------------------
+
+def _family_inputs(family, p, dtype=torch.float64, seed=0, b=2):
+    if family == "mamba1":
+        return inputs(b=b, p=p, e=3, n=2, dtype=dtype, seed=seed)
+    return ssd_inputs(b=b, p=p, h=2, hd=2, g=1, n=2, dtype=dtype, seed=seed)
+
+
+def _scan(family, backend, tensors, return_states=False, with_d=True, with_h0=True, **kwargs):
+    x, delta, A, B, C, D, h0 = tensors
+    scan = selective_scan if family == "mamba1" else ssd_scan
+    return scan(x, delta, A, B, C, D if with_d else None, initial_state=h0 if with_h0 else None,
+                return_states=return_states, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("p, every", [(11, 4), (8, 4), (3, 4), (5, 1)])
+def test_forward_writes_chunk_boundary_states(family, p, every):
+    if family == "mamba1":
+        from tl_mamba.ops.selective_scan.triton_kernel import _forward
+    else:
+        from tl_mamba.ops.ssd.triton_kernel import _forward
+    tensors = _family_inputs(family, p, dtype=torch.float32)
+    y, final, states, bounds = _forward(*tensors, False, boundary_every=every)
+    ref = _scan(family, "reference", tensors, return_states=True)
+    assert states is None
+    assert bounds.shape[1] == -(-p // every) - 1
+    torch.testing.assert_close(bounds, ref.states[:, every - 1:p - 1:every], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ref.y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, ref.final_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_chunked_backward_gradcheck_float64(family, monkeypatch):
+    """A float64 gradcheck (Triton's interpreter runs the kernel in float64 for float64
+    inputs): 6 positions in chunks of 4, so one full chunk and one partial chunk."""
+    import tl_mamba.ops.triton_scan as triton_scan
+
+    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 4)
+    tensors = [t.requires_grad_(True) for t in _family_inputs(family, p=6, b=1)]
+
+    def f(*leaves):
+        out = _scan(family, "triton", leaves)
+        return out.y, out.final_state
+
+    assert f(*tensors)[0].dtype == torch.float64
+    assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("p, with_d, with_h0, states", [(11, True, True, True), (11, False, False, False),
+                                                        (9, True, False, False), (4, True, True, True)])
+def test_chunked_backward_matches_reference_autograd(family, p, with_d, with_h0, states):
+    """Gradients of x, Δ, A, B, C, D and the initial state, from y, the final state and
+    (when returned) the states, against autograd through the reference scan, in float64:
+    p spans several chunks of T = 4 and is not a multiple of T (except p = T)."""
+    from tl_mamba.ops.selective_scan.triton_kernel import selective_scan_triton
+    from tl_mamba.ops.ssd.triton_kernel import ssd_triton
+
+    tensors = _family_inputs(family, p, seed=p)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        if backend == "triton":  # backward_chunk is the backend's keyword, not the dispatcher's
+            x, delta, A, B, C, D, h0 = leaves
+            out = (selective_scan_triton if family == "mamba1" else ssd_triton)(
+                x, delta, A, B, C, D if with_d else None, initial_state=h0 if with_h0 else None,
+                return_states=states, backward_chunk=4)
+        else:
+            out = _scan(family, backend, leaves, return_states=states, with_d=with_d, with_h0=with_h0)
+        outputs = (out.y, out.final_state) + ((out.states,) if states else ())
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)).sum()
+                   for i, o in enumerate(outputs))
+        loss.backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, used, a, b in zip("x delta A B C D h0".split(), [1, 1, 1, 1, 1, with_d, with_h0],
+                                grads["triton"], grads["reference"]):
+        if not used:
+            assert a is None and b is None, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("wanted", [("C",), ("h0",), ("D", "B"), ("final_only_h0",)])
+def test_chunked_backward_with_some_inputs_requiring_grad(family, wanted, monkeypatch):
+    """Only some inputs require grad (the gradient of a chunk's start is then skipped when
+    nothing before it needs it); the final state alone as the loss."""
+    import tl_mamba.ops.triton_scan as triton_scan
+
+    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 3)
+    names = "x delta A B C D h0".split()
+    final_only = wanted == ("final_only_h0",)
+    wanted = ("h0",) if final_only else wanted
+    tensors = _family_inputs(family, p=10, seed=3)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(name in wanted) for name, t in zip(names, tensors)]
+        out = _scan(family, backend, leaves)
+        loss = out.final_state.square().sum()
+        if not final_only:
+            loss = loss + out.y.sin().sum()
+        loss.backward()
+        grads[backend] = {name: t.grad for name, t in zip(names, leaves) if name in wanted}
+    for name in wanted:
+        torch.testing.assert_close(grads["triton"][name], grads["reference"][name], rtol=1e-10, atol=1e-10,
+                                   msg=name)
+
+
+def test_chunked_backward_fp32_and_bf16_inputs(monkeypatch):
+    """fp32 / bf16 inputs: the kernel and the recompute run in fp32; gradients keep the inputs' dtypes."""
+    import tl_mamba.ops.triton_scan as triton_scan
+
+    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 4)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        tensors = _family_inputs("mamba1", p=9, dtype=dtype, seed=5)
+        grads = {}
+        for backend in ("triton", "reference"):
+            leaves = [t.clone().requires_grad_(True) for t in tensors]
+            out = _scan("mamba1", backend, leaves)
+            (out.y.sum() + out.final_state.sum()).backward()
+            grads[backend] = [t.grad for t in leaves]
+        for name, a, b in zip("x delta A B C D h0".split(), grads["triton"], grads["reference"]):
+            assert a.dtype == dtype, name
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_mask_gradient_through_chunked_backward(family, monkeypatch):
+    """Knockout attribution (a dense hook_ssm_mask that requires grad) with the Triton backend in
+    chunks of 3: gradients of the mask and of the scan inputs match the reference backend's."""
+    import tl_mamba.ops.triton_scan as triton_scan
+
+    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 3)
+    p = 7
+    tensors = _family_inputs(family, p, seed=2)
+    heads = 1 if family == "mamba1" else tensors[0].shape[2]
+    mask = (torch.rand(2, heads, p, p, generator=torch.Generator().manual_seed(0)) > 0.4).double().tril()
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors] + [mask.clone().requires_grad_(True)]
+        out = _scan(family, backend, leaves[:7], ssm_mask=leaves[7])
+        (out.y.tanh().sum() + out.final_state.sum()).backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, a, b in zip("x delta A B C D h0 mask".split(), grads["triton"], grads["reference"]):
+        assert a is not None and b is not None, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+class _SavedTensorMeter:
+    """Bytes of the tensors autograd keeps for backward (its saved-tensor hooks), live and peak.
+
+    Every tensor an op saves (the recompute's intermediates included: the hooks apply to
+    graphs built inside a custom backward too) is counted from when it is packed until
+    autograd lets it go. Views are counted at their own size."""
+
+    class _Box:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    def __init__(self):
+        import weakref
+
+        self._finalize = weakref.finalize
+        self.live = self.peak = 0
+        self.shapes = []
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def pack(self, tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        self.shapes.append(tuple(tensor.shape))
+        box = self._Box(tensor)
+        self._finalize(box, self._free, nbytes)
+        return box
+
+    def unpack(self, box):
+        return box.tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def _backward_memory(family, p, chunk):
+    """(bytes saved by the forward, extra peak of saved bytes during the backward, state bytes per position)."""
+    import gc
+
+    if family == "mamba1":
+        tensors = inputs(b=1, p=p, e=8, n=16, seed=1)
+    else:
+        tensors = ssd_inputs(b=1, p=p, h=2, hd=4, g=1, n=16, seed=1)
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    meter = _SavedTensorMeter()
+    with meter.hooks():
+        from tl_mamba.ops.selective_scan.triton_kernel import selective_scan_triton
+        from tl_mamba.ops.ssd.triton_kernel import ssd_triton
+
+        x, delta, A, B, C, D, h0 = leaves
+        out = (selective_scan_triton if family == "mamba1" else ssd_triton)(
+            x, delta, A, B, C, D, initial_state=h0, backward_chunk=chunk)
+        loss = out.y.sum() + out.final_state.sum()
+        saved_by_forward = meter.live
+        forward_shapes = list(meter.shapes)
+        meter.peak = meter.live
+        loss.backward()
+    gc.collect()
+    assert all(t.grad is not None for t in leaves)
+    state_bytes = out.final_state[0].numel() * 4  # one sequence's state, fp32
+    return saved_by_forward, meter.peak - saved_by_forward, state_bytes, forward_shapes, leaves
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_chunked_backward_memory_is_linear_in_p(family):
+    """The forward saves the inputs and ⌈p/T⌉ - 1 boundary states, never the [b, p, state]
+    tensor; the backward's extra memory is one chunk's recompute, the same for p = 64 as for
+    p = 16 at T = 4, and far below recomputing the whole sequence at once (T = p)."""
+    p, T = 64, 4
+    saved, extra, state_bytes, shapes, leaves = _backward_memory(family, p, T)
+    input_bytes = sum(t.numel() * t.element_size() for t in leaves)
+    assert saved <= input_bytes + (p // T - 1) * state_bytes  # inputs (referenced) + boundaries
+    state = tuple(leaves[-1].shape[1:])  # (e, n) or (h, hd, n)
+    per_position_states = [s for s in shapes if len(s) == len(state) + 2 and s[2:] == state]
+    assert per_position_states == [(1, p // T - 1) + state], per_position_states  # the boundaries only
+
+    _, extra_short, _, _, _ = _backward_memory(family, 16, T)
+    _, extra_whole, _, _, _ = _backward_memory(family, p, p)  # one chunk: the whole sequence
+    assert extra <= 1.25 * extra_short, (extra, extra_short)  # independent of p
+    assert extra * 6 < extra_whole, (extra, extra_whole)  # O(T·state), not O(p·state)
+    assert extra < 8 * T * state_bytes, (extra, T * state_bytes)  # a few [b, T, state] arrays

@@ -2,9 +2,30 @@
 
 Each family's ``triton_kernel.py`` has its forward kernel and a ``_forward`` that
 launches it; :func:`run_triton_scan` turns that into a backend with the dispatcher's
-signature. Gradients come from recomputing the scan with the family's differentiable
-``"torch"`` backend on the same device (correct, but with the torch backend's memory,
-O(p·e·n), not the O(p) a fused backward kernel would give).
+signature.
+
+Gradients: a chunked recompute (:class:`_ChunkedRecompute`), memory linear in p.
+With autograd on, the forward kernel also writes the state at every chunk boundary
+(after positions T-1, 2T-1, ...; ``T = BACKWARD_CHUNK`` by default), and those
+boundary states are all that is saved beyond the inputs themselves. The backward
+walks the chunks from last to first: it recomputes one chunk of T positions with the
+family's differentiable ``"torch"`` backend on the same device, starting from the
+chunk's saved initial state, backpropagates the chunk's share of the output
+gradients (y, ``states`` when returned) plus the gradient flowing into its final
+state from the chunk after it, accumulates the gradients of x, Δ, B, C (per
+position) and A, D (summed), and hands the gradient of its initial state to the
+chunk before it (the first chunk's goes to ``initial_state``). Memory, with
+``S`` = e·n (Mamba-1) or h·hd·n (Mamba-2) state entries per sequence:
+
+- saved between forward and backward: the boundary states, b·(⌈p/T⌉ - 1)·S
+  values (the inputs are referenced, not copied);
+- during the backward, on top of that: the gradients of the inputs (their own
+  size, O(b·p·e)) and one chunk's recompute graph, O(b·T·S) (Mamba-2 adds the
+  torch SSD form's b·T²·h within-chunk decay matrix).
+
+So O(b·(p/T)·S + b·T·S) instead of the O(b·p·S) of recomputing the whole sequence
+under autograd. The backward costs one extra forward of the torch backend, done in
+⌈p/T⌉ pieces. The gradients are not themselves differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -13,55 +34,107 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from tl_mamba.ops.precision import compute_dtype
+
+BACKWARD_CHUNK = 64
+"""Positions per recomputed chunk in the Triton backends' backward (T). Memory is
+b·(⌈p/T⌉-1)·S saved plus O(b·T·S) while a chunk is recomputed, smallest near T = √p;
+64 suits p from a few hundred to a few thousand. Per call: ``backward_chunk=``."""
+
+# inputs of the scan, in the order _ChunkedRecompute.apply takes them after its 3 settings
+_X, _DELTA, _A, _B, _C, _D, _H0 = range(7)
+_AFFECT_STATE = (_X, _DELTA, _A, _B, _H0)  # C and D only read the state out
 
 
-class _RecomputeBackward(torch.autograd.Function):
-    """Forward with the kernel; backward by recomputing through the torch backend."""
+class _ChunkedRecompute(torch.autograd.Function):
+    """Forward with the kernel (saving chunk-boundary states); backward by chunked recompute."""
 
     @staticmethod
-    def forward(ctx, kernel_forward, torch_scan, x, delta, A, B, C, D, initial_state, return_states):
-        y, h_final, states = kernel_forward(x, delta, A, B, C, D, initial_state, return_states)
-        ctx.save_for_backward(x, delta, A, B, C, D, initial_state)
-        ctx.torch_scan, ctx.return_states = torch_scan, return_states
+    def forward(ctx, kernel_forward, torch_scan, chunk, x, delta, A, B, C, D, initial_state, return_states):
+        y, h_final, states, bounds = kernel_forward(x, delta, A, B, C, D, initial_state, return_states,
+                                                    boundary_every=chunk)
+        ctx.save_for_backward(x, delta, A, B, C, D, initial_state, bounds)
+        ctx.torch_scan, ctx.chunk, ctx.return_states = torch_scan, chunk, return_states
         return y, h_final, states
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_final, grad_states):
-        offset = 2  # kernel_forward and torch_scan take no gradient
-        inputs = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[offset + i])
-                  for i, t in enumerate(ctx.saved_tensors)]
-        with torch.enable_grad():
-            out = ctx.torch_scan(*inputs[:6], initial_state=inputs[6], return_states=ctx.return_states)
-            outputs, grads = [out.y, out.final_state], [grad_y, grad_final]
-            if ctx.return_states and grad_states is not None:
-                outputs.append(out.states)
-                grads.append(grad_states)
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            found = iter(torch.autograd.grad(outputs, wanted, [torch.zeros_like(o) if g is None else g
-                                                               for o, g in zip(outputs, grads)], allow_unused=True))
-        return (None, None, *[next(found) if t is not None and t.requires_grad else None for t in inputs], None)
+        x, delta, A, B, C, D, h0, bounds = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:10]  # kernel_forward, torch_scan and chunk take no gradient
+        state_needed = any(needs[i] for i in _AFFECT_STATE)  # does the gradient of a chunk's start matter?
+        p, T = x.shape[1], ctx.chunk
+        acc = compute_dtype(x, delta, A, B, C, h0)
+        per_position = {i: torch.zeros_like(t) for i, t in ((_X, x), (_DELTA, delta), (_B, B), (_C, C)) if needs[i]}
+        summed = {i: None for i in (_A, _D) if needs[i]}
+        carry = grad_final  # gradient w.r.t. the state after the current chunk
+        starts = list(range(0, p, T))
+        for k in reversed(range(len(starts))):
+            w = slice(starts[k], min(starts[k] + T, p))
+            leaf = {i: t[:, w].detach().requires_grad_(needs[i])
+                    for i, t in ((_X, x), (_DELTA, delta), (_B, B), (_C, C))}
+            leaf[_A] = A.detach().requires_grad_(needs[_A])
+            leaf[_D] = None if D is None else D.detach().requires_grad_(needs[_D])
+            init = h0 if k == 0 else bounds[:, k - 1]
+            leaf[_H0] = None if init is None else init.detach().requires_grad_(
+                needs[_H0] if k == 0 else state_needed)
+            with torch.enable_grad():
+                out = ctx.torch_scan(*(leaf[i] for i in range(6)), initial_state=leaf[_H0],
+                                     return_states=ctx.return_states)
+                pairs = [(out.y, grad_y[:, w]), (out.final_state, carry)]
+                if ctx.return_states and grad_states is not None:
+                    pairs.append((out.states, grad_states[:, w]))
+                pairs = [(o, torch.zeros_like(o) if g is None else g) for o, g in pairs if o.requires_grad]
+                wanted = [i for i in range(7) if leaf[i] is not None and leaf[i].requires_grad]
+                found = torch.autograd.grad([o for o, _ in pairs], [leaf[i] for i in wanted],
+                                            [g for _, g in pairs], allow_unused=True) if pairs and wanted else []
+            del out, pairs  # this chunk's graph goes before the next one is built
+            carry = None
+            for i, grad in zip(wanted, found):
+                if i in per_position:
+                    if grad is not None:
+                        per_position[i][:, w] = grad
+                elif i in summed:
+                    if grad is not None:
+                        summed[i] = grad.to(acc) if summed[i] is None else summed[i] + grad
+                elif i == _H0:
+                    carry = grad
+        if not starts:  # p == 0: the final state is the initial state
+            carry = grad_final
+        grads = [per_position.get(i) for i in range(7)]
+        for i, t in ((_A, A), (_D, D)):
+            if i in summed:
+                grads[i] = torch.zeros_like(t) if summed[i] is None else summed[i].to(t.dtype)
+        if needs[_H0]:
+            grads[_H0] = torch.zeros_like(h0) if carry is None else carry.to(h0.dtype)
+        return (None, None, None, *grads, None)
 
 
 def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, what: str,
                     x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                    initial_state: Optional[Tensor], return_states: bool):
-    """Run ``kernel_forward`` (differentiable through ``torch_scan``) and wrap its fp32 outputs.
+                    initial_state: Optional[Tensor], return_states: bool, backward_chunk: Optional[int] = None):
+    """Run ``kernel_forward`` (differentiable by chunked recompute through ``torch_scan``).
 
-    ``kernel_forward(x, delta, A, B, C, D, initial_state, return_states)`` returns
-    ``(y, final_state, states or None)``; ``output_cls`` is the family's output dataclass.
+    ``kernel_forward(x, delta, A, B, C, D, initial_state, return_states, boundary_every=None)``
+    returns ``(y, final_state, states or None)`` in ``compute_dtype`` of its inputs (fp32,
+    or float64), plus, fourth, the chunk-boundary states when ``boundary_every`` is given;
+    ``output_cls`` is the family's output dataclass. ``backward_chunk`` (default
+    :data:`BACKWARD_CHUNK`) is the T of the backward's memory, O(b·(p/T)·S + b·T·S).
     """
     from tl_mamba.backends import triton_usable
 
     if not triton_usable(x.device):
         raise RuntimeError(f"the Triton {what} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    chunk = BACKWARD_CHUNK if backward_chunk is None else backward_chunk
+    if int(chunk) != chunk or chunk < 1:
+        raise ValueError(f"backward_chunk must be a positive integer, got {chunk!r}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state))
     if needs_grad:
-        y, h_final, states = _RecomputeBackward.apply(kernel_forward, torch_scan, x, delta, A, B, C, D,
-                                                      initial_state, return_states)
+        y, h_final, states = _ChunkedRecompute.apply(kernel_forward, torch_scan, int(chunk), x, delta, A, B, C, D,
+                                                     initial_state, return_states)
     else:
         y, h_final, states = kernel_forward(x, delta, A, B, C, D, initial_state, return_states)
-    if x.dtype == torch.float64:  # the kernel accumulates in fp32; keep the dispatcher's dtype contract
-        y, h_final = y.double(), h_final.double()
-        states = None if states is None else states.double()
     return output_cls(y=y, final_state=h_final, states=states)

@@ -1,8 +1,9 @@
 """The ``"triton"`` backend of the Mamba-1 selective scan (forward kernel).
 
 One program per (sequence, block of ``BLOCK_E`` channels) holds its ``[BLOCK_E, n]``
-slice of the state in registers, in fp32 whatever the input dtype (as mamba_ssm
-does), and walks the positions in order:
+slice of the state in registers, in fp32 for fp32/bf16/fp16 inputs (as mamba_ssm
+does; float64 for float64 inputs, as ``tl_mamba.ops.precision`` says), and walks
+the positions in order:
 
     h = exp(Δ_t A) ⊙ h + (Δ_t x_t) ⊗ B_t,    y_t = h · C_t + D ⊙ x_t   (D skip fused)
 
@@ -10,8 +11,10 @@ It writes y, the final state, and, only when asked for (``hook_h`` hooked or
 cached), every state. Knockout masks and state overrides need nothing here: the
 dispatcher applies them with extra calls that only use the initial and final state.
 
-Gradients: the kernel itself has no backward yet; ``tl_mamba.ops.triton_scan``
-recomputes the scan through the ``"torch"`` backend under autograd.
+Gradients: a chunked recompute (``tl_mamba.ops.triton_scan``). With autograd on,
+the kernel also writes the state every ``T`` positions (``boundary_every``); the
+backward recomputes one chunk of ``T`` positions at a time through the ``"torch"``
+backend from its saved initial state, last chunk first, so its memory is linear in p.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow: tests only).
 The variable must be set before anything imports triton (torch and transformers may):
@@ -28,19 +31,22 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.triton_scan import run_triton_scan
 
 
 @triton.jit
 def _selective_scan_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
-    y_ptr, h_final_ptr, states_ptr,
-    p, e, n,
-    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr, h_final_ptr, states_ptr, bounds_ptr,
+    p, e, n, every, n_bounds,
+    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, STORE_BOUNDS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # x, dt, y: [b, p, e]; A: [e, n]; B, C: [b, p, n]; h0, h_final: [b, e, n];
-    # states: [b, p, e, n]; all contiguous.
+    # states: [b, p, e, n]; bounds: [b, n_bounds, e, n] (the state after positions
+    # every-1, 2·every-1, ... short of the last); all contiguous. ACC: fp32, or fp64
+    # for float64 inputs.
     pid_b = tl.program_id(0)
     pid_e = tl.program_id(1)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -49,19 +55,19 @@ def _selective_scan_fwd_kernel(
     mask_n = offs_n < n
     mask_en = mask_e[:, None] & mask_n[None, :]
     en_offsets = offs_e[:, None] * n + offs_n[None, :]
-    A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(ACC)
     if HAS_D:
-        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(ACC)
     else:
-        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=ACC)
     for t in range(0, p):
         row = pid_b * p + t
-        x = tl.load(x_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(ACC)
+        dt = tl.load(dt_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(ACC)
+        Bt = tl.load(B_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(ACC)
+        Ct = tl.load(C_ptr + row * n + offs_n, mask=mask_n, other=0.0).to(ACC)
         h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
         y = tl.sum(h * Ct[None, :], axis=1)
         if HAS_D:
@@ -69,28 +75,44 @@ def _selective_scan_fwd_kernel(
         tl.store(y_ptr + row * e + offs_e, y, mask=mask_e)
         if STORE_STATES:
             tl.store(states_ptr + row * e * n + en_offsets, h, mask=mask_en)
+        if STORE_BOUNDS:
+            if (t + 1) % every == 0:
+                if t + 1 < p:
+                    bound = pid_b * n_bounds + (t + 1) // every - 1
+                    tl.store(bounds_ptr + bound * e * n + en_offsets, h, mask=mask_en)
     tl.store(h_final_ptr + pid_b * e * n + en_offsets, h, mask=mask_en)
 
 
-def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: Optional[int] = None):
+def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: Optional[int] = None,
+             boundary_every: Optional[int] = None):
+    """Launch the kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
+
+    With ``boundary_every=T`` it also returns, fourth, the states after positions
+    T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
+    ``[b, ceil(p/T) - 1, e, n]``, what the chunked-recompute backward keeps.
+    """
     b, p, e = x.shape
     n = A.shape[-1]
+    acc = compute_dtype(x, delta, A, B, C, initial_state)
     x, delta, A, B, C = (t.contiguous() for t in (x, delta, A, B, C))
     D = None if D is None else D.contiguous()
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    y = torch.empty(b, p, e, device=x.device, dtype=torch.float32)
-    h_final = torch.empty(b, e, n, device=x.device, dtype=torch.float32)
-    states = torch.empty(b, p, e, n, device=x.device, dtype=torch.float32) if return_states else y
+    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    y = torch.empty(b, p, e, device=x.device, dtype=acc)
+    h_final = torch.empty(b, e, n, device=x.device, dtype=acc)
+    states = torch.empty(b, p, e, n, device=x.device, dtype=acc) if return_states else y
+    n_bounds = 0 if boundary_every is None else max(triton.cdiv(p, boundary_every) - 1, 0)
+    bounds = torch.empty(b, n_bounds, e, n, device=x.device, dtype=acc)
     block_n = triton.next_power_of_2(n)
     block_e = block_e or max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))
     grid = (b, triton.cdiv(e, block_e))
     _selective_scan_fwd_kernel[grid](
         x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final,
-        y, h_final, states, p, e, n,
-        HAS_D=D is not None, HAS_H0=h0 is not None, STORE_STATES=return_states,
-        BLOCK_E=block_e, BLOCK_N=block_n,
+        y, h_final, states, bounds if n_bounds else y, p, e, n, boundary_every or 1, n_bounds,
+        HAS_D=D is not None, HAS_H0=h0 is not None, STORE_STATES=return_states, STORE_BOUNDS=n_bounds > 0,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_E=block_e, BLOCK_N=block_n,
     )
-    return y, h_final, (states if return_states else None)
+    out = y, h_final, (states if return_states else None)
+    return out if boundary_every is None else (*out, bounds)
 
 
 def selective_scan_triton(
@@ -103,10 +125,17 @@ def selective_scan_triton(
     *,
     initial_state: Optional[Tensor] = None,
     return_states: bool = False,
+    backward_chunk: Optional[int] = None,
 ):
-    """Triton scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``; outputs fp32."""
+    """Triton scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``.
+
+    Outputs fp32 (float64 for float64 inputs).
+
+    ``backward_chunk``: positions per recomputed chunk in the backward (default
+    ``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``).
+    """
     from tl_mamba.ops.selective_scan import ScanOutput
     from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 
     return run_triton_scan(_forward, selective_scan_chunked, ScanOutput, "selective scan", x, delta, A, B, C, D,
-                           initial_state, return_states)
+                           initial_state, return_states, backward_chunk=backward_chunk)

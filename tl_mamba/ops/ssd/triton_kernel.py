@@ -1,7 +1,8 @@
 """The ``"triton"`` backend of the Mamba-2 scan (forward kernel, recurrent form).
 
 One program per (sequence, head, block of ``BLOCK_HD`` head channels) holds its
-``[BLOCK_HD, n]`` slice of the state in registers, in fp32, and walks the positions:
+``[BLOCK_HD, n]`` slice of the state in registers, in fp32 (float64 for float64
+inputs), and walks the positions:
 
     h = exp(Δ_t A_h) h + (Δ_t x_t) ⊗ B_t,    y_t = h C_t + D_h x_t   (D skip fused)
 
@@ -10,8 +11,10 @@ SSD form with tensor-core matmuls that mamba_ssm uses: exact and simple, but it
 walks the sequence one position at a time; the chunked kernel is future work
 (see docs/performance.md). Knockouts and state edits are applied by the dispatcher.
 
-Gradients: the kernel itself has no backward yet; ``tl_mamba.ops.triton_scan``
-recomputes the scan through the ``"torch"`` backend under autograd.
+Gradients: a chunked recompute (``tl_mamba.ops.triton_scan``). With autograd on,
+the kernel also writes the state every ``T`` positions (``boundary_every``); the
+backward recomputes one chunk of ``T`` positions at a time through the ``"torch"``
+backend from its saved initial state, last chunk first, so its memory is linear in p.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before
 anything imports triton).
@@ -27,19 +30,22 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.triton_scan import run_triton_scan
 
 
 @triton.jit
 def _ssd_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
-    y_ptr, h_final_ptr, states_ptr,
-    p, h, hd, g, n,
-    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
-    BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr, h_final_ptr, states_ptr, bounds_ptr,
+    p, h, hd, g, n, every, n_bounds,
+    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, STORE_BOUNDS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # x, y: [b, p, h, hd]; dt: [b, p, h]; A, D: [h]; B, C: [b, p, g, n];
-    # h0, h_final: [b, h, hd, n]; states: [b, p, h, hd, n]; all contiguous.
+    # h0, h_final: [b, h, hd, n]; states: [b, p, h, hd, n]; bounds: [b, n_bounds, h, hd, n]
+    # (the state after positions every-1, 2·every-1, ... short of the last); all contiguous.
+    # ACC: fp32, or fp64 for float64 inputs.
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -50,20 +56,20 @@ def _ssd_fwd_kernel(
     mask_n = offs_n < n
     mask_dn = mask_d[:, None] & mask_n[None, :]
     dn_offsets = offs_d[:, None] * n + offs_n[None, :]
-    A = tl.load(A_ptr + pid_h).to(tl.float32)
+    A = tl.load(A_ptr + pid_h).to(ACC)
     if HAS_D:
-        D = tl.load(D_ptr + pid_h).to(tl.float32)
+        D = tl.load(D_ptr + pid_h).to(ACC)
     state_base = (pid_b * h + pid_h) * hd * n
     if HAS_H0:
-        state = tl.load(h0_ptr + state_base + dn_offsets, mask=mask_dn, other=0.0).to(tl.float32)
+        state = tl.load(h0_ptr + state_base + dn_offsets, mask=mask_dn, other=0.0).to(ACC)
     else:
-        state = tl.zeros((BLOCK_HD, BLOCK_N), dtype=tl.float32)
+        state = tl.zeros((BLOCK_HD, BLOCK_N), dtype=ACC)
     for t in range(0, p):
         row = pid_b * p + t
-        x = tl.load(x_ptr + (row * h + pid_h) * hd + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + row * h + pid_h).to(tl.float32)
-        Bt = tl.load(B_ptr + (row * g + group) * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + (row * g + group) * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (row * h + pid_h) * hd + offs_d, mask=mask_d, other=0.0).to(ACC)
+        dt = tl.load(dt_ptr + row * h + pid_h).to(ACC)
+        Bt = tl.load(B_ptr + (row * g + group) * n + offs_n, mask=mask_n, other=0.0).to(ACC)
+        Ct = tl.load(C_ptr + (row * g + group) * n + offs_n, mask=mask_n, other=0.0).to(ACC)
         state = tl.exp(dt * A) * state + (dt * x)[:, None] * Bt[None, :]
         y = tl.sum(state * Ct[None, :], axis=1)
         if HAS_D:
@@ -71,28 +77,44 @@ def _ssd_fwd_kernel(
         tl.store(y_ptr + (row * h + pid_h) * hd + offs_d, y, mask=mask_d)
         if STORE_STATES:
             tl.store(states_ptr + (row * h + pid_h) * hd * n + dn_offsets, state, mask=mask_dn)
+        if STORE_BOUNDS:
+            if (t + 1) % every == 0:
+                if t + 1 < p:
+                    bound = (pid_b * n_bounds + (t + 1) // every - 1) * h + pid_h
+                    tl.store(bounds_ptr + bound * hd * n + dn_offsets, state, mask=mask_dn)
     tl.store(h_final_ptr + state_base + dn_offsets, state, mask=mask_dn)
 
 
-def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd: Optional[int] = None):
+def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd: Optional[int] = None,
+             boundary_every: Optional[int] = None):
+    """Launch the kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
+
+    With ``boundary_every=T`` it also returns, fourth, the states after positions
+    T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
+    ``[b, ceil(p/T) - 1, h, hd, n]``, what the chunked-recompute backward keeps.
+    """
     b, p, h, hd = x.shape
     g, n = B.shape[-2:]
+    acc = compute_dtype(x, delta, A, B, C, initial_state)
     x, delta, A, B, C = (t.contiguous() for t in (x, delta, A, B, C))
     D = None if D is None else D.contiguous()
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    y = torch.empty(b, p, h, hd, device=x.device, dtype=torch.float32)
-    h_final = torch.empty(b, h, hd, n, device=x.device, dtype=torch.float32)
-    states = torch.empty(b, p, h, hd, n, device=x.device, dtype=torch.float32) if return_states else y
+    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    y = torch.empty(b, p, h, hd, device=x.device, dtype=acc)
+    h_final = torch.empty(b, h, hd, n, device=x.device, dtype=acc)
+    states = torch.empty(b, p, h, hd, n, device=x.device, dtype=acc) if return_states else y
+    n_bounds = 0 if boundary_every is None else max(triton.cdiv(p, boundary_every) - 1, 0)
+    bounds = torch.empty(b, n_bounds, h, hd, n, device=x.device, dtype=acc)
     block_n = triton.next_power_of_2(n)
     block_hd = block_hd or max(1, min(triton.next_power_of_2(hd), 4096 // block_n))
     grid = (b, h, triton.cdiv(hd, block_hd))
     _ssd_fwd_kernel[grid](
         x, delta, A, B, C, D if D is not None else A, h0 if h0 is not None else h_final,
-        y, h_final, states, p, h, hd, g, n,
-        HAS_D=D is not None, HAS_H0=h0 is not None, STORE_STATES=return_states,
-        BLOCK_HD=block_hd, BLOCK_N=block_n,
+        y, h_final, states, bounds if n_bounds else y, p, h, hd, g, n, boundary_every or 1, n_bounds,
+        HAS_D=D is not None, HAS_H0=h0 is not None, STORE_STATES=return_states, STORE_BOUNDS=n_bounds > 0,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_HD=block_hd, BLOCK_N=block_n,
     )
-    return y, h_final, (states if return_states else None)
+    out = y, h_final, (states if return_states else None)
+    return out if boundary_every is None else (*out, bounds)
 
 
 def ssd_triton(
@@ -105,10 +127,17 @@ def ssd_triton(
     *,
     initial_state: Optional[Tensor] = None,
     return_states: bool = False,
+    backward_chunk: Optional[int] = None,
 ):
-    """Triton Mamba-2 scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``; outputs fp32."""
+    """Triton Mamba-2 scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``.
+
+    Outputs fp32 (float64 for float64 inputs).
+
+    ``backward_chunk``: positions per recomputed chunk in the backward (default
+    ``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``).
+    """
     from tl_mamba.ops.ssd import SSDOutput
     from tl_mamba.ops.ssd.chunked import ssd_chunked
 
     return run_triton_scan(_forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
-                           initial_state, return_states)
+                           initial_state, return_states, backward_chunk=backward_chunk)
