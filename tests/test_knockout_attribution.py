@@ -23,6 +23,7 @@ import tl_mamba
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
 from tl_mamba.circuits.knockout_attribution import (knockout_attribution, knockout_attribution_vs_knockout,
                                                     plot_knockout_attribution, rank_correlation)
+from test_knockout import brute_alpha  # α by explicit products of decays (float64)
 
 B, P = 2, 6
 BACKENDS = ["reference", "torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
@@ -45,28 +46,6 @@ def make_model(family: str, seed: int = 0):
 def metric(logits):
     """Per prompt: a logit difference at the last position (nonlinear in every mask)."""
     return logits[:, -1, 3] - logits[:, -1, 7] + 0.5 * logits[:, -2, 11]
-
-
-def brute_alpha(family, delta, A, Bm, C, heads_per_group=1):
-    """α by explicit products of decays: Mamba-1 ``[b, e, p, p]``, Mamba-2 ``[b, h, p, p]`` (float64)."""
-    b, p = delta.shape[:2]
-    F = delta.shape[-1]
-    alpha = torch.zeros(b, F, p, p, dtype=torch.float64)
-    for i in range(p):
-        for j in range(i + 1):
-            if family == "mamba1":
-                prod = torch.ones(b, F, A.shape[-1], dtype=torch.float64)  # [b, e, n]
-                for k in range(j + 1, i + 1):
-                    prod = prod * torch.exp(delta[:, k, :, None] * A)
-                alpha[:, :, i, j] = (prod * Bm[:, j, None, :] * C[:, i, None, :]).sum(-1) * delta[:, j]
-            else:
-                prod = torch.ones(b, F, dtype=torch.float64)
-                for k in range(j + 1, i + 1):
-                    prod = prod * torch.exp(delta[:, k] * A)
-                Bh = Bm[:, j].repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
-                Ch = C[:, i].repeat_interleave(heads_per_group, dim=1)
-                alpha[:, :, i, j] = prod * (Bh * Ch).sum(-1) * delta[:, j]
-    return alpha
 
 
 def reference_scores(model, tokens, layer):

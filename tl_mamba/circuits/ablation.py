@@ -355,12 +355,10 @@ def _newline_ids(model) -> List[int]:
 
 
 def _bos_id(model) -> int:
-    tok = model.tokenizer
-    if tok is not None and getattr(tok, "bos_token_id", None) is not None:
-        return int(tok.bos_token_id)
-    if model.cfg.bos_token_id is None:
-        raise ValueError("token_class='bos' needs a BOS id: neither the tokenizer nor the config has one")
-    return int(model.cfg.bos_token_id)
+    try:
+        return model._bos_id()
+    except ValueError:
+        raise ValueError("token_class='bos' needs a BOS id: neither the tokenizer nor the config has one") from None
 
 
 def token_class_mask(model, tokens: Tensor, token_class: TokenClass,
