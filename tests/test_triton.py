@@ -409,3 +409,139 @@ def test_chunked_backward_memory_is_linear_in_p(family):
     assert extra <= 1.25 * extra_short, (extra, extra_short)  # independent of p
     assert extra * 6 < extra_whole, (extra, extra_whole)  # O(T·state), not O(p·state)
     assert extra < 8 * T * state_bytes, (extra, T * state_bytes)  # a few [b, T, state] arrays
+
+
+# --- the chunked SSD forward (Mamba-2: triton_chunked.py) -----------------------------------
+
+def _ssd_spies(monkeypatch):
+    """Count the calls of the chunked and the recurrent SSD forward (and still run them)."""
+    from tl_mamba.ops.ssd import triton_chunked, triton_kernel
+
+    calls = {"chunked": 0, "recurrent": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(triton_chunked, "ssd_chunked_triton", spy("chunked", triton_chunked.ssd_chunked_triton))
+    monkeypatch.setattr(triton_kernel, "_recurrent_forward", spy("recurrent", triton_kernel._recurrent_forward))
+    return calls
+
+
+@pytest.mark.parametrize("p, Q, g, with_d, with_h0, dtype", [
+    (7, 4, 2, True, True, torch.float32),     # 2 chunks, the last one of 3 positions
+    (3, 8, 1, False, True, torch.float32),    # p < Q: one partial chunk
+    (13, 4, 1, True, False, torch.float32),   # 4 chunks, the last one of 1 position
+    (12, 4, 2, False, False, torch.bfloat16),  # p a multiple of Q
+    (9, 4, 2, True, True, torch.bfloat16),
+])
+def test_ssd_chunked_kernel_matches_reference(p, Q, g, with_d, with_h0, dtype, monkeypatch):
+    """y and the final state of the chunked kernels against the sequential reference; the
+    chunked path is the one that runs. bf16 inputs: both backends upcast the same bf16 values
+    to fp32 exactly and accumulate in fp32, so they differ only by the order of fp32 sums
+    (~1e-6 here), and the fp32 tolerance applies."""
+    from tl_mamba.ops.ssd.triton_kernel import ssd_triton
+
+    calls = _ssd_spies(monkeypatch)
+    x, delta, A, B, C, D, h0 = ssd_inputs(b=2, p=p, h=4, hd=3, g=g, n=5, dtype=dtype, seed=p)
+    kw = dict(initial_state=h0 if with_h0 else None)
+    ours = ssd_triton(x, delta, A, B, C, D if with_d else None, chunk_size=Q, **kw)
+    ref = ssd_scan(x, delta, A, B, C, D if with_d else None, backend="reference", **kw)
+    assert calls == {"chunked": 1, "recurrent": 0}
+    assert ours.y.dtype == ours.final_state.dtype == torch.float32 and ours.states is None
+    torch.testing.assert_close(ours.y, ref.y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.final_state, ref.final_state, rtol=1e-5, atol=1e-5)
+
+
+def test_ssd_chunked_kernel_tiles_and_chunk_starts():
+    """hd and n larger than one tile (hd = 17 in blocks of 16, n = 20 in blocks of 16: the
+    n loop of the output kernel and the n split of the state kernel), float64 (run in float64),
+    and the chunk-starting states it returns against the reference's states."""
+    from tl_mamba.ops.ssd.triton_chunked import ssd_chunked_triton
+
+    p, Q = 10, 4
+    x, delta, A, B, C, D, h0 = ssd_inputs(b=1, p=p, h=2, hd=17, g=1, n=20, dtype=torch.float64, seed=4)
+    y, final, starts = ssd_chunked_triton(x, delta, A, B, C, D, h0, chunk_size=Q, block_hd=16, block_n=16)
+    ref = ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="reference")
+    assert y.dtype == torch.float64 and starts.shape == (1, 3, 2, 17, 20)
+    torch.testing.assert_close(y, ref.y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, ref.final_state, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(starts, torch.cat([h0[:, None], ref.states[:, Q - 1:p - 1:Q]], dim=1),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
+    """Through the dispatcher: the plain forward and the knockout scans run the chunked
+    kernels, return_states (hook_h) the recurrent one; with autograd the backward's boundary
+    states come from the chunked kernels when T ≤ Q or Q divides T (T = 8, Q = 4: every
+    second chunk start), from the recurrent kernel otherwise (T = 6); gradients either way
+    match the reference's."""
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.ssd import triton_chunked
+    from tl_mamba.ops.ssd.triton_kernel import _forward, ssd_triton
+
+    monkeypatch.setattr(triton_chunked, "CHUNK_SIZE", 4)
+    calls = _ssd_spies(monkeypatch)
+    p = 10
+    tensors = ssd_inputs(b=1, p=p, h=2, hd=2, g=1, n=2, dtype=torch.float64, seed=7)
+    x, delta, A, B, C, D, h0 = tensors
+
+    def used(**expected):
+        assert calls == {"chunked": 0, "recurrent": 0, **expected}, calls
+        calls.update(chunked=0, recurrent=0)
+
+    ssd_scan(x, delta, A, B, C, D, initial_state=h0, backend="triton")
+    used(chunked=1)
+    ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="triton")
+    used(recurrent=1)
+    removal = EdgeRemoval(sources=torch.zeros(1, p).index_fill_(1, torch.tensor([2]), 1.0),
+                          targets=torch.zeros(1, p).index_fill_(1, torch.tensor([8]), 1.0))
+    ko = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="triton")
+    assert calls["recurrent"] == 0 and calls["chunked"] >= 2
+    calls.update(chunked=0)
+    ko_ref = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="reference")
+    torch.testing.assert_close(ko.y, ko_ref.y, rtol=1e-12, atol=1e-12)
+
+    for T, kernel in ((8, "chunked"), (6, "recurrent")):  # boundaries, then gradients
+        y, final, _, bounds = _forward(x, delta, A, B, C, D, h0, False, boundary_every=T)
+        ref = ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="reference")
+        torch.testing.assert_close(bounds, ref.states[:, T - 1:p - 1:T], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y, ref.y, rtol=1e-12, atol=1e-12)
+        used(**{kernel: 1})
+        grads = {}
+        for backend in ("triton", "reference"):
+            leaves = [t.clone().requires_grad_(True) for t in tensors]
+            if backend == "triton":
+                out = ssd_triton(*leaves[:6], initial_state=leaves[6], backward_chunk=T)
+            else:
+                out = ssd_scan(*leaves[:6], initial_state=leaves[6], backend=backend)
+            (out.y.sin().sum() + out.final_state.square().sum()).backward()
+            grads[backend] = [t.grad for t in leaves]
+        used(**{kernel: 1})
+        for name, a, b in zip("x delta A B C D h0".split(), grads["triton"], grads["reference"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_model_triton_forward_uses_chunked_kernel(monkeypatch):
+    """A toy HookedMamba2 (2 groups) in chunks of 4 over 7 tokens: the logits of the triton
+    backend (chunked kernels only) equal the reference backend's; a hook_h cache runs the
+    recurrent kernel. (Knockouts, hook_h edits and generation through the triton backend:
+    test_model_hooks_knockout_and_state_edits_through_triton.)"""
+    from tl_mamba.ops.ssd import triton_chunked
+
+    monkeypatch.setattr(triton_chunked, "CHUNK_SIZE", 4)
+    calls = _ssd_spies(monkeypatch)
+    model = _model("mamba2")
+    tokens = torch.randint(0, 30, (2, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    logits = {}
+    for backend in ("reference", "triton"):
+        model.set_backend(backend)
+        with torch.no_grad():
+            logits[backend] = model(tokens)
+    assert calls == {"chunked": model.cfg.n_layers, "recurrent": 0}, calls
+    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_h"))
+    assert calls["recurrent"] == model.cfg.n_layers, calls

@@ -1,20 +1,32 @@
-"""The ``"triton"`` backend of the Mamba-2 scan (forward kernel, recurrent form).
+"""The ``"triton"`` backend of the Mamba-2 scan: a chunked and a recurrent forward.
 
-One program per (sequence, head, block of ``BLOCK_HD`` head channels) holds its
-``[BLOCK_HD, n]`` slice of the state in registers, in fp32 (float64 for float64
-inputs), and walks the positions:
+Which kernel runs (:func:`_forward`):
+
+- **chunked** (``triton_chunked.py``, three kernels: per-chunk states, a pass over
+  chunks, per-chunk outputs with ``tl.dot``) whenever the per-position states are not
+  asked for: the plain forward, the dispatcher's knockout scans, the final state for
+  generation. With autograd on it also serves the backward's chunk-boundary states
+  (below) when the backward's chunk T fits the kernel's chunks: T ≤ Q (the kernel then
+  runs with chunks of T) or T a multiple of Q (``Q = triton_chunked.CHUNK_SIZE``, 64).
+- **recurrent** (``_ssd_fwd_kernel`` here) when ``return_states=True`` (``hook_h``:
+  the kernel writes every position's state as it walks the sequence), for p = 0, and
+  for a backward chunk T > Q that is not a multiple of Q.
+
+The recurrent kernel: one program per (sequence, head, block of ``BLOCK_HD`` head
+channels) holds its ``[BLOCK_HD, n]`` slice of the state in registers, in fp32
+(float64 for float64 inputs), and walks the positions:
 
     h = exp(Δ_t A_h) h + (Δ_t x_t) ⊗ B_t,    y_t = h C_t + D_h x_t   (D skip fused)
 
-B and C are read from the head's group. This is the recurrent form, not the chunked
-SSD form with tensor-core matmuls that mamba_ssm uses: exact and simple, but it
-walks the sequence one position at a time; the chunked kernel is future work
-(see docs/performance.md). Knockouts and state edits are applied by the dispatcher.
+B and C are read from the head's group. Knockouts and state edits are applied by the
+dispatcher (``tl_mamba.ops.ssd``), around either kernel.
 
 Gradients: a chunked recompute (``tl_mamba.ops.triton_scan``). With autograd on,
-the kernel also writes the state every ``T`` positions (``boundary_every``); the
-backward recomputes one chunk of ``T`` positions at a time through the ``"torch"``
-backend from its saved initial state, last chunk first, so its memory is linear in p.
+the forward also returns the state every ``T`` positions (``boundary_every``): the
+chunked kernels' chunk-starting states (every T/Q-th of them), or the recurrent
+kernel's own boundary output. The backward recomputes one chunk of ``T`` positions at
+a time through the ``"torch"`` backend from its saved initial state, last chunk
+first, so its memory is linear in p.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before
 anything imports triton).
@@ -22,6 +34,7 @@ anything imports triton).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -31,6 +44,7 @@ import triton
 import triton.language as tl
 
 from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.ssd import triton_chunked
 from tl_mamba.ops.triton_scan import run_triton_scan
 
 
@@ -85,9 +99,9 @@ def _ssd_fwd_kernel(
     tl.store(h_final_ptr + state_base + dn_offsets, state, mask=mask_dn)
 
 
-def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd: Optional[int] = None,
-             boundary_every: Optional[int] = None):
-    """Launch the kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
+def _recurrent_forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd: Optional[int] = None,
+                       boundary_every: Optional[int] = None):
+    """Launch the recurrent kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
 
     With ``boundary_every=T`` it also returns, fourth, the states after positions
     T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
@@ -117,6 +131,48 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd:
     return out if boundary_every is None else (*out, bounds)
 
 
+def _chunk_for(p: int, return_states: bool, boundary_every: Optional[int],
+               chunk_size: Optional[int]) -> Optional[int]:
+    """The chunk length Q for the chunked kernels, or None where the recurrent kernel runs."""
+    if return_states or p == 0:
+        return None
+    q = triton_chunked.CHUNK_SIZE if chunk_size is None else int(chunk_size)
+    if boundary_every is not None:  # the chunk starts must include every T-th state
+        if boundary_every <= q:
+            q = boundary_every
+        elif boundary_every % q:
+            return None
+    return q
+
+
+def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd: Optional[int] = None,
+             boundary_every: Optional[int] = None, chunk_size: Optional[int] = None):
+    """The backend's forward: ``(y, final_state, states or None)`` in fp32 (float64 if any input is).
+
+    Chunked kernels (chunks of ``chunk_size``, default ``triton_chunked.CHUNK_SIZE``)
+    unless ``return_states`` or see :func:`_chunk_for`; the recurrent kernel otherwise.
+    With ``boundary_every=T`` it also returns, fourth, the states after positions
+    T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
+    ``[b, ceil(p/T) - 1, h, hd, n]``, what the chunked-recompute backward keeps.
+    """
+    q = _chunk_for(x.shape[1], return_states, boundary_every, chunk_size)
+    if q is None:
+        return _recurrent_forward(x, delta, A, B, C, D, initial_state, return_states, block_hd=block_hd,
+                                  boundary_every=boundary_every)
+    y, final, starts = triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, initial_state, chunk_size=q,
+                                                         block_hd=block_hd)
+    if boundary_every is None:
+        return y, final, None
+    # starts[:, c] is the state after position c·q - 1, and q divides T (_chunk_for): the
+    # boundaries are every (T/q)-th chunk start from the (T/q)-th on
+    step = boundary_every // q
+    n_bounds = max(triton.cdiv(x.shape[1], boundary_every) - 1, 0)
+    bounds = starts[:, step::step][:, :n_bounds]
+    if step > 1:  # a copy, so that the other chunk starts are not kept alive for the backward
+        bounds = bounds.contiguous()
+    return y, final, None, bounds
+
+
 def ssd_triton(
     x: Tensor,
     delta: Tensor,
@@ -128,16 +184,20 @@ def ssd_triton(
     initial_state: Optional[Tensor] = None,
     return_states: bool = False,
     backward_chunk: Optional[int] = None,
+    chunk_size: Optional[int] = None,
 ):
     """Triton Mamba-2 scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``.
 
-    Outputs fp32 (float64 for float64 inputs).
+    Outputs fp32 (float64 for float64 inputs). The chunked kernels run unless
+    ``return_states`` (then the recurrent kernel): see the module docstring.
 
     ``backward_chunk``: positions per recomputed chunk in the backward (default
-    ``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``).
+    ``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``). ``chunk_size``: Q of the chunked
+    kernels (default ``triton_chunked.CHUNK_SIZE``); results do not depend on it.
     """
     from tl_mamba.ops.ssd import SSDOutput
     from tl_mamba.ops.ssd.chunked import ssd_chunked
 
-    return run_triton_scan(_forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
+    forward = _forward if chunk_size is None else functools.partial(_forward, chunk_size=chunk_size)
+    return run_triton_scan(forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
                            initial_state, return_states, backward_chunk=backward_chunk)

@@ -1,0 +1,223 @@
+"""The chunked SSD forward of the ``"triton"`` Mamba-2 backend (three kernels).
+
+The sequence is cut into chunks of Q positions (:data:`CHUNK_SIZE`, 64 by default;
+the last chunk may be shorter and is masked). With dA_t = Δ_t A_h, per chunk and head:
+
+1. ``_chunk_state_kernel`` — what the chunk writes into its end state, from its own
+   inputs only: ``S_c = Σ_s exp(Σ_{k>s} dA_k) Δ_s x_s ⊗ B_s``, one ``tl.dot``
+   ``[hd, Q] @ [Q, n]``; also the chunk's total log-decay ``Σ_s dA_s``.
+2. ``_state_passing_kernel`` — the one sequential pass, over chunks rather than
+   positions: ``h_c = exp(Σ dA) h_{c-1} + S_c`` from the initial state (zeros if
+   none). It overwrites the ``S_c`` buffer with each chunk's *starting* state and
+   writes the final state.
+3. ``_chunk_scan_kernel`` — the output, all positions of a chunk at once:
+   ``y = ((C Bᵀ) ∘ L ∘ Δ_j) x  +  exp(Σ_{k≤i} dA_k) · (C h_start)  +  D x`` with
+   ``L[i, j] = exp(Σ_{j<k≤i} dA_k)`` for j ≤ i, 0 above the diagonal; three ``tl.dot``
+   (``C Bᵀ`` and ``C h_startᵀ`` accumulated over blocks of n, then ``[Q, Q] @ [Q, hd]``).
+
+B and C are read from the head's group (``head // (h // g)``). Every exponent is a
+direct sum of ≤ 0 terms (an inclusive, reverse or segment cumulative sum, never a
+difference of two long cumulative sums), so nothing overflows and no precision is lost
+to cancellation, as in the torch backend (``chunked.py``). Inputs of any float dtype are
+loaded and upcast to fp32 (float64 for float64 inputs); states, dot products and the
+output are in that dtype. The dots run with ``input_precision=DOT_PRECISION``
+(``"ieee"``: exact fp32 products; ``"tf32"`` would use tensor cores at ~1e-3 relative
+error, not tested).
+
+Parallelism: kernels 1 and 3 run one program per (sequence, chunk, head, block of head
+channels); only kernel 2 is sequential, over p / Q chunks. Compare the recurrent kernel
+(``triton_kernel.py``), sequential over all p positions.
+
+The starting states of the chunks are returned: the dispatcher's caller
+(``triton_kernel._forward``) uses them as the chunk-boundary states that the
+chunked-recompute backward (``tl_mamba.ops.triton_scan``) saves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from tl_mamba.ops.precision import compute_dtype
+
+CHUNK_SIZE = 64
+"""Q, positions per chunk of the chunked kernels (a Q×Q tile per chunk and head)."""
+
+DOT_PRECISION = "ieee"
+"""``input_precision`` of the kernels' ``tl.dot`` for fp32 operands (see the module docstring)."""
+
+
+@triton.jit
+def _chunk_state_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, logdecay_ptr,
+    p, h, hd, g, n, nc, Q,
+    ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # x: [b, p, h, hd]; dt: [b, p, h]; A: [h]; B: [b, p, g, n]; states: [b, nc, h, hd, n];
+    # logdecay: [b, nc, h]. Program: (sequence·chunk, head, hd block·n block).
+    pid_bc = tl.program_id(0)
+    pid_b = pid_bc // nc
+    pid_c = pid_bc % nc
+    pid_h = tl.program_id(1)
+    n_blocks_n = tl.cdiv(n, BLOCK_N)
+    pid_d = tl.program_id(2) // n_blocks_n
+    pid_n = tl.program_id(2) % n_blocks_n
+    group = pid_h // (h // g)
+    offs_q = tl.arange(0, BLOCK_Q)
+    mask_q = (offs_q < Q) & (pid_c * Q + offs_q < p)
+    rows = pid_b * p + pid_c * Q + offs_q  # flat (sequence, position) index of each row
+    offs_d = pid_d * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_d = offs_d < hd
+    mask_n = offs_n < n
+
+    dt = tl.load(dt_ptr + rows * h + pid_h, mask=mask_q, other=0.0).to(ACC)  # 0 past the end: no decay, no write
+    dA = dt * tl.load(A_ptr + pid_h).to(ACC)
+    to_end = tl.cumsum(dA, axis=0, reverse=True) - dA  # Σ_{k>s} dA_k: decay from s to the chunk's end
+    scale = tl.where(mask_q, tl.exp(to_end) * dt, 0.0)
+    xT = tl.load(x_ptr + (rows[None, :] * h + pid_h) * hd + offs_d[:, None],
+                 mask=mask_d[:, None] & mask_q[None, :], other=0.0).to(ACC)  # [BLOCK_HD, BLOCK_Q]
+    Bq = tl.load(B_ptr + (rows[:, None] * g + group) * n + offs_n[None, :],
+                 mask=mask_q[:, None] & mask_n[None, :], other=0.0).to(ACC)  # [BLOCK_Q, BLOCK_N]
+    state = tl.dot(xT * scale[None, :], Bq, input_precision=PREC)  # [BLOCK_HD, BLOCK_N]
+    head = (pid_b * nc + pid_c) * h + pid_h
+    tl.store(states_ptr + (head * hd + offs_d[:, None]) * n + offs_n[None, :], state.to(ACC),
+             mask=mask_d[:, None] & mask_n[None, :])
+    tl.store(logdecay_ptr + head, tl.sum(dA, axis=0), mask=tl.program_id(2) == 0)
+
+
+@triton.jit
+def _state_passing_kernel(
+    states_ptr, logdecay_ptr, h0_ptr, final_ptr,
+    h, size, nc,
+    HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # states: [b, nc, h, size] in: each chunk's own writes; out: each chunk's starting state.
+    # h0, final: [b, h, size]; size = hd·n. Program: (sequence, head, block of state entries).
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    base = (pid_b * h + pid_h) * size
+    if HAS_H0:
+        state = tl.load(h0_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        state = tl.zeros((BLOCK,), dtype=ACC)
+    for c in range(0, nc):
+        head = (pid_b * nc + c) * h + pid_h
+        written = tl.load(states_ptr + head * size + offs, mask=mask, other=0.0)
+        tl.store(states_ptr + head * size + offs, state, mask=mask)
+        state = tl.exp(tl.load(logdecay_ptr + head)) * state + written
+    tl.store(final_ptr + base + offs, state, mask=mask)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, starts_ptr, y_ptr,
+    p, h, hd, g, n, nc, Q,
+    HAS_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # starts: [b, nc, h, hd, n], each chunk's starting state; y: [b, p, h, hd].
+    # Program: (sequence·chunk, head, hd block).
+    pid_bc = tl.program_id(0)
+    pid_b = pid_bc // nc
+    pid_c = pid_bc % nc
+    pid_h = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    group = pid_h // (h // g)
+    offs_q = tl.arange(0, BLOCK_Q)
+    mask_q = (offs_q < Q) & (pid_c * Q + offs_q < p)
+    rows = pid_b * p + pid_c * Q + offs_q
+    offs_d = pid_d * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    mask_d = offs_d < hd
+    head = (pid_b * nc + pid_c) * h + pid_h
+
+    dt = tl.load(dt_ptr + rows * h + pid_h, mask=mask_q, other=0.0).to(ACC)
+    dA = dt * tl.load(A_ptr + pid_h).to(ACC)
+    from_start = tl.cumsum(dA, axis=0)  # Σ_{k≤i} dA_k: decay from the chunk's start to i
+    # seg[i, j] = Σ_{j<k≤i} dA_k, summed directly: a cumulative sum down i of dA_i masked to i > j
+    seg = tl.cumsum(tl.where(offs_q[:, None] > offs_q[None, :], dA[:, None], 0.0), axis=0)
+    causal = offs_q[:, None] >= offs_q[None, :]
+
+    cb = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=ACC)  # C_i · B_j
+    off = tl.zeros((BLOCK_Q, BLOCK_HD), dtype=ACC)  # C_i · h_start
+    for k in range(0, n, BLOCK_N):
+        offs_n = k + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n
+        Cq = tl.load(C_ptr + (rows[:, None] * g + group) * n + offs_n[None, :],
+                     mask=mask_q[:, None] & mask_n[None, :], other=0.0).to(ACC)  # [BLOCK_Q, BLOCK_N]
+        BT = tl.load(B_ptr + (rows[None, :] * g + group) * n + offs_n[:, None],
+                     mask=mask_n[:, None] & mask_q[None, :], other=0.0).to(ACC)  # [BLOCK_N, BLOCK_Q]
+        ST = tl.load(starts_ptr + (head * hd + offs_d[None, :]) * n + offs_n[:, None],
+                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)  # [BLOCK_N, BLOCK_HD]
+        cb += tl.dot(Cq, BT, input_precision=PREC).to(ACC)
+        off += tl.dot(Cq, ST, input_precision=PREC).to(ACC)
+
+    weights = tl.where(causal, cb * tl.exp(seg) * dt[None, :], 0.0)  # [BLOCK_Q, BLOCK_Q]
+    xq = tl.load(x_ptr + (rows[:, None] * h + pid_h) * hd + offs_d[None, :],
+                 mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(ACC)  # [BLOCK_Q, BLOCK_HD]
+    y = tl.dot(weights, xq, input_precision=PREC).to(ACC) + off * tl.exp(from_start)[:, None]
+    if HAS_D:
+        y += tl.load(D_ptr + pid_h).to(ACC) * xq
+    tl.store(y_ptr + (rows[:, None] * h + pid_h) * hd + offs_d[None, :], y,
+             mask=mask_q[:, None] & mask_d[None, :])
+
+
+def _block(size: int, cap: int) -> int:
+    # a power of 2, at least 16 (tl.dot's smallest tile on tensor cores), at most cap
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def ssd_chunked_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       initial_state: Optional[Tensor], chunk_size: Optional[int] = None,
+                       block_hd: Optional[int] = None, block_n: Optional[int] = None):
+    """Run the three chunked kernels: ``(y, final_state, chunk_starts)``.
+
+    Shapes as in ``tl_mamba.ops.ssd.ssd_scan`` (p ≥ 1). ``chunk_starts`` is
+    ``[b, ceil(p/Q), h, hd, n]``: the state before each chunk of Q positions
+    (``chunk_starts[:, c]`` is the state after position c·Q - 1; index 0 is the initial
+    state, or zeros). All outputs in fp32 (float64 if any input is).
+
+    ``block_hd`` and ``block_n`` (powers of 2, ≥ 16) tile hd and n; by default
+    min(64, hd or n rounded up), at least 16.
+    """
+    b, p, h, hd = x.shape
+    g, n = B.shape[-2:]
+    if p < 1:
+        raise ValueError("ssd_chunked_triton needs at least one position")
+    Q = min(CHUNK_SIZE if chunk_size is None else int(chunk_size), p)
+    if Q < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    nc = triton.cdiv(p, Q)
+    acc = compute_dtype(x, delta, A, B, C, initial_state)
+    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    x, delta, A, B, C = (t.contiguous() for t in (x, delta, A, B, C))
+    D = None if D is None else D.contiguous()
+    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    block_q = _block(Q, 1 << 30)
+    block_hd = block_hd or _block(hd, 64)
+    block_n = block_n or _block(n, 64)
+    starts = torch.empty(b, nc, h, hd, n, device=x.device, dtype=acc)
+    logdecay = torch.empty(b, nc, h, device=x.device, dtype=acc)
+    final = torch.empty(b, h, hd, n, device=x.device, dtype=acc)
+    y = torch.empty(b, p, h, hd, device=x.device, dtype=acc)
+    tiles = dict(BLOCK_Q=block_q, BLOCK_HD=block_hd, BLOCK_N=block_n)
+
+    _chunk_state_kernel[(b * nc, h, triton.cdiv(hd, block_hd) * triton.cdiv(n, block_n))](
+        x, delta, A, B, starts, logdecay, p, h, hd, g, n, nc, Q,
+        ACC=acc_tl, PREC=DOT_PRECISION, **tiles)
+    block_s = min(1024, triton.next_power_of_2(hd * n))
+    _state_passing_kernel[(b, h, triton.cdiv(hd * n, block_s))](
+        starts, logdecay, h0 if h0 is not None else final, final, h, hd * n, nc,
+        HAS_H0=h0 is not None, ACC=acc_tl, BLOCK=block_s)
+    _chunk_scan_kernel[(b * nc, h, triton.cdiv(hd, block_hd))](
+        x, delta, A, B, C, D if D is not None else A, starts, y, p, h, hd, g, n, nc, Q,
+        HAS_D=D is not None, ACC=acc_tl, PREC=DOT_PRECISION, **tiles)
+    return y, final, starts
