@@ -5,8 +5,10 @@
 
 - ``reference.py``: the sequential scan, the oracle.
 - ``chunked.py``: the ``"torch"`` backend, the chunked SSD form.
-- ``triton_kernel.py``: the ``"triton"`` backend, a fused recurrent kernel (fp32
-  state in registers, D skip fused), CUDA or ``TRITON_INTERPRET=1``.
+- ``triton_kernel.py`` / ``triton_chunked.py``: the ``"triton"`` backend (CUDA or
+  ``TRITON_INTERPRET=1``): chunked SSD kernels (``tl.dot`` within chunks, one
+  sequential pass over chunks) when no per-step states are asked for, and a fused
+  recurrent kernel (fp32 state in registers) when they are (``hook_h``); D skip fused.
 
 State edits (``hook_h``) and knockout masks (``hook_ssm_mask``) are applied
 here, in the dispatcher, with nothing asked of the backends beyond an initial
