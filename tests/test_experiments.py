@@ -105,10 +105,17 @@ def test_subject_knockout_collapses_factual_recall(toy):
     can only be guessed from the relation (8 attributes per relation: chance 12.5%), so
     "collapse" is ≤ 45%. The control keeps ≥ 60% (it measured ~70% on toy-mamba2: the
     template words carry some of the relation), and the gap must be ≥ 25 points.
+
+    This is a property of toy-mamba2's circuit, not of every model: toy-mamba (Mamba-1)
+    recalls facts as well (98%) but relays the subject through other tokens, so direct
+    subject → last knockouts in every layer leave 84% (SSM path) / 58% (both paths),
+    no more than size-matched context knockouts do (59% / 55%); see docs/toy_models.md.
     """
+    if toy.cfg.model_name != "toy-mamba2":
+        pytest.skip(f"{toy.cfg.model_name} does not route facts along direct subject → last edges "
+                    "(measured in docs/toy_models.md)")
     recorded = shipped_metrics(toy.cfg.model_name)["facts"]
-    if recorded < 0.9:
-        pytest.skip(f"{toy.cfg.model_name} did not learn factual recall (recorded {100 * recorded:.0f}%)")
+    assert recorded >= 0.9
     prompts = make_dataset("facts", "heldout", 128, seed=3)
     batch = encode_prompts(prompts, toy.tokenizer)
     tokens, mask, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
