@@ -29,6 +29,7 @@ from tl_mamba.circuits import (  # noqa: E402
     attribute,
     class_conditional_hook_factory,
     delta_stats_by_class,
+    evaluate_baseline,
     faithfulness,
     knockout_attribution,
     knockout_attribution_vs_knockout,
@@ -58,13 +59,15 @@ def ioi_circuit(model, out: Path, n: int, steps: int) -> dict:
         "spearman_vs_exact": {m: rank_correlation(scores[m], scores["exact"]) for m in ("EAP", "EAP-IG")},
     }
     sizes = [1, 2, 5, 10, 15, 20, 30, 40, 50, 60, 85]
+    baselines = tuple(float(evaluate_baseline(model, batches, None, logit_diff, run_corrupted=run).mean())
+                      for run in (False, True))  # clean, corrupted: shared by every point of the curves
     curves = {}
     for method in ("EAP", "EAP-IG", "exact"):
         curve = []
         for k in sizes:
             graph.scores = scores[method].clone()
             graph.apply_topn(k)
-            curve.append(faithfulness(model, graph, batches, None, logit_diff, quiet=True))
+            curve.append(faithfulness(model, graph, batches, None, logit_diff, quiet=True, baselines=baselines))
         curves[method] = curve
     result["faithfulness"] = {"edges": sizes, **curves}
 
@@ -97,7 +100,7 @@ def ioi_circuit(model, out: Path, n: int, steps: int) -> dict:
     graph.scores = scores["EAP-IG"].clone()
     graph.apply_topn(20)
     result["top_edges"] = graph.top_edges(10)
-    result["faithfulness_top20"] = faithfulness(model, graph, batches, None, logit_diff, quiet=True)
+    result["faithfulness_top20"] = curves["EAP-IG"][sizes.index(20)]  # the graph drawn below
     graph.to_image(out / "ioi_circuit.png", title="toy-mamba2 IOI: top 20 head-level edges by EAP-IG")
     graph.to_json(out / "ioi_circuit.json")
     return result

@@ -122,14 +122,19 @@ def test_topn_threshold_prune_and_json(tmp_path):
 
 
 # ------------------------------------------------------------------ patching one edge, against hand-written hooks
+def patch_one_edge(model, level, edge, clean, corrupted):
+    """Logits with only ``edge`` carrying its corrupted value (every other edge kept)."""
+    graph = Graph.from_model(model, level)
+    keep = torch.ones_like(graph.in_graph)
+    keep[graph.edge(edge).index] = False
+    return patched_logits(model, graph, clean, corrupted, in_graph=keep)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resid_edge_patch_matches_hand_written_hook(family):
     model = tiny(family)
     clean, corrupted = pair()
-    graph = Graph.from_model(model, "layer")
-    keep = torch.ones_like(graph.in_graph)
-    keep[graph.edge("m0->m2").index] = False
-    ours = patched_logits(model, graph, clean, corrupted, in_graph=keep)
+    ours = patch_one_edge(model, "layer", "m0->m2", clean, corrupted)
 
     with torch.no_grad():
         _, corr_cache = model.run_with_cache(corrupted, names_filter="blocks.0.hook_mixer_out")
@@ -144,10 +149,7 @@ def test_resid_edge_patch_matches_hand_written_hook(family):
 def test_head_edge_patch_matches_hand_written_hook():
     model = tiny("mamba2")
     clean, corrupted = pair()
-    graph = Graph.from_model(model, "head")
-    keep = torch.ones_like(graph.in_graph)
-    keep[graph.edge("m1.h2->logits").index] = False
-    ours = patched_logits(model, graph, clean, corrupted, in_graph=keep)
+    ours = patch_one_edge(model, "head", "m1.h2->logits", clean, corrupted)
 
     hd = model.cfg.d_head
     cols = slice(2 * hd, 3 * hd)  # head 2's channels of y_normed, and out_proj's columns for them
@@ -182,10 +184,7 @@ def test_head_writes_sum_to_the_mixer_output():
 def test_internal_edge_patch_is_the_corrupted_activation(family):
     model = tiny(family)
     clean, corrupted = pair()
-    graph = Graph.from_model(model, "component")
-    keep = torch.ones_like(graph.in_graph)
-    keep[graph.edge("m1.gate->m1.out").index] = False
-    ours = patched_logits(model, graph, clean, corrupted, in_graph=keep)
+    ours = patch_one_edge(model, "component", "m1.gate->m1.out", clean, corrupted)
     with torch.no_grad():
         _, corr_cache = model.run_with_cache(corrupted, names_filter="blocks.1.hook_gate")
         ref = model.run_with_hooks(clean, fwd_hooks=[("blocks.1.hook_gate",
@@ -335,4 +334,8 @@ def test_eap_ig_finds_a_faithful_ioi_circuit_on_toy_mamba2():
     assert pearson(ig, exact) > 0.9
     graph.scores = ig
     graph.apply_topn(8)
-    assert faithfulness(model, graph, clean, corrupted, metric) > 0.8
+    value = faithfulness(model, graph, clean, corrupted, metric)
+    assert value > 0.8
+    known = (float(evaluate_baseline(model, clean, corrupted, metric).mean()),
+             float(evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True).mean()))
+    assert faithfulness(model, graph, clean, corrupted, metric, baselines=known) == pytest.approx(value)

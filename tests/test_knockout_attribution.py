@@ -20,27 +20,13 @@ import pytest
 import torch
 
 import tl_mamba
-from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+from tl_mamba import HookedMamba, HookedMambaConfig
 from tl_mamba.circuits.knockout_attribution import (knockout_attribution, knockout_attribution_vs_knockout,
                                                     plot_knockout_attribution, rank_correlation)
-from test_knockout import brute_alpha  # α by explicit products of decays (float64)
+from test_knockout import brute_alpha, make_model  # tiny float64 models; α by explicit decay products
 
 B, P = 2, 6
 BACKENDS = ["reference", "torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
-
-
-def make_model(family: str, seed: int = 0):
-    if family == "mamba1":
-        cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4, expand=2, seed=seed)
-        model = HookedMamba(cfg)
-    else:
-        cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4,
-                                expand=2, n_heads=4, n_groups=2, chunk_size=4, seed=seed)
-        model = HookedMamba2(cfg)
-    with torch.no_grad():  # move weights off their init so every path carries signal
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
-    return model.double()
 
 
 def metric(logits):

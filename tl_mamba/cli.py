@@ -411,7 +411,9 @@ def cmd_circuit(args) -> int:
     for k in sizes:
         graph.scores = scores
         graph.apply_topn(k)
-        curve.add_row(str(k), f"{faithfulness(model, graph, batches, None, logit_diff, quiet=True):.3f}")
+        value = faithfulness(model, graph, batches, None, logit_diff, quiet=True,
+                             baselines=(clean_value, corrupted_value))
+        curve.add_row(str(k), f"{value:.3f}")
     console.print(curve)
     graph.scores = scores
     graph.apply_topn(args.top)

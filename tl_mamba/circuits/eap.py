@@ -111,7 +111,7 @@ class _Wiring:
         activation difference), each sender weighted by ``weight`` ([units] or [p, units])."""
         group = self.graph.groups[g]
         if not group.per_head:
-            return diff if weight is None else diff * _expand(weight[..., 0], diff)
+            return diff if weight is None else diff * _expand(weight[..., 0])
         b, p, e = diff.shape
         h = group.units
         heads = diff.reshape(b, p, h, e // h)
@@ -132,7 +132,7 @@ class _Wiring:
                             grad_e.reshape(b, p, h, e // h).float())
 
 
-def _expand(weight: Tensor, like: Tensor) -> Tensor:
+def _expand(weight: Tensor) -> Tensor:
     """A scalar or ``[p]`` weight broadcast over ``[b, p, d]``."""
     return weight[None, :, None] if weight.ndim == 1 else weight
 
@@ -170,7 +170,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
         raise TypeError("attribute() needs a metric: metric(logits) or metric(logits, labels)")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
-    if method != "EAP-IG" and ig_steps not in (None, 1) and method != "exact":
+    if method == "EAP" and ig_steps not in (None, 1):
         raise ValueError("ig_steps applies to method='EAP-IG' only")
     steps = 1 if method == "EAP" else (ig_steps or 5)
     if steps < 1:
@@ -336,16 +336,25 @@ def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, 
 
 
 def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = None, *, labels=None,
-                 batch_size: Optional[int] = None, quiet: bool = False) -> float:
+                 batch_size: Optional[int] = None, quiet: bool = False,
+                 baselines: Optional[Tuple[float, float]] = None) -> float:
     """``(circuit - corrupted) / (clean - corrupted)`` of the mean metric: 1 for the full graph,
-    0 for the empty one."""
+    0 for the empty one.
+
+    ``baselines``: the mean metric on the clean and on the corrupted prompts, when already
+    known (from :func:`evaluate_baseline`); a faithfulness curve over many graphs then runs
+    the two unpatched baselines once instead of once per graph.
+    """
     kw = dict(labels=labels, batch_size=batch_size)
     if not isinstance(clean, Tensor):
         clean = list(iter_batches(clean, corrupted, labels, batch_size))  # iterate the dataloader once
         corrupted, kw = None, {}
     circuit = evaluate_graph(model, graph, clean, corrupted, metric, quiet=quiet, **kw).mean()
-    clean_value = evaluate_baseline(model, clean, corrupted, metric, **kw).mean()
-    corrupted_value = evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True, **kw).mean()
+    if baselines is None:
+        clean_value = evaluate_baseline(model, clean, corrupted, metric, **kw).mean()
+        corrupted_value = evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True, **kw).mean()
+    else:
+        clean_value, corrupted_value = baselines
     gap = float(clean_value - corrupted_value)
     if abs(gap) < 1e-8:
         raise ValueError("the metric is the same on clean and corrupted prompts: faithfulness is undefined")
