@@ -315,6 +315,62 @@ def test_ssm_mask_source_to_target_keeps_D_skip(backend):
     torch.testing.assert_close(none_kept.y.double(), (D * x).double(), **TOL)
 
 
+# ----------------------------------------------------------------------------- Mamba-1's gate
+def _gated(y, z):
+    """y · silu(z), written out (z · σ(z)), in float64."""
+    z = z.double()
+    return y.double() * z / (1 + torch.exp(-z))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", ["none", "mask", "override"])
+def test_scan_gate_z_multiplies_y_by_silu_z(backend, extra):
+    """``z=`` gives y · silu(z): with no knockout (where a backend may fuse it), and after
+    a knockout's removed terms or a state override (where the dispatcher applies it)."""
+    b, p, e, n = 2, 9, 3, 2
+    x, delta, A, B, C, D, h0 = make_inputs(b, p, e, n, seed=61)
+    z = torch.randn(b, p, e, generator=torch.Generator().manual_seed(62)) * 3
+    kwargs = dict(initial_state=h0)
+    if extra == "mask":
+        kwargs["ssm_mask"] = _random_mask(b, p, seed=63)
+        expected = closed_form(x, delta, A, B, C, D, h0=h0, mask=kwargs["ssm_mask"] * torch.ones(p, p).tril())[0]
+    elif extra == "override":
+        values, edited = _override(b, p, e, n, [3], seed=64)
+        kwargs["state_override"] = StateOverride(values=values, mask=edited)
+        expected = scalar_loop(x, delta, A, B, C, D, h0=h0, override=(values, edited))[0]
+    else:
+        expected = closed_form(x, delta, A, B, C, D, h0=h0)[0]
+    out = selective_scan(x, delta, A, B, C, D, z=z, backend=backend, **kwargs)
+    torch.testing.assert_close(out.y.double(), _gated(expected, z), **TOL)
+    assert (expected - _gated(expected, z)).abs().max() > 0.1  # the gate did something
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_gate_gradients_match_autograd_through_closed_form(backend):
+    b, p, e, n = 2, 7, 3, 2
+    tensors = make_inputs(b, p, e, n, seed=65, dtype=torch.float64)
+    z = torch.randn(b, p, e, generator=torch.Generator().manual_seed(66), dtype=torch.float64)
+    weight = torch.randn(b, p, e, generator=torch.Generator().manual_seed(67), dtype=torch.float64)
+    grads = []
+    for run in ("scan", "closed_form"):
+        leaves = [t.clone().requires_grad_(True) for t in (*tensors, z)]
+        x, delta, A, B, C, D, h0, zz = leaves
+        if run == "scan":
+            y = selective_scan(x, delta, A, B, C, D, initial_state=h0, z=zz, backend=backend).y
+        else:
+            y = _gated(closed_form(x, delta, A, B, C, D, h0=h0)[0], zz)
+        (y * weight).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, a, b_ in zip("x delta A B C D h0 z".split(), *grads):
+        torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_scan_gate_shape_error_names_z():
+    x, delta, A, B, C, D, _ = make_inputs(2, 5, 3, 2)
+    with pytest.raises(ValueError, match=r"\bz\b"):
+        selective_scan(x, delta, A, B, C, D, z=torch.zeros(2, 5, 4))
+
+
 # ----------------------------------------------------------------------------- shape errors
 @pytest.mark.parametrize(
     "name,bad",

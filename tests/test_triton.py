@@ -545,3 +545,111 @@ def test_model_triton_forward_uses_chunked_kernel(monkeypatch):
     with torch.no_grad():
         model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_h"))
     assert calls["recurrent"] == model.cfg.n_layers, calls
+
+
+# --- Mamba-1's gate, fused into the kernel ------------------------------------------------
+
+def _silu_gated(y, z):
+    """y · silu(z), written out as y · z · σ(z) in y's dtype (the reference for the fused gate)."""
+    z = z.to(y.dtype)
+    return y * z / (1 + torch.exp(-z))
+
+
+@pytest.mark.parametrize("p, e, n, block_e, with_h0", [(7, 12, 5, None, True), (13, 20, 16, 4, False),
+                                                       (1, 3, 1, None, False)])
+def test_fused_gate_forward_matches_reference(p, e, n, block_e, with_h0):
+    """The kernel's gated y equals the reference scan's y times silu(z); the states are the
+    ungated scan's (the gate acts on the read-out only)."""
+    from tl_mamba.ops.selective_scan.triton_kernel import _forward
+
+    x, delta, A, B, C, D, h0 = inputs(b=2, p=p, e=e, n=n, seed=p)
+    z = torch.randn(2, p, e, generator=torch.Generator().manual_seed(p + 1)).to(DEVICE) * 3
+    h0 = h0 if with_h0 else None
+    y, final, states = _forward(x, delta, A, B, C, D, h0, True, block_e=block_e, z=z)
+    ref = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="reference")
+    torch.testing.assert_close(y, _silu_gated(ref.y, z), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, ref.final_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states, ref.states, rtol=1e-5, atol=1e-5)
+    assert (y - ref.y).abs().max() > 0.1  # the gate did something
+
+
+def test_fused_gate_bf16_inputs():
+    x, delta, A, B, C, D, _ = inputs(dtype=torch.bfloat16)
+    z = (torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(3)) * 3).to(DEVICE, torch.bfloat16)
+    ours = selective_scan(x, delta, A, B, C, D, z=z, backend="triton")
+    ref = selective_scan(x, delta, A, B, C, D, backend="reference")
+    assert ours.y.dtype == torch.float32
+    torch.testing.assert_close(ours.y, _silu_gated(ref.y, z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p, states", [(11, False), (8, True)])
+def test_fused_gate_backward_matches_reference_autograd(p, states):
+    """Gradients of x, Δ, A, B, C, D, h0 and z through the fused gate (chunked recompute,
+    T = 4) against autograd through the reference scan and the gate written out, float64."""
+    from tl_mamba.ops.selective_scan.triton_kernel import selective_scan_triton
+
+    tensors = _family_inputs("mamba1", p, seed=p)
+    z = torch.randn(2, p, 3, generator=torch.Generator().manual_seed(p + 7), dtype=torch.float64).to(DEVICE)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (*tensors, z)]
+        x, delta, A, B, C, D, h0, zz = leaves
+        if backend == "triton":
+            out = selective_scan_triton(x, delta, A, B, C, D, initial_state=h0, return_states=states, z=zz,
+                                        backward_chunk=4)
+            y = out.y
+        else:
+            out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=states, backend="reference")
+            y = _silu_gated(out.y, zz)
+        outputs = (y, out.final_state) + ((out.states,) if states else ())
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)).sum()
+                   for i, o in enumerate(outputs))
+        loss.backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, a, b in zip("x delta A B C D h0 z".split(), grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_model_fuses_the_gate_only_when_nothing_reads_y(monkeypatch):
+    """HookedMamba passes z to the kernel when no hook reads y, the gate or the heavy hooks
+    (plain forward and training), and gates after the scan otherwise (a cache of hook_y, a
+    knockout); logits, cached values and parameter gradients equal the reference backend's."""
+    from tl_mamba.ops.selective_scan import triton_kernel
+
+    kernel_forward = triton_kernel._forward
+    gated_calls = []
+
+    def spy(*args, **kwargs):
+        gated_calls.append(kwargs.get("z") is not None)
+        return kernel_forward(*args, **kwargs)
+
+    monkeypatch.setattr(triton_kernel, "_forward", spy)
+    model = _model("mamba1")
+    tokens = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ko = Knockout(layers=[1], sources=[1, 2], targets=[-1])
+    results = {}
+    for backend in ("reference", "triton"):
+        model.set_backend(backend)
+        gated_calls.clear()
+        with torch.no_grad():
+            plain = model(tokens)
+        plain_fused = list(gated_calls)
+        gated_calls.clear()
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("hook_y", "hook_y_gated")))
+        cache_fused = list(gated_calls)
+        gated_calls.clear()
+        with torch.no_grad():
+            knocked = model.run_with_knockout(tokens, ko)
+        knockout_fused = list(gated_calls)
+        model.zero_grad()
+        model(tokens, return_type="loss").backward()
+        grads = [param.grad.clone() for param in model.parameters()]
+        results[backend] = (plain, cache["blocks.0.hook_y"], cache["blocks.1.hook_y_gated"], knocked, *grads)
+        if backend == "triton":
+            assert plain_fused == [True] * model.cfg.n_layers, plain_fused
+            assert cache_fused == [False] * model.cfg.n_layers, cache_fused
+            # layer 0 has no knockout (fused); layer 1's knockout scans run ungated
+            assert knockout_fused[0] is True and not any(knockout_fused[1:]), knockout_fused
+    for a, b in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

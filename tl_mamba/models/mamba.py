@@ -32,7 +32,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.base import HookedSSM
+from tl_mamba.models.base import HookedSSM, hook_is_active
 from tl_mamba.models.block import MixerBlock, uniform_
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.models.components import weightless_rms
@@ -126,14 +126,26 @@ class MambaBlock(MixerBlock):
         delta = self.hook_delta(F.softplus(upcast(F.linear(dt_low, m.dt_proj.weight)) + upcast(m.dt_proj.bias)))
         A = -torch.exp(upcast(m.A_log))
 
-        y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"])
-        y = self.hook_y(y)
-        gate = self.hook_gate(F.silu(z))
-        y_gated = self.hook_y_gated(y * gate)
+        initial_state = None if layer_state is None else layer_state["ssm"]
+        if self._gate_fusable():
+            # nothing reads y or the gate on their own: the scan applies the gate (the Triton
+            # kernel fuses it, so the ungated y is never written)
+            out = selective_scan(x, delta, A, B, C, m.D, initial_state=initial_state, z=z, backend=self.backend)
+            y_gated, ssm_state = out.y, out.final_state
+        else:
+            y, ssm_state = self._scan(x, delta, A, B, C, initial_state)
+            y = self.hook_y(y)
+            gate = self.hook_gate(F.silu(z))
+            y_gated = y * gate
+        y_gated = self.hook_y_gated(y_gated)
         mixer_out = self.hook_mixer_out(m.out_proj(y_gated.to(dtype)))
         if layer_state is not None:
             layer_state["conv"], layer_state["ssm"] = conv_state, ssm_state
         return self.hook_resid_post(resid_pre + mixer_out)
+
+    def _gate_fusable(self) -> bool:
+        """Whether the gate may go into the scan: no hook on y, the gate, or the heavy hooks."""
+        return not any(hook_is_active(h) for h in (self.hook_y, self.hook_gate, self.hook_h, self.hook_ssm_mask))
 
     def _scan(self, x, delta, A, B, C, initial_state):
         """The SSM with its heavy hooks. Returns ``(y [b,p,e], final state [b,e,n])``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -20,3 +21,12 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
 def upcast(t: Tensor) -> Tensor:
     """``t`` in at least fp32 (float64 stays float64)."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def silu_gate(y: Tensor, z: Tensor) -> Tensor:
+    """Mamba-1's output gate ``y · silu(z)``, computed in ``y``'s dtype (fp32, or float64).
+
+    Every selective-scan backend applies it the same way when given ``z``; the Triton
+    kernel fuses it (``silu(z) = z · sigmoid(z)`` in its fp32 registers).
+    """
+    return y * F.silu(z.to(y.dtype))

@@ -44,37 +44,40 @@ b·(⌈p/T⌉-1)·S saved plus O(b·T·S) while a chunk is recomputed, smallest 
 64 suits p from a few hundred to a few thousand. Per call: ``backward_chunk=``."""
 
 # inputs of the scan, in the order _ChunkedRecompute.apply takes them after its 3 settings
-_X, _DELTA, _A, _B, _C, _D, _H0 = range(7)
-_AFFECT_STATE = (_X, _DELTA, _A, _B, _H0)  # C and D only read the state out
+# (Z: Mamba-1's gate input, fused into y; None for Mamba-2 and for an ungated scan)
+_X, _DELTA, _A, _B, _C, _D, _H0, _Z = range(8)
+_AFFECT_STATE = (_X, _DELTA, _A, _B, _H0)  # C, D and Z only act on the read-out
+_PER_POSITION = (_X, _DELTA, _B, _C, _Z)
 
 
 class _ChunkedRecompute(torch.autograd.Function):
     """Forward with the kernel (saving chunk-boundary states); backward by chunked recompute."""
 
     @staticmethod
-    def forward(ctx, kernel_forward, torch_scan, chunk, x, delta, A, B, C, D, initial_state, return_states):
+    def forward(ctx, kernel_forward, torch_scan, chunk, x, delta, A, B, C, D, initial_state, z, return_states):
         y, h_final, states, bounds = kernel_forward(x, delta, A, B, C, D, initial_state, return_states,
-                                                    boundary_every=chunk)
-        ctx.save_for_backward(x, delta, A, B, C, D, initial_state, bounds)
+                                                    boundary_every=chunk, **_gate(z))
+        ctx.save_for_backward(x, delta, A, B, C, D, initial_state, z, bounds)
         ctx.torch_scan, ctx.chunk, ctx.return_states = torch_scan, chunk, return_states
         return y, h_final, states
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_final, grad_states):
-        x, delta, A, B, C, D, h0, bounds = ctx.saved_tensors
-        needs = ctx.needs_input_grad[3:10]  # kernel_forward, torch_scan and chunk take no gradient
+        x, delta, A, B, C, D, h0, z, bounds = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:11]  # kernel_forward, torch_scan and chunk take no gradient
         state_needed = any(needs[i] for i in _AFFECT_STATE)  # does the gradient of a chunk's start matter?
         p, T = x.shape[1], ctx.chunk
         acc = compute_dtype(x, delta, A, B, C, h0)
-        per_position = {i: torch.zeros_like(t) for i, t in ((_X, x), (_DELTA, delta), (_B, B), (_C, C)) if needs[i]}
+        inputs = (x, delta, A, B, C, D, h0, z)
+        per_position = {i: torch.zeros_like(inputs[i]) for i in _PER_POSITION if needs[i]}
         summed = {i: None for i in (_A, _D) if needs[i]}
         carry = grad_final  # gradient w.r.t. the state after the current chunk
         starts = list(range(0, p, T))
         for k in reversed(range(len(starts))):
             w = slice(starts[k], min(starts[k] + T, p))
-            leaf = {i: t[:, w].detach().requires_grad_(needs[i])
-                    for i, t in ((_X, x), (_DELTA, delta), (_B, B), (_C, C))}
+            leaf = {i: None if inputs[i] is None else inputs[i][:, w].detach().requires_grad_(needs[i])
+                    for i in _PER_POSITION}
             leaf[_A] = A.detach().requires_grad_(needs[_A])
             leaf[_D] = None if D is None else D.detach().requires_grad_(needs[_D])
             init = h0 if k == 0 else bounds[:, k - 1]
@@ -82,12 +85,12 @@ class _ChunkedRecompute(torch.autograd.Function):
                 needs[_H0] if k == 0 else state_needed)
             with torch.enable_grad():
                 out = ctx.torch_scan(*(leaf[i] for i in range(6)), initial_state=leaf[_H0],
-                                     return_states=ctx.return_states)
+                                     return_states=ctx.return_states, **_gate(leaf[_Z]))
                 pairs = [(out.y, grad_y[:, w]), (out.final_state, carry)]
                 if ctx.return_states and grad_states is not None:
                     pairs.append((out.states, grad_states[:, w]))
                 pairs = [(o, torch.zeros_like(o) if g is None else g) for o, g in pairs if o.requires_grad]
-                wanted = [i for i in range(7) if leaf[i] is not None and leaf[i].requires_grad]
+                wanted = [i for i in range(8) if leaf[i] is not None and leaf[i].requires_grad]
                 found = torch.autograd.grad([o for o, _ in pairs], [leaf[i] for i in wanted],
                                             [g for _, g in pairs], allow_unused=True) if pairs and wanted else []
             del out, pairs  # this chunk's graph goes before the next one is built
@@ -103,7 +106,7 @@ class _ChunkedRecompute(torch.autograd.Function):
                     carry = grad
         if not starts:  # p == 0: the final state is the initial state
             carry = grad_final
-        grads = [per_position.get(i) for i in range(7)]
+        grads = [per_position.get(i) for i in range(8)]
         for i, t in ((_A, A), (_D, D)):
             if i in summed:
                 grads[i] = torch.zeros_like(t) if summed[i] is None else summed[i].to(t.dtype)
@@ -112,15 +115,22 @@ class _ChunkedRecompute(torch.autograd.Function):
         return (None, None, None, *grads, None)
 
 
+def _gate(z: Optional[Tensor]) -> dict:
+    # z goes only to scans that gate (Mamba-1's); Mamba-2's take no such argument
+    return {} if z is None else {"z": z}
+
+
 def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, what: str,
                     x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                    initial_state: Optional[Tensor], return_states: bool, backward_chunk: Optional[int] = None):
+                    initial_state: Optional[Tensor], return_states: bool, backward_chunk: Optional[int] = None,
+                    z: Optional[Tensor] = None):
     """Run ``kernel_forward`` (differentiable by chunked recompute through ``torch_scan``).
 
     ``kernel_forward(x, delta, A, B, C, D, initial_state, return_states, boundary_every=None)``
     returns ``(y, final_state, states or None)`` in ``compute_dtype`` of its inputs (fp32,
     or float64), plus, fourth, the chunk-boundary states when ``boundary_every`` is given;
-    ``output_cls`` is the family's output dataclass. ``backward_chunk`` (default
+    ``output_cls`` is the family's output dataclass. ``z`` (Mamba-1's gate input) is
+    passed on to ``kernel_forward`` and ``torch_scan``, which then return y gated. ``backward_chunk`` (default
     :data:`BACKWARD_CHUNK`) is the T of the backward's memory, O(b·(p/T)·S + b·T·S).
     """
     from tl_mamba.backends import triton_usable
@@ -131,10 +141,10 @@ def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, 
     if int(chunk) != chunk or chunk < 1:
         raise ValueError(f"backward_chunk must be a positive integer, got {chunk!r}")
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state))
+        t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state, z))
     if needs_grad:
         y, h_final, states = _ChunkedRecompute.apply(kernel_forward, torch_scan, int(chunk), x, delta, A, B, C, D,
-                                                     initial_state, return_states)
+                                                     initial_state, z, return_states)
     else:
-        y, h_final, states = kernel_forward(x, delta, A, B, C, D, initial_state, return_states)
+        y, h_final, states = kernel_forward(x, delta, A, B, C, D, initial_state, return_states, **_gate(z))
     return output_cls(y=y, final_state=h_final, states=states)

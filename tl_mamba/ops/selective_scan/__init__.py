@@ -36,6 +36,7 @@ from torch import Tensor
 from tl_mamba.backends import pick_implementation
 from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal, edge_gradient_bpe,
                                   knocked_out_terms, removed_terms)
+from tl_mamba.ops.precision import silu_gate
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
@@ -75,6 +76,7 @@ def selective_scan(
     state_override: Optional[StateOverride] = None,
     ssm_mask: Optional[SSMMask] = None,
     return_states: bool = False,
+    z: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> ScanOutput:
     """Run the selective scan with the chosen backend.
@@ -93,7 +95,12 @@ def selective_scan(
             (S → T knockouts, optionally per channel), computed without a p×p tensor.
             A tensor mask that requires grad gets ∂L/∂mask (knockout attribution).
         return_states: also return every state ``[b, p, e, n]`` (memory heavy).
-        backend: ``"reference"``, ``"torch"`` or ``"auto"``.
+        z: ``[b, p, e]`` Mamba-1's gate input, or None. When given, y is returned
+            gated, ``y · silu(z)``. The Triton kernel fuses the gate into the scan
+            (one write of y instead of three passes over it) when y is the plain
+            scan's output; with a mask or a state override the gate is applied
+            after the knocked-out terms are removed. Same result either way.
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"``.
 
     Returns:
         ``ScanOutput`` with y ``[b, p, e]``, the final state ``[b, e, n]`` and,
@@ -109,9 +116,14 @@ def selective_scan(
     if state_override is not None:
         check_override_shape(state_override, (b, p, e, n))
     _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n)
+    if z is not None and tuple(z.shape) != (b, p, e):
+        raise ValueError(f"selective_scan: z must have shape {(b, p, e)}, got {tuple(z.shape)}")
     impl = pick_implementation(backend, x.device, _IMPLEMENTATIONS)
+    # every implementation takes z; it can fuse the gate only when its y is the output
+    fuse_gate = z is not None and state_override is None and ssm_mask is None
     if state_override is None:
-        out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
+        out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states,
+                   **({"z": z} if fuse_gate else {}))
     else:
         def run(start, stop, init, want_states):
             return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
@@ -147,6 +159,8 @@ def selective_scan(
             if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
                 out.y = attach_mask_gradient(out.y, ssm_mask.expand(b, 1, p, p),
                                              lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))
+    if z is not None and not fuse_gate:
+        out.y = silu_gate(out.y, z)
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, silu_gate
 
 DEFAULT_CHUNK = 64
 
@@ -30,6 +30,7 @@ def selective_scan_chunked(
     *,
     initial_state: Optional[Tensor] = None,
     return_states: bool = False,
+    z: Optional[Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
 ):
     """Chunked scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``."""
@@ -74,6 +75,8 @@ def selective_scan_chunked(
     y = torch.cat(ys, dim=1) if ys else xf.new_zeros(b, 0, e)
     if D is not None:
         y = y + D.to(cdt) * xf
+    if z is not None:
+        y = silu_gate(y, z)
     states = None
     if states_buffer is not None:
         states = states_buffer

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, silu_gate
 
 
 def selective_scan_reference(
@@ -23,6 +23,7 @@ def selective_scan_reference(
     *,
     initial_state: Optional[Tensor] = None,
     return_states: bool = False,
+    z: Optional[Tensor] = None,
 ):
     """Sequential scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``."""
     from tl_mamba.ops.selective_scan import ScanOutput
@@ -43,6 +44,8 @@ def selective_scan_reference(
     y = torch.stack(ys, dim=1) if p > 0 else xf.new_zeros(b, 0, e)
     if D is not None:
         y = y + D.to(cdt) * xf
+    if z is not None:
+        y = silu_gate(y, z)
     if return_states:
         states = torch.stack(states, dim=1) if p > 0 else xf.new_zeros(b, 0, e, n)
     return ScanOutput(y=y, final_state=h, states=states if return_states else None)

@@ -7,7 +7,8 @@ the positions in order:
 
     h = exp(Δ_t A) ⊙ h + (Δ_t x_t) ⊗ B_t,    y_t = h · C_t + D ⊙ x_t   (D skip fused)
 
-It writes y, the final state, and, only when asked for (``hook_h`` hooked or
+and, given Mamba-1's gate input z, writes ``y_t · silu(z_t)`` instead (gate fused:
+the ungated y never reaches memory). It writes y, the final state, and, only when asked for (``hook_h`` hooked or
 cached), every state. Knockout masks and state overrides need nothing here: the
 dispatcher applies them with extra calls that only use the initial and final state.
 
@@ -37,13 +38,13 @@ from tl_mamba.ops.triton_scan import run_triton_scan
 
 @triton.jit
 def _selective_scan_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, z_ptr,
     y_ptr, h_final_ptr, states_ptr, bounds_ptr,
     p, e, n, every, n_bounds,
-    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, STORE_BOUNDS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, HAS_Z: tl.constexpr, STORE_STATES: tl.constexpr, STORE_BOUNDS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # x, dt, y: [b, p, e]; A: [e, n]; B, C: [b, p, n]; h0, h_final: [b, e, n];
+    # x, dt, z, y: [b, p, e]; A: [e, n]; B, C: [b, p, n]; h0, h_final: [b, e, n];
     # states: [b, p, e, n]; bounds: [b, n_bounds, e, n] (the state after positions
     # every-1, 2·every-1, ... short of the last); all contiguous. ACC: fp32, or fp64
     # for float64 inputs.
@@ -72,6 +73,9 @@ def _selective_scan_fwd_kernel(
         y = tl.sum(h * Ct[None, :], axis=1)
         if HAS_D:
             y += D * x
+        if HAS_Z:  # the gate, silu(z) = z · sigmoid(z), in ACC precision
+            z = tl.load(z_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(ACC)
+            y = y * z / (1.0 + tl.exp(-z))
         tl.store(y_ptr + row * e + offs_e, y, mask=mask_e)
         if STORE_STATES:
             tl.store(states_ptr + row * e * n + en_offsets, h, mask=mask_en)
@@ -84,8 +88,10 @@ def _selective_scan_fwd_kernel(
 
 
 def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: Optional[int] = None,
-             boundary_every: Optional[int] = None):
+             boundary_every: Optional[int] = None, z: Optional[Tensor] = None):
     """Launch the kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
+
+    With ``z`` ([b, p, e]) y is gated, ``y · silu(z)``, in the kernel.
 
     With ``boundary_every=T`` it also returns, fourth, the states after positions
     T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
@@ -96,6 +102,7 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
     acc = compute_dtype(x, delta, A, B, C, initial_state)
     x, delta, A, B, C = (t.contiguous() for t in (x, delta, A, B, C))
     D = None if D is None else D.contiguous()
+    z = None if z is None else z.contiguous()
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
     y = torch.empty(b, p, e, device=x.device, dtype=acc)
     h_final = torch.empty(b, e, n, device=x.device, dtype=acc)
@@ -106,9 +113,9 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
     block_e = block_e or max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))
     grid = (b, triton.cdiv(e, block_e))
     _selective_scan_fwd_kernel[grid](
-        x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final,
+        x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final, z if z is not None else x,
         y, h_final, states, bounds if n_bounds else y, p, e, n, boundary_every or 1, n_bounds,
-        HAS_D=D is not None, HAS_H0=h0 is not None, STORE_STATES=return_states, STORE_BOUNDS=n_bounds > 0,
+        HAS_D=D is not None, HAS_H0=h0 is not None, HAS_Z=z is not None, STORE_STATES=return_states, STORE_BOUNDS=n_bounds > 0,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_E=block_e, BLOCK_N=block_n,
     )
     out = y, h_final, (states if return_states else None)
@@ -125,6 +132,7 @@ def selective_scan_triton(
     *,
     initial_state: Optional[Tensor] = None,
     return_states: bool = False,
+    z: Optional[Tensor] = None,
     backward_chunk: Optional[int] = None,
 ):
     """Triton scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``.
@@ -138,4 +146,4 @@ def selective_scan_triton(
     from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 
     return run_triton_scan(_forward, selective_scan_chunked, ScanOutput, "selective scan", x, delta, A, B, C, D,
-                           initial_state, return_states, backward_chunk=backward_chunk)
+                           initial_state, return_states, backward_chunk=backward_chunk, z=z)
