@@ -2,6 +2,11 @@
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/bench_triton_gpu.py            # full
     HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/bench_triton_gpu.py --quick    # fewer lengths/rounds
+    TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/bench_triton_gpu.py --smoke  # tiny, CPU ok
+
+``--smoke`` runs every step at toy sizes (on CPU under ``TRITON_INTERPRET=1`` when
+there is no GPU), so the script itself is tested (``tests/test_bench_triton_gpu.py``)
+and a GPU session spends its time measuring, not debugging. Its numbers mean nothing.
 
 1. Correctness at real sizes: the scan of every family and width below, Triton
    against the ``"reference"`` sequential backend computed in float64 on the GPU,
@@ -14,11 +19,18 @@
    last), ``hook_h`` cached forward (Triton), transformers' forward (its own path:
    the fused mamba_ssm kernels when installed, else its torch fallback), and the
    TransformerLens bridge's eager-scan ``hook_ssm_state`` cache.
+3. The scans alone at 130m widths, batch 1, ``--p``, fp32 and bf16: ``triton``
+   (Mamba-1 with its gate fused, as the model runs it), ``torch``, and mamba_ssm's
+   ``selective_scan_fn`` / ``mamba_chunk_scan_combined`` when mamba_ssm imports; plus
+   the memory floor of each scan: the bytes it must move (inputs read once, y and the
+   final state written once) over the device's copy bandwidth, measured in the same
+   run with a large device-to-device copy.
 
 Targets (issue "Triton scan kernels"), printed as met / NOT met:
 knockout / plain <= 1.3; bridge eager-scan state cache / our hook_h cache >= 50;
-plain Triton forward <= 1.5x transformers with mamba_ssm (reported only when
-mamba_ssm is importable).
+plain Triton forward <= 1.5x transformers with mamba_ssm, and the Triton scan <= 1.5x
+mamba_ssm's (reported only when mamba_ssm is importable; otherwise the scan's distance
+from its memory floor is what to read).
 
 Widths: Mamba-1 130m (d 768, e 1536, n 16) and 370m (d 1024, e 2048, n 16);
 Mamba-2 130m (d 768, 24 heads of 64, n 128) and 370m (d 1024, 32 heads of 64, n 128).
@@ -30,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import pathlib
 import sys
 
@@ -44,6 +57,16 @@ WIDTHS = {
     "mamba1": {"130m": dict(d_model=768, d_state=16), "370m": dict(d_model=1024, d_state=16)},
     "mamba2": {"130m": dict(d_model=768, d_state=128, n_heads=24), "370m": dict(d_model=1024, d_state=128, n_heads=32)},
 }
+#: --smoke: every step at toy sizes (Mamba-2 heads of 16 channels)
+SMOKE_WIDTHS = {"mamba1": {"tiny": dict(d_model=16, d_state=4)}, "mamba2": {"tiny": dict(d_model=32, d_state=8, n_heads=4)}}
+#: the models of the speed section: 130m widths, 4 layers (and a toy size for --smoke)
+MODEL_SIZES = {"full": dict(hidden=768, state1=16, state2=128, heads=24, head_dim=64, layers=4, vocab=8192, chunk=256),
+               "smoke": dict(hidden=32, state1=4, state2=8, heads=4, head_dim=16, layers=2, vocab=64, chunk=8)}
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def scan_inputs(family, widths, p, dtype, device, seed=0):
@@ -61,12 +84,12 @@ def scan_inputs(family, widths, p, dtype, device, seed=0):
     return {k: v.to(device=device, dtype=dtype) for k, v in t.items()}
 
 
-def check_scans(lengths, device, log):
+def check_scans(lengths, device, log, widths_by_family=WIDTHS):
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
 
     rows = []
-    for family, by_width in WIDTHS.items():
+    for family, by_width in widths_by_family.items():
         scan = selective_scan if family == "mamba1" else ssd_scan
         for width, widths in by_width.items():
             for p in lengths:
@@ -82,20 +105,89 @@ def check_scans(lengths, device, log):
                                      rel_err_y=err, rel_err_final=ferr))
                     log(f"check {family} {width} p={p} {dtype}: rel err y {err:.2e}, final {ferr:.2e}")
                     del ref, out, t
-                    torch.cuda.empty_cache()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     return rows
 
 
-def build_models(device):
+def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
+    """Bytes per second of a device-to-device copy of ``nbytes`` (read + write counted)."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    timings = interleaved({"copy": lambda: (dst.copy_(src), synchronize(device))}, repeats=repeats, warmup=1)
+    return 2 * src.numel() * 4 / timings.median("copy")
+
+
+def scan_bytes(family: str, t: dict) -> int:
+    """Bytes a scan must move at least: every input read once, y (fp32) and the final state written once."""
+    read = sum(v.numel() * v.element_size() for v in t.values())
+    if family == "mamba1":
+        b, p, e = t["x"].shape
+        read += t["x"].numel() * t["x"].element_size()  # z, the gate input, same shape as x
+        final = b * e * t["A"].shape[-1]
+    else:
+        b, p, h, hd = t["x"].shape
+        final = b * h * hd * t["B"].shape[-1]
+    return read + (t["x"].numel() + final) * 4
+
+
+def scan_contenders(family, t, device, log):
+    """The scans on the same inputs: ours (``triton``, ``torch``) and mamba_ssm's when it imports."""
+    from tl_mamba.ops.selective_scan import selective_scan
+    from tl_mamba.ops.ssd import ssd_scan
+
+    def sync(fn):
+        return lambda: (fn(), synchronize(device))[0]
+
+    calls = {}
+    if family == "mamba1":
+        z = torch.randn_like(t["x"])
+        for backend in ("triton", "torch"):
+            calls[backend] = sync(lambda backend=backend: selective_scan(*t.values(), z=z, backend=backend))
+        try:  # mamba_ssm's layout: channels before positions
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            u, delta, zz = (v.transpose(1, 2).contiguous() for v in (t["x"], t["delta"], z))
+            B, C = (v.transpose(1, 2).contiguous() for v in (t["B"], t["C"]))
+            A, D = t["A"].float(), t["D"].float()
+            calls["mamba_ssm"] = sync(lambda: selective_scan_fn(u, delta, A, B, C, D, z=zz, return_last_state=True))
+        except ImportError:
+            pass
+    else:
+        for backend in ("triton", "torch"):
+            calls[backend] = sync(lambda backend=backend: ssd_scan(*t.values(), backend=backend))
+        try:
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+            calls["mamba_ssm"] = sync(lambda: mamba_chunk_scan_combined(
+                t["x"], t["delta"], t["A"].float(), t["B"], t["C"], chunk_size=256, D=t["D"].float(),
+                return_final_states=True))
+        except ImportError:
+            pass
+    if "mamba_ssm" in calls:
+        try:
+            calls["mamba_ssm"]()
+        except Exception as err:  # a version whose signature differs: report it, time the rest
+            log(f"mamba_ssm {family} scan failed, not timed: {err!r}")
+            del calls["mamba_ssm"]
+    return calls
+
+
+def build_models(device, size):
     from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
     from tl_mamba import HookedMamba, HookedMamba2
 
+    s = MODEL_SIZES[size]
     torch.manual_seed(0)
-    hf1 = MambaForCausalLM(MambaConfig(hidden_size=768, state_size=16, num_hidden_layers=4, vocab_size=8192,
-                                       bos_token_id=0, eos_token_id=1, pad_token_id=2)).eval().to(device)
-    hf2 = Mamba2ForCausalLM(Mamba2Config(hidden_size=768, num_heads=24, head_dim=64, state_size=128, n_groups=1,
-                                         num_hidden_layers=4, vocab_size=8192, chunk_size=256, bos_token_id=0,
+    hf1 = MambaForCausalLM(MambaConfig(hidden_size=s["hidden"], state_size=s["state1"], num_hidden_layers=s["layers"],
+                                       vocab_size=s["vocab"], bos_token_id=0, eos_token_id=1,
+                                       pad_token_id=2)).eval().to(device)
+    hf2 = Mamba2ForCausalLM(Mamba2Config(hidden_size=s["hidden"], num_heads=s["heads"], head_dim=s["head_dim"],
+                                         state_size=s["state2"], n_groups=1, num_hidden_layers=s["layers"],
+                                         vocab_size=s["vocab"], chunk_size=s["chunk"], bos_token_id=0,
                                          eos_token_id=1, pad_token_id=2)).eval().to(device)
     return {"mamba1": (hf1, HookedMamba.from_hf(hf1).to(device).eval()),
             "mamba2": (hf2, HookedMamba2.from_hf(hf2).to(device).eval())}
@@ -104,14 +196,14 @@ def build_models(device):
 def contenders(family, hf, model, p, device, with_bridge):
     from tl_mamba import Knockout
 
-    tokens = torch.randint(0, 8192, (1, p), device=device)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, p), device=device)
     ko = Knockout(layers=range(model.cfg.n_layers), sources=[p // 3, p // 3 + 1, p // 3 + 2], targets=[-1])
     names = [f"blocks.{layer}.hook_h" for layer in range(model.cfg.n_layers)]
 
     def sync(fn):
         def call():
             out = fn()
-            torch.cuda.synchronize()
+            synchronize(device)
             return out
         return call
 
@@ -151,23 +243,33 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-bridge", action="store_true", help="skip the TransformerLens bridge")
     parser.add_argument("--out", default="benchmarks/results/triton_gpu")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every step at toy sizes, on CPU under TRITON_INTERPRET=1 without a GPU (tests the script)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_triton_gpu.py needs a CUDA device", file=sys.stderr)
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.smoke and os.environ.get("TRITON_INTERPRET") == "1":
+        device = torch.device("cpu")
+    else:
+        print("bench_triton_gpu.py needs a CUDA device (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
     lengths = [int(x) for x in args.check_lengths.split(",")]
+    widths, size, copy_bytes = WIDTHS, "full", 1 << 30
     if args.quick:
         lengths, args.repeats = lengths[:1], 3
-    results = {"date": _dt.date.today().isoformat(), "machine": machine_info(), "gpu": torch.cuda.get_device_name(),
-               "revision": package_revision(), "p": args.p}
+    if args.smoke:
+        lengths, args.repeats, args.p, widths, size, copy_bytes = [8, 13], 1, 16, SMOKE_WIDTHS, "smoke", 1 << 20
+    scan_widths = {family: next(iter(by_width.items())) for family, by_width in widths.items()}  # 130m (or tiny)
+    results = {"date": _dt.date.today().isoformat(), "machine": machine_info(), "device": str(device),
+               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "none (smoke run in the interpreter)",
+               "revision": package_revision(), "p": args.p, "smoke": args.smoke}
     try:
         import mamba_ssm  # noqa: F401
 
         results["mamba_ssm"] = True
     except ImportError:
         results["mamba_ssm"] = False
-    results["checks"] = check_scans(lengths, device, print)
+    results["checks"] = check_scans(lengths, device, print, widths)
     results["speed"] = {}
     lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']})", "",
              "## Correctness (max |error| / max |reference|, reference in float64)", "",
@@ -175,10 +277,11 @@ def main() -> int:
     for row in results["checks"]:
         lines.append(f"| {row['family']} | {row['width']} | {row['p']} | {row['dtype']} | {row['rel_err_y']:.1e} | "
                      f"{row['rel_err_final']:.1e} |")
-    lines += ["", f"## Speed at 130m widths, 4 layers, p = {args.p} (median s; mamba_ssm installed: "
+    lines += ["", f"## Speed of the models, {MODEL_SIZES[size]['layers']} layers at "
+              f"{'130m' if size == 'full' else 'toy'} widths, p = {args.p} (median s; mamba_ssm installed: "
               f"{results['mamba_ssm']})", "", "| family | contender | median s | vs triton |", "|---|---|---|---|"]
     with torch.inference_mode():
-        for family, (hf, model) in build_models(device).items():
+        for family, (hf, model) in build_models(device, size).items():
             calls = contenders(family, hf, model, args.p, device, not args.no_bridge)
             timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
             speed = {name: timings.median(name) for name in calls}
@@ -194,6 +297,30 @@ def main() -> int:
                 targets["triton <= 1.5x transformers+mamba_ssm"] = timings.paired_ratio("triton", "transformers") <= 1.5
             results["speed"][family]["targets"] = targets
             lines += [f"| {family} | target: {k} | {'met' if v else 'NOT met'} | |" for k, v in targets.items()]
+        bandwidth = copy_bandwidth(device, copy_bytes, max(args.repeats, 3))
+        results["copy_bandwidth_GBps"] = bandwidth / 1e9
+        results["scans"] = []
+        lines += ["", f"## The scans alone, batch 1, p = {args.p} (median s; device copy bandwidth "
+                  f"{bandwidth / 1e9:.0f} GB/s, measured; floor = bytes moved / bandwidth)", "",
+                  "| family | width | dtype | contender | median s | vs triton | floor s | / floor |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for family, (width, widths_of) in scan_widths.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                t = scan_inputs(family, widths_of, args.p, dtype, device)
+                calls = scan_contenders(family, t, device, print)
+                timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
+                floor = scan_bytes(family, t) / bandwidth
+                for name in calls:
+                    row = dict(family=family, width=width, dtype=str(dtype).split(".")[-1], contender=name,
+                               median_s=timings.median(name), vs_triton=timings.paired_ratio(name, "triton"),
+                               floor_s=floor, over_floor=timings.median(name) / floor)
+                    results["scans"].append(row)
+                    lines.append(f"| {family} | {width} | {row['dtype']} | {name} | {row['median_s']:.2e} | "
+                                 f"{row['vs_triton']:.2f}x | {floor:.1e} | {row['over_floor']:.0f}x |")
+                if "mamba_ssm" in calls:
+                    met = timings.paired_ratio("triton", "mamba_ssm") <= 1.5
+                    lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | target: triton scan <= 1.5x "
+                                 f"mamba_ssm's | {'met' if met else 'NOT met'} | | | |")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

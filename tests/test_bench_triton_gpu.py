@@ -1,0 +1,53 @@
+"""The one-command GPU benchmark runs end to end (``--smoke``: toy sizes, CPU interpreter).
+
+``benchmarks/bench_triton_gpu.py`` is what a session with a lent GPU runs first; this
+makes sure it works before anyone spends device time on it. The numbers of a smoke run
+mean nothing; what is checked is that every section ran and that its correctness
+section (Triton against a float64 reference) passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_smoke_run(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    out = tmp_path / "triton_gpu"
+    run = subprocess.run([sys.executable, "benchmarks/bench_triton_gpu.py", "--smoke", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["smoke"] is True
+    checks = {(r["family"], r["p"], r["dtype"]): r for r in results["checks"]}
+    assert {family for family, _, _ in checks} == {"mamba1", "mamba2"}
+    assert {dtype for _, _, dtype in checks} == {"float32", "bfloat16"}
+    for key, row in checks.items():
+        assert row["rel_err_y"] < 1e-4 and row["rel_err_final"] < 1e-4, (key, row)
+    for family in ("mamba1", "mamba2"):
+        timed = results["speed"][family]["median_s"]
+        assert {"triton", "torch", "knockout_triton", "hook_h_cache_triton", "transformers"} <= set(timed), timed
+        assert all(seconds > 0 for seconds in timed.values())
+        assert "knockout / plain <= 1.3" in results["speed"][family]["targets"]
+    assert results["copy_bandwidth_GBps"] > 0
+    scans = {(r["family"], r["dtype"], r["contender"]): r for r in results["scans"]}
+    for family in ("mamba1", "mamba2"):
+        for dtype in ("float32", "bfloat16"):
+            for contender in ("triton", "torch"):
+                row = scans[(family, dtype, contender)]
+                assert row["median_s"] > 0 and row["floor_s"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "## Correctness" in table and "## The scans alone" in table
