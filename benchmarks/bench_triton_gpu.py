@@ -20,7 +20,8 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    the fused mamba_ssm kernels when installed, else its torch fallback), and the
    TransformerLens bridge's eager-scan ``hook_ssm_state`` cache.
 3. The scans alone at 130m widths, batch 1, ``--p``, fp32 and bf16: ``triton``
-   (Mamba-1 with its gate fused, as the model runs it), ``torch``, and mamba_ssm's
+   (Mamba-1 with its gate fused, as the model runs it; for Mamba-1 both kernels,
+   ``chunked``, the default, and ``sequential``), ``torch``, and mamba_ssm's
    ``selective_scan_fn`` / ``mamba_chunk_scan_combined`` when mamba_ssm imports; plus
    the memory floor of each scan: the bytes it must move (inputs read once, y and the
    final state written once) over the device's copy bandwidth, measured in the same
@@ -40,6 +41,7 @@ Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/triton_gpu`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -84,6 +86,18 @@ def scan_inputs(family, widths, p, dtype, device, seed=0):
     return {k: v.to(device=device, dtype=dtype) for k, v in t.items()}
 
 
+@contextlib.contextmanager
+def mamba1_kernel(name: str):
+    """Run the Mamba-1 Triton backend with its ``"chunked"`` or ``"sequential"`` kernel."""
+    from tl_mamba.ops.selective_scan import triton_kernel
+
+    default, triton_kernel.KERNEL = triton_kernel.KERNEL, name
+    try:
+        yield
+    finally:
+        triton_kernel.KERNEL = default
+
+
 def check_scans(lengths, device, log, widths_by_family=WIDTHS):
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
@@ -91,20 +105,24 @@ def check_scans(lengths, device, log, widths_by_family=WIDTHS):
     rows = []
     for family, by_width in widths_by_family.items():
         scan = selective_scan if family == "mamba1" else ssd_scan
+        kernels = ("chunked", "sequential") if family == "mamba1" else ("chunked or recurrent",)
         for width, widths in by_width.items():
             for p in lengths:
                 for dtype in (torch.float32, torch.bfloat16):
                     t = scan_inputs(family, widths, p, dtype, device)
                     ref = scan(*(v.double() for v in t.values()), backend="reference", return_states=False)
-                    out = scan(*t.values(), backend="triton", return_states=False)
-                    scale = float(ref.y.abs().max())
-                    err = float((out.y.double() - ref.y).abs().max()) / scale
-                    ferr = float((out.final_state.double() - ref.final_state).abs().max()) / float(
-                        ref.final_state.abs().max())
-                    rows.append(dict(family=family, width=width, p=p, dtype=str(dtype).split(".")[-1],
-                                     rel_err_y=err, rel_err_final=ferr))
-                    log(f"check {family} {width} p={p} {dtype}: rel err y {err:.2e}, final {ferr:.2e}")
-                    del ref, out, t
+                    for kernel in kernels:
+                        with mamba1_kernel(kernel) if family == "mamba1" else contextlib.nullcontext():
+                            out = scan(*t.values(), backend="triton", return_states=False)
+                        scale = float(ref.y.abs().max())
+                        err = float((out.y.double() - ref.y).abs().max()) / scale
+                        ferr = float((out.final_state.double() - ref.final_state).abs().max()) / float(
+                            ref.final_state.abs().max())
+                        rows.append(dict(family=family, width=width, p=p, dtype=str(dtype).split(".")[-1],
+                                         kernel=kernel, rel_err_y=err, rel_err_final=ferr))
+                        log(f"check {family} {width} p={p} {dtype} {kernel}: rel err y {err:.2e}, final {ferr:.2e}")
+                        del out
+                    del ref, t
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     return rows
@@ -146,6 +164,12 @@ def scan_contenders(family, t, device, log):
         z = torch.randn_like(t["x"])
         for backend in ("triton", "torch"):
             calls[backend] = sync(lambda backend=backend: selective_scan(*t.values(), z=z, backend=backend))
+
+        def sequential_kernel():  # the other Triton kernel (one position at a time), to choose the default
+            with mamba1_kernel("sequential"):
+                return selective_scan(*t.values(), z=z, backend="triton")
+
+        calls["triton_sequential"] = sync(sequential_kernel)
         try:  # mamba_ssm's layout: channels before positions
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
@@ -273,10 +297,10 @@ def main() -> int:
     results["speed"] = {}
     lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']})", "",
              "## Correctness (max |error| / max |reference|, reference in float64)", "",
-             "| family | width | p | dtype | y | final state |", "|---|---|---|---|---|---|"]
+             "| family | width | p | dtype | kernel | y | final state |", "|---|---|---|---|---|---|---|"]
     for row in results["checks"]:
-        lines.append(f"| {row['family']} | {row['width']} | {row['p']} | {row['dtype']} | {row['rel_err_y']:.1e} | "
-                     f"{row['rel_err_final']:.1e} |")
+        lines.append(f"| {row['family']} | {row['width']} | {row['p']} | {row['dtype']} | {row['kernel']} | "
+                     f"{row['rel_err_y']:.1e} | {row['rel_err_final']:.1e} |")
     lines += ["", f"## Speed of the models, {MODEL_SIZES[size]['layers']} layers at "
               f"{'130m' if size == 'full' else 'toy'} widths, p = {args.p} (median s; mamba_ssm installed: "
               f"{results['mamba_ssm']})", "", "| family | contender | median s | vs triton |", "|---|---|---|---|"]

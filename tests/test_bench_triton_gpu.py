@@ -32,9 +32,10 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["smoke"] is True
-    checks = {(r["family"], r["p"], r["dtype"]): r for r in results["checks"]}
-    assert {family for family, _, _ in checks} == {"mamba1", "mamba2"}
-    assert {dtype for _, _, dtype in checks} == {"float32", "bfloat16"}
+    checks = {(r["family"], r["p"], r["dtype"], r["kernel"]): r for r in results["checks"]}
+    assert {key[0] for key in checks} == {"mamba1", "mamba2"}
+    assert {key[2] for key in checks} == {"float32", "bfloat16"}
+    assert {key[3] for key in checks if key[0] == "mamba1"} == {"chunked", "sequential"}
     for key, row in checks.items():
         assert row["rel_err_y"] < 1e-4 and row["rel_err_final"] < 1e-4, (key, row)
     for family in ("mamba1", "mamba2"):
@@ -49,5 +50,6 @@ def test_gpu_benchmark_smoke_run(tmp_path):
             for contender in ("triton", "torch"):
                 row = scans[(family, dtype, contender)]
                 assert row["median_s"] > 0 and row["floor_s"] > 0
+        assert ("mamba1", dtype, "triton_sequential") in scans
     table = out.with_suffix(".md").read_text()
     assert "## Correctness" in table and "## The scans alone" in table

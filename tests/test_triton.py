@@ -653,3 +653,51 @@ def test_model_fuses_the_gate_only_when_nothing_reads_y(monkeypatch):
             assert knockout_fused[0] is True and not any(knockout_fused[1:]), knockout_fused
     for a, b in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- Mamba-1's two forward kernels: chunked (parallel prefix scan in tiles) and sequential ---
+
+@pytest.mark.parametrize("kernel", ["chunked", "sequential"])
+@pytest.mark.parametrize("p, block_t, block_e, every", [(1, 4, None, 1), (8, 4, 2, 3), (9, 4, 4, 4), (13, 8, None, 5),
+                                                        (4, 4, 8, 2), (16, 16, 2, 7)])
+def test_mamba1_kernels_match_sequential_loop(kernel, p, block_t, block_e, every):
+    """Both kernels against the recurrence written out position by position (float64 here,
+    in the test, not a backend): y (D skip and gate fused), every state, the chunk-boundary
+    states and the final state; p below, at and across tile boundaries (block_t), channel
+    blocks that do not divide e, boundaries that do not align with tiles."""
+    from tl_mamba.ops.selective_scan.triton_kernel import _forward
+
+    b, e, n = 2, 6, 3
+    x, delta, A, B, C, D, h0 = inputs(b=b, p=p, e=e, n=n, seed=100 + p)
+    z = torch.randn(b, p, e, generator=torch.Generator().manual_seed(p)).to(DEVICE)
+    y, final, states, bounds = _forward(x, delta, A, B, C, D, h0, True, block_e=block_e, boundary_every=every, z=z,
+                                        kernel=kernel, block_t=block_t)
+    h = h0.double()
+    want_y, want_states = [], []
+    for t in range(p):
+        h = torch.exp(delta[:, t, :, None].double() * A.double()) * h + \
+            (delta[:, t] * x[:, t]).double()[:, :, None] * B[:, t, None, :].double()
+        out = (h * C[:, t, None, :].double()).sum(-1) + D.double() * x[:, t].double()
+        zt = z[:, t].double()
+        want_y.append(out * zt * torch.sigmoid(zt))
+        want_states.append(h)
+    want_states = torch.stack(want_states, 1)
+    torch.testing.assert_close(y.double(), torch.stack(want_y, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states.double(), want_states, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bounds.double(), want_states[:, every - 1:p - 1:every], rtol=1e-5, atol=1e-5)
+    assert bounds.shape[1] == -(-p // every) - 1
+    torch.testing.assert_close(final.double(), h, rtol=1e-5, atol=1e-5)
+
+
+def test_mamba1_kernel_choice(monkeypatch):
+    """``KERNEL`` picks the kernel the backend runs; an unknown name is refused."""
+    from tl_mamba.ops.selective_scan import triton_kernel
+
+    x, delta, A, B, C, D, _ = inputs()
+    with pytest.raises(ValueError, match="kernel"):
+        triton_kernel._forward(x, delta, A, B, C, D, None, False, kernel="parallel")
+    outputs = {}
+    for kernel in ("chunked", "sequential"):
+        monkeypatch.setattr(triton_kernel, "KERNEL", kernel)
+        outputs[kernel] = selective_scan(x, delta, A, B, C, D, backend="triton").y
+    torch.testing.assert_close(outputs["chunked"], outputs["sequential"], rtol=1e-5, atol=1e-5)

@@ -1,9 +1,23 @@
-"""The ``"triton"`` backend of the Mamba-1 selective scan (forward kernel).
+"""The ``"triton"`` backend of the Mamba-1 selective scan (forward kernels).
 
-One program per (sequence, block of ``BLOCK_E`` channels) holds its ``[BLOCK_E, n]``
-slice of the state in registers, in fp32 for fp32/bf16/fp16 inputs (as mamba_ssm
-does; float64 for float64 inputs, as ``tl_mamba.ops.precision`` says), and walks
-the positions in order:
+Two kernels compute the same thing (:data:`KERNEL` picks; results agree to fp32
+rounding). In both, one program per (sequence, block of ``BLOCK_E`` channels) holds
+its ``[BLOCK_E, n]`` slice of the state in registers, in fp32 for fp32/bf16/fp16
+inputs (as mamba_ssm does; float64 for float64 inputs, as ``tl_mamba.ops.precision``
+says), and carries it along the sequence:
+
+- ``"chunked"`` (the default): a tile of ``BLOCK_T`` positions at a time. It loads
+  the tile's inputs at once, computes its decays and writes, runs the recurrence
+  within the tile as a parallel prefix scan (``tl.associative_scan`` with the
+  combine ``(a₁, b₁) ∘ (a₂, b₂) = (a₁a₂, a₂b₁ + b₂)``, log-depth, as mamba_ssm's
+  CUDA kernel scans time within a block), then adds the carried state times the
+  tile's cumulative decay. Parallel in time as well as channels, so a short batch
+  still fills the GPU.
+- ``"sequential"``: one position at a time (the recurrence as written). Its
+  per-step latency chain is p long; kept as the simpler kernel and a second
+  opinion, and for the GPU benchmark to compare.
+
+Per position:
 
     h = exp(Δ_t A) ⊙ h + (Δ_t x_t) ⊗ B_t,    y_t = h · C_t + D ⊙ x_t   (D skip fused)
 
@@ -16,6 +30,9 @@ Gradients: a chunked recompute (``tl_mamba.ops.triton_scan``). With autograd on,
 the kernel also writes the state every ``T`` positions (``boundary_every``); the
 backward recomputes one chunk of ``T`` positions at a time through the ``"torch"``
 backend from its saved initial state, last chunk first, so its memory is linear in p.
+
+Block sizes are fixed (``BLOCK_T`` = 32 positions; ``BLOCK_E`` so that a tile holds
+at most 4096 state entries), not yet tuned on a GPU.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow: tests only).
 The variable must be set before anything imports triton (torch and transformers may):
@@ -34,6 +51,81 @@ import triton.language as tl
 
 from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.triton_scan import run_triton_scan
+
+KERNEL = "chunked"
+"""Which forward kernel runs: ``"chunked"`` (parallel in time within tiles) or ``"sequential"``."""
+BLOCK_T = 32
+"""Positions per tile of the chunked kernel."""
+TILE_ENTRIES = 4096
+"""At most this many state entries (BLOCK_T × BLOCK_E × n, padded) per tile of the chunked kernel."""
+
+
+@triton.jit
+def _combine(decay_1, write_1, decay_2, write_2):
+    # two steps of h ← a·h + b, the first then the second, as one
+    return decay_1 * decay_2, decay_2 * write_1 + write_2
+
+
+@triton.jit
+def _selective_scan_chunked_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, z_ptr,
+    y_ptr, h_final_ptr, states_ptr, bounds_ptr,
+    p, e, n, every, n_bounds,
+    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, HAS_Z: tl.constexpr, STORE_STATES: tl.constexpr,
+    STORE_BOUNDS: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Layouts as in _selective_scan_fwd_kernel. Tiles are [BLOCK_T, BLOCK_E, BLOCK_N].
+    pid_b = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e = offs_e < e
+    mask_n = offs_n < n
+    mask_en = mask_e[:, None] & mask_n[None, :]
+    en_offsets = offs_e[:, None] * n + offs_n[None, :]
+    A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(ACC)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(ACC)
+    else:
+        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=ACC)
+    last_row = (offs_t == BLOCK_T - 1)[:, None, None]
+    for t0 in range(0, p, BLOCK_T):
+        pos = t0 + offs_t
+        mask_t = pos < p
+        rows = pid_b * p + pos
+        mask_te = mask_t[:, None] & mask_e[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        te_offsets = rows[:, None] * e + offs_e[None, :]
+        x = tl.load(x_ptr + te_offsets, mask=mask_te, other=0.0).to(ACC)
+        dt = tl.load(dt_ptr + te_offsets, mask=mask_te, other=0.0).to(ACC)
+        Bt = tl.load(B_ptr + rows[:, None] * n + offs_n[None, :], mask=mask_tn, other=0.0).to(ACC)
+        Ct = tl.load(C_ptr + rows[:, None] * n + offs_n[None, :], mask=mask_tn, other=0.0).to(ACC)
+        # positions past p have Δ = 0 and x = 0: decay 1 and write 0, so they pass the state on
+        decay = tl.exp(dt[:, :, None] * A[None, :, :])
+        write = (dt * x)[:, :, None] * Bt[:, None, :]
+        decay_from_start, state_from_zero = tl.associative_scan((decay, write), 0, _combine)
+        states = state_from_zero + decay_from_start * h[None, :, :]
+        y = tl.sum(states * Ct[:, None, :], axis=2)
+        if HAS_D:
+            y += D[None, :] * x
+        if HAS_Z:  # the gate, silu(z) = z · sigmoid(z), in ACC precision
+            z = tl.load(z_ptr + te_offsets, mask=mask_te, other=0.0).to(ACC)
+            y = y * z / (1.0 + tl.exp(-z))
+        tl.store(y_ptr + te_offsets, y, mask=mask_te)
+        if STORE_STATES:
+            tl.store(states_ptr + rows[:, None, None] * e * n + en_offsets[None, :, :], states,
+                     mask=mask_t[:, None, None] & mask_en[None, :, :])
+        if STORE_BOUNDS:  # the state after positions every-1, 2·every-1, ... short of the last
+            is_bound = ((pos + 1) % every == 0) & (pos + 1 < p)
+            bound = pid_b * n_bounds + (pos + 1) // every - 1
+            tl.store(bounds_ptr + bound[:, None, None] * e * n + en_offsets[None, :, :], states,
+                     mask=is_bound[:, None, None] & mask_en[None, :, :])
+        h = tl.sum(tl.where(last_row, states, 0.0), axis=0)
+    tl.store(h_final_ptr + pid_b * e * n + en_offsets, h, mask=mask_en)
 
 
 @triton.jit
@@ -88,10 +180,13 @@ def _selective_scan_fwd_kernel(
 
 
 def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: Optional[int] = None,
-             boundary_every: Optional[int] = None, z: Optional[Tensor] = None):
-    """Launch the kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
+             boundary_every: Optional[int] = None, z: Optional[Tensor] = None, kernel: Optional[str] = None,
+             block_t: Optional[int] = None):
+    """Launch a kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
 
-    With ``z`` ([b, p, e]) y is gated, ``y · silu(z)``, in the kernel.
+    With ``z`` ([b, p, e]) y is gated, ``y · silu(z)``, in the kernel. ``kernel``:
+    ``"chunked"`` or ``"sequential"`` (default :data:`KERNEL`); ``block_e`` / ``block_t``
+    override the block sizes (powers of two).
 
     With ``boundary_every=T`` it also returns, fourth, the states after positions
     T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
@@ -109,15 +204,26 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
     states = torch.empty(b, p, e, n, device=x.device, dtype=acc) if return_states else y
     n_bounds = 0 if boundary_every is None else max(triton.cdiv(p, boundary_every) - 1, 0)
     bounds = torch.empty(b, n_bounds, e, n, device=x.device, dtype=acc)
+    kernel = KERNEL if kernel is None else kernel
+    if kernel not in ("chunked", "sequential"):
+        raise ValueError(f"kernel must be 'chunked' or 'sequential', got {kernel!r}")
     block_n = triton.next_power_of_2(n)
-    block_e = block_e or max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))
+    block_t = block_t or min(BLOCK_T, max(triton.next_power_of_2(p), 2))
+    if kernel == "chunked":
+        block_e = block_e or max(1, min(triton.next_power_of_2(e), TILE_ENTRIES // (block_t * block_n), 64))
+    else:
+        block_e = block_e or max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))
     grid = (b, triton.cdiv(e, block_e))
-    _selective_scan_fwd_kernel[grid](
-        x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final, z if z is not None else x,
-        y, h_final, states, bounds if n_bounds else y, p, e, n, boundary_every or 1, n_bounds,
-        HAS_D=D is not None, HAS_H0=h0 is not None, HAS_Z=z is not None, STORE_STATES=return_states, STORE_BOUNDS=n_bounds > 0,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_E=block_e, BLOCK_N=block_n,
-    )
+    args = (x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final,
+            z if z is not None else x, y, h_final, states, bounds if n_bounds else y,
+            p, e, n, boundary_every or 1, n_bounds)
+    flags = dict(HAS_D=D is not None, HAS_H0=h0 is not None, HAS_Z=z is not None, STORE_STATES=return_states,
+                 STORE_BOUNDS=n_bounds > 0, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                 BLOCK_E=block_e, BLOCK_N=block_n)
+    if kernel == "chunked":
+        _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t)
+    else:
+        _selective_scan_fwd_kernel[grid](*args, **flags)
     out = y, h_final, (states if return_states else None)
     return out if boundary_every is None else (*out, bounds)
 
