@@ -25,7 +25,10 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    ``selective_scan_fn`` / ``mamba_chunk_scan_combined`` when mamba_ssm imports; plus
    the memory floor of each scan: the bytes it must move (inputs read once, y and the
    final state written once) over the device's copy bandwidth, measured in the same
-   run with a large device-to-device copy.
+   run with a large device-to-device copy. For Mamba-2 also the removed terms of a
+   general ``[1, h, p, p]`` knockout mask in the quadratic form, by masked tiles
+   (Triton) and in torch: their "vs triton" is their cost in scans, which is what
+   ``tl_mamba.ops.knockout.dense_mask_after`` should be on that GPU.
 
 Targets (issue "Triton scan kernels"), printed as met / NOT met:
 knockout / plain <= 1.3; bridge eager-scan state cache / our hook_h cache >= 50;
@@ -180,8 +183,18 @@ def scan_contenders(family, t, device, log):
         except ImportError:
             pass
     else:
+        from tl_mamba.ops.knockout import dense_removed_terms_bphd
+        from tl_mamba.ops.ssd.triton_masked import masked_removed_terms_triton
+
         for backend in ("triton", "torch"):
             calls[backend] = sync(lambda backend=backend: ssd_scan(*t.values(), backend=backend))
+        # a general knockout mask's removed terms in the quadratic form (what replaces one scan per
+        # column pattern past dense_mask_after(p)); "vs triton" reads as "costs this many scans"
+        p, h = t["x"].shape[1], t["x"].shape[2]
+        removed = torch.rand(1, h, p, p, device=device).tril_()
+        quadratic_inputs = [t[k] for k in ("x", "delta", "A", "B", "C")]
+        calls["dense_mask_masked_tiles_triton"] = sync(lambda: masked_removed_terms_triton(removed, *quadratic_inputs))
+        calls["dense_mask_quadratic_torch"] = sync(lambda: dense_removed_terms_bphd(removed, *quadratic_inputs))
         try:
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 

@@ -51,5 +51,6 @@ def test_gpu_benchmark_smoke_run(tmp_path):
                 row = scans[(family, dtype, contender)]
                 assert row["median_s"] > 0 and row["floor_s"] > 0
         assert ("mamba1", dtype, "triton_sequential") in scans
+        assert ("mamba2", dtype, "dense_mask_masked_tiles_triton") in scans
     table = out.with_suffix(".md").read_text()
     assert "## Correctness" in table and "## The scans alone" in table

@@ -339,6 +339,42 @@ def test_ssm_mask_broadcast_over_heads_and_all_zero(backend):
     torch.testing.assert_close(none_kept.y.double(), (D[:, None] * x).double(), **TOL)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["scans", "quadratic"])
+@pytest.mark.parametrize("mask_heads", [1, 4])
+def test_dense_mask_both_paths_match_masked_hidden_attention(backend, path, mask_heads, monkeypatch):
+    """A general mask (random, fractional, per head or shared) removes the same terms whether
+    it costs one scan per column pattern or goes through the quadratic form (forced here with
+    ``DENSE_MASK_AFTER``), against the brute-force hidden-attention matrix, values and gradients."""
+    from tl_mamba.ops import knockout, ssd
+
+    monkeypatch.setattr(knockout, "DENSE_MASK_AFTER", 0 if path == "quadratic" else 10**9)
+    calls = []
+    quadratic = ssd.dense_removed_terms_bphd
+    monkeypatch.setattr(ssd, "dense_removed_terms_bphd", lambda *a, **k: calls.append(1) or quadratic(*a, **k))
+    b, p, h, hd, g, n = 2, 11, 4, 3, 2, 3
+    tensors = make_inputs(b, p, h, hd, g, n, seed=57, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(58)
+    mask = torch.rand(b, mask_heads, p, p, generator=gen, dtype=torch.float64)
+    mask = torch.where(mask < 0.4, torch.zeros_like(mask), torch.where(mask < 0.5, 0.5 * torch.ones_like(mask), 1.0))
+    causal = torch.ones(p, p, dtype=torch.float64).tril()
+    weight = torch.randn(b, p, h, hd, generator=gen, dtype=torch.float64)
+    grads = {}
+    for run in ("ours", "brute_force"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        x, delta, A, B, C, D, h0 = leaves
+        if run == "ours":
+            y = ssd_scan(x, delta, A, B, C, D, initial_state=h0, ssm_mask=mask, backend=backend, chunk_size=4).y
+        else:
+            y = brute_force(x, delta, A, B, C, D, h0, mask=mask.expand(b, h, p, p) * causal)[0]
+        (y * weight).sum().backward()
+        grads[run] = (y.detach(), [t.grad for t in leaves])
+    assert len(calls) == (1 if path == "quadratic" else 0)
+    torch.testing.assert_close(grads["ours"][0], grads["brute_force"][0], rtol=1e-9, atol=1e-9)
+    for name, a, b_ in zip(NAMES, grads["ours"][1], grads["brute_force"][1]):
+        torch.testing.assert_close(a, b_, rtol=1e-8, atol=1e-8, msg=name)
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "name,bad",

@@ -5,7 +5,14 @@ of y_i that comes from a set of sources S is ``scan(x ⊙ 1_S)_i`` (with no D
 skip). Removing the edges j → i where ``mask[i, j] == 0`` therefore costs one
 extra scan per distinct *column pattern* of the mask: the sources whose columns
 knock out the same targets (in every batch row and head) are scanned together.
-An S → T knockout is one extra scan; a general p×p mask at most p.
+An S → T knockout is one extra scan.
+
+A general mask with many column patterns (a random or learned p×p mask) would
+cost many scans. For Mamba-2, past :func:`dense_mask_after` patterns the removed part is computed in the
+quadratic hidden-attention form instead, ``Σ_j (1 - M[i, j]) α[i, j] x_j``, in chunks
+of heads (:func:`dense_removed_terms_bphd`; Mamba-2 only: Mamba-1's α has a decay per
+channel and state entry, which makes the quadratic form dearer than p scans).
+Same result, exact either way.
 
 A mask with S → T structure need not be materialised at all: :class:`EdgeRemoval`
 describes it by its sources and targets (one set per batch row) and the features
@@ -141,7 +148,9 @@ def as_removal_list(ssm_mask: SSMMask) -> Optional[List[EdgeRemoval]]:
     return removals
 
 
-def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor, target_layout: str) -> Tensor:
+def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor, target_layout: str,
+                      dense_terms: Optional[Callable[[Tensor], Tensor]] = None,
+                      max_scans: Optional[int] = None) -> Tensor:
     """Σ_j (1 - M[i, j]) α[i, j] x_j for every target i.
 
     Args:
@@ -152,6 +161,9 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
             value in between keeps that share of the edge (exact, by linearity).
             Entries above the diagonal are ignored (there is no edge from the future).
         target_layout: ``"bpe"`` (Mamba-1, H must be 1) or ``"bphd"`` (Mamba-2, H is 1 or h).
+        dense_terms: ``dense_terms(removed [b, H, p, p])`` computes the same thing in the
+            quadratic form; used instead of the scans when the mask has more than
+            ``max_scans`` distinct column patterns.
 
     Returns:
         The knocked-out part of y, to subtract from it (fp32, same shape as the output).
@@ -165,6 +177,9 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
         return torch.zeros((), device=ssm_mask.device)
     columns = removed.permute(3, 0, 1, 2).reshape(p, b * H * p)  # one row per source j
     patterns, group_of_source = torch.unique(columns, dim=0, return_inverse=True)
+    scans = int(patterns.any(1).sum())
+    if dense_terms is not None and max_scans is not None and scans > max_scans:
+        return dense_terms(removed)
     for g, pattern in enumerate(patterns):
         if not bool(pattern.any()):
             continue
@@ -298,6 +313,56 @@ def edge_gradient_bphd(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: T
     if mask_heads == 1:
         return torch.stack(parts, 0).sum(0)
     return torch.cat(parts, 1)
+
+
+DENSE_MASK_AFTER: Optional[int] = None
+"""Mamba-2: the number of extra scans (distinct column patterns) past which a dense
+mask's removed part is computed in the quadratic form; None: :func:`dense_mask_after`."""
+
+
+def dense_mask_after(p: int) -> int:
+    """How many extra scans a Mamba-2 dense mask may cost before the quadratic form is cheaper.
+
+    Measured on CPU (docs/performance.md, "CPU: knockout"): the quadratic form costs
+    about p / 100 scans (1 at p = 128, 4-5 at p = 512), so it takes over past p / 64.
+    Mamba-1 has no such switch: its α has a decay per channel and state entry, so the
+    quadratic form costs more than p scans, the most a mask can need.
+    """
+    return DENSE_MASK_AFTER if DENSE_MASK_AFTER is not None else max(4, p // 64)
+
+
+def dense_removed_terms_bphd(removed: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             chunk_bytes: int = 2**28) -> Tensor:
+    """Mamba-2: ``Σ_j R_h[i, j] α_h[i, j] x_j[h]`` in the quadratic form, chunk by chunk of heads.
+
+    ``α_h[i, j] = (C_i · B_j) · exp(A_h Σ_{k=j+1..i} Δ_k[h]) · Δ_j[h]`` for j ≤ i.
+
+    Args:
+        removed: ``[b, H, p, p]`` R (H = h, or 1 for every head), 0 above the diagonal.
+        x: ``[b, p, h, hd]``. delta: ``[b, p, h]``. A: ``[h]``. B, C: ``[b, p, g, n]``.
+        chunk_bytes: working memory per chunk of heads.
+
+    Returns:
+        ``[b, p, h, hd]`` in the compute dtype (float64 if any input is, else float32); differentiable.
+    """
+    b, p, h, hd = x.shape
+    heads_per_group = h // B.shape[2]
+    dtype = _compute_dtype(x, delta, A, B, C, removed)
+    causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
+    R = removed.to(dtype)
+    cb = torch.einsum("bign,bjgn->bgij", C.to(dtype), B.to(dtype))  # [b, g, i, j]
+    dt = delta.transpose(1, 2)  # [b, h, p]
+    source = delta.to(dtype)[..., None] * x.to(dtype)  # Δ_j x_j [b, p, h, hd]
+    A = A.to(dtype)
+    parts = []
+    chunk = max(1, chunk_bytes // max(1, 3 * b * p * p * 8))
+    for start in range(0, h, chunk):
+        heads = torch.arange(start, min(h, start + chunk), device=x.device)
+        span = _log_decay_differences(dt[:, heads], causal, dtype)  # [b, c, i, j]
+        alpha = torch.exp(span * A[heads, None, None]) * causal * cb[:, heads // heads_per_group]
+        weight = alpha * (R if R.shape[1] == 1 else R[:, heads])
+        parts.append(torch.einsum("bcij,bjcd->bicd", weight, source[:, :, heads]))
+    return torch.cat(parts, dim=2)
 
 
 def _bad_layout(H: int):

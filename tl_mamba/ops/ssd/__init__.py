@@ -9,6 +9,7 @@
   ``TRITON_INTERPRET=1``): chunked SSD kernels (``tl.dot`` within chunks, one
   sequential pass over chunks) when no per-step states are asked for, and a fused
   recurrent kernel (fp32 state in registers) when they are (``hook_h``); D skip fused.
+  ``triton_masked.py``: a general knockout mask's removed terms by masked tiles.
 
 State edits (``hook_h``) and knockout masks (``hook_ssm_mask``) are applied
 here, in the dispatcher, with nothing asked of the backends beyond an initial
@@ -25,8 +26,9 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import pick_implementation
-from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal, edge_gradient_bphd,
-                                  knocked_out_terms, removed_terms)
+from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal,
+                                  dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
+                                  removed_terms)
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
@@ -44,6 +46,21 @@ def _triton(*args, **kwargs):
     from tl_mamba.ops.ssd.triton_kernel import ssd_triton
 
     return ssd_triton(*args, **kwargs)
+
+
+def _triton_masked(*args, **kwargs):
+    from tl_mamba.ops.ssd.triton_masked import masked_removed_terms_triton
+
+    return masked_removed_terms_triton(*args, **kwargs)
+
+
+def _dense_mask_implementation(backend: Optional[str], device):
+    """The quadratic form of a dense mask's removed terms: masked tiles on Triton, torch elsewhere."""
+    return pick_implementation(backend, device, {
+        "reference": dense_removed_terms_bphd,
+        "torch": dense_removed_terms_bphd,
+        "triton": _triton_masked,
+    })
 
 
 def _implementation(backend: Optional[str], device, chunk_size: int):
@@ -143,7 +160,9 @@ def ssd_scan(
                 xs = x * sources[None, :, None, None].to(x.dtype)
                 return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
 
-            out.y = out.y - knocked_out_terms(contribution, ssm_mask, target_layout="bphd")
+            out.y = out.y - knocked_out_terms(
+                contribution, ssm_mask, target_layout="bphd", max_scans=dense_mask_after(p),
+                dense_terms=lambda removed: _dense_mask_implementation(backend, x.device)(removed, x, delta, A, B, C))
             if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
                 out.y = attach_mask_gradient(out.y, ssm_mask, lambda grad_y: edge_gradient_bphd(
                     grad_y, x, delta, A, B, C, mask_heads=ssm_mask.shape[1]))
