@@ -61,6 +61,30 @@ TILE_ENTRIES = 4096
 
 
 @triton.jit
+def _channel_block(A_ptr, D_ptr, h0_ptr, e, n, HAS_D: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    # What both kernels' programs start from, for program (sequence, channel block):
+    # the block's channels and masks, its [BLOCK_E, BLOCK_N] slice of A, D (zeros
+    # without D) and the initial state (zeros without one).
+    pid_b = tl.program_id(0)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e = offs_e < e
+    mask_en = mask_e[:, None] & (offs_n < n)[None, :]
+    en_offsets = offs_e[:, None] * n + offs_n[None, :]
+    A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(ACC)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
+    else:
+        D = tl.zeros((BLOCK_E,), dtype=ACC)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(ACC)
+    else:
+        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=ACC)
+    return offs_e, mask_e, mask_en, en_offsets, A, D, h
+
+
+@triton.jit
 def _combine(decay_1, write_1, decay_2, write_2):
     # two steps of h ← a·h + b, the first then the second, as one
     return decay_1 * decay_2, decay_2 * write_1 + write_2
@@ -77,21 +101,11 @@ def _selective_scan_chunked_fwd_kernel(
 ):
     # Layouts as in _selective_scan_fwd_kernel. Tiles are [BLOCK_T, BLOCK_E, BLOCK_N].
     pid_b = tl.program_id(0)
-    pid_e = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_e = offs_e < e
     mask_n = offs_n < n
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    en_offsets = offs_e[:, None] * n + offs_n[None, :]
-    A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(ACC)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(ACC)
-    else:
-        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=ACC)
+    offs_e, mask_e, mask_en, en_offsets, A, D, h = _channel_block(
+        A_ptr, D_ptr, h0_ptr, e, n, HAS_D, HAS_H0, ACC, BLOCK_E, BLOCK_N)
     last_row = (offs_t == BLOCK_T - 1)[:, None, None]
     for t0 in range(0, p, BLOCK_T):
         pos = t0 + offs_t
@@ -141,20 +155,10 @@ def _selective_scan_fwd_kernel(
     # every-1, 2·every-1, ... short of the last); all contiguous. ACC: fp32, or fp64
     # for float64 inputs.
     pid_b = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_e = offs_e < e
     mask_n = offs_n < n
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    en_offsets = offs_e[:, None] * n + offs_n[None, :]
-    A = tl.load(A_ptr + en_offsets, mask=mask_en, other=0.0).to(ACC)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * e * n + en_offsets, mask=mask_en, other=0.0).to(ACC)
-    else:
-        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=ACC)
+    offs_e, mask_e, mask_en, en_offsets, A, D, h = _channel_block(
+        A_ptr, D_ptr, h0_ptr, e, n, HAS_D, HAS_H0, ACC, BLOCK_E, BLOCK_N)
     for t in range(0, p):
         row = pid_b * p + t
         x = tl.load(x_ptr + row * e + offs_e, mask=mask_e, other=0.0).to(ACC)
