@@ -722,3 +722,24 @@ def test_ssm_mask_all_zero_leaves_only_D_skip(model, tokens, backend):
     _, cache = _run(model, tokens, backend, hooks=[("blocks.1.hook_ssm_mask", lambda m, hook: torch.zeros_like(m))])
     D = model.blocks[1].mixer.D.double()
     torch.testing.assert_close(cache["blocks.1.hook_y"].double(), D[:, None] * cache["blocks.1.hook_x"].double(), **TOL)
+
+
+def test_per_head_activations_are_handed_over_contiguous(model, tokens):
+    """Hooked and cached 4-d activations can be flattened with .view (sae-lens does so); an
+    in-place edit by a hook still reaches the forward."""
+    names = [f"blocks.0.{hook}" for hook in ("hook_x", "hook_y", "hook_z", "hook_gate", "hook_B", "hook_C")]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    for name in names:
+        assert cache[name].is_contiguous(), name
+        assert cache[name].view(-1, cache[name].shape[-2] * cache[name].shape[-1]).shape[0] == tokens.numel()
+
+    def zero_in_place(x, hook):
+        x[..., 0, :] = 0.0  # the first head
+        return None
+
+    seen = {}
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_x", zero_in_place),
+                                            ("blocks.0.hook_y", lambda y, hook: seen.setdefault("y", y.clone()))])
+    _, clean = model.run_with_cache(tokens, names_filter=["blocks.0.hook_y"])
+    assert not torch.allclose(seen["y"][..., 0, :], clean["blocks.0.hook_y"][..., 0, :])
+    torch.testing.assert_close(seen["y"][..., 1:, :], clean["blocks.0.hook_y"][..., 1:, :])

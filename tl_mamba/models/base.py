@@ -55,6 +55,18 @@ def hook_is_active(hook_point: HookPoint) -> bool:
     return bool(hook_point.fwd_hooks) or bool(hook_point.bwd_hooks)
 
 
+def run_hook_contiguous(hook_point: HookPoint, tensor: Tensor) -> Tensor:
+    """``hook_point(tensor)``, handing a hooked tensor over contiguous.
+
+    Mamba-2's per-head activations are reshaped slices of one projection, so they are
+    strided views; hooks and cache users (sae-lens, ``cache[name].view(-1, d)``) may
+    flatten them with ``.view``. Unhooked, nothing is copied.
+    """
+    if hook_is_active(hook_point) and not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return hook_point(tensor)
+
+
 @dataclass
 class RecurrentState:
     """Per-layer recurrent state carried across forward calls (generation).

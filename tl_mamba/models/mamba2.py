@@ -27,7 +27,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.base import HookedSSM
+from tl_mamba.models.base import HookedSSM, run_hook_contiguous
 from tl_mamba.models.block import MixerBlock
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.ops import causal_conv1d
@@ -107,7 +107,7 @@ class Mamba2Block(MixerBlock):
         resid_pre = self.hook_resid_pre(resid)
         normed = self.ln1(self.hook_mixer_in(resid_pre).to(dtype))
         z, conv_in, dt = m.in_proj(normed).split([e, e + 2 * g * n, h], dim=-1)
-        z = self.hook_z(z.reshape(b, p, h, hd))
+        z = run_hook_contiguous(self.hook_z, z.reshape(b, p, h, hd))
         conv_in = self.hook_conv_in(conv_in)
         dt = self.hook_delta_raw(dt)
         if keep is not None:
@@ -120,16 +120,16 @@ class Mamba2Block(MixerBlock):
         if keep is not None:
             xBC = xBC * keep
         x, B, C = xBC.split([e, g * n, g * n], dim=-1)
-        x = self.hook_x(x.reshape(b, p, h, hd))
-        B = self.hook_B(B.reshape(b, p, g, n))
-        C = self.hook_C(C.reshape(b, p, g, n))
+        x = run_hook_contiguous(self.hook_x, x.reshape(b, p, h, hd))
+        B = run_hook_contiguous(self.hook_B, B.reshape(b, p, g, n))
+        C = run_hook_contiguous(self.hook_C, C.reshape(b, p, g, n))
         lo, hi = cfg.dt_limit
         delta = self.hook_delta(torch.clamp(F.softplus(upcast(dt) + upcast(m.dt_bias)), min=lo, max=hi))
         A = -torch.exp(upcast(m.A_log))
 
         y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"])
-        y = self.hook_y(y)  # [b, p, h, hd]
-        gate = self.hook_gate(F.silu(upcast(z)))
+        y = run_hook_contiguous(self.hook_y, y)  # [b, p, h, hd]
+        gate = run_hook_contiguous(self.hook_gate, F.silu(upcast(z)))
         y_gated = self.hook_y_gated((y * gate).reshape(b, p, e))
         y_normed = self.hook_y_normed(self._gated_norm(y_gated))
         mixer_out = self.hook_mixer_out(m.out_proj(y_normed.to(dtype)))
