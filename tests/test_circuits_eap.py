@@ -303,6 +303,57 @@ def test_dataloader_and_labels_give_the_same_scores_as_tensors():
         attribute(model, Graph.from_model(model, "layer"), clean, corrupted, metric, method="ACDC", labels=targets)
 
 
+def left_padded(long_pair, short_pair, pad=0):
+    """Two groups of pairs of different lengths in one batch, the short one padded on the left."""
+    (clean_a, corrupted_a), (clean_b, corrupted_b) = long_pair, short_pair
+    extra = clean_a.shape[1] - clean_b.shape[1]
+    padding = torch.full((clean_b.shape[0], extra), pad, dtype=clean_b.dtype)
+    clean = torch.cat([clean_a, torch.cat([padding, clean_b], 1)])
+    corrupted = torch.cat([corrupted_a, torch.cat([padding, corrupted_b], 1)])
+    mask = torch.ones_like(clean)
+    mask[clean_a.shape[0]:, :extra] = 0
+    return clean, corrupted, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["EAP-IG", "exact"])
+def test_left_padded_batch_scores_like_its_unpadded_prompts(family, method):
+    """Prompts of two lengths in one left-padded batch with an attention_mask get the scores
+    (and per-prompt circuit metrics) of the two groups run unpadded, weighted by their sizes."""
+    model = tiny(family)
+    long_pair = pair(seed=3, change=(1, 6))
+    short_clean, short_corrupted = pair(seed=4, change=(2,))
+    short_pair = (short_clean[:4, :5], short_corrupted[:4, :5])
+    clean, corrupted, mask = left_padded(long_pair, short_pair)
+    metric = last_logit_metric()
+    level = "component" if method == "EAP-IG" else "layer"
+    kw = dict(method=method, quiet=True, **({"ig_steps": 3} if method == "EAP-IG" else {}))
+    padded = attribute(model, Graph.from_model(model, level), clean, corrupted, metric, attention_mask=mask,
+                       batch_size=7, **kw)
+    parts = [attribute(model, Graph.from_model(model, level), c, k, metric, **kw) for c, k in (long_pair, short_pair)]
+    expected = (B * parts[0].scores.double() + 4 * parts[1].scores.double()) / (B + 4)
+    assert float(expected.abs().max()) > 1e-3
+    torch.testing.assert_close(padded.scores.double(), expected, rtol=1e-5, atol=1e-7)
+    graph = parts[0].apply_topn(3)
+    values = evaluate_graph(model, graph, clean, corrupted, metric, attention_mask=mask, quiet=True)
+    unpadded = torch.cat([evaluate_graph(model, graph, c, k, metric, quiet=True) for c, k in (long_pair, short_pair)])
+    torch.testing.assert_close(values.double(), unpadded.double(), rtol=1e-6, atol=1e-8)
+
+
+def test_attention_mask_errors_name_the_problem():
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    graph = Graph.from_model(model, "layer")
+    right_padded = torch.ones_like(clean)
+    right_padded[0, -2:] = 0
+    with pytest.raises(ValueError, match="pad on the left"):
+        attribute(model, graph, clean, corrupted, last_logit_metric(), attention_mask=right_padded, quiet=True)
+    with pytest.raises(ValueError, match="attention_mask must have"):
+        attribute(model, graph, clean, corrupted, last_logit_metric(), attention_mask=right_padded[:, 1:], quiet=True)
+    with pytest.raises(TypeError, match="attention_mask"):
+        attribute(model, graph, [(clean, corrupted)], None, last_logit_metric(), attention_mask=right_padded)
+
+
 # ------------------------------------------------------------------ the shipped toy model
 def ioi_batch(model, n=48, seed=1, limit=12):
     from tl_mamba.toy import make_ioi

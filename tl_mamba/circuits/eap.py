@@ -7,8 +7,13 @@ the last ``hook_resid_post`` for the logits). No private forward.
 
 Data: ``clean`` and ``corrupted`` are token tensors ``[N, p]`` of the same shape
 (split into ``batch_size`` rows), or ``clean`` is an iterable of batches
-``(clean, corrupted)`` or ``(clean, corrupted, labels)`` and ``corrupted`` is None.
-Prompts in one batch share a length; batches may differ unless the graph is positional.
+``(clean, corrupted)``, ``(clean, corrupted, labels)`` or ``(clean, corrupted, labels,
+attention_mask)`` (or dicts with those keys) and ``corrupted`` is None. Batches may
+differ in length unless the graph is positional. Prompts of different lengths share a
+batch by padding on the left, with ``attention_mask`` ``[N, p]`` (1 = real token; one
+mask for a clean prompt and its corruption, which must have the same length): padded
+positions feed nothing into the conv or the SSM, so every real position, and the
+last one the metric reads, is what it is unpadded, and so are the scores.
 
 Metric: ``metric(logits)`` — or ``metric(logits, labels)`` when labels are given —
 returns one value per prompt (``[b]``) or the batch mean (a scalar). Scores are
@@ -26,13 +31,17 @@ from tqdm.auto import tqdm
 
 from tl_mamba.circuits.graph import Graph
 
-Batch = Tuple[Tensor, Tensor, object]
+Batch = Tuple[Tensor, Tensor, object, Optional[Tensor]]  # clean, corrupted, labels, attention_mask
 METHODS = ("EAP", "EAP-IG", "exact")
 
 
 # ---------------------------------------------------------------------- data
-def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] = None) -> Iterator[Batch]:
-    """Yield ``(clean [b, p], corrupted [b, p], labels or None)`` from tensors or a dataloader (see module doc)."""
+def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] = None,
+                 attention_mask: Optional[Tensor] = None) -> Iterator[Batch]:
+    """Yield ``(clean [b, p], corrupted [b, p], labels or None, attention_mask [b, p] or None)``
+    from tensors or a dataloader (see the module docstring)."""
+    if attention_mask is not None and not isinstance(clean, Tensor):
+        raise TypeError("attention_mask= goes with token tensors; a dataloader's batches carry their own masks")
     if isinstance(clean, Tensor):
         if not isinstance(corrupted, Tensor):
             raise TypeError("clean is a token tensor, so corrupted must be a token tensor of the same shape")
@@ -44,28 +53,38 @@ def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] =
             raise ValueError(f"got {len(labels)} labels for {n} prompts")
         step = n if batch_size is None else int(batch_size)
         for start in range(0, n, step):
-            part = None if labels is None else labels[start:start + step]
-            yield clean[start:start + step], corrupted[start:start + step], part
+            window = slice(start, start + step)
+            yield _check_pair(clean[window], corrupted[window], None if labels is None else labels[window],
+                              None if attention_mask is None else attention_mask[window])
         return
     if corrupted is not None and not isinstance(corrupted, Tensor):  # two parallel iterables
         for c, k in zip(clean, corrupted):
-            yield _check_pair(c, k, None)
+            yield _check_pair(c, k, None, None)
         return
     if corrupted is not None:
         raise TypeError("corrupted is a tensor but clean is not; pass two token tensors or one dataloader")
     for item in clean:
         if isinstance(item, dict):
-            item = (item["clean"], item["corrupted"], item.get("labels"))
-        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-            raise ValueError("each batch of the dataloader must be (clean, corrupted) or (clean, corrupted, labels)")
-        yield _check_pair(item[0], item[1], item[2] if len(item) == 3 else None)
+            item = (item["clean"], item["corrupted"], item.get("labels"), item.get("attention_mask"))
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3, 4):
+            raise ValueError("each batch of the dataloader must be (clean, corrupted), (clean, corrupted, labels) "
+                             "or (clean, corrupted, labels, attention_mask)")
+        item = tuple(item) + (None,) * (4 - len(item))
+        yield _check_pair(*item)
 
 
-def _check_pair(clean: Tensor, corrupted: Tensor, labels) -> Batch:
+def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Optional[Tensor]) -> Batch:
     if clean.ndim != 2 or clean.shape != corrupted.shape:
         raise ValueError(f"a batch's clean and corrupted tokens must be [batch, pos] of one shape, got "
                          f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
-    return clean, corrupted, labels
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(clean.shape):
+            raise ValueError(f"attention_mask must have the tokens' shape {tuple(clean.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if clean.shape[1] and not bool((attention_mask[:, -1] == 1).all()):
+            raise ValueError("attention_mask: pad on the left (padding_side='left'); the metric reads the last "
+                             "position, which must be a real token in every row")
+    return clean, corrupted, labels, attention_mask
 
 
 def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
@@ -143,17 +162,17 @@ def _family(model) -> str:
     return "mamba2" if isinstance(model, HookedMamba2) else "mamba"
 
 
-def _run_cached(model, tokens: Tensor, names: Sequence[str]) -> Dict[str, Tensor]:
+def _run_cached(model, tokens: Tensor, names: Sequence[str], attention_mask: Optional[Tensor]) -> Dict[str, Tensor]:
     wanted = set(names)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted, attention_mask=attention_mask)
     return {n: cache[n] for n in names}
 
 
 # ---------------------------------------------------------------------- attribution
 def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = None, method: str = "EAP",
               ig_steps: Optional[int] = None, *, labels=None, batch_size: Optional[int] = None,
-              quiet: bool = False) -> Graph:
+              attention_mask: Optional[Tensor] = None, quiet: bool = False) -> Graph:
     """Score every edge of ``graph`` in place (``graph.scores``) and return the graph.
 
     Args:
@@ -162,7 +181,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
             corrupted and clean embeddings, α = k / ig_steps for k = 1..ig_steps; ``ig_steps=1`` is EAP),
             or ``"exact"`` (patch each edge alone, one forward per edge: slow, the reference).
         ig_steps: EAP-IG steps (default 5).
-        labels, batch_size: see the module docstring.
+        labels, batch_size, attention_mask: see the module docstring.
 
     Scores estimate ``metric(edge patched to corrupted) - metric(clean)``, averaged over prompts.
     """
@@ -176,20 +195,20 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
     if steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     if method == "exact":
-        return _attribute_exact(model, graph, clean, corrupted, metric, labels, batch_size, quiet)
+        return _attribute_exact(model, graph, clean, corrupted, metric, labels, batch_size, attention_mask, quiet)
 
     total = torch.zeros_like(graph.scores, dtype=torch.float64)
     n_prompts = 0
-    batches = iter_batches(clean, corrupted, labels, batch_size)
-    for clean_tokens, corrupted_tokens, batch_labels in tqdm(batches, desc=f"{method} attribution", disable=quiet,
-                                                             leave=False):
+    batches = iter_batches(clean, corrupted, labels, batch_size, attention_mask)
+    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(batches, desc=f"{method} attribution",
+                                                                   disable=quiet, leave=False):
         b, p = clean_tokens.shape
         wiring = _Wiring(model, graph, p)
         names = wiring.sender_hooks + wiring.internal_hooks  # sender_hooks[0] is hook_embed
-        clean_acts = _run_cached(model, clean_tokens, names)
-        corrupted_acts = _run_cached(model, corrupted_tokens, names)
+        clean_acts = _run_cached(model, clean_tokens, names, mask)
+        corrupted_acts = _run_cached(model, corrupted_tokens, names, mask)
         grads = _receiver_grads(model, wiring, clean_tokens, clean_acts["hook_embed"],
-                                corrupted_acts["hook_embed"], metric, batch_labels, steps)
+                                corrupted_acts["hook_embed"], metric, batch_labels, steps, mask)
         scores = torch.zeros_like(total)
         for e in wiring.resid:
             hook = wiring.graph.groups[e.group].hook
@@ -212,7 +231,7 @@ def _reduce_pos(per_pos: Tensor, graph: Graph) -> Tensor:
 
 
 def _receiver_grads(model, wiring: _Wiring, tokens: Tensor, clean_embed: Tensor, corrupted_embed: Tensor,
-                    metric: Callable, labels, steps: int) -> Dict[str, Tensor]:
+                    metric: Callable, labels, steps: int, attention_mask: Optional[Tensor]) -> Dict[str, Tensor]:
     """∂(Σ metric)/∂(each receiver hook and patched internal hook), summed over the IG steps and divided by ``steps``."""
     watched = sorted({e.hook for e in wiring.resid} | set(wiring.internal_hooks))
     grads: Dict[str, Tensor] = {}
@@ -235,7 +254,7 @@ def _receiver_grads(model, wiring: _Wiring, tokens: Tensor, clean_embed: Tensor,
         leaf = start.detach().clone().requires_grad_(True)
         hooks = [("hook_embed", lambda act, hook, leaf=leaf: leaf)] + [(name, capture) for name in watched]
         with torch.enable_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask)
             value = _metric_values(metric, logits, labels, b)
             torch.autograd.grad(value, leaf)
     missing = [n for n in watched if n not in grads]
@@ -246,12 +265,13 @@ def _receiver_grads(model, wiring: _Wiring, tokens: Tensor, clean_embed: Tensor,
 
 # ---------------------------------------------------------------------- patched runs
 def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: Tensor,
-                   in_graph: Optional[Tensor] = None) -> Tensor:
+                   in_graph: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None) -> Tensor:
     """Logits of the clean run in which every edge NOT in the graph carries its corrupted value.
 
     Receivers read ``Σ_{s in graph} a_s(this run) + Σ_{s not in graph} a_s(corrupted run)``;
     internal edges not in the graph get the corrupted run's activation at their hook.
-    ``in_graph`` overrides ``graph.in_graph`` (same shape).
+    ``in_graph`` overrides ``graph.in_graph`` (same shape). ``attention_mask``: ``[b, p]``,
+    left padding (see the module docstring).
     """
     b, p = clean_tokens.shape
     wiring = _Wiring(model, graph, p)
@@ -261,10 +281,10 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: 
     removed = ~keep.to(clean_tokens.device)
     if not bool(removed.any()):
         with torch.no_grad():
-            return model(clean_tokens)
+            return model(clean_tokens, attention_mask=attention_mask)
 
     internal_hooks = [e.hook for e in wiring.internal if bool(removed[e.index].any())]
-    corrupted_acts = _run_cached(model, corrupted_tokens, wiring.sender_hooks + internal_hooks)
+    corrupted_acts = _run_cached(model, corrupted_tokens, wiring.sender_hooks + internal_hooks, attention_mask)
     diffs: Dict[int, Tensor] = {}
     # weights[r][g]: [units] or [p, units], 1 where the edge from that sender to receiver r is removed
     weights: Dict[int, Dict[int, Tensor]] = {}
@@ -303,40 +323,44 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: 
     hooks += [(graph.receivers[r][1], receive(r)) for r in weights]
     hooks += [(e.hook, replace(e.index)) for e in wiring.internal if bool(removed[e.index].any())]
     with torch.no_grad():
-        return model.run_with_hooks(clean_tokens, fwd_hooks=hooks)
+        return model.run_with_hooks(clean_tokens, fwd_hooks=hooks, attention_mask=attention_mask)
 
 
 def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable = None, *, labels=None,
-                   batch_size: Optional[int] = None, quiet: bool = False) -> Tensor:
+                   batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+                   quiet: bool = False) -> Tensor:
     """The metric of the circuit: clean runs with every edge outside the graph patched to
     its corrupted value. Returns per-prompt values ``[N]`` (``[n_batches]`` if the metric is a scalar)."""
     if metric is None:
         raise TypeError("evaluate_graph() needs a metric")
     out: List[Tensor] = []
-    for clean_tokens, corrupted_tokens, batch_labels in tqdm(iter_batches(clean, corrupted, labels, batch_size),
-                                                             desc="evaluate graph", disable=quiet, leave=False):
-        logits = patched_logits(model, graph, clean_tokens, corrupted_tokens)
+    batches = iter_batches(clean, corrupted, labels, batch_size, attention_mask)
+    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(batches, desc="evaluate graph", disable=quiet,
+                                                                   leave=False):
+        logits = patched_logits(model, graph, clean_tokens, corrupted_tokens, attention_mask=mask)
         out.append(_per_prompt(metric, logits, batch_labels, clean_tokens.shape[0]))
     return torch.cat(out)
 
 
 def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, run_corrupted: bool = False,
-                      labels=None, batch_size: Optional[int] = None) -> Tensor:
+                      labels=None, batch_size: Optional[int] = None,
+                      attention_mask: Optional[Tensor] = None) -> Tensor:
     """The metric of the unpatched model on the clean prompts (or the corrupted ones), per prompt ``[N]``."""
     if metric is None:
         raise TypeError("evaluate_baseline() needs a metric")
     out: List[Tensor] = []
     if isinstance(clean, Tensor) and corrupted is None:
         corrupted = clean  # the baseline needs no corrupted prompts
-    for clean_tokens, corrupted_tokens, batch_labels in iter_batches(clean, corrupted, labels, batch_size):
+    for clean_tokens, corrupted_tokens, batch_labels, mask in iter_batches(clean, corrupted, labels, batch_size,
+                                                                           attention_mask):
         with torch.no_grad():
-            logits = model(corrupted_tokens if run_corrupted else clean_tokens)
+            logits = model(corrupted_tokens if run_corrupted else clean_tokens, attention_mask=mask)
         out.append(_per_prompt(metric, logits, batch_labels, clean_tokens.shape[0]))
     return torch.cat(out)
 
 
 def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = None, *, labels=None,
-                 batch_size: Optional[int] = None, quiet: bool = False,
+                 batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None, quiet: bool = False,
                  baselines: Optional[Tuple[float, float]] = None) -> float:
     """``(circuit - corrupted) / (clean - corrupted)`` of the mean metric: 1 for the full graph,
     0 for the empty one.
@@ -345,7 +369,7 @@ def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = 
     known (from :func:`evaluate_baseline`); a faithfulness curve over many graphs then runs
     the two unpatched baselines once instead of once per graph.
     """
-    kw = dict(labels=labels, batch_size=batch_size)
+    kw = dict(labels=labels, batch_size=batch_size, attention_mask=attention_mask)
     if not isinstance(clean, Tensor):
         clean = list(iter_batches(clean, corrupted, labels, batch_size))  # iterate the dataloader once
         corrupted, kw = None, {}
@@ -361,10 +385,12 @@ def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = 
     return float(circuit - corrupted_value) / gap
 
 
-def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batch_size, quiet) -> Graph:
+def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batch_size, attention_mask,
+                     quiet) -> Graph:
     """Patch one edge (one (edge, position) when positional) at a time; score = metric change."""
-    batches = list(iter_batches(clean, corrupted, labels, batch_size))
-    baseline = torch.cat([evaluate_baseline(model, c, k, metric, labels=lab) for c, k, lab in batches])
+    batches = list(iter_batches(clean, corrupted, labels, batch_size, attention_mask))
+    baseline = torch.cat([evaluate_baseline(model, c, k, metric, labels=lab, attention_mask=mask)
+                          for c, k, lab, mask in batches])
     total = torch.zeros_like(graph.scores, dtype=torch.float64)
     cells = [(e.index, pos) for e in graph.edges.values()
              for pos in (range(graph.n_pos) if graph.positional else [None])]
@@ -375,8 +401,8 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
         else:
             keep[index, pos] = False
         values = []
-        for c, k, lab in batches:
-            logits = patched_logits(model, graph, c, k, in_graph=keep)
+        for c, k, lab, mask in batches:
+            logits = patched_logits(model, graph, c, k, in_graph=keep, attention_mask=mask)
             values.append(_per_prompt(metric, logits, lab, c.shape[0]))
         total[(index,) if pos is None else (index, pos)] = float((torch.cat(values) - baseline).mean())
     graph.scores = total.float()
