@@ -29,6 +29,8 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    general ``[1, h, p, p]`` knockout mask in the quadratic form, by masked tiles
    (Triton) and in torch: their "vs triton" is their cost in scans, which is what
    ``tl_mamba.ops.knockout.dense_mask_after`` should be on that GPU.
+4. Forward + backward of the scans alone (fp32): Triton (Mamba-1 with its backward
+   kernel, and with the chunked torch recompute), torch.
 
 Targets (issue "Triton scan kernels"), printed as met / NOT met:
 knockout / plain <= 1.3; bridge eager-scan state cache / our hook_h cache >= 50;
@@ -212,6 +214,36 @@ def scan_contenders(family, t, device, log):
     return calls
 
 
+def backward_contenders(family, t, device):
+    """Forward + backward of one scan (gradients of every input): Triton (for Mamba-1 with its
+    backward kernel, the default, and with the chunked torch recompute) and torch."""
+    from tl_mamba.ops.selective_scan import selective_scan, triton_kernel
+    from tl_mamba.ops.ssd import ssd_scan
+
+    scan = selective_scan if family == "mamba1" else ssd_scan
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items()}
+
+    def step(backend, backward=None):
+        def call():
+            default = triton_kernel.BACKWARD
+            if backward is not None:
+                triton_kernel.BACKWARD = backward
+            try:
+                out = scan(*leaves.values(), backend=backend)
+                (out.y.sum() + out.final_state.sum()).backward()
+            finally:
+                triton_kernel.BACKWARD = default
+            for leaf in leaves.values():
+                leaf.grad = None
+            synchronize(device)
+        return call
+
+    calls = {"triton": step("triton"), "torch": step("torch")}
+    if family == "mamba1":
+        calls["triton_recompute_backward"] = step("triton", "recompute")
+    return calls
+
+
 def build_models(device, size):
     from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
@@ -358,6 +390,18 @@ def main() -> int:
                     met = timings.paired_ratio("triton", "mamba_ssm") <= 1.5
                     lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | target: triton scan <= 1.5x "
                                  f"mamba_ssm's | {'met' if met else 'NOT met'} | | | |")
+    results["backward"] = []
+    lines += ["", f"## Forward + backward of the scans, batch 1, p = {args.p}, fp32 (median s)", "",
+              "| family | contender | median s | vs triton |", "|---|---|---|---|"]
+    for family, (width, widths_of) in scan_widths.items():
+        t = scan_inputs(family, widths_of, args.p, torch.float32, device)
+        calls = backward_contenders(family, t, device)
+        timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
+        for name in calls:
+            row = dict(family=family, width=width, contender=name, median_s=timings.median(name),
+                       vs_triton=timings.paired_ratio(name, "triton"))
+            results["backward"].append(row)
+            lines.append(f"| {family} | {name} | {row['median_s']:.2e} | {row['vs_triton']:.2f}x |")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

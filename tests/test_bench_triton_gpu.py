@@ -52,5 +52,7 @@ def test_gpu_benchmark_smoke_run(tmp_path):
                 assert row["median_s"] > 0 and row["floor_s"] > 0
         assert ("mamba1", dtype, "triton_sequential") in scans
         assert ("mamba2", dtype, "dense_mask_masked_tiles_triton") in scans
+    backward = {(r["family"], r["contender"]) for r in results["backward"]}
+    assert {("mamba1", "triton"), ("mamba1", "triton_recompute_backward"), ("mamba2", "triton")} <= backward
     table = out.with_suffix(".md").read_text()
     assert "## Correctness" in table and "## The scans alone" in table

@@ -43,7 +43,7 @@ BACKWARD_CHUNK = 64
 b·(⌈p/T⌉-1)·S saved plus O(b·T·S) while a chunk is recomputed, smallest near T = √p;
 64 suits p from a few hundred to a few thousand. Per call: ``backward_chunk=``."""
 
-# inputs of the scan, in the order _ChunkedRecompute.apply takes them after its 3 settings
+# inputs of the scan, in the order _ChunkedRecompute.apply takes them after its 4 settings
 # (Z: Mamba-1's gate input, fused into y; None for Mamba-2 and for an ungated scan)
 _X, _DELTA, _A, _B, _C, _D, _H0, _Z = range(8)
 _AFFECT_STATE = (_X, _DELTA, _A, _B, _H0)  # C, D and Z only act on the read-out
@@ -54,18 +54,23 @@ class _ChunkedRecompute(torch.autograd.Function):
     """Forward with the kernel (saving chunk-boundary states); backward by chunked recompute."""
 
     @staticmethod
-    def forward(ctx, kernel_forward, torch_scan, chunk, x, delta, A, B, C, D, initial_state, z, return_states):
+    def forward(ctx, kernel_forward, torch_scan, kernel_backward, chunk, x, delta, A, B, C, D, initial_state, z,
+                return_states):
         y, h_final, states, bounds = kernel_forward(x, delta, A, B, C, D, initial_state, return_states,
                                                     boundary_every=chunk, **_gate(z))
         ctx.save_for_backward(x, delta, A, B, C, D, initial_state, z, bounds)
-        ctx.torch_scan, ctx.chunk, ctx.return_states = torch_scan, chunk, return_states
+        ctx.torch_scan, ctx.kernel_backward, ctx.chunk, ctx.return_states = torch_scan, kernel_backward, chunk, return_states
         return y, h_final, states
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_final, grad_states):
         x, delta, A, B, C, D, h0, z, bounds = ctx.saved_tensors
-        needs = ctx.needs_input_grad[3:11]  # kernel_forward, torch_scan and chunk take no gradient
+        needs = ctx.needs_input_grad[4:12]  # the four settings take no gradient
+        if ctx.kernel_backward is not None:  # the family's backward kernel: one pass, no Python loop
+            grads = ctx.kernel_backward(x, delta, A, B, C, D, h0, z, bounds, ctx.chunk, grad_y, grad_final,
+                                        grad_states if ctx.return_states else None, needs)
+            return (None, None, None, None, *grads, None)
         state_needed = any(needs[i] for i in _AFFECT_STATE)  # does the gradient of a chunk's start matter?
         p, T = x.shape[1], ctx.chunk
         acc = compute_dtype(x, delta, A, B, C, h0)
@@ -112,7 +117,7 @@ class _ChunkedRecompute(torch.autograd.Function):
                 grads[i] = torch.zeros_like(t) if summed[i] is None else summed[i].to(t.dtype)
         if needs[_H0]:
             grads[_H0] = torch.zeros_like(h0) if carry is None else carry.to(h0.dtype)
-        return (None, None, None, *grads, None)
+        return (None, None, None, None, *grads, None)
 
 
 def _gate(z: Optional[Tensor]) -> dict:
@@ -123,14 +128,17 @@ def _gate(z: Optional[Tensor]) -> dict:
 def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, what: str,
                     x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                     initial_state: Optional[Tensor], return_states: bool, backward_chunk: Optional[int] = None,
-                    z: Optional[Tensor] = None):
+                    z: Optional[Tensor] = None, kernel_backward: Optional[Callable] = None):
     """Run ``kernel_forward`` (differentiable by chunked recompute through ``torch_scan``).
 
     ``kernel_forward(x, delta, A, B, C, D, initial_state, return_states, boundary_every=None)``
     returns ``(y, final_state, states or None)`` in ``compute_dtype`` of its inputs (fp32,
     or float64), plus, fourth, the chunk-boundary states when ``boundary_every`` is given;
     ``output_cls`` is the family's output dataclass. ``z`` (Mamba-1's gate input) is
-    passed on to ``kernel_forward`` and ``torch_scan``, which then return y gated. ``backward_chunk`` (default
+    passed on to ``kernel_forward`` and ``torch_scan``, which then return y gated.
+    ``kernel_backward`` (Mamba-1: ``triton_backward.selective_scan_backward``), when given,
+    computes the gradients from the same boundary states in one kernel instead of the
+    chunk-by-chunk torch recompute. ``backward_chunk`` (default
     :data:`BACKWARD_CHUNK`) is the T of the backward's memory, O(b·(p/T)·S + b·T·S).
     """
     from tl_mamba.backends import triton_usable
@@ -143,8 +151,8 @@ def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state, z))
     if needs_grad:
-        y, h_final, states = _ChunkedRecompute.apply(kernel_forward, torch_scan, int(chunk), x, delta, A, B, C, D,
-                                                     initial_state, z, return_states)
+        y, h_final, states = _ChunkedRecompute.apply(kernel_forward, torch_scan, kernel_backward, int(chunk),
+                                                     x, delta, A, B, C, D, initial_state, z, return_states)
     else:
         y, h_final, states = kernel_forward(x, delta, A, B, C, D, initial_state, return_states, **_gate(z))
     return output_cls(y=y, final_state=h_final, states=states)

@@ -26,10 +26,10 @@ the ungated y never reaches memory). It writes y, the final state, and, only whe
 cached), every state. Knockout masks and state overrides need nothing here: the
 dispatcher applies them with extra calls that only use the initial and final state.
 
-Gradients: a chunked recompute (``tl_mamba.ops.triton_scan``). With autograd on,
-the kernel also writes the state every ``T`` positions (``boundary_every``); the
-backward recomputes one chunk of ``T`` positions at a time through the ``"torch"``
-backend from its saved initial state, last chunk first, so its memory is linear in p.
+Gradients: with autograd on, the kernel also writes the state every ``T`` positions
+(``boundary_every``). The backward starts from those, last chunk first, so its memory
+is linear in p: by default in one Triton kernel (``triton_backward.py``; :data:`BACKWARD`),
+or chunk by chunk through the ``"torch"`` backend (``tl_mamba.ops.triton_scan``).
 
 Block sizes are fixed (``BLOCK_T`` = 32 positions; ``BLOCK_E`` so that a tile holds
 at most 4096 state entries), not yet tuned on a GPU.
@@ -54,6 +54,9 @@ from tl_mamba.ops.triton_scan import run_triton_scan
 
 KERNEL = "chunked"
 """Which forward kernel runs: ``"chunked"`` (parallel in time within tiles) or ``"sequential"``."""
+BACKWARD = "kernel"
+"""Mamba-1's backward: ``"kernel"`` (``triton_backward.py``, one Triton kernel) or ``"recompute"``
+(chunk by chunk through the torch backend, ``tl_mamba.ops.triton_scan``)."""
 BLOCK_T = 32
 """Positions per tile of the chunked kernel."""
 TILE_ENTRIES = 4096
@@ -254,6 +257,8 @@ def selective_scan_triton(
     """
     from tl_mamba.ops.selective_scan import ScanOutput
     from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
+    from tl_mamba.ops.selective_scan.triton_backward import selective_scan_backward
 
     return run_triton_scan(_forward, selective_scan_chunked, ScanOutput, "selective scan", x, delta, A, B, C, D,
-                           initial_state, return_states, backward_chunk=backward_chunk, z=z)
+                           initial_state, return_states, backward_chunk=backward_chunk, z=z,
+                           kernel_backward=selective_scan_backward if BACKWARD == "kernel" else None)
