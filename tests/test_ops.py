@@ -591,3 +591,34 @@ def test_auto_picks_triton_on_cuda_and_falls_back_with_a_warning(no_env_backend,
     assert resolve_backend("auto", "cuda", available=tuple(impls)) == "torch"  # remembered
     with pytest.raises(RuntimeError, match="PTX"):
         backends.pick_implementation("triton", "cuda", impls)()
+
+
+# ----------------------------------------------------------------------------- kernel fallback
+def test_a_kernel_failing_on_a_gpu_falls_back_once_with_a_warning(monkeypatch):
+    """The faster Triton kernels fall back to their simpler path where they fail on a GPU:
+    one RuntimeWarning naming the error, no retry afterwards; off CUDA the error propagates."""
+    import warnings
+
+    from tl_mamba.ops import triton_scan
+
+    monkeypatch.setattr(triton_scan, "_FAILED_KERNELS", {})
+    calls = []
+
+    def broken():
+        calls.append("kernel")
+        raise RuntimeError("out of resource: shared memory")
+
+    def fallback():
+        calls.append("fallback")
+        return 7
+
+    with pytest.warns(RuntimeWarning, match="test kernel failed.*shared memory.*the simple path"):
+        assert triton_scan.kernel_or_fallback("test kernel", torch.device("cuda"), broken, fallback,
+                                              "the simple path") == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert triton_scan.kernel_or_fallback("test kernel", torch.device("cuda"), broken, fallback,
+                                              "the simple path") == 7
+    assert calls == ["kernel", "fallback", "fallback"]
+    with pytest.raises(RuntimeError, match="shared memory"):
+        triton_scan.kernel_or_fallback("another kernel", torch.device("cpu"), broken, fallback, "the simple path")

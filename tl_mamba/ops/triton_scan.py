@@ -30,7 +30,8 @@ under autograd. The backward costs one extra forward of the torch backend, done 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -42,6 +43,32 @@ BACKWARD_CHUNK = 64
 """Positions per recomputed chunk in the Triton backends' backward (T). Memory is
 b·(⌈p/T⌉-1)·S saved plus O(b·T·S) while a chunk is recomputed, smallest near T = √p;
 64 suits p from a few hundred to a few thousand. Per call: ``backward_chunk=``."""
+
+_FAILED_KERNELS: Dict[str, str] = {}  # kernel name -> why it failed on this process's GPU
+
+
+def kernel_or_fallback(name: str, device: torch.device, kernel: Callable[[], object], fallback: Callable[[], object],
+                       fallback_name: str):
+    """``kernel()``, or ``fallback()`` where the kernel fails on a GPU.
+
+    The faster kernels (Mamba-1's chunked forward and backward kernels, Mamba-2's masked
+    tiles) have been checked in Triton's interpreter but not compiled on every GPU. On a
+    CUDA device where one fails, a ``RuntimeWarning`` says so once and the simpler path
+    (same results) serves that kernel's calls from then on. Off CUDA (the interpreter,
+    that is tests) the error propagates.
+    """
+    if name in _FAILED_KERNELS:
+        return fallback()
+    try:
+        return kernel()
+    except Exception as err:  # compilation and resource errors have no common type
+        if torch.device(device).type != "cuda":
+            raise
+        _FAILED_KERNELS[name] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"the Triton {name} failed on this GPU ({_FAILED_KERNELS[name]}); using {fallback_name} "
+                      "instead from now on (same results, slower)", RuntimeWarning)
+        return fallback()
+
 
 # inputs of the scan, in the order _ChunkedRecompute.apply takes them after its 4 settings
 # (Z: Mamba-1's gate input, fused into y; None for Mamba-2 and for an ungated scan)
@@ -68,56 +95,66 @@ class _ChunkedRecompute(torch.autograd.Function):
         x, delta, A, B, C, D, h0, z, bounds = ctx.saved_tensors
         needs = ctx.needs_input_grad[4:12]  # the four settings take no gradient
         if ctx.kernel_backward is not None:  # the family's backward kernel: one pass, no Python loop
-            grads = ctx.kernel_backward(x, delta, A, B, C, D, h0, z, bounds, ctx.chunk, grad_y, grad_final,
-                                        grad_states if ctx.return_states else None, needs)
+            grads = kernel_or_fallback(
+                "backward kernel", x.device,
+                lambda: ctx.kernel_backward(x, delta, A, B, C, D, h0, z, bounds, ctx.chunk, grad_y, grad_final,
+                                            grad_states if ctx.return_states else None, needs),
+                lambda: _recompute_backward(ctx, grad_y, grad_final, grad_states), "the chunked torch recompute")
             return (None, None, None, None, *grads, None)
-        state_needed = any(needs[i] for i in _AFFECT_STATE)  # does the gradient of a chunk's start matter?
-        p, T = x.shape[1], ctx.chunk
-        acc = compute_dtype(x, delta, A, B, C, h0)
-        inputs = (x, delta, A, B, C, D, h0, z)
-        per_position = {i: torch.zeros_like(inputs[i]) for i in _PER_POSITION if needs[i]}
-        summed = {i: None for i in (_A, _D) if needs[i]}
-        carry = grad_final  # gradient w.r.t. the state after the current chunk
-        starts = list(range(0, p, T))
-        for k in reversed(range(len(starts))):
-            w = slice(starts[k], min(starts[k] + T, p))
-            leaf = {i: None if inputs[i] is None else inputs[i][:, w].detach().requires_grad_(needs[i])
-                    for i in _PER_POSITION}
-            leaf[_A] = A.detach().requires_grad_(needs[_A])
-            leaf[_D] = None if D is None else D.detach().requires_grad_(needs[_D])
-            init = h0 if k == 0 else bounds[:, k - 1]
-            leaf[_H0] = None if init is None else init.detach().requires_grad_(
-                needs[_H0] if k == 0 else state_needed)
-            with torch.enable_grad():
-                out = ctx.torch_scan(*(leaf[i] for i in range(6)), initial_state=leaf[_H0],
-                                     return_states=ctx.return_states, **_gate(leaf[_Z]))
-                pairs = [(out.y, grad_y[:, w]), (out.final_state, carry)]
-                if ctx.return_states and grad_states is not None:
-                    pairs.append((out.states, grad_states[:, w]))
-                pairs = [(o, torch.zeros_like(o) if g is None else g) for o, g in pairs if o.requires_grad]
-                wanted = [i for i in range(8) if leaf[i] is not None and leaf[i].requires_grad]
-                found = torch.autograd.grad([o for o, _ in pairs], [leaf[i] for i in wanted],
-                                            [g for _, g in pairs], allow_unused=True) if pairs and wanted else []
-            del out, pairs  # this chunk's graph goes before the next one is built
-            carry = None
-            for i, grad in zip(wanted, found):
-                if i in per_position:
-                    if grad is not None:
-                        per_position[i][:, w] = grad
-                elif i in summed:
-                    if grad is not None:
-                        summed[i] = grad.to(acc) if summed[i] is None else summed[i] + grad
-                elif i == _H0:
-                    carry = grad
-        if not starts:  # p == 0: the final state is the initial state
-            carry = grad_final
-        grads = [per_position.get(i) for i in range(8)]
-        for i, t in ((_A, A), (_D, D)):
-            if i in summed:
-                grads[i] = torch.zeros_like(t) if summed[i] is None else summed[i].to(t.dtype)
-        if needs[_H0]:
-            grads[_H0] = torch.zeros_like(h0) if carry is None else carry.to(h0.dtype)
-        return (None, None, None, None, *grads, None)
+        return (None, None, None, None, *_recompute_backward(ctx, grad_y, grad_final, grad_states), None)
+
+
+def _recompute_backward(ctx, grad_y, grad_final, grad_states):
+    """The gradients of the eight inputs by chunk-by-chunk recompute through the torch backend."""
+    x, delta, A, B, C, D, h0, z, bounds = ctx.saved_tensors
+    needs = ctx.needs_input_grad[4:12]
+    state_needed = any(needs[i] for i in _AFFECT_STATE)  # does the gradient of a chunk's start matter?
+    p, T = x.shape[1], ctx.chunk
+    acc = compute_dtype(x, delta, A, B, C, h0)
+    inputs = (x, delta, A, B, C, D, h0, z)
+    per_position = {i: torch.zeros_like(inputs[i]) for i in _PER_POSITION if needs[i]}
+    summed = {i: None for i in (_A, _D) if needs[i]}
+    carry = grad_final  # gradient w.r.t. the state after the current chunk
+    starts = list(range(0, p, T))
+    for k in reversed(range(len(starts))):
+        w = slice(starts[k], min(starts[k] + T, p))
+        leaf = {i: None if inputs[i] is None else inputs[i][:, w].detach().requires_grad_(needs[i])
+                for i in _PER_POSITION}
+        leaf[_A] = A.detach().requires_grad_(needs[_A])
+        leaf[_D] = None if D is None else D.detach().requires_grad_(needs[_D])
+        init = h0 if k == 0 else bounds[:, k - 1]
+        leaf[_H0] = None if init is None else init.detach().requires_grad_(
+            needs[_H0] if k == 0 else state_needed)
+        with torch.enable_grad():
+            out = ctx.torch_scan(*(leaf[i] for i in range(6)), initial_state=leaf[_H0],
+                                 return_states=ctx.return_states, **_gate(leaf[_Z]))
+            pairs = [(out.y, grad_y[:, w]), (out.final_state, carry)]
+            if ctx.return_states and grad_states is not None:
+                pairs.append((out.states, grad_states[:, w]))
+            pairs = [(o, torch.zeros_like(o) if g is None else g) for o, g in pairs if o.requires_grad]
+            wanted = [i for i in range(8) if leaf[i] is not None and leaf[i].requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], [leaf[i] for i in wanted],
+                                        [g for _, g in pairs], allow_unused=True) if pairs and wanted else []
+        del out, pairs  # this chunk's graph goes before the next one is built
+        carry = None
+        for i, grad in zip(wanted, found):
+            if i in per_position:
+                if grad is not None:
+                    per_position[i][:, w] = grad
+            elif i in summed:
+                if grad is not None:
+                    summed[i] = grad.to(acc) if summed[i] is None else summed[i] + grad
+            elif i == _H0:
+                carry = grad
+    if not starts:  # p == 0: the final state is the initial state
+        carry = grad_final
+    grads = [per_position.get(i) for i in range(8)]
+    for i, t in ((_A, A), (_D, D)):
+        if i in summed:
+            grads[i] = torch.zeros_like(t) if summed[i] is None else summed[i].to(t.dtype)
+    if needs[_H0]:
+        grads[_H0] = torch.zeros_like(h0) if carry is None else carry.to(h0.dtype)
+    return grads
 
 
 def _gate(z: Optional[Tensor]) -> dict:

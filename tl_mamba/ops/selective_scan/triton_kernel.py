@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from tl_mamba.ops.precision import compute_dtype
-from tl_mamba.ops.triton_scan import run_triton_scan
+from tl_mamba.ops.triton_scan import kernel_or_fallback, run_triton_scan
 
 KERNEL = "chunked"
 """Which forward kernel runs: ``"chunked"`` (parallel in time within tiles) or ``"sequential"``."""
@@ -228,7 +228,13 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
                  STORE_BOUNDS=n_bounds > 0, ACC=tl.float64 if acc == torch.float64 else tl.float32,
                  BLOCK_E=block_e, BLOCK_N=block_n)
     if kernel == "chunked":
-        _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t)
+        def sequential():
+            sequential_flags = dict(flags, BLOCK_E=max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64)))
+            _selective_scan_fwd_kernel[(b, triton.cdiv(e, sequential_flags["BLOCK_E"]))](*args, **sequential_flags)
+
+        kernel_or_fallback("chunked selective-scan kernel", x.device,
+                           lambda: _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t),
+                           sequential, "the sequential kernel")
     else:
         _selective_scan_fwd_kernel[grid](*args, **flags)
     out = y, h_final, (states if return_states else None)

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.ssd import triton_chunked
+from tl_mamba.ops.triton_scan import kernel_or_fallback
 
 BLOCK_I = 32
 """Targets (and sources) per tile."""
@@ -111,9 +112,14 @@ def masked_removed_terms_triton(removed: Tensor, x: Tensor, delta: Tensor, A: Te
     block_d = max(16, min(64, triton.next_power_of_2(hd)))
     block_n = max(16, triton.next_power_of_2(n))
     grid = (b * h, triton.cdiv(p, BLOCK_I), triton.cdiv(hd, block_d))
-    _masked_removed_terms_kernel[grid](
-        x, delta, A, B, C, R, cs, out, p, h, hd, g, n, h // g, R.shape[1],
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, DOT=triton_chunked.DOT_PRECISION,
-        BLOCK_I=BLOCK_I, BLOCK_D=block_d, BLOCK_N=block_n,
-    )
-    return out
+
+    def launch():
+        _masked_removed_terms_kernel[grid](
+            x, delta, A, B, C, R, cs, out, p, h, hd, g, n, h // g, R.shape[1],
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, DOT=triton_chunked.DOT_PRECISION,
+            BLOCK_I=BLOCK_I, BLOCK_D=block_d, BLOCK_N=block_n,
+        )
+        return out
+
+    return kernel_or_fallback("masked-tile knockout kernel", x.device, launch,
+                              lambda: dense_removed_terms_bphd(removed, x, delta, A, B, C), "the torch form")
