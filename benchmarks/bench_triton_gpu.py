@@ -16,7 +16,8 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
 2. Speed at 130m widths, 4 layers, vocab 8192, batch 1, ``--p`` (2048), median of
    interleaved rounds (``_timing.py``), each call followed by ``cuda.synchronize``:
    ``triton`` and ``torch`` forwards, ``knockout`` (Triton, all layers, 3 sources →
-   last), ``hook_h`` cached forward (Triton), transformers' forward (its own path:
+   last; for Mamba-1 applied in the same pass as the scan, and, to compare, as a
+   separate knockout scan), ``hook_h`` cached forward (Triton), transformers' forward (its own path:
    the fused mamba_ssm kernels when installed, else its torch fallback), and the
    TransformerLens bridge's eager-scan ``hook_ssm_state`` cache.
 3. The scans alone at 130m widths, batch 1, ``--p``, fp32 and bf16: ``triton``
@@ -289,6 +290,18 @@ def contenders(family, hf, model, p, device, with_bridge):
         "hook_h_cache_triton": backend("triton", lambda: model.run_with_cache(tokens, names_filter=names)),
         "transformers": lambda: hf(tokens),
     }
+    if family == "mamba1":  # the knockout in the same pass (default) against a separate knockout scan
+        def separate_scan():
+            from tl_mamba.ops.selective_scan import triton_kernel
+
+            fused, triton_kernel.fuses_knockout = triton_kernel.fuses_knockout, lambda: False
+            try:
+                model.set_backend("triton")
+                return model.run_with_knockout(tokens, ko)
+            finally:
+                triton_kernel.fuses_knockout = fused
+
+        calls["knockout_triton_separate_scan"] = separate_scan
     if with_bridge:
         try:
             from _setup import build_bridge, set_eager_scan

@@ -836,3 +836,81 @@ def test_mamba1_backward_kernel_bf16_inputs():
     for name, a, b in zip("x delta A B C D h0".split(), grads["triton"], grads["reference"]):
         assert a.dtype == torch.bfloat16, name
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+# --- Mamba-1: one S → T knockout in the same pass as the scan --------------------------------
+
+def _hidden_attention_mamba1(x, delta, A, B, C):
+    """α[b, e, i, j] = Σ_n C_i[n] · Π_{k=j+1..i} exp(Δ_k[e] A[e, n]) · B_j[n] · Δ_j[e], position by position."""
+    x, delta, A, B, C = (t.double().cpu() for t in (x, delta, A, B, C))
+    b, p, e = x.shape
+    alpha = torch.zeros(b, e, p, p, dtype=torch.float64)
+    for i in range(p):
+        decay = torch.ones(b, e, A.shape[1], dtype=torch.float64)
+        for j in range(i, -1, -1):
+            alpha[:, :, i, j] = (C[:, i, None, :] * decay * B[:, j, None, :]).sum(-1) * delta[:, j]
+            decay = decay * torch.exp(delta[:, j, :, None] * A)
+    return alpha
+
+
+@pytest.mark.parametrize("p, block_t, with_features, states", [(11, 4, True, True), (6, 8, False, False),
+                                                                (9, 2, True, False)])
+def test_knockout_in_the_same_pass_matches_hidden_attention(p, block_t, with_features, states, monkeypatch):
+    """The chunked kernel's fused knockout against α built position by position: per-row,
+    fractional sources and targets, a channel restriction, an initial state (not an edge:
+    kept), the D skip (kept) and the gate; the returned states are the plain scan's."""
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.selective_scan import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "BLOCK_T", block_t)
+    b, e, n = 2, 5, 3
+    x, delta, A, B, C, D, h0 = inputs(b=b, p=p, e=e, n=n, seed=40 + p)
+    gen = torch.Generator().manual_seed(p)
+    z = torch.randn(b, p, e, generator=gen).to(DEVICE)
+    sources = (torch.rand(b, p, generator=gen) < 0.5).float() * torch.rand(b, p, generator=gen)
+    targets = (torch.rand(b, p, generator=gen) < 0.6).float()
+    features = (torch.arange(e) % 2 == 0).float() if with_features else None
+    removal = EdgeRemoval(sources.to(DEVICE), targets.to(DEVICE), None if features is None else features.to(DEVICE))
+    y, final, got_states = triton_kernel._forward(x, delta, A, B, C, D, h0, states, z=z, removal=removal)
+    plain = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="reference")
+    alpha = _hidden_attention_mamba1(x, delta, A, B, C)
+    causal = torch.ones(p, p, dtype=torch.float64).tril()
+    weight = targets.double()[:, None, :, None] * sources.double()[:, None, None, :] * causal  # [b, 1, i, j]
+    if features is not None:
+        weight = weight * features.double()[None, :, None, None]
+    removed = torch.einsum("beij,beij,bje->bie", alpha, weight.expand(b, e, p, p), x.double().cpu())
+    want = _silu_gated(plain.y.double().cpu() - removed, z.double().cpu())
+    assert float(removed.abs().max()) > 1e-2
+    torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, plain.final_state, rtol=1e-5, atol=1e-5)
+    if states:
+        torch.testing.assert_close(got_states, plain.states, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatcher_fuses_one_knockout_without_autograd_only(monkeypatch):
+    """selective_scan with one Knockout-style removal on the triton backend runs one kernel
+    pass (the knockout fused) without autograd, and the separate knockout scan with it;
+    both give the reference backend's result (values, then gradients)."""
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.selective_scan import triton_kernel
+
+    forward = triton_kernel._forward
+    calls = []
+    monkeypatch.setattr(triton_kernel, "_forward", lambda *a, **k: calls.append(k.get("removal") is not None)
+                        or forward(*a, **k))
+    tensors = inputs(b=2, p=9, e=4, n=3, seed=5)
+    sources = torch.zeros(2, 9, device=DEVICE)
+    sources[:, 2:4] = 1
+    targets = torch.zeros(2, 9, device=DEVICE)
+    targets[:, -1] = 1
+    knockout = [EdgeRemoval(sources, targets)]
+    want = selective_scan(*tensors[:6], initial_state=tensors[6], ssm_mask=knockout, backend="reference")
+    with torch.no_grad():
+        got = selective_scan(*tensors[:6], initial_state=tensors[6], ssm_mask=knockout, backend="triton")
+    assert calls == [True]
+    torch.testing.assert_close(got.y, want.y, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    got = selective_scan(*leaves[:6], initial_state=leaves[6], ssm_mask=knockout, backend="triton")
+    assert calls and not any(calls)  # the plain scan, then the separate knockout scan
+    torch.testing.assert_close(got.y.detach(), want.y, rtol=1e-5, atol=1e-5)

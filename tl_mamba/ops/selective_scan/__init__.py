@@ -33,10 +33,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.backends import pick_implementation
-from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal, edge_gradient_bpe,
-                                  knocked_out_terms, removed_terms)
+from tl_mamba.backends import pick_implementation, resolve_backend
+from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_removal,
+                                  edge_gradient_bpe, knocked_out_terms, removed_terms)
 from tl_mamba.ops.precision import silu_gate
+from tl_mamba.ops.triton_scan import kernel_or_fallback
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
@@ -119,6 +120,15 @@ def selective_scan(
     if z is not None and tuple(z.shape) != (b, p, e):
         raise ValueError(f"selective_scan: z must have shape {(b, p, e)}, got {tuple(z.shape)}")
     impl = pick_implementation(backend, x.device, _IMPLEMENTATIONS)
+    knockout = _knockout_in_kernel(backend, x.device, ssm_mask, state_override, (x, delta, A, B, C, D, initial_state, z))
+    if knockout is not None:  # the Triton kernel applies it in the same pass, sharing every load
+        check_removal(knockout, b, p, e, "channels")
+        out = kernel_or_fallback("selective scan with a knockout in the same pass", x.device,
+                                 lambda: _triton(x, delta, A, B, C, D, initial_state=initial_state,
+                                                 return_states=return_states, z=z, removal=knockout),
+                                 lambda: None, "a separate knockout scan")
+        if out is not None:
+            return out
     # every implementation takes z; it can fuse the gate only when its y is the output
     fuse_gate = z is not None and state_override is None and ssm_mask is None
     if state_override is None:
@@ -162,6 +172,27 @@ def selective_scan(
     if z is not None and not fuse_gate:
         out.y = silu_gate(out.y, z)
     return out
+
+
+def _knockout_in_kernel(backend, device, ssm_mask, state_override, inputs) -> Optional[EdgeRemoval]:
+    """The S → T knockout the Triton kernel can apply in the same pass as the scan, or None.
+
+    That is: the ``"triton"`` backend with its chunked kernel, exactly one structured
+    removal (``Knockout`` hooks on one layer), no state override, and no gradient to
+    take. Otherwise the knockout costs a separate scan (below), as on every backend.
+    """
+    if ssm_mask is None or state_override is not None:
+        return None
+    removals = as_removal_list(ssm_mask)
+    if removals is None or len(removals) != 1:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return None
+    if resolve_backend(backend, device, available=tuple(_IMPLEMENTATIONS)) != "triton":
+        return None
+    from tl_mamba.ops.selective_scan.triton_kernel import fuses_knockout
+
+    return removals[0] if fuses_knockout() else None
 
 
 def _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n) -> None:

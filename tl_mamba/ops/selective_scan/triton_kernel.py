@@ -50,7 +50,12 @@ import triton
 import triton.language as tl
 
 from tl_mamba.ops.precision import compute_dtype
-from tl_mamba.ops.triton_scan import kernel_or_fallback, run_triton_scan
+from tl_mamba.ops.triton_scan import _FAILED_KERNELS, kernel_or_fallback, run_triton_scan
+
+def fuses_knockout() -> bool:
+    """Whether the forward kernel in use applies a single S → T knockout in the same pass."""
+    return KERNEL == "chunked" and "chunked selective-scan kernel" not in _FAILED_KERNELS
+
 
 KERNEL = "chunked"
 """Which forward kernel runs: ``"chunked"`` (parallel in time within tiles) or ``"sequential"``."""
@@ -61,6 +66,12 @@ BLOCK_T = 32
 """Positions per tile of the chunked kernel."""
 TILE_ENTRIES = 4096
 """At most this many state entries (BLOCK_T × BLOCK_E × n, padded) per tile of the chunked kernel."""
+
+
+@triton.jit
+def _combine_with_knockout(decay_1, write_1, removed_1, decay_2, write_2, removed_2):
+    # two recurrences with the same decay: the scan and the scan of the knocked-out sources
+    return decay_1 * decay_2, decay_2 * write_1 + write_2, decay_2 * removed_1 + removed_2
 
 
 @triton.jit
@@ -96,13 +107,17 @@ def _combine(decay_1, write_1, decay_2, write_2):
 @triton.jit
 def _selective_scan_chunked_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, z_ptr,
-    y_ptr, h_final_ptr, states_ptr, bounds_ptr,
+    y_ptr, h_final_ptr, states_ptr, bounds_ptr, src_ptr, tgt_ptr, feat_ptr,
     p, e, n, every, n_bounds,
     HAS_D: tl.constexpr, HAS_H0: tl.constexpr, HAS_Z: tl.constexpr, STORE_STATES: tl.constexpr,
     STORE_BOUNDS: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_KO: tl.constexpr, HAS_FEAT: tl.constexpr,
 ):
     # Layouts as in _selective_scan_fwd_kernel. Tiles are [BLOCK_T, BLOCK_E, BLOCK_N].
+    # With HAS_KO, one S → T knockout in the same pass: src, tgt [b, p] (the sources' and
+    # targets' weights), feat [e] (the channels it touches, HAS_FEAT; else all). A second
+    # state carries the scan of the sources alone (zero initial state, no D skip), and
+    # tgt_t · feat ⊙ (its read-out) is subtracted from y_t, before the gate.
     pid_b = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
@@ -110,6 +125,10 @@ def _selective_scan_chunked_fwd_kernel(
     offs_e, mask_e, mask_en, en_offsets, A, D, h = _channel_block(
         A_ptr, D_ptr, h0_ptr, e, n, HAS_D, HAS_H0, ACC, BLOCK_E, BLOCK_N)
     last_row = (offs_t == BLOCK_T - 1)[:, None, None]
+    if HAS_KO:
+        h_removed = tl.zeros((BLOCK_E, BLOCK_N), dtype=ACC)
+        if HAS_FEAT:
+            feat = tl.load(feat_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
     for t0 in range(0, p, BLOCK_T):
         pos = t0 + offs_t
         mask_t = pos < p
@@ -124,9 +143,22 @@ def _selective_scan_chunked_fwd_kernel(
         # positions past p have Δ = 0 and x = 0: decay 1 and write 0, so they pass the state on
         decay = tl.exp(dt[:, :, None] * A[None, :, :])
         write = (dt * x)[:, :, None] * Bt[:, None, :]
-        decay_from_start, state_from_zero = tl.associative_scan((decay, write), 0, _combine)
+        if HAS_KO:
+            src = tl.load(src_ptr + rows, mask=mask_t, other=0.0).to(ACC)
+            tgt = tl.load(tgt_ptr + rows, mask=mask_t, other=0.0).to(ACC)
+            decay_from_start, state_from_zero, removed_from_zero = tl.associative_scan(
+                (decay, write, write * src[:, None, None]), 0, _combine_with_knockout)
+        else:
+            decay_from_start, state_from_zero = tl.associative_scan((decay, write), 0, _combine)
         states = state_from_zero + decay_from_start * h[None, :, :]
         y = tl.sum(states * Ct[:, None, :], axis=2)
+        if HAS_KO:
+            removed_states = removed_from_zero + decay_from_start * h_removed[None, :, :]
+            removed = tl.sum(removed_states * Ct[:, None, :], axis=2) * tgt[:, None]
+            if HAS_FEAT:
+                removed = removed * feat[None, :]
+            y -= removed
+            h_removed = tl.sum(tl.where(last_row, removed_states, 0.0), axis=0)
         if HAS_D:
             y += D[None, :] * x
         if HAS_Z:  # the gate, silu(z) = z · sigmoid(z), in ACC precision
@@ -188,12 +220,13 @@ def _selective_scan_fwd_kernel(
 
 def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: Optional[int] = None,
              boundary_every: Optional[int] = None, z: Optional[Tensor] = None, kernel: Optional[str] = None,
-             block_t: Optional[int] = None):
+             block_t: Optional[int] = None, removal=None):
     """Launch a kernel: ``(y, final_state, states or None)``, in fp32 (float64 if any input is).
 
     With ``z`` ([b, p, e]) y is gated, ``y · silu(z)``, in the kernel. ``kernel``:
     ``"chunked"`` or ``"sequential"`` (default :data:`KERNEL`); ``block_e`` / ``block_t``
-    override the block sizes (powers of two).
+    override the block sizes (powers of two). ``removal`` (an ``EdgeRemoval``, chunked
+    kernel only): y has that knockout applied in the same pass (see the kernel).
 
     With ``boundary_every=T`` it also returns, fourth, the states after positions
     T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
@@ -222,21 +255,34 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
         block_e = block_e or max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))
     grid = (b, triton.cdiv(e, block_e))
     args = (x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final,
-            z if z is not None else x, y, h_final, states, bounds if n_bounds else y,
-            p, e, n, boundary_every or 1, n_bounds)
+            z if z is not None else x, y, h_final, states, bounds if n_bounds else y)
+    knockout = ()
+    if removal is not None:
+        if kernel != "chunked":
+            raise ValueError("only the chunked kernel applies a knockout in the same pass")
+        features = None if removal.features is None else removal.features.to(x.device, torch.float32).contiguous()
+        knockout = (removal.sources.to(x.device, torch.float32).contiguous(),
+                    removal.targets.to(x.device, torch.float32).contiguous(),
+                    features if features is not None else y)
+    args = args + (knockout or (y, y, y)) + (p, e, n, boundary_every or 1, n_bounds)
     flags = dict(HAS_D=D is not None, HAS_H0=h0 is not None, HAS_Z=z is not None, STORE_STATES=return_states,
                  STORE_BOUNDS=n_bounds > 0, ACC=tl.float64 if acc == torch.float64 else tl.float32,
                  BLOCK_E=block_e, BLOCK_N=block_n)
-    if kernel == "chunked":
+    if removal is not None:  # no fallback here: the dispatcher's is the separate knockout scan
+        _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t, HAS_KO=True,
+                                                 HAS_FEAT=removal.features is not None)
+    elif kernel == "chunked":
         def sequential():
             sequential_flags = dict(flags, BLOCK_E=max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64)))
-            _selective_scan_fwd_kernel[(b, triton.cdiv(e, sequential_flags["BLOCK_E"]))](*args, **sequential_flags)
+            _selective_scan_fwd_kernel[(b, triton.cdiv(e, sequential_flags["BLOCK_E"]))](
+                *args[:12], *args[15:], **sequential_flags)
 
         kernel_or_fallback("chunked selective-scan kernel", x.device,
-                           lambda: _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t),
+                           lambda: _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t,
+                                                                            HAS_KO=False, HAS_FEAT=False),
                            sequential, "the sequential kernel")
     else:
-        _selective_scan_fwd_kernel[grid](*args, **flags)
+        _selective_scan_fwd_kernel[grid](*args[:12], *args[15:], **flags)
     out = y, h_final, (states if return_states else None)
     return out if boundary_every is None else (*out, bounds)
 
@@ -253,17 +299,26 @@ def selective_scan_triton(
     return_states: bool = False,
     z: Optional[Tensor] = None,
     backward_chunk: Optional[int] = None,
+    removal=None,
 ):
     """Triton scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``.
 
     Outputs fp32 (float64 for float64 inputs).
 
     ``backward_chunk``: positions per recomputed chunk in the backward (default
-    ``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``).
+    ``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``). ``removal``: one ``EdgeRemoval``
+    applied in the same pass (no autograd; see :func:`fuses_knockout`).
     """
     from tl_mamba.ops.selective_scan import ScanOutput
     from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
     from tl_mamba.ops.selective_scan.triton_backward import selective_scan_backward
+
+    if removal is not None:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, delta, A, B, C, D, initial_state, z)):
+            raise ValueError("a knockout in the same pass has no backward; the dispatcher runs it separately")
+        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states, z=z, removal=removal)
+        return ScanOutput(y=y, final_state=h_final, states=states)
 
     return run_triton_scan(_forward, selective_scan_chunked, ScanOutput, "selective scan", x, delta, A, B, C, D,
                            initial_state, return_states, backward_chunk=backward_chunk, z=z,
