@@ -33,8 +33,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from tl_mamba.ops.precision import compute_dtype
-from tl_mamba.ops.selective_scan.triton_kernel import _channel_block
+from tl_mamba.ops.selective_scan.triton_kernel import _channel_block, kernel_inputs
 
 
 @triton.jit
@@ -132,11 +131,7 @@ def selective_scan_backward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     """
     b, p, e = x.shape
     n = A.shape[-1]
-    acc = compute_dtype(x, delta, A, B, C, initial_state)
-    x, delta, A, B, C = (t.contiguous() for t in (x, delta, A, B, C))
-    D_c = None if D is None else D.contiguous()
-    z_c = None if z is None else z.contiguous()
-    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    acc, (x, delta, A, B, C, D_c, z_c), h0 = kernel_inputs(x, delta, A, B, C, D, z, initial_state)
     block_n = triton.next_power_of_2(n)
     block_e = max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))
     n_eblocks = triton.cdiv(e, block_e)

@@ -218,6 +218,14 @@ def _selective_scan_fwd_kernel(
     tl.store(h_final_ptr + pid_b * e * n + en_offsets, h, mask=mask_en)
 
 
+def kernel_inputs(x, delta, A, B, C, D, z, initial_state):
+    """What the kernels read: ``(accumulation dtype, contiguous (x, Δ, A, B, C, D, z), initial state
+    in that dtype)``; D, z and the initial state may be None."""
+    acc = compute_dtype(x, delta, A, B, C, initial_state)
+    tensors = tuple(None if t is None else t.contiguous() for t in (x, delta, A, B, C, D, z))
+    return acc, tensors, None if initial_state is None else initial_state.to(acc).contiguous()
+
+
 def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: Optional[int] = None,
              boundary_every: Optional[int] = None, z: Optional[Tensor] = None, kernel: Optional[str] = None,
              block_t: Optional[int] = None, removal=None):
@@ -234,11 +242,7 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
     """
     b, p, e = x.shape
     n = A.shape[-1]
-    acc = compute_dtype(x, delta, A, B, C, initial_state)
-    x, delta, A, B, C = (t.contiguous() for t in (x, delta, A, B, C))
-    D = None if D is None else D.contiguous()
-    z = None if z is None else z.contiguous()
-    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    acc, (x, delta, A, B, C, D, z), h0 = kernel_inputs(x, delta, A, B, C, D, z, initial_state)
     y = torch.empty(b, p, e, device=x.device, dtype=acc)
     h_final = torch.empty(b, e, n, device=x.device, dtype=acc)
     states = torch.empty(b, p, e, n, device=x.device, dtype=acc) if return_states else y
