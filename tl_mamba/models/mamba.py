@@ -127,13 +127,13 @@ class MambaBlock(MixerBlock):
         A = -torch.exp(upcast(m.A_log))
 
         initial_state = None if layer_state is None else layer_state["ssm"]
-        if self._gate_fusable():
-            # nothing reads y or the gate on their own: the scan applies the gate (the Triton
-            # kernel fuses it, so the ungated y is never written)
-            out = selective_scan(x, delta, A, B, C, m.D, initial_state=initial_state, z=z, backend=self.backend)
-            y_gated, ssm_state = out.y, out.final_state
+        # When nothing reads y, the gate or the states on their own, the scan applies the gate
+        # (the Triton kernel fuses it, knockouts included, so the ungated y is never written).
+        fuse_gate = not any(hook_is_active(h) for h in (self.hook_y, self.hook_gate, self.hook_h))
+        y, ssm_state = self._scan(x, delta, A, B, C, initial_state, z=z if fuse_gate else None)
+        if fuse_gate:
+            y_gated = y
         else:
-            y, ssm_state = self._scan(x, delta, A, B, C, initial_state)
             y = self.hook_y(y)
             gate = self.hook_gate(F.silu(z))
             y_gated = y * gate
@@ -143,16 +143,15 @@ class MambaBlock(MixerBlock):
             layer_state["conv"], layer_state["ssm"] = conv_state, ssm_state
         return self.hook_resid_post(resid_pre + mixer_out)
 
-    def _gate_fusable(self) -> bool:
-        """Whether the gate may go into the scan: no hook on y, the gate, or the heavy hooks."""
-        return not any(hook_is_active(h) for h in (self.hook_y, self.hook_gate, self.hook_h, self.hook_ssm_mask))
-
-    def _scan(self, x, delta, A, B, C, initial_state):
-        """The SSM with its heavy hooks. Returns ``(y [b,p,e], final state [b,e,n])``."""
+    def _scan(self, x, delta, A, B, C, initial_state, z=None):
+        """The SSM with its heavy hooks. Returns ``(y [b,p,e], final state [b,e,n])``; y gated
+        by ``silu(z)`` when z is given (only when hook_h is not hooked: its gradient path adds
+        to the ungated y)."""
         D = self.mixer.D
 
         def scan(**kwargs):
-            return selective_scan(x, delta, A, B, C, D, initial_state=initial_state, backend=self.backend, **kwargs)
+            return selective_scan(x, delta, A, B, C, D, initial_state=initial_state, z=z, backend=self.backend,
+                                  **kwargs)
 
         def read_out(states):  # h_t · C_t for states [b, p, e, n]
             return torch.einsum("bpen,bpn->bpe", states, C.to(states.dtype))
