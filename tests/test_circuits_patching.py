@@ -106,6 +106,29 @@ def test_resid_pre_equals_transformer_lens(models, pair, family):
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_per_prompt_metric_gives_each_prompt_its_own_patch_result(models, pair, family):
+    """A metric returning [b] adds a last axis: prompt k's value equals patching prompt k on
+    its own (a batch of one; TransformerLens's patching with a scalar metric as the reference)."""
+    from transformer_lens.patching import get_act_patch_resid_pre
+
+    model = models[family]
+    clean, corrupted = pair
+    per_prompt = patch_layer_position(model, clean, corrupted, lambda logits: logits[:, -1, 5] - logits[:, -1, 9],
+                                      hook="resid_pre", batch_size=5, progress=False)
+    assert per_prompt.shape == (2, P, B)
+    for k in (0, B - 1):
+        _, cache = model.run_with_cache(clean[k:k + 1])
+        alone = get_act_patch_resid_pre(model, corrupted[k:k + 1], cache, metric).double()
+        torch.testing.assert_close(per_prompt[..., k], alone, rtol=1e-6, atol=1e-8)
+    assert float((per_prompt[..., 0] - per_prompt[..., B - 1]).abs().max()) > 1e-3  # prompts differ
+    if family == "mamba2":
+        heads = patch_heads(model, clean, corrupted, lambda logits: logits[:, -1, 5], hook="y", progress=False)
+        assert heads.shape == (2, model.cfg.n_heads, B)
+    with pytest.raises(ValueError, match="one value per prompt"):
+        patch_layer_position(model, clean, corrupted, lambda logits: logits[:, -1, :2], progress=False)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
 def test_other_hooks_equal_transformer_lens(models, pair, family):
     from transformer_lens.patching import layer_pos_patch_setter
 

@@ -25,6 +25,10 @@ per-block hook with a position axis works (every one but ``hook_ssm_mask``: use
 state after step t, and the recurrence continues from the clean state (the model
 does this whenever a hook edits ``hook_h``), so later positions see it too.
 
+A metric may also return one value per prompt (``[b]``, e.g. the logit difference
+without the ``.mean()``): every result then gains a last axis of size b, the value of
+each prompt under each patch.
+
 Speed: several patches run in one forward, each on its own copy of the corrupted
 batch (``batch_size`` rows per forward in all), and the metric is called on each
 copy's logits separately, so the numbers are those of one patch per forward.
@@ -281,11 +285,12 @@ def _patch_hook(patches: List[Tuple[int, _Patch]], clean: Tensor, b: int, axis: 
 def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, hook: str,
                  patches: Sequence[_Patch], axis: Optional[FeatureAxis], *, attention_mask=None, clean_cache=None,
                  batch_size: int = 64, progress: bool = True, desc: str = "patching") -> Tensor:
-    """``metric`` of the corrupted run with each patch applied alone: a float64 tensor ``[len(patches)]``."""
+    """``metric`` of the corrupted run with each patch applied alone: a float64 tensor ``[len(patches)]``,
+    or ``[len(patches), b]`` for a metric that returns one value per prompt."""
     from tqdm.auto import tqdm
 
     if not callable(metric):
-        raise ValueError(f"metric must be a function logits [b, p, v] -> scalar, got {metric!r}")
+        raise ValueError(f"metric must be a function logits [b, p, v] -> a scalar or [b], got {metric!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = model.W_E.device
@@ -297,7 +302,7 @@ def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: 
     names = {layer: f"blocks.{layer}.{hook}" for layer in layers}
     clean = _clean_activations(model, clean_tokens, list(names.values()), attention_mask, clean_cache)
     copies = max(1, batch_size // b)
-    out = torch.zeros(len(patches), dtype=torch.float64)
+    out: Optional[Tensor] = None
     starts = range(0, len(patches), copies)
     with torch.no_grad():
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
@@ -312,12 +317,18 @@ def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: 
                          for layer, items in by_layer.items()]
             logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=mask)
             for i in range(k):
-                value = metric(logits[i * b:(i + 1) * b])
-                value = torch.as_tensor(value)
-                if value.numel() != 1:
-                    raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
-                out[start + i] = float(value)
-    return out
+                value = torch.as_tensor(metric(logits[i * b:(i + 1) * b])).detach().double().cpu()
+                if value.numel() == 1:
+                    value = value.reshape(())
+                elif tuple(value.shape) != (b,):
+                    raise ValueError(f"metric must return a scalar or one value per prompt ([{b}]), got shape "
+                                     f"{tuple(value.shape)}")
+                if out is None:
+                    out = torch.zeros((len(patches), *value.shape), dtype=torch.float64)
+                elif value.shape != out.shape[1:]:
+                    raise ValueError("metric returned a scalar for some patches and one value per prompt for others")
+                out[start + i] = value
+    return torch.zeros(0, dtype=torch.float64) if out is None else out
 
 
 # -------------------------------------------------------------------- public API
@@ -345,7 +356,8 @@ def patch_layer_position(
     Args:
         model: a ``HookedMamba`` or ``HookedMamba2``.
         clean_tokens, corrupted_tokens: ``[b, p]`` token tensors of the same shape.
-        metric: ``logits [b, p, v]`` of one patched corrupted run → a scalar.
+        metric: ``logits [b, p, v]`` of one patched corrupted run → a scalar (or ``[b]``:
+            one value per prompt, which adds a last axis of size b to the result).
         hook: any per-block hook with a position axis (``"resid_pre"``, ``"mixer_out"``,
             ``"h"`` (the state: ``[b, p, e, n]`` / ``[b, p, h, hd, n]``), ``"delta"``,
             ``"B"``, ``"conv"``, ``"ln1.hook_scale"`` ...), with or without ``hook_``.
@@ -359,7 +371,8 @@ def patch_layer_position(
         progress: show a tqdm bar.
 
     Returns:
-        float64 tensor ``[len(layers), len(positions)]`` of metric values.
+        float64 tensor ``[len(layers), len(positions)]`` of metric values (``[..., b]`` for a
+        per-prompt metric).
     """
     clean_tokens, corrupted_tokens = _check_tokens(clean_tokens, corrupted_tokens)
     name = resolve_hook(model, hook)
@@ -369,7 +382,7 @@ def patch_layer_position(
     values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, None,
                           attention_mask=attention_mask, clean_cache=clean_cache, batch_size=batch_size,
                           progress=progress, desc=f"patch {name} by layer x position")
-    return values.reshape(len(layer_list), len(pos_list))
+    return values.reshape(len(layer_list), len(pos_list), *values.shape[1:])
 
 
 def patch_heads(
@@ -418,7 +431,7 @@ def patch_heads(
 
     Returns:
         float64 tensor ``[len(layers), len(heads)]``, or ``[len(layers), len(heads),
-        len(positions)]`` with ``per_position=True``.
+        len(positions)]`` with ``per_position=True`` (``[..., b]`` for a per-prompt metric).
     """
     clean_tokens, corrupted_tokens = _check_tokens(clean_tokens, corrupted_tokens)
     name = resolve_hook(model, hook)
@@ -451,7 +464,7 @@ def patch_heads(
     values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, axis,
                           attention_mask=attention_mask, clean_cache=clean_cache, batch_size=batch_size,
                           progress=progress, desc=f"patch {name} by {what}")
-    return values.reshape(shape)
+    return values.reshape(*shape, *values.shape[1:])
 
 
 def patch_channel_groups(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, channel_groups: int,
