@@ -292,27 +292,35 @@ def edge_gradient_bphd(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: T
     Returns:
         ``[b, H, p, p]`` in the compute dtype (float64 if any input is, else float32).
     """
-    b, p, h, hd = x.shape
-    heads_per_group = h // B.shape[2]
     dtype = _compute_dtype(grad_y, x, delta, A, B, C)
-    causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
     g = grad_y.detach().to(dtype)
     source = delta.detach().to(dtype)[..., None] * x.detach().to(dtype)  # Δ_j x_j [b, p, h, hd]
-    cb = torch.einsum("bign,bjgn->bgij", C.detach().to(dtype), B.detach().to(dtype))  # [b, g, i, j]
-    dt = delta.detach().transpose(1, 2)  # [b, h, p]
-    A = A.detach().to(dtype)
     parts = []
-    chunk = max(1, chunk_bytes // max(1, 3 * b * p * p * 8))
-    for start in range(0, h, chunk):
-        heads = torch.arange(start, min(h, start + chunk), device=x.device)
-        span = _log_decay_differences(dt[:, heads], causal, dtype)  # [b, c, i, j]
-        decay = torch.exp(span * A[heads, None, None]) * causal
+    for heads, weight in _head_chunks_of_alpha(x.detach(), delta.detach(), A.detach(), B.detach(), C.detach(), dtype,
+                                               chunk_bytes):
         gx = torch.einsum("bihd,bjhd->bhij", g[:, :, heads], source[:, :, heads])  # [b, c, i, j]
-        part = decay * gx * cb[:, heads // heads_per_group]
+        part = weight * gx
         parts.append(part.sum(1, keepdim=True) if mask_heads == 1 else part)
     if mask_heads == 1:
         return torch.stack(parts, 0).sum(0)
     return torch.cat(parts, 1)
+
+
+def _head_chunks_of_alpha(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, dtype: torch.dtype,
+                          chunk_bytes: int):
+    """Mamba-2's α without its Δ_j factor, a chunk of heads at a time (so no ``[b, h, p, p]`` is held):
+    yields ``(heads [c], (C_i · B_j) · exp(A_h Σ_{k=j+1..i} Δ_k[h]) [b, c, i, j])``, 0 above the diagonal."""
+    b, p, h, _ = x.shape
+    heads_per_group = h // B.shape[2]
+    causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
+    cb = torch.einsum("bign,bjgn->bgij", C.to(dtype), B.to(dtype))  # [b, g, i, j]
+    dt = delta.transpose(1, 2)  # [b, h, p]
+    A = A.to(dtype)
+    chunk = max(1, chunk_bytes // max(1, 3 * b * p * p * 8))
+    for start in range(0, h, chunk):
+        heads = torch.arange(start, min(h, start + chunk), device=x.device)
+        span = _log_decay_differences(dt[:, heads], causal, dtype)  # [b, c, i, j]: Σ_{k=j+1..i} Δ_k
+        yield heads, torch.exp(span * A[heads, None, None]) * causal * cb[:, heads // heads_per_group]
 
 
 DENSE_MASK_AFTER: Optional[int] = None
@@ -345,22 +353,12 @@ def dense_removed_terms_bphd(removed: Tensor, x: Tensor, delta: Tensor, A: Tenso
     Returns:
         ``[b, p, h, hd]`` in the compute dtype (float64 if any input is, else float32); differentiable.
     """
-    b, p, h, hd = x.shape
-    heads_per_group = h // B.shape[2]
     dtype = _compute_dtype(x, delta, A, B, C, removed)
-    causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
     R = removed.to(dtype)
-    cb = torch.einsum("bign,bjgn->bgij", C.to(dtype), B.to(dtype))  # [b, g, i, j]
-    dt = delta.transpose(1, 2)  # [b, h, p]
     source = delta.to(dtype)[..., None] * x.to(dtype)  # Δ_j x_j [b, p, h, hd]
-    A = A.to(dtype)
     parts = []
-    chunk = max(1, chunk_bytes // max(1, 3 * b * p * p * 8))
-    for start in range(0, h, chunk):
-        heads = torch.arange(start, min(h, start + chunk), device=x.device)
-        span = _log_decay_differences(dt[:, heads], causal, dtype)  # [b, c, i, j]
-        alpha = torch.exp(span * A[heads, None, None]) * causal * cb[:, heads // heads_per_group]
-        weight = alpha * (R if R.shape[1] == 1 else R[:, heads])
+    for heads, weight in _head_chunks_of_alpha(x, delta, A, B, C, dtype, chunk_bytes):
+        weight = weight * (R if R.shape[1] == 1 else R[:, heads])
         parts.append(torch.einsum("bcij,bjcd->bicd", weight, source[:, :, heads]))
     return torch.cat(parts, dim=2)
 

@@ -30,3 +30,9 @@ def silu_gate(y: Tensor, z: Tensor) -> Tensor:
     kernel fuses it (``silu(z) = z · sigmoid(z)`` in its fp32 registers).
     """
     return y * F.silu(z.to(y.dtype))
+
+
+def needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd is on and any given tensor (None allowed) requires grad: whether a
+    scan must build something differentiable."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, needs_grad
 
 BACKWARD_CHUNK = 64
 """Positions per recomputed chunk in the Triton backends' backward (T). Memory is
@@ -185,9 +185,7 @@ def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, 
     chunk = BACKWARD_CHUNK if backward_chunk is None else backward_chunk
     if int(chunk) != chunk or chunk < 1:
         raise ValueError(f"backward_chunk must be a positive integer, got {chunk!r}")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, delta, A, B, C, D, initial_state, z))
-    if needs_grad:
+    if needs_grad(x, delta, A, B, C, D, initial_state, z):
         y, h_final, states = _ChunkedRecompute.apply(kernel_forward, torch_scan, kernel_backward, int(chunk),
                                                      x, delta, A, B, C, D, initial_state, z, return_states)
     else:

@@ -36,7 +36,7 @@ from torch import Tensor
 from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_removal,
                                   edge_gradient_bpe, knocked_out_terms, removed_terms)
-from tl_mamba.ops.precision import silu_gate
+from tl_mamba.ops.precision import needs_grad, silu_gate
 from tl_mamba.ops.triton_scan import kernel_or_fallback
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
@@ -186,7 +186,7 @@ def _knockout_in_kernel(backend, device, ssm_mask, state_override, inputs) -> Op
     removals = as_removal_list(ssm_mask)
     if removals is None or len(removals) != 1:
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if needs_grad(*inputs):
         return None
     if resolve_backend(backend, device, available=tuple(_IMPLEMENTATIONS)) != "triton":
         return None

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.ops.precision import compute_dtype, silu_gate
+from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
 
 DEFAULT_CHUNK = 64
 
@@ -41,15 +41,12 @@ def selective_scan_chunked(
     cdt = compute_dtype(x, delta, A, B, C, initial_state)
     xf, df, Bf, Cf, Af = (t.to(cdt) for t in (x, delta, B, C, A))
     h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (x, delta, A, B, C, initial_state)
-    )
+    differentiable = needs_grad(x, delta, A, B, C, initial_state)
     ys, all_states = [], []
     # Without autograd, states go straight into one buffer (no concatenation copy). It is a
     # normal tensor even under inference mode, so hook_h can track in-place edits without a copy.
     states_buffer = None
-    if return_states and not needs_grad:
+    if return_states and not differentiable:
         with torch.inference_mode(False):
             states_buffer = x.new_empty(b, p, e, n, dtype=cdt)
     for start in range(0, p, chunk_size):
@@ -57,7 +54,7 @@ def selective_scan_chunked(
         d_c = df[:, start:stop]
         decay = torch.exp(d_c[..., None] * Af)  # [b, L, e, n]
         write = (d_c * xf[:, start:stop])[..., None] * Bf[:, start:stop, None, :]  # [b, L, e, n]
-        if needs_grad:
+        if differentiable:
             # unbind, not decay[:, t]: each indexing op's backward would scatter into a
             # zero [b, L, e, n] buffer (quadratic in L); unbind's backward is one stack.
             chunk_states = []

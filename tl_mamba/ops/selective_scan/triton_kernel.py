@@ -49,7 +49,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, needs_grad
 from tl_mamba.ops.triton_scan import _FAILED_KERNELS, kernel_or_fallback, run_triton_scan
 
 def fuses_knockout() -> bool:
@@ -318,8 +318,7 @@ def selective_scan_triton(
     from tl_mamba.ops.selective_scan.triton_backward import selective_scan_backward
 
     if removal is not None:
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, delta, A, B, C, D, initial_state, z)):
+        if needs_grad(x, delta, A, B, C, D, initial_state, z):
             raise ValueError("a knockout in the same pass has no backward; the dispatcher runs it separately")
         y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states, z=z, removal=removal)
         return ScanOutput(y=y, final_state=h_final, states=states)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, needs_grad
 
 DEFAULT_CHUNK = 64
 
@@ -99,16 +99,15 @@ def ssd_chunked(
         write_x = xf[:, :p] * df[:, :p, :, None]  # [b, p, h, hd]
         with torch.inference_mode(False):
             buffer = x.new_empty(b, p, h, hd, n, dtype=cdt)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, delta, A, B, C, initial_state))
+        differentiable = needs_grad(x, delta, A, B, C, initial_state)
         h_t = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
         kept = []
         for t in range(p):
             write = write_x[:, t, :, :, None] * Bh[:, t, :, None, :]
-            if needs_grad:
+            if differentiable:
                 h_t = torch.addcmul(write, decay_t[:, t, :, None, None], h_t)
                 kept.append(h_t)
             else:
                 h_t = torch.addcmul(write, decay_t[:, t, :, None, None], h_t, out=buffer[:, t])
-        states = torch.stack(kept, dim=1) if needs_grad else buffer
+        states = torch.stack(kept, dim=1) if differentiable else buffer
     return SSDOutput(y=y, final_state=state, states=states)

@@ -29,7 +29,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, needs_grad
 from tl_mamba.ops.ssd import triton_chunked
 from tl_mamba.ops.triton_scan import kernel_or_fallback
 
@@ -98,7 +98,7 @@ def masked_removed_terms_triton(removed: Tensor, x: Tensor, delta: Tensor, A: Te
     from tl_mamba.backends import triton_usable
     from tl_mamba.ops.knockout import dense_removed_terms_bphd
 
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, delta, A, B, C)):
+    if needs_grad(x, delta, A, B, C):
         return dense_removed_terms_bphd(removed, x, delta, A, B, C)
     if not triton_usable(x.device):
         raise RuntimeError("the Triton masked-tile knockout needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
