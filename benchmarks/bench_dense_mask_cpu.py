@@ -7,7 +7,8 @@ pattern of a dense ``hook_ssm_mask`` costs) against the quadratic hidden-attenti
 over a random ``[b, H, p, p]`` mask (Mamba-2: ``dense_removed_terms_bphd``; Mamba-1: the
 same form with its per-channel, per-state-entry decay, written out here since the library
 does not use it). The ratio ("in scans") is what ``tl_mamba.ops.knockout.dense_mask_after``
-is set from. Batch 1, one thread. Writes ``<out>.json`` / ``<out>.md``
+is set from. Batch 1, one thread; medians of interleaved rounds (``_timing.py``), the
+ratio paired by round. Writes ``<out>.json`` / ``<out>.md``
 (default ``benchmarks/results/dense_mask_cpu``).
 """
 
@@ -18,23 +19,13 @@ import datetime as _dt
 import json
 import pathlib
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from _env import machine_info, package_revision  # noqa: E402
-
-
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from _timing import interleaved  # noqa: E402
 
 
 def mamba1_quadratic(removed, x, delta, A, B, C):
@@ -46,6 +37,13 @@ def mamba1_quadratic(removed, x, delta, A, B, C):
     return torch.einsum("beij,bij,bje->bie", alpha, removed[:, 0], delta * x)
 
 
+def measure(family, widths, p, repeats, scan, quadratic) -> dict:
+    """One scan against the quadratic form, in interleaved rounds (medians; "in scans" is the paired ratio)."""
+    timings = interleaved({"scan": scan, "quadratic": quadratic}, repeats=repeats, warmup=1)
+    return dict(family=family, widths=widths, p=p, scan_s=timings.median("scan"),
+                quadratic_s=timings.median("quadratic"), in_scans=timings.paired_ratio("quadratic", "scan"))
+
+
 def main() -> int:
     from tl_mamba.ops.knockout import dense_removed_terms_bphd
     from tl_mamba.ops.selective_scan import selective_scan
@@ -53,7 +51,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="128,512")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds per row (after one warm-up)")
     parser.add_argument("--out", default="benchmarks/results/dense_mask_cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -64,24 +62,24 @@ def main() -> int:
                 x, delta = torch.randn(1, p, e), torch.rand(1, p, e) * 0.1
                 A, B, C = -torch.rand(e, n), torch.randn(1, p, n), torch.randn(1, p, n)
                 removed = torch.rand(1, 1, p, p).tril()
-                scan = best_of(lambda: selective_scan(x, delta, A, B, C, None, backend="torch"), args.repeats)
-                quad = best_of(lambda: mamba1_quadratic(removed, x, delta, A, B, C), 1)
-                rows.append(dict(family="mamba1", widths=label, p=p, scan_s=scan, quadratic_s=quad))
+                rows.append(measure("mamba1", label, p, args.repeats,
+                                    lambda: selective_scan(x, delta, A, B, C, None, backend="torch"),
+                                    lambda: mamba1_quadratic(removed, x, delta, A, B, C)))
             for label, (h, hd, n) in (("toy", (8, 32, 32)), ("130m", (24, 64, 128))):
                 x, delta = torch.randn(1, p, h, hd), torch.rand(1, p, h) * 0.1
                 A, B, C = -torch.rand(h), torch.randn(1, p, 1, n), torch.randn(1, p, 1, n)
                 removed = torch.rand(1, h, p, p).tril()
-                scan = best_of(lambda: ssd_scan(x, delta, A, B, C, None, backend="torch"), args.repeats)
-                quad = best_of(lambda: dense_removed_terms_bphd(removed, x, delta, A, B, C), 1)
-                rows.append(dict(family="mamba2", widths=label, p=p, scan_s=scan, quadratic_s=quad))
+                rows.append(measure("mamba2", label, p, args.repeats,
+                                    lambda: ssd_scan(x, delta, A, B, C, None, backend="torch"),
+                                    lambda: dense_removed_terms_bphd(removed, x, delta, A, B, C)))
             for row in rows[-4:]:
                 print(f"{row['family']} {row['widths']} p={row['p']}: one scan {row['scan_s'] * 1e3:.1f} ms, "
-                      f"quadratic {row['quadratic_s'] * 1e3:.1f} ms = {row['quadratic_s'] / row['scan_s']:.1f} scans")
+                      f"quadratic {row['quadratic_s'] * 1e3:.1f} ms = {row['in_scans']:.1f} scans")
     results = {"date": _dt.date.today().isoformat(), "machine": machine_info(), "revision": package_revision(),
                "rows": rows}
     lines = ["| family | widths | p | one scan | quadratic form | in scans |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['family']} | {r['widths']} | {r['p']} | {r['scan_s'] * 1e3:.1f} ms | "
-              f"{r['quadratic_s'] * 1e3:.1f} ms | {r['quadratic_s'] / r['scan_s']:.1f} |" for r in rows]
+              f"{r['quadratic_s'] * 1e3:.1f} ms | {r['in_scans']:.1f} |" for r in rows]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

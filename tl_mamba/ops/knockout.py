@@ -332,7 +332,7 @@ def dense_mask_after(p: int) -> int:
     """How many extra scans a Mamba-2 dense mask may cost before the quadratic form is cheaper.
 
     Measured on CPU (docs/performance.md, "CPU: knockout"): the quadratic form costs
-    about p / 100 scans (1 at p = 128, 4-5 at p = 512), so it takes over past p / 64.
+    about p / 100 scans (under 1 at p = 128, 3-4 at p = 512), so it takes over past p / 64.
     Mamba-1 has no such switch: its α has a decay per channel and state entry, so the
     quadratic form costs more than p scans, the most a mask can need.
     """
