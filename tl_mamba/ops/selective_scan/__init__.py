@@ -7,7 +7,8 @@ Implementations (same signature, same results):
 
 - ``reference.py``: the plain sequential scan, one position at a time. The oracle.
 - ``chunked.py``: the ``"torch"`` backend: discretises a chunk of positions at
-  once, then runs a tight fused update per position. Fast on CPU, differentiable.
+  once, then runs a tight fused update per position. Fast on CPU, differentiable
+  (a hand-written chunked backward that keeps one state per chunk).
 - ``triton_kernel.py``: the ``"triton"`` backend: one fused kernel (state in
   registers, fp32, D skip fused), CUDA or ``TRITON_INTERPRET=1``.
 
