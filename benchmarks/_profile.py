@@ -304,10 +304,10 @@ SSD_STATE_PARTS = ("states_prepare", "states_loop")
 
 
 def _ssd_replica(x, delta, A, B, C, D, chunk: int, acc: Dict[str, float], return_states: bool = False):
-    """``tl_mamba/ops/ssd/chunked.py`` (as of commit afe2fcd), fp32, no initial state, with a timer per step.
+    """``tl_mamba/ops/ssd/chunked.py`` (its head-major layout, 8457b18), fp32, no initial state, with a timer per step.
 
     prepare: casts, repeat_interleave of B and C over heads, padding, Δx.
-    diag_decay: the [b, c, L, L, h] within-chunk decay (masked cumulative sum, exp).
+    diag_decay: the [b, c, h, L, L] within-chunk decay (masked cumulative sum, exp), source-major.
     diag_scores: C·B per chunk times the decay.  diag_y: scores applied to Δx.
     chunk_states: each chunk's contribution to its final state.  chunk_recurrence:
     the Python loop over chunks.  off_diag: start states read out by C.  skip:
@@ -333,25 +333,27 @@ def _ssd_replica(x, delta, A, B, C, D, chunk: int, acc: Dict[str, float], return
     if pad:
         xf, df, Bh, Ch = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (xf, df, Bh, Ch))
     nc = (p + pad) // L
-    xd = (xf * df[..., None]).view(b, nc, L, h, hd)
-    Bc, Cc = Bh.view(b, nc, L, h, n), Ch.view(b, nc, L, h, n)
+
+    def by_head(v):  # [b, p, h, k] -> [b, c, h, L, k]
+        return v.reshape(b, nc, L, h, v.shape[-1]).permute(0, 1, 3, 2, 4).contiguous()
+
+    xd = by_head(xf * df[..., None])
+    Bc, Cc = by_head(Bh), by_head(Ch)
+    step = (df * Af).reshape(b, nc, L, h).permute(0, 1, 3, 2)
     t = mark("prepare", t)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    step = (df * Af).view(b, nc, L, h)
-    terms = step[:, :, :, None, :].expand(b, nc, L, L, h)
-    after_source = torch.ones(L, L, dtype=torch.bool).tril(-1)
-    terms = terms.masked_fill(~after_source[None, None, :, :, None], 0.0)
-    seg = torch.cumsum(terms, dim=2)
-    decay_ts = torch.exp(seg.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+    causal_st = torch.ones(L, L, dtype=torch.bool).triu()
+    terms = step[..., None, :].masked_fill(~causal_st.triu(1), 0.0)
+    seg_st = torch.cumsum(terms, dim=-1)
+    decay_st = torch.exp(seg_st.masked_fill_(~causal_st, float("-inf")))
     t = mark("diag_decay", t)
-    scores = torch.einsum("bcthn,bcshn->bctsh", Cc, Bc) * decay_ts
+    scores_st = torch.matmul(Bc, Cc.transpose(-1, -2)) * decay_st
     t = mark("diag_scores", t)
-    y = torch.einsum("bctsh,bcshp->bcthp", scores, xd)
+    y = torch.matmul(scores_st.transpose(-1, -2), xd)
     t = mark("diag_y", t)
-    log_decay = torch.cumsum(step, dim=2)
-    to_end = torch.exp(log_decay[:, :, -1:, :] - log_decay)
-    chunk_writes = torch.einsum("bcshn,bcsh,bcshp->bchpn", Bc, to_end, xd)
-    chunk_decay = torch.exp(log_decay[:, :, -1, :])
+    log_decay = torch.cumsum(step, dim=-1)
+    to_end = torch.exp(log_decay[..., -1:] - log_decay)
+    chunk_writes = torch.matmul((xd * to_end[..., None]).transpose(-1, -2), Bc)
+    chunk_decay = torch.exp(log_decay[..., -1])
     t = mark("chunk_states", t)
     state = x.new_zeros(b, h, hd, n, dtype=torch.float32)
     starts = []
@@ -361,9 +363,9 @@ def _ssd_replica(x, delta, A, B, C, D, chunk: int, acc: Dict[str, float], return
     start_states = torch.stack(starts, dim=1)
     t = mark("chunk_recurrence", t)
     from_start = torch.exp(log_decay)
-    y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, start_states) * from_start[..., None]
+    y = y + torch.matmul(Cc, start_states.transpose(-1, -2)) * from_start[..., None]
     t = mark("off_diag", t)
-    y = y.reshape(b, nc * L, h, hd)[:, :p] + D.float()[:, None] * xf[:, :p]
+    y = y.permute(0, 1, 3, 2, 4).reshape(b, nc * L, h, hd)[:, :p] + D.float()[:, None] * xf[:, :p]
     t = mark("skip", t)
     states = None
     if return_states:

@@ -9,12 +9,12 @@ Two settings, one thread, float32, interleaved rounds (``_timing.py``; ratios pa
   ``torch+states`` the same backend asked for every state as well, which is
   differentiated by autograd through the Python loop (what every differentiable call
   did before the hand-written backward).
-- **model**: the loss of every next token, ``loss.backward()``, for ``HookedMamba``
-  (torch backend, train mode) against ``transformers.MambaForCausalLM`` on its torch
-  path (train mode), identical random weights. Widths: the toy model's (d_model 96,
-  d_state 8, 4 layers, batch 32: a training step of ``tl_mamba.toy.train``) and
-  130m widths with 4 layers at batch 1 (an attribution pass). transformers trains through a
-  sequential loop that keeps every position's tensors, so the model rows are short sequences.
+- **model**: the loss of every next token, ``loss.backward()``, for ``HookedMamba`` /
+  ``HookedMamba2`` (torch backend, train mode) against transformers' ``MambaForCausalLM`` /
+  ``Mamba2ForCausalLM`` on their torch paths (train mode), identical random weights.
+  Widths: the toy models' (batch 32: a training step of ``tl_mamba.toy.train``) and 130m
+  widths with 4 layers at batch 1 (an attribution pass). transformers' Mamba-1 trains
+  through a sequential loop that keeps every position's tensors, so its rows are short.
 
 Memory: the bytes autograd holds between forward and backward (every distinct tensor
 saved for backward, inputs included, counted once; ``saved_tensors_hooks``), from one
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from _env import machine_info, package_revision  # noqa: E402
-from _setup import Shapes, build_hf, build_ours  # noqa: E402
+from _setup import Mamba2Shapes, Shapes, build_hf, build_hf_mamba2, build_ours  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 
@@ -64,8 +64,8 @@ def scan_contenders(b: int, p: int, e: int, n: int):
     return {"torch": run("torch", False), "torch+states": run("torch", True)}
 
 
-def model_contenders(shapes: Shapes, b: int, p: int):
-    hf = build_hf(shapes).train()
+def model_contenders(shapes, b: int, p: int):
+    hf = (build_hf_mamba2 if isinstance(shapes, Mamba2Shapes) else build_hf)(shapes).train()
     ours = build_ours(hf).train()
     tokens = torch.randint(3, shapes.vocab, (b, p), generator=torch.Generator().manual_seed(1))
 
@@ -121,12 +121,15 @@ def main() -> int:
         print(rows[-1], flush=True)
 
     toy = Shapes(d_model=96, d_state=8, n_layers=4, vocab=416)
-    models = [(toy, 32, 128), (Shapes(), 1, 256)] if not args.quick else \
-        [(Shapes(d_model=32, d_state=4, n_layers=2, vocab=64), 2, 40)]
+    toy2 = Mamba2Shapes(d_model=128, n_heads=8, d_head=32, d_state=32, n_layers=4, vocab=416, chunk_size=64)
+    models = [(toy, 32, 128), (Shapes(), 1, 256), (toy2, 32, 256), (Mamba2Shapes(), 1, 512)] if not args.quick else \
+        [(Shapes(d_model=32, d_state=4, n_layers=2, vocab=64), 2, 40),
+         (Mamba2Shapes(d_model=32, n_heads=4, d_head=16, d_state=8, n_layers=2, vocab=64, chunk_size=16), 2, 40)]
     for shapes, b, p in models:
         contenders = model_contenders(shapes, b, p)
         t = interleaved(contenders, repeats=repeats, warmup=1)
-        rows.append(dict(setting="model", shape=f"d_model={shapes.d_model} layers={shapes.n_layers} b={b} p={p}",
+        family = "Mamba-2" if isinstance(shapes, Mamba2Shapes) else "Mamba-1"
+        rows.append(dict(setting="model", shape=f"{family} d_model={shapes.d_model} layers={shapes.n_layers} b={b} p={p}",
                          ours_s=t.median("ours"), transformers_s=t.median("transformers"),
                          ours_vs_transformers=t.paired_ratio("ours", "transformers"),
                          ours_saved_mb=saved_mb(contenders["ours"]), transformers_saved_mb=saved_mb(contenders["transformers"])))

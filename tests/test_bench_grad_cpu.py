@@ -22,7 +22,8 @@ def test_grad_benchmark_quick_run(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["scan", "model"]
+    assert [r["setting"] for r in rows] == ["scan", "model", "model"]
+    assert [r["shape"].split()[0] for r in rows[1:]] == ["Mamba-1", "Mamba-2"]
     assert rows[0]["torch_s"] > 0 and rows[0]["states_s"] > 0
     assert rows[1]["ours_s"] > 0 and rows[1]["transformers_s"] > 0
     assert rows[1]["ours_saved_mb"] > 0 and rows[1]["transformers_saved_mb"] > 0
