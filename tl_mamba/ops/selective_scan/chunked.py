@@ -65,51 +65,64 @@ def selective_scan_chunked(
     xf, df, Bf, Cf, Af = (t.to(cdt) for t in (x, delta, B, C, A))
     h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     differentiable = needs_grad(x, delta, A, B, C, initial_state)
-    if differentiable and not return_states:
+    states = None
+    if not differentiable:
+        if return_states:
+            # one buffer for every state (no concatenation copy); a normal tensor even under
+            # inference mode, so hook_h can track in-place edits without a copy
+            with torch.inference_mode(False):
+                states = x.new_empty(b, p, e, n, dtype=cdt)
+        y, h = _forward_chunks(xf, df, Af, Bf, Cf, h, chunk_size, states=states)
+    elif not return_states:
         y, h = _ChunkedScan.apply(xf, df, Af, Bf, Cf, h, min(chunk_size, GRAD_CHUNK))
-        if D is not None:
-            y = y + D.to(cdt) * xf
-        if z is not None:
-            y = silu_gate(y, z)
-        return ScanOutput(y=y, final_state=h, states=None)
-    ys, all_states = [], []
-    # Without autograd, states go straight into one buffer (no concatenation copy). It is a
-    # normal tensor even under inference mode, so hook_h can track in-place edits without a copy.
-    states_buffer = None
-    if return_states and not differentiable:
-        with torch.inference_mode(False):
-            states_buffer = x.new_empty(b, p, e, n, dtype=cdt)
-    for start in range(0, p, chunk_size):
-        stop = min(start + chunk_size, p)
-        d_c = df[:, start:stop]
-        decay = torch.exp(d_c[..., None] * Af)  # [b, L, e, n]
-        write = (d_c * xf[:, start:stop])[..., None] * Bf[:, start:stop, None, :]  # [b, L, e, n]
-        if differentiable:
-            # unbind, not decay[:, t]: each indexing op's backward would scatter into a
-            # zero [b, L, e, n] buffer (quadratic in L); unbind's backward is one stack.
-            chunk_states = []
-            for decay_t, write_t in zip(decay.unbind(1), write.unbind(1)):
-                h = torch.addcmul(write_t, decay_t, h)
-                chunk_states.append(h)
-            states = torch.stack(chunk_states, dim=1)
-        else:
-            states = torch.empty_like(write) if states_buffer is None else states_buffer[:, start:stop]
-            for t in range(stop - start):
-                h = torch.addcmul(write[:, t], decay[:, t], h, out=states[:, t])
-        ys.append(torch.einsum("blen,bln->ble", states, Cf[:, start:stop]))
-        if return_states and states_buffer is None:
-            all_states.append(states)
-    y = torch.cat(ys, dim=1) if ys else xf.new_zeros(b, 0, e)
+    else:
+        y, h, states = _states_through_autograd(xf, df, Af, Bf, Cf, h, chunk_size)
     if D is not None:
         y = y + D.to(cdt) * xf
     if z is not None:
         y = silu_gate(y, z)
-    states = None
-    if states_buffer is not None:
-        states = states_buffer
-    elif return_states:
-        states = torch.cat(all_states, dim=1) if all_states else xf.new_zeros(b, 0, e, n)
     return ScanOutput(y=y, final_state=h, states=states)
+
+
+def _states_through_autograd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk_size: int):
+    """``(y, final state, every state)`` with autograd recording the loop (states returned under grad)."""
+    b, p, e = x.shape
+    ys, all_states = [], []
+    for start in range(0, p, chunk_size):
+        w = slice(start, min(start + chunk_size, p))
+        decay, write = _discretise(x[:, w], delta[:, w], A, B[:, w])
+        # unbind, not decay[:, t]: each indexing op's backward would scatter into a
+        # zero [b, L, e, n] buffer (quadratic in L); unbind's backward is one stack.
+        chunk_states = []
+        for decay_t, write_t in zip(decay.unbind(1), write.unbind(1)):
+            h = torch.addcmul(write_t, decay_t, h)
+            chunk_states.append(h)
+        states = torch.stack(chunk_states, dim=1)
+        ys.append(torch.einsum("blen,bln->ble", states, C[:, w]))
+        all_states.append(states)
+    if not ys:
+        return x.new_zeros(b, 0, e), h, x.new_zeros(b, 0, e, A.shape[-1])
+    return torch.cat(ys, dim=1), h, torch.cat(all_states, dim=1)
+
+
+def _forward_chunks(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk_size: int,
+                    states: Optional[Tensor] = None, bounds: Optional[Tensor] = None):
+    """The scan without autograd, a chunk at a time: ``(y [b, p, e], final state [b, e, n])``.
+
+    ``states`` ([b, p, e, n]), when given, receives every state; ``bounds``
+    ([b, ceil(p / chunk_size), e, n]) the state entering each chunk.
+    """
+    b, p, e = x.shape
+    y = x.new_empty(b, p, e)
+    for k, start in enumerate(range(0, p, chunk_size)):
+        w = slice(start, min(start + chunk_size, p))
+        if bounds is not None:
+            bounds[:, k] = h
+        decay, write = _discretise(x[:, w], delta[:, w], A, B[:, w])
+        chunk_states = torch.empty_like(write) if states is None else states[:, w]
+        h = _run_chunk(decay, write, h, chunk_states)
+        y[:, w] = torch.einsum("blen,bln->ble", chunk_states, C[:, w])
+    return y, h
 
 
 def _discretise(x: Tensor, delta: Tensor, A: Tensor, B: Tensor):
@@ -130,17 +143,8 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, A, B, C, h0, chunk_size):
         b, p, e = x.shape
-        starts = list(range(0, p, chunk_size))
-        bounds = x.new_empty(b, len(starts), e, A.shape[-1])  # the state entering each chunk
-        y = x.new_empty(b, p, e)
-        h = h0
-        for k, start in enumerate(starts):
-            w = slice(start, min(start + chunk_size, p))
-            bounds[:, k] = h
-            decay, write = _discretise(x[:, w], delta[:, w], A, B[:, w])
-            states = torch.empty_like(write)
-            h = _run_chunk(decay, write, h, states)
-            y[:, w] = torch.einsum("blen,bln->ble", states, C[:, w])
+        bounds = x.new_empty(b, -(-p // chunk_size), e, A.shape[-1])  # the state entering each chunk
+        y, h = _forward_chunks(x, delta, A, B, C, h0, chunk_size, bounds=bounds)
         ctx.save_for_backward(x, delta, A, B, C, bounds)
         ctx.chunk_size = chunk_size
         return y, h.clone() if h is h0 else h
@@ -152,9 +156,8 @@ class _ChunkedScan(torch.autograd.Function):
         b, p, e = x.shape
         grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
         carry = torch.zeros_like(bounds[:, 0]) if grad_final is None else grad_final.clone()  # ∂L/∂h after the chunk
-        grads = [torch.empty_like(x), torch.empty_like(delta), torch.zeros_like(A), torch.empty_like(B),
-                 torch.empty_like(C)]
-        dx, ddelta, dA, dB, dC = grads
+        dx, ddelta, dA, dB, dC = (torch.empty_like(x), torch.empty_like(delta), torch.zeros_like(A),
+                                  torch.empty_like(B), torch.empty_like(C))
         T = ctx.chunk_size
         for k in reversed(range(bounds.shape[1])):
             w = slice(k * T, min(k * T + T, p))
