@@ -121,9 +121,12 @@ def selective_scan(
     if z is not None and tuple(z.shape) != (b, p, e):
         raise ValueError(f"selective_scan: z must have shape {(b, p, e)}, got {tuple(z.shape)}")
     impl = pick_implementation(backend, x.device, _IMPLEMENTATIONS)
-    knockout = _knockout_in_kernel(backend, x.device, ssm_mask, state_override, (x, delta, A, B, C, D, initial_state, z))
+    removals = None if ssm_mask is None else as_removal_list(ssm_mask)  # S → T structure, or None (dense)
+    for removal in removals or ():
+        check_removal(removal, b, p, e, "channels")
+    knockout = _knockout_in_kernel(backend, x.device, removals, state_override,
+                                   (x, delta, A, B, C, D, initial_state, z))
     if knockout is not None:  # the Triton kernel applies it in the same pass, sharing every load
-        check_removal(knockout, b, p, e, "channels")
         out = kernel_or_fallback("selective scan with a knockout in the same pass", x.device,
                                  lambda: _triton(x, delta, A, B, C, D, initial_state=initial_state,
                                                  return_states=return_states, z=z, removal=knockout),
@@ -147,11 +150,7 @@ def selective_scan(
         y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
         out = ScanOutput(y=y, final_state=final, states=states)
     if ssm_mask is not None:
-        removals = as_removal_list(ssm_mask)
         if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
-            for removal in removals:
-                check_removal(removal, b, p, e, "channels")
-
             def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
                 window = slice(start, stop)
                 return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,
@@ -175,17 +174,14 @@ def selective_scan(
     return out
 
 
-def _knockout_in_kernel(backend, device, ssm_mask, state_override, inputs) -> Optional[EdgeRemoval]:
+def _knockout_in_kernel(backend, device, removals, state_override, inputs) -> Optional[EdgeRemoval]:
     """The S → T knockout the Triton kernel can apply in the same pass as the scan, or None.
 
     That is: the ``"triton"`` backend with its chunked kernel, exactly one structured
     removal (``Knockout`` hooks on one layer), no state override, and no gradient to
     take. Otherwise the knockout costs a separate scan (below), as on every backend.
     """
-    if ssm_mask is None or state_override is not None:
-        return None
-    removals = as_removal_list(ssm_mask)
-    if removals is None or len(removals) != 1:
+    if removals is None or len(removals) != 1 or state_override is not None:
         return None
     if needs_grad(*inputs):
         return None

@@ -52,10 +52,6 @@ import triton.language as tl
 from tl_mamba.ops.precision import compute_dtype, needs_grad
 from tl_mamba.ops.triton_scan import _FAILED_KERNELS, kernel_or_fallback, run_triton_scan
 
-def fuses_knockout() -> bool:
-    """Whether the forward kernel in use applies a single S → T knockout in the same pass."""
-    return KERNEL == "chunked" and "chunked selective-scan kernel" not in _FAILED_KERNELS
-
 
 KERNEL = "chunked"
 """Which forward kernel runs: ``"chunked"`` (parallel in time within tiles) or ``"sequential"``."""
@@ -66,6 +62,11 @@ BLOCK_T = 32
 """Positions per tile of the chunked kernel."""
 TILE_ENTRIES = 4096
 """At most this many state entries (BLOCK_T × BLOCK_E × n, padded) per tile of the chunked kernel."""
+
+
+def fuses_knockout() -> bool:
+    """Whether the forward kernel in use applies a single S → T knockout in the same pass."""
+    return KERNEL == "chunked" and "chunked selective-scan kernel" not in _FAILED_KERNELS
 
 
 @triton.jit
