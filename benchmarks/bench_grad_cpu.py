@@ -42,6 +42,18 @@ from _setup import Mamba2Shapes, Shapes, build_hf, build_hf_mamba2, build_ours  
 from _timing import interleaved  # noqa: E402
 
 
+def _forward_backward(loss_of, clear):
+    """A timed call: ``loss_of().backward()``, then ``clear()`` the gradients; with
+    ``backward=False`` it returns the loss instead (for :func:`saved_mb`)."""
+    def call(backward: bool = True):
+        loss = loss_of()
+        if not backward:
+            return loss
+        loss.backward()
+        clear()
+    return call
+
+
 def scan_contenders(b: int, p: int, e: int, n: int):
     from tl_mamba.ops.selective_scan import selective_scan
 
@@ -51,17 +63,15 @@ def scan_contenders(b: int, p: int, e: int, n: int):
               torch.randn(b, p, n, generator=g), torch.randn(e, generator=g)]
     leaves = [t.requires_grad_() for t in leaves]
 
-    def run(backend: str, states: bool):
-        def call(backward: bool = True):
-            out = selective_scan(*leaves, backend=backend, return_states=states)
-            if not backward:
-                return out.y.sum()
-            out.y.sum().backward()
-            for t in leaves:
-                t.grad = None
-        return call
+    def clear():
+        for t in leaves:
+            t.grad = None
 
-    return {"torch": run("torch", False), "torch+states": run("torch", True)}
+    def run(states: bool):
+        return _forward_backward(lambda: selective_scan(*leaves, backend="torch", return_states=states).y.sum(),
+                                 clear)
+
+    return {"torch": run(False), "torch+states": run(True)}
 
 
 def model_contenders(shapes, b: int, p: int):
@@ -70,14 +80,9 @@ def model_contenders(shapes, b: int, p: int):
     tokens = torch.randint(3, shapes.vocab, (b, p), generator=torch.Generator().manual_seed(1))
 
     def step(model, logits_of):
-        def call(backward: bool = True):
-            logits = logits_of(model, tokens)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-            if not backward:
-                return loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        return call
+        return _forward_backward(
+            lambda: F.cross_entropy(logits_of(model, tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()),
+            lambda: model.zero_grad(set_to_none=True))
 
     # same weights: the losses must agree before anything is timed
     with torch.no_grad():
