@@ -124,54 +124,58 @@ def selective_scan(
     removals = None if ssm_mask is None else as_removal_list(ssm_mask)  # S → T structure, or None (dense)
     for removal in removals or ():
         check_removal(removal, b, p, e, "channels")
+
+    def scan_then_remove() -> ScanOutput:
+        """The scan (with any state override), then the knocked-out terms subtracted, then the gate."""
+        # every implementation takes z; it can fuse the gate only when its y is the output
+        fuse_gate = z is not None and state_override is None and ssm_mask is None
+        if state_override is None:
+            out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states,
+                       **({"z": z} if fuse_gate else {}))
+        else:
+            def run(start, stop, init, want_states):
+                return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
+                            initial_state=init, return_states=want_states)
+
+            def read_out(state, t):  # y_t from an edited state [b, e, n]
+                y = torch.einsum("ben,bn->be", state, C[:, t].to(state.dtype))
+                return y + (D.to(state.dtype) * x[:, t].to(state.dtype) if D is not None else 0)
+
+            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
+            out = ScanOutput(y=y, final_state=final, states=states)
+        if ssm_mask is not None:
+            if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
+                def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
+                    window = slice(start, stop)
+                    return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,
+                                B[:, window], C[:, window], None, initial_state=None, return_states=False).y
+
+                out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape)
+            else:
+                if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
+                    raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
+
+                def contribution(sources: Tensor) -> Tensor:
+                    return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
+                                initial_state=None, return_states=False).y
+
+                out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
+                if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
+                    out.y = attach_mask_gradient(out.y, ssm_mask.expand(b, 1, p, p),
+                                                 lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))
+        if z is not None and not fuse_gate:
+            out.y = silu_gate(out.y, z)
+        return out
+
     knockout = _knockout_in_kernel(backend, x.device, removals, state_override,
                                    (x, delta, A, B, C, D, initial_state, z))
-    if knockout is not None:  # the Triton kernel applies it in the same pass, sharing every load
-        out = kernel_or_fallback("selective scan with a knockout in the same pass", x.device,
-                                 lambda: _triton(x, delta, A, B, C, D, initial_state=initial_state,
-                                                 return_states=return_states, z=z, removal=knockout),
-                                 lambda: None, "a separate knockout scan")
-        if out is not None:
-            return out
-    # every implementation takes z; it can fuse the gate only when its y is the output
-    fuse_gate = z is not None and state_override is None and ssm_mask is None
-    if state_override is None:
-        out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states,
-                   **({"z": z} if fuse_gate else {}))
-    else:
-        def run(start, stop, init, want_states):
-            return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
-                        initial_state=init, return_states=want_states)
-
-        def read_out(state, t):  # y_t from an edited state [b, e, n]
-            y = torch.einsum("ben,bn->be", state, C[:, t].to(state.dtype))
-            return y + (D.to(state.dtype) * x[:, t].to(state.dtype) if D is not None else 0)
-
-        y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
-        out = ScanOutput(y=y, final_state=final, states=states)
-    if ssm_mask is not None:
-        if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
-            def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
-                window = slice(start, stop)
-                return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,
-                            B[:, window], C[:, window], None, initial_state=None, return_states=False).y
-
-            out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape)
-        else:
-            if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
-                raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
-
-            def contribution(sources: Tensor) -> Tensor:
-                return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
-                            initial_state=None, return_states=False).y
-
-            out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
-            if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
-                out.y = attach_mask_gradient(out.y, ssm_mask.expand(b, 1, p, p),
-                                             lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))
-    if z is not None and not fuse_gate:
-        out.y = silu_gate(out.y, z)
-    return out
+    if knockout is None:
+        return scan_then_remove()
+    # the Triton kernel applies the knockout in the same pass, sharing every load
+    return kernel_or_fallback("selective scan with a knockout in the same pass", x.device,
+                              lambda: _triton(x, delta, A, B, C, D, initial_state=initial_state,
+                                              return_states=return_states, z=z, removal=knockout),
+                              scan_then_remove, "a separate knockout scan")
 
 
 def _knockout_in_kernel(backend, device, removals, state_override, inputs) -> Optional[EdgeRemoval]:
@@ -179,7 +183,7 @@ def _knockout_in_kernel(backend, device, removals, state_override, inputs) -> Op
 
     That is: the ``"triton"`` backend with its chunked kernel, exactly one structured
     removal (``Knockout`` hooks on one layer), no state override, and no gradient to
-    take. Otherwise the knockout costs a separate scan (below), as on every backend.
+    take. Otherwise the knockout costs a separate scan (scan_then_remove), as on every backend.
     """
     if removals is None or len(removals) != 1 or state_override is not None:
         return None

@@ -259,9 +259,12 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
     else:
         block_e = block_e or max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))
     grid = (b, triton.cdiv(e, block_e))
-    args = (x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final,
-            z if z is not None else x, y, h_final, states, bounds if n_bounds else y)
-    knockout = ()
+    # Both kernels take (tensors..., sizes...); the chunked one also takes the knockout
+    # pointers between them (placeholders when there is no knockout).
+    tensors = (x, delta, A, B, C, D if D is not None else x, h0 if h0 is not None else h_final,
+               z if z is not None else x, y, h_final, states, bounds if n_bounds else y)
+    sizes = (p, e, n, boundary_every or 1, n_bounds)
+    knockout = (y, y, y)
     if removal is not None:
         if kernel != "chunked":
             raise ValueError("only the chunked kernel applies a knockout in the same pass")
@@ -269,25 +272,26 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_e: 
         knockout = (removal.sources.to(x.device, torch.float32).contiguous(),
                     removal.targets.to(x.device, torch.float32).contiguous(),
                     features if features is not None else y)
-    args = args + (knockout or (y, y, y)) + (p, e, n, boundary_every or 1, n_bounds)
     flags = dict(HAS_D=D is not None, HAS_H0=h0 is not None, HAS_Z=z is not None, STORE_STATES=return_states,
                  STORE_BOUNDS=n_bounds > 0, ACC=tl.float64 if acc == torch.float64 else tl.float32,
                  BLOCK_E=block_e, BLOCK_N=block_n)
-    if removal is not None:  # no fallback here: the dispatcher's is the separate knockout scan
-        _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t, HAS_KO=True,
-                                                 HAS_FEAT=removal.features is not None)
-    elif kernel == "chunked":
-        def sequential():
-            sequential_flags = dict(flags, BLOCK_E=max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64)))
-            _selective_scan_fwd_kernel[(b, triton.cdiv(e, sequential_flags["BLOCK_E"]))](
-                *args[:12], *args[15:], **sequential_flags)
 
-        kernel_or_fallback("chunked selective-scan kernel", x.device,
-                           lambda: _selective_scan_chunked_fwd_kernel[grid](*args, **flags, BLOCK_T=block_t,
-                                                                            HAS_KO=False, HAS_FEAT=False),
-                           sequential, "the sequential kernel")
+    def chunked(has_knockout: bool):
+        _selective_scan_chunked_fwd_kernel[grid](
+            *tensors, *knockout, *sizes, **flags, BLOCK_T=block_t, HAS_KO=has_knockout,
+            HAS_FEAT=has_knockout and removal.features is not None)
+
+    def sequential(block_e: int = block_e):
+        _selective_scan_fwd_kernel[(b, triton.cdiv(e, block_e))](*tensors, *sizes, **dict(flags, BLOCK_E=block_e))
+
+    if removal is not None:  # no fallback here: the dispatcher's is the separate knockout scan
+        chunked(has_knockout=True)
+    elif kernel == "chunked":
+        kernel_or_fallback("chunked selective-scan kernel", x.device, lambda: chunked(has_knockout=False),
+                           lambda: sequential(max(1, min(triton.next_power_of_2(e), 4096 // block_n, 64))),
+                           "the sequential kernel")
     else:
-        _selective_scan_fwd_kernel[grid](*args[:12], *args[15:], **flags)
+        sequential()
     out = y, h_final, (states if return_states else None)
     return out if boundary_every is None else (*out, bounds)
 
