@@ -51,10 +51,38 @@ def needle_top(step: int, steps: int, max_len: int) -> int:
     return int(64 + (max(max_len, 64) - 64) * min(1.0, 2 * step / max(steps, 1)))
 
 
+@torch.no_grad()
+def mimetic_init_(model, a_max: float = 0.05, generator: Optional[torch.Generator] = None) -> None:
+    """Initialise every SSM to mimic causal linear attention (Trockman et al. 2024, "Mimetic
+    initialization helps state space models learn to recall").
+
+    Two changes to the default initialisation, both aimed at recall (needle, IOI):
+    C's projection starts equal to B's, so ``C_t · B_s`` starts as a similarity of
+    the two tokens (like ``q · k`` with tied queries and keys); and ``A`` starts near
+    zero (``-A`` uniform in ``[a_max / 100, a_max]``), so a state barely decays over a
+    few hundred tokens and nothing written early is lost before the query.
+    """
+    for block in model.blocks:
+        cfg, m = model.cfg, block.mixer
+        n, g = cfg.d_state, cfg.n_groups
+        if cfg.family == "mamba1":
+            r = cfg.dt_rank  # x_proj rows: [Δ (dt_rank) | B (d_state) | C (d_state)]
+            m.x_proj.weight[r + n:r + 2 * n] = m.x_proj.weight[r:r + n]
+        else:
+            e = cfg.d_inner  # in_proj rows: [z (e) | x (e) | B (g n) | C (g n) | Δ (heads)]; conv: [x | B | C]
+            m.in_proj.weight[2 * e + g * n:2 * e + 2 * g * n] = m.in_proj.weight[2 * e:2 * e + g * n]
+            m.conv1d.weight[e + g * n:e + 2 * g * n] = m.conv1d.weight[e:e + g * n]
+            if m.conv1d.bias is not None:
+                m.conv1d.bias[e + g * n:e + 2 * g * n] = m.conv1d.bias[e:e + g * n]
+        lo = math.log(a_max / 100)
+        u = torch.rand(m.A_log.shape, generator=generator)
+        m.A_log.copy_(lo + u * (math.log(a_max) - lo))
+
+
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
           max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
           sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3),
-          init_from: Optional[Path] = None) -> dict:
+          init_from: Optional[Path] = None, init: str = "default") -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
@@ -89,6 +117,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
                 previous.cfg.n_layers != cfg.n_layers or previous.cfg.d_state != cfg.d_state:
             raise ValueError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these sizes")
         model.load_state_dict(previous.state_dict())
+    elif init == "mimetic":
+        mimetic_init_(model)
     model = model.to(dev)
     model.set_backend("torch")
     model.train()
@@ -124,7 +154,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         steps_done = steps
 
     metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
-    metrics.update(arch=arch, sizes=spec, init_from=None if init_from is None else str(init_from), task_weights=list(task_weights), steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
+    metrics.update(arch=arch, sizes=spec, init=init if init_from is None else None,
+                   init_from=None if init_from is None else str(init_from), task_weights=list(task_weights), steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -172,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="sampling weights of facts,ioi,needle batches (default 0.4,0.3,0.3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training a saved toy model")
+    parser.add_argument("--init", choices=("default", "mimetic"), default="default",
+                        help="fresh initialisation: mamba_ssm's (default) or mimetic (recall-friendly, see mimetic_init_)")
     args = parser.parse_args(argv)
     weights = [float(w) for w in args.task_weights.split(",")]
     if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
@@ -182,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              if v is not None}
     metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
                     args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
-                    task_weights=weights, init_from=args.init_from)
+                    task_weights=weights, init_from=args.init_from, init=args.init)
     print(json.dumps(metrics, indent=2))
     return 0
 
