@@ -11,8 +11,11 @@ Contenders (interleaved rounds, see ``_timing.py``):
 
 - ``plain``: ``model(tokens)``.
 - ``knockout_ssm``: ``model.run_with_knockout(tokens, Knockout(all layers, sources=
-  3 subject-like positions, targets=[-1]))``: the structured S → T form, one extra
-  scan per layer and no p×p mask.
+  3 subject-like positions, targets=[-1]))``: the structured S → T form, no p×p
+  mask; its 3 edges per layer are few, so they are summed edge by edge (no extra scan).
+- ``knockout_ssm_scan``: the same knockout forced onto the extra-scan route
+  (``tl_mamba.ops.knockout.PAIRS_PER_SCANNED_POSITION = 0``), one scan per layer
+  cropped to first source → last target: what ``knockout_ssm`` cost before the edge route.
 - ``knockout_both``: the same with ``path="both"`` (the conv taps too).
 - ``knockout_per_row``: a batch of 4 rows, each with its own sources (``[b, p]``
   bool masks), against ``plain_batch4``.
@@ -39,6 +42,7 @@ from _env import machine_info, package_revision  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout  # noqa: E402
+from tl_mamba.ops import knockout as ops_knockout  # noqa: E402
 
 TARGET = 1.5
 
@@ -69,9 +73,19 @@ def contenders(model, p: int):
         return mask
 
     dense_hooks = [(f"blocks.{layer}.hook_ssm_mask", dense) for layer in range(n)]
+
+    def knockout_by_scan():
+        saved = ops_knockout.PAIRS_PER_SCANNED_POSITION
+        ops_knockout.PAIRS_PER_SCANNED_POSITION = 0.0
+        try:
+            return model.run_with_knockout(tokens, ko_ssm)
+        finally:
+            ops_knockout.PAIRS_PER_SCANNED_POSITION = saved
+
     return {
         "plain": lambda: model(tokens),
         "knockout_ssm": lambda: model.run_with_knockout(tokens, ko_ssm),
+        "knockout_ssm_scan": knockout_by_scan,
         "knockout_both": lambda: model.run_with_knockout(tokens, ko_both),
         "dense_mask_hook": lambda: model.run_with_hooks(tokens, fwd_hooks=dense_hooks),
         "plain_batch4": lambda: model(batch),
@@ -101,8 +115,10 @@ def main() -> int:
             calls = contenders(model, args.p)
             # agreement: the structured knockout equals the dense mask hook
             diff = float((calls["knockout_ssm"]() - calls["dense_mask_hook"]()).abs().max())
+            diff_routes = float((calls["knockout_ssm"]() - calls["knockout_ssm_scan"]()).abs().max())
             timings = interleaved(calls, repeats=repeats, warmup=1, log=print)
-        family_result = {"structured_vs_dense_max_abs_diff": diff, "median_s": {}, "ratio": {}}
+        family_result = {"structured_vs_dense_max_abs_diff": diff, "edges_vs_scan_max_abs_diff": diff_routes,
+                         "median_s": {}, "ratio": {}}
         for name in calls:
             base = "plain_batch4" if name in ("plain_batch4", "knockout_per_row") else "plain"
             ratio = timings.paired_ratio(name, base)
@@ -114,7 +130,8 @@ def main() -> int:
         family_result["target_met"] = met
         results["families"][family] = family_result
         print(f"{family}: knockout_ssm / plain = {family_result['ratio']['knockout_ssm']:.2f} "
-              f"(target <= {TARGET}: {'met' if met else 'NOT met'}); structured vs dense max |diff| {diff:.2e}")
+              f"(target <= {TARGET}: {'met' if met else 'NOT met'}); structured vs dense max |diff| {diff:.2e}, "
+              f"edges vs scan {diff_routes:.2e}")
     lines += ["", f"Target: knockout_ssm / plain <= {TARGET}."]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

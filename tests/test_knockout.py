@@ -9,6 +9,8 @@ ordinary forward, so everything downstream is the model's own computation.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -141,9 +143,18 @@ def family(request):
     return request.param
 
 
+@pytest.fixture(params=["scan", "edges"])
+def route(request, monkeypatch):
+    """Force the S → T knockout's route: one extra scan, or edge by edge (pair_terms)."""
+    from tl_mamba.ops import knockout as ops_knockout
+
+    monkeypatch.setattr(ops_knockout, "PAIRS_PER_SCANNED_POSITION", 0.0 if request.param == "scan" else 1e9)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("path", ["ssm", "conv", "both"])
-def test_knockout_matches_brute_force(family, path, backend):
+def test_knockout_matches_brute_force(family, path, backend, route):
     model = make_model(family).set_backend(backend)
     tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(1))
     ko = Knockout(layers=[0, 1], sources=[1, 2, -5], targets=[-1, -3, 4], path=path)
@@ -156,7 +167,7 @@ def test_knockout_matches_brute_force(family, path, backend):
 
 
 @pytest.mark.parametrize("path", ["ssm", "conv", "both"])
-def test_feature_restricted_knockout(family, path):
+def test_feature_restricted_knockout(family, path, route):
     model = make_model(family)
     tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(2))
     features = [0, 1] if family == "mamba2" else [0, 3, 5, 17]
@@ -171,7 +182,7 @@ def test_feature_restricted_knockout(family, path):
 
 
 @pytest.mark.parametrize("path", ["ssm", "conv"])
-def test_per_row_masks(family, path):
+def test_per_row_masks(family, path, route):
     """[b, p] bool sources/targets: one different knockout per batch row in one forward."""
     model = make_model(family)
     tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(3))
@@ -241,7 +252,7 @@ def test_all_ones_mask_changes_nothing(family):
     torch.testing.assert_close(empty, plain, rtol=0, atol=0)
 
 
-def test_union_of_overlapping_knockouts(family):
+def test_union_of_overlapping_knockouts(family, route):
     """Two knockouts sharing edges remove their union (each edge once), like one mask."""
     model = make_model(family)
     tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(6))
@@ -292,6 +303,57 @@ def test_knockout_hooks_compose_with_cache(family):
     mask = cache["blocks.1.hook_ssm_mask"]
     assert float(mask[:, :, -1, 2].max()) == 0.0 and float(mask.sum()) == mask.numel() - mask.shape[0] * mask.shape[1]
     torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_sparse_knockout_goes_edge_by_edge_dense_one_scans(family, monkeypatch):
+    """The default route: 2 sources → last (2 edges over 8 scanned positions) is computed
+    edge by edge with no extra scan; 4 sources → 4 targets (16 edges) costs the scan.
+    Both equal the brute-force reference."""
+    from tl_mamba.ops import knockout as ops_knockout
+
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(7))
+    used = {"edges": 0}
+    real = ops_knockout.removed_terms
+
+    def spy(contribution_by_row, removals, layout, shape, pairs=None):  # counts calls of the edge route
+        def counted(*args):
+            used["edges"] += 1
+            return pairs(*args)
+        return real(contribution_by_row, removals, layout, shape, None if pairs is None else counted)
+
+    for module in ("tl_mamba.ops.selective_scan", "tl_mamba.ops.ssd"):
+        monkeypatch.setattr(sys.modules[module], "removed_terms", spy)
+    cases = [([1, 2], [8], 1), ([1, 2, 3, 4], [5, 6, 7, 8], 0)]
+    for sources, targets, edge_calls in cases:
+        used["edges"] = 0
+        with torch.no_grad():
+            ours = model.run_with_knockout(tokens, Knockout(layers=[1], sources=sources, targets=targets))
+        assert used["edges"] == edge_calls, (sources, targets)
+        ref = reference_forward(model, tokens, [1], [sources] * B, [targets] * B, "ssm")
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_pair_terms_gradcheck(family):
+    """The edge-by-edge terms are differentiable in x, Δ, A, B and C (float64 gradcheck)."""
+    from tl_mamba.ops.knockout import pair_terms_bpe, pair_terms_bphd
+
+    gen = torch.Generator().manual_seed(8)
+
+    def rand(*shape, positive=False):
+        t = torch.rand(shape, generator=gen, dtype=torch.float64)
+        return (t * 0.5 + 0.05 if positive else t - 0.5).requires_grad_()
+
+    targets, sources = torch.tensor([4, 4, 6]), torch.tensor([1, 4, 2])
+    if family == "mamba1":
+        inputs = (rand(2, 7, 3), rand(2, 7, 3, positive=True), -rand(3, 2, positive=True), rand(2, 7, 2),
+                  rand(2, 7, 2))
+        fn = pair_terms_bpe
+    else:
+        inputs = (rand(2, 7, 4, 2), rand(2, 7, 4, positive=True), -rand(4, positive=True), rand(2, 7, 2, 3),
+                  rand(2, 7, 2, 3))
+        fn = pair_terms_bphd
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, targets, sources), inputs)
 
 
 # ------------------------------------------------------------------ hidden attention

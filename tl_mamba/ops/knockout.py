@@ -17,8 +17,11 @@ Same result, exact either way.
 A mask with S → T structure need not be materialised at all: :class:`EdgeRemoval`
 describes it by its sources and targets (one set per batch row) and the features
 (heads or channels) it touches, and :func:`removed_terms` computes
-``1_T ⊙ F ⊙ scan(x ⊙ 1_S)`` directly: one extra scan and no p×p tensor.
-The dispatchers accept either form as ``ssm_mask``.
+``1_T ⊙ F ⊙ scan(x ⊙ 1_S)`` directly: one extra scan and no p×p tensor. When
+the removal has few edges (a few sources → the last token, the usual experiment)
+it sums ``α[i, j] x_j`` over its edges instead (:func:`pair_terms_bpe`,
+:func:`pair_terms_bphd`): no scan at all, each edge about the cost of one scanned
+position. The dispatchers accept either form as ``ssm_mask``.
 
 A dense mask that requires grad (knockout attribution) also gets a gradient:
 y_i depends on M[i, j] through ``M[i, j]·α[i, j]·x_j``, so
@@ -80,8 +83,15 @@ SSMMask = Union[Tensor, Sequence[EdgeRemoval]]
 
 
 def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], removals: Sequence[EdgeRemoval],
-                  target_layout: str, shape: Sequence[int]) -> Tensor:
+                  target_layout: str, shape: Sequence[int],
+                  pair_terms: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
     """Σ over removals of ``1_T ⊙ F ⊙ scan(x ⊙ 1_S)``: the knocked-out part of y, one scan each.
+
+    A removal with few edges (a few sources → a few targets, the usual knockout) is
+    computed edge by edge instead, ``Σ_{j ∈ S} α[i, j] x_j`` for each target i, when
+    ``pair_terms`` is given and the edges number at most :data:`PAIRS_PER_SCANNED_POSITION`
+    times the positions the scan would cover. Same result (tests compare both with an
+    explicit hidden-attention matrix); each edge costs about what one scanned position does.
 
     Args:
         contribution_by_row: ``contribution_by_row(sources [b, p], start, stop)`` returns the scan
@@ -92,6 +102,9 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
         removals: pairwise disjoint (see :func:`any_overlap`).
         target_layout: ``"bpe"`` (features are channels) or ``"bphd"`` (features are heads).
         shape: the shape of y, ``[b, p, e]`` or ``[b, p, h, hd]``.
+        pair_terms: ``pair_terms(targets [P], sources [P])`` (position indices, source ≤ target)
+            returns ``α[i, j] x_j`` for each pair: ``[b, P, e]`` or ``[b, P, h, hd]``
+            (:func:`pair_terms_bpe`, :func:`pair_terms_bphd`); None: always scan.
 
     Returns:
         ``[*shape]`` fp32 (a 0-dim zero when nothing is removed).
@@ -105,22 +118,106 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
         start, stop = int(any_source[0]), int(any_target[-1]) + 1
         if start >= stop:  # every target precedes every source: no edge
             continue
+        target_of_pair, source_of_pair = _edges(any_target[:, 0], any_source[:, 0])
+        if pair_terms is not None and len(target_of_pair) <= PAIRS_PER_SCANNED_POSITION * (stop - start):
+            part = pair_terms(target_of_pair, source_of_pair)  # [b, P, *features]
+            # each row removes only its own sources → targets
+            rows = (removal.sources[:, source_of_pair].float() * removal.targets[:, target_of_pair].float())
+            part = _feature_weight(rows.to(part), removal.features, target_layout) * part
+            if total is None:
+                total = part.new_zeros(shape)
+            total.index_add_(1, target_of_pair.to(part.device), part)
+            continue
         part = contribution_by_row(removal.sources, start, stop)
-        targets = removal.targets[:, start:stop].to(part.dtype)
-        if target_layout == "bpe":
-            weight = targets[..., None]  # [b, L, 1]
-            if removal.features is not None:
-                weight = weight * removal.features.to(part.dtype)  # [b, L, e]
-        elif target_layout == "bphd":
-            weight = targets[..., None, None]  # [b, L, 1, 1]
-            if removal.features is not None:
-                weight = weight * removal.features.to(part.dtype)[:, None]  # [b, L, h, 1]
-        else:
-            raise ValueError(f"unknown target_layout {target_layout!r}")
+        weight = _feature_weight(removal.targets[:, start:stop].to(part.dtype), removal.features, target_layout)
         if total is None:
             total = part.new_zeros(shape)
         total[:, start:stop] += weight * part
     return torch.zeros(()) if total is None else total
+
+
+PAIRS_PER_SCANNED_POSITION = 0.5
+"""An S → T removal is computed edge by edge (``pair_terms``) when it has at most this
+many edges per position its extra scan would cover (first source to last target);
+otherwise by that scan. One edge costs about one scanned position (Mamba-1: one
+``[e, n]`` decay each), so 0.5 keeps the edge form to where it is clearly cheaper."""
+
+
+def _edges(targets: Tensor, sources: Tensor):
+    """Every (target, source) pair with source ≤ target: two ``[P]`` index tensors."""
+    t, s = torch.meshgrid(targets, sources, indexing="ij")
+    keep = s <= t
+    return t[keep], s[keep]
+
+
+def _feature_weight(weight: Tensor, features: Optional[Tensor], target_layout: str) -> Tensor:
+    """``weight [b, L]`` (which rows and positions) times the removal's features, broadcastable
+    against ``[b, L, e]`` (``"bpe"``) or ``[b, L, h, hd]`` (``"bphd"``)."""
+    if target_layout == "bpe":
+        weight = weight[..., None]  # [b, L, 1]
+        return weight if features is None else weight * features.to(weight)  # [b, L, e]
+    if target_layout == "bphd":
+        weight = weight[..., None, None]  # [b, L, 1, 1]
+        return weight if features is None else weight * features.to(weight)[:, None]  # [b, L, h, 1]
+    raise ValueError(f"unknown target_layout {target_layout!r}")
+
+
+def _pair_spans(delta: Tensor, targets: Tensor, sources: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_{k=j+1..i} Δ_k`` for each pair (i, j): ``delta [b, p, F]`` → ``[b, P, F]``.
+
+    The cumulative sum is taken in float64 so that the difference of two long sums keeps its precision.
+    """
+    cumulative = torch.cumsum(delta.double(), dim=1)
+    return (cumulative[:, targets] - cumulative[:, sources]).to(dtype)
+
+
+def pair_terms_bpe(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, targets: Tensor, sources: Tensor,
+                   chunk_bytes: int = 2**27) -> Tensor:
+    """Mamba-1: ``α[i, j] x_j`` per channel for each pair (i, j) = (targets[k], sources[k]).
+
+    ``α[i, j][e] x_j[e] = Σ_n C_i[n] · exp(A[e, n] Σ_{k=j+1..i} Δ_k[e]) · B_j[n] · Δ_j[e] x_j[e]``.
+
+    Args:
+        x, delta: ``[b, p, e]``. A: ``[e, n]``. B, C: ``[b, p, n]``.
+        targets, sources: ``[P]`` position indices, sources[k] ≤ targets[k].
+        chunk_bytes: working memory per chunk of pairs (one ``[b, pairs, e, n]`` decay).
+
+    Returns:
+        ``[b, P, e]`` in the compute dtype (float64 if any input is, else float32); differentiable.
+    """
+    b, _, e = x.shape
+    n = A.shape[-1]
+    dtype = _compute_dtype(x, delta, A, B, C)
+    x, dt, A, B, C = (t.to(dtype) for t in (x, delta, A, B, C))
+    chunk = max(1, chunk_bytes // max(1, 2 * b * e * n * 8))
+    parts = []
+    for start in range(0, len(targets), chunk):
+        i, j = targets[start:start + chunk], sources[start:start + chunk]
+        decay = torch.exp(_pair_spans(delta, i, j, dtype)[..., None] * A)  # [b, P, e, n]
+        read = torch.einsum("bken,bkn->bke", decay, C[:, i] * B[:, j])  # [b, P, e]
+        parts.append(read * dt[:, j] * x[:, j])
+    return torch.cat(parts, dim=1)
+
+
+def pair_terms_bphd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, targets: Tensor,
+                    sources: Tensor) -> Tensor:
+    """Mamba-2: ``α_h[i, j] x_j[h]`` for each pair (i, j) = (targets[k], sources[k]).
+
+    ``α_h[i, j] = (C_i · B_j) · exp(A_h Σ_{k=j+1..i} Δ_k[h]) · Δ_j[h]``.
+
+    Args:
+        x: ``[b, p, h, hd]``. delta: ``[b, p, h]``. A: ``[h]``. B, C: ``[b, p, g, n]``.
+        targets, sources: ``[P]`` position indices, sources[k] ≤ targets[k].
+
+    Returns:
+        ``[b, P, h, hd]`` in the compute dtype (float64 if any input is, else float32); differentiable.
+    """
+    h, g = x.shape[2], B.shape[2]
+    dtype = _compute_dtype(x, delta, A, B, C)
+    x, dt, A, B, C = (t.to(dtype) for t in (x, delta, A, B, C))
+    cb = (C[:, targets] * B[:, sources]).sum(-1).repeat_interleave(h // g, dim=2)  # [b, P, h]
+    alpha = cb * torch.exp(_pair_spans(delta, targets, sources, dtype) * A) * dt[:, sources]  # [b, P, h]
+    return alpha[..., None] * x[:, sources]
 
 
 def any_overlap(removals: Sequence[EdgeRemoval]) -> bool:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_removal,
-                                  edge_gradient_bpe, knocked_out_terms, removed_terms)
+                                  edge_gradient_bpe, knocked_out_terms, pair_terms_bpe, removed_terms)
 from tl_mamba.ops.precision import needs_grad, silu_gate
 from tl_mamba.ops.triton_scan import kernel_or_fallback
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
@@ -150,7 +150,10 @@ def selective_scan(
                     return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,
                                 B[:, window], C[:, window], None, initial_state=None, return_states=False).y
 
-                out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape)
+                def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, e]: α[i, j] x_j per channel
+                    return pair_terms_bpe(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
+
+                out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape, pairs)
             else:
                 if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
                     raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")

@@ -28,7 +28,7 @@ from torch import Tensor
 from tl_mamba.backends import pick_implementation
 from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal,
                                   dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
-                                  removed_terms)
+                                  pair_terms_bphd, removed_terms)
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
@@ -151,7 +151,10 @@ def ssd_scan(
                 return impl(xs, delta[:, window], A, B[:, window], C[:, window], None, initial_state=None,
                             return_states=False).y
 
-            out.y = out.y - removed_terms(contribution_by_row, removals, "bphd", out.y.shape)
+            def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, h, hd]: α_h[i, j] x_j[h]
+                return pair_terms_bphd(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
+
+            out.y = out.y - removed_terms(contribution_by_row, removals, "bphd", out.y.shape, pairs)
         else:
             if tuple(ssm_mask.shape) != (b, h, p, p) and tuple(ssm_mask.shape) != (b, 1, p, p):
                 raise ValueError(f"ssm_mask must be [b, h, p, p] = {(b, h, p, p)}, got {tuple(ssm_mask.shape)}")
