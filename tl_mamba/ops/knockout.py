@@ -5,7 +5,7 @@ of y_i that comes from a set of sources S is ``scan(x ⊙ 1_S)_i`` (with no D
 skip). Removing the edges j → i where ``mask[i, j] == 0`` therefore costs one
 extra scan per distinct *column pattern* of the mask: the sources whose columns
 knock out the same targets (in every batch row and head) are scanned together.
-An S → T knockout is one extra scan.
+An S → T knockout is at most one extra scan (none when it has few edges, below).
 
 A general mask with many column patterns (a random or learned p×p mask) would
 cost many scans. For Mamba-2, past :func:`dense_mask_after` patterns the removed part is computed in the

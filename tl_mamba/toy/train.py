@@ -155,7 +155,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
 
     metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
     metrics.update(arch=arch, sizes=spec, init=init if init_from is None else None,
-                   init_from=None if init_from is None else str(init_from), task_weights=list(task_weights), steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
+                   init_from=None if init_from is None else str(init_from), task_weights=list(task_weights),
+                   steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -204,7 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training a saved toy model")
     parser.add_argument("--init", choices=("default", "mimetic"), default="default",
-                        help="fresh initialisation: mamba_ssm's (default) or mimetic (recall-friendly, see mimetic_init_)")
+                        help="fresh initialisation: mamba_ssm's (default) or mimetic (recall-friendly; "
+                             "see mimetic_init_)")
     args = parser.parse_args(argv)
     weights = [float(w) for w in args.task_weights.split(",")]
     if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:

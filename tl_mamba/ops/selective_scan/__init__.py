@@ -23,7 +23,8 @@ with no code of its own:
   α[i, j]·x_j by linearity. With Δ, B and C fixed, y is linear in x, so the
   knocked-out part is ``1_T ⊙ scan(x ⊙ 1_S)`` with no D skip. Source columns of
   the mask that knock out the same targets are grouped, so an S→T knockout costs
-  one extra scan and a general p×p mask one scan per distinct column pattern.
+  one extra scan (or, with few edges, a sum over its edges and no scan) and a
+  general p×p mask one scan per distinct column pattern.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def selective_scan(
             y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
             out = ScanOutput(y=y, final_state=final, states=states)
         if ssm_mask is not None:
-            if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
+            # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
+            if removals is not None:
                 def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
                     window = slice(start, stop)
                     return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,

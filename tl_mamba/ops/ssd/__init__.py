@@ -141,7 +141,7 @@ def ssd_scan(
 
     if ssm_mask is not None:
         removals = as_removal_list(ssm_mask)
-        if removals is not None:  # S → T structure: one scan per removal, no p × p tensor
+        if removals is not None:  # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
             for removal in removals:
                 check_removal(removal, b, p, h, "heads")
 
