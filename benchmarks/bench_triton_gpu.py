@@ -16,8 +16,9 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
 2. Speed at 130m widths, 4 layers, vocab 8192, batch 1, ``--p`` (2048), median of
    interleaved rounds (``_timing.py``), each call followed by ``cuda.synchronize``:
    ``triton`` and ``torch`` forwards, ``knockout`` (Triton, all layers, 3 sources →
-   last; for Mamba-1 applied in the same pass as the scan, and, to compare, as a
-   separate knockout scan), ``hook_h`` cached forward (Triton), transformers' forward (its own path:
+   last; for Mamba-1 applied in the same pass as the scan, for Mamba-2 summed edge by
+   edge; to compare, Mamba-1 edge by edge and both as a separate knockout scan),
+   ``hook_h`` cached forward (Triton), transformers' forward (its own path:
    the fused mamba_ssm kernels when installed, else its torch fallback), and the
    TransformerLens bridge's eager-scan ``hook_ssm_state`` cache.
 3. The scans alone at 130m widths, batch 1, ``--p``, fp32 and bf16: ``triton``
@@ -290,18 +291,29 @@ def contenders(family, hf, model, p, device, with_bridge):
         "hook_h_cache_triton": backend("triton", lambda: model.run_with_cache(tokens, names_filter=names)),
         "transformers": lambda: hf(tokens),
     }
-    if family == "mamba1":  # the knockout in the same pass (default) against a separate knockout scan
-        def separate_scan():
+    def knockout_route(fuse: bool, pairs_per_position: float):
+        """The knockout with Mamba-1's same-pass kernel on or off and the edge route's threshold set."""
+        def call():
+            from tl_mamba.ops import knockout as ops_knockout
             from tl_mamba.ops.selective_scan import triton_kernel
 
-            fused, triton_kernel.fuses_knockout = triton_kernel.fuses_knockout, lambda: False
+            saved = triton_kernel.fuses_knockout, ops_knockout.PAIRS_PER_SCANNED_POSITION
+            if not fuse:
+                triton_kernel.fuses_knockout = lambda: False
+            ops_knockout.PAIRS_PER_SCANNED_POSITION = pairs_per_position
             try:
                 model.set_backend("triton")
                 return model.run_with_knockout(tokens, ko)
             finally:
-                triton_kernel.fuses_knockout = fused
+                triton_kernel.fuses_knockout, ops_knockout.PAIRS_PER_SCANNED_POSITION = saved
+        return call
 
-        calls["knockout_triton_separate_scan"] = separate_scan
+    # the default (Mamba-1: in the same pass as the scan; Mamba-2: edge by edge) against the other routes
+    from tl_mamba.ops.knockout import PAIRS_PER_SCANNED_POSITION
+
+    if family == "mamba1":
+        calls["knockout_triton_edges"] = knockout_route(False, PAIRS_PER_SCANNED_POSITION)
+    calls["knockout_triton_separate_scan"] = knockout_route(False, 0.0)
     if with_bridge:
         try:
             from _setup import build_bridge, set_eager_scan
