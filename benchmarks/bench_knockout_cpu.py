@@ -14,7 +14,7 @@ Contenders (interleaved rounds, see ``_timing.py``):
   3 subject-like positions, targets=[-1]))``: the structured S → T form, no p×p
   mask; its 3 edges per layer are few, so they are summed edge by edge (no extra scan).
 - ``knockout_ssm_scan``: the same knockout forced onto the extra-scan route
-  (``tl_mamba.ops.knockout.PAIRS_PER_SCANNED_POSITION = 0``), one scan per layer
+  (``tl_mamba.ops.knockout.PAIRS_PER_SCANNED_POSITION`` set to 0), one scan per layer
   cropped to first source → last target: what ``knockout_ssm`` cost before the edge route.
 - ``knockout_both``: the same with ``path="both"`` (the conv taps too).
 - ``knockout_per_row``: a batch of 4 rows, each with its own sources (``[b, p]``
@@ -76,7 +76,7 @@ def contenders(model, p: int):
 
     def knockout_by_scan():
         saved = ops_knockout.PAIRS_PER_SCANNED_POSITION
-        ops_knockout.PAIRS_PER_SCANNED_POSITION = 0.0
+        ops_knockout.PAIRS_PER_SCANNED_POSITION = {"bpe": 0.0, "bphd": 0.0}
         try:
             return model.run_with_knockout(tokens, ko_ssm)
         finally:

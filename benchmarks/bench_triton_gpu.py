@@ -291,7 +291,7 @@ def contenders(family, hf, model, p, device, with_bridge):
         "hook_h_cache_triton": backend("triton", lambda: model.run_with_cache(tokens, names_filter=names)),
         "transformers": lambda: hf(tokens),
     }
-    def knockout_route(fuse: bool, pairs_per_position: float):
+    def knockout_route(fuse: bool, pairs_per_position: dict):
         """The knockout with Mamba-1's same-pass kernel on or off and the edge route's threshold set."""
         def call():
             from tl_mamba.ops import knockout as ops_knockout
@@ -313,7 +313,7 @@ def contenders(family, hf, model, p, device, with_bridge):
 
     if family == "mamba1":
         calls["knockout_triton_edges"] = knockout_route(False, PAIRS_PER_SCANNED_POSITION)
-    calls["knockout_triton_separate_scan"] = knockout_route(False, 0.0)
+    calls["knockout_triton_separate_scan"] = knockout_route(False, {"bpe": 0.0, "bphd": 0.0})
     if with_bridge:
         try:
             from _setup import build_bridge, set_eager_scan

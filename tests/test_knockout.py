@@ -148,7 +148,8 @@ def route(request, monkeypatch):
     """Force the S → T knockout's route: one extra scan, or edge by edge (pair_terms)."""
     from tl_mamba.ops import knockout as ops_knockout
 
-    monkeypatch.setattr(ops_knockout, "PAIRS_PER_SCANNED_POSITION", 0.0 if request.param == "scan" else 1e9)
+    per_position = 0.0 if request.param == "scan" else 1e9
+    monkeypatch.setattr(ops_knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": per_position, "bphd": per_position})
     return request.param
 
 
@@ -305,14 +306,14 @@ def test_knockout_hooks_compose_with_cache(family):
     torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
 
 
-def test_sparse_knockout_goes_edge_by_edge_dense_one_scans(family, monkeypatch):
-    """The default route: 2 sources → last (2 edges over 8 scanned positions) is computed
-    edge by edge with no extra scan; 4 sources → 4 targets (16 edges) costs the scan.
-    Both equal the brute-force reference."""
+def test_default_route_by_edges_per_position(family, monkeypatch):
+    """The default route (``PAIRS_PER_SCANNED_POSITION``: Mamba-1 0.5, Mamba-2 8 edges per
+    scanned position): 2 sources → last (2 edges over 8 positions) goes edge by edge in both
+    families; 4 → 4 (16 edges over 8) scans for Mamba-1 and goes edge by edge for Mamba-2;
+    20 → 20 over 40 positions (10 per position) scans for Mamba-2. All equal the brute force."""
     from tl_mamba.ops import knockout as ops_knockout
 
     model = make_model(family)
-    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(7))
     used = {"edges": 0}
     real = ops_knockout.removed_terms
 
@@ -324,13 +325,17 @@ def test_sparse_knockout_goes_edge_by_edge_dense_one_scans(family, monkeypatch):
 
     for module in ("tl_mamba.ops.selective_scan", "tl_mamba.ops.ssd"):
         monkeypatch.setattr(sys.modules[module], "removed_terms", spy)
-    cases = [([1, 2], [8], 1), ([1, 2, 3, 4], [5, 6, 7, 8], 0)]
-    for sources, targets, edge_calls in cases:
+    cases = [(P, [1, 2], [8], 1), (P, [1, 2, 3, 4], [5, 6, 7, 8], 0 if family == "mamba1" else 1)]
+    if family == "mamba2":
+        cases.append((40, list(range(20)), list(range(20, 40)), 0))
+    for length, sources, targets, edge_calls in cases:
+        tokens = torch.randint(0, 50, (B, length), generator=torch.Generator().manual_seed(7))
         used["edges"] = 0
         with torch.no_grad():
             ours = model.run_with_knockout(tokens, Knockout(layers=[1], sources=sources, targets=targets))
         assert used["edges"] == edge_calls, (sources, targets)
         ref = reference_forward(model, tokens, [1], [sources] * B, [targets] * B, "ssm")
+        assert (ref - model(tokens).detach()).abs().max() > 1e-4  # the knockout does something
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
 
 

@@ -501,9 +501,12 @@ def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
     used(chunked=1)
     ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="triton")
     used(recurrent=1)
-    # 16 edges over 8 positions: the knockout takes the extra scan, not the edge-by-edge form
-    removal = EdgeRemoval(sources=torch.zeros(1, p).index_fill_(1, torch.tensor([2, 3, 4, 5]), 1.0),
-                          targets=torch.zeros(1, p).index_fill_(1, torch.tensor([6, 7, 8, 9]), 1.0))
+    # the knockout's extra scan (not the edge-by-edge form, which runs no kernel)
+    from tl_mamba.ops import knockout as ops_knockout
+
+    monkeypatch.setattr(ops_knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": 0.0, "bphd": 0.0})
+    removal = EdgeRemoval(sources=torch.zeros(1, p).index_fill_(1, torch.tensor([2]), 1.0),
+                          targets=torch.zeros(1, p).index_fill_(1, torch.tensor([8]), 1.0))
     ko = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="triton")
     assert calls["recurrent"] == 0 and calls["chunked"] >= 2
     calls.update(chunked=0)

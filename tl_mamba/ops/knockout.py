@@ -90,7 +90,7 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
     A removal with few edges (a few sources → a few targets, the usual knockout) is
     computed edge by edge instead, ``Σ_{j ∈ S} α[i, j] x_j`` for each target i, when
     ``pair_terms`` is given and the edges number at most :data:`PAIRS_PER_SCANNED_POSITION`
-    times the positions the scan would cover. Same result (tests compare both with an
+    (per family) times the positions the scan would cover. Same result (tests compare both with an
     explicit hidden-attention matrix); each edge costs about what one scanned position does.
 
     Args:
@@ -119,7 +119,8 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
         if start >= stop:  # every target precedes every source: no edge
             continue
         target_of_pair, source_of_pair = _edges(any_target[:, 0], any_source[:, 0])
-        if pair_terms is not None and len(target_of_pair) <= PAIRS_PER_SCANNED_POSITION * (stop - start):
+        edges_allowed = PAIRS_PER_SCANNED_POSITION[target_layout] * (stop - start)
+        if pair_terms is not None and len(target_of_pair) <= edges_allowed:
             part = pair_terms(target_of_pair, source_of_pair)  # [b, P, *features]
             # each row removes only its own sources → targets
             rows = (removal.sources[:, source_of_pair].float() * removal.targets[:, target_of_pair].float())
@@ -136,11 +137,14 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
     return torch.zeros(()) if total is None else total
 
 
-PAIRS_PER_SCANNED_POSITION = 0.5
+PAIRS_PER_SCANNED_POSITION = {"bpe": 0.5, "bphd": 8.0}
 """An S → T removal is computed edge by edge (``pair_terms``) when it has at most this
 many edges per position its extra scan would cover (first source to last target);
-otherwise by that scan. One edge costs about one scanned position (Mamba-1: one
-``[e, n]`` decay each), so 0.5 keeps the edge form to where it is clearly cheaper."""
+otherwise by that scan. Keyed by target layout, that is by family. Measured on CPU
+at 130m widths, p = 512 (docs/performance.md, "CPU: knockout"): a Mamba-1 edge costs
+about one scanned position (one ``[e, n]`` decay each), so 0.5 keeps the edge form to
+where it is clearly cheaper; a Mamba-2 edge (a scalar decay per head) costs about
+1/15 of a scanned position, so edges win up to about 15 per position, and 8 leaves margin."""
 
 
 def _edges(targets: Tensor, sources: Tensor):
