@@ -199,7 +199,7 @@ def test_per_row_masks(family, path, route):
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
 
 
-def test_plain_mask_hook_matches_brute_force(family):
+def test_plain_mask_hook_matches_brute_force(family, route):
     """hook_ssm_mask is an ordinary hook: zeroing entries by hand is the knockout."""
     model = make_model(family)
     tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(4))

@@ -325,8 +325,15 @@ def _random_mask(b, p, seed, density=0.6):
     return (torch.rand(b, 1, p, p, generator=g) < density).float()  # entries above the diagonal too
 
 
+@pytest.mark.parametrize("route", ["scans", "edges"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ssm_mask_equals_masked_hidden_attention(backend):
+def test_ssm_mask_equals_masked_hidden_attention(backend, route, monkeypatch):
+    """Whether the removed terms come from one scan per column pattern or edge by edge
+    (forced with ``PAIRS_PER_SCANNED_POSITION``), against the float64 closed form."""
+    from tl_mamba.ops import knockout
+
+    per_position = 1e9 if route == "edges" else 0.0
+    monkeypatch.setattr(knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": per_position, "bphd": per_position})
     b, p, e, n = 3, 12, 4, 3
     x, delta, A, B, C, D, _ = make_inputs(b, p, e, n, seed=51)
     mask = _random_mask(b, p, seed=52)  # a different random mask per batch row

@@ -340,15 +340,18 @@ def test_ssm_mask_broadcast_over_heads_and_all_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", ["scans", "quadratic"])
+@pytest.mark.parametrize("path", ["scans", "quadratic", "edges"])
 @pytest.mark.parametrize("mask_heads", [1, 4])
-def test_dense_mask_both_paths_match_masked_hidden_attention(backend, path, mask_heads, monkeypatch):
+def test_dense_mask_every_path_matches_masked_hidden_attention(backend, path, mask_heads, monkeypatch):
     """A general mask (random, fractional, per head or shared) removes the same terms whether
-    it costs one scan per column pattern or goes through the quadratic form (forced here with
-    ``DENSE_MASK_AFTER``), against the brute-force hidden-attention matrix, values and gradients."""
+    it costs one scan per column pattern, goes through the quadratic form, or is summed edge
+    by edge (each forced here with ``DENSE_MASK_AFTER`` and ``PAIRS_PER_SCANNED_POSITION``),
+    against the brute-force hidden-attention matrix, values and gradients."""
     from tl_mamba.ops import knockout, ssd
 
     monkeypatch.setattr(knockout, "DENSE_MASK_AFTER", 0 if path == "quadratic" else 10**9)
+    per_position = 1e9 if path == "edges" else 0.0
+    monkeypatch.setattr(knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": per_position, "bphd": per_position})
     calls = []
     quadratic = ssd.dense_removed_terms_bphd
     monkeypatch.setattr(ssd, "dense_removed_terms_bphd", lambda *a, **k: calls.append(1) or quadratic(*a, **k))

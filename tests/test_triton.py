@@ -757,6 +757,7 @@ def test_dense_mask_through_triton_uses_masked_tiles(monkeypatch):
     from tl_mamba.ops.ssd import triton_masked
 
     monkeypatch.setattr(knockout, "DENSE_MASK_AFTER", 2)
+    monkeypatch.setattr(knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": 0.0, "bphd": 0.0})  # not edge by edge
     launches = []
     kernel = triton_masked._masked_removed_terms_kernel
     monkeypatch.setattr(triton_masked, "_masked_removed_terms_kernel",

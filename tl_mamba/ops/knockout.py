@@ -20,8 +20,11 @@ describes it by its sources and targets (one set per batch row) and the features
 ``1_T ⊙ F ⊙ scan(x ⊙ 1_S)`` directly: one extra scan and no p×p tensor. When
 the removal has few edges (a few sources → the last token, the usual experiment)
 it sums ``α[i, j] x_j`` over its edges instead (:func:`pair_terms_bpe`,
-:func:`pair_terms_bphd`): no scan at all, each edge about the cost of one scanned
-position. The dispatchers accept either form as ``ssm_mask``.
+:func:`pair_terms_bphd`): no scan at all (a Mamba-1 edge costs about one scanned
+position, a Mamba-2 edge far less; :data:`PAIRS_PER_SCANNED_POSITION`). A dense mask
+that removes few edges (a hook zeroing a few entries) is summed edge by edge the
+same way, whatever its column patterns. The dispatchers accept either form as
+``ssm_mask``.
 
 A dense mask that requires grad (knockout attribution) also gets a gradient:
 y_i depends on M[i, j] through ``M[i, j]·α[i, j]·x_j``, so
@@ -251,8 +254,13 @@ def as_removal_list(ssm_mask: SSMMask) -> Optional[List[EdgeRemoval]]:
 
 def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor, target_layout: str,
                       dense_terms: Optional[Callable[[Tensor], Tensor]] = None,
-                      max_scans: Optional[int] = None) -> Tensor:
+                      max_scans: Optional[int] = None,
+                      pair_terms: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
     """Σ_j (1 - M[i, j]) α[i, j] x_j for every target i.
+
+    A mask that removes few edges (a hand-written hook zeroing a few entries) is summed
+    edge by edge when ``pair_terms`` is given, by the rule of :func:`removed_terms`;
+    otherwise one scan per column pattern, or ``dense_terms`` past ``max_scans`` patterns.
 
     Args:
         contribution: ``contribution(sources [p])`` returns the scan output (no D
@@ -265,6 +273,7 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
         dense_terms: ``dense_terms(removed [b, H, p, p])`` computes the same thing in the
             quadratic form; used instead of the scans when the mask has more than
             ``max_scans`` distinct column patterns.
+        pair_terms: as for :func:`removed_terms`: ``α[i, j] x_j`` for given (i, j) pairs.
 
     Returns:
         The knocked-out part of y, to subtract from it (fp32, same shape as the output).
@@ -276,6 +285,20 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
     total = None
     if not bool(removed.any()):
         return torch.zeros((), device=ssm_mask.device)
+    if pair_terms is not None:
+        edges = removed.flatten(0, 1).any(0).nonzero()  # [P, 2]: (target i, source j), removed in some row/head
+        targets, sources = edges[:, 0], edges[:, 1]
+        if len(edges) <= PAIRS_PER_SCANNED_POSITION[target_layout] * (int(targets.max()) + 1 - int(sources.min())):
+            part = pair_terms(targets, sources)  # [b, P, *features]
+            share = removed[:, :, targets, sources].transpose(1, 2).to(part)  # [b, P, H]: how much of each edge
+            if target_layout == "bpe":
+                share = share if H == 1 else _bad_layout(H)  # [b, P, 1]
+            elif target_layout == "bphd":
+                share = share[..., None]  # [b, P, H, 1]
+            else:
+                raise ValueError(f"unknown target_layout {target_layout!r}")
+            total = part.new_zeros(b, p, *part.shape[2:])
+            return total.index_add_(1, targets.to(part.device), share * part)
     columns = removed.permute(3, 0, 1, 2).reshape(p, b * H * p)  # one row per source j
     patterns, group_of_source = torch.unique(columns, dim=0, return_inverse=True)
     scans = int(patterns.any(1).sum())

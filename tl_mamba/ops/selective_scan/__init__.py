@@ -145,15 +145,15 @@ def selective_scan(
             y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
             out = ScanOutput(y=y, final_state=final, states=states)
         if ssm_mask is not None:
+            def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, e]: α[i, j] x_j per channel
+                return pair_terms_bpe(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
+
             # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
             if removals is not None:
                 def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
                     window = slice(start, stop)
                     return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,
                                 B[:, window], C[:, window], None, initial_state=None, return_states=False).y
-
-                def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, e]: α[i, j] x_j per channel
-                    return pair_terms_bpe(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
 
                 out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape, pairs)
             else:
@@ -164,7 +164,8 @@ def selective_scan(
                     return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
                                 initial_state=None, return_states=False).y
 
-                out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe")
+                out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe",
+                                                  pair_terms=pairs)
                 if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
                     out.y = attach_mask_gradient(out.y, ssm_mask.expand(b, 1, p, p),
                                                  lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))

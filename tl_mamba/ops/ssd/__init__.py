@@ -140,8 +140,12 @@ def ssd_scan(
         out = SSDOutput(y=y, final_state=final, states=states)
 
     if ssm_mask is not None:
+        def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, h, hd]: α_h[i, j] x_j[h]
+            return pair_terms_bphd(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
+
         removals = as_removal_list(ssm_mask)
-        if removals is not None:  # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
+        # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
+        if removals is not None:
             for removal in removals:
                 check_removal(removal, b, p, h, "heads")
 
@@ -150,9 +154,6 @@ def ssd_scan(
                 xs = x[:, window] * sources[:, window, None, None].to(x.dtype)
                 return impl(xs, delta[:, window], A, B[:, window], C[:, window], None, initial_state=None,
                             return_states=False).y
-
-            def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, h, hd]: α_h[i, j] x_j[h]
-                return pair_terms_bphd(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
 
             out.y = out.y - removed_terms(contribution_by_row, removals, "bphd", out.y.shape, pairs)
         else:
@@ -164,7 +165,7 @@ def ssd_scan(
                 return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
 
             out.y = out.y - knocked_out_terms(
-                contribution, ssm_mask, target_layout="bphd", max_scans=dense_mask_after(p),
+                contribution, ssm_mask, target_layout="bphd", max_scans=dense_mask_after(p), pair_terms=pairs,
                 dense_terms=lambda removed: _dense_mask_implementation(backend, x.device)(removed, x, delta, A, B, C))
             if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
                 out.y = attach_mask_gradient(out.y, ssm_mask, lambda grad_y: edge_gradient_bphd(
