@@ -94,7 +94,7 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
     computed edge by edge instead, ``Σ_{j ∈ S} α[i, j] x_j`` for each target i, when
     ``pair_terms`` is given and the edges number at most :data:`PAIRS_PER_SCANNED_POSITION`
     (per family) times the positions the scan would cover. Same result (tests compare both with an
-    explicit hidden-attention matrix); each edge costs about what one scanned position does.
+    explicit hidden-attention matrix).
 
     Args:
         contribution_by_row: ``contribution_by_row(sources [b, p], start, stop)`` returns the scan
@@ -141,10 +141,11 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
 
 
 PAIRS_PER_SCANNED_POSITION = {"bpe": 0.5, "bphd": 8.0}
-"""An S → T removal is computed edge by edge (``pair_terms``) when it has at most this
-many edges per position its extra scan would cover (first source to last target);
-otherwise by that scan. Keyed by target layout, that is by family. Measured on CPU
-at 130m widths, p = 512 (docs/performance.md, "CPU: knockout"): a Mamba-1 edge costs
+"""A knockout's removed part is computed edge by edge (``pair_terms``) when it has at most
+this many edges per position its extra scan would cover (first source to last target);
+otherwise by scans (S → T removals and dense masks alike). Keyed by target layout, that
+is by family. Measured on CPU at 130m widths, p = 512 (docs/performance.md, "Which
+route: edges per scanned position"; ``benchmarks/bench_knockout_routes_cpu.py``): a Mamba-1 edge costs
 about one scanned position (one ``[e, n]`` decay each), so 0.5 keeps the edge form to
 where it is clearly cheaper; a Mamba-2 edge (a scalar decay per head) costs about
 1/15 of a scanned position, so edges win up to about 15 per position, and 8 leaves margin."""
@@ -169,12 +170,11 @@ def _feature_weight(weight: Tensor, features: Optional[Tensor], target_layout: s
     raise ValueError(f"unknown target_layout {target_layout!r}")
 
 
-def _pair_spans(delta: Tensor, targets: Tensor, sources: Tensor, dtype: torch.dtype) -> Tensor:
-    """``Σ_{k=j+1..i} Δ_k`` for each pair (i, j): ``delta [b, p, F]`` → ``[b, P, F]``.
+def _pair_spans(cumulative: Tensor, targets: Tensor, sources: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_{k=j+1..i} Δ_k`` for each pair (i, j), from ``cumulative = cumsum(Δ)`` ``[b, p, F]`` → ``[b, P, F]``.
 
-    The cumulative sum is taken in float64 so that the difference of two long sums keeps its precision.
+    Take the cumulative sum in float64 so that the difference of two long sums keeps its precision.
     """
-    cumulative = torch.cumsum(delta.double(), dim=1)
     return (cumulative[:, targets] - cumulative[:, sources]).to(dtype)
 
 
@@ -196,11 +196,12 @@ def pair_terms_bpe(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, ta
     n = A.shape[-1]
     dtype = _compute_dtype(x, delta, A, B, C)
     x, dt, A, B, C = (t.to(dtype) for t in (x, delta, A, B, C))
+    cumulative = torch.cumsum(delta.double(), dim=1)  # [b, p, e]
     chunk = max(1, chunk_bytes // max(1, 2 * b * e * n * 8))
     parts = []
     for start in range(0, len(targets), chunk):
         i, j = targets[start:start + chunk], sources[start:start + chunk]
-        decay = torch.exp(_pair_spans(delta, i, j, dtype)[..., None] * A)  # [b, P, e, n]
+        decay = torch.exp(_pair_spans(cumulative, i, j, dtype)[..., None] * A)  # [b, P, e, n]
         read = torch.einsum("bken,bkn->bke", decay, C[:, i] * B[:, j])  # [b, P, e]
         parts.append(read * dt[:, j] * x[:, j])
     return torch.cat(parts, dim=1)
@@ -223,7 +224,8 @@ def pair_terms_bphd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, t
     dtype = _compute_dtype(x, delta, A, B, C)
     x, dt, A, B, C = (t.to(dtype) for t in (x, delta, A, B, C))
     cb = (C[:, targets] * B[:, sources]).sum(-1).repeat_interleave(h // g, dim=2)  # [b, P, h]
-    alpha = cb * torch.exp(_pair_spans(delta, targets, sources, dtype) * A) * dt[:, sources]  # [b, P, h]
+    cumulative = torch.cumsum(delta.double(), dim=1)  # [b, p, h]
+    alpha = cb * torch.exp(_pair_spans(cumulative, targets, sources, dtype) * A) * dt[:, sources]  # [b, P, h]
     return alpha[..., None] * x[:, sources]
 
 
