@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import pathlib
 import sys
 
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _env import machine_info, package_revision  # noqa: E402
+from _env import machine_info, package_revision, write_results  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 
@@ -80,10 +79,7 @@ def main() -> int:
     lines = ["| family | widths | p | one scan | quadratic form | in scans |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['family']} | {r['widths']} | {r['p']} | {r['scan_s'] * 1e3:.1f} ms | "
               f"{r['quadratic_s'] * 1e3:.1f} ms | {r['in_scans']:.1f} |" for r in rows]
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results, "\n".join(lines))
     return 0
 
 

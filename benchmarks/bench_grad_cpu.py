@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import pathlib
 import sys
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _env import machine_info, package_revision  # noqa: E402
+from _env import machine_info, package_revision, write_results  # noqa: E402
 from _setup import Mamba2Shapes, Shapes, build_hf, build_hf_mamba2, build_ours  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
@@ -140,11 +139,8 @@ def main() -> int:
                          ours_saved_mb=saved_mb(contenders["ours"]), transformers_saved_mb=saved_mb(contenders["transformers"])))
         print(rows[-1], flush=True)
 
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(date=_dt.date.today().isoformat(), machine=machine_info(), revision=package_revision(),
                 threads=1, repeats=repeats)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     lines = [f"# forward + backward on the CPU ({meta['date']}, {meta['revision']})", "",
              "| setting | shape | ours (s) | other (s) | time ratio | ours saved (MB) | other saved (MB) |",
              "|---|---|---|---|---|---|---|"]
@@ -156,7 +152,7 @@ def main() -> int:
             lines.append(f"| model: ours vs transformers | {r['shape']} | {r['ours_s']:.3f} | "
                          f"{r['transformers_s']:.3f} | {r['ours_vs_transformers']:.2f} | {r['ours_saved_mb']} | "
                          f"{r['transformers_saved_mb']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, dict(meta=meta, rows=rows), "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import pathlib
 import sys
 
@@ -38,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _env import machine_info, package_revision  # noqa: E402
+from _env import machine_info, package_revision, write_results  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout  # noqa: E402
@@ -133,10 +132,7 @@ def main() -> int:
               f"(target <= {TARGET}: {'met' if met else 'NOT met'}); structured vs dense max |diff| {diff:.2e}, "
               f"edges vs scan {diff_routes:.2e}")
     lines += ["", f"Target: knockout_ssm / plain <= {TARGET}."]
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results, "\n".join(lines))
     print("\n".join(lines))
     return 0 if ok else 1
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import pathlib
 import sys
 
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _env import machine_info, package_revision  # noqa: E402
+from _env import machine_info, package_revision, write_results  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 # (sources, targets) per knockout: 3 → 1 (the usual experiment), then denser
@@ -109,10 +108,7 @@ def main() -> int:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['family']} | {r['edges']} | {r['edges_per_position']:.2f} | {r['plain_s'] * 1e3:.1f} ms | "
               f"{r['extra_edges_s'] * 1e3:.1f} ms | {r['extra_scan_s'] * 1e3:.1f} ms |" for r in rows]
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import pathlib
 import sys
@@ -72,7 +71,7 @@ import torch  # noqa: E402
 
 from _setup import Mamba2Shapes, build_bridge, build_hf_mamba2, build_ours, set_eager_scan  # noqa: E402
 from _timing import Timings, interleaved, timed_call  # noqa: E402
-from _env import machine_info, package_revision  # noqa: E402
+from _env import machine_info, package_revision, write_results  # noqa: E402
 
 # Logits must agree to 1e-4 relative to the largest logit (as for Mamba-1). Random-init
 # logits here reach |15.5|; fp32 rounding alone moves them by ~2e-4 at p = 1024
@@ -501,12 +500,9 @@ def main(argv=None) -> dict:
     results["wall_s"] = time.perf_counter() - started
     results["loadavg_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     print_table(results)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     md = (f"# Mamba-2 CPU benchmark ({results['date']})\n\nCommand: `{results['command']}`\n\n"
           f"tl_mamba at {results['tl_mamba_revision']}. Wall time {results['wall_s']:.0f} s.\n\n" + render(results))
-    out.with_suffix(".md").write_text(md)
+    out = write_results(args.out, results, md)
     log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({results['wall_s']:.0f} s)")
     return results
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import os
 import pathlib
 import sys
@@ -59,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _env import machine_info, package_revision  # noqa: E402
+from _env import machine_info, package_revision, write_results  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 WIDTHS = {
@@ -427,10 +426,7 @@ def main() -> int:
                        vs_triton=timings.paired_ratio(name, "triton"))
             results["backward"].append(row)
             lines.append(f"| {family} | {name} | {row['median_s']:.2e} | {row['vs_triton']:.2f}x |")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
