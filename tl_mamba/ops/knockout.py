@@ -121,17 +121,17 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
         start, stop = int(any_source[0]), int(any_target[-1]) + 1
         if start >= stop:  # every target precedes every source: no edge
             continue
-        target_of_pair, source_of_pair = _edges(any_target[:, 0], any_source[:, 0])
-        edges_allowed = PAIRS_PER_SCANNED_POSITION[target_layout] * (stop - start)
-        if pair_terms is not None and len(target_of_pair) <= edges_allowed:
-            part = pair_terms(target_of_pair, source_of_pair)  # [b, P, *features]
-            # each row removes only its own sources → targets
-            rows = (removal.sources[:, source_of_pair].float() * removal.targets[:, target_of_pair].float())
-            part = _feature_weight(rows.to(part), removal.features, target_layout) * part
-            if total is None:
-                total = part.new_zeros(shape)
-            total.index_add_(1, target_of_pair.to(part.device), part)
-            continue
+        if pair_terms is not None:
+            target_of_pair, source_of_pair = _edges(any_target[:, 0], any_source[:, 0])
+            if len(target_of_pair) <= PAIRS_PER_SCANNED_POSITION[target_layout] * (stop - start):
+                part = pair_terms(target_of_pair, source_of_pair)  # [b, P, *features]
+                # each row removes only its own sources → targets
+                rows = removal.sources[:, source_of_pair].float() * removal.targets[:, target_of_pair].float()
+                part = _feature_weight(rows.to(part), removal.features, target_layout) * part
+                if total is None:
+                    total = part.new_zeros(shape)
+                total.index_add_(1, target_of_pair.to(part.device), part)
+                continue
         part = contribution_by_row(removal.sources, start, stop)
         weight = _feature_weight(removal.targets[:, start:stop].to(part.dtype), removal.features, target_layout)
         if total is None:
