@@ -36,6 +36,11 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert err.value.code == 2 and "task-weights" in capsys.readouterr().err
 
 
+def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path):
+    with pytest.raises(ValueError, match="--init mimetic .* --init-from"):
+        main(["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic", "--init-from", str(tmp_path / "a")])
+
+
 def test_needle_curriculum():
     assert needle_top(0, 100, 512) == 64
     assert needle_top(50, 100, 512) == 512 and needle_top(99, 100, 512) == 512

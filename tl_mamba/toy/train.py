@@ -62,9 +62,11 @@ def mimetic_init_(model, a_max: float = 0.05, generator: Optional[torch.Generato
     zero (``-A`` uniform in ``[a_max / 100, a_max]``), so a state barely decays over a
     few hundred tokens and nothing written early is lost before the query.
     """
+    cfg = model.cfg
+    n, g = cfg.d_state, cfg.n_groups
+    lo, hi = math.log(a_max / 100), math.log(a_max)
     for block in model.blocks:
-        cfg, m = model.cfg, block.mixer
-        n, g = cfg.d_state, cfg.n_groups
+        m = block.mixer
         if cfg.family == "mamba1":
             r = cfg.dt_rank  # x_proj rows: [Δ (dt_rank) | B (d_state) | C (d_state)]
             m.x_proj.weight[r + n:r + 2 * n] = m.x_proj.weight[r:r + n]
@@ -74,9 +76,7 @@ def mimetic_init_(model, a_max: float = 0.05, generator: Optional[torch.Generato
             m.conv1d.weight[e + g * n:e + 2 * g * n] = m.conv1d.weight[e:e + g * n]
             if m.conv1d.bias is not None:
                 m.conv1d.bias[e + g * n:e + 2 * g * n] = m.conv1d.bias[e:e + g * n]
-        lo = math.log(a_max / 100)
-        u = torch.rand(m.A_log.shape, generator=generator)
-        m.A_log.copy_(lo + u * (math.log(a_max) - lo))
+        m.A_log.copy_(lo + torch.rand(m.A_log.shape, generator=generator) * (hi - lo))
 
 
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
@@ -95,6 +95,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     from tl_mamba.toy import tasks as toy_tasks
     from tl_mamba.toy.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
+    if init_from is not None and init != "default":
+        raise ValueError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     dev = pick_device(device)
