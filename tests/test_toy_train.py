@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import tl_mamba
-from tl_mamba.toy.train import main, needle_top
+import random
+
+from tl_mamba.toy.train import TASKS, main, needle_top, next_task
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
@@ -39,6 +41,34 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
 def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path):
     with pytest.raises(ValueError, match="--init mimetic .* --init-from"):
         main(["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic", "--init-from", str(tmp_path / "a")])
+
+
+def test_token_balance_gives_each_task_its_share_of_tokens():
+    """--balance tokens: over a run, each task's share of the tokens processed is its weight,
+    however unequal the batch sizes in tokens; a zero weight never runs."""
+    cost = {"facts": 14, "ioi": 20, "needle": 150}  # tokens per batch, needle ~10x the others
+    weights = (0.2, 0.1, 0.7)
+    spent = {t: 0 for t in TASKS}
+    steps = {t: 0 for t in TASKS}
+    rng = random.Random(0)
+    for _ in range(3000):
+        task = next_task("tokens", weights, spent, rng)
+        spent[task] += cost[task]
+        steps[task] += 1
+    total = sum(spent.values())
+    for task, weight in zip(TASKS, weights):
+        assert abs(spent[task] / total - weight) < 0.01, (task, spent)
+    assert steps["facts"] > 2 * steps["needle"]  # the cheap task gets many more steps
+    spent = {t: 0 for t in TASKS}
+    for _ in range(50):
+        task = next_task("tokens", (1, 0, 1), spent, rng)
+        assert task != "ioi"
+        spent[task] += cost[task]
+    # --balance steps: random draws in proportion to the weights, whatever they cost
+    draws = [next_task("steps", weights, spent, rng) for _ in range(4000)]
+    assert abs(draws.count("needle") / 4000 - 0.7) < 0.03
+    with pytest.raises(ValueError, match="balance"):
+        next_task("time", weights, spent, rng)
 
 
 def test_needle_curriculum():

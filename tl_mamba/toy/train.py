@@ -46,6 +46,25 @@ def answer_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits[:, -1].float(), batch["answers"])
 
 
+def next_task(balance: str, task_weights: Sequence[float], spent: dict, rng: random.Random) -> str:
+    """The task of the next batch.
+
+    ``balance="steps"`` draws it at random with probabilities ``task_weights`` (shares of
+    steps). ``balance="tokens"`` makes ``task_weights`` shares of *tokens* instead: it
+    picks the task whose tokens processed so far (``spent``), divided by its weight, are
+    fewest. A step costs about its tokens, and a needle batch holds ~10x the tokens of a
+    facts or IOI batch, so under ``"steps"`` the needle task takes most of the compute;
+    ``"tokens"`` gives each task its share of the compute. Deterministic either way.
+    """
+    if balance == "steps":
+        return rng.choices(TASKS, weights=tuple(task_weights))[0]
+    if balance == "tokens":
+        live = [t for t, w in zip(TASKS, task_weights) if w > 0]
+        weight = dict(zip(TASKS, task_weights))
+        return min(live, key=lambda t: spent[t] / weight[t])  # ties go to the first task in TASKS
+    raise ValueError(f"balance must be 'steps' or 'tokens', got {balance!r}")
+
+
 def needle_top(step: int, steps: int, max_len: int) -> int:
     """Curriculum: the longest needle grows from 64 to ``max_len`` over the first half of training."""
     return int(64 + (max(max_len, 64) - 64) * min(1.0, 2 * step / max(steps, 1)))
@@ -82,11 +101,12 @@ def mimetic_init_(model, a_max: float = 0.05, generator: Optional[torch.Generato
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
           max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
           sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3),
-          init_from: Optional[Path] = None, init: str = "default") -> dict:
+          init_from: Optional[Path] = None, init: str = "default", balance: str = "steps") -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
-    ``task_weights`` are the sampling weights of (facts, ioi, needle) batches.
+    ``task_weights`` are the shares of (facts, ioi, needle) in steps or tokens, as
+    ``balance`` says (see :func:`next_task`).
     ``init_from`` continues from a saved toy model (same architecture) instead of a fresh init.
     """
     from tqdm.auto import tqdm
@@ -95,6 +115,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     from tl_mamba.toy import tasks as toy_tasks
     from tl_mamba.toy.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
+    if balance not in ("steps", "tokens"):
+        raise ValueError(f"balance must be 'steps' or 'tokens', got {balance!r}")
     if init_from is not None and init != "default":
         raise ValueError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
     torch.manual_seed(seed)
@@ -130,13 +152,15 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         optimizer, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history: List[dict] = []
     running = {t: None for t in TASKS}
+    tokens_spent = {t: 0 for t in TASKS}
     start_time = time.time()
     bar = tqdm(range(steps), desc=f"train {arch}", dynamic_ncols=True)
     for step in bar:
-        task = rng.choices(TASKS, weights=tuple(task_weights))[0]
+        task = next_task(balance, task_weights, tokens_spent, rng)
         top = needle_top(step, steps, max_needle_len)
         batch = toy_tasks.training_batch(tokenizer, batch_size, rng, task=task, needle_max_len=top, mode="answer")
         batch = {k: batch[k].to(dev) for k in ("tokens", "attention_mask", "answers")}
+        tokens_spent[task] += batch["tokens"].numel()
         loss = answer_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -147,7 +171,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         running[task] = value if running[task] is None else 0.95 * running[task] + 0.05 * value
         out_of_time = time_limit is not None and time.time() - start_time > time_limit
         if step % log_every == 0 or step == steps - 1 or out_of_time:
-            history.append({"step": step, "task": task, "loss": value, "seconds": time.time() - start_time})
+            history.append({"step": step, "task": task, "loss": value, "seconds": time.time() - start_time,
+                            "running": dict(running), "tokens": dict(tokens_spent)})
             bar.set_postfix({t: f"{v:.3f}" for t, v in running.items() if v is not None})
         if out_of_time:  # stop early but still evaluate and save what was learned
             steps_done = step + 1
@@ -158,7 +183,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
     metrics.update(arch=arch, sizes=spec, init=init if init_from is None else None,
                    init_from=None if init_from is None else str(init_from), task_weights=list(task_weights),
-                   steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
+                   balance=balance, tokens=tokens_spent, steps=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -203,7 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--d-state", type=int, default=None, help="override the state size")
     parser.add_argument("--n-layers", type=int, default=None, help="override the depth")
     parser.add_argument("--task-weights", default="0.4,0.3,0.3",
-                        help="sampling weights of facts,ioi,needle batches (default 0.4,0.3,0.3)")
+                        help="shares of facts,ioi,needle in steps or tokens, see --balance (default 0.4,0.3,0.3)")
+    parser.add_argument("--balance", choices=("steps", "tokens"), default="steps",
+                        help="what --task-weights share out: steps (random draws) or tokens, i.e. compute "
+                             "(deterministic; a needle batch costs ~10x a facts batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training a saved toy model")
     parser.add_argument("--init", choices=("default", "mimetic"), default="default",
@@ -219,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              if v is not None}
     metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
                     args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
-                    task_weights=weights, init_from=args.init_from, init=args.init)
+                    task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance)
     print(json.dumps(metrics, indent=2))
     return 0
 
