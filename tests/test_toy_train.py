@@ -8,7 +8,7 @@ import torch
 import tl_mamba
 import random
 
-from tl_mamba.toy.train import TASKS, main, needle_top, next_task
+from tl_mamba.toy.train import RECIPES, TASKS, main, needle_top, next_task
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
@@ -32,10 +32,28 @@ def test_training_is_reproducible_and_loads(tmp_path, arch):
         torch.testing.assert_close(p1, p2, msg=name)
 
 
-def test_bad_arguments_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize("weights", ["1,2", "a,b,c", "1,-1,1"])
+def test_bad_arguments_exit_2(tmp_path, capsys, weights):
     with pytest.raises(SystemExit) as err:
-        main(["--arch", "mamba", "--out", str(tmp_path), "--task-weights", "1,2"])
+        main(["--arch", "mamba", "--out", str(tmp_path), "--task-weights", weights])
     assert err.value.code == 2 and "task-weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
+    """Options not given on the command line come from RECIPES[arch]; given ones win."""
+    argv = ["--arch", arch, "--steps", "2", "--d-model", "16", "--n-layers", "1", "--d-state", "8",
+            "--eval-n", "1", "--device", "cpu", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    recipe = RECIPES[arch]
+    assert metrics["balance"] == recipe["balance"] and metrics["init"] == recipe["init"]
+    assert metrics["batch_size"] == recipe["batch_size"] and metrics["lr"] == recipe["lr"]
+    assert metrics["task_weights"] == [float(w) for w in recipe["task_weights"].split(",")]
+    assert metrics["steps"] == 2
+    assert main(argv[:-1] + [str(tmp_path / "b"), "--balance", "steps", "--init", "default", "--lr", "1e-3"]) == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (metrics["balance"], metrics["init"], metrics["lr"]) == ("steps", "default", 1e-3)
 
 
 def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path):
