@@ -56,6 +56,41 @@ def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
     assert (metrics["balance"], metrics["init"], metrics["lr"]) == ("steps", "default", 1e-3)
 
 
+def test_continuing_keeps_the_saved_embedding_tying(tmp_path):
+    """--init-from an untied model trains it untied (its lm_head is kept); asking for the
+    other tying names the mismatch instead of failing inside load_state_dict."""
+    argv = ["--arch", "mamba", "--steps", "1", "--batch-size", "2", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "8", "--eval-n", "1", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "a"), "--tie-embeddings", "no"]) == 0
+    saved = tl_mamba.from_pretrained(str(tmp_path / "a"))
+    assert saved.cfg.tie_embeddings is False
+    assert main(argv + ["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"), "--lr", "0"]) == 0
+    cont = tl_mamba.from_pretrained(str(tmp_path / "b"))
+    assert cont.cfg.tie_embeddings is False
+    for (name, p1), (_, p2) in zip(saved.state_dict().items(), cont.state_dict().items()):
+        torch.testing.assert_close(p1, p2, msg=name)
+    with pytest.raises(ValueError, match="tie_embeddings: saved False, asked True"):
+        main(argv + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"), "--tie-embeddings", "yes"])
+
+
+def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path):
+    """--tie-embeddings copy: two matrices (the model saves lm_head), equal at step 0;
+    it needs fresh weights, so with --init-from it is refused."""
+    argv = ["--arch", "mamba", "--steps", "1", "--batch-size", "2", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "8", "--eval-n", "1", "--device", "cpu", "--lr", "0", "--weight-decay", "0.1"]
+    assert main(argv + ["--out", str(tmp_path / "a"), "--tie-embeddings", "copy"]) == 0
+    model = tl_mamba.from_pretrained(str(tmp_path / "a"))
+    assert model.cfg.tie_embeddings is False
+    torch.testing.assert_close(model.unembed.weight, model.embed.W_E, rtol=0, atol=0)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["unembed_from_embed"] is True and metrics["weight_decay"] == 0.1
+    assert main(argv + ["--out", str(tmp_path / "b"), "--tie-embeddings", "no"]) == 0
+    untied = tl_mamba.from_pretrained(str(tmp_path / "b"))
+    assert not torch.allclose(untied.unembed.weight, untied.embed.W_E)  # the plain untied start differs
+    with pytest.raises(ValueError, match="copy of the embedding only in a fresh untied model"):
+        main(argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "copy", "--init-from", str(tmp_path / "a")])
+
+
 def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path):
     with pytest.raises(ValueError, match="--init mimetic .* --init-from"):
         main(["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic", "--init-from", str(tmp_path / "a")])

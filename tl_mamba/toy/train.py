@@ -43,9 +43,9 @@ TASKS = ("facts", "ioi", "needle")
 #: (``--tie-embeddings no`` looked promising but is not yet measured to the end).
 RECIPES = {
     "mamba2": dict(steps=6000, batch_size=32, lr=3e-3, max_needle_len=256, task_weights="0.2,0.1,0.7",
-                   balance="tokens", init="mimetic"),
+                   balance="tokens", init="mimetic", weight_decay=0.01),
     "mamba": dict(steps=6000, batch_size=32, lr=3e-3, max_needle_len=256, task_weights="0.2,0.1,0.7",
-                  balance="tokens", init="mimetic"),
+                  balance="tokens", init="mimetic", weight_decay=0.01),
 }
 
 
@@ -115,13 +115,17 @@ def mimetic_init_(model, a_max: float = 0.05, generator: Optional[torch.Generato
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
           max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
           sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3),
-          init_from: Optional[Path] = None, init: str = "default", balance: str = "steps") -> dict:
+          init_from: Optional[Path] = None, init: str = "default", balance: str = "steps",
+          weight_decay: float = 0.01, unembed_from_embed: bool = False) -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
     ``task_weights`` are the shares of (facts, ioi, needle) in steps or tokens, as
     ``balance`` says (see :func:`next_task`).
-    ``init_from`` continues from a saved toy model (same architecture) instead of a fresh init.
+    ``init_from`` continues from a saved toy model (same architecture; its embedding tying
+    unless ``sizes`` sets ``tie_embeddings``) instead of a fresh init.
+    ``unembed_from_embed`` (fresh, untied models only) starts the unembedding as a copy of
+    the embedding: the tied model's copy prior at step 0, without tying them afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -141,27 +145,39 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     tokenizer = load_tokenizer(out)
     vocab = len(build_tokenizer().get_vocab())
     d_vocab = int(math.ceil(vocab / 8) * 8)
+    previous = None
+    if init_from is not None:
+        import tl_mamba
+
+        previous = tl_mamba.from_pretrained(str(init_from))
+        # a continued run keeps the saved model's tying unless ``sizes`` overrides it
+        sizes = dict({"tie_embeddings": previous.cfg.tie_embeddings}, **(sizes or {}))
     spec = dict(ARCHS[arch], **(sizes or {}))
     family = spec.pop("family")
     cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
-    if init_from is not None:
-        import tl_mamba
-
-        previous = tl_mamba.from_pretrained(str(init_from))
-        if previous.cfg.family != cfg.family or previous.cfg.d_model != cfg.d_model or \
-                previous.cfg.n_layers != cfg.n_layers or previous.cfg.d_state != cfg.d_state:
-            raise ValueError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these sizes")
+    if previous is not None:
+        fields = ("family", "d_model", "n_layers", "d_state", "tie_embeddings")
+        differ = {f: (getattr(previous.cfg, f), getattr(cfg, f)) for f in fields
+                  if getattr(previous.cfg, f) != getattr(cfg, f)}
+        if differ:
+            raise ValueError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these "
+                             f"sizes ({', '.join(f'{f}: saved {a}, asked {b}' for f, (a, b) in differ.items())})")
         model.load_state_dict(previous.state_dict())
     elif init == "mimetic":
         mimetic_init_(model)
+    if unembed_from_embed:
+        if previous is not None or cfg.tie_embeddings:
+            raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model")
+        with torch.no_grad():
+            model.unembed.weight.copy_(model.embed.W_E)
     model = model.to(dev)
     model.set_backend("torch")
     model.train()
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history: List[dict] = []
@@ -198,7 +214,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     metrics.update(arch=arch, sizes=spec, init=init if init_from is None else None,
                    init_from=None if init_from is None else str(init_from), task_weights=list(task_weights),
                    balance=balance, tokens=tokens_spent, steps=steps_done, steps_planned=steps,
-                   batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
+                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, unembed_from_embed=unembed_from_embed,
+                   seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -243,8 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--d-model", type=int, default=None, help="override the architecture's width")
     parser.add_argument("--d-state", type=int, default=None, help="override the state size")
     parser.add_argument("--n-layers", type=int, default=None, help="override the depth")
-    parser.add_argument("--tie-embeddings", choices=("yes", "no"), default=None,
-                        help="override whether the unembedding is the embedding's transpose")
+    parser.add_argument("--tie-embeddings", choices=("yes", "no", "copy"), default=None,
+                        help="override whether the unembedding is the embedding's transpose (yes), a separate "
+                             "matrix (no), or a separate matrix that starts as a copy of the embedding (copy)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's)")
     parser.add_argument("--task-weights", default=None,
                         help="shares of facts,ioi,needle in steps or tokens, see --balance (default: the recipe's)")
     parser.add_argument("--balance", choices=("steps", "tokens"), default=None,
@@ -274,7 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sizes["tie_embeddings"] = args.tie_embeddings == "yes"
     metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
                     args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
-                    task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance)
+                    task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance,
+                    weight_decay=args.weight_decay, unembed_from_embed=args.tie_embeddings == "copy")
     print(json.dumps(metrics, indent=2))
     return 0
 
