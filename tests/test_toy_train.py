@@ -51,6 +51,13 @@ def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
     assert metrics["batch_size"] == recipe["batch_size"] and metrics["lr"] == recipe["lr"]
     assert metrics["task_weights"] == [float(w) for w in recipe["task_weights"].split(",")]
     assert metrics["steps"] == 2
+    assert metrics["sizes"]["tie_embeddings"] == (recipe["tie_embeddings"] == "yes")
+    # continuing keeps the saved model's tying, even where the recipe says otherwise
+    other = "no" if recipe["tie_embeddings"] == "yes" else "yes"
+    assert main(argv[:-1] + [str(tmp_path / "c"), "--tie-embeddings", other]) == 0
+    assert main(argv[:-1] + [str(tmp_path / "d"), "--init-from", str(tmp_path / "c")]) == 0
+    metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert metrics["sizes"]["tie_embeddings"] == (other == "yes") and metrics["init"] is None
     assert main(argv[:-1] + [str(tmp_path / "b"), "--balance", "steps", "--init", "default", "--lr", "1e-3"]) == 0
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert (metrics["balance"], metrics["init"], metrics["lr"]) == ("steps", "default", 1e-3)
