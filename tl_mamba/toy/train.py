@@ -139,6 +139,9 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         raise ValueError(f"balance must be 'steps' or 'tokens', got {balance!r}")
     if init_from is not None and init != "default":
         raise ValueError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
+    if init_from is not None and unembed_from_embed:
+        raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model, "
+                         f"not with --init-from {init_from}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     dev = pick_device(device)
@@ -159,6 +162,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
+    if unembed_from_embed and cfg.tie_embeddings:
+        raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model")
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
     if previous is not None:
         fields = ("family", "d_model", "n_layers", "d_state", "tie_embeddings")
@@ -168,13 +173,12 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
             raise ValueError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these "
                              f"sizes ({', '.join(f'{f}: saved {a}, asked {b}' for f, (a, b) in differ.items())})")
         model.load_state_dict(previous.state_dict())
-    elif init == "mimetic":
-        mimetic_init_(model)
-    if unembed_from_embed:
-        if previous is not None or cfg.tie_embeddings:
-            raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model")
-        with torch.no_grad():
-            model.unembed.weight.copy_(model.embed.W_E)
+    else:
+        if init == "mimetic":
+            mimetic_init_(model)
+        if unembed_from_embed:
+            with torch.no_grad():
+                model.unembed.weight.copy_(model.embed.W_E)
     model = model.to(dev)
     model.set_backend("torch")
     model.train()
