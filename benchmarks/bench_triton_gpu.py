@@ -53,6 +53,7 @@ import datetime as _dt
 import os
 import pathlib
 import sys
+import traceback
 
 import torch
 
@@ -60,6 +61,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from _env import machine_info, package_revision, write_results  # noqa: E402
 from _timing import interleaved  # noqa: E402
+
+from tl_mamba.ops.triton_scan import _FAILED_KERNELS  # noqa: E402  (kernels that fell back on this GPU)
 
 WIDTHS = {
     "mamba1": {"130m": dict(d_model=768, d_state=16), "370m": dict(d_model=1024, d_state=16)},
@@ -104,11 +107,12 @@ def mamba1_kernel(name: str):
         triton_kernel.KERNEL = default
 
 
-def check_scans(lengths, device, log, widths_by_family=WIDTHS):
+def check_scans(lengths, device, log, widths_by_family=WIDTHS, rows=None):
+    """Triton against the float64 reference; appends a row per check to ``rows`` (returned)."""
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
 
-    rows = []
+    rows = [] if rows is None else rows
     for family, by_width in widths_by_family.items():
         scan = selective_scan if family == "mamba1" else ssd_scan
         kernels = ("chunked", "sequential") if family == "mamba1" else ("chunked or recurrent",)
@@ -132,6 +136,21 @@ def check_scans(lengths, device, log, widths_by_family=WIDTHS):
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     return rows
+
+
+@contextlib.contextmanager
+def section(results: dict, name: str, flush):
+    """Run one section of the benchmark; on an error, record its traceback under
+    ``results["errors"][name]`` and go on with the next section. Write what is measured
+    so far after every section, so a run cut short by its time limit still leaves numbers."""
+    try:
+        yield
+    except Exception:  # one broken section must not cost a GPU session the others
+        tb = traceback.format_exc()
+        print(f"section {name} failed:\n{tb}", flush=True)
+        results.setdefault("errors", {})[name] = tb
+    finally:
+        flush()
 
 
 def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
@@ -362,34 +381,48 @@ def main() -> int:
         results["mamba_ssm"] = True
     except ImportError:
         results["mamba_ssm"] = False
-    results["checks"] = check_scans(lengths, device, print, widths)
-    results["speed"] = {}
     lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']})", "",
              "## Correctness (max |error| / max |reference|, reference in float64)", "",
              "| family | width | p | dtype | kernel | y | final state |", "|---|---|---|---|---|---|---|"]
+
+    def flush():
+        results["kernel_fallbacks"] = dict(_FAILED_KERNELS)
+        write_results(args.out, results, "\n".join(lines))
+
+    results["checks"] = []
+    with section(results, "checks", flush):
+        check_scans(lengths, device, print, widths, rows=results["checks"])
     for row in results["checks"]:
         lines.append(f"| {row['family']} | {row['width']} | {row['p']} | {row['dtype']} | {row['kernel']} | "
                      f"{row['rel_err_y']:.1e} | {row['rel_err_final']:.1e} |")
+    results["speed"] = {}
     lines += ["", f"## Speed of the models, {MODEL_SIZES[size]['layers']} layers at "
               f"{'130m' if size == 'full' else 'toy'} widths, p = {args.p} (median s; mamba_ssm installed: "
               f"{results['mamba_ssm']})", "", "| family | contender | median s | vs triton |", "|---|---|---|---|"]
     with torch.inference_mode():
-        for family, (hf, model) in build_models(device, size).items():
-            calls = contenders(family, hf, model, args.p, device, not args.no_bridge)
-            timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
-            speed = {name: timings.median(name) for name in calls}
-            ratios = {name: timings.paired_ratio(name, "triton") for name in calls}
-            results["speed"][family] = {"median_s": speed, "vs_triton": ratios}
-            for name in calls:
-                lines.append(f"| {family} | {name} | {speed[name]:.4f} | {ratios[name]:.2f}x |")
-            targets = {"knockout / plain <= 1.3": ratios["knockout_triton"] <= 1.3}
-            if "bridge_eager_state_cache" in calls:
-                targets["bridge state cache / hook_h cache >= 50"] = (
-                    timings.paired_ratio("bridge_eager_state_cache", "hook_h_cache_triton") >= 50)
-            if results["mamba_ssm"]:
-                targets["triton <= 1.5x transformers+mamba_ssm"] = timings.paired_ratio("triton", "transformers") <= 1.5
-            results["speed"][family]["targets"] = targets
-            lines += [f"| {family} | target: {k} | {'met' if v else 'NOT met'} | |" for k, v in targets.items()]
+        with section(results, "models", flush):
+            models = build_models(device, size)
+        for family, (hf, model) in (models.items() if "models" not in results.get("errors", {}) else ()):
+            with section(results, f"speed {family}", flush):
+                calls = contenders(family, hf, model, args.p, device, not args.no_bridge)
+                timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
+                speed = {name: timings.median(name) for name in calls}
+                ratios = {name: timings.paired_ratio(name, "triton") for name in calls}
+                results["speed"][family] = {"median_s": speed, "vs_triton": ratios}
+                for name in calls:
+                    lines.append(f"| {family} | {name} | {speed[name]:.4f} | {ratios[name]:.2f}x |")
+                targets = {"knockout / plain <= 1.3": ratios["knockout_triton"] <= 1.3}
+                if "bridge_eager_state_cache" in calls:
+                    targets["bridge state cache / hook_h cache >= 50"] = (
+                        timings.paired_ratio("bridge_eager_state_cache", "hook_h_cache_triton") >= 50)
+                if results["mamba_ssm"]:
+                    targets["triton <= 1.5x transformers+mamba_ssm"] = timings.paired_ratio("triton", "transformers") <= 1.5
+                results["speed"][family]["targets"] = targets
+                lines += [f"| {family} | target: {k} | {'met' if v else 'NOT met'} | |" for k, v in targets.items()]
+            del hf, model
+        models = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         bandwidth = copy_bandwidth(device, copy_bytes, max(args.repeats, 3))
         results["copy_bandwidth_GBps"] = bandwidth / 1e9
         results["scans"] = []
@@ -399,36 +432,43 @@ def main() -> int:
                   "|---|---|---|---|---|---|---|---|"]
         for family, (width, widths_of) in scan_widths.items():
             for dtype in (torch.float32, torch.bfloat16):
-                t = scan_inputs(family, widths_of, args.p, dtype, device)
-                calls = scan_contenders(family, t, device, print)
-                timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
-                floor = scan_bytes(family, t) / bandwidth
-                for name in calls:
-                    row = dict(family=family, width=width, dtype=str(dtype).split(".")[-1], contender=name,
-                               median_s=timings.median(name), vs_triton=timings.paired_ratio(name, "triton"),
-                               floor_s=floor, over_floor=timings.median(name) / floor)
-                    results["scans"].append(row)
-                    lines.append(f"| {family} | {width} | {row['dtype']} | {name} | {row['median_s']:.2e} | "
-                                 f"{row['vs_triton']:.2f}x | {floor:.1e} | {row['over_floor']:.0f}x |")
-                if "mamba_ssm" in calls:
-                    met = timings.paired_ratio("triton", "mamba_ssm") <= 1.5
-                    lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | target: triton scan <= 1.5x "
-                                 f"mamba_ssm's | {'met' if met else 'NOT met'} | | | |")
+                with section(results, f"scans {family} {dtype}", flush):
+                    t = scan_inputs(family, widths_of, args.p, dtype, device)
+                    calls = scan_contenders(family, t, device, print)
+                    timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
+                    floor = scan_bytes(family, t) / bandwidth
+                    for name in calls:
+                        row = dict(family=family, width=width, dtype=str(dtype).split(".")[-1], contender=name,
+                                   median_s=timings.median(name), vs_triton=timings.paired_ratio(name, "triton"),
+                                   floor_s=floor, over_floor=timings.median(name) / floor)
+                        results["scans"].append(row)
+                        lines.append(f"| {family} | {width} | {row['dtype']} | {name} | {row['median_s']:.2e} | "
+                                     f"{row['vs_triton']:.2f}x | {floor:.1e} | {row['over_floor']:.0f}x |")
+                    if "mamba_ssm" in calls:
+                        met = timings.paired_ratio("triton", "mamba_ssm") <= 1.5
+                        lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | target: triton scan <= "
+                                     f"1.5x mamba_ssm's | {'met' if met else 'NOT met'} | | | |")
     results["backward"] = []
     lines += ["", f"## Forward + backward of the scans, batch 1, p = {args.p}, fp32 (median s)", "",
               "| family | contender | median s | vs triton |", "|---|---|---|---|"]
     for family, (width, widths_of) in scan_widths.items():
-        t = scan_inputs(family, widths_of, args.p, torch.float32, device)
-        calls = backward_contenders(family, t, device)
-        timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
-        for name in calls:
-            row = dict(family=family, width=width, contender=name, median_s=timings.median(name),
-                       vs_triton=timings.paired_ratio(name, "triton"))
-            results["backward"].append(row)
-            lines.append(f"| {family} | {name} | {row['median_s']:.2e} | {row['vs_triton']:.2f}x |")
-    write_results(args.out, results, "\n".join(lines))
+        with section(results, f"backward {family}", flush):
+            t = scan_inputs(family, widths_of, args.p, torch.float32, device)
+            calls = backward_contenders(family, t, device)
+            timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
+            for name in calls:
+                row = dict(family=family, width=width, contender=name, median_s=timings.median(name),
+                           vs_triton=timings.paired_ratio(name, "triton"))
+                results["backward"].append(row)
+                lines.append(f"| {family} | {name} | {row['median_s']:.2e} | {row['vs_triton']:.2f}x |")
+    lines += ["", "## Kernels that failed on this device and fell back (same results, slower)", ""]
+    lines += [f"- {name}: {err}" for name, err in _FAILED_KERNELS.items()] or ["none"]
+    if results.get("errors"):
+        lines += ["", "## Sections that failed (tracebacks in the .json)", ""]
+        lines += [f"- {name}: {tb.strip().splitlines()[-1]}" for name, tb in results["errors"].items()]
+    flush()
     print("\n".join(lines))
-    return 0
+    return 1 if results.get("errors") else 0
 
 
 if __name__ == "__main__":

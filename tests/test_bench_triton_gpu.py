@@ -32,6 +32,8 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["smoke"] is True
+    assert not results.get("errors"), results.get("errors")
+    assert results["kernel_fallbacks"] == {}  # off CUDA a failing kernel raises instead of falling back
     checks = {(r["family"], r["p"], r["dtype"], r["kernel"]): r for r in results["checks"]}
     assert {key[0] for key in checks} == {"mamba1", "mamba2"}
     assert {key[2] for key in checks} == {"float32", "bfloat16"}
@@ -58,3 +60,17 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert {("mamba1", "triton"), ("mamba1", "triton_recompute_backward"), ("mamba2", "triton")} <= backward
     table = out.with_suffix(".md").read_text()
     assert "## Correctness" in table and "## The scans alone" in table
+
+
+def test_a_failing_section_is_recorded_and_flushed_and_the_run_goes_on():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_triton_gpu as bench
+
+    results, flushed = {}, []
+    with bench.section(results, "broken", lambda: flushed.append("broken")):
+        raise RuntimeError("kernel exploded")
+    with bench.section(results, "fine", lambda: flushed.append("fine")):
+        results["measured"] = 1.0
+    assert "RuntimeError: kernel exploded" in results["errors"]["broken"]
+    assert "fine" not in results["errors"] and results["measured"] == 1.0
+    assert flushed == ["broken", "fine"]
