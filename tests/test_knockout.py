@@ -418,3 +418,35 @@ def test_bad_path_and_missing_knockout():
         Knockout(layers=0, sources=[0], path="attn")
     with pytest.raises(TypeError, match="needs knockouts"):
         make_model("mamba1").run_with_knockout(torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("form", ["dense", "removal"])
+def test_a_mask_on_another_device_than_the_scan_is_named(family, form):
+    """A knockout mask on another device than the scan inputs (a CPU mask for a CUDA model,
+    here a "meta" one for CPU inputs) raises a ValueError naming both devices, whichever
+    backend, instead of failing inside a kernel or autograd."""
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.selective_scan import selective_scan
+    from tl_mamba.ops.ssd import ssd_scan
+
+    b, p = 1, 5
+    if family == "mamba1":
+        e, n = 3, 2
+        args = (torch.randn(b, p, e), torch.rand(b, p, e), -torch.rand(e, n), torch.randn(b, p, n),
+                torch.randn(b, p, n))
+        scan, heads = selective_scan, 1
+    else:
+        h, hd, n = 2, 2, 2
+        args = (torch.randn(b, p, h, hd), torch.rand(b, p, h), -torch.rand(h), torch.randn(b, p, 1, n),
+                torch.randn(b, p, 1, n))
+        scan, heads = ssd_scan, h
+    if form == "dense":
+        mask = torch.ones(b, heads, p, p, device="meta")
+        what = "ssm_mask"
+    else:
+        mask = [EdgeRemoval(sources=torch.ones(b, p), targets=torch.ones(b, p, device="meta"))]
+        what = "targets"
+    for backend in ("reference", "torch"):
+        with pytest.raises(ValueError, match=rf"{what} is on meta but the scan inputs are on cpu"):
+            scan(*args, ssm_mask=mask, backend=backend)

@@ -209,13 +209,20 @@ def test_forward_writes_chunk_boundary_states(family, p, every):
     torch.testing.assert_close(final, ref.final_state, rtol=1e-5, atol=1e-5)
 
 
+def _set_backward_chunk(monkeypatch, T: int) -> None:
+    """Both families' default backward chunk (Mamba-1's is shared, Mamba-2's its own) set to T."""
+    import tl_mamba.ops.triton_scan as triton_scan
+    from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
+
+    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", T)
+    monkeypatch.setattr(ssd_triton_kernel, "BACKWARD_CHUNK", T)
+
+
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
 def test_chunked_backward_gradcheck_float64(family, monkeypatch):
     """A float64 gradcheck (Triton's interpreter runs the kernel in float64 for float64
     inputs): 6 positions in chunks of 4, so one full chunk and one partial chunk."""
-    import tl_mamba.ops.triton_scan as triton_scan
-
-    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 4)
+    _set_backward_chunk(monkeypatch, 4)
     tensors = [t.requires_grad_(True) for t in _family_inputs(family, p=6, b=1)]
 
     def f(*leaves):
@@ -248,7 +255,7 @@ def test_chunked_backward_matches_reference_autograd(family, p, with_d, with_h0,
         else:
             out = _scan(family, backend, leaves, return_states=states, with_d=with_d, with_h0=with_h0)
         outputs = (out.y, out.final_state) + ((out.states,) if states else ())
-        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)).sum()
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(o.device)).sum()
                    for i, o in enumerate(outputs))
         loss.backward()
         grads[backend] = [t.grad for t in leaves]
@@ -265,9 +272,7 @@ def test_chunked_backward_matches_reference_autograd(family, p, with_d, with_h0,
 def test_chunked_backward_with_some_inputs_requiring_grad(family, wanted, monkeypatch):
     """Only some inputs require grad (the gradient of a chunk's start is then skipped when
     nothing before it needs it); the final state alone as the loss."""
-    import tl_mamba.ops.triton_scan as triton_scan
-
-    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 3)
+    _set_backward_chunk(monkeypatch, 3)
     names = "x delta A B C D h0".split()
     final_only = wanted == ("final_only_h0",)
     wanted = ("h0",) if final_only else wanted
@@ -288,9 +293,7 @@ def test_chunked_backward_with_some_inputs_requiring_grad(family, wanted, monkey
 
 def test_chunked_backward_fp32_and_bf16_inputs(monkeypatch):
     """fp32 / bf16 inputs: the kernel and the recompute run in fp32; gradients keep the inputs' dtypes."""
-    import tl_mamba.ops.triton_scan as triton_scan
-
-    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 4)
+    _set_backward_chunk(monkeypatch, 4)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         tensors = _family_inputs("mamba1", p=9, dtype=dtype, seed=5)
         grads = {}
@@ -308,13 +311,11 @@ def test_chunked_backward_fp32_and_bf16_inputs(monkeypatch):
 def test_mask_gradient_through_chunked_backward(family, monkeypatch):
     """Knockout attribution (a dense hook_ssm_mask that requires grad) with the Triton backend in
     chunks of 3: gradients of the mask and of the scan inputs match the reference backend's."""
-    import tl_mamba.ops.triton_scan as triton_scan
-
-    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 3)
+    _set_backward_chunk(monkeypatch, 3)
     p = 7
     tensors = _family_inputs(family, p, seed=2)
     heads = 1 if family == "mamba1" else tensors[0].shape[2]
-    mask = (torch.rand(2, heads, p, p, generator=torch.Generator().manual_seed(0)) > 0.4).double().tril()
+    mask = (torch.rand(2, heads, p, p, generator=torch.Generator().manual_seed(0)) > 0.4).double().tril().to(DEVICE)
     grads = {}
     for backend in ("triton", "reference"):
         leaves = [t.clone().requires_grad_(True) for t in tensors] + [mask.clone().requires_grad_(True)]
@@ -419,10 +420,11 @@ def test_chunked_backward_memory_is_linear_in_p(family, monkeypatch):
 # --- the chunked SSD forward (Mamba-2: triton_chunked.py) -----------------------------------
 
 def _ssd_spies(monkeypatch):
-    """Count the calls of the chunked and the recurrent SSD forward (and still run them)."""
+    """Count the calls of the chunked and the recurrent SSD forward and of the per-chunk
+    state walk (and still run them)."""
     from tl_mamba.ops.ssd import triton_chunked, triton_kernel
 
-    calls = {"chunked": 0, "recurrent": 0}
+    calls = {"chunked": 0, "recurrent": 0, "states": 0}
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
@@ -432,6 +434,7 @@ def _ssd_spies(monkeypatch):
 
     monkeypatch.setattr(triton_chunked, "ssd_chunked_triton", spy("chunked", triton_chunked.ssd_chunked_triton))
     monkeypatch.setattr(triton_kernel, "_recurrent_forward", spy("recurrent", triton_kernel._recurrent_forward))
+    monkeypatch.setattr(triton_chunked, "chunk_states_triton", spy("states", triton_chunked.chunk_states_triton))
     return calls
 
 
@@ -454,7 +457,7 @@ def test_ssd_chunked_kernel_matches_reference(p, Q, g, with_d, with_h0, dtype, m
     kw = dict(initial_state=h0 if with_h0 else None)
     ours = ssd_triton(x, delta, A, B, C, D if with_d else None, chunk_size=Q, **kw)
     ref = ssd_scan(x, delta, A, B, C, D if with_d else None, backend="reference", **kw)
-    assert calls == {"chunked": 1, "recurrent": 0}
+    assert calls == {"chunked": 1, "recurrent": 0, "states": 0}
     assert ours.y.dtype == ours.final_state.dtype == torch.float32 and ours.states is None
     torch.testing.assert_close(ours.y, ref.y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.final_state, ref.final_state, rtol=1e-5, atol=1e-5)
@@ -477,9 +480,31 @@ def test_ssd_chunked_kernel_tiles_and_chunk_starts():
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_ssd_chunk_states_walk_tiles_and_a_short_last_chunk(dtype):
+    """The per-chunk state walk (hook_h's states) against the reference's states at every
+    position: hd = 40 and n = 70 over several tiles (32 and 64), 2 groups, p = 11 in chunks
+    of 4 (a short last chunk), an initial state; float64 runs in float64, bf16 in fp32."""
+    from tl_mamba.ops.ssd.triton_chunked import chunk_states_triton, ssd_chunked_triton
+
+    p, Q = 11, 4
+    x, delta, A, B, C, D, h0 = ssd_inputs(b=2, p=p, h=4, hd=40, g=2, n=70, dtype=dtype, seed=6)
+    _, _, starts = ssd_chunked_triton(x, delta, A, B, C, D, h0, chunk_size=Q)
+    states = chunk_states_triton(x, delta, A, B, starts, Q)
+    ref = ssd_scan(*(t.double() for t in (x, delta, A, B, C, D)), initial_state=h0.double(), return_states=True,
+                   backend="reference")
+    assert states.shape == (2, p, 4, 40, 70) and states.dtype == (torch.float64 if dtype == torch.float64
+                                                                 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(states.double(), ref.states, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="starts must be"):
+        chunk_states_triton(x, delta, A, B, starts[:, :2], Q)
+
+
 def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
     """Through the dispatcher: the plain forward and the knockout scans run the chunked
-    kernels, return_states (hook_h) the recurrent one; with autograd the backward's boundary
+    kernels, return_states (hook_h) those plus the per-chunk state walk, whose states equal
+    the reference's at every position; with autograd the backward's boundary
     states come from the chunked kernels when T ≤ Q or Q divides T (T = 8, Q = 4: every
     second chunk start), from the recurrent kernel otherwise (T = 6); gradients either way
     match the reference's."""
@@ -494,19 +519,22 @@ def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
     x, delta, A, B, C, D, h0 = tensors
 
     def used(**expected):
-        assert calls == {"chunked": 0, "recurrent": 0, **expected}, calls
-        calls.update(chunked=0, recurrent=0)
+        assert calls == {"chunked": 0, "recurrent": 0, "states": 0, **expected}, calls
+        calls.update(chunked=0, recurrent=0, states=0)
 
     ssd_scan(x, delta, A, B, C, D, initial_state=h0, backend="triton")
     used(chunked=1)
-    ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="triton")
-    used(recurrent=1)
+    with_states = ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="triton")
+    used(chunked=1, states=1)
+    want = ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="reference")
+    torch.testing.assert_close(with_states.states, want.states, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(with_states.y, want.y, rtol=1e-12, atol=1e-12)
     # the knockout's extra scan (not the edge-by-edge form, which runs no kernel)
     from tl_mamba.ops import knockout as ops_knockout
 
     monkeypatch.setattr(ops_knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": 0.0, "bphd": 0.0})
-    removal = EdgeRemoval(sources=torch.zeros(1, p).index_fill_(1, torch.tensor([2]), 1.0),
-                          targets=torch.zeros(1, p).index_fill_(1, torch.tensor([8]), 1.0))
+    removal = EdgeRemoval(sources=torch.zeros(1, p).index_fill_(1, torch.tensor([2]), 1.0).to(DEVICE),
+                          targets=torch.zeros(1, p).index_fill_(1, torch.tensor([8]), 1.0).to(DEVICE))
     ko = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="triton")
     assert calls["recurrent"] == 0 and calls["chunked"] >= 2
     calls.update(chunked=0)
@@ -533,10 +561,38 @@ def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
+def test_ssd_backward_recomputes_in_chunks_of_its_own_default(monkeypatch):
+    """Mamba-2's Triton backward walks chunks of ``ssd.triton_kernel.BACKWARD_CHUNK`` positions,
+    not Mamba-1's default: 11 positions in chunks of 4 are recomputed as 3, 4, 4 (last first),
+    and the gradients match autograd through the reference. The shipped default is a multiple
+    of the chunked kernels' Q, so those kernels supply the boundary states."""
+    import tl_mamba.ops.triton_scan as triton_scan
+    from tl_mamba.ops.ssd import chunked, triton_chunked
+    from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
+
+    assert ssd_triton_kernel.BACKWARD_CHUNK % triton_chunked.CHUNK_SIZE == 0
+    monkeypatch.setattr(triton_scan, "BACKWARD_CHUNK", 1000)  # Mamba-1's: must not be the one used
+    monkeypatch.setattr(ssd_triton_kernel, "BACKWARD_CHUNK", 4)
+    recomputed = []
+    original = chunked.ssd_chunked
+    monkeypatch.setattr(chunked, "ssd_chunked", lambda *a, **k: recomputed.append(a[0].shape[1]) or original(*a, **k))
+    tensors = _family_inputs("mamba2", p=11, seed=9)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        out = _scan("mamba2", backend, leaves)
+        (out.y.sin().sum() + out.final_state.square().sum()).backward()
+        grads[backend] = [t.grad for t in leaves]
+    assert recomputed == [3, 4, 4]
+    for name, a, b in zip("x delta A B C D h0".split(), grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_model_triton_forward_uses_chunked_kernel(monkeypatch):
     """A toy HookedMamba2 (2 groups) in chunks of 4 over 7 tokens: the logits of the triton
-    backend (chunked kernels only) equal the reference backend's; a hook_h cache runs the
-    recurrent kernel. (Knockouts, hook_h edits and generation through the triton backend:
+    backend (chunked kernels only) equal the reference backend's; a hook_h cache runs them
+    plus the per-chunk state walk, never the recurrent kernel, and caches the reference's
+    states. (Knockouts, hook_h edits and generation through the triton backend:
     test_model_hooks_knockout_and_state_edits_through_triton.)"""
     from tl_mamba.ops.ssd import triton_chunked
 
@@ -549,11 +605,16 @@ def test_model_triton_forward_uses_chunked_kernel(monkeypatch):
         model.set_backend(backend)
         with torch.no_grad():
             logits[backend] = model(tokens)
-    assert calls == {"chunked": model.cfg.n_layers, "recurrent": 0}, calls
+    assert calls == {"chunked": model.cfg.n_layers, "recurrent": 0, "states": 0}, calls
     torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_h"))
-    assert calls["recurrent"] == model.cfg.n_layers, calls
+    caches = {}
+    for backend in ("triton", "reference"):
+        model.set_backend(backend)
+        with torch.no_grad():
+            caches[backend] = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_h"))[1]
+    assert calls == {"chunked": 2 * model.cfg.n_layers, "recurrent": 0, "states": model.cfg.n_layers}, calls
+    for name in caches["reference"]:
+        torch.testing.assert_close(caches["triton"][name], caches["reference"][name], rtol=1e-5, atol=1e-5)
 
 
 # --- Mamba-1's gate, fused into the kernel ------------------------------------------------
@@ -611,7 +672,7 @@ def test_fused_gate_backward_matches_reference_autograd(p, states):
             out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=states, backend="reference")
             y = _silu_gated(out.y, zz)
         outputs = (y, out.final_state) + ((out.states,) if states else ())
-        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)).sum()
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(o.device)).sum()
                    for i, o in enumerate(outputs))
         loss.backward()
         grads[backend] = [t.grad for t in leaves]
@@ -815,7 +876,7 @@ def test_mamba1_backward_modes_match_reference_autograd(mode, p, chunk, states, 
             out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=states, backend="reference")
             y = _silu_gated(out.y, zz) if gated else out.y
         outputs = (y, out.final_state) + ((out.states,) if states else ())
-        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)).sum()
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(o.device)).sum()
                    for i, o in enumerate(outputs))
         loss.backward()
         grads[backend] = [t.grad for t in leaves]

@@ -244,13 +244,28 @@ def check_removal(removal: EdgeRemoval, b: int, p: int, n_features: int, what: s
         raise ValueError(f"a knockout's {what} mask must have {n_features} entries, got {tuple(removal.features.shape)}")
 
 
-def as_removal_list(ssm_mask: SSMMask) -> Optional[List[EdgeRemoval]]:
-    """The structured form of ``ssm_mask`` when it is one (a list of EdgeRemoval), else None."""
+def as_removal_list(ssm_mask: SSMMask, device: torch.device) -> Optional[List[EdgeRemoval]]:
+    """The structured form of ``ssm_mask`` when it is one (a list of EdgeRemoval), else None.
+
+    Raises a ``ValueError`` naming both devices when the mask (or a removal's sources,
+    targets or features) is not on ``device``, the scan inputs' device: a mask built on
+    the CPU for a CUDA model would otherwise fail deep inside a kernel or autograd.
+    """
+    def check_device(tensor: Tensor, what: str) -> None:
+        if tensor.device != torch.device(device):
+            raise ValueError(f"{what} is on {tensor.device} but the scan inputs are on {device}; "
+                             f"move it there first (.to({str(device)!r}))")
+
     if isinstance(ssm_mask, Tensor):
+        check_device(ssm_mask, "ssm_mask")
         return None
     removals = list(ssm_mask)
     if not all(isinstance(r, EdgeRemoval) for r in removals):
         raise TypeError("ssm_mask must be a [b, H, p, p] tensor or a list of EdgeRemoval")
+    for removal in removals:
+        for name in ("sources", "targets", "features"):
+            if getattr(removal, name) is not None:
+                check_device(getattr(removal, name), f"a knockout's {name}")
     return removals
 
 

@@ -42,7 +42,9 @@ from tl_mamba.ops.precision import compute_dtype, needs_grad
 BACKWARD_CHUNK = 64
 """Positions per recomputed chunk in the Triton backends' backward (T). Memory is
 b·(⌈p/T⌉-1)·S saved plus O(b·T·S) while a chunk is recomputed, smallest near T = √p;
-64 suits p from a few hundred to a few thousand. Per call: ``backward_chunk=``."""
+64 suits p from a few hundred to a few thousand. Mamba-2's backend passes its own
+default (``tl_mamba.ops.ssd.triton_kernel.BACKWARD_CHUNK``, larger: its recompute holds
+no per-position states). Per call: ``backward_chunk=``."""
 
 _FAILED_KERNELS: Dict[str, str] = {}  # kernel name -> why it failed on this process's GPU
 

@@ -122,7 +122,7 @@ def selective_scan(
     if z is not None and tuple(z.shape) != (b, p, e):
         raise ValueError(f"selective_scan: z must have shape {(b, p, e)}, got {tuple(z.shape)}")
     impl = pick_implementation(backend, x.device, _IMPLEMENTATIONS)
-    removals = None if ssm_mask is None else as_removal_list(ssm_mask)  # S → T structure, or None (dense)
+    removals = None if ssm_mask is None else as_removal_list(ssm_mask, x.device)  # S → T structure, or None (dense)
     for removal in removals or ():
         check_removal(removal, b, p, e, "channels")
 

@@ -14,6 +14,9 @@ the last chunk may be shorter and is masked). With dA_t = Δ_t A_h, per chunk an
    ``y = ((C Bᵀ) ∘ L ∘ Δ_j) x  +  exp(Σ_{k≤i} dA_k) · (C h_start)  +  D x`` with
    ``L[i, j] = exp(Σ_{j<k≤i} dA_k)`` for j ≤ i, 0 above the diagonal; three ``tl.dot``
    (``C Bᵀ`` and ``C h_startᵀ`` accumulated over blocks of n, then ``[Q, Q] @ [Q, hd]``).
+4. ``_chunk_states_kernel`` — only when every position's state is asked for (``hook_h``):
+   from each chunk's starting state, the recurrence over the chunk's positions, one
+   program per (sequence, chunk, head, state tile), writing each state.
 
 B and C are read from the head's group (``head // (h // g)``). Every exponent is a
 direct sum of ≤ 0 terms (an inclusive, reverse or segment cumulative sum, never a
@@ -168,6 +171,67 @@ def _chunk_scan_kernel(
         y += tl.load(D_ptr + pid_h).to(ACC) * xq
     tl.store(y_ptr + (rows[:, None] * h + pid_h) * hd + offs_d[None, :], y,
              mask=mask_q[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _chunk_states_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, starts_ptr, states_ptr,
+    p, h, hd, g, n, nc, Q,
+    ACC: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # starts: [b, nc, h, hd, n], each chunk's starting state (kernel 2's output);
+    # states: [b, p, h, hd, n], every position's state after its update.
+    # Program: (sequence·chunk, head, hd block·n block); it walks its chunk's ≤ Q positions.
+    pid_bc = tl.program_id(0)
+    pid_b = pid_bc // nc
+    pid_c = pid_bc % nc
+    pid_h = tl.program_id(1)
+    n_blocks_n = tl.cdiv(n, BLOCK_N)
+    pid_d = tl.program_id(2) // n_blocks_n
+    pid_n = tl.program_id(2) % n_blocks_n
+    group = pid_h // (h // g)
+    offs_d = pid_d * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_d = offs_d < hd
+    mask_n = offs_n < n
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * n + offs_n[None, :]
+    state = tl.load(starts_ptr + ((pid_b * nc + pid_c) * h + pid_h) * hd * n + dn, mask=mask_dn,
+                    other=0.0).to(ACC)
+    A = tl.load(A_ptr + pid_h).to(ACC)
+    for t in range(pid_c * Q, tl.minimum(pid_c * Q + Q, p)):
+        row = pid_b * p + t
+        x = tl.load(x_ptr + (row * h + pid_h) * hd + offs_d, mask=mask_d, other=0.0).to(ACC)
+        dt = tl.load(dt_ptr + row * h + pid_h).to(ACC)
+        Bt = tl.load(B_ptr + (row * g + group) * n + offs_n, mask=mask_n, other=0.0).to(ACC)
+        state = tl.exp(dt * A) * state + (dt * x)[:, None] * Bt[None, :]
+        tl.store(states_ptr + (row * h + pid_h) * hd * n + dn, state, mask=mask_dn)
+
+
+def chunk_states_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, starts: Tensor,
+                        chunk_size: int) -> Tensor:
+    """Every position's state ``[b, p, h, hd, n]`` from the chunks' starting states.
+
+    ``starts`` is :func:`ssd_chunked_triton`'s third output for the same inputs and
+    ``chunk_size``. One program per (sequence, chunk, head, tile of the state) walks
+    its chunk's positions, so the p·h·hd·n values (what ``hook_h`` caches) are written
+    by b·⌈p/Q⌉·h·tiles programs in parallel, Q steps deep, instead of by the recurrent
+    kernel's b·h·tiles programs p steps deep. Dtype: ``starts``'s (fp32, or float64).
+    """
+    b, p, h, hd = x.shape
+    g, n = B.shape[-2:]
+    Q = min(int(chunk_size), p)
+    nc = triton.cdiv(p, Q)
+    if tuple(starts.shape) != (b, nc, h, hd, n):
+        raise ValueError(f"starts must be [b, ceil(p/Q), h, hd, n] = {(b, nc, h, hd, n)}, got {tuple(starts.shape)}")
+    x, delta, A, B, starts = (t.contiguous() for t in (x, delta, A, B, starts))
+    states = torch.empty(b, p, h, hd, n, device=x.device, dtype=starts.dtype)
+    block_hd = _block(hd, 32)
+    block_n = _block(n, 64)
+    _chunk_states_kernel[(b * nc, h, triton.cdiv(hd, block_hd) * triton.cdiv(n, block_n))](
+        x, delta, A, B, starts, states, p, h, hd, g, n, nc, Q,
+        ACC=tl.float64 if starts.dtype == torch.float64 else tl.float32, BLOCK_HD=block_hd, BLOCK_N=block_n)
+    return states
 
 
 def _block(size: int, cap: int) -> int:

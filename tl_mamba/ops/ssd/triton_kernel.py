@@ -3,14 +3,17 @@
 Which kernel runs (:func:`_forward`):
 
 - **chunked** (``triton_chunked.py``, three kernels: per-chunk states, a pass over
-  chunks, per-chunk outputs with ``tl.dot``) whenever the per-position states are not
-  asked for: the plain forward, the dispatcher's knockout scans, the final state for
-  generation. With autograd on it also serves the backward's chunk-boundary states
-  (below) when the backward's chunk T fits the kernel's chunks: T ≤ Q (the kernel then
-  runs with chunks of T) or T a multiple of Q (``Q = triton_chunked.CHUNK_SIZE``, 64).
-- **recurrent** (``_ssd_fwd_kernel`` here) when ``return_states=True`` (``hook_h``:
-  the kernel writes every position's state as it walks the sequence), for p = 0, and
-  for a backward chunk T > Q that is not a multiple of Q.
+  chunks, per-chunk outputs with ``tl.dot``): the plain forward, the dispatcher's
+  knockout scans, the final state for generation. When every position's state is
+  asked for (``return_states=True``: a ``hook_h`` cache or edit), a fourth kernel walks
+  each chunk from its starting state and writes the states, all chunks in parallel.
+  With autograd on it also serves the backward's chunk-boundary states (below) when
+  the backward's chunk T fits the kernel's chunks: T ≤ Q (the kernel then runs with
+  chunks of T) or T a multiple of Q (``Q = triton_chunked.CHUNK_SIZE``, 64).
+- **recurrent** (``_ssd_fwd_kernel`` here) for p = 0 and for a backward chunk T > Q
+  that is not a multiple of Q: one sequential walk over all p positions. Until
+  2026-12-04 it also served ``return_states``; on an H200 (130m widths, p = 2048) its
+  b·h·2 programs wrote the states at ~0.2 TB/s, 7 ms a layer.
 
 The recurrent kernel: one program per (sequence, head, block of ``BLOCK_HD`` head
 channels) holds its ``[BLOCK_HD, n]`` slice of the state in registers, in fp32
@@ -46,6 +49,16 @@ import triton.language as tl
 from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.ssd import triton_chunked
 from tl_mamba.ops.triton_scan import run_triton_scan
+
+BACKWARD_CHUNK = 512
+"""Positions per recomputed chunk (T) in this backend's backward, by default.
+
+Larger than Mamba-1's (``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``, 64) because the
+recompute here is the torch chunked SSD form, whose graph for T positions holds only
+T/Q chunk states and the [h, Q, Q] decay tiles (not T per-position states), while
+each recomputed chunk costs a fixed ~100 kernel launches. Measured on an H200
+(2026-12-04, 130m widths, p = 2048, fp32): forward + backward took 89 ms at T = 64,
+8x the torch backend's own autograd; docs/performance.md has the numbers at 512."""
 
 
 @triton.jit
@@ -131,10 +144,9 @@ def _recurrent_forward(x, delta, A, B, C, D, initial_state, return_states: bool,
     return out if boundary_every is None else (*out, bounds)
 
 
-def _chunk_for(p: int, return_states: bool, boundary_every: Optional[int],
-               chunk_size: Optional[int]) -> Optional[int]:
+def _chunk_for(p: int, boundary_every: Optional[int], chunk_size: Optional[int]) -> Optional[int]:
     """The chunk length Q for the chunked kernels, or None where the recurrent kernel runs."""
-    if return_states or p == 0:
+    if p == 0:
         return None
     q = triton_chunked.CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if boundary_every is not None:  # the chunk starts must include every T-th state
@@ -149,20 +161,22 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd:
              boundary_every: Optional[int] = None, chunk_size: Optional[int] = None):
     """The backend's forward: ``(y, final_state, states or None)`` in fp32 (float64 if any input is).
 
-    Chunked kernels (chunks of ``chunk_size``, default ``triton_chunked.CHUNK_SIZE``)
-    unless ``return_states`` or see :func:`_chunk_for`; the recurrent kernel otherwise.
+    Chunked kernels (chunks of ``chunk_size``, default ``triton_chunked.CHUNK_SIZE``),
+    plus the per-chunk state walk when ``return_states``; the recurrent kernel where
+    :func:`_chunk_for` says so (p = 0, or a backward chunk the chunks do not divide).
     With ``boundary_every=T`` it also returns, fourth, the states after positions
     T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
     ``[b, ceil(p/T) - 1, h, hd, n]``, what the chunked-recompute backward keeps.
     """
-    q = _chunk_for(x.shape[1], return_states, boundary_every, chunk_size)
+    q = _chunk_for(x.shape[1], boundary_every, chunk_size)
     if q is None:
         return _recurrent_forward(x, delta, A, B, C, D, initial_state, return_states, block_hd=block_hd,
                                   boundary_every=boundary_every)
     y, final, starts = triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, initial_state, chunk_size=q,
                                                          block_hd=block_hd)
+    states = triton_chunked.chunk_states_triton(x, delta, A, B, starts, q) if return_states else None
     if boundary_every is None:
-        return y, final, None
+        return y, final, states
     # starts[:, c] is the state after position c·q - 1, and q divides T (_chunk_for): the
     # boundaries are every (T/q)-th chunk start from the (T/q)-th on
     step = boundary_every // q
@@ -170,7 +184,7 @@ def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd:
     bounds = starts[:, step::step][:, :n_bounds]
     if step > 1:  # a copy, so that the other chunk starts are not kept alive for the backward
         bounds = bounds.contiguous()
-    return y, final, None, bounds
+    return y, final, states, bounds
 
 
 def ssd_triton(
@@ -188,11 +202,10 @@ def ssd_triton(
 ):
     """Triton Mamba-2 scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``.
 
-    Outputs fp32 (float64 for float64 inputs). The chunked kernels run unless
-    ``return_states`` (then the recurrent kernel): see the module docstring.
+    Outputs fp32 (float64 for float64 inputs). Which kernels run: see the module docstring.
 
     ``backward_chunk``: positions per recomputed chunk in the backward (default
-    ``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``). ``chunk_size``: Q of the chunked
+    :data:`BACKWARD_CHUNK`, a multiple of Q). ``chunk_size``: Q of the chunked
     kernels (default ``triton_chunked.CHUNK_SIZE``); results do not depend on it.
     """
     from tl_mamba.ops.ssd import SSDOutput
@@ -200,4 +213,5 @@ def ssd_triton(
 
     forward = _forward if chunk_size is None else functools.partial(_forward, chunk_size=chunk_size)
     return run_triton_scan(forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
-                           initial_state, return_states, backward_chunk=backward_chunk)
+                           initial_state, return_states,
+                           backward_chunk=BACKWARD_CHUNK if backward_chunk is None else backward_chunk)
