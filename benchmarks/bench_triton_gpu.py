@@ -10,14 +10,16 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
 
 1. Correctness at real sizes: the scan of every family and width below, Triton
    against the ``"reference"`` sequential backend computed in float64 on the GPU,
-   for p in ``--check-lengths`` (up to 4096), inputs in fp32 and bf16, with and
-   without returned states; plus a structured knockout and a ``hook_h`` edit through
-   a 2-layer model. Reports the max abs error relative to the output's scale.
+   for p in ``--check-lengths`` (up to 4096), inputs in fp32 and bf16: y and the final
+   state, every position's state (``return_states``), and y under a structured knockout
+   in the same pass (forced on: Mamba-2's same-pass kernel is off by default). Reports the max abs error relative to the reference's scale.
+   (Knockouts, ``hook_h`` edits and gradients through models: ``tests/test_triton.py``,
+   which ``run_gpu_session.sh`` runs compiled on the GPU.)
 2. Speed at 130m widths, 4 layers, vocab 8192, batch 1, ``--p`` (2048), median of
    interleaved rounds (``_timing.py``), each call followed by ``cuda.synchronize``:
    ``triton`` and ``torch`` forwards, ``knockout`` (Triton, all layers, 3 sources →
-   last; for Mamba-1 applied in the same pass as the scan, for Mamba-2 summed edge by
-   edge; to compare, Mamba-1 edge by edge and both as a separate knockout scan),
+   last, by the default route: for Mamba-1 in the same pass as the scan, for Mamba-2
+   edge by edge; to compare, each route forced: same pass, edges, a separate scan),
    ``hook_h`` cached forward (Triton), transformers' forward (its own path:
    the fused mamba_ssm kernels when installed, else its torch fallback), and the
    TransformerLens bridge's eager-scan ``hook_ssm_state`` cache.
@@ -56,6 +58,7 @@ import sys
 import traceback
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -107,32 +110,72 @@ def mamba1_kernel(name: str):
         triton_kernel.KERNEL = default
 
 
+@contextlib.contextmanager
+def same_pass_knockout():
+    """Both families' Triton kernels apply a single S → T knockout in the scan's pass (Mamba-2's
+    is off by default), so that the check below covers those kernels at real sizes."""
+    from tl_mamba.ops.selective_scan import triton_kernel
+    from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
+
+    saved = triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout
+    triton_kernel.fuses_knockout = ssd_triton_kernel.fuses_knockout = lambda: True
+    try:
+        yield
+    finally:
+        triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout = saved
+
+
+def rel_err(got: Tensor, want: Tensor) -> float:
+    """max |got - want| / max |want| (want in float64)."""
+    return float((got.double() - want).abs().max()) / float(want.abs().max())
+
+
 def check_scans(lengths, device, log, widths_by_family=WIDTHS, rows=None):
-    """Triton against the float64 reference; appends a row per check to ``rows`` (returned)."""
+    """Triton against the float64 reference; appends a row per check to ``rows`` (returned).
+
+    Per family, width, p and dtype: y and the final state of the plain scan, every
+    position's state (``return_states``, what a ``hook_h`` cache holds), and y under a
+    structured knockout (3 sources at p/3 → the last position, applied in the same pass
+    as the scan, forced on for both families), each as max |error| / max |reference|.
+    """
+    from tl_mamba.ops.knockout import EdgeRemoval
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
 
     rows = [] if rows is None else rows
     for family, by_width in widths_by_family.items():
         scan = selective_scan if family == "mamba1" else ssd_scan
-        kernels = ("chunked", "sequential") if family == "mamba1" else ("chunked or recurrent",)
+        kernels = ("chunked", "sequential") if family == "mamba1" else ("chunked",)
         for width, widths in by_width.items():
             for p in lengths:
+                sources = torch.zeros(1, p, device=device)
+                sources[:, p // 3:p // 3 + 3] = 1
+                targets = torch.zeros(1, p, device=device)
+                targets[:, -1] = 1
+                knockout = [EdgeRemoval(sources, targets)]
                 for dtype in (torch.float32, torch.bfloat16):
                     t = scan_inputs(family, widths, p, dtype, device)
-                    ref = scan(*(v.double() for v in t.values()), backend="reference", return_states=False)
+                    ref = scan(*(v.double() for v in t.values()), backend="reference", return_states=True)
+                    ref_ko = scan(*(v.double() for v in t.values()), backend="reference", ssm_mask=knockout).y
                     for kernel in kernels:
                         with mamba1_kernel(kernel) if family == "mamba1" else contextlib.nullcontext():
                             out = scan(*t.values(), backend="triton", return_states=False)
-                        scale = float(ref.y.abs().max())
-                        err = float((out.y.double() - ref.y).abs().max()) / scale
-                        ferr = float((out.final_state.double() - ref.final_state).abs().max()) / float(
-                            ref.final_state.abs().max())
-                        rows.append(dict(family=family, width=width, p=p, dtype=str(dtype).split(".")[-1],
-                                         kernel=kernel, rel_err_y=err, rel_err_final=ferr))
-                        log(f"check {family} {width} p={p} {dtype} {kernel}: rel err y {err:.2e}, final {ferr:.2e}")
-                        del out
-                    del ref, t
+                            row = dict(family=family, width=width, p=p, dtype=str(dtype).split(".")[-1],
+                                       kernel=kernel, rel_err_y=rel_err(out.y, ref.y),
+                                       rel_err_final=rel_err(out.final_state, ref.final_state))
+                            del out
+                            out = scan(*t.values(), backend="triton", return_states=True)
+                            row["rel_err_states"] = rel_err(out.states, ref.states)
+                            del out
+                            # (Mamba-1's sequential kernel has no same-pass knockout: its default route)
+                            with same_pass_knockout() if kernel != "sequential" else contextlib.nullcontext():
+                                row["rel_err_knockout"] = rel_err(
+                                    scan(*t.values(), backend="triton", ssm_mask=knockout).y, ref_ko)
+                        rows.append(row)
+                        log(f"check {family} {width} p={p} {dtype} {kernel}: rel err y {row['rel_err_y']:.2e}, "
+                            f"final {row['rel_err_final']:.2e}, states {row['rel_err_states']:.2e}, "
+                            f"knockout {row['rel_err_knockout']:.2e}")
+                    del ref, ref_ko, t
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     return rows
@@ -310,27 +353,31 @@ def contenders(family, hf, model, p, device, with_bridge):
         "transformers": lambda: hf(tokens),
     }
     def knockout_route(fuse: bool, pairs_per_position: dict):
-        """The knockout with Mamba-1's same-pass kernel on or off and the edge route's threshold set."""
+        """The knockout with the same-pass kernels on or off (both families) and the edge
+        route's threshold set."""
         def call():
             from tl_mamba.ops import knockout as ops_knockout
             from tl_mamba.ops.selective_scan import triton_kernel
+            from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
 
-            saved = triton_kernel.fuses_knockout, ops_knockout.PAIRS_PER_SCANNED_POSITION
-            if not fuse:
-                triton_kernel.fuses_knockout = lambda: False
+            saved = (triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout,
+                     ops_knockout.PAIRS_PER_SCANNED_POSITION)
+            triton_kernel.fuses_knockout = ssd_triton_kernel.fuses_knockout = lambda: fuse
             ops_knockout.PAIRS_PER_SCANNED_POSITION = pairs_per_position
             try:
                 model.set_backend("triton")
                 return model.run_with_knockout(tokens, ko)
             finally:
-                triton_kernel.fuses_knockout, ops_knockout.PAIRS_PER_SCANNED_POSITION = saved
+                (triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout,
+                 ops_knockout.PAIRS_PER_SCANNED_POSITION) = saved
         return call
 
-    # the default (Mamba-1: in the same pass as the scan; Mamba-2: edge by edge) against the other routes
+    # the default route (Mamba-1: in the same pass as the scan; Mamba-2: edge by edge, its
+    # same-pass kernel being off by default) against each route forced
     from tl_mamba.ops.knockout import PAIRS_PER_SCANNED_POSITION
 
-    if family == "mamba1":
-        calls["knockout_triton_edges"] = knockout_route(False, PAIRS_PER_SCANNED_POSITION)
+    calls["knockout_triton_same_pass"] = knockout_route(True, PAIRS_PER_SCANNED_POSITION)
+    calls["knockout_triton_edges"] = knockout_route(False, PAIRS_PER_SCANNED_POSITION)
     calls["knockout_triton_separate_scan"] = knockout_route(False, {"bpe": 0.0, "bphd": 0.0})
     if with_bridge:
         try:
@@ -383,7 +430,8 @@ def main() -> int:
         results["mamba_ssm"] = False
     lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']})", "",
              "## Correctness (max |error| / max |reference|, reference in float64)", "",
-             "| family | width | p | dtype | kernel | y | final state |", "|---|---|---|---|---|---|---|"]
+             "| family | width | p | dtype | kernel | y | final state | states | knockout y |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def flush():
         results["kernel_fallbacks"] = dict(_FAILED_KERNELS)
@@ -394,7 +442,8 @@ def main() -> int:
         check_scans(lengths, device, print, widths, rows=results["checks"])
     for row in results["checks"]:
         lines.append(f"| {row['family']} | {row['width']} | {row['p']} | {row['dtype']} | {row['kernel']} | "
-                     f"{row['rel_err_y']:.1e} | {row['rel_err_final']:.1e} |")
+                     f"{row['rel_err_y']:.1e} | {row['rel_err_final']:.1e} | {row['rel_err_states']:.1e} | "
+                     f"{row['rel_err_knockout']:.1e} |")
     results["speed"] = {}
     lines += ["", f"## Speed of the models, {MODEL_SIZES[size]['layers']} layers at "
               f"{'130m' if size == 'full' else 'toy'} widths, p = {args.p} (median s; mamba_ssm installed: "

@@ -502,8 +502,8 @@ def test_ssd_chunk_states_walk_tiles_and_a_short_last_chunk(dtype):
 
 
 def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
-    """Through the dispatcher: the plain forward and the knockout scans run the chunked
-    kernels, return_states (hook_h) those plus the per-chunk state walk, whose states equal
+    """Through the dispatcher: the plain forward and a knockout's extra scan run the
+    chunked kernels, return_states (hook_h) those plus the per-chunk state walk, whose states equal
     the reference's at every position; with autograd the backward's boundary
     states come from the chunked kernels when T ≤ Q or Q divides T (T = 8, Q = 4: every
     second chunk start), from the recurrent kernel otherwise (T = 6); gradients either way
@@ -536,7 +536,7 @@ def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
     removal = EdgeRemoval(sources=torch.zeros(1, p).index_fill_(1, torch.tensor([2]), 1.0).to(DEVICE),
                           targets=torch.zeros(1, p).index_fill_(1, torch.tensor([8]), 1.0).to(DEVICE))
     ko = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="triton")
-    assert calls["recurrent"] == 0 and calls["chunked"] >= 2
+    assert calls["recurrent"] == calls["states"] == 0 and calls["chunked"] >= 2  # the scan, then the knockout's
     calls.update(chunked=0)
     ko_ref = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="reference")
     torch.testing.assert_close(ko.y, ko_ref.y, rtol=1e-12, atol=1e-12)
@@ -808,6 +808,90 @@ def test_masked_tiles_match_hidden_attention(dtype, p, mask_heads, block_i, monk
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert out.dtype == dtype
     torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("p, Q, with_features, states", [(11, 4, True, True), (6, 8, False, False),
+                                                          (9, 2, True, False)])
+def test_ssd_knockout_in_the_same_pass_matches_hidden_attention(p, Q, with_features, states, monkeypatch):
+    """The chunked kernels' fused knockout against α built position by position: per-row,
+    fractional sources and targets, a head restriction, 2 groups, an initial state (not an
+    edge: kept), the D skip (kept), several chunks and a short last one; final state and
+    returned states are the plain scan's."""
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.ssd import triton_chunked
+    from tl_mamba.ops.ssd.triton_kernel import _forward
+
+    monkeypatch.setattr(triton_chunked, "CHUNK_SIZE", Q)
+    b, h = 2, 4
+    x, delta, A, B, C, D, h0 = ssd_inputs(b=b, p=p, h=h, hd=5, g=2, n=3, dtype=torch.float64, seed=50 + p)
+    gen = torch.Generator().manual_seed(p)
+    sources = (torch.rand(b, p, generator=gen) < 0.5).double() * torch.rand(b, p, generator=gen, dtype=torch.float64)
+    targets = (torch.rand(b, p, generator=gen) < 0.6).double()
+    features = (torch.arange(h) % 2 == 0).double() if with_features else None
+    removal = EdgeRemoval(sources.to(DEVICE), targets.to(DEVICE), None if features is None else features.to(DEVICE))
+    y, final, got_states = _forward(x, delta, A, B, C, D, h0, states, removal=removal)
+    plain = ssd_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="reference")
+    alpha = _hidden_attention_ssd(x, delta, A, B, C)  # [b, h, i, j]
+    weight = targets[:, None, :, None] * sources[:, None, None, :] * torch.ones(p, p, dtype=torch.float64).tril()
+    if features is not None:
+        weight = weight * features[None, :, None, None]
+    removed = torch.einsum("bhij,bhij,bjhd->bihd", alpha, weight.expand(b, h, p, p), x.double().cpu())
+    assert float(removed.abs().max()) > 1e-2
+    torch.testing.assert_close(y.cpu(), plain.y.cpu() - removed, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, plain.final_state, rtol=1e-10, atol=1e-10)
+    if states:
+        torch.testing.assert_close(got_states, plain.states, rtol=1e-10, atol=1e-10)
+    else:
+        assert got_states is None
+
+
+def test_ssd_dispatcher_fuses_one_knockout_without_autograd_only(monkeypatch):
+    """With the same-pass knockout on (``SAME_PASS``), ssd_scan with one Knockout-style removal
+    on the triton backend runs the chunked kernels once, the knockout in the same pass,
+    without autograd; with autograd, or with two removals, it does not; off (the default),
+    never; every route gives the reference backend's result (values, then gradients)."""
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.ssd import triton_chunked
+    from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
+
+    monkeypatch.setattr(ssd_triton_kernel, "SAME_PASS", True)  # off by default: see its docstring
+    fused = []
+    chunked = triton_chunked.ssd_chunked_triton
+    monkeypatch.setattr(triton_chunked, "ssd_chunked_triton",
+                        lambda *a, **k: fused.append(k.get("removal") is not None) or chunked(*a, **k))
+    tensors = ssd_inputs(b=2, p=9, h=2, hd=3, g=1, n=2, dtype=torch.float64, seed=5)
+    sources = torch.zeros(2, 9, device=DEVICE, dtype=torch.float64)
+    sources[:, 2:4] = 1
+    targets = torch.zeros(2, 9, device=DEVICE, dtype=torch.float64)
+    targets[:, -1] = 1
+    one = [EdgeRemoval(sources, targets)]
+    two = [EdgeRemoval(sources, targets, torch.tensor([1.0, 0.0], device=DEVICE)),
+           EdgeRemoval(sources, targets, torch.tensor([0.0, 1.0], device=DEVICE))]
+    kw = dict(initial_state=tensors[6], ssm_mask=one)
+    want = ssd_scan(*tensors[:6], backend="reference", **kw)
+    with torch.no_grad():
+        got = ssd_scan(*tensors[:6], backend="triton", **kw)
+        assert fused == [True]
+        fused.clear()
+        split = ssd_scan(*tensors[:6], initial_state=tensors[6], ssm_mask=two, backend="triton")
+        assert True not in fused
+    torch.testing.assert_close(got.y, want.y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(split.y, want.y, rtol=1e-10, atol=1e-10)
+    fused.clear()
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        out = ssd_scan(*leaves[:6], initial_state=leaves[6], ssm_mask=one, backend=backend)
+        out.y.sin().sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    assert True not in fused
+    for name, a, b in zip("x delta A B C D h0".split(), grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    monkeypatch.setattr(ssd_triton_kernel, "SAME_PASS", False)
+    with torch.no_grad():
+        off = ssd_scan(*tensors[:6], backend="triton", **kw)
+    assert True not in fused
+    torch.testing.assert_close(off.y, want.y, rtol=1e-10, atol=1e-10)
 
 
 def test_dense_mask_through_triton_uses_masked_tiles(monkeypatch):

@@ -42,7 +42,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from tl_mamba.ops.precision import upcast
+from tl_mamba.ops.precision import needs_grad, upcast
 
 
 @dataclass
@@ -267,6 +267,20 @@ def as_removal_list(ssm_mask: SSMMask, device: torch.device) -> Optional[List[Ed
             if getattr(removal, name) is not None:
                 check_device(getattr(removal, name), f"a knockout's {name}")
     return removals
+
+
+def same_pass_removal(removals: Optional[List[EdgeRemoval]], state_override, inputs: Sequence[Optional[Tensor]],
+                      kernel_runs: bool) -> Optional[EdgeRemoval]:
+    """The S → T removal a Triton kernel can apply in the same pass as its scan, or None.
+
+    That is: exactly one structured removal (``Knockout`` hooks on one layer), no state
+    override, no gradient to take (``inputs``: the scan's tensors) and ``kernel_runs``
+    (the family's Triton kernel serves this call). Otherwise the knockout takes the route
+    every backend takes: edge by edge or a separate scan (:func:`removed_terms`).
+    """
+    if removals is None or len(removals) != 1 or state_override is not None or not kernel_runs:
+        return None
+    return None if needs_grad(*inputs) else removals[0]
 
 
 def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor, target_layout: str,

@@ -20,8 +20,9 @@ chunk before it (the first chunk's goes to ``initial_state``). Memory, with
 - saved between forward and backward: the boundary states, b·(⌈p/T⌉ - 1)·S
   values (the inputs are referenced, not copied);
 - during the backward, on top of that: the gradients of the inputs (their own
-  size, O(b·p·e)) and one chunk's recompute graph, O(b·T·S) (Mamba-2 adds the
-  torch SSD form's b·T²·h within-chunk decay matrix).
+  size, O(b·p·e)) and one chunk's recompute graph, O(b·T·S) for Mamba-1; for
+  Mamba-2 the torch chunked SSD form holds T/Q chunk states and b·T·Q·h decay
+  entries (Q = its chunk, 64), so its default T is larger.
 
 So O(b·(p/T)·S + b·T·S) instead of the O(b·p·S) of recomputing the whole sequence
 under autograd. The backward costs one extra forward of the torch backend, done in

@@ -37,8 +37,9 @@ from torch import Tensor
 
 from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_removal,
-                                  edge_gradient_bpe, knocked_out_terms, pair_terms_bpe, removed_terms)
-from tl_mamba.ops.precision import needs_grad, silu_gate
+                                  edge_gradient_bpe, knocked_out_terms, pair_terms_bpe, removed_terms,
+                                  same_pass_removal)
+from tl_mamba.ops.precision import silu_gate
 from tl_mamba.ops.triton_scan import kernel_or_fallback
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
@@ -185,21 +186,13 @@ def selective_scan(
 
 
 def _knockout_in_kernel(backend, device, removals, state_override, inputs) -> Optional[EdgeRemoval]:
-    """The S → T knockout the Triton kernel can apply in the same pass as the scan, or None.
-
-    That is: the ``"triton"`` backend with its chunked kernel, exactly one structured
-    removal (``Knockout`` hooks on one layer), no state override, and no gradient to
-    take. Otherwise the knockout costs a separate scan (scan_then_remove), as on every backend.
-    """
-    if removals is None or len(removals) != 1 or state_override is not None:
-        return None
-    if needs_grad(*inputs):
-        return None
-    if resolve_backend(backend, device, available=tuple(_IMPLEMENTATIONS)) != "triton":
+    """The S → T knockout the chunked Triton kernel applies in the same pass (see
+    :func:`tl_mamba.ops.knockout.same_pass_removal`), or None: a separate scan then."""
+    if removals is None or resolve_backend(backend, device, available=tuple(_IMPLEMENTATIONS)) != "triton":
         return None
     from tl_mamba.ops.selective_scan.triton_kernel import fuses_knockout
 
-    return removals[0] if fuses_knockout() else None
+    return same_pass_removal(removals, state_override, inputs, kernel_runs=fuses_knockout())
 
 
 def _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n) -> None:

@@ -7,14 +7,17 @@
 - ``chunked.py``: the ``"torch"`` backend, the chunked SSD form.
 - ``triton_kernel.py`` / ``triton_chunked.py``: the ``"triton"`` backend (CUDA or
   ``TRITON_INTERPRET=1``): chunked SSD kernels (``tl.dot`` within chunks, one
-  sequential pass over chunks) when no per-step states are asked for, and a fused
-  recurrent kernel (fp32 state in registers) when they are (``hook_h``); D skip fused.
-  ``triton_masked.py``: a general knockout mask's removed terms by masked tiles.
+  sequential pass over chunks), plus a per-chunk walk writing every state when they
+  are asked for (``hook_h``); D skip fused. A recurrent kernel (fp32 state in
+  registers) covers what the chunks cannot. ``triton_masked.py``: a general
+  knockout mask's removed terms by masked tiles.
 
 State edits (``hook_h``) and knockout masks (``hook_ssm_mask``) are applied
 here, in the dispatcher, with nothing asked of the backends beyond an initial
 state and a final state: see ``tl_mamba.ops.state_override`` and
-``tl_mamba.ops.knockout``.
+``tl_mamba.ops.knockout``. The one exception is opt-in: with
+``triton_kernel.SAME_PASS`` set, a single S → T knockout goes into the chunked
+kernels' own pass (off by default: slower on an H200, see its docstring).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.backends import pick_implementation
+from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal,
                                   dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
-                                  pair_terms_bphd, removed_terms)
+                                  pair_terms_bphd, removed_terms, same_pass_removal)
 from tl_mamba.ops.ssd.chunked import ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
+from tl_mamba.ops.triton_scan import kernel_or_fallback
 
 
 @dataclass
@@ -61,6 +65,9 @@ def _dense_mask_implementation(backend: Optional[str], device):
         "torch": dense_removed_terms_bphd,
         "triton": _triton_masked,
     })
+
+
+BACKENDS = ("reference", "torch", "triton")
 
 
 def _implementation(backend: Optional[str], device, chunk_size: int):
@@ -121,34 +128,36 @@ def ssd_scan(
     if state_override is not None:
         check_override_shape(state_override, (b, p, h, hd, n))
     impl = _implementation(backend, x.device, chunk_size)
+    removals = None if ssm_mask is None else as_removal_list(ssm_mask, x.device)  # S → T structure, or None
+    for removal in removals or ():
+        check_removal(removal, b, p, h, "heads")
 
-    if state_override is None:
-        out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
-    else:
-        heads_per_group = h // g
+    def scan_then_remove() -> SSDOutput:
+        """The scan (with any state override), then the knocked-out terms subtracted."""
+        if state_override is None:
+            out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
+        else:
+            heads_per_group = h // g
 
-        def run(start, stop, init, want_states):
-            return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
-                        initial_state=init, return_states=want_states)
+            def run(start, stop, init, want_states):
+                return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
+                            initial_state=init, return_states=want_states)
 
-        def read_out(state, t):
-            Ct = C[:, t].to(state.dtype).repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
-            y = torch.einsum("bhpn,bhn->bhp", state, Ct)
-            return y + (D.to(state.dtype)[:, None] * x[:, t].to(state.dtype) if D is not None else 0)
+            def read_out(state, t):
+                Ct = C[:, t].to(state.dtype).repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+                y = torch.einsum("bhpn,bhn->bhp", state, Ct)
+                return y + (D.to(state.dtype)[:, None] * x[:, t].to(state.dtype) if D is not None else 0)
 
-        y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
-        out = SSDOutput(y=y, final_state=final, states=states)
+            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
+            out = SSDOutput(y=y, final_state=final, states=states)
+        if ssm_mask is None:
+            return out
 
-    if ssm_mask is not None:
         def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, h, hd]: α_h[i, j] x_j[h]
             return pair_terms_bphd(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
 
-        removals = as_removal_list(ssm_mask, x.device)
         # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
         if removals is not None:
-            for removal in removals:
-                check_removal(removal, b, p, h, "heads")
-
             def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
                 window = slice(start, stop)
                 xs = x[:, window] * sources[:, window, None, None].to(x.dtype)
@@ -170,7 +179,20 @@ def ssd_scan(
             if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
                 out.y = attach_mask_gradient(out.y, ssm_mask, lambda grad_y: edge_gradient_bphd(
                     grad_y, x, delta, A, B, C, mask_heads=ssm_mask.shape[1]))
-    return out
+        return out
+
+    if removals is None or p == 0 or resolve_backend(backend, x.device, available=BACKENDS) != "triton":
+        return scan_then_remove()
+    from tl_mamba.ops.ssd.triton_kernel import SAME_PASS_KNOCKOUT, fuses_knockout
+
+    knockout = same_pass_removal(removals, state_override, (x, delta, A, B, C, D, initial_state), fuses_knockout())
+    if knockout is None:
+        return scan_then_remove()
+    # the chunked kernels apply the knockout in the same pass, sharing every load
+    return kernel_or_fallback(SAME_PASS_KNOCKOUT, x.device,
+                              lambda: _triton(x, delta, A, B, C, D, initial_state=initial_state,
+                                              return_states=return_states, removal=knockout),
+                              scan_then_remove, "a separate knockout scan")
 
 
 __all__ = ["ssd_scan", "SSDOutput", "StateOverride", "ssd_reference", "ssd_chunked"]

@@ -27,9 +27,9 @@ output are in that dtype. The dots run with ``input_precision=DOT_PRECISION``
 (``"ieee"``: exact fp32 products; ``"tf32"`` would use tensor cores at ~1e-3 relative
 error, not tested).
 
-Parallelism: kernels 1 and 3 run one program per (sequence, chunk, head, block of head
-channels); only kernel 2 is sequential, over p / Q chunks. Compare the recurrent kernel
-(``triton_kernel.py``), sequential over all p positions.
+Parallelism: kernels 1, 3 and 4 run one program per (sequence, chunk, head, block of
+head channels or state tile); only kernel 2 is sequential, over p / Q chunks. Compare
+the recurrent kernel (``triton_kernel.py``), sequential over all p positions.
 
 The starting states of the chunks are returned: the dispatcher's caller
 (``triton_kernel._forward``) uses them as the chunk-boundary states that the
@@ -56,14 +56,25 @@ DOT_PRECISION = "ieee"
 
 
 @triton.jit
+def _sources(src_ptr, feat_ptr, rows, mask_q, pid_h, HAS_FEAT: tl.constexpr, ACC: tl.constexpr):
+    # a knockout's source weight of each row of the chunk, times the head's feature flag
+    src = tl.load(src_ptr + rows, mask=mask_q, other=0.0).to(ACC)
+    if HAS_FEAT:
+        src = src * tl.load(feat_ptr + pid_h).to(ACC)
+    return src
+
+
+@triton.jit
 def _chunk_state_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, logdecay_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, logdecay_ptr, src_ptr, feat_ptr, ko_states_ptr,
     p, h, hd, g, n, nc, Q,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, HAS_KO: tl.constexpr, HAS_FEAT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # x: [b, p, h, hd]; dt: [b, p, h]; A: [h]; B: [b, p, g, n]; states: [b, nc, h, hd, n];
-    # logdecay: [b, nc, h]. Program: (sequence·chunk, head, hd block·n block).
+    # logdecay: [b, nc, h]. Knockout (HAS_KO): src [b, p], feat [h] (HAS_FEAT), and
+    # ko_states [b, nc, h, hd, n], what the chunk's sources alone write.
+    # Program: (sequence·chunk, head, hd block·n block).
     pid_bc = tl.program_id(0)
     pid_b = pid_bc // nc
     pid_c = pid_bc % nc
@@ -88,10 +99,16 @@ def _chunk_state_kernel(
                  mask=mask_d[:, None] & mask_q[None, :], other=0.0).to(ACC)  # [BLOCK_HD, BLOCK_Q]
     Bq = tl.load(B_ptr + (rows[:, None] * g + group) * n + offs_n[None, :],
                  mask=mask_q[:, None] & mask_n[None, :], other=0.0).to(ACC)  # [BLOCK_Q, BLOCK_N]
-    state = tl.dot(xT * scale[None, :], Bq, input_precision=PREC)  # [BLOCK_HD, BLOCK_N]
+    xs = xT * scale[None, :]
+    state = tl.dot(xs, Bq, input_precision=PREC)  # [BLOCK_HD, BLOCK_N]
     head = (pid_b * nc + pid_c) * h + pid_h
     tl.store(states_ptr + (head * hd + offs_d[:, None]) * n + offs_n[None, :], state.to(ACC),
              mask=mask_d[:, None] & mask_n[None, :])
+    if HAS_KO:
+        src = _sources(src_ptr, feat_ptr, rows, mask_q, pid_h, HAS_FEAT, ACC)
+        knocked = tl.dot(xs * src[None, :], Bq, input_precision=PREC)
+        tl.store(ko_states_ptr + (head * hd + offs_d[:, None]) * n + offs_n[None, :], knocked.to(ACC),
+                 mask=mask_d[:, None] & mask_n[None, :])
     tl.store(logdecay_ptr + head, tl.sum(dA, axis=0), mask=tl.program_id(2) == 0)
 
 
@@ -122,12 +139,14 @@ def _state_passing_kernel(
 
 @triton.jit
 def _chunk_scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, starts_ptr, y_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, starts_ptr, y_ptr, src_ptr, tgt_ptr, feat_ptr, ko_starts_ptr,
     p, h, hd, g, n, nc, Q,
-    HAS_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HAS_KO: tl.constexpr, HAS_FEAT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # starts: [b, nc, h, hd, n], each chunk's starting state; y: [b, p, h, hd].
+    # Knockout (HAS_KO): src, tgt [b, p], feat [h] (HAS_FEAT), ko_starts [b, nc, h, hd, n]
+    # (the sources-only scan's chunk starts); y -= tgt_i · Σ_{j≤i} src_j α[i, j] x_j.
     # Program: (sequence·chunk, head, hd block).
     pid_bc = tl.program_id(0)
     pid_b = pid_bc // nc
@@ -151,6 +170,7 @@ def _chunk_scan_kernel(
 
     cb = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=ACC)  # C_i · B_j
     off = tl.zeros((BLOCK_Q, BLOCK_HD), dtype=ACC)  # C_i · h_start
+    off_ko = tl.zeros((BLOCK_Q, BLOCK_HD), dtype=ACC)  # C_i · (the sources-only scan's h_start)
     for k in range(0, n, BLOCK_N):
         offs_n = k + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n
@@ -162,11 +182,21 @@ def _chunk_scan_kernel(
                      mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)  # [BLOCK_N, BLOCK_HD]
         cb += tl.dot(Cq, BT, input_precision=PREC).to(ACC)
         off += tl.dot(Cq, ST, input_precision=PREC).to(ACC)
+        if HAS_KO:
+            KT = tl.load(ko_starts_ptr + (head * hd + offs_d[None, :]) * n + offs_n[:, None],
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+            off_ko += tl.dot(Cq, KT, input_precision=PREC).to(ACC)
 
     weights = tl.where(causal, cb * tl.exp(seg) * dt[None, :], 0.0)  # [BLOCK_Q, BLOCK_Q]
     xq = tl.load(x_ptr + (rows[:, None] * h + pid_h) * hd + offs_d[None, :],
                  mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(ACC)  # [BLOCK_Q, BLOCK_HD]
     y = tl.dot(weights, xq, input_precision=PREC).to(ACC) + off * tl.exp(from_start)[:, None]
+    if HAS_KO:  # the same read-out of the sources alone, subtracted at the targets (D x is no edge)
+        src = _sources(src_ptr, feat_ptr, rows, mask_q, pid_h, HAS_FEAT, ACC)
+        tgt = tl.load(tgt_ptr + rows, mask=mask_q, other=0.0).to(ACC)
+        removed = tl.dot(weights * src[None, :], xq, input_precision=PREC).to(ACC) \
+            + off_ko * tl.exp(from_start)[:, None]
+        y -= tgt[:, None] * removed
     if HAS_D:
         y += tl.load(D_ptr + pid_h).to(ACC) * xq
     tl.store(y_ptr + (rows[:, None] * h + pid_h) * hd + offs_d[None, :], y,
@@ -241,13 +271,20 @@ def _block(size: int, cap: int) -> int:
 
 def ssd_chunked_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        initial_state: Optional[Tensor], chunk_size: Optional[int] = None,
-                       block_hd: Optional[int] = None, block_n: Optional[int] = None):
+                       block_hd: Optional[int] = None, block_n: Optional[int] = None, removal=None):
     """Run the three chunked kernels: ``(y, final_state, chunk_starts)``.
 
     Shapes as in ``tl_mamba.ops.ssd.ssd_scan`` (p ≥ 1). ``chunk_starts`` is
     ``[b, ceil(p/Q), h, hd, n]``: the state before each chunk of Q positions
     (``chunk_starts[:, c]`` is the state after position c·Q - 1; index 0 is the initial
     state, or zeros). All outputs in fp32 (float64 if any input is).
+
+    ``removal`` (an ``EdgeRemoval``: sources and targets ``[b, p]``, features ``[h]``
+    or None) is applied in the same pass: the kernels carry a second state, that of
+    the sources' inputs alone (from zero: the initial state is not an edge), with the
+    same decays and loads, and subtract its read-out at the targets:
+    ``y_i -= t_i Σ_{j≤i} s_j α[i, j] x_j``. Final state and chunk starts stay the plain
+    scan's, as on every backend (a knockout changes only y).
 
     ``block_hd`` and ``block_n`` (powers of 2, ≥ 16) tile hd and n; by default
     min(64, hd or n rounded up), at least 16.
@@ -273,15 +310,28 @@ def ssd_chunked_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     final = torch.empty(b, h, hd, n, device=x.device, dtype=acc)
     y = torch.empty(b, p, h, hd, device=x.device, dtype=acc)
     tiles = dict(BLOCK_Q=block_q, BLOCK_HD=block_hd, BLOCK_N=block_n)
+    src = tgt = feat = ko_starts = y  # placeholders, never read without HAS_KO / HAS_FEAT
+    if removal is not None:
+        src, tgt = (t.to(x.device, acc).contiguous() for t in (removal.sources, removal.targets))
+        if removal.features is not None:
+            feat = removal.features.to(x.device, acc).contiguous()
+        ko_starts = torch.empty_like(starts)
+    knockout = dict(HAS_KO=removal is not None, HAS_FEAT=removal is not None and removal.features is not None)
 
     _chunk_state_kernel[(b * nc, h, triton.cdiv(hd, block_hd) * triton.cdiv(n, block_n))](
-        x, delta, A, B, starts, logdecay, p, h, hd, g, n, nc, Q,
-        ACC=acc_tl, PREC=DOT_PRECISION, **tiles)
+        x, delta, A, B, starts, logdecay, src, feat, ko_starts, p, h, hd, g, n, nc, Q,
+        ACC=acc_tl, PREC=DOT_PRECISION, **knockout, **tiles)
     block_s = min(1024, triton.next_power_of_2(hd * n))
-    _state_passing_kernel[(b, h, triton.cdiv(hd * n, block_s))](
+    passing_grid = (b, h, triton.cdiv(hd * n, block_s))
+    _state_passing_kernel[passing_grid](
         starts, logdecay, h0 if h0 is not None else final, final, h, hd * n, nc,
         HAS_H0=h0 is not None, ACC=acc_tl, BLOCK=block_s)
+    if removal is not None:  # the sources-only chain: same decays, from zero; its final state unused
+        _state_passing_kernel[passing_grid](
+            ko_starts, logdecay, final, torch.empty_like(final), h, hd * n, nc,
+            HAS_H0=False, ACC=acc_tl, BLOCK=block_s)
     _chunk_scan_kernel[(b * nc, h, triton.cdiv(hd, block_hd))](
-        x, delta, A, B, C, D if D is not None else A, starts, y, p, h, hd, g, n, nc, Q,
-        HAS_D=D is not None, ACC=acc_tl, PREC=DOT_PRECISION, **tiles)
+        x, delta, A, B, C, D if D is not None else A, starts, y, src, tgt, feat, ko_starts,
+        p, h, hd, g, n, nc, Q,
+        HAS_D=D is not None, ACC=acc_tl, PREC=DOT_PRECISION, **knockout, **tiles)
     return y, final, starts

@@ -46,7 +46,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, needs_grad
 from tl_mamba.ops.ssd import triton_chunked
 from tl_mamba.ops.triton_scan import run_triton_scan
 
@@ -144,6 +144,28 @@ def _recurrent_forward(x, delta, A, B, C, D, initial_state, return_states: bool,
     return out if boundary_every is None else (*out, bounds)
 
 
+SAME_PASS = False
+"""Whether the dispatcher applies a single S → T knockout in the same pass as the chunked
+kernels (``triton_chunked.ssd_chunked_triton(removal=...)``). Off: measured on an H200
+(2026-12-04, 130m widths, 4 layers, p = 2048, 3 sources → last; docs/performance.md),
+the same-pass forward took 5.0x the plain one, the edge-by-edge route 1.8x. The kernel
+carries a second state and a second ``[Q, Q] @ [Q, hd]`` product in the output kernel,
+whose 64 × 64 fp32 tiles probably spill registers (not yet profiled). The kernel is
+exact (tests/test_triton.py, and at real sizes in bench_triton_gpu.py); turn it on to
+measure a tuned version."""
+
+SAME_PASS_KNOCKOUT = "SSD scan with a knockout in the same pass"
+"""The name the dispatcher gives that kernel in ``kernel_or_fallback``."""
+
+
+def fuses_knockout() -> bool:
+    """Whether the dispatcher applies a single S → T knockout in the chunked kernels' pass:
+    :data:`SAME_PASS`, unless that kernel failed on this GPU (then never again)."""
+    from tl_mamba.ops.triton_scan import _FAILED_KERNELS
+
+    return SAME_PASS and SAME_PASS_KNOCKOUT not in _FAILED_KERNELS
+
+
 def _chunk_for(p: int, boundary_every: Optional[int], chunk_size: Optional[int]) -> Optional[int]:
     """The chunk length Q for the chunked kernels, or None where the recurrent kernel runs."""
     if p == 0:
@@ -158,22 +180,26 @@ def _chunk_for(p: int, boundary_every: Optional[int], chunk_size: Optional[int])
 
 
 def _forward(x, delta, A, B, C, D, initial_state, return_states: bool, block_hd: Optional[int] = None,
-             boundary_every: Optional[int] = None, chunk_size: Optional[int] = None):
+             boundary_every: Optional[int] = None, chunk_size: Optional[int] = None, removal=None):
     """The backend's forward: ``(y, final_state, states or None)`` in fp32 (float64 if any input is).
 
     Chunked kernels (chunks of ``chunk_size``, default ``triton_chunked.CHUNK_SIZE``),
     plus the per-chunk state walk when ``return_states``; the recurrent kernel where
     :func:`_chunk_for` says so (p = 0, or a backward chunk the chunks do not divide).
+    ``removal``: one ``EdgeRemoval`` applied in the same pass by the chunked kernels
+    (``triton_chunked.ssd_chunked_triton``).
     With ``boundary_every=T`` it also returns, fourth, the states after positions
     T-1, 2T-1, ... (the initial states of the chunks of T positions after the first):
     ``[b, ceil(p/T) - 1, h, hd, n]``, what the chunked-recompute backward keeps.
     """
     q = _chunk_for(x.shape[1], boundary_every, chunk_size)
     if q is None:
+        if removal is not None:
+            raise ValueError("a knockout in the same pass needs the chunked kernels (p >= 1, no backward chunk)")
         return _recurrent_forward(x, delta, A, B, C, D, initial_state, return_states, block_hd=block_hd,
                                   boundary_every=boundary_every)
     y, final, starts = triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, initial_state, chunk_size=q,
-                                                         block_hd=block_hd)
+                                                         block_hd=block_hd, removal=removal)
     states = triton_chunked.chunk_states_triton(x, delta, A, B, starts, q) if return_states else None
     if boundary_every is None:
         return y, final, states
@@ -199,6 +225,7 @@ def ssd_triton(
     return_states: bool = False,
     backward_chunk: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    removal=None,
 ):
     """Triton Mamba-2 scan. Shapes as in ``tl_mamba.ops.ssd.ssd_scan``.
 
@@ -207,11 +234,18 @@ def ssd_triton(
     ``backward_chunk``: positions per recomputed chunk in the backward (default
     :data:`BACKWARD_CHUNK`, a multiple of Q). ``chunk_size``: Q of the chunked
     kernels (default ``triton_chunked.CHUNK_SIZE``); results do not depend on it.
+    ``removal``: one ``EdgeRemoval`` applied in the same pass (no autograd; the
+    dispatcher, ``tl_mamba.ops.ssd.ssd_scan``, decides).
     """
     from tl_mamba.ops.ssd import SSDOutput
     from tl_mamba.ops.ssd.chunked import ssd_chunked
 
     forward = _forward if chunk_size is None else functools.partial(_forward, chunk_size=chunk_size)
+    if removal is not None:
+        if needs_grad(x, delta, A, B, C, D, initial_state):
+            raise ValueError("a knockout in the same pass has no backward; the dispatcher runs it separately")
+        y, final, states = forward(x, delta, A, B, C, D, initial_state, return_states, removal=removal)
+        return SSDOutput(y=y, final_state=final, states=states)
     return run_triton_scan(forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
                            initial_state, return_states,
                            backward_chunk=BACKWARD_CHUNK if backward_chunk is None else backward_chunk)
