@@ -98,6 +98,32 @@ def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path):
         main(argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "copy", "--init-from", str(tmp_path / "a")])
 
 
+def test_tying_all_but_the_value_rows(tmp_path):
+    """--tie-embeddings except-values: after training, the saved (untied) unembedding equals the
+    embedding on every row but the needle's value tokens', which moved on their own; refused
+    with --init-from. The tied rows' gradients reached W_E: it moved too."""
+    from tl_mamba.toy.tokenizer import load_tokenizer
+    from tl_mamba.toy.vocab import VALUES
+
+    argv = ["--arch", "mamba", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "8", "--eval-n", "1", "--device", "cpu", "--lr", "1e-2", "--task-weights", "0,0,1"]
+    assert main(argv + ["--out", str(tmp_path / "a"), "--tie-embeddings", "except-values", "--seed", "3"]) == 0
+    model = tl_mamba.from_pretrained(str(tmp_path / "a"))
+    assert model.cfg.tie_embeddings is False
+    values = load_tokenizer(tmp_path / "a").convert_tokens_to_ids(list(VALUES))
+    free = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    free[values] = True
+    torch.testing.assert_close(model.unembed.weight[~free], model.embed.W_E[~free], rtol=0, atol=0)
+    assert (model.unembed.weight[free] - model.embed.W_E[free]).abs().max() > 1e-4
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["tie_except_values"] is True
+    assert main(argv + ["--out", str(tmp_path / "b"), "--tie-embeddings", "copy", "--seed", "3"]) == 0
+    copied = tl_mamba.from_pretrained(str(tmp_path / "b"))  # same start, every row its own
+    assert (copied.unembed.weight[~free] - copied.embed.W_E[~free]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="fresh untied model"):
+        main(argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "except-values", "--init-from",
+                     str(tmp_path / "a")])
+
+
 def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path):
     with pytest.raises(ValueError, match="--init mimetic .* --init-from"):
         main(["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic", "--init-from", str(tmp_path / "a")])

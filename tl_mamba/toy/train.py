@@ -114,11 +114,33 @@ def mimetic_init_(model, a_max: float = 0.05, generator: Optional[torch.Generato
         m.A_log.copy_(lo + torch.rand(m.A_log.shape, generator=generator) * (hi - lo))
 
 
+class TiedExceptRows(torch.nn.Module):
+    """A parametrization of an untied ``unembed.weight``: the embedding's rows, tied (their
+    gradients reach ``W_E``), except ``free_rows``, which are the parameter's own.
+
+    ``--tie-embeddings except-values`` unties only the needle's value tokens: tied, their
+    embeddings collapse and the needle stays at chance; fully untied, IOI memorises the
+    training names (docs/toy_models.md). Remove it before saving
+    (``torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)``):
+    the saved model is a plain untied one.
+    """
+
+    def __init__(self, embed, free_rows: Sequence[int], d_vocab: int):
+        super().__init__()
+        self._embed = [embed]  # a reference, not a submodule (it is registered in the model already)
+        free = torch.zeros(d_vocab, 1, dtype=torch.bool)
+        free[list(free_rows)] = True
+        self.register_buffer("free", free)
+
+    def forward(self, own: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.free, own, self._embed[0].W_E)
+
+
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
           max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
           sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3),
           init_from: Optional[Path] = None, init: str = "default", balance: str = "steps",
-          weight_decay: float = 0.01, unembed_from_embed: bool = False) -> dict:
+          weight_decay: float = 0.01, unembed_from_embed: bool = False, tie_except_values: bool = False) -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
@@ -128,6 +150,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     unless ``sizes`` sets ``tie_embeddings``) instead of a fresh init.
     ``unembed_from_embed`` (fresh, untied models only) starts the unembedding as a copy of
     the embedding: the tied model's copy prior at step 0, without tying them afterwards.
+    ``tie_except_values`` (fresh, untied models only) ties every unembedding row to the
+    embedding except those of the needle's value tokens (:class:`TiedExceptRows`).
     """
     from tqdm.auto import tqdm
 
@@ -139,7 +163,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         raise ValueError(f"balance must be 'steps' or 'tokens', got {balance!r}")
     if init_from is not None and init != "default":
         raise ValueError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
-    if init_from is not None and unembed_from_embed:
+    if init_from is not None and (unembed_from_embed or tie_except_values):
         raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model, "
                          f"not with --init-from {init_from}")
     torch.manual_seed(seed)
@@ -162,7 +186,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
-    if unembed_from_embed and cfg.tie_embeddings:
+    if (unembed_from_embed or tie_except_values) and cfg.tie_embeddings:
         raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model")
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
     if previous is not None:
@@ -176,9 +200,17 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     else:
         if init == "mimetic":
             mimetic_init_(model)
-        if unembed_from_embed:
+        if unembed_from_embed or tie_except_values:
             with torch.no_grad():
                 model.unembed.weight.copy_(model.embed.W_E)
+        if tie_except_values:
+            from torch.nn.utils import parametrize
+
+            from tl_mamba.toy.vocab import VALUES
+
+            value_ids = tokenizer.convert_tokens_to_ids(list(VALUES))
+            parametrize.register_parametrization(model.unembed, "weight",
+                                                 TiedExceptRows(model.embed, value_ids, cfg.d_vocab))
     model = model.to(dev)
     model.set_backend("torch")
     model.train()
@@ -216,11 +248,16 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     else:
         steps_done = steps
 
+    if tie_except_values:  # bake the tied rows in: what is saved is a plain untied model
+        from torch.nn.utils import parametrize
+
+        parametrize.remove_parametrizations(model.unembed, "weight", leave_parametrized=True)
     metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
     metrics.update(arch=arch, sizes=spec, init=init if init_from is None else None,
                    init_from=None if init_from is None else str(init_from), task_weights=list(task_weights),
                    balance=balance, tokens=tokens_spent, steps=steps_done, steps_planned=steps,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, unembed_from_embed=unembed_from_embed,
+                   tie_except_values=tie_except_values,
                    seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
@@ -266,9 +303,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--d-model", type=int, default=None, help="override the architecture's width")
     parser.add_argument("--d-state", type=int, default=None, help="override the state size")
     parser.add_argument("--n-layers", type=int, default=None, help="override the depth")
-    parser.add_argument("--tie-embeddings", choices=("yes", "no", "copy"), default=None,
+    parser.add_argument("--tie-embeddings", choices=("yes", "no", "copy", "except-values"), default=None,
                         help="override whether the unembedding is the embedding's transpose (yes), a separate "
-                             "matrix (no), or a separate matrix that starts as a copy of the embedding (copy)")
+                             "matrix (no), a separate matrix that starts as a copy of the embedding (copy), or "
+                             "the embedding except the needle's value tokens' rows, which start as copies "
+                             "(except-values; saved untied)")
     parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's)")
     parser.add_argument("--task-weights", default=None,
                         help="shares of facts,ioi,needle in steps or tokens, see --balance (default: the recipe's)")
@@ -303,7 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
                     args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
                     task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance,
-                    weight_decay=args.weight_decay, unembed_from_embed=args.tie_embeddings == "copy")
+                    weight_decay=args.weight_decay, unembed_from_embed=args.tie_embeddings == "copy",
+                    tie_except_values=args.tie_embeddings == "except-values")
     print(json.dumps(metrics, indent=2))
     return 0
 
