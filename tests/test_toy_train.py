@@ -101,9 +101,9 @@ def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path):
 def test_tying_all_but_the_value_rows(tmp_path):
     """--tie-embeddings except-values: after training, the saved (untied) unembedding equals the
     embedding on every row but the needle's value tokens', which moved on their own; refused
-    with --init-from. The tied rows' gradients reached W_E: it moved too."""
+    with --init-from. --tie-embeddings names: equal on the IOI names' rows only."""
     from tl_mamba.toy.tokenizer import load_tokenizer
-    from tl_mamba.toy.vocab import VALUES
+    from tl_mamba.toy.vocab import NAMES, VALUES
 
     argv = ["--arch", "mamba", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
             "--d-state", "8", "--eval-n", "1", "--device", "cpu", "--lr", "1e-2", "--task-weights", "0,0,1"]
@@ -115,13 +115,21 @@ def test_tying_all_but_the_value_rows(tmp_path):
     free[values] = True
     torch.testing.assert_close(model.unembed.weight[~free], model.embed.W_E[~free], rtol=0, atol=0)
     assert (model.unembed.weight[free] - model.embed.W_E[free]).abs().max() > 1e-4
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["tie_except_values"] is True
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["partial_tie"] == "except-values"
     assert main(argv + ["--out", str(tmp_path / "b"), "--tie-embeddings", "copy", "--seed", "3"]) == 0
     copied = tl_mamba.from_pretrained(str(tmp_path / "b"))  # same start, every row its own
     assert (copied.unembed.weight[~free] - copied.embed.W_E[~free]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="fresh untied model"):
         main(argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "except-values", "--init-from",
                      str(tmp_path / "a")])
+    # names: only the IOI names' rows tied (IOI batches here, so that names get gradients)
+    ioi = [a if a != "0,0,1" else "0,1,0" for a in argv]
+    assert main(ioi + ["--out", str(tmp_path / "d"), "--tie-embeddings", "names", "--seed", "3"]) == 0
+    named = tl_mamba.from_pretrained(str(tmp_path / "d"))
+    names = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    names[load_tokenizer(tmp_path / "d").convert_tokens_to_ids(list(NAMES))] = True
+    torch.testing.assert_close(named.unembed.weight[names], named.embed.W_E[names], rtol=0, atol=0)
+    assert (named.unembed.weight[~names] - named.embed.W_E[~names]).abs().max() > 1e-4
 
 
 def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path):

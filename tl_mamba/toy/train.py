@@ -118,9 +118,10 @@ class TiedExceptRows(torch.nn.Module):
     """A parametrization of an untied ``unembed.weight``: the embedding's rows, tied (their
     gradients reach ``W_E``), except ``free_rows``, which are the parameter's own.
 
-    ``--tie-embeddings except-values`` unties only the needle's value tokens: tied, their
+    ``--tie-embeddings except-values`` unties only the needle's value tokens (tied, their
     embeddings collapse and the needle stays at chance; fully untied, IOI memorises the
-    training names (docs/toy_models.md). Remove it before saving
+    training names: docs/toy_models.md); ``--tie-embeddings names`` ties only the IOI
+    names (:data:`PARTIAL_TIES`). Remove it before saving
     (``torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)``):
     the saved model is a plain untied one.
     """
@@ -136,11 +137,29 @@ class TiedExceptRows(torch.nn.Module):
         return torch.where(self.free, own, self._embed[0].W_E)
 
 
+def _value_rows(tokenizer, d_vocab: int) -> List[int]:
+    from tl_mamba.toy.vocab import VALUES
+
+    return tokenizer.convert_tokens_to_ids(list(VALUES))
+
+
+def _all_rows_but_names(tokenizer, d_vocab: int) -> List[int]:
+    from tl_mamba.toy.vocab import NAMES
+
+    names = set(tokenizer.convert_tokens_to_ids(list(NAMES)))
+    return [row for row in range(d_vocab) if row not in names]
+
+
+#: ``--tie-embeddings`` choices that tie part of the unembedding: name → the free rows
+#: (the unembedding's own), given the tokenizer and d_vocab.
+PARTIAL_TIES = {"except-values": _value_rows, "names": _all_rows_but_names}
+
+
 def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
           max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
           sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3),
           init_from: Optional[Path] = None, init: str = "default", balance: str = "steps",
-          weight_decay: float = 0.01, unembed_from_embed: bool = False, tie_except_values: bool = False) -> dict:
+          weight_decay: float = 0.01, unembed_from_embed: bool = False, partial_tie: Optional[str] = None) -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
@@ -150,8 +169,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     unless ``sizes`` sets ``tie_embeddings``) instead of a fresh init.
     ``unembed_from_embed`` (fresh, untied models only) starts the unembedding as a copy of
     the embedding: the tied model's copy prior at step 0, without tying them afterwards.
-    ``tie_except_values`` (fresh, untied models only) ties every unembedding row to the
-    embedding except those of the needle's value tokens (:class:`TiedExceptRows`).
+    ``partial_tie`` (fresh, untied models only; a key of :data:`PARTIAL_TIES`) ties some
+    unembedding rows to the embedding, the others start as copies (:class:`TiedExceptRows`).
     """
     from tqdm.auto import tqdm
 
@@ -163,7 +182,9 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         raise ValueError(f"balance must be 'steps' or 'tokens', got {balance!r}")
     if init_from is not None and init != "default":
         raise ValueError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
-    if init_from is not None and (unembed_from_embed or tie_except_values):
+    if partial_tie is not None and partial_tie not in PARTIAL_TIES:
+        raise ValueError(f"partial_tie must be one of {sorted(PARTIAL_TIES)}, got {partial_tie!r}")
+    if init_from is not None and (unembed_from_embed or partial_tie):
         raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model, "
                          f"not with --init-from {init_from}")
     torch.manual_seed(seed)
@@ -186,7 +207,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
-    if (unembed_from_embed or tie_except_values) and cfg.tie_embeddings:
+    if (unembed_from_embed or partial_tie) and cfg.tie_embeddings:
         raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model")
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
     if previous is not None:
@@ -200,17 +221,15 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     else:
         if init == "mimetic":
             mimetic_init_(model)
-        if unembed_from_embed or tie_except_values:
+        if unembed_from_embed or partial_tie:
             with torch.no_grad():
                 model.unembed.weight.copy_(model.embed.W_E)
-        if tie_except_values:
+        if partial_tie:
             from torch.nn.utils import parametrize
 
-            from tl_mamba.toy.vocab import VALUES
-
-            value_ids = tokenizer.convert_tokens_to_ids(list(VALUES))
+            free_rows = PARTIAL_TIES[partial_tie](tokenizer, cfg.d_vocab)
             parametrize.register_parametrization(model.unembed, "weight",
-                                                 TiedExceptRows(model.embed, value_ids, cfg.d_vocab))
+                                                 TiedExceptRows(model.embed, free_rows, cfg.d_vocab))
     model = model.to(dev)
     model.set_backend("torch")
     model.train()
@@ -248,7 +267,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     else:
         steps_done = steps
 
-    if tie_except_values:  # bake the tied rows in: what is saved is a plain untied model
+    if partial_tie:  # bake the tied rows in: what is saved is a plain untied model
         from torch.nn.utils import parametrize
 
         parametrize.remove_parametrizations(model.unembed, "weight", leave_parametrized=True)
@@ -257,7 +276,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
                    init_from=None if init_from is None else str(init_from), task_weights=list(task_weights),
                    balance=balance, tokens=tokens_spent, steps=steps_done, steps_planned=steps,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, unembed_from_embed=unembed_from_embed,
-                   tie_except_values=tie_except_values,
+                   partial_tie=partial_tie,
                    seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
@@ -303,11 +322,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--d-model", type=int, default=None, help="override the architecture's width")
     parser.add_argument("--d-state", type=int, default=None, help="override the state size")
     parser.add_argument("--n-layers", type=int, default=None, help="override the depth")
-    parser.add_argument("--tie-embeddings", choices=("yes", "no", "copy", "except-values"), default=None,
+    parser.add_argument("--tie-embeddings", choices=("yes", "no", "copy", *PARTIAL_TIES), default=None,
                         help="override whether the unembedding is the embedding's transpose (yes), a separate "
                              "matrix (no), a separate matrix that starts as a copy of the embedding (copy), or "
-                             "the embedding except the needle's value tokens' rows, which start as copies "
-                             "(except-values; saved untied)")
+                             "partly tied: all rows but the needle's values (except-values) or the IOI names' rows "
+                             "only (names), the free rows starting as copies; saved untied")
     parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's)")
     parser.add_argument("--task-weights", default=None,
                         help="shares of facts,ioi,needle in steps or tokens, see --balance (default: the recipe's)")
@@ -343,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
                     task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance,
                     weight_decay=args.weight_decay, unembed_from_embed=args.tie_embeddings == "copy",
-                    tie_except_values=args.tie_embeddings == "except-values")
+                    partial_tie=args.tie_embeddings if args.tie_embeddings in PARTIAL_TIES else None)
     print(json.dumps(metrics, indent=2))
     return 0
 
