@@ -12,7 +12,8 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    against the ``"reference"`` sequential backend computed in float64 on the GPU,
    for p in ``--check-lengths`` (up to 4096), inputs in fp32 and bf16: y and the final
    state, every position's state (``return_states``), and y under a structured knockout
-   in the same pass (forced on: Mamba-2's same-pass kernel is off by default). Reports the max abs error relative to the reference's scale.
+   in the same pass (forced on: Mamba-2's same-pass kernel is off by default). Reports
+   the max abs error relative to the reference's scale.
    (Knockouts, ``hook_h`` edits and gradients through models: ``tests/test_triton.py``,
    which ``run_gpu_session.sh`` runs compiled on the GPU.)
 2. Speed at 130m widths, 4 layers, vocab 8192, batch 1, ``--p`` (2048), median of

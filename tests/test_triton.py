@@ -209,6 +209,12 @@ def test_forward_writes_chunk_boundary_states(family, p, every):
     torch.testing.assert_close(final, ref.final_state, rtol=1e-5, atol=1e-5)
 
 
+def _weights_like(o, seed: int):
+    """Fixed random loss weights shaped like ``o``, on its device (drawn on the CPU: the same
+    weights on every device)."""
+    return torch.randn(o.shape, generator=torch.Generator().manual_seed(seed), dtype=o.dtype).to(o.device)
+
+
 def _set_backward_chunk(monkeypatch, T: int) -> None:
     """Both families' default backward chunk (Mamba-1's is shared, Mamba-2's its own) set to T."""
     import tl_mamba.ops.triton_scan as triton_scan
@@ -255,8 +261,7 @@ def test_chunked_backward_matches_reference_autograd(family, p, with_d, with_h0,
         else:
             out = _scan(family, backend, leaves, return_states=states, with_d=with_d, with_h0=with_h0)
         outputs = (out.y, out.final_state) + ((out.states,) if states else ())
-        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(o.device)).sum()
-                   for i, o in enumerate(outputs))
+        loss = sum((o * _weights_like(o, seed=i)).sum() for i, o in enumerate(outputs))
         loss.backward()
         grads[backend] = [t.grad for t in leaves]
     for name, used, a, b in zip("x delta A B C D h0".split(), [1, 1, 1, 1, 1, with_d, with_h0],
@@ -672,8 +677,7 @@ def test_fused_gate_backward_matches_reference_autograd(p, states):
             out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=states, backend="reference")
             y = _silu_gated(out.y, zz)
         outputs = (y, out.final_state) + ((out.states,) if states else ())
-        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(o.device)).sum()
-                   for i, o in enumerate(outputs))
+        loss = sum((o * _weights_like(o, seed=i)).sum() for i, o in enumerate(outputs))
         loss.backward()
         grads[backend] = [t.grad for t in leaves]
     for name, a, b in zip("x delta A B C D h0 z".split(), grads["triton"], grads["reference"]):
@@ -960,8 +964,7 @@ def test_mamba1_backward_modes_match_reference_autograd(mode, p, chunk, states, 
             out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=states, backend="reference")
             y = _silu_gated(out.y, zz) if gated else out.y
         outputs = (y, out.final_state) + ((out.states,) if states else ())
-        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(o.device)).sum()
-                   for i, o in enumerate(outputs))
+        loss = sum((o * _weights_like(o, seed=i)).sum() for i, o in enumerate(outputs))
         loss.backward()
         grads[backend] = [t.grad for t in leaves]
     assert len(launches) == (1 if mode == "kernel" else 0)
