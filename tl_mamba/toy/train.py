@@ -43,8 +43,8 @@ TASKS = ("facts", "ioi", "needle")
 #: (facts, IOI >= 95%, needle@256 >= 90%) in 24 minutes. The mamba one does NOT: it is the best
 #: measured (facts 100%, IOI 89.5%, needle@256 88% in 25.5 minutes). It unties the embeddings
 #: because tied, the digit embeddings collapse and the needle stays at chance. Tying all rows
-#: but the values' (``--tie-embeddings except-values``) fixes IOI (98% in two seeds) but left
-#: the needle at 30% in one of them, so it is not the default yet.
+#: but the values' (``--tie-embeddings except-values``) fixes IOI (98% in three seeds of four)
+#: but left the needle near chance in two of them, so it is not the default.
 RECIPES = {
     "mamba2": dict(steps=6000, batch_size=32, lr=3e-3, max_needle_len=256, task_weights="0.2,0.1,0.7",
                    balance="tokens", init="mimetic", weight_decay=0.01, tie_embeddings="yes"),
