@@ -57,6 +57,7 @@ import os
 import pathlib
 import sys
 import traceback
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -112,18 +113,23 @@ def mamba1_kernel(name: str):
 
 
 @contextlib.contextmanager
-def same_pass_knockout():
-    """Both families' Triton kernels apply a single S → T knockout in the scan's pass (Mamba-2's
-    is off by default), so that the check below covers those kernels at real sizes."""
+def knockout_route(same_pass: bool, pairs_per_position: Optional[dict] = None):
+    """Force the knockout route of both families: a single S → T knockout in the Triton
+    kernels' own pass (``same_pass``; Mamba-2's is off by default) or not, and, when given,
+    the edge route's threshold (``tl_mamba.ops.knockout.PAIRS_PER_SCANNED_POSITION``)."""
+    from tl_mamba.ops import knockout as ops_knockout
     from tl_mamba.ops.selective_scan import triton_kernel
     from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
 
-    saved = triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout
-    triton_kernel.fuses_knockout = ssd_triton_kernel.fuses_knockout = lambda: True
+    saved = triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout, ops_knockout.PAIRS_PER_SCANNED_POSITION
+    triton_kernel.fuses_knockout = ssd_triton_kernel.fuses_knockout = lambda: same_pass
+    if pairs_per_position is not None:
+        ops_knockout.PAIRS_PER_SCANNED_POSITION = pairs_per_position
     try:
         yield
     finally:
-        triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout = saved
+        (triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout,
+         ops_knockout.PAIRS_PER_SCANNED_POSITION) = saved
 
 
 def rel_err(got: Tensor, want: Tensor) -> float:
@@ -169,7 +175,7 @@ def check_scans(lengths, device, log, widths_by_family=WIDTHS, rows=None):
                             row["rel_err_states"] = rel_err(out.states, ref.states)
                             del out
                             # (Mamba-1's sequential kernel has no same-pass knockout: its default route)
-                            with same_pass_knockout() if kernel != "sequential" else contextlib.nullcontext():
+                            with knockout_route(True) if kernel != "sequential" else contextlib.nullcontext():
                                 row["rel_err_knockout"] = rel_err(
                                     scan(*t.values(), backend="triton", ssm_mask=knockout).y, ref_ko)
                         rows.append(row)
@@ -353,33 +359,19 @@ def contenders(family, hf, model, p, device, with_bridge):
         "hook_h_cache_triton": backend("triton", lambda: model.run_with_cache(tokens, names_filter=names)),
         "transformers": lambda: hf(tokens),
     }
-    def knockout_route(fuse: bool, pairs_per_position: dict):
-        """The knockout with the same-pass kernels on or off (both families) and the edge
-        route's threshold set."""
+    def forced(same_pass: bool, pairs_per_position: Optional[dict] = None):
+        """The Triton knockout by the route :func:`knockout_route` forces."""
         def call():
-            from tl_mamba.ops import knockout as ops_knockout
-            from tl_mamba.ops.selective_scan import triton_kernel
-            from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
-
-            saved = (triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout,
-                     ops_knockout.PAIRS_PER_SCANNED_POSITION)
-            triton_kernel.fuses_knockout = ssd_triton_kernel.fuses_knockout = lambda: fuse
-            ops_knockout.PAIRS_PER_SCANNED_POSITION = pairs_per_position
-            try:
+            with knockout_route(same_pass, pairs_per_position):
                 model.set_backend("triton")
                 return model.run_with_knockout(tokens, ko)
-            finally:
-                (triton_kernel.fuses_knockout, ssd_triton_kernel.fuses_knockout,
-                 ops_knockout.PAIRS_PER_SCANNED_POSITION) = saved
         return call
 
     # the default route (Mamba-1: in the same pass as the scan; Mamba-2: edge by edge, its
     # same-pass kernel being off by default) against each route forced
-    from tl_mamba.ops.knockout import PAIRS_PER_SCANNED_POSITION
-
-    calls["knockout_triton_same_pass"] = knockout_route(True, PAIRS_PER_SCANNED_POSITION)
-    calls["knockout_triton_edges"] = knockout_route(False, PAIRS_PER_SCANNED_POSITION)
-    calls["knockout_triton_separate_scan"] = knockout_route(False, {"bpe": 0.0, "bphd": 0.0})
+    calls["knockout_triton_same_pass"] = forced(True)
+    calls["knockout_triton_edges"] = forced(False)
+    calls["knockout_triton_separate_scan"] = forced(False, {"bpe": 0.0, "bphd": 0.0})
     if with_bridge:
         try:
             from _setup import build_bridge, set_eager_scan

@@ -168,7 +168,7 @@ def _gate(z: Optional[Tensor]) -> dict:
 def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, what: str,
                     x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                     initial_state: Optional[Tensor], return_states: bool, backward_chunk: Optional[int] = None,
-                    z: Optional[Tensor] = None, kernel_backward: Optional[Callable] = None):
+                    z: Optional[Tensor] = None, kernel_backward: Optional[Callable] = None, removal=None):
     """Run ``kernel_forward`` (differentiable by chunked recompute through ``torch_scan``).
 
     ``kernel_forward(x, delta, A, B, C, D, initial_state, return_states, boundary_every=None)``
@@ -180,6 +180,9 @@ def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, 
     computes the gradients from the same boundary states in one kernel instead of the
     chunk-by-chunk torch recompute. ``backward_chunk`` (default
     :data:`BACKWARD_CHUNK`) is the T of the backward's memory, O(b·(p/T)·S + b·T·S).
+    ``removal`` (one ``EdgeRemoval``) is passed on to ``kernel_forward``, which applies it
+    in the same pass; that has no backward, so it is refused when a gradient is wanted
+    (the dispatchers then run the knockout separately).
     """
     from tl_mamba.backends import triton_usable
 
@@ -188,7 +191,12 @@ def run_triton_scan(kernel_forward: Callable, torch_scan: Callable, output_cls, 
     chunk = BACKWARD_CHUNK if backward_chunk is None else backward_chunk
     if int(chunk) != chunk or chunk < 1:
         raise ValueError(f"backward_chunk must be a positive integer, got {chunk!r}")
-    if needs_grad(x, delta, A, B, C, D, initial_state, z):
+    if removal is not None:
+        if needs_grad(x, delta, A, B, C, D, initial_state, z):
+            raise ValueError("a knockout in the same pass has no backward; the dispatcher runs it separately")
+        y, h_final, states = kernel_forward(x, delta, A, B, C, D, initial_state, return_states, **_gate(z),
+                                            removal=removal)
+    elif needs_grad(x, delta, A, B, C, D, initial_state, z):
         y, h_final, states = _ChunkedRecompute.apply(kernel_forward, torch_scan, kernel_backward, int(chunk),
                                                      x, delta, A, B, C, D, initial_state, z, return_states)
     else:

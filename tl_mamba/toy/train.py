@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 #: Architectures of the shipped models (small enough for 2 CPU cores, ≤ 10 MB together).
 ARCHS = {
@@ -227,8 +228,6 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
             with torch.no_grad():
                 model.unembed.weight.copy_(model.embed.W_E)
         if partial_tie:
-            from torch.nn.utils import parametrize
-
             free_rows = PARTIAL_TIES[partial_tie](tokenizer, cfg.d_vocab)
             parametrize.register_parametrization(model.unembed, "weight",
                                                  TiedExceptRows(model.embed, free_rows, cfg.d_vocab))
@@ -270,8 +269,6 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         steps_done = steps
 
     if partial_tie:  # bake the tied rows in: what is saved is a plain untied model
-        from torch.nn.utils import parametrize
-
         parametrize.remove_parametrizations(model.unembed, "weight", leave_parametrized=True)
     metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
     metrics.update(arch=arch, sizes=spec, init=init if init_from is None else None,

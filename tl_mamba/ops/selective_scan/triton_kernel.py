@@ -49,7 +49,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from tl_mamba.ops.precision import compute_dtype, needs_grad
+from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.triton_scan import _FAILED_KERNELS, kernel_or_fallback, run_triton_scan
 
 
@@ -322,12 +322,7 @@ def selective_scan_triton(
     from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
     from tl_mamba.ops.selective_scan.triton_backward import selective_scan_backward
 
-    if removal is not None:
-        if needs_grad(x, delta, A, B, C, D, initial_state, z):
-            raise ValueError("a knockout in the same pass has no backward; the dispatcher runs it separately")
-        y, h_final, states = _forward(x, delta, A, B, C, D, initial_state, return_states, z=z, removal=removal)
-        return ScanOutput(y=y, final_state=h_final, states=states)
-
     return run_triton_scan(_forward, selective_scan_chunked, ScanOutput, "selective scan", x, delta, A, B, C, D,
                            initial_state, return_states, backward_chunk=backward_chunk, z=z,
-                           kernel_backward=selective_scan_backward if BACKWARD == "kernel" else None)
+                           kernel_backward=selective_scan_backward if BACKWARD == "kernel" else None,
+                           removal=removal)

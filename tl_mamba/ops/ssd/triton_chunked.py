@@ -56,6 +56,19 @@ DOT_PRECISION = "ieee"
 
 
 @triton.jit
+def _state_tile(nc, h, g, hd, n, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr):
+    # a program of a (sequence·chunk, head, hd block·n block) grid: which sequence, chunk,
+    # head and group, and the offsets and masks of its [BLOCK_HD, BLOCK_N] state tile
+    pid_b = tl.program_id(0) // nc
+    pid_c = tl.program_id(0) % nc
+    pid_h = tl.program_id(1)
+    n_blocks_n = tl.cdiv(n, BLOCK_N)
+    offs_d = (tl.program_id(2) // n_blocks_n) * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    offs_n = (tl.program_id(2) % n_blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_b, pid_c, pid_h, pid_h // (h // g), offs_d, offs_n, offs_d < hd, offs_n < n
+
+
+@triton.jit
 def _sources(src_ptr, feat_ptr, rows, mask_q, pid_h, HAS_FEAT: tl.constexpr, ACC: tl.constexpr):
     # a knockout's source weight of each row of the chunk, times the head's feature flag
     src = tl.load(src_ptr + rows, mask=mask_q, other=0.0).to(ACC)
@@ -75,21 +88,10 @@ def _chunk_state_kernel(
     # logdecay: [b, nc, h]. Knockout (HAS_KO): src [b, p], feat [h] (HAS_FEAT), and
     # ko_states [b, nc, h, hd, n], what the chunk's sources alone write.
     # Program: (sequence·chunk, head, hd block·n block).
-    pid_bc = tl.program_id(0)
-    pid_b = pid_bc // nc
-    pid_c = pid_bc % nc
-    pid_h = tl.program_id(1)
-    n_blocks_n = tl.cdiv(n, BLOCK_N)
-    pid_d = tl.program_id(2) // n_blocks_n
-    pid_n = tl.program_id(2) % n_blocks_n
-    group = pid_h // (h // g)
+    pid_b, pid_c, pid_h, group, offs_d, offs_n, mask_d, mask_n = _state_tile(nc, h, g, hd, n, BLOCK_HD, BLOCK_N)
     offs_q = tl.arange(0, BLOCK_Q)
     mask_q = (offs_q < Q) & (pid_c * Q + offs_q < p)
     rows = pid_b * p + pid_c * Q + offs_q  # flat (sequence, position) index of each row
-    offs_d = pid_d * BLOCK_HD + tl.arange(0, BLOCK_HD)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_d = offs_d < hd
-    mask_n = offs_n < n
 
     dt = tl.load(dt_ptr + rows * h + pid_h, mask=mask_q, other=0.0).to(ACC)  # 0 past the end: no decay, no write
     dA = dt * tl.load(A_ptr + pid_h).to(ACC)
@@ -212,18 +214,7 @@ def _chunk_states_kernel(
     # starts: [b, nc, h, hd, n], each chunk's starting state (kernel 2's output);
     # states: [b, p, h, hd, n], every position's state after its update.
     # Program: (sequence·chunk, head, hd block·n block); it walks its chunk's ≤ Q positions.
-    pid_bc = tl.program_id(0)
-    pid_b = pid_bc // nc
-    pid_c = pid_bc % nc
-    pid_h = tl.program_id(1)
-    n_blocks_n = tl.cdiv(n, BLOCK_N)
-    pid_d = tl.program_id(2) // n_blocks_n
-    pid_n = tl.program_id(2) % n_blocks_n
-    group = pid_h // (h // g)
-    offs_d = pid_d * BLOCK_HD + tl.arange(0, BLOCK_HD)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_d = offs_d < hd
-    mask_n = offs_n < n
+    pid_b, pid_c, pid_h, group, offs_d, offs_n, mask_d, mask_n = _state_tile(nc, h, g, hd, n, BLOCK_HD, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
     dn = offs_d[:, None] * n + offs_n[None, :]
     state = tl.load(starts_ptr + ((pid_b * nc + pid_c) * h + pid_h) * hd * n + dn, mask=mask_dn,

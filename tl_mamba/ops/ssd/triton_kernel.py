@@ -46,7 +46,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from tl_mamba.ops.precision import compute_dtype, needs_grad
+from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.ssd import triton_chunked
 from tl_mamba.ops.triton_scan import run_triton_scan
 
@@ -241,11 +241,7 @@ def ssd_triton(
     from tl_mamba.ops.ssd.chunked import ssd_chunked
 
     forward = _forward if chunk_size is None else functools.partial(_forward, chunk_size=chunk_size)
-    if removal is not None:
-        if needs_grad(x, delta, A, B, C, D, initial_state):
-            raise ValueError("a knockout in the same pass has no backward; the dispatcher runs it separately")
-        y, final, states = forward(x, delta, A, B, C, D, initial_state, return_states, removal=removal)
-        return SSDOutput(y=y, final_state=final, states=states)
     return run_triton_scan(forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
                            initial_state, return_states,
-                           backward_chunk=BACKWARD_CHUNK if backward_chunk is None else backward_chunk)
+                           backward_chunk=BACKWARD_CHUNK if backward_chunk is None else backward_chunk,
+                           removal=removal)
