@@ -57,6 +57,7 @@ import os
 import pathlib
 import sys
 import traceback
+import warnings
 from typing import Optional
 
 import torch
@@ -267,6 +268,22 @@ def scan_contenders(family, t, device, log):
         quadratic_inputs = [t[k] for k in ("x", "delta", "A", "B", "C")]
         calls["dense_mask_masked_tiles_triton"] = sync(lambda: masked_removed_terms_triton(removed, *quadratic_inputs))
         calls["dense_mask_quadratic_torch"] = sync(lambda: dense_removed_terms_bphd(removed, *quadratic_inputs))
+        # the opt-in same-pass knockout kernels alone (3 sources at p/3 → the last position), at
+        # the default tiles and smaller ones: is their cost register pressure?
+        from tl_mamba.ops.knockout import EdgeRemoval
+        from tl_mamba.ops.ssd.triton_chunked import ssd_chunked_triton
+
+        sources = torch.zeros(1, p, device=device)
+        sources[:, p // 3:p // 3 + 3] = 1
+        targets = torch.zeros(1, p, device=device)
+        targets[:, -1] = 1
+        removal = EdgeRemoval(sources, targets)
+        scan_args = [t[k] for k in ("x", "delta", "A", "B", "C", "D")] + [None]
+        for label, tiles in (("", {}), ("_hd32", dict(block_hd=32)), ("_hd32_n32", dict(block_hd=32, block_n=32)),
+                             ("_hd16_n32", dict(block_hd=16, block_n=32))):
+            calls[f"same_pass_knockout_kernels{label}"] = sync(
+                lambda tiles=tiles: ssd_chunked_triton(*scan_args, removal=removal, **tiles))
+        calls["plain_chunked_kernels_hd32"] = sync(lambda: ssd_chunked_triton(*scan_args, block_hd=32))
         try:
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -311,7 +328,35 @@ def backward_contenders(family, t, device):
     calls = {"triton": step("triton"), "torch": step("torch")}
     if family == "mamba1":
         calls["triton_recompute_backward"] = step("triton", "recompute")
+    else:  # the recompute chunk T: 512 by default; fewer, longer chunks launch fewer kernels
+        from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
+
+        def with_chunk(T):
+            def call():
+                default, ssd_triton_kernel.BACKWARD_CHUNK = ssd_triton_kernel.BACKWARD_CHUNK, T
+                try:
+                    calls["triton"]()
+                finally:
+                    ssd_triton_kernel.BACKWARD_CHUNK = default
+            return call
+
+        calls["triton_backward_chunk_2048"] = with_chunk(2048)
     return calls
+
+
+def host_syncs(fn, device) -> Optional[int]:
+    """How many times one call of ``fn`` makes the host wait for the GPU (CUDA's sync debug
+    mode: ``nonzero``, ``.item()``, blocking copies); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
 
 
 def build_models(device, size):
@@ -394,6 +439,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-bridge", action="store_true", help="skip the TransformerLens bridge")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: checks, models, scans, backward")
+    parser.add_argument("--families", default="mamba1,mamba2", help="which families to time (scans, backward)")
     parser.add_argument("--out", default="benchmarks/results/triton_gpu")
     parser.add_argument("--smoke", action="store_true",
                         help="every step at toy sizes, on CPU under TRITON_INTERPRET=1 without a GPU (tests the script)")
@@ -411,7 +458,11 @@ def main() -> int:
         lengths, args.repeats = lengths[:1], 3
     if args.smoke:
         lengths, args.repeats, args.p, widths, size, copy_bytes = [8, 13], 1, 16, SMOKE_WIDTHS, "smoke", 1 << 20
-    scan_widths = {family: next(iter(by_width.items())) for family, by_width in widths.items()}  # 130m (or tiny)
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - {"checks", "models", "scans", "backward"}:
+        parser.error(f"--skip takes checks, models, scans, backward; got {args.skip!r}")
+    scan_widths = {family: next(iter(by_width.items())) for family, by_width in widths.items()  # 130m (or tiny)
+                   if family in args.families.split(",")}
     results = {"date": _dt.date.today().isoformat(), "machine": machine_info(), "device": str(device),
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "none (smoke run in the interpreter)",
                "revision": package_revision(), "p": args.p, "smoke": args.smoke}
@@ -432,7 +483,8 @@ def main() -> int:
 
     results["checks"] = []
     with section(results, "checks", flush):
-        check_scans(lengths, device, print, widths, rows=results["checks"])
+        if "checks" not in skip:
+            check_scans(lengths, device, print, widths, rows=results["checks"])
     for row in results["checks"]:
         lines.append(f"| {row['family']} | {row['width']} | {row['p']} | {row['dtype']} | {row['kernel']} | "
                      f"{row['rel_err_y']:.1e} | {row['rel_err_final']:.1e} | {row['rel_err_states']:.1e} | "
@@ -443,7 +495,7 @@ def main() -> int:
               f"{results['mamba_ssm']})", "", "| family | contender | median s | vs triton |", "|---|---|---|---|"]
     with torch.inference_mode():
         with section(results, "models", flush):
-            models = build_models(device, size)
+            models = build_models(device, size) if "models" not in skip else {}
         for family, (hf, model) in (models.items() if "models" not in results.get("errors", {}) else ()):
             with section(results, f"speed {family}", flush):
                 calls = contenders(family, hf, model, args.p, device, not args.no_bridge)
@@ -460,6 +512,11 @@ def main() -> int:
                 if results["mamba_ssm"]:
                     targets["triton <= 1.5x transformers+mamba_ssm"] = timings.paired_ratio("triton", "transformers") <= 1.5
                 results["speed"][family]["targets"] = targets
+                syncs = {name: host_syncs(calls[name], device)
+                         for name in ("triton", "knockout_triton", "knockout_triton_edges", "hook_h_cache_triton")}
+                results["speed"][family]["host_syncs"] = syncs
+                lines.append(f"| {family} | host syncs in one call: " + ", ".join(f"{k} {v}" for k, v in syncs.items())
+                             + " | | |")
                 lines += [f"| {family} | target: {k} | {'met' if v else 'NOT met'} | |" for k, v in targets.items()]
             del hf, model
         models = None
@@ -472,7 +529,7 @@ def main() -> int:
                   f"{bandwidth / 1e9:.0f} GB/s, measured; floor = bytes moved / bandwidth)", "",
                   "| family | width | dtype | contender | median s | vs triton | floor s | / floor |",
                   "|---|---|---|---|---|---|---|---|"]
-        for family, (width, widths_of) in scan_widths.items():
+        for family, (width, widths_of) in (scan_widths.items() if "scans" not in skip else ()):
             for dtype in (torch.float32, torch.bfloat16):
                 with section(results, f"scans {family} {dtype}", flush):
                     t = scan_inputs(family, widths_of, args.p, dtype, device)
@@ -493,7 +550,7 @@ def main() -> int:
     results["backward"] = []
     lines += ["", f"## Forward + backward of the scans, batch 1, p = {args.p}, fp32 (median s)", "",
               "| family | contender | median s | vs triton |", "|---|---|---|---|"]
-    for family, (width, widths_of) in scan_widths.items():
+    for family, (width, widths_of) in (scan_widths.items() if "backward" not in skip else ()):
         with section(results, f"backward {family}", flush):
             t = scan_inputs(family, widths_of, args.p, torch.float32, device)
             calls = backward_contenders(family, t, device)

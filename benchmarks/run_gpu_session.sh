@@ -9,7 +9,8 @@
 # OUT_DIR defaults to $OUT (the device tool's folder) or benchmarks/results. Each step
 # has its own time limit (BENCH_LIMIT_S, TESTS_LIMIT_S seconds), so one slow step
 # cannot take the other's time; logs are tee'd, so a step cut short still leaves its
-# output. Packages the machine lacks (TransformerLens and what it imports: datasets,
+# output. BENCH_ARGS adds arguments to the bench (e.g. "--check-lengths 512,2048").
+# Packages the machine lacks (TransformerLens and what it imports: datasets,
 # dill, multiprocess) can be carried as wheels in .whl/ (see docs/performance.md);
 # .whl/optional/pyarrow-*.whl is installed only when the machine's pyarrow is older
 # than datasets needs.
@@ -38,7 +39,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
       'transformer_lens', version('transformer-lens'), 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
-timeout "${BENCH_LIMIT_S:-330}" $PY benchmarks/bench_triton_gpu.py --out "$OUT_DIR/triton_gpu" 2>&1 \
+timeout "${BENCH_LIMIT_S:-330}" $PY benchmarks/bench_triton_gpu.py --out "$OUT_DIR/triton_gpu" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT_DIR/bench.log"
 bench_rc=${PIPESTATUS[0]}
 

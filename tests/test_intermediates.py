@@ -416,6 +416,24 @@ def test_hook_h_override_continues_recurrence(model, tokens, plain_ref, backend,
         assert (cache[y][:, 4:] - plain_acts[y][:, 4:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("style", ["out_of_place", "in_place"])
+def test_hook_h_edit_without_autograd(model, tokens, mode, style):
+    """Edits are honoured under no_grad and inference_mode too, in place or not (inference
+    tensors have no version counter, so the states are computed outside inference mode)."""
+    out_of_place, in_place, ref_edit = _zero_at(3)
+    fn = out_of_place if style == "out_of_place" else in_place
+    model.set_backend("torch")
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_h", fn)])
+    ref_logits, _, _ = reference_forward(model, tokens, h_edits={1: ref_edit})
+    torch.testing.assert_close(logits.double(), ref_logits, **TOL)
+    with torch.inference_mode():  # a cache under inference mode still holds the states
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_h")
+    _, acts, _ = reference_forward(model, tokens)
+    torch.testing.assert_close(cache["blocks.1.hook_h"].double(), acts["blocks.1.hook_h"], **TOL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hook_h_multiplicative_edit_at_several_positions(model, tokens, plain_ref, backend):
     """One hook call sees every state of the unedited scan; the entries it changes are fixed to the

@@ -417,3 +417,37 @@ def test_bad_chunk_size():
     x, delta, A, B, C, D, _ = make_inputs(1, 5, 2, 2, 1, 3)
     with pytest.raises(ValueError, match="chunk_size"):
         ssd_scan(x, delta, A, B, C, D, backend="torch", chunk_size=0)
+
+
+def test_dense_mask_switch_point_per_device_and_dtype(monkeypatch):
+    """The number of extra scans a dense mask may cost before the quadratic form serves it:
+    grows with p on CPU; on CUDA it is the measured per-dtype constant; an override wins."""
+    from tl_mamba.ops import knockout
+
+    assert knockout.dense_mask_after(128) == 4 and knockout.dense_mask_after(2048) == 32
+    for dtype, after in knockout.DENSE_MASK_AFTER_CUDA.items():
+        assert knockout.dense_mask_after(2048, "cuda", dtype) == after
+    assert knockout.dense_mask_after(2048, "cuda", torch.float64) == 32  # float64: the CPU rule
+    assert knockout.dense_mask_after(2048, "cpu", torch.bfloat16) == 32
+    monkeypatch.setattr(knockout, "DENSE_MASK_AFTER", 7)
+    assert knockout.dense_mask_after(2048, "cuda", torch.float32) == 7
+
+
+def test_knockout_positions_are_resolved_on_the_host():
+    """A Knockout's removal carries the positions that are a source / a target in some row,
+    as CPU indices equal to its masks' (so a GPU knockout picks its route without a sync);
+    a removal built without them reads the same positions from its masks."""
+    from types import SimpleNamespace
+
+    from tl_mamba import Knockout
+    from tl_mamba.ops.knockout import EdgeRemoval
+
+    cfg = SimpleNamespace(family="mamba2", n_heads=4, d_inner=8)
+    rows = torch.zeros(2, 10, dtype=torch.bool)
+    rows[0, 2], rows[1, 5] = True, True
+    for sources, expected in (([3, -2], [3, 8]), (rows, [2, 5])):
+        removal = Knockout(layers=0, sources=sources, targets=[-1, 6]).removal(cfg, 2, 10)
+        src, tgt = removal.positions()
+        assert src.device.type == "cpu" and src.tolist() == expected and tgt.tolist() == [6, 9]
+        bare = EdgeRemoval(removal.sources, removal.targets)
+        assert [t.tolist() for t in bare.positions()] == [expected, [6, 9]]

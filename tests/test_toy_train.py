@@ -39,6 +39,29 @@ def test_bad_arguments_exit_2(tmp_path, capsys, weights):
     assert err.value.code == 2 and "task-weights" in capsys.readouterr().err
 
 
+def test_first_phase_runs_its_own_task_weights_then_the_main_ones(tmp_path):
+    """--first-phase 0,0,1@3: the first three steps are needle steps only (phase-1 weights),
+    then the main weights (1,1,0: no needle) take over; the log records each step's task."""
+    argv = ["--arch", "mamba", "--steps", "6", "--batch-size", "2", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "8", "--max-needle-len", "64", "--eval-n", "1", "--device", "cpu", "--balance", "tokens",
+            "--task-weights", "1,1,0", "--first-phase", "0,0,1@3", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["first_phase"] == {"task_weights": [0.0, 0.0, 1.0], "steps": 3}
+    # log_every=100 logs only step 0 and the last: the token counts tell the phases apart
+    tokens = metrics["tokens"]
+    assert tokens["needle"] > 0 and tokens["facts"] > 0 and tokens["ioi"] > 0
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert log[0]["task"] == "needle" and log[-1]["task"] in ("facts", "ioi")
+
+
+@pytest.mark.parametrize("phase", ["0,0,1", "0,0,1@x", "0,1@5", "0,0,-1@5"])
+def test_bad_first_phase_exits_2(tmp_path, capsys, phase):
+    with pytest.raises(SystemExit) as err:
+        main(["--arch", "mamba", "--out", str(tmp_path), "--first-phase", phase])
+    assert err.value.code == 2 and "first-phase" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
 def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
     """Options not given on the command line come from RECIPES[arch]; given ones win."""

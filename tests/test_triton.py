@@ -537,10 +537,14 @@ def test_ssd_triton_picks_chunked_or_recurrent_kernel(monkeypatch):
     # the knockout's extra scan (not the edge-by-edge form, which runs no kernel)
     from tl_mamba.ops import knockout as ops_knockout
 
+    from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
+
     monkeypatch.setattr(ops_knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": 0.0, "bphd": 0.0})
     removal = EdgeRemoval(sources=torch.zeros(1, p).index_fill_(1, torch.tensor([2]), 1.0).to(DEVICE),
                           targets=torch.zeros(1, p).index_fill_(1, torch.tensor([8]), 1.0).to(DEVICE))
-    ko = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="triton")
+    with monkeypatch.context() as separate:  # not in the same pass (the default): a second scan
+        separate.setattr(ssd_triton_kernel, "SAME_PASS", False)
+        ko = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="triton")
     assert calls["recurrent"] == calls["states"] == 0 and calls["chunked"] >= 2  # the scan, then the knockout's
     calls.update(chunked=0)
     ko_ref = ssd_scan(x, delta, A, B, C, D, ssm_mask=[removal], backend="reference")
@@ -814,20 +818,20 @@ def test_masked_tiles_match_hidden_attention(dtype, p, mask_heads, block_i, monk
     torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("p, Q, with_features, states", [(11, 4, True, True), (6, 8, False, False),
-                                                          (9, 2, True, False)])
-def test_ssd_knockout_in_the_same_pass_matches_hidden_attention(p, Q, with_features, states, monkeypatch):
+@pytest.mark.parametrize("p, Q, with_features, states, hd, n", [(11, 4, True, True, 5, 3), (6, 8, False, False, 5, 3),
+                                                                 (9, 2, True, False, 5, 3), (7, 4, True, False, 40, 70)])
+def test_ssd_knockout_in_the_same_pass_matches_hidden_attention(p, Q, with_features, states, hd, n, monkeypatch):
     """The chunked kernels' fused knockout against α built position by position: per-row,
     fractional sources and targets, a head restriction, 2 groups, an initial state (not an
-    edge: kept), the D skip (kept), several chunks and a short last one; final state and
-    returned states are the plain scan's."""
+    edge: kept), the D skip (kept), several chunks and a short last one, hd and n over
+    several of the knockout's 32 × 32 tiles; final state and returned states are the plain scan's."""
     from tl_mamba.ops.knockout import EdgeRemoval
     from tl_mamba.ops.ssd import triton_chunked
     from tl_mamba.ops.ssd.triton_kernel import _forward
 
     monkeypatch.setattr(triton_chunked, "CHUNK_SIZE", Q)
     b, h = 2, 4
-    x, delta, A, B, C, D, h0 = ssd_inputs(b=b, p=p, h=h, hd=5, g=2, n=3, dtype=torch.float64, seed=50 + p)
+    x, delta, A, B, C, D, h0 = ssd_inputs(b=b, p=p, h=h, hd=hd, g=2, n=n, dtype=torch.float64, seed=50 + p)
     gen = torch.Generator().manual_seed(p)
     sources = (torch.rand(b, p, generator=gen) < 0.5).double() * torch.rand(b, p, generator=gen, dtype=torch.float64)
     targets = (torch.rand(b, p, generator=gen) < 0.6).double()
@@ -852,13 +856,13 @@ def test_ssd_knockout_in_the_same_pass_matches_hidden_attention(p, Q, with_featu
 def test_ssd_dispatcher_fuses_one_knockout_without_autograd_only(monkeypatch):
     """With the same-pass knockout on (``SAME_PASS``), ssd_scan with one Knockout-style removal
     on the triton backend runs the chunked kernels once, the knockout in the same pass,
-    without autograd; with autograd, or with two removals, it does not; off (the default),
+    without autograd; with autograd, or with two removals, it does not; turned off,
     never; every route gives the reference backend's result (values, then gradients)."""
     from tl_mamba.ops.knockout import EdgeRemoval
     from tl_mamba.ops.ssd import triton_chunked
     from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
 
-    monkeypatch.setattr(ssd_triton_kernel, "SAME_PASS", True)  # off by default: see its docstring
+    monkeypatch.setattr(ssd_triton_kernel, "SAME_PASS", True)  # the default, set here in case it changes
     fused = []
     chunked = triton_chunked.ssd_chunked_triton
     monkeypatch.setattr(triton_chunked, "ssd_chunked_triton",

@@ -81,10 +81,15 @@ def resolve_positions(positions: Positions, b: int, p: int, what: str, device=No
         if not -p <= pos < p:
             raise IndexError(f"Knockout {what}: position {pos} is out of range for a sequence of {p} tokens")
         index.append(pos % p)
-    out = torch.zeros(b, p, dtype=torch.bool, device=device)
+    out = torch.zeros(b, p, dtype=torch.bool)  # built on the host: indexing a GPU tensor with a list waits for it
     if index:
         out[:, index] = True
-    return out
+    return _to_device(out, device)
+
+
+def _to_device(host: Tensor, device) -> Tensor:
+    """A host tensor on ``device`` without waiting for the device's queue (the copy is staged)."""
+    return host if device is None else host.to(device, non_blocking=True)
 
 
 def _feature_mask(chosen: Optional[Sequence[int]], size: int, what: str, device=None) -> Optional[Tensor]:
@@ -98,9 +103,9 @@ def _feature_mask(chosen: Optional[Sequence[int]], size: int, what: str, device=
     bad = [i for i in index if not -size <= i < size]
     if bad:
         raise IndexError(f"Knockout {what} {bad} out of range: the layer has {size}")
-    out = torch.zeros(size, dtype=torch.float32, device=device)
+    out = torch.zeros(size, dtype=torch.float32)
     out[[i % size for i in index]] = 1.0
-    return out
+    return _to_device(out, device)
 
 
 @dataclass
@@ -151,14 +156,27 @@ class Knockout:
             raise ValueError("channels= restricts a Mamba-1 knockout; for Mamba-2 use heads=")
 
     def removal(self, cfg, b: int, p: int, device=None) -> EdgeRemoval:
-        """This knockout's SSM edges for a batch of ``b`` sequences of ``p`` tokens."""
-        sources = resolve_positions(self.sources, b, p, "sources", device).float()
-        targets = resolve_positions(self.targets, b, p, "targets", device).float()
+        """This knockout's SSM edges for a batch of ``b`` sequences of ``p`` tokens.
+
+        Positions given as ints (or masks on the CPU) are resolved on the host, which
+        also gives the removal its host-side position lists: on a GPU, the knockout then
+        never waits for the device (no ``nonzero``, no blocking copy).
+        """
+        host = {}
+        for what in ("sources", "targets"):
+            given = getattr(self, what)
+            on_device = isinstance(given, Tensor) and given.dtype == torch.bool and given.device.type != "cpu"
+            host[what] = None if on_device else resolve_positions(given, b, p, what)
+        sources, targets = (resolve_positions(getattr(self, what), b, p, what, device) if host[what] is None
+                            else _to_device(host[what], device) for what in ("sources", "targets"))
         if cfg.family == "mamba2":
             features = _feature_mask(self.heads, cfg.n_heads, "heads", device)
         else:
             features = _feature_mask(self.channels, cfg.d_inner, "channels", device)
-        return EdgeRemoval(sources=sources, targets=targets, features=features)
+        known = host["sources"] is not None and host["targets"] is not None
+        return EdgeRemoval(sources=sources.float(), targets=targets.float(), features=features,
+                           source_positions=host["sources"].any(0).nonzero()[:, 0] if known else None,
+                           target_positions=host["targets"].any(0).nonzero()[:, 0] if known else None)
 
     # ---------------------------------------------------------------------- hooks
     def hooks(self, model) -> List[Tuple[str, "object"]]:

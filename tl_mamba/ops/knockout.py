@@ -54,11 +54,22 @@ class EdgeRemoval:
         targets: ``[b, p]`` 1 where a position is a target.
         features: ``[F]`` 1 for the features whose edges are removed (heads for Mamba-2,
             channels for Mamba-1), or None for all.
+        source_positions, target_positions: optional CPU ``[S]``, ``[T]`` int64, the
+            positions that are a source (a target) in some row. ``Knockout`` gives them;
+            when None they are read from the masks, which on a GPU waits for the device.
     """
 
     sources: Tensor
     targets: Tensor
     features: Optional[Tensor] = None
+    source_positions: Optional[Tensor] = None
+    target_positions: Optional[Tensor] = None
+
+    def positions(self):
+        """``(source positions, target positions)``: CPU int64, ascending (see the attributes)."""
+        def host(given: Optional[Tensor], mask: Tensor) -> Tensor:
+            return given if given is not None else mask.bool().any(0).nonzero()[:, 0].cpu()
+        return host(self.source_positions, self.sources), host(self.target_positions, self.targets)
 
     def dense(self, n_heads: int) -> Tensor:
         """The same removal as a ``[b, H, p, p]`` 0/1 tensor (1 = removed), H = n_heads."""
@@ -114,23 +125,26 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
     """
     total = None
     for removal in removals:
-        any_source = removal.sources.bool().any(0).nonzero()
-        any_target = removal.targets.bool().any(0).nonzero()
+        # on the host (given by Knockout): the route and the crop are chosen without waiting for the GPU
+        any_source, any_target = removal.positions()
         if any_source.numel() == 0 or any_target.numel() == 0:
             continue
         start, stop = int(any_source[0]), int(any_target[-1]) + 1
         if start >= stop:  # every target precedes every source: no edge
             continue
         if pair_terms is not None:
-            target_of_pair, source_of_pair = _edges(any_target[:, 0], any_source[:, 0])
+            target_of_pair, source_of_pair = _edges(any_target, any_source)
             if len(target_of_pair) <= PAIRS_PER_SCANNED_POSITION[target_layout] * (stop - start):
+                # one staged copy of both index lists (a blocking copy would wait for the GPU's queue)
+                target_of_pair, source_of_pair = torch.stack([target_of_pair, source_of_pair]).to(
+                    removal.sources.device, non_blocking=True)
                 part = pair_terms(target_of_pair, source_of_pair)  # [b, P, *features]
                 # each row removes only its own sources → targets
                 rows = removal.sources[:, source_of_pair].float() * removal.targets[:, target_of_pair].float()
                 part = _feature_weight(rows.to(part), removal.features, target_layout) * part
                 if total is None:
                     total = part.new_zeros(shape)
-                total.index_add_(1, target_of_pair.to(part.device), part)
+                total.index_add_(1, target_of_pair, part)
                 continue
         part = contribution_by_row(removal.sources, start, stop)
         weight = _feature_weight(removal.targets[:, start:stop].to(part.dtype), removal.features, target_layout)
@@ -483,15 +497,28 @@ DENSE_MASK_AFTER: Optional[int] = None
 mask's removed part is computed in the quadratic form; None: :func:`dense_mask_after`."""
 
 
-def dense_mask_after(p: int) -> int:
+def dense_mask_after(p: int, device=None, dtype: Optional[torch.dtype] = None) -> int:
     """How many extra scans a Mamba-2 dense mask may cost before the quadratic form is cheaper.
 
     Measured on CPU (docs/performance.md, "CPU: knockout"): the quadratic form costs
     about p / 100 scans (under 1 at p = 128, 3-4 at p = 512), so it takes over past p / 64.
+    On CUDA the quadratic form is the masked-tile kernel, whose cost in scans does not
+    grow with p the same way: measured on an H200 (2026-12-04, 130m widths, p = 2048;
+    docs/performance.md, "GPU") 3.5 scans in fp32 and 15 in bf16, so it takes over past
+    :data:`DENSE_MASK_AFTER_CUDA` scans for the inputs' dtype.
     Mamba-1 has no such switch: its α has a decay per channel and state entry, so the
     quadratic form costs more than p scans, the most a mask can need.
     """
-    return DENSE_MASK_AFTER if DENSE_MASK_AFTER is not None else max(4, p // 64)
+    if DENSE_MASK_AFTER is not None:
+        return DENSE_MASK_AFTER
+    if device is not None and torch.device(device).type == "cuda" and dtype in DENSE_MASK_AFTER_CUDA:
+        return DENSE_MASK_AFTER_CUDA[dtype]
+    return max(4, p // 64)
+
+
+DENSE_MASK_AFTER_CUDA = {torch.float32: 4, torch.bfloat16: 15, torch.float16: 15}
+"""Per input dtype on CUDA, the scans past which the masked-tile kernel serves a dense mask
+(the H200 numbers above, rounded up; float64 keeps the CPU rule)."""
 
 
 def dense_removed_terms_bphd(removed: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

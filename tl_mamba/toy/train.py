@@ -23,7 +23,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
           max_needle_len: int, eval_n: int, log_every: int = 100, time_limit: Optional[float] = None,
           sizes: Optional[dict] = None, task_weights: Sequence[float] = (0.4, 0.3, 0.3),
           init_from: Optional[Path] = None, init: str = "default", balance: str = "steps",
-          weight_decay: float = 0.01, unembed_from_embed: bool = False, partial_tie: Optional[str] = None) -> dict:
+          weight_decay: float = 0.01, unembed_from_embed: bool = False, partial_tie: Optional[str] = None,
+          first_phase: Optional[Tuple[Sequence[float], int]] = None) -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
@@ -174,6 +175,9 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     the embedding: the tied model's copy prior at step 0, without tying them afterwards.
     ``partial_tie`` (fresh, untied models only; a key of :data:`PARTIAL_TIES`) ties some
     unembedding rows to the embedding, the others start as copies (:class:`TiedExceptRows`).
+    ``first_phase = (weights, n)`` uses ``weights`` instead of ``task_weights`` for the first
+    ``n`` steps (e.g. needle-heavy, so the needle leaves its loss plateau early); each phase
+    balances its own tokens (or steps), so the second does not start by paying back the first.
     """
     from tqdm.auto import tqdm
 
@@ -185,6 +189,10 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         raise ValueError(f"balance must be 'steps' or 'tokens', got {balance!r}")
     if init_from is not None and init != "default":
         raise ValueError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
+    if first_phase is not None:
+        phase_weights, phase_steps = first_phase
+        if len(phase_weights) != 3 or min(phase_weights) < 0 or sum(phase_weights) <= 0 or phase_steps < 0:
+            raise ValueError(f"first_phase needs three non-negative task weights and a step count, got {first_phase!r}")
     if partial_tie is not None and partial_tie not in PARTIAL_TIES:
         raise ValueError(f"partial_tie must be one of {sorted(PARTIAL_TIES)}, got {partial_tie!r}")
     if init_from is not None and (unembed_from_embed or partial_tie):
@@ -241,14 +249,19 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     history: List[dict] = []
     running = {t: None for t in TASKS}
     tokens_spent = {t: 0 for t in TASKS}
+    phase_spent = {t: 0 for t in TASKS}  # what the current phase's balance counts
     start_time = time.time()
     bar = tqdm(range(steps), desc=f"train {arch}", dynamic_ncols=True)
     for step in bar:
-        task = next_task(balance, task_weights, tokens_spent, rng)
+        in_first_phase = first_phase is not None and step < first_phase[1]
+        if first_phase is not None and step == first_phase[1]:
+            phase_spent = {t: 0 for t in TASKS}
+        task = next_task(balance, first_phase[0] if in_first_phase else task_weights, phase_spent, rng)
         top = needle_top(step, steps, max_needle_len)
         batch = toy_tasks.training_batch(tokenizer, batch_size, rng, task=task, needle_max_len=top, mode="answer")
         batch = {k: batch[k].to(dev) for k in ("tokens", "attention_mask", "answers")}
         tokens_spent[task] += batch["tokens"].numel()
+        phase_spent[task] += batch["tokens"].numel()
         loss = answer_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -276,6 +289,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
                    balance=balance, tokens=tokens_spent, steps=steps_done, steps_planned=steps,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, unembed_from_embed=unembed_from_embed,
                    partial_tie=partial_tie,
+                   first_phase=None if first_phase is None else dict(task_weights=list(first_phase[0]),
+                                                                      steps=first_phase[1]),
                    seed=seed, device=str(dev),
                    train_seconds=time.time() - start_time, params=sum(p.numel() for p in model.parameters()))
     model.cpu().save_pretrained(out)
@@ -329,6 +344,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's)")
     parser.add_argument("--task-weights", default=None,
                         help="shares of facts,ioi,needle in steps or tokens, see --balance (default: the recipe's)")
+    parser.add_argument("--first-phase", default=None, metavar="WEIGHTS@STEPS",
+                        help="task weights for the first STEPS steps, e.g. 0.05,0.05,0.9@1500 (needle-heavy "
+                             "start); --task-weights after that; each phase balances its own tokens")
     parser.add_argument("--balance", choices=("steps", "tokens"), default=None,
                         help="what --task-weights share out: steps (random draws) or tokens, i.e. compute "
                              "(deterministic; a needle batch costs ~10x a facts batch)")
@@ -351,6 +369,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         weights = []
     if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
         parser.error(f"--task-weights needs three non-negative numbers, got {args.task_weights!r}")
+    first_phase = None
+    if args.first_phase is not None:
+        head, _, tail = args.first_phase.partition("@")
+        try:
+            first_phase = ([float(w) for w in head.split(",")], int(tail))
+        except ValueError:
+            first_phase = None
+        if first_phase is None or len(first_phase[0]) != 3 or min(first_phase[0]) < 0 or sum(first_phase[0]) <= 0 \
+                or first_phase[1] < 0:
+            parser.error(f"--first-phase needs three non-negative weights, '@' and a step count "
+                         f"(e.g. 0.05,0.05,0.9@1500), got {args.first_phase!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = {k: v for k, v in (("d_model", args.d_model), ("d_state", args.d_state), ("n_layers", args.n_layers))
@@ -361,7 +390,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
                     task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance,
                     weight_decay=args.weight_decay, unembed_from_embed=args.tie_embeddings == "copy",
-                    partial_tie=args.tie_embeddings if args.tie_embeddings in PARTIAL_TIES else None)
+                    partial_tie=args.tie_embeddings if args.tie_embeddings in PARTIAL_TIES else None,
+                    first_phase=first_phase)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -15,9 +15,9 @@
 State edits (``hook_h``) and knockout masks (``hook_ssm_mask``) are applied
 here, in the dispatcher, with nothing asked of the backends beyond an initial
 state and a final state: see ``tl_mamba.ops.state_override`` and
-``tl_mamba.ops.knockout``. The one exception is opt-in: with
-``triton_kernel.SAME_PASS`` set, a single S → T knockout goes into the chunked
-kernels' own pass (off by default: slower on an H200, see its docstring).
+``tl_mamba.ops.knockout``. The one exception: on the Triton backend, a single
+S → T knockout with no gradient to take goes into the chunked kernels' own pass
+(``triton_kernel.SAME_PASS``, see its docstring), with the same result.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def ssd_scan(
                 return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
 
             out.y = out.y - knocked_out_terms(
-                contribution, ssm_mask, target_layout="bphd", max_scans=dense_mask_after(p), pair_terms=pairs,
+                contribution, ssm_mask, target_layout="bphd", max_scans=dense_mask_after(p, x.device, x.dtype),
+                pair_terms=pairs,
                 dense_terms=lambda removed: _dense_mask_implementation(backend, x.device)(removed, x, delta, A, B, C))
             if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
                 out.y = attach_mask_gradient(out.y, ssm_mask, lambda grad_y: edge_gradient_bphd(

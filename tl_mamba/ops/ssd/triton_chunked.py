@@ -54,6 +54,23 @@ CHUNK_SIZE = 64
 DOT_PRECISION = "ieee"
 """``input_precision`` of the kernels' ``tl.dot`` for fp32 operands (see the module docstring)."""
 
+TILE_CAPS = {("plain", "fp32"): (64, 64), ("plain", "16-bit"): (32, 64),
+             ("knockout", "fp32"): (32, 32), ("knockout", "16-bit"): (32, 32)}
+"""The largest default (hd, n) tiles of the chunked kernels, by whether a knockout runs in
+the same pass and the inputs' width (float64 counts as fp32). Measured on an H200
+(2026-12-04, 130m widths: hd 64, n 128; p = 2048; ``benchmarks/results/triton_gpu_scans.md``),
+the three kernels of one scan: plain fp32 0.68 ms at 64 × 64 (0.72 at 32 × 64), plain
+bf16 1.17 ms at 64 × 64 but 0.76 at 32 × 64; with a knockout in the same pass (a second
+state and a second product per tile) 6.6 ms at 64 × 64, 2.3 (fp32) / 1.4 (bf16) at
+32 × 64, 1.26 / 1.28 at 32 × 32 and 1.4 at 16 × 32: the large tiles spill registers."""
+
+
+def default_tiles(hd: int, n: int, dtype: torch.dtype, knockout: bool):
+    """``(block_hd, block_n)`` for the chunked kernels: :data:`TILE_CAPS`, fitted to hd and n."""
+    cap_hd, cap_n = TILE_CAPS[("knockout" if knockout else "plain",
+                               "16-bit" if dtype in (torch.bfloat16, torch.float16) else "fp32")]
+    return _block(hd, cap_hd), _block(n, cap_n)
+
 
 @triton.jit
 def _state_tile(nc, h, g, hd, n, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -278,7 +295,7 @@ def ssd_chunked_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     scan's, as on every backend (a knockout changes only y).
 
     ``block_hd`` and ``block_n`` (powers of 2, ≥ 16) tile hd and n; by default
-    min(64, hd or n rounded up), at least 16.
+    :func:`default_tiles` (measured per dtype, and smaller with a knockout).
     """
     b, p, h, hd = x.shape
     g, n = B.shape[-2:]
@@ -294,8 +311,8 @@ def ssd_chunked_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     D = None if D is None else D.contiguous()
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
     block_q = _block(Q, 1 << 30)
-    block_hd = block_hd or _block(hd, 64)
-    block_n = block_n or _block(n, 64)
+    tiles_hd, tiles_n = default_tiles(hd, n, x.dtype, removal is not None)
+    block_hd, block_n = block_hd or tiles_hd, block_n or tiles_n
     starts = torch.empty(b, nc, h, hd, n, device=x.device, dtype=acc)
     logdecay = torch.empty(b, nc, h, device=x.device, dtype=acc)
     final = torch.empty(b, h, hd, n, device=x.device, dtype=acc)

@@ -50,15 +50,16 @@ from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.ssd import triton_chunked
 from tl_mamba.ops.triton_scan import run_triton_scan
 
-BACKWARD_CHUNK = 512
+BACKWARD_CHUNK = 2048
 """Positions per recomputed chunk (T) in this backend's backward, by default.
 
 Larger than Mamba-1's (``tl_mamba.ops.triton_scan.BACKWARD_CHUNK``, 64) because the
 recompute here is the torch chunked SSD form, whose graph for T positions holds only
 T/Q chunk states and the [h, Q, Q] decay tiles (not T per-position states), while
 each recomputed chunk costs a fixed ~100 kernel launches. Measured on an H200
-(2026-12-04, 130m widths, p = 2048, fp32): forward + backward took 89 ms at T = 64,
-8x the torch backend's own autograd; docs/performance.md has the numbers at 512."""
+(2026-12-04, 130m widths, p = 2048, fp32, forward + backward of one scan): 89 ms at
+T = 64, 18-21 ms at T = 512, 10.5 ms at T = 2048, where the torch backend's own
+autograd took 12 ms (docs/performance.md, "GPU")."""
 
 
 @triton.jit
@@ -144,15 +145,15 @@ def _recurrent_forward(x, delta, A, B, C, D, initial_state, return_states: bool,
     return out if boundary_every is None else (*out, bounds)
 
 
-SAME_PASS = False
+SAME_PASS = True
 """Whether the dispatcher applies a single S → T knockout in the same pass as the chunked
-kernels (``triton_chunked.ssd_chunked_triton(removal=...)``). Off: measured on an H200
-(2026-12-04, 130m widths, 4 layers, p = 2048, 3 sources → last; docs/performance.md),
-the same-pass forward took 5.0x the plain one, the edge-by-edge route 1.8x. The kernel
-carries a second state and a second ``[Q, Q] @ [Q, hd]`` product in the output kernel,
-whose 64 × 64 fp32 tiles probably spill registers (not yet profiled). The kernel is
-exact (tests/test_triton.py, and at real sizes in bench_triton_gpu.py); turn it on to
-measure a tuned version."""
+kernels (``triton_chunked.ssd_chunked_triton(removal=...)``) rather than edge by edge or
+by a separate scan (the route every backend has). The kernels carry a second state and a
+second ``[Q, Q] @ [Q, hd]`` product; at 64 × 64 tiles they spilled registers (an H200,
+2026-12-04, 130m widths, p = 2048: the three kernels 6.6 ms against 0.68 plain; the
+model, 4 layers, 5.0x plain where the edge route took 1.6-1.8x), so the knockout uses
+32 × 32 tiles (``triton_chunked.TILE_CAPS``): 1.26 ms, 1.8x the plain kernels (1.1x in
+bf16). The model-level ratio with those tiles is predicted (~1.3x), not yet measured."""
 
 SAME_PASS_KNOCKOUT = "SSD scan with a knockout in the same pass"
 """The name the dispatcher gives that kernel in ``kernel_or_fallback``."""
