@@ -183,6 +183,10 @@ def test_errors_and_memory_guard():
         knockout_attribution(model, tokens, metric, layers=[5])
     with pytest.raises(IndexError, match="heads"):
         knockout_attribution(model, tokens, metric, heads=[9])
+    with pytest.raises(IndexError, match=r"target 6 out of range for 6"):
+        knockout_attribution_vs_knockout(model, tokens, metric, layer=0, target=6)
+    with pytest.raises(IndexError, match=r"sources \[9\] out of range for 6"):  # not wrapped round to 3
+        knockout_attribution_vs_knockout(model, tokens, metric, layer=0, sources=[1, 9])
     with pytest.raises(ValueError, match="heads= is for Mamba-2"):
         knockout_attribution(make_model("mamba1"), tokens, metric, heads=[0])
     model.heavy_hook_memory_limit = 3 * 2 * 4 * 36 * 8 - 1  # one prompt over two layers does not fit

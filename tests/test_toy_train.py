@@ -11,6 +11,17 @@ import random
 from tl_mamba.toy.train import RECIPES, TASKS, main, needle_top, next_task
 
 
+def exits_2_saying(capsys, pattern, argv):
+    """``main(argv)`` is refused as a usage error: exit code 2, ``pattern`` in the message, no traceback."""
+    import re
+
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and re.search(pattern, message), message
+    assert "Traceback" not in message
+
+
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
 def test_training_is_reproducible_and_loads(tmp_path, arch):
     argv = ["--arch", arch, "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
@@ -86,7 +97,7 @@ def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
     assert (metrics["balance"], metrics["init"], metrics["lr"]) == ("steps", "default", 1e-3)
 
 
-def test_continuing_keeps_the_saved_embedding_tying(tmp_path):
+def test_continuing_keeps_the_saved_embedding_tying(tmp_path, capsys):
     """--init-from an untied model trains it untied (its lm_head is kept); asking for the
     other tying names the mismatch instead of failing inside load_state_dict."""
     argv = ["--arch", "mamba", "--steps", "1", "--batch-size", "2", "--d-model", "16", "--n-layers", "1",
@@ -99,11 +110,11 @@ def test_continuing_keeps_the_saved_embedding_tying(tmp_path):
     assert cont.cfg.tie_embeddings is False
     for (name, p1), (_, p2) in zip(saved.state_dict().items(), cont.state_dict().items()):
         torch.testing.assert_close(p1, p2, msg=name)
-    with pytest.raises(ValueError, match="tie_embeddings: saved False, asked True"):
-        main(argv + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"), "--tie-embeddings", "yes"])
+    exits_2_saying(capsys, "tie_embeddings: saved False, asked True",
+                   argv + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"), "--tie-embeddings", "yes"])
 
 
-def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path):
+def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path, capsys):
     """--tie-embeddings copy: two matrices (the model saves lm_head), equal at step 0;
     it needs fresh weights, so with --init-from it is refused."""
     argv = ["--arch", "mamba", "--steps", "1", "--batch-size", "2", "--d-model", "16", "--n-layers", "1",
@@ -117,11 +128,11 @@ def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path):
     assert main(argv + ["--out", str(tmp_path / "b"), "--tie-embeddings", "no"]) == 0
     untied = tl_mamba.from_pretrained(str(tmp_path / "b"))
     assert not torch.allclose(untied.unembed.weight, untied.embed.W_E)  # the plain untied start differs
-    with pytest.raises(ValueError, match="copy of the embedding only in a fresh untied model"):
-        main(argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "copy", "--init-from", str(tmp_path / "a")])
+    exits_2_saying(capsys, "copy of the embedding only in a fresh untied model",
+                   argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "copy", "--init-from", str(tmp_path / "a")])
 
 
-def test_tying_all_but_the_value_rows(tmp_path):
+def test_tying_all_but_the_value_rows(tmp_path, capsys):
     """--tie-embeddings except-values: after training, the saved (untied) unembedding equals the
     embedding on every row but the needle's value tokens', which moved on their own; refused
     with --init-from. --tie-embeddings names: equal on the IOI names' rows only."""
@@ -142,9 +153,8 @@ def test_tying_all_but_the_value_rows(tmp_path):
     assert main(argv + ["--out", str(tmp_path / "b"), "--tie-embeddings", "copy", "--seed", "3"]) == 0
     copied = tl_mamba.from_pretrained(str(tmp_path / "b"))  # same start, every row its own
     assert (copied.unembed.weight[~free] - copied.embed.W_E[~free]).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="fresh untied model"):
-        main(argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "except-values", "--init-from",
-                     str(tmp_path / "a")])
+    exits_2_saying(capsys, "fresh untied model", argv + ["--out", str(tmp_path / "c"), "--tie-embeddings",
+                                                          "except-values", "--init-from", str(tmp_path / "a")])
     # names: only the IOI names' rows tied (IOI batches here, so that names get gradients)
     ioi = [a if a != "0,0,1" else "0,1,0" for a in argv]
     assert main(ioi + ["--out", str(tmp_path / "d"), "--tie-embeddings", "names", "--seed", "3"]) == 0
@@ -155,9 +165,9 @@ def test_tying_all_but_the_value_rows(tmp_path):
     assert (named.unembed.weight[~names] - named.embed.W_E[~names]).abs().max() > 1e-4
 
 
-def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path):
-    with pytest.raises(ValueError, match="--init mimetic .* --init-from"):
-        main(["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic", "--init-from", str(tmp_path / "a")])
+def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path, capsys):
+    exits_2_saying(capsys, "--init mimetic .* --init-from",
+                   ["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic", "--init-from", str(tmp_path / "a")])
 
 
 def test_token_balance_gives_each_task_its_share_of_tokens():

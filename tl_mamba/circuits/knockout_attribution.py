@@ -333,6 +333,9 @@ def knockout_attribution_vs_knockout(
     target = target % p
     if sources is None:
         sources = list(range(target + 1))
+    outside = [int(j) for j in sources if not -p <= int(j) < p]
+    if outside:
+        raise IndexError(f"sources {outside} out of range for {p} positions")
     sources = [int(j) % p for j in sources]
     late = [j for j in sources if j > target]
     if late:

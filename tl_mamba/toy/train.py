@@ -54,6 +54,11 @@ RECIPES = {
 }
 
 
+class TrainingOptionError(ValueError):
+    """Options that do not go together (or do not fit a ``--init-from`` model): the command
+    line reports it as a usage error (exit 2), without a traceback."""
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,17 +191,17 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     from tl_mamba.toy.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
     if balance not in ("steps", "tokens"):
-        raise ValueError(f"balance must be 'steps' or 'tokens', got {balance!r}")
+        raise TrainingOptionError(f"balance must be 'steps' or 'tokens', got {balance!r}")
     if init_from is not None and init != "default":
-        raise ValueError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
+        raise TrainingOptionError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
     if first_phase is not None:
         phase_weights, phase_steps = first_phase
         if len(phase_weights) != 3 or min(phase_weights) < 0 or sum(phase_weights) <= 0 or phase_steps < 0:
-            raise ValueError(f"first_phase needs three non-negative task weights and a step count, got {first_phase!r}")
+            raise TrainingOptionError(f"first_phase needs three non-negative task weights and a step count, got {first_phase!r}")
     if partial_tie is not None and partial_tie not in PARTIAL_TIES:
-        raise ValueError(f"partial_tie must be one of {sorted(PARTIAL_TIES)}, got {partial_tie!r}")
+        raise TrainingOptionError(f"partial_tie must be one of {sorted(PARTIAL_TIES)}, got {partial_tie!r}")
     if init_from is not None and (unembed_from_embed or partial_tie):
-        raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model, "
+        raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied model, "
                          f"not with --init-from {init_from}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -219,14 +224,14 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
     if (unembed_from_embed or partial_tie) and cfg.tie_embeddings:
-        raise ValueError("the unembedding can start as a copy of the embedding only in a fresh untied model")
+        raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied model")
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
     if previous is not None:
         fields = ("family", "d_model", "n_layers", "d_state", "tie_embeddings")
         differ = {f: (getattr(previous.cfg, f), getattr(cfg, f)) for f in fields
                   if getattr(previous.cfg, f) != getattr(cfg, f)}
         if differ:
-            raise ValueError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these "
+            raise TrainingOptionError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these "
                              f"sizes ({', '.join(f'{f}: saved {a}, asked {b}' for f, (a, b) in differ.items())})")
         model.load_state_dict(previous.state_dict())
     else:
@@ -386,12 +391,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              if v is not None}
     if args.tie_embeddings is not None:
         sizes["tie_embeddings"] = args.tie_embeddings == "yes"
-    metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
-                    args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
-                    task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance,
-                    weight_decay=args.weight_decay, unembed_from_embed=args.tie_embeddings == "copy",
-                    partial_tie=args.tie_embeddings if args.tie_embeddings in PARTIAL_TIES else None,
-                    first_phase=first_phase)
+    try:
+        metrics = train(args.arch, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
+                        args.max_needle_len, args.eval_n, time_limit=args.time_limit, sizes=sizes,
+                        task_weights=weights, init_from=args.init_from, init=args.init, balance=args.balance,
+                        weight_decay=args.weight_decay, unembed_from_embed=args.tie_embeddings == "copy",
+                        partial_tie=args.tie_embeddings if args.tie_embeddings in PARTIAL_TIES else None,
+                        first_phase=first_phase)
+    except TrainingOptionError as err:
+        parser.error(str(err))
     print(json.dumps(metrics, indent=2))
     return 0
 
