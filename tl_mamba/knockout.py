@@ -162,21 +162,21 @@ class Knockout:
         also gives the removal its host-side position lists: on a GPU, the knockout then
         never waits for the device (no ``nonzero``, no blocking copy).
         """
-        host = {}
-        for what in ("sources", "targets"):
+        def resolve(what: str):
+            """``(mask [b, p] on device, CPU positions in some row or None)``."""
             given = getattr(self, what)
-            on_device = isinstance(given, Tensor) and given.dtype == torch.bool and given.device.type != "cpu"
-            host[what] = None if on_device else resolve_positions(given, b, p, what)
-        sources, targets = (resolve_positions(getattr(self, what), b, p, what, device) if host[what] is None
-                            else _to_device(host[what], device) for what in ("sources", "targets"))
+            if isinstance(given, Tensor) and given.dtype == torch.bool and given.device.type != "cpu":
+                return resolve_positions(given, b, p, what, device), None  # already a device mask
+            host = resolve_positions(given, b, p, what)
+            return _to_device(host, device), host.any(0).nonzero()[:, 0]
+
+        (sources, source_positions), (targets, target_positions) = resolve("sources"), resolve("targets")
         if cfg.family == "mamba2":
             features = _feature_mask(self.heads, cfg.n_heads, "heads", device)
         else:
             features = _feature_mask(self.channels, cfg.d_inner, "channels", device)
-        known = host["sources"] is not None and host["targets"] is not None
         return EdgeRemoval(sources=sources.float(), targets=targets.float(), features=features,
-                           source_positions=host["sources"].any(0).nonzero()[:, 0] if known else None,
-                           target_positions=host["targets"].any(0).nonzero()[:, 0] if known else None)
+                           source_positions=source_positions, target_positions=target_positions)
 
     # ---------------------------------------------------------------------- hooks
     def hooks(self, model) -> List[Tuple[str, "object"]]:
