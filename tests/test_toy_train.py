@@ -129,7 +129,8 @@ def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path, capsy
     untied = tl_mamba.from_pretrained(str(tmp_path / "b"))
     assert not torch.allclose(untied.unembed.weight, untied.embed.W_E)  # the plain untied start differs
     exits_2_saying(capsys, "copy of the embedding only in a fresh untied model",
-                   argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "copy", "--init-from", str(tmp_path / "a")])
+                   argv + ["--out", str(tmp_path / "c"), "--tie-embeddings", "copy",
+                           "--init-from", str(tmp_path / "a")])
 
 
 def test_tying_all_but_the_value_rows(tmp_path, capsys):
@@ -167,7 +168,8 @@ def test_tying_all_but_the_value_rows(tmp_path, capsys):
 
 def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path, capsys):
     exits_2_saying(capsys, "--init mimetic .* --init-from",
-                   ["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic", "--init-from", str(tmp_path / "a")])
+                   ["--arch", "mamba", "--out", str(tmp_path / "b"), "--init", "mimetic",
+                    "--init-from", str(tmp_path / "a")])
 
 
 def test_token_balance_gives_each_task_its_share_of_tokens():

@@ -193,16 +193,18 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     if balance not in ("steps", "tokens"):
         raise TrainingOptionError(f"balance must be 'steps' or 'tokens', got {balance!r}")
     if init_from is not None and init != "default":
-        raise TrainingOptionError(f"--init {init} starts fresh weights; it cannot be combined with --init-from {init_from}")
+        raise TrainingOptionError(f"--init {init} starts fresh weights; it cannot be combined with "
+                                  f"--init-from {init_from}")
     if first_phase is not None:
         phase_weights, phase_steps = first_phase
         if len(phase_weights) != 3 or min(phase_weights) < 0 or sum(phase_weights) <= 0 or phase_steps < 0:
-            raise TrainingOptionError(f"first_phase needs three non-negative task weights and a step count, got {first_phase!r}")
+            raise TrainingOptionError("--first-phase needs three non-negative task weights, not all zero, and a "
+                                      f"non-negative step count; got {first_phase!r}")
     if partial_tie is not None and partial_tie not in PARTIAL_TIES:
         raise TrainingOptionError(f"partial_tie must be one of {sorted(PARTIAL_TIES)}, got {partial_tie!r}")
     if init_from is not None and (unembed_from_embed or partial_tie):
-        raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied model, "
-                         f"not with --init-from {init_from}")
+        raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied "
+                                  f"model, not with --init-from {init_from}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     dev = pick_device(device)
@@ -224,15 +226,17 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
     if (unembed_from_embed or partial_tie) and cfg.tie_embeddings:
-        raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied model")
+        raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied "
+                                  "model")
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
     if previous is not None:
         fields = ("family", "d_model", "n_layers", "d_state", "tie_embeddings")
         differ = {f: (getattr(previous.cfg, f), getattr(cfg, f)) for f in fields
                   if getattr(previous.cfg, f) != getattr(cfg, f)}
         if differ:
-            raise TrainingOptionError(f"--init-from {init_from}: its architecture differs from --arch {arch} with these "
-                             f"sizes ({', '.join(f'{f}: saved {a}, asked {b}' for f, (a, b) in differ.items())})")
+            mismatch = ", ".join(f"{f}: saved {a}, asked {b}" for f, (a, b) in differ.items())
+            raise TrainingOptionError(f"--init-from {init_from}: its architecture differs from --arch {arch} "
+                                      f"with these sizes ({mismatch})")
         model.load_state_dict(previous.state_dict())
     else:
         if init == "mimetic":
@@ -379,12 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         head, _, tail = args.first_phase.partition("@")
         try:
             first_phase = ([float(w) for w in head.split(",")], int(tail))
-        except ValueError:
-            first_phase = None
-        if first_phase is None or len(first_phase[0]) != 3 or min(first_phase[0]) < 0 or sum(first_phase[0]) <= 0 \
-                or first_phase[1] < 0:
-            parser.error(f"--first-phase needs three non-negative weights, '@' and a step count "
-                         f"(e.g. 0.05,0.05,0.9@1500), got {args.first_phase!r}")
+        except ValueError:  # the values themselves are checked by train()
+            parser.error(f"--first-phase takes WEIGHTS@STEPS (e.g. 0.05,0.05,0.9@1500), got {args.first_phase!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = {k: v for k, v in (("d_model", args.d_model), ("d_state", args.d_state), ("n_layers", args.n_layers))
