@@ -12,15 +12,15 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    against the ``"reference"`` sequential backend computed in float64 on the GPU,
    for p in ``--check-lengths`` (up to 4096), inputs in fp32 and bf16: y and the final
    state, every position's state (``return_states``), and y under a structured knockout
-   in the same pass (forced on: Mamba-2's same-pass kernel is off by default). Reports
+   in the same pass (forced on, as by default). Reports
    the max abs error relative to the reference's scale.
    (Knockouts, ``hook_h`` edits and gradients through models: ``tests/test_triton.py``,
    which ``run_gpu_session.sh`` runs compiled on the GPU.)
 2. Speed at 130m widths, 4 layers, vocab 8192, batch 1, ``--p`` (2048), median of
    interleaved rounds (``_timing.py``), each call followed by ``cuda.synchronize``:
    ``triton`` and ``torch`` forwards, ``knockout`` (Triton, all layers, 3 sources →
-   last, by the default route: for Mamba-1 in the same pass as the scan, for Mamba-2
-   edge by edge; to compare, each route forced: same pass, edges, a separate scan),
+   last, by the default route: in the same pass as the scan; to compare, each route
+   forced: same pass, edges, a separate scan),
    ``hook_h`` cached forward (Triton), transformers' forward (its own path:
    the fused mamba_ssm kernels when installed, else its torch fallback), and the
    TransformerLens bridge's eager-scan ``hook_ssm_state`` cache.
@@ -33,9 +33,12 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    run with a large device-to-device copy. For Mamba-2 also the removed terms of a
    general ``[1, h, p, p]`` knockout mask in the quadratic form, by masked tiles
    (Triton) and in torch: their "vs triton" is their cost in scans, which is what
-   ``tl_mamba.ops.knockout.dense_mask_after`` should be on that GPU.
+   ``tl_mamba.ops.knockout.DENSE_MASK_AFTER_CUDA`` is set from; and Mamba-2's three
+   chunked kernels at explicit tile sizes, plain and with the same-pass knockout (what
+   ``triton_chunked.TILE_CAPS`` is set from).
 4. Forward + backward of the scans alone (fp32): Triton (Mamba-1 with its backward
-   kernel, and with the chunked torch recompute), torch.
+   kernel, and with the chunked torch recompute; Mamba-2 at its default recompute
+   chunk and at 512), torch.
 
 Targets (issue "Triton scan kernels"), printed as met / NOT met:
 knockout / plain <= 1.3; bridge eager-scan state cache / our hook_h cache >= 50;
@@ -116,7 +119,7 @@ def mamba1_kernel(name: str):
 @contextlib.contextmanager
 def knockout_route(same_pass: bool, pairs_per_position: Optional[dict] = None):
     """Force the knockout route of both families: a single S → T knockout in the Triton
-    kernels' own pass (``same_pass``; Mamba-2's is off by default) or not, and, when given,
+    kernels' own pass (``same_pass``, the default of both) or not, and, when given,
     the edge route's threshold (``tl_mamba.ops.knockout.PAIRS_PER_SCANNED_POSITION``)."""
     from tl_mamba.ops import knockout as ops_knockout
     from tl_mamba.ops.selective_scan import triton_kernel
@@ -268,8 +271,8 @@ def scan_contenders(family, t, device, log):
         quadratic_inputs = [t[k] for k in ("x", "delta", "A", "B", "C")]
         calls["dense_mask_masked_tiles_triton"] = sync(lambda: masked_removed_terms_triton(removed, *quadratic_inputs))
         calls["dense_mask_quadratic_torch"] = sync(lambda: dense_removed_terms_bphd(removed, *quadratic_inputs))
-        # the opt-in same-pass knockout kernels alone (3 sources at p/3 → the last position), at
-        # the default tiles and smaller ones: is their cost register pressure?
+        # the three chunked kernels alone at explicit (hd, n) tiles, plain and with the same-pass
+        # knockout (3 sources at p/3 → the last position): what triton_chunked.TILE_CAPS is set from
         from tl_mamba.ops.knockout import EdgeRemoval
         from tl_mamba.ops.ssd.triton_chunked import ssd_chunked_triton
 
@@ -279,11 +282,13 @@ def scan_contenders(family, t, device, log):
         targets[:, -1] = 1
         removal = EdgeRemoval(sources, targets)
         scan_args = [t[k] for k in ("x", "delta", "A", "B", "C", "D")] + [None]
-        for label, tiles in (("", {}), ("_hd32", dict(block_hd=32)), ("_hd32_n32", dict(block_hd=32, block_n=32)),
-                             ("_hd16_n32", dict(block_hd=16, block_n=32))):
-            calls[f"same_pass_knockout_kernels{label}"] = sync(
+        for hd_tile, n_tile in ((64, 64), (32, 64), (32, 32), (16, 32)):
+            tiles = dict(block_hd=hd_tile, block_n=n_tile)
+            calls[f"same_pass_knockout_kernels_{hd_tile}x{n_tile}"] = sync(
                 lambda tiles=tiles: ssd_chunked_triton(*scan_args, removal=removal, **tiles))
-        calls["plain_chunked_kernels_hd32"] = sync(lambda: ssd_chunked_triton(*scan_args, block_hd=32))
+        for hd_tile, n_tile in ((64, 64), (32, 64)):
+            calls[f"plain_chunked_kernels_{hd_tile}x{n_tile}"] = sync(
+                lambda tiles=dict(block_hd=hd_tile, block_n=n_tile): ssd_chunked_triton(*scan_args, **tiles))
         try:
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -328,7 +333,7 @@ def backward_contenders(family, t, device):
     calls = {"triton": step("triton"), "torch": step("torch")}
     if family == "mamba1":
         calls["triton_recompute_backward"] = step("triton", "recompute")
-    else:  # the recompute chunk T: 512 by default; fewer, longer chunks launch fewer kernels
+    else:  # the recompute chunk T (default 2048) against 512: fewer, longer chunks launch fewer kernels
         from tl_mamba.ops.ssd import triton_kernel as ssd_triton_kernel
 
         def with_chunk(T):
@@ -340,7 +345,7 @@ def backward_contenders(family, t, device):
                     ssd_triton_kernel.BACKWARD_CHUNK = default
             return call
 
-        calls["triton_backward_chunk_2048"] = with_chunk(2048)
+        calls["triton_backward_chunk_512"] = with_chunk(512)
     return calls
 
 
@@ -412,8 +417,7 @@ def contenders(family, hf, model, p, device, with_bridge):
                 return model.run_with_knockout(tokens, ko)
         return call
 
-    # the default route (Mamba-1: in the same pass as the scan; Mamba-2: edge by edge, its
-    # same-pass kernel being off by default) against each route forced
+    # the default route (in the same pass as the scan, both families) against each route forced
     calls["knockout_triton_same_pass"] = forced(True)
     calls["knockout_triton_edges"] = forced(False)
     calls["knockout_triton_separate_scan"] = forced(False, {"bpe": 0.0, "bphd": 0.0})
