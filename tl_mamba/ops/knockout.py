@@ -116,7 +116,8 @@ def removed_terms(contribution_by_row: Callable[[Tensor, int, int], Tensor], rem
         removals: pairwise disjoint (see :func:`any_overlap`).
         target_layout: ``"bpe"`` (features are channels) or ``"bphd"`` (features are heads).
         shape: the shape of y, ``[b, p, e]`` or ``[b, p, h, hd]``.
-        pair_terms: ``pair_terms(targets [P], sources [P])`` (position indices, source ≤ target)
+        pair_terms: ``pair_terms(targets [P], sources [P])`` (position indices on the masks' device,
+            which is the scan's: :func:`as_removal_list`; source ≤ target)
             returns ``α[i, j] x_j`` for each pair: ``[b, P, e]`` or ``[b, P, h, hd]``
             (:func:`pair_terms_bpe`, :func:`pair_terms_bphd`); None: always scan.
 
@@ -343,7 +344,7 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
             else:
                 raise ValueError(f"unknown target_layout {target_layout!r}")
             total = part.new_zeros(b, p, *part.shape[2:])
-            return total.index_add_(1, targets.to(part.device), share * part)
+            return total.index_add_(1, targets, share * part)
     columns = removed.permute(3, 0, 1, 2).reshape(p, b * H * p)  # one row per source j
     patterns, group_of_source = torch.unique(columns, dim=0, return_inverse=True)
     scans = int(patterns.any(1).sum())

@@ -54,6 +54,11 @@ RECIPES = {
 }
 
 
+def valid_task_weights(weights: Sequence[float]) -> bool:
+    """Three shares (facts, ioi, needle), none negative, not all zero."""
+    return len(weights) == 3 and min(weights) >= 0 and sum(weights) > 0
+
+
 class TrainingOptionError(ValueError):
     """Options that do not go together (or do not fit a ``--init-from`` model): the command
     line reports it as a usage error (exit 2), without a traceback."""
@@ -197,7 +202,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
                                   f"--init-from {init_from}")
     if first_phase is not None:
         phase_weights, phase_steps = first_phase
-        if len(phase_weights) != 3 or min(phase_weights) < 0 or sum(phase_weights) <= 0 or phase_steps < 0:
+        if not valid_task_weights(phase_weights) or phase_steps < 0:
             raise TrainingOptionError("--first-phase needs three non-negative task weights, not all zero, and a "
                                       f"non-negative step count; got {first_phase!r}")
     if partial_tie is not None and partial_tie not in PARTIAL_TIES:
@@ -262,10 +267,13 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     start_time = time.time()
     bar = tqdm(range(steps), desc=f"train {arch}", dynamic_ncols=True)
     for step in bar:
-        in_first_phase = first_phase is not None and step < first_phase[1]
-        if first_phase is not None and step == first_phase[1]:
-            phase_spent = {t: 0 for t in TASKS}
-        task = next_task(balance, first_phase[0] if in_first_phase else task_weights, phase_spent, rng)
+        weights = task_weights
+        if first_phase is not None:
+            if step < first_phase[1]:
+                weights = first_phase[0]
+            elif step == first_phase[1]:  # the second phase balances from zero
+                phase_spent = {t: 0 for t in TASKS}
+        task = next_task(balance, weights, phase_spent, rng)
         top = needle_top(step, steps, max_needle_len)
         batch = toy_tasks.training_batch(tokenizer, batch_size, rng, task=task, needle_max_len=top, mode="answer")
         batch = {k: batch[k].to(dev) for k in ("tokens", "attention_mask", "answers")}
@@ -376,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         weights = [float(w) for w in args.task_weights.split(",")]
     except ValueError:
         weights = []
-    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+    if not valid_task_weights(weights):
         parser.error(f"--task-weights needs three non-negative numbers, got {args.task_weights!r}")
     first_phase = None
     if args.first_phase is not None:

@@ -147,7 +147,7 @@ def selective_scan(
             out = ScanOutput(y=y, final_state=final, states=states)
         if ssm_mask is not None:
             def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, e]: α[i, j] x_j per channel
-                return pair_terms_bpe(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
+                return pair_terms_bpe(x, delta, A, B, C, targets, sources)
 
             # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
             if removals is not None:

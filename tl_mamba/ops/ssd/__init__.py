@@ -154,7 +154,7 @@ def ssd_scan(
             return out
 
         def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, h, hd]: α_h[i, j] x_j[h]
-            return pair_terms_bphd(x, delta, A, B, C, targets.to(x.device), sources.to(x.device))
+            return pair_terms_bphd(x, delta, A, B, C, targets, sources)
 
         # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
         if removals is not None:
