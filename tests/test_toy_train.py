@@ -226,3 +226,27 @@ def test_mimetic_init_ties_B_to_C_and_slows_decay(family):
     # the default init decays some channels fast: the S4D-real A reaches -d_state (Mamba-1), -16 (Mamba-2)
     default = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg)
     assert (-torch.exp(default.blocks[0].mixer.A_log)).min() < -1
+
+
+def test_ioi_accuracy_is_split_by_what_is_held_out():
+    """metrics.json's ioi_by_heldout: held-out-template prompts vs held-out pairs in trained
+    templates, checked against a prompt-by-prompt argmax of the shipped model."""
+    from tl_mamba.toy import tasks as toy_tasks
+    from tl_mamba.toy.train import evaluate_model
+
+    model = tl_mamba.from_pretrained("toy-mamba")
+    n = 40
+    result = evaluate_model(model, model.tokenizer, seed=5, n=n, max_len=64)
+    hits = {"template": [], "pair": []}
+    vocab = model.tokenizer.get_vocab()
+    for prompt in toy_tasks.make_dataset("ioi", "heldout", n, seed=5):
+        tokens = model.to_tokens(prompt.text)
+        with torch.no_grad():
+            top = model(tokens)[0, -1].argmax().item()
+        kind = "template" if toy_tasks.ioi_template_is_heldout(prompt.meta["template_index"]) else "pair"
+        assert kind == "template" or toy_tasks.ioi_pair_is_heldout(prompt.meta["IO"], prompt.meta["S"])
+        hits[kind].append(top == vocab[prompt.answer])
+    assert set(result["ioi_by_heldout"]) == {k for k, v in hits.items() if v} == {"template", "pair"}
+    for kind, correct in hits.items():
+        assert result["ioi_by_heldout"][kind] == pytest.approx(sum(correct) / len(correct))
+    assert result["ioi"] == pytest.approx(sum(map(sum, hits.values())) / n)
