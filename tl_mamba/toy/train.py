@@ -43,7 +43,8 @@ TASKS = ("facts", "ioi", "needle")
 #: cores"): the mamba2 recipe reaches the targets (facts, IOI >= 95%, needle@256 >= 90%) in
 #: 24 minutes (one thread, two runs at a time). The mamba one takes 20 minutes alone with two
 #: threads and is the best measured, but meets every target in one of the three seeds tried
-#: (seed 3); seeds 0 and 1 miss IOI (88-89%, on the held-out templates), seed 1 the needle too. It ties every unembedding row to the embedding but the needle values' (tied, the
+#: (seed 3); seeds 0 and 1 miss IOI (88-89%, on the held-out templates), seed 1 the needle
+#: too. It ties every unembedding row to the embedding but the needle values' (tied, the
 #: digit embeddings collapse and the needle stays at chance; fully untied, IOI memorises),
 #: and trains on needles up to 160 tokens (more of them per token; they generalise to 512).
 RECIPES = {

@@ -2,10 +2,11 @@
 
 The per-position work of the recurrence is one fused ``addcmul`` on a state held
 as ``[b, n, e]`` inside (the public layout is ``[b, e, n]``; see
-:func:`selective_scan_chunked`). Everything else (discretisation ``exp(Δ ⊗ A)``, the write ``Δx ⊗ B`` and
-the read-out ``h · C``) is done for a chunk of positions at once, so the chunk's
+:func:`selective_scan_chunked`). Everything else (discretisation ``exp(Δ ⊗ A)``, the
+write ``Δx ⊗ B`` and the read-out ``h · C``) is done for a chunk of positions at once, so the chunk's
 intermediates stay in cache and the Python loop carries a single op per step.
-Without autograd, states are written in place into a preallocated chunk buffer.
+Without autograd, a chunk's states are written in place into a preallocated chunk buffer
+(and copied into the ``[b, p, e, n]`` result when every state is asked for).
 
 With autograd, the scan is a :class:`_ChunkedScan` function whose backward is
 written out by hand: it walks the chunks from last to first, recomputes a chunk's
