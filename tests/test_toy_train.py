@@ -80,7 +80,7 @@ def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
     assert metrics["balance"] == recipe["balance"] and metrics["init"] == recipe["init"]
     assert metrics["batch_size"] == recipe["batch_size"] and metrics["lr"] == recipe["lr"]
     assert metrics["task_weights"] == [float(w) for w in recipe["task_weights"].split(",")]
-    assert metrics["steps"] == 2
+    assert metrics["steps"] == 2 and metrics["context_noise"] == recipe["context_noise"]
     assert metrics["sizes"]["tie_embeddings"] == (recipe["tie_embeddings"] == "yes")
     # continuing keeps the saved model's tying, even where the recipe says otherwise
     other = "no" if recipe["tie_embeddings"] == "yes" else "yes"
@@ -238,6 +238,7 @@ def test_ioi_accuracy_is_split_by_what_is_held_out():
     n = 40
     result = evaluate_model(model, model.tokenizer, seed=5, n=n, max_len=64)
     hits = {"template": [], "pair": []}
+    by_template = {}
     vocab = model.tokenizer.get_vocab()
     for prompt in toy_tasks.make_dataset("ioi", "heldout", n, seed=5):
         tokens = model.to_tokens(prompt.text)
@@ -246,7 +247,98 @@ def test_ioi_accuracy_is_split_by_what_is_held_out():
         kind = "template" if toy_tasks.ioi_template_is_heldout(prompt.meta["template_index"]) else "pair"
         assert kind == "template" or toy_tasks.ioi_pair_is_heldout(prompt.meta["IO"], prompt.meta["S"])
         hits[kind].append(top == vocab[prompt.answer])
+        if kind == "template":
+            by_template.setdefault(prompt.meta["template_index"], []).append(top == vocab[prompt.answer])
     assert set(result["ioi_by_heldout"]) == {k for k, v in hits.items() if v} == {"template", "pair"}
     for kind, correct in hits.items():
         assert result["ioi_by_heldout"][kind] == pytest.approx(sum(correct) / len(correct))
+    for index, correct in by_template.items():
+        assert result["ioi_by_heldout_template"][str(index)] == pytest.approx(sum(correct) / len(correct))
+    assert set(result["ioi_by_heldout_template"]) == {str(i) for i in by_template}
     assert result["ioi"] == pytest.approx(sum(map(sum, hits.values())) / n)
+
+
+def _toy_tokenizer(tmp_path):
+    from tl_mamba.toy.tokenizer import load_tokenizer, save_tokenizer
+
+    save_tokenizer(tmp_path)
+    return load_tokenizer(tmp_path)
+
+
+def test_context_noise_replaces_only_context_words_of_facts_and_ioi(tmp_path):
+    """Against the prompts' own spans: only ``context`` positions of facts and IOI rows
+    change, to words that are not names, keys, values or special tokens; needle rows,
+    names, subjects, relations and the last position are untouched; rate 0 changes nothing."""
+    from tl_mamba.toy import tasks as toy_tasks
+    from tl_mamba.toy.train import context_noise_pool, substitute_context_words
+    from tl_mamba.toy.vocab import KEYS, NAMES, VALUES
+
+    tokenizer = _toy_tokenizer(tmp_path)
+    words = {i: w for w, i in tokenizer.get_vocab().items()}
+    pool = context_noise_pool(tokenizer)
+    assert not {words[i] for i in pool} & (set(NAMES) | set(KEYS) | set(VALUES))
+    assert not set(pool) & set(tokenizer.all_special_ids)
+    batch = toy_tasks.training_batch(tokenizer, 48, random.Random(3), weights={"facts": 1, "ioi": 1, "needle": 1},
+                                     needle_max_len=64, return_prompts=True)
+    assert {p.task for p in batch["prompts"]} == set(TASKS)
+    untouched = batch["tokens"].clone()
+    assert substitute_context_words(batch["tokens"], batch["attention_mask"], batch["prompts"], pool, 0.0,
+                                    random.Random(0)) == 0
+    assert torch.equal(batch["tokens"], untouched)
+    replaced = substitute_context_words(batch["tokens"], batch["attention_mask"], batch["prompts"], pool, 0.5,
+                                        random.Random(0))
+    changed = 0
+    width = untouched.shape[1]
+    for row, prompt in enumerate(batch["prompts"]):
+        start = width - prompt.n_tokens
+        assert untouched[row, start].item() == tokenizer.bos_token_id  # the spans' origin, independently
+        diff = {start + j for j in range(prompt.n_tokens) if batch["tokens"][row, start + j] != untouched[row, start + j]}
+        assert torch.equal(batch["tokens"][row, :start], untouched[row, :start])  # padding
+        allowed = {start + j for j in prompt.spans.get("context", [])} if prompt.task != "needle" else set()
+        assert diff <= allowed, (prompt.task, prompt.text)
+        assert all(batch["tokens"][row, col].item() in pool for col in diff)
+        changed += len(diff)
+    assert 0 < changed <= replaced  # a draw can repeat the word it replaces
+
+
+def test_every_word_is_in_some_training_prompt_or_the_noise_pool():
+    """Why the noise exists: some words occur only in held-out IOI frames, so no training
+    prompt ever trains their embeddings. Each of them must be one the noise can insert."""
+    import tempfile
+    from pathlib import Path
+
+    from tl_mamba.toy import tasks as toy_tasks
+    from tl_mamba.toy.train import context_noise_pool
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = _toy_tokenizer(Path(folder))
+    vocab = tokenizer.get_vocab()
+    seen = set()
+    for task, n in (("facts", 4000), ("ioi", 4000), ("needle", 100)):
+        for prompt in toy_tasks.make_dataset(task, "train", n, seed=0):
+            seen.update(prompt.words)
+            seen.add(prompt.answer)
+    never_trained = {i for w, i in vocab.items() if w not in seen} - set(tokenizer.all_special_ids)
+    held_out_frame_words = {w for t in toy_tasks.V.IOI_HELDOUT_TEMPLATES
+                            for w in toy_tasks.V.IOI_TEMPLATES[t].split(" ") if not w.startswith("{")}
+    assert never_trained and {w for w, i in vocab.items() if i in never_trained} <= held_out_frame_words
+    assert never_trained <= set(context_noise_pool(tokenizer))
+
+
+def test_context_noise_keeps_the_batch_stream(tmp_path):
+    """The noise has its own random stream: the same seed with and without it trains on the
+    same task sequence (equal token counts), and the metrics record what was replaced."""
+    argv = ["--arch", "mamba", "--steps", "6", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "8", "--max-needle-len", "64", "--eval-n", "1", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "a"), "--context-noise", "0"]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b"), "--context-noise", "0.5"]) == 0
+    quiet, noisy = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert quiet["tokens"] == noisy["tokens"]
+    assert quiet["context_words_replaced"] == 0 < noisy["context_words_replaced"]
+    assert noisy["context_noise"] == 0.5
+
+
+@pytest.mark.parametrize("rate", ["1", "-0.1", "1.5"])
+def test_bad_context_noise_exits_2(tmp_path, capsys, rate):
+    exits_2_saying(capsys, "context-noise", ["--arch", "mamba", "--out", str(tmp_path), "--steps", "1",
+                                             "--context-noise", rate])
