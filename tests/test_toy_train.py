@@ -292,7 +292,8 @@ def test_context_noise_replaces_only_context_words_of_facts_and_ioi(tmp_path):
     for row, prompt in enumerate(batch["prompts"]):
         start = width - prompt.n_tokens
         assert untouched[row, start].item() == tokenizer.bos_token_id  # the spans' origin, independently
-        diff = {start + j for j in range(prompt.n_tokens) if batch["tokens"][row, start + j] != untouched[row, start + j]}
+        diff = {start + j for j in range(prompt.n_tokens)
+                if batch["tokens"][row, start + j] != untouched[row, start + j]}
         assert torch.equal(batch["tokens"][row, :start], untouched[row, :start])  # padding
         allowed = {start + j for j in prompt.spans.get("context", [])} if prompt.task != "needle" else set()
         assert diff <= allowed, (prompt.task, prompt.text)
