@@ -246,9 +246,10 @@ def test_ioi_accuracy_is_split_by_what_is_held_out():
             top = model(tokens)[0, -1].argmax().item()
         kind = "template" if toy_tasks.ioi_template_is_heldout(prompt.meta["template_index"]) else "pair"
         assert kind == "template" or toy_tasks.ioi_pair_is_heldout(prompt.meta["IO"], prompt.meta["S"])
-        hits[kind].append(top == vocab[prompt.answer])
+        hit = top == vocab[prompt.answer]
+        hits[kind].append(hit)
         if kind == "template":
-            by_template.setdefault(prompt.meta["template_index"], []).append(top == vocab[prompt.answer])
+            by_template.setdefault(prompt.meta["template_index"], []).append(hit)
     assert set(result["ioi_by_heldout"]) == {k for k, v in hits.items() if v} == {"template", "pair"}
     for kind, correct in hits.items():
         assert result["ioi_by_heldout"][kind] == pytest.approx(sum(correct) / len(correct))
@@ -258,22 +259,16 @@ def test_ioi_accuracy_is_split_by_what_is_held_out():
     assert result["ioi"] == pytest.approx(sum(map(sum, hits.values())) / n)
 
 
-def _toy_tokenizer(tmp_path):
-    from tl_mamba.toy.tokenizer import load_tokenizer, save_tokenizer
-
-    save_tokenizer(tmp_path)
-    return load_tokenizer(tmp_path)
-
-
-def test_context_noise_replaces_only_context_words_of_facts_and_ioi(tmp_path):
+def test_context_noise_replaces_only_context_words_of_facts_and_ioi():
     """Against the prompts' own spans: only ``context`` positions of facts and IOI rows
     change, to words that are not names, keys, values or special tokens; needle rows,
     names, subjects, relations and the last position are untouched; rate 0 changes nothing."""
     from tl_mamba.toy import tasks as toy_tasks
+    from tl_mamba.toy.tokenizer import hf_tokenizer
     from tl_mamba.toy.train import context_noise_pool, substitute_context_words
     from tl_mamba.toy.vocab import KEYS, NAMES, VALUES
 
-    tokenizer = _toy_tokenizer(tmp_path)
+    tokenizer = hf_tokenizer()
     words = {i: w for w, i in tokenizer.get_vocab().items()}
     pool = context_noise_pool(tokenizer)
     assert not {words[i] for i in pool} & (set(NAMES) | set(KEYS) | set(VALUES))
@@ -305,14 +300,11 @@ def test_context_noise_replaces_only_context_words_of_facts_and_ioi(tmp_path):
 def test_every_word_is_in_some_training_prompt_or_the_noise_pool():
     """Why the noise exists: some words occur only in held-out IOI frames, so no training
     prompt ever trains their embeddings. Each of them must be one the noise can insert."""
-    import tempfile
-    from pathlib import Path
-
     from tl_mamba.toy import tasks as toy_tasks
+    from tl_mamba.toy.tokenizer import hf_tokenizer
     from tl_mamba.toy.train import context_noise_pool
 
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = _toy_tokenizer(Path(folder))
+    tokenizer = hf_tokenizer()
     vocab = tokenizer.get_vocab()
     seen = set()
     for task, n in (("facts", 4000), ("ioi", 4000), ("needle", 100)):
