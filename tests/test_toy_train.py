@@ -79,6 +79,7 @@ def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
     recipe = RECIPES[arch]
     assert metrics["balance"] == recipe["balance"] and metrics["init"] == recipe["init"]
     assert metrics["batch_size"] == recipe["batch_size"] and metrics["lr"] == recipe["lr"]
+    assert metrics["ssm_lr"] == recipe.get("ssm_lr")  # None: one learning rate for every parameter
     assert metrics["task_weights"] == [float(w) for w in recipe["task_weights"].split(",")]
     assert metrics["steps"] == 2 and metrics["context_noise"] == recipe["context_noise"]
     assert metrics["sizes"]["tie_embeddings"] == (recipe["tie_embeddings"] == "yes")
@@ -91,6 +92,7 @@ def test_unset_options_take_the_architecture_recipe(tmp_path, arch):
     assert main(argv[:-1] + [str(tmp_path / "b"), "--balance", "steps", "--init", "default", "--lr", "1e-3"]) == 0
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert (metrics["balance"], metrics["init"], metrics["lr"]) == ("steps", "default", 1e-3)
+    assert metrics["ssm_lr"] is None  # --lr alone sets every parameter's rate, the SSM's included
 
 
 def test_continuing_keeps_the_saved_embedding_tying(tmp_path, capsys):
@@ -132,7 +134,8 @@ def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path, capsy
 def test_tying_all_but_the_value_rows(tmp_path, capsys):
     """--tie-embeddings except-values: after training, the saved (untied) unembedding equals the
     embedding on every row but the needle's value tokens', which moved on their own; refused
-    with --init-from. --tie-embeddings names: equal on the IOI names' rows only."""
+    with --init-from. --tie-embeddings names: equal on the IOI names' rows only;
+    except-answers: equal on every row but the values' and the facts attributes'."""
     from tl_mamba.toy.tokenizer import load_tokenizer
     from tl_mamba.toy.vocab import NAMES, VALUES
 
@@ -160,6 +163,19 @@ def test_tying_all_but_the_value_rows(tmp_path, capsys):
     names[load_tokenizer(tmp_path / "d").convert_tokens_to_ids(list(NAMES))] = True
     torch.testing.assert_close(named.unembed.weight[names], named.embed.W_E[names], rtol=0, atol=0)
     assert (named.unembed.weight[~names] - named.embed.W_E[~names]).abs().max() > 1e-4
+    # except-answers: the values' and every facts answer's rows free (facts batches, so that
+    # the attribute rows get gradients); the answers are read off the prompts, not the vocabulary
+    from tl_mamba.toy import tasks as toy_tasks
+
+    facts = [a if a != "0,0,1" else "1,0,0" for a in argv]
+    assert main(facts + ["--out", str(tmp_path / "e"), "--tie-embeddings", "except-answers", "--seed", "3"]) == 0
+    answers = load_tokenizer(tmp_path / "e").convert_tokens_to_ids(
+        sorted({p.answer for p in toy_tasks.make_dataset("facts", "train", 3000, seed=0)}) + list(VALUES))
+    free = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    free[answers] = True
+    untied_answers = tl_mamba.from_pretrained(str(tmp_path / "e"))
+    torch.testing.assert_close(untied_answers.unembed.weight[~free], untied_answers.embed.W_E[~free], rtol=0, atol=0)
+    assert (untied_answers.unembed.weight[free] - untied_answers.embed.W_E[free]).abs().max() > 1e-4
 
 
 def test_mimetic_init_is_not_silently_dropped_when_continuing(tmp_path, capsys):
@@ -318,6 +334,27 @@ def test_every_word_is_in_some_training_prompt_or_the_noise_pool():
     assert never_trained <= set(context_noise_pool(tokenizer))
 
 
+def test_noise_pool_holds_no_word_with_a_part_in_a_facts_answer():
+    """Read off the prompts themselves: no word of a facts subject, relation or answer can
+    be inserted (a syllable beside a subject spells another entity; an attribute in the
+    context is a second candidate answer), while IOI's frame words can."""
+    from tl_mamba.toy import tasks as toy_tasks
+    from tl_mamba.toy.tokenizer import hf_tokenizer
+    from tl_mamba.toy.train import context_noise_pool
+
+    tokenizer = hf_tokenizer()
+    pool_words = {w for w, i in tokenizer.get_vocab().items() if i in set(context_noise_pool(tokenizer))}
+    with_a_part = set()
+    for prompt in toy_tasks.make_dataset("facts", "train", 3000, seed=0):
+        with_a_part.add(prompt.answer)
+        with_a_part.update(prompt.words[j - 1] for span in ("subject", "relation") for j in prompt.spans[span])
+    assert len(with_a_part) > 50 and not with_a_part & pool_words
+    frame_words = set()
+    for prompt in toy_tasks.make_dataset("ioi", "train", 500, seed=0):
+        frame_words.update(prompt.words[j - 1] for j in prompt.spans["context"])
+    assert len(frame_words & pool_words) > 20
+
+
 def test_context_noise_keeps_the_batch_stream(tmp_path):
     """The noise has its own random stream: the same seed with and without it trains on the
     same task sequence (equal token counts), and the metrics record what was replaced."""
@@ -335,3 +372,25 @@ def test_context_noise_keeps_the_batch_stream(tmp_path):
 def test_bad_context_noise_exits_2(tmp_path, capsys, rate):
     exits_2_saying(capsys, "context-noise", ["--arch", "mamba", "--out", str(tmp_path), "--steps", "1",
                                              "--context-noise", rate])
+
+
+def test_ssm_lr_moves_only_the_ssm_parameters(tmp_path, capsys):
+    """--ssm-lr: with --lr ~0 and no weight decay, training moves the SSM parameters (conv,
+    x_proj, dt_proj, A_log, D: listed here, not read from the code) and nothing else; a
+    non-positive rate exits 2."""
+    from safetensors.torch import load_file
+
+    argv = ["--arch", "mamba", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "8", "--eval-n", "1", "--device", "cpu", "--task-weights", "1,1,1", "--seed", "3",
+            "--weight-decay", "0", "--lr", "1e-30", "--ssm-lr", "1e-2", "--tie-embeddings", "yes",
+            "--init", "default"]
+    assert main(argv + ["--out", str(tmp_path / "a"), "--ssm-lr", "1e-30"]) == 0  # the same start, unmoved
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    start = load_file(str(tmp_path / "a" / "model.safetensors"))
+    trained = load_file(str(tmp_path / "b" / "model.safetensors"))
+    ssm = ("conv1d", "x_proj", "dt_proj", "A_log", ".D")
+    moved = {k for k in start if (start[k] - trained[k]).abs().max() > 1e-6}
+    assert moved and all(any(s in k for s in ssm) for k in moved), sorted(moved)
+    assert any("x_proj" in k for k in moved) and any("A_log" in k for k in moved)
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["ssm_lr"] == 1e-2
+    exits_2_saying(capsys, "--ssm-lr must be positive", argv + ["--out", str(tmp_path / "c"), "--ssm-lr", "0"])
