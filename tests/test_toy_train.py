@@ -377,7 +377,7 @@ def test_bad_context_noise_exits_2(tmp_path, capsys, rate):
 def test_ssm_lr_moves_only_the_ssm_parameters(tmp_path, capsys):
     """--ssm-lr: with --lr ~0 and no weight decay, training moves the SSM parameters (conv,
     x_proj, dt_proj, A_log, D: listed here, not read from the code) and nothing else; a
-    non-positive rate exits 2."""
+    negative rate exits 2."""
     from safetensors.torch import load_file
 
     argv = ["--arch", "mamba", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
@@ -393,4 +393,4 @@ def test_ssm_lr_moves_only_the_ssm_parameters(tmp_path, capsys):
     assert moved and all(any(s in k for s in ssm) for k in moved), sorted(moved)
     assert any("x_proj" in k for k in moved) and any("A_log" in k for k in moved)
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["ssm_lr"] == 1e-2
-    exits_2_saying(capsys, "--ssm-lr must be positive", argv + ["--out", str(tmp_path / "c"), "--ssm-lr", "0"])
+    exits_2_saying(capsys, "--ssm-lr must be non-negative", argv + ["--out", str(tmp_path / "c"), "--ssm-lr", "-1"])

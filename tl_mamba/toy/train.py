@@ -193,8 +193,8 @@ def context_noise_pool(tokenizer) -> List[int]:
     name would change the IOI answer), the needle's keys and values, and the facts'
     subject syllables, relation words and attributes (a syllable next to a subject can
     spell another entity, whose attribute differs; another relation's word or an
-    attribute in the context is a second cue or a second candidate answer). What is left are the frame words, the ones a
-    held-out frame may bring untrained."""
+    attribute in the context is a second cue or a second candidate answer). What is left
+    are the frame words, the ones a held-out frame may bring untrained."""
     from tl_mamba.toy.vocab import KEYS, NAMES, RELATIONS, SPECIFIC_TEMPLATES, SYLLABLES, VALUES
 
     vocab = tokenizer.get_vocab()
@@ -300,8 +300,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         if not valid_task_weights(phase_weights) or phase_steps < 0:
             raise TrainingOptionError("--first-phase needs three non-negative task weights, not all zero, and a "
                                       f"non-negative step count; got {first_phase!r}")
-    if ssm_lr is not None and not ssm_lr > 0:
-        raise TrainingOptionError(f"--ssm-lr must be positive, got {ssm_lr!r}")
+    if ssm_lr is not None and not ssm_lr >= 0:  # 0 freezes the SSM parameters, as --lr 0 freezes all
+        raise TrainingOptionError(f"--ssm-lr must be non-negative, got {ssm_lr!r}")
     if not 0.0 <= context_noise < 1.0:
         raise TrainingOptionError(f"--context-noise is a probability in [0, 1), got {context_noise!r}")
     if partial_tie is not None and partial_tie not in PARTIAL_TIES:
