@@ -163,11 +163,15 @@ def _value_rows(tokenizer, d_vocab: int) -> List[int]:
     return tokenizer.convert_tokens_to_ids(list(VALUES))
 
 
-def _value_and_attribute_rows(tokenizer, d_vocab: int) -> List[int]:
-    from tl_mamba.toy.vocab import RELATIONS, VALUES
+def _facts_attributes() -> List[str]:
+    """Every facts answer word (each relation's attributes, in RELATIONS order)."""
+    from tl_mamba.toy.vocab import RELATIONS
 
-    attributes = [a for _noun, values in RELATIONS.values() for a in values]
-    return tokenizer.convert_tokens_to_ids(list(VALUES) + attributes)
+    return [attribute for _noun, attributes in RELATIONS.values() for attribute in attributes]
+
+
+def _value_and_attribute_rows(tokenizer, d_vocab: int) -> List[int]:
+    return _value_rows(tokenizer, d_vocab) + tokenizer.convert_tokens_to_ids(_facts_attributes())
 
 
 def _all_rows_but_names(tokenizer, d_vocab: int) -> List[int]:
@@ -201,8 +205,7 @@ def context_noise_pool(tokenizer) -> List[int]:
     special = set(tokenizer.all_special_ids)
     relation_cues = {w[1:] for templates in SPECIFIC_TEMPLATES.values() for t in templates
                      for w in t.split(" ") if w.startswith("^")}  # "^speak": a relation's own verb or noun
-    facts_words = set(SYLLABLES) | relation_cues | {noun for noun, _ in RELATIONS.values()}
-    facts_words |= {attribute for _, attributes in RELATIONS.values() for attribute in attributes}
+    facts_words = set(SYLLABLES) | relation_cues | {noun for noun, _ in RELATIONS.values()} | set(_facts_attributes())
     excluded = set(NAMES) | set(KEYS) | set(VALUES) | facts_words
     return sorted(i for w, i in vocab.items() if i not in special and w not in excluded)
 
