@@ -107,9 +107,10 @@ def test_subject_knockout_collapses_factual_recall(toy):
     template words carry some of the relation), and the gap must be ≥ 25 points.
 
     This is a property of toy-mamba2's circuit, not of every model: toy-mamba (Mamba-1)
-    recalls facts as well (96-99%) but relays the subject through other tokens, so direct
-    subject → last knockouts in every layer leave 86% (SSM path) / 64% (both paths),
-    no more than size-matched context knockouts do (57% / 53%); see docs/toy_models.md.
+    recalls facts as well (100%) but relays the subject through other tokens (the last
+    token's conv window holds it), so direct subject → last knockouts in every layer leave
+    83% (SSM path) / 58% (both paths), no more than size-matched context knockouts do
+    (70% / 68%); see docs/toy_models.md.
     """
     if toy.cfg.model_name != "toy-mamba2":
         pytest.skip(f"{toy.cfg.model_name} does not route facts along direct subject → last edges "
