@@ -147,3 +147,47 @@ def test_subject_knockout_collapses_factual_recall(toy):
     assert without_subject <= 0.45, (clean, without_subject, without_context)
     assert without_context >= 0.6, (clean, without_subject, without_context)
     assert without_context - without_subject >= 0.25
+
+
+def test_ioi_name_reaches_the_end_directly_or_through_its_conv_followers(toy):
+    """Where the IO name reaches the last position, checked by knockout in every layer on
+    96 held-out prompts (docs/toy_models.md, "What is known about their circuits"):
+
+    - toy-mamba2 reads it straight from the IO token: cutting IO → last alone collapses
+      IOI (measured 0%);
+    - toy-mamba relays it: the conv copies the name into the d_conv - 1 tokens after it, so
+      cutting IO → last alone changes nothing (measured 100%), and only cutting IO and its
+      followers → last collapses IOI (measured 15%).
+
+    Both share one floor: with the name's tokens cut, the answer is a guess between the two
+    names at best, so "collapse" is ≤ 45% (clean ≥ 90%).
+    """
+    prompts = make_dataset("ioi", "heldout", 96, seed=4)
+    batch = encode_prompts(prompts, toy.tokenizer)
+    tokens, mask, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
+    width = tokens.shape[1]
+    io = torch.zeros(len(prompts), width, dtype=torch.bool)
+    io_and_followers, last = io.clone(), io.clone()
+    for row, (prompt, offset) in enumerate(zip(prompts, (width - batch["lengths"]).tolist())):
+        (position,) = prompt.spans["IO"]
+        end = prompt.n_tokens - 1
+        io[row, offset + position] = True
+        io_and_followers[row, [offset + p for p in range(position, min(position + toy.cfg.d_conv, end))]] = True
+        last[row, offset + end] = True
+
+    def accuracy(sources):
+        with torch.no_grad():
+            if sources is None:
+                logits = toy(tokens, attention_mask=mask)
+            else:
+                ko = Knockout(range(toy.cfg.n_layers), sources=sources, targets=last)
+                logits = toy.run_with_knockout(tokens, ko, attention_mask=mask)
+        return float((logits[:, -1].argmax(-1) == answers).float().mean())
+
+    clean, without_io, without_relay = accuracy(None), accuracy(io), accuracy(io_and_followers)
+    assert clean >= 0.9
+    assert without_relay <= 0.45, (clean, without_io, without_relay)
+    if toy.cfg.family == "mamba1":
+        assert without_io >= 0.9, (clean, without_io, without_relay)
+    else:
+        assert without_io <= 0.45, (clean, without_io, without_relay)
