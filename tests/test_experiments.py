@@ -29,6 +29,19 @@ def toy(request):
     return tl_mamba.from_pretrained(request.param)
 
 
+def knockout_accuracy(toy, batch, sources, targets):
+    """Argmax accuracy at the last position of an ``encode_prompts`` batch, clean
+    (``sources`` None) or with ``sources`` → ``targets`` knocked out in every layer."""
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    with torch.no_grad():
+        if sources is None:
+            logits = toy(tokens, attention_mask=mask)
+        else:
+            ko = Knockout(range(toy.cfg.n_layers), sources=sources, targets=targets)
+            logits = toy.run_with_knockout(tokens, ko, attention_mask=mask)
+    return float((logits[:, -1].argmax(-1) == batch["answers"]).float().mean())
+
+
 def test_layer_windows():
     assert layer_windows(4, 1) == [(0, [0]), (1, [1]), (2, [2]), (3, [3])]
     assert layer_windows(5, 3) == [(0, [0, 1, 2]), (1, [0, 1, 2]), (2, [1, 2, 3]), (3, [2, 3, 4]), (4, [2, 3, 4])]
@@ -119,7 +132,7 @@ def test_subject_knockout_collapses_factual_recall(toy):
     assert recorded >= 0.9
     prompts = make_dataset("facts", "heldout", 128, seed=3)
     batch = encode_prompts(prompts, toy.tokenizer)
-    tokens, mask, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
+    tokens = batch["tokens"]
     width = tokens.shape[1]
     offsets = (width - batch["lengths"]).tolist()
     rng = random.Random(0)
@@ -134,13 +147,7 @@ def test_subject_knockout_collapses_factual_recall(toy):
     assert abs(float(subject.sum() - context.sum())) / float(subject.sum()) < 0.15  # size-matched
 
     def accuracy(sources):
-        with torch.no_grad():
-            if sources is None:
-                logits = toy(tokens, attention_mask=mask)
-            else:
-                ko = Knockout(range(toy.cfg.n_layers), sources=sources, targets=last)
-                logits = toy.run_with_knockout(tokens, ko, attention_mask=mask)
-        return float((logits[:, -1].argmax(-1) == answers).float().mean())
+        return knockout_accuracy(toy, batch, sources, last)
 
     clean, without_subject, without_context = accuracy(None), accuracy(subject), accuracy(context)
     assert clean >= 0.9
@@ -164,7 +171,7 @@ def test_ioi_name_reaches_the_end_directly_or_through_its_conv_followers(toy):
     """
     prompts = make_dataset("ioi", "heldout", 96, seed=4)
     batch = encode_prompts(prompts, toy.tokenizer)
-    tokens, mask, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
+    tokens = batch["tokens"]
     width = tokens.shape[1]
     io = torch.zeros(len(prompts), width, dtype=torch.bool)
     io_and_followers, last = io.clone(), io.clone()
@@ -176,13 +183,7 @@ def test_ioi_name_reaches_the_end_directly_or_through_its_conv_followers(toy):
         last[row, offset + end] = True
 
     def accuracy(sources):
-        with torch.no_grad():
-            if sources is None:
-                logits = toy(tokens, attention_mask=mask)
-            else:
-                ko = Knockout(range(toy.cfg.n_layers), sources=sources, targets=last)
-                logits = toy.run_with_knockout(tokens, ko, attention_mask=mask)
-        return float((logits[:, -1].argmax(-1) == answers).float().mean())
+        return knockout_accuracy(toy, batch, sources, last)
 
     clean, without_io, without_relay = accuracy(None), accuracy(io), accuracy(io_and_followers)
     assert clean >= 0.9
