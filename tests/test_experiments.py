@@ -10,6 +10,7 @@ import torch
 import tl_mamba
 from tl_mamba import Knockout
 from tl_mamba.experiments import (
+    _span_mask,
     features_by_decay,
     information_flow,
     information_flow_per_token,
@@ -171,16 +172,13 @@ def test_ioi_name_reaches_the_end_directly_or_through_its_conv_followers(toy):
     """
     prompts = make_dataset("ioi", "heldout", 96, seed=4)
     batch = encode_prompts(prompts, toy.tokenizer)
-    tokens = batch["tokens"]
-    width = tokens.shape[1]
-    io = torch.zeros(len(prompts), width, dtype=torch.bool)
-    io_and_followers, last = io.clone(), io.clone()
-    for row, (prompt, offset) in enumerate(zip(prompts, (width - batch["lengths"]).tolist())):
-        (position,) = prompt.spans["IO"]
-        end = prompt.n_tokens - 1
-        io[row, offset + position] = True
-        io_and_followers[row, [offset + p for p in range(position, min(position + toy.cfg.d_conv, end))]] = True
-        last[row, offset + end] = True
+    width = batch["tokens"].shape[1]
+    offsets = (width - batch["lengths"]).tolist()
+    io, last = (_span_mask(prompts, offsets, width, name) for name in ("IO", "last"))
+    io_and_followers = io.clone()
+    for shift in range(1, toy.cfg.d_conv):  # the tokens whose conv window holds the name
+        io_and_followers[:, shift:] |= io[:, :-shift]
+    io_and_followers &= last.cumsum(-1) == 0  # only positions before the last
 
     def accuracy(sources):
         return knockout_accuracy(toy, batch, sources, last)
