@@ -136,15 +136,13 @@ def test_subject_knockout_collapses_factual_recall(toy):
     tokens = batch["tokens"]
     width = tokens.shape[1]
     offsets = (width - batch["lengths"]).tolist()
+    subject, last = (_span_mask(prompts, offsets, width, name) for name in ("subject", "last"))
     rng = random.Random(0)
-    subject = torch.zeros(len(prompts), width, dtype=torch.bool)
-    context, last = subject.clone(), subject.clone()
+    context = torch.zeros_like(subject)  # per prompt, as many context tokens as its subject has
     for row, (prompt, offset) in enumerate(zip(prompts, offsets)):
-        span = prompt.spans["subject"]
-        subject[row, [offset + i for i in span]] = True
         candidates = [i for i in prompt.spans["context"] if i not in (0, prompt.n_tokens - 1)]
-        context[row, [offset + i for i in rng.sample(candidates, min(len(span), len(candidates)))]] = True
-        last[row, offset + prompt.n_tokens - 1] = True
+        size = min(len(prompt.spans["subject"]), len(candidates))
+        context[row, [offset + i for i in rng.sample(candidates, size)]] = True
     assert abs(float(subject.sum() - context.sum())) / float(subject.sum()) < 0.15  # size-matched
 
     def accuracy(sources):

@@ -32,8 +32,12 @@ from torch.nn.utils import parametrize
 #: Architectures of the shipped models (small enough for 2 CPU cores, ≤ 10 MB together).
 ARCHS = {
     "mamba": dict(family="mamba1", n_layers=4, d_model=96, d_state=8, d_conv=4, expand=2),
+    # chunk_size only sets the torch backend's chunk length (results do not depend on it): with
+    # 32, a needle forward and backward (2 threads, 129-244 tokens) took 13-20% less time than
+    # with 64, timed alternately in one process (less L x L work, less padding); whole runs did
+    # not show it beside the host's drift (docs/toy_models.md)
     "mamba2": dict(family="mamba2", n_layers=4, d_model=128, d_state=32, d_conv=4, expand=2, d_head=32,
-                   n_groups=1, chunk_size=64),
+                   n_groups=1, chunk_size=32),
 }
 TASKS = ("facts", "ioi", "needle")
 
@@ -41,7 +45,7 @@ TASKS = ("facts", "ioi", "needle")
 #: overrides its entry, and ``--init-from`` ignores ``init`` and ``tie_embeddings`` (it keeps
 #: the saved model's). Measured on 2 vCPUs (docs/toy_models.md, "Training time on 2 CPU
 #: cores", with the seeds measured). The mamba2 recipe takes about 19 minutes alone with two
-#: threads; without context noise, two held-out IOI frames broke in seed 1 (as for mamba), and
+#: threads (33 on a slower 2-core host, which ran the same steps 1.4-1.7x slower); without context noise, two held-out IOI frames broke in seed 1 (as for mamba), and
 #: with it, 6000 steps left a late needle escape unfinished, hence 12000. The mamba one takes
 #: about 19 minutes alone with two threads. It ties every
 #: unembedding row to the embedding but the needle values' (tied, the digit embeddings
