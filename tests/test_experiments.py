@@ -10,6 +10,7 @@ import torch
 import tl_mamba
 from tl_mamba import Knockout
 from tl_mamba.experiments import (
+    _encode,
     _span_mask,
     features_by_decay,
     information_flow,
@@ -19,7 +20,7 @@ from tl_mamba.experiments import (
     plot_per_token_flow,
     summarize_information_flow,
 )
-from tl_mamba.toy import encode_prompts, make_dataset
+from tl_mamba.toy import make_dataset
 from tl_mamba.toy.shipped import shipped_metrics, shipped_models
 
 SHIPPED = sorted(shipped_models())
@@ -132,10 +133,8 @@ def test_subject_knockout_collapses_factual_recall(toy):
     recorded = shipped_metrics(toy.cfg.model_name)["facts"]
     assert recorded >= 0.9
     prompts = make_dataset("facts", "heldout", 128, seed=3)
-    batch = encode_prompts(prompts, toy.tokenizer)
-    tokens = batch["tokens"]
-    width = tokens.shape[1]
-    offsets = (width - batch["lengths"]).tolist()
+    batch, offsets = _encode(toy, prompts)
+    width = batch["tokens"].shape[1]
     subject, last = (_span_mask(prompts, offsets, width, name) for name in ("subject", "last"))
     rng = random.Random(0)
     context = torch.zeros_like(subject)  # per prompt, as many context tokens as its subject has
@@ -169,9 +168,8 @@ def test_ioi_name_reaches_the_end_directly_or_through_its_conv_followers(toy):
     names at best, so "collapse" is ≤ 45% (clean ≥ 90%).
     """
     prompts = make_dataset("ioi", "heldout", 96, seed=4)
-    batch = encode_prompts(prompts, toy.tokenizer)
+    batch, offsets = _encode(toy, prompts)
     width = batch["tokens"].shape[1]
-    offsets = (width - batch["lengths"]).tolist()
     io, last = (_span_mask(prompts, offsets, width, name) for name in ("IO", "last"))
     io_and_followers = io.clone()
     for shift in range(1, toy.cfg.d_conv):  # the tokens whose conv window holds the name
