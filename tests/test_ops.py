@@ -455,6 +455,8 @@ def test_scan_shape_error_names_state_override():
 
 
 # ----------------------------------------------------------------------------- causal conv
+CONV_IMPLEMENTATIONS = ["taps", "conv1d"]
+
 def conv_taps(x, weight, bias=None, history=None):
     """out[t, c] = bias[c] + Σ_i w[c, i] · x_ext[t + i, c], x_ext = history (k-1 inputs) ++ x."""
     b, p, c = x.shape
@@ -475,14 +477,15 @@ def conv_taps(x, weight, bias=None, history=None):
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("with_state", [True, False])
 @pytest.mark.parametrize("weight_2d", [True, False])
-def test_causal_conv1d_matches_taps(p, with_bias, with_state, weight_2d):
+@pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
+def test_causal_conv1d_matches_taps(p, with_bias, with_state, weight_2d, implementation):
     b, c, k = 2, 5, 4
     g = torch.Generator().manual_seed(p)
     x = torch.randn(b, p, c, generator=g)
     weight = torch.randn(c, 1, k, generator=g)
     bias = torch.randn(c, generator=g) if with_bias else None
     history = torch.randn(b, c, k - 1, generator=g) if with_state else None
-    out, final = causal_conv1d(x, weight[:, 0] if weight_2d else weight, bias, history)
+    out, final = causal_conv1d(x, weight[:, 0] if weight_2d else weight, bias, history, implementation=implementation)
     assert out.shape == (b, p, c) and final.shape == (b, c, k - 1)
     torch.testing.assert_close(out.double(), conv_taps(x, weight, bias, history), **TOL)
     # the final state is the last k-1 inputs (reaching into the history when p < k-1)
@@ -491,27 +494,29 @@ def test_causal_conv1d_matches_taps(p, with_bias, with_state, weight_2d):
     assert torch.equal(final, expected_final)
 
 
-def test_causal_conv1d_is_causal():
+@pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
+def test_causal_conv1d_is_causal(implementation):
     b, p, c, k = 1, 8, 3, 4
     x = torch.randn(b, p, c)
     weight = torch.randn(c, 1, k)
-    out, _ = causal_conv1d(x, weight)
+    out, _ = causal_conv1d(x, weight, implementation=implementation)
     x2 = x.clone()
     x2[:, 5] += 10.0
-    out2, _ = causal_conv1d(x2, weight)
+    out2, _ = causal_conv1d(x2, weight, implementation=implementation)
     assert torch.equal(out[:, :5], out2[:, :5])
     assert (out[:, 5:] - out2[:, 5:]).abs().min() > 0
 
 
 @pytest.mark.parametrize("split", [1, 2, 5])
-def test_causal_conv1d_chaining_equals_one_call(split):
+@pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
+def test_causal_conv1d_chaining_equals_one_call(split, implementation):
     b, p, c, k = 2, 7, 4, 3
     g = torch.Generator().manual_seed(split)
     x = torch.randn(b, p, c, generator=g)
     weight, bias = torch.randn(c, 1, k, generator=g), torch.randn(c, generator=g)
-    whole, whole_final = causal_conv1d(x, weight, bias)
-    first, state = causal_conv1d(x[:, :split], weight, bias)
-    second, final = causal_conv1d(x[:, split:], weight, bias, state)
+    whole, whole_final = causal_conv1d(x, weight, bias, implementation=implementation)
+    first, state = causal_conv1d(x[:, :split], weight, bias, implementation=implementation)
+    second, final = causal_conv1d(x[:, split:], weight, bias, state, implementation=implementation)
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-6, rtol=0)
     assert torch.equal(final, whole_final)
 
@@ -522,6 +527,41 @@ def test_causal_conv1d_errors():
         causal_conv1d(x, torch.randn(3, 1, 3))
     with pytest.raises(ValueError, match="initial_state"):
         causal_conv1d(x, torch.randn(4, 1, 3), None, torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="implementation"):
+        causal_conv1d(x, torch.randn(4, 1, 3), implementation="fft")
+
+
+@pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
+@pytest.mark.parametrize("p", [1, 2, 9])  # shorter than, equal to and longer than the k-1 history
+def test_causal_conv1d_gradients_match_taps_reference(implementation, p):
+    """Gradients of x, weight, bias and the initial state, against autograd through the
+    explicit float64 sum over taps; then a float64 gradcheck of the implementation itself."""
+    b, c, k = 2, 5, 4
+    g = torch.Generator().manual_seed(40 + p)
+    tensors = (torch.randn(b, p, c, generator=g), torch.randn(c, 1, k, generator=g), torch.randn(c, generator=g),
+               torch.randn(b, c, k - 1, generator=g))
+    grad_out = torch.randn(b, p, c, generator=g, dtype=torch.float64)
+    got_inputs = [t.clone().requires_grad_() for t in tensors]
+    want_inputs = [t.double().requires_grad_() for t in tensors]
+    out, _ = causal_conv1d(*got_inputs, implementation=implementation)
+    got = torch.autograd.grad((out.double() * grad_out).sum(), got_inputs)
+    want = torch.autograd.grad((conv_taps(*want_inputs) * grad_out).sum(), want_inputs)
+    for name, a, w in zip(("x", "weight", "bias", "initial_state"), got, want):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(a.double(), w, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    double_inputs = tuple(t.double().requires_grad_() for t in tensors)
+    assert torch.autograd.gradcheck(lambda *a: causal_conv1d(*a, implementation=implementation)[0], double_inputs)
+
+
+def test_causal_conv1d_taps_bf16_accumulates_in_fp32():
+    """bf16 inputs: the taps are summed in fp32 and rounded once, like F.conv1d's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 33, 6, generator=g).bfloat16()
+    weight = torch.randn(6, 1, 4, generator=g).bfloat16()
+    out, final = causal_conv1d(x, weight, implementation="taps")
+    assert out.dtype == final.dtype == torch.bfloat16
+    want = conv_taps(x.double(), weight.double()).to(torch.bfloat16)  # exact sum, rounded once
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- backend selection
