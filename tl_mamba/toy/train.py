@@ -45,9 +45,9 @@ TASKS = ("facts", "ioi", "needle")
 #: overrides its entry, and ``--init-from`` ignores ``init`` and ``tie_embeddings`` (it keeps
 #: the saved model's). Measured on 2 vCPUs (docs/toy_models.md, "Training time on 2 CPU
 #: cores", with the seeds measured). The mamba2 recipe takes about 19 minutes alone with two
-#: threads (33 on a slower 2-core host, which ran the same steps 1.4-1.7x slower); without
+#: threads (24 on a slower 2-core host since the CPU conv of 3cf31ad, 33 before); without
 #: context noise, two held-out IOI frames broke in seed 1 (as for mamba), and with it, 6000 steps left a late needle escape unfinished, hence 12000. The mamba one takes
-#: about 19 minutes alone with two threads. It ties every
+#: about 19 minutes alone with two threads (21 on that slower host, 39 before). It ties every
 #: unembedding row to the embedding but the needle values' (tied, the digit embeddings
 #: collapse and the needle stays at chance; fully untied, IOI memorises); trains on needles
 #: up to 160 tokens (more of them per token; they generalise to 512); replaces context words
