@@ -84,7 +84,7 @@ def _taps(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Opti
     b, p, c = x.shape
     k = weight.shape[-1]
     dtype = weight.dtype
-    # half-precision inputs accumulate their k taps in fp32, as F.conv1d does
+    # half-precision inputs sum their k taps in fp32 and are rounded once, at the end
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     history = (x.new_zeros(b, k - 1, c, dtype=work) if initial_state is None
                else initial_state.transpose(1, 2).to(work))

@@ -29,8 +29,8 @@ matrix-vector products (no temporary), h_{t-1} is read from the recomputed state
 in place (no concatenated copy), and the recurrence is one op per position. Timed
 alternately in one process against the version with a copy, mul-then-sum
 reductions and two ops per position (2026-12-05, 2-vCPU Intel Xeon): scan forward
-and backward 0.75-0.8x the time at toy widths (b 32, p 156), a whole toy Mamba-1
-training step 0.89-0.93x. Keeping every chunk's states from the forward instead
+and backward 0.78-0.83x the time at toy widths (b 32, p 156), a whole toy Mamba-1
+training step 0.89-0.92x on needle and IOI batches (docs/performance.md). Keeping every chunk's states from the forward instead
 of recomputing them saved nothing at p 156: reading them back costs what
 recomputing them does.
 """
