@@ -23,6 +23,7 @@ from tests.conftest import tiny_config
 from tl_mamba import BackendUnavailableError, HookedMamba
 from tl_mamba.backends import resolve_backend
 from tl_mamba.ops import StateOverride, causal_conv1d, selective_scan
+from tl_mamba.ops.conv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
 from tl_mamba.ops.selective_scan import selective_scan_chunked
 
 BACKENDS = ("reference", "torch")
@@ -455,8 +456,6 @@ def test_scan_shape_error_names_state_override():
 
 
 # ----------------------------------------------------------------------------- causal conv
-CONV_IMPLEMENTATIONS = ["taps", "conv1d"]
-
 def conv_taps(x, weight, bias=None, history=None):
     """out[t, c] = bias[c] + Σ_i w[c, i] · x_ext[t + i, c], x_ext = history (k-1 inputs) ++ x."""
     b, p, c = x.shape
@@ -554,7 +553,7 @@ def test_causal_conv1d_gradients_match_taps_reference(implementation, p):
 
 
 def test_causal_conv1d_taps_bf16_accumulates_in_fp32():
-    """bf16 inputs: the taps are summed in fp32 and rounded once, like F.conv1d's."""
+    """bf16 inputs: the taps are summed in fp32 and the result rounded once."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 33, 6, generator=g).bfloat16()
     weight = torch.randn(6, 1, 4, generator=g).bfloat16()

@@ -30,9 +30,9 @@ in place (no concatenated copy), and the recurrence is one op per position. Time
 alternately in one process against the version with a copy, mul-then-sum
 reductions and two ops per position (2026-12-05, 2-vCPU Intel Xeon): scan forward
 and backward 0.78-0.83x the time at toy widths (b 32, p 156), a whole toy Mamba-1
-training step 0.89-0.92x on needle and IOI batches (docs/performance.md). Keeping every chunk's states from the forward instead
-of recomputing them saved nothing at p 156: reading them back costs what
-recomputing them does.
+training step 0.89-0.92x on needle and IOI batches (docs/performance.md). Keeping
+every chunk's states from the forward instead of recomputing them saved nothing at
+p 156: reading them back costs what recomputing them does.
 """
 
 from __future__ import annotations
@@ -150,12 +150,8 @@ def _forward_chunks(x: Tensor, delta: Tensor, At: Tensor, B: Tensor, C: Tensor, 
 
 def _discretise(x: Tensor, delta: Tensor, At: Tensor, B: Tensor):
     """``exp(Δ ⊗ A)`` and ``Δx ⊗ B`` of a chunk: [b, L, n, e] each (x, Δ [b, L, e]; At [n, e]; B [b, L, n])."""
-    return _decay(delta, At), (delta * x)[:, :, None, :] * B[..., None]
-
-
-def _decay(delta: Tensor, At: Tensor) -> Tensor:
-    """``exp(Δ ⊗ A)`` of a chunk, [b, L, n, e]; exp in place: one fresh buffer instead of two."""
-    return (delta[:, :, None, :] * At).exp_()
+    # exp in place: one fresh [b, L, n, e] buffer instead of two
+    return (delta[:, :, None, :] * At).exp_(), (delta * x)[:, :, None, :] * B[..., None]
 
 
 def _read_out(states: Tensor, C: Tensor) -> Tensor:
