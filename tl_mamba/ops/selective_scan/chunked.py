@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tl_mamba.ops.buffers import states_buffer
 from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
 
 DEFAULT_CHUNK = 64
@@ -85,10 +86,7 @@ def selective_scan_chunked(
     states = None
     if not differentiable:
         if return_states:
-            # one buffer for every state; a normal tensor even under inference mode, so
-            # hook_h can track in-place edits without a copy
-            with torch.inference_mode(False):
-                states = x.new_empty(b, p, e, n, dtype=cdt)
+            states = states_buffer((b, p, e, n), like=x, dtype=cdt)  # one buffer for every state
         y, h = _forward_chunks(xf, df, At, Bf, Cf, h, chunk_size, states=states)
     elif not return_states:
         y, h = _ChunkedScan.apply(xf, df, At, Bf, Cf, h, min(chunk_size, GRAD_CHUNK))
