@@ -43,8 +43,9 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
 Targets (issue "Triton scan kernels"), printed as met / NOT met:
 knockout / plain <= 1.3; bridge eager-scan state cache / our hook_h cache >= 50;
 plain Triton forward <= 1.5x transformers with mamba_ssm, and the Triton scan <= 1.5x
-mamba_ssm's (reported only when mamba_ssm is importable; otherwise the scan's distance
-from its memory floor is what to read).
+mamba_ssm's (reported only when mamba_ssm is importable, for the scans also from
+``--vendor-path``, and after its y was checked against ours; otherwise the scan's
+distance from its memory floor is what to read).
 
 Widths: Mamba-1 130m (d 768, e 1536, n 16) and 370m (d 1024, e 2048, n 16);
 Mamba-2 130m (d 768, 24 heads of 64, n 128) and 370m (d 1024, 32 heads of 64, n 128).
@@ -230,10 +231,21 @@ def scan_bytes(family: str, t: dict) -> int:
     return read + (t["x"].numel() + final) * 4
 
 
-def scan_contenders(family, t, device, log):
-    """The scans on the same inputs: ours (``triton``, ``torch``) and mamba_ssm's when it imports."""
+def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Optional[dict] = None):
+    """The scans on the same inputs: ours (``triton``, ``torch``) and mamba_ssm's when it imports.
+
+    ``vendor_path``: a folder holding mamba_ssm installed without its CUDA extension
+    (``--vendor-path``), put on ``sys.path`` only here, after transformers' models were
+    built: mamba_ssm's Mamba-2 scan is pure Triton, but a transformers that finds mamba_ssm
+    at import would route its Mamba-1 through the missing extension. ``notes`` receives
+    ``mamba_ssm_rel_err``: mamba_ssm's y against our Triton y (max |Δ| / max |y|), so the
+    timing compares the same computation.
+    """
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
+
+    if vendor_path and vendor_path not in sys.path:
+        sys.path.append(vendor_path)
 
     def sync(fn):
         return lambda: (fn(), synchronize(device))[0]
@@ -256,6 +268,8 @@ def scan_contenders(family, t, device, log):
             B, C = (v.transpose(1, 2).contiguous() for v in (t["B"], t["C"]))
             A, D = t["A"].float(), t["D"].float()
             calls["mamba_ssm"] = sync(lambda: selective_scan_fn(u, delta, A, B, C, D, z=zz, return_last_state=True))
+            ours = lambda: selective_scan(*t.values(), z=z, backend="triton").y  # noqa: E731
+            theirs = lambda out: out[0].transpose(1, 2)  # noqa: E731  ([b, e, p] -> [b, p, e])
         except ImportError:
             pass
     else:
@@ -295,12 +309,18 @@ def scan_contenders(family, t, device, log):
             calls["mamba_ssm"] = sync(lambda: mamba_chunk_scan_combined(
                 t["x"], t["delta"], t["A"].float(), t["B"], t["C"], chunk_size=256, D=t["D"].float(),
                 return_final_states=True))
+            ours = lambda: ssd_scan(*t.values(), backend="triton").y  # noqa: E731
+            theirs = lambda out: out[0]  # noqa: E731
         except ImportError:
             pass
     if "mamba_ssm" in calls:
         try:
-            calls["mamba_ssm"]()
-        except Exception as err:  # a version whose signature differs: report it, time the rest
+            reference = ours().float()
+            err = (theirs(calls["mamba_ssm"]()).float() - reference).abs().max() / reference.abs().max()
+            log(f"mamba_ssm {family} scan: max |y - ours| / max |ours| = {err.item():.1e}")
+            if notes is not None:
+                notes["mamba_ssm_rel_err"] = err.item()
+        except Exception as err:  # a version whose signature differs, or no CUDA extension: report, time the rest
             log(f"mamba_ssm {family} scan failed, not timed: {err!r}")
             del calls["mamba_ssm"]
     return calls
@@ -446,6 +466,9 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: checks, models, scans, backward")
     parser.add_argument("--families", default="mamba1,mamba2", help="which families to time (scans, backward)")
     parser.add_argument("--out", default="benchmarks/results/triton_gpu")
+    parser.add_argument("--vendor-path", default="",
+                        help="a folder with mamba_ssm installed without its CUDA extension, used for the scans "
+                             "alone (benchmarks/README.md says how to build it)")
     parser.add_argument("--smoke", action="store_true",
                         help="every step at toy sizes, on CPU under TRITON_INTERPRET=1 without a GPU (tests the script)")
     args = parser.parse_args()
@@ -537,18 +560,23 @@ def main() -> int:
             for dtype in (torch.float32, torch.bfloat16):
                 with section(results, f"scans {family} {dtype}", flush):
                     t = scan_inputs(family, widths_of, args.p, dtype, device)
-                    calls = scan_contenders(family, t, device, print)
+                    notes = {}
+                    calls = scan_contenders(family, t, device, print, args.vendor_path, notes)
                     timings = interleaved(calls, repeats=args.repeats, warmup=2, log=print)
                     floor = scan_bytes(family, t) / bandwidth
                     for name in calls:
                         row = dict(family=family, width=width, dtype=str(dtype).split(".")[-1], contender=name,
                                    median_s=timings.median(name), vs_triton=timings.paired_ratio(name, "triton"),
-                                   floor_s=floor, over_floor=timings.median(name) / floor)
+                                   floor_s=floor, over_floor=timings.median(name) / floor,
+                                   **(notes if name == "mamba_ssm" else {}))
                         results["scans"].append(row)
                         lines.append(f"| {family} | {width} | {row['dtype']} | {name} | {row['median_s']:.2e} | "
                                      f"{row['vs_triton']:.2f}x | {floor:.1e} | {row['over_floor']:.0f}x |")
                     if "mamba_ssm" in calls:
                         met = timings.paired_ratio("triton", "mamba_ssm") <= 1.5
+                        lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | mamba_ssm's y against "
+                                     f"ours: {notes.get('mamba_ssm_rel_err', float('nan')):.1e} (max |Δ| / max |y|) "
+                                     f"| | | | |")
                         lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | target: triton scan <= "
                                      f"1.5x mamba_ssm's | {'met' if met else 'NOT met'} | | | |")
     results["backward"] = []

@@ -13,7 +13,10 @@
 # Packages the machine lacks (TransformerLens and what it imports: datasets,
 # dill, multiprocess) can be carried as wheels in .whl/ (see docs/performance.md);
 # .whl/optional/pyarrow-*.whl is installed only when the machine's pyarrow is older
-# than datasets needs.
+# than datasets needs. Wheels in .whl/scan_only/ (mamba_ssm built without its CUDA
+# extension, and einops) go to a folder of their own that only the bench's scans alone
+# see (--vendor-path): mamba_ssm's Mamba-2 scan is pure Triton, but transformers must
+# not find a mamba_ssm whose Mamba-1 extension is missing (benchmarks/README.md).
 set -u
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$OUT_DIR"
@@ -30,6 +33,11 @@ if [ -d .whl ]; then
         "${wheels[@]}" || exit 3
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+VENDOR_ARGS=""
+if compgen -G ".whl/scan_only/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_scan_only \
+        .whl/scan_only/*.whl && VENDOR_ARGS="--vendor-path /tmp/site_scan_only"
+fi
 
 {
     date -u
@@ -39,7 +47,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
       'transformer_lens', version('transformer-lens'), 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
-timeout "${BENCH_LIMIT_S:-330}" $PY benchmarks/bench_triton_gpu.py --out "$OUT_DIR/triton_gpu" ${BENCH_ARGS:-} 2>&1 \
+timeout "${BENCH_LIMIT_S:-330}" $PY benchmarks/bench_triton_gpu.py --out "$OUT_DIR/triton_gpu" $VENDOR_ARGS ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT_DIR/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
