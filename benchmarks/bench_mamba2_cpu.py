@@ -19,7 +19,9 @@ light (``--repeats`` rounds; ``--warmup`` extra warm-up calls, default none):
   mamba_ssm / kernels it runs ``mamba2_chunk_scan``, the chunked SSD form in torch,
   at its config's chunk_size).
 - ``ours_forward``: ``model(tokens)`` with ``model.set_backend("torch")`` at the
-  chunk size the model was loaded with (``model.cfg.chunk_size``, 256).
+  chunk size the model was loaded with (``model.cfg.chunk_size``: 64, the torch
+  backend's default since 2026-12-05; the checkpoint's 256, at which transformers
+  runs, is kept as ``cfg.checkpoint_chunk_size``; before, it was the model's too).
 - ``ours_forward_chunk{L}``: the same with ``model.cfg.chunk_size = L`` for the
   other ``--chunk-sizes`` (read at each forward; results do not depend on it).
 - ``ours_cache``: ``model.run_with_cache(tokens)`` (default names_filter: every

@@ -141,7 +141,7 @@ def test_conversion_picks_up_config(hf_models):
             hc.num_hidden_layers, hc.hidden_size, hc.state_size, hc.conv_kernel), name
         assert (cfg.n_heads, cfg.d_head, cfg.n_groups) == (hc.num_heads, hc.head_dim, hc.n_groups), name
         assert cfg.d_inner == hc.num_heads * hc.head_dim == hc.expand * hc.hidden_size
-        assert cfg.chunk_size == hc.chunk_size
+        assert cfg.checkpoint_chunk_size == hc.chunk_size
         assert tuple(cfg.dt_limit) == tuple(float(v) for v in hc.time_step_limit)
         assert cfg.tie_embeddings == hc.tie_word_embeddings
         assert cfg.conv_bias == hc.use_conv_bias and cfg.proj_bias == hc.use_bias
@@ -517,10 +517,13 @@ def test_mamba_ssm_mamba2_dir_loads_and_matches_transformers(tmp_path, tie):
     for model in (tl_mamba.from_pretrained(tmp_path), HookedMamba2.from_pretrained(tmp_path)):
         assert type(model) is HookedMamba2
         cfg = model.cfg
-        assert (cfg.d_vocab, cfg.n_heads, cfg.d_head, cfg.n_groups, cfg.chunk_size) == (56, 4, 8, 2, 8)
+        assert (cfg.d_vocab, cfg.n_heads, cfg.d_head, cfg.n_groups, cfg.checkpoint_chunk_size) == (56, 4, 8, 2, 8)
+        assert cfg.chunk_size == 64  # our torch backend's chunk length; the checkpoint's 8 is kept for saving
         assert tuple(cfg.dt_limit) == (0.01, 0.5) and cfg.tie_embeddings is tie
         with torch.no_grad():
             assert _max_err(model(tokens), expected) <= 1e-5
+    saved = json.loads((model.save_pretrained(tmp_path / "saved") / "config.json").read_text())
+    assert saved["ssm_cfg"]["chunk_size"] == 8  # written back as the checkpoint named it
 
 
 def test_from_hf_float64_follows_the_model(hf_models):

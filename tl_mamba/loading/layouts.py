@@ -341,7 +341,7 @@ def _fields_from_mamba_ssm(raw: Mapping[str, Any], family: str) -> Dict[str, Any
             d_head=int(o["headdim"]),
             n_heads=d_inner // int(o["headdim"]),
             n_groups=int(o["ngroups"]),
-            chunk_size=int(o["chunk_size"]),
+            checkpoint_chunk_size=int(o["chunk_size"]),
             dt_limit=tuple(_as_float(v) for v in o["dt_limit"]),
             conv_bias=bool(o["conv_bias"]),
             proj_bias=bool(o["bias"]),
@@ -401,7 +401,7 @@ def _fields_from_transformers(raw: Mapping[str, Any], family: str) -> Dict[str, 
             d_head=int(raw.get("head_dim", 64)),
             n_heads=int(raw["num_heads"]) if "num_heads" in raw else None,
             n_groups=int(raw.get("n_groups", 1)),
-            chunk_size=int(raw.get("chunk_size", 256)),
+            checkpoint_chunk_size=int(raw.get("chunk_size", 256)),
             dt_limit=tuple(_as_float(v) for v in limit),
             norm_before_gate=False,  # transformers' Mamba2 always gates before the norm
         )

@@ -25,7 +25,7 @@ def mamba_ssm_config(cfg) -> dict:
             raise ValueError("Falcon-Mamba (norms on dt, B, C) has no mamba_ssm layout; save it with transformers instead")
         ssm_cfg["dt_rank"] = cfg.dt_rank
     else:
-        ssm_cfg.update(headdim=cfg.d_head, ngroups=cfg.n_groups, chunk_size=cfg.chunk_size,
+        ssm_cfg.update(headdim=cfg.d_head, ngroups=cfg.n_groups, chunk_size=cfg.checkpoint_chunk_size or cfg.chunk_size,
                        dt_limit=list(cfg.dt_limit) if cfg.dt_limit[1] != float("inf") else [cfg.dt_limit[0], None])
         if ssm_cfg["dt_limit"][1] is None:
             ssm_cfg.pop("dt_limit")
