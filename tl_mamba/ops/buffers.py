@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ def _libc_madvise():
     return _madvise
 
 
-def huge_page_span(address: int, nbytes: int) -> Optional[tuple]:
+def huge_page_span(address: int, nbytes: int) -> Optional[Tuple[int, int]]:
     """The whole huge pages inside ``[address, address + nbytes)``: ``(start, length)``, or None.
 
     madvise needs a page-aligned start; advising only whole 2 MB pages inside the
