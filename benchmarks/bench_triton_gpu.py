@@ -35,7 +35,10 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    (Triton) and in torch: their "vs triton" is their cost in scans, which is what
    ``tl_mamba.ops.knockout.DENSE_MASK_AFTER_CUDA`` is set from; and Mamba-2's three
    chunked kernels at explicit tile sizes, plain and with the same-pass knockout (what
-   ``triton_chunked.TILE_CAPS`` is set from).
+   ``triton_chunked.TILE_CAPS`` is set from). Each of these, and mamba_ssm's scan, is
+   checked before it is timed (``rel_err`` in its row): the masked tiles against the
+   torch quadratic form in float64, the tiled kernels' y (plain and knocked out)
+   against the torch backend in float64, mamba_ssm's y against ours.
 4. Forward + backward of the scans alone (fp32): Triton (Mamba-1 with its backward
    kernel, and with the chunked torch recompute; Mamba-2 at its default recompute
    chunk and at 512), torch.
@@ -237,9 +240,11 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
     ``vendor_path``: a folder holding mamba_ssm installed without its CUDA extension
     (``--vendor-path``), put on ``sys.path`` only here, after transformers' models were
     built: mamba_ssm's Mamba-2 scan is pure Triton, but a transformers that finds mamba_ssm
-    at import would route its Mamba-1 through the missing extension. ``notes`` receives
-    ``mamba_ssm_rel_err``: mamba_ssm's y against our Triton y (max |Δ| / max |y|), so the
-    timing compares the same computation.
+    at import would route its Mamba-1 through the missing extension. ``notes`` receives,
+    per contender, ``rel_err`` (max |Δ| / max |reference|) and what it was measured against:
+    mamba_ssm's y against our Triton y (so the timing compares the same computation), and
+    the masked tiles' removed terms against the torch quadratic form in float64 (a check of
+    the tiles at this size).
     """
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
@@ -285,6 +290,13 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
         quadratic_inputs = [t[k] for k in ("x", "delta", "A", "B", "C")]
         calls["dense_mask_masked_tiles_triton"] = sync(lambda: masked_removed_terms_triton(removed, *quadratic_inputs))
         calls["dense_mask_quadratic_torch"] = sync(lambda: dense_removed_terms_bphd(removed, *quadratic_inputs))
+        if notes is not None:
+            reference = dense_removed_terms_bphd(removed.double(), *(v.double() for v in quadratic_inputs))
+            tiles = masked_removed_terms_triton(removed, *quadratic_inputs).double()
+            notes["dense_mask_masked_tiles_triton"] = dict(
+                rel_err=((tiles - reference).abs().max() / reference.abs().max()).item(),
+                against="the torch quadratic form in float64")
+            del reference, tiles
         # the three chunked kernels alone at explicit (hd, n) tiles, plain and with the same-pass
         # knockout (3 sources at p/3 → the last position): what triton_chunked.TILE_CAPS is set from
         from tl_mamba.ops.knockout import EdgeRemoval
@@ -303,6 +315,15 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
         for hd_tile, n_tile in ((64, 64), (32, 64)):
             calls[f"plain_chunked_kernels_{hd_tile}x{n_tile}"] = sync(
                 lambda tiles=dict(block_hd=hd_tile, block_n=n_tile): ssd_chunked_triton(*scan_args, **tiles))
+        if notes is not None:  # each tile size's y, plain and knocked out, against the torch backend in float64
+            wide = [v.double() for v in scan_args[:-1]]
+            for name, knocked_out in (("same_pass_knockout_kernels", True), ("plain_chunked_kernels", False)):
+                reference = ssd_scan(*wide, backend="torch", ssm_mask=[removal] if knocked_out else None).y
+                for name_of_call in [c for c in calls if c.startswith(name)]:
+                    y = calls[name_of_call]()[0].double()
+                    notes[name_of_call] = dict(rel_err=((y - reference).abs().max() / reference.abs().max()).item(),
+                                               against="the torch backend in float64")
+            del wide, reference, y
         try:
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -319,7 +340,7 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
             err = (theirs(calls["mamba_ssm"]()).float() - reference).abs().max() / reference.abs().max()
             log(f"mamba_ssm {family} scan: max |y - ours| / max |ours| = {err.item():.1e}")
             if notes is not None:
-                notes["mamba_ssm_rel_err"] = err.item()
+                notes["mamba_ssm"] = dict(rel_err=err.item(), against="our Triton scan")
         except Exception as err:  # a version whose signature differs, or no CUDA extension: report, time the rest
             log(f"mamba_ssm {family} scan failed, not timed: {err!r}")
             del calls["mamba_ssm"]
@@ -568,15 +589,16 @@ def main() -> int:
                         row = dict(family=family, width=width, dtype=str(dtype).split(".")[-1], contender=name,
                                    median_s=timings.median(name), vs_triton=timings.paired_ratio(name, "triton"),
                                    floor_s=floor, over_floor=timings.median(name) / floor,
-                                   **(notes if name == "mamba_ssm" else {}))
+                                   **notes.get(name, {}))
                         results["scans"].append(row)
                         lines.append(f"| {family} | {width} | {row['dtype']} | {name} | {row['median_s']:.2e} | "
                                      f"{row['vs_triton']:.2f}x | {floor:.1e} | {row['over_floor']:.0f}x |")
+                    for name, note in notes.items():
+                        lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | {name} against "
+                                     f"{note['against']}: {note['rel_err']:.1e} (max |Δ| / max |reference|) "
+                                     f"| | | | |")
                     if "mamba_ssm" in calls:
                         met = timings.paired_ratio("triton", "mamba_ssm") <= 1.5
-                        lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | mamba_ssm's y against "
-                                     f"ours: {notes.get('mamba_ssm_rel_err', float('nan')):.1e} (max |Δ| / max |y|) "
-                                     f"| | | | |")
                         lines.append(f"| {family} | {width} | {str(dtype).split('.')[-1]} | target: triton scan <= "
                                      f"1.5x mamba_ssm's | {'met' if met else 'NOT met'} | | | |")
     results["backward"] = []

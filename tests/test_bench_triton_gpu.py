@@ -93,7 +93,12 @@ def test_gpu_benchmark_smoke_run(tmp_path):
         assert ("mamba2", dtype, "dense_mask_masked_tiles_triton") in scans
         # the vendor folder served the Mamba-2 scan, timed beside ours after checking it computes the same y
         vendor_row = scans[("mamba2", dtype, "mamba_ssm")]
-        assert vendor_row["median_s"] > 0 and vendor_row["mamba_ssm_rel_err"] < (1e-5 if dtype == "float32" else 1e-2)
+        assert vendor_row["median_s"] > 0 and vendor_row["rel_err"] < (1e-5 if dtype == "float32" else 1e-2)
+        # the masked tiles checked against the torch quadratic form in float64 at the bench's size
+        assert scans[("mamba2", dtype, "dense_mask_masked_tiles_triton")]["rel_err"] < 1e-5
+        # and the chunked kernels at each tile size, plain and with the same-pass knockout
+        tiled = [row for key, row in scans.items() if key[:2] == ("mamba2", dtype) and "_kernels_" in key[2]]
+        assert len(tiled) == 6 and all(row["rel_err"] < 1e-5 for row in tiled), tiled
     assert not results["mamba_ssm"]  # transformers' models never saw the vendor folder
     backward = {(r["family"], r["contender"]) for r in results["backward"]}
     assert {("mamba1", "triton"), ("mamba1", "triton_recompute_backward"), ("mamba2", "triton")} <= backward
