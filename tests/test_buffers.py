@@ -110,3 +110,28 @@ def test_selective_scan_states_in_an_advised_buffer_match_the_recurrence():
         decay = torch.exp(delta[:, t, :, None].double() * A.double())
         state = decay * state + (delta[:, t] * x[:, t]).double()[..., None] * B[:, t, None, :].double()
         torch.testing.assert_close(out.states[:, t].double(), state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_observing_hook_h_changes_nothing_bit_for_bit(family, mode):
+    """Caching (or hooking) hook_h runs the scan into the states buffer; the logits and every
+    other cached value must be exactly those of the plain forward (batch 2, several chunks),
+    so that a patching experiment's effect before an edited position is exactly zero."""
+    from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+
+    extra = dict(d_head=8, chunk_size=4) if family == "mamba2" else {}
+    cfg = HookedMambaConfig(family=family, n_layers=2, d_model=16, d_vocab=40, d_state=8, seed=3, **extra)
+    model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg)
+    model.set_backend("torch")
+    tokens = torch.randint(0, 40, (2, 150), generator=torch.Generator().manual_seed(0))  # > 2 chunks of 64
+    context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with context:
+        logits, plain = model.run_with_cache(tokens)
+        observed_logits, observed = model.run_with_cache(
+            tokens, names_filter=lambda name: not name.endswith("hook_ssm_mask"))
+        noop_logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_h", lambda h, hook: h)])
+    assert torch.equal(observed_logits, logits) and torch.equal(noop_logits, logits)
+    for name, value in plain.items():
+        assert torch.equal(observed[name], value), name
+    assert observed["blocks.0.hook_h"].shape[:2] == (2, 150)
