@@ -63,6 +63,7 @@ import datetime as _dt
 import os
 import pathlib
 import sys
+import time
 import traceback
 import warnings
 from typing import Optional
@@ -200,7 +201,9 @@ def check_scans(lengths, device, log, widths_by_family=WIDTHS, rows=None):
 def section(results: dict, name: str, flush):
     """Run one section of the benchmark; on an error, record its traceback under
     ``results["errors"][name]`` and go on with the next section. Write what is measured
-    so far after every section, so a run cut short by its time limit still leaves numbers."""
+    so far after every section, so a run cut short by its time limit still leaves numbers.
+    Each section's wall time goes to ``results["section_seconds"]``, to plan the next lease."""
+    start = time.perf_counter()
     try:
         yield
     except Exception:  # one broken section must not cost a GPU session the others
@@ -208,6 +211,9 @@ def section(results: dict, name: str, flush):
         print(f"section {name} failed:\n{tb}", flush=True)
         results.setdefault("errors", {})[name] = tb
     finally:
+        elapsed = time.perf_counter() - start
+        results.setdefault("section_seconds", {})[name] = round(elapsed, 1)
+        print(f"section {name}: {elapsed:.1f} s", flush=True)
         flush()
 
 

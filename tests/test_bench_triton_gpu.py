@@ -118,4 +118,5 @@ def test_a_failing_section_is_recorded_and_flushed_and_the_run_goes_on():
         results["measured"] = 1.0
     assert "RuntimeError: kernel exploded" in results["errors"]["broken"]
     assert "fine" not in results["errors"] and results["measured"] == 1.0
+    assert set(results["section_seconds"]) == {"broken", "fine"}  # timed whether or not they failed
     assert flushed == ["broken", "fine"]
