@@ -135,3 +135,25 @@ def test_observing_hook_h_changes_nothing_bit_for_bit(family, mode):
     for name, value in plain.items():
         assert torch.equal(observed[name], value), name
     assert observed["blocks.0.hook_h"].shape[:2] == (2, 150)
+
+
+def test_the_final_state_is_a_tensor_of_its_own():
+    """Without autograd the last state is a slice of a chunk's buffer; the returned final state
+    must be a contiguous copy (not pinning the chunk's buffer, nor aliasing the initial state)."""
+    from tl_mamba.ops import selective_scan
+
+    torch.manual_seed(2)
+    b, p, e, n = 3, 70, 6, 4
+    x, delta = torch.randn(b, p, e), torch.rand(b, p, e)
+    A, B, C = -torch.rand(e, n), torch.randn(b, p, n), torch.randn(b, p, n)
+    h0 = torch.randn(b, e, n)
+    with torch.no_grad():
+        for states in (False, True):
+            out = selective_scan(x, delta, A, B, C, None, initial_state=h0, return_states=states, backend="torch")
+            final = out.final_state
+            assert final.is_contiguous() and final.untyped_storage().nbytes() == final.numel() * 4
+            if states:
+                torch.testing.assert_close(final, out.states[:, -1], rtol=0, atol=0)
+        empty = selective_scan(x[:, :0], delta[:, :0], A, B[:, :0], C[:, :0], None, initial_state=h0, backend="torch")
+        torch.testing.assert_close(empty.final_state, h0, rtol=0, atol=0)
+        assert empty.final_state.data_ptr() != h0.data_ptr()

@@ -166,7 +166,9 @@ def _forward_no_grad(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         chunk_states = torch.empty_like(write) if states is None else states[:, w]
         h = _run_chunk(decay, write, h, chunk_states)
         y[:, w] = torch.einsum("blen,bln->ble", chunk_states, C[:, w])
-    return y, h
+    # h is a slice of the last chunk's buffer (or the caller's initial state when p = 0): a copy
+    # of its own, so the final state neither keeps that buffer alive nor aliases an input
+    return y, h.clone(memory_format=torch.contiguous_format)
 
 
 def _discretise(x: Tensor, delta: Tensor, At: Tensor, B: Tensor):
