@@ -248,9 +248,10 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
     built: mamba_ssm's Mamba-2 scan is pure Triton, but a transformers that finds mamba_ssm
     at import would route its Mamba-1 through the missing extension. ``notes`` receives,
     per contender, ``rel_err`` (max |Δ| / max |reference|) and what it was measured against:
-    mamba_ssm's y against our Triton y (so the timing compares the same computation), and
-    the masked tiles' removed terms against the torch quadratic form in float64 (a check of
-    the tiles at this size).
+    mamba_ssm's y against our Triton y (so the timing compares the same computation), the
+    masked tiles' removed terms against the torch quadratic form in float64, and each tile
+    size's y of the chunked kernels (plain and same-pass knockout) against the torch backend
+    in float64: checks of those kernels at this size.
     """
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
