@@ -19,9 +19,10 @@ light (``--repeats`` rounds; ``--warmup`` extra warm-up calls, default none):
   mamba_ssm / kernels it runs ``mamba2_chunk_scan``, the chunked SSD form in torch,
   at its config's chunk_size).
 - ``ours_forward``: ``model(tokens)`` with ``model.set_backend("torch")`` at the
-  chunk size the model was loaded with (``model.cfg.chunk_size``: 64, the torch
-  backend's default since 2026-12-05; the checkpoint's 256, at which transformers
-  runs, is kept as ``cfg.checkpoint_chunk_size``; before, it was the model's too).
+  chunk size the model was loaded with (``model.cfg.chunk_size``: the torch backend's
+  default, ``tl_mamba.ops.ssd.chunked.DEFAULT_CHUNK``, since 2026-12-05; the checkpoint's
+  256, at which transformers runs, is kept as ``cfg.checkpoint_chunk_size``; before, it
+  was the model's too).
 - ``ours_forward_chunk{L}``: the same with ``model.cfg.chunk_size = L`` for the
   other ``--chunk-sizes`` (read at each forward; results do not depend on it).
 - ``ours_cache``: ``model.run_with_cache(tokens)`` (default names_filter: every
@@ -399,8 +400,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed calls per light contender before timing, besides the agreement check (default 0)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 256 1024)")
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 128, 256],
-                        help="model.cfg.chunk_size values to time our forward at (default 64 128 256)")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[32, 64, 128, 256],
+                        help="model.cfg.chunk_size values to time our forward at (default 32 64 128 256)")
     parser.add_argument("--state-layers", type=int, default=None,
                         help="cache the states of the first N layers (default: all)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default 8192; mamba2-130m has 50288)")

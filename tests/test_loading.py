@@ -34,6 +34,7 @@ from tl_mamba.loading import (
     read_checkpoint_config,
     resolve_checkpoint,
 )
+from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK
 
 from checkpoint_writers import (
     mamba_ssm_config,
@@ -308,7 +309,7 @@ def test_config_mamba_ssm_mamba2():
     cfg = config_from_checkpoint(raw, "mamba_ssm", "mamba2")
     assert cfg.family == "mamba2" and cfg.d_vocab == 64
     assert (cfg.d_inner, cfg.d_head, cfg.n_heads, cfg.n_groups, cfg.d_state) == (32, 8, 4, 2, 8)
-    assert cfg.checkpoint_chunk_size == 8 and cfg.chunk_size == 64 and cfg.dt_limit == (0.01, 10.0)
+    assert cfg.checkpoint_chunk_size == 8 and cfg.chunk_size == DEFAULT_CHUNK and cfg.dt_limit == (0.01, 10.0)
     assert cfg.eps == 1e-5 and cfg.tie_embeddings is True and cfg.norm_before_gate is False
 
 
@@ -328,7 +329,7 @@ def test_config_transformers_matches_hf_configs(hf_mamba, hf_falcon, hf_mamba2):
     hc = hf_mamba2.config
     cfg = config_from_checkpoint(hc.to_dict(), "transformers", "mamba2")
     assert (cfg.n_heads, cfg.d_head, cfg.n_groups, cfg.checkpoint_chunk_size, cfg.d_inner) == (4, 8, 2, 8, 32)
-    assert cfg.chunk_size == 64  # the torch backend's own chunk length, not the checkpoint's
+    assert cfg.chunk_size == DEFAULT_CHUNK  # the torch backend's own chunk length, not the checkpoint's
     assert cfg.dt_limit == (0.0, float("inf")) and cfg.tie_embeddings is False  # Mamba2Config default
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 2, 1)
 

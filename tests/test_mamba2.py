@@ -29,6 +29,7 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 import tl_mamba
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, RecurrentState
 from tl_mamba.loading import UnsupportedArchitectureError, WrongModelClassError
+from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK
 
 from checkpoint_writers import (
     mamba_ssm_config,
@@ -518,7 +519,7 @@ def test_mamba_ssm_mamba2_dir_loads_and_matches_transformers(tmp_path, tie):
         assert type(model) is HookedMamba2
         cfg = model.cfg
         assert (cfg.d_vocab, cfg.n_heads, cfg.d_head, cfg.n_groups, cfg.checkpoint_chunk_size) == (56, 4, 8, 2, 8)
-        assert cfg.chunk_size == 64  # our torch backend's chunk length; the checkpoint's 8 is kept for saving
+        assert cfg.chunk_size == DEFAULT_CHUNK  # our torch backend's chunk length; the checkpoint's 8 is kept for saving
         assert tuple(cfg.dt_limit) == (0.01, 0.5) and cfg.tie_embeddings is tie
         with torch.no_grad():
             assert _max_err(model(tokens), expected) <= 1e-5

@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional, Tuple
 
 import torch
 
+from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK as SSD_DEFAULT_CHUNK
+
 Family = Literal["mamba1", "mamba2"]
 
 
@@ -39,9 +41,10 @@ class HookedMambaConfig:
     n_heads: Optional[int] = None
     n_groups: int = 1
     # Chunk length of the "torch" backend's chunked scan: speed and memory only, results do
-    # not depend on it. 64 is the fastest measured on a CPU at 130m widths (0.65x the time of
-    # 256, the checkpoints' value); the Triton kernels choose their own.
-    chunk_size: int = 64
+    # not depend on it. The default (tl_mamba.ops.ssd.chunked.DEFAULT_CHUNK) is the fastest
+    # measured on a CPU; the checkpoints' 256 took 1.5x its time. The Triton kernels choose
+    # their own.
+    chunk_size: int = SSD_DEFAULT_CHUNK
     # The chunk_size a loaded checkpoint's config names (mamba_ssm's kernels run at it),
     # written back when the model is saved; None: chunk_size.
     checkpoint_chunk_size: Optional[int] = None

@@ -32,7 +32,7 @@ from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal,
                                   dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
                                   pair_terms_bphd, removed_terms, same_pass_removal)
-from tl_mamba.ops.ssd.chunked import ssd_chunked
+from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK, ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.triton_scan import kernel_or_fallback
@@ -91,7 +91,7 @@ def ssd_scan(
     ssm_mask: Optional[SSMMask] = None,
     return_states: bool = False,
     backend: Optional[str] = None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> SSDOutput:
     """Run the Mamba-2 scan with the chosen backend.
 
