@@ -42,7 +42,7 @@ class HookedMambaConfig:
     n_groups: int = 1
     # Chunk length of the "torch" backend's chunked scan: speed and memory only, results do
     # not depend on it. The default (tl_mamba.ops.ssd.chunked.DEFAULT_CHUNK) is the fastest
-    # measured on a CPU; the checkpoints' 256 took 1.5x its time. The Triton kernels choose
+    # measured on a CPU; the checkpoints' 256 took 1.6-1.7x its time. The Triton kernels choose
     # their own.
     chunk_size: int = SSD_DEFAULT_CHUNK
     # The chunk_size a loaded checkpoint's config names (mamba_ssm's kernels run at it),
