@@ -61,6 +61,11 @@ each recomputed chunk costs a fixed ~100 kernel launches. Measured on an H200
 T = 64, 18-21 ms at T = 512, 10.5 ms at T = 2048, where the torch backend's own
 autograd took 12 ms (docs/performance.md, "GPU")."""
 
+RECOMPUTE_CHUNK = 64
+"""Chunk length Q of the torch SSD form inside the backward's recompute: the 64 those H200
+timings were taken at. (The torch backend's own default, ``ssd.chunked.DEFAULT_CHUNK``, is
+tuned on a CPU and was not timed on a GPU.)"""
+
 
 @triton.jit
 def _ssd_fwd_kernel(
@@ -242,7 +247,8 @@ def ssd_triton(
     from tl_mamba.ops.ssd.chunked import ssd_chunked
 
     forward = _forward if chunk_size is None else functools.partial(_forward, chunk_size=chunk_size)
-    return run_triton_scan(forward, ssd_chunked, SSDOutput, "SSD scan", x, delta, A, B, C, D,
+    recompute = functools.partial(ssd_chunked, chunk_size=RECOMPUTE_CHUNK)
+    return run_triton_scan(forward, recompute, SSDOutput, "SSD scan", x, delta, A, B, C, D,
                            initial_state, return_states,
                            backward_chunk=BACKWARD_CHUNK if backward_chunk is None else backward_chunk,
                            removal=removal)
