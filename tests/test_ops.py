@@ -146,6 +146,30 @@ def test_chunked_any_chunk_size_matches_scalar_loop(chunk_size):
     torch.testing.assert_close(out.final_state.double(), final_ref, **TOL)
 
 
+@pytest.mark.parametrize("per_position", [1, 4096, 98_304, 196_608, 393_216, 786_432, 1 << 22])
+def test_chunk_for_is_the_longest_power_of_two_within_the_budget(per_position):
+    """The no-grad chunk rule against its definition, checked by enumeration."""
+    from tl_mamba.ops.selective_scan.chunked import CHUNK_BYTES, DEFAULT_CHUNK, chunk_for
+
+    fits = [L for L in (8, 16, 32, 64) if L <= DEFAULT_CHUNK and L * per_position <= CHUNK_BYTES]
+    assert chunk_for(1, per_position, 1, 1) == (max(fits) if fits else 8)
+    assert chunk_for(1, 1536, 16, 4) == 64 and chunk_for(8, 1536, 16, 4) == 8  # 130m widths, b 1 and b 8
+
+
+def test_chunk_picked_by_batch_size_matches_scalar_loop(monkeypatch):
+    """A budget small enough that the rule picks chunks of 8 across 21 positions (3 chunks)."""
+    from tl_mamba.ops.selective_scan import chunked
+
+    x, delta, A, B, C, D, h0 = make_inputs(3, 21, 5, 4, seed=8)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 8 * 3 * 5 * 4 * 4)
+    assert chunked.chunk_for(3, 5, 4, 4) == 8
+    out = selective_scan_chunked(x, delta, A, B, C, D, initial_state=h0, return_states=True)
+    y_ref, states_ref, final_ref = scalar_loop(x, delta, A, B, C, D, h0)
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+    torch.testing.assert_close(out.states.double(), states_ref, **TOL)
+    torch.testing.assert_close(out.final_state.double(), final_ref, **TOL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scan_zero_length(backend):
     x, delta, A, B, C, D, h0 = make_inputs(2, 0, 3, 2)

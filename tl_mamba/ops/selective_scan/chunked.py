@@ -48,14 +48,31 @@ from tl_mamba.ops.buffers import states_buffer
 from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
 
 DEFAULT_CHUNK = 64
+"""The longest chunk (positions) the scan takes when no ``chunk_size`` is given."""
+
+CHUNK_BYTES = 8 << 20
+"""Without autograd and with no ``chunk_size`` given, the chunk is the longest power of two
+up to :data:`DEFAULT_CHUNK` (and at least 8 positions) whose ``[b, L, e, n]`` tensors
+(decays, writes, states) each fit in this many bytes: their size grows with the batch, and
+a chunk that spills out of cache, or past the allocator's 32 MB ``mmap`` threshold (then it
+faults in fresh pages every chunk), is slow. Measured 2026-12-05 (Intel Xeon, 1 thread),
+a 4-layer model at 130m widths, forward, against a fixed 64: b 8, p 512 0.60x the time (the
+rule picks 8; 16 timed the same), b 4 0.87x (16), b 1 the same (64); the scan alone at toy
+widths (b 32, e 192, n 8) 0.88x (32)."""
 
 GRAD_CHUNK = 16
 """Positions per chunk of the differentiable scan (at most ``chunk_size``). Its backward
 makes several [b, T, e, n] temporaries per chunk, and saves one state per chunk. In whole
 training steps on a CPU (toy widths b 32 p 512, 130m widths b 1 p 1024), T = 16, 32 and 64
-timed within noise of each other; 16 keeps the temporaries small. (The no-grad scan's chunk
-likewise made no difference inside a model forward; timings of a scan alone that favoured
-small chunks 2x were the allocator's page faults on fresh multi-MB buffers.)"""
+timed within noise of each other; 16 keeps the temporaries small."""
+
+
+def chunk_for(b: int, e: int, n: int, itemsize: int) -> int:
+    """The no-grad chunk length when none is given: see :data:`CHUNK_BYTES`."""
+    length, per_position = DEFAULT_CHUNK, b * e * n * itemsize
+    while length > 8 and length * per_position > CHUNK_BYTES:
+        length //= 2
+    return length
 
 
 def selective_scan_chunked(
@@ -69,9 +86,13 @@ def selective_scan_chunked(
     initial_state: Optional[Tensor] = None,
     return_states: bool = False,
     z: Optional[Tensor] = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: Optional[int] = None,
 ):
-    """Chunked scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``."""
+    """Chunked scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``.
+
+    ``chunk_size``: positions per chunk (speed and memory only); None picks it by the
+    batch's size without autograd (:data:`CHUNK_BYTES`), :data:`DEFAULT_CHUNK` with it.
+    """
     from tl_mamba.ops.selective_scan import ScanOutput
 
     b, p, e = x.shape
@@ -83,17 +104,19 @@ def selective_scan_chunked(
         h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
         if return_states:
             states = states_buffer((b, p, e, n), like=x, dtype=cdt)  # one buffer for every state
-        y, h = _forward_no_grad(xf, df, A.to(cdt), Bf, Cf, h, chunk_size, states)
+        length = chunk_for(b, e, n, xf.element_size()) if chunk_size is None else chunk_size
+        y, h = _forward_no_grad(xf, df, A.to(cdt), Bf, Cf, h, length, states)
     else:
         # Under autograd a state is [b, n, e], not [b, e, n]: every gradient sums over the
         # small n (d_state), and a sum over a non-innermost axis is a vectorised add across e,
         # where einsum over an innermost n of 8-16 made batched matmuls 5-10x slower on a CPU.
         At = A.to(cdt).transpose(0, 1)  # [n, e]
         h = x.new_zeros(b, n, e, dtype=cdt) if initial_state is None else initial_state.to(cdt).transpose(1, 2)
+        length = DEFAULT_CHUNK if chunk_size is None else chunk_size
         if not return_states:
-            y, h = _ChunkedScan.apply(xf, df, At, Bf, Cf, h, min(chunk_size, GRAD_CHUNK))
+            y, h = _ChunkedScan.apply(xf, df, At, Bf, Cf, h, min(length, GRAD_CHUNK))
         else:
-            y, h, states = _states_through_autograd(xf, df, At, Bf, Cf, h, chunk_size)
+            y, h, states = _states_through_autograd(xf, df, At, Bf, Cf, h, length)
         h = h.transpose(1, 2).contiguous()  # [b, e, n]
     if D is not None:
         y = y + D.to(cdt) * xf
