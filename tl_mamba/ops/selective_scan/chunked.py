@@ -64,7 +64,9 @@ GRAD_CHUNK = 16
 """Positions per chunk of the differentiable scan (at most ``chunk_size``). Its backward
 makes several [b, T, e, n] temporaries per chunk, and saves one state per chunk. In whole
 training steps on a CPU (toy widths b 32 p 512, 130m widths b 1 p 1024), T = 16, 32 and 64
-timed within noise of each other; 16 keeps the temporaries small."""
+timed within noise of each other; 16 keeps the temporaries small. For larger batches the
+rule of :data:`CHUNK_BYTES` picks less: at 130m widths, b 8, p 512 it picks 8, which took
+0.92x the time of 16 for the scan's forward and backward (b 1: 16, toy widths b 32: 16)."""
 
 
 def chunk_for(b: int, e: int, n: int, itemsize: int) -> int:
@@ -91,7 +93,7 @@ def selective_scan_chunked(
     """Chunked scan. Shapes as in ``tl_mamba.ops.selective_scan.selective_scan``.
 
     ``chunk_size``: positions per chunk (speed and memory only); None picks it by the
-    batch's size without autograd (:data:`CHUNK_BYTES`), :data:`DEFAULT_CHUNK` with it.
+    batch's size (:data:`CHUNK_BYTES`; under autograd at most :data:`GRAD_CHUNK`).
     """
     from tl_mamba.ops.selective_scan import ScanOutput
 
@@ -112,7 +114,7 @@ def selective_scan_chunked(
         # where einsum over an innermost n of 8-16 made batched matmuls 5-10x slower on a CPU.
         At = A.to(cdt).transpose(0, 1)  # [n, e]
         h = x.new_zeros(b, n, e, dtype=cdt) if initial_state is None else initial_state.to(cdt).transpose(1, 2)
-        length = DEFAULT_CHUNK if chunk_size is None else chunk_size
+        length = chunk_for(b, e, n, xf.element_size()) if chunk_size is None else chunk_size
         if not return_states:
             y, h = _ChunkedScan.apply(xf, df, At, Bf, Cf, h, min(length, GRAD_CHUNK))
         else:
