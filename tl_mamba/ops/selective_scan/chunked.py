@@ -51,14 +51,15 @@ DEFAULT_CHUNK = 64
 """The longest chunk (positions) the scan takes when no ``chunk_size`` is given."""
 
 CHUNK_BYTES = 8 << 20
-"""Without autograd and with no ``chunk_size`` given, the chunk is the longest power of two
-up to :data:`DEFAULT_CHUNK` (and at least 8 positions) whose ``[b, L, e, n]`` tensors
-(decays, writes, states) each fit in this many bytes: their size grows with the batch, and
-a chunk that spills out of cache, or past the allocator's 32 MB ``mmap`` threshold (then it
-faults in fresh pages every chunk), is slow. Measured 2026-12-05 (Intel Xeon, 1 thread),
-a 4-layer model at 130m widths, forward, against a fixed 64: b 8, p 512 0.60x the time (the
-rule picks 8; 16 timed the same), b 4 0.87x (16), b 1 the same (64); the scan alone at toy
-widths (b 32, e 192, n 8) 0.88x (32)."""
+"""With no ``chunk_size`` given, the chunk is the longest power of two up to
+:data:`DEFAULT_CHUNK` (and at least 8 positions) whose ``[b, L, e, n]`` tensors (decays,
+writes, states) each fit in this many bytes (:func:`chunk_for`; under autograd at most
+:data:`GRAD_CHUNK`). Their size grows with the batch, and a chunk that spills out of cache,
+or past the allocator's 32 MB ``mmap`` threshold (then it faults in fresh pages every
+chunk), is slow. Measured 2026-12-05 (Intel Xeon, 1 thread), a 4-layer model at 130m widths,
+forward, against a fixed 64: b 8, p 512 0.59x the time (the rule picks 8; 16 timed the
+same), b 4 0.89x (16), b 1 the same (64); the scan alone at toy widths (b 32, e 192, n 8)
+0.88x (32)."""
 
 GRAD_CHUNK = 16
 """Positions per chunk of the differentiable scan (at most ``chunk_size``). Its backward
@@ -70,7 +71,7 @@ rule of :data:`CHUNK_BYTES` picks less: at 130m widths, b 8, p 512 it picks 8, w
 
 
 def chunk_for(b: int, e: int, n: int, itemsize: int) -> int:
-    """The no-grad chunk length when none is given: see :data:`CHUNK_BYTES`."""
+    """The chunk length when none is given, for ``[b, e, n]`` states of ``itemsize`` bytes: see :data:`CHUNK_BYTES`."""
     length, per_position = DEFAULT_CHUNK, b * e * n * itemsize
     while length > 8 and length * per_position > CHUNK_BYTES:
         length //= 2
@@ -101,12 +102,12 @@ def selective_scan_chunked(
     n = A.shape[-1]
     cdt = compute_dtype(x, delta, A, B, C, initial_state)
     xf, df, Bf, Cf = (t.to(cdt) for t in (x, delta, B, C))
+    length = chunk_for(b, e, n, xf.element_size()) if chunk_size is None else chunk_size
     states = None
     if not needs_grad(x, delta, A, B, C, initial_state):
         h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
         if return_states:
             states = states_buffer((b, p, e, n), like=x, dtype=cdt)  # one buffer for every state
-        length = chunk_for(b, e, n, xf.element_size()) if chunk_size is None else chunk_size
         y, h = _forward_no_grad(xf, df, A.to(cdt), Bf, Cf, h, length, states)
     else:
         # Under autograd a state is [b, n, e], not [b, e, n]: every gradient sums over the
@@ -114,7 +115,6 @@ def selective_scan_chunked(
         # where einsum over an innermost n of 8-16 made batched matmuls 5-10x slower on a CPU.
         At = A.to(cdt).transpose(0, 1)  # [n, e]
         h = x.new_zeros(b, n, e, dtype=cdt) if initial_state is None else initial_state.to(cdt).transpose(1, 2)
-        length = chunk_for(b, e, n, xf.element_size()) if chunk_size is None else chunk_size
         if not return_states:
             y, h = _ChunkedScan.apply(xf, df, At, Bf, Cf, h, min(length, GRAD_CHUNK))
         else:
