@@ -22,24 +22,15 @@ pytest.importorskip("triton")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-# A stand-in for mamba_ssm's pure-Triton Mamba-2 scan (same signature and layout), written
-# as the plain recurrence in float64: what ``--vendor-path`` puts on the path for the scans.
+# A stand-in for mamba_ssm's pure-Triton Mamba-2 scan (same signature and layout), computed by
+# the suite's float64 reference: what ``--vendor-path`` puts on the path for the scans.
 FAKE_MAMBA_CHUNK_SCAN = """
-import torch
+from tests.test_ssd_ops import brute_force
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, return_final_states=False):
-    b, p, h, hd = x.shape
-    heads_per_group = h // B.shape[2]
-    Bh = B.double().repeat_interleave(heads_per_group, dim=2)
-    Ch = C.double().repeat_interleave(heads_per_group, dim=2)
-    state = x.new_zeros(b, h, hd, B.shape[-1], dtype=torch.float64)
-    ys = []
-    for t in range(p):
-        decay = torch.exp(dt[:, t].double() * A.double())[:, :, None, None]
-        state = decay * state + (dt[:, t, :, None].double() * x[:, t].double())[..., None] * Bh[:, t, :, None, :]
-        ys.append((state * Ch[:, t, :, None, :]).sum(-1) + D.double()[:, None] * x[:, t].double())
-    y = torch.stack(ys, dim=1).to(x.dtype)
-    return (y, state.float()) if return_final_states else y
+    y, states, _ = brute_force(x, dt, A, B, C, D)
+    y = y.to(x.dtype)
+    return (y, states[:, -1].float()) if return_final_states else y
 """
 
 
