@@ -299,11 +299,10 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
         calls["dense_mask_quadratic_torch"] = sync(lambda: dense_removed_terms_bphd(removed, *quadratic_inputs))
         if notes is not None:
             reference = dense_removed_terms_bphd(removed.double(), *(v.double() for v in quadratic_inputs))
-            tiles = masked_removed_terms_triton(removed, *quadratic_inputs).double()
             notes["dense_mask_masked_tiles_triton"] = dict(
-                rel_err=((tiles - reference).abs().max() / reference.abs().max()).item(),
+                rel_err=rel_err(masked_removed_terms_triton(removed, *quadratic_inputs), reference),
                 against="the torch quadratic form in float64")
-            del reference, tiles
+            del reference
         # the three chunked kernels alone at explicit (hd, n) tiles, plain and with the same-pass
         # knockout (3 sources at p/3 → the last position): what triton_chunked.TILE_CAPS is set from
         from tl_mamba.ops.knockout import EdgeRemoval
@@ -327,10 +326,9 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
             for name, knocked_out in (("same_pass_knockout_kernels", True), ("plain_chunked_kernels", False)):
                 reference = ssd_scan(*wide, backend="torch", ssm_mask=[removal] if knocked_out else None).y
                 for name_of_call in [c for c in calls if c.startswith(name)]:
-                    y = calls[name_of_call]()[0].double()
-                    notes[name_of_call] = dict(rel_err=((y - reference).abs().max() / reference.abs().max()).item(),
+                    notes[name_of_call] = dict(rel_err=rel_err(calls[name_of_call]()[0], reference),
                                                against="the torch backend in float64")
-            del wide, reference, y
+            del wide, reference
         try:
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -343,11 +341,10 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
             pass
     if "mamba_ssm" in calls:
         try:
-            reference = ours().float()
-            err = (theirs(calls["mamba_ssm"]()).float() - reference).abs().max() / reference.abs().max()
-            log(f"mamba_ssm {family} scan: max |y - ours| / max |ours| = {err.item():.1e}")
+            err = rel_err(theirs(calls["mamba_ssm"]()), ours().double())
+            log(f"mamba_ssm {family} scan: max |y - ours| / max |ours| = {err:.1e}")
             if notes is not None:
-                notes["mamba_ssm"] = dict(rel_err=err.item(), against="our Triton scan")
+                notes["mamba_ssm"] = dict(rel_err=err, against="our Triton scan")
         except Exception as err:  # a version whose signature differs, or no CUDA extension: report, time the rest
             log(f"mamba_ssm {family} scan failed, not timed: {err!r}")
             del calls["mamba_ssm"]
