@@ -3,11 +3,11 @@
 The per-position work of the recurrence is one fused ``addcmul`` on the state.
 Everything else (discretisation ``exp(Δ ⊗ A)``, the write ``Δx ⊗ B`` and the read-out
 ``h · C``) is done for a chunk of positions at once, so the chunk's intermediates stay
-in cache and the Python loop carries a single op per step. Without autograd the state
-is held in the public ``[b, e, n]`` layout and a chunk's states are written in place,
-into a chunk buffer or straight into the ``[b, p, e, n]`` result when every state is
-asked for (:func:`_forward_no_grad`); under autograd it is held as ``[b, n, e]``, which
-the gradients' sums over n want (:func:`selective_scan_chunked`).
+in cache and the Python loop carries a single op per step. One forward loop serves
+every call (:func:`_forward`): it holds the state in the public ``[b, e, n]`` layout
+and writes a chunk's states in place, into a chunk buffer or straight into the
+``[b, p, e, n]`` result when every state is asked for. So a forward gives the same y
+bit for bit with or without ``hook_h`` observed, and with or without autograd.
 
 With autograd, the scan is a :class:`_ChunkedScan` function whose backward is
 written out by hand: it walks the chunks from last to first, recomputes a chunk's
@@ -103,22 +103,18 @@ def selective_scan_chunked(
     cdt = compute_dtype(x, delta, A, B, C, initial_state)
     xf, df, Bf, Cf = (t.to(cdt) for t in (x, delta, B, C))
     length = chunk_for(b, e, n, xf.element_size()) if chunk_size is None else chunk_size
+    A_c = A.to(cdt)
+    h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     states = None
     if not needs_grad(x, delta, A, B, C, initial_state):
-        h = x.new_zeros(b, e, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
         if return_states:
             states = states_buffer((b, p, e, n), like=x, dtype=cdt)  # one buffer for every state
-        y, h = _forward_no_grad(xf, df, A.to(cdt), Bf, Cf, h, length, states)
+        y, h = _forward(xf, df, A_c, Bf, Cf, h, length, states)
+    elif not return_states:
+        y, h = _ChunkedScan.apply(xf, df, A_c, Bf, Cf, h, min(length, GRAD_CHUNK))
     else:
-        # Under autograd a state is [b, n, e], not [b, e, n]: every gradient sums over the
-        # small n (d_state), and a sum over a non-innermost axis is a vectorised add across e,
-        # where einsum over an innermost n of 8-16 made batched matmuls 5-10x slower on a CPU.
-        At = A.to(cdt).transpose(0, 1)  # [n, e]
-        h = x.new_zeros(b, n, e, dtype=cdt) if initial_state is None else initial_state.to(cdt).transpose(1, 2)
-        if not return_states:
-            y, h = _ChunkedScan.apply(xf, df, At, Bf, Cf, h, min(length, GRAD_CHUNK))
-        else:
-            y, h, states = _states_through_autograd(xf, df, At, Bf, Cf, h, length)
+        # Here autograd records the loop, in the layout its gradients want (see _ChunkedScan)
+        y, h, states = _states_through_autograd(xf, df, A_c.transpose(0, 1), Bf, Cf, h.transpose(1, 2), length)
         h = h.transpose(1, 2).contiguous()  # [b, e, n]
     if D is not None:
         y = y + D.to(cdt) * xf
@@ -150,42 +146,31 @@ def _states_through_autograd(x: Tensor, delta: Tensor, At: Tensor, B: Tensor, C:
     return torch.cat(ys, dim=1), h, torch.cat(all_states, dim=1)
 
 
-def _forward_chunks(x: Tensor, delta: Tensor, At: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk_size: int,
-                    bounds: Tensor):
-    """The forward of :class:`_ChunkedScan`, a chunk at a time: ``(y [b, p, e], final state [b, n, e])``.
+def _forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk_size: int,
+             states: Optional[Tensor] = None, bounds: Optional[Tensor] = None):
+    """The scan's forward loop, a chunk at a time, recording no autograd: ``(y [b, p, e],
+    final state [b, e, n])`` from A ``[e, n]`` and the initial state ``h`` [b, e, n].
 
-    ``At`` is A transposed, [n, e]; ``h`` the initial state, [b, n, e]. ``bounds``
-    ([b, ceil(p / chunk_size), n, e]) receives the state entering each chunk.
+    Both the no-grad scan and the forward of :class:`_ChunkedScan` run it, so a forward with
+    autograd on gives bit for bit the y of one with it off (at the same ``chunk_size``).
+
+    ``states`` ([b, p, e, n]), when given, receives every state: the recurrence writes each
+    one straight into it. The same ops run whether or not it is given, so observing
+    ``hook_h`` leaves y bit for bit as it was. ``bounds`` ([b, ceil(p / chunk_size), n, e]),
+    when given, receives the state entering each chunk, transposed, for the backward.
+
+    Why the ``[e, n]`` layout and not the backward's ``[n, e]`` (measured 2026-12-05, 1
+    thread, Intel Xeon): keeping the states then cost a transposed copy of all of them (a
+    Mamba-1 scan at 130m widths, p = 1024: 90 ms with states against 66 ms now, 64 ms
+    without); and without states this layout took 0.85-0.90x the time at d_state 16 (130m
+    widths, and b 8-32 at e 320-1536), 1.06-1.09x at the toy models' d_state 8.
     """
     b, p, e = x.shape
     y = x.new_empty(b, p, e)
     for k, start in enumerate(range(0, p, chunk_size)):
         w = slice(start, min(start + chunk_size, p))
-        bounds[:, k] = h
-        decay, write = _discretise(x[:, w], delta[:, w], At, B[:, w])
-        chunk_states = torch.empty_like(write)
-        h = _run_chunk(decay, write, h, chunk_states)
-        y[:, w] = _read_out(chunk_states, C[:, w])
-    return y, h
-
-
-def _forward_no_grad(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk_size: int,
-                     states: Optional[Tensor] = None):
-    """The scan without autograd, a chunk at a time, in the public ``[e, n]`` state layout:
-    ``(y [b, p, e], final state [b, e, n])`` from A ``[e, n]`` and the initial state ``h`` [b, e, n].
-
-    ``states`` ([b, p, e, n]), when given, receives every state: the recurrence writes each
-    one straight into it. The same ops run whether or not it is given, so observing
-    ``hook_h`` leaves y bit for bit as it was. Why this layout and not autograd's ``[n, e]``
-    (measured 2026-12-05, 1 thread, Intel Xeon): keeping the states then cost a transposed
-    copy of all of them (a Mamba-1 scan at 130m widths, p = 1024: 90 ms with states against
-    66 ms now, 64 ms without); and without states this layout took 0.85-0.90x the time at
-    d_state 16 (130m widths, and b 8-32 at e 320-1536), 1.06-1.09x at the toy models' d_state 8.
-    """
-    b, p, e = x.shape
-    y = x.new_empty(b, p, e)
-    for start in range(0, p, chunk_size):
-        w = slice(start, min(start + chunk_size, p))
+        if bounds is not None:
+            bounds[:, k] = h.transpose(1, 2)
         decay = (delta[:, w, :, None] * A).exp_()  # [b, L, e, n]; exp in place: one fresh buffer, not two
         write = (delta[:, w] * x[:, w])[..., None] * B[:, w, None, :]
         chunk_states = torch.empty_like(write) if states is None else states[:, w]
@@ -217,27 +202,34 @@ def _run_chunk(decay: Tensor, write: Tensor, h: Tensor, states: Tensor) -> Tenso
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """The ungated, D-free scan ``(y [b, p, e], h_final [b, n, e])`` with a hand-written chunked backward
-    (inputs as in :func:`_forward_chunks`: A transposed, states [b, n, e])."""
+    """The ungated, D-free scan ``(y [b, p, e], h_final [b, e, n])`` with a hand-written chunked backward.
+
+    Inputs as in :func:`_forward` (A [e, n], states [b, e, n]). The forward is that loop; the
+    backward holds a state as ``[b, n, e]``: every gradient sums over the small n (d_state), and
+    a sum over a non-innermost axis is a vectorised add across e, where einsum over an
+    innermost n of 8-16 made batched matmuls 5-10x slower on a CPU. The states it recomputes
+    equal the forward's bit for bit: the recurrence is elementwise, so the layout does not
+    change a single rounding."""
 
     @staticmethod
-    def forward(ctx, x, delta, At, B, C, h0, chunk_size):
+    def forward(ctx, x, delta, A, B, C, h0, chunk_size):
         b, p, e = x.shape
-        bounds = x.new_empty(b, -(-p // chunk_size), At.shape[0], e)  # the state entering each chunk
-        y, h = _forward_chunks(x, delta, At, B, C, h0, chunk_size, bounds=bounds)
-        ctx.save_for_backward(x, delta, At, B, C, bounds)
+        bounds = x.new_empty(b, -(-p // chunk_size), A.shape[1], e)  # the state entering each chunk, [n, e]
+        y, h = _forward(x, delta, A, B, C, h0, chunk_size, bounds=bounds)
+        ctx.save_for_backward(x, delta, A, B, C, bounds)
         ctx.chunk_size = chunk_size
-        return y, h.clone() if h is h0 else h
+        return y, h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_final):
-        x, delta, At, B, C, bounds = ctx.saved_tensors
+        x, delta, A, B, C, bounds = ctx.saved_tensors
+        At = A.transpose(0, 1)  # [n, e]
         b, p, e = x.shape
         grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
         # carry: ∂L/∂h_{t-1} that flows out of position t, exp(Δ_t A) ⊙ g_t; it enters the
         # position before as g_{t-1} += carry (at the end, ∂L/∂h_final; at the start, ∂L/∂h_0)
-        carry = torch.zeros_like(bounds[:, 0]) if grad_final is None else grad_final.clone()
+        carry = torch.zeros_like(bounds[:, 0]) if grad_final is None else grad_final.transpose(1, 2).clone(memory_format=torch.contiguous_format)
         dx, ddelta, dAt, dB, dC = (torch.empty_like(x), torch.empty_like(delta), torch.zeros_like(At),
                                    torch.empty_like(B), torch.empty_like(C))
         T = ctx.chunk_size
@@ -266,4 +258,4 @@ class _ChunkedScan(torch.autograd.Function):
             dAt += (d_dA * delta_c[:, :, None, :]).sum((0, 1))
             ddelta[:, w] = d_dA.mul_(At).sum(2) + d_write_B * x_c
             dx[:, w] = d_write_B * delta_c
-        return dx, ddelta, dAt, dB, dC, carry, None
+        return dx, ddelta, dAt.transpose(0, 1), dB, dC, carry.transpose(1, 2), None
