@@ -4,11 +4,13 @@
 
 Two settings, one thread, float32, interleaved rounds (``_timing.py``; ratios paired by round):
 
-- **scan**: one Mamba-1 selective scan, ``y.sum().backward()``. ``torch`` is our
-  ``"torch"`` backend (its hand-written chunked backward, ``chunked._ChunkedScan``);
-  ``torch+states`` the same backend asked for every state as well, which is
-  differentiated by autograd through the Python loop (what every differentiable call
-  did before the hand-written backward).
+- **scan**: one Mamba-1 selective scan and its backward. ``torch`` is our
+  ``"torch"`` backend (its hand-written chunked backward, ``chunked._ChunkedScan``),
+  ``y.sum().backward()``; ``torch+states`` the same backend asked for every state as
+  well, whose sum enters the loss too (what a hook on ``hook_h`` costs under autograd).
+  Until 2026-12-05 that case was differentiated by autograd through the Python loop
+  (what every differentiable call did before the hand-written backward); since then it
+  runs the same hand-written backward.
 - **model**: the loss of every next token, ``loss.backward()``, for ``HookedMamba`` /
   ``HookedMamba2`` (torch backend, train mode) against transformers' ``MambaForCausalLM`` /
   ``Mamba2ForCausalLM`` on their torch paths (train mode), identical random weights.
@@ -66,9 +68,12 @@ def scan_contenders(b: int, p: int, e: int, n: int):
         for t in leaves:
             t.grad = None
 
+    def loss(states: bool):
+        out = selective_scan(*leaves, backend="torch", return_states=states)
+        return out.y.sum() + out.states.sum() if states else out.y.sum()
+
     def run(states: bool):
-        return _forward_backward(lambda: selective_scan(*leaves, backend="torch", return_states=states).y.sum(),
-                                 clear)
+        return _forward_backward(lambda: loss(states), clear)
 
     return {"torch": run(False), "torch+states": run(True)}
 

@@ -257,8 +257,26 @@ def test_gradcheck_torch_backend_float64():
     assert torch.autograd.gradcheck(_scan_fn, _gradcheck_inputs(torch.float64))
 
 
-# Without returned states the torch backend's gradient is its hand-written chunked backward
-# (chunked._ChunkedScan), not autograd through the loop: check it on its own.
+# The torch backend's gradient is its hand-written chunked backward (chunked._ChunkedScan), not
+# autograd through the loop: check it across chunk boundaries, with and without returned states.
+@pytest.mark.parametrize("p", [16, 37])
+def test_torch_backend_handwritten_backward_with_states_matches_closed_form(p):
+    """Gradients through every returned state (what a hook on hook_h sees under autograd), y and
+    the final state, across chunk boundaries, against autograd through the float64 closed form."""
+    b, e, n = 2, 3, 2
+    inputs = make_inputs(b, p, e, n, seed=36, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(37)
+    gy, gs = torch.randn(b, p, e, generator=g, dtype=torch.float64), torch.randn(b, p, e, n, generator=g, dtype=torch.float64)
+    gh = torch.randn(b, e, n, generator=g, dtype=torch.float64)
+    x, delta, A, B, C, D, h0 = inputs
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, return_states=True, backend="torch")
+    got = torch.autograd.grad((out.y * gy).sum() + (out.states * gs).sum() + (out.final_state * gh).sum(), inputs)
+    y_ref, states_ref, _ = closed_form(x, delta, A, B, C, D, h0)
+    want = torch.autograd.grad((y_ref * gy).sum() + (states_ref * gs).sum() + (states_ref[:, -1] * gh).sum(), inputs)
+    for name, a, w in zip(("x", "delta", "A", "B", "C", "D", "initial_state"), got, want):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")
+
+
 @pytest.mark.parametrize("p", [1, 16, 37])  # one position, exactly one chunk, chunks + a ragged tail
 def test_gradcheck_torch_backend_handwritten_backward_float64(p):
     from tl_mamba.ops.selective_scan.chunked import GRAD_CHUNK
@@ -735,3 +753,33 @@ def test_a_kernel_failing_on_a_gpu_falls_back_once_with_a_warning(monkeypatch):
     assert calls == ["kernel", "fallback", "fallback"]
     with pytest.raises(RuntimeError, match="shared memory"):
         triton_scan.kernel_or_fallback("another kernel", torch.device("cpu"), broken, fallback, "the simple path")
+
+
+@pytest.mark.parametrize("decay_shape", ["full", "per_head"])  # Mamba-1's [e, n] decay; Mamba-2's per head
+def test_linear_recurrence_gradients_match_autograd_through_the_loop(decay_shape):
+    """The gradient-routing recurrence of hook_h (hand-written backward) against autograd through a
+    plain float64 loop, for a decay that broadcasts (Mamba-2: one value per head) or not."""
+    from tl_mamba.ops.state_override import linear_recurrence
+
+    g = torch.Generator().manual_seed(41)
+    b, p, state = 2, 13, (3, 2, 4)
+    write = torch.randn(b, p, *state, generator=g, dtype=torch.float64)
+    decay = torch.rand((b, p, *state) if decay_shape == "full" else (b, p, 3, 1, 1), generator=g, dtype=torch.float64)
+    upstream = torch.randn(b, p, *state, generator=g, dtype=torch.float64)
+
+    def loop(decay, write):
+        h, out = torch.zeros_like(write[:, 0]), []
+        for t in range(p):
+            h = decay[:, t] * h + write[:, t]
+            out.append(h)
+        return torch.stack(out, dim=1)
+
+    results = []
+    for fn in (linear_recurrence, loop):
+        leaves = [decay.clone().requires_grad_(), write.clone().requires_grad_()]
+        out = fn(*leaves)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), leaves)))
+    for got, want in zip(*results):
+        assert got.shape == want.shape and want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert linear_recurrence(decay[:, :0], write[:, :0]).shape == (b, 0, *state)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 @dataclass
@@ -87,12 +88,39 @@ def scan_with_override(
 def linear_recurrence(decay: Tensor, write: Tensor) -> Tensor:
     """h_t = decay_t ⊙ h_{t-1} + write_t from h_{-1} = 0, for every t: ``[b, p, *state]``.
 
-    ``decay`` broadcasts against ``write``. A plain loop, differentiable; used only
-    to route gradients (see ``tl_mamba.models.heavy_hooks``), never for a forward value.
+    ``write`` is ``[b, p, *state]``; ``decay`` broadcasts against it. Differentiable, with a
+    hand-written backward (the adjoint recurrence ``g_t = ∂L/∂h_t + decay_{t+1} ⊙ g_{t+1}``,
+    one in-place op per position), so its cost is linear in p. Used only to route gradients
+    (see ``tl_mamba.models.heavy_hooks``), never for a forward value.
     """
-    h = torch.zeros_like(write[:, 0])
-    out = []
-    for t in range(write.shape[1]):
-        h = decay[:, t] * h + write[:, t]
-        out.append(h)
-    return torch.stack(out, dim=1)
+    return _LinearRecurrence.apply(decay, write)
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    # Why not autograd through a Python loop: the backward of each ``decay[:, t]`` /
+    # ``write[:, t]`` scatters into a fresh zero tensor of the whole [b, p, *state], so a
+    # backward through p positions wrote O(p²·state) bytes (a 2-layer model at 130m widths with
+    # hook_h hooked: 14 s for the backward at p = 512, against 0.45 s at p = 128).
+
+    @staticmethod
+    def forward(ctx, decay: Tensor, write: Tensor) -> Tensor:
+        states = torch.empty_like(write, memory_format=torch.contiguous_format)
+        h = torch.zeros_like(states[:, 0]) if write.shape[1] else None
+        for t in range(write.shape[1]):
+            h = torch.addcmul(write[:, t], decay[:, t], h, out=states[:, t])
+        ctx.save_for_backward(decay, states)
+        return states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_states: Tensor):
+        decay, states = ctx.saved_tensors
+        g = grad_states.clone(memory_format=torch.contiguous_format)  # becomes ∂L/∂h_t, total
+        for t in reversed(range(g.shape[1] - 1)):
+            g[:, t].addcmul_(decay[:, t + 1], g[:, t + 1])
+        grad_decay = None
+        if ctx.needs_input_grad[0]:  # ∂L/∂decay_t = g_t ⊙ h_{t-1}, h_{-1} = 0
+            grad_decay = torch.zeros_like(g)
+            torch.mul(g[:, 1:], states[:, :-1], out=grad_decay[:, 1:])
+            grad_decay = grad_decay.sum_to_size(decay.shape)
+        return grad_decay, g

@@ -13,16 +13,18 @@ With autograd, the scan is a :class:`_ChunkedScan` function whose backward is
 written out by hand: it walks the chunks from last to first, recomputes a chunk's
 states from the state saved at its start, runs the adjoint recurrence
 
-    g_t = C_t ⊗ ∂L/∂y_t + exp(Δ_{t+1} A) ⊙ g_{t+1}        (g: ∂L/∂h_t, [b, n, e])
+    g_t = C_t ⊗ ∂L/∂y_t [+ ∂L/∂h_t from the states returned] + exp(Δ_{t+1} A) ⊙ g_{t+1}
+                                                            (g: ∂L/∂h_t, [b, n, e])
 
 one in-place ``addcmul`` per position, and forms the gradients of x, Δ, A, B, C and
 the initial state from g with whole-chunk ops. Saved between forward and backward:
 the inputs and one state per chunk, O(b·(p/T)·e·n), instead of every position's
 decay, write and state that autograd through the Python loop would keep (and the
 graph's per-position bookkeeping, which made training on a CPU several times
-slower). The D skip and the gate stay outside, under ordinary autograd. When the
-states themselves are returned under autograd (``hook_h`` hooked while taking
-gradients) the scan is differentiated by autograd through the loop instead.
+slower). The D skip and the gate stay outside, under ordinary autograd. When every
+state is returned as well (``hook_h`` hooked while taking gradients), their gradient
+enters the same adjoint recurrence, so that too costs one state per chunk beyond the
+states themselves.
 
 On a 2-core CPU this backward is memory-bound: its cost is the passes it makes over
 [b, T, n, e] chunk tensors, so it makes few. The sums over e are batched
@@ -110,40 +112,13 @@ def selective_scan_chunked(
         if return_states:
             states = states_buffer((b, p, e, n), like=x, dtype=cdt)  # one buffer for every state
         y, h = _forward(xf, df, A_c, Bf, Cf, h, length, states)
-    elif not return_states:
-        y, h = _ChunkedScan.apply(xf, df, A_c, Bf, Cf, h, min(length, GRAD_CHUNK))
     else:
-        # Here autograd records the loop, in the layout its gradients want (see _ChunkedScan)
-        y, h, states = _states_through_autograd(xf, df, A_c.transpose(0, 1), Bf, Cf, h.transpose(1, 2), length)
-        h = h.transpose(1, 2).contiguous()  # [b, e, n]
+        y, h, states = _ChunkedScan.apply(xf, df, A_c, Bf, Cf, h, min(length, GRAD_CHUNK), return_states)
     if D is not None:
         y = y + D.to(cdt) * xf
     if z is not None:
         y = silu_gate(y, z)
     return ScanOutput(y=y, final_state=h, states=states)
-
-
-def _states_through_autograd(x: Tensor, delta: Tensor, At: Tensor, B: Tensor, C: Tensor, h: Tensor,
-                             chunk_size: int):
-    """``(y, final state [b, n, e], every state [b, p, e, n])`` with autograd recording the loop
-    (states returned under grad). ``At`` is A transposed, [n, e]; ``h`` [b, n, e]."""
-    b, p, e = x.shape
-    ys, all_states = [], []
-    for start in range(0, p, chunk_size):
-        w = slice(start, min(start + chunk_size, p))
-        decay, write = _discretise(x[:, w], delta[:, w], At, B[:, w])
-        # unbind, not decay[:, t]: each indexing op's backward would scatter into a
-        # zero [b, L, n, e] buffer (quadratic in L); unbind's backward is one stack.
-        chunk_states = []
-        for decay_t, write_t in zip(decay.unbind(1), write.unbind(1)):
-            h = torch.addcmul(write_t, decay_t, h)
-            chunk_states.append(h)
-        states = torch.stack(chunk_states, dim=1)
-        ys.append(_read_out(states, C[:, w]))
-        all_states.append(states.transpose(2, 3))
-    if not ys:
-        return x.new_zeros(b, 0, e), h, x.new_zeros(b, 0, e, At.shape[0])
-    return torch.cat(ys, dim=1), h, torch.cat(all_states, dim=1)
 
 
 def _forward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk_size: int,
@@ -202,7 +177,8 @@ def _run_chunk(decay: Tensor, write: Tensor, h: Tensor, states: Tensor) -> Tenso
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """The ungated, D-free scan ``(y [b, p, e], h_final [b, e, n])`` with a hand-written chunked backward.
+    """The ungated, D-free scan ``(y [b, p, e], h_final [b, e, n], states)`` with a hand-written chunked
+    backward; ``states`` is every state, [b, p, e, n], when ``return_states``, else None.
 
     Inputs as in :func:`_forward` (A [e, n], states [b, e, n]). The forward is that loop; the
     backward holds a state as ``[b, n, e]``: every gradient sums over the small n (d_state), and
@@ -212,17 +188,19 @@ class _ChunkedScan(torch.autograd.Function):
     change a single rounding."""
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, h0, chunk_size):
+    def forward(ctx, x, delta, A, B, C, h0, chunk_size, return_states):
         b, p, e = x.shape
-        bounds = x.new_empty(b, -(-p // chunk_size), A.shape[1], e)  # the state entering each chunk, [n, e]
-        y, h = _forward(x, delta, A, B, C, h0, chunk_size, bounds=bounds)
+        n = A.shape[1]
+        bounds = x.new_empty(b, -(-p // chunk_size), n, e)  # the state entering each chunk, [n, e]
+        states = states_buffer((b, p, e, n), like=x, dtype=x.dtype) if return_states else None
+        y, h = _forward(x, delta, A, B, C, h0, chunk_size, states=states, bounds=bounds)
         ctx.save_for_backward(x, delta, A, B, C, bounds)
         ctx.chunk_size = chunk_size
-        return y, h
+        return y, h, states
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, grad_final):
+    def backward(ctx, grad_y, grad_final, grad_states):
         x, delta, A, B, C, bounds = ctx.saved_tensors
         At = A.transpose(0, 1)  # [n, e]
         b, p, e = x.shape
@@ -242,6 +220,8 @@ class _ChunkedScan(torch.autograd.Function):
             # adjoint recurrence, last position first; g holds ∂L/∂h_t, [b, L, n, e]:
             # g_t = C_t ⊗ ∂L/∂y_t + exp(Δ_{t+1} A) ⊙ g_{t+1}, one in-place addcmul per position
             g = C_c[..., None] * gy_c[:, :, None, :]
+            if grad_states is not None:  # ∂L/∂h_t from the returned states enters as it is
+                g += grad_states[:, w].transpose(2, 3)
             g[:, -1].add_(carry)
             for t in reversed(range(g.shape[1] - 1)):
                 g[:, t].addcmul_(decay[:, t + 1], g[:, t + 1])
@@ -258,4 +238,4 @@ class _ChunkedScan(torch.autograd.Function):
             dAt += (d_dA * delta_c[:, :, None, :]).sum((0, 1))
             ddelta[:, w] = d_dA.mul_(At).sum(2) + d_write_B * x_c
             dx[:, w] = d_write_B * delta_c
-        return dx, ddelta, dAt.transpose(0, 1), dB, dC, carry.transpose(1, 2), None
+        return dx, ddelta, dAt.transpose(0, 1), dB, dC, carry.transpose(1, 2), None, None
