@@ -112,14 +112,17 @@ def ssd_chunked(
         differentiable = needs_grad(x, delta, A, B, C, initial_state)
         buffer = None if differentiable else states_buffer((b, p, h, hd, n), like=x, dtype=cdt)
         h_t = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
-        kept = []
-        for t in range(p):
-            if differentiable:
-                write = write_x[:, t, :, :, None] * Bh[:, t, :, None, :]
-                h_t = torch.addcmul(write, decay_t[:, t, :, None, None], h_t)
+        if differentiable:
+            # unbind, not write_x[:, t]: each index's backward would scatter into a zero tensor
+            # as large as the whole input (quadratic in p); unbind's backward is one stack
+            kept = []
+            for write_x_t, B_t, decay_tt in zip(write_x.unbind(1), Bh[:, :p].unbind(1), decay_t.unbind(1)):
+                h_t = torch.addcmul(write_x_t[..., None] * B_t[:, :, None, :], decay_tt[:, :, None, None], h_t)
                 kept.append(h_t)
-            else:  # the same two ops in the buffer's slot: no temporary (0.89x the time)
+            states = torch.stack(kept, dim=1)
+        else:
+            for t in range(p):  # the same two ops in the buffer's slot: no temporary (0.89x the time)
                 write = torch.mul(write_x[:, t, :, :, None], Bh[:, t, :, None, :], out=buffer[:, t])
                 h_t = write.addcmul_(decay_t[:, t, :, None, None], h_t)
-        states = torch.stack(kept, dim=1) if differentiable else buffer
+            states = buffer
     return SSDOutput(y=y, final_state=state, states=states)
