@@ -774,12 +774,14 @@ def test_linear_recurrence_gradients_match_autograd_through_the_loop(decay_shape
             out.append(h)
         return torch.stack(out, dim=1)
 
-    results = []
-    for fn in (linear_recurrence, loop):
-        leaves = [decay.clone().requires_grad_(), write.clone().requires_grad_()]
-        out = fn(*leaves)
-        results.append((out, *torch.autograd.grad((out * upstream).sum(), leaves)))
-    for got, want in zip(*results):
-        assert got.shape == want.shape and want.abs().sum() > 0
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for decay_grad in (True, False):  # the hook_h route passes a decay without grad
+        results = []
+        for fn in (linear_recurrence, loop):
+            leaves = [decay.clone().requires_grad_(decay_grad), write.clone().requires_grad_()]
+            out = fn(*leaves)
+            results.append((out, *torch.autograd.grad((out * upstream).sum(), [t for t in leaves if t.requires_grad])))
+        assert len(results[0]) == (3 if decay_grad else 2)
+        for got, want in zip(*results):
+            assert got.shape == want.shape and want.abs().sum() > 0
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert linear_recurrence(decay[:, :0], write[:, :0]).shape == (b, 0, *state)

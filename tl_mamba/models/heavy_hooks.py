@@ -116,8 +116,9 @@ def scan_with_heavy_hooks(
     if seen is not states or states._version != version:
         # the hook edited the state: find the edited entries against a fresh scan, then
         # rerun with them fixed so the recurrence continues from the edited values
-        original = scan(return_states=True).states
-        edited = seen.detach() != original.detach()
+        with torch.no_grad():  # only compared against, never differentiated
+            original = scan(return_states=True).states
+        edited = seen.detach() != original
         if bool(edited.any()):
             if ssm_mask is not None:
                 raise NotImplementedError(
@@ -133,7 +134,10 @@ def scan_with_heavy_hooks(
         # total derivative: a perturbation of h_t enters the recurrence at t and is carried by
         # the decays into every later state (edited entries are reset, so nothing passes them).
         perturbation = seen - seen.detach()
-        step_decay = decay().expand_as(perturbation)
+        # The recurrence below carries exactly zero, so the decays get no gradient from it;
+        # computing them without autograd saves their graph (a [b, p, *state] exp output).
+        with torch.no_grad():
+            step_decay = decay().expand_as(perturbation)
         if edited is not None:
             perturbation = perturbation.masked_fill(edited, 0.0)
             step_decay = step_decay.masked_fill(edited, 0.0)

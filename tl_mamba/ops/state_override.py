@@ -108,7 +108,8 @@ class _LinearRecurrence(torch.autograd.Function):
         h = torch.zeros_like(states[:, 0]) if write.shape[1] else None
         for t in range(write.shape[1]):
             h = torch.addcmul(write[:, t], decay[:, t], h, out=states[:, t])
-        ctx.save_for_backward(decay, states)
+        # the states are needed only for the decays' gradient (which the hook_h route never asks for)
+        ctx.save_for_backward(decay, states if ctx.needs_input_grad[0] else None)
         return states
 
     @staticmethod
