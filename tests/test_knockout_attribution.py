@@ -311,3 +311,25 @@ def test_hook_h_gradient_unchanged_by_attribution_mask(family):
         grads.append(seen["h"].grad)
         model.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("block", [4, 16])  # several blocks with a ragged last one; one block bigger than p
+@pytest.mark.parametrize("chunk_bytes", [1, 2**28])  # one channel at a time; all channels at once
+def test_edge_gradient_bpe_matches_explicit_products(block, chunk_bytes):
+    """The blocked Mamba-1 mask gradient against Σ_e g_i[e] α_e[i, j] x_j[e], α by explicit decay
+    products, with decays from about 1 down to e^-12 per step (the blocks' factors must not overflow)."""
+    from tl_mamba.ops.knockout import edge_gradient_bpe
+
+    gen = torch.Generator().manual_seed(51)
+    b, p, e, n = 2, 23, 3, 4
+    x, g = torch.randn(b, p, e, generator=gen, dtype=torch.float64), torch.randn(b, p, e, generator=gen, dtype=torch.float64)
+    delta = torch.rand(b, p, e, generator=gen, dtype=torch.float64) * 3
+    A = -torch.rand(e, n, generator=gen, dtype=torch.float64) * 4
+    Bm, C = torch.randn(b, p, n, generator=gen, dtype=torch.float64), torch.randn(b, p, n, generator=gen, dtype=torch.float64)
+    want = torch.einsum("bie,beij,bje->bij", g, brute_alpha("mamba1", delta, A, Bm, C), x)
+    got = edge_gradient_bpe(g, x, delta, A, Bm, C, chunk_bytes=chunk_bytes, block=block)
+    assert got.shape == (b, 1, p, p)
+    torch.testing.assert_close(got[:, 0], want, rtol=1e-10, atol=1e-12)
+    assert bool((got[:, 0].triu(1) == 0).all()) and want.abs().max() > 0
+    got32 = edge_gradient_bpe(*(t.float() for t in (g, x, delta, A, Bm, C)), block=block)
+    torch.testing.assert_close(got32[:, 0].double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

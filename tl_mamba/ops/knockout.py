@@ -31,7 +31,8 @@ y_i depends on M[i, j] through ``M[i, j]·α[i, j]·x_j``, so
 ``∂L/∂M[i, j] = Σ_features ∂L/∂y_i · α[i, j] · x_j`` (zero above the diagonal).
 :func:`attach_mask_gradient` adds that path to y with no change to its value;
 :func:`edge_gradient_bpe` and :func:`edge_gradient_bphd` compute it from Δ, A,
-B, C and x in chunks of features, so no ``[b, features, p, p]`` α is held.
+B, C and x in chunks of features, so no ``[b, features, p, p]`` α is held (Mamba-1: in
+blocks of positions, almost all of it one matrix product per block).
 """
 
 from __future__ import annotations
@@ -414,37 +415,82 @@ def _log_decay_differences(log_decay: Tensor, causal: Tensor, dtype: torch.dtype
     return (L[..., :, None] - L[..., None, :]).masked_fill(~causal, 0.0).to(dtype)
 
 
+EDGE_GRADIENT_BLOCK = 4
+"""Positions per block of :func:`edge_gradient_bpe`: pairs inside a block are summed directly
+(``exp`` of a ``[T, T]`` difference per feature), pairs across blocks by a matrix product.
+Measured 2026-12-05 (Intel Xeon, 1 thread, e 1536, n 16), 4 against 8: b 1 p 128 0.07 / 0.11 s,
+p 512 0.55 / 0.73 s, b 8 p 256 1.54 / 2.27 s, p 1024 1.75 / 1.60 s; toy widths (b 32, p 160, e 192,
+n 8) 0.19 / 0.27 s. 16 to 64 were slower still (p 512: 1.15, 2.77, 5.60 s)."""
+
+FLUSH_BLOCKS = 4
+"""Every this many blocks, :func:`edge_gradient_bpe` sets to zero the carried columns' entries that
+have decayed below ``2**20`` times the dtype's smallest normal number (a term 1e-32 times its
+input's size in float32, far below its resolution). Left alone they go on decaying into subnormal
+numbers, which x86 CPUs multiply many times slower: in a 130m-width model, p 512, the two layers'
+gradients took 1.30 and 3.74 s, with every 4 blocks flushed 1.1 and 1.2 s (every block: 2.4 s,
+the flush's own passes; every 16: 0.9 and 1.7 s). Results unchanged to the last bit there."""
+
+
 def edge_gradient_bpe(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                      chunk_bytes: int = 2**28) -> Tensor:
+                      chunk_bytes: int = 2**28, block: int = EDGE_GRADIENT_BLOCK) -> Tensor:
     """Mamba-1: ∂L/∂M ``[b, 1, p, p]`` from ∂L/∂y.
 
     ``G[i, j] = Σ_e Σ_n g_i[e] · C_i[n] · exp(A[e, n] Σ_{k=j+1..i} Δ_k[e]) · B_j[n] · Δ_j[e] · x_j[e]``
-    for j ≤ i (0 above the diagonal).
+    for j ≤ i (0 above the diagonal). With f = (e, n) a feature, ``u_i[f] = g_i[e] C_i[n]``,
+    ``v_j[f] = Δ_j[e] x_j[e] B_j[n]`` and ``a_k[f] = exp(Δ_k[e] A[e, n])``, that is
+    ``Σ_f u_i[f] (Π_{k=j+1..i} a_k[f]) v_j[f]``: O(p² e n) work, as there is a decay per feature.
+    Done in blocks of positions, so that almost all of it is one matrix product per block:
+
+    - i in block I (first position s), j before s: ``Σ_f (u_i Π_{k=s..i} a_k)[f] · V_j[f]`` with
+      ``V_j = v_j Π_{k=j+1..s-1} a_k``, a ``[T, f] @ [f, s]`` product. V is carried from block to
+      block, each column multiplied by the block's decay product.
+    - i, j in the same block: directly, ``exp`` of differences of the block's own cumulative
+      log-decays (short sums: no long cumulative sum is ever differenced).
+
+    Every factor is a product of decays ≤ 1, so nothing overflows and nothing is divided; carried
+    entries that have decayed to negligible are set to zero (:data:`FLUSH_BLOCKS`).
 
     Args:
         grad_y, x, delta: ``[b, p, e]``. A: ``[e, n]``. B, C: ``[b, p, n]``.
-        chunk_bytes: working memory per chunk of channels (about three ``[b, c, p, p]`` tensors).
+        chunk_bytes: working memory per chunk of channels (about three ``[b, p, c·n]`` tensors).
+        block: positions per block (speed only).
 
     Returns:
         ``[b, 1, p, p]`` in the compute dtype (float64 if any input is, else float32).
     """
     b, p, e = x.shape
+    n = A.shape[-1]
     dtype = _compute_dtype(grad_y, x, delta, A, B, C)
-    causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
-    g = grad_y.detach().to(dtype).transpose(1, 2)  # [b, e, i]
-    source = (delta.detach().to(dtype) * x.detach().to(dtype)).transpose(1, 2)  # [b, e, j]: Δ_j x_j
-    dt = delta.detach().transpose(1, 2)  # [b, e, p]
+    g = grad_y.detach().to(dtype)
+    source = delta.detach().to(dtype) * x.detach().to(dtype)  # Δ_j x_j, [b, p, e]
+    dt = delta.detach().to(dtype)
     A = A.detach().to(dtype)
     B, C = B.detach().to(dtype), C.detach().to(dtype)
     total = torch.zeros(b, p, p, dtype=dtype, device=x.device)
-    chunk = max(1, chunk_bytes // max(1, 3 * b * p * p * 8))
-    for start in range(0, e, chunk):
-        c = slice(start, start + chunk)
-        span = _log_decay_differences(dt[:, c], causal, dtype)  # [b, c, i, j]: Σ_{k=j+1..i} Δ_k
-        weight = g[:, c, :, None] * source[:, c, None, :] * causal  # [b, c, i, j]
-        for s in range(A.shape[-1]):  # one state entry at a time: never [b, c, n, p, p]
-            part = (weight * torch.exp(span * A[c, s, None, None])).sum(1)  # [b, i, j]
-            total += part * (C[:, :, s, None] * B[:, None, :, s])
+    within = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()
+    channels = max(1, chunk_bytes // max(1, 3 * b * p * n * dtype.itemsize))
+    negligible = torch.finfo(dtype).tiny * 2**20
+    for start in range(0, e, channels):
+        c = slice(start, start + channels)
+        u = (g[:, :, c, None] * C[:, :, None, :]).flatten(2)  # [b, p, f]
+        v = (source[:, :, c, None] * B[:, :, None, :]).flatten(2)  # [b, p, f]
+        log_decay = (dt[:, :, c, None] * A[c]).flatten(2)  # [b, p, f], ≤ 0
+        carried = torch.empty_like(v)  # columns j < s: V_j = v_j Π_{k=j+1..s-1} a_k
+        for s in range(0, p, block):
+            w = slice(s, min(s + block, p))
+            T = w.stop - s
+            local = torch.cumsum(log_decay[:, w], dim=1)  # [b, T, f]: Σ_{k=s..t} log a_k
+            if s:
+                total[:, w, :s] += torch.matmul(u[:, w] * local.exp(), carried[:, :s].transpose(1, 2))
+            # same block: Σ_f u_i exp(local_i - local_j) v_j, j ≤ i
+            spans = (local[:, :, None, :] - local[:, None, :, :]).masked_fill_(~within[:T, :T, None], float("-inf"))
+            total[:, w, w] += (u[:, w, None, :] * spans.exp_() * v[:, None, w, :]).sum(-1)
+            # carry the columns to the end of this block, and add this block's own
+            carried[:, :s] *= local[:, -1:].exp()
+            if (s // block) % FLUSH_BLOCKS == FLUSH_BLOCKS - 1:
+                head = carried[:, :s]
+                head.masked_fill_(head.abs() < negligible, 0.0)
+            carried[:, w] = v[:, w] * (local[:, -1:] - local).exp()
     return total[:, None]
 
 
