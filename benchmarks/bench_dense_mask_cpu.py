@@ -4,10 +4,10 @@
 
 For each family and width, times one scan of the ``"torch"`` backend (what each column
 pattern of a dense ``hook_ssm_mask`` costs) against the quadratic hidden-attention form
-over a random ``[b, H, p, p]`` mask (Mamba-2: ``dense_removed_terms_bphd``; Mamba-1: the
-same form with its per-channel, per-state-entry decay, written out here since the library
-does not use it). The ratio ("in scans") is what ``tl_mamba.ops.knockout.dense_mask_after``
-is set from. Batch 1, one thread; medians of interleaved rounds (``_timing.py``), the
+over a random ``[b, H, p, p]`` mask (Mamba-2: ``dense_removed_terms_bphd``; Mamba-1:
+``dense_removed_terms_bpe``, the blocked form with its per-channel, per-state-entry decay). The
+ratio ("in scans") is what ``tl_mamba.ops.knockout.dense_mask_after`` and
+``dense_mask_after_bpe`` are set from. Batch 1, one thread; medians of interleaved rounds (``_timing.py``), the
 ratio paired by round. Writes ``<out>.json`` / ``<out>.md``
 (default ``benchmarks/results/dense_mask_cpu``).
 """
@@ -27,15 +27,6 @@ from _env import machine_info, package_revision, write_results  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 
-def mamba1_quadratic(removed, x, delta, A, B, C):
-    """Σ_j R[i, j] α_e[i, j] x_j[e] with α_e[i, j] = Σ_n C_i[n] exp(A[e, n] Σ_{k=j+1..i} Δ_k[e]) B_j[n] Δ_j[e]."""
-    cum = torch.cumsum(delta.double(), 1).transpose(1, 2)  # [b, e, p]
-    span = (cum[..., :, None] - cum[..., None, :]).float()  # [b, e, i, j]
-    alpha = sum(torch.exp(span * A[None, :, s, None, None]) * (C[:, None, :, None, s] * B[:, None, None, :, s])
-                for s in range(A.shape[-1]))
-    return torch.einsum("beij,bij,bje->bie", alpha, removed[:, 0], delta * x)
-
-
 def measure(family, widths, p, repeats, scan, quadratic) -> dict:
     """One scan against the quadratic form, in interleaved rounds (medians; "in scans" is the paired ratio)."""
     timings = interleaved({"scan": scan, "quadratic": quadratic}, repeats=repeats, warmup=1)
@@ -44,7 +35,7 @@ def measure(family, widths, p, repeats, scan, quadratic) -> dict:
 
 
 def main() -> int:
-    from tl_mamba.ops.knockout import dense_removed_terms_bphd
+    from tl_mamba.ops.knockout import dense_removed_terms_bpe, dense_removed_terms_bphd
     from tl_mamba.ops.selective_scan import selective_scan
     from tl_mamba.ops.ssd import ssd_scan
 
@@ -63,7 +54,7 @@ def main() -> int:
                 removed = torch.rand(1, 1, p, p).tril()
                 rows.append(measure("mamba1", label, p, args.repeats,
                                     lambda: selective_scan(x, delta, A, B, C, None, backend="torch"),
-                                    lambda: mamba1_quadratic(removed, x, delta, A, B, C)))
+                                    lambda: dense_removed_terms_bpe(removed, x, delta, A, B, C)))
             for label, (h, hd, n) in (("toy", (8, 32, 32)), ("130m", (24, 64, 128))):
                 x, delta = torch.randn(1, p, h, hd), torch.rand(1, p, h) * 0.1
                 A, B, C = -torch.rand(h), torch.randn(1, p, 1, n), torch.randn(1, p, 1, n)

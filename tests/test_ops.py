@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 import math
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -368,15 +370,22 @@ def _random_mask(b, p, seed, density=0.6):
     return (torch.rand(b, 1, p, p, generator=g) < density).float()  # entries above the diagonal too
 
 
-@pytest.mark.parametrize("route", ["scans", "edges"])
+@pytest.mark.parametrize("route", ["scans", "edges", "quadratic"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ssm_mask_equals_masked_hidden_attention(backend, route, monkeypatch):
-    """Whether the removed terms come from one scan per column pattern or edge by edge
-    (forced with ``PAIRS_PER_SCANNED_POSITION``), against the float64 closed form."""
+    """Whether the removed terms come from one scan per column pattern, edge by edge or in the
+    quadratic form (forced with ``PAIRS_PER_SCANNED_POSITION`` and ``DENSE_MASK_AFTER``),
+    against the float64 closed form."""
     from tl_mamba.ops import knockout
 
     per_position = 1e9 if route == "edges" else 0.0
     monkeypatch.setattr(knockout, "PAIRS_PER_SCANNED_POSITION", {"bpe": per_position, "bphd": per_position})
+    monkeypatch.setattr(knockout, "DENSE_MASK_AFTER", 0 if route == "quadratic" else 10**9)
+    if route == "quadratic":  # it must be the route taken
+        calls, scan_module = [], sys.modules["tl_mamba.ops.selective_scan"]
+        quadratic = scan_module.dense_removed_terms_bpe
+        monkeypatch.setattr(scan_module, "dense_removed_terms_bpe",
+                            lambda *args, **kw: calls.append(1) or quadratic(*args, **kw))
     b, p, e, n = 3, 12, 4, 3
     x, delta, A, B, C, D, _ = make_inputs(b, p, e, n, seed=51)
     mask = _random_mask(b, p, seed=52)  # a different random mask per batch row
@@ -390,6 +399,8 @@ def test_ssm_mask_equals_masked_hidden_attention(backend, route, monkeypatch):
     upper_ones = torch.maximum(mask, 1 - causal)
     again = selective_scan(x, delta, A, B, C, D, ssm_mask=upper_ones, backend=backend)
     torch.testing.assert_close(again.y, out.y, **TOL)
+    if route == "quadratic":
+        assert calls
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -785,3 +796,26 @@ def test_linear_recurrence_gradients_match_autograd_through_the_loop(decay_shape
             assert got.shape == want.shape and want.abs().sum() > 0
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert linear_recurrence(decay[:, :0], write[:, :0]).shape == (b, 0, *state)
+
+
+def test_dense_mask_under_autograd_is_served_by_the_scans(monkeypatch):
+    """Under autograd Mamba-1's quadratic form would keep a copy of its carried columns per block,
+    so with inputs that need gradients a dense mask is still served by the scans (even with the
+    switch forced to 0 patterns), and the gradients are those of the closed form."""
+    from tl_mamba.ops import knockout
+
+    monkeypatch.setattr(knockout, "DENSE_MASK_AFTER", 0)
+    scan_module = sys.modules["tl_mamba.ops.selective_scan"]
+    monkeypatch.setattr(scan_module, "dense_removed_terms_bpe", lambda *a, **k: pytest.fail("quadratic form used"))
+    b, p, e, n = 2, 11, 3, 2
+    inputs = make_inputs(b, p, e, n, seed=55, dtype=torch.float64, requires_grad=True)
+    x, delta, A, B, C, D, h0 = inputs
+    mask = _random_mask(b, p, seed=56).double() * torch.ones(p, p, dtype=torch.float64).tril()
+    upstream = torch.randn(b, p, e, generator=torch.Generator().manual_seed(57), dtype=torch.float64)
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, ssm_mask=mask, backend="torch")
+    got = torch.autograd.grad((out.y * upstream).sum(), inputs)
+    y_ref, _, _ = closed_form(x, delta, A, B, C, D, h0, mask=mask)
+    want = torch.autograd.grad((y_ref * upstream).sum(), inputs)
+    torch.testing.assert_close(out.y, y_ref, rtol=1e-9, atol=1e-9)
+    for name, a, w in zip(("x", "delta", "A", "B", "C", "D", "initial_state"), got, want):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")

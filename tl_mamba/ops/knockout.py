@@ -10,8 +10,10 @@ An S → T knockout is at most one extra scan (none when it has few edges, below
 A general mask with many column patterns (a random or learned p×p mask) would
 cost many scans. For Mamba-2, past :func:`dense_mask_after` patterns the removed part is computed in the
 quadratic hidden-attention form instead, ``Σ_j (1 - M[i, j]) α[i, j] x_j``, in chunks
-of heads (:func:`dense_removed_terms_bphd`; Mamba-2 only: Mamba-1's α has a decay per
-channel and state entry, which makes the quadratic form dearer than p scans).
+of heads (:func:`dense_removed_terms_bphd`). For Mamba-1, past :func:`dense_mask_after_bpe`,
+in blocks of positions (:func:`dense_removed_terms_bpe`: its α has a decay per channel and
+state entry, so that form is O(p² e n) work; it serves only without autograd, where it needs
+no copies of its blocks).
 Same result, exact either way.
 
 A mask with S → T structure need not be materialised at all: :class:`EdgeRemoval`
@@ -494,6 +496,62 @@ def edge_gradient_bpe(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Te
     return total[:, None]
 
 
+def dense_removed_terms_bpe(removed: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            chunk_bytes: int = 2**28, block: int = EDGE_GRADIENT_BLOCK) -> Tensor:
+    """Mamba-1: ``Σ_j R[i, j] α_e[i, j] x_j[e]`` in the quadratic form, without autograd.
+
+    ``α_e[i, j] = Σ_n C_i[n] exp(A[e, n] Σ_{k=j+1..i} Δ_k[e]) B_j[n] Δ_j[e]`` for j ≤ i. With
+    ``v_j[f] = Δ_j[e] x_j[e] B_j[n]`` over the features f = (e, n), the part of state entry f at
+    target i is ``Σ_j R[i, j] (Π_{k=j+1..i} a_k[f]) v_j[f]``, read out with C_i. The blocks of
+    :func:`edge_gradient_bpe`: sources before target block I (first position s) are one matrix
+    product ``R[I, :s] @ V`` with V the source columns carried to s - 1, times the decay from s
+    to i; sources within the block directly. O(p² e n) multiply-adds, almost all in that
+    product, against O(p² e n) elementwise work for p scans.
+
+    Args:
+        removed: ``[b, 1, p, p]`` R, 0 above the diagonal.
+        x, delta: ``[b, p, e]``. A: ``[e, n]``. B, C: ``[b, p, n]``.
+        chunk_bytes: working memory per chunk of channels (about three ``[b, p, c·n]`` tensors).
+        block: positions per block (speed only).
+
+    Returns:
+        ``[b, p, e]`` in the compute dtype (float64 if any input is, else float32). Autograd
+        can differentiate it, but its in-place block updates then keep a copy of the carried
+        columns per block (O(p² e n / block) memory), so under autograd the scans serve instead.
+    """
+    b, p, e = x.shape
+    n = A.shape[-1]
+    dtype = _compute_dtype(x, delta, A, B, C, removed)
+    R = removed[:, 0].to(dtype)  # [b, i, j]
+    source = delta.to(dtype) * x.to(dtype)
+    dt, A, B, C = delta.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+    out = torch.empty(b, p, e, dtype=dtype, device=x.device)
+    within = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()
+    channels = max(1, chunk_bytes // max(1, 3 * b * p * n * dtype.itemsize))
+    negligible = torch.finfo(dtype).tiny * 2**20
+    for start in range(0, e, channels):
+        c = slice(start, start + channels)
+        width = min(start + channels, e) - start
+        v = (source[:, :, c, None] * B[:, :, None, :]).flatten(2)  # [b, p, f]
+        log_decay = (dt[:, :, c, None] * A[c]).flatten(2)  # [b, p, f], ≤ 0
+        carried = torch.empty_like(v)  # columns j < s: v_j Π_{k=j+1..s-1} a_k
+        for s in range(0, p, block):
+            w = slice(s, min(s + block, p))
+            T = w.stop - s
+            local = torch.cumsum(log_decay[:, w], dim=1)  # [b, T, f]: Σ_{k=s..t} log a_k
+            spans = (local[:, :, None, :] - local[:, None, :, :]).masked_fill_(~within[:T, :T, None], float("-inf"))
+            state = torch.matmul(R[:, w, w, None].transpose(2, 3), spans.exp_() * v[:, None, w, :]).squeeze(2)
+            if s:
+                state += torch.matmul(R[:, w, :s], carried[:, :s]) * local.exp()
+            out[:, w, c] = (state.view(b, T, width, n) * C[:, w, None, :]).sum(-1)
+            carried[:, :s] *= local[:, -1:].exp()
+            if (s // block) % FLUSH_BLOCKS == FLUSH_BLOCKS - 1:
+                head = carried[:, :s]
+                head.masked_fill_(head.abs() < negligible, 0.0)
+            carried[:, w] = v[:, w] * (local[:, -1:] - local).exp()
+    return out
+
+
 def edge_gradient_bphd(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        mask_heads: int, chunk_bytes: int = 2**28) -> Tensor:
     """Mamba-2: ∂L/∂M ``[b, H, p, p]`` from ∂L/∂y (H = h, or 1 for a mask shared by the heads).
@@ -540,8 +598,9 @@ def _head_chunks_of_alpha(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 
 
 DENSE_MASK_AFTER: Optional[int] = None
-"""Mamba-2: the number of extra scans (distinct column patterns) past which a dense
-mask's removed part is computed in the quadratic form; None: :func:`dense_mask_after`."""
+"""The number of extra scans (distinct column patterns) past which a dense mask's removed
+part is computed in the quadratic form, both families; None: :func:`dense_mask_after` and
+:func:`dense_mask_after_bpe`."""
 
 
 def dense_mask_after(p: int, device=None, dtype: Optional[torch.dtype] = None) -> int:
@@ -553,14 +612,30 @@ def dense_mask_after(p: int, device=None, dtype: Optional[torch.dtype] = None) -
     grow with p the same way: measured on an H200 (2026-12-04, 130m widths, p = 2048;
     docs/performance.md, "GPU") 3.5 scans in fp32 and 15 in bf16, so it takes over past
     :data:`DENSE_MASK_AFTER_CUDA` scans for the inputs' dtype.
-    Mamba-1 has no such switch: its α has a decay per channel and state entry, so the
-    quadratic form costs more than p scans, the most a mask can need.
+    Mamba-1 has its own rule (:func:`dense_mask_after_bpe`).
     """
     if DENSE_MASK_AFTER is not None:
         return DENSE_MASK_AFTER
     if device is not None and torch.device(device).type == "cuda" and dtype in DENSE_MASK_AFTER_CUDA:
         return DENSE_MASK_AFTER_CUDA[dtype]
     return max(4, p // 64)
+
+
+def dense_mask_after_bpe(p: int, device=None) -> Optional[int]:
+    """How many extra scans a Mamba-1 dense mask may cost before :func:`dense_removed_terms_bpe`
+    serves it instead (None: never).
+
+    Measured on CPU (docs/performance.md, "CPU: knockout"; 2026-12-05, Intel Xeon, 1 thread,
+    b 1): the quadratic form costs 13, 38 and 84 scans at 130m widths (e 1536, n 16) and
+    p = 128, 512, 1024, and 6, 13 and 22 at the toy models' widths (e 192, n 8): about p / 12
+    at most, so it takes over past p / 8 (and at least 8). A random mask has about p patterns.
+    On other devices the scans keep serving until the quadratic form is measured there.
+    """
+    if DENSE_MASK_AFTER is not None:
+        return DENSE_MASK_AFTER
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    return max(8, p // 8)
 
 
 DENSE_MASK_AFTER_CUDA = {torch.float32: 4, torch.bfloat16: 15, torch.float16: 15}

@@ -37,9 +37,9 @@ from torch import Tensor
 
 from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_removal,
-                                  edge_gradient_bpe, knocked_out_terms, pair_terms_bpe, removed_terms,
-                                  same_pass_removal)
-from tl_mamba.ops.precision import silu_gate
+                                  dense_mask_after_bpe, dense_removed_terms_bpe, edge_gradient_bpe,
+                                  knocked_out_terms, pair_terms_bpe, removed_terms, same_pass_removal)
+from tl_mamba.ops.precision import needs_grad, silu_gate
 from tl_mamba.ops.triton_scan import kernel_or_fallback
 from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
@@ -165,8 +165,16 @@ def selective_scan(
                     return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
                                 initial_state=None, return_states=False).y
 
+                def dense(removed: Tensor) -> Tensor:
+                    return dense_removed_terms_bpe(removed, x, delta, A, B, C)
+
+                # a mask with many column patterns: the quadratic form when no gradient flows
+                # through the removed terms (under autograd it would keep a copy of its carried
+                # columns per block), else the scans
+                quadratic = not needs_grad(x, delta, A, B, C)
                 out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe",
-                                                  pair_terms=pairs)
+                                                  pair_terms=pairs, dense_terms=dense if quadratic else None,
+                                                  max_scans=dense_mask_after_bpe(p, x.device) if quadratic else None)
                 if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
                     out.y = attach_mask_gradient(out.y, ssm_mask.expand(b, 1, p, p),
                                                  lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))
