@@ -433,6 +433,49 @@ gradients took 1.30 and 3.74 s, with every 4 blocks flushed 1.1 and 1.2 s (every
 the flush's own passes; every 16: 0.9 and 1.7 s). Results unchanged to the last bit there."""
 
 
+def _source_blocks_bpe(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, dtype: torch.dtype, chunk_bytes: int,
+                       block: int):
+    """The blocks of Mamba-1's quadratic forms (:func:`edge_gradient_bpe`, :func:`dense_removed_terms_bpe`).
+
+    Over the features f = (e, n), in chunks of channels, with ``v_j[f] = Δ_j[e] x_j[e] B_j[n]``
+    and ``a_k[f] = exp(Δ_k[e] A[e, n])``, yields per chunk of channels ``c`` and block of target
+    positions ``w`` (first position s, T positions):
+
+    - ``local`` [b, T, f]: ``Σ_{k=s..i} log a_k``, so ``exp(local_i)`` is the decay from s to i;
+    - ``decays`` [b, T, T, f]: ``Π_{k=j+1..i} a_k`` for i, j in the block, 0 for j > i;
+    - ``v`` [b, T, f]: the block's ``v_j``;
+    - ``carried`` [b, s, f]: every earlier source carried to s - 1, ``v_j Π_{k=j+1..s-1} a_k``.
+
+    After the consumer's turn it carries the columns over the block (every 4th block,
+    :data:`FLUSH_BLOCKS`, setting to zero what has decayed to negligible) and adds the block's own.
+    Every factor is a product of decays ≤ 1 from short sums: nothing overflows, nothing is divided,
+    and no long cumulative sum is differenced. ``carried`` is updated in place.
+    """
+    b, p, e = x.shape
+    n = A.shape[-1]
+    source = delta.to(dtype) * x.to(dtype)  # Δ_j x_j, [b, p, e]
+    dt, A, B = delta.to(dtype), A.to(dtype), B.to(dtype)
+    within = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()
+    channels = max(1, chunk_bytes // max(1, 3 * b * p * n * dtype.itemsize))
+    negligible = torch.finfo(dtype).tiny * 2**20
+    for start in range(0, e, channels):
+        c = slice(start, min(start + channels, e))
+        v = (source[:, :, c, None] * B[:, :, None, :]).flatten(2)  # [b, p, f]
+        log_decay = (dt[:, :, c, None] * A[c]).flatten(2)  # [b, p, f], ≤ 0
+        carried = torch.empty_like(v)
+        for s in range(0, p, block):
+            w = slice(s, min(s + block, p))
+            T = w.stop - s
+            local = torch.cumsum(log_decay[:, w], dim=1)
+            spans = (local[:, :, None, :] - local[:, None, :, :]).masked_fill_(~within[:T, :T, None], float("-inf"))
+            yield c, w, local, spans.exp_(), v[:, w], carried[:, :s]
+            carried[:, :s] *= local[:, -1:].exp()
+            if (s // block) % FLUSH_BLOCKS == FLUSH_BLOCKS - 1:
+                head = carried[:, :s]
+                head.masked_fill_(head.abs() < negligible, 0.0)
+            carried[:, w] = v[:, w] * (local[:, -1:] - local).exp()
+
+
 def edge_gradient_bpe(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                       chunk_bytes: int = 2**28, block: int = EDGE_GRADIENT_BLOCK) -> Tensor:
     """Mamba-1: ∂L/∂M ``[b, 1, p, p]`` from ∂L/∂y.
@@ -447,10 +490,9 @@ def edge_gradient_bpe(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Te
       ``V_j = v_j Π_{k=j+1..s-1} a_k``, a ``[T, f] @ [f, s]`` product. V is carried from block to
       block, each column multiplied by the block's decay product.
     - i, j in the same block: directly, ``exp`` of differences of the block's own cumulative
-      log-decays (short sums: no long cumulative sum is ever differenced).
+      log-decays.
 
-    Every factor is a product of decays ≤ 1, so nothing overflows and nothing is divided; carried
-    entries that have decayed to negligible are set to zero (:data:`FLUSH_BLOCKS`).
+    The blocks come from :func:`_source_blocks_bpe` (shared with :func:`dense_removed_terms_bpe`).
 
     Args:
         grad_y, x, delta: ``[b, p, e]``. A: ``[e, n]``. B, C: ``[b, p, n]``.
@@ -461,38 +503,15 @@ def edge_gradient_bpe(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Te
         ``[b, 1, p, p]`` in the compute dtype (float64 if any input is, else float32).
     """
     b, p, e = x.shape
-    n = A.shape[-1]
     dtype = _compute_dtype(grad_y, x, delta, A, B, C)
-    g = grad_y.detach().to(dtype)
-    source = delta.detach().to(dtype) * x.detach().to(dtype)  # Δ_j x_j, [b, p, e]
-    dt = delta.detach().to(dtype)
-    A = A.detach().to(dtype)
-    B, C = B.detach().to(dtype), C.detach().to(dtype)
+    g, C = grad_y.detach().to(dtype), C.detach().to(dtype)
     total = torch.zeros(b, p, p, dtype=dtype, device=x.device)
-    within = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()
-    channels = max(1, chunk_bytes // max(1, 3 * b * p * n * dtype.itemsize))
-    negligible = torch.finfo(dtype).tiny * 2**20
-    for start in range(0, e, channels):
-        c = slice(start, start + channels)
-        u = (g[:, :, c, None] * C[:, :, None, :]).flatten(2)  # [b, p, f]
-        v = (source[:, :, c, None] * B[:, :, None, :]).flatten(2)  # [b, p, f]
-        log_decay = (dt[:, :, c, None] * A[c]).flatten(2)  # [b, p, f], ≤ 0
-        carried = torch.empty_like(v)  # columns j < s: V_j = v_j Π_{k=j+1..s-1} a_k
-        for s in range(0, p, block):
-            w = slice(s, min(s + block, p))
-            T = w.stop - s
-            local = torch.cumsum(log_decay[:, w], dim=1)  # [b, T, f]: Σ_{k=s..t} log a_k
-            if s:
-                total[:, w, :s] += torch.matmul(u[:, w] * local.exp(), carried[:, :s].transpose(1, 2))
-            # same block: Σ_f u_i exp(local_i - local_j) v_j, j ≤ i
-            spans = (local[:, :, None, :] - local[:, None, :, :]).masked_fill_(~within[:T, :T, None], float("-inf"))
-            total[:, w, w] += (u[:, w, None, :] * spans.exp_() * v[:, None, w, :]).sum(-1)
-            # carry the columns to the end of this block, and add this block's own
-            carried[:, :s] *= local[:, -1:].exp()
-            if (s // block) % FLUSH_BLOCKS == FLUSH_BLOCKS - 1:
-                head = carried[:, :s]
-                head.masked_fill_(head.abs() < negligible, 0.0)
-            carried[:, w] = v[:, w] * (local[:, -1:] - local).exp()
+    for c, w, local, decays, v, carried in _source_blocks_bpe(x.detach(), delta.detach(), A.detach(), B.detach(),
+                                                             dtype, chunk_bytes, block):
+        u = (g[:, w, c, None] * C[:, w, None, :]).flatten(2)  # [b, T, f]: g_i[e] C_i[n]
+        if carried.shape[1]:
+            total[:, w, :w.start] += torch.matmul(u * local.exp(), carried.transpose(1, 2))
+        total[:, w, w] += (u[:, :, None, :] * decays * v[:, None, :, :]).sum(-1)
     return total[:, None]
 
 
@@ -522,33 +541,14 @@ def dense_removed_terms_bpe(removed: Tensor, x: Tensor, delta: Tensor, A: Tensor
     b, p, e = x.shape
     n = A.shape[-1]
     dtype = _compute_dtype(x, delta, A, B, C, removed)
-    R = removed[:, 0].to(dtype)  # [b, i, j]
-    source = delta.to(dtype) * x.to(dtype)
-    dt, A, B, C = delta.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+    R, C = removed[:, 0].to(dtype), C.to(dtype)  # R: [b, i, j]
     out = torch.empty(b, p, e, dtype=dtype, device=x.device)
-    within = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()
-    channels = max(1, chunk_bytes // max(1, 3 * b * p * n * dtype.itemsize))
-    negligible = torch.finfo(dtype).tiny * 2**20
-    for start in range(0, e, channels):
-        c = slice(start, start + channels)
-        width = min(start + channels, e) - start
-        v = (source[:, :, c, None] * B[:, :, None, :]).flatten(2)  # [b, p, f]
-        log_decay = (dt[:, :, c, None] * A[c]).flatten(2)  # [b, p, f], ≤ 0
-        carried = torch.empty_like(v)  # columns j < s: v_j Π_{k=j+1..s-1} a_k
-        for s in range(0, p, block):
-            w = slice(s, min(s + block, p))
-            T = w.stop - s
-            local = torch.cumsum(log_decay[:, w], dim=1)  # [b, T, f]: Σ_{k=s..t} log a_k
-            spans = (local[:, :, None, :] - local[:, None, :, :]).masked_fill_(~within[:T, :T, None], float("-inf"))
-            state = torch.matmul(R[:, w, w, None].transpose(2, 3), spans.exp_() * v[:, None, w, :]).squeeze(2)
-            if s:
-                state += torch.matmul(R[:, w, :s], carried[:, :s]) * local.exp()
-            out[:, w, c] = (state.view(b, T, width, n) * C[:, w, None, :]).sum(-1)
-            carried[:, :s] *= local[:, -1:].exp()
-            if (s // block) % FLUSH_BLOCKS == FLUSH_BLOCKS - 1:
-                head = carried[:, :s]
-                head.masked_fill_(head.abs() < negligible, 0.0)
-            carried[:, w] = v[:, w] * (local[:, -1:] - local).exp()
+    for c, w, local, decays, v, carried in _source_blocks_bpe(x, delta, A, B, dtype, chunk_bytes, block):
+        # the block's states' removed part: Σ_j R[i, j] (Π_{k=j+1..i} a_k) v_j, [b, T, f]
+        state = torch.matmul(R[:, w, w, None].transpose(2, 3), decays * v[:, None, :, :]).squeeze(2)
+        if carried.shape[1]:
+            state += torch.matmul(R[:, w, :w.start], carried) * local.exp()
+        out[:, w, c] = (state.unflatten(2, (-1, n)) * C[:, w, None, :]).sum(-1)
     return out
 
 
