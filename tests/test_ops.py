@@ -819,3 +819,16 @@ def test_dense_mask_under_autograd_is_served_by_the_scans(monkeypatch):
     torch.testing.assert_close(out.y, y_ref, rtol=1e-9, atol=1e-9)
     for name, a, w in zip(("x", "delta", "A", "B", "C", "D", "initial_state"), got, want):
         torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_torch_backend_backward_of_an_empty_sequence():
+    """p = 0 under autograd: the backward has no chunk to walk, and the initial state's gradient
+    is zero (only y, which is empty, enters the loss) or the final state's gradient."""
+    x, delta, A, B, C, D, h0 = make_inputs(2, 0, 3, 4, seed=58, dtype=torch.float64, requires_grad=True)
+    out = selective_scan(x, delta, A, B, C, D, initial_state=h0, backend="torch")
+    assert out.y.shape == (2, 0, 3)
+    (grad_h0,) = torch.autograd.grad(out.y.sum(), [h0], allow_unused=True, retain_graph=True)
+    assert grad_h0 is None or not grad_h0.any()
+    upstream = torch.randn(2, 3, 4, dtype=torch.float64)
+    (grad_h0,) = torch.autograd.grad((out.final_state * upstream).sum(), [h0])
+    torch.testing.assert_close(grad_h0, upstream)

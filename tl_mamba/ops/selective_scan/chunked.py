@@ -207,7 +207,7 @@ class _ChunkedScan(torch.autograd.Function):
         grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
         # carry: ∂L/∂h_{t-1} that flows out of position t, exp(Δ_t A) ⊙ g_t; it enters the
         # position before as g_{t-1} += carry (at the end, ∂L/∂h_final; at the start, ∂L/∂h_0)
-        carry = torch.zeros_like(bounds[:, 0]) if grad_final is None else grad_final.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        carry = bounds.new_zeros(b, A.shape[1], e) if grad_final is None else grad_final.transpose(1, 2).clone(memory_format=torch.contiguous_format)
         dx, ddelta, dAt, dB, dC = (torch.empty_like(x), torch.empty_like(delta), torch.zeros_like(At),
                                    torch.empty_like(B), torch.empty_like(C))
         T = ctx.chunk_size
