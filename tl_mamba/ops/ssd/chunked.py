@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from tl_mamba.ops.buffers import states_buffer
-from tl_mamba.ops.precision import compute_dtype, needs_grad
+from tl_mamba.ops.precision import compute_dtype
 
 DEFAULT_CHUNK = 32
 """Chunk length L (speed and memory only: results do not depend on it). Measured on a 2-vCPU
@@ -105,24 +106,47 @@ def ssd_chunked(
     states = None
     if return_states:
         # Every state, by the recurrence itself: p steps on [b, h, hd, n]. (Expanding the chunk
-        # form to every position would cost L² work per state entry.) Written into one buffer
-        # (``states_buffer``), unless autograd needs each state as its own node.
+        # form to every position would cost L² work per state entry.)
         decay_t = torch.exp(df[:, :p] * Af)  # [b, p, h]
         write_x = xf[:, :p] * df[:, :p, :, None]  # [b, p, h, hd]
-        differentiable = needs_grad(x, delta, A, B, C, initial_state)
-        buffer = None if differentiable else states_buffer((b, p, h, hd, n), like=x, dtype=cdt)
-        h_t = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
-        if differentiable:
-            # unbind, not write_x[:, t]: each index's backward would scatter into a zero tensor
-            # as large as the whole input (quadratic in p); unbind's backward is one stack
-            kept = []
-            for write_x_t, B_t, decay_tt in zip(write_x.unbind(1), Bh[:, :p].unbind(1), decay_t.unbind(1)):
-                h_t = torch.addcmul(write_x_t[..., None] * B_t[:, :, None, :], decay_tt[:, :, None, None], h_t)
-                kept.append(h_t)
-            states = torch.stack(kept, dim=1)
-        else:
-            for t in range(p):  # the same two ops in the buffer's slot: no temporary (0.89x the time)
-                write = torch.mul(write_x[:, t, :, :, None], Bh[:, t, :, None, :], out=buffer[:, t])
-                h_t = write.addcmul_(decay_t[:, t, :, None, None], h_t)
-            states = buffer
+        h0 = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+        states = _EveryState.apply(decay_t, write_x, Bh[:, :p], h0)
     return SSDOutput(y=y, final_state=state, states=states)
+
+
+class _EveryState(torch.autograd.Function):
+    """Every state ``h_t = decay_t h_{t-1} + x̄_t ⊗ B_t`` ``[b, p, h, hd, n]`` from decay_t ``[b, p, h]``,
+    x̄_t = Δ_t x_t ``[b, p, h, hd]``, B_t ``[b, p, h, n]`` and h_{-1} ``[b, h, hd, n]``.
+
+    The forward writes each state into one buffer (``states_buffer``), two ops per position
+    and no temporary; it records no graph. The backward is the adjoint recurrence
+    ``g_t = ∂L/∂h_t + decay_{t+1} g_{t+1}``, one in-place op per position, and then whole-tensor
+    sums for the four gradients. Autograd through the loop instead kept a graph of p steps and a
+    stacked copy of every state (measured in docs/performance.md, "Gradients with `hook_h`
+    hooked").
+    """
+
+    @staticmethod
+    def forward(ctx, decay_t: Tensor, write_x: Tensor, B: Tensor, h0: Tensor) -> Tensor:
+        b, p, h, hd = write_x.shape
+        states = states_buffer((b, p, h, hd, B.shape[-1]), like=write_x, dtype=write_x.dtype)
+        h_t = h0
+        for t in range(p):  # the two ops in the buffer's slot: no temporary (0.89x the time)
+            write = torch.mul(write_x[:, t, :, :, None], B[:, t, :, None, :], out=states[:, t])
+            h_t = write.addcmul_(decay_t[:, t, :, None, None], h_t)
+        ctx.save_for_backward(decay_t, write_x, B, h0, states)
+        return states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_states: Tensor):
+        decay_t, write_x, B, h0, states = ctx.saved_tensors
+        g = grad_states.clone(memory_format=torch.contiguous_format)  # becomes ∂L/∂h_t, total
+        for t in reversed(range(g.shape[1] - 1)):
+            g[:, t].addcmul_(decay_t[:, t + 1, :, None, None], g[:, t + 1])
+        grad_write_x = torch.einsum("bphdn,bphn->bphd", g, B)
+        grad_B = torch.einsum("bphdn,bphd->bphn", g, write_x)
+        grad_decay = torch.empty_like(decay_t)  # Σ_{hd, n} g_t ⊙ h_{t-1}
+        grad_decay[:, 0] = torch.einsum("bhdn,bhdn->bh", g[:, 0], h0)
+        grad_decay[:, 1:] = torch.einsum("bphdn,bphdn->bph", g[:, 1:], states[:, :-1])
+        return grad_decay, grad_write_x, grad_B, decay_t[:, 0, :, None, None] * g[:, 0]
