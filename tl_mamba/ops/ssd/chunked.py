@@ -93,9 +93,11 @@ def ssd_chunked(
     # off-diagonal blocks: carry the state across chunks
     state = x.new_zeros(b, h, hd, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     starts = []
-    for c in range(nc):
+    # unbind, not chunk_writes[:, c]: under autograd each index's backward would scatter into a
+    # zero tensor of all the chunks' writes (quadratic in the number of chunks); unbind's is one stack
+    for decay_c, writes_c in zip(chunk_decay.unbind(1), chunk_writes.unbind(1)):
         starts.append(state)
-        state = chunk_decay[:, c, :, None, None] * state + chunk_writes[:, c]
+        state = decay_c[:, :, None, None] * state + writes_c
     start_states = torch.stack(starts, dim=1)  # [b, c, h, hd, n]
     from_start = torch.exp(log_decay)  # [b, c, h, L]
     y = y + torch.matmul(Cc, start_states.transpose(-1, -2)) * from_start[..., None]
