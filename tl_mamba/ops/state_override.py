@@ -96,6 +96,19 @@ def linear_recurrence(decay: Tensor, write: Tensor) -> Tensor:
     return _LinearRecurrence.apply(decay, write)
 
 
+def adjoint_recurrence(grad_states: Tensor, decay: Tensor) -> Tensor:
+    """``g_t = ∂L/∂h_t + decay_{t+1} ⊙ g_{t+1}``, last position first: ∂L/∂h_t in total, for every t.
+
+    The backward of ``h_t = decay_t ⊙ h_{t-1} + write_t`` (``g_t`` is then the gradient of
+    ``write_t``). ``grad_states``: ``[b, p, *state]``, ∂L/∂h_t from everything but the recurrence;
+    ``decay`` broadcasts against it. Returns a new tensor, one in-place op per position.
+    """
+    g = grad_states.clone(memory_format=torch.contiguous_format)
+    for t in reversed(range(g.shape[1] - 1)):
+        g[:, t].addcmul_(decay[:, t + 1], g[:, t + 1])
+    return g
+
+
 class _LinearRecurrence(torch.autograd.Function):
     # Why not autograd through a Python loop: the backward of each ``decay[:, t]`` /
     # ``write[:, t]`` scatters into a fresh zero tensor of the whole [b, p, *state], so a
@@ -116,9 +129,7 @@ class _LinearRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_states: Tensor):
         decay, states = ctx.saved_tensors
-        g = grad_states.clone(memory_format=torch.contiguous_format)  # becomes ∂L/∂h_t, total
-        for t in reversed(range(g.shape[1] - 1)):
-            g[:, t].addcmul_(decay[:, t + 1], g[:, t + 1])
+        g = adjoint_recurrence(grad_states, decay)
         grad_decay = None
         if ctx.needs_input_grad[0]:  # ∂L/∂decay_t = g_t ⊙ h_{t-1}, h_{-1} = 0
             grad_decay = torch.zeros_like(g)

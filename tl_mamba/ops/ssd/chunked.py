@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from tl_mamba.ops.buffers import states_buffer
 from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.state_override import adjoint_recurrence
 
 DEFAULT_CHUNK = 32
 """Chunk length L (speed and memory only: results do not depend on it). Measured on a 2-vCPU
@@ -143,9 +144,7 @@ class _EveryState(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_states: Tensor):
         decay_t, write_x, B, h0, states = ctx.saved_tensors
-        g = grad_states.clone(memory_format=torch.contiguous_format)  # becomes ∂L/∂h_t, total
-        for t in reversed(range(g.shape[1] - 1)):
-            g[:, t].addcmul_(decay_t[:, t + 1, :, None, None], g[:, t + 1])
+        g = adjoint_recurrence(grad_states, decay_t[..., None, None])  # ∂L/∂h_t, total
         grad_write_x = torch.einsum("bphdn,bphn->bphd", g, B)
         grad_B = torch.einsum("bphdn,bphd->bphn", g, write_x)
         grad_decay = torch.empty_like(decay_t)  # Σ_{hd, n} g_t ⊙ h_{t-1}
