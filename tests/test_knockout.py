@@ -392,6 +392,9 @@ def test_hidden_attention_memory_guard():
     with pytest.raises(MemoryError, match="reduce="):
         model.hidden_attention(torch.zeros(1, 40, dtype=torch.long), 0)
     assert model.hidden_attention(torch.zeros(1, 8, dtype=torch.long), 0, reduce="norm").shape == (1, 8, 8)
+    # the contract: the method's own docstring (what help(model.hidden_attention) shows) states the memory
+    for cls in (HookedMamba, HookedMamba2):
+        assert "Memory:" in cls.hidden_attention.__doc__ and "b·c·p²·4" in cls.hidden_attention.__doc__
 
 
 # ---------------------------------------------------------------------------- errors

@@ -35,6 +35,7 @@ from transformer_lens.utilities import Slice
 from tl_mamba.backends import resolve_backend, validate_backend
 from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
+from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
 from tl_mamba.models.components import Embed, RMSNorm, Unembed
 from tl_mamba.ops.precision import upcast
 
@@ -559,10 +560,10 @@ class HookedSSM(HookedRootModule):
 
     def hidden_attention(self, input_or_cache, layer: int, heads=None, channels=None, reduce: Optional[str] = None,
                          **kwargs):
-        """The hidden-attention matrix α of one layer (see ``tl_mamba.hidden_attention``)."""
-        from tl_mamba.hidden_attention import hidden_attention
+        return _hidden_attention(self, input_or_cache, layer, heads=heads, channels=channels, reduce=reduce, **kwargs)
 
-        return hidden_attention(self, input_or_cache, layer, heads=heads, channels=channels, reduce=reduce, **kwargs)
+    # help(model.hidden_attention) shows the whole docstring: shapes, and the memory the result needs
+    hidden_attention.__doc__ = _hidden_attention.__doc__
 
     def hook_shapes(self, tokens: Optional[Tensor] = None) -> Dict[str, tuple]:
         """Every hook name with the shape it holds on ``tokens`` (default ``[1, 4]``), heavy hooks included."""
