@@ -429,3 +429,88 @@ def test_generate_zero_new_tokens_and_bad_arguments(model, prompt):
         gen(model, prompt, max_new_tokens=-1)
     with pytest.raises(ValueError):
         gen(model, prompt, do_sample=True, top_p=1.5)
+
+
+# ---------------------------------------------------------------------------- whole-sequence steps
+def tiny_mamba2(tokenizer):
+    from tl_mamba import HookedMamba2, HookedMambaConfig
+
+    cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_head=8, d_state=6, n_groups=2, d_conv=3,
+                            d_vocab=48, chunk_size=4, seed=1, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return perturb_(HookedMamba2(cfg, tokenizer=tokenizer), seed=1)
+
+
+@pytest.fixture(params=["mamba1", "mamba2"])
+def any_model(request, model, tokenizer):
+    return model if request.param == "mamba1" else tiny_mamba2(tokenizer)
+
+
+@pytest.mark.parametrize("path", ["ssm", "conv", "both"])
+def test_generate_under_knockout_equals_knocked_out_full_forwards(any_model, prompt, path):
+    """A Knockout's positions index the whole sequence. A recurrent step sees one token, so
+    generate re-runs the sequence: sources=[0, 1] stay the first two tokens (before, a step
+    read them as positions of its one token: wrong tokens for [0], an IndexError for [1]).
+    -2 is within the conv window of -1, so the conv path has edges to remove too."""
+    from tl_mamba import Knockout
+
+    model = any_model
+    ko = Knockout(layers=range(model.cfg.n_layers), sources=[0, 1, -2], targets=[-1], path=path)
+    n_new = 4
+    with torch.no_grad():  # the reference: the knockout applied to every prefix, whole
+        expected = prompt.clone()
+        for _ in range(n_new):
+            logits = model.run_with_knockout(expected, ko)[:, -1]
+            expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
+        assert not torch.allclose(logits, model(expected[:, :-1])[:, -1], atol=1e-3)  # the knockout matters
+    with model.knockouts(ko):
+        out = gen(model, prompt, max_new_tokens=n_new, do_sample=False, stop_at_eos=False)
+    assert torch.equal(out, expected)
+
+
+def test_hand_written_mask_hook_without_past_cache_sees_the_whole_mask(any_model, prompt):
+    """A hand-written hook on hook_ssm_mask sees one-token masks in recurrent steps (as every hook
+    does; test_constant_cost_per_token_structural), and the whole mask with use_past_kv_cache=False."""
+    model = any_model
+    seen = []
+
+    def cut_first_source(mask, hook):
+        seen.append(tuple(mask.shape[-2:]))
+        mask = mask.clone()
+        mask[..., -1, 0] = 0
+        return mask
+
+    n_new = 3
+    hooks = [(f"blocks.{l}.hook_ssm_mask", cut_first_source) for l in range(model.cfg.n_layers)]
+    expected = greedy_by_full_forwards(model, prompt, n_new, fwd_hooks=hooks)
+    seen.clear()
+    with model.hooks(fwd_hooks=hooks):
+        out = gen(model, prompt, max_new_tokens=n_new, do_sample=False, stop_at_eos=False, use_past_kv_cache=False)
+    assert torch.equal(out, expected)
+    p = prompt.shape[1]
+    assert seen == [(q, q) for q in range(p, p + n_new) for _ in range(model.cfg.n_layers)]
+
+
+def test_use_past_kv_cache_false_reruns_the_sequence(any_model, prompt):
+    model = any_model
+    lengths = []
+    hook = ("blocks.0.hook_resid_pre", lambda resid, hook: lengths.append(resid.shape[1]))
+    with model.hooks(fwd_hooks=[hook]):
+        recurrent = gen(model, prompt, max_new_tokens=3, do_sample=False, stop_at_eos=False)
+        assert lengths == [7, 1, 1]
+        lengths.clear()
+        whole = gen(model, prompt, max_new_tokens=3, do_sample=False, stop_at_eos=False, use_past_kv_cache=False)
+        assert lengths == [7, 8, 9]
+    assert torch.equal(whole, recurrent)
+    assert torch.equal(whole, greedy_by_full_forwards(model, prompt, 3))
+
+
+def test_knockout_generation_of_a_left_padded_batch_equals_alone(model):
+    from tl_mamba import Knockout
+
+    texts = ["when mary and john went to the store", "one two three"]
+    ko = Knockout(layers=[0, 1], sources=[-2], targets=[-1])
+    with model.knockouts(ko):
+        out = gen(model, texts, max_new_tokens=3, do_sample=False, stop_at_eos=False, return_type="tokens")
+        for row, text in enumerate(texts):
+            alone = gen(model, text, max_new_tokens=3, do_sample=False, stop_at_eos=False, return_type="tokens")
+            assert torch.equal(out[row, -3:], alone[0, -3:]), row

@@ -265,16 +265,39 @@ def structured_removals(hook_point, b: int, p: int, device) -> Optional[List[Edg
     Knockout (a user hook, a cache hook), a backward hook, or knockouts that share
     edges (their union is not a sum).
     """
-    registry = getattr(hook_point, "_tl_mamba_knockouts", None)
-    if not registry or hook_point.bwd_hooks:
-        return None
-    live = {id(handle.hook) for handle in hook_point.fwd_hooks}
-    for key in [key for key in registry if key not in live]:  # forget hooks removed by reset_hooks
-        del registry[key]
-    if not registry or len(registry) != len(hook_point.fwd_hooks):
+    registry = _live_knockouts(hook_point)
+    if not registry or hook_point.bwd_hooks or len(registry) != len(hook_point.fwd_hooks):
         return None
     removals = [fn.removal(b, p, device) for fn in registry.values()]
     return None if any_overlap(removals) else removals
+
+
+def _live_knockouts(hook_point) -> dict:
+    """The Knockout hooks registered on ``hook_point`` that are still attached, by handle id
+    (forgetting those that ``reset_hooks`` removed)."""
+    registry = getattr(hook_point, "_tl_mamba_knockouts", None)
+    if not registry:
+        return {}
+    live = {id(handle.hook) for handle in hook_point.fwd_hooks}
+    for key in [key for key in registry if key not in live]:
+        del registry[key]
+    return registry
+
+
+def whole_sequence_hooks(model) -> List[str]:
+    """The hook points that carry a Knockout (either path), whose positions index the whole sequence.
+
+    A recurrent ``generate`` step sees only the new token, so it cannot honour them
+    (``sources=[0]`` would be the new token itself): ``generate`` re-runs the whole
+    sequence at each step instead. Other hooks, a hand-written one on ``hook_ssm_mask``
+    included, see each step's one-token tensors, as the contract says.
+    """
+    names = []
+    for layer in range(model.cfg.n_layers):
+        for name in (f"blocks.{layer}.hook_ssm_mask", f"blocks.{layer}.hook_conv"):
+            if _live_knockouts(model.mod_dict[name]):
+                names.append(name)
+    return names
 
 
 def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[object, object]]:
@@ -285,7 +308,9 @@ def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[objec
             hook_point = model.mod_dict[name]
             hook_point.add_hook(fn, dir="fwd")
             handle = hook_point.fwd_hooks[-1]
-            if isinstance(fn, SSMMaskKnockoutHook):
+            # registered: the SSM hooks so that the block can skip the mask (structured_removals),
+            # the conv ones so that generate knows to re-run the whole sequence (whole_sequence_hooks)
+            if isinstance(fn, SSMMaskKnockoutHook) or name.endswith(".hook_conv"):
                 if getattr(hook_point, "_tl_mamba_knockouts", None) is None:
                     hook_point._tl_mamba_knockouts = {}
                 hook_point._tl_mamba_knockouts[id(handle.hook)] = fn

@@ -606,9 +606,18 @@ class HookedSSM(HookedRootModule):
         step (on ``p = 1`` tensors after the prefill). Keyword names follow
         TransformerLens' ``generate``. ``return_type="input"`` returns strings for
         string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one.
-        ``use_past_kv_cache`` is accepted for compatibility (the state is always carried).
+
+        ``use_past_kv_cache=False`` re-runs the whole sequence at every step instead
+        (hooks then see the whole sequence each time; cost grows with its length).
+        So does every step while a ``Knockout`` is active: its positions (``sources=[0]``,
+        ``targets=[-1]``) index the whole sequence, which a one-token step cannot see.
+        Each new token is then predicted with the knockout applied to the sequence so
+        far, its ``-1`` being the newest token. (A hand-written hook on ``hook_ssm_mask``
+        sees each step's ``[b, H, 1, 1]`` mask, as any hook sees one-token tensors.)
         """
         from tqdm.auto import tqdm
+
+        from tl_mamba.knockout import whole_sequence_hooks
 
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -635,7 +644,8 @@ class HookedSSM(HookedRootModule):
             else None
         )
         gen = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
-        state = RecurrentState.empty(self.cfg.n_layers)
+        recurrent = use_past_kv_cache and not whole_sequence_hooks(self)
+        state = RecurrentState.empty(self.cfg.n_layers) if recurrent else None
         logits = self(tokens, attention_mask=attention_mask, state=state)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out_tokens = [tokens]
@@ -652,8 +662,13 @@ class HookedSSM(HookedRootModule):
                 finished |= torch.isin(next_tokens, eos_ids)
                 if bool(finished.all()):
                     break
-            if step + 1 < max_new_tokens:  # no forward for a token nobody will read
+            if step + 1 < max_new_tokens and recurrent:  # no forward for a token nobody will read
                 logits = self(next_tokens[:, None], state=state)
+            elif step + 1 < max_new_tokens:
+                sequence = torch.cat(out_tokens, dim=1)
+                if attention_mask is not None:  # left padding only (checked above): new tokens are real
+                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(sequence), 1)], dim=1)
+                logits = self(sequence, attention_mask=attention_mask)
         result = torch.cat(out_tokens, dim=1)
         if return_type == "str" or (return_type == "input" and string_input):
             strings = self.to_string(result)
