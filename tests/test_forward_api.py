@@ -124,6 +124,49 @@ def test_padded_string_batch_matches_each_prompt_alone(model, side):
         close(logits[row, real], alone[0])
 
 
+LEFT_TEXTS = ["when mary and john went to the store", "the cat", "one two three four"]
+
+
+def test_left_padded_tokens_without_mask_warn(model):
+    """Left pads run through the recurrence, so a left-padded batch without its mask gives other
+    logits than each prompt alone (checked here, so that the warning is about something real)."""
+    import warnings
+
+    tokens = model.to_tokens(LEFT_TEXTS, padding_side="left")
+    with pytest.warns(UserWarning, match="left-padded batch given without an attention_mask"):
+        logits = model(tokens)
+    alone = model(model.to_tokens(LEFT_TEXTS[1]))
+    assert not torch.allclose(logits[1, -1], alone[0, -1], atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for right padding, a mask, or one row
+        model(model.to_tokens(LEFT_TEXTS, padding_side="right"))
+        model(*model.to_tokens(LEFT_TEXTS, padding_side="left", return_attention_mask=True)[:1],
+              attention_mask=model.to_tokens(LEFT_TEXTS, padding_side="left", return_attention_mask=True)[1])
+        model(tokens[1:2])
+
+
+@pytest.mark.parametrize("pad_is_bos", [False, True])
+def test_left_padding_side_infers_the_mask_from_pad_tokens(model, tokenizer, pad_is_bos):
+    """With cfg.default_padding_side = "left" (TransformerLens infers the mask then too), left-padded
+    tokens without a mask give each prompt's logits alone, also when the pad token is the BOS."""
+    import copy
+
+    if pad_is_bos:
+        model.tokenizer = copy.deepcopy(tokenizer)
+        model.tokenizer.pad_token = model.tokenizer.bos_token
+        assert model.tokenizer.pad_token_id == model.tokenizer.bos_token_id == BOS
+    model.cfg.default_padding_side = "left"
+    tokens = model.to_tokens(LEFT_TEXTS)
+    logits = model(tokens)
+    width = tokens.shape[1]
+    for row, text in enumerate(LEFT_TEXTS):
+        alone_tokens = model.to_tokens(text)
+        n = alone_tokens.shape[1]
+        assert torch.equal(tokens[row, width - n:], alone_tokens[0])
+        close(logits[row, width - n:], model(alone_tokens)[0])
+    assert model.hidden_attention(tokens, 1, channels=[0, 5]).shape == (3, 2, width, width)
+
+
 def _random_padded_batch(lengths, side, vocab, seed=0):
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)

@@ -320,8 +320,11 @@ class HookedSSM(HookedRootModule):
         return int(tokens.item())
 
     # ------------------------------------------------------------------ forward
-    def _prepare_input(self, input, attention_mask, prepend_bos, padding_side):
-        """Returns ``(tokens [b, p] long, attention_mask [b, p] or None)``."""
+    def _prepare_input(self, input, attention_mask, prepend_bos, padding_side, continuing: bool = False):
+        """Returns ``(tokens [b, p] long, attention_mask [b, p] or None)``.
+
+        ``continuing``: the tokens continue a sequence (a forward from a non-empty
+        ``RecurrentState``), so their first column is not where padding would be."""
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             tokens, mask = self.to_tokens(
                 input, prepend_bos=prepend_bos, padding_side=padding_side, return_attention_mask=True
@@ -348,9 +351,47 @@ class HookedSSM(HookedRootModule):
                 f"token ids must lie in [0, {self.cfg.d_vocab}), got min {int(tokens.min())} max {int(tokens.max())}"
             )
         tokens = tokens.to(self.W_E.device)
+        if attention_mask is None and not continuing:
+            attention_mask = self._padding_from_tokens(tokens)
         if attention_mask is not None:
             attention_mask = self._check_mask(attention_mask, tokens.shape)
         return tokens, attention_mask
+
+    def _padding_from_tokens(self, tokens: Tensor) -> Optional[Tensor]:
+        """The attention mask of token input given without one, from the tokenizer's pad token.
+
+        As TransformerLens does, a model that pads on the left (``cfg.default_padding_side
+        == "left"``) infers it: each row's leading run of pad tokens is padding, less its
+        last token when the pad token is also the BOS that ``default_prepend_bos`` puts
+        there. Otherwise nothing is inferred, but rows that begin with runs of pad tokens of
+        different lengths are almost surely a left-padded batch, whose pads would run
+        through the recurrence and change every later position: that warns.
+        """
+        import warnings
+
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        infer = self.cfg.default_padding_side == "left"
+        if pad is None or (tokens.shape[0] == 1 and not infer):
+            return None
+        leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
+        pad_is_bos = pad == getattr(tok, "bos_token_id", None)
+        if infer:
+            mask = 1 - leading
+            if pad_is_bos and self.cfg.default_prepend_bos:  # the run's last token is the BOS
+                runs = leading.sum(1)
+                rows = (runs > 0).nonzero()[:, 0]
+                mask[rows, runs[rows] - 1] = 1
+            return mask
+        runs = leading.sum(1)
+        if bool((runs != runs[0]).any()) and (not pad_is_bos or int(runs.max()) >= 2):
+            warnings.warn(
+                f"The token rows begin with different numbers of pad tokens (id {pad}): this looks like a "
+                "left-padded batch given without an attention_mask. The pads then run through the recurrence "
+                "and change every later position. Pass attention_mask (to_tokens(..., return_attention_mask=True) "
+                "gives it), or set cfg.default_padding_side = 'left' to have it inferred from the pad tokens, "
+                "as TransformerLens does.", UserWarning, stacklevel=4)
+        return None
 
     def _check_mask(self, attention_mask: Tensor, shape) -> Optional[Tensor]:
         attention_mask = torch.as_tensor(attention_mask, device=self.W_E.device)
@@ -398,7 +439,8 @@ class HookedSSM(HookedRootModule):
         start = 0 if start_at_layer is None else _layer_index(start_at_layer, n_layers, "start_at_layer")
         stop = n_layers if stop_at_layer is None else _layer_index(stop_at_layer, n_layers, "stop_at_layer")
         if start_at_layer is None:
-            tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side)
+            tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side,
+                                                         continuing=state is not None and state.seqlen_offset > 0)
             resid = self.hook_embed(self.embed(tokens))
         else:
             resid = input
