@@ -569,6 +569,29 @@ def test_unknown_hook_in_add_hook(model, tokens):
     close(model(tokens), clean, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name, says, not_says", [
+    ("blocks.0.attn.hook_z", "blocks.0.hook_y", "Did you mean"),  # not the near-spelled gate hook_z
+    ("blocks.1.attn.hook_pattern", "hidden_attention", "Did you mean"),
+    ("blocks.0.attn.hook_q", "blocks.0.hook_C", "Did you mean"),
+    ("blocks.1.hook_mlp_out", "no MLP", "Did you mean"),
+    ("blocks.0.hook_attn_out", "blocks.0.hook_mixer_out", "Did you mean"),
+    ("blocks.0.hook_zz", "Did you mean 'blocks.0.hook_z'", "no MLP"),
+])
+def test_transformer_hook_names_point_to_the_mamba_analogue(model, tokens, name, says, not_says):
+    """TransformerLens' patching helpers name attention hooks; the error says what Mamba has instead."""
+    with pytest.raises(ValueError) as info:
+        model.add_hook(name, lambda a, hook: a)
+    assert says in str(info.value) and not_says not in str(info.value)
+
+
+def test_tl_head_patching_helper_names_hook_y(model, tokens):
+    from transformer_lens import patching
+
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match="hook_y"):
+        patching.get_act_patch_attn_head_out_all_pos(model, tokens, cache, lambda logits: logits.sum())
+
+
 def test_unknown_cache_key_names_the_key(model, tokens):
     _, cache = model.run_with_cache(tokens)
     with pytest.raises(KeyError, match="hook_nope"):

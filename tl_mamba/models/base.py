@@ -14,6 +14,7 @@ supplies the TransformerLens-facing surface:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import partial
@@ -477,8 +478,12 @@ class HookedSSM(HookedRootModule):
             return
         import difflib
 
-        close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        analogue = _transformer_analogue(name, self.family)
+        if analogue is not None:  # a transformer hook name (TransformerLens' patching uses them): say what Mamba has
+            hint = f" {analogue}"
+        else:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
             f"{name!r} is not a hook of {type(self).__name__}.{hint} "
             "model.hook_dict lists them all (docs/hooks.md has their shapes)."
@@ -759,6 +764,51 @@ def _lm_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor], p
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(loss.dtype)
     loss = loss * valid
     return loss if per_token else loss.sum() / valid.sum().clamp(min=1)
+
+
+_TRANSFORMER_HOOK = re.compile(r"^blocks\.(\d+)\.(?:(attn|mlp|ln2)\.)?(hook_\w+)$")
+
+
+def _transformer_analogue(name: str, family: str) -> Optional[str]:
+    """For a transformer hook name, what a Mamba block has in its place (None for other names).
+
+    A close spelling match would mislead here: ``attn.hook_z`` (attention's per-head
+    output) is closest to Mamba's ``hook_z``, which is the gate branch.
+    """
+    if name == "hook_pos_embed":
+        return "Mamba has no positional embedding: position is carried by the recurrence."
+    match = _TRANSFORMER_HOOK.match(name)
+    if match is None:
+        return None
+    layer, sublayer, hook = match.groups()
+    block = f"blocks.{layer}."
+    if sublayer in ("mlp", "ln2") or hook in ("hook_mlp_in", "hook_mlp_out", "hook_resid_mid"):
+        return (f"Mamba blocks have no MLP: the mixer is the block's one sublayer ({block}hook_mixer_in → "
+                f"{block}hook_mixer_out).")
+    per_head = "per head, [b, p, h, hd]" if family == "mamba2" else "per d_inner channel, [b, p, e]"
+    analogues = {
+        ("attn", "hook_z"): f"The mixer's SSM output {per_head}, is {block}hook_y (in Mamba, {block}hook_z "
+                            "is the gate branch of in_proj, not a per-head output).",
+        ("attn", "hook_result"): f"Per-head writes: cache.stack_head_results() / cache.compute_head_results() "
+                                 f"(Mamba-2); the SSM output {per_head} is {block}hook_y.",
+        ("attn", "hook_pattern"): f"The mixer's attention-like matrix is the hidden attention: "
+                                  f"model.hidden_attention(tokens, {layer}); remove its edges with "
+                                  f"{block}hook_ssm_mask or tl_mamba.Knockout.",
+        ("attn", "hook_attn_scores"): f"The mixer's attention-like matrix is the hidden attention: "
+                                      f"model.hidden_attention(tokens, {layer}).",
+        ("attn", "hook_q"): f"The query's role is played by C: {block}hook_C.",
+        ("attn", "hook_k"): f"The key's role is played by B: {block}hook_B.",
+        ("attn", "hook_v"): f"The value's role is played by the SSM input x: {block}hook_x.",
+        (None, "hook_attn_out"): f"The mixer's write to the residual stream is {block}hook_mixer_out.",
+        (None, "hook_attn_in"): f"The mixer's own copy of its input is {block}hook_mixer_in.",
+        (None, "hook_q_input"): f"The mixer's own copy of its input is {block}hook_mixer_in.",
+        (None, "hook_k_input"): f"The mixer's own copy of its input is {block}hook_mixer_in.",
+        (None, "hook_v_input"): f"The mixer's own copy of its input is {block}hook_mixer_in.",
+    }
+    found = analogues.get((sublayer, hook))
+    if found is None and sublayer == "attn":
+        found = f"Mamba blocks have no attention; docs/porting.md maps attention hooks to the mixer's."
+    return found
 
 
 def _layer_index(value: int, n_layers: int, name: str) -> int:
