@@ -248,7 +248,8 @@ def test_all_ones_mask_changes_nothing(family):
         plain = model(tokens)
         hooked = model.run_with_hooks(tokens, fwd_hooks=[
             (lambda name: name.endswith("hook_ssm_mask"), lambda mask, hook: torch.ones_like(mask))])
-        empty = model.run_with_knockout(tokens, Knockout(layers=[0, 1], sources=[], targets=[-1]))
+        with pytest.warns(UserWarning, match="removes no edges"):
+            empty = model.run_with_knockout(tokens, Knockout(layers=[0, 1], sources=[], targets=[-1]))
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
     torch.testing.assert_close(empty, plain, rtol=0, atol=0)
 
@@ -453,3 +454,27 @@ def test_a_mask_on_another_device_than_the_scan_is_named(family, form):
     for backend in ("reference", "torch"):
         with pytest.raises(ValueError, match=rf"{what} is on meta but the scan inputs are on cpu"):
             scan(*args, ssm_mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs, warns", [
+    (dict(sources=[-1], targets=[2]), True),  # swapped: the source comes after the target
+    (dict(sources=[], targets=[-1]), True),
+    (dict(sources=[0], targets=[-1], path="conv"), True),  # outside the conv window
+    (dict(sources=[0], targets=[-1], path="both"), False),  # the SSM path has the edge
+    (dict(sources=[-3], targets=[-1], path="conv"), False),
+    (dict(sources=[2], targets=[2]), False),  # the diagonal is an edge
+])
+def test_knockout_that_removes_nothing_warns_once(kwargs, warns):
+    import warnings
+
+    model = make_model("mamba1")
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    ko = Knockout(layers=[1], **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        knocked = model.run_with_knockout(tokens, ko)
+        model.run_with_knockout(tokens, ko)
+    ours = [w for w in caught if "removes no edges" in str(w.message)]
+    assert len(ours) == (1 if warns else 0)
+    # the warning is about something real: the logits moved exactly when it stays silent
+    assert torch.equal(knocked, model(tokens)) == warns

@@ -131,6 +131,7 @@ class Knockout:
     heads: Optional[Sequence[int]] = None
     channels: Optional[Sequence[int]] = None
     _layers: Tuple[int, ...] = field(init=False, repr=False, default=())
+    _warned_no_edges: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -171,12 +172,42 @@ class Knockout:
             return _to_device(host, device), host.any(0).nonzero()[:, 0]
 
         (sources, source_positions), (targets, target_positions) = resolve("sources"), resolve("targets")
+        if source_positions is not None and target_positions is not None:
+            self.warn_if_no_edges(b, p)
         if cfg.family == "mamba2":
             features = _feature_mask(self.heads, cfg.n_heads, "heads", device)
         else:
             features = _feature_mask(self.channels, cfg.d_inner, "channels", device)
         return EdgeRemoval(sources=sources.float(), targets=targets.float(), features=features,
                            source_positions=source_positions, target_positions=target_positions)
+
+    def warn_if_no_edges(self, b: int, p: int, window: Optional[int] = None) -> None:
+        """Warn (once per Knockout) when no source precedes a target in any row, so that the
+        knockout removes nothing: say, sources and targets swapped, or an empty source list.
+        ``window``: only edges with ``i - window < j ≤ i`` count (the conv path's taps).
+        Positions given as device masks are not checked (that would wait for the device)."""
+        if self._warned_no_edges:
+            return
+        host = []
+        for what in ("sources", "targets"):
+            given = getattr(self, what)
+            if isinstance(given, Tensor) and given.device.type != "cpu":
+                return
+            host.append(resolve_positions(given, b, p, what).long())
+        sources, targets = host  # [b, p]
+        seen = torch.cumsum(sources, dim=1)  # sources at or before each position
+        if window is not None:
+            seen = seen - torch.nn.functional.pad(seen, (window, 0))[:, :p]  # ... and after i - window
+        if bool((targets.bool() & (seen > 0)).any()):
+            return
+        import warnings
+
+        self._warned_no_edges = True
+        reach = "" if window is None else f" within the conv window ({window} positions)"
+        warnings.warn(
+            f"{self!r} removes no edges from these {p}-token inputs: no source comes at or before a "
+            f"target{reach} in any row. An edge runs from a source j to a later (or the same) target i; "
+            "were sources and targets swapped?", UserWarning, stacklevel=2)
 
     # ---------------------------------------------------------------------- hooks
     def hooks(self, model) -> List[Tuple[str, "object"]]:
@@ -246,6 +277,8 @@ class ConvKnockoutHooks:
         if self.conv_in is None or self.conv_in.shape != conv.shape:
             raise RuntimeError(f"{hook.name}: the conv knockout did not see this forward's conv input")
         b, p, c = conv.shape
+        if self.knockout.path == "conv":  # with "both", far sources are the SSM path's, not an error
+            self.knockout.warn_if_no_edges(b, p, window=self.block.mixer.conv1d.weight.shape[-1])
         sources = resolve_positions(self.knockout.sources, b, p, "sources", conv.device).to(conv.dtype)
         targets = resolve_positions(self.knockout.targets, b, p, "targets", conv.device).to(conv.dtype)
         weight = self.block.mixer.conv1d.weight
