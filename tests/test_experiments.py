@@ -186,3 +186,81 @@ def test_ioi_name_reaches_the_end_directly_or_through_its_conv_followers(toy):
         assert without_io >= 0.9, (clean, without_io, without_relay)
     else:
         assert without_io <= 0.45, (clean, without_io, without_relay)
+
+
+# ---------------------------------------------------------------------------- any tokenizer
+FACT_TEXTS = [
+    ("The Eiffel Tower is located in the city of", " Paris", "The Eiffel Tower"),
+    ("Michael Jordan played the sport of", " basketball", "Michael Jordan"),
+    ("In the morning, the Colosseum stood in the city of", " Rome", "the Colosseum"),
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_model():
+    """A random Mamba-2 with a byte-level BPE tokenizer (trained here, offline) that, like
+    GPT-NeoX's, has no word-level '<bos>': information_flow used to fail with KeyError '<bos>'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = [text + answer for text, answer, _ in FACT_TEXTS] * 20
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    cfg = tl_mamba.HookedMambaConfig(family="mamba2", n_layers=3, d_model=32, d_head=8, d_state=8, n_groups=1,
+                                     d_vocab=len(tok), chunk_size=8, seed=3)
+    model = tl_mamba.HookedMamba2(cfg, tokenizer=tok)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
+    return model
+
+
+def test_prompt_from_text_spans_cover_the_subject(bpe_model):
+    from tl_mamba.experiments import prompt_from_text
+
+    for text, answer, subject in FACT_TEXTS:
+        prompt = prompt_from_text(bpe_model, text, answer, subject)
+        str_tokens = bpe_model.to_str_tokens(text)
+        n = len(str_tokens)
+        assert prompt.spans["last"] == [n - 1] and prompt.spans["bos"] == [0]
+        assert "".join(str_tokens[i] for i in prompt.spans["subject"]).strip() == subject
+        assert "".join(str_tokens[i] for i in prompt.spans["relation"] + prompt.spans["last"]) == \
+            text[text.index(subject) + len(subject):]
+        covered = sorted(prompt.spans["context"] + prompt.spans["subject"] + prompt.spans["relation"] + [n - 1])
+        assert covered == list(range(1, n))
+    with pytest.raises(ValueError, match="not in the text"):
+        prompt_from_text(bpe_model, FACT_TEXTS[0][0], " Paris", "Big Ben")
+    with pytest.raises(ValueError, match="reaches the last token"):
+        prompt_from_text(bpe_model, "Paris", " France", "Paris")
+
+
+def test_information_flow_on_a_bpe_tokenizer_equals_single_knockouts(bpe_model):
+    from tl_mamba.experiments import prompt_from_text
+
+    model = bpe_model
+    prompts = [prompt_from_text(model, *fact) for fact in FACT_TEXTS]
+    lengths = {len(model.to_str_tokens(p.text)) for p in prompts}
+    assert len(lengths) > 1  # the batch is left-padded: the spans must move with the padding
+    df = information_flow(model, prompts, window=2, sources=("subject", "relation"), batch_size=4, progress=False)
+    assert len(df) == len(prompts) * model.cfg.n_layers * 2
+    for _, row in df.iterrows():
+        prompt = prompts[row.prompt]
+        tokens = model.to_tokens(prompt.text)
+        answer = model.tokenizer(prompt.answer, add_special_tokens=False)["input_ids"][0]
+        with torch.no_grad():
+            p = model(tokens)[0, -1].softmax(-1)[answer]
+            ko = Knockout(layers=list(row.layers), sources=prompt.spans[row.source], targets=[-1])
+            p_ko = model.run_with_knockout(tokens, ko)[0, -1].softmax(-1)[answer]
+        assert row.p == pytest.approx(float(p), rel=1e-4, abs=1e-7)
+        assert row.p_ko == pytest.approx(float(p_ko), rel=1e-4, abs=1e-7)
+    assert (df.p_ko != df.p).any()
+    values = information_flow_per_token(model, prompts[0], window=1, progress=False)
+    assert values.shape == (model.cfg.n_layers, len(model.to_str_tokens(prompts[0].text)))
+    with pytest.raises(ValueError, match="is 2 tokens|tokens"):
+        information_flow(model, [prompt_from_text(model, FACT_TEXTS[0][0], " Paris Rome", "The Eiffel Tower")],
+                         progress=False)

@@ -1,7 +1,9 @@
 """Information-flow experiments with knockouts (the Mamba Knockout paper, exact and batched).
 
-    from tl_mamba.experiments import information_flow, plot_information_flow
-    prompts = tl_mamba.toy.make_dataset("facts", "heldout", 64)
+    from tl_mamba.experiments import information_flow, plot_information_flow, prompt_from_text
+    prompts = tl_mamba.toy.make_dataset("facts", "heldout", 64)          # toy model and tokenizer
+    prompts = [prompt_from_text(model, "The Eiffel Tower is in the city of", " Paris",
+                                subject="The Eiffel Tower")]              # any other tokenizer
     df = information_flow(model, prompts, window=3)
     plot_information_flow(df, "flow.png")
 
@@ -36,12 +38,98 @@ def layer_windows(n_layers: int, window: int) -> List[Tuple[int, List[int]]]:
     return out
 
 
-def _encode(model, prompts):
-    from tl_mamba.toy import encode_prompts
+def _is_word_level(tokenizer, prompts) -> bool:
+    """Whether ``tokenizer`` is the toy word-level one: BOS and every word of every prompt are whole tokens."""
+    from tl_mamba.toy import vocab as V
+    from tl_mamba.toy.tasks import _vocab
 
-    batch = encode_prompts(prompts, model.tokenizer, padding_side="left")
-    offsets = (batch["tokens"].shape[1] - batch["lengths"]).tolist()  # left padding per row
-    return batch, offsets
+    if tokenizer is None:
+        return True  # encode_prompts' default: the toy vocabulary
+    vocab = _vocab(tokenizer)
+    return V.BOS in vocab and all(word in vocab for prompt in prompts for word in prompt.text.split(" "))
+
+
+def _answer_id(model, answer: str, row: int) -> int:
+    ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"prompt {row}: the answer {answer!r} is {len(ids)} tokens {ids}; information_flow scores "
+                         "one token (give the first token's text, with its leading space if it has one)")
+    return int(ids[0])
+
+
+def _encode(model, prompts):
+    """``(batch, offsets)``: ``batch`` holds left-padded ``tokens``, ``attention_mask`` and ``answers``;
+    ``offsets[r]`` is row r's left padding, which shifts its spans."""
+    if _is_word_level(model.tokenizer, prompts):
+        from tl_mamba.toy import encode_prompts
+
+        batch = encode_prompts(prompts, model.tokenizer, padding_side="left")
+        offsets = (batch["tokens"].shape[1] - batch["lengths"]).tolist()  # left padding per row
+        return batch, offsets
+    # any other tokenizer: spans index model.to_tokens(text) (see prompt_from_text)
+    tokens, mask = model.to_tokens([prompt.text for prompt in prompts], padding_side="left",
+                                   return_attention_mask=True, move_to_device=False)
+    lengths = mask.sum(1)
+    for row, (prompt, length) in enumerate(zip(prompts, lengths.tolist())):
+        beyond = [pos for span in prompt.spans.values() for pos in span if not 0 <= pos < length]
+        if beyond:
+            raise IndexError(f"prompt {row} has span positions {beyond} outside its {length} tokens; spans index "
+                             "model.to_tokens(prompt.text) (tl_mamba.experiments.prompt_from_text builds them)")
+    answers = torch.tensor([_answer_id(model, prompt.answer, row) for row, prompt in enumerate(prompts)])
+    batch = {"tokens": tokens, "attention_mask": mask, "answers": answers}
+    return batch, (tokens.shape[1] - lengths).tolist()
+
+
+def prompt_from_text(model, text: str, answer: str, subject: str):
+    """A factual-recall prompt for :func:`information_flow` on any tokenizer, its spans found by characters.
+
+    ``subject`` is a substring of ``text`` (its first occurrence is used). The spans are
+    positions in ``model.to_tokens(text)`` (BOS at 0 when ``default_prepend_bos``), as the
+    toy prompts' are: ``subject`` (every token overlapping the subject's characters),
+    ``subject_first``, ``subject_last``, ``last`` (the token that predicts the answer),
+    ``relation`` (the tokens after the subject, before the last), ``first`` (the first
+    token of the text), ``bos``, ``context`` (the tokens of the text outside the
+    subject, the relation and the last) and ``non_subject``. ``answer`` is the text of
+    the one token to predict, with its leading space if the tokenizer has one (``" Paris"``).
+
+    Needs a fast (Rust) tokenizer, for its character offsets.
+    """
+    from tl_mamba.toy.tasks import Prompt
+
+    tok = model._require_tokenizer("prompt_from_text")
+    start = text.find(subject) if subject else -1
+    if start < 0:
+        raise ValueError(f"prompt_from_text: the subject {subject!r} is not in the text {text!r}")
+    end = start + len(subject)
+    try:
+        encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError) as err:
+        raise TypeError("prompt_from_text needs a fast tokenizer (character offsets); "
+                        f"{type(tok).__name__} gave: {err}") from None
+    shift = 1 if model.cfg.default_prepend_bos else 0
+    n = len(encoded["input_ids"]) + shift
+    subject_span = [i + shift for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start]
+    if not subject_span:
+        raise ValueError(f"prompt_from_text: no token of {text!r} covers the subject {subject!r}")
+    last = n - 1
+    if subject_span[-1] >= last:
+        raise ValueError(f"prompt_from_text: the subject {subject!r} reaches the last token; the last token "
+                         "predicts the answer and must come after the subject")
+    relation = list(range(subject_span[-1] + 1, last))
+    text_positions = range(shift, n)
+    taken = set(subject_span) | set(relation) | {last}
+    spans = {
+        "bos": [0] if shift else [],
+        "first": [shift],
+        "subject": subject_span,
+        "subject_first": [subject_span[0]],
+        "subject_last": [subject_span[-1]],
+        "relation": relation,
+        "last": [last],
+        "non_subject": [pos for pos in text_positions if pos not in subject_span and pos != last],
+        "context": [pos for pos in text_positions if pos not in taken],
+    }
+    return Prompt(text=text, answer=answer, task="text", spans=spans)
 
 
 def _span_mask(prompts, offsets, width: int, name: str) -> torch.Tensor:
@@ -95,9 +183,11 @@ def information_flow(
     """Knock out source → target in every layer window, for every source class.
 
     Args:
-        model: a ``HookedMamba`` / ``HookedMamba2`` with the toy tokenizer.
-        prompts: toy ``Prompt`` objects (``tl_mamba.toy.make_dataset``) carrying
-            ``spans``; a class missing from a prompt's spans raises.
+        model: a ``HookedMamba`` / ``HookedMamba2`` with a tokenizer.
+        prompts: ``Prompt`` objects carrying ``spans``: the toy tasks'
+            (``tl_mamba.toy.make_dataset``, with the toy tokenizer), or, for any other
+            tokenizer, :func:`prompt_from_text`'s (spans index ``model.to_tokens(text)``).
+            A class missing from a prompt's spans raises.
         window: layers per window (centred on each layer, clipped at the ends).
         sources: span names to knock out as sources.
         target: span name of the targets (``"last"``: the position predicting the answer).
