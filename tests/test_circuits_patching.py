@@ -184,6 +184,27 @@ def test_state_patch_equals_recurrent_continuation(models, pair, family):
     assert (got[:, 2:] - got[:, :1]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_state_patches_run_in_smaller_forwards(models, pair, family, monkeypatch):
+    """hook_h patches hold the states and a comparison scan per row, so a forward takes at most
+    STATE_PATCH_BYTES of states (here: one copy of the batch); the values are those of the
+    recurrent continuation (test above), whatever the rows per forward."""
+    import tl_mamba.circuits.patching as patching_module
+
+    model = models[family]
+    clean, corrupted = pair
+    rows = []
+    record = ("hook_embed", lambda act, hook: rows.append(act.shape[0]))
+    with model.hooks(fwd_hooks=[record]):
+        wide = patch_layer_position(model, clean, corrupted, metric, hook="h", positions=[2, 5], progress=False)
+        assert max(rows) == 2 * 2 * B  # 4 patches of a B-row batch, in one forward
+        rows.clear()
+        monkeypatch.setattr(patching_module, "STATE_PATCH_BYTES", 1)
+        narrow = patch_layer_position(model, clean, corrupted, metric, hook="h", positions=[2, 5], progress=False)
+    assert set(rows[1:]) == {B}  # (the first forward caches the clean states)
+    torch.testing.assert_close(narrow, wide, rtol=1e-9, atol=1e-12)
+
+
 # ------------------------------------------------------------------------- heads
 def test_heads_equal_transformer_lens(models, pair):
     from transformer_lens.patching import layer_head_vector_patch_setter, layer_pos_head_vector_patch_setter

@@ -31,7 +31,8 @@ each prompt under each patch.
 
 Speed: several patches run in one forward, each on its own copy of the corrupted
 batch (``batch_size`` rows per forward in all), and the metric is called on each
-copy's logits separately, so the numbers are those of one patch per forward.
+copy's logits separately, so the numbers are those of one patch per forward. Patches
+of ``hook_h`` take fewer rows per forward (:data:`STATE_PATCH_BYTES`).
 """
 
 from __future__ import annotations
@@ -282,6 +283,15 @@ def _patch_hook(patches: List[Tuple[int, _Patch]], clean: Tensor, b: int, axis: 
     return hook
 
 
+STATE_PATCH_BYTES = 2**26
+"""The most bytes of ``hook_h`` that one patching forward holds (at least one copy of the
+batch runs). An edit of ``hook_h`` materialises the states, ``[rows, p, *state]``, and a
+comparison scan beside them, so ``batch_size`` rows cost several times the states' size.
+Measured 2026-12-05 (Intel Xeon, 1 thread; toy-mamba2, b 4, p 512, 32 positions of one
+layer, states 64 MB per copy of the batch): batch_size 64 took 9.97 s at a peak RSS of
+6.20 GB, 16 7.34 s / 2.02 GB, 4 (one copy) 6.47 s / 0.84 GB. More rows only cost memory."""
+
+
 def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, hook: str,
                  patches: Sequence[_Patch], axis: Optional[FeatureAxis], *, attention_mask=None, clean_cache=None,
                  batch_size: int = 64, progress: bool = True, desc: str = "patching") -> Tensor:
@@ -302,6 +312,9 @@ def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: 
     names = {layer: f"blocks.{layer}.{hook}" for layer in layers}
     clean = _clean_activations(model, clean_tokens, list(names.values()), attention_mask, clean_cache)
     copies = max(1, batch_size // b)
+    if hook == "hook_h" or hook.endswith(".hook_h"):
+        per_copy = max(act.numel() * act.element_size() for act in clean.values())  # [b, p, *state]
+        copies = max(1, min(copies, STATE_PATCH_BYTES // max(1, per_copy)))
     out: Optional[Tensor] = None
     starts = range(0, len(patches), copies)
     with torch.no_grad():
