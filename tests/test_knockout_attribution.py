@@ -333,3 +333,41 @@ def test_edge_gradient_bpe_matches_explicit_products(block, chunk_bytes):
     assert bool((got[:, 0].triu(1) == 0).all()) and want.abs().max() > 0
     got32 = edge_gradient_bpe(*(t.float() for t in (g, x, delta, A, Bm, C)), block=block)
     torch.testing.assert_close(got32[:, 0].double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_per_prompt_scores_match_brute_force_per_prompt(family):
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (3, P), generator=torch.Generator().manual_seed(8))
+    scores = knockout_attribution(model, tokens, metric, layers=[1], per_prompt=True, batch_size=2)
+    H = model.cfg.n_heads if family == "mamba2" else None
+    assert scores.shape == ((3, 1, H, P, P) if H else (3, 1, P, P))
+    for row in range(3):
+        expected = reference_scores(model, tokens[row:row + 1], 1)
+        torch.testing.assert_close(scores[row, 0], expected, rtol=1e-7, atol=1e-10)
+    model.set_backend("torch")
+    torch.testing.assert_close(scores.mean(0), knockout_attribution(model, tokens, metric, layers=[1]),
+                               rtol=1e-9, atol=1e-12)
+    assert (scores[0] - scores[1]).abs().max() > 1e-3  # the prompts differ
+
+
+def test_per_prompt_left_padded_strings_equal_each_prompt_alone(tokenizer):
+    cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=48, d_state=4, d_conv=3, seed=0,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=2, dtype=torch.float64)
+    model = HookedMamba(cfg, tokenizer=tokenizer)
+    texts = ["the cat sat on the mat", "a dog ran"]
+    scores = knockout_attribution(model, texts, metric, per_prompt=True)
+    width = scores.shape[-1]
+    for row, text in enumerate(texts):
+        alone = knockout_attribution(model, text, metric)
+        n = alone.shape[-1]
+        torch.testing.assert_close(scores[row, :, width - n:, width - n:], alone, rtol=1e-7, atol=1e-10)
+        assert scores[row, :, :, :width - n].abs().sum() == 0  # no edge from padding (row 1 has 3 pads)
+    tokens, mask = model.to_tokens(texts, padding_side="left", return_attention_mask=True)
+    torch.testing.assert_close(knockout_attribution(model, tokens, metric, per_prompt=True, attention_mask=mask),
+                               scores, rtol=0, atol=0)
+    # the returned scores count too: 4 prompts' scores (3136 bytes) over a limit that one prompt's masks fit
+    model.heavy_hook_memory_limit = 3000
+    with pytest.raises(MemoryError, match="per-prompt"):
+        knockout_attribution(model, texts * 2, metric, per_prompt=True, batch_size=1)
+    assert knockout_attribution(model, texts, metric, per_prompt=True, batch_size=1).shape == scores.shape

@@ -48,8 +48,9 @@ Metric = Callable[[Tensor], Tensor]
 
 
 # ----------------------------------------------------------------------------- inputs
-def _as_tokens(model, tokens: Tokens) -> Tensor:
-    """``[b, p]`` token ids; every prompt must have the same length p (no padding)."""
+def _as_tokens(model, tokens: Tokens, per_prompt: bool = False):
+    """``([b, p] token ids, [b, p] attention mask or None)``. Strings of different lengths are
+    left-padded only for ``per_prompt`` scores (a mean over prompts would mix their positions)."""
     if isinstance(tokens, str):
         tokens = [tokens]
     if isinstance(tokens, (list, tuple)):
@@ -57,10 +58,13 @@ def _as_tokens(model, tokens: Tokens) -> Tensor:
             raise TypeError("tokens must be a [b, p] token tensor, a string or a list of strings")
         rows = [model.to_tokens(t)[0] for t in tokens]
         lengths = sorted({int(r.numel()) for r in rows})
-        if len(lengths) > 1:
+        if len(lengths) > 1 and not per_prompt:
             raise ValueError(f"knockout attribution needs prompts of one length (scores are averaged per position "
-                             f"pair); these tokenize to lengths {lengths}. Group the prompts by length.")
-        return torch.stack(rows)
+                             f"pair); these tokenize to lengths {lengths}. Group the prompts by length, or pass "
+                             "per_prompt=True for each prompt's own scores (left-padded).")
+        if len(lengths) > 1:
+            return model.to_tokens(list(tokens), padding_side="left", return_attention_mask=True)
+        return torch.stack(rows), None
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a [b, p] token tensor, a string or a list of strings, "
                         f"got {type(tokens).__name__}")
@@ -68,7 +72,7 @@ def _as_tokens(model, tokens: Tokens) -> Tensor:
         tokens = tokens[None]
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [b, p], got shape {tuple(tokens.shape)}")
-    return tokens
+    return tokens, None
 
 
 def _layers(model, layers) -> List[int]:
@@ -173,17 +177,20 @@ def knockout_attribution(
     layers: Optional[Union[int, Sequence[int]]] = None,
     heads: Optional[Union[int, Sequence[int]]] = None,
     batch_size: Optional[int] = None,
+    per_prompt: bool = False,
+    attention_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """First-order knockout effect of every edge j → i in the chosen layers, from one backward pass.
 
     ``score[l, (head,) i, j] ≈ metric(with edge j → i of layer l knocked out) - metric(clean)``,
-    the mean over the prompts, as ``-∂metric/∂hook_ssm_mask[i, j]``. Mamba-2 scores each head's
-    edge (its own mask entry); summing over heads scores knocking the edge out in all of them.
+    the mean over the prompts (or each prompt's own, ``per_prompt``), as
+    ``-∂metric/∂hook_ssm_mask[i, j]``. Mamba-2 scores each head's edge (its own mask entry);
+    summing over heads scores knocking the edge out in all of them.
 
     Args:
         model: a ``HookedMamba`` or ``HookedMamba2``.
         tokens: ``[b, p]`` token ids, or strings that all tokenize to the same length p
-            (there is no padding: scores are averaged per position pair).
+            (strings of different lengths only with ``per_prompt``: they are left-padded).
         metric: ``metric(logits [b, p, v])`` → one value per prompt ``[b]`` (preferred), or a
             scalar, which is taken to be the *mean* over the batch of a per-prompt metric
             (e.g. a mean logit difference). The scores estimate the change of the mean per-prompt
@@ -194,17 +201,29 @@ def knockout_attribution(
         heads: Mamba-2 only: keep these heads of the head axis (default all).
         batch_size: prompts per forward/backward (shrunk to fit ``model.heavy_hook_memory_limit``);
             default None: all prompts in one batch (``MemoryError`` if that does not fit).
+        per_prompt: return every prompt's scores, with a leading prompt axis, instead of their
+            mean: the gradient of the mask of row r is prompt r's alone, so this costs nothing
+            more than the output's memory.
+        attention_mask: ``[b, p]`` padding mask of ``tokens`` (1 = real token). Scores are in
+            the padded batch's positions; edges from or to padding score 0. With left padding
+            the prompts' positions do not line up, so prefer ``per_prompt=True``.
 
     Returns:
-        Mamba-1: ``[n_layers_selected, p, p]``; Mamba-2: ``[n_layers_selected, n_heads_selected, p, p]``.
-        Target i on axis -2, source j on axis -1; 0 above the diagonal (no edge from the future).
-        float32 on the CPU (float64 for a float64 model).
+        Mamba-1: ``[n_layers_selected, p, p]``; Mamba-2: ``[n_layers_selected, n_heads_selected, p, p]``;
+        with ``per_prompt`` a leading ``[b]`` axis. Target i on axis -2, source j on axis -1; 0 above
+        the diagonal (no edge from the future). float32 on the CPU (float64 for a float64 model).
 
     Raises:
         MemoryError: a single prompt's masks over all chosen layers exceed
             ``model.heavy_hook_memory_limit`` (the sequence is too long for that many layers).
     """
-    tokens = _as_tokens(model, tokens)
+    tokens, padding = _as_tokens(model, tokens, per_prompt)
+    if attention_mask is not None:
+        if padding is not None:
+            raise ValueError("attention_mask goes with a token tensor; strings are padded (and masked) here")
+        padding = torch.as_tensor(attention_mask)
+        if tuple(padding.shape) != tuple(tokens.shape):
+            raise ValueError(f"attention_mask must be {tuple(tokens.shape)} like tokens, got {tuple(padding.shape)}")
     layer_list = _layers(model, layers)
     head_list = _heads(model, heads)
     n, p = tokens.shape
@@ -213,9 +232,18 @@ def knockout_attribution(
     dtype = _score_dtype(model)
     batch = _fitting_batch(model, len(layer_list), n, p, batch_size, dtype)
     takes_rows = _metric_takes_rows(metric)
-    total = torch.zeros(len(layer_list), _mask_heads(model), p, p, dtype=dtype)
+    shape = (len(layer_list), _mask_heads(model), p, p)
+    if per_prompt:
+        needed = n * len(layer_list) * _mask_heads(model) * p * p * (torch.finfo(dtype).bits // 8)
+        if needed > model.heavy_hook_memory_limit:
+            raise MemoryError(
+                f"per-prompt knockout attribution of {n} prompts would return {needed / 2**30:.2f} GiB of scores, "
+                f"over model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); call it "
+                "on fewer prompts at a time or choose fewer layers (or heads), or raise the limit.")
+    total = torch.zeros((n, *shape) if per_prompt else shape, dtype=dtype)
     for start in range(0, n, batch):
         chunk = tokens[start:start + batch]
+        chunk_mask = None if padding is None else padding[start:start + batch]
         leaves = {}
 
         def attribution_hook(mask: Tensor, hook) -> Tensor:
@@ -226,18 +254,24 @@ def knockout_attribution(
 
         names = [f"blocks.{layer}.hook_ssm_mask" for layer in layer_list]
         with torch.inference_mode(False), torch.enable_grad():
-            logits = model.run_with_hooks(chunk, fwd_hooks=[(name, attribution_hook) for name in names])
+            logits = model.run_with_hooks(chunk, fwd_hooks=[(name, attribution_hook) for name in names],
+                                          attention_mask=chunk_mask)
             value = _batch_metric(metric, logits, torch.arange(start, start + chunk.shape[0]), takes_rows)
             if not value.requires_grad:
                 raise ValueError("the metric does not depend on the logits through autograd (detached?)")
             grads = torch.autograd.grad(value, [leaves[name] for name in names], allow_unused=True)
         for k, grad in enumerate(grads):
-            if grad is not None:
+            if grad is None:
+                continue
+            if per_prompt:  # [b, H, p, p] into [n, layers, H, p, p]
+                total[start:start + chunk.shape[0], k] = -grad.detach().to("cpu", dtype)
+            else:
                 total[k] -= grad.detach().sum(0).to("cpu", dtype)
-    scores = total / n
+    scores = total if per_prompt else total / n
+    heads_axis = 2 if per_prompt else 1
     if model.cfg.family != "mamba2":
-        return scores[:, 0]
-    return scores if head_list is None else scores[:, head_list]
+        return scores.select(heads_axis, 0)
+    return scores if head_list is None else scores.index_select(heads_axis, torch.tensor(head_list))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -326,7 +360,7 @@ def knockout_attribution_vs_knockout(
     """
     from tl_mamba.knockout import Knockout
 
-    tokens = _as_tokens(model, tokens)
+    tokens, _ = _as_tokens(model, tokens)
     p = tokens.shape[1]
     if not -p <= target < p:
         raise IndexError(f"target {target} out of range for {p} positions")
