@@ -282,6 +282,17 @@ def test_positional_scores_sum_to_the_unsplit_scores_and_match_exact():
     with pytest.raises(ValueError, match="positional"):
         attribute(model, Graph.from_model(model, "layer", positional=True, n_pos=P + 1), clean, corrupted, metric,
                   quiet=True)
+    # the top (edge, position) pairs, by brute force over the score table
+    top = pos.top_edges(5, per_position=True)
+    brute = sorted(((name, t, float(pos.scores[e.index, t])) for name, e in pos.edges.items() for t in range(P)),
+                   key=lambda item: -abs(item[2]))[:5]
+    assert [(n, t) for n, t, _ in top] == [(n, t) for n, t, _ in brute]
+    assert [v for _, _, v in top] == pytest.approx([v for _, _, v in brute])
+    pos.apply_topn(3, prune=False)
+    assert [(n, t) for n, t, _ in pos.top_edges(10, per_position=True, only_in_graph=True)] == \
+        [(n, t) for n, t, _ in brute[:3]]
+    with pytest.raises(ValueError, match="positional graph"):
+        flat.top_edges(5, per_position=True)
 
 
 def test_dataloader_and_labels_give_the_same_scores_as_tensors():

@@ -210,8 +210,23 @@ class Graph:
         flags = self.in_graph.any(-1) if self.positional else self.in_graph
         return [name for name, e in self.edges.items() if bool(flags[e.index])]
 
-    def top_edges(self, k: int = 10, absolute: bool = True, only_in_graph: bool = False) -> List[Tuple[str, float]]:
-        """The ``k`` highest-scoring edges as ``(name, score)`` (positional scores summed over positions)."""
+    def top_edges(self, k: int = 10, absolute: bool = True, only_in_graph: bool = False,
+                  per_position: bool = False) -> List[tuple]:
+        """The ``k`` highest-scoring edges as ``(name, score)`` (positional scores summed over positions).
+
+        ``per_position`` (positional graphs): the ``k`` highest-scoring (edge, position) pairs
+        instead, as ``(name, position, score)``, as positional EAP reports them.
+        """
+        if per_position:
+            if not self.positional:
+                raise ValueError("per_position=True needs a positional graph (Graph.from_model(..., positional=True))")
+            key = (self.scores.abs() if absolute else self.scores).flatten()
+            if only_in_graph:
+                key = key.masked_fill(~self.in_graph.flatten(), float("-inf"))
+            order = torch.argsort(key, descending=True)[:k].tolist()
+            names = list(self.edges)
+            return [(names[i // self.n_pos], i % self.n_pos, float(self.scores.flatten()[i])) for i in order
+                    if key[i] != float("-inf")]
         total = self.scores.sum(-1) if self.positional else self.scores
         key = total.abs() if absolute else total
         order = torch.argsort(key, descending=True).tolist()
