@@ -478,3 +478,33 @@ def test_knockout_that_removes_nothing_warns_once(kwargs, warns):
     assert len(ours) == (1 if warns else 0)
     # the warning is about something real: the logits moved exactly when it stays silent
     assert torch.equal(knocked, model(tokens)) == warns
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_conv_attention_sums_to_hook_conv_and_is_what_conv_knockout_removes(family):
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(3))
+    _, cache = model.run_with_cache(tokens)
+    layer = 1
+    terms = model.conv_attention(cache, layer)  # [b, C, i, j]
+    conv = cache[f"blocks.{layer}.hook_conv"]  # [b, p, C]
+    mixer = model.blocks[layer].mixer
+    bias = mixer.conv1d.bias if mixer.conv1d.bias is not None else torch.zeros(conv.shape[-1], dtype=conv.dtype)
+    assert terms.shape == (2, conv.shape[-1], 9, 9)
+    torch.testing.assert_close(terms.double().sum(-1).permute(0, 2, 1) + bias, conv, rtol=1e-5, atol=1e-5)
+    # only the k = d_conv diagonals at or below the main one carry terms
+    i, j = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
+    assert terms[..., (i - j < 0) | (i - j >= model.cfg.d_conv)].abs().max() == 0
+    # knocking out sources S -> target 8 on the conv path removes exactly those terms from hook_conv
+    ko = Knockout(layers=[layer], sources=[6, 7], targets=[8], path="conv")
+    with model.knockouts(ko):
+        _, knocked = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.hook_conv")
+    removed = (conv - knocked[f"blocks.{layer}.hook_conv"])[:, 8]  # [b, C]
+    torch.testing.assert_close(removed, terms[:, :, 8, 6:8].double().sum(-1), rtol=1e-5, atol=1e-5)
+    # channels and reductions, from tokens
+    some = model.conv_attention(tokens, layer, channels=[0, 3])
+    torch.testing.assert_close(some, terms[:, [0, 3]])
+    torch.testing.assert_close(model.conv_attention(tokens, layer, reduce="norm"), terms.pow(2).sum(1).sqrt())
+    model.heavy_hook_memory_limit = 100
+    with pytest.raises(MemoryError, match="conv_attention"):
+        model.conv_attention(tokens, layer)

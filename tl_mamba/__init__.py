@@ -11,7 +11,7 @@ from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import RecurrentState
 from tl_mamba.models.mamba import HookedMamba
 from tl_mamba.models.mamba2 import HookedMamba2
-from tl_mamba.hidden_attention import hidden_attention
+from tl_mamba.hidden_attention import conv_attention, hidden_attention
 from tl_mamba.knockout import Knockout
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "HookedMambaConfig",
     "MambaActivationCache",
     "RecurrentState",
+    "conv_attention",
     "from_pretrained",
     "hidden_attention",
 ]

@@ -137,11 +137,82 @@ def hidden_attention(
                     total = _reduce_into(total, alpha, reduce)
             if return_all:
                 return torch.cat(result, dim=1)
+    return _finish(total, reduce, features.numel())
+
+
+def _finish(total: Tensor, reduce: str, n_features: int) -> Tensor:
+    """The ``[b, p, p]`` reduction from what :func:`_reduce_into` accumulated."""
     if reduce == "norm":
         return total.sqrt()
     if reduce == "mean":
-        return total / features.numel()
+        return total / n_features
     return total
+
+
+def conv_attention(
+    model,
+    input_or_cache: Union[str, Sequence[str], Tensor, "object"],
+    layer: int,
+    channels: Optional[Sequence[int]] = None,
+    reduce: Optional[str] = None,
+    attention_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """The depthwise causal conv of ``layer`` written as token → token terms, like α for the scan.
+
+    ``hook_conv[i, c] = bias[c] + Σ_j K_c[i, j]`` with ``K_c[i, j] = w[c, k-1-(i-j)] · conv_in[j, c]``
+    for ``0 ≤ i - j < k`` (``k = d_conv``; 0 elsewhere): what source j carries into target i
+    through channel c before the SiLU. These are the terms ``Knockout(path="conv")`` removes.
+    Returns ``[b, c, p, p]`` over ``channels`` (default all: Mamba-1's ``d_inner``; Mamba-2's
+    ``e + 2·g·n`` of ``hook_conv``, x first, then B, then C), target i on axis -2, source j on
+    axis -1; or with ``reduce`` (``"norm"``, ``"sum"``, ``"mean"``, ``"abs_max"`` over the
+    channels) ``[b, p, p]``, e.g. to see a conv that moves tokens one position forward.
+
+    Args:
+        input_or_cache: tokens ``[b, p]``, text, or a cache holding ``blocks.{layer}.hook_conv_in``.
+
+    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` reduced), checked against
+    ``model.heavy_hook_memory_limit`` (``MemoryError``): only ``k`` diagonals are non-zero,
+    so choose channels or a reduction for long inputs.
+    """
+    cfg = model.cfg
+    if not -cfg.n_layers <= layer < cfg.n_layers:
+        raise IndexError(f"conv_attention: layer {layer} out of range for {cfg.n_layers} layers")
+    layer = layer % cfg.n_layers
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"conv_attention: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    name = f"blocks.{layer}.hook_conv_in"
+    if isinstance(input_or_cache, (str, list, Tensor)):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(input_or_cache, names_filter=[name], stop_at_layer=layer + 1,
+                                            attention_mask=attention_mask)
+    else:
+        cache = input_or_cache
+    try:
+        conv_in = cache[name]
+    except KeyError as err:
+        raise KeyError(f"conv_attention needs {name} in the cache; run_with_cache without a names_filter "
+                       "(or one that keeps it) provides it") from err
+    if conv_in.dim() == 2:  # a cache with the batch dim removed
+        conv_in = conv_in[None]
+    weight = model.blocks[layer].mixer.conv1d.weight.detach()[:, 0]  # [C, k]
+    b, p, n_channels = conv_in.shape
+    chosen = _select(channels, n_channels, "channels").to(conv_in.device)
+    out_features = 1 if reduce else chosen.numel()
+    needed = b * out_features * p * p * 4
+    if needed > model.heavy_hook_memory_limit:
+        raise MemoryError(f"conv_attention of layer {layer} would need {needed / 2**30:.2f} GiB for this input, over "
+                          f"model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); choose "
+                          "fewer channels, pass reduce=, or shorten the input")
+    k = weight.shape[-1]
+    source = conv_in.detach().float()[..., chosen].permute(0, 2, 1)  # [b, c, p]
+    taps = weight[chosen].float()  # [c, k]
+    terms = torch.zeros(b, chosen.numel(), p, p, dtype=torch.float32, device=conv_in.device)
+    for lag in range(min(k, p)):  # target i = source j + lag, tap k-1-lag
+        targets = torch.arange(lag, p, device=conv_in.device)
+        terms[:, :, targets, targets - lag] = taps[:, k - 1 - lag, None] * source[:, :, : p - lag]
+    if reduce is None:
+        return terms
+    return _finish(_reduce_into(None, terms, reduce), reduce, chosen.numel())
 
 
 def _segment_decay(log_decay: Tensor, causal: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ from transformer_lens.utilities import Slice
 from tl_mamba.backends import resolve_backend, validate_backend
 from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
+from tl_mamba.hidden_attention import conv_attention as _conv_attention
 from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
 from tl_mamba.models.components import Embed, RMSNorm, Unembed
 from tl_mamba.ops.precision import upcast
@@ -612,6 +613,11 @@ class HookedSSM(HookedRootModule):
     # help(model.hidden_attention) shows the whole docstring: shapes, and the memory the result needs
     hidden_attention.__doc__ = _hidden_attention.__doc__
 
+    def conv_attention(self, input_or_cache, layer: int, channels=None, reduce: Optional[str] = None, **kwargs):
+        return _conv_attention(self, input_or_cache, layer, channels=channels, reduce=reduce, **kwargs)
+
+    conv_attention.__doc__ = _conv_attention.__doc__
+
     def hook_shapes(self, tokens: Optional[Tensor] = None) -> Dict[str, tuple]:
         """Every hook name with the shape it holds on ``tokens`` (default ``[1, 4]``), heavy hooks included."""
         if tokens is None:
@@ -807,7 +813,7 @@ def _transformer_analogue(name: str, family: str) -> Optional[str]:
     }
     found = analogues.get((sublayer, hook))
     if found is None and sublayer == "attn":
-        found = f"Mamba blocks have no attention; docs/porting.md maps attention hooks to the mixer's."
+        found = "Mamba blocks have no attention; docs/porting.md maps attention hooks to the mixer's."
     return found
 
 
