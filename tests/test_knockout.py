@@ -508,3 +508,28 @@ def test_conv_attention_sums_to_hook_conv_and_is_what_conv_knockout_removes(fami
     model.heavy_hook_memory_limit = 100
     with pytest.raises(MemoryError, match="conv_attention"):
         model.conv_attention(tokens, layer)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_conv_terms_and_conv_knockout_see_no_padding(family):
+    """Padded positions feed zeros into the conv: hook_conv_in holds them, so conv_attention sums to
+    hook_conv at every position, and a conv knockout from a pad position removes nothing."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is left-padded by 3
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    terms = model.conv_attention(cache, 0)
+    bias = model.blocks[0].mixer.conv1d.bias
+    bias = torch.zeros(terms.shape[1], dtype=torch.float64) if bias is None else bias
+    conv = cache["blocks.0.hook_conv"]
+    torch.testing.assert_close(terms.double().sum(-1).permute(0, 2, 1)[1, 3:] + bias, conv[1, 3:],
+                               rtol=1e-5, atol=1e-5)
+    assert terms[1, :, :, :3].abs().max() == 0
+    sources = torch.zeros(2, 8, dtype=torch.bool)
+    sources[1, 2] = True  # a pad position, within the conv window of the first real tokens
+    with torch.no_grad():
+        plain = model(tokens, attention_mask=mask)
+        knocked = model.run_with_knockout(tokens, Knockout(layers=[0, 1], sources=sources, targets=sources.logical_not(),
+                                                           path="conv"), attention_mask=mask)
+    torch.testing.assert_close(knocked[1, 3:], plain[1, 3:], rtol=0, atol=1e-12)

@@ -106,10 +106,10 @@ class MambaBlock(MixerBlock):
         resid_pre = self.hook_resid_pre(resid)
         normed = self.ln1(self.hook_mixer_in(resid_pre).to(dtype))
         conv_in, z = m.in_proj(normed).split([e, e], dim=-1)
+        if keep is not None:  # before the hook: it holds what the conv reads (conv_attention, conv knockouts)
+            conv_in = conv_in * keep
         conv_in = self.hook_conv_in(conv_in)
         z = self.hook_z(z)
-        if keep is not None:
-            conv_in = conv_in * keep
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
         )

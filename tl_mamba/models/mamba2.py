@@ -108,10 +108,10 @@ class Mamba2Block(MixerBlock):
         normed = self.ln1(self.hook_mixer_in(resid_pre).to(dtype))
         z, conv_in, dt = m.in_proj(normed).split([e, e + 2 * g * n, h], dim=-1)
         z = run_hook_contiguous(self.hook_z, z.reshape(b, p, h, hd))
+        if keep is not None:  # before the hook: it holds what the conv reads (conv_attention, conv knockouts)
+            conv_in = conv_in * keep
         conv_in = self.hook_conv_in(conv_in)
         dt = self.hook_delta_raw(dt)
-        if keep is not None:
-            conv_in = conv_in * keep
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
         )
