@@ -264,3 +264,10 @@ def test_information_flow_on_a_bpe_tokenizer_equals_single_knockouts(bpe_model):
     with pytest.raises(ValueError, match="is 2 tokens|tokens"):
         information_flow(model, [prompt_from_text(model, FACT_TEXTS[0][0], " Paris Rome", "The Eiffel Tower")],
                          progress=False)
+
+
+def test_toy_prompts_on_another_tokenizer_are_refused(bpe_model):
+    """Toy prompts' spans are word positions: on a tokenizer that splits words they would
+    point at the wrong tokens, so they are refused rather than misread."""
+    with pytest.raises(ValueError, match="toy-task prompt"):
+        information_flow(bpe_model, make_dataset("facts", "heldout", 2, seed=0), progress=False)

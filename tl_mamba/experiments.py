@@ -38,17 +38,6 @@ def layer_windows(n_layers: int, window: int) -> List[Tuple[int, List[int]]]:
     return out
 
 
-def _is_word_level(tokenizer, prompts) -> bool:
-    """Whether ``tokenizer`` is the toy word-level one: BOS and every word of every prompt are whole tokens."""
-    from tl_mamba.toy import vocab as V
-    from tl_mamba.toy.tasks import _vocab
-
-    if tokenizer is None:
-        return True  # encode_prompts' default: the toy vocabulary
-    vocab = _vocab(tokenizer)
-    return V.BOS in vocab and all(word in vocab for prompt in prompts for word in prompt.text.split(" "))
-
-
 def _answer_id(model, answer: str, row: int) -> int:
     ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -59,18 +48,22 @@ def _answer_id(model, answer: str, row: int) -> int:
 
 def _encode(model, prompts):
     """``(batch, offsets)``: ``batch`` holds left-padded ``tokens``, ``attention_mask`` and ``answers``;
-    ``offsets[r]`` is row r's left padding, which shifts its spans."""
-    if _is_word_level(model.tokenizer, prompts):
+    ``offsets[r]`` is row r's left padding, which shifts its spans. Spans index
+    ``model.to_tokens(prompt.text)`` (for the toy tasks with the toy tokenizer, that is the
+    toy encoding: BOS, then one token per word)."""
+    if model.tokenizer is None:  # the toy vocabulary, as encode_prompts defaults to
         from tl_mamba.toy import encode_prompts
 
-        batch = encode_prompts(prompts, model.tokenizer, padding_side="left")
-        offsets = (batch["tokens"].shape[1] - batch["lengths"]).tolist()  # left padding per row
-        return batch, offsets
-    # any other tokenizer: spans index model.to_tokens(text) (see prompt_from_text)
+        batch = encode_prompts(prompts, None, padding_side="left")
+        return batch, (batch["tokens"].shape[1] - batch["lengths"]).tolist()
     tokens, mask = model.to_tokens([prompt.text for prompt in prompts], padding_side="left",
                                    return_attention_mask=True, move_to_device=False)
     lengths = mask.sum(1)
     for row, (prompt, length) in enumerate(zip(prompts, lengths.tolist())):
+        if prompt.task != "text" and length != prompt.n_tokens:
+            raise ValueError(f"prompt {row} is a toy-task prompt, whose spans are word positions ({prompt.n_tokens} "
+                             f"tokens with the BOS), but this model's tokenizer makes {length} tokens of it. Use the "
+                             "toy tokenizer, or build prompts with tl_mamba.experiments.prompt_from_text")
         beyond = [pos for span in prompt.spans.values() for pos in span if not 0 <= pos < length]
         if beyond:
             raise IndexError(f"prompt {row} has span positions {beyond} outside its {length} tokens; spans index "
