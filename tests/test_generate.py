@@ -514,3 +514,31 @@ def test_knockout_generation_of_a_left_padded_batch_equals_alone(model):
         for row, text in enumerate(texts):
             alone = gen(model, text, max_new_tokens=3, do_sample=False, stop_at_eos=False, return_type="tokens")
             assert torch.equal(out[row, -3:], alone[0, -3:]), row
+
+
+def test_knockout_hooks_added_by_hand_also_rerun_the_sequence(model, prompt):
+    """ko.hooks(model) given to model.hooks: generate finds the Knockout through the handles
+    (TransformerLens 4.x records the user's hook) and re-runs the sequence as under model.knockouts."""
+    from tl_mamba import Knockout
+    from tl_mamba.knockout import active_knockouts
+
+    ko = Knockout(layers=[0, 1], sources=[0, 1, -2], targets=[-1], path="both")
+    with model.knockouts(ko):
+        expected = gen(model, prompt, max_new_tokens=3, do_sample=False, stop_at_eos=False)
+    with model.hooks(fwd_hooks=ko.hooks(model)):
+        if not any(getattr(h, "user_hook", None) is not None for h in model.mod_dict["blocks.0.hook_conv"].fwd_hooks):
+            pytest.skip("this transformer-lens does not record the user's hook on the handle")
+        assert active_knockouts(model) == [ko]
+        out = gen(model, prompt, max_new_tokens=3, do_sample=False, stop_at_eos=False)
+    assert torch.equal(out, expected)
+    assert active_knockouts(model) == []
+
+
+def test_generate_refuses_bool_mask_knockouts(model, prompt):
+    from tl_mamba import Knockout
+
+    sources = torch.zeros(prompt.shape[1], dtype=torch.bool)
+    sources[1] = True
+    with model.knockouts(Knockout(layers=[0], sources=sources, targets=[-1])):
+        with pytest.raises(ValueError, match="bool-mask positions"):
+            gen(model, prompt, max_new_tokens=2)

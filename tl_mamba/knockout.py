@@ -317,20 +317,34 @@ def _live_knockouts(hook_point) -> dict:
     return registry
 
 
-def whole_sequence_hooks(model) -> List[str]:
-    """The hook points that carry a Knockout (either path), whose positions index the whole sequence.
+def _knockout_of(fn) -> Optional[Knockout]:
+    """The Knockout a hook function belongs to, or None."""
+    if isinstance(fn, SSMMaskKnockoutHook):
+        return fn.knockout
+    owner = getattr(fn, "__self__", None)
+    return owner.knockout if isinstance(owner, ConvKnockoutHooks) else None
 
-    A recurrent ``generate`` step sees only the new token, so it cannot honour them
-    (``sources=[0]`` would be the new token itself): ``generate`` re-runs the whole
-    sequence at each step instead. Other hooks, a hand-written one on ``hook_ssm_mask``
-    included, see each step's one-token tensors, as the contract says.
+
+def active_knockouts(model) -> List[Knockout]:
+    """The Knockouts whose hooks are attached to ``model``: by ``model.knockouts``,
+    ``run_with_knockout``, or ``ko.hooks(model)`` given to ``model.hooks`` / ``add_hook``
+    (found through TransformerLens' ``LensHandle.user_hook``, where it has one).
+
+    Their positions index the whole sequence, so a recurrent ``generate`` step, which sees
+    only the new token, cannot honour them (``sources=[0]`` would be the new token itself):
+    ``generate`` re-runs the whole sequence at each step instead. Other hooks, a
+    hand-written one on ``hook_ssm_mask`` included, see each step's one-token tensors.
     """
-    names = []
+    found: List[Knockout] = []
     for layer in range(model.cfg.n_layers):
         for name in (f"blocks.{layer}.hook_ssm_mask", f"blocks.{layer}.hook_conv"):
-            if _live_knockouts(model.mod_dict[name]):
-                names.append(name)
-    return names
+            point = model.mod_dict[name]
+            hooks = list(_live_knockouts(point).values()) + [getattr(h, "user_hook", None) for h in point.fwd_hooks]
+            for fn in hooks:
+                ko = _knockout_of(fn)
+                if ko is not None and all(ko is not other for other in found):
+                    found.append(ko)
+    return found
 
 
 def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[object, object]]:
@@ -342,7 +356,7 @@ def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[objec
             hook_point.add_hook(fn, dir="fwd")
             handle = hook_point.fwd_hooks[-1]
             # registered: the SSM hooks so that the block can skip the mask (structured_removals),
-            # the conv ones so that generate knows to re-run the whole sequence (whole_sequence_hooks)
+            # the conv ones so that generate knows to re-run the whole sequence (active_knockouts)
             if isinstance(fn, SSMMaskKnockoutHook) or name.endswith(".hook_conv"):
                 if getattr(hook_point, "_tl_mamba_knockouts", None) is None:
                     hook_point._tl_mamba_knockouts = {}

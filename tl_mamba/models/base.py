@@ -670,7 +670,7 @@ class HookedSSM(HookedRootModule):
         """
         from tqdm.auto import tqdm
 
-        from tl_mamba.knockout import whole_sequence_hooks
+        from tl_mamba.knockout import active_knockouts
 
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -697,7 +697,15 @@ class HookedSSM(HookedRootModule):
             else None
         )
         gen = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
-        recurrent = use_past_kv_cache and not whole_sequence_hooks(self)
+        knockouts = active_knockouts(self)
+        for ko in knockouts:
+            if any(isinstance(getattr(ko, what), Tensor) and getattr(ko, what).dtype == torch.bool
+                   for what in ("sources", "targets")):
+                raise ValueError(
+                    f"generate under {ko!r}: its bool-mask positions name the positions of one sequence length, "
+                    "but generate lengthens the sequence at every step. Give sources and targets as ints "
+                    "(negative ones count from the end: targets=[-1] is the newest token at each step).")
+        recurrent = use_past_kv_cache and not knockouts
         state = RecurrentState.empty(self.cfg.n_layers) if recurrent else None
         logits = self(tokens, attention_mask=attention_mask, state=state)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
