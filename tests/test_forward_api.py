@@ -167,6 +167,23 @@ def test_left_padding_side_infers_the_mask_from_pad_tokens(model, tokenizer, pad
     assert model.hidden_attention(tokens, 1, channels=[0, 5]).shape == (3, 2, width, width)
 
 
+def test_inferred_mask_follows_prepend_bos_and_keeps_all_pad_rows(model, tokenizer):
+    """The BOS kept at the end of a pad run only when the forward prepends one (TransformerLens
+    reads the forward's prepend_bos); a row of nothing but pads (zeros fed in) is not padding."""
+    import copy
+
+    model.tokenizer = copy.deepcopy(tokenizer)
+    model.tokenizer.pad_token = model.tokenizer.bos_token
+    model.cfg.default_padding_side = "left"
+    texts = ["the cat sat on the mat", "a dog ran"]
+    tokens, mask = model.to_tokens(texts, prepend_bos=False, return_attention_mask=True)
+    torch.testing.assert_close(model(tokens, prepend_bos=False), model(tokens, attention_mask=mask))
+    assert not torch.allclose(model(tokens)[1, -1], model(tokens, attention_mask=mask)[1, -1], atol=1e-4)
+    pads = torch.full((2, 5), BOS)
+    torch.testing.assert_close(model(pads), model(pads, attention_mask=torch.ones(2, 5)))
+    assert model.hook_shapes()["blocks.0.hook_h"][1] == 4
+
+
 def _random_padded_batch(lengths, side, vocab, seed=0):
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)

@@ -354,12 +354,12 @@ class HookedSSM(HookedRootModule):
             )
         tokens = tokens.to(self.W_E.device)
         if attention_mask is None and not continuing:
-            attention_mask = self._padding_from_tokens(tokens)
+            attention_mask = self._padding_from_tokens(tokens, prepend_bos)
         if attention_mask is not None:
             attention_mask = self._check_mask(attention_mask, tokens.shape)
         return tokens, attention_mask
 
-    def _padding_from_tokens(self, tokens: Tensor) -> Optional[Tensor]:
+    def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None) -> Optional[Tensor]:
         """The attention mask of token input given without one, from the tokenizer's pad token.
 
         As TransformerLens does, a model that pads on the left (``cfg.default_padding_side
@@ -378,21 +378,22 @@ class HookedSSM(HookedRootModule):
             return None
         leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
         pad_is_bos = pad == getattr(tok, "bos_token_id", None)
+        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        runs = leading.sum(1)
         if infer:
             mask = 1 - leading
-            if pad_is_bos and self.cfg.default_prepend_bos:  # the run's last token is the BOS
-                runs = leading.sum(1)
+            if pad_is_bos and prepend_bos:  # the run's last token is the BOS
                 rows = (runs > 0).nonzero()[:, 0]
                 mask[rows, runs[rows] - 1] = 1
+            mask[runs == tokens.shape[1]] = 1  # a row of nothing but pads is not padding (zeros fed in, say)
             return mask
-        runs = leading.sum(1)
         if bool((runs != runs[0]).any()) and (not pad_is_bos or int(runs.max()) >= 2):
             warnings.warn(
                 f"The token rows begin with different numbers of pad tokens (id {pad}): this looks like a "
                 "left-padded batch given without an attention_mask. The pads then run through the recurrence "
                 "and change every later position. Pass attention_mask (to_tokens(..., return_attention_mask=True) "
                 "gives it), or set cfg.default_padding_side = 'left' to have it inferred from the pad tokens, "
-                "as TransformerLens does.", UserWarning, stacklevel=4)
+                "as TransformerLens does.", UserWarning, stacklevel=_caller_stacklevel())
         return None
 
     def _check_mask(self, attention_mask: Tensor, shape) -> Optional[Tensor]:
@@ -778,6 +779,20 @@ def _lm_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor], p
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(loss.dtype)
     loss = loss * valid
     return loss if per_token else loss.sum() / valid.sum().clamp(min=1)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that points at the first frame outside
+    tl_mamba, torch and transformer_lens: the user's call, however deep the forward was entered."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not name.split(".")[0] in ("tl_mamba", "torch", "transformer_lens"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _TRANSFORMER_HOOK = re.compile(r"^blocks\.(\d+)\.(?:(attn|mlp|ln2)\.)?(hook_\w+)$")
