@@ -22,9 +22,10 @@ from torch import Tensor
 REDUCTIONS = (None, "norm", "sum", "mean", "abs_max")
 
 
-def _layer_inputs(model, input_or_cache, layer: int, attention_mask=None):
-    """Δ, B, C of ``layer`` from a cache (a MambaActivationCache or dict) or by running the model."""
-    names = [f"blocks.{layer}.hook_{what}" for what in ("delta", "B", "C")]
+def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attention_mask, what: str):
+    """The ``blocks.{layer}.hook_*`` activations ``hooks`` (batch axis restored), from a cache
+    (a MambaActivationCache or dict) or by running the model up to ``layer``."""
+    names = [f"blocks.{layer}.{hook}" for hook in hooks]
     if isinstance(input_or_cache, (str, list, Tensor)):
         with torch.no_grad():
             _, cache = model.run_with_cache(input_or_cache, names_filter=lambda name: name in names,
@@ -32,10 +33,28 @@ def _layer_inputs(model, input_or_cache, layer: int, attention_mask=None):
     else:
         cache = input_or_cache
     try:
-        return [cache[name] for name in names]
+        values = [cache[name] for name in names]
     except KeyError as err:
-        raise KeyError(f"hidden_attention needs {names} in the cache; run_with_cache without a names_filter "
+        raise KeyError(f"{what} needs {names} in the cache; run_with_cache without a names_filter "
                        f"(or one that keeps them) provides them") from err
+    return [value[None] if value.dim() == 2 else value for value in values]  # a cache without its batch dim
+
+
+def _check_call(model, layer: int, reduce: Optional[str], what: str) -> int:
+    """``layer`` in ``[0, n_layers)``; IndexError / ValueError naming ``what`` for a bad layer or reduction."""
+    n_layers = model.cfg.n_layers
+    if not -n_layers <= layer < n_layers:
+        raise IndexError(f"{what}: layer {layer} out of range for {n_layers} layers")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"{what}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    return layer % n_layers
+
+
+def _check_memory(model, needed: int, layer: int, what: str, fewer: str) -> None:
+    if needed > model.heavy_hook_memory_limit:
+        raise MemoryError(f"{what} of layer {layer} would need {needed / 2**30:.2f} GiB for this input, over "
+                          f"model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); choose "
+                          f"fewer {fewer}, pass reduce=, or shorten the input")
 
 
 def _select(index, size: int, what: str) -> Tensor:
@@ -95,28 +114,19 @@ def hidden_attention(
     ``model.heavy_hook_memory_limit`` raises ``MemoryError``.
     """
     cfg = model.cfg
-    if not -cfg.n_layers <= layer < cfg.n_layers:
-        raise IndexError(f"hidden_attention: layer {layer} out of range for {cfg.n_layers} layers")
-    layer = layer % cfg.n_layers
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"hidden_attention: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    layer = _check_call(model, layer, reduce, "hidden_attention")
     if cfg.family == "mamba1" and heads is not None:
         raise ValueError("hidden_attention: heads= is for Mamba-2; Mamba-1 has channels=")
     if cfg.family == "mamba2" and channels is not None:
         raise ValueError("hidden_attention: channels= is for Mamba-1; Mamba-2 has heads=")
-    delta, B, C = _layer_inputs(model, input_or_cache, layer, attention_mask)
-    if delta.dim() == 2:  # a cache with the batch dim removed
-        delta, B, C = delta[None], B[None], C[None]
+    delta, B, C = _layer_hooks(model, input_or_cache, layer, ("hook_delta", "hook_B", "hook_C"), attention_mask,
+                               "hidden_attention")
     A = -torch.exp(model.blocks[layer].mixer.A_log.detach().double())
     b, p = delta.shape[:2]
     features = _select(heads if cfg.family == "mamba2" else channels,
                        cfg.n_heads if cfg.family == "mamba2" else cfg.d_inner, "heads" if heads is not None else "channels")
     out_features = 1 if reduce else features.numel()
-    needed = b * out_features * p * p * 4
-    if needed > model.heavy_hook_memory_limit:
-        raise MemoryError(f"hidden_attention of layer {layer} would need {needed / 2**30:.2f} GiB for this input, over "
-                          f"model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); choose "
-                          "fewer heads/channels, pass reduce=, or shorten the input")
+    _check_memory(model, b * out_features * p * p * 4, layer, "hidden_attention", "heads/channels")
     causal = torch.ones(p, p, dtype=torch.bool, device=delta.device).tril()
     with torch.no_grad():
         if cfg.family == "mamba2":
@@ -174,35 +184,13 @@ def conv_attention(
     ``model.heavy_hook_memory_limit`` (``MemoryError``): only ``k`` diagonals are non-zero,
     so choose channels or a reduction for long inputs.
     """
-    cfg = model.cfg
-    if not -cfg.n_layers <= layer < cfg.n_layers:
-        raise IndexError(f"conv_attention: layer {layer} out of range for {cfg.n_layers} layers")
-    layer = layer % cfg.n_layers
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"conv_attention: reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    name = f"blocks.{layer}.hook_conv_in"
-    if isinstance(input_or_cache, (str, list, Tensor)):
-        with torch.no_grad():
-            _, cache = model.run_with_cache(input_or_cache, names_filter=[name], stop_at_layer=layer + 1,
-                                            attention_mask=attention_mask)
-    else:
-        cache = input_or_cache
-    try:
-        conv_in = cache[name]
-    except KeyError as err:
-        raise KeyError(f"conv_attention needs {name} in the cache; run_with_cache without a names_filter "
-                       "(or one that keeps it) provides it") from err
-    if conv_in.dim() == 2:  # a cache with the batch dim removed
-        conv_in = conv_in[None]
+    layer = _check_call(model, layer, reduce, "conv_attention")
+    (conv_in,) = _layer_hooks(model, input_or_cache, layer, ("hook_conv_in",), attention_mask, "conv_attention")
     weight = model.blocks[layer].mixer.conv1d.weight.detach()[:, 0]  # [C, k]
     b, p, n_channels = conv_in.shape
     chosen = _select(channels, n_channels, "channels").to(conv_in.device)
     out_features = 1 if reduce else chosen.numel()
-    needed = b * out_features * p * p * 4
-    if needed > model.heavy_hook_memory_limit:
-        raise MemoryError(f"conv_attention of layer {layer} would need {needed / 2**30:.2f} GiB for this input, over "
-                          f"model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); choose "
-                          "fewer channels, pass reduce=, or shorten the input")
+    _check_memory(model, b * out_features * p * p * 4, layer, "conv_attention", "channels")
     k = weight.shape[-1]
     source = conv_in.detach().float()[..., chosen].permute(0, 2, 1)  # [b, c, p]
     taps = weight[chosen].float()  # [c, k]
