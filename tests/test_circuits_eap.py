@@ -1,8 +1,8 @@
 """tl_mamba.circuits: the graph, EAP / EAP-IG edge scores, exact edge patching, faithfulness.
 
 References are independent of the code under test: hand-written hooks that patch one
-edge (a residual-stream difference added at a receiver, or one head's slice of
-out_proj), the fundamental theorem of calculus for EAP-IG, and exact patching.
+edge (a residual-stream difference added at a receiver, or one head's or one Mamba-1
+channel group's slice of out_proj), the fundamental theorem of calculus for EAP-IG, and exact patching.
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ def pearson(a, b):
 
 
 FAMILIES = ["mamba1", "mamba2"]
+GROUPS = 4  # Mamba-1 channel groups of the tiny model's d_inner = 32: 8 channels each
+
+
+def make_graph(model, level, **kw):
+    """``Graph.from_model``; a Mamba-1 head-level graph gets ``GROUPS`` channel groups."""
+    if level == "head" and isinstance(model, HookedMamba) and not isinstance(model, HookedMamba2):
+        kw.setdefault("channel_groups", GROUPS)
+    return Graph.from_model(model, level, **kw)
 
 
 # ------------------------------------------------------------------ structure
@@ -85,8 +93,26 @@ def test_graph_structure(family):
         assert len(head.edges) == sum(1 + r * H for r in range(L + 1))
         assert head.edge("m1.h3->m2").hook == "blocks.2.hook_mixer_in"
     else:
-        with pytest.raises(ValueError, match="Mamba-2"):
-            Graph.from_model(model, "head")
+        G = GROUPS
+        head = Graph.from_model(model, "head", channel_groups=G)
+        assert len(head.edges) == sum(1 + r * G for r in range(L + 1))
+        assert head.edge("m1.c3->m2").hook == "blocks.2.hook_mixer_in"
+        assert head.groups[2].hook == "blocks.1.hook_y_gated" and head.groups[2].units == G
+        assert [n for n in head.nodes if n.startswith("m1")] == ["m1"] + [f"m1.c{j}" for j in range(G)]
+        assert "4 channel groups of 8 channels" in repr(head)
+        with pytest.raises(ValueError, match="channel_groups"):
+            Graph.from_model(model, "head")  # Mamba-1 has no heads
+        with pytest.raises(ValueError, match=r"d_inner=32.*\[4, 8\]"):
+            Graph.from_model(model, "head", channel_groups=5)
+        for bad in (0, -2, 2.0, True):
+            with pytest.raises(ValueError, match="channel_groups"):
+                Graph.from_model(model, "head", channel_groups=bad)
+        for level in ("layer", "component"):
+            with pytest.raises(ValueError, match="level='head'"):
+                Graph.from_model(model, level, channel_groups=G)
+    if family == "mamba2":
+        with pytest.raises(ValueError, match="Mamba-1 only"):
+            Graph.from_model(model, "head", channel_groups=4)
     with pytest.raises(ValueError, match="n_pos"):
         Graph.from_model(model, "layer", positional=True)
     with pytest.raises(ValueError, match="level"):
@@ -95,8 +121,9 @@ def test_graph_structure(family):
         layer.edge("m0->m9")
 
 
-def test_topn_threshold_prune_and_json(tmp_path):
-    graph = Graph.from_model(tiny("mamba2"), "head")
+@pytest.mark.parametrize("family,unit", [("mamba2", "h"), ("mamba1", "c")])
+def test_topn_threshold_prune_and_json(tmp_path, family, unit):
+    graph = make_graph(tiny(family), "head")
     torch.manual_seed(0)
     graph.scores = torch.randn(len(graph.edges))
     graph.apply_topn(10, prune=False)
@@ -109,14 +136,17 @@ def test_topn_threshold_prune_and_json(tmp_path):
 
     # pruning: an edge into a node that nothing carries on from is dropped
     graph.reset(empty=True)
-    for name in ("input->m0", "m0.h1->m2", "m2.h0->logits", "m0.h2->m1"):
+    for name in ("input->m0", f"m0.{unit}1->m2", f"m2.{unit}0->logits", f"m0.{unit}2->m1"):
         graph.in_graph[graph.edge(name).index] = True
     graph.prune()
-    assert set(graph.included_edges()) == {"input->m0", "m0.h1->m2", "m2.h0->logits"}
+    assert set(graph.included_edges()) == {"input->m0", f"m0.{unit}1->m2", f"m2.{unit}0->logits"}
 
     path = graph.to_json(tmp_path / "g.json")
     back = Graph.from_json(path)
     assert torch.equal(back.scores, graph.scores) and torch.equal(back.in_graph, graph.in_graph)
+    assert list(back.edges) == list(graph.edges) and back.nodes == graph.nodes
+    assert back.groups == graph.groups and repr(back) == repr(graph)
+    assert (back.channel_groups, back.d_inner) == ((None, None) if family == "mamba2" else (GROUPS, 32))
     png = graph.to_image(tmp_path / "g.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -124,7 +154,7 @@ def test_topn_threshold_prune_and_json(tmp_path):
 # ------------------------------------------------------------------ patching one edge, against hand-written hooks
 def patch_one_edge(model, level, edge, clean, corrupted):
     """Logits with only ``edge`` carrying its corrupted value (every other edge kept)."""
-    graph = Graph.from_model(model, level)
+    graph = make_graph(model, level)
     keep = torch.ones_like(graph.in_graph)
     keep[graph.edge(edge).index] = False
     return patched_logits(model, graph, clean, corrupted, in_graph=keep)
@@ -180,6 +210,72 @@ def test_head_writes_sum_to_the_mixer_output():
     torch.testing.assert_close(total, cache["blocks.1.hook_mixer_out"])
 
 
+@pytest.mark.parametrize("edge", ["m1.c2->m2", "m0.c1->logits"])
+def test_channel_group_edge_patch_matches_hand_written_hook(edge):
+    """Mamba-1 channel group j of layer l writes out_proj.weight[:, group] @ y_gated[..., group]:
+    patching the edge to a receiver adds that write's corrupted-minus-clean difference at the
+    receiver's input, and nowhere else."""
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    ours = patch_one_edge(model, "head", edge, clean, corrupted)
+
+    sender, receiver = edge.split("->")
+    layer, j = int(sender[1]), int(sender.split(".c")[1])
+    width = model.cfg.d_inner // GROUPS
+    cols = slice(j * width, (j + 1) * width)
+    w = model.blocks[layer].mixer.out_proj.weight[:, cols]
+    y_gated = f"blocks.{layer}.hook_y_gated"
+    at = (f"blocks.{model.cfg.n_layers - 1}.hook_resid_post" if receiver == "logits"
+          else f"blocks.{receiver[1:]}.hook_mixer_in")
+    with torch.no_grad():
+        _, corr_cache = model.run_with_cache(corrupted, names_filter=y_gated)
+        _, clean_cache = model.run_with_cache(clean, names_filter=y_gated)
+        shift = (corr_cache[y_gated][..., cols] - clean_cache[y_gated][..., cols]) @ w.T
+        ref = model.run_with_hooks(clean, fwd_hooks=[(at, lambda x, hook: x + shift)])
+        plain = model(clean)
+    torch.testing.assert_close(ours, ref)
+    assert (ours - plain).abs().max() > 1e-4  # the edge carries something
+    whole = patch_one_edge(model, "layer", f"m{layer}->{receiver}", clean, corrupted)
+    assert (ours - whole).abs().max() > 1e-4  # ... and less than the whole mixer
+
+
+def test_channel_group_writes_sum_to_the_mixer_output():
+    """The premise of Mamba-1 channel-group edges: out_proj of each group's channels of
+    hook_y_gated, summed over groups, is hook_mixer_out (less the bias). So removing the
+    edges of every group of a layer is removing the layer's edge."""
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    out_proj = model.blocks[1].mixer.out_proj
+    width = model.cfg.d_inner // GROUPS
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        yg = cache["blocks.1.hook_y_gated"]
+        writes = [yg[..., j * width:(j + 1) * width] @ out_proj.weight[:, j * width:(j + 1) * width].T
+                  for j in range(GROUPS)]
+    assert min(float(w.abs().max()) for w in writes) > 1e-3
+    total = sum(writes)
+    if out_proj.bias is not None:
+        total = total + out_proj.bias
+    torch.testing.assert_close(total, cache["blocks.1.hook_mixer_out"])
+
+    groups, layer = make_graph(model, "head"), Graph.from_model(model, "layer")
+    keep_groups, keep_layer = torch.ones_like(groups.in_graph), torch.ones_like(layer.in_graph)
+    for receiver in ("m2", "logits"):
+        keep_layer[layer.edge(f"m1->{receiver}").index] = False
+        for j in range(GROUPS):
+            keep_groups[groups.edge(f"m1.c{j}->{receiver}").index] = False
+    torch.testing.assert_close(patched_logits(model, groups, clean, corrupted, in_graph=keep_groups),
+                               patched_logits(model, layer, clean, corrupted, in_graph=keep_layer))
+
+
+def test_channel_group_graph_refuses_a_model_of_another_width():
+    model = tiny("mamba1")
+    wider = HookedMamba(HookedMambaConfig(n_layers=3, d_model=16, d_vocab=40, d_state=4, d_conv=4, expand=3))
+    clean, corrupted = pair()
+    with pytest.raises(ValueError, match="d_inner=32"):
+        patched_logits(wider, make_graph(model, "head").reset(empty=True), clean, corrupted)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_internal_edge_patch_is_the_corrupted_activation(family):
     model = tiny(family)
@@ -193,13 +289,13 @@ def test_internal_edge_patch_is_the_corrupted_activation(family):
 
 
 # ------------------------------------------------------------------ faithfulness
-@pytest.mark.parametrize("family,level", [("mamba1", "layer"), ("mamba1", "component"), ("mamba2", "layer"),
-                                          ("mamba2", "head"), ("mamba2", "component")])
+@pytest.mark.parametrize("family,level", [("mamba1", "layer"), ("mamba1", "head"), ("mamba1", "component"),
+                                          ("mamba2", "layer"), ("mamba2", "head"), ("mamba2", "component")])
 def test_full_graph_is_faithful_and_empty_graph_is_not(family, level):
     model = tiny(family)
     clean, corrupted = pair()
     metric = last_logit_metric()
-    graph = Graph.from_model(model, level)
+    graph = make_graph(model, level)
     assert faithfulness(model, graph.reset(empty=False), clean, corrupted, metric) == pytest.approx(1.0, abs=1e-9)
     assert faithfulness(model, graph.reset(empty=True), clean, corrupted, metric) == pytest.approx(0.0, abs=1e-9)
     # empty graph == the corrupted run itself, prompt by prompt
@@ -208,8 +304,8 @@ def test_full_graph_is_faithful_and_empty_graph_is_not(family, level):
 
 
 # ------------------------------------------------------------------ scores
-@pytest.mark.parametrize("family,level", [("mamba1", "component"), ("mamba1", "layer"), ("mamba2", "head"),
-                                          ("mamba2", "component")])
+@pytest.mark.parametrize("family,level", [("mamba1", "component"), ("mamba1", "layer"), ("mamba1", "head"),
+                                          ("mamba2", "head"), ("mamba2", "component")])
 def test_eap_matches_exact_patching_for_a_small_corruption(family, level):
     """EAP is the first-order Taylor estimate of each edge's patching effect, so for a
     small corruption it must agree with exact patching edge by edge. The corrupted token
@@ -222,12 +318,46 @@ def test_eap_matches_exact_patching_for_a_small_corruption(family, level):
     model = tiny(family)
     clean, corrupted = small_corruption(model)
     metric = last_logit_metric()
-    graph = Graph.from_model(model, level)
+    graph = make_graph(model, level)
     eap = attribute(model, graph, clean, corrupted, metric, method="EAP", quiet=True).scores.clone()
     exact = attribute(model, graph, clean, corrupted, metric, method="exact", quiet=True).scores.clone()
     assert exact.abs().max() > 1e-6
     assert pearson(eap, exact) > 0.999
     torch.testing.assert_close(eap.double(), exact.double(), atol=1e-2 * float(exact.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG"])
+def test_channel_group_scores_add_up_to_the_layer_scores(method):
+    """The groups' writes sum to the mixer's (test above), and an edge score is linear in
+    the sender's write difference at a fixed receiver gradient: the scores of the edges
+    m{l}.c{j} -> r, summed over j, are the score of m{l} -> r in the layer-level graph."""
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    kw = dict(method=method, quiet=True, **({"ig_steps": 3} if method == "EAP-IG" else {}))
+    layer = attribute(model, Graph.from_model(model, "layer"), clean, corrupted, last_logit_metric(), **kw)
+    groups = attribute(model, make_graph(model, "head"), clean, corrupted, last_logit_metric(), **kw)
+    spread = [float(groups.score(f"m0.c{j}->logits")) for j in range(GROUPS)]
+    assert max(spread) - min(spread) > 1e-3  # the groups differ
+    for name, e in layer.edges.items():
+        if e.parent == "input":
+            expected = groups.score(name)
+        else:
+            expected = sum(groups.score(f"{e.parent}.c{j}->{e.child}") for j in range(GROUPS))
+        assert float(layer.scores[e.index]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6), name
+
+
+def test_positional_channel_group_scores_match_exact_patching():
+    model = tiny("mamba1")
+    clean, corrupted = small_corruption(model)
+    metric = last_logit_metric()
+    flat = attribute(model, make_graph(model, "head"), clean, corrupted, metric, quiet=True)
+    pos = attribute(model, make_graph(model, "head", positional=True, n_pos=P), clean, corrupted, metric, quiet=True)
+    torch.testing.assert_close(pos.scores.sum(-1), flat.scores, atol=1e-5, rtol=1e-4)
+    assert float(pos.scores[:, :4].abs().max()) < 1e-6  # nothing before the changed token differs
+    exact = attribute(model, make_graph(model, "head", positional=True, n_pos=P), clean, corrupted, metric,
+                      method="exact", quiet=True)
+    assert exact.scores.abs().max() > 1e-6
+    assert pearson(pos.scores, exact.scores) > 0.999
 
 
 def test_eap_ig_with_one_step_is_eap():

@@ -61,6 +61,17 @@ def test_circuit_prints_edges_and_faithfulness_and_writes_png_and_json(tmp_path,
     assert data["level"] == "head" and sum(e["in_graph"] for e in data["edges"].values()) <= 10
 
 
+def test_circuit_on_mamba1_channel_groups(tmp_path, capsys):
+    import json
+
+    argv = ["circuit", "toy-mamba", "--level", "head", "--channel-groups", "4", "--n", "8", "--method", "EAP",
+            "--top", "6", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert ".c" in capsys.readouterr().out
+    data = json.loads((tmp_path / "circuit.json").read_text())
+    assert data["level"] == "head" and data["channel_groups"] == 4
+
+
 def test_eval_reports_accuracy(capsys):
     assert main(["eval", "toy-mamba2", "--n", "16", "--lengths", "64"]) == 0
     out = capsys.readouterr().out
@@ -127,7 +138,9 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["knockout", "--window", "9", "--out", "/tmp"], "--window"),
         (["knockout", "--prompt", "the zyzzyva is", "--out", "/tmp"], "does not know"),
         (["knockout", "random", "--out", "/tmp"], "no tokenizer"),
-        (["circuit", "toy-mamba", "--level", "head", "--out", "/tmp"], "Mamba-2"),
+        (["circuit", "toy-mamba", "--level", "head", "--out", "/tmp"], "--channel-groups"),
+        (["circuit", "toy-mamba", "--level", "head", "--channel-groups", "5", "--out", "/tmp"], "divide d_inner"),
+        (["circuit", "toy-mamba2", "--channel-groups", "4", "--out", "/tmp"], "Mamba-1"),
         (["circuit", "--n", "0", "--out", "/tmp"], "--n"),
         (["circuit", "--steps", "0", "--out", "/tmp"], "--steps"),
         (["circuit", "--out", "/proc/no-such-dir/x"], "cannot write"),

@@ -7,7 +7,7 @@
     tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
     tl-mamba knockout [MODEL] [--task facts | --prompt "..."] [--window W] [--path ssm|conv|both]
                                                      information flow by knockout: table and plot
-    tl-mamba circuit [MODEL] [--task ioi|facts] [--level auto|layer|head|component] [--method EAP-IG|EAP]
+    tl-mamba circuit [MODEL] [--task ioi|facts] [--level auto|layer|head|component] [--channel-groups G] [--method EAP-IG|EAP]
                                                      edge attribution: top edges, faithfulness, circuit PNG + JSON
 
 Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
@@ -383,15 +383,23 @@ def cmd_circuit(args) -> int:
     level = args.level
     if level == "auto":
         level = "head" if isinstance(model, HookedMamba2) else "layer"
+    channel_groups = None
+    if args.channel_groups is not None and (level != "head" or isinstance(model, HookedMamba2)):
+        raise UsageError("--channel-groups splits a Mamba-1 model's d_inner channels at --level head")
     if level == "head" and not isinstance(model, HookedMamba2):
-        raise UsageError("--level head needs a Mamba-2 model; use layer or component for Mamba-1")
+        if args.channel_groups is None:
+            raise UsageError("--level head on Mamba-1 needs --channel-groups G (Mamba-1 has no heads: G groups "
+                             "of its d_inner channels stand in for them); or use layer or component")
+        channel_groups = args.channel_groups
+        if channel_groups < 1 or model.cfg.d_inner % channel_groups:
+            raise UsageError(f"--channel-groups must divide d_inner = {model.cfg.d_inner}, got {channel_groups}")
     console = _console()
     batches = task_batches(model, args.task, n=args.n, seed=args.seed, batch_size=args.batch_size)
     clean_value = float(evaluate_baseline(model, batches, None, logit_diff).mean())
     corrupted_value = float(evaluate_baseline(model, batches, None, logit_diff, run_corrupted=True).mean())
     console.print(f"{args.method} on {model.cfg.model_name}, task {args.task} ({args.n} held-out pairs), "
                   f"{level}-level graph; logit diff clean {clean_value:.2f}, corrupted {corrupted_value:.2f}")
-    graph = Graph.from_model(model, level=level)
+    graph = Graph.from_model(model, level=level, channel_groups=channel_groups)
     attribute(model, graph, batches, None, logit_diff, method=args.method,
               ig_steps=args.steps if args.method == "EAP-IG" else None)
 
@@ -465,6 +473,8 @@ def main(argv: Optional[list] = None) -> int:
     circuit.add_argument("--task", choices=("ioi", "facts"), default="ioi")
     circuit.add_argument("--level", choices=("auto", "layer", "head", "component"), default="auto",
                          help="graph level (auto: head for Mamba-2, layer for Mamba-1)")
+    circuit.add_argument("--channel-groups", type=int, default=None,
+                         help="Mamba-1 at --level head: senders are this many groups of the d_inner channels")
     circuit.add_argument("--method", choices=("EAP", "EAP-IG"), default="EAP-IG")
     circuit.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps")
     circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs")

@@ -7,8 +7,8 @@ from typing import Dict, Optional, Tuple
 
 
 def _layout(graph) -> Dict[str, Tuple[float, float]]:
-    """Node positions: input at the bottom, one row per layer (components and heads spread
-    across it), logits on top."""
+    """Node positions: input at the bottom, one row per layer (components, heads or channel
+    groups spread across it), logits on top."""
     pos: Dict[str, Tuple[float, float]] = {"input": (0.5, 0.0), "logits": (0.5, graph.n_layers + 1.0)}
     for layer in range(graph.n_layers):
         y = layer + 1.0
@@ -16,8 +16,9 @@ def _layout(graph) -> Dict[str, Tuple[float, float]]:
             pos[f"m{layer}"] = (0.5, y)
         elif graph.level == "head":
             pos[f"m{layer}"] = (0.5, y - 0.3)
-            for j in range(graph.n_heads):
-                pos[f"m{layer}.h{j}"] = ((j + 0.5) / graph.n_heads, y + 0.1)
+            units = graph.unit_nodes(layer)
+            for j, name in enumerate(units):
+                pos[name] = ((j + 0.5) / len(units), y + 0.1)
         else:
             pos[f"m{layer}.in"] = (0.5, y - 0.35)
             pos[f"m{layer}.conv"] = (0.3, y - 0.1)
@@ -43,7 +44,7 @@ def draw_graph(graph, path: Path, title: Optional[str] = None, max_edges: int = 
     biggest = max((abs(s) for _, s in edges), default=1.0) or 1.0
     used = {"input", "logits"} | {n for e, _ in edges for n in (e.parent, e.child)}
 
-    width = 6 if graph.level != "head" else max(6, graph.n_heads * 0.8)
+    width = 6 if graph.level != "head" else max(6, graph.units_per_layer * 0.8)
     fig, ax = plt.subplots(figsize=(width, 1.6 * (graph.n_layers + 2)))
     for e, score in edges:
         (x0, y0), (x1, y1) = pos[e.parent], pos[e.child]
@@ -52,9 +53,11 @@ def draw_graph(graph, path: Path, title: Optional[str] = None, max_edges: int = 
                     arrowprops=dict(arrowstyle="->", lw=0.5 + 4.5 * abs(score) / biggest,
                                     color="tab:blue" if score >= 0 else "tab:red", alpha=0.75,
                                     connectionstyle=f"arc3,rad={bend}"))
+    units = {name for layer in range(graph.n_layers) for name in graph.unit_nodes(layer)} \
+        if graph.level == "head" else set()
     for name, (x, y) in pos.items():
-        if name not in used and graph.level == "head" and ".h" in name:
-            continue  # unused heads would clutter wide layers
+        if name not in used and name in units:
+            continue  # unused heads (channel groups) would clutter wide layers
         ax.scatter([x], [y], s=260, color="white" if name not in used else "#f3e3b5", edgecolors="black", zorder=3)
         ax.text(x, y, name, ha="center", va="center", fontsize=6, zorder=4)
     ax.set_xlim(-0.05, 1.05)

@@ -2,8 +2,9 @@
 
 Everything here runs the model's ordinary forward with TransformerLens hooks: the
 senders' outputs are read at their hooks (``hook_embed``, ``hook_mixer_out``,
-``hook_y_normed``), and each receiver's input is edited at ``hook_mixer_in`` (or
-the last ``hook_resid_post`` for the logits). No private forward.
+``hook_y_normed`` for Mamba-2 heads, ``hook_y_gated`` for Mamba-1 channel groups),
+and each receiver's input is edited at ``hook_mixer_in`` (or the last
+``hook_resid_post`` for the logits). No private forward.
 
 Data: ``clean`` and ``corrupted`` are token tensors ``[N, p]`` of the same shape
 (split into ``batch_size`` rows), or ``clean`` is an iterable of batches
@@ -116,6 +117,11 @@ class _Wiring:
         if graph.positional and p != graph.n_pos:
             raise ValueError(f"the graph is positional over {graph.n_pos} positions but this batch has {p}; "
                              "positional graphs need prompts of exactly that length")
+        if graph.level == "head":  # the senders split out_proj's input, which must be as wide as the graph's
+            what = "d_inner" if graph.channel_groups is not None else "n_heads"
+            if getattr(graph, what) != getattr(model.cfg, what):
+                raise ValueError(f"this graph was built for a model with {what}={getattr(graph, what)}; the model "
+                                 f"has {what}={getattr(model.cfg, what)}")
         self.model, self.graph = model, graph
         self.resid = [e for e in graph.edges.values() if e.kind == "resid"]
         self.internal = [e for e in graph.edges.values() if e.kind == "internal"]

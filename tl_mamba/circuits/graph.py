@@ -4,9 +4,9 @@ Shaped like the EAP-IG library's ``Graph`` (``from_model``, ``apply_topn``,
 ``apply_threshold``, ``prune``, ``to_json``), but built from Mamba's own
 structure. A Mamba block adds its mixer's output to the residual stream, so every
 node that *writes* the residual stream (a sender: the embedding, a mixer, a
-Mamba-2 head) has an edge to every later node that *reads* it (a receiver: a
-mixer's input ``hook_mixer_in``, or the logits, read from the last
-``hook_resid_post``). Patching edge ``s -> r`` means that receiver ``r`` sees
+Mamba-2 head, a group of Mamba-1 channels) has an edge to every later node that
+*reads* it (a receiver: a mixer's input ``hook_mixer_in``, or the logits, read
+from the last ``hook_resid_post``). Patching edge ``s -> r`` means that receiver ``r`` sees
 sender ``s``'s corrupted output in place of its clean one, while everything else
 ``r`` reads stays as it is.
 
@@ -23,6 +23,12 @@ Levels (``Graph.from_model(model, level=...)``):
   treats LayerNorm scales in its decompositions. All heads of a layer read the
   same normalised residual through one ``in_proj``, so the receiver is the layer
   (``m{l}``), not the head.
+- ``"head"`` with ``channel_groups=G`` (Mamba-1, which has no heads): the ``d_inner``
+  channels are split into ``G`` contiguous, equal groups (``G`` must divide
+  ``d_inner``), and each group ``m{l}.c{j}`` is its own sender. Its write is
+  ``out_proj.weight[:, group] @ y_gated[..., group]``, read at ``hook_y_gated``
+  (out_proj's input; no norm comes between), so the groups' writes sum exactly to
+  ``hook_mixer_out`` less the out_proj bias. The receiver is again the layer.
 - ``"component"``: the residual edges of ``"layer"`` (nodes ``m{l}.in`` and
   ``m{l}.out``) plus the paths inside each mixer, each patched at one hook:
   ``m{l}.in -> m{l}.conv`` (``hook_conv_in``), ``m{l}.conv -> m{l}.ssm``
@@ -53,9 +59,12 @@ LEVELS = ("layer", "head", "component")
 class SenderGroup:
     """Senders whose outputs come from one hook.
 
-    ``units`` senders share ``hook`` (1 for the embedding or a whole mixer; ``n_heads``
-    for the heads of a Mamba-2 layer, read from ``hook_y_normed`` ``[b, p, e]`` and
-    mapped to the residual stream by that layer's ``out_proj`` weight).
+    ``units`` senders share ``hook`` (1 for the embedding or a whole mixer). With
+    ``per_head``, the hook is out_proj's input ``[b, p, e]`` and its last axis splits
+    into ``units`` equal contiguous slices, each mapped to the residual stream by its
+    columns of that layer's ``out_proj`` weight: ``n_heads`` heads of a Mamba-2 layer
+    (``hook_y_normed``) or ``channel_groups`` channel groups of a Mamba-1 layer
+    (``hook_y_gated``).
     """
 
     hook: str
@@ -85,19 +94,23 @@ class Graph:
 
     ``graph.scores`` is ``[n_edges]`` (``[n_edges, n_pos]`` when positional), float32;
     ``graph.in_graph`` is a bool tensor of the same shape. ``graph.edges`` maps edge
-    names (``"m0->m2"``, ``"m1.h3->logits"``, ``"m2.conv->m2.ssm"``) to :class:`Edge`.
+    names (``"m0->m2"``, ``"m1.h3->logits"``, ``"m1.c3->m2"``, ``"m2.conv->m2.ssm"``) to :class:`Edge`.
+
+    ``channel_groups`` and ``d_inner`` describe a Mamba-1 head-level graph (both None otherwise).
     """
 
     def __init__(self, *, family: str, n_layers: int, n_heads: int, level: str,
-                 positional: bool = False, n_pos: Optional[int] = None):
+                 positional: bool = False, n_pos: Optional[int] = None,
+                 channel_groups: Optional[int] = None, d_inner: Optional[int] = None):
         if level not in LEVELS:
             raise ValueError(f"unknown graph level {level!r}: choose from {LEVELS}")
-        if level == "head" and family != "mamba2":
-            raise ValueError("level='head' needs a Mamba-2 model (Mamba-1 has no heads); use 'layer' or 'component'")
+        _check_channel_groups(family, level, channel_groups, d_inner)
         if positional and (n_pos is None or int(n_pos) < 1):
             raise ValueError("a positional graph needs n_pos (the prompt length, in tokens)")
         self.family, self.n_layers, self.n_heads, self.level = family, int(n_layers), int(n_heads), level
         self.positional, self.n_pos = bool(positional), (int(n_pos) if positional else None)
+        self.channel_groups = None if channel_groups is None else int(channel_groups)
+        self.d_inner = None if channel_groups is None else int(d_inner)
         self.groups: List[SenderGroup] = []
         self.receivers: List[Tuple[str, str]] = []  # (node name, hook)
         self.edges: Dict[str, Edge] = {}
@@ -110,24 +123,38 @@ class Graph:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model, level: str = "layer", positional: bool = False,
-                   n_pos: Optional[int] = None) -> "Graph":
+                   n_pos: Optional[int] = None, channel_groups: Optional[int] = None) -> "Graph":
         """The graph of ``model`` (a ``HookedMamba`` or ``HookedMamba2``) at ``level``.
 
         Args:
-            level: ``"layer"``, ``"head"`` (Mamba-2) or ``"component"`` (see the module docstring).
+            level: ``"layer"``, ``"head"`` or ``"component"`` (see the module docstring).
             positional: one score per edge and position; then ``n_pos`` (the prompt length) is required.
+            channel_groups: Mamba-1 with ``level="head"`` only (required there): split each
+                layer's ``d_inner`` channels into this many contiguous, equal groups, each a
+                sender ``m{l}.c{j}``.
         """
         from tl_mamba.models.mamba2 import HookedMamba2
 
         family = "mamba2" if isinstance(model, HookedMamba2) else "mamba"
         return cls(family=family, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads, level=level,
-                   positional=positional, n_pos=n_pos)
+                   positional=positional, n_pos=n_pos, channel_groups=channel_groups,
+                   d_inner=model.cfg.d_inner if channel_groups is not None else None)
+
+    @property
+    def units_per_layer(self) -> int:
+        """Senders per layer at ``level="head"``: heads (Mamba-2) or channel groups (Mamba-1)."""
+        return self.channel_groups if self.channel_groups is not None else self.n_heads
+
+    def unit_nodes(self, layer: int) -> List[str]:
+        """The sender nodes of one layer of a head-level graph (``m{l}.h{j}`` or ``m{l}.c{j}``)."""
+        kind = "c" if self.channel_groups is not None else "h"
+        return [f"m{layer}.{kind}{j}" for j in range(self.units_per_layer)]
 
     def _sender_name(self, group: SenderGroup, unit: int) -> str:
         if group.layer is None:
             return "input"
         if group.per_head:
-            return f"m{group.layer}.h{unit}"
+            return self.unit_nodes(group.layer)[unit]
         return f"m{group.layer}.out" if self.level == "component" else f"m{group.layer}"
 
     def _receiver_node(self, layer: int) -> str:
@@ -142,7 +169,8 @@ class Graph:
         self.groups.append(SenderGroup("hook_embed", 1, None))
         for layer in range(L):
             if self.level == "head":
-                self.groups.append(SenderGroup(f"blocks.{layer}.hook_y_normed", self.n_heads, layer, per_head=True))
+                hook = "hook_y_gated" if self.channel_groups is not None else "hook_y_normed"
+                self.groups.append(SenderGroup(f"blocks.{layer}.{hook}", self.units_per_layer, layer, per_head=True))
             else:
                 self.groups.append(SenderGroup(f"blocks.{layer}.hook_mixer_out", 1, layer))
         self.receivers = [(self._receiver_node(layer), f"blocks.{layer}.hook_mixer_in") for layer in range(L)]
@@ -153,7 +181,7 @@ class Graph:
             if self.level == "component":
                 self.nodes += [f"m{layer}.{part}" for part in ("in", "conv", "ssm", "gate", "out")]
             elif self.level == "head":
-                self.nodes += [f"m{layer}"] + [f"m{layer}.h{j}" for j in range(self.n_heads)]
+                self.nodes += [f"m{layer}"] + self.unit_nodes(layer)
             else:
                 self.nodes.append(f"m{layer}")
         self.nodes.append("logits")
@@ -182,7 +210,9 @@ class Graph:
     # ------------------------------------------------------------------ queries
     def __repr__(self) -> str:
         pos = f", positional over {self.n_pos} positions" if self.positional else ""
-        return (f"Graph({self.family}, level={self.level!r}, {len(self.nodes)} nodes, {len(self.edges)} edges, "
+        groups = "" if self.channel_groups is None else \
+            f", {self.channel_groups} channel groups of {self.d_inner // self.channel_groups} channels"
+        return (f"Graph({self.family}, level={self.level!r}{groups}, {len(self.nodes)} nodes, {len(self.edges)} edges, "
                 f"{self.count_included_edges()} in graph{pos})")
 
     def edge(self, name: str) -> Edge:
@@ -260,10 +290,10 @@ class Graph:
         return self.prune() if prune else self
 
     def _implicit_edges(self) -> List[Tuple[str, str]]:
-        """Always-present links that are not scored: a layer's input feeds its heads."""
+        """Always-present links that are not scored: a layer's input feeds its heads (channel groups)."""
         if self.level != "head":
             return []
-        return [(f"m{l}", f"m{l}.h{j}") for l in range(self.n_layers) for j in range(self.n_heads)]
+        return [(f"m{l}", unit) for l in range(self.n_layers) for unit in self.unit_nodes(l)]
 
     def prune(self) -> "Graph":
         """Drop edges that are not on a path from ``input`` to ``logits`` through edges in the graph.
@@ -291,6 +321,7 @@ class Graph:
             "format": "tl_mamba.circuits.Graph/1",
             "family": self.family, "n_layers": self.n_layers, "n_heads": self.n_heads, "level": self.level,
             "positional": self.positional, "n_pos": self.n_pos,
+            "channel_groups": self.channel_groups, "d_inner": self.d_inner,
             "nodes": self.nodes,
             "edges": {name: {"score": value(self.scores[e.index]), "in_graph": value(self.in_graph[e.index])}
                       for name, e in self.edges.items()},
@@ -308,7 +339,8 @@ class Graph:
         if data.get("format") != "tl_mamba.circuits.Graph/1":
             raise ValueError(f"{path} is not a tl_mamba circuit graph (format {data.get('format')!r})")
         graph = cls(family=data["family"], n_layers=data["n_layers"], n_heads=data["n_heads"], level=data["level"],
-                    positional=data["positional"], n_pos=data["n_pos"])
+                    positional=data["positional"], n_pos=data["n_pos"],
+                    channel_groups=data.get("channel_groups"), d_inner=data.get("d_inner"))
         missing = set(graph.edges) ^ set(data["edges"])
         if missing:
             raise ValueError(f"{path}: edges do not match a {data['level']}-level graph: {sorted(missing)[:5]}")
@@ -323,6 +355,31 @@ class Graph:
         from tl_mamba.circuits.draw import draw_graph
 
         return draw_graph(self, Path(path), title=title, max_edges=max_edges)
+
+
+def _check_channel_groups(family: str, level: str, channel_groups, d_inner) -> None:
+    """``ValueError`` unless ``channel_groups`` fits: given exactly for a Mamba-1 head-level
+    graph, an int >= 1 that divides ``d_inner``."""
+    if channel_groups is None:
+        if level == "head" and family != "mamba2":
+            raise ValueError("level='head' on Mamba-1 needs channel_groups=G: Mamba-1 has no heads (Mamba-2 has), "
+                             "so pass channel_groups=G to make each of G contiguous groups of the d_inner channels "
+                             "a sender, or use level='layer' or 'component'")
+        return
+    if family == "mamba2":
+        raise ValueError("channel_groups applies to Mamba-1 only: a Mamba-2 graph at level='head' has one sender "
+                         "per head already")
+    if level != "head":
+        raise ValueError(f"channel_groups goes with level='head' (channel-group senders), not level={level!r}")
+    if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1:
+        raise ValueError(f"channel_groups must be an int >= 1, got {channel_groups!r}")
+    if d_inner is None:
+        raise ValueError("a channel-group graph needs d_inner (the model's cfg.d_inner)")
+    if d_inner % channel_groups:
+        divisors = [k for k in range(1, d_inner + 1) if d_inner % k == 0]
+        near = [max(k for k in divisors if k < channel_groups)] + [k for k in divisors if k > channel_groups][:1]
+        raise ValueError(f"channel_groups={channel_groups} does not divide d_inner={d_inner} into equal groups; "
+                         f"divisors of {d_inner} near it: {near}")
 
 
 def _reachable(start: str, links: Sequence[Tuple[str, str]]) -> set:
