@@ -184,6 +184,16 @@ def test_inferred_mask_follows_prepend_bos_and_keeps_all_pad_rows(model, tokeniz
     assert model.hook_shapes()["blocks.0.hook_h"][1] == 4
 
 
+def test_float64_model_gives_a_float64_loss(model):
+    """A float64 model keeps float64 through the loss (finite-difference checks need it)."""
+    model = model.double()
+    tokens = torch.randint(4, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+    loss = model(tokens, return_type="loss")
+    assert loss.dtype == torch.float64
+    expected = manual_ce(model(tokens).double(), tokens).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
 def _random_padded_batch(lengths, side, vocab, seed=0):
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)

@@ -391,6 +391,29 @@ def test_load_state_dict_files_save_pretrained_sharded(saved, hf_mamba):
         assert torch.equal(tensor, reference[key]), key
 
 
+def test_save_pretrained_over_a_sharded_checkpoint_loads_the_saved_weights(tmp_path, hf_mamba):
+    """Editing a downloaded (sharded) checkpoint and saving it back: the old index and shards go,
+    so loading the folder gives the edited weights, not the old ones."""
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    hf_mamba.save_pretrained(folder, max_shard_size="4KB")
+    (folder / "pytorch_model.bin").write_bytes(b"stale")
+    (folder / "notes.txt").write_text("keep me")
+    model = tl_mamba.from_pretrained(folder)
+    with torch.no_grad():
+        model.blocks[0].mixer.D.mul_(3.0)
+    model.save_pretrained(folder)
+    assert not (folder / "model.safetensors.index.json").exists() and not list(folder.glob("model-*.safetensors"))
+    assert not (folder / "pytorch_model.bin").exists() and (folder / "notes.txt").read_text() == "keep me"
+    reloaded = tl_mamba.from_pretrained(folder)
+    tokens = torch.arange(8)[None] % model.cfg.d_vocab
+    torch.testing.assert_close(reloaded(tokens), model(tokens))
+    with torch.no_grad():
+        assert not torch.allclose(hf_mamba(tokens).logits, model(tokens), atol=1e-4)
+    shutil.rmtree(folder)
+
+
 def test_load_state_dict_files_no_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(mamba_ssm_config(d_model=24, n_layer=2, vocab_size=50)))
     (tmp_path / "README.md").write_text("hi")

@@ -49,10 +49,38 @@ def mamba_ssm_key(name: str) -> str:
     raise KeyError(f"no mamba_ssm name for parameter {name!r}")
 
 
+def _remove_other_weights(out: Path) -> None:
+    """Delete the weight files of an earlier checkpoint in ``out``: its shard indexes, the shards they
+    list, and ``pytorch_model.bin``. The loader reads an index before ``model.safetensors``, so a
+    stale one would load the old weights in place of the saved ones (transformers cleans up too)."""
+    from tl_mamba.loading.files import BIN_FILE, BIN_INDEX, SAFETENSORS_INDEX
+
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = out / index_name
+        if not index.is_file():
+            continue
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (json.JSONDecodeError, AttributeError):
+            shards = set()
+        for shard in shards:
+            shard_path = out / shard
+            if shard_path.parent == out and shard_path.is_file():  # only files of this directory
+                shard_path.unlink()
+        index.unlink()
+    if (out / BIN_FILE).is_file():
+        (out / BIN_FILE).unlink()
+
+
 def save_pretrained(model, path: Union[str, Path]) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and the tokenizer (if any) to ``path``."""
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer (if any) to ``path``.
+
+    Weight files of an earlier checkpoint in ``path`` (shard indexes and their shards,
+    ``pytorch_model.bin``) are deleted, so that loading ``path`` gives the saved weights.
+    """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_other_weights(out)
     state = {mamba_ssm_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(mamba_ssm_config(model.cfg), indent=2))

@@ -772,7 +772,7 @@ def sample_next_token(
 
 def _lm_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor], per_token: bool) -> Tensor:
     """Next-token cross entropy; padded positions are excluded (and zero per token)."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    log_probs = F.log_softmax(upcast(logits[:, :-1]), dim=-1)  # fp32 at least; float64 stays (gradchecks)
     loss = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [b, p-1]
     if attention_mask is None:
         return loss if per_token else loss.mean()
