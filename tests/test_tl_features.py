@@ -400,6 +400,26 @@ def test_W_U_folds_the_final_norm_weight(model, tokens):
     assert model.W_U.shape == (model.cfg.d_model, model.cfg.d_vocab)
 
 
+def test_transformer_lens_readout_idioms(model, tokens):
+    """model.unembed(model.ln_final(x)), model.unembed.W_U, and (TransformerLens 4.x) cache.logit_lens()
+    read the residual stream as the model does; the reference is the weights, as above."""
+    w = final_norm_weight(model)
+    logits, cache = model.run_with_cache(tokens)
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    close(model.unembed(model.ln_final(resid)), logits)
+    close(model.unembed.W_U, (w[:, None] * model.W_E.T).to(model.W_U.dtype))
+    mid = cache["blocks.0.hook_resid_post"]
+    close(model.unembed(model.ln_final(mid)), (manual_rms(mid, model.cfg.eps) * w) @ model.W_E.T,
+          atol=1e-5, rtol=1e-4)
+    if not hasattr(cache, "logit_lens"):
+        pytest.skip("this transformer-lens has no ActivationCache.logit_lens")
+    lens = cache.logit_lens(return_type="logits")  # default: the last position of every layer
+    values = lens.values if hasattr(lens, "values") else lens
+    close(values[-1].reshape(logits[:, -1].shape), logits[:, -1], atol=1e-4, rtol=1e-4)
+    close(values[1].reshape(logits[:, -1].shape), (manual_rms(mid, model.cfg.eps) * w)[:, -1] @ model.W_E.T,
+          atol=1e-4, rtol=1e-4)  # after block 0
+
+
 def test_tokens_to_residual_directions(model, tokens):
     cat = model.to_single_token("cat")
     d_int = model.tokens_to_residual_directions(cat)
@@ -590,6 +610,16 @@ def test_tl_head_patching_helper_names_hook_y(model, tokens):
     _, cache = model.run_with_cache(tokens)
     with pytest.raises(ValueError, match="hook_y"):
         patching.get_act_patch_attn_head_out_all_pos(model, tokens, cache, lambda logits: logits.sum())
+
+
+def test_tl_patching_helpers_for_transformer_hooks_say_what_mamba_has(model, tokens):
+    from transformer_lens import patching
+
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(KeyError, match="hook_mixer_out"):
+        patching.get_act_patch_block_every(model, tokens, cache, lambda logits: logits.sum())
+    with pytest.raises(KeyError, match="no MLP"):
+        cache["resid_mid", 0]
 
 
 def test_unknown_cache_key_names_the_key(model, tokens):

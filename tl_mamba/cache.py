@@ -59,6 +59,11 @@ class MambaActivationCache(ActivationCache):
         """Look up a hook by full name or TransformerLens shorthand (``cache["conv", 3]``)."""
         name = self._resolve(key)
         if name not in self.cache_dict:
+            from tl_mamba.models.base import transformer_hook_analogue
+
+            analogue = transformer_hook_analogue(name, getattr(self.model.cfg, "family", "mamba1"))
+            if analogue is not None:  # a transformer's hook (TransformerLens' patching helpers ask for them)
+                raise KeyError(f"{key!r} (resolved to {name!r}) is a transformer hook. {analogue}")
             raise KeyError(
                 f"{key!r} (resolved to {name!r}) is not in this cache. Cached hooks include: "
                 f"{', '.join(list(self.cache_dict)[:8])}{' ...' if len(self.cache_dict) > 8 else ''}. "

@@ -112,7 +112,8 @@ class HookedSSM(HookedRootModule):
         self.hook_embed = HookPoint()  # [b, p, d]
         self.blocks = nn.ModuleList([self.block_cls(cfg, layer) for layer in range(cfg.n_layers)])
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps, dtype, apply_weight=False)
-        self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, dtype, self.embed if cfg.tie_embeddings else None)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, dtype, self.embed if cfg.tie_embeddings else None,
+                               final_norm=self.ln_final)
         self.reset_parameters()
         self.setup()
         for block in self.blocks:
@@ -480,7 +481,7 @@ class HookedSSM(HookedRootModule):
             return
         import difflib
 
-        analogue = _transformer_analogue(name, self.family)
+        analogue = transformer_hook_analogue(name, self.family)
         if analogue is not None:  # a transformer hook name (TransformerLens' patching uses them): say what Mamba has
             hint = f" {analogue}"
         else:
@@ -798,7 +799,7 @@ def _caller_stacklevel() -> int:
 _TRANSFORMER_HOOK = re.compile(r"^blocks\.(\d+)\.(?:(attn|mlp|ln2)\.)?(hook_\w+)$")
 
 
-def _transformer_analogue(name: str, family: str) -> Optional[str]:
+def transformer_hook_analogue(name: str, family: str) -> Optional[str]:
     """For a transformer hook name, what a Mamba block has in its place (None for other names).
 
     A close spelling match would mislead here: ``attn.hook_z`` (attention's per-head

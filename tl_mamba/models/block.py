@@ -28,6 +28,10 @@ class MixerBlock(nn.Module):
     family's own hooks, and implement ``forward``.
     """
 
+    #: the block outputs one [b, p, d] residual stream, which the model unembeds after the last block
+    #: (TransformerLens 4.x's logit-lens tools check this before reading hook_resid_post)
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, cfg: HookedMambaConfig, layer: int):
         super().__init__()
         self.cfg = cfg

@@ -62,10 +62,12 @@ def weightless_rms(x: Tensor, eps: float) -> Tensor:
 class Unembed(nn.Module):
     """Unembedding. Owns ``weight [d_vocab, d_model]`` unless tied to ``Embed.W_E``."""
 
-    def __init__(self, d_model: int, d_vocab: int, dtype: torch.dtype, tied_to: Embed | None):
+    def __init__(self, d_model: int, d_vocab: int, dtype: torch.dtype, tied_to: Embed | None,
+                 final_norm: "RMSNorm | None" = None):
         super().__init__()
-        # a plain attribute would register the embedding twice; keep it out of the module tree
+        # plain attributes would register these modules twice; keep them out of the module tree
         self._tied = [tied_to] if tied_to is not None else None
+        self._final_norm = [final_norm] if final_norm is not None else None
         if tied_to is None:
             self.weight = nn.Parameter(torch.empty(d_vocab, d_model, dtype=dtype))
 
@@ -74,7 +76,23 @@ class Unembed(nn.Module):
         """``[d_vocab, d_model]``: lm_head weight (the embedding when tied)."""
         return self._tied[0].W_E if self._tied is not None else self.weight
 
-    def forward(self, normalized: Tensor, final_norm_weight: Tensor) -> Tensor:
-        """``normalized [b, p, d]`` (final RMSNorm output before its weight) → logits ``[b, p, v]``."""
+    @property
+    def W_U(self) -> Tensor:
+        """``[d_model, d_vocab]`` with the final norm's weight folded in (the model's ``W_U``), so that
+        ``model.ln_final(x) @ model.unembed.W_U`` is the logits, as in TransformerLens."""
         w = self.matrix
-        return torch.nn.functional.linear((normalized * final_norm_weight).to(w.dtype), w)
+        if self._final_norm is None:
+            return w.T
+        return (self._final_norm[0].w.float()[:, None] * w.T.float()).to(w.dtype)
+
+    def forward(self, normalized: Tensor, final_norm_weight: Tensor | None = None) -> Tensor:
+        """``normalized [b, p, d]`` (final RMSNorm output before its weight) → logits ``[b, p, v]``.
+
+        ``final_norm_weight`` defaults to the final norm's weight, so ``model.unembed(model.ln_final(x))``
+        gives the logits as in TransformerLens."""
+        if final_norm_weight is None and self._final_norm is not None:
+            final_norm_weight = self._final_norm[0].w
+        w = self.matrix
+        if final_norm_weight is not None:
+            normalized = normalized * final_norm_weight
+        return torch.nn.functional.linear(normalized.to(w.dtype), w)
