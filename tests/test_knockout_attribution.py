@@ -371,3 +371,24 @@ def test_per_prompt_left_padded_strings_equal_each_prompt_alone(tokenizer):
     with pytest.raises(MemoryError, match="per-prompt"):
         knockout_attribution(model, texts * 2, metric, per_prompt=True, batch_size=1)
     assert knockout_attribution(model, texts, metric, per_prompt=True, batch_size=1).shape == scores.shape
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_backward_hook_on_the_mask_gets_its_gradient(family):
+    """A TransformerLens backward hook on hook_ssm_mask receives ∂metric/∂mask (it was never
+    called: the all-ones mask did not require grad), equal to the brute-force α reference."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(2))
+    grads = {}
+
+    def keep(grad, hook):
+        grads[hook.name] = grad.detach().clone()
+
+    model.add_hook("blocks.1.hook_ssm_mask", keep, dir="bwd")
+    model.add_hook(lambda name: name.endswith("hook_x"), lambda grad, hook: None, dir="bwd")
+    metric(model(tokens)).sum().backward()
+    model.reset_hooks()
+    assert set(grads) == {"blocks.1.hook_ssm_mask"}
+    expected = reference_scores(model, tokens, 1)  # -mean over the batch
+    got = -grads["blocks.1.hook_ssm_mask"].mean(0)
+    torch.testing.assert_close(got if family == "mamba2" else got[0], expected, rtol=1e-6, atol=1e-9)

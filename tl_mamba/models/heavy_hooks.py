@@ -71,7 +71,11 @@ def scan_with_heavy_hooks(
         removes_edges = ssm_mask is not None
         if ssm_mask is None:
             check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
-            ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
+            mask_dtype = torch.float64 if block.cfg.dtype == torch.float64 else torch.float32
+            ones = torch.ones(mask_shape, device=block.hook_device(), dtype=mask_dtype)
+            if block.hook_ssm_mask.bwd_hooks and torch.is_grad_enabled():
+                ones.requires_grad_(True)  # a backward hook on the mask gets ∂L/∂mask (as knockout attribution)
+            ssm_mask = block.hook_ssm_mask(ones)
             if tuple(ssm_mask.shape) != tuple(mask_shape):
                 raise ValueError(
                     f"a hook on {block.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {mask_shape}"
