@@ -341,6 +341,22 @@ def test_decompose_resid_sums_to_final_resid(model, tokens):
     close(dec.sum(0), cache[f"blocks.{n - 1}.hook_resid_post"])
 
 
+def test_bf16_decomposition_is_stacked_in_the_residual_dtype(model, tokens):
+    """bf16 weights with the residual stream kept in fp32 (the checkpoints' residual_in_fp32): the
+    decomposition is stacked in fp32, so it sums to the cached residual (in bf16 it missed by ~0.1)."""
+    model = model.to(torch.bfloat16)
+    model.cfg.residual_in_fp32 = True
+    _, cache = model.run_with_cache(tokens)
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    assert resid.dtype == torch.float32 and cache["hook_embed"].dtype == torch.bfloat16
+    dec = cache.decompose_resid()
+    assert dec.dtype == torch.float32
+    manual = cache["hook_embed"].float() + sum(cache[f"blocks.{l}.hook_mixer_out"].float()
+                                                for l in range(model.cfg.n_layers))
+    close(dec.sum(0), manual, atol=1e-6, rtol=1e-6)
+    close(dec.sum(0), resid, atol=1e-2, rtol=1e-2)
+
+
 def test_logit_attrs_of_decomposition_sum_to_logit(model, tokens):
     logits, cache = model.run_with_cache(tokens)
     b = tokens.shape[0]

@@ -123,7 +123,12 @@ class MambaActivationCache(ActivationCache):
         if not components:
             raise ValueError("decompose_resid has no components to return (incl_embeds=False and mode='mlp')")
         pos_dim = -2
-        stack = torch.stack([pos_slice.apply(c, dim=pos_dim) for c in components], dim=0)
+        # in the residual stream's dtype: bf16 writes summed in bf16 drift from a residual kept in fp32
+        resid_name = f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+        dtype = components[0].dtype
+        for c in components[1:] + ([self.cache_dict[resid_name]] if resid_name in self.cache_dict else []):
+            dtype = torch.promote_types(dtype, c.dtype)
+        stack = torch.stack([pos_slice.apply(c, dim=pos_dim).to(dtype) for c in components], dim=0)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
