@@ -768,3 +768,33 @@ def test_mamba2_without_hooked_mamba2_says_so(saved):
     with pytest.raises(UnsupportedArchitectureError, match="Mamba-2 checkpoint.*HookedMamba2 is not available"):
         tl_mamba.from_pretrained(saved["mamba2"])
     assert auto_model_class(saved["mamba2"]) == "mamba2"
+
+
+@pytest.mark.parametrize("kind, tie", [("mamba", True), ("mamba", False), ("falcon_mamba", True), ("mamba2", True)])
+def test_save_pretrained_transformers_layout_loads_in_transformers(tmp_path, kind, tie):
+    """layout='transformers': transformers' own from_pretrained reads the edited weights back (the
+    independent reference), and so does tl_mamba. Falcon-Mamba had no layout to save to at all."""
+    import transformers
+
+    from checkpoint_writers import tiny_transformers_model
+
+    extra = {"use_bias": True} if not tie else {}
+    hf = tiny_transformers_model(kind, tie=tie, seed=5, **extra)
+    model = (tl_mamba.HookedMamba2 if kind == "mamba2" else HookedMamba).from_hf(hf)
+    with torch.no_grad():
+        model.blocks[1].mixer.D.mul_(2.0)  # an edit: the saved weights are no longer hf's
+    model.save_pretrained(tmp_path / "out", layout="transformers")
+    cls = {"mamba": transformers.MambaForCausalLM, "falcon_mamba": transformers.FalconMambaForCausalLM,
+           "mamba2": transformers.Mamba2ForCausalLM}[kind]
+    reread = cls.from_pretrained(tmp_path / "out").eval()
+    tokens = (torch.arange(11)[None] * 5) % model.cfg.d_vocab
+    with torch.no_grad():
+        ours = model(tokens)
+        torch.testing.assert_close(reread(tokens).logits, ours, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(hf(tokens).logits, ours, atol=1e-3)
+        torch.testing.assert_close(tl_mamba.from_pretrained(tmp_path / "out")(tokens), ours, rtol=1e-5, atol=1e-5)
+    if kind == "falcon_mamba":
+        with pytest.raises(ValueError, match="layout='transformers'"):
+            model.save_pretrained(tmp_path / "ssm")
+    with pytest.raises(ValueError, match="layout must be"):
+        model.save_pretrained(tmp_path / "x", layout="gguf")

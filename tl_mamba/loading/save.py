@@ -12,6 +12,8 @@ from typing import Union
 
 from safetensors.torch import save_file
 
+from tl_mamba.loading.convert import checkpoint_name
+
 
 def mamba_ssm_config(cfg) -> dict:
     """The mamba_ssm ``config.json`` of a ``HookedMambaConfig``."""
@@ -22,7 +24,8 @@ def mamba_ssm_config(cfg) -> dict:
         raise ValueError(f"d_inner {cfg.d_inner} is not a multiple of d_model {cfg.d_model}: mamba_ssm cannot express it")
     if cfg.family == "mamba1":
         if cfg.bcdt_rms_eps is not None:
-            raise ValueError("Falcon-Mamba (norms on dt, B, C) has no mamba_ssm layout; save it with transformers instead")
+            raise ValueError("Falcon-Mamba (norms on dt, B, C) has no mamba_ssm layout; "
+                             "save it with layout='transformers'")
         ssm_cfg["dt_rank"] = cfg.dt_rank
     else:
         ssm_cfg.update(headdim=cfg.d_head, ngroups=cfg.n_groups, chunk_size=cfg.checkpoint_chunk_size or cfg.chunk_size,
@@ -72,18 +75,61 @@ def _remove_other_weights(out: Path) -> None:
         (out / BIN_FILE).unlink()
 
 
-def save_pretrained(model, path: Union[str, Path]) -> Path:
+def transformers_config(cfg) -> dict:
+    """The transformers ``config.json`` of a ``HookedMambaConfig``: ``MambaForCausalLM``,
+    ``FalconMambaForCausalLM`` (Mamba-1 with norms on dt, B and C) or ``Mamba2ForCausalLM``."""
+    if cfg.d_inner % cfg.d_model:
+        raise ValueError(f"d_inner {cfg.d_inner} is not a multiple of d_model {cfg.d_model}: transformers derives "
+                         "d_inner from expand * hidden_size, so it cannot express it")
+    common = {"hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "vocab_size": cfg.d_vocab,
+              "state_size": cfg.d_state, "expand": cfg.d_inner // cfg.d_model, "conv_kernel": cfg.d_conv,
+              "use_bias": cfg.proj_bias, "use_conv_bias": cfg.conv_bias, "layer_norm_epsilon": cfg.eps,
+              "residual_in_fp32": cfg.residual_in_fp32, "tie_word_embeddings": cfg.tie_embeddings,
+              "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
+              "hidden_act": "silu", "torch_dtype": str(cfg.dtype).removeprefix("torch.")}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(cfg, key, None) is not None:
+            common[key] = getattr(cfg, key)
+    if cfg.family == "mamba2":
+        if cfg.norm_before_gate:
+            raise ValueError("this Mamba-2 normalises before its gate, which transformers' Mamba2 cannot express; "
+                             "save it in the mamba_ssm layout (layout='mamba_ssm')")
+        lo, hi = cfg.dt_limit
+        return dict(common, model_type="mamba2", architectures=["Mamba2ForCausalLM"], num_heads=cfg.n_heads,
+                    head_dim=cfg.d_head, n_groups=cfg.n_groups, chunk_size=cfg.checkpoint_chunk_size or cfg.chunk_size,
+                    time_step_limit=[lo, hi], rms_norm=True)  # json writes inf as Infinity, which both read
+    common.update(intermediate_size=cfg.d_inner, time_step_rank=cfg.dt_rank)
+    if cfg.bcdt_rms_eps is not None:
+        return dict(common, model_type="falcon_mamba", architectures=["FalconMambaForCausalLM"],
+                    mixer_rms_eps=cfg.bcdt_rms_eps)
+    return dict(common, model_type="mamba", architectures=["MambaForCausalLM"])
+
+
+LAYOUT_WRITERS = {
+    "mamba_ssm": (mamba_ssm_config, mamba_ssm_key),
+    "transformers": (transformers_config, lambda name: checkpoint_name(name, "transformers")),
+}
+
+
+def save_pretrained(model, path: Union[str, Path], layout: str = "mamba_ssm") -> Path:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer (if any) to ``path``.
 
+    ``layout``: ``"mamba_ssm"`` (the ``state-spaces`` repos' layout; not for Falcon-Mamba)
+    or ``"transformers"`` (loadable by transformers' ``from_pretrained`` too: ``Mamba``,
+    ``FalconMamba`` or ``Mamba2ForCausalLM``). Either loads back with ``tl_mamba.from_pretrained``.
     Weight files of an earlier checkpoint in ``path`` (shard indexes and their shards,
     ``pytorch_model.bin``) are deleted, so that loading ``path`` gives the saved weights.
     """
+    if layout not in LAYOUT_WRITERS:
+        raise ValueError(f"layout must be one of {tuple(LAYOUT_WRITERS)}, got {layout!r}")
+    write_config, key = LAYOUT_WRITERS[layout]
+    config = write_config(model.cfg)  # raises before anything is written when the layout cannot express the model
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     _remove_other_weights(out)
-    state = {mamba_ssm_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(mamba_ssm_config(model.cfg), indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
         model.tokenizer.save_pretrained(str(out))
     return out

@@ -199,11 +199,15 @@ class HookedSSM(HookedRootModule):
 
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
 
-    def save_pretrained(self, path) -> "Path":
-        """Write a mamba_ssm-layout checkpoint (``config.json``, ``model.safetensors``, tokenizer) to ``path``."""
+    def save_pretrained(self, path, layout: str = "mamba_ssm") -> "Path":
+        """Write a checkpoint (``config.json``, ``model.safetensors``, tokenizer) to ``path``.
+
+        ``layout``: ``"mamba_ssm"`` (default; not for Falcon-Mamba) or ``"transformers"``
+        (which transformers' ``from_pretrained`` also loads). Both load back with
+        ``tl_mamba.from_pretrained``."""
         from tl_mamba.loading.save import save_pretrained
 
-        return save_pretrained(self, path)
+        return save_pretrained(self, path, layout=layout)
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer=None):
