@@ -138,7 +138,10 @@ def test_left_padded_tokens_without_mask_warn(model):
     alone = model(model.to_tokens(LEFT_TEXTS[1]))
     assert not torch.allclose(logits[1, -1], alone[0, -1], atol=1e-3)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning for right padding, a mask, or one row
+        warnings.simplefilter("error")  # no warning for right padding, a mask, one row, or a pad token by chance
+        chance = torch.randint(4, model.cfg.d_vocab, (3, 6), generator=torch.Generator().manual_seed(0))
+        chance[0, 0] = PAD  # random token ids that happen to start with the pad id, not followed by a BOS
+        model(chance)
         model(model.to_tokens(LEFT_TEXTS, padding_side="right"))
         model(*model.to_tokens(LEFT_TEXTS, padding_side="left", return_attention_mask=True)[:1],
               attention_mask=model.to_tokens(LEFT_TEXTS, padding_side="left", return_attention_mask=True)[1])

@@ -392,7 +392,15 @@ class HookedSSM(HookedRootModule):
                 mask[rows, runs[rows] - 1] = 1
             mask[runs == tokens.shape[1]] = 1  # a row of nothing but pads is not padding (zeros fed in, say)
             return mask
-        if bool((runs != runs[0]).any()) and (not pad_is_bos or int(runs.max()) >= 2):
+        bos = getattr(tok, "bos_token_id", None)
+        if pad_is_bos:  # left pads and then the BOS: a run of 2 or more
+            looks_padded = int(runs.max()) >= 2
+        elif prepend_bos and bos is not None:  # a run of pads followed by the BOS (random tokens rarely are)
+            after = tokens.gather(1, runs.clamp(max=tokens.shape[1] - 1)[:, None])[:, 0]
+            looks_padded = bool(((runs > 0) & (runs < tokens.shape[1]) & (after == bos)).any())
+        else:
+            looks_padded = True
+        if looks_padded and bool((runs != runs[0]).any()):
             warnings.warn(
                 f"The token rows begin with different numbers of pad tokens (id {pad}): this looks like a "
                 "left-padded batch given without an attention_mask. The pads then run through the recurrence "
