@@ -137,6 +137,8 @@ def test_left_padded_tokens_without_mask_warn(model):
         logits = model(tokens)
     alone = model(model.to_tokens(LEFT_TEXTS[1]))
     assert not torch.allclose(logits[1, -1], alone[0, -1], atol=1e-3)
+    with pytest.warns(UserWarning, match="left-padded"):  # no BOS after the pads: a run of 2 or more
+        model(model.to_tokens(LEFT_TEXTS, padding_side="left", prepend_bos=False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning for right padding, a mask, one row, or a pad token by chance
         chance = torch.randint(4, model.cfg.d_vocab, (3, 6), generator=torch.Generator().manual_seed(0))

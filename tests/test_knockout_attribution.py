@@ -374,21 +374,25 @@ def test_per_prompt_left_padded_strings_equal_each_prompt_alone(tokenizer):
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
-def test_backward_hook_on_the_mask_gets_its_gradient(family):
-    """A TransformerLens backward hook on hook_ssm_mask receives ∂metric/∂mask (it was never
-    called: the all-ones mask did not require grad), equal to the brute-force α reference."""
+def test_mask_gradient_by_a_leaf_in_a_forward_hook_and_a_warning_for_backward_hooks(family):
+    """The documented recipe (a forward hook returning mask * leaf) gives ∂metric/∂mask, equal to the
+    brute-force α reference; a backward hook on the constant mask is never called, and says so."""
     model = make_model(family)
     tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(2))
-    grads = {}
+    leaves = {}
 
-    def keep(grad, hook):
-        grads[hook.name] = grad.detach().clone()
+    def with_leaf(mask, hook):
+        leaves[hook.name] = torch.ones_like(mask, dtype=torch.float64, requires_grad=True)
+        return mask * leaves[hook.name]
 
-    model.add_hook("blocks.1.hook_ssm_mask", keep, dir="bwd")
-    model.add_hook(lambda name: name.endswith("hook_x"), lambda grad, hook: None, dir="bwd")
-    metric(model(tokens)).sum().backward()
-    model.reset_hooks()
-    assert set(grads) == {"blocks.1.hook_ssm_mask"}
+    metric(model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_ssm_mask", with_leaf)])).sum().backward()
+    got = -leaves["blocks.1.hook_ssm_mask"].grad.mean(0)
     expected = reference_scores(model, tokens, 1)  # -mean over the batch
-    got = -grads["blocks.1.hook_ssm_mask"].mean(0)
     torch.testing.assert_close(got if family == "mamba2" else got[0], expected, rtol=1e-6, atol=1e-9)
+
+    called = []
+    model.add_hook("blocks.1.hook_ssm_mask", lambda grad, hook: called.append(hook.name), dir="bwd")
+    with pytest.warns(UserWarning, match="never called"):
+        metric(model(tokens)).sum().backward()
+    model.reset_hooks()
+    assert called == []

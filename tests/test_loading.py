@@ -409,6 +409,11 @@ def test_save_pretrained_over_a_sharded_checkpoint_loads_the_saved_weights(tmp_p
     reloaded = tl_mamba.from_pretrained(folder)
     tokens = torch.arange(8)[None] % model.cfg.d_vocab
     torch.testing.assert_close(reloaded(tokens), model(tokens))
+    # a save that cannot be written (a parameter no checkpoint name maps) leaves the folder as it was
+    reloaded.probe = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyError, match="probe"):
+        reloaded.save_pretrained(folder)
+    torch.testing.assert_close(tl_mamba.from_pretrained(folder)(tokens), model(tokens))
     with torch.no_grad():
         assert not torch.allclose(hf_mamba(tokens).logits, model(tokens), atol=1e-4)
     shutil.rmtree(folder)

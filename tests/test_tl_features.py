@@ -424,6 +424,8 @@ def test_transformer_lens_readout_idioms(model, tokens):
     resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
     close(model.unembed(model.ln_final(resid)), logits)
     close(model.unembed.W_U, (w[:, None] * model.W_E.T).to(model.W_U.dtype))
+    assert torch.equal(model.double().unembed.W_U, model.W_U)  # the same fold, float64 kept
+    model.float()
     mid = cache["blocks.0.hook_resid_post"]
     close(model.unembed(model.ln_final(mid)), (manual_rms(mid, model.cfg.eps) * w) @ model.W_E.T,
           atol=1e-5, rtol=1e-4)

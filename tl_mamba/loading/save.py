@@ -123,11 +123,13 @@ def save_pretrained(model, path: Union[str, Path], layout: str = "mamba_ssm") ->
     if layout not in LAYOUT_WRITERS:
         raise ValueError(f"layout must be one of {tuple(LAYOUT_WRITERS)}, got {layout!r}")
     write_config, key = LAYOUT_WRITERS[layout]
-    config = write_config(model.cfg)  # raises before anything is written when the layout cannot express the model
+    # everything that can fail comes before the folder is touched: the layout may not express
+    # the model, or the model may carry parameters no checkpoint name maps (an added probe, say)
+    config = write_config(model.cfg)
+    state = {key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     _remove_other_weights(out)
-    state = {key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):

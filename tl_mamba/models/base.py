@@ -393,13 +393,12 @@ class HookedSSM(HookedRootModule):
             mask[runs == tokens.shape[1]] = 1  # a row of nothing but pads is not padding (zeros fed in, say)
             return mask
         bos = getattr(tok, "bos_token_id", None)
-        if pad_is_bos:  # left pads and then the BOS: a run of 2 or more
-            looks_padded = int(runs.max()) >= 2
-        elif prepend_bos and bos is not None:  # a run of pads followed by the BOS (random tokens rarely are)
+        # left padding, not a pad id met by chance in random token ids: a run of 2 or more pads, or
+        # (pad != BOS) a run followed by the BOS
+        looks_padded = int(runs.max()) >= 2
+        if not looks_padded and not pad_is_bos and bos is not None:
             after = tokens.gather(1, runs.clamp(max=tokens.shape[1] - 1)[:, None])[:, 0]
             looks_padded = bool(((runs > 0) & (runs < tokens.shape[1]) & (after == bos)).any())
-        else:
-            looks_padded = True
         if looks_padded and bool((runs != runs[0]).any()):
             warnings.warn(
                 f"The token rows begin with different numbers of pad tokens (id {pad}): this looks like a "

@@ -83,7 +83,7 @@ class Unembed(nn.Module):
         w = self.matrix
         if self._final_norm is None:
             return w.T
-        return (self._final_norm[0].w.float()[:, None] * w.T.float()).to(w.dtype)
+        return (upcast(self._final_norm[0].w)[:, None] * upcast(w.T)).to(w.dtype)
 
     def forward(self, normalized: Tensor, final_norm_weight: Tensor | None = None) -> Tensor:
         """``normalized [b, p, d]`` (final RMSNorm output before its weight) → logits ``[b, p, v]``.

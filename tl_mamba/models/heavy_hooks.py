@@ -39,6 +39,19 @@ def check_heavy_hook_memory(block, hook: str, nbytes: int) -> None:
         )
 
 
+def _warn_mask_backward_hooks(name: str) -> None:
+    """The all-ones mask is a constant, so a backward hook on it is never called. Giving it a
+    gradient would cost O(p² · features) per layer on every backward of a model hooked by a
+    predicate (the TransformerLens "hook every gradient" idiom), so it is opt-in instead."""
+    import warnings
+
+    warnings.warn(
+        f"a backward hook on {name} is never called: the mask is a constant unless a forward hook makes it "
+        "depend on a tensor that requires grad. For ∂L/∂mask (every edge's first-order knockout effect) use "
+        "tl_mamba.circuits.knockout_attribution, or a forward hook returning mask * leaf with "
+        "leaf = torch.ones_like(mask, requires_grad=True), then read leaf.grad.", UserWarning, stacklevel=2)
+
+
 def scan_with_heavy_hooks(
     block,
     scan: Callable[..., object],
@@ -71,11 +84,9 @@ def scan_with_heavy_hooks(
         removes_edges = ssm_mask is not None
         if ssm_mask is None:
             check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
-            mask_dtype = torch.float64 if block.cfg.dtype == torch.float64 else torch.float32
-            ones = torch.ones(mask_shape, device=block.hook_device(), dtype=mask_dtype)
             if block.hook_ssm_mask.bwd_hooks and torch.is_grad_enabled():
-                ones.requires_grad_(True)  # a backward hook on the mask gets ∂L/∂mask (as knockout attribution)
-            ssm_mask = block.hook_ssm_mask(ones)
+                _warn_mask_backward_hooks(block.hook_ssm_mask.name)
+            ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
             if tuple(ssm_mask.shape) != tuple(mask_shape):
                 raise ValueError(
                     f"a hook on {block.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {mask_shape}"
