@@ -396,3 +396,4 @@ def test_mask_gradient_by_a_leaf_in_a_forward_hook_and_a_warning_for_backward_ho
         metric(model(tokens)).sum().backward()
     model.reset_hooks()
     assert called == []
+

@@ -10,7 +10,9 @@
   hook edits it, the scan is rerun with the edited entries fixed, so the
   recurrence continues from them and y is read from them. Its gradient (backward
   hooks, ``incl_bwd``) is the total derivative: through y_t and through every
-  later state the recurrence carries h_t into.
+  later state the recurrence carries h_t into. An edit that is a function of h
+  (``h * 0.7``, ``h + v``) passes its gradient on into the states and so to the
+  parameters (``_ConnectStates``).
 
 Both are handled in the scan dispatchers (``tl_mamba.ops``), so every backend
 honours them.
@@ -50,6 +52,41 @@ def _warn_mask_backward_hooks(name: str) -> None:
         "depend on a tensor that requires grad. For ∂L/∂mask (every edge's first-order knockout effect) use "
         "tl_mamba.circuits.knockout_attribution, or a forward hook returning mask * leaf with "
         "leaf = torch.ones_like(mask, requires_grad=True), then read leaf.grad.", UserWarning, stacklevel=2)
+
+
+class _ThroughEdits:
+    """What :class:`_ConnectStates` needs at backward time: the gradient that reached the hook's
+    unedited entries through the zero-valued recurrence term (recorded by a tensor hook)."""
+
+    def __init__(self):
+        self.unedited_grad = None
+
+    def record_unedited(self, grad: Tensor) -> None:
+        self.unedited_grad = grad
+
+
+class _ConnectStates(torch.autograd.Function):
+    """``states → a copy`` for ``hook_h``, whose backward passes into the scan's states only the
+    gradient that went through the hook's edits.
+
+    The hook gets ``A`` (this copy) and returns ``seen = f(A)``. The gradient reaching ``A`` is
+    ``J_fᵀ (G_edited + G_unedited)``: ``G_edited`` from the rerun scan, which reads the edited
+    values (this part must reach the parameters through the states: ``h * 0.7`` depends on them),
+    and ``G_unedited`` from the recurrence term, which the scan's own backward already carries
+    to the parameters. The unedited entries pass through ``f`` unchanged, so their part of the
+    incoming gradient is ``G_unedited`` itself, and it is taken out.
+    """
+
+    @staticmethod
+    def forward(ctx, states: Tensor, through_edits: _ThroughEdits) -> Tensor:
+        ctx.through_edits = through_edits
+        return states.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        unedited = ctx.through_edits.unedited_grad
+        ctx.through_edits.unedited_grad = None
+        return (grad if unedited is None else grad - unedited), None
 
 
 def scan_with_heavy_hooks(
@@ -114,13 +151,16 @@ def scan_with_heavy_hooks(
             out = scan(ssm_mask=ssm_mask, return_states=True)
     else:
         out = scan(ssm_mask=ssm_mask, return_states=True)
-    # The hook sees the states as a fresh leaf: gradients reach it through the path added
-    # below, never a second time through the scan that computed them.
-    states = out.states.detach()
+    # The hook sees a copy of the states. Under autograd it is the output of _ThroughEdits,
+    # which passes back into the scan only what went through the hook's edits (h * 0.7, h + v):
+    # the unedited entries' gradient reaches the scan by its own path, not a second time.
     wants_grad = torch.is_grad_enabled()
+    through_edits = _ThroughEdits() if wants_grad else None
     if wants_grad:  # a non-leaf copy, so hooks may still edit it in place
-        states = states.requires_grad_(True).clone()
-    elif states.is_inference():  # a scan that returned inference tensors all the same
+        states = _ConnectStates.apply(out.states, through_edits)
+    else:
+        states = out.states.detach()
+    if not wants_grad and states.is_inference():  # a scan that returned inference tensors all the same
         with torch.inference_mode(False):
             states = states.clone()
     version = states._version
@@ -149,12 +189,15 @@ def scan_with_heavy_hooks(
         # total derivative: a perturbation of h_t enters the recurrence at t and is carried by
         # the decays into every later state (edited entries are reset, so nothing passes them).
         perturbation = seen - seen.detach()
+        if through_edits is not None:  # what reaches seen this way, ∂L/∂h at the unedited entries,
+            perturbation.register_hook(through_edits.record_unedited)  # the scan's own gradient carries
+        if edited is not None:
+            perturbation = perturbation.masked_fill(edited, 0.0)
         # The recurrence below carries exactly zero, so the decays get no gradient from it;
         # computing them without autograd saves their graph (a [b, p, *state] exp output).
         with torch.no_grad():
             step_decay = decay().expand_as(perturbation)
         if edited is not None:
-            perturbation = perturbation.masked_fill(edited, 0.0)
             step_decay = step_decay.masked_fill(edited, 0.0)
         y = y + read_out(linear_recurrence(step_decay, perturbation))
     return y, out.final_state
