@@ -629,3 +629,21 @@ def test_gradient_through_a_hook_h_edit_matches_finite_differences(family, backe
             minus = loss().item()
             param.add_(direction)
         assert (param.grad * direction).sum().item() == pytest.approx((plus - minus) / 2, rel=1e-4, abs=1e-13)
+
+
+@pytest.mark.parametrize("name", ["hook_conv_in", "hook_conv", "hook_x", "hook_dt_low"])
+def test_bf16_model_takes_fp32_patches(name):
+    """Patching a bf16 Mamba-1 from an fp32 run's cache: the hook's fp32 value is read as bf16, as if
+    the patch had been cast first (it raised a dtype mismatch in the next matmul)."""
+    from test_knockout import make_model
+
+    fp32 = make_model("mamba1").float()
+    bf16 = make_model("mamba1").to(torch.bfloat16)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, cache = fp32.run_with_cache(tokens)
+    hook = f"blocks.1.{name}"
+    with torch.no_grad():
+        patched = bf16.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: cache[hook.name])])
+        cast = bf16.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: cache[hook.name].to(torch.bfloat16))])
+    assert patched.dtype == torch.bfloat16
+    torch.testing.assert_close(patched, cast, rtol=0, atol=0)
