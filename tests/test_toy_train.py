@@ -394,3 +394,17 @@ def test_ssm_lr_moves_only_the_ssm_parameters(tmp_path, capsys):
     assert any("x_proj" in k for k in moved) and any("A_log" in k for k in moved)
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["ssm_lr"] == 1e-2
     exits_2_saying(capsys, "--ssm-lr must be non-negative", argv + ["--out", str(tmp_path / "c"), "--ssm-lr", "-1"])
+
+
+@pytest.mark.parametrize("flag, value, pattern", [
+    ("--steps", "0", "--steps must be at least 1"),  # was a ZeroDivisionError
+    ("--steps", "-5", "--steps must be at least 1"),  # trained nothing, saved, exited 0
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--eval-n", "0", "--eval-n must be at least 1"),
+    ("--d-model", "0", "--d-model must be at least 1"),
+    ("--lr", "-1", "--lr must be positive"),
+    ("--init-from", "/no/such/dir", "not a saved model"),
+])
+def test_bad_numbers_are_usage_errors(tmp_path, capsys, flag, value, pattern):
+    exits_2_saying(capsys, pattern, ["--arch", "mamba", "--out", str(tmp_path / "x"), flag, value])
+    assert not (tmp_path / "x").exists()

@@ -81,7 +81,9 @@ def _writable_dir(out: str) -> Path:
 
 
 def _prompt_tokens(model, prompt: str) -> torch.Tensor:
-    """``model.to_tokens(prompt)``, refusing a prompt with words the tokenizer does not know."""
+    """``model.to_tokens(prompt)``, refusing an empty prompt or one with words the tokenizer does not know."""
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
     tokens = model.to_tokens(prompt)
     unk = getattr(model.tokenizer, "unk_token_id", None)
     if unk is not None and bool((tokens == unk).any()):
@@ -338,6 +340,8 @@ def cmd_run(args) -> int:
     model = _load(args.model)
     if model.tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read a text prompt")
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
     tokens = _prompt_tokens(model, args.prompt)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre")
@@ -377,6 +381,10 @@ def cmd_circuit(args) -> int:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.method == "EAP" and args.steps != 5:  # 5: the default, for EAP-IG
+        raise UsageError("--steps sets EAP-IG's interpolation steps; plain EAP takes none")
     out_dir = _writable_dir(args.out)
     model = _load(args.model)
     _check_toy_vocabulary(model, args.model)
