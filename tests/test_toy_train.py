@@ -402,8 +402,6 @@ def test_ssm_lr_moves_only_the_ssm_parameters(tmp_path, capsys):
     ("--batch-size", "0", "--batch-size must be at least 1"),
     ("--eval-n", "0", "--eval-n must be at least 1"),
     ("--d-model", "0", "--d-model must be at least 1"),
-    ("--lr", "-1", "--lr must be positive"),
-    ("--init-from", "/no/such/dir", "not a saved model"),
 ])
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, flag, value, pattern):
     exits_2_saying(capsys, pattern, ["--arch", "mamba", "--out", str(tmp_path / "x"), flag, value])

@@ -514,6 +514,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="fresh initialisation: mamba_ssm's (default) or mimetic (recall-friendly; "
                              "see mimetic_init_); the recipe's unless --init-from is given")
     args = parser.parse_args(argv)
+    # numbers given that the trainer would divide by, loop over or size with: a usage line
+    # (checked before the recipe fills in what was not given)
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--eval-n", args.eval_n, 1), ("--d-model", args.d_model, 1),
+                               ("--d-state", args.d_state, 1), ("--n-layers", args.n_layers, 1),
+                               ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
     recipe = dict(RECIPES[args.arch])
     if args.init_from is not None:  # continuing: fresh-start choices belong to the saved model
         recipe["init"] = "default"
@@ -523,18 +531,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, value in recipe.items():  # every option left unset takes the recipe's value
         if getattr(args, name) is None:
             setattr(args, name, value)
-    # numbers the trainer would divide by, loop over or size with: refused here with a usage line
-    for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                               ("--eval-n", args.eval_n, 1), ("--d-model", args.d_model, 1),
-                               ("--d-state", args.d_state, 1), ("--n-layers", args.n_layers, 1),
-                               ("--threads", args.threads, 1)):
-        if value is not None and value < least:
-            parser.error(f"{flag} must be at least {least}, got {value}")
-    for flag, value in (("--lr", args.lr), ("--ssm-lr", args.ssm_lr), ("--time-limit", args.time_limit)):
-        if value is not None and not value > 0:
-            parser.error(f"{flag} must be positive, got {value}")
-    if args.init_from is not None and not args.init_from.is_dir():
-        parser.error(f"--init-from {args.init_from} is not a saved model's directory")
     try:
         weights = [float(w) for w in args.task_weights.split(",")]
     except ValueError:
