@@ -163,17 +163,12 @@ class Knockout:
         also gives the removal its host-side position lists: on a GPU, the knockout then
         never waits for the device (no ``nonzero``, no blocking copy).
         """
-        def resolve(what: str):
-            """``(mask [b, p] on device, CPU positions in some row or None)``."""
-            given = getattr(self, what)
-            if isinstance(given, Tensor) and given.dtype == torch.bool and given.device.type != "cpu":
-                return resolve_positions(given, b, p, what, device), None  # already a device mask
-            host = resolve_positions(given, b, p, what)
-            return _to_device(host, device), host.any(0).nonzero()[:, 0]
-
-        (sources, source_positions), (targets, target_positions) = resolve("sources"), resolve("targets")
-        if source_positions is not None and target_positions is not None:
-            self.warn_if_no_edges(b, p)
+        (sources, host_sources), (targets, host_targets) = (self.masks(what, b, p, device)
+                                                            for what in ("sources", "targets"))
+        source_positions = None if host_sources is None else host_sources.any(0).nonzero()[:, 0]
+        target_positions = None if host_targets is None else host_targets.any(0).nonzero()[:, 0]
+        if host_sources is not None and host_targets is not None:
+            self.warn_if_no_edges(host_sources, host_targets)
         if cfg.family == "mamba2":
             features = _feature_mask(self.heads, cfg.n_heads, "heads", device)
         else:
@@ -181,21 +176,29 @@ class Knockout:
         return EdgeRemoval(sources=sources.float(), targets=targets.float(), features=features,
                            source_positions=source_positions, target_positions=target_positions)
 
-    def warn_if_no_edges(self, b: int, p: int, window: Optional[int] = None) -> None:
+    def masks(self, what: str, b: int, p: int, device=None) -> Tuple[Tensor, Optional[Tensor]]:
+        """``sources`` or ``targets`` as ``([b, p] mask on device, the same on the CPU or None)``.
+
+        Positions given as ints (or masks on the CPU) are resolved on the host, so that on a
+        GPU the knockout never waits for the device (no ``nonzero``, no blocking copy); a
+        mask already on the device stays there, with no CPU copy.
+        """
+        given = getattr(self, what)
+        if isinstance(given, Tensor) and given.dtype == torch.bool and given.device.type != "cpu":
+            return resolve_positions(given, b, p, what, device), None
+        host = resolve_positions(given, b, p, what)
+        return _to_device(host, device), host
+
+    def warn_if_no_edges(self, sources: Tensor, targets: Tensor, window: Optional[int] = None) -> None:
         """Warn (once per Knockout) when no source precedes a target in any row, so that the
         knockout removes nothing: say, sources and targets swapped, or an empty source list.
-        ``window``: only edges with ``i - window < j ≤ i`` count (the conv path's taps).
-        Positions given as device masks are not checked (that would wait for the device)."""
+        ``sources``, ``targets``: the resolved ``[b, p]`` masks, on the CPU (positions given as
+        device masks are not checked: that would wait for the device). ``window``: only edges
+        with ``i - window < j ≤ i`` count (the conv path's taps)."""
         if self._warned_no_edges:
             return
-        host = []
-        for what in ("sources", "targets"):
-            given = getattr(self, what)
-            if isinstance(given, Tensor) and given.device.type != "cpu":
-                return
-            host.append(resolve_positions(given, b, p, what).long())
-        sources, targets = host  # [b, p]
-        seen = torch.cumsum(sources, dim=1)  # sources at or before each position
+        p = sources.shape[1]
+        seen = torch.cumsum(sources.long(), dim=1)  # sources at or before each position
         if window is not None:
             seen = seen - torch.nn.functional.pad(seen, (window, 0))[:, :p]  # ... and after i - window
         if bool((targets.bool() & (seen > 0)).any()):
@@ -277,10 +280,12 @@ class ConvKnockoutHooks:
         if self.conv_in is None or self.conv_in.shape != conv.shape:
             raise RuntimeError(f"{hook.name}: the conv knockout did not see this forward's conv input")
         b, p, c = conv.shape
-        if self.knockout.path == "conv":  # with "both", far sources are the SSM path's, not an error
-            self.knockout.warn_if_no_edges(b, p, window=self.block.mixer.conv1d.weight.shape[-1])
-        sources = resolve_positions(self.knockout.sources, b, p, "sources", conv.device).to(conv.dtype)
-        targets = resolve_positions(self.knockout.targets, b, p, "targets", conv.device).to(conv.dtype)
+        (sources, host_sources), (targets, host_targets) = (self.knockout.masks(what, b, p, conv.device)
+                                                            for what in ("sources", "targets"))
+        if self.knockout.path == "conv" and host_sources is not None and host_targets is not None:
+            # (with "both", sources beyond the conv window are the SSM path's edges, not an error)
+            self.knockout.warn_if_no_edges(host_sources, host_targets, window=self.block.mixer.conv1d.weight.shape[-1])
+        sources, targets = sources.to(conv.dtype), targets.to(conv.dtype)
         weight = self.block.mixer.conv1d.weight
         carried, _ = causal_conv1d(self.conv_in * sources[..., None], weight, None)  # [b, p, c]
         removed = carried * targets[..., None]

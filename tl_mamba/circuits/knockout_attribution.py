@@ -56,15 +56,13 @@ def _as_tokens(model, tokens: Tokens, per_prompt: bool = False):
     if isinstance(tokens, (list, tuple)):
         if not tokens or not all(isinstance(t, str) for t in tokens):
             raise TypeError("tokens must be a [b, p] token tensor, a string or a list of strings")
-        rows = [model.to_tokens(t)[0] for t in tokens]
-        lengths = sorted({int(r.numel()) for r in rows})
+        ids, mask = model.to_tokens(list(tokens), padding_side="left", return_attention_mask=True)
+        lengths = sorted(set(mask.sum(1).tolist()))
         if len(lengths) > 1 and not per_prompt:
             raise ValueError(f"knockout attribution needs prompts of one length (scores are averaged per position "
                              f"pair); these tokenize to lengths {lengths}. Group the prompts by length, or pass "
                              "per_prompt=True for each prompt's own scores (left-padded).")
-        if len(lengths) > 1:
-            return model.to_tokens(list(tokens), padding_side="left", return_attention_mask=True)
-        return torch.stack(rows), None
+        return ids, (mask if len(lengths) > 1 else None)
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a [b, p] token tensor, a string or a list of strings, "
                         f"got {type(tokens).__name__}")

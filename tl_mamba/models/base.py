@@ -382,7 +382,8 @@ class HookedSSM(HookedRootModule):
         if pad is None or (tokens.shape[0] == 1 and not infer):
             return None
         leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
-        pad_is_bos = pad == getattr(tok, "bos_token_id", None)
+        bos = getattr(tok, "bos_token_id", None)
+        pad_is_bos = pad == bos
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         runs = leading.sum(1)
         if infer:
@@ -392,7 +393,6 @@ class HookedSSM(HookedRootModule):
                 mask[rows, runs[rows] - 1] = 1
             mask[runs == tokens.shape[1]] = 1  # a row of nothing but pads is not padding (zeros fed in, say)
             return mask
-        bos = getattr(tok, "bos_token_id", None)
         # left padding, not a pad id met by chance in random token ids: a run of 2 or more pads, or
         # (pad != BOS) a run followed by the BOS
         looks_padded = int(runs.max()) >= 2
@@ -736,9 +736,11 @@ class HookedSSM(HookedRootModule):
                 finished |= torch.isin(next_tokens, eos_ids)
                 if bool(finished.all()):
                     break
-            if step + 1 < max_new_tokens and recurrent:  # no forward for a token nobody will read
+            if step + 1 == max_new_tokens:  # no forward for a token nobody will read
+                break
+            if recurrent:
                 logits = self(next_tokens[:, None], state=state)
-            elif step + 1 < max_new_tokens:
+            else:
                 sequence = torch.cat(out_tokens, dim=1)
                 if attention_mask is not None:  # left padding only (checked above): new tokens are real
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(sequence), 1)], dim=1)
