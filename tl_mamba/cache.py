@@ -124,7 +124,7 @@ class MambaActivationCache(ActivationCache):
             raise ValueError("decompose_resid has no components to return (incl_embeds=False and mode='mlp')")
         pos_dim = -2
         # in the residual stream's dtype: bf16 writes summed in bf16 drift from a residual kept in fp32
-        resid_name = f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+        resid_name = self._resid_name(layer)
         dtype = components[0].dtype
         for c in components[1:] + ([self.cache_dict[resid_name]] if resid_name in self.cache_dict else []):
             dtype = torch.promote_types(dtype, c.dtype)
