@@ -133,8 +133,8 @@ def test_untied_unembedding_can_start_as_a_copy_of_the_embedding(tmp_path, capsy
 
 def test_tying_all_but_the_value_rows(tmp_path, capsys):
     """--tie-embeddings except-values: after training, the saved (untied) unembedding equals the
-    embedding on every row but the needle's value tokens', which moved on their own; refused
-    with --init-from. --tie-embeddings names: equal on the IOI names' rows only;
+    embedding on every row but the needle's value tokens', which moved on their own; --init-from
+    keeps that tie. --tie-embeddings names: equal on the IOI names' rows only;
     except-answers: equal on every row but the values' and the facts attributes'."""
     from tl_mamba.toy.tokenizer import load_tokenizer
     from tl_mamba.toy.vocab import NAMES, VALUES
@@ -153,8 +153,17 @@ def test_tying_all_but_the_value_rows(tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "b"), "--tie-embeddings", "copy", "--seed", "3"]) == 0
     copied = tl_mamba.from_pretrained(str(tmp_path / "b"))  # same start, every row its own
     assert (copied.unembed.weight[~free] - copied.embed.W_E[~free]).abs().max() > 1e-4
-    exits_2_saying(capsys, "fresh untied model", argv + ["--out", str(tmp_path / "c"), "--tie-embeddings",
-                                                          "except-values", "--init-from", str(tmp_path / "a")])
+    # continuing keeps the partial tie (read from metrics.json): the tied rows still equal the
+    # embedding after more training, and the value rows go on moving on their own
+    assert main(argv + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"), "--seed", "4"]) == 0
+    cont = tl_mamba.from_pretrained(str(tmp_path / "c"))
+    assert (cont.embed.W_E - model.embed.W_E).abs().max() > 1e-4  # it trained
+    torch.testing.assert_close(cont.unembed.weight[~free], cont.embed.W_E[~free], rtol=0, atol=0)
+    assert (cont.unembed.weight[free] - model.unembed.weight[free]).abs().max() > 1e-4
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["partial_tie"] == "except-values"
+    # tying rows of a plainly untied model would change it: refused, naming the rows
+    exits_2_saying(capsys, "rows .* differ from the embedding", argv + ["--out", str(tmp_path / "f"),
+                   "--tie-embeddings", "except-values", "--init-from", str(tmp_path / "b")])
     # names: only the IOI names' rows tied (IOI batches here, so that names get gradients)
     ioi = [a if a != "0,0,1" else "0,1,0" for a in argv]
     assert main(ioi + ["--out", str(tmp_path / "d"), "--tie-embeddings", "names", "--seed", "3"]) == 0

@@ -43,7 +43,7 @@ TASKS = ("facts", "ioi", "needle")
 
 #: Default training options per architecture for a fresh run; every command-line option
 #: overrides its entry, and ``--init-from`` ignores ``init`` and ``tie_embeddings`` (it keeps
-#: the saved model's). Measured on 2 vCPUs (docs/toy_models.md, "Training time on 2 CPU
+#: the saved model's, a partial tie included: its metrics.json names it). Measured on 2 vCPUs (docs/toy_models.md, "Training time on 2 CPU
 #: cores", with the seeds measured). The mamba2 recipe takes about 19 minutes alone with two
 #: threads (24 on a slower 2-core host since the CPU conv of 3cf31ad, 33 before); without
 #: context noise, two held-out IOI frames broke in seed 1 (as for mamba), and with it, 6000 steps left a late needle escape unfinished, hence 12000. The mamba one takes
@@ -186,6 +186,15 @@ def _all_rows_but_names(tokenizer, d_vocab: int) -> List[int]:
     return [row for row in range(d_vocab) if row not in names]
 
 
+def _saved_partial_tie(folder: Path) -> Optional[str]:
+    """The ``--tie-embeddings`` partial tie a saved toy model was trained with (its
+    ``metrics.json``), or None: the saved matrix itself is a plain untied one."""
+    try:
+        return json.loads((folder / "metrics.json").read_text()).get("partial_tie")
+    except (OSError, ValueError):
+        return None
+
+
 #: ``--tie-embeddings`` choices that tie part of the unembedding: name → the free rows
 #: (the unembedding's own), given the tokenizer and d_vocab.
 PARTIAL_TIES = {"except-values": _value_rows, "except-answers": _value_and_attribute_rows,
@@ -314,7 +323,7 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         raise TrainingOptionError(f"--context-noise is a probability in [0, 1), got {context_noise!r}")
     if partial_tie is not None and partial_tie not in PARTIAL_TIES:
         raise TrainingOptionError(f"partial_tie must be one of {sorted(PARTIAL_TIES)}, got {partial_tie!r}")
-    if init_from is not None and (unembed_from_embed or partial_tie):
+    if init_from is not None and unembed_from_embed:
         raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied "
                                   f"model, not with --init-from {init_from}")
     torch.manual_seed(seed)
@@ -330,7 +339,10 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         import tl_mamba
 
         previous = tl_mamba.from_pretrained(str(init_from))
-        # a continued run keeps the saved model's tying unless ``sizes`` overrides it
+        # a continued run keeps the saved model's tying unless ``sizes`` overrides it; a partial
+        # tie is saved baked into a plain untied matrix, so it is read back from the run's metrics
+        if partial_tie is None and "tie_embeddings" not in (sizes or {}):
+            partial_tie = _saved_partial_tie(Path(init_from))
         sizes = dict({"tie_embeddings": previous.cfg.tie_embeddings}, **(sizes or {}))
     spec = dict(ARCHS[arch], **(sizes or {}))
     family = spec.pop("family")
@@ -338,8 +350,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
     if (unembed_from_embed or partial_tie) and cfg.tie_embeddings:
-        raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied "
-                                  "model")
+        raise TrainingOptionError("the unembedding can start as a copy of the embedding (or tie part of it) only "
+                                  "in an untied model")
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
     if previous is not None:
         fields = ("family", "d_model", "n_layers", "d_state", "tie_embeddings")
@@ -356,10 +368,17 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         if unembed_from_embed or partial_tie:
             with torch.no_grad():
                 model.unembed.weight.copy_(model.embed.W_E)
-        if partial_tie:
-            free_rows = PARTIAL_TIES[partial_tie](tokenizer, cfg.d_vocab)
-            parametrize.register_parametrization(model.unembed, "weight",
-                                                 TiedExceptRows(model.embed, free_rows, cfg.d_vocab))
+    if partial_tie:
+        free_rows = PARTIAL_TIES[partial_tie](tokenizer, cfg.d_vocab)
+        tie = TiedExceptRows(model.embed, free_rows, cfg.d_vocab)
+        if previous is not None:  # tying rows that differ would change the saved model's outputs
+            with torch.no_grad():
+                moved = (tie(model.unembed.weight) != model.unembed.weight).any(dim=1).sum().item()
+            if moved:
+                raise TrainingOptionError(f"--init-from {init_from}: {moved} unembedding rows that "
+                                          f"--tie-embeddings {partial_tie} ties differ from the embedding's; "
+                                          "tying them would change the saved model")
+        parametrize.register_parametrization(model.unembed, "weight", tie)
     model = model.to(dev)
     model.set_backend("torch")
     model.train()
