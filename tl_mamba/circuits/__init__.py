@@ -10,6 +10,7 @@ knockout attribution, patching and ablation helpers.
     graph.to_json("circuit.json"); graph.to_image("circuit.png")
 
     scores = knockout_attribution(model, tokens, metric)    # [layer, (head,) p, p], one backward
+    feats = feature_attribution(model, {hook: sae}, clean, corrupted, metric, method="EAP-IG")
     patch_layer_position(model, clean, corrupted, metric, hook="h")
     hooks = class_conditional_ablation_hooks(model, tokens, {3: [0, 5]}, token_class="bos")
 """
@@ -38,6 +39,7 @@ from tl_mamba.circuits.eap import (
     iter_batches,
     patched_logits,
 )
+from tl_mamba.circuits.feature_attribution import FeatureScores, feature_attribution
 from tl_mamba.circuits.graph import LEVELS, Edge, Graph
 from tl_mamba.circuits.knockout_attribution import (
     AttributionCheck,
@@ -51,6 +53,7 @@ from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_
 __all__ = [
     "AttributionCheck",
     "Edge",
+    "FeatureScores",
     "Graph",
     "KINDS",
     "LEVELS",
@@ -64,6 +67,7 @@ __all__ = [
     "evaluate_baseline",
     "evaluate_graph",
     "faithfulness",
+    "feature_attribution",
     "iter_batches",
     "knockout_attribution",
     "knockout_attribution_vs_knockout",

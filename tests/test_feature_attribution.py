@@ -1,0 +1,190 @@
+"""tl_mamba.circuits.feature_attribution: attribution patching on SAE features.
+
+References are independent of the code under test: exact patching of one feature by a
+hand-written hook (encode, swap the feature, decode, add the error back), the two
+unhooked forwards whose metric difference EAP-IG must add up to (completeness), and
+feature frequencies counted from a plain run_with_cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+from tl_mamba.circuits import FeatureScores, feature_attribution
+
+B, P = 5, 7
+FAMILIES = ["mamba1", "mamba2"]
+
+
+def tiny(family: str):
+    if family == "mamba1":
+        cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=40, d_state=4, d_conv=4, expand=2, seed=0)
+        model = HookedMamba(cfg)
+    else:
+        cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=40, d_state=4, d_conv=4,
+                                expand=2, n_heads=4, n_groups=2, chunk_size=4, seed=0)
+        model = HookedMamba2(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model.double()
+
+
+class TinySAE(torch.nn.Module):
+    """A ReLU SAE, as sae-lens writes one: f = relu((a - b_dec) W_enc + b_enc), â = f W_dec + b_dec."""
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae, generator=g, dtype=torch.float64) / d_in ** 0.5)
+        self.b_enc = torch.nn.Parameter(torch.randn(d_sae, generator=g, dtype=torch.float64) * 0.1)
+        self.W_dec = torch.nn.Parameter(torch.randn(d_sae, d_in, generator=g, dtype=torch.float64) / d_sae ** 0.5)
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in, dtype=torch.float64))
+
+    def encode(self, a):
+        return torch.relu((a - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f):
+        return f @ self.W_dec + self.b_dec
+
+
+def pair(seed=0, change=(2, 5)):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 40, (B, P), generator=g)
+    corrupted = clean.clone()
+    for pos in change:
+        corrupted[:, pos] = torch.randint(0, 40, (B,), generator=g)
+    return clean, corrupted
+
+
+def metric(logits):
+    return logits[:, -1, 7] - logits[:, -1].mean(-1)
+
+
+def patched_feature_metric(model, hook, sae, clean, corrupted, feature):
+    """Mean metric of the clean run with one feature of ``hook``'s SAE set to its corrupted value."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(corrupted, names_filter=[hook])
+        corrupted_features = sae.encode(cache[hook].reshape(B, P, -1))
+
+        def swap(act, hook):
+            flat = act.reshape(B, P, -1)
+            features = sae.encode(flat)
+            error = flat - sae.decode(features)
+            features[..., feature] = corrupted_features[..., feature]
+            return (sae.decode(features) + error).reshape(act.shape)
+
+        return float(metric(model.run_with_hooks(clean, fwd_hooks=[(hook, swap)])).mean())
+
+
+@pytest.mark.parametrize("family,hook,width", [("mamba1", "blocks.1.hook_resid_pre", 16),
+                                               ("mamba2", "blocks.0.hook_x", 32)])
+def test_eap_scores_match_exact_feature_patching_for_a_small_corruption(family, hook, width):
+    """For a corruption 1e-4 away in embedding space, each feature's EAP score is the metric
+    change of patching that feature alone (first order). Mamba-2's hook_x is per head
+    ([b, p, h, hd]): the SAE reads it flattened."""
+    model = tiny(family)
+    clean, _ = pair()
+    clean[:, 3] = 5
+    corrupted = clean.clone()
+    corrupted[:, 3] = 39
+    with torch.no_grad():
+        model.embed.W_E[39] = model.embed.W_E[5] + 1e-4 * torch.randn(16, dtype=torch.float64,
+                                                                       generator=torch.Generator().manual_seed(2))
+    sae = TinySAE(width, 24)
+    result = feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)[hook]
+    assert isinstance(result, FeatureScores) and result.scores.shape == (24,) and result.error.shape == ()
+    with torch.no_grad():
+        base = float(metric(model(clean)).mean())
+    top = [f for f, _, _ in result.top(6)]
+    exact = torch.tensor([patched_feature_metric(model, hook, sae, clean, corrupted, f) - base for f in top],
+                         dtype=torch.float64)
+    assert float(exact.abs().max()) > 1e-8
+    torch.testing.assert_close(result.scores[top].double(), exact, rtol=2e-3, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eap_ig_scores_add_up_to_the_metric_difference_at_a_cut(family):
+    """Every later computation reads hook_resid_pre of layer 1, so interpolating its features
+    and error from corrupted to clean walks from the corrupted run to the clean one: with many
+    IG steps the scores plus the error's add up to metric(corrupted) - metric(clean)."""
+    model = tiny(family)
+    clean, corrupted = pair(seed=1)
+    hook = "blocks.1.hook_resid_pre"
+    result = feature_attribution(model, {hook: TinySAE(16, 32, seed=1)}, clean, corrupted, metric,
+                                 method="EAP-IG", ig_steps=200, quiet=True)[hook]
+    with torch.no_grad():
+        expected = float((metric(model(corrupted)) - metric(model(clean))).mean())
+    assert abs(expected) > 1e-2
+    total = float(result.scores.double().sum() + result.error.double())
+    assert total == pytest.approx(expected, rel=2e-2)
+    plain = feature_attribution(model, {hook: TinySAE(16, 32, seed=1)}, clean, corrupted, metric, quiet=True)[hook]
+    assert not torch.allclose(plain.scores, result.scores, atol=1e-6)  # a different estimate, not EAP again
+
+
+def test_per_position_scores_sum_to_the_totals_and_frequencies_are_counted():
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    hook = "blocks.1.hook_mixer_in"
+    sae = TinySAE(16, 20)
+    totals = feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)[hook]
+    per_pos = feature_attribution(model, {hook: sae}, clean, corrupted, metric, per_position=True,
+                                  batch_size=2, quiet=True)[hook]
+    assert per_pos.scores.shape == (P, 20) and per_pos.error.shape == (P,)
+    torch.testing.assert_close(per_pos.scores.sum(0), totals.scores, rtol=1e-5, atol=1e-7)
+    assert float(per_pos.scores[:2].abs().max()) == 0.0  # nothing before the first corrupted token
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=[hook])
+        counted = (sae.encode(cache[hook]) != 0).double().mean((0, 1))
+    torch.testing.assert_close(totals.frequency.double(), counted, rtol=1e-6, atol=1e-7)
+    common = [f for f, _, freq in totals.top(20, min_frequency=0.5)]
+    assert common and all(counted[f] >= 0.5 for f in common)
+    assert len(common) < len(totals.top(20))
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG"])
+def test_left_padded_batch_scores_like_its_unpadded_prompts(method):
+    model = tiny("mamba1")
+    hook = "blocks.1.hook_resid_pre"
+    sae = TinySAE(16, 12)
+    long_clean, long_corrupted = pair(seed=3, change=(1, 6))
+    short_clean, short_corrupted = pair(seed=4, change=(2,))
+    short_clean, short_corrupted = short_clean[:3, :4], short_corrupted[:3, :4]
+    pad = torch.zeros(3, P - 4, dtype=torch.long)
+    clean = torch.cat([long_clean, torch.cat([pad, short_clean], 1)])
+    corrupted = torch.cat([long_corrupted, torch.cat([pad, short_corrupted], 1)])
+    mask = torch.ones_like(clean)
+    mask[B:, :P - 4] = 0
+    kw = dict(method=method, quiet=True, **({"ig_steps": 3} if method == "EAP-IG" else {}))
+    padded = feature_attribution(model, {hook: sae}, clean, corrupted, metric, attention_mask=mask, **kw)[hook]
+    parts = [feature_attribution(model, {hook: sae}, c, k, metric, **kw)[hook]
+             for c, k in ((long_clean, long_corrupted), (short_clean, short_corrupted))]
+    expected = (B * parts[0].scores.double() + 3 * parts[1].scores.double()) / (B + 3)
+    assert float(expected.abs().max()) > 1e-3
+    torch.testing.assert_close(padded.scores.double(), expected, rtol=1e-5, atol=1e-8)
+    # the frequency is a share of real tokens: B·P of the long prompts, 3·4 of the short ones
+    expected_freq = (B * P * parts[0].frequency.double() + 12 * parts[1].frequency.double()) / (B * P + 12)
+    torch.testing.assert_close(padded.frequency.double(), expected_freq, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_input_names_the_problem():
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    sae = TinySAE(16, 8)
+    with pytest.raises(ValueError, match="hook_resid_pree"):
+        feature_attribution(model, {"blocks.0.hook_resid_pree": sae}, clean, corrupted, metric, quiet=True)
+    with pytest.raises(TypeError, match="encode"):
+        feature_attribution(model, {"blocks.0.hook_resid_pre": torch.nn.Linear(16, 8)}, clean, corrupted, metric)
+    with pytest.raises(ValueError, match=r"could not encode .*\[b, p, 32\]"):
+        feature_attribution(model, {"blocks.0.hook_y_gated": sae}, clean, corrupted, metric, quiet=True)
+    with pytest.raises(ValueError, match="ig_steps applies"):
+        feature_attribution(model, {"blocks.0.hook_resid_pre": sae}, clean, corrupted, metric, ig_steps=3)
+    with pytest.raises(TypeError, match="needs a metric"):
+        feature_attribution(model, {"blocks.0.hook_resid_pre": sae}, clean, corrupted)
+    with pytest.raises(ValueError, match="saes is empty"):
+        feature_attribution(model, {}, clean, corrupted, metric)
+    with pytest.raises(ValueError, match="min_frequency"):
+        feature_attribution(model, {"blocks.0.hook_resid_pre": sae}, clean, corrupted, metric,
+                            quiet=True)["blocks.0.hook_resid_pre"].top(min_frequency=2)

@@ -1,0 +1,208 @@
+"""Attribution patching on sparse-autoencoder features: which SAE features carry a task.
+
+The workflow of the Mamba IOI reports (top-k SAEs on the inputs of the layers, then
+attribution patching with integrated gradients on their features) and of sparse
+feature circuits (Marks et al., 2024). Each hooked activation ``a`` is split by its
+SAE into features and an error term,
+
+    f = sae.encode(a)            a = sae.decode(f) + ε,   ε = a - sae.decode(f)
+
+and the forward carries ``decode(f) + ε``, which is ``a`` itself: the model's outputs
+do not change, but ``f`` and ``ε`` are now nodes with gradients. A feature's score
+estimates ``metric(that feature patched to its corrupted value) - metric(clean)``
+(the sign convention of :func:`tl_mamba.circuits.attribute`):
+
+- ``"EAP"``: ``(f_corr - f_clean) · ∂metric/∂f`` at the clean run, one backward for
+  every site at once;
+- ``"EAP-IG"``: the gradient averaged over ``ig_steps`` runs in which this site's
+  features and error are interpolated, ``f_corr + α (f_clean - f_corr)`` for
+  α = k / ig_steps, k = 1..ig_steps, with everything upstream clean (one set of runs per
+  site, as sparse feature circuits do). At a site that cuts the whole computation
+  (a ``hook_resid_pre``), the scores and the error's add up to ``metric(corrupted) -
+  metric(clean)`` as ig_steps grows (completeness).
+
+Scores are summed over positions (``per_position=True`` keeps them ``[p, d_sae]``) and
+averaged over prompts. ``frequency`` counts how often each feature fires on the clean
+prompts (a share of real tokens): features that fire on one prompt only often score
+high by chance, so :meth:`FeatureScores.top` can drop the rare ones.
+
+An SAE is anything with ``encode(a) -> f`` and ``decode(f) -> a`` (an sae-lens
+``SAE``, or a plain module). A hook with more than three dims (a per-head
+``[b, p, h, hd]``) is flattened to ``[b, p, h*hd]`` for its SAE and back after.
+
+Data, metric, ``labels``, ``batch_size`` and ``attention_mask`` (left padding) are as in
+:func:`tl_mamba.circuits.attribute`; padded positions score nothing and count nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_mamba.circuits.eap import _metric_values, iter_batches
+
+METHODS = ("EAP", "EAP-IG")
+
+
+@dataclass
+class FeatureScores:
+    """One site's attribution scores.
+
+    Attributes:
+        hook: the hook name the SAE reads.
+        scores: ``[d_sae]`` (``[p, d_sae]`` when per position), the mean over prompts of
+            each feature's estimated effect of patching it to its corrupted value.
+        error: ``[]`` (``[p]``) the same for the SAE's error term ε.
+        frequency: ``[d_sae]``, the share of real clean tokens on which the feature is non-zero.
+    """
+
+    hook: str
+    scores: Tensor
+    error: Tensor
+    frequency: Tensor
+
+    def top(self, k: int = 20, min_frequency: float = 0.0) -> List[Tuple[int, float, float]]:
+        """The ``k`` features with the largest ``|score|`` (summed over positions) among those
+        firing on at least ``min_frequency`` of the clean tokens: ``(feature, score, frequency)``."""
+        if not 0.0 <= min_frequency <= 1.0:
+            raise ValueError(f"min_frequency is a share of tokens in [0, 1], got {min_frequency}")
+        total = self.scores.sum(0) if self.scores.ndim == 2 else self.scores
+        keep = torch.nonzero(self.frequency >= min_frequency).flatten()
+        order = keep[total[keep].abs().argsort(descending=True)][:k]
+        return [(int(i), float(total[i]), float(self.frequency[i])) for i in order]
+
+
+def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None, metric: Callable = None,
+                        method: str = "EAP", ig_steps: Optional[int] = None, *, labels=None,
+                        batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+                        per_position: bool = False, quiet: bool = False) -> Dict[str, FeatureScores]:
+    """Score every feature of every SAE in ``saes`` (``{hook name: sae}``); see the module docstring.
+
+    Returns:
+        ``{hook name: FeatureScores}``.
+    """
+    if metric is None:
+        raise TypeError("feature_attribution() needs a metric: metric(logits) or metric(logits, labels)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
+    if method == "EAP" and ig_steps not in (None, 1):
+        raise ValueError("ig_steps applies to method='EAP-IG' only")
+    steps = 1 if method == "EAP" else (5 if ig_steps is None else int(ig_steps))
+    if steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    if not saes:
+        raise ValueError("saes is empty: give {hook name: sae}")
+    for name, sae in saes.items():
+        model.check_hook_name(name)
+        if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
+            raise TypeError(f"the SAE for {name} needs encode(act) and decode(features) methods, "
+                            f"got {type(sae).__name__}")
+
+    totals: Dict[str, List[Tensor]] = {}
+    n_prompts = 0
+    batches = iter_batches(clean, corrupted, labels, batch_size, attention_mask)
+    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(batches, desc=f"{method} feature attribution",
+                                                                   disable=quiet, leave=False):
+        b = clean_tokens.shape[0]
+        real = (torch.ones_like(clean_tokens) if mask is None else mask).to(torch.float64)  # [b, p]
+        clean_parts = _sae_parts(model, saes, clean_tokens, mask)
+        corrupted_parts = _sae_parts(model, saes, corrupted_tokens, mask)
+        # which runs: EAP reads every site from one clean run; EAP-IG interpolates one site at a time
+        runs = [None] if steps == 1 else list(saes)
+        grads: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for site in runs:
+            for k in range(1, steps + 1):
+                alpha = k / steps
+                step_grads = _site_grads(model, saes, clean_tokens, mask, metric, batch_labels, b,
+                                         clean_parts, corrupted_parts, site, alpha)
+                for name, (g_f, g_err) in step_grads.items():
+                    if name in grads:
+                        grads[name] = (grads[name][0] + g_f, grads[name][1] + g_err)
+                    else:
+                        grads[name] = (g_f, g_err)
+        for name in saes:
+            f_clean, err_clean = clean_parts[name]
+            f_corr, err_corr = corrupted_parts[name]
+            g_f, g_err = (g / steps for g in grads[name])
+            weight = real[..., None]
+            per_pos_f = ((f_corr - f_clean).double() * g_f.double() * weight).sum(0)  # [p, d_sae]
+            per_pos_err = ((err_corr - err_clean).double() * g_err.double() * weight).sum((0, 2))  # [p]
+            fires = ((f_clean != 0).double() * weight).sum((0, 1))  # [d_sae]
+            parts = [per_pos_f, per_pos_err, fires, real.sum()]
+            if not per_position:
+                parts[0], parts[1] = per_pos_f.sum(0), per_pos_err.sum(0)
+            elif name in totals and totals[name][0].shape != per_pos_f.shape:
+                raise ValueError("per_position=True needs every batch to have the same length")
+            totals[name] = parts if name not in totals else [t + u for t, u in zip(totals[name], parts)]
+        n_prompts += b
+    if n_prompts == 0:
+        raise ValueError("no prompts: the data was empty")
+    return {name: FeatureScores(hook=name, scores=(t[0] / n_prompts).float().cpu(),
+                                error=(t[1] / n_prompts).float().cpu(), frequency=(t[2] / t[3]).float().cpu())
+            for name, t in totals.items()}
+
+
+def _flat(act: Tensor) -> Tensor:
+    """``[b, p, ...]`` → ``[b, p, width]`` (a per-head hook's heads side by side)."""
+    return act.reshape(*act.shape[:2], -1)
+
+
+def _sae_parts(model, saes: Mapping[str, object], tokens: Tensor,
+               attention_mask: Optional[Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """``{hook: (features [b, p, d_sae], error [b, p, width])}`` of one unhooked run."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in saes, attention_mask=attention_mask)
+        parts = {}
+        for name, sae in saes.items():
+            act = _flat(cache[name])
+            features = _encode(sae, name, act)
+            parts[name] = (features, act - sae.decode(features).to(act.dtype))
+    return parts
+
+
+def _encode(sae, name: str, act: Tensor) -> Tensor:
+    try:
+        return sae.encode(act)
+    except RuntimeError as err:  # most often a width mismatch inside the SAE's matmul
+        raise ValueError(f"the SAE for {name} could not encode its activations [b, p, {act.shape[-1]}]: {err}") \
+            from err
+
+
+def _site_grads(model, saes, tokens, attention_mask, metric, labels, b, clean_parts, corrupted_parts,
+                site: Optional[str], alpha: float) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """One clean run with every SAE spliced in (``site``'s features and error interpolated from
+    corrupted to clean by ``alpha``); returns ∂(Σ metric)/∂(features, error) at each site."""
+    leaves: Dict[str, Tuple[Tensor, Tensor]] = {}
+
+    def splice(act: Tensor, hook) -> Tensor:
+        f_clean, err_clean = clean_parts[hook.name]
+        if hook.name == site:
+            f_corr, err_corr = corrupted_parts[hook.name]
+            f, err = f_corr + alpha * (f_clean - f_corr), err_corr + alpha * (err_clean - err_corr)
+        else:
+            f, err = f_clean, err_clean
+        f, err = f.detach().clone().requires_grad_(True), err.detach().clone().requires_grad_(True)
+        leaves[hook.name] = (f, err)
+        # decode(f) + ε: the activation itself at the clean run, with f and ε as nodes
+        return (saes[hook.name].decode(f).to(err.dtype) + err).reshape(act.shape).to(act.dtype)
+
+    with torch.enable_grad():
+        spliced = list(saes) if site is None else [site]  # elsewhere the splice would change no value
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(name, splice) for name in spliced],
+                                      attention_mask=attention_mask)
+        value = _metric_values(metric, logits, labels, b)
+        inputs = [t for pair in leaves.values() for t in pair]
+        grads = torch.autograd.grad(value, inputs, allow_unused=True)
+    out = {}
+    for i, name in enumerate(leaves):
+        g_f, g_err = grads[2 * i], grads[2 * i + 1]
+        if g_f is None and g_err is None:
+            raise RuntimeError(f"no gradient reached the SAE at {name}: does the metric depend on the logits, "
+                               "and does the hook feed them?")
+        out[name] = (torch.zeros_like(leaves[name][0]) if g_f is None else g_f,
+                     torch.zeros_like(leaves[name][1]) if g_err is None else g_err)
+    return out
