@@ -415,3 +415,24 @@ def test_ssm_lr_moves_only_the_ssm_parameters(tmp_path, capsys):
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, flag, value, pattern):
     exits_2_saying(capsys, pattern, ["--arch", "mamba", "--out", str(tmp_path / "x"), flag, value])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--lr", "-1"], "--lr must be non-negative"),  # was a traceback from the optimizer
+    (["--weight-decay", "-5"], "--weight-decay must be non-negative"),
+    (["--device", "gpu"], "--device gpu: not a torch device"),
+    (["--time-limit", "-1"], "--time-limit is a number of seconds"),  # was accepted: stopped after one step
+    (["--max-needle-len", "3"], "--max-needle-len must be at least 64"),  # was silently 64
+    (["--init-from", "/nonexistent/toy"], "--init-from /nonexistent/toy: no such directory"),
+    (["--arch", "mamba2", "--d-model", "20"], r"d_inner = 40 \(expand \* d_model\) must be a multiple of d_head = 32"),
+])
+def test_bad_training_options_are_usage_errors(tmp_path, capsys, extra, pattern):
+    argv = ["--arch", "mamba", "--steps", "1", "--batch-size", "2", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "4", "--eval-n", "1", "--out", str(tmp_path / "x")]
+    exits_2_saying(capsys, pattern, argv + extra)
+
+
+def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    exits_2_saying(capsys, "is a file, not a directory", ["--arch", "mamba", "--steps", "1", "--out",
+                                                          str(tmp_path / "file")])

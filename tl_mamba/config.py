@@ -108,13 +108,18 @@ class HookedMambaConfig:
             self.d_head = self.d_inner
             self.n_groups = 1
         else:
-            if self.d_head is None and self.n_heads is None:
+            given = [name for name in ("n_heads", "d_head") if getattr(self, name) is not None]
+            if not given:
                 self.d_head = 64
             if self.n_heads is None:
                 self.n_heads = self.d_inner // self.d_head
             if self.d_head is None:
                 self.d_head = self.d_inner // self.n_heads
             if self.n_heads * self.d_head != self.d_inner:
+                if len(given) < 2:  # one was derived: say which width must divide which
+                    split = given[0] if given else "d_head"
+                    raise ValueError(f"d_inner = {self.d_inner} (expand * d_model) must be a multiple of {split} = "
+                                     f"{getattr(self, split)}" + ("" if given else " (the default head size)"))
                 raise ValueError(
                     f"n_heads * d_head must equal d_inner: {self.n_heads} * {self.d_head} != {self.d_inner}"
                 )

@@ -309,6 +309,16 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
 
     if balance not in ("steps", "tokens"):
         raise TrainingOptionError(f"balance must be 'steps' or 'tokens', got {balance!r}")
+    for flag, value in (("--lr", lr), ("--weight-decay", weight_decay)):
+        if not value >= 0:  # 0 is allowed: --lr 0 evaluates and saves without training
+            raise TrainingOptionError(f"{flag} must be non-negative, got {value!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise TrainingOptionError(f"--time-limit is a number of seconds above 0, got {time_limit!r}")
+    if max_needle_len < 64:
+        raise TrainingOptionError(f"--max-needle-len must be at least 64 (the needle curriculum starts at 64), "
+                                  f"got {max_needle_len}")
+    if out.exists() and not out.is_dir():
+        raise TrainingOptionError(f"--out {out} is a file, not a directory")
     if init_from is not None and init != "default":
         raise TrainingOptionError(f"--init {init} starts fresh weights; it cannot be combined with "
                                   f"--init-from {init_from}")
@@ -326,9 +336,17 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     if init_from is not None and unembed_from_embed:
         raise TrainingOptionError("the unembedding can start as a copy of the embedding only in a fresh untied "
                                   f"model, not with --init-from {init_from}")
+    if init_from is not None and not Path(init_from).is_dir():
+        raise TrainingOptionError(f"--init-from {init_from}: no such directory (a folder written by this trainer)")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    dev = pick_device(device)
+    try:
+        dev = pick_device(device)
+    except RuntimeError as err:  # torch's message lists every device type it knows
+        raise TrainingOptionError(f"--device {device}: not a torch device (auto, cpu, cuda, cuda:1, mps, ...)") \
+            from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingOptionError(f"--device {device}: CUDA is not available here (use auto or cpu)")
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(out)
     tokenizer = load_tokenizer(out)
@@ -346,9 +364,13 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
         sizes = dict({"tie_embeddings": previous.cfg.tie_embeddings}, **(sizes or {}))
     spec = dict(ARCHS[arch], **(sizes or {}))
     family = spec.pop("family")
-    cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
+    try:
+        cfg = HookedMambaConfig(family=family, d_vocab=d_vocab, seed=seed, model_name=f"toy-{arch}",
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, default_prepend_bos=True, **spec)
+    except ValueError as err:  # e.g. a d_model whose inner width is no multiple of the head size
+        sized = ", ".join(f"{k}={v}" for k, v in spec.items())
+        raise TrainingOptionError(f"--arch {arch} with {sized} is not a valid model: {err}") from err
     if (unembed_from_embed or partial_tie) and cfg.tie_embeddings:
         raise TrainingOptionError("the unembedding can start as a copy of the embedding (or tie part of it) only "
                                   "in an untied model")
