@@ -626,7 +626,7 @@ def test_tl_head_patching_helper_names_hook_y(model, tokens):
     from transformer_lens import patching
 
     _, cache = model.run_with_cache(tokens)
-    with pytest.raises(ValueError, match="hook_y"):
+    with pytest.raises((KeyError, ValueError), match="hook_y"):  # the cache refuses attn.hook_z first
         patching.get_act_patch_attn_head_out_all_pos(model, tokens, cache, lambda logits: logits.sum())
 
 
@@ -646,3 +646,26 @@ def test_unknown_cache_key_names_the_key(model, tokens):
         cache[BAD]
     with pytest.raises(KeyError, match="hook_h"):
         cache["blocks.0.hook_h"]  # heavy hooks are not cached by default
+
+
+def test_full_transformer_name_for_z_is_refused_not_remapped_to_the_gate(model, tokens):
+    """``blocks.l.attn.hook_z`` (what TransformerLens's patching helpers ask for) is a head
+    output in a transformer; Mamba's hook_z is the gate. The cache refuses the full name and
+    names hook_y, as run_with_hooks does; the shorthand ("z", l) stays Mamba's gate."""
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(KeyError, match=r"blocks\.0\.hook_y"):
+        cache["blocks.0.attn.hook_z"]
+    assert "blocks.0.attn.hook_z" not in cache
+    close(F.silu(cache["z", 0]), cache["blocks.0.hook_gate"], atol=1e-6, rtol=1e-5)
+
+
+def test_accumulated_resid_with_incl_mid_is_the_whole_trajectory(model, tokens):
+    """A Mamba block has no resid_mid, so incl_mid (which TransformerLens's direct logit
+    attribution by layer passes) adds nothing: the stream is each layer's resid_pre, then the final one."""
+    _, cache = model.run_with_cache(tokens)
+    stack, labels = cache.accumulated_resid(incl_mid=True, return_labels=True)
+    n = model.cfg.n_layers
+    assert stack.shape[0] == n + 1 and len(labels) == n + 1
+    for l in range(n):
+        close(stack[l], cache[f"blocks.{l}.hook_resid_pre"], atol=0, rtol=0)
+    close(stack[n], cache[f"blocks.{n - 1}.hook_resid_post"], atol=0, rtol=0)

@@ -5,7 +5,9 @@ utility accepts it. Two things differ from a transformer:
 
 - shorthand keys: TransformerLens maps ``("z", 3)`` to ``blocks.3.attn.hook_z``;
   Mamba hooks sit directly on the block, so a shorthand that does not exist as
-  TransformerLens spells it falls back to ``blocks.{l}.hook_{name}``;
+  TransformerLens spells it falls back to ``blocks.{l}.hook_{name}`` (``("z", 3)`` is
+  Mamba's gate). A full transformer name (``blocks.3.attn.hook_z``, as TransformerLens's
+  patching helpers ask for) is not remapped: its KeyError names the Mamba analogue;
 - ``decompose_resid`` has one term per mixer (``{l}_mixer_out``) after the embed,
   because a Mamba block writes to the residual stream once;
 - ``stack_head_results`` / ``compute_head_results`` split a Mamba-2 mixer's write
@@ -44,6 +46,11 @@ class MambaActivationCache(ActivationCache):
             if key in self.cache_dict:
                 return key
             name = get_act_name(key)
+            if name == key and _MIXER_SUBLAYER.match(name):
+                # a transformer's full hook name, typed or made by TransformerLens's patching
+                # helpers: ``attn.hook_z`` is a head output there, while Mamba's hook_z is
+                # the gate, so it is refused (__getitem__ names the analogue), not remapped
+                return name
         else:
             key = tuple(key)
             if len(key) > 1 and key[1] is not None and key[1] < 0:
@@ -76,6 +83,20 @@ class MambaActivationCache(ActivationCache):
             return self._resolve(key) in self.cache_dict
         except Exception:
             return False
+
+    def accumulated_resid(self, layer: Optional[int] = None, incl_mid: bool = False, apply_ln: bool = False,
+                          pos_slice: Union[Slice, None] = None, mlp_input: bool = False,
+                          return_labels: bool = False):
+        """The residual stream before each layer (and the final stream): ``[layers, b, p, d]``.
+
+        As TransformerLens's, except that a Mamba block has one sublayer, so its stream has no
+        ``resid_mid``: every point between sublayers is some layer's ``resid_pre``.
+        ``incl_mid`` and ``mlp_input`` therefore add nothing (the trajectory is already
+        complete); they are accepted so that TransformerLens tools that pass them (its direct
+        logit attribution by ``unit="layer"``) run unchanged.
+        """
+        return super().accumulated_resid(layer=layer, incl_mid=False, apply_ln=apply_ln, pos_slice=pos_slice,
+                                         mlp_input=False, return_labels=return_labels)
 
     def decompose_resid(
         self,
