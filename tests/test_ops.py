@@ -832,3 +832,38 @@ def test_torch_backend_backward_of_an_empty_sequence():
     upstream = torch.randn(2, 3, 4, dtype=torch.float64)
     (grad_h0,) = torch.autograd.grad((out.final_state * upstream).sum(), [h0])
     torch.testing.assert_close(grad_h0, upstream)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_ops_refuse_overlapping_removals_and_override_with_mask(family):
+    """Called directly, the scans refuse what the models never pass them: two EdgeRemovals
+    sharing an edge (each removal's terms are subtracted on their own, so the edge would go
+    twice) and a state override together with a knockout (no single meaning)."""
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.ssd import ssd_scan
+
+    g = torch.Generator().manual_seed(0)
+    b, p = 2, 9
+    if family == "mamba1":
+        e, n = 3, 2
+        args = (torch.randn(b, p, e, generator=g), F.softplus(torch.randn(b, p, e, generator=g)),
+                -torch.rand(e, n, generator=g), torch.randn(b, p, n, generator=g), torch.randn(b, p, n, generator=g))
+        scan, state_shape = selective_scan, (b, p, e, n)
+    else:
+        h, hd, n = 2, 2, 3
+        args = (torch.randn(b, p, h, hd, generator=g), F.softplus(torch.randn(b, p, h, generator=g)),
+                -torch.rand(h, generator=g), torch.randn(b, p, 1, n, generator=g), torch.randn(b, p, 1, n, generator=g))
+        scan, state_shape = ssd_scan, (b, p, h, hd, n)
+    sources = torch.zeros(b, p, dtype=torch.bool)
+    sources[:, 2] = True
+    targets = torch.zeros(b, p, dtype=torch.bool)
+    targets[:, 7] = True
+    removal = EdgeRemoval(sources=sources, targets=targets)
+    with pytest.raises(ValueError, match="removed twice"):
+        scan(*args, ssm_mask=[removal, removal], backend="torch")
+    later = torch.zeros(b, p, dtype=torch.bool)
+    later[:, 8] = True
+    scan(*args, ssm_mask=[removal, EdgeRemoval(sources=sources, targets=later)], backend="torch")  # disjoint: fine
+    override = StateOverride(values=torch.zeros(state_shape), mask=torch.zeros(state_shape, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="state_override and ssm_mask"):
+        scan(*args, ssm_mask=[removal], state_override=override, backend="reference")

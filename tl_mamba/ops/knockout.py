@@ -284,7 +284,19 @@ def as_removal_list(ssm_mask: SSMMask, device: torch.device) -> Optional[List[Ed
         for name in ("sources", "targets", "features"):
             if getattr(removal, name) is not None:
                 check_device(getattr(removal, name), f"a knockout's {name}")
+    if any_overlap(removals):  # each removal's terms are subtracted on their own: a shared edge twice
+        raise ValueError("ssm_mask: two of these EdgeRemovals share source and target positions (and features) "
+                         "in some row, so an edge would be removed twice; merge them, or pass their union as "
+                         "a [b, H, p, p] tensor mask (tl_mamba.Knockout does this for overlapping knockouts)")
     return removals
+
+
+def check_no_override_with_mask(state_override, ssm_mask, op: str) -> None:
+    """A knockout subtracts its sources' terms from y; a state override replaces the states
+    those terms live in, so the two together have no single meaning (the model refuses them too)."""
+    if state_override is not None and ssm_mask is not None:
+        raise NotImplementedError(f"{op}: state_override and ssm_mask together are not supported: an edited state "
+                                  "no longer holds the knocked-out sources' terms. Apply one at a time.")
 
 
 def same_pass_removal(removals: Optional[List[EdgeRemoval]], state_override, inputs: Sequence[Optional[Tensor]],

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import pick_implementation, resolve_backend
-from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_removal,
+from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_no_override_with_mask,
+                                  check_removal,
                                   dense_mask_after_bpe, dense_removed_terms_bpe, edge_gradient_bpe,
                                   knocked_out_terms, pair_terms_bpe, removed_terms, same_pass_removal)
 from tl_mamba.ops.precision import needs_grad, silu_gate
@@ -123,6 +124,7 @@ def selective_scan(
     if z is not None and tuple(z.shape) != (b, p, e):
         raise ValueError(f"selective_scan: z must have shape {(b, p, e)}, got {tuple(z.shape)}")
     impl = pick_implementation(backend, x.device, _IMPLEMENTATIONS)
+    check_no_override_with_mask(state_override, ssm_mask, "selective_scan")
     removals = None if ssm_mask is None else as_removal_list(ssm_mask, x.device)  # S → T structure, or None (dense)
     for removal in removals or ():
         check_removal(removal, b, p, e, "channels")

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import pick_implementation, resolve_backend
-from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_removal,
+from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_no_override_with_mask,
+                                  check_removal,
                                   dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
                                   pair_terms_bphd, removed_terms, same_pass_removal)
 from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK, ssd_chunked
@@ -107,7 +108,7 @@ def ssd_scan(
             ``EdgeRemoval`` (S → T knockouts, optionally per head), computed without a p×p tensor.
             A tensor mask that requires grad gets ∂L/∂mask (knockout attribution).
         return_states: also return every state ``[b, p, h, hd, n]``.
-        backend: ``"reference"``, ``"torch"`` or ``"auto"``.
+        backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"``.
         chunk_size: chunk length of the torch backend (results do not depend on it).
 
     Returns:
@@ -128,6 +129,7 @@ def ssd_scan(
     if state_override is not None:
         check_override_shape(state_override, (b, p, h, hd, n))
     impl = _implementation(backend, x.device, chunk_size)
+    check_no_override_with_mask(state_override, ssm_mask, "ssd_scan")
     removals = None if ssm_mask is None else as_removal_list(ssm_mask, x.device)  # S → T structure, or None
     for removal in removals or ():
         check_removal(removal, b, p, h, "heads")
