@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -54,6 +55,84 @@ def model_class_for_family(family: str) -> type:
     raise ValueError(f"unknown family {family!r}")
 
 
+#: the dtypes a model may be loaded in, by the names ``from_pretrained(dtype=...)`` accepts
+DTYPE_NAMES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "double": torch.float64,
+}
+
+
+def is_auto_dtype(dtype: Any) -> bool:
+    return isinstance(dtype, str) and dtype.strip().lower() == "auto"
+
+
+def resolve_dtype(dtype: Any, auto: Optional[torch.dtype] = None) -> torch.dtype:
+    """The ``torch.dtype`` a ``dtype=`` argument asks for.
+
+    A floating-point ``torch.dtype``, a name (``"float32"``, ``"float16"``, ``"bfloat16"``,
+    ``"float64"``, with or without ``"torch."``; also ``"fp16"``, ``"bf16"`` ...), ``None``
+    (float32), or ``"auto"``: ``auto``, the checkpoint's own dtype (see :func:`checkpoint_dtype`),
+    float32 when it is None. Anything else, integer dtypes included, is a ``ValueError`` /
+    ``TypeError`` that lists what is accepted.
+    """
+    accepted = "a floating-point torch dtype, 'auto', or one of 'float32', 'float16', 'bfloat16', 'float64'"
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return auto if auto is not None else torch.float32
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"dtype={dtype!r} is not a dtype tl_mamba can load a model in; give {accepted}")
+        return DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be {accepted}, got {type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype} is not a floating-point dtype; give {accepted}")
+    return dtype
+
+
+def checkpoint_dtype(raw: Mapping[str, Any], state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Optional[torch.dtype]:
+    """The dtype a checkpoint says it is in, as transformers' ``torch_dtype="auto"`` reads it:
+    config.json's ``torch_dtype`` (or ``dtype``), else the dtype of its first floating-point
+    tensor; None if neither says."""
+    for key in ("torch_dtype", "dtype"):
+        value = raw.get(key)
+        if isinstance(value, str):
+            found = DTYPE_NAMES.get(value.lower().removeprefix("torch."))
+            if found is not None:
+                return found
+    for tensor in (state_dict or {}).values():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            return tensor.dtype if tensor.dtype in DTYPE_NAMES.values() else None
+    return None
+
+
+def warn_if_tokenizer_too_large(tokenizer: Any, cfg: HookedMambaConfig) -> None:
+    """Warn when ``tokenizer`` can produce ids the model has no embedding row for.
+
+    A tokenizer smaller than ``d_vocab`` is normal (checkpoints pad the embedding up to a
+    multiple of 8 or more); a larger one most likely belongs to another model."""
+    if tokenizer is None:
+        return
+    from ..models.base import _caller_stacklevel
+
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size > cfg.d_vocab:
+        warnings.warn(
+            f"the tokenizer has {size} tokens but the model's embedding only {cfg.d_vocab} rows (d_vocab): "
+            f"ids >= {cfg.d_vocab} cannot be run, so this tokenizer probably belongs to another model. Pass the "
+            "model's own tokenizer with tokenizer=.",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+
+
 def _check_family(model_cls: type, layout: str, family: str, what: str) -> None:
     wanted = getattr(model_cls, "family", None)
     if wanted is None:
@@ -76,7 +155,9 @@ def build_model(
 ) -> torch.nn.Module:
     """Construct ``model_cls(cfg, tokenizer=tokenizer)``, load ``state_dict`` strictly
     (values are copied, so they are cast to the model's parameter dtypes), move to
-    ``device`` when given, and return the model in eval mode."""
+    ``device`` when given, and return the model in eval mode. Warns when the tokenizer
+    has more tokens than the model's ``d_vocab``."""
+    warn_if_tokenizer_too_large(tokenizer, cfg)
     model = model_cls(cfg, tokenizer=tokenizer)
     model.load_state_dict(dict(state_dict), strict=True)
     if device is not None:
@@ -90,7 +171,7 @@ def _load_from_dir(
     *,
     model_name: str,
     device,
-    dtype: torch.dtype,
+    dtype: Union[torch.dtype, str, None],
     tokenizer: Any,
     cfg_overrides: Mapping[str, Any],
 ) -> torch.nn.Module:
@@ -99,7 +180,12 @@ def _load_from_dir(
     if model_cls is None:
         model_cls = model_class_for_family(family)
     _check_family(model_cls, layout, family, what=repr(model_name))
+    auto = is_auto_dtype(dtype)
+    if not auto:
+        dtype = resolve_dtype(dtype)  # an invalid dtype fails before the weights are read
     sd = load_state_dict_files(path)
+    if auto:
+        dtype = resolve_dtype(dtype, auto=checkpoint_dtype(raw, sd))
     cfg = config_from_checkpoint(
         raw, layout, family, model_name=model_name, state_dict=sd, device=device, dtype=dtype, **cfg_overrides
     )
@@ -115,7 +201,7 @@ def load_pretrained(
     name_or_path: Union[str, os.PathLike],
     *,
     device: Optional[Union[str, torch.device]] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Union[torch.dtype, str, None] = torch.float32,
     tokenizer: Any = None,
     revision: Optional[str] = None,
     **cfg_overrides: Any,
@@ -128,7 +214,11 @@ def load_pretrained(
             :class:`WrongModelClassError` says which class to use.
         name_or_path: a local checkpoint directory (mamba_ssm or transformers layout)
             or a hub id such as ``"state-spaces/mamba-130m-hf"``.
-        device, dtype: stored in the config; the model is built with them.
+        device, dtype: stored in the config; the model is built with them. ``dtype`` is a
+            floating-point ``torch.dtype``, a name (``"float32"``, ``"float16"``,
+            ``"bfloat16"``, ``"float64"``) or ``"auto"`` (the checkpoint's own dtype, as
+            transformers reads it; float32 when the checkpoint does not say): see
+            :func:`resolve_dtype`.
         tokenizer: used as given; otherwise the checkpoint's own tokenizer files are
             loaded when present (see :func:`load_tokenizer`), else the model has none.
         revision: hub revision (branch, tag or commit) for hub ids.
@@ -154,7 +244,7 @@ def load_any(
     name_or_path: Union[str, os.PathLike],
     *,
     device: Optional[Union[str, torch.device]] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Union[torch.dtype, str, None] = torch.float32,
     tokenizer: Any = None,
     revision: Optional[str] = None,
     **cfg_overrides: Any,
@@ -188,7 +278,7 @@ def from_hf(
     tokenizer: Any = None,
     *,
     device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
+    dtype: Union[torch.dtype, str, None] = None,
     **cfg_overrides: Any,
 ) -> torch.nn.Module:
     """Convert an in-memory transformers Mamba model into ``model_cls``.
@@ -197,7 +287,8 @@ def from_hf(
     ``Mamba2ForCausalLM`` (a bare ``MambaModel`` backbone works too when tied). Its
     config and state dict go through the same conversion as a checkpoint on disk; the
     weights are copied. ``dtype`` and ``device`` default to those of the model's
-    parameters. ``tokenizer`` defaults to the tokenizer saved beside the model when
+    parameters (so does ``dtype="auto"``; names such as ``"float16"`` work too).
+    ``tokenizer`` defaults to the tokenizer saved beside the model when
     ``hf_model.name_or_path`` is a local directory that has one.
     """
     config = getattr(hf_model, "config", None)
@@ -218,8 +309,10 @@ def from_hf(
     _check_family(model_cls, layout, family, what=f"the {type(hf_model).__name__}")
 
     params = [p for p in hf_model.parameters() if p.is_floating_point()]
-    if dtype is None:
-        dtype = params[0].dtype if params else torch.float32
+    if dtype is None or is_auto_dtype(dtype):
+        dtype = resolve_dtype("auto", auto=params[0].dtype if params else None)
+    else:
+        dtype = resolve_dtype(dtype)
     if device is None and params:
         device = params[0].device
     if isinstance(device, torch.device):

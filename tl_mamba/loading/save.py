@@ -1,6 +1,6 @@
 """Write a model as a mamba_ssm-layout checkpoint directory, which the loader reads back.
 
-    model.save_pretrained("my-model")          # config.json, model.safetensors, tokenizer files
+    model.save_pretrained("my-model")          # config.json, model.safetensors, tokenizer files (if any)
     tl_mamba.from_pretrained("my-model")       # the same model
 """
 
@@ -75,6 +75,41 @@ def _remove_other_weights(out: Path) -> None:
         (out / BIN_FILE).unlink()
 
 
+#: files a tokenizer's ``save_pretrained`` writes (transformers' fast and slow tokenizers)
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def _tokenizer_files(out: Path) -> dict:
+    """The tokenizer files in ``out``, each with what tells a rewritten file from an old one."""
+    found = {}
+    for name in TOKENIZER_FILE_NAMES:
+        file = out / name
+        if file.is_file():
+            stat = file.stat()
+            found[file] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    return found
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """Save ``tokenizer`` (if any) in ``out`` and delete the tokenizer files of an earlier checkpoint
+    there that it did not write. The loader reads whatever tokenizer files it finds, so a model saved
+    without a tokenizer over an old checkpoint would otherwise come back with the old one."""
+    before = _tokenizer_files(out)
+    written = set()
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        returned = tokenizer.save_pretrained(str(out))
+        if isinstance(returned, (list, tuple)):
+            written = {Path(f).resolve() for f in returned if isinstance(f, (str, Path))}
+    after = _tokenizer_files(out)
+    for file, stamp in before.items():
+        if file.resolve() not in written and after.get(file) == stamp:  # neither named nor rewritten by this save
+            file.unlink()
+
+
 def transformers_config(cfg) -> dict:
     """The transformers ``config.json`` of a ``HookedMambaConfig``: ``MambaForCausalLM``,
     ``FalconMambaForCausalLM`` (Mamba-1 with norms on dt, B and C) or ``Mamba2ForCausalLM``."""
@@ -118,7 +153,9 @@ def save_pretrained(model, path: Union[str, Path], layout: str = "mamba_ssm") ->
     or ``"transformers"`` (loadable by transformers' ``from_pretrained`` too: ``Mamba``,
     ``FalconMamba`` or ``Mamba2ForCausalLM``). Either loads back with ``tl_mamba.from_pretrained``.
     Weight files of an earlier checkpoint in ``path`` (shard indexes and their shards,
-    ``pytorch_model.bin``) are deleted, so that loading ``path`` gives the saved weights.
+    ``pytorch_model.bin``) are deleted, so that loading ``path`` gives the saved weights;
+    so are its tokenizer files that this save does not rewrite (all of them when the model
+    has no tokenizer), so that loading ``path`` gives the saved tokenizer or none.
     """
     if layout not in LAYOUT_WRITERS:
         raise ValueError(f"layout must be one of {tuple(LAYOUT_WRITERS)}, got {layout!r}")
@@ -132,6 +169,5 @@ def save_pretrained(model, path: Union[str, Path], layout: str = "mamba_ssm") ->
     _remove_other_weights(out)
     save_file(state, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
-        model.tokenizer.save_pretrained(str(out))
+    _save_tokenizer(model.tokenizer, out)
     return out

@@ -38,7 +38,7 @@ from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.hidden_attention import conv_attention as _conv_attention
 from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
-from tl_mamba.models.components import Embed, RMSNorm, Unembed
+from tl_mamba.models.components import CheckedHookPoint, Embed, RMSNorm, Unembed
 from tl_mamba.ops.precision import upcast
 
 #: Hooks whose tensors are O(p·e·n) or O(p²): computed only when hooked or named in a cache.
@@ -103,13 +103,16 @@ class HookedSSM(HookedRootModule):
             raise ValueError(
                 f"{type(self).__name__} builds {self.family} models but the config is for {cfg.family}"
             )
+        if cfg.dtype is not None and not (isinstance(cfg.dtype, torch.dtype) and cfg.dtype.is_floating_point):
+            raise TypeError(f"cfg.dtype must be a floating-point torch dtype (torch.float32, torch.float16, "
+                            f"torch.bfloat16 or torch.float64), got {cfg.dtype!r}")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self._backend = None  # None: follow TL_MAMBA_BACKEND
         self.heavy_hook_memory_limit = DEFAULT_HEAVY_HOOK_LIMIT
         dtype = cfg.dtype
         self.embed = Embed(cfg.d_vocab, cfg.d_model, dtype)
-        self.hook_embed = HookPoint()  # [b, p, d]
+        self.hook_embed = CheckedHookPoint()  # [b, p, d]
         self.blocks = nn.ModuleList([self.block_cls(cfg, layer) for layer in range(cfg.n_layers)])
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps, dtype, apply_weight=False)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, dtype, self.embed if cfg.tie_embeddings else None,
@@ -194,7 +197,10 @@ class HookedSSM(HookedRootModule):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device=None, dtype=torch.float32, tokenizer=None, **kwargs):
-        """Load a hub id or local directory (mamba_ssm or transformers layout)."""
+        """Load a hub id or local directory (mamba_ssm or transformers layout).
+
+        ``dtype``: a floating-point torch dtype, a name (``"float16"`` ...) or ``"auto"``
+        (the checkpoint's own dtype)."""
         from tl_mamba.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
@@ -336,8 +342,11 @@ class HookedSSM(HookedRootModule):
             tokens, mask = self.to_tokens(
                 input, prepend_bos=prepend_bos, padding_side=padding_side, return_attention_mask=True
             )
+            self._check_token_ids(tokens, from_tokenizer=True)
             if attention_mask is None and not bool(mask.all()):
                 attention_mask = mask
+            elif attention_mask is not None:
+                attention_mask = self._check_mask(attention_mask, tokens.shape)
             return tokens, attention_mask
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a token tensor [batch, pos], a string or a list of strings, got {type(input).__name__}")
@@ -346,23 +355,49 @@ class HookedSSM(HookedRootModule):
             tokens = tokens[None]
         if tokens.dim() != 2:
             raise ValueError(f"token input must be [batch, pos], got shape {tuple(input.shape)}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise TypeError(
-                f"token input must be an integer tensor, got {tokens.dtype}; to feed residual activations "
-                "use start_at_layer"
-            )
+        _check_token_dtype(tokens, "token input")
+        if tokens.dtype not in (torch.int32, torch.int64):  # int8, int16, uint16 ...: torch indexes only with these
+            tokens = tokens.long()
         if tokens.shape[1] == 0:
             raise ValueError("token input has no positions")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise ValueError(
-                f"token ids must lie in [0, {self.cfg.d_vocab}), got min {int(tokens.min())} max {int(tokens.max())}"
-            )
+        self._check_token_ids(tokens)
         tokens = tokens.to(self.W_E.device)
         if attention_mask is None and not continuing:
             attention_mask = self._padding_from_tokens(tokens, prepend_bos)
         if attention_mask is not None:
             attention_mask = self._check_mask(attention_mask, tokens.shape)
         return tokens, attention_mask
+
+    def _check_token_ids(self, tokens: Tensor, from_tokenizer: bool = False, what: str = "token ids") -> None:
+        """Every id must index a row of ``W_E``: ``0 <= id < d_vocab``."""
+        if not tokens.numel():
+            return
+        low, high = int(tokens.min()), int(tokens.max())
+        if low >= 0 and high < self.cfg.d_vocab:
+            return
+        if from_tokenizer:
+            raise ValueError(
+                f"the tokenizer gave token ids up to {high}, but the model has d_vocab={self.cfg.d_vocab} "
+                f"(token ids must lie in [0, {self.cfg.d_vocab})): the tokenizer ({type(self.tokenizer).__name__}, "
+                f"{_tokenizer_size(self.tokenizer)} tokens) does not belong to this model. Set model.tokenizer to "
+                "the model's own tokenizer."
+            )
+        raise ValueError(f"{what} must lie in [0, {self.cfg.d_vocab}), got min {low} max {high}")
+
+    def _loss_tokens(self, tokens, shape) -> Tensor:
+        """The ``tokens=`` of a loss with ``start_at_layer``: ids of the residual stream's ``[b, p]`` positions."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a token tensor [batch, pos], got {type(tokens).__name__}")
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        _check_token_dtype(tokens, "tokens")
+        if tuple(tokens.shape) != tuple(shape):
+            raise ValueError(
+                f"tokens has shape {tuple(tokens.shape)}, but the residual stream given with start_at_layer is "
+                f"[b, p] = {tuple(shape)}: the loss needs the tokens of those positions"
+            )
+        self._check_token_ids(tokens, what="tokens")
+        return tokens.long()
 
     def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None) -> Optional[Tensor]:
         """The attention mask of token input given without one, from the tokenizer's pad token.
@@ -414,6 +449,18 @@ class HookedSSM(HookedRootModule):
             attention_mask = attention_mask[None]
         if tuple(attention_mask.shape) != tuple(shape):
             raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {tuple(attention_mask.shape)}")
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask must be a bool, integer or float tensor of 0s and 1s, "
+                            f"got {attention_mask.dtype}")
+        if attention_mask.dtype != torch.bool:
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]  # NaN included
+            if bad.numel():
+                values = bad.unique().tolist()
+                shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+                raise ValueError(
+                    f"attention_mask must hold only 0 (padding) and 1 (real token), got {shown}. "
+                    "It marks padding; it does not weight positions."
+                )
         if bool(attention_mask.all()):
             return None
         _check_contiguous_padding(attention_mask)
@@ -444,15 +491,26 @@ class HookedSSM(HookedRootModule):
                 prompt's real tokens get the logits of that prompt run alone.
             prepend_bos / padding_side: how strings are tokenized.
             start_at_layer / stop_at_layer: run blocks ``[start, stop)``. With
-                ``stop_at_layer`` the residual stream ``[b, p, d]`` is returned.
-            tokens: the tokens, for the loss when ``start_at_layer`` is used.
+                ``stop_at_layer`` the residual stream ``[b, p, d]`` is returned. ``start``
+                after ``stop`` is a ``ValueError``; equal runs no block.
+            tokens: the tokens, for the loss when ``start_at_layer`` is used: ``[b, p]``,
+                the positions of the residual stream given as input.
             state: a ``RecurrentState`` to continue from; it is updated in place.
+
+        The loss needs at least 2 positions (it predicts each token from those before
+        it), and its mean at least one sequence: anything less is a ``ValueError``.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         n_layers = self.cfg.n_layers
         start = 0 if start_at_layer is None else _layer_index(start_at_layer, n_layers, "start_at_layer")
         stop = n_layers if stop_at_layer is None else _layer_index(stop_at_layer, n_layers, "stop_at_layer")
+        if start > stop:
+            raise ValueError(
+                f"start_at_layer={start_at_layer} is after stop_at_layer={stop_at_layer} (blocks [{start}, {stop}) "
+                "would run none): start_at_layer must be <= stop_at_layer"
+            )
+        wants_loss = return_type in ("loss", "both") and stop_at_layer is None
         if start_at_layer is None:
             tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side,
                                                          continuing=state is not None and state.seqlen_offset > 0)
@@ -463,6 +521,12 @@ class HookedSSM(HookedRootModule):
                 raise ValueError(f"with start_at_layer, input must be the residual stream [b, p, {self.cfg.d_model}]")
             if attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, resid.shape[:2])
+            if wants_loss:
+                if tokens is None:
+                    raise ValueError("the loss needs tokens: pass tokens=... when using start_at_layer")
+                tokens = self._loss_tokens(tokens, resid.shape[:2])
+        if wants_loss:
+            _check_loss_shape(tokens.shape, loss_per_token)
         if self.cfg.residual_in_fp32:
             resid = upcast(resid)
         if state is not None and len(state.layers) != n_layers:
@@ -480,8 +544,6 @@ class HookedSSM(HookedRootModule):
             return logits
         if return_type is None:
             return None
-        if tokens is None:
-            raise ValueError("the loss needs tokens: pass tokens=... when using start_at_layer")
         loss = _lm_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
@@ -671,7 +733,9 @@ class HookedSSM(HookedRootModule):
         token costs the same whatever the prefix length, and hooks fire at every
         step (on ``p = 1`` tensors after the prefill). Keyword names follow
         TransformerLens' ``generate``. ``return_type="input"`` returns strings for
-        string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one.
+        string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one (None
+        gives tokens, as in TransformerLens). ``top_k`` must be a positive int or None,
+        and ``eos_token_id`` an id or a non-empty list of ids.
 
         ``use_past_kv_cache=False`` re-runs the whole sequence at every step instead
         (hooks then see the whole sequence each time; cost grows with its length).
@@ -691,6 +755,19 @@ class HookedSSM(HookedRootModule):
             raise ValueError("temperature must be >= 0")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"top_k must be a positive int (or None for no top-k filtering), got {top_k!r}")
+        if return_type not in ("input", "str", "tokens", None):
+            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+        if isinstance(eos_token_id, Tensor):
+            eos_token_id = eos_token_id.tolist()
+        if eos_token_id is not None and not isinstance(eos_token_id, int):
+            eos_token_id = list(eos_token_id)
+            if not eos_token_id and stop_at_eos:
+                raise ValueError(
+                    "eos_token_id is empty: give a token id or a non-empty list of them, "
+                    "or stop_at_eos=False to never stop early"
+                )
         string_input = isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str))
         if string_input and padding_side is None:
             padding_side = "left"  # new tokens are appended on the right, so prompts must end together
@@ -784,6 +861,18 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _check_loss_shape(shape, per_token: bool) -> None:
+    """A next-token loss needs something to predict (p >= 2) and, for its mean, a sequence (b >= 1)."""
+    b, p = shape
+    if p < 2:
+        raise ValueError(
+            f"the loss needs at least 2 positions (it predicts each token from those before it), got p={p}: "
+            "there is nothing to predict"
+        )
+    if b == 0 and not per_token:
+        raise ValueError("the loss of an empty batch (b=0) is undefined: it needs at least one sequence")
+
+
 def _lm_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor], per_token: bool) -> Tensor:
     """Next-token cross entropy; padded positions are excluded (and zero per token)."""
     log_probs = F.log_softmax(upcast(logits[:, :-1]), dim=-1)  # fp32 at least; float64 stays (gradchecks)
@@ -852,6 +941,29 @@ def transformer_hook_analogue(name: str, family: str) -> Optional[str]:
     if found is None and sublayer == "attn":
         found = "Mamba blocks have no attention; docs/porting.md maps attention hooks to the mixer's."
     return found
+
+
+def _check_token_dtype(tokens: Tensor, what: str) -> None:
+    """Token ids must be an integer tensor, and not uint8 or bool: torch indexes with those as masks."""
+    if tokens.dtype == torch.uint8:
+        raise TypeError(
+            f"{what} must be an integer tensor of token ids (torch.long), got torch.uint8, which torch treats "
+            "as a mask when indexing; convert with tokens.long()"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(
+            f"{what} must be an integer tensor of token ids, got {tokens.dtype}; to feed residual activations "
+            "use start_at_layer"
+        )
+
+
+def _tokenizer_size(tokenizer) -> Optional[int]:
+    """The number of tokens a tokenizer can produce (added tokens included), or None if it cannot say."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+        return size if isinstance(size, int) else None
 
 
 def _layer_index(value: int, n_layers: int, name: str) -> int:

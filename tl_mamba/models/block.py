@@ -10,10 +10,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.components import RMSNorm
+from tl_mamba.models.components import CheckedHookPoint, RMSNorm
 
 
 def uniform_(param: Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
@@ -37,8 +36,8 @@ class MixerBlock(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.dtype)
-        self.hook_resid_pre = HookPoint()  # [b, p, d]
-        self.hook_mixer_in = HookPoint()  # [b, p, d]
+        self.hook_resid_pre = CheckedHookPoint()  # [b, p, d]
+        self.hook_mixer_in = CheckedHookPoint()  # [b, p, d]
 
     @property
     def backend(self) -> str:

@@ -2,7 +2,8 @@
 
 HookPoint names and conventions follow TransformerLens: every norm exposes
 ``hook_scale`` (the RMSNorm divisor sqrt(mean(x²) + eps)) and ``hook_normalized``
-(x / scale, before any weight).
+(x / scale, before any weight). Every hook point of the models is a
+:class:`CheckedHookPoint`, which refuses a hook's return value of another shape.
 """
 
 from __future__ import annotations
@@ -13,6 +14,47 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.ops.precision import upcast
+
+
+class CheckedHookPoint(HookPoint):
+    """TransformerLens' ``HookPoint`` that checks what its forward hooks return.
+
+    A hook may replace the activation (return a new tensor) or edit it in place, and may
+    change its dtype (a patch from an fp32 cache); the models cast where their weights need
+    it. It may not change its shape: a wrong shape would otherwise be blamed on another
+    tensor further on ("z must have shape ..."), fail in a reshape, or be broadcast silently
+    (a ``[1, ...]`` tensor or a number). So a return value that is not a tensor raises a
+    ``TypeError``, and a tensor of another shape a ``ValueError``, both naming the hook.
+
+    Only ``nn.Module`` semantics are relied on (forward hooks run inside ``__call__`` and may
+    replace the output), so this holds on transformer-lens 3.x and 4.x alike. The check costs
+    one identity comparison per call, and a shape comparison only when a hook returned
+    something other than the activation it was given.
+    """
+
+    def __call__(self, x, *args, **kwargs):
+        out = super().__call__(x, *args, **kwargs)
+        if out is not x:
+            check_hook_output(self, x, out)
+        return out
+
+
+def check_hook_output(hook_point: HookPoint, given, returned) -> None:
+    """Raise if ``returned`` (what ``hook_point``'s hooks made of ``given``) is not a tensor of
+    ``given``'s shape."""
+    if not isinstance(given, Tensor):
+        return
+    expected = tuple(given.shape)
+    if not isinstance(returned, Tensor):
+        raise TypeError(
+            f"a hook on {hook_point.name} returned {type(returned).__name__}, expected a tensor of shape "
+            f"{expected} (the activation it was given); return None to keep the activation as it is"
+        )
+    if tuple(returned.shape) != expected:
+        raise ValueError(
+            f"a hook on {hook_point.name} returned shape {tuple(returned.shape)}, expected {expected} "
+            "(the shape of the activation it was given): hooks may change values and dtype, not the shape"
+        )
 
 
 class Embed(nn.Module):
@@ -42,8 +84,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.apply_weight = apply_weight
         self.w = nn.Parameter(torch.ones(d, dtype=dtype))
-        self.hook_scale = HookPoint()  # [b, p, 1]
-        self.hook_normalized = HookPoint()  # [b, p, d]
+        self.hook_scale = CheckedHookPoint()  # [b, p, 1]
+        self.hook_normalized = CheckedHookPoint()  # [b, p, d]
 
     def forward(self, x: Tensor) -> Tensor:
         """``[b, p, d]`` → ``[b, p, d]`` in the weight's dtype (the norm itself runs in fp32)."""

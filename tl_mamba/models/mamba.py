@@ -29,13 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import HookedSSM, hook_is_active
 from tl_mamba.models.block import MixerBlock, uniform_
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
-from tl_mamba.models.components import weightless_rms
+from tl_mamba.models.components import CheckedHookPoint, weightless_rms
 from tl_mamba.ops import causal_conv1d, selective_scan
 from tl_mamba.ops.precision import upcast
 
@@ -62,21 +61,21 @@ class MambaBlock(MixerBlock):
     def __init__(self, cfg: HookedMambaConfig, layer: int):
         super().__init__(cfg, layer)
         self.mixer = MambaMixerParams(cfg)
-        self.hook_conv_in = HookPoint()  # [b, p, e]
-        self.hook_conv = HookPoint()  # [b, p, e]
-        self.hook_x = HookPoint()  # [b, p, e]
-        self.hook_z = HookPoint()  # [b, p, e]
-        self.hook_gate = HookPoint()  # [b, p, e]
-        self.hook_dt_low = HookPoint()  # [b, p, r]
-        self.hook_delta = HookPoint()  # [b, p, e]
-        self.hook_B = HookPoint()  # [b, p, n]
-        self.hook_C = HookPoint()  # [b, p, n]
-        self.hook_ssm_mask = HookPoint()  # [b, 1, p, p] heavy
-        self.hook_h = HookPoint()  # [b, p, e, n] heavy
-        self.hook_y = HookPoint()  # [b, p, e]
-        self.hook_y_gated = HookPoint()  # [b, p, e]
-        self.hook_mixer_out = HookPoint()  # [b, p, d]
-        self.hook_resid_post = HookPoint()  # [b, p, d]
+        self.hook_conv_in = CheckedHookPoint()  # [b, p, e]
+        self.hook_conv = CheckedHookPoint()  # [b, p, e]
+        self.hook_x = CheckedHookPoint()  # [b, p, e]
+        self.hook_z = CheckedHookPoint()  # [b, p, e]
+        self.hook_gate = CheckedHookPoint()  # [b, p, e]
+        self.hook_dt_low = CheckedHookPoint()  # [b, p, r]
+        self.hook_delta = CheckedHookPoint()  # [b, p, e]
+        self.hook_B = CheckedHookPoint()  # [b, p, n]
+        self.hook_C = CheckedHookPoint()  # [b, p, n]
+        self.hook_ssm_mask = CheckedHookPoint()  # [b, 1, p, p] heavy
+        self.hook_h = CheckedHookPoint()  # [b, p, e, n] heavy
+        self.hook_y = CheckedHookPoint()  # [b, p, e]
+        self.hook_y_gated = CheckedHookPoint()  # [b, p, e]
+        self.hook_mixer_out = CheckedHookPoint()  # [b, p, d]
+        self.hook_resid_post = CheckedHookPoint()  # [b, p, d]
 
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:

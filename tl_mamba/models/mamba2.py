@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import HookedSSM, run_hook_contiguous
+from tl_mamba.models.components import CheckedHookPoint
 from tl_mamba.models.block import MixerBlock
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.ops import causal_conv1d
@@ -66,22 +66,22 @@ class Mamba2Block(MixerBlock):
     def __init__(self, cfg: HookedMambaConfig, layer: int):
         super().__init__(cfg, layer)
         self.mixer = Mamba2MixerParams(cfg)
-        self.hook_z = HookPoint()  # [b, p, h, hd]
-        self.hook_gate = HookPoint()  # [b, p, h, hd]
-        self.hook_conv_in = HookPoint()  # [b, p, e+2gn]
-        self.hook_conv = HookPoint()  # [b, p, e+2gn]
-        self.hook_x = HookPoint()  # [b, p, h, hd]
-        self.hook_B = HookPoint()  # [b, p, g, n]
-        self.hook_C = HookPoint()  # [b, p, g, n]
-        self.hook_delta_raw = HookPoint()  # [b, p, h]
-        self.hook_delta = HookPoint()  # [b, p, h]
-        self.hook_ssm_mask = HookPoint()  # [b, h, p, p] heavy
-        self.hook_h = HookPoint()  # [b, p, h, hd, n] heavy
-        self.hook_y = HookPoint()  # [b, p, h, hd]
-        self.hook_y_gated = HookPoint()  # [b, p, e]
-        self.hook_y_normed = HookPoint()  # [b, p, e]
-        self.hook_mixer_out = HookPoint()  # [b, p, d]
-        self.hook_resid_post = HookPoint()  # [b, p, d]
+        self.hook_z = CheckedHookPoint()  # [b, p, h, hd]
+        self.hook_gate = CheckedHookPoint()  # [b, p, h, hd]
+        self.hook_conv_in = CheckedHookPoint()  # [b, p, e+2gn]
+        self.hook_conv = CheckedHookPoint()  # [b, p, e+2gn]
+        self.hook_x = CheckedHookPoint()  # [b, p, h, hd]
+        self.hook_B = CheckedHookPoint()  # [b, p, g, n]
+        self.hook_C = CheckedHookPoint()  # [b, p, g, n]
+        self.hook_delta_raw = CheckedHookPoint()  # [b, p, h]
+        self.hook_delta = CheckedHookPoint()  # [b, p, h]
+        self.hook_ssm_mask = CheckedHookPoint()  # [b, h, p, p] heavy
+        self.hook_h = CheckedHookPoint()  # [b, p, h, hd, n] heavy
+        self.hook_y = CheckedHookPoint()  # [b, p, h, hd]
+        self.hook_y_gated = CheckedHookPoint()  # [b, p, e]
+        self.hook_y_normed = CheckedHookPoint()  # [b, p, e]
+        self.hook_mixer_out = CheckedHookPoint()  # [b, p, d]
+        self.hook_resid_post = CheckedHookPoint()  # [b, p, d]
 
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:

@@ -1,0 +1,311 @@
+"""Input checks at the edges of the forward, hooks, generation, saving and loading.
+
+Each case used to give a silent wrong result (a weighted mask, a loss over the
+wrong tokens, a broadcast hook return, a stale tokenizer, a NaN loss) or an
+error that blamed something else. References are independent of the code under
+test: the unpadded prompt run alone, a full forward, the files on disk.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import tl_mamba
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+
+from conftest import make_tokenizer, tiny_config
+
+
+def mamba1(**overrides):
+    return HookedMamba(tiny_config(**overrides))
+
+
+def mamba2(**overrides):
+    base = dict(n_layers=2, d_model=16, d_vocab=48, family="mamba2", d_state=4, d_head=8, chunk_size=4, seed=0,
+                bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    base.update(overrides)
+    return HookedMamba2(HookedMambaConfig(**base))
+
+
+FAMILIES = [pytest.param(mamba1, id="mamba1"), pytest.param(mamba2, id="mamba2")]
+
+
+def tokens(b=2, p=6, seed=0, low=3, high=40):
+    return torch.randint(low, high, (b, p), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- attention_mask values
+@pytest.mark.parametrize("make", FAMILIES)
+@pytest.mark.parametrize("mask, shown", [
+    ([[0, 2, 2, 2, 2, 2]], "2"),
+    ([[0, 0.5, 1, 1, 1, 1]], "0.5"),
+    ([[0, -1, -1, -1, -1, -1]], "-1"),
+    ([[0.5, 1, 1, 1, 1, 1]], "0.5"),  # was taken for "no padding"
+    ([[0, float("nan"), 1, 1, 1, 1]], "nan"),
+])
+def test_attention_mask_must_be_zeros_and_ones(make, mask, shown):
+    model = make()
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 .* and 1") as err:
+        model(tokens(1), attention_mask=torch.tensor(mask))
+    assert shown in str(err.value)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.bool, torch.long, torch.int32, torch.float32, torch.float64])
+def test_binary_masks_of_any_dtype_match_the_unpadded_run(make, dtype):
+    model = make()
+    t = tokens(1)
+    alone = model(t[:, 2:])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]]).to(dtype)
+    torch.testing.assert_close(model(t, attention_mask=mask)[:, 2:], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_values_checked_with_start_at_layer_and_string_input(tokenizer):
+    model = HookedMamba(tiny_config(), tokenizer=tokenizer)
+    resid = model(tokens(1), stop_at_layer=1)
+    with pytest.raises(ValueError, match="only 0"):
+        model(resid, start_at_layer=1, attention_mask=torch.tensor([[0, 2, 2, 2, 2, 2]]))
+    n = model.to_tokens("the cat sat").shape[1]
+    with pytest.raises(ValueError, match="only 0"):
+        model("the cat sat", attention_mask=torch.full((1, n), 0.5))
+
+
+# ---------------------------------------------------------------- start_at_layer / stop_at_layer
+@pytest.mark.parametrize("make", FAMILIES)
+def test_loss_tokens_must_match_the_residual_positions(make):
+    model = make()
+    t = tokens()
+    resid = model(t, stop_at_layer=1)
+    torch.testing.assert_close(model(resid, start_at_layer=1, return_type="loss", tokens=t),
+                               model(t, return_type="loss"))
+    for wrong in (t[:, :3], t[:1], t[:, :, None]):
+        with pytest.raises(ValueError, match=r"tokens has shape .* \(2, 6\)"):
+            model(resid, start_at_layer=1, return_type="loss", tokens=wrong)
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(resid, start_at_layer=1, return_type="loss", tokens=t.float())
+    with pytest.raises(ValueError, match=r"must lie in \[0, 48\)"):
+        model(resid, start_at_layer=1, return_type="loss", tokens=t + 100)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_start_after_stop_is_an_error(make):
+    model = make()
+    t = tokens()
+    resid = model(t, stop_at_layer=1)
+    with pytest.raises(ValueError, match="start_at_layer=2 is after stop_at_layer=1"):
+        model(resid, start_at_layer=2, stop_at_layer=1)
+    with pytest.raises(ValueError, match="after stop_at_layer"):
+        model(resid, start_at_layer=-1, stop_at_layer=0)
+    # equal runs no block, as in TransformerLens (a slice [start:stop] of the blocks)
+    torch.testing.assert_close(model(resid, start_at_layer=1, stop_at_layer=1), resid)
+
+
+# ---------------------------------------------------------------- tokenizers that do not fit
+def test_save_without_tokenizer_removes_an_earlier_tokenizer(tmp_path):
+    tl_mamba.from_pretrained("toy-mamba").save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    mamba1(d_vocab=56).save_pretrained(tmp_path)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert not left & {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}, left
+    back = tl_mamba.from_pretrained(str(tmp_path))
+    assert back.tokenizer is None and back.cfg.d_vocab == 56
+
+
+def test_save_with_tokenizer_keeps_its_files_and_drops_foreign_ones(tmp_path):
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")  # left by an earlier (BPE) tokenizer
+    (tmp_path / "vocab.json").write_text("{}")
+    model = HookedMamba(tiny_config(), tokenizer=make_tokenizer())
+    model.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "tokenizer.json" in names and not names & {"merges.txt", "vocab.json"}, names
+    # saving into the folder it was loaded from keeps its tokenizer
+    back = tl_mamba.from_pretrained(str(tmp_path))
+    back.save_pretrained(tmp_path)
+    again = tl_mamba.from_pretrained(str(tmp_path))
+    assert again.to_str_tokens("the cat", prepend_bos=False) == ["the", "cat"]
+
+
+def test_loading_warns_when_the_tokenizer_is_larger_than_the_vocabulary(tmp_path):
+    mamba1(d_vocab=16).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(str(tmp_path))  # 40 tokens for a 16-row embedding
+    with pytest.warns(UserWarning, match=r"tokenizer has \d+ tokens but the model's embedding only 16 rows"):
+        tl_mamba.from_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match="16 rows"):
+        HookedMamba.from_pretrained(str(tmp_path), tokenizer=make_tokenizer())
+    with warnings.catch_warnings():  # a tokenizer smaller than d_vocab is normal (padded vocabularies)
+        warnings.simplefilter("error")
+        tl_mamba.from_pretrained("toy-mamba")
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_string_input_beyond_the_vocabulary_is_a_clear_error(make):
+    model = make(d_vocab=8)
+    model.tokenizer = make_tokenizer()  # ids up to ~40
+    with pytest.raises(ValueError, match=r"tokenizer gave token ids up to \d+, but the model has d_vocab=8"):
+        model("the cat sat on the mat")
+    with pytest.raises(ValueError, match="d_vocab=8"):
+        model.generate("the cat sat on the mat", max_new_tokens=1, verbose=False)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 8\)"):
+        model(torch.tensor([[1, 2, 30]]))
+
+
+# ---------------------------------------------------------------- what hooks return
+SHAPE_HOOKS = {
+    mamba1: ["hook_embed", "blocks.0.hook_conv_in", "blocks.0.hook_x", "blocks.0.hook_y", "blocks.0.hook_B",
+             "blocks.0.ln1.hook_scale", "blocks.1.hook_mixer_out", "ln_final.hook_normalized"],
+    mamba2: ["hook_embed", "blocks.0.hook_conv", "blocks.0.hook_x", "blocks.0.hook_y", "blocks.0.hook_B",
+             "blocks.0.hook_delta", "blocks.0.hook_y_gated", "blocks.1.hook_resid_post"],
+}
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+@pytest.mark.parametrize("change", ["drop_position", "first_row", "extra_axis"])
+def test_a_hook_returning_another_shape_is_named(make, change):
+    model = make()
+    t = tokens()
+    edit = {"drop_position": lambda x: x[:, :-1], "first_row": lambda x: x[:1],
+            "extra_axis": lambda x: x[..., None]}[change]
+    for name in SHAPE_HOOKS[make]:
+        seen = {}
+
+        def hook(x, hook):
+            seen["shape"] = tuple(x.shape)
+            return edit(x)
+
+        with pytest.raises(ValueError, match=rf"a hook on {name} returned shape") as err:
+            model.run_with_hooks(t, fwd_hooks=[(name, hook)])
+        assert f"expected {seen['shape']}" in str(err.value)
+        model.reset_hooks()
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+@pytest.mark.parametrize("value", [3, 0.5, "text", [1.0]])
+def test_a_hook_returning_a_non_tensor_is_named(make, value):
+    model = make()
+    for name in ("blocks.0.hook_y", "blocks.0.hook_B"):
+        with pytest.raises(TypeError, match=rf"a hook on {name} returned \w+, expected a tensor of shape"):
+            model.run_with_hooks(tokens(), fwd_hooks=[(name, lambda x, hook: value)])
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_hooks_may_change_dtype_and_edit_in_place(make):
+    model = make()
+    t = tokens()
+    reference = model(t)
+    for name in SHAPE_HOOKS[make]:
+        out = model.run_with_hooks(t, fwd_hooks=[(name, lambda x, hook: x.double())])
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+
+    def scale_(x, hook):
+        x.mul_(0.5)
+
+    def scale(x, hook):
+        return x * 0.5
+
+    torch.testing.assert_close(model.run_with_hooks(t, fwd_hooks=[("blocks.0.hook_x", scale_)]),
+                               model.run_with_hooks(t, fwd_hooks=[("blocks.0.hook_x", scale)]))
+
+
+def test_backward_hooks_still_see_the_activation_shape():
+    model = mamba2()
+    shapes = []
+    model.run_with_hooks(tokens(), return_type="loss",
+                         bwd_hooks=[("blocks.0.hook_y", lambda g, hook: shapes.append(tuple(g.shape)))]).backward()
+    assert shapes == [model.hook_shapes(tokens())["blocks.0.hook_y"]]
+
+
+# ---------------------------------------------------------------- token dtypes, empty losses
+@pytest.mark.parametrize("make", FAMILIES)
+def test_uint8_tokens_are_refused(make):
+    model = make()
+    with pytest.raises(TypeError, match="uint8.*mask"):
+        model(tokens().to(torch.uint8))
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_other_integer_tokens_are_token_ids(make, dtype):
+    model = make()
+    t = tokens()
+    torch.testing.assert_close(model(t.to(dtype)), model(t))
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_a_loss_needs_something_to_predict(make):
+    model = make()
+    t = tokens()
+    for kwargs in ({}, {"loss_per_token": True}):
+        with pytest.raises(ValueError, match="at least 2 positions"):
+            model(t[:, :1], return_type="loss", **kwargs)
+        with pytest.raises(ValueError, match="at least 2 positions"):
+            model(t[:, :1], return_type="both", **kwargs)
+    with pytest.raises(ValueError, match=r"empty batch \(b=0\)"):
+        model(t[:0], return_type="loss")
+    assert model(t[:0], return_type="loss", loss_per_token=True).shape == (0, 5)
+    assert model(t[:, :1]).shape == (2, 1, 48)  # logits of one position are fine
+    resid = model(t[:, :1], stop_at_layer=1)
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        model(resid, start_at_layer=1, return_type="loss", tokens=t[:, :1])
+
+
+# ---------------------------------------------------------------- generate arguments
+@pytest.mark.parametrize("make", FAMILIES)
+def test_generate_argument_checks(make):
+    model = make()
+    t = tokens()
+    with pytest.raises(ValueError, match="eos_token_id is empty"):
+        model.generate(t, max_new_tokens=2, eos_token_id=[], verbose=False)
+    for top_k in (-3, 0, 1.5):
+        with pytest.raises(ValueError, match="top_k must be a positive int"):
+            model.generate(t, max_new_tokens=2, top_k=top_k, verbose=False)
+    with pytest.raises(ValueError, match="return_type must be 'input', 'str' or 'tokens', got 'junk'"):
+        model.generate(t, max_new_tokens=2, return_type="junk", verbose=False)
+    greedy = model.generate(t, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False)
+    for return_type in ("input", "tokens", None):
+        assert torch.equal(model.generate(t, max_new_tokens=2, do_sample=False, stop_at_eos=False,
+                                          return_type=return_type, verbose=False), greedy)
+    assert torch.equal(model.generate(t, max_new_tokens=2, do_sample=False, eos_token_id=torch.tensor(47),
+                                      verbose=False)[:, :7], greedy[:, :7])
+
+
+# ---------------------------------------------------------------- from_pretrained dtype
+def test_from_pretrained_dtype_names_and_auto(tmp_path):
+    assert tl_mamba.from_pretrained("toy-mamba", dtype="auto").cfg.dtype == torch.float32
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("torch.float64", torch.float64),
+                        ("float32", torch.float32)):
+        model = tl_mamba.from_pretrained("toy-mamba", dtype=name)
+        assert model.cfg.dtype == dtype and model.W_E.dtype == dtype
+    # "auto" is the checkpoint's own dtype: config.json's torch_dtype (transformers layout) ...
+    mamba2().to(torch.bfloat16).save_pretrained(tmp_path / "hf", layout="transformers")
+    assert tl_mamba.from_pretrained(str(tmp_path / "hf"), dtype="auto").W_E.dtype == torch.bfloat16
+    # ... or, with no dtype in the config (mamba_ssm layout), that of the weights
+    mamba1().to(torch.float16).save_pretrained(tmp_path / "ssm")
+    assert tl_mamba.from_pretrained(str(tmp_path / "ssm"), dtype="auto").W_E.dtype == torch.float16
+    assert HookedMamba.from_pretrained(str(tmp_path / "ssm"), dtype="float64").W_E.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "int8", "fp8", "autos", 3])
+def test_from_pretrained_refuses_non_float_dtypes(dtype):
+    with pytest.raises((ValueError, TypeError), match=r"floating-point torch dtype, 'auto', or one of 'float32'"):
+        tl_mamba.from_pretrained("toy-mamba", dtype=dtype)
+
+
+def test_from_hf_dtype_names():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4, expand=2, conv_kernel=3))
+    assert HookedMamba.from_hf(hf).W_E.dtype == torch.float32
+    from tl_mamba.loading import from_hf
+
+    assert from_hf(HookedMamba, hf, dtype="auto").W_E.dtype == torch.float32
+    assert from_hf(HookedMamba, hf, dtype="bfloat16").W_E.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="floating-point"):
+        from_hf(HookedMamba, hf, dtype=torch.int32)
+
+
+def test_a_config_with_an_integer_dtype_is_refused():
+    with pytest.raises(TypeError, match="cfg.dtype must be a floating-point torch dtype"):
+        HookedMamba(tiny_config(dtype=torch.int64))
