@@ -22,11 +22,24 @@ from torch import Tensor
 REDUCTIONS = (None, "norm", "sum", "mean", "abs_max")
 
 
+def _hook_ndim(cfg, hook: str) -> int:
+    """The number of dims of a block hook with its batch axis (``hook_B`` / ``hook_C`` of Mamba-2:
+    ``[b, p, g, n]``; the others used here ``[b, p, ·]``)."""
+    return 4 if cfg.family == "mamba2" and hook in ("hook_B", "hook_C") else 3
+
+
 def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attention_mask, what: str):
     """The ``blocks.{layer}.hook_*`` activations ``hooks`` (batch axis restored), from a cache
-    (a MambaActivationCache or dict) or by running the model up to ``layer``."""
+    (a MambaActivationCache or dict) or by running the model up to ``layer``.
+
+    A cache must hold the whole sequence: ``ValueError`` when the activations disagree on
+    ``[b, p]``, and when the cache also holds the layer's ``hook_conv_in`` and ``hook_conv`` and
+    they show that its first position is not the sequence's first (a ``pos_slice`` cache, or a
+    run continued from a recurrent state), see :func:`_check_starts_at_zero`.
+    """
     names = [f"blocks.{layer}.{hook}" for hook in hooks]
-    if isinstance(input_or_cache, (str, list, Tensor)):
+    from_cache = not isinstance(input_or_cache, (str, list, Tensor))
+    if not from_cache:
         with torch.no_grad():
             _, cache = model.run_with_cache(input_or_cache, names_filter=lambda name: name in names,
                                             stop_at_layer=layer + 1, attention_mask=attention_mask)
@@ -37,7 +50,66 @@ def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attent
     except KeyError as err:
         raise KeyError(f"{what} needs {names} in the cache; run_with_cache without a names_filter "
                        f"(or one that keeps them) provides them") from err
-    return [value[None] if value.dim() == 2 else value for value in values]  # a cache without its batch dim
+    if not from_cache:
+        return values
+    unbatched = getattr(cache, "has_batch_dim", True) is False  # run_with_cache(remove_batch_dim=True)
+    out = []
+    for name, hook, value in zip(names, hooks, values):
+        want = _hook_ndim(model.cfg, hook)
+        if unbatched or value.dim() == want - 1:  # a cache without its batch dim
+            value = value[None]
+        if value.dim() != want:
+            raise ValueError(f"{what}: the cached {name} has shape {tuple(cache[name].shape)}; expected {want} dims "
+                             f"with the batch axis ({want - 1} without it). Is the cache from this model?")
+        out.append(value)
+    shapes = {name: tuple(value.shape[:2]) for name, value in zip(names, out)}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{what}: the cached activations disagree on [b, p]: {shapes}; they must come from one run")
+    _check_starts_at_zero(model, cache, layer, unbatched, what)
+    return out
+
+
+def _check_starts_at_zero(model, cache, layer: int, unbatched: bool, what: str) -> None:
+    """``ValueError`` when the cache's first position is not the first token of the sequence.
+
+    α and the conv terms need the whole sequence; a cache cut by ``pos_slice`` (say ``-1``)
+    or made by a run continued from a recurrent state would silently give those of a shorter
+    input. Both hold a ``hook_conv`` whose first position mixes in earlier tokens, so it
+    differs from ``bias + w[:, k-1] · hook_conv_in[0]``, the conv at a sequence's first token
+    (padding included: padded positions feed zeros to the conv). Checked when the cache holds
+    the layer's ``hook_conv_in`` and ``hook_conv`` (``run_with_cache()`` without a names_filter
+    keeps them); otherwise a cut cache cannot be told from a shorter input.
+    """
+    names = (f"blocks.{layer}.hook_conv_in", f"blocks.{layer}.hook_conv")
+    try:
+        conv_in, conv = (cache[name] for name in names)
+    except (KeyError, TypeError):
+        return
+    if not isinstance(conv_in, Tensor) or not isinstance(conv, Tensor):
+        return
+    if unbatched or conv_in.dim() == 2:
+        conv_in, conv = conv_in[None], conv[None]
+    if conv_in.dim() != 3 or conv_in.shape != conv.shape or conv_in.shape[1] == 0:
+        return
+    conv1d = model.blocks[layer].mixer.conv1d
+    if conv1d.weight.shape[0] != conv_in.shape[-1]:
+        return
+    with torch.no_grad():
+        last_tap = conv1d.weight.detach()[:, 0, -1].to(conv_in.device, torch.float64)
+        bias = (torch.zeros_like(last_tap) if conv1d.bias is None
+                else conv1d.bias.detach().to(conv_in.device, torch.float64))
+        own = last_tap * conv_in[:, 0].double()
+        first = conv[:, 0].double()
+        eps = torch.finfo(conv.dtype).eps if conv.is_floating_point() else 0.0
+        tolerance = 8 * eps * (bias.abs() + own.abs() + first.abs()) + 1e-12
+        off = bool(((first - (bias + own)).abs() > tolerance).any())
+    if off:
+        raise ValueError(
+            f"{what} needs the whole sequence, from its first token, but this cache's first position is not the "
+            f"first token: blocks.{layer}.hook_conv at position 0 mixes in earlier tokens. Was the cache made with "
+            "pos_slice (e.g. -1), or by a run continued from a recurrent state? Pass the tokens, or a cache of the "
+            "full run (or of a prefix: pos_slice=slice(0, k)). (A hook that edited hook_conv at position 0 in the "
+            "cached run also shows this.)")
 
 
 def _check_call(model, layer: int, reduce: Optional[str], what: str) -> int:
@@ -99,7 +171,11 @@ def hidden_attention(
 
     Args:
         input_or_cache: tokens ``[b, p]``, text, or a cache holding the layer's
-            ``hook_delta``, ``hook_B`` and ``hook_C``.
+            ``hook_delta``, ``hook_B`` and ``hook_C`` over the whole sequence (with or
+            without the batch axis: ``remove_batch_dim=True`` caches work for both
+            families). A cache cut by ``pos_slice`` (not starting at position 0) raises
+            ``ValueError`` when it also holds the layer's ``hook_conv_in`` and ``hook_conv``,
+            as ``run_with_cache()`` without a names_filter gives.
         heads: Mamba-2 heads to return. channels: Mamba-1 channels to return.
         reduce: ``None`` (every feature), or a ``[b, p, p]`` view over the chosen
             features for plotting: ``"norm"`` (L2 norm), ``"sum"``, ``"mean"``,
@@ -178,7 +254,8 @@ def conv_attention(
     channels) ``[b, p, p]``, e.g. to see a conv that moves tokens one position forward.
 
     Args:
-        input_or_cache: tokens ``[b, p]``, text, or a cache holding ``blocks.{layer}.hook_conv_in``.
+        input_or_cache: tokens ``[b, p]``, text, or a cache holding ``blocks.{layer}.hook_conv_in``
+            over the whole sequence (checked as in :func:`hidden_attention`).
 
     Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` reduced), checked against
     ``model.heavy_hook_memory_limit`` (``MemoryError``): only ``k`` diagonals are non-zero,

@@ -52,11 +52,62 @@ Positions = Union[int, Sequence[int], Tensor]
 PATHS = ("ssm", "conv", "both")
 
 
+def _index_list(values, what: str) -> List[int]:
+    """``values`` (an int, a sequence of ints, an int tensor) as a list of Python ints.
+
+    ``TypeError`` for anything that is not an integer (a float such as ``1.7`` would be
+    truncated, a Python bool read as position 0 or 1).
+    """
+    unit = "positions" if what in ("sources", "targets") else what
+    if hasattr(values, "tolist") and not isinstance(values, Tensor):  # numpy arrays and scalars
+        values = values.tolist()
+    if isinstance(values, Tensor):
+        if values.is_floating_point() or values.is_complex():
+            raise TypeError(f"Knockout {what}: give integer {unit} or a bool mask, not a {values.dtype} tensor "
+                            f"({values.flatten()[:4].tolist()}...)")
+        return [int(v) for v in values.flatten().tolist()]
+    if isinstance(values, bool) or (not isinstance(values, (list, tuple, range)) and hasattr(values, "__index__")):
+        values = [values]
+    elif not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
+        raise TypeError(f"Knockout {what}: give an integer, a list of integers or a bool mask, "
+                        f"got {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, Tensor) or hasattr(v, "tolist"):  # a 0-d tensor or numpy scalar: its Python value
+            v = v.item() if getattr(v, "ndim", 0) == 0 else v
+        if isinstance(v, bool) or isinstance(v, Tensor) or not hasattr(v, "__index__"):
+            hint = (" (a list of bools: pass a bool tensor, torch.tensor(mask, dtype=torch.bool), to give a mask)"
+                    if isinstance(v, bool) else "")
+            raise TypeError(f"Knockout {what}: integer {unit} needed, got {v!r} of type {type(v).__name__}{hint}")
+        out.append(int(v))
+    return out
+
+
+def _no_repeats(index: List[int], given: List[int], size: int, what: str, unit: str) -> None:
+    """``ValueError`` when two entries of ``given`` name the same index (``index``: them modulo ``size``)."""
+    if len(set(index)) == len(index):
+        return
+    seen, repeated = set(), []
+    for i, g in zip(index, given):
+        if i in seen and i not in repeated:
+            repeated.append(i)
+        seen.add(i)
+    looks_like_mask = len(given) == size and set(given) <= {0, 1}
+    hint = (f" These look like a 0/1 mask of {size} entries, but an int tensor or list gives indices; "
+            "a mask must be a bool tensor (mask.bool())." if looks_like_mask else
+            " An int tensor or list gives indices; if a mask was meant, pass a bool tensor (mask.bool()).")
+    raise ValueError(f"Knockout {what}: {unit} {repeated} given more than once ({given[:12]}"
+                     f"{' ...' if len(given) > 12 else ''}).{hint}")
+
+
 def resolve_positions(positions: Positions, b: int, p: int, what: str, device=None) -> Tensor:
     """Turn sources/targets into a ``[b, p]`` bool tensor.
 
-    Accepts an int, a list of ints (negative counts from the end), an int tensor of
-    positions, or a bool tensor ``[p]`` or ``[b, p]`` (one row per batch element).
+    Accepts an int, a list of distinct ints (negative counts from the end), an int tensor
+    of positions, or a bool tensor ``[p]`` or ``[b, p]`` (one row per batch element).
+    Positions index the columns of the (padded) batch. ``TypeError`` for non-integer
+    positions (floats); ``ValueError`` for a position given twice (an int 0/1 tensor meant
+    as a mask is the usual cause: masks must be bool).
     """
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         if positions.dim() == 1:
@@ -69,18 +120,13 @@ def resolve_positions(positions: Positions, b: int, p: int, what: str, device=No
                                  f"got {tuple(positions.shape)}")
             return positions.to(device)
         raise ValueError(f"Knockout {what}: a bool mask must be [p] or [b, p], got shape {tuple(positions.shape)}")
-    if isinstance(positions, Tensor):
-        if positions.is_floating_point():
-            raise TypeError(f"Knockout {what}: give positions as ints or a bool mask, not a float tensor")
-        positions = positions.flatten().tolist()
-    if isinstance(positions, int):
-        positions = [positions]
+    given = _index_list(positions, what)
     index = []
-    for pos in positions:
-        pos = int(pos)
+    for pos in given:
         if not -p <= pos < p:
             raise IndexError(f"Knockout {what}: position {pos} is out of range for a sequence of {p} tokens")
         index.append(pos % p)
+    _no_repeats(index, given, p, what, "positions")
     out = torch.zeros(b, p, dtype=torch.bool)  # built on the host: indexing a GPU tensor with a list waits for it
     if index:
         out[:, index] = True
@@ -93,18 +139,21 @@ def _to_device(host: Tensor, device) -> Tensor:
 
 
 def _feature_mask(chosen: Optional[Sequence[int]], size: int, what: str, device=None) -> Optional[Tensor]:
+    """``heads`` / ``channels`` as a float ``[size]`` mask (None: every feature)."""
     if chosen is None:
         return None
     if isinstance(chosen, Tensor) and chosen.dtype == torch.bool:
         if chosen.shape != (size,):
             raise ValueError(f"Knockout {what}: a bool mask must have {size} entries, got {tuple(chosen.shape)}")
         return chosen.to(device=device, dtype=torch.float32)
-    index = [int(i) for i in (chosen.tolist() if isinstance(chosen, Tensor) else ([chosen] if isinstance(chosen, int) else chosen))]
-    bad = [i for i in index if not -size <= i < size]
+    given = _index_list(chosen, what)
+    bad = [i for i in given if not -size <= i < size]
     if bad:
         raise IndexError(f"Knockout {what} {bad} out of range: the layer has {size}")
+    index = [i % size for i in given]
+    _no_repeats(index, given, size, what, what)
     out = torch.zeros(size, dtype=torch.float32)
-    out[[i % size for i in index]] = 1.0
+    out[index] = 1.0
     return _to_device(out, device)
 
 
@@ -114,11 +163,25 @@ class Knockout:
 
     Args:
         layers: a layer index, or an iterable of them (negative counts from the end).
-        sources, targets: positions (ints, negatives allowed), an int tensor, or bool
-            masks ``[p]`` / ``[b, p]`` (one knockout per batch row).
+        sources, targets: positions (distinct ints, negatives allowed), an int tensor of
+            positions, or bool masks ``[p]`` / ``[b, p]`` (one knockout per batch row). A mask
+            must be a bool tensor: an int 0/1 tensor is read as positions, so one that repeats
+            a position raises ``ValueError``; non-integer positions (floats) raise ``TypeError``.
         path: ``"ssm"`` (hidden-attention terms), ``"conv"`` (conv taps) or ``"both"``.
-        heads: Mamba-2 only: restrict to these heads.
-        channels: Mamba-1 only: restrict to these d_inner channels.
+        heads: Mamba-2 only: restrict to these heads (distinct ints, or a bool mask ``[h]``).
+        channels: Mamba-1 only: restrict to these d_inner channels (distinct ints, or a bool
+            mask ``[e]``). An empty list of heads or channels removes nothing (with a warning).
+
+    Positions are columns of the batch as the model sees it, padding included: in a
+    left-padded batch ``sources=[0]`` is the pad column of every padded row, not that
+    prompt's first token, and the knockout removes nothing there (padding feeds nothing
+    into the conv or the scan). For prompts of different lengths give ``[b, p]`` bool
+    masks, one row per prompt (e.g. ``(attention_mask.cumsum(1) == k + 1) & (attention_mask == 1)``
+    for each prompt's own token k). A forward under ``model.run_with_knockout`` or
+    ``model.knockouts`` with an ``attention_mask`` (or padded strings) warns, once per
+    Knockout, when a source or target given as positions or a CPU mask falls on padding in
+    some row (hooks taken from ``ko.hooks(model)`` do not see the attention mask, and masks
+    already on the GPU are not checked: that would wait for the device).
 
     Use with ``model.run_with_knockout(tokens, ko)`` or ``with model.knockouts(ko):``;
     ``ko.hooks(model)`` gives the plain ``(name, fn)`` hooks.
@@ -132,12 +195,18 @@ class Knockout:
     channels: Optional[Sequence[int]] = None
     _layers: Tuple[int, ...] = field(init=False, repr=False, default=())
     _warned_no_edges: bool = field(init=False, repr=False, compare=False, default=False)
+    _warned_padding: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         if self.path not in PATHS:
             raise ValueError(f"Knockout path must be one of {PATHS}, got {self.path!r}")
         if self.heads is not None and self.channels is not None:
             raise ValueError("Knockout takes heads= (Mamba-2) or channels= (Mamba-1), not both")
+        # the types now (floats, bools in a list); ranges and repeats when the sizes are known
+        for what in ("sources", "targets", "heads", "channels"):
+            given = getattr(self, what)
+            if given is not None and not (isinstance(given, Tensor) and given.dtype == torch.bool):
+                _index_list(given, what)
         layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
         if not layers:
             raise ValueError("Knockout needs at least one layer")
@@ -212,11 +281,59 @@ class Knockout:
             f"target{reach} in any row. An edge runs from a source j to a later (or the same) target i; "
             "were sources and targets swapped?", UserWarning, stacklevel=2)
 
+    def warn_if_no_features(self, cfg) -> None:
+        """Warn (once per Knockout, like :meth:`warn_if_no_edges`) when ``heads=`` / ``channels=``
+        chooses no feature, so that the knockout removes nothing; check their ranges."""
+        what = "heads" if cfg.family == "mamba2" else "channels"
+        chosen = getattr(self, what)
+        if chosen is None:
+            return
+        features = _feature_mask(chosen, cfg.n_heads if what == "heads" else cfg.d_inner, what)
+        if self._warned_no_edges or bool(features.any()):
+            return
+        import warnings
+
+        self._warned_no_edges = True
+        warnings.warn(f"{self!r} removes no edges: {what}= chooses no {what[:-1]} (an empty list or an all-False "
+                      f"mask); pass {what}=None for every {what[:-1]}.", UserWarning, stacklevel=3)
+
+    def warn_if_on_padding(self, attention_mask: Tensor) -> None:
+        """Warn (once per Knockout) when a source or target falls on a padded position of some row.
+
+        ``attention_mask``: ``[b, p]`` on the CPU, 1 at real tokens. Positions are columns of the
+        padded batch, so ``sources=[0]`` in a left-padded row is padding, and there is nothing to
+        remove there. Positions given as device masks are not checked (that would wait for the device).
+        """
+        if self._warned_padding:
+            return
+        b, p = attention_mask.shape
+        pad = attention_mask == 0
+        found = []
+        for what in ("sources", "targets"):
+            _, host = self.masks(what, b, p)
+            if host is None:
+                continue
+            hit = host & pad
+            if bool(hit.any()):
+                row = int(hit.any(1).nonzero()[0, 0])
+                found.append(f"{what} {hit[row].nonzero()[:, 0].tolist()} in row {row}")
+        if not found:
+            return
+        import warnings
+
+        self._warned_padding = True
+        warnings.warn(
+            f"{self!r}: {' and '.join(found)} fall on padding (attention_mask 0), where there is nothing to remove. "
+            "Knockout positions are columns of the padded batch, not positions within each prompt: with left "
+            "padding, position 0 is a pad in every padded row. For prompts of different lengths give sources / "
+            "targets as [b, p] bool masks, one row per prompt.", UserWarning, stacklevel=2)
+
     # ---------------------------------------------------------------------- hooks
     def hooks(self, model) -> List[Tuple[str, "object"]]:
         """The ``(hook name, hook function)`` pairs that implement this knockout on ``model``."""
         cfg = model.cfg
         self._check_family(cfg)
+        self.warn_if_no_features(cfg)
         hooks: List[Tuple[str, object]] = []
         for layer in self.resolved_layers(cfg.n_layers):
             if self.path in ("ssm", "both"):
@@ -380,13 +497,54 @@ def as_knockout_list(knockouts) -> List[Knockout]:
     return knockouts
 
 
+class _PaddingCheck:
+    """Forward pre-hooks on the blocks that knockouts act on: they read the block's
+    ``attention_mask`` (the knockout hooks themselves never see it) and warn when a
+    knockout's position falls on padding (:meth:`Knockout.warn_if_on_padding`).
+
+    The mask is copied to the host once per forward (the blocks of one forward share the
+    mask tensor), only for padded batches, and only until every knockout has warned.
+    """
+
+    def __init__(self, model, knockouts: Sequence[Knockout]):
+        self.by_layer: dict = {}
+        for ko in knockouts:
+            for layer in ko.resolved_layers(model.cfg.n_layers):
+                self.by_layer.setdefault(layer, []).append(ko)
+        self._mask: Optional[Tensor] = None
+        self._host: Optional[Tensor] = None
+        self.handles = [model.blocks[layer].register_forward_pre_hook(self._hook(layer), with_kwargs=True)
+                        for layer in self.by_layer]
+
+    def _hook(self, layer: int):
+        def pre_hook(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            waiting = [ko for ko in self.by_layer[layer] if not ko._warned_padding]
+            if mask is None or not waiting or not isinstance(mask, Tensor) or mask.dim() != 2:
+                return None
+            if mask is not self._mask:
+                self._mask, self._host = mask, mask.detach().to("cpu")
+            for ko in waiting:
+                ko.warn_if_on_padding(self._host)
+            return None
+        return pre_hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._mask = self._host = None
+
+
 @contextlib.contextmanager
 def knockouts_context(model, knockouts) -> Iterator[None]:
     """``with model.knockouts(ko):``: the knockouts' hooks are active inside the block."""
-    added = add_knockout_hooks(model, as_knockout_list(knockouts))
+    knockouts = as_knockout_list(knockouts)
+    added = add_knockout_hooks(model, knockouts)
+    padding = _PaddingCheck(model, knockouts)
     try:
         yield
     finally:
+        padding.remove()
         for hook_point, handle in added:
             handle.hook.remove()
             hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]

@@ -50,8 +50,13 @@ def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] =
             raise ValueError(f"clean and corrupted must be [batch, pos] token tensors of one shape, got "
                              f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
         n = clean.shape[0]
+        if n == 0:
+            raise ValueError(f"no prompts: clean and corrupted are {tuple(clean.shape)} token tensors with 0 rows")
         if labels is not None and len(labels) != n:
             raise ValueError(f"got {len(labels)} labels for {n} prompts")
+        if batch_size is not None and (isinstance(batch_size, bool) or not hasattr(batch_size, "__index__")
+                                       or int(batch_size) < 1):
+            raise ValueError(f"batch_size must be a positive int (or None: all prompts at once), got {batch_size!r}")
         step = n if batch_size is None else int(batch_size)
         for start in range(0, n, step):
             window = slice(start, start + step)
@@ -78,6 +83,9 @@ def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Option
     if clean.ndim != 2 or clean.shape != corrupted.shape:
         raise ValueError(f"a batch's clean and corrupted tokens must be [batch, pos] of one shape, got "
                          f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
+    if clean.shape[0] == 0 or clean.shape[1] == 0:
+        raise ValueError(f"a batch of tokens {tuple(clean.shape)} is empty: every batch needs at least one prompt "
+                         "of at least one token")
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(clean.shape):
             raise ValueError(f"attention_mask must have the tokens' shape {tuple(clean.shape)}, got "
@@ -89,10 +97,18 @@ def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Option
 
 
 def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
-    """The metric as a sum over the batch's prompts (a scalar metric is taken as the batch mean)."""
+    """The metric as a sum over the batch's prompts (a scalar metric is taken as the batch mean),
+    to differentiate: ``TypeError`` for a value that is not a tensor (a Python float carries no
+    gradient), ``ValueError`` for a tensor detached from the logits."""
     value = metric(logits) if labels is None else metric(logits, labels)
     if not isinstance(value, Tensor):
-        value = torch.as_tensor(value)
+        raise TypeError(f"the metric must return a tensor computed from the logits (a scalar or one value per "
+                        f"prompt [b]), got {type(value).__name__}: attribution differentiates the metric, and a "
+                        "Python number (.item(), float(...)) carries no gradient")
+    if not value.requires_grad:
+        raise ValueError("the metric does not depend on the logits through autograd (detached? computed under "
+                         "torch.no_grad(), or with .detach() / .item() / numpy?): attribution differentiates the "
+                         "metric with respect to the logits")
     if value.ndim == 0:
         return value * b
     if value.shape != (b,):
@@ -186,7 +202,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
             ``"EAP-IG"`` (the gradient averaged over ``ig_steps`` inputs interpolated between the
             corrupted and clean embeddings, α = k / ig_steps for k = 1..ig_steps; ``ig_steps=1`` is EAP),
             or ``"exact"`` (patch each edge alone, one forward per edge: slow, the reference).
-        ig_steps: EAP-IG steps (default 5).
+        ig_steps: EAP-IG steps, an int >= 1 (default None: 5).
         labels, batch_size, attention_mask: see the module docstring.
 
     Scores estimate ``metric(edge patched to corrupted) - metric(clean)``, averaged over prompts.
@@ -197,9 +213,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
         raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
     if method == "EAP" and ig_steps not in (None, 1):
         raise ValueError("ig_steps applies to method='EAP-IG' only")
-    steps = 1 if method == "EAP" else (ig_steps or 5)
-    if steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    if method == "exact" and ig_steps is not None:
+        raise ValueError("ig_steps applies to method='EAP-IG' only")
+    steps = 1 if method != "EAP-IG" else check_ig_steps(ig_steps)
     if method == "exact":
         return _attribute_exact(model, graph, clean, corrupted, metric, labels, batch_size, attention_mask, quiet)
 
@@ -230,6 +246,17 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
         raise ValueError("no prompts: the data was empty")
     graph.scores = (total / n_prompts).float()
     return graph
+
+
+def check_ig_steps(ig_steps) -> int:
+    """EAP-IG's number of steps: ``ig_steps`` (an int >= 1), or 5 when None."""
+    if ig_steps is None:
+        return 5
+    if isinstance(ig_steps, bool) or not hasattr(ig_steps, "__index__"):
+        raise ValueError(f"ig_steps must be an int >= 1 (or None for 5), got {ig_steps!r}")
+    if int(ig_steps) < 1:
+        raise ValueError(f"ig_steps must be >= 1 (or None for 5), got {ig_steps}")
+    return int(ig_steps)
 
 
 def _reduce_pos(per_pos: Tensor, graph: Graph) -> Tensor:

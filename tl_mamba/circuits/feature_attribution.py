@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mamba.circuits.eap import _metric_values, iter_batches
+from tl_mamba.circuits.eap import _metric_values, check_ig_steps, iter_batches
 
 METHODS = ("EAP", "EAP-IG")
 
@@ -91,9 +91,7 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
         raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
     if method == "EAP" and ig_steps not in (None, 1):
         raise ValueError("ig_steps applies to method='EAP-IG' only")
-    steps = 1 if method == "EAP" else (5 if ig_steps is None else int(ig_steps))
-    if steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    steps = 1 if method == "EAP" else check_ig_steps(ig_steps)
     if not saes:
         raise ValueError("saes is empty: give {hook name: sae}")
     for name, sae in saes.items():

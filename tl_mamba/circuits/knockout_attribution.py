@@ -226,7 +226,9 @@ def knockout_attribution(
     head_list = _heads(model, heads)
     n, p = tokens.shape
     if n == 0:
-        raise ValueError("no prompts")
+        raise ValueError(f"no prompts: tokens {tuple(tokens.shape)} has 0 rows")
+    if p == 0:
+        raise ValueError(f"tokens {tuple(tokens.shape)} have no positions (p = 0): there are no edges to score")
     dtype = _score_dtype(model)
     batch = _fitting_batch(model, len(layer_list), n, p, batch_size, dtype)
     takes_rows = _metric_takes_rows(metric)

@@ -235,6 +235,24 @@ def _check_tokens(clean_tokens, corrupted_tokens) -> Tuple[Tensor, Tensor]:
     return clean_tokens, corrupted_tokens
 
 
+def check_cached_activation(name: str, act, b: int, p: int, what: str, tokens: str) -> None:
+    """``ValueError`` unless the cached ``act`` is a tensor ``[b, p, ...]``: the batch and every
+    position of the ``[b, p]`` ``tokens`` (a cache of other prompts, of another batch size, or
+    cut by ``pos_slice`` would otherwise be broadcast or sliced silently)."""
+    if not isinstance(act, Tensor):
+        raise ValueError(f"{what}[{name!r}] must be a tensor, got {type(act).__name__}")
+    if act.dim() < 2 or tuple(act.shape[:2]) != (b, p):
+        shape = tuple(act.shape)
+        hint = ""
+        if act.dim() >= 2 and act.shape[0] == b and act.shape[1] < p:
+            hint = " (a cache made with pos_slice? the patch needs every position)"
+        elif act.dim() >= 1 and act.shape[0] == p and b == 1:
+            hint = " (a remove_batch_dim=True cache as a plain dict? give each activation its batch axis: act[None])"
+        raise ValueError(f"{what}[{name!r}] has shape {shape}, but {tokens} {(b, p)} need an activation "
+                         f"[{b}, {p}, ...] (batch {b}, {p} positions): the cache must come from a run of these "
+                         f"same {b} prompt(s) of {p} tokens{hint}")
+
+
 # -------------------------------------------------------------------- patch engine
 @dataclass(frozen=True)
 class _Patch:
@@ -245,12 +263,18 @@ class _Patch:
 
 def _clean_activations(model, clean_tokens, names: List[str], attention_mask, clean_cache) -> Dict[str, Tensor]:
     if clean_cache is not None:
+        b, p = clean_tokens.shape
+        unbatched = getattr(clean_cache, "has_batch_dim", True) is False  # run_with_cache(remove_batch_dim=True)
         out = {}
         for n in names:
             try:
-                out[n] = clean_cache[n]
+                act = clean_cache[n]
             except KeyError:
                 raise ValueError(f"clean_cache lacks {n}; cache it with run_with_cache(names_filter=...)") from None
+            if unbatched:
+                act = act[None]
+            check_cached_activation(n, act, b, p, "clean_cache", "clean_tokens")
+            out[n] = act
         return out
     with torch.no_grad():
         last = max(int(n.split(".")[1]) for n in names)
@@ -263,6 +287,10 @@ def _patch_hook(patches: List[Tuple[int, _Patch]], clean: Tensor, b: int, axis: 
     """A hook writing ``clean`` into the rows of each ``(copy k, patch)``: rows ``k·b .. (k+1)·b``."""
 
     def hook(act: Tensor, hook) -> Tensor:
+        if tuple(clean.shape[1:]) != tuple(act.shape[1:]):
+            raise ValueError(f"the clean activation of {hook.name} has shape {tuple(clean.shape)}, but this run's "
+                             f"is {tuple(act.shape)} per copy of the batch: was the clean cache made with another "
+                             "model?")
         new = act.clone()
         view = axis.view(new) if axis is not None else new
         source = (axis.view(clean) if axis is not None else clean).to(new.dtype)
@@ -379,7 +407,11 @@ def patch_layer_position(
             Columns of the result. Positions are absolute columns of the batch.
         attention_mask: ``[b, p]`` padding mask, used for both runs.
         clean_cache: activations of the clean run holding ``blocks.{l}.{hook}``
-            (e.g. from ``run_with_cache``); computed when None.
+            (e.g. from ``run_with_cache``); computed when None. Each must be ``[b, p, ...]``,
+            the batch and every position of ``clean_tokens`` (a cache of one prompt is not
+            broadcast, nor one of longer prompts cut): ``ValueError`` naming the hook and both
+            shapes otherwise, e.g. for a ``pos_slice`` cache. A ``remove_batch_dim=True`` cache
+            of a single prompt (``b = 1``) is taken as ``[1, p, ...]``.
         batch_size: rows per forward; ``batch_size // b`` patches run together.
         progress: show a tqdm bar.
 

@@ -1,0 +1,226 @@
+"""Input checks of the circuit tools, Knockout and hidden_attention: inputs that used to be
+broadcast, sliced, truncated or ignored silently (or failed with an opaque error) now raise
+an error that names the problem, or warn."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout
+from tl_mamba.circuits import Graph, attribute, knockout_attribution
+from tl_mamba.circuits.feature_attribution import feature_attribution
+from tl_mamba.circuits.patching import patch_heads, patch_layer_position
+
+B, P = 2, 6
+
+
+def make_model(family: str):
+    if family == "mamba1":
+        cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4, seed=0)
+        return HookedMamba(cfg)
+    cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4, d_head=8,
+                            n_groups=1, chunk_size=4, seed=0)
+    return HookedMamba2(cfg)
+
+
+@pytest.fixture(params=["mamba1", "mamba2"])
+def family(request):
+    return request.param
+
+
+def tokens(seed: int, b: int = B, p: int = P) -> torch.Tensor:
+    return torch.randint(3, 50, (b, p), generator=torch.Generator().manual_seed(seed))
+
+
+def metric(logits):
+    return logits[:, -1, 5] - logits[:, -1, 6]
+
+
+# ------------------------------------------------------------------- patching: clean_cache
+def test_patch_clean_cache_of_other_prompts_raises_naming_hook_and_shapes(family):
+    model = make_model(family)
+    clean, corrupted = tokens(1), tokens(2)
+    _, one_prompt = model.run_with_cache(clean[:1])
+    _, longer = model.run_with_cache(tokens(3, p=P + 2))
+    _, last_only = model.run_with_cache(clean, pos_slice=-1)
+    for cache, shape in ((one_prompt, (1, P, 16)), (longer, (B, P + 2, 16)), (last_only, (B, 1, 16))):
+        with pytest.raises(ValueError) as err:
+            patch_layer_position(model, clean, corrupted, metric, clean_cache=cache, progress=False)
+        message = str(err.value)
+        assert "blocks.0.hook_resid_pre" in message and str(shape) in message and str((B, P)) in message
+    with pytest.raises(ValueError, match="pos_slice"):
+        patch_layer_position(model, clean, corrupted, metric, clean_cache=last_only, progress=False)
+
+
+def test_patch_heads_checks_its_clean_cache_too():
+    model = make_model("mamba2")
+    clean, corrupted = tokens(1), tokens(2)
+    _, one_prompt = model.run_with_cache(clean[:1])
+    with pytest.raises(ValueError, match=r"blocks\.\d\.hook_y.*\(1, 6, 4, 8\)"):
+        patch_heads(model, clean, corrupted, metric, hook="y", clean_cache=one_prompt, progress=False)
+
+
+def test_patch_with_a_matching_cache_equals_the_computed_one(family):
+    """A cache of the clean prompts (batched, or one prompt without its batch axis) gives the
+    numbers patch_layer_position computes itself."""
+    model = make_model(family)
+    clean, corrupted = tokens(1), tokens(2)
+    reference = patch_layer_position(model, clean, corrupted, metric, progress=False)
+    _, cache = model.run_with_cache(clean)
+    torch.testing.assert_close(patch_layer_position(model, clean, corrupted, metric, clean_cache=cache,
+                                                    progress=False), reference)
+    one = patch_layer_position(model, clean[:1], corrupted[:1], metric, progress=False)
+    _, unbatched = model.run_with_cache(clean[:1], remove_batch_dim=True)
+    torch.testing.assert_close(patch_layer_position(model, clean[:1], corrupted[:1], metric, clean_cache=unbatched,
+                                                    progress=False), one)
+
+
+# ------------------------------------------------------------------------------ Knockout
+def test_empty_channels_or_heads_warn_that_nothing_is_removed(family):
+    model = make_model(family)
+    kw = dict(channels=[]) if family == "mamba1" else dict(heads=[])
+    ko = Knockout(layers=[0, 1], sources=[1], path="both", **kw)
+    with pytest.warns(UserWarning, match="removes no edges"):
+        with torch.no_grad():
+            out = model.run_with_knockout(tokens(0), ko)
+    torch.testing.assert_close(out, model(tokens(0)), rtol=0, atol=0)
+
+
+def test_int_zero_one_tensor_is_not_taken_for_a_mask():
+    model = make_model("mamba2")
+    with pytest.raises(ValueError, match=r"positions \[0\] given more than once.*bool"):
+        model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], sources=torch.tensor([0, 1, 0, 0, 0, 0])))
+    with pytest.raises(ValueError, match="given more than once"):
+        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1, 1 - P]))
+    with pytest.raises(ValueError, match=r"heads \[0\] given more than once.*bool"):
+        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], heads=torch.tensor([1, 0, 0, 0])))
+    # the bool mask is read as a mask
+    mask = torch.tensor([0, 1, 0, 0, 0, 0]).bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], sources=mask)),
+                                   model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], sources=[1])))
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    (dict(sources=[1.7]), "sources"),
+    (dict(sources=1.0), "sources"),
+    (dict(sources=[1], targets=[torch.tensor(5.0)]), "targets"),
+    (dict(sources=[1], heads=torch.tensor([0.5])), "heads"),
+    (dict(sources=[1], heads=[1.2]), "heads"),
+])
+def test_float_positions_or_heads_raise_type_error(kwargs, what):
+    with pytest.raises(TypeError, match=rf"Knockout {what}: .*integer"):
+        Knockout(layers=0, **kwargs)
+
+
+def test_float_channels_raise_type_error():
+    with pytest.raises(TypeError, match="Knockout channels: .*integer"):
+        Knockout(layers=0, sources=[1], channels=torch.tensor([3.5]))
+
+
+def test_knockout_position_on_padding_warns_and_row_masks_match_the_prompt_alone(family):
+    model = make_model(family)
+    toks = tokens(4, b=2, p=7)
+    attention_mask = torch.ones(2, 7, dtype=torch.long)
+    attention_mask[1, :2] = 0  # row 1 is left-padded by 2
+    with torch.no_grad():
+        ko = Knockout(layers=[0, 1], sources=[0], targets=[-1], path="both")
+        with pytest.warns(UserWarning, match=r"sources \[0\] in row 1 fall on padding"):
+            model.run_with_knockout(toks, ko, attention_mask=attention_mask)
+        with warnings.catch_warnings(record=True) as caught:  # once per Knockout
+            warnings.simplefilter("always")
+            model.run_with_knockout(toks, ko, attention_mask=attention_mask)
+        assert not [w for w in caught if "padding" in str(w.message)]
+
+        # each prompt's own first token, as the docstring says: no warning, and row 1 gets
+        # what its prompt gets alone
+        first = (attention_mask.cumsum(1) == 1) & (attention_mask == 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            padded = model.run_with_knockout(toks, Knockout(layers=[0, 1], sources=first, targets=[-1], path="both"),
+                                             attention_mask=attention_mask)
+        alone = model.run_with_knockout(toks[1:, 2:], Knockout(layers=[0, 1], sources=[0], targets=[-1], path="both"))
+        torch.testing.assert_close(padded[1, -1], alone[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_knockout_target_on_right_padding_warns():
+    model = make_model("mamba1")
+    attention_mask = torch.ones(B, P, dtype=torch.long)
+    attention_mask[0, -2:] = 0  # row 0 is right-padded
+    with pytest.warns(UserWarning, match=r"targets \[5\] in row 0 fall on padding"):
+        with torch.no_grad():
+            model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], targets=[-1]),
+                                    attention_mask=attention_mask)
+
+
+# --------------------------------------------------------------------------- attribution
+def test_eap_with_a_detached_or_float_metric_says_so(family):
+    model = make_model(family)
+    graph = Graph.from_model(model)
+    clean, corrupted = tokens(1), tokens(2)
+    with pytest.raises(ValueError, match="detached"):
+        attribute(model, graph, clean, corrupted, lambda lg: metric(lg).detach(), quiet=True)
+    with pytest.raises(TypeError, match="Python number"):
+        attribute(model, graph, clean, corrupted, lambda lg: float(metric(lg).mean().detach()), quiet=True)
+
+
+class IdentitySAE(torch.nn.Module):
+    def encode(self, a):
+        return a
+
+    def decode(self, f):
+        return f
+
+
+def test_feature_attribution_with_a_detached_metric_says_so():
+    model = make_model("mamba1")
+    saes = {"blocks.1.hook_resid_pre": IdentitySAE()}
+    clean, corrupted = tokens(1), tokens(2)
+    with pytest.raises(ValueError, match="detached"):
+        feature_attribution(model, saes, clean, corrupted, lambda lg: metric(lg).detach(), quiet=True)
+    with pytest.raises(ValueError, match="ig_steps"):
+        feature_attribution(model, saes, clean, corrupted, metric, method="EAP-IG", ig_steps=2.5, quiet=True)
+
+
+def test_eap_with_no_prompts_or_zero_ig_steps_raises(family):
+    model = make_model(family)
+    graph = Graph.from_model(model)
+    clean, corrupted = tokens(1), tokens(2)
+    with pytest.raises(ValueError, match="no prompts"):
+        attribute(model, graph, clean[:0], corrupted[:0], metric, quiet=True)
+    with pytest.raises(ValueError, match=r"ig_steps must be >= 1"):
+        attribute(model, graph, clean, corrupted, metric, method="EAP-IG", ig_steps=0, quiet=True)
+
+
+def test_knockout_attribution_of_empty_prompts_raises(family):
+    model = make_model(family)
+    with pytest.raises(ValueError, match="no positions"):
+        knockout_attribution(model, tokens(0)[:, :0], lambda lg: lg[:, -1, 0])
+
+
+# ------------------------------------------------------------------------ hidden_attention
+def test_hidden_attention_of_an_unbatched_cache_matches_the_batched_one(family):
+    model = make_model(family)
+    toks = tokens(5, b=1)
+    _, cache = model.run_with_cache(toks)
+    _, unbatched = model.run_with_cache(toks, remove_batch_dim=True)
+    for layer in range(2):
+        torch.testing.assert_close(model.hidden_attention(unbatched, layer), model.hidden_attention(cache, layer))
+        torch.testing.assert_close(model.conv_attention(unbatched, layer), model.conv_attention(cache, layer))
+
+
+def test_hidden_attention_of_a_cut_cache_raises(family):
+    model = make_model(family)
+    toks = tokens(6)
+    for pos_slice in (-1, slice(2, None)):
+        _, cache = model.run_with_cache(toks, pos_slice=pos_slice)
+        with pytest.raises(ValueError, match="whole sequence.*pos_slice"):
+            model.hidden_attention(cache, 0)
+        with pytest.raises(ValueError, match="whole sequence.*pos_slice"):
+            model.conv_attention(cache, 1)
+    # a prefix is a whole (shorter) sequence: its α is the prefix's own
+    _, prefix = model.run_with_cache(toks, pos_slice=slice(0, 4))
+    torch.testing.assert_close(model.hidden_attention(prefix, 1), model.hidden_attention(toks[:, :4], 1))
