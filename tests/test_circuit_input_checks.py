@@ -146,6 +146,18 @@ def test_knockout_position_on_padding_warns_and_row_masks_match_the_prompt_alone
         torch.testing.assert_close(padded[1, -1], alone[0, -1], rtol=1e-4, atol=1e-5)
 
 
+def test_knockout_attached_by_hand_warns_on_padding_too():
+    """The check lives in the forward, so hooks from ko.hooks(model) attached with model.hooks
+    warn as run_with_knockout does."""
+    model = make_model("mamba2")
+    attention_mask = torch.ones(B, P, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    ko = Knockout(layers=1, sources=[1], targets=[-1])
+    with torch.no_grad(), model.hooks(fwd_hooks=ko.hooks(model)):
+        with pytest.warns(UserWarning, match=r"sources \[1\] in row 1 fall on padding"):
+            model(tokens(0), attention_mask=attention_mask)
+
+
 def test_knockout_target_on_right_padding_warns():
     model = make_model("mamba1")
     attention_mask = torch.ones(B, P, dtype=torch.long)

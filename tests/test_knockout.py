@@ -528,7 +528,7 @@ def test_conv_terms_and_conv_knockout_see_no_padding(family):
     assert terms[1, :, :, :3].abs().max() == 0
     sources = torch.zeros(2, 8, dtype=torch.bool)
     sources[1, 2] = True  # a pad position, within the conv window of the first real tokens
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"sources \[2\] in row 1 .*fall on padding"):
         plain = model(tokens, attention_mask=mask)
         knocked = model.run_with_knockout(tokens, Knockout(layers=[0, 1], sources=sources, targets=sources.logical_not(),
                                                            path="conv"), attention_mask=mask)

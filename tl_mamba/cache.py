@@ -39,7 +39,32 @@ _NO_HEADS = (
 
 
 class MambaActivationCache(ActivationCache):
-    """Activation cache of a ``HookedMamba`` / ``HookedMamba2`` run."""
+    """Activation cache of a ``HookedMamba`` / ``HookedMamba2`` run.
+
+    Attributes (beyond ``ActivationCache``'s):
+        pos_slice: the ``pos_slice`` that ``run_with_cache`` cut every hook's position
+            axis with (the ``Slice`` or value given), or None when every position is
+            cached. Code that needs whole sequences (the hidden attention, which
+            recomputes the scan from the cached activations) can refuse a cut cache:
+            ``if cache.pos_slice is not None: raise ...``. ``apply_slice_to_batch_dim``
+            keeps it.
+    """
+
+    #: None: every position cached (also for caches built directly from a dict)
+    pos_slice = None
+
+    def __init__(self, cache_dict, model, has_batch_dim: bool = True, pos_slice=None):
+        super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        if isinstance(pos_slice, Slice) and pos_slice.mode == "identity":
+            pos_slice = None  # Slice(None) cuts nothing
+        self.pos_slice = pos_slice
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "MambaActivationCache":
+        """As ``ActivationCache.apply_slice_to_batch_dim``, returning a ``MambaActivationCache``
+        (Mamba shorthand keys and methods, and ``pos_slice``, kept)."""
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return type(self)(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim,
+                          pos_slice=self.pos_slice)
 
     def _resolve(self, key) -> str:
         if isinstance(key, str):

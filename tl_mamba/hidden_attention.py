@@ -33,9 +33,8 @@ def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attent
     (a MambaActivationCache or dict) or by running the model up to ``layer``.
 
     A cache must hold the whole sequence: ``ValueError`` when the activations disagree on
-    ``[b, p]``, and when the cache also holds the layer's ``hook_conv_in`` and ``hook_conv`` and
-    they show that its first position is not the sequence's first (a ``pos_slice`` cache, or a
-    run continued from a recurrent state), see :func:`_check_starts_at_zero`.
+    ``[b, p]``, and when it was made with a ``pos_slice`` other than a prefix
+    (:func:`_check_starts_at_zero`).
     """
     names = [f"blocks.{layer}.{hook}" for hook in hooks]
     from_cache = not isinstance(input_or_cache, (str, list, Tensor))
@@ -65,51 +64,26 @@ def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attent
     shapes = {name: tuple(value.shape[:2]) for name, value in zip(names, out)}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"{what}: the cached activations disagree on [b, p]: {shapes}; they must come from one run")
-    _check_starts_at_zero(model, cache, layer, unbatched, what)
+    _check_starts_at_zero(cache, what)
     return out
 
 
-def _check_starts_at_zero(model, cache, layer: int, unbatched: bool, what: str) -> None:
-    """``ValueError`` when the cache's first position is not the first token of the sequence.
-
-    α and the conv terms need the whole sequence; a cache cut by ``pos_slice`` (say ``-1``)
-    or made by a run continued from a recurrent state would silently give those of a shorter
-    input. Both hold a ``hook_conv`` whose first position mixes in earlier tokens, so it
-    differs from ``bias + w[:, k-1] · hook_conv_in[0]``, the conv at a sequence's first token
-    (padding included: padded positions feed zeros to the conv). Checked when the cache holds
-    the layer's ``hook_conv_in`` and ``hook_conv`` (``run_with_cache()`` without a names_filter
-    keeps them); otherwise a cut cache cannot be told from a shorter input.
+def _check_starts_at_zero(cache, what: str) -> None:
+    """``ValueError`` when ``cache`` was made with a ``pos_slice`` that drops the first position
+    (or any position before its last): α and the conv terms need the sequence from its first
+    token, and a cut cache would silently give those of a shorter input. A prefix,
+    ``slice(0, k)``, is the input's first ``k`` tokens and is fine. The cache records its
+    ``pos_slice`` (:class:`tl_mamba.cache.MambaActivationCache`); a plain dict is taken as whole.
     """
-    names = (f"blocks.{layer}.hook_conv_in", f"blocks.{layer}.hook_conv")
-    try:
-        conv_in, conv = (cache[name] for name in names)
-    except (KeyError, TypeError):
+    pos_slice = getattr(cache, "pos_slice", None)
+    if pos_slice is None:
         return
-    if not isinstance(conv_in, Tensor) or not isinstance(conv, Tensor):
+    kept = getattr(pos_slice, "slice", pos_slice)  # TransformerLens's Slice wraps a slice, an int or indices
+    if isinstance(kept, slice) and kept.start in (None, 0) and kept.step in (None, 1):
         return
-    if unbatched or conv_in.dim() == 2:
-        conv_in, conv = conv_in[None], conv[None]
-    if conv_in.dim() != 3 or conv_in.shape != conv.shape or conv_in.shape[1] == 0:
-        return
-    conv1d = model.blocks[layer].mixer.conv1d
-    if conv1d.weight.shape[0] != conv_in.shape[-1]:
-        return
-    with torch.no_grad():
-        last_tap = conv1d.weight.detach()[:, 0, -1].to(conv_in.device, torch.float64)
-        bias = (torch.zeros_like(last_tap) if conv1d.bias is None
-                else conv1d.bias.detach().to(conv_in.device, torch.float64))
-        own = last_tap * conv_in[:, 0].double()
-        first = conv[:, 0].double()
-        eps = torch.finfo(conv.dtype).eps if conv.is_floating_point() else 0.0
-        tolerance = 8 * eps * (bias.abs() + own.abs() + first.abs()) + 1e-12
-        off = bool(((first - (bias + own)).abs() > tolerance).any())
-    if off:
-        raise ValueError(
-            f"{what} needs the whole sequence, from its first token, but this cache's first position is not the "
-            f"first token: blocks.{layer}.hook_conv at position 0 mixes in earlier tokens. Was the cache made with "
-            "pos_slice (e.g. -1), or by a run continued from a recurrent state? Pass the tokens, or a cache of the "
-            "full run (or of a prefix: pos_slice=slice(0, k)). (A hook that edited hook_conv at position 0 in the "
-            "cached run also shows this.)")
+    raise ValueError(
+        f"{what} needs the whole sequence, from its first token, but this cache was made with "
+        f"pos_slice={kept!r}. Pass the tokens, or a cache of the full run (or of a prefix: pos_slice=slice(0, k)).")
 
 
 def _check_call(model, layer: int, reduce: Optional[str], what: str) -> int:
@@ -173,9 +147,8 @@ def hidden_attention(
         input_or_cache: tokens ``[b, p]``, text, or a cache holding the layer's
             ``hook_delta``, ``hook_B`` and ``hook_C`` over the whole sequence (with or
             without the batch axis: ``remove_batch_dim=True`` caches work for both
-            families). A cache cut by ``pos_slice`` (not starting at position 0) raises
-            ``ValueError`` when it also holds the layer's ``hook_conv_in`` and ``hook_conv``,
-            as ``run_with_cache()`` without a names_filter gives.
+            families). A cache cut by ``pos_slice`` (other than a prefix ``slice(0, k)``)
+            raises ``ValueError``.
         heads: Mamba-2 heads to return. channels: Mamba-1 channels to return.
         reduce: ``None`` (every feature), or a ``[b, p, p]`` view over the chosen
             features for plotting: ``"norm"`` (L2 norm), ``"sum"``, ``"mean"``,

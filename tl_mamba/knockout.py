@@ -177,11 +177,10 @@ class Knockout:
     prompt's first token, and the knockout removes nothing there (padding feeds nothing
     into the conv or the scan). For prompts of different lengths give ``[b, p]`` bool
     masks, one row per prompt (e.g. ``(attention_mask.cumsum(1) == k + 1) & (attention_mask == 1)``
-    for each prompt's own token k). A forward under ``model.run_with_knockout`` or
-    ``model.knockouts`` with an ``attention_mask`` (or padded strings) warns, once per
-    Knockout, when a source or target given as positions or a CPU mask falls on padding in
-    some row (hooks taken from ``ko.hooks(model)`` do not see the attention mask, and masks
-    already on the GPU are not checked: that would wait for the device).
+    for each prompt's own token k). A padded forward (an ``attention_mask``, or padded
+    strings) with the knockout attached, however it was attached, warns once per Knockout
+    when a source or target given as positions or a CPU mask falls on padding in some row
+    (masks already on the GPU are not checked: that would wait for the device).
 
     Use with ``model.run_with_knockout(tokens, ko)`` or ``with model.knockouts(ko):``;
     ``ko.hooks(model)`` gives the plain ``(name, fn)`` hooks.
@@ -321,12 +320,14 @@ class Knockout:
             return
         import warnings
 
+        from tl_mamba.models.base import _caller_stacklevel
+
         self._warned_padding = True
         warnings.warn(
             f"{self!r}: {' and '.join(found)} fall on padding (attention_mask 0), where there is nothing to remove. "
             "Knockout positions are columns of the padded batch, not positions within each prompt: with left "
             "padding, position 0 is a pad in every padded row. For prompts of different lengths give sources / "
-            "targets as [b, p] bool masks, one row per prompt.", UserWarning, stacklevel=2)
+            "targets as [b, p] bool masks, one row per prompt.", UserWarning, stacklevel=_caller_stacklevel())
 
     # ---------------------------------------------------------------------- hooks
     def hooks(self, model) -> List[Tuple[str, "object"]]:
@@ -469,6 +470,17 @@ def active_knockouts(model) -> List[Knockout]:
     return found
 
 
+def warn_knockouts_on_padding(model, attention_mask: Tensor) -> None:
+    """Warn (once per Knockout) for every Knockout attached to ``model`` whose sources or targets
+    fall on padding in some row of ``attention_mask`` ``[b, p]`` (1 = real token): the
+    model's forward calls this for padded input, so it holds however the knockout was attached."""
+    waiting = [ko for ko in active_knockouts(model) if not ko._warned_padding]
+    if waiting:
+        host = attention_mask.detach().to("cpu")
+        for ko in waiting:
+            ko.warn_if_on_padding(host)
+
+
 def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[object, object]]:
     """Register the knockouts' hooks on ``model``; returns ``(hook point, handle)`` pairs."""
     added = []
@@ -497,54 +509,13 @@ def as_knockout_list(knockouts) -> List[Knockout]:
     return knockouts
 
 
-class _PaddingCheck:
-    """Forward pre-hooks on the blocks that knockouts act on: they read the block's
-    ``attention_mask`` (the knockout hooks themselves never see it) and warn when a
-    knockout's position falls on padding (:meth:`Knockout.warn_if_on_padding`).
-
-    The mask is copied to the host once per forward (the blocks of one forward share the
-    mask tensor), only for padded batches, and only until every knockout has warned.
-    """
-
-    def __init__(self, model, knockouts: Sequence[Knockout]):
-        self.by_layer: dict = {}
-        for ko in knockouts:
-            for layer in ko.resolved_layers(model.cfg.n_layers):
-                self.by_layer.setdefault(layer, []).append(ko)
-        self._mask: Optional[Tensor] = None
-        self._host: Optional[Tensor] = None
-        self.handles = [model.blocks[layer].register_forward_pre_hook(self._hook(layer), with_kwargs=True)
-                        for layer in self.by_layer]
-
-    def _hook(self, layer: int):
-        def pre_hook(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            waiting = [ko for ko in self.by_layer[layer] if not ko._warned_padding]
-            if mask is None or not waiting or not isinstance(mask, Tensor) or mask.dim() != 2:
-                return None
-            if mask is not self._mask:
-                self._mask, self._host = mask, mask.detach().to("cpu")
-            for ko in waiting:
-                ko.warn_if_on_padding(self._host)
-            return None
-        return pre_hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self._mask = self._host = None
-
-
 @contextlib.contextmanager
 def knockouts_context(model, knockouts) -> Iterator[None]:
     """``with model.knockouts(ko):``: the knockouts' hooks are active inside the block."""
-    knockouts = as_knockout_list(knockouts)
-    added = add_knockout_hooks(model, knockouts)
-    padding = _PaddingCheck(model, knockouts)
+    added = add_knockout_hooks(model, as_knockout_list(knockouts))
     try:
         yield
     finally:
-        padding.remove()
         for hook_point, handle in added:
             handle.hook.remove()
             hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]

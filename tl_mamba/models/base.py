@@ -38,6 +38,7 @@ from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.hidden_attention import conv_attention as _conv_attention
 from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
+from tl_mamba.knockout import warn_knockouts_on_padding
 from tl_mamba.models.components import CheckedHookPoint, Embed, RMSNorm, Unembed
 from tl_mamba.ops.precision import upcast
 
@@ -107,7 +108,8 @@ class HookedSSM(HookedRootModule):
             raise TypeError(f"cfg.dtype must be a floating-point torch dtype (torch.float32, torch.float16, "
                             f"torch.bfloat16 or torch.float64), got {cfg.dtype!r}")
         self.cfg = cfg
-        self.tokenizer = tokenizer
+        self._padding_side_agreed = cfg.default_padding_side
+        self.tokenizer = tokenizer  # the property's setter: set_tokenizer's padding-side sync
         self._backend = None  # None: follow TL_MAMBA_BACKEND
         self.heavy_hook_memory_limit = DEFAULT_HEAVY_HOOK_LIMIT
         dtype = cfg.dtype
@@ -223,6 +225,61 @@ class HookedSSM(HookedRootModule):
         return from_hf(cls, hf_model, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ tokens
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (None when the model has none). Assigning one is ``set_tokenizer(tok)``."""
+        return self.__dict__.get("_tokenizer")
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.set_tokenizer(tokenizer)
+
+    def set_tokenizer(self, tokenizer: Any, default_padding_side: Optional[Literal["left", "right"]] = None) -> None:
+        """Use ``tokenizer`` (a Hugging Face tokenizer, or None for none), as TransformerLens's
+        ``set_tokenizer`` does: its ``padding_side`` is set to ``default_padding_side`` when
+        given, else to ``cfg.default_padding_side``, and ``cfg.default_padding_side`` follows.
+        (Any object is accepted; one without ``padding_side`` is left as it is.)
+
+        ``model.tokenizer = tok`` does the same. The tokenizer itself is changed (as in
+        TransformerLens), so a tokenizer shared by several models pads alike for all of them.
+
+        From then on the padding side is one setting, readable in both places: setting
+        ``model.tokenizer.padding_side`` or ``model.cfg.default_padding_side`` changes it,
+        and the next ``to_tokens`` / forward / ``generate`` brings the other in line (the
+        one changed last wins). It decides how ``to_tokens`` pads a list of strings, and a
+        forward on token input without an ``attention_mask`` infers the mask from the pad
+        tokens when it is ``"left"`` (as TransformerLens's forward does), so that
+        ``transformer_lens.utilities.get_attention_mask(model.tokenizer, tokens, prepend_bos)``
+        and ``model.tokenizer.padding_side`` describe the tokens ``to_tokens`` gives.
+        """
+        if default_padding_side not in ("left", "right", None):
+            raise ValueError(f"default_padding_side must be 'left', 'right' or None, got {default_padding_side!r}")
+        side = default_padding_side or self.cfg.default_padding_side
+        if tokenizer is not None and hasattr(tokenizer, "padding_side"):
+            tokenizer.padding_side = side
+        self.cfg.default_padding_side = side
+        self._padding_side_agreed = side
+        self.__dict__["_tokenizer"] = tokenizer
+
+    def _padding_side(self) -> str:
+        """The padding side in force: ``tokenizer.padding_side`` and ``cfg.default_padding_side``,
+        brought into agreement first (the one changed since they last agreed wins; the
+        config when both changed, since a tokenizer may be shared by other models)."""
+        cfg_side = self.cfg.default_padding_side
+        tok = self.tokenizer
+        tok_side = getattr(tok, "padding_side", None) if tok is not None else None
+        if tok_side not in ("left", "right") or tok_side == cfg_side:
+            if tok_side == cfg_side:
+                self._padding_side_agreed = cfg_side
+            return cfg_side
+        if cfg_side != getattr(self, "_padding_side_agreed", cfg_side):  # the config was changed
+            tok.padding_side = cfg_side
+            side = cfg_side
+        else:  # the tokenizer was changed
+            self.cfg.default_padding_side = side = tok_side
+        self._padding_side_agreed = side
+        return side
+
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
             raise ValueError(
@@ -263,12 +320,13 @@ class HookedSSM(HookedRootModule):
         """Tokenize a string or list of strings to ``[b, p]`` (padded to the longest).
 
         ``prepend_bos`` defaults to ``cfg.default_prepend_bos``; ``padding_side`` to
-        ``cfg.default_padding_side``. With ``return_attention_mask`` also returns the
-        ``[b, p]`` mask (1 = real token).
+        ``model.tokenizer.padding_side``, which ``set_tokenizer`` keeps equal to
+        ``cfg.default_padding_side`` (``"right"`` unless changed). With
+        ``return_attention_mask`` also returns the ``[b, p]`` mask (1 = real token).
         """
         tok = self._require_tokenizer("to_tokens")
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        padding_side = padding_side or self.cfg.default_padding_side
+        padding_side = padding_side or self._padding_side()
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         strings = [input] if isinstance(input, str) else list(input)
@@ -311,7 +369,12 @@ class HookedSSM(HookedRootModule):
         prepend_bos: Optional[bool] = None,
         padding_side: Optional[str] = None,
     ) -> Union[List[str], List[List[str]]]:
-        """One string per token: of a string (tokenized first) or of token ids."""
+        """One string per token: of a string (tokenized first) or of token ids.
+
+        Token ids may be an int, a 0-d tensor (``logits.argmax(-1)[0, -1]``: a one-element
+        list, as in TransformerLens), ``[p]``, ``[1, p]`` (a list of strings) or ``[b, p]``
+        (a list of lists); a list of strings gives a list of lists.
+        """
         tok = self._require_tokenizer("to_str_tokens")
         if isinstance(input, str):
             tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
@@ -319,6 +382,8 @@ class HookedSSM(HookedRootModule):
             return [self.to_str_tokens(s, prepend_bos=prepend_bos) for s in input]
         else:
             tokens = torch.as_tensor(input)
+            if tokens.dim() == 0:
+                tokens = tokens[None]
             if tokens.dim() == 2:
                 if tokens.shape[0] != 1:
                     return [[tok.decode([t]) for t in row.tolist()] for row in tokens]
@@ -331,6 +396,54 @@ class HookedSSM(HookedRootModule):
         if tokens.numel() != 1:
             raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one: {self.to_str_tokens(tokens)}")
         return int(tokens.item())
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of the single token ``int_token`` (TransformerLens's ``to_single_str_token``)."""
+        if isinstance(int_token, Tensor) and int_token.numel() == 1 and not int_token.dtype.is_floating_point:
+            int_token = int(int_token.item())
+        if isinstance(int_token, bool) or not isinstance(int_token, int):
+            raise TypeError(f"to_single_str_token takes one token id (an int), got {type(int_token).__name__}")
+        return self.to_str_tokens(torch.tensor([int_token]))[0]
+
+    def get_token_position(
+        self,
+        single_token: Union[str, int, Tensor],
+        input: Union[str, Tensor],
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[Literal["left", "right"]] = None,
+    ) -> int:
+        """The position of ``single_token`` in ``input`` (TransformerLens's ``get_token_position``).
+
+        Args:
+            single_token: the token to find: an id, or a string that is exactly one token.
+            input: a string (tokenized with ``prepend_bos``, default ``cfg.default_prepend_bos``:
+                the BOS counts as position 0) or tokens ``[p]`` / ``[1, p]``.
+            mode: ``"first"`` or ``"last"`` occurrence.
+            prepend_bos / padding_side: how a string ``input`` is tokenized.
+
+        Raises a ``ValueError`` if the token does not occur.
+        """
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        else:
+            tokens = torch.as_tensor(input)
+        if tokens.dim() == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(f"tokens must be [p] or [1, p], got shape {tuple(tokens.shape)}")
+            tokens = tokens[0]
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be [p] or [1, p], got shape {tuple(tokens.shape)}")
+        if isinstance(single_token, str):
+            single_token = self.to_single_token(single_token)
+        elif isinstance(single_token, Tensor):
+            single_token = int(single_token.item())
+        positions = (tokens == single_token).nonzero()[:, 0]
+        if not positions.numel():
+            raise ValueError(f"token {single_token} does not occur in the input")
+        return int(positions[0 if mode == "first" else -1])
 
     # ------------------------------------------------------------------ forward
     def _prepare_input(self, input, attention_mask, prepend_bos, padding_side, continuing: bool = False):
@@ -402,10 +515,13 @@ class HookedSSM(HookedRootModule):
     def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None) -> Optional[Tensor]:
         """The attention mask of token input given without one, from the tokenizer's pad token.
 
-        As TransformerLens does, a model that pads on the left (``cfg.default_padding_side
-        == "left"``) infers it: each row's leading run of pad tokens is padding, less its
-        last token when the pad token is also the BOS that ``default_prepend_bos`` puts
-        there. Otherwise nothing is inferred, but rows that begin with runs of pad tokens of
+        As TransformerLens does, a model that pads on the left (``model.tokenizer.padding_side
+        == "left"``, which ``set_tokenizer`` keeps equal to ``cfg.default_padding_side``: set
+        either) infers it: each row's leading run of pad tokens is padding, less its last
+        token when the pad token is also the BOS that ``prepend_bos`` (default
+        ``cfg.default_prepend_bos``) puts there; this is the mask
+        ``transformer_lens.utilities.get_attention_mask(model.tokenizer, tokens, prepend_bos)``
+        gives. Otherwise nothing is inferred, but rows that begin with runs of pad tokens of
         different lengths are almost surely a left-padded batch, whose pads would run
         through the recurrence and change every later position: that warns.
         """
@@ -413,7 +529,7 @@ class HookedSSM(HookedRootModule):
 
         tok = self.tokenizer
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        infer = self.cfg.default_padding_side == "left"
+        infer = self._padding_side() == "left"
         if pad is None or (tokens.shape[0] == 1 and not infer):
             return None
         leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
@@ -439,8 +555,8 @@ class HookedSSM(HookedRootModule):
                 f"The token rows begin with different numbers of pad tokens (id {pad}): this looks like a "
                 "left-padded batch given without an attention_mask. The pads then run through the recurrence "
                 "and change every later position. Pass attention_mask (to_tokens(..., return_attention_mask=True) "
-                "gives it), or set cfg.default_padding_side = 'left' to have it inferred from the pad tokens, "
-                "as TransformerLens does.", UserWarning, stacklevel=_caller_stacklevel())
+                "gives it), or set model.tokenizer.padding_side = 'left' (or cfg.default_padding_side) to have it "
+                "inferred from the pad tokens, as TransformerLens does.", UserWarning, stacklevel=_caller_stacklevel())
         return None
 
     def _check_mask(self, attention_mask: Tensor, shape) -> Optional[Tensor]:
@@ -531,6 +647,8 @@ class HookedSSM(HookedRootModule):
             resid = upcast(resid)
         if state is not None and len(state.layers) != n_layers:
             raise ValueError(f"state has {len(state.layers)} layers, the model {n_layers}")
+        if attention_mask is not None and state is None:  # positions index this whole sequence
+            warn_knockouts_on_padding(self, attention_mask)
         for layer in range(start, stop):
             resid = self.blocks[layer](
                 resid, attention_mask=attention_mask, layer_state=state.layers[layer] if state is not None else None
@@ -544,8 +662,42 @@ class HookedSSM(HookedRootModule):
             return logits
         if return_type is None:
             return None
-        loss = _lm_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(
+        self,
+        logits: Tensor,
+        tokens: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        per_token: bool = False,
+    ) -> Tensor:
+        """Next-token cross entropy of ``logits [b, p, v]`` on ``tokens [b, p]``, as
+        TransformerLens's ``loss_fn`` (``transformer_lens.utilities.lm_cross_entropy_loss``); the forward's loss.
+
+        Args:
+            logits: ``[b, p, v]`` (the last position predicts nothing and is unused).
+            tokens: ``[b, p]`` token ids.
+            attention_mask: ``[b, p]``, 1 at real tokens: a prediction counts only where it
+                and its target are real tokens.
+            per_token: return ``[b, p-1]`` (0 where masked) instead of the mean over the
+                counted predictions.
+
+        Computed in float32 at least. Needs ``p >= 2`` (and ``b >= 1`` for the mean).
+        """
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if logits.dim() != 3 or tuple(tokens.shape) != tuple(logits.shape[:2]):
+            raise ValueError(f"loss_fn needs logits [b, p, v] and tokens [b, p] of the same b, p, got "
+                             f"{tuple(logits.shape)} and {tuple(tokens.shape)}")
+        _check_token_dtype(tokens, "tokens")
+        _check_loss_shape(tokens.shape, per_token)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(logits.device)
+            if tuple(attention_mask.shape) != tuple(tokens.shape):
+                raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+        return _lm_loss(logits, tokens.long(), attention_mask, per_token=per_token)
 
     # ------------------------------------------------------------------ hook names
     def check_hook_name(self, name: str) -> None:
@@ -631,11 +783,15 @@ class HookedSSM(HookedRootModule):
         """Run and cache activations; returns ``(output, MambaActivationCache)``.
 
         Heavy hooks (``hook_h``, ``hook_ssm_mask``) are cached only when
-        ``names_filter`` names them.
+        ``names_filter`` names them. ``pos_slice`` cuts the position axis of every
+        hook; the cache records it as ``cache.pos_slice`` (None when every position is
+        cached). ``remove_batch_dim=True`` needs a batch of one, whatever the input's
+        form (tokens, a string, a list of strings, positional or ``input=``): a larger
+        batch is a ``ValueError``.
         """
-        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor):
-            batch = model_args[0].shape[0] if model_args[0].dim() > 1 else 1
-            if batch != 1:
+        if remove_batch_dim:
+            batch = _input_batch_size(model_args[0] if model_args else model_kwargs.get("input"))
+            if batch is not None and batch != 1:
                 raise ValueError(f"remove_batch_dim=True needs batch size 1, got {batch}")
         cache_dict, fwd, bwd = self.get_caching_hooks(
             names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
@@ -648,7 +804,31 @@ class HookedSSM(HookedRootModule):
                 out.backward()
         if not return_cache_object:
             return out, cache_dict
-        return out, MambaActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, MambaActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim, pos_slice=pos_slice)
+
+    def add_caching_hooks(
+        self,
+        names_filter=None,
+        incl_bwd: bool = False,
+        device=None,
+        remove_batch_dim: bool = False,
+        cache: Optional[dict] = None,
+    ) -> dict:
+        """Attach hooks that store activations in ``cache`` (returned; a new dict by default).
+
+        TransformerLens's ``add_caching_hooks``, with ``run_with_cache``'s hooks: the default
+        ``names_filter=None`` takes every hook but the heavy ones (``hook_h``,
+        ``hook_ssm_mask``), which are cached only when named. Run the model to fill the
+        cache, and ``reset_hooks()`` to remove the hooks. With ``remove_batch_dim`` a
+        leading batch axis of size 1 is dropped (a larger one is kept, as in TransformerLens).
+        """
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim,
+                                                 cache=cache)
+        for name, hook in fwd:
+            self.hook_dict[name].add_hook(hook, dir="fwd")
+        for name, hook in bwd:
+            self.hook_dict[name].add_hook(hook, dir="bwd")
+        return cache
 
     # ------------------------------------------------------------------- knockout
     def knockouts(self, knockouts):
@@ -734,7 +914,12 @@ class HookedSSM(HookedRootModule):
         step (on ``p = 1`` tensors after the prefill). Keyword names follow
         TransformerLens' ``generate``. ``return_type="input"`` returns strings for
         string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one (None
-        gives tokens, as in TransformerLens). ``top_k`` must be a positive int or None,
+        gives tokens, as in TransformerLens). A string is ``to_string`` of the row's own
+        tokens: its BOS and prompt, the new tokens and the EOS it stopped at, without the
+        padding of a batch (on the left, or the fill after a row's EOS), so that each
+        prompt of a batch gets the text it gets alone. (TransformerLens's ``generate``
+        also drops the BOS and EOS, decoding with ``skip_special_tokens=True``; here a
+        string keeps them, as ``to_string`` does.) ``top_k`` must be a positive int or None,
         and ``eos_token_id`` an id or a non-empty list of ids.
 
         ``use_past_kv_cache=False`` re-runs the whole sequence at every step instead
@@ -800,6 +985,8 @@ class HookedSSM(HookedRootModule):
         logits = self(tokens, attention_mask=attention_mask, state=state)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out_tokens = [tokens]
+        # which tokens are each row's own (for strings): not its padding, nor the fill after its EOS
+        own = [attention_mask.bool() if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)]
         pad = self._pad_id() if eos_ids is None else int(eos_ids[0])
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
             history = torch.cat(out_tokens, dim=1)
@@ -809,6 +996,7 @@ class HookedSSM(HookedRootModule):
             )
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             out_tokens.append(next_tokens[:, None])
+            own.append(~finished[:, None])
             if eos_ids is not None:
                 finished |= torch.isin(next_tokens, eos_ids)
                 if bool(finished.all()):
@@ -824,7 +1012,9 @@ class HookedSSM(HookedRootModule):
                 logits = self(sequence, attention_mask=attention_mask)
         result = torch.cat(out_tokens, dim=1)
         if return_type == "str" or (return_type == "input" and string_input):
-            strings = self.to_string(result)
+            # each row's own tokens only: a padded batch gives every prompt the text it gets alone
+            own = torch.cat(own, dim=1)
+            strings = [self.to_string(row[keep]) for row, keep in zip(result, own)]
             return strings[0] if isinstance(input, str) else strings
         return result
 
@@ -964,6 +1154,19 @@ def _tokenizer_size(tokenizer) -> Optional[int]:
     except TypeError:
         size = getattr(tokenizer, "vocab_size", None)
         return size if isinstance(size, int) else None
+
+
+def _input_batch_size(input) -> Optional[int]:
+    """The batch size a forward input gives: 1 for a string or 1-d tokens, the length of a
+    list of strings, the leading axis of a tensor ``[b, p]`` (or residual ``[b, p, d]``);
+    None when it cannot tell (the forward then refuses the input)."""
+    if isinstance(input, str):
+        return 1
+    if isinstance(input, (list, tuple)) and input and all(isinstance(s, str) for s in input):
+        return len(input)
+    if isinstance(input, Tensor):
+        return int(input.shape[0]) if input.dim() > 1 else 1
+    return None
 
 
 def _layer_index(value: int, n_layers: int, name: str) -> int:
