@@ -332,8 +332,10 @@ def _override(b, p, e, n, positions, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("positions", [[0], [4], [2, 3, 8], [10]])
+@pytest.mark.parametrize("positions", [[0], [4], [2, 3, 8], [10], list(range(11)), [1, 2, 3, 4, 5, 6, 7, 9, 10]])
 def test_state_override_matches_scalar_loop(backend, positions):
+    """Few edited positions: segments of scans; more than RECURRENCE_AFTER_EDITS (8): one
+    masked recurrence over the states. Both against the scalar loop."""
     b, p, e, n = 2, 11, 3, 2
     x, delta, A, B, C, D, h0 = make_inputs(b, p, e, n, seed=41)
     values, mask = _override(b, p, e, n, positions, seed=sum(positions))
@@ -867,3 +869,33 @@ def test_ops_refuse_overlapping_removals_and_override_with_mask(family):
     override = StateOverride(values=torch.zeros(state_shape), mask=torch.zeros(state_shape, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="state_override and ssm_mask"):
         scan(*args, ssm_mask=[removal], state_override=override, backend="reference")
+
+
+@pytest.mark.parametrize("positions", [[2, 5], list(range(1, 11))])
+def test_state_override_gradients_match_autograd_through_the_scalar_loop(positions):
+    """Gradients of y and the final state through an override, in the inputs and the edited
+    values: by segments (2 positions) and by the masked recurrence (10 positions)."""
+    b, p, e, n = 2, 11, 3, 2
+    tensors = make_inputs(b, p, e, n, seed=71, dtype=torch.float64)
+    values, mask = _override(b, p, e, n, positions, seed=72)
+    g = torch.Generator().manual_seed(73)
+    gy, gh = torch.randn(b, p, e, generator=g, dtype=torch.float64), torch.randn(b, e, n, generator=g, dtype=torch.float64)
+    grads = []
+    for run in ("scan", "loop"):
+        leaves = [t.clone().requires_grad_(True) for t in (*tensors, values.double())]
+        x, delta, A, B, C, D, h0, v = leaves
+        if run == "scan":
+            out = selective_scan(x, delta, A, B, C, D, initial_state=h0, backend="torch",
+                                 state_override=StateOverride(values=v, mask=mask))
+            y, final = out.y, out.final_state
+        else:
+            h, ys = h0, []  # the recurrence as a loop of tensor ops, differentiable by autograd
+            for t in range(p):
+                h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+                h = torch.where(mask[:, t], v[:, t], h)
+                ys.append(torch.einsum("ben,bn->be", h, C[:, t]) + D * x[:, t])
+            y, final = torch.stack(ys, 1), h
+        grads.append(torch.autograd.grad((y * gy).sum() + (final * gh).sum(), leaves))
+    for name, a, w in zip("x delta A B C D h0 values".split(), *grads):
+        assert w.abs().sum() > 0, name
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9, msg=name)

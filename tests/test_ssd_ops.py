@@ -265,8 +265,10 @@ def _override(b, p, h, hd, n, positions, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("positions", [[0], [4], [2, 3, 8], [10]])
+@pytest.mark.parametrize("positions", [[0], [4], [2, 3, 8], [10], list(range(11)), [1, 2, 3, 4, 5, 6, 7, 9, 10]])
 def test_state_override_matches_scalar_loop(backend, positions):
+    """Few edited positions: segments of scans; more than RECURRENCE_AFTER_EDITS (8): one
+    masked recurrence over the states. Both against the scalar loop."""
     b, p, h, hd, g, n = 2, 11, 4, 2, 2, 2
     x, delta, A, B, C, D, h0 = make_inputs(b, p, h, hd, g, n, seed=41)
     values, mask = _override(b, p, h, hd, n, positions, seed=sum(positions))
@@ -451,3 +453,35 @@ def test_knockout_positions_are_resolved_on_the_host():
         assert src.device.type == "cpu" and src.tolist() == expected and tgt.tolist() == [6, 9]
         bare = EdgeRemoval(removal.sources, removal.targets)
         assert [t.tolist() for t in bare.positions()] == [expected, [6, 9]]
+
+
+@pytest.mark.parametrize("positions", [[2, 5], list(range(1, 11))])
+def test_state_override_gradients_match_autograd_through_the_scalar_loop(positions):
+    """As for Mamba-1: segments (2 edited positions) and the masked recurrence (10)."""
+    b, p, h, hd, g, n = 2, 11, 4, 2, 2, 2
+    tensors = make_inputs(b, p, h, hd, g, n, seed=71, dtype=torch.float64)
+    values, mask = _override(b, p, h, hd, n, positions, seed=72)
+    gen = torch.Generator().manual_seed(73)
+    gy = torch.randn(b, p, h, hd, generator=gen, dtype=torch.float64)
+    gh = torch.randn(b, h, hd, n, generator=gen, dtype=torch.float64)
+    grads = []
+    for run in ("scan", "loop"):
+        leaves = [t.clone().requires_grad_(True) for t in (*tensors, values.double())]
+        x, delta, A, B, C, D, h0, v = leaves
+        if run == "scan":
+            out = ssd_scan(x, delta, A, B, C, D, initial_state=h0, backend="torch", chunk_size=4,
+                           state_override=StateOverride(values=v, mask=mask))
+            y, final = out.y, out.final_state
+        else:
+            Bh, Ch = B.repeat_interleave(h // g, dim=2), C.repeat_interleave(h // g, dim=2)
+            state, ys = h0, []  # the recurrence as a loop of tensor ops, differentiable by autograd
+            for t in range(p):
+                write = (delta[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+                state = torch.exp(delta[:, t] * A)[..., None, None] * state + write
+                state = torch.where(mask[:, t], v[:, t], state)
+                ys.append(torch.einsum("bhdn,bhn->bhd", state, Ch[:, t]) + D[:, None] * x[:, t])
+            y, final = torch.stack(ys, 1), state
+        grads.append(torch.autograd.grad((y * gy).sum() + (final * gh).sum(), leaves))
+    for name, a, w in zip("x delta A B C D h0 values".split(), *grads):
+        assert w.abs().sum() > 0, name
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9, msg=name)

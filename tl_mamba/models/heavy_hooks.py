@@ -24,10 +24,11 @@ from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from tl_mamba.knockout import structured_removals
 from tl_mamba.models.base import hook_is_active
-from tl_mamba.ops.state_override import StateOverride, linear_recurrence
+from tl_mamba.ops.state_override import StateOverride, adjoint_recurrence
 
 
 def check_heavy_hook_memory(block, hook: str, nbytes: int) -> None:
@@ -87,6 +88,38 @@ class _ConnectStates(torch.autograd.Function):
         unedited = ctx.through_edits.unedited_grad
         ctx.through_edits.unedited_grad = None
         return (grad if unedited is None else grad - unedited), None
+
+
+class _TotalDerivative(torch.autograd.Function):
+    """``seen → 0`` (y's shape): a term added to y whose gradient with respect to ``seen``, the
+    states after ``hook_h``, is the total derivative ∂L/∂h_t: through y_t (``read_out``) and
+    through every later state the decays carry h_t into, ``g_t = ∂L/∂y_t·C_t + decay_{t+1} g_{t+1}``
+    (``adjoint_recurrence``), zero at edited entries, whose decays are zero too.
+
+    Its forward builds nothing: before, ``read_out(linear_recurrence(decay, seen - seen.detach()))``
+    computed and kept three ``[b, p, *state]`` tensors of zeros per hooked layer for the same gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, seen: Tensor, y: Tensor, read_out, step_decay: Tensor, edited, through_edits) -> Tensor:
+        ctx.read_out, ctx.step_decay, ctx.edited, ctx.through_edits = read_out, step_decay, edited, through_edits
+        ctx.state = (seen.shape, seen.dtype, seen.device)
+        return torch.zeros_like(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        shape, dtype, device = ctx.state
+        with torch.enable_grad():  # read_out is linear in the states: its transpose at any point
+            probe = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+            (direct,) = torch.autograd.grad(ctx.read_out(probe), probe, grad_y)
+        total = adjoint_recurrence(direct, ctx.step_decay)
+        if ctx.edited is not None:
+            total = total.masked_fill(ctx.edited, 0.0)
+        if ctx.through_edits is not None:  # ∂L/∂h at the unedited entries: the scan's own gradient carries it
+            ctx.through_edits.record_unedited(total)
+        ctx.read_out = ctx.step_decay = ctx.edited = ctx.through_edits = None
+        return total, None, None, None, None, None
 
 
 def scan_with_heavy_hooks(
@@ -171,8 +204,11 @@ def scan_with_heavy_hooks(
     if seen is not states or states._version != version:
         # the hook edited the state: find the edited entries against a fresh scan, then
         # rerun with them fixed so the recurrence continues from the edited values
-        with torch.no_grad():  # only compared against, never differentiated
-            original = scan(return_states=True).states
+        if states._version == version:  # a new tensor returned: the hook's copy still holds the scan's states
+            original = states.detach()
+        else:  # edited in place: scan again for the states to compare against
+            with torch.no_grad():  # only compared against, never differentiated
+                original = scan(return_states=True).states
         edited = seen.detach() != original
         if bool(edited.any()):
             if ssm_mask is not None:
@@ -188,16 +224,10 @@ def scan_with_heavy_hooks(
         # Add a term whose value is zero and whose gradient with respect to ``seen`` is the
         # total derivative: a perturbation of h_t enters the recurrence at t and is carried by
         # the decays into every later state (edited entries are reset, so nothing passes them).
-        perturbation = seen - seen.detach()
-        if through_edits is not None:  # what reaches seen this way, ∂L/∂h at the unedited entries,
-            perturbation.register_hook(through_edits.record_unedited)  # the scan's own gradient carries
-        if edited is not None:
-            perturbation = perturbation.masked_fill(edited, 0.0)
-        # The recurrence below carries exactly zero, so the decays get no gradient from it;
-        # computing them without autograd saves their graph (a [b, p, *state] exp output).
+        # The decays get no gradient from a term that is zero, so they are computed without a graph.
         with torch.no_grad():
-            step_decay = decay().expand_as(perturbation)
+            step_decay = decay().expand_as(seen)
         if edited is not None:
             step_decay = step_decay.masked_fill(edited, 0.0)
-        y = y + read_out(linear_recurrence(step_decay, perturbation))
+        y = y + _TotalDerivative.apply(seen, y.detach(), read_out, step_decay, edited, through_edits)
     return y, out.final_state

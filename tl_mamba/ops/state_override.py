@@ -11,7 +11,7 @@ number of distinct edited positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,13 @@ def check_override_shape(override: StateOverride, shape) -> None:
             raise ValueError(f"state_override.{part} must have shape {tuple(shape)} (the states), got {got}")
 
 
+#: Past this many edited positions, :func:`scan_with_override` applies the edits in one masked
+#: recurrence over the states instead of scanning segments: two scans per edited position cost
+#: far more than one pass when the edits cover many positions (an ablation of a head's state
+#: everywhere: toy-mamba2, b 4, p 256, 15x a plain forward that way).
+RECURRENCE_AFTER_EDITS = 8
+
+
 def scan_with_override(
     run: Callable[[int, int, Optional[Tensor], bool], "object"],
     read_out: Callable[[Tensor, int], Tensor],
@@ -45,8 +52,10 @@ def scan_with_override(
     override: StateOverride,
     initial_state: Optional[Tensor],
     return_states: bool,
+    recurrence: Optional[Callable[[], Tuple[Tensor, Tensor, Tensor]]] = None,
 ):
-    """Scan ``[0, p)`` in segments that end at edited positions.
+    """Scan ``[0, p)`` with ``override``'s edits: in segments that end at edited positions, or,
+    past :data:`RECURRENCE_AFTER_EDITS` edited positions, by ``recurrence`` when given.
 
     Args:
         run: ``run(start, stop, initial_state, return_states)`` scans positions
@@ -57,11 +66,16 @@ def scan_with_override(
         override: the edits.
         initial_state: state before position 0 (None: zeros).
         return_states: also return ``[b, p, *state]``.
+        recurrence: ``recurrence()`` → ``(y, final_state, states)`` of the same edits in one
+            pass (:func:`override_by_recurrence`), or None (always segments).
 
     Returns:
         ``(y [b, p, ...], final_state, states or None)``.
     """
     edited_positions = override.mask.flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+    if recurrence is not None and len(edited_positions) > RECURRENCE_AFTER_EDITS:
+        y, final, states = recurrence()
+        return y, final, (states if return_states else None)
     ys, states = [], []
     state, start = initial_state, 0
     for t in edited_positions + [p]:
@@ -85,13 +99,38 @@ def scan_with_override(
     return y, state, (torch.cat(states, dim=1) if return_states else None)
 
 
+def override_by_recurrence(decay: Tensor, write: Tensor, read_all: Callable[[Tensor], Tensor],
+                           override: StateOverride, initial_state: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every state with the edits applied, in one pass: ``h_t = value_t`` at edited entries, else
+    ``decay_t ⊙ h_{t-1} + write_t`` (so the recurrence continues from each edit), and y read from them.
+
+    Args:
+        decay: ``exp(Δ_t A)``, broadcastable to ``write``.
+        write: ``[b, p, *state]``, the input term ``Δ_t x_t ⊗ B_t`` (in the scan's compute dtype).
+        read_all: ``read_all(states [b, p, *state])`` → y (``h_t · C_t`` plus the D skip).
+        override: the edits (``values`` and ``mask``, ``[b, p, *state]``); p ≥ 1.
+        initial_state: ``[b, *state]`` before position 0, or None (zeros).
+
+    Returns:
+        ``(y, final_state, states)``. Differentiable in every input (:func:`linear_recurrence`);
+        it holds ``[b, p, *state]`` tensors, as the states it returns do.
+    """
+    edited = override.mask
+    decay = decay.expand_as(write).masked_fill(edited, 0.0)  # an edited entry forgets what came before
+    write = torch.where(edited, override.values.to(write.dtype), write)
+    if initial_state is not None:  # h_0 = decay_0 ⊙ h_{-1} + write_0
+        write = torch.cat([write[:, :1] + decay[:, :1] * initial_state[:, None].to(write.dtype), write[:, 1:]], 1)
+    states = linear_recurrence(decay, write)
+    return read_all(states), states[:, -1], states
+
+
 def linear_recurrence(decay: Tensor, write: Tensor) -> Tensor:
     """h_t = decay_t ⊙ h_{t-1} + write_t from h_{-1} = 0, for every t: ``[b, p, *state]``.
 
     ``write`` is ``[b, p, *state]``; ``decay`` broadcasts against it. Differentiable, with a
     hand-written backward (the adjoint recurrence ``g_t = ∂L/∂h_t + decay_{t+1} ⊙ g_{t+1}``,
-    one in-place op per position), so its cost is linear in p. Used only to route gradients
-    (see ``tl_mamba.models.heavy_hooks``), never for a forward value.
+    one in-place op per position), so its cost is linear in p. Used by
+    :func:`override_by_recurrence`.
     """
     return _LinearRecurrence.apply(decay, write)
 

@@ -40,9 +40,10 @@ from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach
                                   check_removal,
                                   dense_mask_after_bpe, dense_removed_terms_bpe, edge_gradient_bpe,
                                   knocked_out_terms, pair_terms_bpe, removed_terms, same_pass_removal)
-from tl_mamba.ops.precision import needs_grad, silu_gate
+from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
 from tl_mamba.ops.triton_scan import kernel_or_fallback
-from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
+from tl_mamba.ops.state_override import (StateOverride, check_override_shape, override_by_recurrence,
+                                         scan_with_override)
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
 
@@ -145,7 +146,20 @@ def selective_scan(
                 y = torch.einsum("ben,bn->be", state, C[:, t].to(state.dtype))
                 return y + (D.to(state.dtype) * x[:, t].to(state.dtype) if D is not None else 0)
 
-            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
+            def recurrence():  # every edit in one pass over the states (many edited positions)
+                cdt = compute_dtype(x, delta, A, B, C, initial_state)
+                xf, df = x.to(cdt), delta.to(cdt)
+                decay = torch.exp(df[..., None] * A.to(cdt))  # [b, p, e, n]
+                write = (df * xf)[..., None] * B.to(cdt)[:, :, None, :]
+
+                def read_all(states):
+                    y = torch.einsum("bpen,bpn->bpe", states, C.to(cdt))
+                    return y + (D.to(cdt) * xf if D is not None else 0)
+
+                return override_by_recurrence(decay, write, read_all, state_override, initial_state)
+
+            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states,
+                                                  recurrence)
             out = ScanOutput(y=y, final_state=final, states=states)
         if ssm_mask is not None:
             def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, e]: α[i, j] x_j per channel

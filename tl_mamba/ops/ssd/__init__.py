@@ -33,9 +33,11 @@ from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradien
                                   check_removal,
                                   dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
                                   pair_terms_bphd, removed_terms, same_pass_removal)
+from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK, ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
-from tl_mamba.ops.state_override import StateOverride, check_override_shape, scan_with_override
+from tl_mamba.ops.state_override import (StateOverride, check_override_shape, override_by_recurrence,
+                                         scan_with_override)
 from tl_mamba.ops.triton_scan import kernel_or_fallback
 
 
@@ -150,7 +152,22 @@ def ssd_scan(
                 y = torch.einsum("bhpn,bhn->bhp", state, Ct)
                 return y + (D.to(state.dtype)[:, None] * x[:, t].to(state.dtype) if D is not None else 0)
 
-            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states)
+            def recurrence():  # every edit in one pass over the states (many edited positions)
+                cdt = compute_dtype(x, delta, A, B, C, initial_state)
+                xf, df = x.to(cdt), delta.to(cdt)
+                Bh = B.to(cdt).repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
+                Ch = C.to(cdt).repeat_interleave(heads_per_group, dim=2)
+                decay = torch.exp(df * A.to(cdt))[..., None, None]  # [b, p, h, 1, 1]
+                write = (df[..., None] * xf)[..., None] * Bh[:, :, :, None, :]  # [b, p, h, hd, n]
+
+                def read_all(states):
+                    y = torch.einsum("bphdn,bphn->bphd", states, Ch)
+                    return y + (D.to(cdt)[:, None] * xf if D is not None else 0)
+
+                return override_by_recurrence(decay, write, read_all, state_override, initial_state)
+
+            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states,
+                                                  recurrence)
             out = SSDOutput(y=y, final_state=final, states=states)
         if ssm_mask is None:
             return out

@@ -1,0 +1,115 @@
+"""CPU: editing ``hook_h`` at every position (a state ablation), by segments or by one recurrence.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/bench_state_edits_cpu.py
+
+An edit of the state at a position makes the recurrence continue from the edited value.
+With few edited positions the scan dispatchers run the scan in segments that end at
+them (two scans per edited position, each on the backend's kernels). When the edits
+cover many positions (more than ``tl_mamba.ops.state_override.RECURRENCE_AFTER_EDITS``:
+zeroing a head's state everywhere, scaling the state) they apply them in one masked
+recurrence over the states instead (``override_by_recurrence``). This bench times both
+routes on the same edits in one run (the threshold is switched per call), next to the
+unhooked forward and a read-only ``hook_h`` hook, on the shipped toy models (torch
+backend, one thread, b 4, p 256), without gradients and with ``loss.backward()``.
+
+Edits: ``zero``, head 0 (Mamba-2) or channel 0 (Mamba-1) of the state set to 0 in place
+at every position; ``scale``, the state times 0.9 (a new tensor). Both routes give the
+same logits (checked here, max |Δ| printed). Writes ``<out>.json`` / ``<out>.md``
+(default ``benchmarks/results/state_edits_cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from _env import machine_info, package_revision, write_results  # noqa: E402
+from _timing import interleaved  # noqa: E402
+
+EDITS = {
+    "zero": lambda h, hook: h.index_fill_(2, torch.tensor([0]), 0.0),  # head / channel 0, every position
+    "scale": lambda h, hook: h * 0.9,
+}
+
+
+def contenders(model, tokens, grad: bool):
+    import tl_mamba.ops.state_override as so
+
+    names = [f"blocks.{l}.hook_h" for l in range(model.cfg.n_layers)]
+
+    def call(hooks, threshold=None):
+        def run():
+            saved = so.RECURRENCE_AFTER_EDITS
+            if threshold is not None:
+                so.RECURRENCE_AFTER_EDITS = threshold
+            try:
+                if grad:
+                    model.zero_grad(set_to_none=True)
+                    model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks).backward()
+                    return None
+                with torch.no_grad():
+                    return model.run_with_hooks(tokens, fwd_hooks=hooks)
+            finally:
+                so.RECURRENCE_AFTER_EDITS = saved
+        return run
+
+    out = {"plain": call([]), "read": call([(n, lambda h, hook: None) for n in names])}
+    for edit, fn in EDITS.items():
+        hooks = [(n, fn) for n in names]
+        out[f"{edit}_segments"] = call(hooks, threshold=10**9)
+        out[f"{edit}_recurrence"] = call(hooks, threshold=0)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--p", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="p 24, one round (checks that it runs)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "state_edits_cpu")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.p, args.repeats = 24, 1
+    torch.set_num_threads(1)
+    import tl_mamba
+
+    rows, lines = [], []
+    for name in ("toy-mamba2", "toy-mamba"):
+        model = tl_mamba.from_pretrained(name)
+        model.set_backend("torch")
+        tokens = torch.randint(3, model.cfg.d_vocab - 8, (args.batch, args.p), generator=torch.Generator().manual_seed(0))
+        found = contenders(model, tokens, grad=False)
+        agree = {edit: float((found[f"{edit}_segments"]() - found[f"{edit}_recurrence"]()).abs().max())
+                 for edit in EDITS}
+        for grad in (False, True):
+            timings = interleaved(contenders(model, tokens, grad), args.repeats, warmup=0 if args.quick else 1,
+                                  log=print)
+            row = {"model": name, "grad": grad, "b": args.batch, "p": args.p, "max_abs_diff": agree,
+                   **{f"{k}_s": timings.median(k) for k in timings.samples}}
+            for edit in EDITS:
+                row[f"{edit}_speedup"] = timings.paired_ratio(f"{edit}_segments", f"{edit}_recurrence")
+            rows.append(row)
+            lines.append(f"| {name} | {'forward + backward' if grad else 'forward, no grad'} | {row['plain_s']:.3f} "
+                         f"| {row['read_s']:.3f} | " + " | ".join(
+                             f"{row[f'{e}_segments_s']:.3f} → {row[f'{e}_recurrence_s']:.3f} "
+                             f"({row[f'{e}_speedup']:.1f}×)" for e in EDITS) + " |")
+    header = ("| model | pass | plain, s | `hook_h` read, s | zero head/channel 0 everywhere: segments → recurrence, s "
+              "| state × 0.9: segments → recurrence, s |\n|---|---|---|---|---|---|\n")
+    agreement = "; ".join(f"{r['model']} {e} {d:.1e}" for r in rows if not r["grad"] for e, d in r["max_abs_diff"].items())
+    markdown = header + "\n".join(lines) + f"\n\nmax |Δ logits|, segments vs recurrence: {agreement}\n"
+    results = {"date": _dt.date.today().isoformat(), "revision": package_revision(), "machine": machine_info(),
+               "rows": rows}
+    write_results(args.out, results, markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

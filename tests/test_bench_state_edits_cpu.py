@@ -1,0 +1,30 @@
+"""The state-edit benchmark runs end to end (``--quick``: p 24, one round).
+
+The quick run's timings mean nothing; what is checked is that every contender ran and that
+the two routes of an override (segments, one recurrence) gave the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_state_edits_benchmark_quick_run(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "state_edits"
+    run = subprocess.run([sys.executable, "benchmarks/bench_state_edits_cpu.py", "--quick", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["model"], r["grad"]) for r in rows] == [("toy-mamba2", False), ("toy-mamba2", True),
+                                                        ("toy-mamba", False), ("toy-mamba", True)]
+    for row in rows:
+        assert all(row[f"{k}_s"] > 0 for k in ("plain", "read", "zero_segments", "zero_recurrence",
+                                               "scale_segments", "scale_recurrence"))
+        assert all(d < 1e-4 for d in row["max_abs_diff"].values()), row["max_abs_diff"]
