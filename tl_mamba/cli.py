@@ -14,8 +14,8 @@ Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
 output folder that cannot be written) print a message and exit with code 2.
 
 MODEL is a shipped name (``toy-mamba2``, ``toy-mamba``; see ``tl-mamba models``),
-a local checkpoint directory, a hub id (when online), or ``random``: a seeded
-random-init Mamba-1 with no tokenizer.
+a local checkpoint directory, a hub id (when online), or, for the commands that
+need no text (``hooks``), ``random``: a seeded random-init Mamba-1 with no tokenizer.
 """
 
 from __future__ import annotations
@@ -492,7 +492,7 @@ def main(argv: Optional[list] = None) -> int:
     circuit.add_argument("--out", default="tl_mamba_circuit", help="folder for circuit.png and circuit.json")
     circuit.set_defaults(func=cmd_circuit)
     run = sub.add_parser("run", help="top next tokens and a logit lens for a prompt")
-    run.add_argument("model", help="shipped name, checkpoint dir, hub id, or 'random'")
+    run.add_argument("model", help="shipped name, checkpoint dir or hub id (one with a tokenizer: the prompt is text)")
     run.add_argument("prompt")
     run.add_argument("--top", type=int, default=10)
     run.set_defaults(func=cmd_run)
