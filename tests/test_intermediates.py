@@ -598,18 +598,21 @@ STATE_EDITS = {
 }
 
 
+@pytest.mark.parametrize("p", [7, 12])
 @pytest.mark.parametrize("edit", list(STATE_EDITS))
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
-def test_gradient_through_a_hook_h_edit_matches_finite_differences(family, backend, edit):
+def test_gradient_through_a_hook_h_edit_matches_finite_differences(family, backend, edit, p):
     """An edit that is a function of h (h * 0.7, h + v) carries the gradient back through the
     states into the parameters (it was dropped: only the edited values' own gradient remained).
-    Reference: central finite differences along random directions, float64."""
+    Reference: central finite differences along random directions, float64. At p = 12 the edits
+    of every position pass RECURRENCE_AFTER_EDITS and take the masked recurrence; at p = 7 the
+    segments."""
     from test_knockout import make_model  # tiny float64 models
 
     model = make_model(family)
     model.set_backend(backend)
-    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 50, (2, p), generator=torch.Generator().manual_seed(1))
 
     def loss():
         logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_h", STATE_EDITS[edit])])
@@ -629,6 +632,20 @@ def test_gradient_through_a_hook_h_edit_matches_finite_differences(family, backe
             minus = loss().item()
             param.add_(direction)
         assert (param.grad * direction).sum().item() == pytest.approx((plus - minus) / 2, rel=1e-4, abs=1e-13)
+
+
+def test_gradient_through_a_hook_h_edit_twice_with_retain_graph():
+    """backward(retain_graph=True) and a second backward give the same gradient (the edit's
+    gradient route keeps what it needs for a second pass)."""
+    from test_knockout import make_model
+
+    model = make_model("mamba2")
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_h", STATE_EDITS["scale"])])[:, -1].pow(2).sum()
+    first = torch.autograd.grad(loss, model.embed.W_E, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, model.embed.W_E)[0]
+    assert first.abs().sum() > 0
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["hook_conv_in", "hook_conv", "hook_x", "hook_dt_low"])

@@ -118,8 +118,7 @@ class _TotalDerivative(torch.autograd.Function):
             total = total.masked_fill(ctx.edited, 0.0)
         if ctx.through_edits is not None:  # ∂L/∂h at the unedited entries: the scan's own gradient carries it
             ctx.through_edits.record_unedited(total)
-        ctx.read_out = ctx.step_decay = ctx.edited = ctx.through_edits = None
-        return total, None, None, None, None, None
+        return total, None, None, None, None, None  # ctx keeps its fields: backward(retain_graph=True) twice
 
 
 def scan_with_heavy_hooks(
