@@ -107,6 +107,23 @@ def test_eap_scores_match_exact_feature_patching_for_a_small_corruption(family, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_several_sites_score_as_each_alone(family):
+    """SAEs at two layers: each site's EAP scores are those it gets alone (a later site's splice
+    must not block the gradient to an earlier one), and so are its EAP-IG scores."""
+    model = tiny(family)
+    clean, corrupted = pair(seed=2)
+    first, second = "blocks.0.hook_mixer_out", "blocks.1.hook_resid_pre"
+    saes = {first: TinySAE(16, 12, seed=3), second: TinySAE(16, 10, seed=4)}
+    for kw in (dict(method="EAP"), dict(method="EAP-IG", ig_steps=3)):
+        both = feature_attribution(model, saes, clean, corrupted, metric, quiet=True, **kw)
+        for name in saes:
+            alone = feature_attribution(model, {name: saes[name]}, clean, corrupted, metric, quiet=True, **kw)[name]
+            assert float(alone.scores.abs().max()) > 1e-4 and float(alone.error.abs()) > 1e-6
+            torch.testing.assert_close(both[name].scores, alone.scores, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(both[name].error, alone.error, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_eap_ig_scores_add_up_to_the_metric_difference_at_a_cut(family):
     """Every later computation reads hook_resid_pre of layer 1, so interpolating its features
     and error from corrupted to clean walks from the corrupted run to the clean one: with many

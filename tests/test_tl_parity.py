@@ -163,11 +163,12 @@ def test_cache_records_its_pos_slice(tiny_model):
     assert same.pos_slice is None  # Slice(None) cuts nothing
     for pos_slice in (-1, (1, 4), Slice([0, 2])):
         _, cut = tiny_model.run_with_cache(tokens, pos_slice=pos_slice)
-        assert cut.pos_slice is pos_slice
+        assert isinstance(cut.pos_slice, Slice)  # recorded as applied: (1, 4) is slice(1, 4)
         expected = Slice.unwrap(pos_slice).apply(full["blocks.0.hook_x"], dim=1)  # an int keeps the axis
         torch.testing.assert_close(cut["blocks.0.hook_x"], expected)
+        torch.testing.assert_close(cut.pos_slice.apply(full["blocks.0.hook_x"], dim=1), expected)
         row = cut.apply_slice_to_batch_dim(0)  # keeps the class and the record
-        assert isinstance(row, MambaActivationCache) and row.pos_slice is pos_slice
+        assert isinstance(row, MambaActivationCache) and row.pos_slice is cut.pos_slice
     assert MambaActivationCache({}, tiny_model).pos_slice is None
 
 

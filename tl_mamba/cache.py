@@ -43,7 +43,7 @@ class MambaActivationCache(ActivationCache):
 
     Attributes (beyond ``ActivationCache``'s):
         pos_slice: the ``pos_slice`` that ``run_with_cache`` cut every hook's position
-            axis with (the ``Slice`` or value given), or None when every position is
+            axis with (as a TransformerLens ``Slice``), or None when every position is
             cached. Code that needs whole sequences (the hidden attention, which
             recomputes the scan from the cached activations) can refuse a cut cache:
             ``if cache.pos_slice is not None: raise ...``. ``apply_slice_to_batch_dim``
@@ -55,6 +55,8 @@ class MambaActivationCache(ActivationCache):
 
     def __init__(self, cache_dict, model, has_batch_dim: bool = True, pos_slice=None):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        if pos_slice is not None and not isinstance(pos_slice, Slice):  # as run_with_cache applied it:
+            pos_slice = Slice.unwrap(pos_slice) if hasattr(Slice, "unwrap") else Slice(pos_slice)  # (0, 5) → 0:5
         if isinstance(pos_slice, Slice) and pos_slice.mode == "identity":
             pos_slice = None  # Slice(None) cuts nothing
         self.pos_slice = pos_slice

@@ -178,15 +178,20 @@ def _site_grads(model, saes, tokens, attention_mask, metric, labels, b, clean_pa
 
     def splice(act: Tensor, hook) -> Tensor:
         f_clean, err_clean = clean_parts[hook.name]
-        if hook.name == site:
+        if hook.name == site:  # EAP-IG: this site's features and error, interpolated, replace it
             f_corr, err_corr = corrupted_parts[hook.name]
             f, err = f_corr + alpha * (f_clean - f_corr), err_corr + alpha * (err_clean - err_corr)
         else:
             f, err = f_clean, err_clean
         f, err = f.detach().clone().requires_grad_(True), err.detach().clone().requires_grad_(True)
         leaves[hook.name] = (f, err)
-        # decode(f) + ε: the activation itself at the clean run, with f and ε as nodes
-        return (saes[hook.name].decode(f).to(err.dtype) + err).reshape(act.shape).to(act.dtype)
+        recon = saes[hook.name].decode(f).to(err.dtype) + err  # decode(f) + ε
+        if hook.name == site:
+            return recon.reshape(act.shape).to(act.dtype)
+        # EAP: the activation itself, plus a term of value zero that makes f and ε nodes. The
+        # activation's own path stays, so earlier sites' gradients pass through this one
+        # (returning decode(f) + ε alone would cut them off at their leaves).
+        return act + (recon - recon.detach()).reshape(act.shape).to(act.dtype)
 
     with torch.enable_grad():
         spliced = list(saes) if site is None else [site]  # elsewhere the splice would change no value

@@ -57,7 +57,7 @@ def _warn_mask_backward_hooks(name: str) -> None:
 
 class _ThroughEdits:
     """What :class:`_ConnectStates` needs at backward time: the gradient that reached the hook's
-    unedited entries through the zero-valued recurrence term (recorded by a tensor hook)."""
+    unedited entries through the zero-valued term (recorded by :class:`_TotalDerivative`'s backward)."""
 
     def __init__(self):
         self.unedited_grad = None
@@ -102,7 +102,8 @@ class _TotalDerivative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, seen: Tensor, y: Tensor, read_out, step_decay: Tensor, edited, through_edits) -> Tensor:
-        ctx.read_out, ctx.step_decay, ctx.edited, ctx.through_edits = read_out, step_decay, edited, through_edits
+        ctx.read_out, ctx.through_edits = read_out, through_edits
+        ctx.save_for_backward(step_decay, edited)  # freed with the graph after the backward
         ctx.state = (seen.shape, seen.dtype, seen.device)
         return torch.zeros_like(y)
 
@@ -113,9 +114,10 @@ class _TotalDerivative(torch.autograd.Function):
         with torch.enable_grad():  # read_out is linear in the states: its transpose at any point
             probe = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
             (direct,) = torch.autograd.grad(ctx.read_out(probe), probe, grad_y)
-        total = adjoint_recurrence(direct, ctx.step_decay)
-        if ctx.edited is not None:
-            total = total.masked_fill(ctx.edited, 0.0)
+        step_decay, edited = ctx.saved_tensors
+        total = adjoint_recurrence(direct, step_decay)
+        if edited is not None:
+            total = total.masked_fill(edited, 0.0)
         if ctx.through_edits is not None:  # ∂L/∂h at the unedited entries: the scan's own gradient carries it
             ctx.through_edits.record_unedited(total)
         return total, None, None, None, None, None  # ctx keeps its fields: backward(retain_graph=True) twice
@@ -155,11 +157,8 @@ def scan_with_heavy_hooks(
             check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
             if block.hook_ssm_mask.bwd_hooks and torch.is_grad_enabled():
                 _warn_mask_backward_hooks(block.hook_ssm_mask.name)
+            # (a hook returning another shape is refused by the hook point, CheckedHookPoint)
             ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
-            if tuple(ssm_mask.shape) != tuple(mask_shape):
-                raise ValueError(
-                    f"a hook on {block.hook_ssm_mask.name} returned shape {tuple(ssm_mask.shape)}, expected {mask_shape}"
-                )
             if ssm_mask.requires_grad and torch.is_grad_enabled():
                 # knockout attribution: keep the mask even when it removes nothing, so the scan
                 # gives it a gradient (∂L/∂mask[i, j] scores the edge j → i)
@@ -196,16 +195,15 @@ def scan_with_heavy_hooks(
         with torch.inference_mode(False):
             states = states.clone()
     version = states._version
-    seen = block.hook_h(states)
-    if tuple(seen.shape) != tuple(states.shape):
-        raise ValueError(f"a hook on {block.hook_h.name} returned shape {tuple(seen.shape)}, expected {tuple(states.shape)}")
+    seen = block.hook_h(states)  # (another shape is refused by the hook point, CheckedHookPoint)
     edited = None
     if seen is not states or states._version != version:
-        # the hook edited the state: find the edited entries against a fresh scan, then
+        # the hook edited the state: find the edited entries against the scan's states, then
         # rerun with them fixed so the recurrence continues from the edited values
-        if states._version == version:  # a new tensor returned: the hook's copy still holds the scan's states
-            original = states.detach()
-        else:  # edited in place: scan again for the states to compare against
+        if wants_grad:  # the hook had a copy: the scan's own states are untouched
+            original = out.states.detach()
+        else:  # the hook had the states themselves (even a new tensor returned may come with
+            # an edit through .data, which no version counter shows): scan again to compare
             with torch.no_grad():  # only compared against, never differentiated
                 original = scan(return_states=True).states
         edited = seen.detach() != original

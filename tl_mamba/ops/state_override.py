@@ -39,10 +39,13 @@ def check_override_shape(override: StateOverride, shape) -> None:
 
 
 #: Past this many edited positions, :func:`scan_with_override` applies the edits in one masked
-#: recurrence over the states instead of scanning segments: two scans per edited position cost
-#: far more than one pass when the edits cover many positions (an ablation of a head's state
-#: everywhere: toy-mamba2, b 4, p 256, 15x a plain forward that way).
+#: recurrence over the states instead of scanning segments, under autograd (where each
+#: segment keeps its own graph: 5.5-6.3x faster with every position edited, docs/performance.md)
+#: or when the edits cover at least :data:`RECURRENCE_SHARE_NO_GRAD` of the positions. Without
+#: gradients a few edits in a long sequence are faster as segments, which keep the backend's
+#: kernels for the unedited stretches (Mamba-1, p = 2048, 128 edits: 0.15 s against 0.21 s).
 RECURRENCE_AFTER_EDITS = 8
+RECURRENCE_SHARE_NO_GRAD = 0.25
 
 
 def scan_with_override(
@@ -53,9 +56,10 @@ def scan_with_override(
     initial_state: Optional[Tensor],
     return_states: bool,
     recurrence: Optional[Callable[[], Tuple[Tensor, Tensor, Tensor]]] = None,
+    differentiable: bool = False,
 ):
     """Scan ``[0, p)`` with ``override``'s edits: in segments that end at edited positions, or,
-    past :data:`RECURRENCE_AFTER_EDITS` edited positions, by ``recurrence`` when given.
+    with many edited positions (:data:`RECURRENCE_AFTER_EDITS`), by ``recurrence`` when given.
 
     Args:
         run: ``run(start, stop, initial_state, return_states)`` scans positions
@@ -68,12 +72,16 @@ def scan_with_override(
         return_states: also return ``[b, p, *state]``.
         recurrence: ``recurrence()`` → ``(y, final_state, states)`` of the same edits in one
             pass (:func:`override_by_recurrence`), or None (always segments).
+        differentiable: whether a gradient will flow through the scan (the recurrence is then
+            taken past :data:`RECURRENCE_AFTER_EDITS` edited positions, whatever their share).
 
     Returns:
         ``(y [b, p, ...], final_state, states or None)``.
     """
     edited_positions = override.mask.flatten(2).any(-1).any(0).nonzero().flatten().tolist()
-    if recurrence is not None and len(edited_positions) > RECURRENCE_AFTER_EDITS:
+    many = len(edited_positions) > RECURRENCE_AFTER_EDITS and (
+        differentiable or len(edited_positions) >= RECURRENCE_SHARE_NO_GRAD * p)
+    if recurrence is not None and many:
         y, final, states = recurrence()
         return y, final, (states if return_states else None)
     ys, states = [], []

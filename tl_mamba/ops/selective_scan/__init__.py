@@ -158,8 +158,9 @@ def selective_scan(
 
                 return override_by_recurrence(decay, write, read_all, state_override, initial_state)
 
-            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states,
-                                                  recurrence)
+            y, final, states = scan_with_override(
+                run, read_out, p, state_override, initial_state, return_states, recurrence,
+                differentiable=needs_grad(x, delta, A, B, C, D, initial_state, state_override.values))
             out = ScanOutput(y=y, final_state=final, states=states)
         if ssm_mask is not None:
             def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, e]: α[i, j] x_j per channel

@@ -33,7 +33,7 @@ from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradien
                                   check_removal,
                                   dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
                                   pair_terms_bphd, removed_terms, same_pass_removal)
-from tl_mamba.ops.precision import compute_dtype
+from tl_mamba.ops.precision import compute_dtype, needs_grad
 from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK, ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
 from tl_mamba.ops.state_override import (StateOverride, check_override_shape, override_by_recurrence,
@@ -166,8 +166,9 @@ def ssd_scan(
 
                 return override_by_recurrence(decay, write, read_all, state_override, initial_state)
 
-            y, final, states = scan_with_override(run, read_out, p, state_override, initial_state, return_states,
-                                                  recurrence)
+            y, final, states = scan_with_override(
+                run, read_out, p, state_override, initial_state, return_states, recurrence,
+                differentiable=needs_grad(x, delta, A, B, C, D, initial_state, state_override.values))
             out = SSDOutput(y=y, final_state=final, states=states)
         if ssm_mask is None:
             return out
