@@ -40,7 +40,7 @@ def check_override_shape(override: StateOverride, shape) -> None:
 
 #: Past this many edited positions, :func:`scan_with_override` applies the edits in one masked
 #: recurrence over the states instead of scanning segments, under autograd (where each
-#: segment keeps its own graph: 5.5-6.3x faster with every position edited, docs/performance.md)
+#: segment keeps its own graph: 5.5-7.3x faster with every position edited, docs/performance.md)
 #: or when the edits cover at least :data:`RECURRENCE_SHARE_NO_GRAD` of the positions. Without
 #: gradients a few edits in a long sequence are faster as segments, which keep the backend's
 #: kernels for the unedited stretches (Mamba-1, p = 2048, 128 edits: 0.15 s against 0.21 s).
