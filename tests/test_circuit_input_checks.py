@@ -236,3 +236,16 @@ def test_hidden_attention_of_a_cut_cache_raises(family):
     # a prefix is a whole (shorter) sequence: its α is the prefix's own
     _, prefix = model.run_with_cache(toks, pos_slice=slice(0, 4))
     torch.testing.assert_close(model.hidden_attention(prefix, 1), model.hidden_attention(toks[:, :4], 1))
+
+
+def test_float_layers_and_heads_are_refused_not_truncated():
+    """layers=[1.5] used to be read as layer 1 (Knockout and knockout_attribution), and
+    heads=[0.5] as head 0."""
+    model = make_model("mamba2")
+    with pytest.raises(TypeError, match=r"Knockout layers: integer layers needed, got 1\.5"):
+        Knockout(layers=[1.5], sources=[0], targets=[-1])
+    with pytest.raises(TypeError, match=r"knockout_attribution layers: integer layers needed"):
+        knockout_attribution(model, tokens(0), lambda lg: lg[:, -1, 0], layers=[1.5])
+    with pytest.raises(TypeError, match=r"knockout_attribution heads: integer heads needed"):
+        knockout_attribution(model, tokens(0), lambda lg: lg[:, -1, 0], heads=[0.5])
+    assert Knockout(layers=torch.tensor([0, 1]), sources=[0], targets=[-1]).resolved_layers(2) == [0, 1]

@@ -52,24 +52,26 @@ Positions = Union[int, Sequence[int], Tensor]
 PATHS = ("ssm", "conv", "both")
 
 
-def _index_list(values, what: str) -> List[int]:
+def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True) -> List[int]:
     """``values`` (an int, a sequence of ints, an int tensor) as a list of Python ints.
 
     ``TypeError`` for anything that is not an integer (a float such as ``1.7`` would be
-    truncated, a Python bool read as position 0 or 1).
+    truncated, a Python bool read as position 0 or 1). ``owner`` and ``what`` name the
+    argument in the message; ``mask_ok``: whether a bool mask is another way to give it.
     """
     unit = "positions" if what in ("sources", "targets") else what
+    or_mask = " or a bool mask" if mask_ok else ""
     if hasattr(values, "tolist") and not isinstance(values, Tensor):  # numpy arrays and scalars
         values = values.tolist()
     if isinstance(values, Tensor):
-        if values.is_floating_point() or values.is_complex():
-            raise TypeError(f"Knockout {what}: give integer {unit} or a bool mask, not a {values.dtype} tensor "
+        if values.is_floating_point() or values.is_complex() or (values.dtype == torch.bool and not mask_ok):
+            raise TypeError(f"{owner} {what}: give integer {unit}{or_mask}, not a {values.dtype} tensor "
                             f"({values.flatten()[:4].tolist()}...)")
         return [int(v) for v in values.flatten().tolist()]
     if isinstance(values, bool) or (not isinstance(values, (list, tuple, range)) and hasattr(values, "__index__")):
         values = [values]
     elif not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
-        raise TypeError(f"Knockout {what}: give an integer, a list of integers or a bool mask, "
+        raise TypeError(f"{owner} {what}: give an integer, a list of integers{or_mask}, "
                         f"got {type(values).__name__}")
     out = []
     for v in values:
@@ -77,8 +79,8 @@ def _index_list(values, what: str) -> List[int]:
             v = v.item() if getattr(v, "ndim", 0) == 0 else v
         if isinstance(v, bool) or isinstance(v, Tensor) or not hasattr(v, "__index__"):
             hint = (" (a list of bools: pass a bool tensor, torch.tensor(mask, dtype=torch.bool), to give a mask)"
-                    if isinstance(v, bool) else "")
-            raise TypeError(f"Knockout {what}: integer {unit} needed, got {v!r} of type {type(v).__name__}{hint}")
+                    if isinstance(v, bool) and mask_ok else "")
+            raise TypeError(f"{owner} {what}: integer {unit} needed, got {v!r} of type {type(v).__name__}{hint}")
         out.append(int(v))
     return out
 
@@ -206,10 +208,10 @@ class Knockout:
             given = getattr(self, what)
             if given is not None and not (isinstance(given, Tensor) and given.dtype == torch.bool):
                 _index_list(given, what)
-        layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        layers = _index_list(self.layers, "layers", mask_ok=False)
         if not layers:
             raise ValueError("Knockout needs at least one layer")
-        self._layers = tuple(int(layer) for layer in layers)
+        self._layers = tuple(layers)
 
     # ----------------------------------------------------------------- resolution
     def resolved_layers(self, n_layers: int) -> List[int]:

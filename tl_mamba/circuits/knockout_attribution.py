@@ -43,6 +43,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.knockout import _index_list
+
 Tokens = Union[Tensor, str, Sequence[str]]
 Metric = Callable[[Tensor], Tensor]
 
@@ -77,7 +79,7 @@ def _layers(model, layers) -> List[int]:
     n = model.cfg.n_layers
     if layers is None:
         return list(range(n))
-    layers = [layers] if isinstance(layers, int) else [int(layer) for layer in layers]
+    layers = _index_list(layers, "layers", owner="knockout_attribution", mask_ok=False)
     if not layers:
         raise ValueError("layers is empty")
     bad = [layer for layer in layers if not -n <= layer < n]
@@ -95,7 +97,7 @@ def _heads(model, heads) -> Optional[List[int]]:
         return None
     if heads is None:
         return None
-    heads = [heads] if isinstance(heads, int) else [int(h) for h in heads]
+    heads = _index_list(heads, "heads", owner="knockout_attribution", mask_ok=False)
     if not heads:
         raise ValueError("heads is empty")
     bad = [h for h in heads if not -cfg.n_heads <= h < cfg.n_heads]
