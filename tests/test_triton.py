@@ -152,6 +152,7 @@ def _model(family="mamba1"):
 def test_model_hooks_knockout_and_state_edits_through_triton(family):
     model = _model(family)
     tokens = torch.randint(0, 30, (2, 6), device=DEVICE)
+    longer = torch.randint(0, 30, (2, 12), device=DEVICE)  # an edit of all 12 positions: the override recurrence
     ko = Knockout(layers=[0, 1], sources=[1, 2], targets=[-1], path="both")
 
     def edit(h, hook):
@@ -168,6 +169,7 @@ def test_model_hooks_knockout_and_state_edits_through_triton(family):
                 cache["blocks.1.hook_h"],
                 model.run_with_knockout(tokens, ko),
                 model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", edit)]),
+                model.run_with_hooks(longer, fwd_hooks=[("blocks.1.hook_h", lambda h, hook: h * 0.5)]),
                 model.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False),
             )
     for a, b in zip(results["triton"], results["reference"]):
