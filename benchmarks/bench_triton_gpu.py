@@ -21,7 +21,9 @@ and a GPU session spends its time measuring, not debugging. Its numbers mean not
    ``triton`` and ``torch`` forwards, ``knockout`` (Triton, all layers, 3 sources →
    last, by the default route: in the same pass as the scan; to compare, each route
    forced: same pass, edges, a separate scan),
-   ``hook_h`` cached forward (Triton), transformers' forward (its own path:
+   ``hook_h`` cached forward (Triton), layer 0's state halved at every position
+   (``state_ablation_*``: the override by segments against the masked recurrence,
+   ``tl_mamba.ops.state_override``), transformers' forward (its own path:
    the fused mamba_ssm kernels when installed, else its torch fallback), and the
    TransformerLens bridge's eager-scan ``hook_ssm_state`` cache.
 3. The scans alone at 130m widths, batch 1, ``--p``, fp32 and bf16: ``triton``
@@ -462,6 +464,23 @@ def contenders(family, hf, model, p, device, with_bridge):
                 return model.run_with_knockout(tokens, ko)
         return call
 
+    def state_ablation(threshold: int):
+        """Layer 0's state halved at every position (no grad), the override route forced by the
+        threshold: segments (two scans per position) or one masked recurrence."""
+        import tl_mamba.ops.state_override as so
+
+        def call():
+            saved, so.RECURRENCE_AFTER_EDITS = so.RECURRENCE_AFTER_EDITS, threshold
+            try:
+                model.set_backend("triton")
+                with torch.no_grad():
+                    return model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", lambda h, hook: h * 0.5)])
+            finally:
+                so.RECURRENCE_AFTER_EDITS = saved
+        return call
+
+    calls["state_ablation_segments"] = state_ablation(10**9)
+    calls["state_ablation_recurrence"] = state_ablation(0)
     # the default route (in the same pass as the scan, both families) against each route forced
     calls["knockout_triton_same_pass"] = forced(True)
     calls["knockout_triton_edges"] = forced(False)
