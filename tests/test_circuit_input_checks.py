@@ -128,7 +128,7 @@ def test_knockout_position_on_padding_warns_and_row_masks_match_the_prompt_alone
     attention_mask[1, :2] = 0  # row 1 is left-padded by 2
     with torch.no_grad():
         ko = Knockout(layers=[0, 1], sources=[0], targets=[-1], path="both")
-        with pytest.warns(UserWarning, match=r"sources \[0\] in row 1 fall on padding"):
+        with pytest.warns(UserWarning, match=r"sources \[0\] in row 1 fall on padding.*with left padding, position 0"):
             model.run_with_knockout(toks, ko, attention_mask=attention_mask)
         with warnings.catch_warnings(record=True) as caught:  # once per Knockout
             warnings.simplefilter("always")
@@ -162,7 +162,7 @@ def test_knockout_target_on_right_padding_warns():
     model = make_model("mamba1")
     attention_mask = torch.ones(B, P, dtype=torch.long)
     attention_mask[0, -2:] = 0  # row 0 is right-padded
-    with pytest.warns(UserWarning, match=r"targets \[5\] in row 0 fall on padding"):
+    with pytest.warns(UserWarning, match=r"targets \[5\] in row 0 fall on padding.*with right padding, position -1"):
         with torch.no_grad():
             model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], targets=[-1]),
                                     attention_mask=attention_mask)

@@ -420,7 +420,8 @@ def cmd_circuit(args) -> int:
     console.print(table)
 
     curve = Table(title="faithfulness of the top-n circuit: (circuit - corrupted) / (clean - corrupted)")
-    curve.add_column("edges", justify="right")
+    curve.add_column("top n", justify="right")
+    curve.add_column("edges kept", justify="right")  # after pruning edges off every input → logits path
     curve.add_column("faithfulness", justify="right")
     sizes = sorted({k for k in (1, 2, 5, 10, 20, 50, args.top) if k <= len(graph.edges)})
     scores = graph.scores.clone()
@@ -429,7 +430,7 @@ def cmd_circuit(args) -> int:
         graph.apply_topn(k)
         value = faithfulness(model, graph, batches, None, logit_diff, quiet=True,
                              baselines=(clean_value, corrupted_value))
-        curve.add_row(str(k), f"{value:.3f}")
+        curve.add_row(str(k), str(graph.count_included_edges()), f"{value:.3f}")
     console.print(curve)
     graph.scores = scores
     graph.apply_topn(args.top)

@@ -297,6 +297,7 @@ def plot_information_flow(df, path, title: Optional[str] = None, statistic: str 
     for source in summary.columns:
         ax.plot(summary.index, summary[source], marker="o", label=source)
     ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(list(summary.index))  # layers are integers: no ticks at 0.5, 1.5
     ax.set_xlabel("layer (window centre)")
     ax.set_ylabel("% change in p(answer)" + (" (pooled)" if statistic == "pooled" else f" ({statistic})"))
     ax.set_title(title or "knockout of source → last")

@@ -325,11 +325,16 @@ class Knockout:
         from tl_mamba.models.base import _caller_stacklevel
 
         self._warned_padding = True
+        if bool(pad[:, -1].any()):  # right padding: the prompts' last tokens are in different columns
+            example = ("with right padding, position -1 is a pad in every padded row (strings are padded on the "
+                       "tokenizer's side: padding_side='left' makes -1 every prompt's last token)")
+        else:
+            example = "with left padding, position 0 is a pad in every padded row"
         warnings.warn(
             f"{self!r}: {' and '.join(found)} fall on padding (attention_mask 0), where there is nothing to remove. "
-            "Knockout positions are columns of the padded batch, not positions within each prompt: with left "
-            "padding, position 0 is a pad in every padded row. For prompts of different lengths give sources / "
-            "targets as [b, p] bool masks, one row per prompt.", UserWarning, stacklevel=_caller_stacklevel())
+            f"Knockout positions are columns of the padded batch, not positions within each prompt: {example}. "
+            "For prompts of different lengths give sources / targets as [b, p] bool masks, one row per prompt.",
+            UserWarning, stacklevel=_caller_stacklevel())
 
     # ---------------------------------------------------------------------- hooks
     def hooks(self, model) -> List[Tuple[str, "object"]]:

@@ -58,8 +58,12 @@ def draw_graph(graph, path: Path, title: Optional[str] = None, max_edges: int = 
     for name, (x, y) in pos.items():
         if name not in used and name in units:
             continue  # unused heads (channel groups) would clutter wide layers
-        ax.scatter([x], [y], s=260, color="white" if name not in used else "#f3e3b5", edgecolors="black", zorder=3)
-        ax.text(x, y, name, ha="center", va="center", fontsize=6, zorder=4)
+        face = "white" if name not in used else "#f3e3b5"
+        ax.scatter([x], [y], s=260, color=face, edgecolors="black", zorder=3)
+        # a label wider than its circle ("logits", "m3.h0") sits on a box of the node's colour, so
+        # the circle's outline does not cut its first and last letters
+        ax.text(x, y, name, ha="center", va="center", fontsize=6, zorder=4,
+                bbox=dict(boxstyle="round,pad=0.15", facecolor=face, edgecolor="none"))
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.6, graph.n_layers + 1.6)
     ax.axis("off")

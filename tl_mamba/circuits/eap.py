@@ -79,6 +79,18 @@ def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] =
         yield _check_pair(*item)
 
 
+def count_batches(clean, batch_size: Optional[int] = None) -> Optional[int]:
+    """How many batches :func:`iter_batches` yields (a progress bar's total): ``ceil(N /
+    batch_size)`` for token tensors, the dataloader's ``len`` when it has one, else None."""
+    if isinstance(clean, Tensor):
+        n = clean.shape[0] if clean.ndim else 0
+        return -(-n // int(batch_size)) if batch_size else min(n, 1)
+    try:
+        return len(clean)
+    except TypeError:
+        return None
+
+
 def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Optional[Tensor]) -> Batch:
     if clean.ndim != 2 or clean.shape != corrupted.shape:
         raise ValueError(f"a batch's clean and corrupted tokens must be [batch, pos] of one shape, got "
@@ -222,8 +234,9 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
     total = torch.zeros_like(graph.scores, dtype=torch.float64)
     n_prompts = 0
     batches = iter_batches(clean, corrupted, labels, batch_size, attention_mask)
-    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(batches, desc=f"{method} attribution",
-                                                                   disable=quiet, leave=False):
+    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(
+            batches, desc=f"{method} attribution", total=count_batches(clean, batch_size), disable=quiet,
+            leave=False, unit="batch"):
         b, p = clean_tokens.shape
         wiring = _Wiring(model, graph, p)
         names = wiring.sender_hooks + wiring.internal_hooks  # sender_hooks[0] is hook_embed
@@ -368,8 +381,9 @@ def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable 
         raise TypeError("evaluate_graph() needs a metric")
     out: List[Tensor] = []
     batches = iter_batches(clean, corrupted, labels, batch_size, attention_mask)
-    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(batches, desc="evaluate graph", disable=quiet,
-                                                                   leave=False):
+    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(
+            batches, desc="evaluate graph", total=count_batches(clean, batch_size), disable=quiet, leave=False,
+            unit="batch"):
         logits = patched_logits(model, graph, clean_tokens, corrupted_tokens, attention_mask=mask)
         out.append(_per_prompt(metric, logits, batch_labels, clean_tokens.shape[0]))
     return torch.cat(out)

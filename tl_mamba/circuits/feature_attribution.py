@@ -8,18 +8,22 @@ SAE into features and an error term,
     f = sae.encode(a)            a = sae.decode(f) + ε,   ε = a - sae.decode(f)
 
 and the forward carries ``decode(f) + ε``, which is ``a`` itself: the model's outputs
-do not change, but ``f`` and ``ε`` are now nodes with gradients. A feature's score
-estimates ``metric(that feature patched to its corrupted value) - metric(clean)``
-(the sign convention of :func:`tl_mamba.circuits.attribute`):
+do not change, but ``f`` and ``ε`` are now nodes with gradients. Scores follow the sign
+convention of :func:`tl_mamba.circuits.attribute` (corrupted minus clean):
 
 - ``"EAP"``: ``(f_corr - f_clean) · ∂metric/∂f`` at the clean run, one backward for
-  every site at once;
+  every site at once: the first-order estimate of ``metric(that feature alone patched to
+  its corrupted value) - metric(clean)``, good when the patch is small;
 - ``"EAP-IG"``: the gradient averaged over ``ig_steps`` runs in which this site's
-  features and error are interpolated, ``f_corr + α (f_clean - f_corr)`` for
+  features and error are interpolated together, ``f_corr + α (f_clean - f_corr)`` for
   α = k / ig_steps, k = 1..ig_steps, with everything upstream clean (one set of runs per
-  site, as sparse feature circuits do). At a site that cuts the whole computation
-  (a ``hook_resid_pre``), the scores and the error's add up to ``metric(corrupted) -
-  metric(clean)`` as ig_steps grows (completeness).
+  site, as sparse feature circuits do). This splits the effect of patching the whole
+  site among its features and error: at a site that cuts the whole computation (a
+  ``hook_resid_pre``) they add up to ``metric(corrupted) - metric(clean)`` as ig_steps
+  grows (completeness). Where features interact (the effect of patching several is not
+  the sum of patching each), a feature's share is not the effect of patching it alone:
+  on toy-mamba2's IOI, with an SAE at ``blocks.1.hook_resid_pre``, the top IG scores
+  were 1.5-5x their single-feature patches, and ranked the top 10 better than EAP did.
 
 Scores are summed over positions (``per_position=True`` keeps them ``[p, d_sae]``) and
 averaged over prompts. ``frequency`` counts how often each feature fires on the clean
@@ -43,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mamba.circuits.eap import _metric_values, check_ig_steps, iter_batches
+from tl_mamba.circuits.eap import _metric_values, check_ig_steps, count_batches, iter_batches
 
 METHODS = ("EAP", "EAP-IG")
 
@@ -55,7 +59,8 @@ class FeatureScores:
     Attributes:
         hook: the hook name the SAE reads.
         scores: ``[d_sae]`` (``[p, d_sae]`` when per position), the mean over prompts of
-            each feature's estimated effect of patching it to its corrupted value.
+            each feature's score (EAP: its estimated effect of patching it alone to its
+            corrupted value; EAP-IG: its share of the effect of patching the site; see the module).
         error: ``[]`` (``[p]``) the same for the SAE's error term ε.
         frequency: ``[d_sae]``, the share of real clean tokens on which the feature is non-zero.
     """
@@ -103,8 +108,9 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
     totals: Dict[str, List[Tensor]] = {}
     n_prompts = 0
     batches = iter_batches(clean, corrupted, labels, batch_size, attention_mask)
-    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(batches, desc=f"{method} feature attribution",
-                                                                   disable=quiet, leave=False):
+    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(
+            batches, desc=f"{method} feature attribution", total=count_batches(clean, batch_size), disable=quiet,
+            leave=False, unit="batch"):
         b = clean_tokens.shape[0]
         real = (torch.ones_like(clean_tokens) if mask is None else mask).to(torch.float64)  # [b, p]
         clean_parts = _sae_parts(model, saes, clean_tokens, mask)

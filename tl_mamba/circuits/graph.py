@@ -272,7 +272,9 @@ class Graph:
         return self
 
     def apply_topn(self, n: int, absolute: bool = True, prune: bool = True) -> "Graph":
-        """Keep the ``n`` highest-scoring edges ((edge, position) pairs when positional)."""
+        """Keep the ``n`` highest-scoring edges ((edge, position) pairs when positional), then,
+        with ``prune`` (default), drop those on no ``input`` → ``logits`` path: fewer than ``n``
+        may remain (``count_included_edges()``; for small ``n`` possibly none)."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         key = self.scores.abs() if absolute else self.scores
@@ -284,7 +286,8 @@ class Graph:
         return self.prune() if prune else self
 
     def apply_threshold(self, threshold: float, absolute: bool = True, prune: bool = True) -> "Graph":
-        """Keep the edges whose score (its absolute value by default) is at least ``threshold``."""
+        """Keep the edges whose score (its absolute value by default) is at least ``threshold``
+        (then pruned as in :meth:`apply_topn`)."""
         key = self.scores.abs() if absolute else self.scores
         self.in_graph = key >= threshold
         return self.prune() if prune else self
