@@ -38,6 +38,14 @@ _NO_HEADS = (
 )
 
 
+def as_slice(pos_slice) -> Slice:
+    """``pos_slice`` (an int, a tuple, indices, a ``Slice`` or None) as the ``Slice`` that cuts
+    the position axis: an int keeps the axis where the ``Slice`` has ``unwrap`` (transformer-lens
+    4.x), as its ``run_with_cache`` does."""
+    pos_slice = Slice.unwrap(pos_slice) if hasattr(Slice, "unwrap") else Slice(pos_slice)
+    return pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+
+
 class MambaActivationCache(ActivationCache):
     """Activation cache of a ``HookedMamba`` / ``HookedMamba2`` run.
 
@@ -55,8 +63,8 @@ class MambaActivationCache(ActivationCache):
 
     def __init__(self, cache_dict, model, has_batch_dim: bool = True, pos_slice=None):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
-        if pos_slice is not None and not isinstance(pos_slice, Slice):  # as run_with_cache applied it:
-            pos_slice = Slice.unwrap(pos_slice) if hasattr(Slice, "unwrap") else Slice(pos_slice)  # (0, 5) → 0:5
+        if pos_slice is not None:
+            pos_slice = as_slice(pos_slice)  # as run_with_cache applied it: (0, 5) is 0:5
         if isinstance(pos_slice, Slice) and pos_slice.mode == "identity":
             pos_slice = None  # Slice(None) cuts nothing
         self.pos_slice = pos_slice

@@ -221,13 +221,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
     """
     if metric is None:
         raise TypeError("attribute() needs a metric: metric(logits) or metric(logits, labels)")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
-    if method == "EAP" and ig_steps not in (None, 1):
-        raise ValueError("ig_steps applies to method='EAP-IG' only")
-    if method == "exact" and ig_steps is not None:
-        raise ValueError("ig_steps applies to method='EAP-IG' only")
-    steps = 1 if method != "EAP-IG" else check_ig_steps(ig_steps)
+    steps = method_steps(method, ig_steps)
     if method == "exact":
         return _attribute_exact(model, graph, clean, corrupted, metric, labels, batch_size, attention_mask, quiet)
 
@@ -261,8 +255,16 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
     return graph
 
 
-def check_ig_steps(ig_steps) -> int:
-    """EAP-IG's number of steps: ``ig_steps`` (an int >= 1), or 5 when None."""
+def method_steps(method: str, ig_steps, methods: Sequence[str] = METHODS) -> int:
+    """The gradient steps of ``method`` (one of ``methods``): 1 for ``"EAP"`` (and ``"exact"``,
+    which takes none), ``ig_steps`` for ``"EAP-IG"`` (an int >= 1, or 5 when None). ``ig_steps``
+    given with another method is a ``ValueError`` (``ig_steps=1`` with EAP is EAP)."""
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r}: choose from {tuple(methods)}")
+    if method != "EAP-IG":
+        if ig_steps is not None and not (method == "EAP" and ig_steps == 1):
+            raise ValueError("ig_steps applies to method='EAP-IG' only")
+        return 1
     if ig_steps is None:
         return 5
     if isinstance(ig_steps, bool) or not hasattr(ig_steps, "__index__"):

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mamba.circuits.eap import _metric_values, check_ig_steps, count_batches, iter_batches
+from tl_mamba.circuits.eap import _metric_values, count_batches, iter_batches, method_steps
 
 METHODS = ("EAP", "EAP-IG")
 
@@ -92,11 +92,7 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
     """
     if metric is None:
         raise TypeError("feature_attribution() needs a metric: metric(logits) or metric(logits, labels)")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
-    if method == "EAP" and ig_steps not in (None, 1):
-        raise ValueError("ig_steps applies to method='EAP-IG' only")
-    steps = 1 if method == "EAP" else check_ig_steps(ig_steps)
+    steps = method_steps(method, ig_steps, METHODS)
     if not saes:
         raise ValueError("saes is empty: give {hook name: sae}")
     for name, sae in saes.items():

@@ -31,10 +31,8 @@ try:  # transformer-lens 4.x
 except ImportError:  # transformer-lens 3.x
     from transformer_lens.hook_points import HookedRootModule  # type: ignore
 
-from transformer_lens.utilities import Slice
-
 from tl_mamba.backends import resolve_backend, validate_backend
-from tl_mamba.cache import MambaActivationCache
+from tl_mamba.cache import MambaActivationCache, as_slice
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.hidden_attention import conv_attention as _conv_attention
 from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
@@ -159,7 +157,7 @@ class HookedSSM(HookedRootModule):
 
         ``cache.apply_ln_to_stack(resid) @ W_U`` gives the logits.
         """
-        return (upcast(self.ln_final.w)[:, None] * upcast(self.unembed.matrix).T).to(self.cfg.dtype)
+        return self.unembed.W_U
 
     @property
     def b_U(self) -> Tensor:
@@ -430,9 +428,7 @@ class HookedSSM(HookedRootModule):
             tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         else:
             tokens = torch.as_tensor(input)
-        if tokens.dim() == 2:
-            if tokens.shape[0] != 1:
-                raise ValueError(f"tokens must be [p] or [1, p], got shape {tuple(tokens.shape)}")
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be [p] or [1, p], got shape {tuple(tokens.shape)}")
@@ -742,9 +738,7 @@ class HookedSSM(HookedRootModule):
         2 of ``hook_ssm_mask``).
         """
         cache = {} if cache is None else cache
-        pos_slice = Slice.unwrap(pos_slice) if hasattr(Slice, "unwrap") else Slice(pos_slice)
-        if not isinstance(pos_slice, Slice):
-            pos_slice = Slice(pos_slice)
+        pos_slice = as_slice(pos_slice)
         names_filter = _names_filter(names_filter, set(self.hook_dict))
         self.is_caching = True
 
