@@ -17,6 +17,7 @@ access. The three models hold identical weights:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -26,6 +27,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+
+
+@contextlib.contextmanager
+def override_route(route: str):
+    """Inside, ``hook_h`` edits take ``route`` (``"segments"`` or ``"recurrence"``) whatever their
+    number (``tl_mamba.ops.state_override.scan_with_override``'s thresholds, set and restored)."""
+    import tl_mamba.ops.state_override as so
+
+    if route not in ("segments", "recurrence"):
+        raise ValueError(f"route must be 'segments' or 'recurrence', got {route!r}")
+    saved = so.RECURRENCE_AFTER_EDITS, so.RECURRENCE_SHARE_NO_GRAD
+    so.RECURRENCE_AFTER_EDITS, so.RECURRENCE_SHARE_NO_GRAD = (10**9, 1.0) if route == "segments" else (0, 0.0)
+    try:
+        yield
+    finally:
+        so.RECURRENCE_AFTER_EDITS, so.RECURRENCE_SHARE_NO_GRAD = saved
 
 
 @dataclass

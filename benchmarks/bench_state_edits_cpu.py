@@ -8,7 +8,7 @@ them (two scans per edited position, each on the backend's kernels). When the ed
 cover many positions (more than ``tl_mamba.ops.state_override.RECURRENCE_AFTER_EDITS``:
 zeroing a head's state everywhere, scaling the state) they apply them in one masked
 recurrence over the states instead (``override_by_recurrence``). This bench times both
-routes on the same edits in one run (the threshold is switched per call), next to the
+routes on the same edits in one run (``_setup.override_route`` per call), next to the
 unhooked forward and a read-only ``hook_h`` hook, on the shipped toy models (torch
 backend, one thread, b 4, p 256), without gradients and with ``loss.backward()``.
 
@@ -21,6 +21,7 @@ same logits (checked here, max |Δ| printed). Writes ``<out>.json`` / ``<out>.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import pathlib
 import sys
@@ -30,6 +31,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from _env import machine_info, package_revision, write_results  # noqa: E402
+from _setup import override_route  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 EDITS = {
@@ -39,31 +41,24 @@ EDITS = {
 
 
 def contenders(model, tokens, grad: bool):
-    import tl_mamba.ops.state_override as so
-
     names = [f"blocks.{l}.hook_h" for l in range(model.cfg.n_layers)]
 
-    def call(hooks, threshold=None):
+    def call(hooks, route=None):
         def run():
-            saved = so.RECURRENCE_AFTER_EDITS
-            if threshold is not None:
-                so.RECURRENCE_AFTER_EDITS = threshold
-            try:
+            with override_route(route) if route else contextlib.nullcontext():
                 if grad:
                     model.zero_grad(set_to_none=True)
                     model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks).backward()
                     return None
                 with torch.no_grad():
                     return model.run_with_hooks(tokens, fwd_hooks=hooks)
-            finally:
-                so.RECURRENCE_AFTER_EDITS = saved
         return run
 
     out = {"plain": call([]), "read": call([(n, lambda h, hook: None) for n in names])}
     for edit, fn in EDITS.items():
         hooks = [(n, fn) for n in names]
-        out[f"{edit}_segments"] = call(hooks, threshold=10**9)
-        out[f"{edit}_recurrence"] = call(hooks, threshold=0)
+        out[f"{edit}_segments"] = call(hooks, "segments")
+        out[f"{edit}_recurrence"] = call(hooks, "recurrence")
     return out
 
 

@@ -464,23 +464,19 @@ def contenders(family, hf, model, p, device, with_bridge):
                 return model.run_with_knockout(tokens, ko)
         return call
 
-    def state_ablation(threshold: int):
-        """Layer 0's state halved at every position (no grad), the override route forced by the
-        threshold: segments (two scans per position) or one masked recurrence."""
-        import tl_mamba.ops.state_override as so
+    def state_ablation(route: str):
+        """Layer 0's state halved at every position (no grad), by ``route``: segments (two scans
+        per position) or one masked recurrence."""
+        from _setup import override_route
 
         def call():
-            saved, so.RECURRENCE_AFTER_EDITS = so.RECURRENCE_AFTER_EDITS, threshold
-            try:
+            with override_route(route), torch.no_grad():
                 model.set_backend("triton")
-                with torch.no_grad():
-                    return model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", lambda h, hook: h * 0.5)])
-            finally:
-                so.RECURRENCE_AFTER_EDITS = saved
+                return model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", lambda h, hook: h * 0.5)])
         return call
 
-    calls["state_ablation_segments"] = state_ablation(10**9)
-    calls["state_ablation_recurrence"] = state_ablation(0)
+    calls["state_ablation_segments"] = state_ablation("segments")
+    calls["state_ablation_recurrence"] = state_ablation("recurrence")
     # the default route (in the same pass as the scan, both families) against each route forced
     calls["knockout_triton_same_pass"] = forced(True)
     calls["knockout_triton_edges"] = forced(False)
