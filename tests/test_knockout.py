@@ -372,13 +372,19 @@ def test_hidden_attention_matches_brute_force_and_reconstructs_y(family):
     delta, Bm, C, x, y = (cache[f"blocks.1.hook_{n}"] for n in ("delta", "B", "C", "x", "y"))
     A = -torch.exp(block.mixer.A_log)
     alpha = model.hidden_attention(cache, 1)
+    assert alpha.dtype == torch.float64  # a float64 model keeps its precision
     ref = brute_alpha(family, delta, A, Bm, C, cfg.n_heads // cfg.n_groups if family == "mamba2" else 1)
-    torch.testing.assert_close(alpha.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alpha, ref, rtol=1e-10, atol=1e-12)
     if family == "mamba1":
-        rebuilt = torch.einsum("beij,bje->bie", alpha.double(), x) + block.mixer.D * x
+        rebuilt = torch.einsum("beij,bje->bie", alpha, x) + block.mixer.D * x
     else:
-        rebuilt = torch.einsum("bhij,bjhd->bihd", alpha.double(), x) + block.mixer.D[:, None] * x
-    torch.testing.assert_close(rebuilt, y, rtol=1e-5, atol=1e-5)
+        rebuilt = torch.einsum("bhij,bjhd->bihd", alpha, x) + block.mixer.D[:, None] * x
+    torch.testing.assert_close(rebuilt, y, rtol=1e-10, atol=1e-12)
+    # a float32 model gets float32
+    alpha32 = model.float().hidden_attention(tokens, 1)
+    model.double()
+    assert alpha32.dtype == torch.float32
+    torch.testing.assert_close(alpha32.double(), ref, rtol=1e-4, atol=1e-5)
     # from tokens, with a selection, and reduced
     pick = {"heads": [2, 0]} if family == "mamba2" else {"channels": [5, 1]}
     chosen = model.hidden_attention(tokens, 1, **pick)
@@ -491,7 +497,8 @@ def test_conv_attention_sums_to_hook_conv_and_is_what_conv_knockout_removes(fami
     mixer = model.blocks[layer].mixer
     bias = mixer.conv1d.bias if mixer.conv1d.bias is not None else torch.zeros(conv.shape[-1], dtype=conv.dtype)
     assert terms.shape == (2, conv.shape[-1], 9, 9)
-    torch.testing.assert_close(terms.double().sum(-1).permute(0, 2, 1) + bias, conv, rtol=1e-5, atol=1e-5)
+    assert terms.dtype == torch.float64
+    torch.testing.assert_close(terms.sum(-1).permute(0, 2, 1) + bias, conv, rtol=1e-10, atol=1e-12)
     # only the k = d_conv diagonals at or below the main one carry terms
     i, j = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
     assert terms[..., (i - j < 0) | (i - j >= model.cfg.d_conv)].abs().max() == 0
@@ -500,7 +507,7 @@ def test_conv_attention_sums_to_hook_conv_and_is_what_conv_knockout_removes(fami
     with model.knockouts(ko):
         _, knocked = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.hook_conv")
     removed = (conv - knocked[f"blocks.{layer}.hook_conv"])[:, 8]  # [b, C]
-    torch.testing.assert_close(removed, terms[:, :, 8, 6:8].double().sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(removed, terms[:, :, 8, 6:8].sum(-1), rtol=1e-10, atol=1e-12)
     # channels and reductions, from tokens
     some = model.conv_attention(tokens, layer, channels=[0, 3])
     torch.testing.assert_close(some, terms[:, [0, 3]])

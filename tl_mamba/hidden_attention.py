@@ -116,6 +116,11 @@ def _select(index, size: int, what: str) -> Tensor:
     return index % size
 
 
+def _result_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64 (a float64 model keeps its precision)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _reduce_into(total: Optional[Tensor], alpha: Tensor, reduce: str) -> Tensor:
     """Accumulate a chunk of features ``alpha [b, c, p, p]`` into a ``[b, p, p]`` reduction."""
     if reduce == "norm":
@@ -155,7 +160,9 @@ def hidden_attention(
             ``"abs_max"``. Computed chunk by chunk, so the per-feature tensor is never held.
         chunk_bytes: working memory per chunk of channels (Mamba-1).
 
-    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` when reduced), plus about
+    Returns float32 (float64 for a float64 model).
+
+    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` when reduced; twice that in float64), plus about
     ``chunk_bytes`` of working memory. For Mamba-1 the ``[b, e, n, p, p]`` tensor of
     per-state decays is never built: the state axis is summed one entry at a time over
     chunks of channels. At 130m widths (e = 1536) and p = 512 the unreduced Mamba-1
@@ -175,11 +182,12 @@ def hidden_attention(
     features = _select(heads if cfg.family == "mamba2" else channels,
                        cfg.n_heads if cfg.family == "mamba2" else cfg.d_inner, "heads" if heads is not None else "channels")
     out_features = 1 if reduce else features.numel()
-    _check_memory(model, b * out_features * p * p * 4, layer, "hidden_attention", "heads/channels")
+    dtype = _result_dtype(delta, B, C)
+    _check_memory(model, b * out_features * p * p * dtype.itemsize, layer, "hidden_attention", "heads/channels")
     causal = torch.ones(p, p, dtype=torch.bool, device=delta.device).tril()
     with torch.no_grad():
         if cfg.family == "mamba2":
-            alpha = _mamba2_alpha(cfg, delta, A.to(delta.device), B, C, features.to(delta.device), causal)
+            alpha = _mamba2_alpha(cfg, delta, A.to(delta.device), B, C, features.to(delta.device), causal, dtype)
             if reduce is None:
                 return alpha
             total = _reduce_into(None, alpha, reduce)
@@ -189,7 +197,7 @@ def hidden_attention(
             chunk = max(1, chunk_bytes // max(1, b * p * p * 8 * 3))
             for start in range(0, features.numel(), chunk):
                 idx = features[start:start + chunk].to(delta.device)
-                alpha = _mamba1_alpha(delta[..., idx], A.to(delta.device)[idx], B, C, causal)
+                alpha = _mamba1_alpha(delta[..., idx], A.to(delta.device)[idx], B, C, causal, dtype)
                 if return_all:
                     result.append(alpha)
                 else:
@@ -230,7 +238,9 @@ def conv_attention(
         input_or_cache: tokens ``[b, p]``, text, or a cache holding ``blocks.{layer}.hook_conv_in``
             over the whole sequence (checked as in :func:`hidden_attention`).
 
-    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` reduced), checked against
+    Returns float32 (float64 for a float64 model).
+
+    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` reduced; twice that in float64), checked against
     ``model.heavy_hook_memory_limit`` (``MemoryError``): only ``k`` diagonals are non-zero,
     so choose channels or a reduction for long inputs.
     """
@@ -240,11 +250,12 @@ def conv_attention(
     b, p, n_channels = conv_in.shape
     chosen = _select(channels, n_channels, "channels").to(conv_in.device)
     out_features = 1 if reduce else chosen.numel()
-    _check_memory(model, b * out_features * p * p * 4, layer, "conv_attention", "channels")
+    dtype = _result_dtype(conv_in, weight)
+    _check_memory(model, b * out_features * p * p * dtype.itemsize, layer, "conv_attention", "channels")
     k = weight.shape[-1]
-    source = conv_in.detach().float()[..., chosen].permute(0, 2, 1)  # [b, c, p]
-    taps = weight[chosen].float()  # [c, k]
-    terms = torch.zeros(b, chosen.numel(), p, p, dtype=torch.float32, device=conv_in.device)
+    source = conv_in.detach().to(dtype)[..., chosen].permute(0, 2, 1)  # [b, c, p]
+    taps = weight[chosen].to(dtype)  # [c, k]
+    terms = torch.zeros(b, chosen.numel(), p, p, dtype=dtype, device=conv_in.device)
     for lag in range(min(k, p)):  # target i = source j + lag, tap k-1-lag
         targets = torch.arange(lag, p, device=conv_in.device)
         terms[:, :, targets, targets - lag] = taps[:, k - 1 - lag, None] * source[:, :, : p - lag]
@@ -253,33 +264,34 @@ def conv_attention(
     return _finish(_reduce_into(None, terms, reduce), reduce, chosen.numel())
 
 
-def _segment_decay(log_decay: Tensor, causal: Tensor) -> Tensor:
+def _segment_decay(log_decay: Tensor, causal: Tensor, dtype: torch.dtype) -> Tensor:
     """``exp(L_i - L_j)`` for ``L = cumsum(log_decay)`` over the last axis, masked to j ≤ i.
 
     The cumulative sum is taken in float64, so the difference of two long sums keeps
-    its precision; entries above the diagonal are 0.
+    its precision; entries above the diagonal are 0. Returned in ``dtype``.
     """
     L = torch.cumsum(log_decay.double(), dim=-1)
     diff = L[..., :, None] - L[..., None, :]  # [..., i, j]
-    return torch.exp(diff.masked_fill(~causal, float("-inf"))).float()
+    return torch.exp(diff.masked_fill(~causal, float("-inf"))).to(dtype)
 
 
-def _mamba1_alpha(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, causal: Tensor) -> Tensor:
+def _mamba1_alpha(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, causal: Tensor, dtype: torch.dtype) -> Tensor:
     """α for a chunk of channels: delta ``[b, p, c]``, A ``[c, n]``, B/C ``[b, p, n]`` → ``[b, c, p, p]``."""
     b, p, c = delta.shape
     dt = delta.double().permute(0, 2, 1)  # [b, c, p]
-    alpha = torch.zeros(b, c, p, p, dtype=torch.float32, device=delta.device)
+    alpha = torch.zeros(b, c, p, p, dtype=dtype, device=delta.device)
     for s in range(A.shape[-1]):  # one state entry at a time: never [b, c, n, p, p]
-        decay = _segment_decay(dt * A[:, s, None], causal)  # [b, c, i, j]
-        cb = (C[:, :, s, None].float() * B[:, None, :, s].float())  # [b, i, j]
+        decay = _segment_decay(dt * A[:, s, None], causal, dtype)  # [b, c, i, j]
+        cb = (C[:, :, s, None].to(dtype) * B[:, None, :, s].to(dtype))  # [b, i, j]
         alpha += decay * cb[:, None]
-    return alpha * delta.float().permute(0, 2, 1)[:, :, None, :]  # Δ_j
+    return alpha * delta.to(dtype).permute(0, 2, 1)[:, :, None, :]  # Δ_j
 
 
-def _mamba2_alpha(cfg, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, heads: Tensor, causal: Tensor) -> Tensor:
+def _mamba2_alpha(cfg, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, heads: Tensor, causal: Tensor,
+                  dtype: torch.dtype) -> Tensor:
     """α for the chosen heads: delta ``[b, p, h]``, A ``[h]``, B/C ``[b, p, g, n]`` → ``[b, len(heads), p, p]``."""
     groups = heads // (cfg.n_heads // cfg.n_groups)
     dt = delta.double()[..., heads].permute(0, 2, 1)  # [b, H, p]
-    decay = _segment_decay(dt * A[heads, None], causal)  # [b, H, i, j]
-    cb = torch.einsum("bign,bjgn->bgij", C.float(), B.float())[:, groups]  # [b, H, i, j]
-    return decay * cb * dt.float()[:, :, None, :]
+    decay = _segment_decay(dt * A[heads, None], causal, dtype)  # [b, H, i, j]
+    cb = torch.einsum("bign,bjgn->bgij", C.to(dtype), B.to(dtype))[:, groups]  # [b, H, i, j]
+    return decay * cb * dt.to(dtype)[:, :, None, :]
