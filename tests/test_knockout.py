@@ -79,56 +79,75 @@ def edge_mask(b, p, sources, targets, n_features, features=None):
     return keep
 
 
-def reference_forward(model, tokens, layers, sources, targets, path, features=None):
+def conv_channels(cfg, features):
+    """The conv channels a knockout's heads / channels touch (None: all)."""
+    if cfg.family == "mamba1" or features is None:
+        return features
+    # Mamba-2: the chosen heads' x channels; B/C of groups whose heads are all chosen
+    hpg = cfg.n_heads // cfg.n_groups
+    chans = [h * cfg.d_head + d for h in features for d in range(cfg.d_head)]
+    for g in range(cfg.n_groups):
+        if all(h in features for h in range(g * hpg, (g + 1) * hpg)):
+            for part in range(2):
+                start = cfg.d_inner + part * cfg.n_groups * cfg.d_state + g * cfg.d_state
+                chans += list(range(start, start + cfg.d_state))
+    return chans
+
+
+def reference_forward(model, tokens, layers, sources, targets, path, features=None, fwd_hooks=()):
     """Logits with the knockout applied by the brute-force hooks.
 
     sources / targets: per row, lists of non-negative positions.
     """
+    return reference_union(model, tokens, [(layers, sources, targets, path, features)], fwd_hooks)
+
+
+def reference_union(model, tokens, knockouts, fwd_hooks=()):
+    """Logits with the union of several knockouts ``(layers, sources, targets, path, features)``:
+    an edge or tap is kept only if no knockout removes it (the product of their keep masks).
+    ``fwd_hooks`` run before the brute-force hooks (e.g. an edit of hook_conv_in)."""
     cfg = model.cfg
     b, p = tokens.shape
     seen = {}
-    hooks = []
+    hooks = list(fwd_hooks)
 
     def grab(name):
         def fn(value, hook):
             seen[name] = value.clone()
         return fn
 
-    for layer in layers:
+    for layer in sorted({layer for spec in knockouts for layer in spec[0]}):
         block = model.blocks[layer]
         prefix = f"blocks.{layer}."
+        mine = [spec for spec in knockouts if layer in spec[0]]
         for name in ("hook_conv_in", "hook_x", "hook_delta", "hook_B", "hook_C"):
             hooks.append((prefix + name, grab(prefix + name)))
-        if path in ("conv", "both"):
+        conv_specs = [spec for spec in mine if spec[3] in ("conv", "both")]
+        if conv_specs:
             c = block.mixer.conv1d.weight.shape[0]
-            if cfg.family == "mamba1":
-                chans = features
-            elif features is None:
-                chans = None
-            else:  # chosen heads' x channels; B/C of groups whose heads are all chosen
-                hpg = cfg.n_heads // cfg.n_groups
-                chans = [h * cfg.d_head + d for h in features for d in range(cfg.d_head)]
-                for g in range(cfg.n_groups):
-                    if all(h in features for h in range(g * hpg, (g + 1) * hpg)):
-                        for part in range(2):
-                            start = cfg.d_inner + part * cfg.n_groups * cfg.d_state + g * cfg.d_state
-                            chans += list(range(start, start + cfg.d_state))
-            keep = edge_mask(b, p, sources, targets, c, chans).permute(0, 2, 3, 1)  # [b, i, j, c]
+            keep = torch.ones(b, c, p, p, dtype=torch.float64)
+            for _, sources, targets, _, features in conv_specs:
+                keep = keep * edge_mask(b, p, sources, targets, c, conv_channels(cfg, features))
+            keep = keep.permute(0, 2, 3, 1)  # [b, i, j, c]
 
             def conv_hook(value, hook, block=block, prefix=prefix, keep=keep):
                 return brute_conv(seen[prefix + "hook_conv_in"], block.mixer.conv1d.weight, block.mixer.conv1d.bias,
                                   keep)
             hooks.append((prefix + "hook_conv", conv_hook))
-        if path in ("ssm", "both"):
-            def y_hook(value, hook, block=block, prefix=prefix):
+        ssm_specs = [spec for spec in mine if spec[3] in ("ssm", "both")]
+        if ssm_specs:
+            F = cfg.d_inner if cfg.family == "mamba1" else cfg.n_heads
+            keep = torch.ones(b, F, p, p, dtype=torch.float64)
+            for _, sources, targets, _, features in ssm_specs:
+                keep = keep * edge_mask(b, p, sources, targets, F, features)
+
+            def y_hook(value, hook, block=block, prefix=prefix, keep=keep):
                 A = -torch.exp(block.mixer.A_log)
                 x, delta, Bm, C = (seen[prefix + n] for n in ("hook_x", "hook_delta", "hook_B", "hook_C"))
                 if cfg.family == "mamba1":
                     alpha = brute_alpha("mamba1", delta, A, Bm, C)
-                    keep = edge_mask(b, p, sources, targets, cfg.d_inner, features)
                     return torch.einsum("beij,bje->bie", alpha * keep, x) + block.mixer.D * x
                 alpha = brute_alpha("mamba2", delta, A, Bm, C, cfg.n_heads // cfg.n_groups)
-                keep = edge_mask(b, p, sources, targets, cfg.n_heads, features)
                 return torch.einsum("bhij,bjhd->bihd", alpha * keep, x) + block.mixer.D[:, None] * x
             hooks.append((prefix + "hook_y", y_hook))
     with torch.no_grad():
@@ -280,6 +299,85 @@ def test_union_of_overlapping_knockouts(family, route):
     torch.testing.assert_close(ours, dense_out, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(after, model(tokens).detach(), rtol=0, atol=0)  # context removed its hooks
     assert not any(model.blocks[0].hook_ssm_mask.fwd_hooks)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_union_of_overlapping_knockouts_on_every_path(family, route, backend):
+    """Knockouts sharing conv taps and SSM edges, with and without features, remove their union:
+    each tap and edge once (a conv tap shared by two knockouts used to be subtracted twice, and a
+    channels= knockout overlapping another was refused)."""
+    model = make_model(family).set_backend(backend)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(16))
+    features = [1, 2] if family == "mamba2" else [0, 3, 5]
+    kwarg = "heads" if family == "mamba2" else "channels"
+    specs = [([0, 1], [[5, 6]] * B, [[8]] * B, "conv", None),
+             ([1], [[6]] * B, [[8, 7]] * B, "both", None),
+             ([1], [[2, 6]] * B, [[8]] * B, "ssm", features),
+             ([1], [[6, 7]] * B, [[7, 8]] * B, "both", features)]
+    kos = [Knockout(layers=layers, sources=src[0], targets=[t - P for t in tgt[0]], path=path,
+                    **({kwarg: feats} if feats is not None else {}))
+           for layers, src, tgt, path, feats in specs]
+    with torch.no_grad():
+        ours = model.run_with_knockout(tokens, kos)
+        plain = model(tokens)
+    ref = reference_union(model, tokens, specs)
+    assert (ref - plain).abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ["edit first", "knockout first"])
+def test_conv_knockout_reads_the_edited_conv_input(family, order):
+    """A conv knockout removes the taps of what the conv read: hook_conv_in after every hook on
+    it, whichever was added first (the edit used to be missed when added after the knockout)."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(17))
+
+    def edit(conv_in, hook):
+        conv_in = conv_in.clone()
+        conv_in[:, 5:7] *= 1.7
+        return conv_in
+
+    edits = [("blocks.1.hook_conv_in", edit)]
+    ko = Knockout(layers=[1], sources=[5, 6], targets=[7, 8], path="conv")
+    with torch.no_grad():
+        if order == "edit first":
+            with model.hooks(fwd_hooks=edits):
+                ours = model.run_with_knockout(tokens, ko)
+        else:
+            ours = model.run_with_knockout(tokens, ko, fwd_hooks=edits)
+        edited = model.run_with_hooks(tokens, fwd_hooks=edits)
+    ref = reference_union(model, tokens, [([1], [[5, 6]] * B, [[7, 8]] * B, "conv", None)], fwd_hooks=edits)
+    assert (ref - edited).abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_disjoint_removals_remove_each_edge_once():
+    """disjoint_removals: pieces whose edges, summed, equal the union of the removals' edges
+    (counted entry by entry), with per-row sources / targets and feature subsets."""
+    from tl_mamba.ops.knockout import EdgeRemoval, any_overlap, disjoint_removals
+
+    gen = torch.Generator().manual_seed(18)
+    b, p, F = 3, 7, 4
+    for _ in range(20):
+        removals = []
+        for _ in range(3):
+            features = None if torch.rand(1, generator=gen) < 0.3 else (torch.rand(F, generator=gen) < 0.6).float()
+            removals.append(EdgeRemoval(sources=(torch.rand(b, p, generator=gen) < 0.4).float(),
+                                        targets=(torch.rand(b, p, generator=gen) < 0.4).float(), features=features))
+        union = torch.zeros(b, F, p, p)
+        for r in removals:
+            for row in range(b):
+                for f in range(F):
+                    if r.features is not None and r.features[f] == 0:
+                        continue
+                    for i in range(p):
+                        for j in range(i + 1):
+                            if r.sources[row, j] and r.targets[row, i]:
+                                union[row, f, i, j] = 1
+        pieces = disjoint_removals(removals)
+        assert not any_overlap(pieces)
+        total = sum((piece.dense(F) for piece in pieces), torch.zeros(b, F, p, p))
+        torch.testing.assert_close(total, union, rtol=0, atol=0)
 
 
 def test_structured_knockout_builds_no_mask(family):

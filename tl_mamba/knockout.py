@@ -14,9 +14,10 @@ mixers of some layers:
 - ``path="conv"``: the depthwise causal-conv taps that carry j into i (including
   i = j). For Mamba-2 the conv runs over x, B and C together, so all three lose
   those taps. The changed conv output flows into everything computed from it
-  (Δ, B, C for Mamba-1; x, B, C for Mamba-2). Implemented as a pair of hooks:
-  ``hook_conv_in`` records the conv input, ``hook_conv`` subtracts
-  ``1_T ⊙ conv(conv_in ⊙ 1_S)`` (no bias).
+  (Δ, B, C for Mamba-1; x, B, C for Mamba-2). Implemented as a hook on
+  ``hook_conv`` that subtracts ``1_T ⊙ conv(conv_in ⊙ 1_S)`` (no bias), where
+  ``conv_in`` is the tensor the conv read: ``hook_conv_in``'s value after every
+  hook on it, which the block hands to the hook point (:func:`run_hook_conv`).
 - ``path="both"``: both.
 
 What remains after a knockout (by design; this is the definition the Mamba
@@ -33,7 +34,8 @@ Knockout paper uses, made exact):
   the chosen heads' x channels always lose them.
 
 Several knockouts (several ``Knockout`` objects, or hooks) remove the union of
-their edges.
+their edges: knockouts of one layer that share edges are split into disjoint pieces
+(:func:`tl_mamba.ops.knockout.disjoint_removals`), on both paths.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.ops.conv import causal_conv1d
-from tl_mamba.ops.knockout import EdgeRemoval, any_overlap
+from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, without
 
 Positions = Union[int, Sequence[int], Tensor]
 PATHS = ("ssm", "conv", "both")
@@ -347,9 +349,7 @@ class Knockout:
             if self.path in ("ssm", "both"):
                 hooks.append((f"blocks.{layer}.hook_ssm_mask", SSMMaskKnockoutHook(self, cfg)))
             if self.path in ("conv", "both"):
-                conv = ConvKnockoutHooks(self, cfg, model.blocks[layer])
-                hooks += [(f"blocks.{layer}.hook_conv_in", conv.record_input),
-                          (f"blocks.{layer}.hook_conv", conv.remove_taps)]
+                hooks.append((f"blocks.{layer}.hook_conv", ConvKnockoutHook(self, cfg, model.blocks[layer])))
         return hooks
 
 
@@ -377,15 +377,38 @@ class SSMMaskKnockoutHook:
         return mask * (1 - removal.dense(H).to(mask.dtype))
 
 
-class ConvKnockoutHooks:
-    """The conv path of a Knockout: record the conv input, then remove the source taps."""
+class ConvTaps:
+    """What the conv knockouts of one block share during one call of its ``hook_conv``:
+    the tensor the conv read (``conv_input`` ``[b, p, c]``) and the removals already applied
+    (channel-level :class:`EdgeRemoval` s), so that knockouts sharing taps remove them once."""
+
+    def __init__(self, conv_input: Tensor):
+        self.conv_input = conv_input
+        self.removed: List[EdgeRemoval] = []
+
+
+def run_hook_conv(hook_point, conv: Tensor, conv_input: Tensor) -> Tensor:
+    """``hook_point(conv)``, with ``conv_input`` (what the conv read, after every hook on
+    ``hook_conv_in``) at hand for the conv knockouts hooked there (:class:`ConvKnockoutHook`).
+
+    The blocks call this in place of ``hook_conv(conv)``: a knockout's taps are computed from
+    the conv's real input, whatever hooks edit ``hook_conv_in`` and in whichever order they
+    were added.
+    """
+    if not hook_point.fwd_hooks:
+        return hook_point(conv)
+    hook_point.conv_taps = ConvTaps(conv_input)
+    try:
+        return hook_point(conv)
+    finally:
+        hook_point.conv_taps = None
+
+
+class ConvKnockoutHook:
+    """The conv path of a Knockout: a hook on ``hook_conv`` that removes the source taps."""
 
     def __init__(self, knockout: Knockout, cfg, block):
         self.knockout, self.cfg, self.block = knockout, cfg, block
-        self.conv_in: Optional[Tensor] = None
-
-    def record_input(self, conv_in: Tensor, hook) -> None:
-        self.conv_in = conv_in
 
     def channel_mask(self, n_channels: int, device) -> Optional[Tensor]:
         """Which conv channels lose their taps: all, Mamba-1 ``channels``, or Mamba-2 ``heads``."""
@@ -401,38 +424,46 @@ class ConvKnockoutHooks:
         bc = whole_groups.repeat_interleave(cfg.d_state)  # [g * n]
         return torch.cat([x_channels, bc, bc])
 
-    def remove_taps(self, conv: Tensor, hook) -> Tensor:
-        if self.conv_in is None or self.conv_in.shape != conv.shape:
-            raise RuntimeError(f"{hook.name}: the conv knockout did not see this forward's conv input")
+    def __call__(self, conv: Tensor, hook) -> Tensor:
+        taps = getattr(hook, "conv_taps", None)
+        if taps is None or taps.conv_input.shape != conv.shape:
+            raise RuntimeError(f"{hook.name}: a conv knockout needs the conv input of this forward, which the "
+                               "block hands to hook_conv; this hook point was called outside a block's forward")
         b, p, c = conv.shape
         (sources, host_sources), (targets, host_targets) = (self.knockout.masks(what, b, p, conv.device)
                                                             for what in ("sources", "targets"))
         if self.knockout.path == "conv" and host_sources is not None and host_targets is not None:
             # (with "both", sources beyond the conv window are the SSM path's edges, not an error)
             self.knockout.warn_if_no_edges(host_sources, host_targets, window=self.block.mixer.conv1d.weight.shape[-1])
-        sources, targets = sources.to(conv.dtype), targets.to(conv.dtype)
+        mine = EdgeRemoval(sources=sources.to(conv.dtype), targets=targets.to(conv.dtype),
+                           features=self.channel_mask(c, conv.device),
+                           source_positions=None if host_sources is None else host_sources.any(0).nonzero()[:, 0],
+                           target_positions=None if host_targets is None else host_targets.any(0).nonzero()[:, 0])
+        pieces = [mine]
+        for earlier in taps.removed:  # taps another knockout on this hook point removed already
+            pieces = [rest for piece in pieces for rest in without(piece, earlier)]
+        taps.removed.append(mine)
         weight = self.block.mixer.conv1d.weight
-        carried, _ = causal_conv1d(self.conv_in * sources[..., None], weight, None)  # [b, p, c]
-        removed = carried * targets[..., None]
-        channels = self.channel_mask(c, conv.device)
-        if channels is not None:
-            removed = removed * channels.to(conv.dtype)
-        self.conv_in = None
-        return conv - removed.to(conv.dtype)
+        for piece in pieces:
+            carried, _ = causal_conv1d(taps.conv_input * piece.sources[..., None].to(conv.dtype), weight, None)
+            removed = carried * piece.targets[..., None].to(conv.dtype)  # [b, p, c]
+            if piece.features is not None:
+                removed = removed * piece.features.to(conv.dtype)
+            conv = conv - removed.to(conv.dtype)
+        return conv
 
 
 def structured_removals(hook_point, b: int, p: int, device) -> Optional[List[EdgeRemoval]]:
     """The Knockouts on ``hook_ssm_mask`` in structured form, if they are all that hooks it.
 
     Returns None when the mask must be built: no hook, a hook that is not a
-    Knockout (a user hook, a cache hook), a backward hook, or knockouts that share
-    edges (their union is not a sum).
+    Knockout (a user hook, a cache hook) or a backward hook. Knockouts that share
+    edges come back as disjoint pieces (their union, each edge once).
     """
     registry = _live_knockouts(hook_point)
     if not registry or hook_point.bwd_hooks or len(registry) != len(hook_point.fwd_hooks):
         return None
-    removals = [fn.removal(b, p, device) for fn in registry.values()]
-    return None if any_overlap(removals) else removals
+    return disjoint_removals([fn.removal(b, p, device) for fn in registry.values()])
 
 
 def _live_knockouts(hook_point) -> dict:
@@ -449,10 +480,7 @@ def _live_knockouts(hook_point) -> dict:
 
 def _knockout_of(fn) -> Optional[Knockout]:
     """The Knockout a hook function belongs to, or None."""
-    if isinstance(fn, SSMMaskKnockoutHook):
-        return fn.knockout
-    owner = getattr(fn, "__self__", None)
-    return owner.knockout if isinstance(owner, ConvKnockoutHooks) else None
+    return fn.knockout if isinstance(fn, (SSMMaskKnockoutHook, ConvKnockoutHook)) else None
 
 
 def active_knockouts(model) -> List[Knockout]:

@@ -829,8 +829,9 @@ class HookedSSM(HookedRootModule):
         """Context manager: ``with model.knockouts(ko):`` runs every forward with the knockouts.
 
         ``knockouts`` is a ``Knockout`` or a list of them (their union is removed).
-        They are ordinary hooks (``hook_ssm_mask`` for the SSM path, ``hook_conv_in`` and
-        ``hook_conv`` for the conv path) and compose with any other hooks.
+        They are ordinary hooks (``hook_ssm_mask`` for the SSM path, ``hook_conv`` for the
+        conv path, which removes the taps of what the conv read: ``hook_conv_in`` after every
+        hook on it) and compose with any other hooks.
         """
         from tl_mamba.knockout import knockouts_context
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import HookedSSM, hook_is_active
 from tl_mamba.models.block import MixerBlock, uniform_
+from tl_mamba.knockout import run_hook_conv
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.models.components import CheckedHookPoint, weightless_rms
 from tl_mamba.ops import causal_conv1d, selective_scan
@@ -113,7 +114,7 @@ class MambaBlock(MixerBlock):
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
         )
-        conv = self.hook_conv(conv).to(dtype)
+        conv = run_hook_conv(self.hook_conv, conv, conv_in).to(dtype)  # conv knockouts read conv_in
         x = self.hook_x(F.silu(conv)).to(dtype)
         if keep is not None:
             x = x * keep

@@ -29,6 +29,7 @@ from tl_mamba.config import HookedMambaConfig
 from tl_mamba.models.base import HookedSSM, run_hook_contiguous
 from tl_mamba.models.components import CheckedHookPoint
 from tl_mamba.models.block import MixerBlock
+from tl_mamba.knockout import run_hook_conv
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
 from tl_mamba.ops import causal_conv1d
 from tl_mamba.ops.precision import upcast
@@ -115,7 +116,7 @@ class Mamba2Block(MixerBlock):
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
         )
-        conv = self.hook_conv(conv)
+        conv = run_hook_conv(self.hook_conv, conv, conv_in)  # conv knockouts read conv_in
         xBC = F.silu(conv)
         if keep is not None:
             xBC = xBC * keep

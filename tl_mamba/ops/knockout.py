@@ -252,6 +252,59 @@ def any_overlap(removals: Sequence[EdgeRemoval]) -> bool:
     return any(removals[a].overlaps(removals[c]) for a in range(len(removals)) for c in range(a + 1, len(removals)))
 
 
+def without(removal: EdgeRemoval, other: EdgeRemoval) -> List[EdgeRemoval]:
+    """The edges of ``removal`` that ``other`` does not remove, as disjoint S → T removals.
+
+    An edge (row, j → i, feature f) of ``removal`` escapes ``other`` when j is not one of
+    other's sources, or j is but i is not one of its targets, or both are but f is not one of
+    its features: three disjoint pieces, ``(S ∧ ¬S', T, F)``, ``(S ∧ S', T ∧ ¬T', F)`` and
+    ``(S ∧ S', T ∧ T', F ∧ ¬F')``, each row with its own masks. Pieces that are empty on the
+    host side are dropped. The host position lists of a piece are those of its parents (a
+    superset, which :func:`removed_terms` allows).
+    """
+    if not removal.overlaps(other):
+        return [removal]
+    S, T, S2, T2 = (m.bool() for m in (removal.sources, removal.targets, other.sources, other.targets))
+    F = None if removal.features is None else removal.features.bool()
+    F2 = None if other.features is None else other.features.bool()
+
+    def host_both(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+        return None if a is None or b is None else a[torch.isin(a, b)]
+
+    def piece(sources: Tensor, targets: Tensor, features: Optional[Tensor], source_positions, target_positions):
+        for positions in (source_positions, target_positions):
+            if positions is not None and positions.numel() == 0:
+                return []
+        dtype = removal.sources.dtype
+        return [EdgeRemoval(sources=sources.to(dtype), targets=targets.to(dtype),
+                            features=None if features is None else features.float(),
+                            source_positions=source_positions, target_positions=target_positions)]
+
+    shared_sources = host_both(removal.source_positions, other.source_positions)
+    pieces = piece(S & ~S2, T, F, removal.source_positions, removal.target_positions)
+    pieces += piece(S & S2, T & ~T2, F, shared_sources, removal.target_positions)
+    if F2 is not None:  # other removes only some features: the rest of the shared edges stay
+        rest = ~F2 if F is None else F & ~F2
+        if bool(rest.any()):
+            pieces += piece(S & S2, T & T2, rest, shared_sources,
+                            host_both(removal.target_positions, other.target_positions))
+    return pieces
+
+
+def disjoint_removals(removals: Sequence[EdgeRemoval]) -> List[EdgeRemoval]:
+    """The union of the removals' edges as pairwise disjoint removals, so that summing their
+    terms removes each edge once (several Knockouts in one layer remove the union of their
+    edges). Each removal keeps only the edges that no earlier one removes (:func:`without`);
+    removals that share no edge come back unchanged."""
+    result: List[EdgeRemoval] = []
+    for removal in removals:
+        pieces = [removal]
+        for earlier in result:
+            pieces = [rest for piece in pieces for rest in without(piece, earlier)]
+        result += pieces
+    return result
+
+
 def check_removal(removal: EdgeRemoval, b: int, p: int, n_features: int, what: str) -> None:
     """Raise if a removal's shapes do not fit a ``[b, p]`` scan with ``n_features`` heads/channels."""
     for name in ("sources", "targets"):
