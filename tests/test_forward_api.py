@@ -412,3 +412,17 @@ def test_heavy_hook_memory_guard(model):
     _, cache = model.run_with_cache(tokens)
     assert "blocks.0.hook_x" in cache
     assert model(tokens).shape == (b, p, model.cfg.d_vocab)
+
+
+def test_entry_point_signatures_follow_the_contract():
+    """API.md writes ``tl_mamba.from_pretrained(name_or_path, device=None, dtype=torch.float32)``;
+    the class methods take the same keywords."""
+    import inspect
+
+    import tl_mamba
+    from tl_mamba import HookedMamba2
+
+    for fn in (tl_mamba.from_pretrained, HookedMamba.from_pretrained, HookedMamba2.from_pretrained):
+        params = inspect.signature(fn).parameters
+        assert list(params)[:3] == ["name_or_path", "device", "dtype"], fn
+        assert params["device"].default is None and params["dtype"].default is torch.float32, fn

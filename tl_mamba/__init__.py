@@ -5,6 +5,8 @@
     logits, cache = model.run_with_cache("The capital of France is")
 """
 
+import torch
+
 from tl_mamba.backends import BACKENDS, BackendUnavailableError
 from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
@@ -17,14 +19,13 @@ from tl_mamba.knockout import Knockout
 __version__ = "0.1.0"
 
 
-def from_pretrained(name_or_path, device=None, dtype=None, **kwargs):
+def from_pretrained(name_or_path, device=None, dtype=torch.float32, **kwargs):
     """Load a Mamba checkpoint (hub id or local directory) with the class its config calls for.
 
     mamba_ssm and transformers layouts are both read; Mamba-1 and Falcon-Mamba
-    give a ``HookedMamba``, Mamba-2 a ``HookedMamba2``.
+    give a ``HookedMamba``, Mamba-2 a ``HookedMamba2``. ``dtype``: a torch dtype, its name
+    (``"bfloat16"``), or ``"auto"`` (the checkpoint's own); None means float32.
     """
-    import torch
-
     from tl_mamba.loading import load_any
 
     return load_any(name_or_path, device=device, dtype=torch.float32 if dtype is None else dtype, **kwargs)
