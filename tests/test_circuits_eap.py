@@ -176,6 +176,48 @@ def test_resid_edge_patch_matches_hand_written_hook(family):
     assert (ours - plain).abs().max() > 1e-4  # the edge carries something
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float64_scores_keep_float64_precision(family):
+    """A float64 model's scores are float64 and match hand-written float64 computations of the
+    edge m0 -> m2 to 1e-10 (they were rounded to float32: about 1e-7 relative)."""
+    model = tiny(family)
+    clean, corrupted = pair()
+    metric = last_logit_metric()
+    with torch.no_grad():
+        _, corr_cache = model.run_with_cache(corrupted, names_filter="blocks.0.hook_mixer_out")
+        _, clean_cache = model.run_with_cache(clean, names_filter="blocks.0.hook_mixer_out")
+        shift = corr_cache["blocks.0.hook_mixer_out"] - clean_cache["blocks.0.hook_mixer_out"]
+        patched = model.run_with_hooks(clean, fwd_hooks=[("blocks.2.hook_mixer_in", lambda x, hook: x + shift)])
+        exact_ref = (metric(patched) - metric(model(clean))).mean()
+    leaf = {}
+
+    def make_leaf(x, hook):
+        leaf["x"] = x.detach().requires_grad_(True)
+        return leaf["x"]
+
+    with torch.enable_grad():
+        value = metric(model.run_with_hooks(clean, fwd_hooks=[("blocks.2.hook_mixer_in", make_leaf)])).sum()
+        (grad,) = torch.autograd.grad(value, leaf["x"])
+    eap_ref = (shift * grad).sum() / clean.shape[0]
+    index = Graph.from_model(model, "layer").edge("m0->m2").index
+    for method, ref in (("EAP", eap_ref), ("exact", exact_ref)):
+        scores = attribute(model, Graph.from_model(model, "layer"), clean, corrupted, metric, method=method,
+                           quiet=True).scores
+        assert scores.dtype == torch.float64
+        torch.testing.assert_close(scores[index], ref, rtol=1e-10, atol=1e-12)
+    values = evaluate_graph(model, Graph.from_model(model, "layer"), clean, corrupted, metric, quiet=True)
+    assert values.dtype == torch.float64
+
+
+def test_patched_logits_refuses_a_non_bool_in_graph():
+    """~ of an int 0/1 tensor is -1/-2: every edge would be "removed" with weight -2."""
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    graph = Graph.from_model(model, "layer")
+    with pytest.raises(TypeError, match="bool"):
+        patched_logits(model, graph, clean, corrupted, in_graph=torch.ones_like(graph.in_graph, dtype=torch.long))
+
+
 def test_head_edge_patch_matches_hand_written_hook():
     model = tiny("mamba2")
     clean, corrupted = pair()

@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mamba.circuits.graph import Graph
+from tl_mamba.ops.precision import upcast
 
 Batch = Tuple[Tensor, Tensor, object, Optional[Tensor]]  # clean, corrupted, labels, attention_mask
 METHODS = ("EAP", "EAP-IG", "exact")
@@ -130,7 +131,7 @@ def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
 
 def _per_prompt(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
     value = metric(logits) if labels is None else metric(logits, labels)
-    value = torch.as_tensor(value).detach().float().cpu()
+    value = upcast(torch.as_tensor(value).detach()).cpu()  # fp32, float64 for a float64 model's metric
     return value.expand(b).clone() if value.ndim == 0 else value.reshape(b)
 
 
@@ -177,17 +178,22 @@ class _Wiring:
         """``[units, p]``: sum over batch (and width) of each sender's write difference times ``grad``."""
         group = self.graph.groups[g]
         if not group.per_head:
-            return torch.einsum("bpd,bpd->p", diff.float(), grad.float())[None]
+            return torch.einsum("bpd,bpd->p", upcast(diff), upcast(grad))[None]
         b, p, e = diff.shape
         h = group.units
         grad_e = grad.to(self.out_proj(group.layer).dtype) @ self.out_proj(group.layer)  # [b, p, e]
-        return torch.einsum("bphk,bphk->hp", diff.reshape(b, p, h, e // h).float(),
-                            grad_e.reshape(b, p, h, e // h).float())
+        return torch.einsum("bphk,bphk->hp", upcast(diff.reshape(b, p, h, e // h)),
+                            upcast(grad_e.reshape(b, p, h, e // h)))
 
 
 def _expand(weight: Tensor) -> Tensor:
     """A scalar or ``[p]`` weight broadcast over ``[b, p, d]``."""
     return weight[None, :, None] if weight.ndim == 1 else weight
+
+
+def _score_dtype(model) -> torch.dtype:
+    """Scores come in float32, or float64 for a float64 model (no rounding below its precision)."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
 def _family(model) -> str:
@@ -244,14 +250,14 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
             diff = corrupted_acts[hook] - clean_acts[hook]
             scores[e.index] = _reduce_pos(wiring.pull_back(e.group, diff, grads[e.hook])[e.unit], graph)
         for e in wiring.internal:
-            diff = (corrupted_acts[e.hook] - clean_acts[e.hook]).float()
-            per_pos = (diff * grads[e.hook].float()).reshape(b, p, -1).sum((0, 2))
+            diff = upcast(corrupted_acts[e.hook] - clean_acts[e.hook])
+            per_pos = (diff * upcast(grads[e.hook])).reshape(b, p, -1).sum((0, 2))
             scores[e.index] = _reduce_pos(per_pos, graph)
         total += scores.double().cpu()
         n_prompts += b
     if n_prompts == 0:
         raise ValueError("no prompts: the data was empty")
-    graph.scores = (total / n_prompts).float()
+    graph.scores = (total / n_prompts).to(_score_dtype(model))
     return graph
 
 
@@ -326,6 +332,8 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: 
     keep = graph.in_graph if in_graph is None else in_graph
     if keep.shape != graph.in_graph.shape:
         raise ValueError(f"in_graph must have shape {tuple(graph.in_graph.shape)}, got {tuple(keep.shape)}")
+    if keep.dtype != torch.bool:  # ~ of an int 0/1 tensor is -1/-2, not "removed"
+        raise TypeError(f"in_graph must be a bool tensor (True = edge kept), got {keep.dtype}")
     removed = ~keep.to(clean_tokens.device)
     if not bool(removed.any()):
         with torch.no_grad():
@@ -378,7 +386,8 @@ def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable 
                    batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
                    quiet: bool = False) -> Tensor:
     """The metric of the circuit: clean runs with every edge outside the graph patched to
-    its corrupted value. Returns per-prompt values ``[N]`` (``[n_batches]`` if the metric is a scalar)."""
+    its corrupted value. Returns per-prompt values ``[N]`` (a scalar metric's batch value is
+    given to each of its prompts), float32 (float64 for a float64 model)."""
     if metric is None:
         raise TypeError("evaluate_graph() needs a metric")
     out: List[Tensor] = []
@@ -454,7 +463,7 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
             logits = patched_logits(model, graph, c, k, in_graph=keep, attention_mask=mask)
             values.append(_per_prompt(metric, logits, lab, c.shape[0]))
         total[(index,) if pos is None else (index, pos)] = float((torch.cat(values) - baseline).mean())
-    graph.scores = total.float()
+    graph.scores = total.to(_score_dtype(model))
     return graph
 
 

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mamba.circuits.eap import _metric_values, count_batches, iter_batches, method_steps
+from tl_mamba.circuits.eap import _metric_values, _score_dtype, count_batches, iter_batches, method_steps
 
 METHODS = ("EAP", "EAP-IG")
 
@@ -141,8 +141,9 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
         n_prompts += b
     if n_prompts == 0:
         raise ValueError("no prompts: the data was empty")
-    return {name: FeatureScores(hook=name, scores=(t[0] / n_prompts).float().cpu(),
-                                error=(t[1] / n_prompts).float().cpu(), frequency=(t[2] / t[3]).float().cpu())
+    dtype = _score_dtype(model)  # float32, float64 for a float64 model
+    return {name: FeatureScores(hook=name, scores=(t[0] / n_prompts).to(dtype).cpu(),
+                                error=(t[1] / n_prompts).to(dtype).cpu(), frequency=(t[2] / t[3]).to(dtype).cpu())
             for name, t in totals.items()}
 
 

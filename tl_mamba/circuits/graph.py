@@ -92,7 +92,8 @@ class Edge:
 class Graph:
     """Nodes and edges of a Mamba model, with one score and one in-graph flag per edge.
 
-    ``graph.scores`` is ``[n_edges]`` (``[n_edges, n_pos]`` when positional), float32;
+    ``graph.scores`` is ``[n_edges]`` (``[n_edges, n_pos]`` when positional), float32
+    (float64 once a float64 model scored it);
     ``graph.in_graph`` is a bool tensor of the same shape. ``graph.edges`` maps edge
     names (``"m0->m2"``, ``"m1.h3->logits"``, ``"m1.c3->m2"``, ``"m2.conv->m2.ssm"``) to :class:`Edge`.
 
