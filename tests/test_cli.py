@@ -144,6 +144,7 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["circuit", "--n", "0", "--out", "/tmp"], "--n"),
         (["circuit", "--batch-size", "0", "--out", "/tmp"], "--batch-size"),
         (["circuit", "--method", "EAP", "--steps", "3", "--out", "/tmp"], "EAP-IG"),
+        (["circuit", "--method", "EAP", "--steps", "5", "--out", "/tmp"], "EAP-IG"),  # the default value too
         (["run", "toy-mamba", "the cat", "--top", "0"], "--top"),
         (["knockout", "--prompt", " ", "--out", "/tmp"], "empty"),
         (["circuit", "--steps", "0", "--out", "/tmp"], "--steps"),
