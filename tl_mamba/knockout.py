@@ -397,11 +397,12 @@ def run_hook_conv(hook_point, conv: Tensor, conv_input: Tensor) -> Tensor:
     """
     if not hook_point.fwd_hooks:
         return hook_point(conv)
+    outer = getattr(hook_point, "conv_taps", None)  # a hook may run the model again from inside
     hook_point.conv_taps = ConvTaps(conv_input)
     try:
         return hook_point(conv)
     finally:
-        hook_point.conv_taps = None
+        hook_point.conv_taps = outer
 
 
 class ConvKnockoutHook:

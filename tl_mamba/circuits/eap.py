@@ -307,7 +307,7 @@ def _receiver_grads(model, wiring: _Wiring, tokens: Tensor, clean_embed: Tensor,
         start = corrupted_embed + alpha * (clean_embed - corrupted_embed) if steps > 1 else clean_embed
         leaf = start.detach().clone().requires_grad_(True)
         hooks = [("hook_embed", lambda act, hook, leaf=leaf: leaf)] + [(name, capture) for name in watched]
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # also under an outer inference_mode
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask)
             value = _metric_values(metric, logits, labels, b)
             torch.autograd.grad(value, leaf)

@@ -196,7 +196,7 @@ def _site_grads(model, saes, tokens, attention_mask, metric, labels, b, clean_pa
         # (returning decode(f) + ε alone would cut them off at their leaves).
         return act + (recon - recon.detach()).reshape(act.shape).to(act.dtype)
 
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # also under an outer inference_mode
         spliced = list(saes) if site is None else [site]  # elsewhere the splice would change no value
         logits = model.run_with_hooks(tokens, fwd_hooks=[(name, splice) for name in spliced],
                                       attention_mask=attention_mask)

@@ -14,6 +14,7 @@ supplies the TransformerLens-facing surface:
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,13 @@ def is_heavy_hook(name: str) -> bool:
 def hook_is_active(hook_point: HookPoint) -> bool:
     """Whether a forward or backward hook is attached (works on transformer-lens 3.x and 4.x)."""
     return bool(hook_point.fwd_hooks) or bool(hook_point.bwd_hooks)
+
+
+def mixer_input(hook_point: HookPoint, resid_pre: Tensor) -> Tensor:
+    """What ``hook_mixer_in`` is given: a copy of ``resid_pre`` while a hook is attached, so that
+    an in-place edit there reaches only this block's mixer (as TransformerLens copies the
+    residual stream into ``hook_attn_in`` / ``hook_mlp_in``), else ``resid_pre`` itself."""
+    return resid_pre.clone() if hook_is_active(hook_point) else resid_pre
 
 
 def run_hook_contiguous(hook_point: HookPoint, tensor: Tensor) -> Tensor:
@@ -105,7 +113,9 @@ class HookedSSM(HookedRootModule):
         if cfg.dtype is not None and not (isinstance(cfg.dtype, torch.dtype) and cfg.dtype.is_floating_point):
             raise TypeError(f"cfg.dtype must be a floating-point torch dtype (torch.float32, torch.float16, "
                             f"torch.bfloat16 or torch.float64), got {cfg.dtype!r}")
-        self.cfg = cfg
+        # a copy: .to() / .half() keep cfg.device / cfg.dtype in step with this model's weights,
+        # which must not rewrite another model built from the same config object
+        self.cfg = cfg = copy.deepcopy(cfg)
         self._padding_side_agreed = cfg.default_padding_side
         self.tokenizer = tokenizer  # the property's setter: set_tokenizer's padding-side sync
         self._backend = None  # None: follow TL_MAMBA_BACKEND
@@ -542,7 +552,7 @@ class HookedSSM(HookedRootModule):
             return mask
         # left padding, not a pad id met by chance in random token ids: a run of 2 or more pads, or
         # (pad != BOS) a run followed by the BOS
-        looks_padded = int(runs.max()) >= 2
+        looks_padded = runs.numel() > 0 and int(runs.max()) >= 2
         if not looks_padded and not pad_is_bos and bos is not None:
             after = tokens.gather(1, runs.clamp(max=tokens.shape[1] - 1)[:, None])[:, 0]
             looks_padded = bool(((runs > 0) & (runs < tokens.shape[1]) & (after == bos)).any())

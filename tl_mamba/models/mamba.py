@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.base import HookedSSM, hook_is_active
+from tl_mamba.models.base import HookedSSM, hook_is_active, mixer_input
 from tl_mamba.models.block import MixerBlock, uniform_
 from tl_mamba.knockout import run_hook_conv
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
@@ -104,12 +104,14 @@ class MambaBlock(MixerBlock):
         keep = None if attention_mask is None else attention_mask[..., None].to(dtype)
 
         resid_pre = self.hook_resid_pre(resid)
-        normed = self.ln1(self.hook_mixer_in(resid_pre).to(dtype))
+        normed = self.ln1(self.hook_mixer_in(mixer_input(self.hook_mixer_in, resid_pre)).to(dtype))
         conv_in, z = m.in_proj(normed).split([e, e], dim=-1)
         if keep is not None:  # before the hook: it holds what the conv reads (conv_attention, conv knockouts)
             conv_in = conv_in * keep
         # a hook may return another dtype (a patch from an fp32 cache): the weights read this dtype
         conv_in = self.hook_conv_in(conv_in).to(dtype)
+        if keep is not None and hook_is_active(self.hook_conv_in):  # what a hook writes at pads stays there
+            conv_in = conv_in * keep
         z = self.hook_z(z)
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]

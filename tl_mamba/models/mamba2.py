@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.base import HookedSSM, run_hook_contiguous
+from tl_mamba.models.base import HookedSSM, hook_is_active, mixer_input, run_hook_contiguous
 from tl_mamba.models.components import CheckedHookPoint
 from tl_mamba.models.block import MixerBlock
 from tl_mamba.knockout import run_hook_conv
@@ -106,12 +106,14 @@ class Mamba2Block(MixerBlock):
         keep = None if attention_mask is None else attention_mask[..., None].to(dtype)
 
         resid_pre = self.hook_resid_pre(resid)
-        normed = self.ln1(self.hook_mixer_in(resid_pre).to(dtype))
+        normed = self.ln1(self.hook_mixer_in(mixer_input(self.hook_mixer_in, resid_pre)).to(dtype))
         z, conv_in, dt = m.in_proj(normed).split([e, e + 2 * g * n, h], dim=-1)
         z = run_hook_contiguous(self.hook_z, z.reshape(b, p, h, hd))
         if keep is not None:  # before the hook: it holds what the conv reads (conv_attention, conv knockouts)
             conv_in = conv_in * keep
         conv_in = self.hook_conv_in(conv_in)
+        if keep is not None and hook_is_active(self.hook_conv_in):  # what a hook writes at pads stays there
+            conv_in = conv_in * keep
         dt = self.hook_delta_raw(dt)
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
@@ -122,6 +124,8 @@ class Mamba2Block(MixerBlock):
             xBC = xBC * keep
         x, B, C = xBC.split([e, g * n, g * n], dim=-1)
         x = run_hook_contiguous(self.hook_x, x.reshape(b, p, h, hd))
+        if keep is not None and hook_is_active(self.hook_x):  # no state write from a pad (as Mamba-1)
+            x = x * keep[..., None]
         B = run_hook_contiguous(self.hook_B, B.reshape(b, p, g, n))
         C = run_hook_contiguous(self.hook_C, C.reshape(b, p, g, n))
         lo, hi = cfg.dt_limit
