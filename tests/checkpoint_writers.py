@@ -196,3 +196,32 @@ def write_word_tokenizer(directory: pathlib.Path, words: Iterable[str], *, with_
                 }
             )
         )
+
+
+def write_mistral_native_checkpoint(
+    directory: pathlib.Path,
+    transformers_state_dict: Mapping[str, torch.Tensor],
+    params: dict,
+    *,
+    tokenizer_file: Optional[str] = "tokenizer.model.v3",
+) -> pathlib.Path:
+    """Mistral's native layout, as ``mistralai/Mamba-Codestral-7B-v0.1``'s model card downloads
+    it: ``params.json`` (mistral_inference ``MambaArgs``), ``consolidated.safetensors`` and a
+    tokenizer file. mistral_inference's ``Mamba`` keeps mamba_ssm's ``MambaLMHeadModel`` as
+    ``self.model``, so the weights are mamba_ssm's names under ``model.``: renamed here from a
+    transformers Mamba-2 state dict (``backbone.embeddings`` -> ``backbone.embedding``).
+    The tokenizer file is a placeholder (its bytes are not a real Mistral tokenizer)."""
+    from safetensors.torch import save_file
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(params, indent=4))
+    weights = {}
+    for key, value in transformers_state_dict.items():
+        if key == "lm_head.weight" and params.get("tie_embeddings", True):
+            continue  # tied: one tensor (safetensors stores no shared tensors)
+        weights["model." + key.replace("backbone.embeddings.", "backbone.embedding.")] = value
+    save_file(_unshared(weights), str(directory / "consolidated.safetensors"))
+    if tokenizer_file is not None:
+        (directory / tokenizer_file).write_bytes(b"\x00placeholder")
+    return directory

@@ -10,14 +10,16 @@ tensors), and name tables written out literally below.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import tl_mamba
-from tl_mamba import HookedMamba
+from tl_mamba import HookedMamba, HookedMambaConfig
 from tl_mamba.loading import (
+    CheckpointConfigError,
     CheckpointFilesError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -38,6 +40,7 @@ from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK
 
 from checkpoint_writers import (
     mamba_ssm_config,
+    perturb_,
     save_state_dict,
     tiny_transformers_model,
     transformers_to_mamba_ssm_keys,
@@ -405,10 +408,21 @@ def test_save_pretrained_over_a_sharded_checkpoint_loads_the_saved_weights(tmp_p
         model.blocks[0].mixer.D.mul_(3.0)
     model.save_pretrained(folder)
     assert not (folder / "model.safetensors.index.json").exists() and not list(folder.glob("model-*.safetensors"))
-    assert not (folder / "pytorch_model.bin").exists() and (folder / "notes.txt").read_text() == "keep me"
+    assert (folder / "notes.txt").read_text() == "keep me"
+    # the mamba_ssm layout writes pytorch_model.bin (mamba_ssm reads it): the saved weights, not the stale bytes
+    written = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(written["backbone.layers.0.mixer.D"], model.blocks[0].mixer.D)
     reloaded = tl_mamba.from_pretrained(folder)
     tokens = torch.arange(8)[None] % model.cfg.d_vocab
     torch.testing.assert_close(reloaded(tokens), model(tokens))
+    # switching layouts in one folder: the transformers save's model.safetensors (read before a
+    # .bin) goes when the mamba_ssm layout is written over it
+    model.save_pretrained(folder, layout="transformers")
+    with torch.no_grad():
+        model.blocks[0].mixer.D.mul_(2.0)
+    model.save_pretrained(folder)
+    assert not (folder / "model.safetensors").exists()
+    assert torch.equal(tl_mamba.from_pretrained(folder).blocks[0].mixer.D, model.blocks[0].mixer.D)
     # a save that cannot be written (a parameter no checkpoint name maps) leaves the folder as it was
     reloaded.probe = torch.nn.Linear(2, 2)
     with pytest.raises(KeyError, match="probe"):
@@ -425,6 +439,7 @@ def test_load_state_dict_files_no_weights(tmp_path):
     with pytest.raises(CheckpointFilesError, match="no weight files") as info:
         load_state_dict_files(tmp_path)
     assert "config.json" in str(info.value) and "README.md" in str(info.value)
+    assert "consolidated.safetensors" in str(info.value)  # Mistral's native weights are looked for too
     with pytest.raises(FileNotFoundError, match="no weight files.*README.md"):
         HookedMamba.from_pretrained(tmp_path)
 
@@ -803,3 +818,301 @@ def test_save_pretrained_transformers_layout_loads_in_transformers(tmp_path, kin
             model.save_pretrained(tmp_path / "ssm")
     with pytest.raises(ValueError, match="layout must be"):
         model.save_pretrained(tmp_path / "x", layout="gguf")
+
+
+# --------------------------------------------------------------------------- config defaults and required fields
+
+
+def _dir_with(tmp_path, name, config, state_dict):
+    """A checkpoint directory holding exactly this config.json and these weights."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_state_dict(state_dict, folder, "safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("config", [
+    # Mamba-2: n_groups (8), num_heads (128), chunk_size, time_step_limit, ids (0/2/1), tie (False) ... left out
+    {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 48, "head_dim": 1,
+     "state_size": 4},
+    # Mamba-1 and Falcon-Mamba: state_size (16), tie (True), time_step_rank, ids, mixer_rms_eps ... left out
+    {"model_type": "mamba", "hidden_size": 24, "num_hidden_layers": 2, "vocab_size": 48},
+    {"model_type": "falcon_mamba", "hidden_size": 24, "num_hidden_layers": 2, "vocab_size": 48},
+    # transformers' Mamba-1 reads intermediate_size when the config has it (not expand * hidden_size)
+    {"model_type": "mamba", "hidden_size": 24, "num_hidden_layers": 2, "vocab_size": 48, "intermediate_size": 72},
+])
+def test_minimal_transformers_config_loads_as_transformers_loads_it(tmp_path, config):
+    """Fields a config.json leaves out take transformers' defaults: the reference is transformers'
+    own from_pretrained of the same directory (its config and its logits)."""
+    import transformers
+
+    kind = config["model_type"]
+    config_cls = {"mamba": transformers.MambaConfig, "falcon_mamba": transformers.FalconMambaConfig,
+                  "mamba2": transformers.Mamba2Config}[kind]
+    source = transformers.AutoModelForCausalLM.from_config(config_cls(**{k: v for k, v in config.items()
+                                                                         if k != "model_type"}))
+    folder = _dir_with(tmp_path, kind, config, perturb_(source.eval(), seed=9).state_dict())
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    rc = ref.config
+    model = tl_mamba.from_pretrained(folder)
+    cfg = model.cfg
+    assert (cfg.d_model, cfg.n_layers, cfg.d_vocab, cfg.d_state, cfg.d_conv) == (
+        rc.hidden_size, rc.num_hidden_layers, rc.vocab_size, rc.state_size, rc.conv_kernel)
+    assert (cfg.eps, cfg.tie_embeddings, cfg.residual_in_fp32) == (
+        rc.layer_norm_epsilon, rc.tie_word_embeddings, rc.residual_in_fp32)
+    assert (cfg.conv_bias, cfg.proj_bias, cfg.initializer_range) == (rc.use_conv_bias, rc.use_bias,
+                                                                     rc.initializer_range)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (rc.bos_token_id, rc.eos_token_id,
+                                                                      rc.pad_token_id)
+    if kind == "mamba2":
+        assert (cfg.n_groups, cfg.n_heads, cfg.d_head) == (rc.n_groups, rc.num_heads, rc.head_dim) == (8, 128, 1)
+        assert cfg.checkpoint_chunk_size == rc.chunk_size and cfg.dt_limit == tuple(rc.time_step_limit)
+        assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 2, 1)
+    else:
+        assert (cfg.d_inner, cfg.dt_rank) == (rc.intermediate_size, rc.time_step_rank)
+        assert cfg.bcdt_rms_eps == getattr(rc, "mixer_rms_eps", None)
+    assert_close(our_logits(model, TOKENS % 48), hf_logits(ref, TOKENS % 48))
+
+
+def test_mamba2_config_without_num_heads_is_refused_as_transformers_refuses_it(tmp_path, hf_mamba2):
+    import transformers
+
+    raw = {k: v for k, v in hf_mamba2.config.to_dict().items() if k != "num_heads"}  # 128 heads x 8 != 32
+    folder = _dir_with(tmp_path, "m2", raw, hf_mamba2.state_dict())
+    with pytest.raises(Exception, match="num_heads"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(UnsupportedArchitectureError, match=r"num_heads \* head_dim = 1024 \(num_heads=128"):
+        tl_mamba.from_pretrained(folder)
+
+
+def test_missing_required_config_field_fails_before_the_weights(tmp_path, hf_mamba, hf_mamba2):
+    """A config.json without a size field raises an error naming the file, the field and the layout;
+    the config is read in full before the weights (a broken weight file here is never opened)."""
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file: never read")
+    full = hf_mamba.config.to_dict()
+    for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in full.items() if k != field}))
+        with pytest.raises(CheckpointConfigError,
+                           match=rf"config.json lacks the required field '{field}'.*transformers layout"):
+            tl_mamba.from_pretrained(tmp_path)
+    ssm = mamba_ssm_config(d_model=24, n_layer=2, vocab_size=50)
+    for field in ("d_model", "n_layer", "vocab_size"):
+        (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in ssm.items() if k != field}))
+        with pytest.raises(CheckpointConfigError, match=rf"config.json lacks the required field '{field}'.*mamba_ssm"):
+            HookedMamba.from_pretrained(tmp_path)
+    # values our config refuses fail before the weights as well
+    (tmp_path / "config.json").write_text(json.dumps(dict(hf_mamba2.config.to_dict(), n_groups=3)))
+    with pytest.raises(ValueError, match=r"n_heads \(4\) must be divisible by n_groups \(3\)"):
+        tl_mamba.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointConfigError, match="'vocab_size'"):
+        config_from_checkpoint({k: v for k, v in full.items() if k != "vocab_size"}, "transformers", "mamba1")
+
+
+# --------------------------------------------------------------------------- save_pretrained: mamba_ssm layout
+
+#: mamba_ssm/models/config_mamba.py: the fields of its MambaConfig dataclass, which
+#: MambaLMHeadModel.from_pretrained fills with MambaConfig(**config.json)
+MAMBA_SSM_CONFIG_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                           "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                           "tie_embeddings"}
+#: the arguments of mamba_ssm's Mamba (modules/mamba_simple.py) and Mamba2 (modules/mamba2.py), which
+#: receive ssm_cfg (less its "layer" key, which picks the class)
+MAMBA_SSM_MIXER_ARGS = {
+    "Mamba1": {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor",
+               "conv_bias", "bias", "use_fast_path"},
+    "Mamba2": {"d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
+               "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
+               "conv_bias", "chunk_size", "use_mem_eff_path"},
+}
+
+
+def _transformers_from_mamba_ssm_dir(folder):
+    """What mamba_ssm's MambaLMHeadModel.from_pretrained builds from a directory, as a transformers
+    model: config.json -> MambaConfig / Mamba2Config (vocab padded as mamba_ssm pads it), and
+    torch.load("pytorch_model.bin") into a strict load_state_dict (names renamed here)."""
+    import transformers
+
+    raw = json.loads((folder / "config.json").read_text())
+    assert set(raw) <= MAMBA_SSM_CONFIG_FIELDS, set(raw) - MAMBA_SSM_CONFIG_FIELDS
+    ssm = dict(raw["ssm_cfg"])
+    layer = ssm.pop("layer", "Mamba1")
+    assert set(ssm) <= MAMBA_SSM_MIXER_ARGS[layer], set(ssm) - MAMBA_SSM_MIXER_ARGS[layer]
+    multiple = raw.get("pad_vocab_size_multiple", 8)
+    vocab = math.ceil(raw["vocab_size"] / multiple) * multiple
+    common = dict(hidden_size=raw["d_model"], num_hidden_layers=raw["n_layer"], vocab_size=vocab,
+                  state_size=ssm.get("d_state", 16 if layer == "Mamba1" else 128), expand=ssm.get("expand", 2),
+                  conv_kernel=ssm.get("d_conv", 4), use_bias=ssm.get("bias", False),
+                  use_conv_bias=ssm.get("conv_bias", True), layer_norm_epsilon=1e-5,
+                  residual_in_fp32=raw.get("residual_in_fp32", True),
+                  tie_word_embeddings=raw.get("tie_embeddings", True))
+    if layer == "Mamba1":
+        hf = transformers.MambaForCausalLM(transformers.MambaConfig(**common, time_step_rank=ssm.get("dt_rank", "auto")))
+    else:
+        headdim = ssm.get("headdim", 64)
+        limit = tuple(ssm.get("dt_limit", (0.0, float("inf"))))
+        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            **common, head_dim=headdim, num_heads=common["expand"] * raw["d_model"] // headdim,
+            n_groups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256), time_step_limit=limit))
+    weights = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert weights["backbone.embedding.weight"].shape[0] == vocab  # mamba_ssm's padding gives the stored rows
+    assert "lm_head.weight" in weights  # mamba_ssm's strict load_state_dict needs it, tied or not
+    if raw.get("tie_embeddings", True):
+        assert torch.equal(weights["lm_head.weight"], weights["backbone.embedding.weight"])
+    renamed = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in weights.items()}
+    hf.load_state_dict(renamed, strict=True)
+    return hf.eval(), weights
+
+
+@pytest.mark.parametrize("kind, tie", [("mamba", True), ("mamba", False), ("mamba2", True), ("mamba2", False)])
+def test_save_mamba_ssm_layout_is_what_mamba_ssm_loads(tmp_path, kind, tie):
+    """config.json holds mamba_ssm's fields only, pytorch_model.bin its names; a vocabulary of 50
+    (no multiple of 8) is not re-padded; the edited weights come back from both readers, and
+    bit-exactly with the token ids (which mamba_ssm's config cannot hold) from tl_mamba's."""
+    extra = {"use_bias": True} if not tie else {}
+    if kind == "mamba2":
+        extra["time_step_limit"] = (0.01, 0.5)
+    hf = tiny_transformers_model(kind, tie=tie, seed=6, vocab_size=50, **extra)
+    model = (tl_mamba.HookedMamba2 if kind == "mamba2" else HookedMamba).from_hf(hf)
+    with torch.no_grad():
+        model.blocks[1].mixer.D.mul_(2.0)
+    model.cfg.bos_token_id, model.cfg.eos_token_id, model.cfg.pad_token_id = 1, 2, None
+    out = model.save_pretrained(tmp_path / "ssm")
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "pytorch_model.bin", "generation_config.json"} <= written
+    assert "model.safetensors" not in written  # the weights once, as mamba_ssm writes them
+    reread, weights = _transformers_from_mamba_ssm_dir(out)
+    biases = ("in_proj.bias", "out_proj.bias") if not tie else ()
+    if kind == "mamba2":
+        names = set(mamba2_names(2, "backbone.embedding.weight", untied=True).values())
+        names |= {f"backbone.layers.{layer}.mixer.{b}" for layer in range(2) for b in biases}
+    else:
+        names = set(mamba1_names(2, "backbone.embedding.weight", untied=True, biases=("conv1d.bias",) + biases).values())
+    assert set(weights) == names
+    tokens = TOKENS % 50
+    ours = our_logits(model, tokens)
+    torch.testing.assert_close(hf_logits(reread, tokens), ours, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(hf_logits(hf, tokens), ours, atol=1e-3)  # the edit was saved
+    back = tl_mamba.from_pretrained(out)
+    assert torch.equal(our_logits(back, tokens), ours)
+    assert (back.cfg.bos_token_id, back.cfg.eos_token_id, back.cfg.pad_token_id) == (1, 2, None)
+    assert back.cfg.d_vocab == 50 and back.cfg.dt_limit == model.cfg.dt_limit
+
+
+@pytest.mark.parametrize("layout", ["mamba_ssm", "transformers"])
+def test_save_keeps_token_ids(tmp_path, layout):
+    """Codestral's bos/eos/pad 1/2/0 survive a save without a tokenizer (they came back 0/0/0)."""
+    cfg = HookedMambaConfig(n_layers=1, d_model=16, d_vocab=32, seed=0, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0)
+    HookedMamba(cfg).save_pretrained(tmp_path, layout=layout)
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    back = tl_mamba.from_pretrained(tmp_path).cfg
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (1, 2, 0)
+
+
+def test_save_mamba_ssm_layout_refuses_an_eps_it_cannot_hold(tmp_path):
+    """mamba_ssm always uses eps 1e-5: another eps is refused (the folder untouched), and the
+    transformers layout keeps it (transformers reads it back as layer_norm_epsilon)."""
+    import transformers
+
+    model = HookedMamba(HookedMambaConfig(n_layers=1, d_model=16, d_vocab=32, eps=1e-3, seed=0)).eval()
+    with pytest.raises(ValueError, match=r"eps is 0.001.*layout='transformers'"):
+        model.save_pretrained(tmp_path / "ssm")
+    assert not (tmp_path / "ssm").exists()
+    model.save_pretrained(tmp_path / "hf", layout="transformers")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").layer_norm_epsilon == 1e-3
+    back = tl_mamba.from_pretrained(tmp_path / "hf")
+    assert back.cfg.eps == 1e-3
+    tokens = TOKENS % 32
+    assert torch.equal(our_logits(back, tokens), our_logits(model, tokens))
+
+
+def test_old_tl_mamba_config_with_norm_epsilon_still_loads(tmp_path, hf_mamba):
+    """Configs that tl_mamba wrote before held a norm_epsilon field: still read."""
+    sd = transformers_to_mamba_ssm_keys(hf_mamba.state_dict(), tie=True)
+    raw = mamba_ssm_config(d_model=24, n_layer=2, vocab_size=56, ssm_cfg={"d_state": 8}, norm_epsilon=1e-3)
+    write_mamba_ssm_checkpoint(tmp_path, sd, raw)
+    assert HookedMamba.from_pretrained(tmp_path).cfg.eps == 1e-3
+
+
+# --------------------------------------------------------------------------- from_hf arguments, messages
+
+
+def test_from_hf_takes_device_dtype_and_overrides(hf_mamba, hf_mamba2):
+    model = HookedMamba.from_hf(hf_mamba, dtype=torch.float64, device="cpu", default_prepend_bos=False)
+    assert model.cfg.dtype == torch.float64 and all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.cfg.default_prepend_bos is False and str(model.cfg.device) == "cpu"
+    assert_close(our_logits(model), hf_logits(hf_mamba))
+    model2 = tl_mamba.HookedMamba2.from_hf(hf_mamba2, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in model2.parameters())
+    with pytest.raises(TypeError, match="not_a_field"):
+        HookedMamba.from_hf(hf_mamba, not_a_field=1)
+
+
+def test_from_hf_wrong_class_names_from_hf(hf_mamba, hf_mamba2):
+    with pytest.raises(WrongModelClassError, match=r"use HookedMamba2\.from_hf"):
+        HookedMamba.from_hf(hf_mamba2)
+    with pytest.raises(WrongModelClassError, match=r"use HookedMamba\.from_hf"):
+        tl_mamba.HookedMamba2.from_hf(hf_mamba)
+
+
+@pytest.mark.parametrize("prefix", ["model.", "module.", "_orig_mod.model."])
+def test_state_dict_under_a_wrapper_prefix_loads(tmp_path, hf_mamba_untied, prefix):
+    hf_mamba_untied.save_pretrained(tmp_path)
+    sd = {prefix + k: v for k, v in hf_mamba_untied.state_dict().items()}
+    save_state_dict(sd, tmp_path, "safetensors")
+    assert_close(our_logits(HookedMamba.from_pretrained(tmp_path)), hf_logits(hf_mamba_untied))
+
+
+def test_partly_prefixed_state_dict_says_which_prefix(hf_mamba):
+    sd = {"model." + k: v for k, v in hf_mamba.state_dict().items() if k != "lm_head.weight"}
+    sd["backbone.norm_f.weight"] = sd.pop("model.backbone.norm_f.weight")  # one key without it
+    cfg = config_from_checkpoint(hf_mamba.config.to_dict(), "transformers", "mamba1")
+    with pytest.raises(CheckpointMismatchError, match=r"prefix 'model\.'.*1 key\(s\) here do not"):
+        convert_state_dict(sd, cfg, "transformers", "mamba1")
+    # a backbone saved on its own (no "backbone."), wrapped: loads
+    bare = {"model." + k[len("backbone."):]: v for k, v in hf_mamba.state_dict().items() if k.startswith("backbone.")}
+    ours = convert_state_dict(bare, cfg, "transformers", "mamba1")
+    assert torch.equal(ours["blocks.1.mixer.A_log"], hf_mamba.backbone.layers[1].mixer.A_log)
+
+
+def test_unexpected_keys_listed_alike(hf_mamba):
+    """A 1-layer config with 2-layer weights: every layer-1 key is unexpected, all listed the same
+    way (checkpoint names only; the norm key used to carry an '(-> blocks.1.ln1.w)' suffix)."""
+    raw = dict(hf_mamba.config.to_dict(), num_hidden_layers=1)
+    cfg = config_from_checkpoint(raw, "transformers", "mamba1")
+    with pytest.raises(CheckpointMismatchError) as info:
+        convert_state_dict(hf_mamba.state_dict(), cfg, "transformers", "mamba1")
+    layer1 = [k for k in hf_mamba.state_dict() if k.startswith("backbone.layers.1.")]
+    assert sorted(info.value.unexpected) == sorted(layer1) and len(layer1) == 10
+    assert "(->" not in str(info.value)
+
+
+def test_offline_uncached_revision_is_named(monkeypatch, tmp_path, saved):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-mamba"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in ("config.json", "model.safetensors"):
+        (snapshot / file).write_bytes((saved["mamba"] / file).read_bytes())
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_checkpoint("acme/tiny-mamba", revision="main") == snapshot
+    with pytest.raises(CheckpointNotFoundError, match=r"revision 'v2' of it is not in the local cache"):
+        resolve_checkpoint("acme/tiny-mamba", revision="v2")
+
+
+def test_unusable_device_fails_before_anything_is_read(saved, hf_mamba):
+    bad = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match=rf"device='{bad}' cannot be used"):
+        tl_mamba.from_pretrained("/no/such/checkpoint", device=bad)  # not a CheckpointNotFoundError
+    with pytest.raises(ValueError, match=rf"device='{bad}' cannot be used"):
+        HookedMamba.from_pretrained(saved["mamba"], device=bad)
+    with pytest.raises(ValueError, match=rf"device='{bad}' cannot be used"):
+        HookedMamba.from_hf(hf_mamba, device=bad)
+    with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
+        HookedMamba.from_pretrained(saved["mamba"], device="gpu0")

@@ -153,3 +153,8 @@ def test_models_built_from_one_config_do_not_share_it():
     assert a.cfg.dtype == torch.float64
     assert b.cfg.dtype == torch.float32 and cfg.dtype in (None, torch.float32)
     assert b.embed.W_E.dtype == torch.float32
+
+
+def test_an_empty_list_input_names_the_problem(toy):
+    with pytest.raises(ValueError, match="empty list"):
+        toy([])

@@ -387,16 +387,14 @@ def test_ssm_lr_moves_only_the_ssm_parameters(tmp_path, capsys):
     """--ssm-lr: with --lr ~0 and no weight decay, training moves the SSM parameters (conv,
     x_proj, dt_proj, A_log, D: listed here, not read from the code) and nothing else; a
     negative rate exits 2."""
-    from safetensors.torch import load_file
-
     argv = ["--arch", "mamba", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
             "--d-state", "8", "--eval-n", "1", "--device", "cpu", "--task-weights", "1,1,1", "--seed", "3",
             "--weight-decay", "0", "--lr", "1e-30", "--ssm-lr", "1e-2", "--tie-embeddings", "yes",
             "--init", "default"]
     assert main(argv + ["--out", str(tmp_path / "a"), "--ssm-lr", "1e-30"]) == 0  # the same start, unmoved
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
-    start = load_file(str(tmp_path / "a" / "model.safetensors"))
-    trained = load_file(str(tmp_path / "b" / "model.safetensors"))
+    start = torch.load(tmp_path / "a" / "pytorch_model.bin", weights_only=True)  # the mamba_ssm layout's file
+    trained = torch.load(tmp_path / "b" / "pytorch_model.bin", weights_only=True)
     ssm = ("conv1d", "x_proj", "dt_proj", "A_log", ".D")
     moved = {k for k in start if (start[k] - trained[k]).abs().max() > 1e-6}
     assert moved and all(any(s in k for s in ssm) for k in moved), sorted(moved)

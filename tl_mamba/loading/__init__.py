@@ -1,14 +1,17 @@
-"""Checkpoint loading: mamba_ssm and transformers layouts -> tl_mamba models.
+"""Checkpoint loading: mamba_ssm, transformers and Mistral-native layouts -> tl_mamba models.
+
+Layouts and which files win when a directory holds several: ``layouts.py``, ``files.py``.
 
 Public API::
 
     resolve_checkpoint(name_or_path, *, revision=None) -> pathlib.Path
-    read_checkpoint_config(path) -> dict
+    read_checkpoint_config(path) -> dict            # config.json, or Mistral's params.json translated
+    mamba_ssm_config_from_mistral_params(params) -> dict
     detect_layout(raw_config) -> (layout, family)   # ("mamba_ssm"|"transformers",
                                                     #  "mamba1"|"falcon_mamba"|"mamba2")
     config_from_checkpoint(raw, layout, family, *, model_name=..., state_dict=None,
                            device=None, dtype=torch.float32, **overrides) -> HookedMambaConfig
-    load_state_dict_files(path) -> dict[str, Tensor]
+    load_state_dict_files(path) -> dict[str, Tensor]   # ... or Mistral's consolidated.safetensors
     convert_state_dict(sd, cfg, layout, family) -> dict[str, Tensor]
     expected_param_shapes(cfg) -> dict[str, tuple]
     load_pretrained(model_cls, name_or_path, *, device=None, dtype=torch.float32,
@@ -17,21 +20,26 @@ Public API::
     auto_model_class(name_or_path) -> "mamba1" | "mamba2"
     from_hf(model_cls, hf_model, tokenizer=None, *, device=None, dtype=None, **cfg_overrides)
     load_tokenizer(path) -> tokenizer | None
+    check_device(device) -> None                    # ValueError for a device this machine lacks
+    save_pretrained(model, path, layout="mamba_ssm"|"transformers")   # in loading.save
 
 Errors: CheckpointNotFoundError, CheckpointFilesError (FileNotFoundError);
-UnsupportedArchitectureError, WrongModelClassError, CheckpointMismatchError (ValueError).
+CheckpointConfigError, UnsupportedArchitectureError, WrongModelClassError,
+CheckpointMismatchError (ValueError).
 """
 
 from .checkpoint import (
     auto_model_class,
     build_model,
+    check_device,
     from_hf,
     load_any,
     load_pretrained,
     model_class_for_family,
 )
-from .convert import checkpoint_name, convert_state_dict, expected_param_shapes
+from .convert import checkpoint_name, convert_state_dict, expected_param_shapes, wrapper_prefix
 from .errors import (
+    CheckpointConfigError,
     CheckpointFilesError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -40,9 +48,15 @@ from .errors import (
 )
 from .files import load_state_dict_files, load_tokenizer, read_checkpoint_config
 from .hub import resolve_checkpoint
-from .layouts import config_from_checkpoint, detect_layout, family_of_model_class
+from .layouts import (
+    config_from_checkpoint,
+    detect_layout,
+    family_of_model_class,
+    mamba_ssm_config_from_mistral_params,
+)
 
 __all__ = [
+    "CheckpointConfigError",
     "CheckpointFilesError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
@@ -50,6 +64,7 @@ __all__ = [
     "WrongModelClassError",
     "auto_model_class",
     "build_model",
+    "check_device",
     "checkpoint_name",
     "config_from_checkpoint",
     "convert_state_dict",
@@ -61,7 +76,9 @@ __all__ = [
     "load_pretrained",
     "load_state_dict_files",
     "load_tokenizer",
+    "mamba_ssm_config_from_mistral_params",
     "model_class_for_family",
     "read_checkpoint_config",
     "resolve_checkpoint",
+    "wrapper_prefix",
 ]

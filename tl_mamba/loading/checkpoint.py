@@ -6,9 +6,12 @@ The model classes' ``from_pretrained`` / ``from_hf`` classmethods delegate here:
     HookedMamba.from_hf(hf_model)              ->  from_hf(HookedMamba, hf_model)
     tl_mamba.from_pretrained(name_or_path)     ->  load_any(name_or_path)
 
-Pipeline: :func:`resolve_checkpoint` (local dir or hub id) -> :func:`read_checkpoint_config`
--> :func:`detect_layout` -> :func:`load_state_dict_files` -> :func:`config_from_checkpoint`
--> :func:`convert_state_dict` -> ``model_cls(cfg, tokenizer=...)`` ->
+Pipeline: :func:`check_device` -> :func:`resolve_checkpoint` (local dir or hub id) ->
+:func:`read_checkpoint_config` -> :func:`detect_layout` -> :func:`config_from_checkpoint`
+(so that a bad config fails before gigabytes of weights are read) ->
+:func:`load_state_dict_files` -> :func:`config_from_checkpoint` again with the weights (their
+embedding rows win over the config's vocab size; ``dtype="auto"``) ->
+:func:`convert_state_dict` -> ``model_cls(cfg, tokenizer=...)`` ->
 ``model.load_state_dict(strict=True)``.
 """
 
@@ -133,16 +136,49 @@ def warn_if_tokenizer_too_large(tokenizer: Any, cfg: HookedMambaConfig) -> None:
         )
 
 
-def _check_family(model_cls: type, layout: str, family: str, what: str) -> None:
+def check_device(device: Any) -> None:
+    """Raise a ``ValueError`` now, before any file is read, when ``device`` cannot be used
+    on this machine: not a torch device, CUDA asked of a torch without CUDA or with no GPU
+    visible, a CUDA index past the GPUs there are, or MPS where it is not available.
+    ``None`` (keep the default) and other device types pass unchecked."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA support (a CPU-only install)"
+                if torch.version.cuda is None
+                else "torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+            )
+            raise ValueError(f"device={device!r} cannot be used: {why}. Load on device='cpu' or leave device out.")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r} cannot be used: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r} cannot be used: MPS is not available on this machine")
+
+
+def _check_family(model_cls: type, layout: str, family: str, what: str, entry: str = "from_pretrained") -> None:
+    """Raise :class:`WrongModelClassError` when ``model_cls`` cannot hold ``family``; the
+    message names the right class's ``entry`` method (``from_pretrained`` or ``from_hf``)."""
     wanted = getattr(model_cls, "family", None)
     if wanted is None:
         raise TypeError(f"{getattr(model_cls, '__name__', model_cls)!r} has no 'family' class attribute")
     if family_of_model_class(family) != wanted:
         right = _CLASS_FOR_FAMILY[family_of_model_class(family)]
+        if entry == "from_hf":
+            advice = (f"use {right}.from_hf (for a checkpoint directory or hub id: {right}.from_pretrained, "
+                      "or tl_mamba.from_pretrained which picks the class).")
+        else:
+            advice = f"use {right}.from_pretrained, or tl_mamba.from_pretrained which picks the class."
         raise WrongModelClassError(
             f"{what} is a {_FAMILY_WORDS[family]} checkpoint ({layout} layout), but "
             f"{model_cls.__name__} loads {'Mamba-1 / Falcon-Mamba' if wanted == 'mamba1' else 'Mamba-2'} "
-            f"checkpoints; use {right}.from_pretrained, or tl_mamba.from_pretrained which picks the class."
+            f"checkpoints; {advice}"
         )
 
 
@@ -183,6 +219,9 @@ def _load_from_dir(
     auto = is_auto_dtype(dtype)
     if not auto:
         dtype = resolve_dtype(dtype)  # an invalid dtype fails before the weights are read
+    # the whole config is interpreted (and validated) before the weights are read
+    config_from_checkpoint(raw, layout, family, model_name=model_name, device=device,
+                           dtype=torch.float32 if auto else dtype, **cfg_overrides)
     sd = load_state_dict_files(path)
     if auto:
         dtype = resolve_dtype(dtype, auto=checkpoint_dtype(raw, sd))
@@ -224,10 +263,13 @@ def load_pretrained(
         revision: hub revision (branch, tag or commit) for hub ids.
         **cfg_overrides: any :class:`HookedMambaConfig` field, applied last.
 
-    Raises ``CheckpointNotFoundError``, ``CheckpointFilesError``,
+    Raises ``CheckpointNotFoundError``, ``CheckpointFilesError``, ``CheckpointConfigError``,
     ``UnsupportedArchitectureError``, ``WrongModelClassError`` or
-    ``CheckpointMismatchError`` (which lists every missing / unexpected / misshapen key).
+    ``CheckpointMismatchError`` (which lists every missing / unexpected / misshapen key);
+    a ``ValueError`` for a ``device`` this machine does not have (:func:`check_device`).
+    Everything but the last is checked from the config alone, before the weights are read.
     """
+    check_device(device)
     path = resolve_checkpoint(name_or_path, revision=revision)
     return _load_from_dir(
         model_cls,
@@ -251,6 +293,7 @@ def load_any(
 ) -> torch.nn.Module:
     """Like :func:`load_pretrained`, but pick the model class from the checkpoint:
     Mamba-1 and Falcon-Mamba -> ``HookedMamba``, Mamba-2 -> ``HookedMamba2``."""
+    check_device(device)
     path = resolve_checkpoint(name_or_path, revision=revision)
     return _load_from_dir(
         None,
@@ -306,7 +349,8 @@ def from_hf(
         ) from err
     if layout != "transformers":  # pragma: no cover - a transformers config always has model_type
         raise UnsupportedArchitectureError(f"from_hf needs a transformers model, got {type(hf_model).__name__}")
-    _check_family(model_cls, layout, family, what=f"the {type(hf_model).__name__}")
+    _check_family(model_cls, layout, family, what=f"the {type(hf_model).__name__}", entry="from_hf")
+    check_device(device)
 
     params = [p for p in hf_model.parameters() if p.is_floating_point()]
     if dtype is None or is_auto_dtype(dtype):

@@ -9,7 +9,10 @@ Checkpoint names (both layouts; transformers says ``embeddings``, mamba_ssm ``em
     lm_head.weight                        -> unembed.weight            [v, d]  (untied only)
 
 A backbone saved on its own (transformers ``MambaModel``: no ``backbone.`` prefix, no
-lm_head) is accepted too when the embeddings are tied.
+lm_head) is accepted too when the embeddings are tied. So are these names under one
+prefix shared by every key (a wrapper module: Mistral's native ``consolidated.safetensors``
+stores ``model.backbone...``, ``model.lm_head.weight``; ``torch.compile`` adds
+``_orig_mod.``, DDP ``module.``): see :func:`wrapper_prefix`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,35 @@ from .errors import CheckpointMismatchError
 _IGNORABLE_ONES = ("dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight")
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+# the embedding's names, with the backbone prefix first (see wrapper_prefix)
+_EMBED_NAMES = ("backbone.embedding.weight", "backbone.embeddings.weight", "embedding.weight", "embeddings.weight")
+
+
+def _embedding_prefix(keys: List[str]) -> str:
+    """The text in front of the first key that ends in an embedding name; '' if none does, or
+    if a key is an embedding name as it is."""
+    if any(key in _EMBED_NAMES for key in keys):
+        return ""
+    for name in _EMBED_NAMES:
+        for key in keys:
+            if key.endswith("." + name):
+                return key[: -len(name)]
+    return ""
+
+
+def wrapper_prefix(keys) -> str:
+    """The prefix (``"model."``, ``"module."``...) that every checkpoint key carries in front
+    of the Mamba names, or ``""``.
+
+    It is the text before the embedding's name (``backbone.embedding(s).weight``, or
+    ``embedding(s).weight`` for a bare backbone), and only counts when every key starts with
+    it and no key is an embedding name as it is. Removing it is then safe: all the names
+    are checked strictly afterwards.
+    """
+    keys = list(keys)
+    prefix = _embedding_prefix(keys)
+    return prefix if prefix and all(key.startswith(prefix) for key in keys) else ""
 
 
 def expected_param_shapes(cfg: HookedMambaConfig) -> Dict[str, Tuple[int, ...]]:
@@ -92,18 +124,22 @@ def checkpoint_name(ours: str, layout: str, *, backbone_prefix: bool = True) -> 
     return f"{prefix}layers.{m.group(1)}.{rest}"
 
 
-def _split_backbone(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, str], List[str], bool]:
-    """Return ``({backbone-relative name: checkpoint name}, other names, has_prefix)``."""
-    has_prefix = any(key.startswith("backbone.") for key in sd)
+def _split_backbone(
+    sd: Mapping[str, torch.Tensor], wrapper: str = ""
+) -> Tuple[Dict[str, str], List[Tuple[str, str]], bool]:
+    """Return ``({backbone-relative name: checkpoint name}, [(name, checkpoint name)] of the
+    others, has_prefix)``; names are the checkpoint names without the ``wrapper`` prefix."""
+    names = {key[len(wrapper):]: key for key in sd}
+    has_prefix = any(name.startswith("backbone.") for name in names)
     inner: Dict[str, str] = {}
-    other: List[str] = []
-    for key in sd:
-        if has_prefix and key.startswith("backbone."):
-            inner[key[len("backbone."):]] = key
-        elif not has_prefix and key != "lm_head.weight":
-            inner[key] = key
+    other: List[Tuple[str, str]] = []
+    for name, key in names.items():
+        if has_prefix and name.startswith("backbone."):
+            inner[name[len("backbone."):]] = key
+        elif not has_prefix and name != "lm_head.weight":
+            inner[name] = key
         else:
-            other.append(key)
+            other.append((name, key))
     return inner, other, has_prefix
 
 
@@ -115,16 +151,20 @@ def convert_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """Rename a checkpoint's tensors to tl_mamba's parameter names.
 
-    ``sd`` is the checkpoint as stored (see the module docstring for the names),
-    ``cfg`` the config built by :func:`config_from_checkpoint`. Tensors are returned
-    unchanged (same objects, same dtype). With tied embeddings a stored
-    ``lm_head.weight`` must equal the embedding and is dropped.
+    ``sd`` is the checkpoint as stored (see the module docstring for the names; a
+    :func:`wrapper_prefix` shared by every key is ignored), ``cfg`` the config built by
+    :func:`config_from_checkpoint`. Tensors are returned unchanged (same objects, same
+    dtype). With tied embeddings a stored ``lm_head.weight`` must equal the embedding and
+    is dropped.
 
     Everything is checked before anything is returned: all missing keys, unexpected
-    keys and shape mismatches are collected into one :class:`CheckpointMismatchError`.
+    keys and shape mismatches are collected into one :class:`CheckpointMismatchError`,
+    which names the keys as stored. When the names look wrapped in a prefix that not every
+    key carries, the error says so.
     """
     expected = expected_param_shapes(cfg)
-    inner, others, has_prefix = _split_backbone(sd)
+    wrapper = wrapper_prefix(sd)
+    inner, others, has_prefix = _split_backbone(sd, wrapper)
     out: Dict[str, torch.Tensor] = {}
     source: Dict[str, str] = {}  # our name -> checkpoint name, for messages
     unexpected: List[str] = []
@@ -165,8 +205,8 @@ def convert_state_dict(
         else:
             unexpected.append(ckpt)
 
-    for ckpt in others:
-        if ckpt != "lm_head.weight":
+    for name, ckpt in others:
+        if name != "lm_head.weight":
             unexpected.append(ckpt)
         elif not cfg.tie_embeddings:
             put("unembed.weight", ckpt)
@@ -181,11 +221,20 @@ def convert_state_dict(
                 )
 
     missing = [
-        f"{checkpoint_name(key, layout, backbone_prefix=has_prefix or not sd)} (-> {key})"
+        f"{wrapper}{checkpoint_name(key, layout, backbone_prefix=has_prefix or not sd)} (-> {key})"
         for key in expected
         if key not in out
     ]
-    unexpected += [f"{source[key]} (-> {key})" for key in out if key not in expected]
+    unexpected += [source[key] for key in out if key not in expected]  # checkpoint names only, as above
+    if missing and unexpected and not wrapper:
+        prefix = _embedding_prefix(list(sd))
+        if prefix:
+            others_count = sum(not key.startswith(prefix) for key in sd)
+            problems.append(
+                f"the checkpoint's names seem to carry the prefix {prefix!r} (a wrapper module): tl_mamba removes "
+                f"such a prefix only when every key has it, and {others_count} key(s) here do not; remove it "
+                f"yourself, e.g. {{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}"
+            )
     misshapen = [
         (source[key], key, expected[key], tuple(t.shape))
         for key, t in out.items()

@@ -18,6 +18,12 @@ class CheckpointFilesError(FileNotFoundError):
     """The checkpoint directory exists but lacks a file we need (config or weights)."""
 
 
+class CheckpointConfigError(ValueError):
+    """The checkpoint's config file (config.json, or Mistral's params.json) lacks a field
+    tl_mamba needs, or holds a value it cannot read. The message names the file, the
+    field and the layout."""
+
+
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint is not a pure Mamba-1 / Falcon-Mamba / Mamba-2 language model,
     or uses an option our models cannot represent."""
@@ -32,7 +38,7 @@ class CheckpointMismatchError(ValueError):
 
     Attributes hold the complete lists (the message may truncate them):
     ``missing`` (``"<checkpoint name> (-> <our name>)"``), ``unexpected``
-    (checkpoint names) and ``misshapen``
+    (checkpoint names only: nothing of the model takes them) and ``misshapen``
     (``(checkpoint name, our name, expected shape, got shape)``), plus free-form
     ``other`` problems (e.g. an untied lm_head in a checkpoint whose config says tied).
     """

@@ -1,4 +1,19 @@
-"""Read what a checkpoint directory holds: config.json, weight files, tokenizer."""
+"""Read what a checkpoint directory holds: config, weight files, tokenizer.
+
+Which files are read (the first present wins; see ``layouts.py`` for the layouts):
+
+* config: ``config.json`` (mamba_ssm or transformers layout), else Mistral's native
+  ``params.json``;
+* weights: ``model.safetensors.index.json`` (+ shards), ``model.safetensors``,
+  ``pytorch_model.bin.index.json`` (+ shards), ``pytorch_model.bin``, else Mistral's
+  ``consolidated.safetensors``;
+* tokenizer: transformers' tokenizer files, else a Mistral tokenizer file
+  (``tekken.json``, ``tokenizer.model.v3`` ...), which needs the mistral_common package.
+
+So a directory holding both the transformers files and Mistral's native ones (the
+Codestral hub repo) loads from the transformers files, and one with config.json but only
+``consolidated.safetensors`` for weights reads those.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +34,14 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Mistral's native layout (mistral_inference)
+MISTRAL_PARAMS_FILE = "params.json"
+MISTRAL_WEIGHTS_FILE = "consolidated.safetensors"
+MISTRAL_TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v3", "tokenizer.model.v2", "tokenizer.model.v1")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _listing(path: pathlib.Path) -> str:
@@ -30,25 +52,63 @@ def _listing(path: pathlib.Path) -> str:
     return _join(names, limit=30) if names else "(empty directory)"
 
 
-def read_checkpoint_config(path: PathLike) -> Dict[str, Any]:
-    """Return the parsed ``config.json`` of the checkpoint directory ``path``.
-
-    Both the mamba_ssm layout (``d_model``, ``n_layer``, ``ssm_cfg``...) and the
-    transformers layout (``model_type``, ``hidden_size``...) keep it under that name.
-    ``Infinity`` in the JSON (transformers writes ``time_step_limit`` that way) parses
-    to ``float("inf")``.
-    """
-    path = pathlib.Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointFilesError(f"no config.json in checkpoint directory {path}; it holds: {_listing(path)}")
-    with open(config_file, encoding="utf-8") as fh:
+def _read_json_object(file: pathlib.Path) -> Dict[str, Any]:
+    with open(file, encoding="utf-8") as fh:
         try:
             raw = json.load(fh)
         except json.JSONDecodeError as err:
-            raise CheckpointFilesError(f"{config_file} is not valid JSON: {err}") from err
+            raise CheckpointFilesError(f"{file} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
-        raise CheckpointFilesError(f"{config_file} does not hold a JSON object")
+        raise CheckpointFilesError(f"{file} does not hold a JSON object")
+    return raw
+
+
+def checkpoint_config_file(path: PathLike) -> Optional[pathlib.Path]:
+    """The config file :func:`read_checkpoint_config` reads in ``path``: ``config.json``,
+    else Mistral's ``params.json``; None when there is neither."""
+    path = pathlib.Path(path)
+    for name in (CONFIG_FILE, MISTRAL_PARAMS_FILE):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def read_checkpoint_config(path: PathLike) -> Dict[str, Any]:
+    """Return the parsed config of the checkpoint directory ``path``.
+
+    ``config.json`` holds it in both the mamba_ssm layout (``d_model``, ``n_layer``,
+    ``ssm_cfg``...) and the transformers layout (``model_type``, ``hidden_size``...).
+    ``Infinity`` in the JSON (transformers writes ``time_step_limit`` that way) parses
+    to ``float("inf")``. mamba_ssm's config has no place for token ids: when a mamba_ssm
+    config.json lacks ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``, they are taken
+    from ``generation_config.json`` if the directory has one (tl_mamba's ``save_pretrained``
+    writes them there).
+
+    Without config.json, Mistral's native ``params.json`` (``mistralai/Mamba-Codestral-7B-v0.1``)
+    is read and translated into the mamba_ssm config mistral_inference builds from it
+    (:func:`~tl_mamba.loading.layouts.mamba_ssm_config_from_mistral_params`).
+    """
+    from .layouts import mamba_ssm_config_from_mistral_params
+
+    path = pathlib.Path(path)
+    config_file = checkpoint_config_file(path)
+    if config_file is None:
+        raise CheckpointFilesError(
+            f"no config.json in checkpoint directory {path} (nor Mistral's {MISTRAL_PARAMS_FILE}); "
+            f"it holds: {_listing(path)}"
+        )
+    raw = _read_json_object(config_file)
+    if config_file.name == MISTRAL_PARAMS_FILE:
+        return mamba_ssm_config_from_mistral_params(raw, source=str(config_file))
+    generation_file = path / GENERATION_CONFIG_FILE
+    if "model_type" not in raw and generation_file.is_file():
+        try:
+            generation = _read_json_object(generation_file)
+        except CheckpointFilesError:
+            generation = {}  # it only supplies token ids; a broken one is not worth refusing the model
+        for key in TOKEN_ID_KEYS:
+            if key not in raw and key in generation:
+                raw[key] = generation[key]
     return raw
 
 
@@ -101,7 +161,9 @@ def load_state_dict_files(path: PathLike) -> Dict[str, torch.Tensor]:
 
     Looked for, in this order (the first one present is used):
     ``model.safetensors.index.json`` (sharded safetensors), ``model.safetensors``,
-    ``pytorch_model.bin.index.json`` (sharded ``.bin``), ``pytorch_model.bin``.
+    ``pytorch_model.bin.index.json`` (sharded ``.bin``), ``pytorch_model.bin``, and
+    Mistral's native ``consolidated.safetensors`` (its keys carry the prefix ``model.``,
+    which :func:`~tl_mamba.loading.convert.convert_state_dict` removes).
     ``.bin`` files are read with ``torch.load(weights_only=True)``, so they cannot run
     code. Keys and dtypes are returned exactly as stored.
     """
@@ -116,16 +178,61 @@ def load_state_dict_files(path: PathLike) -> Dict[str, torch.Tensor]:
         return _load_sharded(path, BIN_INDEX, _load_bin)
     if (path / BIN_FILE).is_file():
         return _load_bin(path / BIN_FILE)
+    if (path / MISTRAL_WEIGHTS_FILE).is_file():
+        return _load_safetensors(path / MISTRAL_WEIGHTS_FILE)
     raise CheckpointFilesError(
         f"no weight files in checkpoint directory {path}: expected one of {SAFETENSORS_FILE}, "
-        f"{SAFETENSORS_INDEX} (+ shards), {BIN_FILE}, {BIN_INDEX} (+ shards); "
-        f"the directory holds: {_listing(path)}"
+        f"{SAFETENSORS_INDEX} (+ shards), {BIN_FILE}, {BIN_INDEX} (+ shards), or Mistral's "
+        f"{MISTRAL_WEIGHTS_FILE}; the directory holds: {_listing(path)}"
     )
 
 
 def has_tokenizer_files(path: PathLike) -> bool:
     path = pathlib.Path(path)
     return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def mistral_tokenizer_file(path: PathLike) -> Optional[pathlib.Path]:
+    """The Mistral tokenizer file in ``path`` (``tekken.json``, ``tokenizer.model.v3`` ...), or None."""
+    path = pathlib.Path(path)
+    for name in MISTRAL_TOKENIZER_FILES:
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def _load_mistral_tokenizer(path: pathlib.Path, file: pathlib.Path) -> Optional[Any]:
+    """A Mistral tokenizer file through transformers' mistral_common wrapper
+    (``MistralCommonBackend``), or None with a warning that says how to set one."""
+    from ..models.base import _caller_stacklevel
+
+    why = "it needs the mistral_common package (pip install mistral-common), which is not installed"
+    try:
+        from transformers.utils.import_utils import is_mistral_common_available
+
+        available = is_mistral_common_available()
+    except ImportError:
+        available = False
+    if available:
+        try:
+            import transformers
+
+            backend = getattr(transformers, "MistralCommonBackend", None) or getattr(
+                transformers, "MistralCommonTokenizer"
+            )
+            return backend.from_pretrained(str(path))
+        except Exception as err:  # noqa: BLE001 - any failure: load the model without a tokenizer
+            why = f"reading it with mistral_common failed ({type(err).__name__}: {err})"
+    warnings.warn(
+        f"{path} holds a Mistral tokenizer ({file.name}) and no Hugging Face tokenizer files; {why}, so the "
+        "model was loaded without a tokenizer. Set one with model.set_tokenizer(tokenizer), e.g. the model's "
+        "Hugging Face tokenizer (for Codestral: transformers.AutoTokenizer.from_pretrained("
+        "'mistralai/Mamba-Codestral-7B-v0.1')), or, with mistral_common installed, "
+        f"transformers.MistralCommonBackend.from_pretrained({str(path)!r}); or pass tokenizer= to from_pretrained.",
+        UserWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+    return None
 
 
 def load_tokenizer(path: PathLike) -> Optional[Any]:
@@ -138,10 +245,17 @@ def load_tokenizer(path: PathLike) -> Optional[Any]:
     ``special_tokens_map.json`` when present). With no tokenizer files at all the
     state-spaces checkpoints expect ``EleutherAI/gpt-neox-20b``'s tokenizer: pass it
     as ``tokenizer=``.
+
+    A directory with only a Mistral tokenizer file (Mistral's native layout:
+    ``tokenizer.model.v3``, ``tekken.json``) is read with mistral_common through
+    transformers' ``MistralCommonBackend`` when that package is installed; otherwise
+    (or if that fails) this returns None and warns, saying how to set a tokenizer
+    (``model.set_tokenizer``).
     """
     path = pathlib.Path(path)
     if not has_tokenizer_files(path):
-        return None
+        mistral_file = mistral_tokenizer_file(path)
+        return _load_mistral_tokenizer(path, mistral_file) if mistral_file is not None else None
     import transformers
 
     try:

@@ -9,10 +9,13 @@ from typing import Optional, Union
 from .errors import CheckpointNotFoundError
 
 # Files a checkpoint directory may need: config, weights (one format is chosen when the
-# hub can be listed), tokenizer.
-CONFIG_PATTERNS = ["config.json", "generation_config.json"]
+# hub can be listed), tokenizer. params.json and the Mistral tokenizers are Mistral's native
+# layout (small files); its consolidated.safetensors is fetched only from a repo that has no
+# other weights (Codestral's repo has both: the transformers shards are fetched).
+CONFIG_PATTERNS = ["config.json", "generation_config.json", "params.json"]
 SAFETENSORS_PATTERNS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
+MISTRAL_WEIGHT_PATTERNS = ["consolidated.safetensors"]
 TOKENIZER_PATTERNS = [
     "tokenizer.json",
     "tokenizer_config.json",
@@ -21,6 +24,8 @@ TOKENIZER_PATTERNS = [
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "tokenizer.model.v*",
+    "tekken.json",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -144,10 +149,11 @@ def resolve_checkpoint(
             patterns = CONFIG_PATTERNS + TOKENIZER_PATTERNS + _weight_patterns(name, revision, token)
             folder = huggingface_hub.snapshot_download(**common, allow_patterns=patterns)
     except LocalEntryNotFoundError as err:
+        what = f"revision {revision!r} of it is" if revision is not None else "it is"
         why = (
-            "hub access is disabled (HF_HUB_OFFLINE=1) and it is not in the local cache"
+            f"hub access is disabled (HF_HUB_OFFLINE=1) and {what} not in the local cache"
             if offline
-            else "the hub is unreachable and it is not in the local cache"
+            else f"the hub is unreachable and {what} not in the local cache"
         )
         raise _not_found(name, why) from err
     except GatedRepoError as err:
@@ -160,9 +166,9 @@ def resolve_checkpoint(
 
 
 def _weight_patterns(repo_id: str, revision: Optional[str], token) -> list:
-    """Pick one weight format to download: safetensors when the repo has them.
+    """Pick one weight format to download: :func:`weight_patterns_for` the repo's file list.
 
-    When the repo cannot be listed (network trouble) both formats are allowed;
+    When the repo cannot be listed (network trouble) both transformers formats are allowed;
     ``snapshot_download`` then falls back to whatever the cache holds.
     """
     try:
@@ -177,6 +183,17 @@ def _weight_patterns(repo_id: str, revision: Optional[str], token) -> list:
         raise
     except Exception:
         return SAFETENSORS_PATTERNS + BIN_PATTERNS
-    if any(f.endswith(".safetensors") for f in files):
-        return SAFETENSORS_PATTERNS
-    return BIN_PATTERNS
+    return weight_patterns_for(files)
+
+
+def weight_patterns_for(files) -> list:
+    """The weight files to fetch from a repo holding ``files``, in the loader's order of
+    preference: transformers safetensors (``model*.safetensors``), else ``pytorch_model*.bin``,
+    else Mistral's ``consolidated.safetensors``; both transformers formats if it has none."""
+    import fnmatch
+
+    files = list(files)
+    for patterns in (SAFETENSORS_PATTERNS, BIN_PATTERNS, MISTRAL_WEIGHT_PATTERNS):
+        if any(fnmatch.fnmatchcase(f, p) for f in files for p in patterns):
+            return patterns
+    return SAFETENSORS_PATTERNS + BIN_PATTERNS

@@ -1,13 +1,37 @@
-"""Recognise a checkpoint's layout and family from its config.json, and build our config.
+"""Recognise a checkpoint's layout and family from its config, and build our config.
 
-Two layouts exist (see docs/DESIGN "Checkpoint layouts"):
+Checkpoint directories come in three layouts:
 
 * ``"mamba_ssm"``: the ``state-spaces/mamba*`` repos written by the mamba_ssm
-  package: ``d_model, n_layer, vocab_size, ssm_cfg{...}, rms_norm,
+  package: config.json with ``d_model, n_layer, vocab_size, ssm_cfg{...}, rms_norm,
   residual_in_fp32, pad_vocab_size_multiple, tie_embeddings, attn_layer_idx,
-  d_intermediate``; no ``model_type``.
-* ``"transformers"``: ``*-hf`` repos and anything saved by ``save_pretrained``:
-  ``model_type`` in ``{"mamba", "falcon_mamba", "mamba2"}``.
+  d_intermediate``; no ``model_type``. Weights in ``pytorch_model.bin`` (names
+  ``backbone.embedding.weight``, ``backbone.layers.{i}...``, ``lm_head.weight``).
+* ``"transformers"``: ``*-hf`` repos and anything saved by transformers'
+  ``save_pretrained``: config.json with ``model_type`` in ``{"mamba", "falcon_mamba",
+  "mamba2"}``; weights in ``model.safetensors`` (or shards, or ``pytorch_model.bin``).
+  Fields the config leaves out take the defaults of transformers' ``MambaConfig`` /
+  ``FalconMambaConfig`` / ``Mamba2Config`` (``_TRANSFORMERS_DEFAULTS`` below), so a
+  config loads as transformers loads it.
+* Mistral's native layout (``mistralai/Mamba-Codestral-7B-v0.1``: the files its model
+  card downloads, ``params.json``, ``consolidated.safetensors``, ``tokenizer.model.v3``).
+  ``params.json`` holds mistral_inference's ``MambaArgs``: ``dim, n_layers, vocab_size,
+  n_groups, rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple,
+  tie_embeddings, model_type="mamba"``. mistral_inference builds a mamba_ssm Mamba-2
+  ``MambaLMHeadModel`` from it (``ssm_cfg={"layer": "Mamba2", "ngroups": n_groups}``,
+  every other option at mamba_ssm's default) and keeps it as ``self.model``, so the
+  weights carry mamba_ssm's names under the prefix ``model.``.
+  :func:`mamba_ssm_config_from_mistral_params` makes the same translation, so such a
+  directory loads as the ``"mamba_ssm"`` layout. Which files are read when a directory
+  holds several layouts: config.json before params.json, and the transformers / mamba_ssm
+  weight files before ``consolidated.safetensors`` (see ``files.py``); the hub repo of
+  Codestral holds both, and loads from its transformers files.
+
+Required config fields (tl_mamba never guesses a model's size): ``hidden_size``,
+``num_hidden_layers``, ``vocab_size`` (transformers); ``d_model``, ``n_layer``,
+``vocab_size`` (mamba_ssm); ``dim``, ``n_layers``, ``vocab_size`` (params.json). A config
+without one raises :class:`CheckpointConfigError` naming the file, the field and the
+layout, before any weight is read.
 
 Families: ``"mamba1"``, ``"falcon_mamba"`` (Mamba-1 with weightless RMS norms on
 dt_low, B and C) and ``"mamba2"``. Our model classes know two families: Falcon-Mamba is
@@ -19,12 +43,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ..config import HookedMambaConfig
-from .errors import UnsupportedArchitectureError
+from .errors import CheckpointConfigError, UnsupportedArchitectureError
 
 LAYOUTS = ("mamba_ssm", "transformers")
 FAMILIES = ("mamba1", "falcon_mamba", "mamba2")
@@ -77,6 +102,39 @@ _SSM_MAMBA2_DEFAULTS = dict(
 )
 _SSM_NORM_EPS = 1e-5  # mamba_ssm's MixerModel norm_epsilon and Mamba2's gated-norm eps
 
+# transformers' config defaults (MambaConfig, FalconMambaConfig, Mamba2Config, as in
+# transformers 5.x and the 4.x releases since Mamba-2 was added) for every field tl_mamba reads: a config.json that leaves a field
+# out loads as transformers loads it. (hidden_size, num_hidden_layers and vocab_size have
+# defaults there too, a 768- or 4096-wide model, but a checkpoint without them is broken: they
+# are required here.)
+_TF_MAMBA1_DEFAULTS = dict(
+    state_size=16, expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True, hidden_act="silu",
+    layer_norm_epsilon=1e-5, residual_in_fp32=True, time_step_rank="auto", time_step_min=0.001,
+    time_step_max=0.1, time_step_floor=1e-4, initializer_range=0.1, tie_word_embeddings=True,
+    bos_token_id=0, eos_token_id=0, pad_token_id=0,
+)
+_TRANSFORMERS_DEFAULTS = {
+    "mamba1": _TF_MAMBA1_DEFAULTS,
+    "falcon_mamba": dict(_TF_MAMBA1_DEFAULTS, mixer_rms_eps=1e-6),
+    "mamba2": dict(
+        _TF_MAMBA1_DEFAULTS, state_size=128, num_heads=128, head_dim=64, n_groups=8, chunk_size=256,
+        time_step_limit=(0.0, float("inf")), tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
+}
+
+#: fields a config must have, per layout, with what they are (for the error message)
+REQUIRED_FIELDS = {
+    "transformers": {"hidden_size": "the model width", "num_hidden_layers": "the number of layers",
+                     "vocab_size": "the number of embedding rows"},
+    "mamba_ssm": {"d_model": "the model width", "n_layer": "the number of layers",
+                  "vocab_size": "the vocabulary size"},
+}
+_LAYOUT_WORDS = {
+    "transformers": "transformers layout (model_type {model_type!r})",
+    "mamba_ssm": "mamba_ssm layout (d_model, n_layer, ssm_cfg ...)",
+}
+
 
 def family_of_model_class(family: str) -> str:
     """Map a checkpoint family to the model-class family: falcon_mamba -> mamba1."""
@@ -102,8 +160,9 @@ def detect_layout(raw_config: Mapping[str, Any]) -> Tuple[str, str]:
     if "model_type" in raw_config:
         layout = "transformers"
         family = _detect_transformers(raw_config)
-    elif "d_model" in raw_config and "n_layer" in raw_config:
+    elif any(key in raw_config for key in ("d_model", "n_layer", "ssm_cfg")):
         layout = "mamba_ssm"
+        check_required_fields(raw_config, layout)
         family = _detect_mamba_ssm(raw_config)
     else:
         keys = ", ".join(sorted(raw_config)[:20])
@@ -112,6 +171,19 @@ def detect_layout(raw_config: Mapping[str, Any]) -> Tuple[str, str]:
             f"'d_model' and 'n_layer' (mamba_ssm layout); its keys are: {keys}"
         )
     return layout, family
+
+
+def check_required_fields(raw: Mapping[str, Any], layout: str, source: str = "config.json") -> None:
+    """Raise :class:`CheckpointConfigError` naming ``source``, the layout and every field of
+    :data:`REQUIRED_FIELDS` that ``raw`` lacks (or holds as null)."""
+    missing = [name for name in REQUIRED_FIELDS[layout] if raw.get(name) is None]
+    if missing:
+        fields = ", ".join(f"{name!r} ({REQUIRED_FIELDS[layout][name]})" for name in missing)
+        layout_words = _LAYOUT_WORDS[layout].format(model_type=raw.get("model_type"))
+        raise CheckpointConfigError(
+            f"{source} lacks the required field{'s' if len(missing) > 1 else ''} {fields}: a {layout_words} "
+            f"config must give {', '.join(REQUIRED_FIELDS[layout])}; tl_mamba does not guess a model's size"
+        )
 
 
 def _detect_transformers(raw: Mapping[str, Any]) -> str:
@@ -128,18 +200,23 @@ def _detect_transformers(raw: Mapping[str, Any]) -> str:
             "model_type 'mamba', 'falcon_mamba' or 'mamba2' only."
         )
     family = TRANSFORMERS_MODEL_TYPES[model_type]
-    act = raw.get("hidden_act", "silu")
+    check_required_fields(raw, "transformers")
+    defaults = _TRANSFORMERS_DEFAULTS[family]
+    act = raw.get("hidden_act", defaults["hidden_act"])
     if act not in ("silu", "swish"):
         raise UnsupportedArchitectureError(
             f"hidden_act={act!r} is not supported: tl_mamba's mixers use SiLU"
         )
     if family == "mamba2":
-        hidden, expand = raw.get("hidden_size"), raw.get("expand", 2)
-        heads, head_dim = raw.get("num_heads"), raw.get("head_dim")
-        if None not in (hidden, heads, head_dim) and int(expand * hidden) != heads * head_dim:
+        # transformers' Mamba2Config refuses the same configs (num_heads defaults to 128)
+        opts = {**defaults, **raw}
+        hidden, expand, heads, head_dim = opts["hidden_size"], opts["expand"], opts["num_heads"], opts["head_dim"]
+        if int(expand * hidden) != heads * head_dim:
+            defaulted = [f"{k}={defaults[k]}" for k in ("num_heads", "head_dim") if k not in raw]
+            note = f" ({', '.join(defaulted)}: transformers' default, config.json does not say)" if defaulted else ""
             raise UnsupportedArchitectureError(
                 f"inconsistent Mamba-2 config: expand * hidden_size = {int(expand * hidden)} but "
-                f"num_heads * head_dim = {heads * head_dim}"
+                f"num_heads * head_dim = {heads * head_dim}{note}"
             )
     return family
 
@@ -197,9 +274,17 @@ def _detect_mamba_ssm(raw: Mapping[str, Any]) -> str:
         raise UnsupportedArchitectureError(
             f"ssm_cfg.activation={opts['activation']!r} is not supported: HookedMamba2 uses SiLU."
         )
+    defaulted = ", ".join(f"{k}={_SSM_MAMBA2_DEFAULTS[k]}" for k in ("expand", "headdim") if k not in ssm_cfg)
+    note = f" ({defaulted}: mamba_ssm's defaults, the config does not say)" if defaulted else ""
     if d_inner % opts["headdim"] != 0:
         raise UnsupportedArchitectureError(
-            f"d_inner={d_inner} is not a multiple of ssm_cfg.headdim={opts['headdim']}"
+            f"d_inner={d_inner} is not a multiple of ssm_cfg.headdim={opts['headdim']}{note}"
+        )
+    heads = d_inner // opts["headdim"]
+    if heads % opts["ngroups"] != 0:
+        raise UnsupportedArchitectureError(
+            f"ssm_cfg.ngroups={opts['ngroups']} does not divide the {heads} heads (d_inner={d_inner} / "
+            f"headdim={opts['headdim']}){note}"
         )
     return "mamba2"
 
@@ -236,11 +321,6 @@ def _expand_field(expand: Any) -> int:
     return int(expand) if float(expand).is_integer() else expand
 
 
-def _transformers_tie_default(family: str) -> bool:
-    # MambaConfig and FalconMambaConfig tie by default, Mamba2Config does not.
-    return family != "mamba2"
-
-
 def config_from_checkpoint(
     raw: Mapping[str, Any],
     layout: str,
@@ -268,6 +348,12 @@ def config_from_checkpoint(
     * ``tie_embeddings``: mamba_ssm ``tie_embeddings`` (default True); transformers
       ``tie_word_embeddings`` (default True for Mamba / Falcon-Mamba, False for Mamba-2,
       as in transformers).
+    * transformers fields the config leaves out take transformers' defaults (Mamba-2:
+      ``n_groups=8``, ``num_heads=128``, ``head_dim=64``, bos/eos/pad 0/2/1; Mamba-1 and
+      Falcon-Mamba: bos/eos/pad 0/0/0 ...); the sizes (:data:`REQUIRED_FIELDS`) are
+      required: :class:`CheckpointConfigError` names the missing one.
+    * token ids of the mamba_ssm layout (which has no field for them) are read when ``raw``
+      holds them (see :func:`read_checkpoint_config`); else HookedMambaConfig's 0.
     * ``original_architecture``: ``architectures[0]`` when the config has it, else
       ``MambaForCausalLM`` / ``FalconMambaForCausalLM`` / ``Mamba2ForCausalLM`` /
       ``MambaLMHeadModel`` (mamba_ssm). ``cfg.extra`` keeps ``layout``,
@@ -278,6 +364,7 @@ def config_from_checkpoint(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    check_required_fields(raw, layout)
     if layout == "mamba_ssm":
         fields = _fields_from_mamba_ssm(raw, family)
     else:
@@ -319,6 +406,8 @@ def _fields_from_mamba_ssm(raw: Mapping[str, Any], family: str) -> Dict[str, Any
     lm = {**_SSM_LM_DEFAULTS, **raw}
     ssm_cfg = dict(raw.get("ssm_cfg") or {})
     d_model = int(raw["d_model"])
+    # norm_epsilon is no mamba_ssm config field (mamba_ssm always uses 1e-5); configs written by
+    # tl_mamba before it kept mamba_ssm's fields only may hold it, so it is still read
     eps = float(raw.get("norm_epsilon", _SSM_NORM_EPS))
     common = dict(
         n_layers=int(raw["n_layer"]),
@@ -328,6 +417,11 @@ def _fields_from_mamba_ssm(raw: Mapping[str, Any], family: str) -> Dict[str, Any
         residual_in_fp32=bool(lm["residual_in_fp32"]),
         tie_embeddings=bool(lm["tie_embeddings"]),
     )
+    # mamba_ssm's config has no token ids; read_checkpoint_config adds them from
+    # generation_config.json (and the Mistral translation from the Mistral tokenizers)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in raw:
+            common[key] = _int_or_first(raw[key])
     if family == "mamba2":
         o = {**_SSM_MAMBA2_DEFAULTS, **ssm_cfg}
         d_inner = int(o["expand"] * d_model)
@@ -368,44 +462,120 @@ def _fields_from_mamba_ssm(raw: Mapping[str, Any], family: str) -> Dict[str, Any
 
 
 def _fields_from_transformers(raw: Mapping[str, Any], family: str) -> Dict[str, Any]:
+    o = {**_TRANSFORMERS_DEFAULTS[family], **raw}
     d_model = int(raw["hidden_size"])
-    expand = raw.get("expand", 2)
+    expand = o["expand"]
+    # Mamba-1 / Falcon-Mamba read config.intermediate_size, which the config's own value
+    # overrides (expand * hidden_size otherwise); Mamba-2 always uses expand * hidden_size.
+    d_inner = int(expand * d_model)
+    if family != "mamba2" and raw.get("intermediate_size") is not None:
+        d_inner = int(raw["intermediate_size"])
     common = dict(
         n_layers=int(raw["num_hidden_layers"]),
         d_model=d_model,
         d_vocab=int(raw["vocab_size"]),
-        # transformers derives intermediate_size from expand * hidden_size
-        d_inner=int(expand * d_model),
+        d_inner=d_inner,
         expand=_expand_field(expand),
-        d_state=int(raw.get("state_size", 128 if family == "mamba2" else 16)),
-        d_conv=int(raw.get("conv_kernel", 4)),
-        conv_bias=bool(raw.get("use_conv_bias", True)),
-        proj_bias=bool(raw.get("use_bias", False)),
-        eps=float(raw.get("layer_norm_epsilon", 1e-5)),
-        residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", _transformers_tie_default(family))),
-        dt_min=float(raw.get("time_step_min", 0.001)),
-        dt_max=float(raw.get("time_step_max", 0.1)),
-        dt_init_floor=float(raw.get("time_step_floor", 1e-4)),
+        d_state=int(o["state_size"]),
+        d_conv=int(o["conv_kernel"]),
+        conv_bias=bool(o["use_conv_bias"]),
+        proj_bias=bool(o["use_bias"]),
+        eps=float(o["layer_norm_epsilon"]),
+        residual_in_fp32=bool(o["residual_in_fp32"]),
+        tie_embeddings=bool(o["tie_word_embeddings"]),
+        dt_min=float(o["time_step_min"]),
+        dt_max=float(o["time_step_max"]),
+        dt_init_floor=float(o["time_step_floor"]),
+        initializer_range=float(o["initializer_range"]),
+        bos_token_id=_int_or_first(o["bos_token_id"]),
+        eos_token_id=_int_or_first(o["eos_token_id"]),
+        pad_token_id=_int_or_first(o["pad_token_id"]),
     )
-    if "initializer_range" in raw:
-        common["initializer_range"] = float(raw["initializer_range"])
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in raw:
-            common[key] = _int_or_first(raw[key])
     if family == "mamba2":
-        limit = raw.get("time_step_limit", (0.0, float("inf")))
         return dict(
             common,
             family="mamba2",
-            d_head=int(raw.get("head_dim", 64)),
-            n_heads=int(raw["num_heads"]) if "num_heads" in raw else None,
-            n_groups=int(raw.get("n_groups", 1)),
-            checkpoint_chunk_size=int(raw.get("chunk_size", 256)),
-            dt_limit=tuple(_as_float(v) for v in limit),
+            d_head=int(o["head_dim"]),
+            n_heads=int(o["num_heads"]),
+            n_groups=int(o["n_groups"]),
+            checkpoint_chunk_size=int(o["chunk_size"]),
+            dt_limit=tuple(_as_float(v) for v in o["time_step_limit"]),
             norm_before_gate=False,  # transformers' Mamba2 always gates before the norm
         )
-    fields = dict(common, family="mamba1", dt_rank=_dt_rank(raw.get("time_step_rank"), d_model))
+    fields = dict(common, family="mamba1", dt_rank=_dt_rank(o["time_step_rank"], d_model))
     if family == "falcon_mamba":
-        fields["bcdt_rms_eps"] = float(raw.get("mixer_rms_eps", 1e-6))
+        fields["bcdt_rms_eps"] = float(o["mixer_rms_eps"])
     return fields
+
+
+# --------------------------------------------------------------------------- Mistral native
+
+
+#: mistral_inference's ``MambaArgs`` fields besides the required ones, with the defaults used
+#: when params.json leaves one out: mamba_ssm's (``MambaConfig`` and ``Mamba2``'s ngroups=1),
+#: which is what the same missing value means to mamba_ssm and transformers' converter.
+MISTRAL_MAMBA_DEFAULTS = dict(
+    n_groups=1, rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8,
+    tie_embeddings=True, model_type="mamba",
+)
+#: the params.json fields tl_mamba requires (they become d_model, n_layer, vocab_size)
+_MISTRAL_REQUIRED = ("dim", "n_layers", "vocab_size")
+#: token ids of every Mistral tokenizer (sentencepiece v1-v3 and tekken): <unk>=0, <s>=1, </s>=2;
+#: Codestral's own config.json says bos 1, eos 2, pad 0
+MISTRAL_TOKEN_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def mamba_ssm_config_from_mistral_params(params: Mapping[str, Any], source: str = "params.json") -> Dict[str, Any]:
+    """Translate Mistral's native ``params.json`` (mistral_inference ``MambaArgs``) into the
+    mamba_ssm config.json that mistral_inference builds from it.
+
+    ``dim`` / ``n_layers`` / ``vocab_size`` are required (:class:`CheckpointConfigError`
+    otherwise); the other ``MambaArgs`` fields default as in :data:`MISTRAL_MAMBA_DEFAULTS`.
+    ``ssm_cfg`` is ``{"layer": "Mamba2", "ngroups": n_groups}``: everything else (d_state 128,
+    headdim 64, expand 2, d_conv 4, chunk 256) is mamba_ssm's default, as in mistral_inference.
+    Token ids are those of the Mistral tokenizers (:data:`MISTRAL_TOKEN_IDS`). A params.json of
+    a Mistral transformer (``model_type`` absent or not ``"mamba"``) raises
+    :class:`UnsupportedArchitectureError`; fields mistral_inference does not know are ignored
+    with a warning.
+    """
+    if not isinstance(params, Mapping):
+        raise CheckpointConfigError(f"{source} does not hold a JSON object")
+    model_type = params.get("model_type", "transformer")
+    if model_type != "mamba":
+        raise UnsupportedArchitectureError(
+            f"{source} describes a Mistral model_type={model_type!r} model (mistral_inference's default is "
+            "'transformer'): tl_mamba reads Mistral's native layout for Mamba models only (model_type 'mamba', "
+            "e.g. Mamba-Codestral)"
+        )
+    missing = [name for name in _MISTRAL_REQUIRED if params.get(name) is None]
+    if missing:
+        raise CheckpointConfigError(
+            f"{source} lacks the required field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}: "
+            "a Mistral native (mistral_inference MambaArgs) config must give dim, n_layers and vocab_size"
+        )
+    unknown = sorted(set(params) - set(_MISTRAL_REQUIRED) - set(MISTRAL_MAMBA_DEFAULTS))
+    if unknown:
+        from ..models.base import _caller_stacklevel
+
+        warnings.warn(
+            f"{source}: ignoring field(s) {', '.join(unknown)}, which mistral_inference's Mamba does not read "
+            "either (it builds the model from dim, n_layers, vocab_size, n_groups and the norm / vocabulary options)",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+    args = {**MISTRAL_MAMBA_DEFAULTS, **params}
+    return {
+        "d_model": args["dim"],
+        "d_intermediate": 0,
+        "n_layer": args["n_layers"],
+        "vocab_size": args["vocab_size"],
+        "ssm_cfg": {"layer": "Mamba2", "ngroups": args["n_groups"]},
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": args["rms_norm"],
+        "residual_in_fp32": args["residual_in_fp32"],
+        "fused_add_norm": args["fused_add_norm"],
+        "pad_vocab_size_multiple": args["pad_vocab_size_multiple"],
+        "tie_embeddings": args["tie_embeddings"],
+        **MISTRAL_TOKEN_IDS,
+    }

@@ -207,7 +207,7 @@ class HookedSSM(HookedRootModule):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device=None, dtype=torch.float32, tokenizer=None, **kwargs):
-        """Load a hub id or local directory (mamba_ssm or transformers layout).
+        """Load a hub id or local directory (mamba_ssm, transformers or Mistral-native layout).
 
         ``dtype``: a floating-point torch dtype, a name (``"float16"`` ...) or ``"auto"``
         (the checkpoint's own dtype)."""
@@ -216,21 +216,28 @@ class HookedSSM(HookedRootModule):
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
 
     def save_pretrained(self, path, layout: str = "mamba_ssm") -> "Path":
-        """Write a checkpoint (``config.json``, ``model.safetensors``, tokenizer) to ``path``.
+        """Write a checkpoint (``config.json``, the weights, ``generation_config.json``, the
+        tokenizer) to ``path``.
 
-        ``layout``: ``"mamba_ssm"`` (default; not for Falcon-Mamba) or ``"transformers"``
-        (which transformers' ``from_pretrained`` also loads). Both load back with
-        ``tl_mamba.from_pretrained``."""
+        ``layout``: ``"mamba_ssm"`` (default: ``pytorch_model.bin``, which mamba_ssm's
+        ``from_pretrained`` loads; not for Falcon-Mamba, nor for an RMSNorm eps other than
+        1e-5) or ``"transformers"`` (``model.safetensors``, which transformers'
+        ``from_pretrained`` also loads). Both load back with ``tl_mamba.from_pretrained``.
+        See :func:`tl_mamba.loading.save.save_pretrained`."""
         from tl_mamba.loading.save import save_pretrained
 
         return save_pretrained(self, path, layout=layout)
 
     @classmethod
-    def from_hf(cls, hf_model, tokenizer=None):
-        """Build from an in-memory transformers model (weights are copied)."""
+    def from_hf(cls, hf_model, tokenizer=None, *, device=None, dtype=None, **cfg_overrides):
+        """Build from an in-memory transformers model (weights are copied).
+
+        ``device`` and ``dtype`` default to those of ``hf_model``'s parameters (``dtype`` also
+        takes names such as ``"float16"``, or ``"auto"``); ``cfg_overrides`` replace any
+        :class:`HookedMambaConfig` field. See :func:`tl_mamba.loading.from_hf`."""
         from tl_mamba.loading import from_hf
 
-        return from_hf(cls, hf_model, tokenizer=tokenizer)
+        return from_hf(cls, hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **cfg_overrides)
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -467,6 +474,8 @@ class HookedSSM(HookedRootModule):
             elif attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, tokens.shape)
             return tokens, attention_mask
+        if isinstance(input, (list, tuple)) and not input:
+            raise ValueError("input is an empty list: give a string, a list of strings or a token tensor [batch, pos]")
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a token tensor [batch, pos], a string or a list of strings, got {type(input).__name__}")
         tokens = input

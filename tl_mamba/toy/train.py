@@ -11,7 +11,7 @@ needle batches draw their length from a curriculum up to ``--max-needle-len``.
 The loss is the cross entropy of the answer token at the last prompt position.
 At the end it evaluates held-out accuracy (facts with unseen paraphrases, IOI
 with unseen name/template combinations, needle accuracy against length) and
-writes the model in the mamba_ssm layout (``config.json``, ``model.safetensors``,
+writes the model in the mamba_ssm layout (``config.json``, ``pytorch_model.bin``,
 ``tokenizer.json``) plus ``metrics.json``.
 """
 
