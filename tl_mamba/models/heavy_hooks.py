@@ -115,9 +115,7 @@ class _TotalDerivative(torch.autograd.Function):
             probe = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
             (direct,) = torch.autograd.grad(ctx.read_out(probe), probe, grad_y)
         step_decay, edited = ctx.saved_tensors
-        total = adjoint_recurrence(direct, step_decay)
-        if edited is not None:
-            total = total.masked_fill(edited, 0.0)
+        total = adjoint_recurrence(direct, step_decay, reset=edited)
         if ctx.through_edits is not None:  # ∂L/∂h at the unedited entries: the scan's own gradient carries it
             ctx.through_edits.record_unedited(total)
         return total, None, None, None, None, None  # ctx keeps its fields: backward(retain_graph=True) twice
@@ -222,9 +220,7 @@ def scan_with_heavy_hooks(
         # total derivative: a perturbation of h_t enters the recurrence at t and is carried by
         # the decays into every later state (edited entries are reset, so nothing passes them).
         # The decays get no gradient from a term that is zero, so they are computed without a graph.
-        with torch.no_grad():
-            step_decay = decay().expand_as(seen)
-        if edited is not None:
-            step_decay = step_decay.masked_fill(edited, 0.0)
+        with torch.no_grad():  # as small as it comes (Mamba-2: [b, p, h, 1, 1], not the states' size)
+            step_decay = decay()
         y = y + _TotalDerivative.apply(seen, y.detach(), read_out, step_decay, edited, through_edits)
     return y, out.final_state

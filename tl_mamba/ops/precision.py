@@ -13,6 +13,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+FLUSH_BELOW = 2.0 ** 24
+""":func:`zero_subnormals_` zeroes entries below ``finfo.tiny * FLUSH_BELOW`` (2e-31 in float32,
+4e-301 in float64): an adjoint entry that small would make subnormal products with states and
+decays of magnitude down to 2^-24 (measured: with the bound at ``finfo.tiny`` alone, the p = 2048
+backward below still took 1.4x the time of p = 1024 per position; at this bound 1.0x)."""
+
+
+def zero_subnormals_(t: Tensor) -> Tensor:
+    """Zero the entries of ``t`` that are about to become subnormal (|t| < ``finfo.tiny *``
+    :data:`FLUSH_BELOW`), in place, on the CPU.
+
+    Why: an adjoint state ``g_t = ∂L/∂h_t + decay_{t+1} ⊙ g_{t+1}`` with the loss on the last
+    positions only (every attribution metric) decays geometrically back in time and reaches the
+    subnormal range, where CPU arithmetic is many times slower: a Mamba-1 scan's forward and
+    backward at p = 2048 took 4.5x the time per position of p = 1024 (1029 against 227 µs,
+    b 2, e 1024, n 16, one thread); with this, 237 µs. The backward loops call it on the state
+    they carry every few positions. A gradient entry below 2e-31 is far below what float32 sums
+    of the other entries resolve. ``torch.set_flush_denormal`` would do much the same, but it is
+    a per-thread global switch with no getter. A no-op elsewhere than on the CPU.
+    """
+    if t.device.type == "cpu" and t.is_floating_point():
+        t.masked_fill_(t.abs() < torch.finfo(t.dtype).tiny * FLUSH_BELOW, 0.0)
+    return t
+
+
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """float64 if any given tensor is float64, else float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

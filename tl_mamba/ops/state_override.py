@@ -17,6 +17,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tl_mamba.ops.precision import zero_subnormals_
+
+SUBNORMAL_SWEEP = 16
+"""The adjoint recurrences zero their subnormal entries every this many positions
+(:func:`tl_mamba.ops.precision.zero_subnormals_`), as the Mamba-1 backward does once per chunk of
+16 positions."""
 
 @dataclass
 class StateOverride:
@@ -143,16 +149,25 @@ def linear_recurrence(decay: Tensor, write: Tensor) -> Tensor:
     return _LinearRecurrence.apply(decay, write)
 
 
-def adjoint_recurrence(grad_states: Tensor, decay: Tensor) -> Tensor:
+def adjoint_recurrence(grad_states: Tensor, decay: Tensor, reset: Optional[Tensor] = None) -> Tensor:
     """``g_t = ∂L/∂h_t + decay_{t+1} ⊙ g_{t+1}``, last position first: ∂L/∂h_t in total, for every t.
 
     The backward of ``h_t = decay_t ⊙ h_{t-1} + write_t`` (``g_t`` is then the gradient of
     ``write_t``). ``grad_states``: ``[b, p, *state]``, ∂L/∂h_t from everything but the recurrence;
-    ``decay`` broadcasts against it. Returns a new tensor, one in-place op per position.
+    ``decay`` broadcasts against it (``[b, p, h, 1, 1]`` stays that small). ``reset``: optional bool
+    ``[b, p, *state]``, entries overwritten in the forward (a ``hook_h`` edit): their g is zero and
+    nothing passes back through them. Returns a new tensor, one in-place op per position (two
+    with ``reset``).
     """
     g = grad_states.clone(memory_format=torch.contiguous_format)
+    if reset is not None and g.shape[1]:
+        g[:, -1].masked_fill_(reset[:, -1], 0.0)
     for t in reversed(range(g.shape[1] - 1)):
         g[:, t].addcmul_(decay[:, t + 1], g[:, t + 1])
+        if reset is not None:
+            g[:, t].masked_fill_(reset[:, t], 0.0)
+        if t % SUBNORMAL_SWEEP == 0:  # what flows back decays to subnormals, which are slow on a CPU
+            zero_subnormals_(g[:, t])
     return g
 
 

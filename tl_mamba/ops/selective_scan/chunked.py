@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tl_mamba.ops.buffers import states_buffer
-from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
+from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate, zero_subnormals_
 
 DEFAULT_CHUNK = 64
 """The longest chunk (positions) the scan takes when no ``chunk_size`` is given."""
@@ -232,7 +232,7 @@ class _ChunkedScan(torch.autograd.Function):
             dC[:, w] = torch.matmul(states, gy_c[..., None]).squeeze(-1)
             dB[:, w] = torch.matmul(g, (delta_c * x_c)[..., None]).squeeze(-1)
             d_dA = g.mul_(decay)  # decay_t ⊙ g_t, in g's memory; times h_{t-1} below
-            carry = d_dA[:, 0].clone()
+            carry = zero_subnormals_(d_dA[:, 0].clone())  # what flows back decays to subnormals (slow)
             d_dA[:, 1:].mul_(states[:, :-1])
             d_dA[:, 0].mul_(bounds[:, k])  # ∂L/∂(Δ ⊗ A), [b, L, n, e]
             dAt += (d_dA * delta_c[:, :, None, :]).sum((0, 1))
