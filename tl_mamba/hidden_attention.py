@@ -122,16 +122,36 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _reduce_into(total: Optional[Tensor], alpha: Tensor, reduce: str) -> Tensor:
-    """Accumulate a chunk of features ``alpha [b, c, p, p]`` into a ``[b, p, p]`` reduction."""
+    """Accumulate a chunk of features ``alpha [b, c, p, p]`` into a ``[b, p, p]`` reduction.
+
+    ``alpha`` is scratch: ``"norm"`` and ``"abs_max"`` overwrite it in place, so no second
+    chunk-sized tensor is made. ``total`` is updated in place (and returned).
+    """
     if reduce == "norm":
-        part = alpha.pow(2).sum(1)
+        part = alpha.pow_(2).sum(1)
     elif reduce in ("sum", "mean"):
         part = alpha.sum(1)
     else:  # abs_max
-        part = alpha.abs().amax(1)
+        part = alpha.abs_().amax(1)
     if total is None:
         return part
-    return torch.maximum(total, part) if reduce == "abs_max" else total + part
+    return torch.maximum(total, part, out=total) if reduce == "abs_max" else total.add_(part)
+
+
+def _chunk_size(model, layer: int, what: str, fewer: str, n_features: int, result_bytes: int, fixed_bytes: int,
+                per_feature_bytes: int, chunk_bytes: int) -> int:
+    """Features per chunk, and the memory guard.
+
+    Working memory is ``fixed_bytes`` plus ``per_feature_bytes`` per feature of a chunk. A chunk
+    holds at most ``chunk_bytes`` of it, fewer features when that is needed to keep the result and
+    the working memory together under ``model.heavy_hook_memory_limit``, and at least one feature.
+    ``MemoryError`` (:func:`_check_memory`) when even one feature at a time is over the limit.
+    """
+    room = model.heavy_hook_memory_limit - result_bytes - fixed_bytes
+    budget = chunk_bytes if room >= chunk_bytes else room
+    chunk = int(max(1, min(n_features, budget // max(1, per_feature_bytes))))
+    _check_memory(model, result_bytes + fixed_bytes + chunk * per_feature_bytes, layer, what, fewer)
+    return chunk
 
 
 def hidden_attention(
@@ -158,16 +178,25 @@ def hidden_attention(
         reduce: ``None`` (every feature), or a ``[b, p, p]`` view over the chosen
             features for plotting: ``"norm"`` (L2 norm), ``"sum"``, ``"mean"``,
             ``"abs_max"``. Computed chunk by chunk, so the per-feature tensor is never held.
-        chunk_bytes: working memory per chunk of channels (Mamba-1).
+        chunk_bytes: the most working memory of one chunk of features (Mamba-1 channels,
+            Mamba-2 heads); a chunk holds at least one feature.
 
     Returns float32 (float64 for a float64 model).
 
-    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` when reduced; twice that in float64), plus about
-    ``chunk_bytes`` of working memory. For Mamba-1 the ``[b, e, n, p, p]`` tensor of
-    per-state decays is never built: the state axis is summed one entry at a time over
-    chunks of channels. At 130m widths (e = 1536) and p = 512 the unreduced Mamba-1
-    result is 1.5 GiB per sequence, so choose channels or a reduction. A result over
-    ``model.heavy_hook_memory_limit`` raises ``MemoryError``.
+    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` when reduced; twice that in float64), plus
+    the working memory of one chunk of features, at most about ``chunk_bytes`` however many
+    features are chosen. Per feature of the chunk, for a float32 model: Mamba-1 ``b·p²·20`` bytes
+    (the float64 cumulative-Δ differences, their float64 decay and its float32 copy), ``b·p²·24``
+    reduced; Mamba-2 ``b·p²·8`` (the float64 decay), ``b·p²·12`` reduced or when ``heads`` are not in
+    group order. For a float64 model: Mamba-1 ``b·p²·16`` (``b·p²·24`` reduced); Mamba-2 nothing
+    (the decay is formed in the result; ``b·p²·8`` reduced or out of group order). Besides the chunk,
+    a few ``[b, p, p]`` tensors (``C·Bᵀ`` of one state entry or one group; the partial reduction)
+    and the causal mask. One feature's working memory is the least a call needs. For Mamba-1 the
+    ``[b, e, n, p, p]`` tensor of per-state decays is never built: the state axis is summed one
+    entry at a time over chunks of channels. At 130m widths (e = 1536) and p = 512 the unreduced
+    Mamba-1 result is 1.5 GiB per sequence, so choose channels or a reduction. Chunks shrink to keep
+    the result and the working memory together under ``model.heavy_hook_memory_limit``; when even
+    one feature at a time is over it, ``MemoryError``.
     """
     cfg = model.cfg
     layer = _check_call(model, layer, reduce, "hidden_attention")
@@ -177,42 +206,56 @@ def hidden_attention(
         raise ValueError("hidden_attention: channels= is for Mamba-1; Mamba-2 has heads=")
     delta, B, C = _layer_hooks(model, input_or_cache, layer, ("hook_delta", "hook_B", "hook_C"), attention_mask,
                                "hidden_attention")
-    A = -torch.exp(model.blocks[layer].mixer.A_log.detach().double())
+    A = -torch.exp(model.blocks[layer].mixer.A_log.detach().double()).to(delta.device)
     b, p = delta.shape[:2]
     features = _select(heads if cfg.family == "mamba2" else channels,
-                       cfg.n_heads if cfg.family == "mamba2" else cfg.d_inner, "heads" if heads is not None else "channels")
-    out_features = 1 if reduce else features.numel()
+                       cfg.n_heads if cfg.family == "mamba2" else cfg.d_inner,
+                       "heads" if heads is not None else "channels").to(delta.device)
+    n_features = features.numel()
     dtype = _result_dtype(delta, B, C)
-    _check_memory(model, b * out_features * p * p * dtype.itemsize, layer, "hidden_attention", "heads/channels")
-    causal = torch.ones(p, p, dtype=torch.bool, device=delta.device).tril()
+    size = dtype.itemsize
+    plane = b * p * p  # elements of one feature's [b, p, p]
+    result_bytes = (plane if reduce else n_features * plane) * size
+    # [b, p, p] tensors besides the chunk: C·Bᵀ (one state entry / one group), the partial reduction;
+    # the p×p causal mask
+    fixed = plane * size * (2 if reduce else 1) + p * p
+    if cfg.family == "mamba2":
+        group_of = features // (cfg.n_heads // cfg.n_groups)
+        order = torch.sort(group_of, stable=True).indices  # heads of a group together: one C·Bᵀ at a time
+        in_place = reduce is None and bool((order == torch.arange(n_features, device=order.device)).all())
+        per_feature = plane * ((0 if in_place and dtype == torch.float64 else 8)
+                               + (0 if in_place or dtype == torch.float64 else size))
+        fixed += b * n_features * p * (16 + size)  # Δ and L = cumsum(Δ·A) of every chosen head, Δ_j in dtype
+    else:
+        order = None
+        per_feature = (plane * (16 + (size if dtype != torch.float64 else 0) + (size if reduce else 0))
+                       + b * p * (16 + 2 * size))  # and the chunk's Δ, L = cumsum(Δ) and Δ_j
+    chunk = _chunk_size(model, layer, "hidden_attention", "heads/channels", n_features, result_bytes, fixed,
+                        per_feature, chunk_bytes)
     with torch.no_grad():
-        if cfg.family == "mamba2":
-            alpha = _mamba2_alpha(cfg, delta, A.to(delta.device), B, C, features.to(delta.device), causal, dtype)
-            if reduce is None:
-                return alpha
-            total = _reduce_into(None, alpha, reduce)
+        if reduce is None:
+            result = torch.empty(b, n_features, p, p, dtype=dtype, device=delta.device)
+            sink = None
         else:
-            return_all = reduce is None
-            result, total = [], None
-            chunk = max(1, chunk_bytes // max(1, b * p * p * 8 * 3))
-            for start in range(0, features.numel(), chunk):
-                idx = features[start:start + chunk].to(delta.device)
-                alpha = _mamba1_alpha(delta[..., idx], A.to(delta.device)[idx], B, C, causal, dtype)
-                if return_all:
-                    result.append(alpha)
-                else:
-                    total = _reduce_into(total, alpha, reduce)
-            if return_all:
-                return torch.cat(result, dim=1)
-    return _finish(total, reduce, features.numel())
+            result, total = None, [None]
+
+            def sink(alpha: Tensor) -> None:
+                total[0] = _reduce_into(total[0], alpha, reduce)
+        if cfg.family == "mamba2":
+            _mamba2_alpha(delta, A, B, C, features, group_of, order, dtype, chunk, result, sink)
+        else:
+            _mamba1_alpha(delta, A, B, C, features, dtype, chunk, result, sink)
+    if reduce is None:
+        return result
+    return _finish(total[0], reduce, n_features)
 
 
 def _finish(total: Tensor, reduce: str, n_features: int) -> Tensor:
-    """The ``[b, p, p]`` reduction from what :func:`_reduce_into` accumulated."""
+    """The ``[b, p, p]`` reduction from what :func:`_reduce_into` accumulated (in place)."""
     if reduce == "norm":
-        return total.sqrt()
+        return total.sqrt_()
     if reduce == "mean":
-        return total / n_features
+        return total.div_(n_features)
     return total
 
 
@@ -240,7 +283,9 @@ def conv_attention(
 
     Returns float32 (float64 for a float64 model).
 
-    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` reduced; twice that in float64), checked against
+    Memory: the result, ``b·c·p²·4`` bytes (``b·p²·4`` reduced; twice that in float64), plus a
+    working memory of a few ``[b, c, p]`` tensors (the reduction is taken diagonal by diagonal,
+    so the ``[b, c, p, p]`` terms are never built for it); the two together are checked against
     ``model.heavy_hook_memory_limit`` (``MemoryError``): only ``k`` diagonals are non-zero,
     so choose channels or a reduction for long inputs.
     """
@@ -251,47 +296,120 @@ def conv_attention(
     chosen = _select(channels, n_channels, "channels").to(conv_in.device)
     out_features = 1 if reduce else chosen.numel()
     dtype = _result_dtype(conv_in, weight)
-    _check_memory(model, b * out_features * p * p * dtype.itemsize, layer, "conv_attention", "channels")
+    # working memory: conv_in in dtype [b, p, C], the chosen channels [b, c, p], one diagonal's terms
+    # and (reduced) their square: [b, c, p] each
+    working = b * p * (n_channels + 3 * chosen.numel()) * dtype.itemsize
+    _check_memory(model, b * out_features * p * p * dtype.itemsize + working, layer, "conv_attention", "channels")
     k = weight.shape[-1]
     source = conv_in.detach().to(dtype)[..., chosen].permute(0, 2, 1)  # [b, c, p]
     taps = weight[chosen].to(dtype)  # [c, k]
-    terms = torch.zeros(b, chosen.numel(), p, p, dtype=dtype, device=conv_in.device)
+    if reduce is None:
+        terms = torch.zeros(b, chosen.numel(), p, p, dtype=dtype, device=conv_in.device)
+    else:
+        total = torch.zeros(b, p, p, dtype=dtype, device=conv_in.device)
     for lag in range(min(k, p)):  # target i = source j + lag, tap k-1-lag
         targets = torch.arange(lag, p, device=conv_in.device)
-        terms[:, :, targets, targets - lag] = taps[:, k - 1 - lag, None] * source[:, :, : p - lag]
+        diagonal = taps[:, k - 1 - lag, None] * source[:, :, : p - lag]  # [b, c, p - lag]
+        if reduce is None:
+            terms[:, :, targets, targets - lag] = diagonal
+        else:  # off the k diagonals every channel is 0, and so is each reduction
+            total[:, targets, targets - lag] = _reduce_into(None, diagonal, reduce)
     if reduce is None:
         return terms
-    return _finish(_reduce_into(None, terms, reduce), reduce, chosen.numel())
+    return _finish(total, reduce, chosen.numel())
 
 
-def _segment_decay(log_decay: Tensor, causal: Tensor, dtype: torch.dtype) -> Tensor:
-    """``exp(L_i - L_j)`` for ``L = cumsum(log_decay)`` over the last axis, masked to j ≤ i.
+def _mamba1_alpha(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, channels: Tensor, dtype: torch.dtype, chunk: int,
+                  result: Optional[Tensor], sink) -> None:
+    """α of Mamba-1 ``channels``, ``chunk`` channels at a time: delta ``[b, p, e]``, A ``[e, n]`` (float64),
+    B/C ``[b, p, n]``. Each chunk ``[b, c, p, p]`` is written into ``result [b, len(channels), p, p]``
+    or, when ``result`` is None, handed to ``sink`` (scratch it may overwrite).
 
-    The cumulative sum is taken in float64, so the difference of two long sums keeps
-    its precision; entries above the diagonal are 0. Returned in ``dtype``.
+    α[i, j] = Δ_j Σ_s C_i[s] B_j[s] exp(A[s] (L_i - L_j)) with ``L = cumsum(Δ)`` taken in float64,
+    so the difference of two long sums keeps its precision. The differences do not depend on the
+    state entry: they are formed once per chunk; each state entry then only scales, exponentiates and
+    accumulates, in buffers made once per call (the ``[b, c, n, p, p]`` decays are never held).
     """
-    L = torch.cumsum(log_decay.double(), dim=-1)
-    diff = L[..., :, None] - L[..., None, :]  # [..., i, j]
-    return torch.exp(diff.masked_fill(~causal, float("-inf"))).to(dtype)
+    b, p, _ = delta.shape
+    device = delta.device
+    upper = torch.ones(p, p, dtype=torch.bool, device=device).triu_(1)  # j > i
+    if bool((A == 0).any()):  # A·(+inf) would be nan above the diagonal; only an A_log below ~-745 gives 0
+        A = A.clamp(max=-torch.finfo(torch.float64).tiny)
+    Bd, Cd = B.to(dtype), C.to(dtype)
+    width = min(chunk, channels.numel())
+    diff = torch.empty(b, width, p, p, dtype=torch.float64, device=device)
+    decay64 = torch.empty_like(diff)
+    decay = decay64 if dtype == torch.float64 else torch.empty(b, width, p, p, dtype=dtype, device=device)
+    scratch = None if result is not None else torch.empty(b, width, p, p, dtype=dtype, device=device)
+    cb = torch.empty(b, 1, p, p, dtype=dtype, device=device)
+    for start in range(0, channels.numel(), chunk):
+        idx = channels[start:start + chunk]
+        c = idx.numel()
+        dt = delta[..., idx]  # [b, p, c]
+        L = torch.cumsum(dt.double().permute(0, 2, 1), dim=-1)  # [b, c, p]
+        d = torch.sub(L[..., :, None], L[..., None, :], out=diff.narrow(1, 0, c))  # L_i - L_j, [b, c, i, j]
+        d.masked_fill_(upper, float("inf"))  # A < 0: exp(A·inf) = 0 above the diagonal
+        e64, e = decay64.narrow(1, 0, c), decay.narrow(1, 0, c)
+        alpha = result.narrow(1, start, c) if result is not None else scratch.narrow(1, 0, c)
+        alpha.zero_()
+        for s in range(A.shape[-1]):  # one state entry at a time: never [b, c, n, p, p]
+            torch.mul(d, A[idx, s].view(1, c, 1, 1), out=e64).exp_()  # float64 exp
+            if e is not e64:
+                e.copy_(e64)  # rounded once to dtype (exp(out=) of another dtype would allocate a float64 temporary)
+            torch.mul(Cd[:, None, :, s, None], Bd[:, None, None, :, s], out=cb)  # C_i[s] B_j[s]
+            alpha.add_(e.mul_(cb))
+        alpha.mul_(dt.to(dtype).permute(0, 2, 1)[:, :, None, :])  # Δ_j
+        if result is None:
+            sink(alpha)
 
 
-def _mamba1_alpha(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, causal: Tensor, dtype: torch.dtype) -> Tensor:
-    """α for a chunk of channels: delta ``[b, p, c]``, A ``[c, n]``, B/C ``[b, p, n]`` → ``[b, c, p, p]``."""
-    b, p, c = delta.shape
-    dt = delta.double().permute(0, 2, 1)  # [b, c, p]
-    alpha = torch.zeros(b, c, p, p, dtype=dtype, device=delta.device)
-    for s in range(A.shape[-1]):  # one state entry at a time: never [b, c, n, p, p]
-        decay = _segment_decay(dt * A[:, s, None], causal, dtype)  # [b, c, i, j]
-        cb = (C[:, :, s, None].to(dtype) * B[:, None, :, s].to(dtype))  # [b, i, j]
-        alpha += decay * cb[:, None]
-    return alpha * delta.to(dtype).permute(0, 2, 1)[:, :, None, :]  # Δ_j
+def _mamba2_alpha(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, heads: Tensor, group_of: Tensor, order: Tensor,
+                  dtype: torch.dtype, chunk: int, result: Optional[Tensor], sink) -> None:
+    """α of Mamba-2 ``heads``, ``chunk`` heads at a time: delta ``[b, p, h]``, A ``[h]`` (float64), B/C
+    ``[b, p, g, n]``; ``group_of`` the group of each chosen head, ``order`` the chosen heads sorted by
+    group (so ``C·Bᵀ`` of one group is held at a time). Each chunk ``[b, c, p, p]`` is written into
+    ``result [b, len(heads), p, p]`` (at the heads' places) or, when ``result`` is None, handed to
+    ``sink`` (scratch it may overwrite).
 
-
-def _mamba2_alpha(cfg, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, heads: Tensor, causal: Tensor,
-                  dtype: torch.dtype) -> Tensor:
-    """α for the chosen heads: delta ``[b, p, h]``, A ``[h]``, B/C ``[b, p, g, n]`` → ``[b, len(heads), p, p]``."""
-    groups = heads // (cfg.n_heads // cfg.n_groups)
+    α[i, j] = exp(L_i - L_j) · C_i·B_j · Δ_j with ``L = cumsum(Δ·A)`` in float64.
+    """
+    b, p, _ = delta.shape
+    device = delta.device
+    n = heads.numel()
+    upper = torch.ones(p, p, dtype=torch.bool, device=device).triu_(1)  # j > i
     dt = delta.double()[..., heads].permute(0, 2, 1)  # [b, H, p]
-    decay = _segment_decay(dt * A[heads, None], causal, dtype)  # [b, H, i, j]
-    cb = torch.einsum("bign,bjgn->bgij", C.to(dtype), B.to(dtype))[:, groups]  # [b, H, i, j]
-    return decay * cb * dt.to(dtype)[:, :, None, :]
+    L = torch.cumsum(dt * A[heads, None], dim=-1)  # [b, H, p]
+    dt_j = dt.to(dtype)[:, :, None, :]  # Δ_j, [b, H, 1, p]
+    in_place = result is not None and bool((order == torch.arange(n, device=device)).all())
+    width = min(chunk, n)
+    decay64 = None if in_place and dtype == torch.float64 else torch.empty(b, width, p, p, dtype=torch.float64,
+                                                                            device=device)
+    if in_place:
+        scratch = None
+    elif dtype == torch.float64:
+        scratch = decay64
+    else:
+        scratch = torch.empty(b, width, p, p, dtype=dtype, device=device)
+    cb, cb_group = None, None
+    for start in range(0, n, chunk):
+        pos = order[start:start + chunk]  # places in the result, of heads in group order
+        c = pos.numel()
+        alpha = result.narrow(1, start, c) if in_place else scratch.narrow(1, 0, c)
+        e64 = alpha if decay64 is None else decay64.narrow(1, 0, c)
+        Lc = L[:, pos]
+        torch.sub(Lc[..., :, None], Lc[..., None, :], out=e64)  # [b, c, i, j]
+        e64.masked_fill_(upper, float("-inf")).exp_()
+        if e64 is not alpha:
+            alpha.copy_(e64)  # rounded once to dtype
+        for k in range(c):
+            g = int(group_of[pos[k]])
+            if g != cb_group:
+                cb = None  # one group's C·Bᵀ at a time
+                cb = torch.einsum("bin,bjn->bij", C[:, :, g].to(dtype), B[:, :, g].to(dtype))  # [b, i, j]
+                cb_group = g
+            alpha[:, k].mul_(cb)
+        alpha.mul_(dt_j[:, pos])
+        if result is None:
+            sink(alpha)
+        elif not in_place:
+            result.index_copy_(1, pos, alpha)
