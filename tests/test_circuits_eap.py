@@ -201,12 +201,19 @@ def test_float64_scores_keep_float64_precision(family):
     eap_ref = (shift * grad).sum() / clean.shape[0]
     index = Graph.from_model(model, "layer").edge("m0->m2").index
     for method, ref in (("EAP", eap_ref), ("exact", exact_ref)):
-        scores = attribute(model, Graph.from_model(model, "layer"), clean, corrupted, metric, method=method,
-                           quiet=True).scores
+        scores_graph = attribute(model, Graph.from_model(model, "layer"), clean, corrupted, metric, method=method,
+                                 quiet=True)
+        scores = scores_graph.scores
         assert scores.dtype == torch.float64
         torch.testing.assert_close(scores[index], ref, rtol=1e-10, atol=1e-12)
     values = evaluate_graph(model, Graph.from_model(model, "layer"), clean, corrupted, metric, quiet=True)
     assert values.dtype == torch.float64
+    # the JSON round trip keeps them float64, to the last bit
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        read = Graph.from_json(scores_graph.to_json(f"{folder}/graph.json"))
+    assert read.scores.dtype == torch.float64 and torch.equal(read.scores, scores_graph.scores)
 
 
 def test_patched_logits_refuses_a_non_bool_in_graph():

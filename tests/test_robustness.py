@@ -158,3 +158,9 @@ def test_models_built_from_one_config_do_not_share_it():
 def test_an_empty_list_input_names_the_problem(toy):
     with pytest.raises(ValueError, match="empty list"):
         toy([])
+
+
+def test_a_config_asking_to_normalise_before_the_gate_is_refused():
+    """norm_before_gate=True was accepted and silently ignored (the model always gates first)."""
+    with pytest.raises(ValueError, match="norm_before_gate"):
+        HookedMambaConfig(family="mamba2", n_layers=1, d_model=32, d_vocab=16, d_head=16, norm_before_gate=True)

@@ -379,8 +379,7 @@ def cmd_circuit(args) -> int:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     if args.method == "EAP" and args.steps is not None:
         raise UsageError("--steps sets EAP-IG's interpolation steps; plain EAP takes none")
-    args.steps = 5 if args.steps is None else args.steps
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:  # None: attribute's own default
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
@@ -486,7 +485,8 @@ def main(argv: Optional[list] = None) -> int:
     circuit.add_argument("--channel-groups", type=int, default=None,
                          help="Mamba-1 at --level head: senders are this many groups of the d_inner channels")
     circuit.add_argument("--method", choices=("EAP", "EAP-IG"), default="EAP-IG")
-    circuit.add_argument("--steps", type=int, default=None, help="EAP-IG interpolation steps (default 5)")
+    circuit.add_argument("--steps", type=int, default=None,
+                         help="EAP-IG interpolation steps (default: attribute's, 5)")
     circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs")
     circuit.add_argument("--batch-size", type=int, default=32)
     circuit.add_argument("--top", type=int, default=20, help="edges to keep in the circuit")

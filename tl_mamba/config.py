@@ -101,6 +101,9 @@ class HookedMambaConfig:
             self.d_vocab_out = self.d_vocab
         if isinstance(self.dtype, str):
             self.dtype = getattr(torch, self.dtype.replace("torch.", ""))
+        if self.norm_before_gate:  # the field records the checkpoint option; the model has one form
+            raise ValueError("norm_before_gate=True is not supported: HookedMamba2 gates before its RMSNorm "
+                             "(norm_before_gate=False, as every released Mamba-2 checkpoint and transformers' Mamba2)")
         if self.family == "mamba1":
             if self.dt_rank is None:
                 self.dt_rank = math.ceil(self.d_model / 16)

@@ -8,7 +8,8 @@ mixers of some layers:
   entries ``[b, head, i, j]``; a hand-written TransformerLens hook doing the same
   gives the same result. When every hook on the mask is a Knockout (and nothing
   caches the mask), the block never builds the p×p mask: by linearity the removed
-  part is ``1_T ⊙ scan(x ⊙ 1_S)``, one extra scan per knockout; a knockout with
+  part is ``1_T ⊙ scan(x ⊙ 1_S)``, one extra scan per knockout (per disjoint piece of
+  overlapping knockouts); a knockout with
   few edges (a few sources → the last token) sums ``α[i, j]·x_j`` over its edges
   instead, with no scan.
 - ``path="conv"``: the depthwise causal-conv taps that carry j into i (including

@@ -387,7 +387,8 @@ def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable 
                    quiet: bool = False) -> Tensor:
     """The metric of the circuit: clean runs with every edge outside the graph patched to
     its corrupted value. Returns per-prompt values ``[N]`` (a scalar metric's batch value is
-    given to each of its prompts), float32 (float64 for a float64 model)."""
+    given to each of its prompts), in the metric's own dtype, at least float32 (float64 for a
+    float64 model's logits)."""
     if metric is None:
         raise TypeError("evaluate_graph() needs a metric")
     out: List[Tensor] = []

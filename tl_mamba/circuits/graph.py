@@ -326,6 +326,7 @@ class Graph:
             "family": self.family, "n_layers": self.n_layers, "n_heads": self.n_heads, "level": self.level,
             "positional": self.positional, "n_pos": self.n_pos,
             "channel_groups": self.channel_groups, "d_inner": self.d_inner,
+            "scores_dtype": str(self.scores.dtype).removeprefix("torch."),  # a float64 model's scores stay float64
             "nodes": self.nodes,
             "edges": {name: {"score": value(self.scores[e.index]), "in_graph": value(self.in_graph[e.index])}
                       for name, e in self.edges.items()},
@@ -345,11 +346,15 @@ class Graph:
         graph = cls(family=data["family"], n_layers=data["n_layers"], n_heads=data["n_heads"], level=data["level"],
                     positional=data["positional"], n_pos=data["n_pos"],
                     channel_groups=data.get("channel_groups"), d_inner=data.get("d_inner"))
+        scores_dtype = {"float32": torch.float32, "float64": torch.float64}.get(data.get("scores_dtype", "float32"))
+        if scores_dtype is None:
+            raise ValueError(f"{path}: scores_dtype must be float32 or float64, got {data['scores_dtype']!r}")
+        graph.scores = graph.scores.to(scores_dtype)
         missing = set(graph.edges) ^ set(data["edges"])
         if missing:
             raise ValueError(f"{path}: edges do not match a {data['level']}-level graph: {sorted(missing)[:5]}")
         for name, e in graph.edges.items():
-            graph.scores[e.index] = torch.tensor(data["edges"][name]["score"], dtype=torch.float32)
+            graph.scores[e.index] = torch.tensor(data["edges"][name]["score"], dtype=scores_dtype)
             graph.in_graph[e.index] = torch.tensor(data["edges"][name]["in_graph"], dtype=torch.bool)
         return graph
 

@@ -43,6 +43,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.circuits.eap import _score_dtype
 from tl_mamba.knockout import _index_list
 
 Tokens = Union[Tensor, str, Sequence[str]]
@@ -108,10 +109,6 @@ def _heads(model, heads) -> Optional[List[int]]:
 
 def _mask_heads(model) -> int:
     return model.cfg.n_heads if model.cfg.family == "mamba2" else 1
-
-
-def _score_dtype(model) -> torch.dtype:
-    return torch.float64 if model.W_E.dtype == torch.float64 else torch.float32
 
 
 def _fitting_batch(model, n_layers: int, n: int, p: int, batch_size: Optional[int], dtype: torch.dtype) -> int:

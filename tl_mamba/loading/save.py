@@ -179,9 +179,6 @@ def transformers_config(cfg) -> dict:
     for key in TOKEN_ID_KEYS:  # null for an unset id: left out, transformers would read its default
         common[key] = getattr(cfg, key, None)
     if cfg.family == "mamba2":
-        if cfg.norm_before_gate:
-            raise ValueError("this Mamba-2 normalises before its gate, which transformers' Mamba2 cannot express; "
-                             "save it in the mamba_ssm layout (layout='mamba_ssm')")
         lo, hi = cfg.dt_limit
         return dict(common, model_type="mamba2", architectures=["Mamba2ForCausalLM"], num_heads=cfg.n_heads,
                     head_dim=cfg.d_head, n_groups=cfg.n_groups, chunk_size=cfg.checkpoint_chunk_size or cfg.chunk_size,

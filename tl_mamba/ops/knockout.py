@@ -275,6 +275,8 @@ def without(removal: EdgeRemoval, other: EdgeRemoval) -> List[EdgeRemoval]:
         for positions in (source_positions, target_positions):
             if positions is not None and positions.numel() == 0:
                 return []
+        if not bool((sources.any(-1) & targets.any(-1)).any()):  # no row has both: nothing to remove
+            return []
         dtype = removal.sources.dtype
         return [EdgeRemoval(sources=sources.to(dtype), targets=targets.to(dtype),
                             features=None if features is None else features.float(),
@@ -291,12 +293,17 @@ def without(removal: EdgeRemoval, other: EdgeRemoval) -> List[EdgeRemoval]:
     return pieces
 
 
-def disjoint_removals(removals: Sequence[EdgeRemoval]) -> List[EdgeRemoval]:
+class DisjointRemovals(list):
+    """A list of :class:`EdgeRemoval` known to share no edge (what :func:`disjoint_removals`
+    returns), so :func:`as_removal_list` does not check it again pair by pair."""
+
+
+def disjoint_removals(removals: Sequence[EdgeRemoval]) -> "DisjointRemovals":
     """The union of the removals' edges as pairwise disjoint removals, so that summing their
     terms removes each edge once (several Knockouts in one layer remove the union of their
     edges). Each removal keeps only the edges that no earlier one removes (:func:`without`);
-    removals that share no edge come back unchanged."""
-    result: List[EdgeRemoval] = []
+    removals that share no edge come back unchanged. Pieces with no edge are dropped."""
+    result = DisjointRemovals()
     for removal in removals:
         pieces = [removal]
         for earlier in result:
@@ -337,10 +344,13 @@ def as_removal_list(ssm_mask: SSMMask, device: torch.device) -> Optional[List[Ed
         for name in ("sources", "targets", "features"):
             if getattr(removal, name) is not None:
                 check_device(getattr(removal, name), f"a knockout's {name}")
-    if any_overlap(removals):  # each removal's terms are subtracted on their own: a shared edge twice
+    # each removal's terms are subtracted on their own: a shared edge would go twice (what
+    # disjoint_removals returns is disjoint by construction: not checked again, pair by pair)
+    if not isinstance(ssm_mask, DisjointRemovals) and any_overlap(removals):
         raise ValueError("ssm_mask: two of these EdgeRemovals share source and target positions (and features) "
-                         "in some row, so an edge would be removed twice; merge them, or pass their union as "
-                         "a [b, H, p, p] tensor mask (tl_mamba.Knockout does this for overlapping knockouts)")
+                         "in some row, so an edge would be removed twice; pass "
+                         "tl_mamba.ops.knockout.disjoint_removals(removals) (their union, each edge once), as "
+                         "tl_mamba.Knockout does for overlapping knockouts")
     return removals
 
 
