@@ -1,6 +1,6 @@
 """hidden_attention / conv_attention in chunks, and their memory guard.
 
-α is compared with explicit products (``brute_alpha``, as in tests/test_knockout.py) for both
+α is compared with explicit products (``brute_alpha`` of tests/test_knockout.py) for both
 families, whatever the chunking (``chunk_bytes`` small enough to split the heads / channels into
 many, unequal chunks) and with every ``reduce=``; the reductions are taken here from the brute α.
 The guard counts the working memory as well as the result: a limit that holds the result but not
@@ -13,6 +13,8 @@ import torch
 import tl_mamba
 from tl_mamba import HookedMamba, HookedMamba2
 from tl_mamba.config import HookedMambaConfig
+
+from test_knockout import brute_alpha  # α by explicit decay products (float64)
 
 ha = tl_mamba.hidden_attention.__globals__  # the module's namespace (the package re-exports the function)
 
@@ -29,28 +31,6 @@ def make_model(family: str, seed: int = 0, n_heads: int = 8, n_groups: int = 4):
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.2)
     return model.double()
-
-
-def brute_alpha(family, delta, A, Bm, C, heads_per_group=1):
-    """α by explicit products: Mamba-1 ``[b, e, p, p]``, Mamba-2 ``[b, h, p, p]`` (float64)."""
-    b, p = delta.shape[:2]
-    F = delta.shape[-1]
-    alpha = torch.zeros(b, F, p, p, dtype=torch.float64)
-    for i in range(p):
-        for j in range(i + 1):
-            if family == "mamba1":
-                prod = torch.ones(b, F, A.shape[-1], dtype=torch.float64)  # [b, e, n]
-                for k in range(j + 1, i + 1):
-                    prod = prod * torch.exp(delta[:, k, :, None] * A)
-                alpha[:, :, i, j] = (prod * Bm[:, j, None, :] * C[:, i, None, :]).sum(-1) * delta[:, j]
-            else:
-                prod = torch.ones(b, F, dtype=torch.float64)
-                for k in range(j + 1, i + 1):
-                    prod = prod * torch.exp(delta[:, k] * A)
-                Bh = Bm[:, j].repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
-                Ch = C[:, i].repeat_interleave(heads_per_group, dim=1)
-                alpha[:, :, i, j] = prod * (Bh * Ch).sum(-1) * delta[:, j]
-    return alpha
 
 
 def brute_reduce(alpha, reduce):
