@@ -102,10 +102,11 @@ def reference_forward(model, tokens, layers, sources, targets, path, features=No
     return reference_union(model, tokens, [(layers, sources, targets, path, features)], fwd_hooks)
 
 
-def reference_union(model, tokens, knockouts, fwd_hooks=()):
+def reference_union(model, tokens, knockouts, fwd_hooks=(), after=()):
     """Logits with the union of several knockouts ``(layers, sources, targets, path, features)``:
     an edge or tap is kept only if no knockout removes it (the product of their keep masks).
-    ``fwd_hooks`` run before the brute-force hooks (e.g. an edit of hook_conv_in)."""
+    ``fwd_hooks`` run before the brute-force hooks (e.g. an edit of hook_conv_in), ``after``
+    after them (e.g. an edit of the knocked-out hook_conv)."""
     cfg = model.cfg
     b, p = tokens.shape
     seen = {}
@@ -151,7 +152,7 @@ def reference_union(model, tokens, knockouts, fwd_hooks=()):
                 return torch.einsum("bhij,bjhd->bihd", alpha * keep, x) + block.mixer.D[:, None] * x
             hooks.append((prefix + "hook_y", y_hook))
     with torch.no_grad():
-        return model.run_with_hooks(tokens, fwd_hooks=hooks)
+        return model.run_with_hooks(tokens, fwd_hooks=hooks + list(after))
 
 
 FAMILIES = ["mamba1", "mamba2"]
@@ -348,6 +349,32 @@ def test_conv_knockout_reads_the_edited_conv_input(family, order):
         edited = model.run_with_hooks(tokens, fwd_hooks=edits)
     ref = reference_union(model, tokens, [([1], [[5, 6]] * B, [[7, 8]] * B, "conv", None)], fwd_hooks=edits)
     assert (ref - edited).abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ["edit first", "knockout first"])
+def test_hooks_on_hook_conv_see_the_knocked_out_conv(family, order):
+    """A conv knockout acts before every other hook on hook_conv, whichever was added first (as
+    hooks on hook_y see the knocked-out y): an edit there scales the knocked-out conv (a hook
+    added before the knockout used to be knocked out afterwards: edit(conv) - taps)."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(19))
+
+    def edit(conv, hook):
+        conv = conv.clone()
+        conv[:, 6:9] *= 1.5
+        return conv
+
+    edits = [("blocks.1.hook_conv", edit)]
+    ko = Knockout(layers=[1], sources=[5, 6], targets=[7, 8], path="conv")
+    with torch.no_grad():
+        if order == "edit first":
+            with model.hooks(fwd_hooks=edits):
+                ours = model.run_with_knockout(tokens, ko)
+        else:
+            with model.knockouts(ko):
+                ours = model.run_with_hooks(tokens, fwd_hooks=edits)
+    ref = reference_union(model, tokens, [([1], [[5, 6]] * B, [[7, 8]] * B, "conv", None)], after=edits)
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
 
 

@@ -164,3 +164,26 @@ def test_a_config_asking_to_normalise_before_the_gate_is_refused():
     """norm_before_gate=True was accepted and silently ignored (the model always gates first)."""
     with pytest.raises(ValueError, match="norm_before_gate"):
         HookedMambaConfig(family="mamba2", n_layers=1, d_model=32, d_vocab=16, d_head=16, norm_before_gate=True)
+
+
+def test_a_hook_h_edit_written_into_left_padding_leaves_the_real_tokens_alone(toy):
+    """An edit of the state at pad positions (here: the pads only, and the pads plus a real
+    position) must not decay into the real tokens: they equal the prompt run alone with the
+    real position's edit (it used to override the pads' states too)."""
+    _, short, batch, mask = prompts(toy)
+
+    def at(columns):
+        def fn(h, hook):
+            h = h.clone()
+            h[:, columns] = h[:, columns] + 0.5
+            return h
+        return [("blocks.0.hook_h", fn)]
+
+    with torch.no_grad():
+        alone = toy(short)[0]
+        pads_only = toy.run_with_hooks(batch, attention_mask=mask, fwd_hooks=at([0, 1, 2, 3]))[1, 4:]
+        with_real = toy.run_with_hooks(batch, attention_mask=mask, fwd_hooks=at([0, 1, 2, 3, 6]))[1, 4:]
+        real_alone = toy.run_with_hooks(short, fwd_hooks=at([2]))[0]
+    assert (real_alone - alone).abs().max() > 1e-3
+    torch.testing.assert_close(pads_only, alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(with_real, real_alone, rtol=1e-4, atol=1e-4)

@@ -386,21 +386,28 @@ class ConvTaps:
     def __init__(self, conv_input: Tensor):
         self.conv_input = conv_input
         self.removed: List[EdgeRemoval] = []
+        self.applied: set = set()  # ids of the knockout hooks already applied in this call
 
 
 def run_hook_conv(hook_point, conv: Tensor, conv_input: Tensor) -> Tensor:
     """``hook_point(conv)``, with ``conv_input`` (what the conv read, after every hook on
     ``hook_conv_in``) at hand for the conv knockouts hooked there (:class:`ConvKnockoutHook`).
 
-    The blocks call this in place of ``hook_conv(conv)``: a knockout's taps are computed from
-    the conv's real input, whatever hooks edit ``hook_conv_in`` and in whichever order they
-    were added.
+    The blocks call this in place of ``hook_conv(conv)``. The knockouts attached to the hook
+    point are applied first, before any other hook on it, whichever was added first: the
+    hooks then see the knocked-out conv, as hooks on ``hook_y`` see the knocked-out y (a patch
+    or an edit of ``hook_conv`` is not knocked out afterwards). Their taps are computed from the
+    conv's real input, whatever hooks edit ``hook_conv_in``. (A knockout attached in a way
+    that leaves no trace of the Knockout, e.g. ``ko.hooks(model)`` given to ``model.hooks`` on
+    transformer-lens 3.x, is applied in its turn among the hooks.)
     """
     if not hook_point.fwd_hooks:
         return hook_point(conv)
     outer = getattr(hook_point, "conv_taps", None)  # a hook may run the model again from inside
-    hook_point.conv_taps = ConvTaps(conv_input)
+    taps = hook_point.conv_taps = ConvTaps(conv_input)
     try:
+        for knockout_hook in _knockout_hooks_on(hook_point):
+            conv = knockout_hook.remove_taps(conv, taps)
         return hook_point(conv)
     finally:
         hook_point.conv_taps = outer
@@ -431,6 +438,13 @@ class ConvKnockoutHook:
         if taps is None or taps.conv_input.shape != conv.shape:
             raise RuntimeError(f"{hook.name}: a conv knockout needs the conv input of this forward, which the "
                                "block hands to hook_conv; this hook point was called outside a block's forward")
+        return self.remove_taps(conv, taps)
+
+    def remove_taps(self, conv: Tensor, taps: ConvTaps) -> Tensor:
+        """``conv`` less this knockout's taps that no other knockout removed in this call (once)."""
+        if id(self) in taps.applied:  # run_hook_conv applied it before the other hooks
+            return conv
+        taps.applied.add(id(self))
         b, p, c = conv.shape
         (sources, host_sources), (targets, host_targets) = (self.knockout.masks(what, b, p, conv.device)
                                                             for what in ("sources", "targets"))
@@ -480,9 +494,14 @@ def _live_knockouts(hook_point) -> dict:
     return registry
 
 
-def _knockout_of(fn) -> Optional[Knockout]:
-    """The Knockout a hook function belongs to, or None."""
-    return fn.knockout if isinstance(fn, (SSMMaskKnockoutHook, ConvKnockoutHook)) else None
+def _knockout_hooks_on(hook_point) -> list:
+    """The Knockout hook objects attached to ``hook_point`` (registered by ``add_knockout_hooks``,
+    or found through TransformerLens' ``LensHandle.user_hook`` where it has one), each once."""
+    found = []
+    for fn in list(_live_knockouts(hook_point).values()) + [getattr(h, "user_hook", None) for h in hook_point.fwd_hooks]:
+        if isinstance(fn, (SSMMaskKnockoutHook, ConvKnockoutHook)) and all(fn is not other for other in found):
+            found.append(fn)
+    return found
 
 
 def active_knockouts(model) -> List[Knockout]:
@@ -498,12 +517,9 @@ def active_knockouts(model) -> List[Knockout]:
     found: List[Knockout] = []
     for layer in range(model.cfg.n_layers):
         for name in (f"blocks.{layer}.hook_ssm_mask", f"blocks.{layer}.hook_conv"):
-            point = model.mod_dict[name]
-            hooks = list(_live_knockouts(point).values()) + [getattr(h, "user_hook", None) for h in point.fwd_hooks]
-            for fn in hooks:
-                ko = _knockout_of(fn)
-                if ko is not None and all(ko is not other for other in found):
-                    found.append(ko)
+            for fn in _knockout_hooks_on(model.mod_dict[name]):
+                if all(fn.knockout is not other for other in found):
+                    found.append(fn.knockout)
     return found
 
 

@@ -20,7 +20,7 @@ honours them.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -129,6 +129,7 @@ def scan_with_heavy_hooks(
     *,
     mask_shape: Tuple[int, int, int, int],
     state_bytes: int,
+    attention_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Run a block's scan, honouring ``hook_ssm_mask`` and ``hook_h``.
 
@@ -140,6 +141,8 @@ def scan_with_heavy_hooks(
         decay: ``decay()`` → the per-step decay ``exp(Δ_t A)``, broadcastable to the states.
         mask_shape: ``(b, H, p, p)`` of the mask to materialise.
         state_bytes: size of the materialised states, for the memory guard.
+        attention_mask: ``[b, p]``, 0 at padding: a ``hook_h`` edit there is ignored (a state
+            written at a left pad would decay into the first real tokens).
 
     Returns:
         ``(y, final_state)``.
@@ -205,6 +208,8 @@ def scan_with_heavy_hooks(
             with torch.no_grad():  # only compared against, never differentiated
                 original = scan(return_states=True).states
         edited = seen.detach() != original
+        if attention_mask is not None:  # padding never reaches a real token, edited or not
+            edited &= attention_mask.bool().view(*attention_mask.shape, *[1] * (edited.dim() - 2))
         if bool(edited.any()):
             if ssm_mask is not None:
                 raise NotImplementedError(

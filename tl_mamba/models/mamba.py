@@ -133,7 +133,8 @@ class MambaBlock(MixerBlock):
         # When nothing reads y, the gate or the states on their own, the scan applies the gate
         # (the Triton kernel fuses it, knockouts included, so the ungated y is never written).
         fuse_gate = not any(hook_is_active(h) for h in (self.hook_y, self.hook_gate, self.hook_h))
-        y, ssm_state = self._scan(x, delta, A, B, C, initial_state, z=z if fuse_gate else None)
+        y, ssm_state = self._scan(x, delta, A, B, C, initial_state, z=z if fuse_gate else None,
+                                  attention_mask=attention_mask)
         if fuse_gate:
             y_gated = y
         else:
@@ -146,7 +147,7 @@ class MambaBlock(MixerBlock):
             layer_state["conv"], layer_state["ssm"] = conv_state, ssm_state
         return self.hook_resid_post(resid_pre + mixer_out)
 
-    def _scan(self, x, delta, A, B, C, initial_state, z=None):
+    def _scan(self, x, delta, A, B, C, initial_state, z=None, attention_mask=None):
         """The SSM with its heavy hooks. Returns ``(y [b,p,e], final state [b,e,n])``; y gated
         by ``silu(z)`` when z is given (only when hook_h is not hooked: its gradient path adds
         to the ungated y)."""
@@ -164,7 +165,7 @@ class MambaBlock(MixerBlock):
 
         b, p, e = x.shape
         return scan_with_heavy_hooks(self, scan, read_out, decay, mask_shape=(b, 1, p, p),
-                                     state_bytes=b * p * e * self.cfg.d_state * 4)
+                                     state_bytes=b * p * e * self.cfg.d_state * 4, attention_mask=attention_mask)
 
 
 class HookedMamba(HookedSSM):

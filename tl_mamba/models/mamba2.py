@@ -132,7 +132,8 @@ class Mamba2Block(MixerBlock):
         delta = self.hook_delta(torch.clamp(F.softplus(upcast(dt) + upcast(m.dt_bias)), min=lo, max=hi))
         A = -torch.exp(upcast(m.A_log))
 
-        y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"])
+        y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"],
+                                  attention_mask=attention_mask)
         y = run_hook_contiguous(self.hook_y, y)  # [b, p, h, hd]
         gate = run_hook_contiguous(self.hook_gate, F.silu(upcast(z)))
         y_gated = self.hook_y_gated((y * gate).reshape(b, p, e))
@@ -149,7 +150,7 @@ class Mamba2Block(MixerBlock):
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + cfg.eps)
         return self.mixer.norm.weight * grouped.flatten(-2).to(self.mixer.norm.weight.dtype)
 
-    def _scan(self, x, delta, A, B, C, initial_state):
+    def _scan(self, x, delta, A, B, C, initial_state, attention_mask=None):
         """The SSM with its heavy hooks. Returns ``(y [b,p,h,hd], final state [b,h,hd,n])``."""
         D = self.mixer.D
         cfg = self.cfg
@@ -168,7 +169,7 @@ class Mamba2Block(MixerBlock):
 
         b, p = x.shape[:2]
         return scan_with_heavy_hooks(self, scan, read_out, decay, mask_shape=(b, cfg.n_heads, p, p),
-                                     state_bytes=b * p * cfg.d_inner * cfg.d_state * 4)
+                                     state_bytes=b * p * cfg.d_inner * cfg.d_state * 4, attention_mask=attention_mask)
 
 
 class HookedMamba2(HookedSSM):
