@@ -11,26 +11,17 @@ import pytest
 import torch
 
 import tl_mamba
-from tl_mamba import HookedMamba, HookedMamba2
-from tl_mamba.config import HookedMambaConfig
 
 from test_knockout import brute_alpha  # α by explicit decay products (float64)
+from test_knockout import make_model as knockout_model
 
 ha = tl_mamba.hidden_attention.__globals__  # the module's namespace (the package re-exports the function)
 
 
-def make_model(family: str, seed: int = 0, n_heads: int = 8, n_groups: int = 4):
-    if family == "mamba1":
-        cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4, expand=2, seed=seed)
-        model = HookedMamba(cfg)
-    else:  # 8 heads of 4 channels in 4 groups: chunks can split a group and mix groups
-        cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4,
-                                expand=2, n_heads=n_heads, n_groups=n_groups, chunk_size=4, seed=seed)
-        model = HookedMamba2(cfg)
-    with torch.no_grad():  # move weights off their init so every path carries signal
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
-    return model.double()
+def make_model(family: str, seed: int = 0):
+    """test_knockout's tiny float64 model; Mamba-2 with 8 heads of 4 channels in 4 groups, so chunks
+    can split a group and mix groups."""
+    return knockout_model(family, seed, n_heads=8, n_groups=4)
 
 
 def brute_reduce(alpha, reduce):

@@ -196,8 +196,9 @@ def test_resolve_unreachable_hub(monkeypatch, tmp_path):
     assert "unreachable" in str(info.value) and "local directory path" in str(info.value)
 
 
-def test_resolve_cached_hub_id_offline(monkeypatch, tmp_path, saved, hf_mamba):
-    """A hub id present in the cache loads offline (hub cache layout written by hand)."""
+def offline_hub_cache(monkeypatch, tmp_path, saved):
+    """A hub cache written by hand under ``tmp_path`` (HF_HOME), offline, holding ``acme/tiny-mamba``
+    at one commit that ``main`` points to; returns that snapshot's folder."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--acme--tiny-mamba"
     snapshot = repo / "snapshots" / commit
@@ -209,6 +210,12 @@ def test_resolve_cached_hub_id_offline(monkeypatch, tmp_path, saved, hf_mamba):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return snapshot
+
+
+def test_resolve_cached_hub_id_offline(monkeypatch, tmp_path, saved, hf_mamba):
+    """A hub id present in the cache loads offline (hub cache layout written by hand)."""
+    snapshot = offline_hub_cache(monkeypatch, tmp_path, saved)
     assert resolve_checkpoint("acme/tiny-mamba") == snapshot
     model = HookedMamba.from_pretrained("acme/tiny-mamba")
     assert model.cfg.model_name == "acme/tiny-mamba"
@@ -1090,17 +1097,7 @@ def test_unexpected_keys_listed_alike(hf_mamba):
 
 
 def test_offline_uncached_revision_is_named(monkeypatch, tmp_path, saved):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--acme--tiny-mamba"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for file in ("config.json", "model.safetensors"):
-        (snapshot / file).write_bytes((saved["mamba"] / file).read_bytes())
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = offline_hub_cache(monkeypatch, tmp_path, saved)
     assert resolve_checkpoint("acme/tiny-mamba", revision="main") == snapshot
     with pytest.raises(CheckpointNotFoundError, match=r"revision 'v2' of it is not in the local cache"):
         resolve_checkpoint("acme/tiny-mamba", revision="v2")
