@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.ops.conv import causal_conv1d
-from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, without
+from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, outside
 
 Positions = Union[int, Sequence[int], Tensor]
 PATHS = ("ssm", "conv", "both")
@@ -455,9 +455,7 @@ class ConvKnockoutHook:
                            features=self.channel_mask(c, conv.device),
                            source_positions=None if host_sources is None else host_sources.any(0).nonzero()[:, 0],
                            target_positions=None if host_targets is None else host_targets.any(0).nonzero()[:, 0])
-        pieces = [mine]
-        for earlier in taps.removed:  # taps another knockout on this hook point removed already
-            pieces = [rest for piece in pieces for rest in without(piece, earlier)]
+        pieces = outside(mine, taps.removed)  # less the taps another knockout here removed already
         taps.removed.append(mine)
         weight = self.block.mixer.conv1d.weight
         for piece in pieces:

@@ -100,7 +100,8 @@ _SSM_MAMBA2_DEFAULTS = dict(
     d_ssm=None, D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
     activation="swish", learnable_init_states=False,
 )
-_SSM_NORM_EPS = 1e-5  # mamba_ssm's MixerModel norm_epsilon and Mamba2's gated-norm eps
+#: the RMSNorm epsilon mamba_ssm uses everywhere (MixerModel's norm_epsilon, Mamba2's gated norm)
+MAMBA_SSM_NORM_EPS = 1e-5
 
 # transformers' config defaults (MambaConfig, FalconMambaConfig, Mamba2Config, as in
 # transformers 5.x and the 4.x releases since Mamba-2 was added) for every field tl_mamba reads: a config.json that leaves a field
@@ -408,7 +409,7 @@ def _fields_from_mamba_ssm(raw: Mapping[str, Any], family: str) -> Dict[str, Any
     d_model = int(raw["d_model"])
     # norm_epsilon is no mamba_ssm config field (mamba_ssm always uses 1e-5); configs written by
     # tl_mamba before it kept mamba_ssm's fields only may hold it, so it is still read
-    eps = float(raw.get("norm_epsilon", _SSM_NORM_EPS))
+    eps = float(raw.get("norm_epsilon", MAMBA_SSM_NORM_EPS))
     common = dict(
         n_layers=int(raw["n_layer"]),
         d_model=d_model,

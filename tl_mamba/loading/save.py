@@ -38,7 +38,8 @@ from safetensors.torch import save_file
 
 from tl_mamba.loading.convert import checkpoint_name
 from tl_mamba.loading.files import (BIN_FILE, BIN_INDEX, GENERATION_CONFIG_FILE, MISTRAL_WEIGHTS_FILE,
-                                     SAFETENSORS_FILE, SAFETENSORS_INDEX)
+                                     SAFETENSORS_FILE, SAFETENSORS_INDEX, TOKEN_ID_KEYS)
+from tl_mamba.loading.layouts import MAMBA_SSM_NORM_EPS
 
 #: the fields of mamba_ssm's ``MambaConfig`` dataclass (mamba_ssm/models/config_mamba.py), the
 #: only keys its ``MambaLMHeadModel.from_pretrained`` accepts in config.json
@@ -46,9 +47,6 @@ MAMBA_SSM_CONFIG_FIELDS = (
     "d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg", "rms_norm",
     "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
 )
-#: the RMSNorm epsilon mamba_ssm uses everywhere (MixerModel's norm_epsilon, Mamba2's gated norm)
-MAMBA_SSM_NORM_EPS = 1e-5
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def mamba_ssm_config(cfg) -> dict:

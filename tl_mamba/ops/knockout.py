@@ -293,6 +293,15 @@ def without(removal: EdgeRemoval, other: EdgeRemoval) -> List[EdgeRemoval]:
     return pieces
 
 
+def outside(removal: EdgeRemoval, removed: Sequence[EdgeRemoval]) -> List[EdgeRemoval]:
+    """The edges of ``removal`` that none of ``removed`` has, as disjoint pieces (:func:`without`
+    applied for each of them in turn)."""
+    pieces = [removal]
+    for earlier in removed:
+        pieces = [rest for piece in pieces for rest in without(piece, earlier)]
+    return pieces
+
+
 class DisjointRemovals(list):
     """A list of :class:`EdgeRemoval` known to share no edge (what :func:`disjoint_removals`
     returns), so :func:`as_removal_list` does not check it again pair by pair."""
@@ -305,10 +314,7 @@ def disjoint_removals(removals: Sequence[EdgeRemoval]) -> "DisjointRemovals":
     removals that share no edge come back unchanged. Pieces with no edge are dropped."""
     result = DisjointRemovals()
     for removal in removals:
-        pieces = [removal]
-        for earlier in result:
-            pieces = [rest for piece in pieces for rest in without(piece, earlier)]
-        result += pieces
+        result += outside(removal, result)
     return result
 
 

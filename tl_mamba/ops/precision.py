@@ -15,9 +15,10 @@ from torch import Tensor
 
 FLUSH_BELOW = 2.0 ** 24
 """:func:`zero_subnormals_` zeroes entries below ``finfo.tiny * FLUSH_BELOW`` (2e-31 in float32,
-4e-301 in float64; at most 2^-48 of the batch row's largest entry): an adjoint entry that small would make subnormal products with states and
-decays of magnitude down to 2^-24 (measured: with the bound at ``finfo.tiny`` alone, the p = 2048
-backward below still took 1.4x the time of p = 1024 per position; at this bound 1.0x)."""
+4e-301 in float64; at most 2^-48 of the batch row's largest entry): an adjoint entry that small
+would make subnormal products with states and decays of magnitude down to 2^-24 (measured: with
+the bound at ``finfo.tiny`` alone, the p = 2048 backward below still took 1.4x the time of
+p = 1024 per position; at this bound 1.0x)."""
 
 
 def zero_subnormals_(t: Tensor) -> Tensor:
