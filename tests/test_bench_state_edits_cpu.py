@@ -25,6 +25,6 @@ def test_state_edits_benchmark_quick_run(tmp_path):
     assert [(r["model"], r["grad"]) for r in rows] == [("toy-mamba2", False), ("toy-mamba2", True),
                                                         ("toy-mamba", False), ("toy-mamba", True)]
     for row in rows:
-        assert all(row[f"{k}_s"] > 0 for k in ("plain", "read", "zero_segments", "zero_recurrence",
+        assert all(row[f"{k}_s"] > 0 for k in ("plain", "read", "patch2", "zero_segments", "zero_recurrence",
                                                "scale_segments", "scale_recurrence"))
         assert all(d < 1e-4 for d in row["max_abs_diff"].values()), row["max_abs_diff"]

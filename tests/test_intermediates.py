@@ -664,3 +664,63 @@ def test_bf16_model_takes_fp32_patches(name):
         cast = bf16.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: cache[hook.name].to(torch.bfloat16))])
     assert patched.dtype == torch.bfloat16
     torch.testing.assert_close(patched, cast, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hook_h_edit_returned_in_a_narrower_dtype_continues_the_recurrence(model, tokens, backend, narrow):
+    """A hook that returns the states in bf16 / fp16 with position 3 halved edits position 3 only: the
+    other entries are its rounding of the states, not edits. (Compared in the states' dtype, every
+    entry differed, and every later state was pinned to the unedited values instead of continuing
+    from the edit.) The reference applies at t = 3 the very values the hook wrote."""
+    written = {}
+
+    def halve_then_round(h, hook):
+        h = h.clone()
+        h[:, 3] *= 0.5
+        out = h.to(narrow)
+        written["h3"] = out[:, 3].double()
+        return out
+
+    logits, cache = _run(model, tokens, backend, hooks=[("blocks.0.hook_h", halve_then_round)])
+    ref_logits, acts, _ = reference_forward(model, tokens, h_edits={0: lambda t, h: written["h3"] if t == 3 else h})
+    torch.testing.assert_close(cache["blocks.0.hook_y"][:, 4:].double(), acts["blocks.0.hook_y"][:, 4:], **TOL)
+    torch.testing.assert_close(logits.double(), ref_logits, **TOL)
+
+
+@pytest.mark.parametrize("name", ["hook_resid_pre", "hook_z", "hook_gate", "hook_B", "hook_C", "hook_delta",
+                                  "hook_y", "hook_mixer_out"])
+def test_float64_patch_into_a_float32_model_is_read_as_float32(model, tokens, name):
+    """A float64 hook value (a steering vector, a patch from a float64 run) is read in the dtype of
+    the activation it replaces: the same logits as the patch cast first, and the rest of the forward
+    stays float32 (a float64 residual stream used to spread into every later hook and cache entry)."""
+    hook = f"blocks.0.{name}"
+    model.set_backend("torch")
+    _, cache = model.run_with_cache(tokens, names_filter=hook)
+    patch = cache[hook].double() * 1.5 + 0.01
+
+    def run(value):
+        return _run(model, tokens, "torch", hooks=[(hook, lambda act, hook: value)])
+
+    (patched, patched_cache), (cast, _) = run(patch), run(patch.to(cache[hook].dtype))
+    torch.testing.assert_close(patched, cast, rtol=0, atol=0)
+    # (the cache at the patched hook holds what the hook returned: the cast comes after its hooks)
+    assert patched_cache["blocks.1.hook_resid_pre"].dtype == torch.float32
+    assert patched_cache["blocks.0.hook_resid_post"].dtype == torch.float32
+
+
+def test_observing_the_gate_leaves_bf16_logits_unchanged():
+    """In a bf16 Mamba-1 the scan gates y in fp32 (silu of z upcast); with hook_y or hook_gate hooked the
+    block gates instead, and it took silu in bf16: a no-op hook (any run_with_cache) moved the logits
+    by ~5e-3 (0.125 on the toy model)."""
+    from test_knockout import make_model
+
+    bf16 = make_model("mamba1").to(torch.bfloat16)
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = bf16(tokens)
+        for name in ("hook_y", "hook_gate"):
+            observed = bf16.run_with_hooks(tokens, fwd_hooks=[(f"blocks.1.{name}", lambda act, hook: None)])
+            torch.testing.assert_close(observed, plain, rtol=0, atol=0)
+        _, cache = bf16.run_with_cache(tokens)
+    assert cache["blocks.1.hook_gate"].dtype == torch.float32  # as Mamba-2's, and the fused gate's precision

@@ -743,3 +743,41 @@ def test_per_head_activations_are_handed_over_contiguous(model, tokens):
     _, clean = model.run_with_cache(tokens, names_filter=["blocks.0.hook_y"])
     assert not torch.allclose(seen["y"][..., 0, :], clean["blocks.0.hook_y"][..., 0, :])
     torch.testing.assert_close(seen["y"][..., 1:, :], clean["blocks.0.hook_y"][..., 1:, :])
+
+
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hook_h_edit_returned_in_a_narrower_dtype_continues_the_recurrence(model, tokens, backend, narrow):
+    """A hook returning the states in bf16 / fp16 with position 3 halved edits position 3 only (its
+    rounding of the other entries is not an edit: compared in the states' dtype, every later state was
+    pinned to its unedited value). The reference applies at t = 3 the very values the hook wrote."""
+    written = {}
+
+    def halve_then_round(h, hook):
+        h = h.clone()
+        h[:, 3] *= 0.5
+        out = h.to(narrow)
+        written["h3"] = out[:, 3].double()
+        return out
+
+    logits, cache = _run(model, tokens, backend, hooks=[("blocks.0.hook_h", halve_then_round)])
+    ref_logits, acts, _ = reference_forward(model, tokens, h_edits={0: lambda t, h: written["h3"] if t == 3 else h})
+    torch.testing.assert_close(cache["blocks.0.hook_y"][:, 4:].double(), acts["blocks.0.hook_y"][:, 4:], **TOL)
+    torch.testing.assert_close(logits.double(), ref_logits, **TOL)
+
+
+@pytest.mark.parametrize("name", ["hook_conv_in", "hook_conv", "hook_x", "hook_B", "hook_delta_raw", "hook_z",
+                                  "hook_mixer_out"])
+def test_fp32_patch_into_a_bf16_model_is_read_as_bf16(name):
+    """Patching a bf16 Mamba-2 from an fp32 run: the patch is read in the dtype of the activation it
+    replaces, as if cast first (it was carried in fp32 for a while, 2e-3 to 4e-3 off in the logits)."""
+    fp32 = make_model("g2")
+    bf16 = make_model("g2").to(torch.bfloat16)
+    tokens = torch.randint(0, fp32.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, cache = fp32.run_with_cache(tokens)
+    hook = f"blocks.1.{name}"
+    with torch.no_grad():
+        given = bf16.run_with_cache(tokens, names_filter=hook)[1][hook].dtype
+        patched = bf16.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: cache[hook.name])])
+        cast = bf16.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: cache[hook.name].to(given))])
+    torch.testing.assert_close(patched, cast, rtol=0, atol=0)

@@ -187,3 +187,18 @@ def test_a_hook_h_edit_written_into_left_padding_leaves_the_real_tokens_alone(to
     assert (real_alone - alone).abs().max() > 1e-3
     torch.testing.assert_close(pads_only, alone, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(with_real, real_alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_ssm_mask_is_in_the_scans_precision(family):
+    """hook_ssm_mask is fp32, float64 in a float64 model: knockout attribution's float64 mask is then
+    read as it is (a hook's return is read in the given dtype), and its gradients keep float64."""
+    from test_knockout import make_model
+
+    tokens = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(0))
+    for dtype, expected in ((torch.float64, torch.float64), (torch.float32, torch.float32),
+                            (torch.bfloat16, torch.float32)):
+        model = make_model(family).to(dtype)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_ssm_mask")
+        assert cache["blocks.0.hook_ssm_mask"].dtype == expected, dtype

@@ -74,6 +74,24 @@ def size_symbols(model, batch: int = 3, pos: int = 7) -> List[Tuple[int, str]]:
     return pairs
 
 
+def half_precision_dtypes(model) -> Dict[str, str]:
+    """``{hook name with blocks.{l}: "bf16" | "fp32"}``: the dtype each hook holds when ``model``'s
+    weights are bf16 (measured on a live forward of a bf16 copy)."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    found: Dict[str, str] = {}
+
+    def record(tensor, hook):
+        found[re.sub(r"^blocks\.\d+\.", "blocks.{l}.", hook.name)] = {
+            torch.bfloat16: "bf16", torch.float32: "fp32"}.get(tensor.dtype, str(tensor.dtype))
+
+    with torch.no_grad():
+        half.run_with_hooks(torch.zeros(1, 4, dtype=torch.long), fwd_hooks=[(lambda name: True, record)],
+                            return_type=None)
+    return found
+
+
 def hook_table(model, batch: int = 3, pos: int = 7, strict: bool = True) -> List[Tuple[str, str, str]]:
     """Rows ``(hook name with blocks.{l}, symbolic shape, description)`` measured on a live forward.
 
@@ -119,13 +137,21 @@ def render_markdown() -> str:
         "Heavy hooks are computed only when a hook is attached or a cache names them;",
         "`run_with_cache()` without `names_filter` leaves them out.",
         "",
+        "dtype: what each hook holds in a bf16 (or fp16) model. As mamba_ssm does, the",
+        "residual stream, the norms, Δ, the scan's output and its states are kept in fp32;",
+        "an fp32 or float64 model holds its own dtype at every hook (`hook_ssm_mask` too).",
+        "A hook may return another dtype (a patch from an fp32 run into a bf16 model): it is",
+        "read in the dtype of the activation it replaces, as if the hook had cast it.",
+        "",
         "## HookedMamba (Mamba-1, Falcon-Mamba)",
         "",
-        "| hook | shape | what |",
-        "|---|---|---|",
+        "| hook | shape | dtype | what |",
+        "|---|---|---|---|",
     ]
-    for name, shape, what in hook_table(HookedMamba(cfg)):
-        lines.append(f"| `{name}` | {shape} | {what} |")
+    model = HookedMamba(cfg)
+    dtypes = half_precision_dtypes(model)
+    for name, shape, what in hook_table(model):
+        lines.append(f"| `{name}` | {shape} | {dtypes[name]} | {what} |")
     from tl_mamba.models.mamba2 import HookedMamba2
 
     cfg2 = HookedMambaConfig(family="mamba2", n_layers=2, d_model=12, d_vocab=40, d_state=5, expand=3,
@@ -137,11 +163,13 @@ def render_markdown() -> str:
         "Shapes: h n_heads, hd d_head, g n_groups. Per-head hooks carry a head axis, so",
         "zeroing `hook_y[:, :, head]` ablates a head.",
         "",
-        "| hook | shape | what |",
-        "|---|---|---|",
+        "| hook | shape | dtype | what |",
+        "|---|---|---|---|",
     ]
-    for name, shape, what in hook_table(HookedMamba2(cfg2)):
-        lines.append(f"| `{name}` | {shape} | {what} |")
+    model = HookedMamba2(cfg2)
+    dtypes = half_precision_dtypes(model)
+    for name, shape, what in hook_table(model):
+        lines.append(f"| `{name}` | {shape} | {dtypes[name]} | {what} |")
     return "\n".join(lines) + "\n"
 
 

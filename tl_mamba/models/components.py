@@ -19,12 +19,18 @@ from tl_mamba.ops.precision import upcast
 class CheckedHookPoint(HookPoint):
     """TransformerLens' ``HookPoint`` that checks what its forward hooks return.
 
-    A hook may replace the activation (return a new tensor) or edit it in place, and may
-    change its dtype (a patch from an fp32 cache); the models cast where their weights need
-    it. It may not change its shape: a wrong shape would otherwise be blamed on another
-    tensor further on ("z must have shape ..."), fail in a reshape, or be broadcast silently
-    (a ``[1, ...]`` tensor or a number). So a return value that is not a tensor raises a
-    ``TypeError``, and a tensor of another shape a ``ValueError``, both naming the hook.
+    A hook may replace the activation (return a new tensor) or edit it in place. It may
+    not change its shape: a wrong shape would otherwise be blamed on another tensor further
+    on ("z must have shape ..."), fail in a reshape, or be broadcast silently (a ``[1, ...]``
+    tensor or a number). So a return value that is not a tensor raises a ``TypeError``, and
+    a tensor of another shape a ``ValueError``, both naming the hook.
+
+    A tensor of another dtype (a patch from an fp32 cache into a bf16 model, a float64
+    steering vector) is read in the dtype of the activation it replaces, as if the hook had
+    cast it: so a patch means the same thing at every hook, and a float64 patch does not turn
+    the rest of the forward float64. ``cast_to_given_dtype=False`` leaves the cast to the
+    caller (``hook_h``: its edits are found by comparing in the hook's own dtype, so that
+    rounding the states to bf16 is not an edit of every entry).
 
     Only ``nn.Module`` semantics are relied on (forward hooks run inside ``__call__`` and may
     replace the output), so this holds on transformer-lens 3.x and 4.x alike. The check costs
@@ -32,10 +38,16 @@ class CheckedHookPoint(HookPoint):
     something other than the activation it was given.
     """
 
+    def __init__(self, *args, cast_to_given_dtype: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cast_to_given_dtype = cast_to_given_dtype
+
     def __call__(self, x, *args, **kwargs):
         out = super().__call__(x, *args, **kwargs)
         if out is not x:
             check_hook_output(self, x, out)
+            if self.cast_to_given_dtype and isinstance(x, Tensor) and out.dtype != x.dtype:
+                out = out.to(x.dtype)
         return out
 
 

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from tl_mamba.knockout import structured_removals
 from tl_mamba.models.base import hook_is_active
-from tl_mamba.ops.state_override import StateOverride, adjoint_recurrence
+from tl_mamba.ops.state_override import StateOverride, adjoint_recurrence, edited_positions
 
 
 def check_heavy_hook_memory(block, hook: str, nbytes: int) -> None:
@@ -155,11 +155,14 @@ def scan_with_heavy_hooks(
         ssm_mask = structured_removals(block.hook_ssm_mask, b, p, block.hook_device())
         removes_edges = ssm_mask is not None
         if ssm_mask is None:
-            check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * 4)
+            # in the scan's precision: fp32, float64 for a float64 model (whose knockout attribution
+            # returns a float64 mask, read in this dtype by the hook point)
+            mask_dtype = torch.float64 if block.mixer.A_log.dtype == torch.float64 else torch.float32
+            check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * torch.finfo(mask_dtype).bits // 8)
             if block.hook_ssm_mask.bwd_hooks and torch.is_grad_enabled():
                 _warn_mask_backward_hooks(block.hook_ssm_mask.name)
             # (a hook returning another shape is refused by the hook point, CheckedHookPoint)
-            ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=torch.float32))
+            ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=mask_dtype))
             if ssm_mask.requires_grad and torch.is_grad_enabled():
                 # knockout attribution: keep the mask even when it removes nothing, so the scan
                 # gives it a gradient (∂L/∂mask[i, j] scores the edge j → i)
@@ -207,16 +210,21 @@ def scan_with_heavy_hooks(
             # an edit through .data, which no version counter shows): scan again to compare
             with torch.no_grad():  # only compared against, never differentiated
                 original = scan(return_states=True).states
-        edited = seen.detach() != original
+        # compared in the hook's dtype: states it returned rounded to bf16 are edited only where
+        # it changed them (in the states' dtype, every entry would differ, and the recurrence
+        # would be pinned to the unedited values everywhere instead of continuing from the edit)
+        edited = seen.detach() != original.to(seen.dtype)
+        seen = seen.to(original.dtype)  # (differentiable: a gradient still reaches the hook's input)
         if attention_mask is not None:  # padding never reaches a real token, edited or not
             edited &= attention_mask.bool().view(*attention_mask.shape, *[1] * (edited.dim() - 2))
-        if bool(edited.any()):
+        positions = edited_positions(edited)  # read once: the override needs them too
+        if positions:
             if ssm_mask is not None:
                 raise NotImplementedError(
                     f"{block.hook_h.name} was edited while {block.hook_ssm_mask.name} knocks out edges in the same "
                     "layer; a knockout has no single state sequence to edit. Apply one at a time."
                 )
-            out = scan(state_override=StateOverride(values=seen, mask=edited), return_states=True)
+            out = scan(state_override=StateOverride(values=seen, mask=edited, positions=positions))  # y, final state
         else:
             edited = None
     y = out.y

@@ -72,7 +72,7 @@ class MambaBlock(MixerBlock):
         self.hook_B = CheckedHookPoint()  # [b, p, n]
         self.hook_C = CheckedHookPoint()  # [b, p, n]
         self.hook_ssm_mask = CheckedHookPoint()  # [b, 1, p, p] heavy
-        self.hook_h = CheckedHookPoint()  # [b, p, e, n] heavy
+        self.hook_h = CheckedHookPoint(cast_to_given_dtype=False)  # [b, p, e, n] heavy (heavy_hooks casts)
         self.hook_y = CheckedHookPoint()  # [b, p, e]
         self.hook_y_gated = CheckedHookPoint()  # [b, p, e]
         self.hook_mixer_out = CheckedHookPoint()  # [b, p, d]
@@ -139,7 +139,7 @@ class MambaBlock(MixerBlock):
             y_gated = y
         else:
             y = self.hook_y(y)
-            gate = self.hook_gate(F.silu(z))
+            gate = self.hook_gate(F.silu(upcast(z)))  # in y's precision, as the fused gate (silu_gate)
             y_gated = y * gate
         y_gated = self.hook_y_gated(y_gated)
         mixer_out = self.hook_mixer_out(m.out_proj(y_gated.to(dtype)))

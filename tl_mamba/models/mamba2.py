@@ -77,7 +77,7 @@ class Mamba2Block(MixerBlock):
         self.hook_delta_raw = CheckedHookPoint()  # [b, p, h]
         self.hook_delta = CheckedHookPoint()  # [b, p, h]
         self.hook_ssm_mask = CheckedHookPoint()  # [b, h, p, p] heavy
-        self.hook_h = CheckedHookPoint()  # [b, p, h, hd, n] heavy
+        self.hook_h = CheckedHookPoint(cast_to_given_dtype=False)  # [b, p, h, hd, n] heavy (heavy_hooks casts)
         self.hook_y = CheckedHookPoint()  # [b, p, h, hd]
         self.hook_y_gated = CheckedHookPoint()  # [b, p, e]
         self.hook_y_normed = CheckedHookPoint()  # [b, p, e]
