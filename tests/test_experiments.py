@@ -46,7 +46,10 @@ def knockout_accuracy(toy, batch, sources, targets):
 
 def test_layer_windows():
     assert layer_windows(4, 1) == [(0, [0]), (1, [1]), (2, [2]), (3, [3])]
-    assert layer_windows(5, 3) == [(0, [0, 1, 2]), (1, [0, 1, 2]), (2, [1, 2, 3]), (3, [2, 3, 4]), (4, [2, 3, 4])]
+    # clipped at the ends, as Geva et al.'s knockout windows: range(max(0, l - w // 2), min(n, l - w // 2 + w))
+    assert layer_windows(5, 3) == [(0, [0, 1]), (1, [0, 1, 2]), (2, [1, 2, 3]), (3, [2, 3, 4]), (4, [3, 4])]
+    assert layer_windows(4, 2) == [(0, [0]), (1, [0, 1]), (2, [1, 2]), (3, [2, 3])]
+    assert layer_windows(3, 3)[0] == (0, [0, 1]) and layer_windows(3, 3)[2] == (2, [1, 2])
     with pytest.raises(ValueError, match="window"):
         layer_windows(4, 5)
 

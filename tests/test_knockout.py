@@ -644,3 +644,31 @@ def test_conv_terms_and_conv_knockout_see_no_padding(family):
         knocked = model.run_with_knockout(tokens, Knockout(layers=[0, 1], sources=sources, targets=sources.logical_not(),
                                                            path="conv"), attention_mask=mask)
     torch.testing.assert_close(knocked[1, 3:], plain[1, 3:], rtol=0, atol=1e-12)
+
+
+def test_conv_knockout_of_part_of_a_group_warns():
+    """On Mamba-2's conv path B and C are shared by a group's heads, so heads= choosing part of a
+    group leaves the B / C taps: the sources still reach the chosen heads. That is said, once."""
+    import warnings
+
+    model = make_model("mamba2", n_heads=4, n_groups=2)  # heads 0-1 form group 0, heads 2-3 group 1
+    tokens = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def caught(**kwargs):
+        with warnings.catch_warnings(record=True) as found:
+            warnings.simplefilter("always")
+            model.run_with_knockout(tokens, Knockout(layers=[0], sources=[2], targets=[-1], **kwargs))
+        return [str(w.message) for w in found if "shared by its" in str(w.message)]
+
+    (message,) = caught(path="conv", heads=[0])
+    assert "group(s) [0]" in message and "heads 0..1" in message
+    assert len(caught(path="both", heads=[1, 2])) == 1
+    assert caught(path="conv", heads=[0, 1]) == []  # a whole group: B and C lose their taps too
+    assert caught(path="ssm", heads=[0]) == []
+    assert caught(path="conv") == []
+    ko = Knockout(layers=[0], sources=[2], targets=[-1], path="conv", heads=[3])
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        model.run_with_knockout(tokens, ko)
+        model.run_with_knockout(tokens, ko)
+    assert sum("shared by its" in str(w.message) for w in found) == 1  # once per Knockout

@@ -471,7 +471,7 @@ def main(argv: Optional[list] = None) -> int:
     source.add_argument("--task", choices=("facts", "ioi", "needle"), default="facts",
                         help="a toy task: knock out each span class → last (default facts)")
     source.add_argument("--prompt", default=None, help="a prompt: knock out each token → last")
-    knockout.add_argument("--window", type=int, default=1, help="layers per knockout window (default 1)")
+    knockout.add_argument("--window", type=int, default=1, help="layers per knockout window, around each layer and clipped at the first and last (default 1)")
     knockout.add_argument("--path", choices=("ssm", "conv", "both"), default="ssm")
     knockout.add_argument("--n", type=int, default=32, help="prompts (with --task)")
     knockout.add_argument("--seed", type=int, default=0)

@@ -27,15 +27,19 @@ DEFAULT_SOURCES = ("subject", "relation", "first", "last", "context")
 
 
 def layer_windows(n_layers: int, window: int) -> List[Tuple[int, List[int]]]:
-    """``(centre layer, layers)`` for a window of ``window`` layers centred on each layer, clipped at the ends."""
+    """``(centre layer, layers)`` for a window of ``window`` layers around each layer, clipped at the ends.
+
+    Layer ℓ's window is ``[ℓ - window // 2, ℓ - window // 2 + window)`` cut to the model's layers,
+    the convention of Geva et al.'s attention knockout that the Mamba Knockout paper follows: the
+    windows near the first and last layers are shorter, so every centre gets its own window (a
+    window shifted to full length would repeat its neighbour's). An even window has one more
+    layer before the centre than after it.
+    """
     if not 1 <= window <= n_layers:
         raise ValueError(f"window must be between 1 and the number of layers ({n_layers}), got {window}")
-    half = window // 2
-    out = []
-    for centre in range(n_layers):
-        start = min(max(0, centre - half), n_layers - window)
-        out.append((centre, list(range(start, start + window))))
-    return out
+    before = window // 2
+    return [(centre, list(range(max(0, centre - before), min(n_layers, centre - before + window))))
+            for centre in range(n_layers)]
 
 
 def _answer_id(model, answer: str, row: int) -> int:

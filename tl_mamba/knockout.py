@@ -200,6 +200,8 @@ class Knockout:
     _layers: Tuple[int, ...] = field(init=False, repr=False, default=())
     _warned_no_edges: bool = field(init=False, repr=False, compare=False, default=False)
     _warned_padding: bool = field(init=False, repr=False, compare=False, default=False)
+    _warned_no_features: bool = field(init=False, repr=False, compare=False, default=False)
+    _warned_partial_groups: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -293,13 +295,36 @@ class Knockout:
         if chosen is None:
             return
         features = _feature_mask(chosen, cfg.n_heads if what == "heads" else cfg.d_inner, what)
-        if self._warned_no_edges or bool(features.any()):
+        if self._warned_no_features or bool(features.any()):
             return
         import warnings
 
-        self._warned_no_edges = True
+        self._warned_no_features = True
         warnings.warn(f"{self!r} removes no edges: {what}= chooses no {what[:-1]} (an empty list or an all-False "
                       f"mask); pass {what}=None for every {what[:-1]}.", UserWarning, stacklevel=3)
+
+    def warn_if_partial_groups(self, cfg) -> None:
+        """Warn (once per Knockout) when a Mamba-2 conv-path knockout's ``heads=`` chooses some but
+        not all heads of a group: B and C are convolved once per group and shared by its heads, so
+        their taps stay, and the sources still reach the chosen heads through B_i and C_i (only the
+        chosen heads' x channels lose their taps). With one group, as in the released Mamba-2
+        checkpoints, that is every proper subset of heads."""
+        if cfg.family != "mamba2" or self.heads is None or self.path == "ssm" or self._warned_partial_groups:
+            return
+        chosen = _feature_mask(self.heads, cfg.n_heads, "heads").view(cfg.n_groups, -1)  # [g, heads per group]
+        partial = [g for g in range(cfg.n_groups) if 0 < float(chosen[g].sum()) < chosen.shape[1]]
+        if not partial:
+            return
+        import warnings
+
+        self._warned_partial_groups = True
+        per_group = chosen.shape[1]
+        warnings.warn(
+            f"{self!r}: on the conv path, heads= removes the sources' taps from the chosen heads' x channels, but "
+            f"B and C are convolved once per group and shared by its {per_group} heads, so group(s) {partial} keep "
+            "their B / C taps: the sources still reach the chosen heads through B_i and C_i. For a complete conv "
+            f"knockout choose whole groups (heads {per_group * partial[0]}..{per_group * partial[0] + per_group - 1} "
+            f"form group {partial[0]}), or heads=None.", UserWarning, stacklevel=3)
 
     def warn_if_on_padding(self, attention_mask: Tensor) -> None:
         """Warn (once per Knockout) when a source or target falls on a padded position of some row.
@@ -345,6 +370,7 @@ class Knockout:
         cfg = model.cfg
         self._check_family(cfg)
         self.warn_if_no_features(cfg)
+        self.warn_if_partial_groups(cfg)
         hooks: List[Tuple[str, object]] = []
         for layer in self.resolved_layers(cfg.n_layers):
             if self.path in ("ssm", "both"):

@@ -338,9 +338,25 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: 
     if not bool(removed.any()):
         with torch.no_grad():
             return model(clean_tokens, attention_mask=attention_mask)
-
     internal_hooks = [e.hook for e in wiring.internal if bool(removed[e.index].any())]
     corrupted_acts = _run_cached(model, corrupted_tokens, wiring.sender_hooks + internal_hooks, attention_mask)
+    return _patched_logits(model, graph, wiring, clean_tokens, corrupted_acts, removed, attention_mask)
+
+
+def _corrupted_activations(model, graph: Graph, corrupted_tokens: Tensor,
+                           attention_mask: Optional[Tensor]) -> Dict[str, Tensor]:
+    """The corrupted run's values at every hook :func:`_patched_logits` may read (each sender's
+    and each internal edge's): one forward, shared by every patched run of these prompts."""
+    wiring = _Wiring(model, graph, corrupted_tokens.shape[1])
+    return _run_cached(model, corrupted_tokens, wiring.sender_hooks + [e.hook for e in wiring.internal],
+                       attention_mask)
+
+
+def _patched_logits(model, graph: Graph, wiring: "_Wiring", clean_tokens: Tensor, corrupted_acts: Dict[str, Tensor],
+                    removed: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """:func:`patched_logits` given the corrupted run's activations and ``removed`` (``~in_graph``,
+    some edge removed)."""
+    p = clean_tokens.shape[1]
     diffs: Dict[int, Tensor] = {}
     # weights[r][g]: [units] or [p, units], 1 where the edge from that sender to receiver r is removed
     weights: Dict[int, Dict[int, Tensor]] = {}
@@ -446,25 +462,28 @@ def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = 
 
 def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batch_size, attention_mask,
                      quiet) -> Graph:
-    """Patch one edge (one (edge, position) when positional) at a time; score = metric change."""
+    """Patch one edge (one (edge, position) when positional) at a time; score = metric change,
+    averaged over prompts. Batch by batch: the corrupted run once per batch, not once per
+    edge (it was half of every edge's cost), and one batch's activations held at a time."""
     batches = list(iter_batches(clean, corrupted, labels, batch_size, attention_mask))
-    baseline = torch.cat([evaluate_baseline(model, c, k, metric, labels=lab, attention_mask=mask)
-                          for c, k, lab, mask in batches])
-    total = torch.zeros_like(graph.scores, dtype=torch.float64)
     cells = [(e.index, pos) for e in graph.edges.values()
              for pos in (range(graph.n_pos) if graph.positional else [None])]
-    for index, pos in tqdm(cells, desc="exact edge patching", disable=quiet, leave=False):
-        keep = torch.ones_like(graph.in_graph)
-        if pos is None:
-            keep[index] = False
-        else:
-            keep[index, pos] = False
-        values = []
+    total = torch.zeros_like(graph.scores, dtype=torch.float64)  # Σ over prompts of the metric change
+    n_prompts = 0
+    with tqdm(total=len(cells) * len(batches), desc="exact edge patching", disable=quiet, leave=False) as bar:
         for c, k, lab, mask in batches:
-            logits = patched_logits(model, graph, c, k, in_graph=keep, attention_mask=mask)
-            values.append(_per_prompt(metric, logits, lab, c.shape[0]))
-        total[(index,) if pos is None else (index, pos)] = float((torch.cat(values) - baseline).mean())
-    graph.scores = total.to(_score_dtype(model))
+            baseline = evaluate_baseline(model, c, k, metric, labels=lab, attention_mask=mask)
+            corrupted_acts = _corrupted_activations(model, graph, k, mask)
+            wiring = _Wiring(model, graph, c.shape[1])
+            for index, pos in cells:
+                cell = (index,) if pos is None else (index, pos)
+                removed = torch.zeros_like(graph.in_graph, device=c.device)
+                removed[cell] = True
+                logits = _patched_logits(model, graph, wiring, c, corrupted_acts, removed, mask)
+                total[cell] += float((_per_prompt(metric, logits, lab, c.shape[0]) - baseline).double().sum())
+                bar.update()
+            n_prompts += c.shape[0]
+    graph.scores = (total / n_prompts).to(_score_dtype(model))
     return graph
 
 
