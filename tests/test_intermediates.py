@@ -724,3 +724,37 @@ def test_observing_the_gate_leaves_bf16_logits_unchanged():
             torch.testing.assert_close(observed, plain, rtol=0, atol=0)
         _, cache = bf16.run_with_cache(tokens)
     assert cache["blocks.1.hook_gate"].dtype == torch.float32  # as Mamba-2's, and the fused gate's precision
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loss_term_read_from_hook_h_reaches_the_weights(model, tokens, backend):
+    """A hook that only reads the states (no edit), whose value enters the loss (a probe on h): its
+    gradient reaches the weights through the states, as autograd through the reference says. (The
+    scan skips its states' backward when nothing but the recurrence term reads them.)"""
+    e, n = model.cfg.d_inner, model.cfg.d_state
+    probe = torch.randn(e, n, generator=torch.Generator().manual_seed(11))
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    seen = {}
+    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", lambda h, hook: seen.update(h=h))])
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    (ce + (seen["h"] * probe).sum()).backward()
+    got = model.blocks[0].mixer.in_proj.weight.grad
+    model.zero_grad(set_to_none=True)
+
+    name = "blocks.0.mixer.in_proj.weight"
+    weights = {k: v.detach().double() for k, v in model.state_dict().items()}
+    weights[name].requires_grad_()
+    states = []
+
+    def keep(t, h):
+        states.append(h)
+        return h
+
+    ref_logits, _, _ = reference_forward(model, tokens, h_edits={0: keep}, weights=weights)
+    ref_ce = F.cross_entropy(ref_logits[:, :-1].reshape(-1, ref_logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    (ref,) = torch.autograd.grad(ref_ce + sum((h * probe.double()).sum() for h in states), weights[name],
+                                 retain_graph=True)
+    (ref_ce_only,) = torch.autograd.grad(ref_ce, weights[name])
+    assert (ref - ref_ce_only).abs().max() > 1e-3  # the probe's part is not negligible
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)

@@ -87,12 +87,21 @@ class _ConnectStates(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         unedited = ctx.through_edits.unedited_grad
         ctx.through_edits.unedited_grad = None
-        return (grad if unedited is None else grad - unedited), None
+        if unedited is None:
+            return grad, None
+        if grad is unedited:
+            # The recurrence term was the hook's only consumer (a hook that reads or caches the
+            # states, the usual case; autograd then hands over the very tensor it returned):
+            # nothing went through an edit, so no gradient, and the scan's backward skips its
+            # states (1.6 GB a layer at 130m Mamba-2 widths, p = 2048: an adjoint recurrence and
+            # four contractions over them, 0 in the end).
+            return None, None
+        return grad - unedited, None
 
 
 class _TotalDerivative(torch.autograd.Function):
     """``seen → 0`` (y's shape): a term added to y whose gradient with respect to ``seen``, the
-    states after ``hook_h``, is the total derivative ∂L/∂h_t: through y_t (``read_out``) and
+    states after ``hook_h``, is the total derivative ∂L/∂h_t: through y_t (``read_out_grad``) and
     through every later state the decays carry h_t into, ``g_t = ∂L/∂y_t·C_t + decay_{t+1} g_{t+1}``
     (``adjoint_recurrence``), zero at edited entries, whose decays are zero too.
 
@@ -101,21 +110,18 @@ class _TotalDerivative(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, seen: Tensor, y: Tensor, read_out, step_decay: Tensor, edited, through_edits) -> Tensor:
-        ctx.read_out, ctx.through_edits = read_out, through_edits
+    def forward(ctx, seen: Tensor, y: Tensor, read_out_grad, step_decay: Tensor, edited, through_edits) -> Tensor:
+        ctx.read_out_grad, ctx.through_edits = read_out_grad, through_edits
         ctx.save_for_backward(step_decay, edited)  # freed with the graph after the backward
-        ctx.state = (seen.shape, seen.dtype, seen.device)
+        ctx.dtype = seen.dtype
         return torch.zeros_like(y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        shape, dtype, device = ctx.state
-        with torch.enable_grad():  # read_out is linear in the states: its transpose at any point
-            probe = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
-            (direct,) = torch.autograd.grad(ctx.read_out(probe), probe, grad_y)
+        direct = ctx.read_out_grad(grad_y).to(ctx.dtype)  # ∂L/∂h_t through y_t: a new tensor, ours to overwrite
         step_decay, edited = ctx.saved_tensors
-        total = adjoint_recurrence(direct, step_decay, reset=edited)
+        total = adjoint_recurrence(direct, step_decay, reset=edited, in_place=True)
         if ctx.through_edits is not None:  # ∂L/∂h at the unedited entries: the scan's own gradient carries it
             ctx.through_edits.record_unedited(total)
         return total, None, None, None, None, None  # ctx keeps its fields: backward(retain_graph=True) twice
@@ -124,7 +130,7 @@ class _TotalDerivative(torch.autograd.Function):
 def scan_with_heavy_hooks(
     block,
     scan: Callable[..., object],
-    read_out: Callable[[Tensor], Tensor],
+    read_out_grad: Callable[[Tensor], Tensor],
     decay: Callable[[], Tensor],
     *,
     mask_shape: Tuple[int, int, int, int],
@@ -137,7 +143,8 @@ def scan_with_heavy_hooks(
         block: the block (has ``hook_ssm_mask``, ``hook_h``, ``layer``, ``model_ref``).
         scan: ``scan(ssm_mask=..., state_override=..., return_states=...)`` → an
             output with ``y``, ``final_state`` and ``states``.
-        read_out: ``read_out(states)`` → the state part of y, ``h_t · C_t`` (no D skip).
+        read_out_grad: ``read_out_grad(∂L/∂y)`` → ∂L/∂h_t through y_t = h_t · C_t alone
+            (``∂L/∂y_t ⊗ C_t``, the states' shape, a new tensor): the transpose of the read-out.
         decay: ``decay()`` → the per-step decay ``exp(Δ_t A)``, broadcastable to the states.
         mask_shape: ``(b, H, p, p)`` of the mask to materialise.
         state_bytes: size of the materialised states, for the memory guard.
@@ -235,5 +242,5 @@ def scan_with_heavy_hooks(
         # The decays get no gradient from a term that is zero, so they are computed without a graph.
         with torch.no_grad():  # as small as it comes (Mamba-2: [b, p, h, 1, 1], not the states' size)
             step_decay = decay()
-        y = y + _TotalDerivative.apply(seen, y.detach(), read_out, step_decay, edited, through_edits)
+        y = y + _TotalDerivative.apply(seen, y.detach(), read_out_grad, step_decay, edited, through_edits)
     return y, out.final_state

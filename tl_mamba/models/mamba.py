@@ -157,15 +157,17 @@ class MambaBlock(MixerBlock):
             return selective_scan(x, delta, A, B, C, D, initial_state=initial_state, z=z, backend=self.backend,
                                   **kwargs)
 
-        def read_out(states):  # h_t · C_t for states [b, p, e, n]
-            return torch.einsum("bpen,bpn->bpe", states, C.to(states.dtype))
+        def read_out_grad(grad_y):  # y_t = h_t · C_t, so ∂L/∂h_t through y_t = ∂L/∂y_t ⊗ C_t: [b, p, e, n]
+            # contiguous factors, so the product is contiguous too (the adjoint then runs in it)
+            return grad_y.contiguous()[..., None] * C.to(grad_y.dtype).contiguous()[:, :, None, :]
 
         def decay():  # exp(Δ_t A): [b, p, e, n]
             return torch.exp(upcast(delta)[..., None] * A)
 
         b, p, e = x.shape
-        return scan_with_heavy_hooks(self, scan, read_out, decay, mask_shape=(b, 1, p, p),
-                                     state_bytes=b * p * e * self.cfg.d_state * 4, attention_mask=attention_mask)
+        return scan_with_heavy_hooks(self, scan, read_out_grad, decay, mask_shape=(b, 1, p, p),
+                                     state_bytes=b * p * e * self.cfg.d_state * upcast(delta).element_size(),
+                                     attention_mask=attention_mask)
 
 
 class HookedMamba(HookedSSM):

@@ -160,16 +160,18 @@ class Mamba2Block(MixerBlock):
             return ssd_scan(x, delta, A, B, C, D, initial_state=initial_state, backend=self.backend,
                             chunk_size=cfg.chunk_size, **kwargs)
 
-        def read_out(states):  # h_t · C_t for states [b, p, h, hd, n]
-            Ch = C.to(states.dtype).repeat_interleave(heads_per_group, dim=2)
-            return torch.einsum("bphdn,bphn->bphd", states, Ch)
+        def read_out_grad(grad_y):  # y_t = h_t · C_t: ∂L/∂h_t through y_t = ∂L/∂y_t ⊗ C_t, [b, p, h, hd, n]
+            Ch = C.to(grad_y.dtype).repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
+            # contiguous factors, so the product is contiguous too (the adjoint then runs in it)
+            return grad_y.contiguous()[..., None] * Ch.contiguous()[:, :, :, None, :]
 
         def decay():  # exp(Δ_t A_h): [b, p, h, 1, 1]
             return torch.exp(upcast(delta) * A)[..., None, None]
 
         b, p = x.shape[:2]
-        return scan_with_heavy_hooks(self, scan, read_out, decay, mask_shape=(b, cfg.n_heads, p, p),
-                                     state_bytes=b * p * cfg.d_inner * cfg.d_state * 4, attention_mask=attention_mask)
+        return scan_with_heavy_hooks(self, scan, read_out_grad, decay, mask_shape=(b, cfg.n_heads, p, p),
+                                     state_bytes=b * p * cfg.d_inner * cfg.d_state * upcast(delta).element_size(),
+                                     attention_mask=attention_mask)
 
 
 class HookedMamba2(HookedSSM):

@@ -163,7 +163,8 @@ def linear_recurrence(decay: Tensor, write: Tensor) -> Tensor:
     return _LinearRecurrence.apply(decay, write)
 
 
-def adjoint_recurrence(grad_states: Tensor, decay: Tensor, reset: Optional[Tensor] = None) -> Tensor:
+def adjoint_recurrence(grad_states: Tensor, decay: Tensor, reset: Optional[Tensor] = None,
+                       in_place: bool = False) -> Tensor:
     """``g_t = ∂L/∂h_t + decay_{t+1} ⊙ g_{t+1}``, last position first: ∂L/∂h_t in total, for every t.
 
     The backward of ``h_t = decay_t ⊙ h_{t-1} + write_t`` (``g_t`` is then the gradient of
@@ -171,9 +172,13 @@ def adjoint_recurrence(grad_states: Tensor, decay: Tensor, reset: Optional[Tenso
     ``decay`` broadcasts against it (``[b, p, h, 1, 1]`` stays that small). ``reset``: optional bool
     ``[b, p, *state]``, entries overwritten in the forward (a ``hook_h`` edit): their g is zero and
     nothing passes back through them. Returns a new tensor, one in-place op per position (two
-    with ``reset``).
+    with ``reset``); with ``in_place`` (a contiguous ``grad_states`` the caller owns) it overwrites
+    ``grad_states`` and returns it instead of copying it first (a copy of the states' size).
     """
-    g = grad_states.clone(memory_format=torch.contiguous_format)
+    if in_place and grad_states.is_contiguous():
+        g = grad_states
+    else:
+        g = grad_states.clone(memory_format=torch.contiguous_format)
     if reset is not None and g.shape[1]:
         g[:, -1].masked_fill_(reset[:, -1], 0.0)
     for t in reversed(range(g.shape[1] - 1)):

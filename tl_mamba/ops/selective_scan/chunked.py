@@ -196,6 +196,7 @@ class _ChunkedScan(torch.autograd.Function):
         y, h = _forward(x, delta, A, B, C, h0, chunk_size, states=states, bounds=bounds)
         ctx.save_for_backward(x, delta, A, B, C, bounds)
         ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)  # an output no gradient reached comes as None (handled below)
         return y, h, states
 
     @staticmethod

@@ -138,11 +138,14 @@ class _EveryState(torch.autograd.Function):
             write = torch.mul(write_x[:, t, :, :, None], B[:, t, :, None, :], out=states[:, t])
             h_t = write.addcmul_(decay_t[:, t, :, None, None], h_t)
         ctx.save_for_backward(decay_t, write_x, B, h0, states)
+        ctx.set_materialize_grads(False)  # no gradient reached the states: None, not a tensor of zeros
         return states
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_states: Tensor):
+    def backward(ctx, grad_states: Optional[Tensor]):
+        if grad_states is None:  # hook_h only read or cached (its hook point passes nothing back): no work
+            return None, None, None, None
         decay_t, write_x, B, h0, states = ctx.saved_tensors
         g = adjoint_recurrence(grad_states, decay_t[..., None, None])  # ∂L/∂h_t, total
         grad_write_x = torch.einsum("bphdn,bphn->bphd", g, B)
