@@ -21,7 +21,7 @@ autograd take minutes at those widths.
 Edits: ``zero``, head 0 (Mamba-2) or channel 0 (Mamba-1) of the state set to 0 in place
 at every position; ``scale``, the state times 0.9 (a new tensor). Both routes give the
 same logits (checked here, max |Δ| printed). Writes ``<out>.json`` / ``<out>.md``
-(default ``benchmarks/results/state_edits_cpu``).
+(default ``benchmarks/results/state_edits_cpu``, or ``state_edits_130m_cpu`` with ``--widths 130m``).
 """
 
 from __future__ import annotations
@@ -108,8 +108,12 @@ def main(argv=None) -> int:
                              "--layers layers (the default --p is then 2048, batch 1)")
     parser.add_argument("--layers", type=int, default=1, help="layers of the 130m-width models")
     parser.add_argument("--quick", action="store_true", help="p 24, one round (checks that it runs)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "state_edits_cpu")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="default benchmarks/results/state_edits_cpu (toy) or state_edits_130m_cpu")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = pathlib.Path(__file__).parent / "results" / (
+            "state_edits_cpu" if args.widths == "toy" else "state_edits_130m_cpu")
     if args.widths == "130m" and args.p == parser.get_default("p") and args.batch == parser.get_default("batch"):
         args.p, args.batch = 2048, 1
     if args.quick:
