@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import tiny_config
+from tests.hook_h_checks import (check_edit_returned_in_a_narrower_dtype,
+                                   check_probe_on_the_states_reaches_the_weights)
 from tl_mamba import HookedMamba, RecurrentState
 
 BACKENDS = ("reference", "torch")
@@ -669,23 +671,7 @@ def test_bf16_model_takes_fp32_patches(name):
 @pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hook_h_edit_returned_in_a_narrower_dtype_continues_the_recurrence(model, tokens, backend, narrow):
-    """A hook that returns the states in bf16 / fp16 with position 3 halved edits position 3 only: the
-    other entries are its rounding of the states, not edits. (Compared in the states' dtype, every
-    entry differed, and every later state was pinned to the unedited values instead of continuing
-    from the edit.) The reference applies at t = 3 the very values the hook wrote."""
-    written = {}
-
-    def halve_then_round(h, hook):
-        h = h.clone()
-        h[:, 3] *= 0.5
-        out = h.to(narrow)
-        written["h3"] = out[:, 3].double()
-        return out
-
-    logits, cache = _run(model, tokens, backend, hooks=[("blocks.0.hook_h", halve_then_round)])
-    ref_logits, acts, _ = reference_forward(model, tokens, h_edits={0: lambda t, h: written["h3"] if t == 3 else h})
-    torch.testing.assert_close(cache["blocks.0.hook_y"][:, 4:].double(), acts["blocks.0.hook_y"][:, 4:], **TOL)
-    torch.testing.assert_close(logits.double(), ref_logits, **TOL)
+    check_edit_returned_in_a_narrower_dtype(model, tokens, backend, narrow, _run, reference_forward)
 
 
 @pytest.mark.parametrize("name", ["hook_resid_pre", "hook_z", "hook_gate", "hook_B", "hook_C", "hook_delta",
@@ -728,33 +714,5 @@ def test_observing_the_gate_leaves_bf16_logits_unchanged():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_loss_term_read_from_hook_h_reaches_the_weights(model, tokens, backend):
-    """A hook that only reads the states (no edit), whose value enters the loss (a probe on h): its
-    gradient reaches the weights through the states, as autograd through the reference says. (The
-    scan skips its states' backward when nothing but the recurrence term reads them.)"""
-    e, n = model.cfg.d_inner, model.cfg.d_state
-    probe = torch.randn(e, n, generator=torch.Generator().manual_seed(11))
-    model.set_backend(backend)
-    model.zero_grad(set_to_none=True)
-    seen = {}
-    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", lambda h, hook: seen.update(h=h))])
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    (ce + (seen["h"] * probe).sum()).backward()
-    got = model.blocks[0].mixer.in_proj.weight.grad
-    model.zero_grad(set_to_none=True)
-
-    name = "blocks.0.mixer.in_proj.weight"
-    weights = {k: v.detach().double() for k, v in model.state_dict().items()}
-    weights[name].requires_grad_()
-    states = []
-
-    def keep(t, h):
-        states.append(h)
-        return h
-
-    ref_logits, _, _ = reference_forward(model, tokens, h_edits={0: keep}, weights=weights)
-    ref_ce = F.cross_entropy(ref_logits[:, :-1].reshape(-1, ref_logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    (ref,) = torch.autograd.grad(ref_ce + sum((h * probe.double()).sum() for h in states), weights[name],
-                                 retain_graph=True)
-    (ref_ce_only,) = torch.autograd.grad(ref_ce, weights[name])
-    assert (ref - ref_ce_only).abs().max() > 1e-3  # the probe's part is not negligible
-    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+    probe = torch.randn(model.cfg.d_inner, model.cfg.d_state, generator=torch.Generator().manual_seed(11))
+    check_probe_on_the_states_reaches_the_weights(model, tokens, backend, probe, reference_forward)

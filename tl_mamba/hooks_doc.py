@@ -122,11 +122,21 @@ def hook_table(model, batch: int = 3, pos: int = 7, strict: bool = True) -> List
     return rows
 
 
+def _table_lines(model) -> List[str]:
+    """The markdown table of ``model``'s hooks: name, shape, dtype in a bf16 model, what it holds."""
+    dtypes = half_precision_dtypes(model)
+    return ["| hook | shape | dtype | what |", "|---|---|---|---|"] + [
+        f"| `{name}` | {shape} | {dtypes[name]} | {what} |" for name, shape, what in hook_table(model)]
+
+
 def render_markdown() -> str:
     """The full ``docs/hooks.md`` text."""
     from tl_mamba.models.mamba import HookedMamba
+    from tl_mamba.models.mamba2 import HookedMamba2
 
     cfg = HookedMambaConfig(n_layers=2, d_model=12, d_vocab=40, d_state=5, d_conv=4, dt_rank=2, expand=3, seed=0)
+    cfg2 = HookedMambaConfig(family="mamba2", n_layers=2, d_model=12, d_vocab=40, d_state=5, expand=3,
+                             n_heads=4, n_groups=2, seed=0)
     lines = [
         "# Hooks",
         "",
@@ -145,31 +155,15 @@ def render_markdown() -> str:
         "",
         "## HookedMamba (Mamba-1, Falcon-Mamba)",
         "",
-        "| hook | shape | dtype | what |",
-        "|---|---|---|---|",
-    ]
-    model = HookedMamba(cfg)
-    dtypes = half_precision_dtypes(model)
-    for name, shape, what in hook_table(model):
-        lines.append(f"| `{name}` | {shape} | {dtypes[name]} | {what} |")
-    from tl_mamba.models.mamba2 import HookedMamba2
-
-    cfg2 = HookedMambaConfig(family="mamba2", n_layers=2, d_model=12, d_vocab=40, d_state=5, expand=3,
-                             n_heads=4, n_groups=2, seed=0)
-    lines += [
+        *_table_lines(HookedMamba(cfg)),
         "",
         "## HookedMamba2 (Mamba-2)",
         "",
         "Shapes: h n_heads, hd d_head, g n_groups. Per-head hooks carry a head axis, so",
         "zeroing `hook_y[:, :, head]` ablates a head.",
         "",
-        "| hook | shape | dtype | what |",
-        "|---|---|---|---|",
+        *_table_lines(HookedMamba2(cfg2)),
     ]
-    model = HookedMamba2(cfg2)
-    dtypes = half_precision_dtypes(model)
-    for name, shape, what in hook_table(model):
-        lines.append(f"| `{name}` | {shape} | {dtypes[name]} | {what} |")
     return "\n".join(lines) + "\n"
 
 

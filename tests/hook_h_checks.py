@@ -1,0 +1,65 @@
+"""Checks of ``hook_h`` shared by the two families' hook tests (tests/test_intermediates.py for
+Mamba-1, tests/test_mamba2_hooks.py for Mamba-2). Each family passes its own float64
+``reference_forward`` (written from DESIGN.md with no tl_mamba function) and its ``_run`` helper."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _cross_entropy(logits, tokens):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def check_edit_returned_in_a_narrower_dtype(model, tokens, backend, narrow, run, reference_forward) -> None:
+    """A hook that returns the states in ``narrow`` (bf16 / fp16) with position 3 halved edits
+    position 3 only: its rounding of the other entries is not an edit. (Compared in the states'
+    dtype, every entry differed, and every later state was pinned to its unedited value instead
+    of continuing from the edit.) The reference applies at t = 3 the very values the hook wrote."""
+    written = {}
+
+    def halve_then_round(h, hook):
+        h = h.clone()
+        h[:, 3] *= 0.5
+        out = h.to(narrow)
+        written["h3"] = out[:, 3].double()
+        return out
+
+    logits, cache = run(model, tokens, backend, hooks=[("blocks.0.hook_h", halve_then_round)])
+    ref_logits, acts, _ = reference_forward(model, tokens, h_edits={0: lambda t, h: written["h3"] if t == 3 else h})
+    torch.testing.assert_close(cache["blocks.0.hook_y"][:, 4:].double(), acts["blocks.0.hook_y"][:, 4:], **TOL)
+    torch.testing.assert_close(logits.double(), ref_logits, **TOL)
+
+
+def check_probe_on_the_states_reaches_the_weights(model, tokens, backend, probe, reference_forward) -> None:
+    """A hook that only reads the states, whose value enters the loss (a probe on h, ``probe`` of
+    one state's shape): its gradient reaches the weights through the states, as autograd through
+    the reference says. (The scan skips its states' backward when nothing but the recurrence term
+    reads them: this is the case where something else does.)"""
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    seen = {}
+    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", lambda h, hook: seen.update(h=h))])
+    (_cross_entropy(logits, tokens) + (seen["h"] * probe).sum()).backward()
+    got = model.blocks[0].mixer.in_proj.weight.grad
+    model.zero_grad(set_to_none=True)
+
+    name = "blocks.0.mixer.in_proj.weight"
+    weights = {k: v.detach().double() for k, v in model.state_dict().items()}
+    weights[name].requires_grad_()
+    states = []
+
+    def keep(t, h):
+        states.append(h)
+        return h
+
+    ref_logits, _, _ = reference_forward(model, tokens, h_edits={0: keep}, weights=weights)
+    ref_ce = _cross_entropy(ref_logits, tokens)
+    (ref,) = torch.autograd.grad(ref_ce + sum((h * probe.double()).sum() for h in states), weights[name],
+                                 retain_graph=True)
+    (ref_ce_only,) = torch.autograd.grad(ref_ce, weights[name])
+    assert (ref - ref_ce_only).abs().max() > 1e-3  # the probe's part is not negligible
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
