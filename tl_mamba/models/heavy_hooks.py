@@ -96,7 +96,11 @@ class _ConnectStates(torch.autograd.Function):
             # states (1.6 GB a layer at 130m Mamba-2 widths, p = 2048: an adjoint recurrence and
             # four contractions over them, 0 in the end).
             return None, None
-        return grad - unedited, None
+        through = grad - unedited
+        # An edit that writes constants (zeroing, patching in values from another run: the usual
+        # ones) passes nothing back either: then None too, for the same saving, at the price of
+        # one read of ``through`` when an edit does pass a gradient (``h * 0.7``)
+        return (through if bool(through.any()) else None), None
 
 
 class _TotalDerivative(torch.autograd.Function):

@@ -106,7 +106,8 @@ def scan_with_override(
         return y, final, (states if return_states else None)
     ys, states = [], []
     state, start = initial_state, 0
-    for t in edited_positions + [p]:
+    values = edited_rows(override.values, edited_positions)
+    for i, t in enumerate(edited_positions + [p]):
         if t > start or t == p:
             if t > start:
                 out = run(start, t, state, return_states)
@@ -118,13 +119,26 @@ def scan_with_override(
             break
         # step t itself: scan one position, then apply the edit and re-read y_t
         out = run(t, t + 1, state, False)
-        edited = torch.where(override.mask[:, t], override.values[:, t].to(out.final_state.dtype), out.final_state)
+        edited = torch.where(override.mask[:, t], values[i].to(out.final_state.dtype), out.final_state)
         ys.append(read_out(edited, t)[:, None])
         if return_states:
             states.append(edited[:, None])
         state, start = edited, t + 1
     y = torch.cat(ys, dim=1)
     return y, state, (torch.cat(states, dim=1) if return_states else None)
+
+
+def edited_rows(values: Tensor, positions: List[int]) -> List[Tensor]:
+    """``values`` ``[b, p, *state]`` → ``[values[:, t] for t in positions]``, each ``[b, *state]``.
+
+    Under autograd they are taken by one index op, whose backward builds one gradient of
+    ``values``' size for all of them; a select per position would build a fresh ``[b, p, *state]``
+    of zeros each, which autograd then sums (1.6 GB apiece at 130m Mamba-2 widths, p = 2048:
+    3.5 s of the backward on a CPU with two edited positions). Without a gradient they are views.
+    """
+    if values.requires_grad and torch.is_grad_enabled():
+        return list(values[:, positions].unbind(1))
+    return [values[:, t] for t in positions]
 
 
 def override_by_recurrence(decay: Tensor, write: Tensor, read_all: Callable[[Tensor], Tensor],
@@ -172,18 +186,23 @@ def adjoint_recurrence(grad_states: Tensor, decay: Tensor, reset: Optional[Tenso
     ``decay`` broadcasts against it (``[b, p, h, 1, 1]`` stays that small). ``reset``: optional bool
     ``[b, p, *state]``, entries overwritten in the forward (a ``hook_h`` edit): their g is zero and
     nothing passes back through them. Returns a new tensor, one in-place op per position (two
-    with ``reset``); with ``in_place`` (a contiguous ``grad_states`` the caller owns) it overwrites
-    ``grad_states`` and returns it instead of copying it first (a copy of the states' size).
+    where ``reset`` has an entry); with ``in_place`` (a contiguous ``grad_states`` the caller owns)
+    it overwrites ``grad_states`` and returns it instead of copying it first (a copy of the states' size).
     """
     if in_place and grad_states.is_contiguous():
         g = grad_states
     else:
         g = grad_states.clone(memory_format=torch.contiguous_format)
-    if reset is not None and g.shape[1]:
-        g[:, -1].masked_fill_(reset[:, -1], 0.0)
-    for t in reversed(range(g.shape[1] - 1)):
+    # the positions with a reset entry, read from the mask once: a masked_fill_ at every position
+    # reads the whole mask and writes all of g (0.45 s of a backward at 130m Mamba-2 widths,
+    # p = 2048, for an edit at two positions)
+    reset_at = set(edited_positions(reset)) if reset is not None else set()
+    last = g.shape[1] - 1
+    if last in reset_at:
+        g[:, last].masked_fill_(reset[:, last], 0.0)
+    for t in reversed(range(last)):
         g[:, t].addcmul_(decay[:, t + 1], g[:, t + 1])
-        if reset is not None:
+        if t in reset_at:
             g[:, t].masked_fill_(reset[:, t], 0.0)
         if t % SUBNORMAL_SWEEP == 0:  # what flows back decays to subnormals, which are slow on a CPU
             zero_subnormals_(g[:, t])
