@@ -63,3 +63,40 @@ def check_probe_on_the_states_reaches_the_weights(model, tokens, backend, probe,
     (ref_ce_only,) = torch.autograd.grad(ref_ce, weights[name])
     assert (ref - ref_ce_only).abs().max() > 1e-3  # the probe's part is not negligible
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def check_states_returned_rounded_leave_the_gradients(model, tokens, backend, reference_forward) -> None:
+    """A hook that returns the states rounded to bf16 and changes nothing else edits nothing: the
+    weights' gradients are those of the unhooked model, by autograd through the reference. (The
+    total-derivative term's gradient came back rounded through the hook's cast, and the rounding
+    was passed into the states as a gradient through edits: 6e-3 to 1e-2 relative.)"""
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", lambda h, hook: h.clone().to(torch.bfloat16))])
+    _cross_entropy(logits, tokens).backward()
+    got = {name: param.grad.double() for name, param in model.named_parameters() if param.grad is not None}
+    model.zero_grad(set_to_none=True)
+    weights = {k: v.detach().double().requires_grad_() for k, v in model.state_dict().items()}
+    ref_logits, _, _ = reference_forward(model, tokens, weights=weights)
+    names = [name for name in got if name in weights]
+    refs = torch.autograd.grad(_cross_entropy(ref_logits, tokens), [weights[name] for name in names],
+                               allow_unused=True)
+    assert len(names) > 5
+    for name, ref in zip(names, refs):
+        if ref is not None:
+            torch.testing.assert_close(got[name], ref, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def check_int_or_bool_states_are_read_as_floats(model, tokens, backend, dtype, run, reference_forward) -> None:
+    """A hook returning the states as ``dtype`` (int64 or bool: ``h > 0``) sets every entry to 0 or 1,
+    as if it had cast them to float (compared in the int dtype, the truncated originals matched
+    half of the new values, which then kept their old floats)."""
+    written = {}
+
+    def signs(h, hook):
+        written["h"] = (h > 0).to(dtype)
+        return written["h"]
+
+    logits, _ = run(model, tokens, backend, hooks=[("blocks.0.hook_h", signs)])
+    ref_logits, _, _ = reference_forward(model, tokens, h_edits={0: lambda t, h: written["h"][:, t].double()})
+    torch.testing.assert_close(logits.double(), ref_logits, **TOL)

@@ -23,8 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.hook_h_checks import (check_edit_returned_in_a_narrower_dtype,
-                                   check_probe_on_the_states_reaches_the_weights)
+from tests.hook_h_checks import (check_edit_returned_in_a_narrower_dtype, check_int_or_bool_states_are_read_as_floats,
+                                   check_probe_on_the_states_reaches_the_weights,
+                                   check_states_returned_rounded_leave_the_gradients)
 from tl_mamba import HookedMamba2, HookedMambaConfig, RecurrentState
 
 BACKENDS = ("reference", "torch")
@@ -775,3 +776,14 @@ def test_a_loss_term_read_from_hook_h_reaches_the_weights(model, tokens, backend
     probe = torch.randn(model.cfg.n_heads, model.cfg.d_head, model.cfg.d_state,
                         generator=torch.Generator().manual_seed(11))
     check_probe_on_the_states_reaches_the_weights(model, tokens, backend, probe, reference_forward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_states_returned_rounded_to_bf16_leave_the_gradients(model, tokens, backend):
+    check_states_returned_rounded_leave_the_gradients(model, tokens, backend, reference_forward)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hook_h_int_or_bool_return_is_read_as_floats(model, tokens, backend, dtype):
+    check_int_or_bool_states_are_read_as_floats(model, tokens, backend, dtype, _run, reference_forward)

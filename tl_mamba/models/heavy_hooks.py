@@ -61,6 +61,7 @@ class _ThroughEdits:
 
     def __init__(self):
         self.unedited_grad = None
+        self.hook_dtype = None  # the dtype the hook returned the states in, when another float dtype
 
     def record_unedited(self, grad: Tensor) -> None:
         self.unedited_grad = grad
@@ -75,7 +76,10 @@ class _ConnectStates(torch.autograd.Function):
     values (this part must reach the parameters through the states: ``h * 0.7`` depends on them),
     and ``G_unedited`` from the recurrence term, which the scan's own backward already carries
     to the parameters. The unedited entries pass through ``f`` unchanged, so their part of the
-    incoming gradient is ``G_unedited`` itself, and it is taken out.
+    incoming gradient is ``G_unedited`` itself, and it is taken out. (When the hook returned the
+    states in another float dtype, ``G_unedited`` came back through that cast and its backward:
+    rounded to that dtype. It is rounded the same way before it is taken out, so that rounding
+    is not passed on as a gradient through edits.)
     """
 
     @staticmethod
@@ -89,6 +93,8 @@ class _ConnectStates(torch.autograd.Function):
         ctx.through_edits.unedited_grad = None
         if unedited is None:
             return grad, None
+        if ctx.through_edits.hook_dtype is not None:  # the round trip the incoming gradient made
+            unedited = unedited.to(ctx.through_edits.hook_dtype).to(grad.dtype)
         if grad is unedited:
             # The recurrence term was the hook's only consumer (a hook that reads or caches the
             # states, the usual case; autograd then hands over the very tensor it returned):
@@ -221,10 +227,14 @@ def scan_with_heavy_hooks(
             # an edit through .data, which no version counter shows): scan again to compare
             with torch.no_grad():  # only compared against, never differentiated
                 original = scan(return_states=True).states
-        # compared in the hook's dtype: states it returned rounded to bf16 are edited only where
-        # it changed them (in the states' dtype, every entry would differ, and the recurrence
-        # would be pinned to the unedited values everywhere instead of continuing from the edit)
-        edited = seen.detach() != original.to(seen.dtype)
+        # compared in the hook's float dtype: states it returned rounded to bf16 are edited only
+        # where it changed them (in the states' dtype, every entry would differ, and the recurrence
+        # would be pinned to the unedited values everywhere instead of continuing from the edit).
+        # An int or bool return is read as floats, as at every other hook point.
+        compare_in = seen.dtype if seen.dtype.is_floating_point else original.dtype
+        edited = seen.detach().to(compare_in) != original.to(compare_in)
+        if through_edits is not None and seen.dtype.is_floating_point and seen.dtype != original.dtype:
+            through_edits.hook_dtype = seen.dtype
         seen = seen.to(original.dtype)  # (differentiable: a gradient still reaches the hook's input)
         if attention_mask is not None:  # padding never reaches a real token, edited or not
             edited &= attention_mask.bool().view(*attention_mask.shape, *[1] * (edited.dim() - 2))
