@@ -309,3 +309,14 @@ def test_from_hf_dtype_names():
 def test_a_config_with_an_integer_dtype_is_refused():
     with pytest.raises(TypeError, match="cfg.dtype must be a floating-point torch dtype"):
         HookedMamba(tiny_config(dtype=torch.int64))
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_tokens_or_mask_on_the_meta_device_are_refused_by_name(make):
+    """A meta tensor has no values: token ids or a mask on it failed deep in the id check
+    ("Tensor.item() cannot be called on meta tensors", "Cannot copy out of meta tensor")."""
+    model = make()
+    with pytest.raises(ValueError, match="token ids: the tensor is on the meta device"):
+        model(tokens().to("meta"))
+    with pytest.raises(ValueError, match="attention_mask: the tensor is on the meta device"):
+        model(tokens(), attention_mask=torch.ones(2, 6, device="meta"))

@@ -498,6 +498,7 @@ class HookedSSM(HookedRootModule):
 
     def _check_token_ids(self, tokens: Tensor, from_tokenizer: bool = False, what: str = "token ids") -> None:
         """Every id must index a row of ``W_E``: ``0 <= id < d_vocab``."""
+        _check_not_meta(tokens, what)
         if not tokens.numel():
             return
         low, high = int(tokens.min()), int(tokens.max())
@@ -575,6 +576,8 @@ class HookedSSM(HookedRootModule):
         return None
 
     def _check_mask(self, attention_mask: Tensor, shape) -> Optional[Tensor]:
+        if isinstance(attention_mask, Tensor):
+            _check_not_meta(attention_mask, "attention_mask")
         attention_mask = torch.as_tensor(attention_mask, device=self.W_E.device)
         if attention_mask.dim() == 1:
             attention_mask = attention_mask[None]
@@ -1145,6 +1148,13 @@ def transformer_hook_analogue(name: str, family: str) -> Optional[str]:
     if found is None and sublayer == "attn":
         found = "Mamba blocks have no attention; docs/porting.md maps attention hooks to the mixer's."
     return found
+
+
+def _check_not_meta(tensor: Tensor, what: str) -> None:
+    """A tensor on the meta device has a shape but no values: no id or mask can be read from it."""
+    if tensor.is_meta:
+        raise ValueError(f"{what}: the tensor is on the meta device, which holds shapes but no values; "
+                         "pass real values (on the CPU or the model's device)")
 
 
 def _check_token_dtype(tokens: Tensor, what: str) -> None:
