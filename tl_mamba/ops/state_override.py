@@ -98,16 +98,16 @@ def scan_with_override(
     Returns:
         ``(y [b, p, ...], final_state, states or None)``.
     """
-    edited_positions = override.edited_positions()
-    many = len(edited_positions) > RECURRENCE_AFTER_EDITS and (
-        differentiable or len(edited_positions) >= RECURRENCE_SHARE_NO_GRAD * p)
+    positions = override.edited_positions()
+    many = len(positions) > RECURRENCE_AFTER_EDITS and (
+        differentiable or len(positions) >= RECURRENCE_SHARE_NO_GRAD * p)
     if recurrence is not None and many:
         y, final, states = recurrence()
         return y, final, (states if return_states else None)
     ys, states = [], []
     state, start = initial_state, 0
-    values = edited_rows(override.values, edited_positions)
-    for i, t in enumerate(edited_positions + [p]):
+    values = edited_rows(override.values, positions)
+    for i, t in enumerate(positions + [p]):
         if t > start or t == p:
             if t > start:
                 out = run(start, t, state, return_states)
