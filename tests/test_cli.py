@@ -179,3 +179,33 @@ def test_cli_entry_point_exits_2_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "tl_mamba.cli", "run", "/nonexistent/model-dir", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_a_near_miss_model_name_gets_a_suggestion(capsys):
+    assert main(["run", "toy_mamba2", "the cat"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'toy-mamba2'" in err and "tl-mamba models" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["knockout", "toy-mamba2", "--window", "10"],
+    ["circuit", "toy-mamba3"],
+    ["demo", "--model", "toy-mamba3"],
+    ["circuit", "toy-mamba", "--level", "head"],
+])
+def test_a_failed_run_leaves_no_output_folder(argv, tmp_path, capsys):
+    """The inputs are checked before the output folder is made (a failed run left it empty)."""
+    out = tmp_path / "out"
+    assert main(argv + ["--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_an_empty_pruned_circuit_is_said(tmp_path, capsys):
+    """When none of the top edges lies on a complete input → logits path, pruning leaves nothing:
+    the run says so instead of writing an empty circuit silently."""
+    assert main(["circuit", "toy-mamba", "--n", "4", "--level", "component", "--method", "EAP", "--task", "facts",
+                 "--top", "3", "--out", str(tmp_path)]) == 0
+    from tl_mamba.circuits import Graph
+
+    assert Graph.from_json(tmp_path / "circuit.json").count_included_edges() == 0
+    assert "pruning left an empty circuit" in capsys.readouterr().out

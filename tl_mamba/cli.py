@@ -47,7 +47,18 @@ def _load(model: str):
     if model == "random":
         cfg = HookedMambaConfig(n_layers=4, d_model=64, d_vocab=256, d_state=16, seed=0, model_name="random-mamba")
         return HookedMamba(cfg).eval()
-    return tl_mamba.from_pretrained(model).eval()
+    try:
+        return tl_mamba.from_pretrained(model).eval()
+    except (OSError, ValueError):
+        import difflib
+
+        from tl_mamba.toy.shipped import shipped_models
+
+        close = difflib.get_close_matches(model, list(shipped_models()) + ["random"], n=2)
+        if close and not Path(model).exists():  # a typo of a shipped name, not a real folder or hub id
+            raise UsageError(f"no model {model!r}: did you mean {' or '.join(map(repr, close))}? (`tl-mamba models` "
+                             "lists the shipped models)") from None
+        raise
 
 
 def cmd_hooks(args) -> int:
@@ -116,9 +127,9 @@ def cmd_demo(args) -> int:
     from tl_mamba.toy import encode_prompts, make_ioi
 
     console = _console()
-    out_dir = _writable_dir(args.out)
     model = _load(args.model)
     _check_toy_vocabulary(model, args.model)
+    out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     console.print(f"tl_mamba demo on {model.cfg.model_name}: {type(model).__name__}, "
                   f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, backend {model.backend}")
 
@@ -283,7 +294,6 @@ def cmd_knockout(args) -> int:
     from tl_mamba.toy import make_dataset
     from tl_mamba.toy.tasks import Prompt
 
-    out_dir = _writable_dir(args.out)
     model = _load(args.model)
     if model.tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read prompts")
@@ -291,6 +301,7 @@ def cmd_knockout(args) -> int:
         raise UsageError(f"--window must be between 1 and {model.cfg.n_layers} (the model's layers), got {args.window}")
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
+    out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     console = _console()
     console.print(f"knockout on {model.cfg.model_name}: window {args.window}, path {args.path}")
     if args.prompt is not None:
@@ -385,7 +396,6 @@ def cmd_circuit(args) -> int:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    out_dir = _writable_dir(args.out)
     model = _load(args.model)
     _check_toy_vocabulary(model, args.model)
     level = args.level
@@ -401,6 +411,7 @@ def cmd_circuit(args) -> int:
         channel_groups = args.channel_groups
         if channel_groups < 1 or model.cfg.d_inner % channel_groups:
             raise UsageError(f"--channel-groups must divide d_inner = {model.cfg.d_inner}, got {channel_groups}")
+    out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     console = _console()
     batches = task_batches(model, args.task, n=args.n, seed=args.seed, batch_size=args.batch_size)
     clean_value = float(evaluate_baseline(model, batches, None, logit_diff).mean())
@@ -437,6 +448,9 @@ def cmd_circuit(args) -> int:
     json_path = graph.to_json(out_dir / "circuit.json")
     png_path = graph.to_image(out_dir / "circuit.png", title=f"{model.cfg.model_name} {args.task}: top {args.top} "
                               f"edges by {args.method} ({graph.count_included_edges()} after pruning)")
+    if graph.count_included_edges() == 0:
+        console.print(f"note: none of the top {args.top} edges lies on a complete input → logits path, so pruning "
+                      "left an empty circuit; raise --top (the faithfulness table shows where edges start to stay)")
     console.print(f"wrote {png_path} and {json_path}")
     return 0
 
