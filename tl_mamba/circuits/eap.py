@@ -343,11 +343,10 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: 
     return _patched_logits(model, graph, wiring, clean_tokens, corrupted_acts, removed, attention_mask)
 
 
-def _corrupted_activations(model, graph: Graph, corrupted_tokens: Tensor,
+def _corrupted_activations(model, wiring: "_Wiring", corrupted_tokens: Tensor,
                            attention_mask: Optional[Tensor]) -> Dict[str, Tensor]:
     """The corrupted run's values at every hook :func:`_patched_logits` may read (each sender's
     and each internal edge's): one forward, shared by every patched run of these prompts."""
-    wiring = _Wiring(model, graph, corrupted_tokens.shape[1])
     return _run_cached(model, corrupted_tokens, wiring.sender_hooks + [e.hook for e in wiring.internal],
                        attention_mask)
 
@@ -473,8 +472,8 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
     with tqdm(total=len(cells) * len(batches), desc="exact edge patching", disable=quiet, leave=False) as bar:
         for c, k, lab, mask in batches:
             baseline = evaluate_baseline(model, c, k, metric, labels=lab, attention_mask=mask)
-            corrupted_acts = _corrupted_activations(model, graph, k, mask)
             wiring = _Wiring(model, graph, c.shape[1])
+            corrupted_acts = _corrupted_activations(model, wiring, k, mask)
             for index, pos in cells:
                 cell = (index,) if pos is None else (index, pos)
                 removed = torch.zeros_like(graph.in_graph, device=c.device)

@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from tl_mamba.knockout import structured_removals
 from tl_mamba.models.base import hook_is_active
+from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.state_override import StateOverride, adjoint_recurrence, edited_positions
 
 
@@ -174,7 +175,7 @@ def scan_with_heavy_hooks(
         if ssm_mask is None:
             # in the scan's precision: fp32, float64 for a float64 model (whose knockout attribution
             # returns a float64 mask, read in this dtype by the hook point)
-            mask_dtype = torch.float64 if block.mixer.A_log.dtype == torch.float64 else torch.float32
+            mask_dtype = compute_dtype(block.mixer.A_log)
             check_heavy_hook_memory(block, "hook_ssm_mask", b * H * p * p * torch.finfo(mask_dtype).bits // 8)
             if block.hook_ssm_mask.bwd_hooks and torch.is_grad_enabled():
                 _warn_mask_backward_hooks(block.hook_ssm_mask.name)
