@@ -61,6 +61,57 @@ def test_circuit_prints_edges_and_faithfulness_and_writes_png_and_json(tmp_path,
     assert data["level"] == "head" and sum(e["in_graph"] for e in data["edges"].values()) <= 10
 
 
+def test_knockout_prompt_csv_matches_a_knockout_by_hand(tmp_path):
+    """The per-token CSV holds (p_ko - p) / p of the model's top answer, checked at the largest
+    change against the public Knockout API run by hand."""
+    import pandas as pd
+    import torch
+
+    from tl_mamba import Knockout
+    from tl_mamba.cli import _load
+
+    prompt = "The capital of Zor Vel Quen is"
+    assert main(["knockout", "--prompt", prompt, "--window", "1", "--out", str(tmp_path)]) == 0
+    frame = pd.read_csv(tmp_path / "knockout_tokens.csv")
+    model = _load("toy-mamba2")
+    tokens = model.to_tokens(prompt)
+    assert len(frame) == model.cfg.n_layers * tokens.shape[1]
+    row = frame.loc[frame["change"].abs().idxmax()]
+    assert abs(row["change"]) > 1e-3  # some token matters somewhere
+    with torch.no_grad():
+        probs = model(tokens)[0, -1].softmax(-1)
+        answer = int(probs.argmax())
+        ko = Knockout(layers=[int(row["layer"])], sources=[int(row["position"])], targets=[-1], path="ssm")
+        p_ko = model.run_with_knockout(tokens, ko)[0, -1].softmax(-1)[answer]
+    assert row["change"] == pytest.approx(float((p_ko - probs[answer]) / probs[answer]), rel=1e-4, abs=1e-6)
+
+
+def test_circuit_json_records_how_it_was_made(tmp_path):
+    import json
+
+    from tl_mamba import __version__
+    from tl_mamba.circuits import Graph
+
+    assert main(["circuit", "toy-mamba", "--n", "4", "--method", "eap", "--top", "5", "--seed", "3",
+                 "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "circuit.json").read_text())["metadata"]
+    assert meta["model"] == "toy-mamba" and meta["task"] == "ioi" and meta["method"] == "EAP"
+    assert meta["n"] == 4 and meta["seed"] == 3 and meta["top"] == 5 and meta["tl_mamba_version"] == __version__
+    assert meta["logit_diff_clean"] > meta["logit_diff_corrupted"]
+    assert Graph.from_json(tmp_path / "circuit.json").metadata == meta
+
+
+def test_graph_metadata_must_be_json(tmp_path):
+    import torch
+
+    from tl_mamba.circuits import Graph
+
+    graph = Graph(family="mamba2", n_layers=1, n_heads=2, level="layer")
+    graph.metadata["mask"] = torch.ones(2)
+    with pytest.raises(TypeError, match=r"metadata\['mask'\]"):
+        graph.to_json(tmp_path / "g.json")
+
+
 def test_circuit_on_mamba1_channel_groups(tmp_path, capsys):
     import json
 
@@ -142,6 +193,8 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["circuit", "toy-mamba", "--level", "head", "--channel-groups", "5", "--out", "/tmp"], "divide d_inner"),
         (["circuit", "toy-mamba2", "--channel-groups", "4", "--out", "/tmp"], "Mamba-1"),
         (["circuit", "--n", "0", "--out", "/tmp"], "--n"),
+        (["knockout", "--prompt", "the cat", "--n", "8", "--out", "/tmp"], "--prompt gives the one prompt"),
+        (["knockout", "--prompt", "the cat", "--seed", "1", "--out", "/tmp"], "--prompt gives the one prompt"),
         (["circuit", "--batch-size", "0", "--out", "/tmp"], "--batch-size"),
         (["circuit", "--method", "EAP", "--steps", "3", "--out", "/tmp"], "EAP-IG"),
         (["circuit", "--method", "EAP", "--steps", "5", "--out", "/tmp"], "EAP-IG"),  # the default value too

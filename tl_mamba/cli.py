@@ -299,8 +299,11 @@ def cmd_knockout(args) -> int:
         raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read prompts")
     if not 1 <= args.window <= model.cfg.n_layers:
         raise UsageError(f"--window must be between 1 and {model.cfg.n_layers} (the model's layers), got {args.window}")
-    if args.n < 1:
-        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.prompt is not None and (args.n is not None or args.seed is not None):
+        raise UsageError("--n and --seed choose a toy task's prompts; --prompt gives the one prompt to use")
+    n = 32 if args.n is None else args.n
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
     out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     console = _console()
     console.print(f"knockout on {model.cfg.model_name}: window {args.window}, path {args.path}")
@@ -321,8 +324,9 @@ def cmd_knockout(args) -> int:
             table.add_column(f"layer {layer}", justify="right")
         for pos, label in enumerate(labels):
             table.add_row(f"{pos}:{label}", *[f"{100 * float(values[layer, pos]):+.1f}" for layer in range(values.shape[0])])
+        _per_token_frame(values, labels).to_csv(out_dir / "knockout_tokens.csv", index=False)
     else:
-        prompts = make_dataset(args.task, "heldout", args.n, seed=args.seed)
+        prompts = make_dataset(args.task, "heldout", n, seed=0 if args.seed is None else args.seed)
         sources = {"facts": ("subject", "relation", "first", "last", "context"),
                    "ioi": ("IO", "S1", "S2", "first", "last", "context"),
                    "needle": ("needle", "query", "distractors", "last", "context")}[args.task]
@@ -331,7 +335,7 @@ def cmd_knockout(args) -> int:
                                      title=f"{args.task}: knockout of source → last ({args.path}, window {args.window})")
         summary = summarize_information_flow(frame, "pooled")
         table = Table(title=f"{args.task}: % change in mean p(answer) when source → last is knocked out "
-                            f"(n = {args.n} held-out prompts)")
+                            f"(n = {n} held-out prompts)")
         table.add_column("layer (window centre)")
         for source in sources:
             table.add_column(source, justify="right")
@@ -341,6 +345,15 @@ def cmd_knockout(args) -> int:
     console.print(table)
     console.print(f"plot written to {path}")
     return 0
+
+
+def _per_token_frame(values: torch.Tensor, labels: list):
+    """A per-token knockout's ``[layers, p]`` relative changes as a long table: one row per
+    (layer, token), ``change`` as in the printed table divided by 100."""
+    import pandas as pd
+
+    return pd.DataFrame([{"layer": layer, "position": pos, "token": label, "change": float(values[layer, pos])}
+                         for layer in range(values.shape[0]) for pos, label in enumerate(labels)])
 
 
 def cmd_run(args) -> int:
@@ -445,6 +458,13 @@ def cmd_circuit(args) -> int:
     console.print(curve)
     graph.scores = scores
     graph.apply_topn(args.top)
+    from tl_mamba import __version__
+    graph.metadata = {  # so that circuit.json says how it was made
+        "tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
+        "task": args.task, "method": args.method, "ig_steps": args.steps, "n": args.n, "seed": args.seed,
+        "batch_size": args.batch_size, "top": args.top, "metric": "logit_diff",
+        "logit_diff_clean": clean_value, "logit_diff_corrupted": corrupted_value,
+    }
     json_path = graph.to_json(out_dir / "circuit.json")
     png_path = graph.to_image(out_dir / "circuit.png", title=f"{model.cfg.model_name} {args.task}: top {args.top} "
                               f"edges by {args.method} ({graph.count_included_edges()} after pruning)")
@@ -487,8 +507,8 @@ def main(argv: Optional[list] = None) -> int:
     source.add_argument("--prompt", default=None, help="a prompt: knock out each token → last")
     knockout.add_argument("--window", type=int, default=1, help="layers per knockout window, around each layer and clipped at the first and last (default 1)")
     knockout.add_argument("--path", choices=("ssm", "conv", "both"), default="ssm")
-    knockout.add_argument("--n", type=int, default=32, help="prompts (with --task)")
-    knockout.add_argument("--seed", type=int, default=0)
+    knockout.add_argument("--n", type=int, default=None, help="prompts (with --task; default 32)")
+    knockout.add_argument("--seed", type=int, default=None, help="which held-out prompts (with --task; default 0)")
     knockout.add_argument("--out", default="tl_mamba_knockout", help="folder for the plot (and CSV)")
     knockout.set_defaults(func=cmd_knockout)
     circuit = sub.add_parser("circuit", help="EAP / EAP-IG circuit discovery on a toy task (IOI by default)")
@@ -498,7 +518,8 @@ def main(argv: Optional[list] = None) -> int:
                          help="graph level (auto: head for Mamba-2, layer for Mamba-1)")
     circuit.add_argument("--channel-groups", type=int, default=None,
                          help="Mamba-1 at --level head: senders are this many groups of the d_inner channels")
-    circuit.add_argument("--method", choices=("EAP", "EAP-IG"), default="EAP-IG")
+    circuit.add_argument("--method", choices=("EAP", "EAP-IG"), default="EAP-IG", type=str.upper,
+                         help="attribution method (case does not matter; default EAP-IG)")
     circuit.add_argument("--steps", type=int, default=None,
                          help="EAP-IG interpolation steps (default: attribute's, 5)")
     circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs")

@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -120,6 +120,9 @@ class Graph:
         shape = (len(self.edges), self.n_pos) if self.positional else (len(self.edges),)
         self.scores = torch.zeros(shape, dtype=torch.float32)
         self.in_graph = torch.ones(shape, dtype=torch.bool)
+        # how the scores were made (model, task, method, seed, ...): free-form, JSON-serialisable,
+        # written by to_json and read back by from_json, so a saved circuit says where it came from
+        self.metadata: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -327,14 +330,22 @@ class Graph:
             "positional": self.positional, "n_pos": self.n_pos,
             "channel_groups": self.channel_groups, "d_inner": self.d_inner,
             "scores_dtype": str(self.scores.dtype).removeprefix("torch."),  # a float64 model's scores stay float64
+            "metadata": self.metadata,
             "nodes": self.nodes,
             "edges": {name: {"score": value(self.scores[e.index]), "in_graph": value(self.in_graph[e.index])}
                       for name, e in self.edges.items()},
         }
 
     def to_json(self, path: Union[str, Path]) -> Path:
-        """Write the graph (structure, scores, in-graph flags) as JSON; read it back with :meth:`from_json`."""
+        """Write the graph (structure, scores, in-graph flags, :attr:`metadata`) as JSON; read it
+        back with :meth:`from_json`. ``TypeError`` names a metadata entry JSON cannot hold."""
         path = Path(path)
+        for key, value in self.metadata.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"Graph.metadata[{key!r}] cannot be written as JSON ({err}); "
+                                "store plain numbers, strings, lists or dicts") from None
         path.write_text(json.dumps(self.to_dict(), indent=1))
         return path
 
@@ -350,6 +361,7 @@ class Graph:
         if scores_dtype is None:
             raise ValueError(f"{path}: scores_dtype must be float32 or float64, got {data['scores_dtype']!r}")
         graph.scores = graph.scores.to(scores_dtype)
+        graph.metadata = dict(data.get("metadata") or {})  # (files written before metadata existed have none)
         missing = set(graph.edges) ^ set(data["edges"])
         if missing:
             raise ValueError(f"{path}: edges do not match a {data['level']}-level graph: {sorted(missing)[:5]}")
