@@ -36,6 +36,9 @@ def test_models_lists_shipped_models_with_accuracies(capsys):
         assert name in out
         ioi = shipped_metrics(name)["ioi"]
         assert f"{100 * ioi:.1f}%" in out
+        # a model fine-tuned from an earlier stage says its step count is the last stage's only
+        note = next(line for line in out.splitlines() if line.startswith(f"{name}:"))
+        assert ("last stage" in note) == bool(shipped_metrics(name).get("init_from"))
 
 
 def test_knockout_task_and_prompt(tmp_path, capsys):

@@ -236,8 +236,11 @@ def cmd_models(args) -> int:
         table.add_row(name, layer, f"{config.get('n_layer')}x{config.get('d_model')}", f"{metrics.get('params', 0):,}",
                       f"{size:.1f}", pct(metrics.get("facts")), pct(metrics.get("ioi")), pct(by_len.get("256")),
                       pct(by_len.get("512")))
-        notes.append(f"{name}: {metrics.get('steps', '?')} steps, batch {metrics.get('batch_size', '?')}, "
-                     f"on {metrics.get('device', '?')} in {metrics.get('train_seconds', 0) / 60:.0f} min")
+        note = (f"{name}: {metrics.get('steps', '?')} steps, batch {metrics.get('batch_size', '?')}, "
+                f"on {metrics.get('device', '?')} in {metrics.get('train_seconds', 0) / 60:.0f} min")
+        if metrics.get("init_from"):  # fine-tuned: these are the last stage's numbers, not the whole training
+            note += " (its last stage, continued from an earlier one; docs/toy_models.md lists every stage)"
+        notes.append(note)
     console = _console()
     console.print(table)
     console.print("held-out accuracy measured at the end of training (tl-mamba eval NAME re-measures it)")
