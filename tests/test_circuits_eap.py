@@ -564,9 +564,10 @@ def ioi_batch(model, n=48, seed=1, limit=12):
 
 
 def test_eap_ig_finds_a_faithful_ioi_circuit_on_toy_mamba2():
-    """On toy-mamba2's IOI task, EAP-IG head-level scores track exact edge patching
-    (measured Pearson 0.996 with 5 steps on 25 prompts; plain EAP: 0.15, the usual gap
-    when a corruption is large), and a handful of top edges keeps most of the behaviour."""
+    """On toy-mamba2's IOI task, EAP-IG layer-level scores track exact edge patching on 12
+    prompts of one length (head level, 5 steps, 25 prompts: Pearson 0.996, against 0.15 for
+    plain EAP, the usual gap when a corruption is large), and a handful of top edges keeps
+    most of the behaviour."""
     model = tl_mamba.from_pretrained("toy-mamba2")
     clean, corrupted, metric = ioi_batch(model)
     graph = Graph.from_model(model, "layer")

@@ -124,6 +124,18 @@ def test_per_prompt_metric_gives_each_prompt_its_own_patch_result(models, pair, 
     if family == "mamba2":
         heads = patch_heads(model, clean, corrupted, lambda logits: logits[:, -1, 5], hook="y", progress=False)
         assert heads.shape == (2, model.cfg.n_heads, B)
+        # prompt k's entry: its corrupted run with that head's hook_y (every position) from its clean run
+        _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_y"))
+        for layer, head, k in ((0, 0, 0), (1, model.cfg.n_heads - 1, B - 1)):
+            def patch(y, hook, head=head, k=k):
+                y = y.clone()
+                y[:, :, head] = clean_cache[hook.name][k:k + 1, :, head]
+                return y
+
+            with torch.no_grad():
+                hand = model.run_with_hooks(corrupted[k:k + 1], fwd_hooks=[(f"blocks.{layer}.hook_y", patch)])
+            torch.testing.assert_close(heads[layer, head, k], hand[0, -1, 5].double(), rtol=1e-6, atol=1e-8)
+        assert float((heads[..., 0] - heads[..., B - 1]).abs().max()) > 1e-3  # prompts differ
     with pytest.raises(ValueError, match="one value per prompt"):
         patch_layer_position(model, clean, corrupted, lambda logits: logits[:, -1, :2], progress=False)
 
@@ -469,9 +481,12 @@ def test_needle_accuracy_matches_shipped_metrics():
     tolerance = 3 * math.sqrt(expected * (1 - expected) / n) + 1 / n
     assert abs(acc[64] - expected) <= tolerance, (acc, expected)
     assert calls == [(20, 64), (20, 64)]
-    # the same number as the toy evaluation code on the same prompts
+    # the share of the same prompts whose argmax is the answer, counted by hand one prompt at a time
     prompts = toy_tasks.make_dataset("needle", "heldout", n, seed=seed, length=64)
-    assert acc[64] == toy_tasks.evaluate(model, prompts, progress=False)
+    with torch.no_grad():
+        correct = [model.to_string([int(model(model.to_tokens(p.text, prepend_bos=False))[0, -1].argmax())]).strip()
+                   == p.answer.strip() for p in prompts]
+    assert acc[64] == pytest.approx(sum(correct) / n)
     # ablating every layer's mixer output leaves no way to retrieve the needle
     zero = needle_accuracy(model, lengths=(64,), n=n, seed=seed, fwd_hooks=zero_ablation_hooks(model, "mixer_out"),
                            progress=False)

@@ -128,11 +128,9 @@ def test_subject_knockout_collapses_factual_recall(toy):
     recalls facts as well (100%) but relays the subject through other tokens (the last
     token's conv window holds it), so direct subject → last knockouts in every layer leave
     83% (SSM path) / 58% (both paths), no more than size-matched context knockouts do
-    (70% / 68%); see docs/toy_models.md.
+    (70% / 68%); see docs/toy_models.md. For toy-mamba the test checks that instead: the
+    SSM-path subject knockout keeps ≥ 60% and hurts no more than the context control.
     """
-    if toy.cfg.model_name != "toy-mamba2":
-        pytest.skip(f"{toy.cfg.model_name} does not route facts along direct subject → last edges "
-                    "(measured in docs/toy_models.md)")
     recorded = shipped_metrics(toy.cfg.model_name)["facts"]
     assert recorded >= 0.9
     prompts = make_dataset("facts", "heldout", 128, seed=3)
@@ -152,6 +150,9 @@ def test_subject_knockout_collapses_factual_recall(toy):
 
     clean, without_subject, without_context = accuracy(None), accuracy(subject), accuracy(context)
     assert clean >= 0.9
+    if toy.cfg.model_name == "toy-mamba":  # relays the subject through other tokens (see above)
+        assert without_subject >= 0.6 and without_subject >= without_context, (clean, without_subject, without_context)
+        return
     assert without_subject <= 0.45, (clean, without_subject, without_context)
     assert without_context >= 0.6, (clean, without_subject, without_context)
     assert without_context - without_subject >= 0.25

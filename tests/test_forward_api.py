@@ -169,7 +169,15 @@ def test_left_padding_side_infers_the_mask_from_pad_tokens(model, tokenizer, pad
         n = alone_tokens.shape[1]
         assert torch.equal(tokens[row, width - n:], alone_tokens[0])
         close(logits[row, width - n:], model(alone_tokens)[0])
-    assert model.hidden_attention(tokens, 1, channels=[0, 5]).shape == (3, 2, width, width)
+    # hidden attention of a padded batch: each prompt's own α, nothing to or from its padding
+    alpha = model.hidden_attention(tokens, 1, channels=[0, 5])
+    assert alpha.shape == (3, 2, width, width)
+    for row, text in enumerate(LEFT_TEXTS):
+        alone = model.hidden_attention(model.to_tokens(text), 1, channels=[0, 5])[0]
+        n = alone.shape[-1]
+        assert alone.abs().max() > 0
+        close(alpha[row, :, width - n:, width - n:], alone)
+        assert not alpha[row, :, :, :width - n].any() and not alpha[row, :, :width - n].any()
 
 
 def test_inferred_mask_follows_prepend_bos_and_keeps_all_pad_rows(model, tokenizer):
@@ -334,7 +342,7 @@ def test_tokenizer_helpers(model, tokenizer):
     assert model.to_str_tokens(torch.tensor([BOS] + ids)) == ["<bos>"] + text.split()
     assert model.to_single_token("paris") == word_id(tokenizer, "paris")
     assert model.to_single_token("cat") == WORDS.index("cat") + 4
-    with pytest.raises((ValueError, AssertionError)):
+    with pytest.raises(ValueError, match="2 tokens"):
         model.to_single_token("the cat")
 
 

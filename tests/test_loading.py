@@ -773,27 +773,13 @@ def test_mamba2_pipeline_into_hand_written_module(saved, tmp_path, hf_mamba2):
         load_pretrained(DummyMamba2, saved["falcon"])
 
 
-def _hooked_mamba2():
-    try:
-        from tl_mamba.models.mamba2 import HookedMamba2
-    except ImportError:
-        return None
-    return HookedMamba2
-
-
-@pytest.mark.skipif(_hooked_mamba2() is None, reason="HookedMamba2 is not implemented yet")
 def test_mamba2_loads_and_matches_hf_logits(saved, hf_mamba2):
-    HookedMamba2 = _hooked_mamba2()
+    from tl_mamba.models.mamba2 import HookedMamba2
+
     model = HookedMamba2.from_pretrained(saved["mamba2"])
     assert_close(our_logits(model), hf_logits(hf_mamba2))
     assert_close(our_logits(HookedMamba2.from_hf(hf_mamba2)), hf_logits(hf_mamba2))
     assert isinstance(tl_mamba.from_pretrained(saved["mamba2"]), HookedMamba2)
-
-
-@pytest.mark.skipif(_hooked_mamba2() is not None, reason="HookedMamba2 exists; covered by the logits test")
-def test_mamba2_without_hooked_mamba2_says_so(saved):
-    with pytest.raises(UnsupportedArchitectureError, match="Mamba-2 checkpoint.*HookedMamba2 is not available"):
-        tl_mamba.from_pretrained(saved["mamba2"])
     assert auto_model_class(saved["mamba2"]) == "mamba2"
 
 

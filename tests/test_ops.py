@@ -693,6 +693,28 @@ def test_env_var_sets_default_backend(monkeypatch):
     assert _model().backend == "torch"
 
 
+def test_env_var_sets_the_mamba2_default_backend(monkeypatch):
+    """TL_MAMBA_BACKEND routes HookedMamba2's SSD scans too (counted at the implementations)."""
+    from tl_mamba import HookedMamba2
+
+    ssd_module = importlib.import_module("tl_mamba.ops.ssd")
+    calls = {"reference": 0, "torch": 0}
+    for attr, name in (("ssd_reference", "reference"), ("ssd_chunked", "torch")):
+        def spy(*args, _impl=getattr(ssd_module, attr), _name=name, **kwargs):
+            calls[_name] += 1
+            return _impl(*args, **kwargs)
+
+        monkeypatch.setattr(ssd_module, attr, spy)
+    monkeypatch.setenv("TL_MAMBA_BACKEND", "reference")
+    model = HookedMamba2(tiny_config(family="mamba2", d_head=8, chunk_size=4))
+    assert model.backend == "reference"
+    model(torch.zeros(1, 6, dtype=torch.long))
+    assert calls == {"reference": model.cfg.n_layers, "torch": 0}
+    monkeypatch.setenv("TL_MAMBA_BACKEND", "torch")
+    model(torch.zeros(1, 6, dtype=torch.long))  # the env var is read at each forward until set_backend
+    assert calls == {"reference": model.cfg.n_layers, "torch": model.cfg.n_layers}
+
+
 def test_bad_env_var_errors(monkeypatch):
     monkeypatch.setenv("TL_MAMBA_BACKEND", "warp-drive")
     model = _model()

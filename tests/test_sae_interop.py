@@ -1,7 +1,8 @@
 """sae-lens trains an SAE on a tl_mamba hook, offline, with our model as ``override_model``.
 
 sae-lens (6.x) requires transformer-lens < 4, so this runs in CI's transformer-lens 3.9
-leg, where ``.ci/run`` installs it; elsewhere (no sae-lens, or sae-lens unimportable
+leg, where ``.ci/run`` installs it and sets ``TL_MAMBA_REQUIRE_SAE=1`` (then an import
+failure is an error, not a skip); elsewhere (no sae-lens, or sae-lens unimportable
 because transformer-lens 4 removed ``transformer_lens.HookedTransformer``) it is skipped.
 
 Each case trains a small standard (L1) SAE for 40 steps of 256 tokens on a shipped toy
@@ -29,6 +30,7 @@ activations).
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 from typing import List
@@ -45,6 +47,8 @@ try:
         StandardTrainingSAEConfig,
     )
 except ImportError as exc:  # not installed, or installed beside transformer-lens 4.x
+    if os.environ.get("TL_MAMBA_REQUIRE_SAE") == "1":  # CI's sae-lens leg: a skip there would hide a breakage
+        raise ImportError(f"TL_MAMBA_REQUIRE_SAE=1 but sae-lens is not importable: {exc}") from exc
     pytest.skip(
         f"sae-lens not importable ({exc}); it needs transformer-lens 3.x. CI's transformer-lens 3.9 "
         "leg installs it (pip install sae-lens==6.54.12)",

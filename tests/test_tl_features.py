@@ -1,4 +1,5 @@
-"""TransformerLens behaviour that must hold unchanged on HookedMamba (transformer-lens 3.9 and 4.x).
+"""TransformerLens behaviour that must hold unchanged on HookedMamba and HookedMamba2
+(transformer-lens 3.9 and 4.x): the ``model`` fixture runs every test on both families.
 
 Covers: run_with_hooks / hooks() / add_hook / reset_hooks / backward hooks,
 run_with_cache and its options, cache shorthand keys, the residual-stream
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 import transformer_lens
 import transformer_lens.patching as tl_patching
 
-from tl_mamba import HookedMamba
+from tl_mamba import HookedMamba, HookedMamba2
 
 from conftest import tiny_config
 
@@ -50,8 +51,18 @@ def manual_rms(x, eps):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+@pytest.fixture(params=["mamba1", "mamba2"])
+def model(request, tiny_model, tokenizer):
+    if request.param == "mamba1":
+        return perturb_(tiny_model)
+    torch.manual_seed(0)  # two groups of three heads: the group axis is not a no-op
+    mamba2 = HookedMamba2(tiny_config(family="mamba2", d_head=8, n_groups=2, chunk_size=4), tokenizer=tokenizer)
+    return perturb_(mamba2.eval())
+
+
 @pytest.fixture
-def model(tiny_model):
+def mamba1_model(tiny_model):
+    """For the checks of Mamba-1's own config fields and hook shapes."""
     return perturb_(tiny_model)
 
 
@@ -94,7 +105,8 @@ def test_run_with_hooks_filter_function(model, tokens):
 
     model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(lambda name: name.endswith("hook_x"), record)])
     b, p = tokens.shape
-    assert seen == {f"blocks.{l}.hook_x": (b, p, model.cfg.d_inner) for l in range(model.cfg.n_layers)}
+    x_shape = (b, p, model.cfg.n_heads, model.cfg.d_head) if isinstance(model, HookedMamba2) else (b, p, model.cfg.d_inner)
+    assert seen == {f"blocks.{l}.hook_x": x_shape for l in range(model.cfg.n_layers)}
 
     # zeroing every SSM output (filter) leaves only the embedding in the residual stream:
     # mixer_out = out_proj(0) (+ bias if any)
@@ -200,9 +212,14 @@ def test_run_with_cache_type_and_default_contents(model, tokens):
         close(cache[name], acts[name], atol=1e-6, rtol=1e-5)
     b, p = tokens.shape
     cfg = model.cfg
-    assert cache["blocks.0.hook_x"].shape == (b, p, cfg.d_inner)
-    assert cache["blocks.0.hook_B"].shape == (b, p, cfg.d_state)
-    assert cache["blocks.0.hook_dt_low"].shape == (b, p, cfg.dt_rank)
+    if isinstance(model, HookedMamba2):
+        assert cache["blocks.0.hook_x"].shape == (b, p, cfg.n_heads, cfg.d_head)
+        assert cache["blocks.0.hook_B"].shape == (b, p, cfg.n_groups, cfg.d_state)
+        assert cache["blocks.0.hook_delta_raw"].shape == (b, p, cfg.n_heads)
+    else:
+        assert cache["blocks.0.hook_x"].shape == (b, p, cfg.d_inner)
+        assert cache["blocks.0.hook_B"].shape == (b, p, cfg.d_state)
+        assert cache["blocks.0.hook_dt_low"].shape == (b, p, cfg.dt_rank)
     assert cache["ln_final.hook_scale"].shape == (b, p, 1)
 
 
@@ -214,7 +231,9 @@ def test_run_with_cache_names_filter_forms(model, tokens):
     _, c_list = model.run_with_cache(tokens, names_filter=wanted)
     assert set(c_list.keys()) == set(wanted)
     b, p = tokens.shape
-    assert c_list["blocks.1.hook_h"].shape == (b, p, model.cfg.d_inner, model.cfg.d_state)
+    cfg = model.cfg
+    state = (cfg.n_heads, cfg.d_head) if isinstance(model, HookedMamba2) else (cfg.d_inner,)
+    assert c_list["blocks.1.hook_h"].shape == (b, p, *state, cfg.d_state)
 
     _, c_fn = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_delta"))
     assert set(c_fn.keys()) == {f"blocks.{l}.hook_delta" for l in range(model.cfg.n_layers)}
@@ -232,7 +251,11 @@ def test_hook_h_readout_gives_y(model, tokens):
     _, cache = model.run_with_cache(tokens, names_filter=names)
     h, C, x, y = (cache[n] for n in names)
     D = model.blocks[0].mixer.D
-    close(torch.einsum("bpen,bpn->bpe", h, C) + D * x, y, atol=1e-5, rtol=1e-4)
+    if isinstance(model, HookedMamba2):  # C per group, each group's heads read it; D per head
+        C = C.repeat_interleave(model.cfg.n_heads // model.cfg.n_groups, dim=2)  # [b, p, h, n]
+        close(torch.einsum("bphdn,bphn->bphd", h, C) + D[:, None] * x, y, atol=1e-5, rtol=1e-4)
+    else:
+        close(torch.einsum("bpen,bpn->bpe", h, C) + D * x, y, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("pos_slice", [3, -1, slice(2, 6), [0, 4, 5]], ids=["int", "neg-int", "slice", "list"])
@@ -395,7 +418,9 @@ def test_logit_attrs_of_decomposition_sum_to_logit(model, tokens):
 def test_stack_activation(model, tokens):
     _, cache = model.run_with_cache(tokens)
     stack = cache.stack_activation("conv")
-    assert stack.shape == (model.cfg.n_layers, *tokens.shape, model.cfg.d_inner)
+    cfg = model.cfg  # Mamba-2 convolves x, B and C together
+    width = cfg.d_inner + 2 * cfg.n_groups * cfg.d_state if isinstance(model, HookedMamba2) else cfg.d_inner
+    assert stack.shape == (cfg.n_layers, *tokens.shape, width)
     for l in range(model.cfg.n_layers):
         assert torch.equal(stack[l], cache[f"blocks.{l}.hook_conv"])
 
@@ -417,8 +442,8 @@ def test_W_U_folds_the_final_norm_weight(model, tokens):
 
 
 def test_transformer_lens_readout_idioms(model, tokens):
-    """model.unembed(model.ln_final(x)), model.unembed.W_U, and (TransformerLens 4.x) cache.logit_lens()
-    read the residual stream as the model does; the reference is the weights, as above."""
+    """model.unembed(model.ln_final(x)) and model.unembed.W_U read the residual stream as the
+    model does; the reference is the weights, as above."""
     w = final_norm_weight(model)
     logits, cache = model.run_with_cache(tokens)
     resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
@@ -429,8 +454,16 @@ def test_transformer_lens_readout_idioms(model, tokens):
     mid = cache["blocks.0.hook_resid_post"]
     close(model.unembed(model.ln_final(mid)), (manual_rms(mid, model.cfg.eps) * w) @ model.W_E.T,
           atol=1e-5, rtol=1e-4)
+
+
+def test_cache_logit_lens(model, tokens):
+    """transformer-lens 4.x's ``ActivationCache.logit_lens`` reads each layer's stream through the
+    final norm and the folded unembedding (3.x has no such method)."""
+    w = final_norm_weight(model)
+    logits, cache = model.run_with_cache(tokens)
     if not hasattr(cache, "logit_lens"):
         pytest.skip("this transformer-lens has no ActivationCache.logit_lens")
+    mid = cache["blocks.0.hook_resid_post"]
     lens = cache.logit_lens(return_type="logits")  # default: the last position of every layer
     values = lens.values if hasattr(lens, "values") else lens
     close(values[-1].reshape(logits[:, -1].shape), logits[:, -1], atol=1e-4, rtol=1e-4)
@@ -547,7 +580,8 @@ def test_generic_patch_mixer_activation(model, patch_setup, activation_name):
 # --------------------------------------------------------------------------- cfg
 
 
-def test_cfg_has_contract_fields(model):
+def test_cfg_has_contract_fields(mamba1_model):
+    model = mamba1_model
     cfg = model.cfg
     expected = tiny_config()
     assert cfg.n_layers == 2

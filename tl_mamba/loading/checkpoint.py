@@ -47,13 +47,8 @@ def model_class_for_family(family: str) -> type:
 
         return HookedMamba
     if family == "mamba2":
-        try:
-            from ..models.mamba2 import HookedMamba2
-        except ImportError as err:
-            raise UnsupportedArchitectureError(
-                "this is a Mamba-2 checkpoint, but HookedMamba2 is not available in this version "
-                f"of tl_mamba ({err})"
-            ) from err
+        from ..models.mamba2 import HookedMamba2
+
         return HookedMamba2
     raise ValueError(f"unknown family {family!r}")
 
