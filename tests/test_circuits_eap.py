@@ -581,3 +581,35 @@ def test_eap_ig_finds_a_faithful_ioi_circuit_on_toy_mamba2():
     known = (float(evaluate_baseline(model, clean, corrupted, metric).mean()),
              float(evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True).mean()))
     assert faithfulness(model, graph, clean, corrupted, metric, baselines=known) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_eap_ig_averages_the_gradient_at_k_over_steps(family, steps):
+    """EAP-IG's interpolation points are α = k / ig_steps, k = 1..ig_steps (EAP: the clean end
+    alone). A left Riemann sum ((k - 1) / N) has the same steps → ∞ limit, so it is checked
+    here at small N. Reference: with every out_proj zeroed the final residual stream is the
+    embedding and input->logits is the only edge reading it; its score is
+    -(1/N) Σ_k f'(k/N) / B with f(α) = Σ_b metric_b(hook_embed = corr + α (clean - corr)),
+    f' by autograd on the scalar α (no tl_mamba.circuits code involved)."""
+    model = tiny(family, n_layers=2)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mixer.out_proj.weight.zero_()
+    clean, corrupted = pair(change=(P - 1,))
+    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 3]  # noqa: E731
+    graph = Graph.from_model(model, "layer")
+    kw = {"method": "EAP"} if steps == 1 else {"method": "EAP-IG", "ig_steps": steps}
+    score = float(attribute(model, graph, clean, corrupted, metric, quiet=True, **kw).score("input->logits"))
+
+    e_clean, e_corr = model.embed.W_E[clean].detach(), model.embed.W_E[corrupted].detach()
+    total = 0.0
+    for k in range(1, steps + 1):
+        alpha = torch.tensor(k / steps, dtype=torch.float64, requires_grad=True)
+        logits = model.run_with_hooks(clean, fwd_hooks=[("hook_embed",
+                                                         lambda act, hook: e_corr + alpha * (e_clean - e_corr))])
+        (d_alpha,) = torch.autograd.grad(metric(logits).sum(), alpha)
+        total += float(d_alpha)
+    expected = -total / steps / B
+    assert abs(expected) > 1e-3
+    assert score == pytest.approx(expected, rel=1e-6, abs=1e-9)

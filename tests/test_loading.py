@@ -1099,3 +1099,30 @@ def test_unusable_device_fails_before_anything_is_read(saved, hf_mamba):
         HookedMamba.from_hf(hf_mamba, device=bad)
     with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
         HookedMamba.from_pretrained(saved["mamba"], device="gpu0")
+
+
+def test_transformers_layout_keeps_a_finite_dt_limit(tmp_path):
+    """A Mamba-2 model whose Δ clamp bites (dt_limit = (0.05, 0.2)) saved with
+    layout="transformers": transformers' Mamba2ForCausalLM (the reference) reads the folder and
+    gives the saved model's logits, and so does tl_mamba.from_pretrained."""
+    import transformers
+
+    from tl_mamba import HookedMamba2
+
+    cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=40, d_state=4, d_conv=4, expand=2,
+                            n_heads=4, n_groups=2, chunk_size=4, seed=0, dt_limit=(0.05, 0.2))
+    model = HookedMamba2(cfg).eval()
+    with torch.no_grad():
+        for block in model.blocks:  # Δ = softplus(dt + bias) spread well outside [0.05, 0.2]
+            block.mixer.dt_bias.copy_(torch.linspace(-4.0, 1.0, cfg.n_heads))
+    tokens = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(tokens)
+    path = model.save_pretrained(tmp_path / "hf", layout="transformers")
+    assert tuple(transformers.AutoConfig.from_pretrained(path).time_step_limit) == (0.05, 0.2)
+    hf = transformers.Mamba2ForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+        back = tl_mamba.from_pretrained(str(path))(tokens)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(back, ours, rtol=1e-5, atol=1e-5)

@@ -96,6 +96,20 @@ def ssd_inputs(b=2, p=7, h=4, hd=6, g=2, n=5, dtype=torch.float32, seed=0):
     return [t.to(DEVICE, dtype) for t in (x, delta, A, B, C, D, h0)]
 
 
+def test_ssd_recurrent_kernel_reads_each_heads_group():
+    """The recurrent kernel (the forward under autograd when the backward chunk is not a
+    multiple of the chunked kernels' Q) reads B and C of head i's group, i // (h / g): 4 heads
+    in 2 groups, against the sequential reference."""
+    from tl_mamba.ops.ssd.triton_kernel import ssd_triton
+
+    x, delta, A, B, C, D, _ = ssd_inputs(b=1, p=70, h=4, hd=3, g=2, n=5)
+    ref = ssd_scan(x, delta, A, B, C, D, backend="reference")
+    leaves = [t.clone().requires_grad_(True) for t in (x, delta, A, B, C, D)]
+    out = ssd_triton(*leaves, backward_chunk=96)  # 96 > 64 and not a multiple of it
+    torch.testing.assert_close(out.y.detach(), ref.y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.final_state.detach(), ref.final_state, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("with_d, with_h0, states", [(True, True, True), (False, False, False)])
 def test_ssd_forward_matches_reference(with_d, with_h0, states):
     x, delta, A, B, C, D, h0 = ssd_inputs()
