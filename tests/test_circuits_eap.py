@@ -27,9 +27,10 @@ def tiny(family: str, seed: int = 0, n_layers: int = 3):
         cfg = HookedMambaConfig(family="mamba2", n_layers=n_layers, d_model=16, d_vocab=40, d_state=4, d_conv=4,
                                 expand=2, n_heads=4, n_groups=2, chunk_size=4, seed=seed)
         model = HookedMamba2(cfg)
+    gen = torch.Generator().manual_seed(1000 + seed)  # not the global stream: the same model whatever ran before
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
+            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.2)
     return model.double()
 
 

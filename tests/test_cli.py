@@ -158,9 +158,10 @@ def test_save_pretrained_round_trip(tmp_path, tokenizer, family):
     extra = dict(n_heads=4, n_groups=2, dt_limit=(0.01, 0.5)) if family == "mamba2" else {}
     cfg = HookedMambaConfig(family=family, n_layers=2, d_model=16, d_vocab=48, seed=2, **extra)
     model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg, tokenizer=tokenizer)
+    gen = torch.Generator().manual_seed(2)  # the same model whichever tests ran before
     with torch.no_grad():  # move every weight off its init so the round trip is checked on real values
         for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype).to(param.device) * 0.1)
     path = model.save_pretrained(tmp_path / family)
     loaded = tl_mamba.from_pretrained(str(path))
     assert type(loaded) is type(model) and loaded.tokenizer is not None

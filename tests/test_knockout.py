@@ -28,9 +28,10 @@ def make_model(family: str, seed: int = 0, n_heads: int = 4, n_groups: int = 2):
         cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=50, d_state=4, d_conv=4,
                                 expand=2, n_heads=n_heads, n_groups=n_groups, chunk_size=4, seed=seed)
         model = HookedMamba2(cfg)
+    gen = torch.Generator().manual_seed(1000 + seed)  # the same model whichever tests ran before
     with torch.no_grad():  # move weights off their init so every path carries signal
         for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
+            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype).to(param.device) * 0.2)
     return model.double()
 
 

@@ -156,9 +156,10 @@ def _model(family="mamba1"):
         cfg = HookedMambaConfig(family="mamba2", n_layers=2, d_model=8, d_vocab=30, d_state=4, expand=2,
                                 n_heads=4, n_groups=2, seed=0)
         model = HookedMamba2(cfg).to(DEVICE)
+    gen = torch.Generator().manual_seed(0)  # the same model whichever tests ran before
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype).to(param.device) * 0.1)
     return model
 
 
