@@ -614,3 +614,22 @@ def test_eap_ig_averages_the_gradient_at_k_over_steps(family, steps):
     expected = -total / steps / B
     assert abs(expected) > 1e-3
     assert score == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_threshold_keeps_edges_at_the_threshold():
+    """apply_threshold keeps edges whose score is at least the threshold (absolute by default,
+    signed with absolute=False); the expected edge sets are written by hand."""
+    def graph():
+        g = Graph(family="mamba", n_layers=2, n_heads=1, level="layer")
+        scores = {"input->m0": 0.5, "input->m1": -0.25, "m0->m1": 0.75, "input->logits": 0.125,
+                  "m0->logits": -0.5, "m1->logits": 0.5}
+        for name, value in scores.items():
+            g.scores[g.edge(name).index] = value
+        return g
+
+    assert set(graph().apply_threshold(0.5, prune=False).included_edges()) == \
+        {"input->m0", "m0->m1", "m0->logits", "m1->logits"}
+    assert set(graph().apply_threshold(0.5, absolute=False, prune=False).included_edges()) == \
+        {"input->m0", "m0->m1", "m1->logits"}
+    pruned = graph().apply_threshold(0.5)  # all four lie on input -> logits paths
+    assert set(pruned.included_edges()) == {"input->m0", "m0->m1", "m0->logits", "m1->logits"}

@@ -499,3 +499,58 @@ def test_needle_accuracy_matches_shipped_metrics():
                              fwd_hooks=class_conditional_hook_factory(model, {0: None}, token_class=digits,
                                                                       hook="resid_pre"))
     assert hooked[64] < 0.5 < acc[64]
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_patch_heads_at_chosen_positions(models, pair, family):
+    """patch_heads(positions=[...]) patches each head (Mamba-1: channel group) at those positions
+    only, all at once. Reference: one hand-written hook per (layer, head), one forward each."""
+    model = models[family]
+    clean, corrupted = pair
+    positions = [2, 4]
+    if family == "mamba1":
+        half = model.cfg.d_inner // 2
+        features, kwargs = [list(range(half)), list(range(half, model.cfg.d_inner))], {"channel_groups": 2}
+    else:
+        features, kwargs = [[h] for h in range(model.cfg.n_heads)], {}
+    got = patch_heads(model, clean, corrupted, metric, hook="y", positions=positions, progress=False, **kwargs)
+    everywhere = patch_heads(model, clean, corrupted, metric, hook="y", progress=False, **kwargs)
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_y"))
+    expected = torch.zeros(model.cfg.n_layers, len(features), dtype=torch.float64)
+    for layer in range(model.cfg.n_layers):
+        name = f"blocks.{layer}.hook_y"
+        for j, feats in enumerate(features):
+            def patch(act, hook, feats=feats, name=name):
+                act = act.clone()
+                for pos in positions:
+                    act[:, pos, feats] = cache[name][:, pos, feats]
+                return act
+
+            with torch.no_grad():
+                expected[layer, j] = float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])))
+    assert not torch.allclose(everywhere, expected)  # restricting the positions matters here
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("b", [3, 4])
+def test_resample_ablation_aligns_rows_by_default(models, family, b):
+    """With as many source prompts as rows and no source_rows, row i takes source row i.
+    Reference: a hand-written hook writing the source run's cached activation row by row."""
+    model = models[family]
+    gen = torch.Generator().manual_seed(11)
+    tokens, source = torch.randint(4, V, (b, P), generator=gen), torch.randint(4, V, (b, P), generator=gen)
+    name, positions = "blocks.0.hook_y", [2, 4]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source, names_filter=name)
+
+        def by_hand(act, hook):
+            act = act.clone()
+            act[:, positions] = cache[name][:, positions]  # row i <- source row i
+            return act
+
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(name, by_hand)])
+        got = model.run_with_hooks(tokens, fwd_hooks=resample_ablation_hooks(model, "y", source, layers=[0],
+                                                                             positions=positions))
+    assert not torch.allclose(got, model(tokens))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -558,3 +558,23 @@ def test_frequency_penalty_is_subtracted_per_occurrence():
                          stop_at_eos=False, verbose=False, seed=0)
     seq = out[0].tolist()
     assert len(seq) == 11 and len(set(seq)) == len(seq), seq
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_recurrent_generate_with_d_conv_1(family):
+    """d_conv = 1 carries an empty conv state between steps; greedy recurrent decoding equals one
+    full forward per new token (the independent reference)."""
+    from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+
+    extra = {} if family == "mamba1" else {"family": "mamba2", "n_heads": 4, "n_groups": 2, "chunk_size": 4}
+    cfg = HookedMambaConfig(n_layers=2, d_model=16, d_vocab=40, d_state=4, d_conv=1, seed=0, eos_token_id=1,
+                            pad_token_id=2, bos_token_id=0, **extra)
+    model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg)
+    gen_ = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen_, dtype=param.dtype) * 0.3)
+    model = model.double()
+    tokens = torch.randint(4, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+    out = model.generate(tokens, max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
+    assert torch.equal(out, greedy_by_full_forwards(model, tokens, 4))

@@ -671,3 +671,26 @@ def test_conv_knockout_of_part_of_a_group_warns():
         model.run_with_knockout(tokens, ko)
         model.run_with_knockout(tokens, ko)
     assert sum("shared by its" in str(w.message) for w in found) == 1  # once per Knockout
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("layers, absolute", [(-1, [1]), ([-2], [0]), (range(-2, 0), [0, 1])])
+def test_negative_layers_count_from_the_end(family, layers, absolute):
+    """Knockout(layers=...) with negative indices counts from the end. Reference: a plain hook on
+    each ``blocks.{l}.hook_ssm_mask`` zeroing the [target, source] entries (API.md: the same mechanism)."""
+    model = make_model(family)
+    tokens = torch.randint(4, 50, (2, P), generator=torch.Generator().manual_seed(7))
+    sources, targets = [1, 3], [5, 6]
+
+    def zero_edges(mask, hook):
+        mask = mask.clone()
+        for t in targets:
+            mask[:, :, t, sources] = 0.0
+        return mask
+
+    with torch.no_grad():
+        clean = model(tokens)
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.hook_ssm_mask", zero_edges) for l in absolute])
+        got = model.run_with_knockout(tokens, Knockout(layers=layers, sources=sources, targets=targets))
+    assert not torch.allclose(expected, clean)  # the knockout changes something
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -1126,3 +1126,24 @@ def test_transformers_layout_keeps_a_finite_dt_limit(tmp_path):
         back = tl_mamba.from_pretrained(str(path))(tokens)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(back, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_auto_dtype_follows_the_config_as_transformers_does(tmp_path, key, name):
+    """from_pretrained(dtype="auto") takes the dtype config.json states (``torch_dtype``, or
+    ``dtype`` as transformers 5 writes it) over the weights' own float32, as transformers'
+    ``dtype="auto"`` does on the same folder (the reference)."""
+    import transformers
+
+    model = HookedMamba(HookedMambaConfig(n_layers=2, d_model=16, d_vocab=40, d_state=4, d_conv=3, seed=0))
+    model.save_pretrained(tmp_path, layout="transformers")  # float32 weights
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    config[key] = name
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.MambaForCausalLM.from_pretrained(str(tmp_path), dtype="auto")
+    assert hf.dtype == getattr(torch, name)
+    loaded = tl_mamba.from_pretrained(str(tmp_path), dtype="auto")
+    assert loaded.cfg.dtype == hf.dtype and loaded.W_E.dtype == hf.dtype
