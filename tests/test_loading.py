@@ -1147,3 +1147,42 @@ def test_auto_dtype_follows_the_config_as_transformers_does(tmp_path, key, name)
     assert hf.dtype == getattr(torch, name)
     loaded = tl_mamba.from_pretrained(str(tmp_path), dtype="auto")
     assert loaded.cfg.dtype == hf.dtype and loaded.W_E.dtype == hf.dtype
+
+
+def _write_sharded(folder, drop=None, extra=None):
+    """A transformers-layout checkpoint split by hand (safetensors itself) into two shards plus
+    model.safetensors.index.json; ``drop``: a tensor the index lists but no shard holds;
+    ``extra``: a tensor name the index lists that never existed. Returns the full state dict."""
+    from safetensors.torch import load_file, save_file
+
+    model = HookedMamba(HookedMambaConfig(n_layers=2, d_model=16, d_vocab=40, d_state=4, d_conv=3, seed=0))
+    model.save_pretrained(folder, layout="transformers")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        save_file({k: state[k].contiguous() for k in keys if k != drop}, str(folder / shard))
+        weight_map.update({k: shard for k in keys})
+    if extra is not None:
+        weight_map[extra] = "model-00002-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return state
+
+
+def test_sharded_index_and_shards_must_agree(tmp_path):
+    """An index listing a tensor no shard holds (a replaced shard, a truncated download), or one
+    that never existed, is refused by name; a consistent one loads every tensor."""
+    state = _write_sharded(tmp_path / "ok")
+    loaded = load_state_dict_files(tmp_path / "ok")
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+    _write_sharded(tmp_path / "dropped", drop="backbone.layers.1.mixer.D")
+    with pytest.raises(CheckpointFilesError, match=r"backbone\.layers\.1\.mixer\.D"):
+        load_state_dict_files(tmp_path / "dropped")
+    with pytest.raises(CheckpointFilesError, match="index"):
+        tl_mamba.from_pretrained(str(tmp_path / "dropped"))
+    _write_sharded(tmp_path / "extra", extra="backbone.layers.0.mixer.extra_probe")
+    with pytest.raises(CheckpointFilesError, match="extra_probe"):
+        load_state_dict_files(tmp_path / "extra")

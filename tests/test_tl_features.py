@@ -287,6 +287,40 @@ def test_run_with_cache_remove_batch_dim(model, tokens):
         close(nobatch[name], full[name][0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_add_caching_hooks_remove_batch_dim_as_transformer_lens(model, tokens, rows):
+    """add_caching_hooks(remove_batch_dim=True) drops a batch axis of size 1 only; a larger batch
+    keeps it. Reference: TransformerLens's own HookedRootModule.add_caching_hooks on the same model,
+    and plain forward hooks on the hook points."""
+    try:
+        from transformer_lens.HookedRootModule import HookedRootModule
+    except ImportError:  # transformer-lens 3.x
+        from transformer_lens.hook_points import HookedRootModule
+
+    names = ["hook_embed", "blocks.0.hook_x", "blocks.1.hook_resid_post"]
+    tokens = tokens[:rows]
+    seen = {}
+    handles = [model.hook_dict[name].register_forward_hook(
+        lambda module, inp, out, name=name: seen.__setitem__(name, out.detach().clone())) for name in names]
+    with torch.no_grad():
+        model(tokens)
+    for handle in handles:
+        handle.remove()
+    caches = []
+    for add in (model.add_caching_hooks, lambda **kw: HookedRootModule.add_caching_hooks(model, **kw)):
+        caches.append(add(names_filter=names, remove_batch_dim=True))
+        with torch.no_grad():
+            model(tokens)
+        model.reset_hooks()
+    ours, theirs = caches
+    assert set(ours) == set(names) == set(theirs)
+    for name in names:
+        want = seen[name][0] if rows == 1 else seen[name]
+        assert ours[name].shape == want.shape == theirs[name].shape, name
+        close(ours[name], want, atol=0, rtol=0)
+        close(ours[name], theirs[name], atol=0, rtol=0)
+
+
 def test_run_with_cache_incl_bwd(model, tokens):
     loss, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True)
     assert loss.dim() == 0
