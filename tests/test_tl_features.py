@@ -290,8 +290,9 @@ def test_run_with_cache_remove_batch_dim(model, tokens):
 @pytest.mark.parametrize("rows", [1, 2])
 def test_add_caching_hooks_remove_batch_dim_as_transformer_lens(model, tokens, rows):
     """add_caching_hooks(remove_batch_dim=True) drops a batch axis of size 1 only; a larger batch
-    keeps it. Reference: TransformerLens's own HookedRootModule.add_caching_hooks on the same model,
-    and plain forward hooks on the hook points."""
+    keeps it (transformer-lens 4.x; 3.x always took row 0, "only works for batch_size==1").
+    Reference: TransformerLens's own HookedRootModule.add_caching_hooks on the same model, where
+    its version defines the case, and plain forward hooks on the hook points."""
     try:
         from transformer_lens.HookedRootModule import HookedRootModule
     except ImportError:  # transformer-lens 3.x
@@ -313,12 +314,16 @@ def test_add_caching_hooks_remove_batch_dim_as_transformer_lens(model, tokens, r
             model(tokens)
         model.reset_hooks()
     ours, theirs = caches
+    from importlib.metadata import version
+
+    tl_defines_it = rows == 1 or int(version("transformer-lens").split(".")[0]) >= 4
     assert set(ours) == set(names) == set(theirs)
     for name in names:
         want = seen[name][0] if rows == 1 else seen[name]
-        assert ours[name].shape == want.shape == theirs[name].shape, name
+        assert ours[name].shape == want.shape, name
         close(ours[name], want, atol=0, rtol=0)
-        close(ours[name], theirs[name], atol=0, rtol=0)
+        if tl_defines_it:
+            close(ours[name], theirs[name], atol=0, rtol=0)
 
 
 def test_run_with_cache_incl_bwd(model, tokens):
