@@ -548,6 +548,24 @@ def test_causal_conv1d_matches_taps(p, with_bias, with_state, weight_2d, impleme
     assert torch.equal(final, expected_final)
 
 
+@pytest.mark.parametrize("implementation", ["taps", "conv1d"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_conv_state_continues_the_convolution(implementation, k):
+    """The conv state returned is the last k - 1 inputs (none for k = 1), and a second call from
+    it continues the convolution. Reference: :func:`conv_taps`, a float64 loop over the taps."""
+    gen = torch.Generator().manual_seed(k)
+    b, p, c, split = 2, 9, 5, 4
+    x = torch.randn(b, p, c, generator=gen, dtype=torch.float64)
+    w = torch.randn(c, 1, k, generator=gen, dtype=torch.float64)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64)
+    first, state = causal_conv1d(x[:, :split], w, bias, implementation=implementation)
+    assert tuple(state.shape) == (b, c, k - 1)
+    torch.testing.assert_close(state, x[:, split - (k - 1):split].transpose(1, 2) if k > 1 else x.new_zeros(b, c, 0))
+    second, final = causal_conv1d(x[:, split:], w, bias, initial_state=state, implementation=implementation)
+    assert tuple(final.shape) == (b, c, k - 1)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), conv_taps(x, w, bias))
+
+
 @pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
 def test_causal_conv1d_is_causal(implementation):
     b, p, c, k = 1, 8, 3, 4
@@ -990,22 +1008,3 @@ def test_gradients_with_a_last_token_loss_over_a_long_decay(route):
     assert normal.sum() > 100
     torch.testing.assert_close(scaled[normal], ref[normal], rtol=1e-3, atol=0)
 
-
-@pytest.mark.parametrize("implementation", ["taps", "conv1d"])
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_conv_state_continues_the_convolution(implementation, k):
-    """The conv state returned is the last k - 1 inputs (none for k = 1), and a second call from
-    it continues the convolution. Reference: a float64 loop over the taps."""
-    gen = torch.Generator().manual_seed(k)
-    b, p, c, split = 2, 9, 5, 4
-    x = torch.randn(b, p, c, generator=gen, dtype=torch.float64)
-    w = torch.randn(c, 1, k, generator=gen, dtype=torch.float64)
-    bias = torch.randn(c, generator=gen, dtype=torch.float64)
-    first, state = causal_conv1d(x[:, :split], w, bias, implementation=implementation)
-    assert tuple(state.shape) == (b, c, k - 1)
-    torch.testing.assert_close(state, x[:, split - (k - 1):split].transpose(1, 2) if k > 1 else x.new_zeros(b, c, 0))
-    second, final = causal_conv1d(x[:, split:], w, bias, initial_state=state, implementation=implementation)
-    assert tuple(final.shape) == (b, c, k - 1)
-    padded = torch.cat([x.new_zeros(b, k - 1, c), x], dim=1)
-    expected = torch.stack([sum(w[:, 0, i] * padded[:, t + i] for i in range(k)) + bias for t in range(p)], dim=1)
-    torch.testing.assert_close(torch.cat([first, second], dim=1), expected)

@@ -399,6 +399,7 @@ def cmd_circuit(args) -> int:
     """EAP / EAP-IG on a toy task's clean/corrupted pairs: top edges, faithfulness, circuit PNG and JSON."""
     from rich.table import Table
 
+    from tl_mamba import __version__
     from tl_mamba.circuits import Graph, attribute, evaluate_baseline, faithfulness, logit_diff, task_batches
     from tl_mamba.models.mamba2 import HookedMamba2
 
@@ -461,7 +462,6 @@ def cmd_circuit(args) -> int:
     console.print(curve)
     graph.scores = scores
     graph.apply_topn(args.top)
-    from tl_mamba import __version__
     graph.metadata = {  # so that circuit.json says how it was made
         "tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
         "task": args.task, "method": args.method, "ig_steps": args.steps, "n": args.n, "seed": args.seed,
