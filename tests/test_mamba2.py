@@ -23,7 +23,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformer_lens.patching as tl_patching
-import transformers
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 import tl_mamba

@@ -66,7 +66,7 @@ def reference_forward(
     cfg = model.cfg
     W = weights if weights is not None else {k: v.detach().double() for k, v in model.state_dict().items()}
     edits, h_edits, masks = edits or {}, h_edits or {}, masks or {}
-    d, e, n, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv
+    e, n, k = cfg.d_inner, cfg.d_state, cfg.d_conv
     h, hd, g = cfg.n_heads, cfg.d_head, cfg.n_groups
     lo, hi = cfg.dt_limit
     group_of_head = torch.tensor([i // (h // g) for i in range(h)])
