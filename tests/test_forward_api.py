@@ -422,9 +422,9 @@ def test_heavy_hook_memory_guard(model):
     assert model(tokens).shape == (b, p, model.cfg.d_vocab)
 
 
-def test_entry_point_signatures_follow_the_contract():
+def test_entry_point_signatures_follow_the_contract(tmp_path):
     """API.md writes ``tl_mamba.from_pretrained(name_or_path, device=None, dtype=torch.float32)``;
-    the class methods take the same keywords."""
+    the class methods take the same arguments, by position too."""
     import inspect
 
     import tl_mamba
@@ -434,3 +434,7 @@ def test_entry_point_signatures_follow_the_contract():
         params = inspect.signature(fn).parameters
         assert list(params)[:3] == ["name_or_path", "device", "dtype"], fn
         assert params["device"].default is None and params["dtype"].default is torch.float32, fn
+        assert all(params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for name in ("device", "dtype")), fn
+    HookedMamba(tiny_config()).save_pretrained(tmp_path)
+    for fn in (tl_mamba.from_pretrained, HookedMamba.from_pretrained):
+        assert fn(str(tmp_path), "cpu", torch.float64).W_U.dtype == torch.float64, fn

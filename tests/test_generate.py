@@ -341,13 +341,20 @@ def test_explicit_eos_token_id(model):
 # --------------------------------------------------------------------------- strings and padding
 
 
+def tl_decode(model, tokens):
+    """How TransformerLens (3.x and 4.x) turns generated tokens into text: the tokenizer's
+    decode with ``skip_special_tokens=True`` (no BOS, EOS or pad)."""
+    return model.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+
+
 def test_string_input_returns_string(model):
     text = "the cat sat on the mat"
     out = gen(model, text, max_new_tokens=5, do_sample=False, stop_at_eos=False)
     assert isinstance(out, str)
     expected = greedy_by_full_forwards(model, model.to_tokens(text), 5)
-    assert out == model.to_string(expected[0])
-    assert out.startswith("<bos> " + text) or out.startswith(text)
+    assert out == tl_decode(model, expected[0])
+    assert out.startswith(text + " ")  # the prompt, with no BOS before it
+    assert gen(model, text, max_new_tokens=5, do_sample=False, stop_at_eos=False, return_type="str") == out
 
 
 def test_list_of_strings_returns_list(model):
@@ -355,7 +362,25 @@ def test_list_of_strings_returns_list(model):
     out = gen(model, texts, max_new_tokens=4, do_sample=False, stop_at_eos=False)
     assert isinstance(out, list) and len(out) == 2
     expected = greedy_by_full_forwards(model, model.to_tokens(texts), 4)
-    assert out == [model.to_string(row) for row in expected]
+    assert out == [tl_decode(model, row) for row in expected]
+    assert all(row.startswith(text + " ") for row, text in zip(out, texts))
+
+
+def test_string_output_leaves_out_eos_and_the_fill_after_it(model):
+    """A row stopped at EOS reads as its prompt and the tokens before the EOS, as it does alone."""
+    texts = ["the cat sat on the mat", "mary gave john a red drink"]
+    n_new = 4
+    hook = force_token_hook(model, EOS, rows=0, from_call=2, until_call=3)  # row 0 stops at its third token
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", hook)]):
+        tokens = gen(model, texts, max_new_tokens=n_new, do_sample=False, return_type="tokens")
+    hook = force_token_hook(model, EOS, rows=0, from_call=2, until_call=3)
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", hook)]):
+        strings = gen(model, texts, max_new_tokens=n_new, do_sample=False)
+    P = tokens.shape[1] - n_new
+    assert tokens[0, P + 2] == EOS and bool((tokens[0, P + 2:] == EOS).all())
+    assert strings[0] == tl_decode(model, tokens[0, : P + 2])
+    assert strings[1] == tl_decode(model, tokens[1])
+    assert "<eos>" not in strings[0] and "<bos>" not in strings[0]
 
 
 def test_left_padded_batch_generation_equals_alone(model):

@@ -206,7 +206,7 @@ class HookedSSM(HookedRootModule):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device=None, dtype=torch.float32, tokenizer=None, **kwargs):
+    def from_pretrained(cls, name_or_path: str, device=None, dtype=torch.float32, *, tokenizer=None, **kwargs):
         """Load a hub id or local directory (mamba_ssm, transformers or Mistral-native layout).
 
         ``dtype``: a floating-point torch dtype, a name (``"float16"`` ...) or ``"auto"``
@@ -931,13 +931,14 @@ class HookedSSM(HookedRootModule):
         step (on ``p = 1`` tensors after the prefill). Keyword names follow
         TransformerLens' ``generate``. ``return_type="input"`` returns strings for
         string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one (None
-        gives tokens, as in TransformerLens). A string is ``to_string`` of the row's own
-        tokens: its BOS and prompt, the new tokens and the EOS it stopped at, without the
-        padding of a batch (on the left, or the fill after a row's EOS), so that each
-        prompt of a batch gets the text it gets alone. (TransformerLens's ``generate``
-        also drops the BOS and EOS, decoding with ``skip_special_tokens=True``; here a
-        string keeps them, as ``to_string`` does.) ``top_k`` must be a positive int or None,
-        and ``eos_token_id`` an id or a non-empty list of ids.
+        gives tokens, as in TransformerLens). A string is the row's prompt and new tokens
+        decoded with ``skip_special_tokens=True``, as TransformerLens (3.x and 4.x) decodes
+        them: no BOS, no EOS, so ``generate(prompt)`` starts with ``prompt``. Unlike
+        TransformerLens, a batch's padding (on the left, or the fill after a row's EOS) is
+        left out even where the pad token is not a special token, so that each prompt of a
+        batch gets the text it gets alone. For the BOS and EOS, ask for
+        ``return_type="tokens"`` and use ``to_string``. ``top_k`` must be a positive int or
+        None, and ``eos_token_id`` an id or a non-empty list of ids.
 
         ``use_past_kv_cache=False`` re-runs the whole sequence at every step instead
         (hooks then see the whole sequence each time; cost grows with its length).
@@ -1031,7 +1032,8 @@ class HookedSSM(HookedRootModule):
         if return_type == "str" or (return_type == "input" and string_input):
             # each row's own tokens only: a padded batch gives every prompt the text it gets alone
             own = torch.cat(own, dim=1)
-            strings = [self.to_string(row[keep]) for row, keep in zip(result, own)]
+            tok = self._require_tokenizer("generate with string output")
+            strings = [tok.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(result, own)]
             return strings[0] if isinstance(input, str) else strings
         return result
 
