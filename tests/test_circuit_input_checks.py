@@ -91,17 +91,44 @@ def test_empty_channels_or_heads_warn_that_nothing_is_removed(family):
 
 def test_int_zero_one_tensor_is_not_taken_for_a_mask():
     model = make_model("mamba2")
-    with pytest.raises(ValueError, match=r"positions \[0\] given more than once.*bool"):
+    with pytest.raises(ValueError, match=r"sources: \[0, 1, 0, 0, 0, 0\] looks like a 0/1 mask.*bool"):
         model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], sources=torch.tensor([0, 1, 0, 0, 0, 0])))
-    with pytest.raises(ValueError, match="given more than once"):
-        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1, 1 - P]))
-    with pytest.raises(ValueError, match=r"heads \[0\] given more than once.*bool"):
+    with pytest.raises(ValueError, match=r"targets: \[1, 0, 1\] looks like a 0/1 mask \(3 entries, where.*bool"):
+        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[0], targets=[1, 0, 1]))
+    with pytest.raises(ValueError, match=r"heads: \[1, 0, 0, 0\] looks like a 0/1 mask.*bool"):
         model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], heads=torch.tensor([1, 0, 0, 0])))
+    with pytest.raises(ValueError, match=r"heads: \[1, 1\] looks like a 0/1 mask.*names heads \[1\] more than once"):
+        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], heads=[1, 1]))
+    with pytest.raises(ValueError, match=r"must be 1-D, got shape \(2, 6\).*bool"):
+        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=torch.zeros(2, P, dtype=torch.long)))
     # the bool mask is read as a mask
     mask = torch.tensor([0, 1, 0, 0, 0, 0]).bool()
     with torch.no_grad():
         torch.testing.assert_close(model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], sources=mask)),
                                    model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], sources=[1])))
+
+
+def test_a_position_named_twice_is_knocked_out_once(family):
+    """Positions are a set: ``[3, -1]`` and ``[5, -1]`` at p = 6 name positions 3 and 5 once,
+    as a hand-written ``hook_ssm_mask`` hook zeroing those edges does."""
+    model = make_model(family)
+    toks = tokens(0)
+
+    def zero_edges(mask, hook):
+        mask = mask.clone()
+        mask[:, :, [3, P - 1], 1] = 0
+        return mask
+
+    with torch.no_grad():
+        expected = model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{l}.hook_ssm_mask", zero_edges) for l in (0, 1)])
+        assert not torch.allclose(expected, model(toks))  # the edges matter
+        for sources, targets in (([1, 1 - P], [3, P - 1, -1]), ([1], [-1, 3, 3])):
+            got = model.run_with_knockout(toks, Knockout(layers=[0, 1], sources=sources, targets=targets))
+            torch.testing.assert_close(got, expected, msg=f"sources={sources}, targets={targets}")
+        feature = dict(channels=[2, 2, -1]) if family == "mamba1" else dict(heads=[1, 1 - model.cfg.n_heads])
+        once = dict(channels=[2, model.cfg.d_inner - 1]) if family == "mamba1" else dict(heads=[1])
+        torch.testing.assert_close(model.run_with_knockout(toks, Knockout(layers=0, sources=[1], **feature)),
+                                   model.run_with_knockout(toks, Knockout(layers=0, sources=[1], **once)))
 
 
 @pytest.mark.parametrize("kwargs, what", [

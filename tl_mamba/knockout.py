@@ -88,31 +88,28 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
     return out
 
 
-def _no_repeats(index: List[int], given: List[int], size: int, what: str, unit: str) -> None:
-    """``ValueError`` when two entries of ``given`` name the same index (``index``: them modulo ``size``)."""
-    if len(set(index)) == len(index):
+def _refuse_an_int_mask(given: List[int], size: int, what: str, unit: str) -> None:
+    """``ValueError`` when ``given`` looks like a 0/1 mask passed as ints: only 0s and 1s, with a
+    repeat. Ints are indices, and read as indices such a "mask" would silently knock out
+    position 0 and / or 1 instead. Other repeats are a union and allowed: ``[7, -1]`` at
+    p = 8 names position 7 once."""
+    if len(set(given)) == len(given) or not set(given) <= {0, 1}:
         return
-    seen, repeated = set(), []
-    for i, g in zip(index, given):
-        if i in seen and i not in repeated:
-            repeated.append(i)
-        seen.add(i)
-    looks_like_mask = len(given) == size and set(given) <= {0, 1}
-    hint = (f" These look like a 0/1 mask of {size} entries, but an int tensor or list gives indices; "
-            "a mask must be a bool tensor (mask.bool())." if looks_like_mask else
-            " An int tensor or list gives indices; if a mask was meant, pass a bool tensor (mask.bool()).")
-    raise ValueError(f"Knockout {what}: {unit} {repeated} given more than once ({given[:12]}"
-                     f"{' ...' if len(given) > 12 else ''}).{hint}")
+    length = f"{len(given)} entries" + ("" if len(given) == size else f", where the layer has {size} {unit}")
+    raise ValueError(f"Knockout {what}: {given[:12]}{' ...' if len(given) > 12 else ''} looks like a 0/1 mask "
+                     f"({length}), but an int tensor or list gives {unit}, and this one names {unit} "
+                     f"{sorted(set(given))} more than once. A mask must be a bool tensor (mask.bool()).")
 
 
 def resolve_positions(positions: Positions, b: int, p: int, what: str, device=None) -> Tensor:
     """Turn sources/targets into a ``[b, p]`` bool tensor.
 
-    Accepts an int, a list of distinct ints (negative counts from the end), an int tensor
-    of positions, or a bool tensor ``[p]`` or ``[b, p]`` (one row per batch element).
-    Positions index the columns of the (padded) batch. ``TypeError`` for non-integer
-    positions (floats); ``ValueError`` for a position given twice (an int 0/1 tensor meant
-    as a mask is the usual cause: masks must be bool).
+    Accepts an int, a list of ints (negative counts from the end; a position named twice,
+    e.g. ``[7, -1]`` at p = 8, is knocked out once), a 1-D int tensor of positions, or a
+    bool tensor ``[p]`` or ``[b, p]`` (one row per batch element). Positions index the
+    columns of the (padded) batch. ``TypeError`` for non-integer positions (floats);
+    ``ValueError`` for an int tensor of more than one dimension, or ints that look like a
+    0/1 mask (masks must be bool: see :func:`_refuse_an_int_mask`).
     """
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         if positions.dim() == 1:
@@ -125,13 +122,16 @@ def resolve_positions(positions: Positions, b: int, p: int, what: str, device=No
                                  f"got {tuple(positions.shape)}")
             return positions.to(device)
         raise ValueError(f"Knockout {what}: a bool mask must be [p] or [b, p], got shape {tuple(positions.shape)}")
+    if isinstance(positions, Tensor) and positions.dim() > 1:
+        raise ValueError(f"Knockout {what}: an int tensor gives positions and must be 1-D, got shape "
+                         f"{tuple(positions.shape)}; a per-row mask [b, p] must be a bool tensor (mask.bool())")
     given = _index_list(positions, what)
+    _refuse_an_int_mask(given, p, what, "positions")
     index = []
     for pos in given:
         if not -p <= pos < p:
             raise IndexError(f"Knockout {what}: position {pos} is out of range for a sequence of {p} tokens")
         index.append(pos % p)
-    _no_repeats(index, given, p, what, "positions")
     out = torch.zeros(b, p, dtype=torch.bool)  # built on the host: indexing a GPU tensor with a list waits for it
     if index:
         out[:, index] = True
@@ -155,8 +155,8 @@ def _feature_mask(chosen: Optional[Sequence[int]], size: int, what: str, device=
     bad = [i for i in given if not -size <= i < size]
     if bad:
         raise IndexError(f"Knockout {what} {bad} out of range: the layer has {size}")
+    _refuse_an_int_mask(given, size, what, what)
     index = [i % size for i in given]
-    _no_repeats(index, given, size, what, what)
     out = torch.zeros(size, dtype=torch.float32)
     out[index] = 1.0
     return _to_device(out, device)
@@ -168,13 +168,14 @@ class Knockout:
 
     Args:
         layers: a layer index, or an iterable of them (negative counts from the end).
-        sources, targets: positions (distinct ints, negatives allowed), an int tensor of
-            positions, or bool masks ``[p]`` / ``[b, p]`` (one knockout per batch row). A mask
-            must be a bool tensor: an int 0/1 tensor is read as positions, so one that repeats
-            a position raises ``ValueError``; non-integer positions (floats) raise ``TypeError``.
+        sources, targets: positions (ints, negatives allowed; one named twice counts once), a
+            1-D int tensor of positions, or bool masks ``[p]`` / ``[b, p]`` (one knockout per
+            batch row). A mask must be a bool tensor: ints are positions, and ints that look
+            like a 0/1 mask (only 0s and 1s, repeated) raise ``ValueError``; non-integer
+            positions (floats) raise ``TypeError``.
         path: ``"ssm"`` (hidden-attention terms), ``"conv"`` (conv taps) or ``"both"``.
-        heads: Mamba-2 only: restrict to these heads (distinct ints, or a bool mask ``[h]``).
-        channels: Mamba-1 only: restrict to these d_inner channels (distinct ints, or a bool
+        heads: Mamba-2 only: restrict to these heads (ints, or a bool mask ``[h]``).
+        channels: Mamba-1 only: restrict to these d_inner channels (ints, or a bool
             mask ``[e]``). An empty list of heads or channels removes nothing (with a warning).
 
     Positions are columns of the batch as the model sees it, padding included: in a
