@@ -585,6 +585,10 @@ def test_knockout_that_removes_nothing_warns_once(kwargs, warns):
         model.run_with_knockout(tokens, ko)
     ours = [w for w in caught if "removes no edges" in str(w.message)]
     assert len(ours) == (1 if warns else 0)
+    if warns:  # the hint fits the cause: a conv window too short, or no source before a target
+        too_far = kwargs.get("path") == "conv" and kwargs["sources"]
+        assert ("more than 3 positions before every target" in str(ours[0].message)) == bool(too_far)
+        assert ("swapped" in str(ours[0].message)) != bool(too_far)
     # the warning is about something real: the logits moved exactly when it stays silent
     assert torch.equal(knocked, model(tokens)) == warns
 
@@ -694,3 +698,14 @@ def test_negative_layers_count_from_the_end(family, layers, absolute):
         got = model.run_with_knockout(tokens, Knockout(layers=layers, sources=sources, targets=targets))
     assert not torch.allclose(expected, clean)  # the knockout changes something
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_knockout_repr_summarises_masks():
+    """Warnings name the knockout by its repr: a [b, p] mask shows as its shape and count, not in full."""
+    sources = torch.zeros(29, 15, dtype=torch.bool)
+    sources[:, 1] = True
+    ko = Knockout(layers=range(2, 4), sources=sources, targets=torch.tensor([3, 14]), path="conv", heads=[0, 2])
+    assert repr(ko) == ("Knockout(layers=range(2, 4), sources=<bool mask [29, 15], 29 set>, targets=[3, 14], "
+                        "path='conv', heads=[0, 2], channels=None)")
+    assert repr(Knockout(layers=0, sources=torch.arange(20))) == (
+        "Knockout(layers=0, sources=<torch.int64 tensor [20]>, targets=-1, path='ssm', heads=None, channels=None)")

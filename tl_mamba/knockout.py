@@ -219,6 +219,22 @@ class Knockout:
             raise ValueError("Knockout needs at least one layer")
         self._layers = tuple(layers)
 
+    def __repr__(self) -> str:
+        """The arguments, with a tensor summarised (a ``[29, 15]`` mask in full would flood
+        every warning that names this knockout)."""
+        def show(value) -> str:
+            if not isinstance(value, Tensor):
+                return repr(value)
+            if value.dtype == torch.bool:
+                # counting the set entries of a GPU mask would wait for the device
+                count = f", {int(value.sum())} set" if value.device.type == "cpu" else f", on {value.device}"
+                return f"<bool mask {list(value.shape)}{count}>"
+            return repr(value.tolist()) if value.numel() <= 8 else f"<{value.dtype} tensor {list(value.shape)}>"
+
+        args = ", ".join(f"{name}={show(getattr(self, name))}"
+                         for name in ("layers", "sources", "targets", "path", "heads", "channels"))
+        return f"Knockout({args})"
+
     # ----------------------------------------------------------------- resolution
     def resolved_layers(self, n_layers: int) -> List[int]:
         bad = [layer for layer in self._layers if not -n_layers <= layer < n_layers]
@@ -282,11 +298,16 @@ class Knockout:
         import warnings
 
         self._warned_no_edges = True
-        reach = "" if window is None else f" within the conv window ({window} positions)"
-        warnings.warn(
-            f"{self!r} removes no edges from these {p}-token inputs: no source comes at or before a "
-            f"target{reach} in any row. An edge runs from a source j to a later (or the same) target i; "
-            "were sources and targets swapped?", UserWarning, stacklevel=2)
+        if window is not None and bool((targets.bool() & (torch.cumsum(sources.long(), dim=1) > 0)).any()):
+            # sources do precede targets, only too far back for the conv's taps
+            why = (f"every source is more than {window - 1} positions before every target, and the conv "
+                   f"(d_conv = {window}) carries a token only {window - 1} positions forward. On the conv path "
+                   "only nearby edges exist; path='ssm' reaches any earlier source.")
+        else:
+            reach = "" if window is None else f" within the conv window ({window} positions)"
+            why = (f"no source comes at or before a target{reach} in any row. An edge runs from a source j "
+                   "to a later (or the same) target i; were sources and targets swapped?")
+        warnings.warn(f"{self!r} removes no edges from these {p}-token inputs: {why}", UserWarning, stacklevel=2)
 
     def warn_if_no_features(self, cfg) -> None:
         """Warn (once per Knockout, like :meth:`warn_if_no_edges`) when ``heads=`` / ``channels=``
