@@ -234,6 +234,60 @@ def test_eap_with_no_prompts_or_zero_ig_steps_raises(family):
         attribute(model, graph, clean, corrupted, metric, method="EAP-IG", ig_steps=0, quiet=True)
 
 
+def test_batches_and_batch_size_are_checked_whatever_the_data_form():
+    """batch_size is checked for a list of batches too (it used to be ignored there), labels=
+    beside a dataloader is refused (its batches carry their own; it was ignored), and labels
+    that batch_size cannot cut by prompt are named."""
+    from tl_mamba.circuits import iter_batches
+    from tl_mamba.circuits.eap import count_batches
+
+    model = make_model("mamba2")
+    graph = Graph.from_model(model)
+    clean, corrupted = tokens(1, b=5), tokens(2, b=5)
+    loader = [(clean, corrupted)]
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            attribute(model, graph, loader, None, metric, batch_size=bad, quiet=True)
+    with pytest.raises(TypeError, match="labels= goes with token tensors"):
+        attribute(model, graph, loader, None, lambda lg, lab: metric(lg), labels=torch.zeros(5, dtype=torch.long),
+                  quiet=True)
+    with pytest.raises(ValueError, match="got 4 labels for 5 prompts"):
+        list(iter_batches([(clean, corrupted, [1, 2, 3, 4])], batch_size=2))
+    with pytest.raises(TypeError, match="cannot split labels of type object"):
+        list(iter_batches([(clean, corrupted, object())], batch_size=2))
+    # labels with one entry per prompt are cut with the prompts (also inside a dict); a number,
+    # shared by every prompt, goes to every chunk; a batch that fits is passed on as it is
+    labels = {"good": torch.arange(5), "names": list("abcde"), "shared": 7}
+    chunks = list(iter_batches([(clean, corrupted, labels, torch.ones_like(clean))], batch_size=2))
+    assert [c.shape[0] for c, _, _, _ in chunks] == [2, 2, 1]
+    assert [lab["names"] for _, _, lab, _ in chunks] == [["a", "b"], ["c", "d"], ["e"]]
+    assert [lab["good"].tolist() for _, _, lab, _ in chunks] == [[0, 1], [2, 3], [4]]
+    assert [lab["shared"] for _, _, lab, _ in chunks] == [7, 7, 7]
+    assert [m.shape[0] for _, _, _, m in chunks] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat([k for _, k, _, _ in chunks]), corrupted)
+    (whole,) = iter_batches([(clean, corrupted, object())], batch_size=5)
+    assert whole[0] is clean
+    # the progress bars count the chunks
+    assert count_batches([(clean, corrupted), (clean[:2], corrupted[:2])], 2) == 3 + 1
+    assert count_batches([(clean, corrupted), (clean[:2], corrupted[:2])]) == 2
+    assert count_batches(clean, 2) == 3
+
+
+def test_task_batches_checks_the_needle_options():
+    import tl_mamba
+    from tl_mamba.circuits import task_batches
+
+    model = tl_mamba.from_pretrained("toy-mamba2")
+    with pytest.raises(ValueError, match=r"\['depth', 'length'\] apply to task='needle' only"):
+        task_batches(model, "ioi", n=2, length=64, depth=0.5)
+    for bad, what in ((8, "outside"), (5000, "outside"), ((80, 40), "lo <= hi"), ((40, 60, 80), "one int or"),
+                      (64.0, "an int or")):
+        with pytest.raises(ValueError, match=what):
+            task_batches(model, "needle", n=2, length=bad)
+    with pytest.raises(ValueError, match="depth"):
+        task_batches(model, "needle", n=2, length=32, depth=1.5)
+
+
 def test_knockout_attribution_of_empty_prompts_raises(family):
     model = make_model(family)
     with pytest.raises(ValueError, match="no positions"):

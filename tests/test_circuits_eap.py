@@ -545,6 +545,139 @@ def test_attention_mask_errors_name_the_problem():
         attribute(model, graph, [(clean, corrupted)], None, last_logit_metric(), attention_mask=right_padded)
 
 
+# ------------------------------------------------------------------ batch_size on a list of batches
+class RowCounter:
+    """Rows of every forward, read at the embedding module (every forward of the model runs it,
+    also when hook_embed's output is replaced): ``with RowCounter(model) as rows: ...``."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def __enter__(self):
+        self.handle = self.model.embed.register_forward_hook(lambda module, inp, out: self.rows.append(out.shape[0]))
+        return self.rows
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def labelled_metric(logits, labels):
+    """Per prompt: the logit of the prompt's own target minus the mean logit."""
+    last = logits[:, -1]
+    return last.gather(1, labels[:, None])[:, 0] - last.mean(-1)
+
+
+def m0_m2_references(model, clean, corrupted, targets, ig_steps):
+    """Hand-written references for the edge m0 -> m2 over ALL prompts at once (no
+    tl_mamba.circuits code): its exact patching effect, its EAP and EAP-IG scores (means over
+    prompts), and the per-prompt metric with that edge alone patched."""
+    with torch.no_grad():
+        _, corr_cache = model.run_with_cache(corrupted, names_filter="blocks.0.hook_mixer_out")
+        _, clean_cache = model.run_with_cache(clean, names_filter="blocks.0.hook_mixer_out")
+        shift = corr_cache["blocks.0.hook_mixer_out"] - clean_cache["blocks.0.hook_mixer_out"]
+        patched = labelled_metric(model.run_with_hooks(
+            clean, fwd_hooks=[("blocks.2.hook_mixer_in", lambda x, hook: x + shift)]), targets)
+        clean_values = labelled_metric(model(clean), targets)
+        corrupted_values = labelled_metric(model(corrupted), targets)
+        e_clean, e_corr = model.embed.W_E[clean], model.embed.W_E[corrupted]
+
+    def grad_at_m2(embed):
+        leaf = {}
+
+        def make_leaf(x, hook):
+            leaf["x"] = x.detach().requires_grad_(True)
+            return leaf["x"]
+
+        with torch.enable_grad():
+            logits = model.run_with_hooks(clean, fwd_hooks=[("hook_embed", lambda x, hook: embed),
+                                                            ("blocks.2.hook_mixer_in", make_leaf)])
+            (grad,) = torch.autograd.grad(labelled_metric(logits, targets).sum(), leaf["x"])
+        return grad
+
+    n = clean.shape[0]
+    eap = float((shift * grad_at_m2(e_clean)).sum()) / n
+    ig = sum(float((shift * grad_at_m2(e_corr + k / ig_steps * (e_clean - e_corr))).sum())
+             for k in range(1, ig_steps + 1)) / ig_steps / n
+    return dict(exact=float((patched - clean_values).mean()), EAP=eap, ig=ig, patched=patched,
+                clean=clean_values, corrupted=corrupted_values)
+
+
+def test_batch_size_splits_every_given_batch_of_a_list():
+    """batch_size caps the rows of every forward when the data is a list of batches too (it was
+    ignored there): a batch larger than batch_size is cut, tokens, labels and all, and every
+    result is the unsplit one (chunks of 2, 2, 1 and 1 rows: a mean of chunk means would
+    weigh the single rows double) and matches hand-written references over all prompts."""
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    targets = (torch.arange(B) * 7 + 3) % 40
+    loader = [(clean[:5], corrupted[:5], targets[:5]), (clean[5:], corrupted[5:], targets[5:])]
+    ref = m0_m2_references(model, clean, corrupted, targets, ig_steps=3)
+    index = Graph.from_model(model, "layer").edge("m0->m2").index
+    for method, kw, expected in (("EAP", {}, ref["EAP"]), ("EAP-IG", {"ig_steps": 3}, ref["ig"]),
+                                 ("exact", {}, ref["exact"])):
+        with RowCounter(model) as rows:
+            split = attribute(model, Graph.from_model(model, "layer"), loader, None, labelled_metric, method=method,
+                              batch_size=2, quiet=True, **kw).scores
+        assert rows and max(rows) <= 2, (method, rows)
+        whole = attribute(model, Graph.from_model(model, "layer"), loader, None, labelled_metric, method=method,
+                          quiet=True, **kw).scores
+        torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-12)
+        assert abs(expected) > 1e-4
+        assert float(split[index]) == pytest.approx(expected, rel=1e-9, abs=1e-12), method
+    # a scalar metric (the mean over the rows of a forward) stays a mean over all prompts
+    mean_metric = lambda logits, labels: labelled_metric(logits, labels).mean()  # noqa: E731
+    scalar = attribute(model, Graph.from_model(model, "layer"), loader, None, mean_metric, batch_size=2, quiet=True)
+    assert float(scalar.scores[index]) == pytest.approx(ref["EAP"], rel=1e-9, abs=1e-12)
+
+    graph = Graph.from_model(model, "layer")
+    graph.in_graph[index] = False  # every edge kept but m0 -> m2
+    with RowCounter(model) as rows:
+        values = evaluate_graph(model, graph, loader, None, labelled_metric, batch_size=2, quiet=True)
+        clean_values = evaluate_baseline(model, loader, None, labelled_metric, batch_size=2)
+        corrupted_values = evaluate_baseline(model, loader, None, labelled_metric, batch_size=2, run_corrupted=True)
+        faithful = faithfulness(model, graph, loader, None, labelled_metric, batch_size=2, quiet=True)
+    assert rows and max(rows) <= 2, rows
+    torch.testing.assert_close(values, ref["patched"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(values, evaluate_graph(model, graph, loader, None, labelled_metric, quiet=True))
+    torch.testing.assert_close(clean_values, ref["clean"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(corrupted_values, ref["corrupted"], rtol=1e-9, atol=1e-12)
+    gap = ref["clean"].mean() - ref["corrupted"].mean()
+    expected = float((ref["patched"].mean() - ref["corrupted"].mean()) / gap)
+    assert abs(1 - expected) > 1e-3  # the edge matters
+    assert faithful == pytest.approx(expected, rel=1e-9)
+    assert faithful == pytest.approx(faithfulness(model, graph, loader, None, labelled_metric, quiet=True), rel=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_size_splits_dict_batches_with_their_masks(family):
+    """A left-padded dict batch (tokens, labels, attention_mask) cut by batch_size=3 scores like
+    its two groups of prompts run unpadded and whole (the reference of the padding test above);
+    two parallel lists of token tensors are cut as well."""
+    model = tiny(family)
+    long_pair = pair(seed=3, change=(1, 6))
+    short_clean, short_corrupted = pair(seed=4, change=(2,))
+    short_pair = (short_clean[:4, :5], short_corrupted[:4, :5])
+    clean, corrupted, mask = left_padded(long_pair, short_pair)
+    targets = torch.arange(clean.shape[0]) % 40
+    loader = [{"clean": clean, "corrupted": corrupted, "labels": targets, "attention_mask": mask}]
+    kw = dict(method="EAP-IG", ig_steps=2, quiet=True)
+    with RowCounter(model) as rows:
+        split = attribute(model, Graph.from_model(model, "layer"), loader, None, labelled_metric, batch_size=3, **kw)
+        values = evaluate_graph(model, split, loader, None, labelled_metric, batch_size=3, quiet=True)
+    assert rows and max(rows) <= 3, rows
+    parts = [attribute(model, Graph.from_model(model, "layer"), c, k, labelled_metric, labels=t, **kw)
+             for c, k, t in ((*long_pair, targets[:B]), (*short_pair, targets[B:]))]
+    expected = (B * parts[0].scores.double() + 4 * parts[1].scores.double()) / (B + 4)
+    torch.testing.assert_close(split.scores.double(), expected, rtol=1e-5, atol=1e-7)
+    unpadded = torch.cat([evaluate_graph(model, split, c, k, labelled_metric, labels=t, quiet=True)
+                          for c, k, t in ((*long_pair, targets[:B]), (*short_pair, targets[B:]))])
+    torch.testing.assert_close(values.double(), unpadded.double(), rtol=1e-6, atol=1e-8)
+    with RowCounter(model) as rows:
+        parallel = evaluate_baseline(model, [clean[:B], clean[B:, 1:]], [corrupted[:B], corrupted[B:, 1:]],
+                                     last_logit_metric(), batch_size=4)
+    assert max(rows) <= 4 and len(parallel) == B + 4, rows
+
+
 # ------------------------------------------------------------------ the shipped toy model
 def ioi_batch(model, n=48, seed=1, limit=12):
     from tl_mamba.toy import make_ioi
@@ -633,3 +766,67 @@ def test_threshold_keeps_edges_at_the_threshold():
         {"input->m0", "m0->m1", "m1->logits"}
     pruned = graph().apply_threshold(0.5)  # all four lie on input -> logits paths
     assert set(pruned.included_edges()) == {"input->m0", "m0->m1", "m0->logits", "m1->logits"}
+
+
+# ------------------------------------------------------------------ needle (key-value retrieval) pairs
+def test_task_batches_needle_pairs_are_make_needles_prompts():
+    """task_batches(model, "needle") encodes make_needle's held-out prompts and their
+    corruptions (the needle's value replaced by one found nowhere in the prompt), with labels
+    (value, corrupted value); make_needle's length, depth and n_pairs pass through."""
+    from tl_mamba.circuits import task_batches
+    from tl_mamba.toy import make_needle
+
+    model = tl_mamba.from_pretrained("toy-mamba2")
+    prompts = make_needle(12, 3, length=48, split="heldout", depth=0.25, n_pairs=2)
+    batches = task_batches(model, "needle", n=12, seed=3, length=48, depth=0.25, n_pairs=2, batch_size=5)
+    assert [tuple(c.shape) for c, _, _ in batches] == [(5, 48), (5, 48), (2, 48)]
+    rows = [(c[i], k[i], lab[i]) for c, k, lab in batches for i in range(c.shape[0])]
+    bos = model.tokenizer.bos_token_id
+    for prompt, (clean, corrupted, (answer, wrong)) in zip(prompts, rows):
+        assert int(clean[0]) == bos and int(corrupted[0]) == bos
+        assert model.to_string(clean[1:]) == prompt.text
+        assert model.to_string(corrupted[1:]) == prompt.corrupted
+        assert torch.nonzero(clean != corrupted).flatten().tolist() == prompt.spans["needle_value"]
+        assert model.to_string(answer[None]) == prompt.answer
+        assert model.to_string(wrong[None]) == prompt.corrupted_answer
+        assert answer != wrong and wrong not in clean
+        assert prompt.meta["n_pairs"] == 2
+    # a (lo, hi) range: make_needle's prompts of several lengths, each batch of one length
+    prompts = make_needle(10, 4, length=(40, 56), split="heldout")
+    batches = task_batches(model, "needle", n=10, seed=4, length=(40, 56), batch_size=4)
+    lengths = [c.shape[1] for c, _, _ in batches]
+    assert lengths == sorted(lengths) and sum(c.shape[0] for c, _, _ in batches) == 10
+    decoded = sorted(model.to_string(row[1:]) for c, _, _ in batches for row in c)
+    assert decoded == sorted(p.text for p in prompts)
+    assert len({p.n_tokens for p in prompts}) > 1
+
+
+def test_eap_ig_needle_circuit_runs_on_toy_mamba2():
+    """The state-sink workflow's first step: toy-mamba2 retrieves the needle (held-out accuracy
+    98-100% at 64 tokens, docs/toy_models.md), so the logit difference value − corrupted value
+    is clearly positive on the clean prompts and negative on the corrupted ones (the model
+    reads the value it is given); EAP-IG scores its head-level graph (batch_size cutting the
+    given batch), and the top-40 circuit keeps most of the behaviour."""
+    from tl_mamba.circuits import logit_diff, task_batches
+
+    model = tl_mamba.from_pretrained("toy-mamba2")
+    batches = task_batches(model, "needle", n=6, seed=0, length=64)
+    clean_values = evaluate_baseline(model, batches, None, logit_diff)
+    corrupted_values = evaluate_baseline(model, batches, None, logit_diff, run_corrupted=True)
+    assert float(clean_values.mean()) > 2 and float((clean_values > 0).float().mean()) >= 5 / 6
+    assert float(corrupted_values.mean()) < 0
+    graph = Graph.from_model(model, level="head")
+    with RowCounter(model) as rows:
+        attribute(model, graph, batches, None, logit_diff, method="EAP-IG", ig_steps=3, batch_size=4, quiet=True)
+    assert max(rows) <= 4
+    assert bool(torch.isfinite(graph.scores).all()) and float(graph.scores.abs().max()) > 0.1
+    baselines = (float(clean_values.mean()), float(corrupted_values.mean()))
+    assert faithfulness(model, graph.reset(empty=False), batches, None, logit_diff, baselines=baselines,
+                        quiet=True) == pytest.approx(1.0, abs=1e-4)
+    graph.apply_topn(40)
+    top = faithfulness(model, graph, batches, None, logit_diff, baselines=baselines, quiet=True)
+    assert top > 0.8
+    # 40 edges drawn at random keep far less: the scores, not the circuit's size, make it faithful
+    graph.scores = torch.rand(graph.scores.shape, generator=torch.Generator().manual_seed(0)).to(graph.scores.dtype)
+    graph.apply_topn(40)
+    assert faithfulness(model, graph, batches, None, logit_diff, baselines=baselines, quiet=True) < top - 0.5

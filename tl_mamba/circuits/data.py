@@ -2,28 +2,46 @@
 
     batches = task_batches(model, "ioi", n=64)          # [(clean, corrupted, labels), ...]
     attribute(model, graph, batches, None, logit_diff, method="EAP-IG")
+    needle = task_batches(model, "needle", n=32, length=64)   # key-value retrieval
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-CONTRAST = {"ioi": "S", "facts": None}  # the wrong answer each task's metric compares against
+CONTRAST = {"ioi": "S", "facts": None, "needle": None}  # the wrong answer each task's metric compares against
+NEEDLE_OPTIONS = ("length", "depth", "n_pairs", "max_pairs")  # make_needle's, passed through for task="needle"
 
 
 def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: str = "heldout",
-                 batch_size: int = 32) -> List[Tuple[Tensor, Tensor, Tensor]]:
+                 batch_size: int = 32, *, length: Optional[Union[int, Tuple[int, int]]] = None,
+                 depth: Optional[float] = None, n_pairs: Optional[int] = None,
+                 max_pairs: Optional[int] = None) -> List[Tuple[Tensor, Tensor, Tensor]]:
     """Clean prompts of a toy task with their corrupted counterparts, grouped by length.
 
     Returns batches ``(clean [b, p], corrupted [b, p], labels [b, 2])``: ``labels[:, 0]``
     is the right answer and ``labels[:, 1]`` the contrasting one (IOI: the subject S;
-    facts: the corrupted entity's attribute). IOI's ABC corruption and the facts
-    corruption keep the length, so each pair has one shape; prompts of different lengths
-    go to different batches.
+    facts: the corrupted entity's attribute; needle: the corrupted prompt's value, which
+    is nowhere in the clean prompt). Every corruption keeps the length (IOI's ABC: the
+    second subject mention becomes a third name; facts: another entity with as many name
+    words; needle: the needle's value replaced), so each pair has one shape; prompts of
+    different lengths go to different batches, at most ``batch_size`` prompts each.
+
+    Tasks (:mod:`tl_mamba.toy.tasks`): ``"ioi"``, ``"facts"`` and ``"needle"`` (key-value
+    retrieval in a haystack, ``... key zal is 7 . <filler> what is key zal ? it is`` →
+    ``7``). The needle's options are :func:`tl_mamba.toy.tasks.make_needle`'s (and
+    :func:`tl_mamba.circuits.needle_accuracy`'s), and are refused for the other tasks:
+
+    - ``length``: tokens per prompt, BOS included (default 128), or an inclusive range
+      ``(lo, hi)`` drawn per prompt (the batches then hold one length each). Several fixed
+      lengths: concatenate the lists of one call per length.
+    - ``depth``: where in the haystack the queried pair sits, in [0, 1] (None: random).
+    - ``n_pairs``: key-value pairs (the needle and its distractors; default one more per
+      24 tokens, up to ``max_pairs``, default 6).
     """
     from tl_mamba.toy import make_dataset
 
@@ -31,26 +49,56 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
         raise ValueError(f"task {task!r} has no clean/corrupted pairs: choose from {sorted(CONTRAST)}")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+    options = {k: v for k, v in dict(length=length, depth=depth, n_pairs=n_pairs, max_pairs=max_pairs).items()
+               if v is not None}
+    if task != "needle" and options:
+        raise ValueError(f"{sorted(options)} apply to task='needle' only (make_needle's options), not {task!r}")
+    if "length" in options:
+        options["length"] = _needle_length(options["length"])
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: task_batches needs one to encode the prompts")
-    by_length = defaultdict(list)
-    for prompt in make_dataset(task, split, n, seed=seed):
-        by_length[prompt.n_tokens].append(prompt)
+    by_length = defaultdict(list)  # tokens per prompt -> [(clean [1, p], corrupted [1, p], answer, wrong)]
+    for prompt in make_dataset(task, split, n, seed=seed, **options):
+        clean, corrupted = model.to_tokens(prompt.text), model.to_tokens(prompt.corrupted)
+        if clean.shape != corrupted.shape:
+            raise ValueError(f"a {task} prompt and its corruption tokenize to different lengths ({clean.shape[1]} "
+                             f"and {corrupted.shape[1]} tokens): {prompt.text!r} / {prompt.corrupted!r}")
+        wrong = prompt.meta[CONTRAST[task]] if CONTRAST[task] else prompt.corrupted_answer
+        by_length[clean.shape[1]].append((clean, corrupted, prompt.answer, wrong))
     device = model.cfg.device
     batches = []
-    for length in sorted(by_length):
-        group = by_length[length]
+    for p in sorted(by_length):
+        group = by_length[p]
         for start in range(0, len(group), batch_size):
             part = group[start:start + batch_size]
-            clean = torch.cat([model.to_tokens(p.text) for p in part])
-            corrupted = torch.cat([model.to_tokens(p.corrupted) for p in part])
-            wrong = [p.meta[CONTRAST[task]] if CONTRAST[task] else p.corrupted_answer for p in part]
-            labels = torch.tensor([[model.to_single_token(p.answer), model.to_single_token(w)]
-                                   for p, w in zip(part, wrong)])
-            if clean.shape != corrupted.shape:
-                raise ValueError(f"a {task} prompt and its corruption tokenize to different lengths")
+            clean = torch.cat([c for c, _, _, _ in part])
+            corrupted = torch.cat([k for _, k, _, _ in part])
+            labels = torch.tensor([[model.to_single_token(answer), model.to_single_token(wrong)]
+                                   for _, _, answer, wrong in part])
             batches.append((clean.to(device), corrupted.to(device), labels.to(device)))
     return batches
+
+
+def _needle_length(length) -> Union[int, Tuple[int, int]]:
+    """``length`` checked: an int, or ``(lo, hi)`` with lo <= hi, within the needle's lengths."""
+    from tl_mamba.toy.tasks import NEEDLE_MAX_LENGTH, NEEDLE_MIN_LENGTH
+
+    def check(value) -> int:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise ValueError(f"needle length must be an int or a (lo, hi) range of ints, got {length!r}")
+        if not NEEDLE_MIN_LENGTH <= int(value) <= NEEDLE_MAX_LENGTH:
+            raise ValueError(f"needle length {int(value)} is outside [{NEEDLE_MIN_LENGTH}, {NEEDLE_MAX_LENGTH}]")
+        return int(value)
+
+    if isinstance(length, Sequence) and not isinstance(length, str):
+        if len(length) != 2:
+            raise ValueError(f"length is one int or a (lo, hi) range, got {length!r}; for several fixed lengths, "
+                             "concatenate the batches of one task_batches call per length")
+        lo, hi = check(length[0]), check(length[1])
+        if lo > hi:
+            raise ValueError(f"length range (lo, hi) needs lo <= hi, got {length!r}")
+        return lo, hi
+    return check(length)
 
 
 def logit_diff(logits: Tensor, labels: Tensor) -> Tensor:

@@ -6,15 +6,24 @@ senders' outputs are read at their hooks (``hook_embed``, ``hook_mixer_out``,
 and each receiver's input is edited at ``hook_mixer_in`` (or the last
 ``hook_resid_post`` for the logits). No private forward.
 
-Data: ``clean`` and ``corrupted`` are token tensors ``[N, p]`` of the same shape
-(split into ``batch_size`` rows), or ``clean`` is an iterable of batches
-``(clean, corrupted)``, ``(clean, corrupted, labels)`` or ``(clean, corrupted, labels,
-attention_mask)`` (or dicts with those keys) and ``corrupted`` is None. Batches may
-differ in length unless the graph is positional. Prompts of different lengths share a
-batch by padding on the left, with ``attention_mask`` ``[N, p]`` (1 = real token; one
-mask for a clean prompt and its corruption, which must have the same length): padded
-positions feed nothing into the conv or the SSM, so every real position, and the
+Data: ``clean`` and ``corrupted`` are token tensors ``[N, p]`` of the same shape, or
+``clean`` is an iterable of batches ``(clean, corrupted)``, ``(clean, corrupted, labels)``
+or ``(clean, corrupted, labels, attention_mask)`` (or dicts with those keys; what
+:func:`tl_mamba.circuits.task_batches` returns) and ``corrupted`` is None. Batches may
+differ in length unless the graph is positional. ``labels=`` and ``attention_mask=`` go
+with token tensors; a dataloader's batches carry their own. Prompts of different lengths
+share a batch by padding on the left, with ``attention_mask`` ``[N, p]`` (1 = real
+token; one mask for a clean prompt and its corruption, which must have the same length):
+padded positions feed nothing into the conv or the SSM, so every real position, and the
 last one the metric reads, is what it is unpadded, and so are the scores.
+
+``batch_size`` caps the rows of one forward whatever form the data takes: token
+tensors, and every given batch with more rows, are cut into consecutive chunks of at
+most ``batch_size`` rows (the tokens, corrupted tokens, labels and mask alike:
+:func:`split_batch`); None runs each batch whole. Results do not depend on it (up to
+rounding): scores are sums over all prompts divided by their number, and per-prompt
+values are concatenated, never means of chunk means. (A metric that returns a scalar is
+taken as the mean over the rows it was given, so it should be a mean over rows.)
 
 Metric: ``metric(logits)`` — or ``metric(logits, labels)`` when labels are given —
 returns one value per prompt (``[b]``) or the batch mean (a scalar). Scores are
@@ -24,7 +33,8 @@ means over prompts of first-order estimates of
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import numbers
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -41,9 +51,14 @@ METHODS = ("EAP", "EAP-IG", "exact")
 def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] = None,
                  attention_mask: Optional[Tensor] = None) -> Iterator[Batch]:
     """Yield ``(clean [b, p], corrupted [b, p], labels or None, attention_mask [b, p] or None)``
-    from tensors or a dataloader (see the module docstring)."""
+    from tensors or a dataloader (see the module docstring), at most ``batch_size`` rows each:
+    token tensors and every larger batch of a dataloader are split by :func:`split_batch`."""
+    step = rows_per_forward(batch_size)
     if attention_mask is not None and not isinstance(clean, Tensor):
         raise TypeError("attention_mask= goes with token tensors; a dataloader's batches carry their own masks")
+    if labels is not None and not isinstance(clean, Tensor):
+        raise TypeError("labels= goes with token tensors; a dataloader's batches carry their own labels "
+                        "((clean, corrupted, labels) or a dict with 'labels')")
     if isinstance(clean, Tensor):
         if not isinstance(corrupted, Tensor):
             raise TypeError("clean is a token tensor, so corrupted must be a token tensor of the same shape")
@@ -53,43 +68,99 @@ def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] =
         n = clean.shape[0]
         if n == 0:
             raise ValueError(f"no prompts: clean and corrupted are {tuple(clean.shape)} token tensors with 0 rows")
-        if labels is not None and len(labels) != n:
-            raise ValueError(f"got {len(labels)} labels for {n} prompts")
-        if batch_size is not None and (isinstance(batch_size, bool) or not hasattr(batch_size, "__index__")
-                                       or int(batch_size) < 1):
-            raise ValueError(f"batch_size must be a positive int (or None: all prompts at once), got {batch_size!r}")
-        step = n if batch_size is None else int(batch_size)
-        for start in range(0, n, step):
-            window = slice(start, start + step)
-            yield _check_pair(clean[window], corrupted[window], None if labels is None else labels[window],
-                              None if attention_mask is None else attention_mask[window])
-        return
-    if corrupted is not None and not isinstance(corrupted, Tensor):  # two parallel iterables
-        for c, k in zip(clean, corrupted):
-            yield _check_pair(c, k, None, None)
-        return
-    if corrupted is not None:
+        _label_rows(labels, slice(0, n), n)  # one per prompt (or shared by all): checked before any forward
+        batches: Iterable[tuple] = [(clean, corrupted, labels, attention_mask)]
+    elif corrupted is not None and not isinstance(corrupted, Tensor):  # two parallel iterables
+        batches = ((c, k, None, None) for c, k in zip(clean, corrupted))
+    elif corrupted is not None:
         raise TypeError("corrupted is a tensor but clean is not; pass two token tensors or one dataloader")
-    for item in clean:
-        if isinstance(item, dict):
-            item = (item["clean"], item["corrupted"], item.get("labels"), item.get("attention_mask"))
-        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3, 4):
-            raise ValueError("each batch of the dataloader must be (clean, corrupted), (clean, corrupted, labels) "
-                             "or (clean, corrupted, labels, attention_mask)")
-        item = tuple(item) + (None,) * (4 - len(item))
-        yield _check_pair(*item)
+    else:
+        batches = (_unpack(item) for item in clean)
+    for batch in batches:
+        yield from split_batch(_check_pair(*batch), step)
+
+
+def rows_per_forward(batch_size) -> Optional[int]:
+    """``batch_size`` checked: a positive int, or None (each batch whole)."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive int (or None: all prompts at once), got {batch_size!r}")
+    return int(batch_size)
+
+
+def split_batch(batch: Batch, batch_size: Optional[int]) -> Iterator[Batch]:
+    """One checked batch ``(clean, corrupted, labels, attention_mask)`` as consecutive chunks
+    of at most ``batch_size`` rows (the batch itself when it has no more rows, or when
+    ``batch_size`` is None). Every per-row companion is cut alike: the labels (a tensor,
+    array, list or tuple with one entry per prompt, or a dict of such; a number or a 0-dim
+    tensor is shared by every row and goes to each chunk whole) and the mask."""
+    clean, corrupted, labels, attention_mask = batch
+    b = clean.shape[0]
+    if batch_size is None or b <= batch_size:
+        yield batch
+        return
+    for start in range(0, b, batch_size):
+        rows = slice(start, start + batch_size)
+        yield (clean[rows], corrupted[rows], _label_rows(labels, rows, b),
+               None if attention_mask is None else attention_mask[rows])
+
+
+def _label_rows(labels, rows: slice, b: int):
+    """The labels of ``rows`` out of a batch of ``b`` prompts (see :func:`split_batch`)."""
+    if labels is None or isinstance(labels, numbers.Number) or getattr(labels, "ndim", None) == 0:
+        return labels  # shared by every prompt
+    if isinstance(labels, Mapping):
+        return {key: _label_rows(value, rows, b) for key, value in labels.items()}
+    if isinstance(labels, (Tensor, list, tuple)) or (hasattr(labels, "shape") and hasattr(labels, "__getitem__")):
+        if len(labels) != b:
+            raise ValueError(f"got {len(labels)} labels for {b} prompts: labels need one entry per prompt "
+                             "(batch_size splits them with the prompts)")
+        return labels[rows]
+    raise TypeError(f"cannot split labels of type {type(labels).__name__} by prompt (batch_size splits "
+                    f"batches of {b} prompts by rows): give a tensor, array, list or tuple with one entry per "
+                    "prompt (or a dict of such), or batches of at most batch_size prompts")
+
+
+def _unpack(item) -> tuple:
+    """One dataloader batch as ``(clean, corrupted, labels, attention_mask)``."""
+    if isinstance(item, dict):
+        item = (item["clean"], item["corrupted"], item.get("labels"), item.get("attention_mask"))
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3, 4):
+        raise ValueError("each batch of the dataloader must be (clean, corrupted), (clean, corrupted, labels) "
+                         "or (clean, corrupted, labels, attention_mask)")
+    return tuple(item) + (None,) * (4 - len(item))
 
 
 def count_batches(clean, batch_size: Optional[int] = None) -> Optional[int]:
     """How many batches :func:`iter_batches` yields (a progress bar's total): ``ceil(N /
-    batch_size)`` for token tensors, the dataloader's ``len`` when it has one, else None."""
+    batch_size)`` for token tensors; for a list or tuple of batches, its length, or with
+    ``batch_size`` the sum of each batch's ``ceil(rows / batch_size)``; the length of any
+    other dataloader that has one when ``batch_size`` is None; else None."""
+    try:
+        step = rows_per_forward(batch_size)
+    except ValueError:
+        return None  # iter_batches says why
     if isinstance(clean, Tensor):
         n = clean.shape[0] if clean.ndim else 0
-        return -(-n // int(batch_size)) if batch_size else min(n, 1)
+        return -(-n // step) if step else min(n, 1)
+    if step is None:
+        try:
+            return len(clean)
+        except TypeError:
+            return None
+    if not isinstance(clean, (list, tuple)):
+        return None  # counting its batches' rows would use the dataloader up
     try:
-        return len(clean)
-    except TypeError:
+        return sum(-(-_rows(item) // step) for item in clean)
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError):
         return None
+
+
+def _rows(item) -> int:
+    """Prompts in one dataloader batch (or one tensor of two parallel lists)."""
+    tokens = item if isinstance(item, Tensor) else item["clean"] if isinstance(item, dict) else item[0]
+    return int(tokens.shape[0])
 
 
 def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Optional[Tensor]) -> Batch:
@@ -494,4 +565,4 @@ def edge_scores_table(graph: Graph, k: int = 20) -> List[Dict[str, Union[str, fl
 
 
 __all__ = ["attribute", "evaluate_graph", "evaluate_baseline", "faithfulness", "patched_logits",
-           "iter_batches", "edge_scores_table", "METHODS"]
+           "iter_batches", "split_batch", "edge_scores_table", "METHODS"]
