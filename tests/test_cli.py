@@ -48,9 +48,12 @@ def test_knockout_task_and_prompt(tmp_path, capsys):
     assert "subject" in out and "relation" in out and "layer" in out
     assert (tmp_path / "knockout_facts.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "knockout_facts.csv").stat().st_size > 100
-    assert main(["knockout", "--prompt", "The capital of Zor Vel Quen is", "--window", "2", "--path", "both",
+    assert main(["knockout", "--prompt", "The capital of Kor Mav Vor is", "--window", "2", "--path", "both",
                  "--out", str(tmp_path)]) == 0
-    assert "3:of" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3:of" in out and "6:Vor" in out
+    # without --answer the run says which token it scores: here the fact itself
+    assert "scoring p('Brevik') = 0.99" in out and "the model's top prediction" in out
     assert (tmp_path / "knockout_tokens.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -71,10 +74,10 @@ def test_knockout_prompt_csv_matches_a_knockout_by_hand(tmp_path):
     import pandas as pd
     import torch
 
-    from tl_mamba import Knockout
+    from tl_mamba import Knockout, toy
     from tl_mamba.cli import _load
 
-    prompt = "The capital of Zor Vel Quen is"
+    prompt = "The capital of Kor Mav Vor is"
     assert main(["knockout", "--prompt", prompt, "--window", "1", "--out", str(tmp_path)]) == 0
     frame = pd.read_csv(tmp_path / "knockout_tokens.csv")
     model = _load("toy-mamba2")
@@ -88,6 +91,43 @@ def test_knockout_prompt_csv_matches_a_knockout_by_hand(tmp_path):
         ko = Knockout(layers=[int(row["layer"])], sources=[int(row["position"])], targets=[-1], path="ssm")
         p_ko = model.run_with_knockout(tokens, ko)[0, -1].softmax(-1)[answer]
     assert row["change"] == pytest.approx(float((p_ko - probs[answer]) / probs[answer]), rel=1e-4, abs=1e-6)
+    # the top prediction is the entity's real capital, and the CSV names it with its probability
+    assert model.to_string([answer]) == toy.fact("Kor Mav Vor", "capital") == "Brevik"
+    assert set(frame["answer"]) == {"Brevik"}
+    assert frame["p"].iloc[0] == pytest.approx(float(probs[answer]), rel=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["toy-mamba2", "toy-mamba"])
+def test_knockout_answer_scores_the_given_token(tmp_path, capsys, model_name):
+    """``--answer`` scores that token, not the top prediction: every cell of the CSV is
+    (p_ko - p) / p of the given token, checked against the public Knockout API by hand at the
+    cells that move it most. The prompt is about an entity that is not in the toy world, so the
+    model guesses (toy-mamba2: 'Duvall' at p ~ 0.47) and p('Brevik') is tiny but still scored."""
+    import pandas as pd
+    import torch
+
+    from tl_mamba import Knockout
+    from tl_mamba.cli import _load
+
+    prompt = "The capital of Zor Vel Quen is"
+    assert main(["knockout", model_name, "--prompt", prompt, "--answer", "Brevik", "--window", "1",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "scoring p('Brevik')" in out and "given by --answer; the model's top prediction is" in out
+    frame = pd.read_csv(tmp_path / "knockout_tokens.csv")
+    model = _load(model_name)
+    tokens = model.to_tokens(prompt)
+    brevik = model.tokenizer.convert_tokens_to_ids("Brevik")
+    with torch.no_grad():
+        probs = model(tokens)[0, -1].float().softmax(-1)
+    assert int(probs.argmax()) != brevik  # the point of --answer: not the top prediction
+    assert set(frame["answer"]) == {"Brevik"} and frame["p"].iloc[0] == pytest.approx(float(probs[brevik]), rel=1e-4)
+    for _, row in frame.reindex(frame["change"].abs().sort_values(ascending=False).index).head(3).iterrows():
+        ko = Knockout(layers=[int(row["layer"])], sources=[int(row["position"])], targets=[-1], path="ssm")
+        with torch.no_grad():
+            p_ko = model.run_with_knockout(tokens, ko)[0, -1].float().softmax(-1)[brevik]
+        expected = float((p_ko - probs[brevik]) / probs[brevik])
+        assert row["change"] == pytest.approx(expected, rel=1e-3, abs=1e-5)
 
 
 def test_circuit_json_records_how_it_was_made(tmp_path):
@@ -205,6 +245,14 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["circuit", "--method", "EAP", "--steps", "5", "--out", "/tmp"], "EAP-IG"),  # the default value too
         (["run", "toy-mamba", "the cat", "--top", "0"], "--top"),
         (["knockout", "--prompt", " ", "--out", "/tmp"], "empty"),
+        (["knockout", "--answer", "Brevik", "--out", "/tmp"], "--answer names the token to score for --prompt"),
+        (["knockout", "--task", "ioi", "--answer", "Mary", "--out", "/tmp"], "--answer names the token"),
+        (["knockout", "--prompt", "The capital of Kor Mav Vor is", "--answer", "Brevik Tarsis", "--out", "/tmp"],
+         "--answer: 'Brevik Tarsis' is 2 tokens, not one"),
+        (["knockout", "--prompt", "The capital of Kor Mav Vor is", "--answer", "Paris", "--out", "/tmp"],
+         "--answer: 'Paris' is not in the tokenizer's vocabulary"),
+        (["knockout", "--prompt", "The capital of Kor Mav Vor is", "--answer", " ", "--out", "/tmp"],
+         "--answer is empty"),
         (["circuit", "--steps", "0", "--out", "/tmp"], "--steps"),
         (["circuit", "--out", "/proc/no-such-dir/x"], "cannot write"),
         (["circuit", "random", "--out", "/tmp"], "no tokenizer"),
@@ -223,8 +271,9 @@ def test_unknown_words_exit_2(saved_model, capsys):
 
 
 def test_run_on_shipped_model(capsys):
-    assert main(["run", "toy-mamba2", "The capital of Zor Vel Quen is", "--top", "3"]) == 0
-    assert "logit lens" in capsys.readouterr().out
+    assert main(["run", "toy-mamba2", "The capital of Kor Mav Vor is", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "logit lens" in out and "'Brevik'" in out  # the entity's real capital, toy.fact("Kor Mav Vor", "capital")
 
 
 def test_eval_refuses_a_foreign_vocabulary(saved_model, capsys):
@@ -247,6 +296,7 @@ def test_a_near_miss_model_name_gets_a_suggestion(capsys):
 
 @pytest.mark.parametrize("argv", [
     ["knockout", "toy-mamba2", "--window", "10"],
+    ["knockout", "toy-mamba2", "--prompt", "The capital of Kor Mav Vor is", "--answer", "Paris"],
     ["circuit", "toy-mamba3"],
     ["demo", "--model", "toy-mamba3"],
     ["circuit", "toy-mamba", "--level", "head"],

@@ -68,7 +68,7 @@ def mamba1_model(tiny_model):
 
 @pytest.fixture
 def tokens(model):
-    return model.to_tokens(["the cat sat on the mat and then ran", "mary gave john a drink at the park"])
+    return model.to_tokens(["the cat sat on the mat and then ran", "mary gave john a drink to the park"])
 
 
 def is_heavy(name):

@@ -213,6 +213,23 @@ def test_to_single_str_token(tiny_model, tokenizer):
         tiny_model.to_single_str_token("cat")
 
 
+def test_unknown_words_warn_in_to_tokens_and_are_refused_by_to_single_token(tiny_model, tokenizer):
+    """A word-level vocabulary reads a word it lacks as <unk>: to_tokens says so (the prompt
+    still runs), and to_single_token refuses it (an answer token that is <unk> scores nothing)."""
+    unk = tokenizer.unk_token_id
+    assert tokenizer("zebra", add_special_tokens=False)["input_ids"] == [unk]  # the premise
+    with pytest.warns(UserWarning, match=r"1 of 2 inputs hold words the tokenizer does not know.*'<unk>'"):
+        tokens = tiny_model.to_tokens(["the cat sat", "the zebra sat"])
+    assert tokens[1].tolist() == [0] + tokenizer("the zebra sat", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="'zebra' is not in the tokenizer's vocabulary"):
+        tiny_model.to_single_token("zebra")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known words, and an <unk> the text spells out, are quiet
+        tiny_model.to_tokens(["the cat sat", "the <unk> sat"])
+        assert tiny_model.to_single_token("cat") == tokenizer.convert_tokens_to_ids("cat")
+        assert tiny_model.to_single_token("<unk>") == unk
+
+
 def test_get_token_position(tiny_model, tokenizer):
     text = "the cat sat on the mat"
     ids = [BOS] + tokenizer(text, add_special_tokens=False)["input_ids"]

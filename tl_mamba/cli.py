@@ -5,7 +5,7 @@
     tl-mamba hooks [MODEL]                           every hook with its shape
     tl-mamba eval MODEL [--n 200]                    accuracy on the toy tasks (facts, IOI, needle by length)
     tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
-    tl-mamba knockout [MODEL] [--task facts | --prompt "..."] [--window W] [--path ssm|conv|both]
+    tl-mamba knockout [MODEL] [--task facts | --prompt "..." [--answer WORD]] [--window W] [--path ssm|conv|both]
                                                      information flow by knockout: table and plot
     tl-mamba circuit [MODEL] [--task ioi|facts] [--level auto|layer|head|component] [--channel-groups G] [--method EAP-IG|EAP]
                                                      edge attribution: top edges, faithfulness, circuit PNG + JSON
@@ -95,11 +95,16 @@ def _prompt_tokens(model, prompt: str) -> torch.Tensor:
     """``model.to_tokens(prompt)``, refusing an empty prompt or one with words the tokenizer does not know."""
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    tokens = model.to_tokens(prompt)
-    unk = getattr(model.tokenizer, "unk_token_id", None)
-    if unk is not None and bool((tokens == unk).any()):
-        n_unknown = int((tokens == unk).sum())
-        raise UsageError(f"the prompt has words the tokenizer does not know ({n_unknown} unknown token(s)); "
+    import warnings
+
+    from tl_mamba import UnknownTokenWarning
+
+    with warnings.catch_warnings(record=True) as caught:  # the model's own check, made an error here
+        warnings.simplefilter("always", UnknownTokenWarning)
+        tokens = model.to_tokens(prompt)
+    unknown = [w for w in caught if issubclass(w.category, UnknownTokenWarning)]
+    if unknown:
+        raise UsageError(f"the prompt has words the tokenizer does not know: {unknown[0].message}; "
                          "use words from the model's vocabulary")
     return tokens
 
@@ -108,14 +113,11 @@ def _check_toy_vocabulary(model, name: str) -> None:
     """The toy tasks are written in the toy vocabulary; other tokenizers would read them as unknowns."""
     from tl_mamba.toy import vocab as toy_vocab
 
-    if model.tokenizer is None:
-        raise UsageError(f"model {name!r} has no tokenizer, so it cannot read the toy tasks")
-    known = set(model.tokenizer.get_vocab())
-    missing = [w for w in toy_vocab.vocabulary() if w not in known]
-    if missing:
-        raise UsageError(f"model {name!r} does not use the toy vocabulary ({len(missing)} task words unknown, "
-                         f"e.g. {missing[:3]}); the toy tasks only make sense for the shipped toy models "
-                         "and models trained with python -m tl_mamba.toy.train")
+    try:
+        toy_vocab.check_tokenizer(model.tokenizer, f"model {name!r}")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
 
 def cmd_demo(args) -> int:
     """A short tour on a shipped toy model: cache, logit lens, and activation patching of an
@@ -289,7 +291,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_knockout(args) -> int:
-    """Information flow by knockout: source classes → last on a toy task, or every token → last of a prompt."""
+    """Information flow by knockout: source classes → last on a toy task, or every token → last of a prompt.
+
+    With ``--prompt`` the scored token is ``--answer`` when given (one token the tokenizer
+    knows), else the model's top prediction; either way the run prints which token it
+    scores and its probability, and ``knockout_tokens.csv`` records it (``answer``, ``p``).
+    """
     from rich.table import Table
 
     from tl_mamba.experiments import (information_flow, information_flow_per_token, plot_information_flow,
@@ -304,6 +311,11 @@ def cmd_knockout(args) -> int:
         raise UsageError(f"--window must be between 1 and {model.cfg.n_layers} (the model's layers), got {args.window}")
     if args.prompt is not None and (args.n is not None or args.seed is not None):
         raise UsageError("--n and --seed choose a toy task's prompts; --prompt gives the one prompt to use")
+    if args.answer is not None and args.prompt is None:
+        raise UsageError("--answer names the token to score for --prompt; with --task every prompt is scored "
+                         "on its own answer")
+    tokens = _prompt_tokens(model, args.prompt) if args.prompt is not None else None
+    answer_id = _answer_token(model, args.answer) if args.answer is not None else None
     n = 32 if args.n is None else args.n
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
@@ -311,23 +323,33 @@ def cmd_knockout(args) -> int:
     console = _console()
     console.print(f"knockout on {model.cfg.model_name}: window {args.window}, path {args.path}")
     if args.prompt is not None:
-        tokens = _prompt_tokens(model, args.prompt)
         with torch.no_grad():
-            logits = model(tokens)
-        answer = model.to_string([int(logits[0, -1].argmax())])
+            probs = model(tokens)[0, -1].float().softmax(-1)
+        top = int(probs.argmax())
+        if answer_id is None:
+            answer_id, which = top, "the model's top prediction; --answer scores another token"
+        elif answer_id == top:
+            which = "given by --answer, also the model's top prediction"
+        else:
+            which = (f"given by --answer; the model's top prediction is {model.to_string([top])!r} "
+                     f"at p = {_probability(float(probs[top]))}")
+        answer = args.answer if args.answer is not None else model.to_string([answer_id])  # text → answer_id
+        p_answer = float(probs[answer_id])
+        console.print(f"scoring p({answer!r}) = {_probability(p_answer)} at the last position ({which})")
         labels = model.to_str_tokens(tokens[0])
         prompt = Prompt(text=" ".join(labels[1:]), answer=answer, task="prompt",
                         spans={"last": [tokens.shape[1] - 1]})
         values = information_flow_per_token(model, prompt, window=args.window, path=args.path)
         path = plot_per_token_flow(values, [f"{i}:{t}" for i, t in enumerate(labels)], out_dir / "knockout_tokens.png",
                                    title=f"% change in p({answer!r}) when token → last is knocked out")
-        table = Table(title=f"token → last knockout: % change in p({answer!r}), the model's top prediction")
+        whose = "the model's top prediction" if answer_id == top else "given by --answer"
+        table = Table(title=f"token → last knockout: % change in p({answer!r}) = {_probability(p_answer)}, {whose}")
         table.add_column("token")
         for layer in range(values.shape[0]):
             table.add_column(f"layer {layer}", justify="right")
         for pos, label in enumerate(labels):
             table.add_row(f"{pos}:{label}", *[f"{100 * float(values[layer, pos]):+.1f}" for layer in range(values.shape[0])])
-        _per_token_frame(values, labels).to_csv(out_dir / "knockout_tokens.csv", index=False)
+        _per_token_frame(values, labels, answer, p_answer).to_csv(out_dir / "knockout_tokens.csv", index=False)
     else:
         prompts = make_dataset(args.task, "heldout", n, seed=0 if args.seed is None else args.seed)
         sources = {"facts": ("subject", "relation", "first", "last", "context"),
@@ -350,13 +372,35 @@ def cmd_knockout(args) -> int:
     return 0
 
 
-def _per_token_frame(values: torch.Tensor, labels: list):
+def _per_token_frame(values: torch.Tensor, labels: list, answer: str, p: float):
     """A per-token knockout's ``[layers, p]`` relative changes as a long table: one row per
-    (layer, token), ``change`` as in the printed table divided by 100."""
+    (layer, token), ``change`` as in the printed table divided by 100; every row also names the
+    scored ``answer`` and its clean probability ``p``."""
     import pandas as pd
 
-    return pd.DataFrame([{"layer": layer, "position": pos, "token": label, "change": float(values[layer, pos])}
+    return pd.DataFrame([{"layer": layer, "position": pos, "token": label, "answer": answer, "p": p,
+                          "change": float(values[layer, pos])}
                          for layer in range(values.shape[0]) for pos, label in enumerate(labels)])
+
+
+def _probability(p: float) -> str:
+    """``p`` to four decimals, with more digits near 0 and 1: a near-certain or a negligible
+    answer should not print as 1.0000 or 0.0000."""
+    if p < 1e-3:
+        return f"{p:.2e}"
+    return f"{p:.6f}" if p > 0.999 else f"{p:.4f}"
+
+
+def _answer_token(model, answer: str) -> int:
+    """The id of ``--answer``: ``model.to_single_token``, which refuses more than one token and
+    a word the tokenizer does not know (a word-level tokenizer reads it as its unknown token)."""
+    if not answer.strip():
+        raise UsageError("--answer is empty; give the one token to score")
+    try:
+        return model.to_single_token(answer)
+    except ValueError as err:
+        raise UsageError(f"--answer: {err}. Knockout scores one token the tokenizer knows (give the first "
+                         "token's text, with its leading space if the tokenizer has one)") from None
 
 
 def cmd_run(args) -> int:
@@ -508,6 +552,9 @@ def main(argv: Optional[list] = None) -> int:
     source.add_argument("--task", choices=("facts", "ioi", "needle"), default="facts",
                         help="a toy task: knock out each span class → last (default facts)")
     source.add_argument("--prompt", default=None, help="a prompt: knock out each token → last")
+    knockout.add_argument("--answer", default=None, metavar="WORD",
+                          help="with --prompt: the one token whose probability is scored (default: the model's "
+                               "top prediction)")
     knockout.add_argument("--window", type=int, default=1, help="layers per knockout window, around each layer and clipped at the first and last (default 1)")
     knockout.add_argument("--path", choices=("ssm", "conv", "both"), default="ssm")
     knockout.add_argument("--n", type=int, default=None, help="prompts (with --task; default 32)")

@@ -648,9 +648,11 @@ def needle_accuracy(model, lengths: Sequence[int] = (64, 128, 256), n: int = 100
         needle_kw: ``depth``, ``n_pairs``, ``max_pairs`` of ``make_needle``.
     """
     from tl_mamba.toy import tasks as toy_tasks
+    from tl_mamba.toy import vocab as toy_vocab
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    toy_vocab.check_tokenizer(getattr(model, "tokenizer", None), "needle_accuracy")
     for length in lengths:
         if not toy_tasks.NEEDLE_MIN_LENGTH <= int(length) <= toy_tasks.NEEDLE_MAX_LENGTH:
             raise ValueError(f"needle length {length} is outside [{toy_tasks.NEEDLE_MIN_LENGTH}, "

@@ -348,6 +348,7 @@ class HookedSSM(HookedRootModule):
         if not strings or not all(isinstance(s, str) for s in strings):
             raise ValueError("to_tokens takes a string or a non-empty list of strings")
         ids = [list(tok(s, add_special_tokens=False)["input_ids"]) for s in strings]
+        self._warn_unknown_tokens(strings, ids)
         if prepend_bos:
             bos = self._bos_id()
             ids = [[bos] + seq for seq in ids]
@@ -367,6 +368,31 @@ class HookedSSM(HookedRootModule):
         if move_to_device:
             tokens, mask = tokens.to(self.W_E.device), mask.to(self.W_E.device)
         return (tokens, mask) if return_attention_mask else tokens
+
+    def _unknown_token_id(self) -> Optional[int]:
+        """The tokenizer's unknown-token id, where it means "not in the vocabulary": None when it
+        has none, or shares its id with BOS / EOS / pad (GPT-NeoX's ``<|endoftext|>``), whose
+        text a prompt may hold on purpose."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        shared = {getattr(self.tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+        return None if unk is None or unk in shared else int(unk)
+
+    def _warn_unknown_tokens(self, strings: List[str], ids: List[List[int]]) -> None:
+        """Warn when a word the vocabulary lacks became the unknown token (a word-level
+        tokenizer, such as the toy models', has no pieces to spell it with)."""
+        unk = self._unknown_token_id()
+        if unk is None:
+            return
+        unk_text = self.tokenizer.unk_token
+        rows = [row for row, (text, seq) in enumerate(zip(strings, ids))
+                if seq.count(unk) > text.count(unk_text)]  # an unknown token the text did not spell out
+        if rows:
+            import warnings
+
+            warnings.warn(f"to_tokens: {len(rows)} of {len(strings)} inputs hold words the tokenizer does not know, "
+                          f"read as {unk_text!r} (id {unk}), e.g. {strings[rows[0]][:80]!r} -> "
+                          f"{self.tokenizer.convert_ids_to_tokens(ids[rows[0]])[:16]}", UnknownTokenWarning,
+                          stacklevel=3)
 
     def to_string(self, tokens: Union[Tensor, List[int], int]) -> Union[str, List[str]]:
         """Decode ``[p]`` to a string, or ``[b, p]`` to a list of strings."""
@@ -406,11 +432,20 @@ class HookedSSM(HookedRootModule):
         return [tok.decode([t]) for t in tokens.tolist()]
 
     def to_single_token(self, string: str) -> int:
-        """The id of a string that is exactly one token (no BOS); error otherwise."""
-        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        """The id of a string that is exactly one token (no BOS); error otherwise, and for a
+        word the vocabulary lacks (read as the unknown token)."""
+        import warnings
+
+        with warnings.catch_warnings():  # an unknown word is an error here, not a warning
+            warnings.simplefilter("ignore", UnknownTokenWarning)
+            tokens = self.to_tokens(string, prepend_bos=False)[0]
         if tokens.numel() != 1:
             raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one: {self.to_str_tokens(tokens)}")
-        return int(tokens.item())
+        token = int(tokens.item())
+        if token == self._unknown_token_id() and string.strip() != self.tokenizer.unk_token:
+            raise ValueError(f"{string!r} is not in the tokenizer's vocabulary: it reads as the unknown token "
+                             f"{self.tokenizer.unk_token!r} (id {token})")
+        return token
 
     def to_single_str_token(self, int_token: int) -> str:
         """The string of the single token ``int_token`` (TransformerLens's ``to_single_str_token``)."""
@@ -1036,6 +1071,10 @@ class HookedSSM(HookedRootModule):
             strings = [tok.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(result, own)]
             return strings[0] if isinstance(input, str) else strings
         return result
+
+
+class UnknownTokenWarning(UserWarning):
+    """``to_tokens`` read a word its tokenizer's vocabulary lacks as the unknown token."""
 
 
 def sample_next_token(

@@ -10,7 +10,7 @@ Every span in ``prompt.spans`` is a sorted list of such token positions.
 Tasks
 -----
 ``facts``
-    Factual recall about invented entities with 2-3 word names ("Zor Vel Quen"),
+    Factual recall about invented entities with 2-3 word names ("Kor Mav Vor", "Zin Nim"),
     :data:`N_ENTITIES` of them, six relations (capital, language, color, element,
     animal, instrument), each an attribute word out of eight. The facts themselves are
     fixed (the same for every seed): ``fact(entity, relation)``. Training prompts

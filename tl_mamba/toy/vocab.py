@@ -23,7 +23,7 @@ SPECIAL_TOKENS: Tuple[str, ...] = ("<bos>", "<eos>", "<pad>", "<unk>")
 BOS, EOS, PAD, UNK = SPECIAL_TOKENS
 
 # --------------------------------------------------------------------- factual recall
-#: Capitalised syllables that make the invented entity names ("Zor Vel Quen").
+#: Capitalised syllables that make the invented entity names ("Kor Mav Vor", "Zin Nim").
 SYLLABLES: Tuple[str, ...] = (
     "Zor", "Vel", "Quen", "Ash", "Bri", "Dak", "Fen", "Gor", "Hal", "Ith", "Jex", "Kor",
     "Lum", "Mav", "Nox", "Orn", "Pel", "Quor", "Rin", "Sav", "Tal", "Ulm", "Vor", "Wex",
@@ -190,3 +190,18 @@ def vocabulary() -> Dict[str, int]:
     for word in all_words():
         vocab[word] = len(vocab)
     return vocab
+
+
+def check_tokenizer(tokenizer, what: str) -> None:
+    """``ValueError`` unless ``tokenizer`` knows every toy word: the toy tasks are written in
+    this vocabulary, and a tokenizer lacking a word reads it as its unknown token, so that
+    accuracies and metrics on the tasks would mean nothing. ``what`` names the caller."""
+    if tokenizer is None:
+        raise ValueError(f"{what}: the model has no tokenizer, and the toy tasks are words of the toy vocabulary: "
+                         "use a toy model (tl_mamba.from_pretrained('toy-mamba2')) or set the toy tokenizer "
+                         "with model.set_tokenizer(...)")
+    missing = sorted(set(vocabulary()) - set(tokenizer.get_vocab()))
+    if missing:
+        raise ValueError(f"{what}: the model's tokenizer lacks {len(missing)} words of the toy vocabulary "
+                         f"(e.g. {missing[:3]}); the toy tasks only make sense for the shipped toy models and "
+                         "models trained with python -m tl_mamba.toy.train")
