@@ -145,6 +145,26 @@ def test_circuit_json_records_how_it_was_made(tmp_path):
     assert Graph.from_json(tmp_path / "circuit.json").metadata == meta
 
 
+def test_circuit_on_the_needle_task(tmp_path, capsys):
+    """--task needle --length: the needle pairs of that length, their clean / corrupted logit
+    differences as evaluate_baseline gives them by hand, and the length in circuit.json."""
+    import json
+
+    from tl_mamba.circuits import evaluate_baseline, logit_diff, task_batches
+    from tl_mamba.cli import _load
+
+    assert main(["circuit", "toy-mamba2", "--task", "needle", "--length", "64", "--n", "6", "--method", "EAP",
+                 "--top", "5", "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "circuit.json").read_text())["metadata"]
+    assert meta["task"] == "needle" and meta["length"] == 64
+    model = _load("toy-mamba2")
+    batches = task_batches(model, "needle", n=6, length=64)
+    assert all(clean.shape[1] == 64 for clean, _, _ in batches)
+    assert meta["logit_diff_clean"] == pytest.approx(float(evaluate_baseline(model, batches, None, logit_diff).mean()))
+    assert meta["logit_diff_clean"] > 0 > meta["logit_diff_corrupted"]  # the model retrieves the needle's value
+    assert "task needle" in capsys.readouterr().out
+
+
 def test_graph_metadata_must_be_json(tmp_path):
     import torch
 
@@ -241,6 +261,8 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["knockout", "--prompt", "the cat", "--n", "8", "--out", "/tmp"], "--prompt gives the one prompt"),
         (["knockout", "--prompt", "the cat", "--seed", "1", "--out", "/tmp"], "--prompt gives the one prompt"),
         (["circuit", "--batch-size", "0", "--out", "/tmp"], "--batch-size"),
+        (["circuit", "--length", "64", "--out", "/tmp"], "--length sets the needle task's prompt length"),
+        (["circuit", "--task", "needle", "--length", "8", "--out", "/tmp"], "--length must be between"),
         (["circuit", "--method", "EAP", "--steps", "3", "--out", "/tmp"], "EAP-IG"),
         (["circuit", "--method", "EAP", "--steps", "5", "--out", "/tmp"], "EAP-IG"),  # the default value too
         (["run", "toy-mamba", "the cat", "--top", "0"], "--top"),

@@ -7,7 +7,7 @@
     tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
     tl-mamba knockout [MODEL] [--task facts | --prompt "..." [--answer WORD]] [--window W] [--path ssm|conv|both]
                                                      information flow by knockout: table and plot
-    tl-mamba circuit [MODEL] [--task ioi|facts] [--level auto|layer|head|component] [--channel-groups G] [--method EAP-IG|EAP]
+    tl-mamba circuit [MODEL] [--task ioi|facts|needle [--length N]] [--level auto|layer|head|component] [--channel-groups G] [--method EAP-IG|EAP]
                                                      edge attribution: top edges, faithfulness, circuit PNG + JSON
 
 Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
@@ -457,6 +457,15 @@ def cmd_circuit(args) -> int:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    task_options = {}
+    if args.length is not None:
+        from tl_mamba.toy.tasks import NEEDLE_MAX_LENGTH, NEEDLE_MIN_LENGTH
+
+        if args.task != "needle":
+            raise UsageError(f"--length sets the needle task's prompt length; --task {args.task} has its own prompts")
+        if not NEEDLE_MIN_LENGTH <= args.length <= NEEDLE_MAX_LENGTH:
+            raise UsageError(f"--length must be between {NEEDLE_MIN_LENGTH} and {NEEDLE_MAX_LENGTH}, got {args.length}")
+        task_options["length"] = args.length
     model = _load(args.model)
     _check_toy_vocabulary(model, args.model)
     level = args.level
@@ -474,7 +483,7 @@ def cmd_circuit(args) -> int:
             raise UsageError(f"--channel-groups must divide d_inner = {model.cfg.d_inner}, got {channel_groups}")
     out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     console = _console()
-    batches = task_batches(model, args.task, n=args.n, seed=args.seed, batch_size=args.batch_size)
+    batches = task_batches(model, args.task, n=args.n, seed=args.seed, batch_size=args.batch_size, **task_options)
     clean_value = float(evaluate_baseline(model, batches, None, logit_diff).mean())
     corrupted_value = float(evaluate_baseline(model, batches, None, logit_diff, run_corrupted=True).mean())
     console.print(f"{args.method} on {model.cfg.model_name}, task {args.task} ({args.n} held-out pairs), "
@@ -508,7 +517,7 @@ def cmd_circuit(args) -> int:
     graph.apply_topn(args.top)
     graph.metadata = {  # so that circuit.json says how it was made
         "tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
-        "task": args.task, "method": args.method, "ig_steps": args.steps, "n": args.n, "seed": args.seed,
+        "task": args.task, **task_options, "method": args.method, "ig_steps": args.steps, "n": args.n, "seed": args.seed,
         "batch_size": args.batch_size, "top": args.top, "metric": "logit_diff",
         "logit_diff_clean": clean_value, "logit_diff_corrupted": corrupted_value,
     }
@@ -563,7 +572,9 @@ def main(argv: Optional[list] = None) -> int:
     knockout.set_defaults(func=cmd_knockout)
     circuit = sub.add_parser("circuit", help="EAP / EAP-IG circuit discovery on a toy task (IOI by default)")
     circuit.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    circuit.add_argument("--task", choices=("ioi", "facts"), default="ioi")
+    circuit.add_argument("--task", choices=("ioi", "facts", "needle"), default="ioi")
+    circuit.add_argument("--length", type=int, default=None,
+                         help="with --task needle: tokens per prompt, BOS included (default 128)")
     circuit.add_argument("--level", choices=("auto", "layer", "head", "component"), default="auto",
                          help="graph level (auto: head for Mamba-2, layer for Mamba-1)")
     circuit.add_argument("--channel-groups", type=int, default=None,
