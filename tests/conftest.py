@@ -63,3 +63,18 @@ def tiny_model(tokenizer):
     model = HookedMamba(tiny_config(), tokenizer=tokenizer)
     model.eval()
     return model
+
+
+class RowCounter:
+    """Rows of every forward, read at the embedding module (every forward of the model runs it,
+    also when hook_embed's output is replaced): ``with RowCounter(model) as rows: ...``."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def __enter__(self):
+        self.handle = self.model.embed.register_forward_hook(lambda module, inp, out: self.rows.append(out.shape[0]))
+        return self.rows
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -16,6 +16,8 @@ import tl_mamba
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
 from tl_mamba.circuits import Graph, attribute, evaluate_baseline, evaluate_graph, faithfulness, patched_logits
 
+from conftest import RowCounter
+
 B, P = 6, 8
 
 
@@ -546,21 +548,6 @@ def test_attention_mask_errors_name_the_problem():
 
 
 # ------------------------------------------------------------------ batch_size on a list of batches
-class RowCounter:
-    """Rows of every forward, read at the embedding module (every forward of the model runs it,
-    also when hook_embed's output is replaced): ``with RowCounter(model) as rows: ...``."""
-
-    def __init__(self, model):
-        self.model, self.rows = model, []
-
-    def __enter__(self):
-        self.handle = self.model.embed.register_forward_hook(lambda module, inp, out: self.rows.append(out.shape[0]))
-        return self.rows
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def labelled_metric(logits, labels):
     """Per prompt: the logit of the prompt's own target minus the mean logit."""
     last = logits[:, -1]

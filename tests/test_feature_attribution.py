@@ -14,6 +14,8 @@ import torch
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
 from tl_mamba.circuits import FeatureScores, feature_attribution
 
+from conftest import RowCounter
+
 B, P = 5, 7
 FAMILIES = ["mamba1", "mamba2"]
 
@@ -60,6 +62,20 @@ def pair(seed=0, change=(2, 5)):
     return clean, corrupted
 
 
+def small_corruption(model):
+    """Clean prompts with token 5 at position 3, and corrupted ones with token 39 there, whose
+    embedding ``model`` now holds 1e-4 away from token 5's: first order is then exact enough
+    to check EAP against real patching."""
+    clean, _ = pair()
+    clean[:, 3] = 5
+    corrupted = clean.clone()
+    corrupted[:, 3] = 39
+    with torch.no_grad():
+        model.embed.W_E[39] = model.embed.W_E[5] + 1e-4 * torch.randn(16, dtype=torch.float64,
+                                                                       generator=torch.Generator().manual_seed(2))
+    return clean, corrupted
+
+
 def metric(logits):
     return logits[:, -1, 7] - logits[:, -1].mean(-1)
 
@@ -80,6 +96,14 @@ def patched_feature_metric(model, hook, sae, clean, corrupted, feature):
         return float(metric(model.run_with_hooks(clean, fwd_hooks=[(hook, swap)])).mean())
 
 
+def exact_feature_effects(model, hook, sae, clean, corrupted, features):
+    """``[len(features)]`` float64: the mean metric change of patching each feature alone."""
+    with torch.no_grad():
+        base = float(metric(model(clean)).mean())
+    return torch.tensor([patched_feature_metric(model, hook, sae, clean, corrupted, f) - base for f in features],
+                        dtype=torch.float64)
+
+
 @pytest.mark.parametrize("family,hook,width", [("mamba1", "blocks.1.hook_resid_pre", 16),
                                                ("mamba2", "blocks.0.hook_x", 32)])
 def test_eap_scores_match_exact_feature_patching_for_a_small_corruption(family, hook, width):
@@ -87,21 +111,12 @@ def test_eap_scores_match_exact_feature_patching_for_a_small_corruption(family, 
     change of patching that feature alone (first order). Mamba-2's hook_x is per head
     ([b, p, h, hd]): the SAE reads it flattened."""
     model = tiny(family)
-    clean, _ = pair()
-    clean[:, 3] = 5
-    corrupted = clean.clone()
-    corrupted[:, 3] = 39
-    with torch.no_grad():
-        model.embed.W_E[39] = model.embed.W_E[5] + 1e-4 * torch.randn(16, dtype=torch.float64,
-                                                                       generator=torch.Generator().manual_seed(2))
+    clean, corrupted = small_corruption(model)
     sae = TinySAE(width, 24)
     result = feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)[hook]
     assert isinstance(result, FeatureScores) and result.scores.shape == (24,) and result.error.shape == ()
-    with torch.no_grad():
-        base = float(metric(model(clean)).mean())
     top = [f for f, _, _ in result.top(6)]
-    exact = torch.tensor([patched_feature_metric(model, hook, sae, clean, corrupted, f) - base for f in top],
-                         dtype=torch.float64)
+    exact = exact_feature_effects(model, hook, sae, clean, corrupted, top)
     assert float(exact.abs().max()) > 1e-8
     assert result.scores.dtype == torch.float64  # a float64 model's scores are not rounded to float32
     torch.testing.assert_close(result.scores[top], exact, rtol=2e-3, atol=1e-10)
@@ -240,20 +255,6 @@ def test_feature_eap_ig_is_the_riemann_sum_at_k_over_steps(family, steps):
     assert total_score == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
-class RowCounter:
-    """Rows of every forward, read at the embedding module: ``with RowCounter(model) as rows: ...``."""
-
-    def __init__(self, model):
-        self.model, self.rows = model, []
-
-    def __enter__(self):
-        self.handle = self.model.embed.register_forward_hook(lambda module, inp, out: self.rows.append(out.shape[0]))
-        return self.rows
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG"])
 def test_batch_size_splits_every_given_batch_of_a_list(method):
     """batch_size caps the rows per forward for a list of batches too (it was ignored): batches
@@ -265,13 +266,7 @@ def test_batch_size_splits_every_given_batch_of_a_list(method):
     hook = "blocks.0.hook_mixer_out"
     sae = TinySAE(16, 24)
     if method == "EAP":
-        clean, _ = pair()
-        clean[:, 3] = 5
-        corrupted = clean.clone()
-        corrupted[:, 3] = 39
-        with torch.no_grad():
-            model.embed.W_E[39] = model.embed.W_E[5] + 1e-4 * torch.randn(16, dtype=torch.float64,
-                                                                           generator=torch.Generator().manual_seed(2))
+        clean, corrupted = small_corruption(model)
         kw = {}
     else:
         clean, corrupted = pair(change=(2, P - 1))
@@ -289,11 +284,8 @@ def test_batch_size_splits_every_given_batch_of_a_list(method):
         counted = (sae.encode(cache[hook]) != 0).double().mean((0, 1))
     torch.testing.assert_close(split.frequency.double(), counted, rtol=1e-9, atol=1e-12)
     if method == "EAP":
-        with torch.no_grad():
-            base = float(metric(model(clean)).mean())
         top = [f for f, _, _ in split.top(6)]
-        exact = torch.tensor([patched_feature_metric(model, hook, sae, clean, corrupted, f) - base for f in top],
-                             dtype=torch.float64)
+        exact = exact_feature_effects(model, hook, sae, clean, corrupted, top)
         assert float(exact.abs().max()) > 1e-8
         torch.testing.assert_close(split.scores[top], exact, rtol=2e-3, atol=1e-10)
         return
