@@ -556,15 +556,21 @@ def test_resample_ablation_aligns_rows_by_default(models, family, b):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_needle_accuracy_refuses_a_model_without_the_toy_vocabulary():
+def test_needle_accuracy_and_task_batches_refuse_a_model_without_the_toy_vocabulary():
     """The needle prompts are toy-vocabulary words: with no tokenizer, or one lacking them (words
     would be read as <unk>), the accuracy would mean nothing, so it is refused by name."""
     from conftest import make_tokenizer
+
+    from tl_mamba.circuits import task_batches
 
     model = make_model("mamba2")
     model.tokenizer = None
     with pytest.raises(ValueError, match="needle_accuracy: the model has no tokenizer"):
         needle_accuracy(model, lengths=(64,), n=4, progress=False)
+    with pytest.raises(ValueError, match="task_batches: the model has no tokenizer"):
+        task_batches(model, "needle", n=4, length=64)
     model.tokenizer = make_tokenizer()  # the tests' own small word-level vocabulary
     with pytest.raises(ValueError, match=r"tokenizer lacks \d+ words of the toy vocabulary"):
         needle_accuracy(model, lengths=(64,), n=4, progress=False)
+    with pytest.raises(ValueError, match=r"task_batches: the model's tokenizer lacks \d+ words"):
+        task_batches(model, "ioi", n=4)

@@ -44,6 +44,7 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
       24 tokens, up to ``max_pairs``, default 6).
     """
     from tl_mamba.toy import make_dataset
+    from tl_mamba.toy import vocab as toy_vocab
 
     if task not in CONTRAST:
         raise ValueError(f"task {task!r} has no clean/corrupted pairs: choose from {sorted(CONTRAST)}")
@@ -55,8 +56,7 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
         raise ValueError(f"{sorted(options)} apply to task='needle' only (make_needle's options), not {task!r}")
     if "length" in options:
         options["length"] = _needle_length(options["length"])
-    if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer: task_batches needs one to encode the prompts")
+    toy_vocab.check_tokenizer(model.tokenizer, "task_batches")
     by_length = defaultdict(list)  # tokens per prompt -> [(clean [1, p], corrupted [1, p], answer, wrong)]
     for prompt in make_dataset(task, split, n, seed=seed, **options):
         clean, corrupted = model.to_tokens(prompt.text), model.to_tokens(prompt.corrupted)
