@@ -290,15 +290,16 @@ class Knockout:
         if self._warned_no_edges:
             return
         p = sources.shape[1]
-        seen = torch.cumsum(sources.long(), dim=1)  # sources at or before each position
+        before = torch.cumsum(sources.long(), dim=1)  # sources at or before each position
+        seen = before  # ... and, on the conv path, after i - window
         if window is not None:
-            seen = seen - torch.nn.functional.pad(seen, (window, 0))[:, :p]  # ... and after i - window
+            seen = before - torch.nn.functional.pad(before, (window, 0))[:, :p]
         if bool((targets.bool() & (seen > 0)).any()):
             return
         import warnings
 
         self._warned_no_edges = True
-        if window is not None and bool((targets.bool() & (torch.cumsum(sources.long(), dim=1) > 0)).any()):
+        if window is not None and bool((targets.bool() & (before > 0)).any()):
             # sources do precede targets, only too far back for the conv's taps
             why = (f"every source is more than {window - 1} positions before every target, and the conv "
                    f"(d_conv = {window}) carries a token only {window - 1} positions forward. On the conv path "

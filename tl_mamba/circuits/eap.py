@@ -159,8 +159,7 @@ def count_batches(clean, batch_size: Optional[int] = None) -> Optional[int]:
 
 def _rows(item) -> int:
     """Prompts in one dataloader batch (or one tensor of two parallel lists)."""
-    tokens = item if isinstance(item, Tensor) else item["clean"] if isinstance(item, dict) else item[0]
-    return int(tokens.shape[0])
+    return int((item if isinstance(item, Tensor) else _unpack(item)[0]).shape[0])
 
 
 def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Optional[Tensor]) -> Batch:
