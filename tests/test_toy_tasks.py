@@ -459,3 +459,14 @@ def test_needle_accuracy_by_length(monkeypatch):
     # another seed gives other prompts (a seed that was ignored would give the same ones)
     assert [p.text for p in T.make_needle(6, 4, length=40, split="heldout")] != \
         [p.text for p in T.make_needle(6, 3, length=40, split="heldout")]
+
+
+@pytest.mark.parametrize("length, message", [
+    (T.NEEDLE_MIN_LENGTH - 1, "outside"), (T.NEEDLE_MAX_LENGTH + 1, "outside"), ((80, 40), r"lo <= hi"),
+    ((40, 60, 80), "one int or a \\(lo, hi\\) range"), (64.0, "an int or a \\(lo, hi\\) range"), (True, "an int or"),
+])
+def test_make_needle_refuses_a_bad_length_by_name(length, message):
+    with pytest.raises(ValueError, match=message):
+        T.make_needle(1, length=length)
+    lo, hi = 40, 48  # a good range draws lengths within it
+    assert {p.n_tokens for p in T.make_needle(12, seed=0, length=(lo, hi))} <= set(range(lo, hi + 1))

@@ -459,12 +459,15 @@ def cmd_circuit(args) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     task_options = {}
     if args.length is not None:
-        from tl_mamba.toy.tasks import NEEDLE_MAX_LENGTH, NEEDLE_MIN_LENGTH
+        from tl_mamba.toy.tasks import NEEDLE_MAX_LENGTH, NEEDLE_MIN_LENGTH, check_needle_length
 
         if args.task != "needle":
             raise UsageError(f"--length sets the needle task's prompt length; --task {args.task} has its own prompts")
-        if not NEEDLE_MIN_LENGTH <= args.length <= NEEDLE_MAX_LENGTH:
-            raise UsageError(f"--length must be between {NEEDLE_MIN_LENGTH} and {NEEDLE_MAX_LENGTH}, got {args.length}")
+        try:  # before the model loads
+            check_needle_length(args.length)
+        except ValueError:
+            raise UsageError(f"--length must be between {NEEDLE_MIN_LENGTH} and {NEEDLE_MAX_LENGTH}, "
+                             f"got {args.length}") from None
         task_options["length"] = args.length
     model = _load(args.model)
     _check_toy_vocabulary(model, args.model)

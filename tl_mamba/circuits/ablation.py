@@ -653,10 +653,8 @@ def needle_accuracy(model, lengths: Sequence[int] = (64, 128, 256), n: int = 100
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     toy_vocab.check_tokenizer(getattr(model, "tokenizer", None), "needle_accuracy")
-    for length in lengths:
-        if not toy_tasks.NEEDLE_MIN_LENGTH <= int(length) <= toy_tasks.NEEDLE_MAX_LENGTH:
-            raise ValueError(f"needle length {length} is outside [{toy_tasks.NEEDLE_MIN_LENGTH}, "
-                             f"{toy_tasks.NEEDLE_MAX_LENGTH}]")
+    for length in lengths:  # every length before the first is run
+        toy_tasks.check_needle_length(length)
     runner = _HookedModel(model, fwd_hooks if callable(fwd_hooks) else list(fwd_hooks))
     return toy_tasks.needle_accuracy_by_length(runner, lengths=lengths, n=n, seed=seed, split=split,
                                                batch_size=batch_size, progress=progress, **needle_kw)

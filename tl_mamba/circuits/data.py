@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 CONTRAST = {"ioi": "S", "facts": None, "needle": None}  # the wrong answer each task's metric compares against
-NEEDLE_OPTIONS = ("length", "depth", "n_pairs", "max_pairs")  # make_needle's, passed through for task="needle"
 
 
 def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: str = "heldout",
@@ -54,8 +53,6 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
                if v is not None}
     if task != "needle" and options:
         raise ValueError(f"{sorted(options)} apply to task='needle' only (make_needle's options), not {task!r}")
-    if "length" in options:
-        options["length"] = _needle_length(options["length"])
     toy_vocab.check_tokenizer(model.tokenizer, "task_batches")
     by_length = defaultdict(list)  # tokens per prompt -> [(clean [1, p], corrupted [1, p], answer, wrong)]
     for prompt in make_dataset(task, split, n, seed=seed, **options):
@@ -77,28 +74,6 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
                                    for _, _, answer, wrong in part])
             batches.append((clean.to(device), corrupted.to(device), labels.to(device)))
     return batches
-
-
-def _needle_length(length) -> Union[int, Tuple[int, int]]:
-    """``length`` checked: an int, or ``(lo, hi)`` with lo <= hi, within the needle's lengths."""
-    from tl_mamba.toy.tasks import NEEDLE_MAX_LENGTH, NEEDLE_MIN_LENGTH
-
-    def check(value) -> int:
-        if isinstance(value, bool) or not hasattr(value, "__index__"):
-            raise ValueError(f"needle length must be an int or a (lo, hi) range of ints, got {length!r}")
-        if not NEEDLE_MIN_LENGTH <= int(value) <= NEEDLE_MAX_LENGTH:
-            raise ValueError(f"needle length {int(value)} is outside [{NEEDLE_MIN_LENGTH}, {NEEDLE_MAX_LENGTH}]")
-        return int(value)
-
-    if isinstance(length, Sequence) and not isinstance(length, str):
-        if len(length) != 2:
-            raise ValueError(f"length is one int or a (lo, hi) range, got {length!r}; for several fixed lengths, "
-                             "concatenate the batches of one task_batches call per length")
-        lo, hi = check(length[0]), check(length[1])
-        if lo > hi:
-            raise ValueError(f"length range (lo, hi) needs lo <= hi, got {length!r}")
-        return lo, hi
-    return check(length)
 
 
 def logit_diff(logits: Tensor, labels: Tensor) -> Tensor:

@@ -568,6 +568,28 @@ def _pick_length(rng: random.Random, length: Union[int, Tuple[int, int], Sequenc
     return rng.randint(int(lo), int(hi))
 
 
+def check_needle_length(length) -> Union[int, Tuple[int, int]]:
+    """``length`` of :func:`make_needle` checked: an int, or an inclusive ``(lo, hi)`` range
+    with lo <= hi, within [:data:`NEEDLE_MIN_LENGTH`, :data:`NEEDLE_MAX_LENGTH`]. ``ValueError``
+    naming the problem otherwise (a list of several lengths included)."""
+    def check(value) -> int:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise ValueError(f"needle length must be an int or a (lo, hi) range of ints, got {length!r}")
+        if not NEEDLE_MIN_LENGTH <= int(value) <= NEEDLE_MAX_LENGTH:
+            raise ValueError(f"needle length {int(value)} is outside [{NEEDLE_MIN_LENGTH}, {NEEDLE_MAX_LENGTH}]")
+        return int(value)
+
+    if isinstance(length, (Sequence, np.ndarray)) and not isinstance(length, str):
+        if len(length) != 2:
+            raise ValueError(f"length is one int or a (lo, hi) range, got {length!r}; for several fixed lengths, "
+                             "make one set of prompts per length")
+        lo, hi = check(length[0]), check(length[1])
+        if lo > hi:
+            raise ValueError(f"length range (lo, hi) needs lo <= hi, got {length!r}")
+        return lo, hi
+    return check(length)
+
+
 def make_needle(n: int, seed: SeedOrRng = 0, length: Union[int, Tuple[int, int]] = 128, *,
                 depth: Optional[float] = None, n_pairs: Optional[int] = None, split: str = "train",
                 max_pairs: int = 6) -> List[Prompt]:
@@ -578,6 +600,7 @@ def make_needle(n: int, seed: SeedOrRng = 0, length: Union[int, Tuple[int, int]]
     ``None``). ``n_pairs`` counts the needle and its distractors (default
     :func:`default_n_pairs`: one more pair per 24 tokens, up to ``max_pairs``).
     """
+    length = check_needle_length(length)
     split = _norm_split(split)
     rng = _rng(seed, "needle", split)
     return [_needle_prompt(rng, split, _pick_length(rng, length), depth, n_pairs, max_pairs) for _ in range(n)]
