@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -366,8 +367,17 @@ def test_config_trusts_embedding_rows_over_config_vocab(hf_mamba):
     raw["vocab_size"] = 50  # e.g. the tokenizer's size, smaller than the embedding's 56 rows
     sd = hf_mamba.state_dict()
     assert config_from_checkpoint(raw, "transformers", "mamba1").d_vocab == 50
-    cfg = config_from_checkpoint(raw, "transformers", "mamba1", state_dict=sd)
-    assert cfg.d_vocab == 56 and cfg.d_vocab_out == 56
+    with pytest.warns(UserWarning, match="embedding of 50 rows but its weights have 56: d_vocab is 56"):
+        cfg = config_from_checkpoint(raw, "transformers", "mamba1", state_dict=sd)
+    assert cfg.d_vocab == 56 and cfg.d_vocab_out == 56 and cfg.extra["config_d_vocab"] == 50
+    # mamba_ssm's layout pads vocab_size: 50 -> 56 agrees with the rows (no warning); 40 -> 40 does not
+    sd_ssm = {"backbone.embedding.weight": sd["backbone.embeddings.weight"]}
+    raw_ssm = mamba_ssm_config(d_model=24, n_layer=2, vocab_size=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config_from_checkpoint(raw_ssm, "mamba_ssm", "mamba1", state_dict=sd_ssm).d_vocab == 56
+    with pytest.warns(UserWarning, match=r"40 rows \(vocab_size 40 padded to a multiple of 8\) but its weights have 56"):
+        config_from_checkpoint(dict(raw_ssm, vocab_size=40), "mamba_ssm", "mamba1", state_dict=sd_ssm)
 
 
 def test_config_overrides_and_unknown_override(hf_mamba):
@@ -456,6 +466,25 @@ def test_load_state_dict_files_missing_shard(tmp_path, hf_mamba):
     (tmp_path / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(CheckpointFilesError, match="model-00002-of-00003.safetensors"):
         load_state_dict_files(tmp_path)
+
+
+@pytest.mark.parametrize("fmt, victim", [
+    ("safetensors", "model.safetensors"),
+    ("bin", "pytorch_model.bin"),
+    ("sharded_safetensors", "model.safetensors.index.json"),
+    ("sharded_safetensors", "model-00002-of-00003.safetensors"),
+    ("sharded_bin", "pytorch_model-00001-of-00003.bin"),
+])
+def test_load_state_dict_files_truncated_file_is_named(tmp_path, hf_mamba, fmt, victim):
+    """A weight file cut short (an interrupted download): the error names the file, where the
+    libraries' own say "incomplete metadata" or "[Errno 22] Invalid argument" with no file."""
+    save_state_dict(hf_mamba.state_dict(), tmp_path, fmt)
+    file = tmp_path / victim
+    assert file.is_file(), sorted(p.name for p in tmp_path.iterdir())
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointFilesError, match="truncated or corrupt") as info:
+        load_state_dict_files(tmp_path)
+    assert str(file) in str(info.value)
 
 
 def test_read_checkpoint_config_missing(tmp_path):
@@ -698,6 +727,14 @@ def test_tokenizer_json_only_in_mamba_ssm_dir(tmp_path, hf_mamba):
     model = HookedMamba.from_pretrained(tmp_path)
     assert model.tokenizer("dog ran dog")["input_ids"] == [2, 3, 2]
     mine = object()
+    assert HookedMamba.from_pretrained(tmp_path, tokenizer=mine).tokenizer is mine
+    # a tokenizer.json cut short: the error names it (the tokenizers library's says only "EOF while
+    # parsing"), and a tokenizer passed in means the file is never read
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer_file.write_text(tokenizer_file.read_text()[:40])
+    with pytest.raises(CheckpointFilesError, match="truncated or corrupt.*tokenizer=") as info:
+        HookedMamba.from_pretrained(tmp_path)
+    assert str(tokenizer_file) in str(info.value)
     assert HookedMamba.from_pretrained(tmp_path, tokenizer=mine).tokenizer is mine
 
 

@@ -203,8 +203,9 @@ def test_hub_weight_file_choice():
 
 
 def test_save_over_a_native_dir_replaces_it(tmp_path):
-    """Saving an edited model into the folder it came from: the native weights and the Mistral
-    tokenizer file go (the model has no tokenizer), and the folder loads as the saved model."""
+    """Saving an edited model into the folder it came from: the native weights, their params.json
+    and the Mistral tokenizer file go (the model has no tokenizer), and the folder loads as the
+    saved model."""
     write_mistral_native_checkpoint(tmp_path, reference_model(PARAMS, seed=6).state_dict(), PARAMS)
     with pytest.warns(UserWarning, match="Mistral tokenizer"):
         model = tl_mamba.from_pretrained(tmp_path)
@@ -212,7 +213,7 @@ def test_save_over_a_native_dir_replaces_it(tmp_path):
         model.blocks[0].mixer.D.mul_(3.0)
     model.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
-    assert not names & {"consolidated.safetensors", "tokenizer.model.v3"}, names
+    assert not names & {"consolidated.safetensors", "params.json", "tokenizer.model.v3"}, names
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         back = tl_mamba.from_pretrained(tmp_path)

@@ -10,7 +10,7 @@ Pipeline: :func:`check_device` -> :func:`resolve_checkpoint` (local dir or hub i
 :func:`read_checkpoint_config` -> :func:`detect_layout` -> :func:`config_from_checkpoint`
 (so that a bad config fails before gigabytes of weights are read) ->
 :func:`load_state_dict_files` -> :func:`config_from_checkpoint` again with the weights (their
-embedding rows win over the config's vocab size; ``dtype="auto"``) ->
+embedding rows win over the config's vocab size, with a warning; ``dtype="auto"``) ->
 :func:`convert_state_dict` -> ``model_cls(cfg, tokenizer=...)`` ->
 ``model.load_state_dict(strict=True)``.
 """

@@ -57,7 +57,10 @@ def _read_json_object(file: pathlib.Path) -> Dict[str, Any]:
         try:
             raw = json.load(fh)
         except json.JSONDecodeError as err:
-            raise CheckpointFilesError(f"{file} is not valid JSON: {err}") from err
+            raise CheckpointFilesError(
+                f"{file} is not valid JSON: {err}. The file is probably truncated or corrupt (an interrupted "
+                "download or copy: fetch it again), or was edited by hand"
+            ) from err
     if not isinstance(raw, dict):
         raise CheckpointFilesError(f"{file} does not hold a JSON object")
     return raw
@@ -112,14 +115,30 @@ def read_checkpoint_config(path: PathLike) -> Dict[str, Any]:
     return raw
 
 
+def _unreadable(file: pathlib.Path, err: Exception, what: str) -> CheckpointFilesError:
+    """The error for a weight or tokenizer file that exists but cannot be parsed: the
+    library's own message rarely names the file (``OSError: [Errno 22]`` for a cut-off
+    ``.bin``), so this one does, and says the usual cause."""
+    return CheckpointFilesError(
+        f"could not read {file} as {what} ({type(err).__name__}: {err}); the file is probably truncated or "
+        "corrupt (an interrupted download or copy): fetch it again"
+    )
+
+
 def _load_safetensors(file: pathlib.Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(file), device="cpu")
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise _unreadable(file, err, "a safetensors file") from err
 
 
 def _load_bin(file: pathlib.Path) -> Dict[str, torch.Tensor]:
-    obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises OSError, RuntimeError, UnpicklingError ...
+        raise _unreadable(file, err, "a PyTorch checkpoint (torch.load with weights_only=True)") from err
     # A few trainers wrap the state dict; mamba_ssm and transformers do not.
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict) and len(obj) <= 3:
@@ -131,8 +150,7 @@ def _load_bin(file: pathlib.Path) -> Dict[str, torch.Tensor]:
 
 def _load_sharded(path: pathlib.Path, index_name: str, loader) -> Dict[str, torch.Tensor]:
     index_file = path / index_name
-    with open(index_file, encoding="utf-8") as fh:
-        weight_map = json.load(fh).get("weight_map")
+    weight_map = _read_json_object(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFilesError(f"{index_file} has no 'weight_map'")
     shards = sorted(set(weight_map.values()))
@@ -283,4 +301,11 @@ def load_tokenizer(path: PathLike) -> Optional[Any]:
                         value = value.get("content")
                     if isinstance(value, str) and key not in special:
                         special[key] = value
-        return transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), **special)
+        try:
+            return transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), **special)
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            raise CheckpointFilesError(
+                f"could not read the tokenizer in {path}: AutoTokenizer failed ({type(auto_err).__name__}: "
+                f"{auto_err}) and so did reading {tokenizer_file} alone ({type(err).__name__}: {err}). The file is "
+                "probably truncated or corrupt; fetch it again, or pass a tokenizer with tokenizer="
+            ) from err

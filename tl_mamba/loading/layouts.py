@@ -341,8 +341,7 @@ def config_from_checkpoint(
       multiple of ``pad_vocab_size_multiple`` (default 8) when it builds the
       embedding; transformers configs store the padded size already. **If**
       ``state_dict`` is given and its embedding has a different number of rows, the
-      weight wins: ``d_vocab`` is set to the row count (the config's ``vocab_size``
-      is often the tokenizer's, not the embedding's).
+      weight wins, with a warning: ``d_vocab`` is set to the row count.
     * ``dt_rank="auto"`` is ``ceil(d_model / 16)``.
     * ``eps``: mamba_ssm uses 1e-5 for every RMSNorm; transformers uses
       ``layer_norm_epsilon``. Falcon-Mamba sets ``bcdt_rms_eps = mixer_rms_eps``.
@@ -379,6 +378,18 @@ def config_from_checkpoint(
     if state_dict is not None:
         rows = _embedding_rows(state_dict)
         if rows is not None and rows != fields["d_vocab"]:
+            # Not an error (transformers would refuse): the rows are what runs. But say so,
+            # since a config that disagrees with its weights may belong to another model.
+            from ..models.base import _caller_stacklevel
+
+            padded = (f" (vocab_size {raw.get('vocab_size')} padded to a multiple of "
+                      f"{raw.get('pad_vocab_size_multiple', 8)})" if layout == "mamba_ssm" else "")
+            warnings.warn(
+                f"the checkpoint's config gives an embedding of {fields['d_vocab']} rows{padded} but its weights have "
+                f"{rows}: d_vocab is {rows}, from the weights (cfg.extra['config_d_vocab'] keeps the config's value)",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
             fields["extra"]["config_d_vocab"] = fields["d_vocab"]
             fields["d_vocab"] = rows
     architectures = raw.get("architectures") or []

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from tl_mamba.loading.convert import checkpoint_name
-from tl_mamba.loading.files import (BIN_FILE, BIN_INDEX, GENERATION_CONFIG_FILE, MISTRAL_WEIGHTS_FILE,
+from tl_mamba.loading.files import (BIN_FILE, BIN_INDEX, GENERATION_CONFIG_FILE, MISTRAL_PARAMS_FILE, MISTRAL_WEIGHTS_FILE,
                                      SAFETENSORS_FILE, SAFETENSORS_INDEX, TOKEN_ID_KEYS)
 from tl_mamba.loading.layouts import MAMBA_SSM_NORM_EPS
 
@@ -103,9 +103,11 @@ def mamba_ssm_key(name: str) -> str:
 
 def _remove_other_weights(out: Path) -> None:
     """Delete the weight files of an earlier checkpoint in ``out``: its shard indexes, the shards they
-    list, ``pytorch_model.bin``, ``model.safetensors`` and Mistral's ``consolidated.safetensors``.
-    The loader reads an index or ``model.safetensors`` before ``pytorch_model.bin``, so a stale one
-    would load the old weights in place of the saved ones (transformers cleans up too)."""
+    list, ``pytorch_model.bin``, ``model.safetensors`` and Mistral's ``consolidated.safetensors``
+    with its ``params.json``. The loader reads an index or ``model.safetensors`` before
+    ``pytorch_model.bin``, so a stale one would load the old weights in place of the saved ones
+    (transformers cleans up too); a ``params.json`` left beside the new config.json would describe
+    the old model to anyone reading the folder."""
 
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = out / index_name
@@ -120,7 +122,7 @@ def _remove_other_weights(out: Path) -> None:
             if shard_path.parent == out and shard_path.is_file():  # only files of this directory
                 shard_path.unlink()
         index.unlink()
-    for name in (BIN_FILE, SAFETENSORS_FILE, MISTRAL_WEIGHTS_FILE):
+    for name in (BIN_FILE, SAFETENSORS_FILE, MISTRAL_WEIGHTS_FILE, MISTRAL_PARAMS_FILE):
         if (out / name).is_file():
             (out / name).unlink()
 
@@ -205,7 +207,8 @@ def save_pretrained(model, path: Union[str, Path], layout: str = "mamba_ssm") ->
     ``from_pretrained`` too: ``Mamba``, ``FalconMamba`` or ``Mamba2ForCausalLM``). Either loads
     back with ``tl_mamba.from_pretrained``, bit-exactly.
     Weight files of an earlier checkpoint in ``path`` (shard indexes and their shards,
-    ``pytorch_model.bin``, ``model.safetensors``, ``consolidated.safetensors``) are deleted, so that loading ``path``
+    ``pytorch_model.bin``, ``model.safetensors``, Mistral's ``consolidated.safetensors`` and ``params.json``)
+    are deleted, so that loading ``path``
     gives the saved weights; so are its tokenizer files that this save does not rewrite (all of
     them when the model has no tokenizer), so that loading ``path`` gives the saved tokenizer or none.
     """
