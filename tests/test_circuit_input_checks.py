@@ -330,3 +330,26 @@ def test_float_layers_and_heads_are_refused_not_truncated():
     with pytest.raises(TypeError, match=r"knockout_attribution heads: integer heads needed"):
         knockout_attribution(model, tokens(0), lambda lg: lg[:, -1, 0], heads=[0.5])
     assert Knockout(layers=torch.tensor([0, 1]), sources=[0], targets=[-1]).resolved_layers(2) == [0, 1]
+
+
+def test_logit_diff_checks_its_labels_against_the_logits():
+    """logit_diff is the metric every circuit recipe builds on: labels for fewer prompts, a third
+    column, float or out-of-vocabulary ids raise instead of scoring a subset of the prompts."""
+    from tl_mamba.circuits import logit_diff
+
+    logits = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[1, 2], [9, 0], [4, 4]])
+    expected = torch.stack([logits[i, -1, int(a)] - logits[i, -1, int(b)] for i, (a, b) in enumerate(labels)])
+    torch.testing.assert_close(logit_diff(logits, labels), expected)
+    for bad, error, message in [
+        (labels[:1], ValueError, "1 label rows for 3 prompts"),
+        (torch.cat([labels, labels[:, :1]], 1), ValueError, r"labels \[b, 2\].*\[3, 3\]"),
+        (labels[:, 0], ValueError, r"labels \[b, 2\].*\[3\]"),
+        (labels.float(), TypeError, "integer token ids"),
+        (labels + 5, ValueError, r"\[0, 10\).*from 5 to 14"),
+        ([[1, 2]] * 3, ValueError, "labels.*got list"),
+    ]:
+        with pytest.raises(error, match=message):
+            logit_diff(logits, bad)
+    with pytest.raises(ValueError, match=r"logits \[b, p, v\].*\[3, 10\]"):
+        logit_diff(logits[:, -1], labels)

@@ -521,9 +521,26 @@ def test_hidden_attention_memory_guard():
 )
 def test_bad_knockouts_raise_clearly(family, kwargs, error, message):
     model = make_model(family)
+    tokens = torch.zeros(B, P, dtype=torch.long)
+    with torch.no_grad():
+        clean = model(tokens)
     with pytest.raises(error, match=message):
         with torch.no_grad():
-            model.run_with_knockout(torch.zeros(B, P, dtype=torch.long), Knockout(**kwargs))
+            model.run_with_knockout(tokens, Knockout(**kwargs))
+    # behind a valid Knockout in a list, through either entry point: the valid one must not stay
+    # attached (it once did when the bad one failed its check, knocking out every later forward)
+    good = Knockout(layers=range(model.cfg.n_layers), sources=[0, 1], targets=[-1], path="both")
+    def in_context(kos):
+        with model.knockouts(kos):
+            model(tokens)
+
+    for run in (lambda kos: model.run_with_knockout(tokens, kos), in_context):
+        with pytest.raises(error, match=message):
+            with torch.no_grad():
+                run([good, Knockout(**kwargs)])
+        assert not [name for name, hp in model.hook_dict.items() if hp.fwd_hooks]
+        with torch.no_grad():
+            assert torch.equal(model(tokens), clean)
 
 
 def test_bad_path_and_missing_knockout():

@@ -582,10 +582,16 @@ def warn_knockouts_on_padding(model, attention_mask: Tensor) -> None:
 
 
 def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[object, object]]:
-    """Register the knockouts' hooks on ``model``; returns ``(hook point, handle)`` pairs."""
-    added = []
-    for ko in knockouts:
-        for name, fn in ko.hooks(model):
+    """Register the knockouts' hooks on ``model``; returns ``(hook point, handle)`` pairs.
+
+    All or nothing: every Knockout is checked against the model (``ko.hooks(model)`` raises on a
+    layer or head out of range) before any hook is registered, so a bad Knockout late in a list
+    cannot leave the earlier ones attached to every later forward.
+    """
+    planned = [(name, fn) for ko in knockouts for name, fn in ko.hooks(model)]
+    added: List[Tuple[object, object]] = []
+    try:
+        for name, fn in planned:
             hook_point = model.mod_dict[name]
             hook_point.add_hook(fn, dir="fwd")
             handle = hook_point.fwd_hooks[-1]
@@ -596,7 +602,18 @@ def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[objec
                     hook_point._tl_mamba_knockouts = {}
                 hook_point._tl_mamba_knockouts[id(handle.hook)] = fn
             added.append((hook_point, handle))
+    except BaseException:
+        remove_knockout_hooks(added)
+        raise
     return added
+
+
+def remove_knockout_hooks(added: Sequence[Tuple[object, object]]) -> None:
+    """Undo :func:`add_knockout_hooks`: remove exactly the hooks it registered."""
+    for hook_point, handle in added:
+        handle.hook.remove()
+        hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]
+        (getattr(hook_point, "_tl_mamba_knockouts", None) or {}).pop(id(handle.hook), None)
 
 
 def as_knockout_list(knockouts) -> List[Knockout]:
@@ -616,7 +633,4 @@ def knockouts_context(model, knockouts) -> Iterator[None]:
     try:
         yield
     finally:
-        for hook_point, handle in added:
-            handle.hook.remove()
-            hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]
-            (getattr(hook_point, "_tl_mamba_knockouts", None) or {}).pop(id(handle.hook), None)
+        remove_knockout_hooks(added)

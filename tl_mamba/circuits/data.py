@@ -77,6 +77,27 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
 
 
 def logit_diff(logits: Tensor, labels: Tensor) -> Tensor:
-    """``[b]``: logit of ``labels[:, 0]`` minus logit of ``labels[:, 1]`` at the last position."""
+    """``[b]``: logit of ``labels[:, 0]`` minus logit of ``labels[:, 1]`` at the last position.
+
+    ``logits`` ``[b, p, v]``; ``labels`` ``[b, 2]`` token ids (correct, wrong), one row per
+    prompt. Anything else raises: labels for fewer prompts would quietly score only those, and
+    a metric that takes ``.mean()`` would average the wrong prompts.
+    """
+    if not isinstance(logits, Tensor) or logits.ndim != 3:
+        raise ValueError(f"logit_diff needs logits [b, p, v], got {_shape_of(logits)}")
+    if not isinstance(labels, Tensor) or labels.ndim != 2 or labels.shape[1] != 2:
+        raise ValueError(f"logit_diff needs labels [b, 2] (correct id, wrong id per prompt), got {_shape_of(labels)}")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"logit_diff: {labels.shape[0]} label rows for {logits.shape[0]} prompts; give one "
+                         "(correct, wrong) pair per prompt")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"logit_diff needs integer token ids as labels, got {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+        raise ValueError(f"logit_diff: label ids must lie in [0, {logits.shape[-1]}) (the logits' vocabulary), "
+                         f"got ids from {int(labels.min())} to {int(labels.max())}")
     last = logits[:, -1]
     return last.gather(1, labels[:, :1])[:, 0] - last.gather(1, labels[:, 1:2])[:, 0]
+
+
+def _shape_of(value) -> str:
+    return f"shape {list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
