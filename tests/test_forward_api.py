@@ -375,8 +375,10 @@ def test_error_messages(model):
         model(torch.tensor([[0, 5, 50]]))
     with pytest.raises((ValueError, IndexError), match=r"(?i)token|vocab"):
         model(torch.tensor([[0, -1, 5]]))
-    with pytest.raises(ValueError, match="attention_mask"):
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(1, 4\).*got \(1, 3\)$"):
         model(tokens, attention_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(2, 4\).*got \(4,\) \(a 1-D mask is one prompt's\)"):
+        model(tokens.repeat(2, 1), attention_mask=torch.ones(4, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):
         model(tokens, attention_mask=torch.tensor([[1, 0, 1, 1]]))
     with pytest.raises(ValueError, match="attention_mask"):
@@ -412,7 +414,8 @@ def test_heavy_hook_memory_guard(model):
     _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_h")
     assert cache["blocks.0.hook_h"].shape == (b, p, model.cfg.d_inner, model.cfg.d_state)
     model.heavy_hook_memory_limit = 1000
-    with pytest.raises(MemoryError, match="hook_h"):
+    nbytes = b * p * model.cfg.d_inner * model.cfg.d_state * 4  # float32 states
+    with pytest.raises(MemoryError, match=rf"hook_h would need {nbytes / 1024:.2f} KiB .* limit of 1000 bytes"):
         model.run_with_cache(tokens, names_filter="blocks.0.hook_h")
     with pytest.raises(MemoryError, match="hook_h"):
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_h", lambda a, hook: a)])
@@ -420,6 +423,14 @@ def test_heavy_hook_memory_guard(model):
     _, cache = model.run_with_cache(tokens)
     assert "blocks.0.hook_x" in cache
     assert model(tokens).shape == (b, p, model.cfg.d_vocab)
+    # None lifts the limit; nonsense is refused when set, not at the next forward
+    model.heavy_hook_memory_limit = None
+    assert model.heavy_hook_memory_limit == float("inf")
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_h")
+    assert cache["blocks.0.hook_h"].shape == (b, p, model.cfg.d_inner, model.cfg.d_state)
+    for bad, error in (("8GB", TypeError), (0, ValueError), (-1.0, ValueError), (float("nan"), ValueError)):
+        with pytest.raises(error, match="heavy_hook_memory_limit"):
+            model.heavy_hook_memory_limit = bad
 
 
 def test_entry_point_signatures_follow_the_contract(tmp_path):

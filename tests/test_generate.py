@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_mamba import RecurrentState
+from tl_mamba import HookedMamba2, RecurrentState
+
+from conftest import tiny_config
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -127,6 +129,23 @@ def test_step_logits_equal_full_forward_via_recurrent_state(model, prompt):
             step = model(tokens[:, t : t + 1], state=state)
             assert step.shape == (2, 1, model.cfg.d_vocab)
             close(step[:, -1], model(tokens[:, : t + 1])[:, -1])
+
+
+def test_a_recurrent_state_of_another_batch_or_model_is_refused_by_name(model, prompt):
+    """A RecurrentState carries one batch of one model: reusing it for another batch size, another
+    model family or passing something else raised deep inside the conv (or an AttributeError)."""
+    state = RecurrentState.empty(model.cfg.n_layers)
+    with torch.no_grad():
+        model(prompt, state=state)
+        with pytest.raises(ValueError, match=r"state.layers\[0\]\['conv'\] has shape .*batch of 1.*another batch"):
+            model(prompt[:1], state=state)
+        other = HookedMamba2(tiny_config(family="mamba2", d_head=8, n_groups=1, dt_rank="auto"))
+        with pytest.raises(ValueError, match=r"this mamba2 model on a batch of 2 needs"):
+            other(prompt, state=state)
+        with pytest.raises(TypeError, match="RecurrentState.empty.*got dict"):
+            model(prompt, state={})
+        with pytest.raises(ValueError, match="state has 1 layers"):
+            model(prompt, state=RecurrentState.empty(1))
 
 
 # --------------------------------------------------------------------------- hooks during decoding

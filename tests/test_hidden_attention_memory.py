@@ -143,7 +143,8 @@ def test_guard_counts_working_memory_not_only_the_result(family):
         with pytest.raises(MemoryError) as err:
             model.hidden_attention(torch.randint(0, 50, (b, long_p)), 1, reduce=reduce)
         message = str(err.value)
-        for part in ("hidden_attention of layer 1", "GiB", "heavy_hook_memory_limit", "heads/channels",
+        for part in ("hidden_attention of layer 1", f"({model.heavy_hook_memory_limit / 2**10:.2f} KiB)",
+                     "heavy_hook_memory_limit", "heads/channels",
                      "reduce=", "shorten the input"):
             assert part in message, message
     # without reduce: a limit just over the result raises too

@@ -101,6 +101,14 @@ def test_start_after_stop_is_an_error(make):
         model(resid, start_at_layer=-1, stop_at_layer=0)
     # equal runs no block, as in TransformerLens (a slice [start:stop] of the blocks)
     torch.testing.assert_close(model(resid, start_at_layer=1, stop_at_layer=1), resid)
+    # a non-integer layer is named, not blamed on the input or truncated
+    with pytest.raises(TypeError, match=r"start_at_layer must be an integer layer index, got 1\.5"):
+        model(resid, start_at_layer=1.5)
+    with pytest.raises(TypeError, match=r"stop_at_layer must be an integer layer index, got '1'"):
+        model(t, stop_at_layer="1")
+    with pytest.raises(TypeError, match=r"hidden_attention: layer must be an integer, got '1'"):
+        model.hidden_attention(t, "1")
+    torch.testing.assert_close(model(resid, start_at_layer=torch.tensor(1)), model(t))
 
 
 # ---------------------------------------------------------------- tokenizers that do not fit
@@ -182,6 +190,16 @@ def test_a_hook_returning_another_shape_is_named(make, change):
 
 
 @pytest.mark.parametrize("make", FAMILIES)
+def test_a_hook_returning_a_tensor_on_another_device_is_named(make):
+    """A patch from a cache kept on another device (CPU cache, CUDA model): "meta" stands in."""
+    model = make()
+    for name in SHAPE_HOOKS[make] + ["blocks.0.hook_h", "blocks.0.hook_ssm_mask"]:
+        with pytest.raises(ValueError, match=rf"a hook on {name} returned a tensor on meta.* is on cpu"):
+            model.run_with_hooks(tokens(), fwd_hooks=[(name, lambda x, hook: x.to("meta"))])
+        model.reset_hooks()
+
+
+@pytest.mark.parametrize("make", FAMILIES)
 @pytest.mark.parametrize("value", [3, 0.5, "text", [1.0]])
 def test_a_hook_returning_a_non_tensor_is_named(make, value):
     model = make()
@@ -258,6 +276,13 @@ def test_generate_argument_checks(make):
     t = tokens()
     with pytest.raises(ValueError, match="eos_token_id is empty"):
         model.generate(t, max_new_tokens=2, eos_token_id=[], verbose=False)
+    for eos in (99999, [1, -2]):  # ids the model cannot produce: generation would never stop at them
+        with pytest.raises(ValueError, match=r"eos_token_id must lie in \[0, 48\)"):
+            model.generate(t, max_new_tokens=2, eos_token_id=eos, verbose=False)
+    with pytest.raises(TypeError, match="eos_token_id must be an integer tensor"):
+        model.generate(t, max_new_tokens=2, eos_token_id=[1.5], verbose=False)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int, got 2.5"):
+        model.generate(t, max_new_tokens=2.5, verbose=False)
     for top_k in (-3, 0, 1.5):
         with pytest.raises(ValueError, match="top_k must be a positive int"):
             model.generate(t, max_new_tokens=2, top_k=top_k, verbose=False)
@@ -320,3 +345,43 @@ def test_tokens_or_mask_on_the_meta_device_are_refused_by_name(make):
         model(tokens().to("meta"))
     with pytest.raises(ValueError, match="attention_mask: the tensor is on the meta device"):
         model(tokens(), attention_mask=torch.ones(2, 6, device="meta"))
+
+
+# ---------------------------------------------------------------- decoding and looking up ids
+def test_token_helpers_refuse_ids_they_would_drop_or_misread():
+    """to_string / to_str_tokens decode an id past the tokenizer's vocabulary as nothing, so a
+    wrong id vanished from the text; tokens_to_residual_directions raised a raw IndexError and
+    to_single_token(5) "'int' object is not iterable"."""
+    model = HookedMamba(tiny_config(), tokenizer=make_tokenizer())
+    tok, v = model.tokenizer, model.cfg.d_vocab
+    ids = [5, 9, 12]
+    assert model.to_string(ids) == tok.decode(ids)  # what is right stays as the tokenizer has it
+    assert model.to_str_tokens(torch.tensor(ids)) == [tok.decode([i]) for i in ids]
+    assert model.to_string([]) == tok.decode([])
+    torch.testing.assert_close(model.tokens_to_residual_directions(torch.tensor(ids)), model.W_U[:, ids].T)
+    for call in (model.to_string, model.to_str_tokens):
+        with pytest.raises(ValueError, match=rf"{call.__name__}: token ids must lie in \[0, {v}\), got min 5 max 9999"):
+            call([5, 9999, 12])
+        with pytest.raises(TypeError, match=rf"{call.__name__}: the tokens must be an integer tensor"):
+            call(torch.tensor([1.0, 2.0]))
+        with pytest.raises(ValueError, match=rf"{call.__name__} takes token ids \[p\] or \[b, p\], got shape \(1, 1, 3\)"):
+            call(torch.tensor([[ids]]))
+    for bad in (9999, torch.tensor([3, -1])):
+        with pytest.raises(ValueError, match=rf"tokens_to_residual_directions: token ids must lie in \[0, {v}\)"):
+            model.tokens_to_residual_directions(bad)
+    with pytest.raises(TypeError, match="to_single_token takes a string, got int.*to_single_str_token"):
+        model.to_single_token(5)
+
+
+# ---------------------------------------------------------------- configs
+def test_config_refuses_a_zero_dt_rank_and_mamba2_settings_on_mamba1():
+    """dt_rank=0 failed in the weight init with a ZeroDivisionError; n_heads=4 on Mamba-1 was
+    silently replaced by 1."""
+    for dt_rank in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=rf"dt_rank must be a positive int .* got {dt_rank}"):
+            tiny_config(dt_rank=dt_rank)
+    for wrong in (dict(n_heads=4), dict(n_groups=2)):
+        with pytest.raises(ValueError, match="Mamba-1 has no heads or groups.*family='mamba2'"):
+            tiny_config(**wrong)
+    cfg = tiny_config(n_heads=1)  # what to_dict() writes back: n_heads 1, d_head d_inner
+    assert HookedMambaConfig.from_dict(cfg.to_dict()) == cfg and cfg.n_heads == 1

@@ -282,7 +282,10 @@ def test_union_of_overlapping_knockouts(family, route):
         ours = model.run_with_knockout(tokens, kos)
         with model.knockouts(kos):
             in_context = model(tokens)
+        with model.knockouts(*kos):  # several as arguments: the same union
+            as_arguments = model(tokens)
         after = model(tokens)
+    torch.testing.assert_close(as_arguments, in_context, rtol=0, atol=0)
     keep_sources = [[1, 2, 3]] * B  # edges: {1,2,3}→8 and {2,3}→7
     ref_first = reference_forward(model, tokens, [0], keep_sources, [[8]] * B, "ssm")
     assert (ref_first - ours).abs().max() > 1e-6  # 2,3 → 7 is also removed
@@ -541,6 +544,24 @@ def test_bad_knockouts_raise_clearly(family, kwargs, error, message):
         assert not [name for name, hp in model.hook_dict.items() if hp.fwd_hooks]
         with torch.no_grad():
             assert torch.equal(model(tokens), clean)
+
+
+def test_hidden_attention_of_another_models_cache_is_named():
+    """A cache of the other family (or other widths) is refused by its shape, in both directions:
+    a Mamba-1 cache given to Mamba-2 used to pass the dimension check and fail as "the cached
+    activations disagree on [b, p]"."""
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(3))
+    models = {family: make_model(family) for family in FAMILIES}
+    for family, model in models.items():
+        other = models["mamba2" if family == "mamba1" else "mamba1"]
+        _, cache = other.run_with_cache(tokens)
+        for call in (model.hidden_attention, model.conv_attention):
+            with pytest.raises(ValueError, match=rf"this {family} model's is \[b, p, .*Is the cache from this model"):
+                call(cache, 1)
+    wider = make_model("mamba2", n_heads=2, n_groups=1)
+    _, cache = models["mamba2"].run_with_cache(tokens)
+    with pytest.raises(ValueError, match=r"hook_delta has shape \(3, 9, 4\); this mamba2 model's is \[b, p, 2\]"):
+        wider.hidden_attention(cache, 0)
 
 
 def test_bad_path_and_missing_knockout():

@@ -29,6 +29,8 @@ import torch
 from transformer_lens import ActivationCache
 from transformer_lens.utilities import Slice, get_act_name
 
+from tl_mamba.ops.buffers import format_bytes
+
 _MIXER_SUBLAYER = re.compile(r"^blocks\.(\d+)\.(?:attn|mlp)\.(hook_\w+)$")
 
 _NO_HEADS = (
@@ -222,8 +224,8 @@ class MambaActivationCache(ActivationCache):
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if limit is not None and nbytes > limit:
             raise MemoryError(
-                f"{method} would build a {tuple(shape)} {dtype} stack of {nbytes / 2**30:.2f} GiB, over "
-                f"model.heavy_hook_memory_limit ({limit / 2**30:.2f} GiB). {hint}, or raise "
+                f"{method} would build a {tuple(shape)} {dtype} stack of {format_bytes(nbytes)}, over "
+                f"model.heavy_hook_memory_limit ({format_bytes(limit)}). {hint}, or raise "
                 "model.heavy_hook_memory_limit if you have the memory."
             )
 

@@ -107,6 +107,13 @@ class HookedMambaConfig:
         if self.family == "mamba1":
             if self.dt_rank is None:
                 self.dt_rank = math.ceil(self.d_model / 16)
+            if isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int) or self.dt_rank <= 0:
+                raise ValueError(f"dt_rank must be a positive int (None: ceil(d_model / 16)), got {self.dt_rank!r}")
+            # Mamba-1 has one SSM per channel and no heads: n_heads is 1 by the contract. A
+            # different value was a Mamba-2 setting given to the wrong family, not a head count.
+            if self.n_heads not in (None, 1) or self.n_groups != 1:
+                raise ValueError(f"n_heads={self.n_heads}, n_groups={self.n_groups}: Mamba-1 has no heads or groups "
+                                 "(n_heads is 1); for a Mamba-2 model pass family='mamba2'")
             self.n_heads = 1
             self.d_head = self.d_inner
             self.n_groups = 1

@@ -19,13 +19,19 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.ops.buffers import format_bytes
+
 REDUCTIONS = (None, "norm", "sum", "mean", "abs_max")
 
 
-def _hook_ndim(cfg, hook: str) -> int:
-    """The number of dims of a block hook with its batch axis (``hook_B`` / ``hook_C`` of Mamba-2:
-    ``[b, p, g, n]``; the others used here ``[b, p, ·]``)."""
-    return 4 if cfg.family == "mamba2" and hook in ("hook_B", "hook_C") else 3
+def _hook_features(cfg, hook: str) -> tuple:
+    """The shape after ``[b, p]`` of the block hooks read here, for checking a cache."""
+    e, n, g, h = cfg.d_inner, cfg.d_state, cfg.n_groups, cfg.n_heads
+    mamba2 = cfg.family == "mamba2"
+    return {"hook_delta": (h,) if mamba2 else (e,),
+            "hook_B": (g, n) if mamba2 else (n,),
+            "hook_C": (g, n) if mamba2 else (n,),
+            "hook_conv_in": (e + 2 * g * n,) if mamba2 else (e,)}[hook]
 
 
 def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attention_mask, what: str):
@@ -54,12 +60,14 @@ def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attent
     unbatched = getattr(cache, "has_batch_dim", True) is False  # run_with_cache(remove_batch_dim=True)
     out = []
     for name, hook, value in zip(names, hooks, values):
-        want = _hook_ndim(model.cfg, hook)
+        features = _hook_features(model.cfg, hook)
+        want = 2 + len(features)
         if unbatched or value.dim() == want - 1:  # a cache without its batch dim
             value = value[None]
-        if value.dim() != want:
-            raise ValueError(f"{what}: the cached {name} has shape {tuple(cache[name].shape)}; expected {want} dims "
-                             f"with the batch axis ({want - 1} without it). Is the cache from this model?")
+        if value.dim() != want or tuple(value.shape[2:]) != features:
+            raise ValueError(f"{what}: the cached {name} has shape {tuple(cache[name].shape)}; this "
+                             f"{model.cfg.family} model's is [b, p, {', '.join(map(str, features))}] ([p, ...] without "
+                             "the batch axis). Is the cache from this model?")
         out.append(value)
     shapes = {name: tuple(value.shape[:2]) for name, value in zip(names, out)}
     if len(set(shapes.values())) > 1:
@@ -89,6 +97,9 @@ def _check_starts_at_zero(cache, what: str) -> None:
 def _check_call(model, layer: int, reduce: Optional[str], what: str) -> int:
     """``layer`` in ``[0, n_layers)``; IndexError / ValueError naming ``what`` for a bad layer or reduction."""
     n_layers = model.cfg.n_layers
+    if isinstance(layer, bool) or not hasattr(layer, "__index__"):  # 1.5 or "1": not read as a layer
+        raise TypeError(f"{what}: layer must be an integer, got {layer!r} of type {type(layer).__name__}")
+    layer = int(layer)
     if not -n_layers <= layer < n_layers:
         raise IndexError(f"{what}: layer {layer} out of range for {n_layers} layers")
     if reduce not in REDUCTIONS:
@@ -98,8 +109,8 @@ def _check_call(model, layer: int, reduce: Optional[str], what: str) -> int:
 
 def _check_memory(model, needed: int, layer: int, what: str, fewer: str) -> None:
     if needed > model.heavy_hook_memory_limit:
-        raise MemoryError(f"{what} of layer {layer} would need {needed / 2**30:.2f} GiB for this input, over "
-                          f"model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); choose "
+        raise MemoryError(f"{what} of layer {layer} would need {format_bytes(needed)} for this input, over "
+                          f"model.heavy_hook_memory_limit ({format_bytes(model.heavy_hook_memory_limit)}); choose "
                           f"fewer {fewer}, pass reduce=, or shorten the input")
 
 

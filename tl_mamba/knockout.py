@@ -98,7 +98,8 @@ def _refuse_an_int_mask(given: List[int], size: int, what: str, unit: str) -> No
     length = f"{len(given)} entries" + ("" if len(given) == size else f", where the layer has {size} {unit}")
     raise ValueError(f"Knockout {what}: {given[:12]}{' ...' if len(given) > 12 else ''} looks like a 0/1 mask "
                      f"({length}), but an int tensor or list gives {unit}, and this one names {unit} "
-                     f"{sorted(set(given))} more than once. A mask must be a bool tensor (mask.bool()).")
+                     f"{sorted(set(given))} more than once. A mask must be a bool tensor (mask.bool()); if you "
+                     f"meant {unit} {sorted(set(given))}, name each once.")
 
 
 def resolve_positions(positions: Positions, b: int, p: int, what: str, device=None) -> Tensor:

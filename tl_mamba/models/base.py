@@ -15,6 +15,7 @@ supplies the TransformerLens-facing surface:
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,10 +178,30 @@ class HookedSSM(HookedRootModule):
         """Residual directions ``W_U[:, token]`` (``[d]`` for one token, ``[..., d]`` for a tensor)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        if isinstance(tokens, int):
+        if isinstance(tokens, int) and not isinstance(tokens, bool):
+            self._check_token_ids(torch.tensor([tokens]), what="tokens_to_residual_directions: token ids")
             return self.W_U[:, tokens]
-        tokens = torch.as_tensor(tokens, device=self.W_E.device)
+        tokens = self._ids_to_read(tokens, "tokens_to_residual_directions", max_dims=None).to(self.W_E.device)
         return self.W_U[:, tokens].movedim(0, -1)
+
+    # ------------------------------------------------------------------ memory guard
+    @property
+    def heavy_hook_memory_limit(self) -> float:
+        """Bytes a heavy hook (``hook_h``, ``hook_ssm_mask``), a ``hidden_attention`` result or a
+        cache stack may take before a ``MemoryError`` refuses it: 8 GiB by default, per hook.
+        Set a number of bytes, or ``None`` (read back as ``math.inf``) for no limit."""
+        return self._heavy_hook_memory_limit
+
+    @heavy_hook_memory_limit.setter
+    def heavy_hook_memory_limit(self, limit: Optional[float]) -> None:
+        if limit is None:
+            limit = math.inf
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise TypeError(f"heavy_hook_memory_limit is a number of bytes (or None for no limit), got "
+                            f"{type(limit).__name__}")
+        if not limit > 0:  # NaN too
+            raise ValueError(f"heavy_hook_memory_limit must be a positive number of bytes, got {limit}")
+        self._heavy_hook_memory_limit = limit
 
     # ------------------------------------------------------------------ backend
     @property
@@ -399,7 +420,7 @@ class HookedSSM(HookedRootModule):
         tok = self._require_tokenizer("to_string")
         if isinstance(tokens, int):
             tokens = [tokens]
-        tokens = torch.as_tensor(tokens)
+        tokens = self._ids_to_read(tokens, "to_string")
         if tokens.dim() == 2:
             return [tok.decode(row.tolist()) for row in tokens]
         return tok.decode(tokens.tolist())
@@ -422,7 +443,7 @@ class HookedSSM(HookedRootModule):
         elif isinstance(input, list) and input and isinstance(input[0], str):
             return [self.to_str_tokens(s, prepend_bos=prepend_bos) for s in input]
         else:
-            tokens = torch.as_tensor(input)
+            tokens = self._ids_to_read(input, "to_str_tokens")
             if tokens.dim() == 0:
                 tokens = tokens[None]
             if tokens.dim() == 2:
@@ -431,10 +452,27 @@ class HookedSSM(HookedRootModule):
                 tokens = tokens[0]
         return [tok.decode([t]) for t in tokens.tolist()]
 
+    def _ids_to_read(self, tokens, what: str, max_dims: Optional[int] = 2) -> Tensor:
+        """``tokens`` as an integer tensor of ids in ``[0, d_vocab)`` with at most ``max_dims``
+        axes, for the methods that decode or look up ids (a tokenizer decodes an id past its
+        vocabulary as nothing, so a wrong id would silently vanish from the text)."""
+        tokens = torch.as_tensor(tokens)
+        if not tokens.numel():  # torch.as_tensor([]) is float
+            tokens = tokens.long()
+        _check_token_dtype(tokens, f"{what}: the tokens")
+        if max_dims is not None and tokens.dim() > max_dims:
+            raise ValueError(f"{what} takes token ids [p] or [b, p], got shape {tuple(tokens.shape)}")
+        self._check_token_ids(tokens, what=f"{what}: token ids")
+        return tokens
+
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (no BOS); error otherwise, and for a
         word the vocabulary lacks (read as the unknown token)."""
         import warnings
+
+        if not isinstance(string, str):
+            raise TypeError(f"to_single_token takes a string, got {type(string).__name__} (the string of a token id "
+                            "is to_single_str_token(id))")
 
         with warnings.catch_warnings():  # an unknown word is an error here, not a warning
             warnings.simplefilter("ignore", UnknownTokenWarning)
@@ -614,10 +652,12 @@ class HookedSSM(HookedRootModule):
         if isinstance(attention_mask, Tensor):
             _check_not_meta(attention_mask, "attention_mask")
         attention_mask = torch.as_tensor(attention_mask, device=self.W_E.device)
-        if attention_mask.dim() == 1:
+        given = tuple(attention_mask.shape)
+        if attention_mask.dim() == 1:  # one prompt's mask: a batch of one
             attention_mask = attention_mask[None]
         if tuple(attention_mask.shape) != tuple(shape):
-            raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {tuple(attention_mask.shape)}")
+            one_row = " (a 1-D mask is one prompt's)" if len(given) == 1 else ""
+            raise ValueError(f"attention_mask must have shape {tuple(shape)} (batch, positions), got {given}{one_row}")
         if attention_mask.is_complex():
             raise TypeError(f"attention_mask must be a bool, integer or float tensor of 0s and 1s, "
                             f"got {attention_mask.dtype}")
@@ -680,6 +720,9 @@ class HookedSSM(HookedRootModule):
                 "would run none): start_at_layer must be <= stop_at_layer"
             )
         wants_loss = return_type in ("loss", "both") and stop_at_layer is None
+        if state is not None and not isinstance(state, RecurrentState):
+            raise TypeError(f"state must be a tl_mamba RecurrentState (RecurrentState.empty(model.cfg.n_layers) to "
+                            f"start one), got {type(state).__name__}")
         if start_at_layer is None:
             tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side,
                                                          continuing=state is not None and state.seqlen_offset > 0)
@@ -698,8 +741,8 @@ class HookedSSM(HookedRootModule):
             _check_loss_shape(tokens.shape, loss_per_token)
         if self.cfg.residual_in_fp32:
             resid = upcast(resid)
-        if state is not None and len(state.layers) != n_layers:
-            raise ValueError(f"state has {len(state.layers)} layers, the model {n_layers}")
+        if state is not None:
+            self._check_state(state, resid.shape[0])
         if attention_mask is not None and state is None:  # positions index this whole sequence
             warn_knockouts_on_padding(self, attention_mask)
         for layer in range(start, stop):
@@ -882,17 +925,20 @@ class HookedSSM(HookedRootModule):
         return cache
 
     # ------------------------------------------------------------------- knockout
-    def knockouts(self, knockouts):
+    def knockouts(self, *knockouts):
         """Context manager: ``with model.knockouts(ko):`` runs every forward with the knockouts.
 
-        ``knockouts`` is a ``Knockout`` or a list of them (their union is removed).
+        ``knockouts`` is a ``Knockout``, a list of them, or several as arguments
+        (``model.knockouts(ko1, ko2)``); their union is removed.
         They are ordinary hooks (``hook_ssm_mask`` for the SSM path, ``hook_conv`` for the
         conv path, which removes the taps of what the conv read: ``hook_conv_in`` after every
         hook on it) and compose with any other hooks.
         """
         from tl_mamba.knockout import knockouts_context
 
-        return knockouts_context(self, knockouts)
+        if not knockouts:
+            raise TypeError("knockouts() needs a Knockout: with model.knockouts(Knockout(...)):")
+        return knockouts_context(self, knockouts[0] if len(knockouts) == 1 else list(knockouts))
 
     def run_with_knockout(self, *model_args, knockouts=None, fwd_hooks=(), **model_kwargs):
         """``model(*model_args)`` with ``knockouts`` (a ``Knockout`` or a list) applied.
@@ -912,6 +958,26 @@ class HookedSSM(HookedRootModule):
             if fwd_hooks:
                 return self.run_with_hooks(*args, fwd_hooks=list(fwd_hooks), **model_kwargs)
             return self(*args, **model_kwargs)
+
+    def _check_state(self, state: RecurrentState, batch: int) -> None:
+        """Raise unless ``state`` fits this model and a batch of ``batch`` rows: a state carries
+        one batch of one model (reusing it for another failed deep inside the conv)."""
+        cfg = self.cfg
+        if len(state.layers) != cfg.n_layers:
+            raise ValueError(f"state has {len(state.layers)} layers, the model {cfg.n_layers}: a RecurrentState "
+                             "belongs to the model that filled it")
+        ssm_shape = ((batch, cfg.d_inner, cfg.d_state) if self.family == "mamba1"
+                     else (batch, cfg.n_heads, cfg.d_head, cfg.d_state))
+        for layer, layer_state in enumerate(state.layers):
+            conv_shape = (batch, self.blocks[layer].mixer.conv1d.weight.shape[0], cfg.d_conv - 1)
+            for key, expected in (("conv", conv_shape), ("ssm", ssm_shape)):
+                held = layer_state.get(key)
+                if held is not None and tuple(held.shape) != expected:
+                    raise ValueError(
+                        f"state.layers[{layer}][{key!r}] has shape {tuple(held.shape)}, but this {self.family} model "
+                        f"on a batch of {batch} needs {expected}: a RecurrentState carries one batch of one model; "
+                        f"start a new one (RecurrentState.empty({cfg.n_layers})) for another batch or model"
+                    )
 
     def hidden_attention(self, input_or_cache, layer: int, heads=None, channels=None, reduce: Optional[str] = None,
                          **kwargs):
@@ -987,6 +1053,9 @@ class HookedSSM(HookedRootModule):
 
         from tl_mamba.knockout import active_knockouts
 
+        if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__"):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         if temperature < 0:
@@ -1024,6 +1093,9 @@ class HookedSSM(HookedRootModule):
             if (stop_at_eos and eos_token_id is not None)
             else None
         )
+        if eos_ids is not None:  # an id the model cannot produce would never stop generation
+            _check_token_dtype(eos_ids, "eos_token_id")
+            self._check_token_ids(eos_ids, what="eos_token_id")
         gen = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
         knockouts = active_knockouts(self)
         for ko in knockouts:
@@ -1235,6 +1307,9 @@ def _input_batch_size(input) -> Optional[int]:
 
 
 def _layer_index(value: int, n_layers: int, name: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):  # 1.5 or "1": not read as a layer
+        raise TypeError(f"{name} must be an integer layer index, got {value!r} of type {type(value).__name__}")
+    value = int(value)
     index = value + n_layers if value < 0 else value
     if not 0 <= index <= n_layers:
         raise ValueError(f"{name}={value} is out of range for a model with {n_layers} layers")

@@ -23,7 +23,7 @@ class CheckedHookPoint(HookPoint):
     not change its shape: a wrong shape would otherwise be blamed on another tensor further
     on ("z must have shape ..."), fail in a reshape, or be broadcast silently (a ``[1, ...]``
     tensor or a number). So a return value that is not a tensor raises a ``TypeError``, and
-    a tensor of another shape a ``ValueError``, both naming the hook.
+    a tensor of another shape or on another device a ``ValueError``, each naming the hook.
 
     A tensor of another dtype (a patch from an fp32 cache into a bf16 model, a float64
     steering vector) is read in the dtype of the activation it replaces, as if the hook had
@@ -53,7 +53,7 @@ class CheckedHookPoint(HookPoint):
 
 def check_hook_output(hook_point: HookPoint, given, returned) -> None:
     """Raise if ``returned`` (what ``hook_point``'s hooks made of ``given``) is not a tensor of
-    ``given``'s shape."""
+    ``given``'s shape on ``given``'s device."""
     if not isinstance(given, Tensor):
         return
     expected = tuple(given.shape)
@@ -66,6 +66,12 @@ def check_hook_output(hook_point: HookPoint, given, returned) -> None:
         raise ValueError(
             f"a hook on {hook_point.name} returned shape {tuple(returned.shape)}, expected {expected} "
             "(the shape of the activation it was given): hooks may change values and dtype, not the shape"
+        )
+    if returned.device != given.device:
+        # patching from a cache kept on the CPU into a CUDA model, say: torch's own error names no hook
+        raise ValueError(
+            f"a hook on {hook_point.name} returned a tensor on {returned.device}, but the activation it was given "
+            f"is on {given.device}: move it there first (e.g. patch.to(activation.device))"
         )
 
 

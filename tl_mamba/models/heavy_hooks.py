@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from tl_mamba.knockout import structured_removals
 from tl_mamba.models.base import hook_is_active
+from tl_mamba.ops.buffers import format_bytes
 from tl_mamba.ops.precision import compute_dtype
 from tl_mamba.ops.state_override import StateOverride, adjoint_recurrence, edited_positions
 
@@ -37,8 +38,8 @@ def check_heavy_hook_memory(block, hook: str, nbytes: int) -> None:
     limit = block.model_ref[0].heavy_hook_memory_limit
     if nbytes > limit:
         raise MemoryError(
-            f"blocks.{block.layer}.{hook} would need {nbytes / 2**30:.2f} GiB for this input, over the model's "
-            f"limit of {limit / 2**30:.2f} GiB (model.heavy_hook_memory_limit). Use a shorter sequence or a "
+            f"blocks.{block.layer}.{hook} would need {format_bytes(nbytes)} for this input, over the model's "
+            f"limit of {format_bytes(limit)} (model.heavy_hook_memory_limit). Use a shorter sequence or a "
             "smaller batch, or raise the limit if you have the memory."
         )
 

@@ -81,3 +81,14 @@ def states_buffer(shape: Sequence[int], like: Tensor, dtype: torch.dtype) -> Ten
         buffer = like.new_empty(tuple(shape), dtype=dtype)
     advise_huge_pages(buffer)
     return buffer
+
+
+def format_bytes(nbytes: float) -> str:
+    """``nbytes`` for a message, in the largest unit that keeps it >= 1 (``"3.20 GiB"``,
+    ``"512.00 KiB"``): a memory guard set to a few MiB would otherwise report "0.00 GiB"."""
+    if nbytes == float("inf"):
+        return "no limit"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} bytes"
