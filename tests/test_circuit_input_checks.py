@@ -353,3 +353,58 @@ def test_logit_diff_checks_its_labels_against_the_logits():
             logit_diff(logits, bad)
     with pytest.raises(ValueError, match=r"logits \[b, p, v\].*\[3, 10\]"):
         logit_diff(logits[:, -1], labels)
+
+
+# ------------------------------------------------- blind bad-input pass: silent or cryptic inputs
+def test_channel_groups_that_do_not_divide_d_inner_raise_everywhere():
+    """patch_channel_groups / patch_heads / delta_stats_by_class split d_inner=32 into 3 unequal
+    groups silently, though Graph.from_model refuses the same G: one check for all of them."""
+    from tl_mamba.circuits import delta_stats_by_class, patch_channel_groups
+
+    model = make_model("mamba1")  # d_inner 32
+    clean, corrupted = tokens(1), tokens(2)
+    calls = [
+        lambda: patch_channel_groups(model, clean, corrupted, metric, 3, progress=False),
+        lambda: patch_heads(model, clean, corrupted, metric, channel_groups=7, progress=False),
+        lambda: delta_stats_by_class(model, clean, {"bos": "bos"}, channel_groups=3, progress=False),
+        lambda: Graph.from_model(model, "head", channel_groups=3),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"does not divide d_inner=32 into equal groups; divisors of 32 near it"):
+            call()
+    assert patch_channel_groups(model, clean, corrupted, metric, 4, progress=False).shape == (2, 4, B)
+
+
+def test_top_edges_with_a_negative_count_raises():
+    """top_edges(-3) returned every edge but the last three (a negative slice)."""
+    graph = Graph.from_model(make_model("mamba2"))
+    graph.scores = torch.arange(len(graph.edges), dtype=torch.float32)
+    for kwargs in ({}, {"only_in_graph": True}):
+        with pytest.raises(ValueError, match=r"k must be >= 0 \(the number of edges to return\), got -3"):
+            graph.top_edges(-3, **kwargs)
+        assert graph.top_edges(0, **kwargs) == []
+    assert len(graph.top_edges(2)) == 2
+
+
+def test_token_class_ids_outside_the_vocabulary_raise():
+    """Ids >= d_vocab (or < 0) made an empty class silently."""
+    from tl_mamba.circuits import token_class_mask
+
+    model = make_model("mamba2")  # d_vocab 50
+    for bad in ([99999], 99999, torch.tensor([3, 50]), [-1, 4]):
+        with pytest.raises(ValueError, match=r"token_class ids \[(99999|50|-1)\] are outside the vocabulary "
+                                             r"\(d_vocab=50"):
+            token_class_mask(model, tokens(0), bad)
+    assert token_class_mask(model, tokens(0), [3, 49]).shape == (B, P)
+
+
+def test_eap_with_a_nan_metric_raises_naming_the_value(family):
+    """A NaN metric gave NaN scores for every edge, with no warning."""
+    model = make_model(family)
+    clean, corrupted = tokens(1), tokens(2)
+    with pytest.raises(ValueError, match=r"metric returned nan for prompt\(s\) \[1\].*every attribution score"):
+        attribute(model, Graph.from_model(model), clean, corrupted,
+                  lambda lg: metric(lg) * torch.tensor([1.0, float("nan")]), quiet=True)
+    with pytest.raises(ValueError, match=r"metric returned -?inf: its gradient"):  # a scalar metric
+        attribute(model, Graph.from_model(model), clean, corrupted, lambda lg: metric(lg).mean() / 0.0,
+                  method="EAP-IG", ig_steps=2, quiet=True)

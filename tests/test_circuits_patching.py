@@ -256,8 +256,8 @@ def test_flat_head_hook_and_channel_groups_equal_manual_slices(models, pair):
     got = patch_heads(model, clean, corrupted, metric, hook="y_normed", progress=False)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
 
-    model = models["mamba1"]  # d_inner 32 in 3 groups: channels 0-10, 11-21, 22-31
-    bounds = [(0, 11), (11, 22), (22, 32)]
+    model = models["mamba1"]  # d_inner 32 in 4 groups of 8 channels (G must divide d_inner)
+    bounds = [(0, 8), (8, 16), (16, 24), (24, 32)]
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(("hook_x", "hook_h")))
     for hook in ("x", "h"):
         def group_slice(act, index, clean_act):
@@ -265,11 +265,11 @@ def test_flat_head_hook_and_channel_groups_equal_manual_slices(models, pair):
             act[:, :, a:z] = clean_act[:, :, a:z]
             return act
 
-        index_df = pd.DataFrame([(layer, g) for layer in range(2) for g in range(3)], columns=["layer", "group"])
-        expected = tl_patch(model, corrupted, cache, group_slice, hook, index_df=index_df).reshape(2, 3)
-        got = patch_heads(model, clean, corrupted, metric, hook=hook, channel_groups=3, progress=False)
+        index_df = pd.DataFrame([(layer, g) for layer in range(2) for g in range(4)], columns=["layer", "group"])
+        expected = tl_patch(model, corrupted, cache, group_slice, hook, index_df=index_df).reshape(2, 4)
+        got = patch_heads(model, clean, corrupted, metric, hook=hook, channel_groups=4, progress=False)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=hook)
-        alias = patch_channel_groups(model, clean, corrupted, metric, 3, hook=hook, groups=[2], progress=False)
+        alias = patch_channel_groups(model, clean, corrupted, metric, 4, hook=hook, groups=[2], progress=False)
         torch.testing.assert_close(alias, expected[:, [2]], rtol=1e-6, atol=1e-8)
 
 

@@ -197,6 +197,14 @@ def test_eval_reports_accuracy(capsys):
     assert float(ioi_row.split()[-2].rstrip("%")) >= 80.0
 
 
+def test_eval_takes_the_library_needle_lengths(capsys):
+    """eval accepts the needle lengths make_needle accepts (it refused 13-15), by the same check."""
+    from tl_mamba.toy.tasks import NEEDLE_MIN_LENGTH
+
+    assert main(["eval", "toy-mamba2", "--tasks", "needle", "--n", "2", "--lengths", str(NEEDLE_MIN_LENGTH)]) == 0
+    assert f"needle @ {NEEDLE_MIN_LENGTH} tokens" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- run, errors, save/load round trip
 import subprocess
 import sys
@@ -248,7 +256,7 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["eval", "random"], "no tokenizer"),
         (["eval", "toy-mamba2", "--n", "0"], "--n"),
         (["eval", "toy-mamba2", "--lengths", "64,abc"], "--lengths"),
-        (["eval", "toy-mamba2", "--lengths", "8"], "between 16 and 4096"),
+        (["eval", "toy-mamba2", "--lengths", "8"], "--lengths must be between 13 and 4096"),
         (["eval", "toy-mamba2", "--tasks", "poetry"], "unknown task"),
         (["hooks", "no-such-model"], "no-such-model"),
         (["knockout", "--window", "9", "--out", "/tmp"], "--window"),
@@ -276,6 +284,10 @@ def test_run_prints_top_tokens_and_lens(saved_model, capsys):
         (["knockout", "--prompt", "The capital of Kor Mav Vor is", "--answer", " ", "--out", "/tmp"],
          "--answer is empty"),
         (["circuit", "--steps", "0", "--out", "/tmp"], "--steps"),
+        (["eval", "--tasks", "ioi", "--lengths", "64"], "--lengths sets the needle task's prompt lengths"),
+        (["eval", "--tasks", "facts,ioi", "--lengths", "64,128"], "has no needle"),
+        (["eval", "--tasks", "needle", "--lengths", "12"], "--lengths must be between 13 and 4096 tokens"),
+        (["eval", "--tasks", "needle", "--lengths", ","], "--lengths gives no length"),
         (["circuit", "--out", "/proc/no-such-dir/x"], "cannot write"),
         (["circuit", "random", "--out", "/tmp"], "no tokenizer"),
     ],

@@ -275,3 +275,12 @@ def test_toy_prompts_on_another_tokenizer_are_refused(bpe_model):
     point at the wrong tokens, so they are refused rather than misread."""
     with pytest.raises(ValueError, match="toy-task prompt"):
         information_flow(bpe_model, make_dataset("facts", "heldout", 2, seed=0), progress=False)
+
+
+def test_information_flow_given_strings_asks_for_prompts(bpe_model):
+    """information_flow(model, ["text"]) failed with "'str' object has no attribute 'text'"."""
+    with pytest.raises(TypeError, match=r"information_flow takes Prompt objects.*got str.*at prompt 1.*prompt_from_text"):
+        information_flow(bpe_model, [make_dataset("facts", "heldout", 1, seed=0)[0], "The capital city of"],
+                         progress=False)
+    with pytest.raises(TypeError, match=r"information_flow_per_token takes Prompt objects.*prompt_from_text"):
+        information_flow_per_token(bpe_model, "The capital", progress=False)

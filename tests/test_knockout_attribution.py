@@ -174,6 +174,22 @@ def test_mamba1_shapes_and_vs_knockout():
     assert check.spearman > 0.9
 
 
+def test_progress_bars_over_batches_and_sources(capsys):
+    """Both functions run for a minute on real inputs: a tqdm bar, off with progress=False, as in
+    patch_layer_position and needle_accuracy."""
+    model = make_model("mamba2")
+    tokens = torch.randint(0, model.cfg.d_vocab, (4, 6), generator=torch.Generator().manual_seed(3))
+    quiet = knockout_attribution(model, tokens, metric, batch_size=2, progress=False)
+    check = knockout_attribution_vs_knockout(model, tokens, metric, layer=1, progress=False)
+    assert capsys.readouterr().err == ""
+    torch.testing.assert_close(knockout_attribution(model, tokens, metric, batch_size=2), quiet)
+    assert "knockout attribution" in capsys.readouterr().err
+    loud = knockout_attribution_vs_knockout(model, tokens, metric, layer=1)
+    err = capsys.readouterr().err
+    assert "knockout attribution" in err and "knockouts of layer 1" in err
+    torch.testing.assert_close(loud.knockout, check.knockout)
+
+
 def test_errors_and_memory_guard():
     model = make_model("mamba2")
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 6))

@@ -29,6 +29,7 @@ import torch
 
 
 DEFAULT_MODEL = "toy-mamba2"
+DEFAULT_NEEDLE_LENGTHS = "64,128,256,384,512"  # tl-mamba eval --lengths
 
 
 def _console():
@@ -256,19 +257,30 @@ def cmd_eval(args) -> int:
     from rich.table import Table
 
     from tl_mamba.toy import evaluate, make_dataset
+    from tl_mamba.toy.tasks import NEEDLE_MAX_LENGTH, NEEDLE_MIN_LENGTH, check_needle_length
 
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
-    try:
-        lengths: List[int] = [int(x) for x in args.lengths.split(",") if x]
-    except ValueError:
-        raise UsageError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
-    if any(not 16 <= length <= 4096 for length in lengths):
-        raise UsageError(f"needle lengths must be between 16 and 4096 tokens, got {lengths}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in ("facts", "ioi", "needle")]
     if unknown or not tasks:
         raise UsageError(f"unknown task(s) {unknown or tasks}: choose from facts, ioi, needle")
+    if args.lengths is not None and "needle" not in tasks:
+        raise UsageError(f"--lengths sets the needle task's prompt lengths; --tasks {args.tasks} has no needle "
+                         "(add needle to --tasks, or drop --lengths)")
+    spec = DEFAULT_NEEDLE_LENGTHS if args.lengths is None else args.lengths
+    try:
+        lengths: List[int] = [int(x) for x in spec.split(",") if x]
+    except ValueError:
+        raise UsageError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if not lengths:
+        raise UsageError(f"--lengths gives no length ({args.lengths!r}): give needle lengths such as 64,128")
+    for length in lengths:
+        try:  # the library's own bounds (make_needle, needle_accuracy, circuit --length)
+            check_needle_length(length)
+        except ValueError:
+            raise UsageError(f"--lengths must be between {NEEDLE_MIN_LENGTH} and {NEEDLE_MAX_LENGTH} tokens, "
+                             f"got {lengths}") from None
     model = _load(args.model)
     _check_toy_vocabulary(model, args.model)
     rows = []
@@ -555,7 +567,8 @@ def main(argv: Optional[list] = None) -> int:
     evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     evaluate.add_argument("--n", type=int, default=200, help="prompts per task and per needle length")
     evaluate.add_argument("--tasks", default="facts,ioi,needle")
-    evaluate.add_argument("--lengths", default="64,128,256,384,512", help="needle lengths in tokens")
+    evaluate.add_argument("--lengths", default=None,
+                          help=f"with needle in --tasks: needle lengths in tokens (default {DEFAULT_NEEDLE_LENGTHS})")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=cmd_eval)
     knockout = sub.add_parser("knockout", help="information flow by knockout (source → last, per layer window)")

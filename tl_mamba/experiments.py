@@ -77,6 +77,19 @@ def _encode(model, prompts):
     return batch, (tokens.shape[1] - lengths).tolist()
 
 
+def _check_prompts(prompts, owner: str) -> None:
+    """``TypeError`` unless every prompt is a ``Prompt`` (or has its text, answer and spans): a plain
+    string has no spans to knock out and no answer to score."""
+    bad = [(row, prompt) for row, prompt in enumerate(prompts)
+           if not all(hasattr(prompt, name) for name in ("text", "answer", "spans"))]
+    if bad:
+        row, prompt = bad[0]
+        raise TypeError(f"{owner} takes Prompt objects (text, answer and the spans to knock out), got "
+                        f"{type(prompt).__name__} {prompt!r:.60} at prompt {row}: build one from text with "
+                        "tl_mamba.experiments.prompt_from_text(model, text, answer, subject), or take the toy "
+                        "tasks' from tl_mamba.toy.make_dataset")
+
+
 def prompt_from_text(model, text: str, answer: str, subject: str):
     """A factual-recall prompt for :func:`information_flow` on any tokenizer, its spans found by characters.
 
@@ -203,6 +216,7 @@ def information_flow(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("information_flow needs at least one prompt")
+    _check_prompts(prompts, "information_flow")
     batch, offsets = _encode(model, prompts)
     tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
     width = tokens.shape[1]
@@ -238,6 +252,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
                                batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """Each token → target knocked out in each layer window: ``[n_layers, p]`` relative change
     ``(p_ko − p) / p`` of the answer probability (row = window centre, column = source token)."""
+    _check_prompts([prompt], "information_flow_per_token")
     batch, offsets = _encode(model, [prompt])
     tokens, answers = batch["tokens"], batch["answers"]
     p = tokens.shape[1]

@@ -370,7 +370,8 @@ def token_class_mask(model, tokens: Tensor, token_class: TokenClass,
     newline), an id, a list of ids or of token strings (looked up in the
     tokenizer's vocabulary), an int tensor of ids, a bool mask ``[b, p]`` (or
     ``[p]``), or a function ``tokens -> bool [b, p]``. Padding (``attention_mask`` 0)
-    is never in a class.
+    is never in a class. Ids outside the vocabulary ``[0, d_vocab)`` are a ``ValueError``
+    (no token can have them, so the class would be empty).
     """
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2:
@@ -416,6 +417,12 @@ def token_class_mask(model, tokens: Tensor, token_class: TokenClass,
         else:
             raise ValueError(f"token_class {token_class!r}: expected 'bos', 'newline', token ids, a bool mask [b, p] "
                              "or a function of the tokens")
+        d_vocab = model.cfg.d_vocab
+        outside = sorted({int(i) for i in ids if not 0 <= int(i) < d_vocab})
+        if outside:
+            raise ValueError(f"token_class ids {outside[:8]}{' ...' if len(outside) > 8 else ''} are outside the "
+                             f"vocabulary (d_vocab={d_vocab}: ids lie in [0, {d_vocab})), so no token can match "
+                             "them; pass ids of this model's vocabulary (model.to_single_token(...) finds one)")
         mask = torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
     if attention_mask is not None:
         mask = mask & torch.as_tensor(attention_mask, device=mask.device).bool()
@@ -496,9 +503,10 @@ def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass
     rate Δ·|A| (the state keeps exp(−Δ|A|) per step) over the class's positions.
 
     Mamba-1 has no heads: ``channel_groups=G`` (default 1) splits ``d_inner`` into ``G``
-    contiguous groups (see :func:`tl_mamba.circuits.patching.channel_group_slices`) and
-    reports the mean over each group's channels (|A| of a channel is its mean over
-    the state entries, so the rate is the mean of Δ·|A| over channels and entries).
+    contiguous, equal groups (``G`` must divide ``d_inner``; see
+    :func:`tl_mamba.circuits.patching.channel_group_slices`) and reports the mean over
+    each group's channels (|A| of a channel is its mean over the state entries, so the
+    rate is the mean of Δ·|A| over channels and entries).
     ``channel_groups`` on Mamba-2 is a ``ValueError``.
 
     Args:

@@ -182,7 +182,8 @@ def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Option
 def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
     """The metric as a sum over the batch's prompts (a scalar metric is taken as the batch mean),
     to differentiate: ``TypeError`` for a value that is not a tensor (a Python float carries no
-    gradient), ``ValueError`` for a tensor detached from the logits."""
+    gradient), ``ValueError`` for a tensor detached from the logits or a NaN / infinite value
+    (which would make every score NaN)."""
     value = metric(logits) if labels is None else metric(logits, labels)
     if not isinstance(value, Tensor):
         raise TypeError(f"the metric must return a tensor computed from the logits (a scalar or one value per "
@@ -192,11 +193,16 @@ def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
         raise ValueError("the metric does not depend on the logits through autograd (detached? computed under "
                          "torch.no_grad(), or with .detach() / .item() / numpy?): attribution differentiates the "
                          "metric with respect to the logits")
-    if value.ndim == 0:
-        return value * b
-    if value.shape != (b,):
+    if value.ndim != 0 and value.shape != (b,):
         raise ValueError(f"the metric must return one value per prompt ([{b}]) or a scalar, got {tuple(value.shape)}")
-    return value.sum()
+    finite = torch.isfinite(value.detach())
+    if not bool(finite.all()):
+        where = "" if value.ndim == 0 else f" for prompt(s) {(~finite).nonzero()[:, 0].tolist()[:8]} of this batch"
+        raise ValueError(f"the metric returned {value.detach().flatten()[~finite.flatten()][0].item()}{where}: its "
+                         "gradient, and so every attribution score, would be NaN. Make the metric finite on the clean "
+                         "and corrupted prompts (a log of a zero probability? a division by zero? labels or "
+                         "positions that read padding?)")
+    return value * b if value.ndim == 0 else value.sum()
 
 
 def _per_prompt(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
@@ -294,6 +300,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
         labels, batch_size, attention_mask: see the module docstring.
 
     Scores estimate ``metric(edge patched to corrupted) - metric(clean)``, averaged over prompts.
+    A metric value that is NaN or infinite raises ``ValueError`` (every score would be NaN).
     """
     if metric is None:
         raise TypeError("attribute() needs a metric: metric(logits) or metric(logits, labels)")

@@ -250,7 +250,10 @@ class Graph:
 
         ``per_position`` (positional graphs): the ``k`` highest-scoring (edge, position) pairs
         instead, as ``(name, position, score)``, as positional EAP reports them.
+        ``k = 0`` gives an empty list; a negative ``k`` is a ``ValueError``.
         """
+        if k < 0:  # a negative slice would return all edges but the last |k|
+            raise ValueError(f"k must be >= 0 (the number of edges to return), got {k}")
         if per_position:
             if not self.positional:
                 raise ValueError("per_position=True needs a positional graph (Graph.from_model(..., positional=True))")
@@ -392,10 +395,17 @@ def _check_channel_groups(family: str, level: str, channel_groups, d_inner) -> N
                          "per head already")
     if level != "head":
         raise ValueError(f"channel_groups goes with level='head' (channel-group senders), not level={level!r}")
-    if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1:
-        raise ValueError(f"channel_groups must be an int >= 1, got {channel_groups!r}")
     if d_inner is None:
         raise ValueError("a channel-group graph needs d_inner (the model's cfg.d_inner)")
+    check_channel_group_count(channel_groups, d_inner)
+
+
+def check_channel_group_count(channel_groups, d_inner: int) -> None:
+    """``ValueError`` unless ``channel_groups`` is an int >= 1 that divides ``d_inner`` into equal
+    groups (the message names the divisors of ``d_inner`` nearest to it). Shared by the graph,
+    patching and Δ statistics, so that a Mamba-1 "head" is the same group of channels in each."""
+    if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1:
+        raise ValueError(f"channel_groups must be an int >= 1, got {channel_groups!r}")
     if d_inner % channel_groups:
         divisors = [k for k in range(1, d_inner + 1) if d_inner % k == 0]
         near = [max(k for k in divisors if k < channel_groups)] + [k for k in divisors if k > channel_groups][:1]

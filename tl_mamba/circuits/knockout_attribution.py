@@ -42,9 +42,11 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tl_mamba.circuits.eap import _score_dtype
 from tl_mamba.knockout import _index_list
+from tl_mamba.ops.buffers import format_bytes
 
 Tokens = Union[Tensor, str, Sequence[str]]
 Metric = Callable[[Tensor], Tensor]
@@ -121,8 +123,8 @@ def _fitting_batch(model, n_layers: int, n: int, p: int, batch_size: Optional[in
     if per_prompt > limit:
         raise MemoryError(
             f"knockout attribution over {n_layers} layer(s) of a {p}-token sequence would need "
-            f"{per_prompt / 2**30:.2f} GiB per prompt for the [H={_mask_heads(model)}, p, p] masks and their "
-            f"gradients, over model.heavy_hook_memory_limit ({limit / 2**30:.2f} GiB). The sequence is too long "
+            f"{format_bytes(per_prompt)} per prompt for the [H={_mask_heads(model)}, p, p] masks and their "
+            f"gradients, over model.heavy_hook_memory_limit ({format_bytes(limit)}). The sequence is too long "
             "for this many layers: choose fewer layers (layers=[...]), shorten the prompts, or raise the limit "
             "if you have the memory.")
     fits = limit // per_prompt
@@ -130,8 +132,8 @@ def _fitting_batch(model, n_layers: int, n: int, p: int, batch_size: Optional[in
         if n > fits:
             raise MemoryError(
                 f"knockout attribution of {n} prompts of {p} tokens over {n_layers} layer(s) would need "
-                f"{n * per_prompt / 2**30:.2f} GiB for the masks and their gradients, over "
-                f"model.heavy_hook_memory_limit ({limit / 2**30:.2f} GiB); pass batch_size={fits} or less (see the "
+                f"{format_bytes(n * per_prompt)} for the masks and their gradients, over "
+                f"model.heavy_hook_memory_limit ({format_bytes(limit)}); pass batch_size={fits} or less (see the "
                 "module docstring on metrics that need per-prompt data), choose fewer layers, or raise the limit.")
         return n
     if batch_size < 1:
@@ -176,6 +178,7 @@ def knockout_attribution(
     batch_size: Optional[int] = None,
     per_prompt: bool = False,
     attention_mask: Optional[Tensor] = None,
+    progress: bool = True,
 ) -> Tensor:
     """First-order knockout effect of every edge j → i in the chosen layers, from one backward pass.
 
@@ -204,6 +207,7 @@ def knockout_attribution(
         attention_mask: ``[b, p]`` padding mask of ``tokens`` (1 = real token). Scores are in
             the padded batch's positions; edges from or to padding score 0. With left padding
             the prompts' positions do not line up, so prefer ``per_prompt=True``.
+        progress: show a tqdm bar over the batches.
 
     Returns:
         Mamba-1: ``[n_layers_selected, p, p]``; Mamba-2: ``[n_layers_selected, n_heads_selected, p, p]``;
@@ -236,11 +240,12 @@ def knockout_attribution(
         needed = n * len(layer_list) * _mask_heads(model) * p * p * (torch.finfo(dtype).bits // 8)
         if needed > model.heavy_hook_memory_limit:
             raise MemoryError(
-                f"per-prompt knockout attribution of {n} prompts would return {needed / 2**30:.2f} GiB of scores, "
-                f"over model.heavy_hook_memory_limit ({model.heavy_hook_memory_limit / 2**30:.2f} GiB); call it "
+                f"per-prompt knockout attribution of {n} prompts would return {format_bytes(needed)} of scores, "
+                f"over model.heavy_hook_memory_limit ({format_bytes(model.heavy_hook_memory_limit)}); call it "
                 "on fewer prompts at a time or choose fewer layers (or heads), or raise the limit.")
     total = torch.zeros((n, *shape) if per_prompt else shape, dtype=dtype)
-    for start in range(0, n, batch):
+    for start in tqdm(range(0, n, batch), desc="knockout attribution", disable=not progress, leave=False,
+                      unit="batch"):
         chunk = tokens[start:start + batch]
         chunk_mask = None if padding is None else padding[start:start + batch]
         leaves = {}
@@ -340,6 +345,7 @@ def knockout_attribution_vs_knockout(
     sources: Optional[Sequence[int]] = None,
     heads: Optional[Union[int, Sequence[int]]] = None,
     batch_size: Optional[int] = None,
+    progress: bool = True,
 ) -> AttributionCheck:
     """Score the edges ``j → target`` of one layer by attribution and by real knockouts.
 
@@ -359,6 +365,7 @@ def knockout_attribution_vs_knockout(
         layer: the layer. target: the target position (default the last).
         sources: source positions (default every j ≤ target, the target itself included).
         heads: Mamba-2: knock out (and sum the attribution over) these heads only; default all heads.
+        progress: show tqdm bars over the attribution's batches and over the sources knocked out.
 
     Returns:
         :class:`AttributionCheck` with ``attribution [n]``, ``knockout [n]`` and their correlations.
@@ -381,14 +388,15 @@ def knockout_attribution_vs_knockout(
         raise ValueError(f"sources {late} come after the target {target}: there is no such edge")
     layer = _layers(model, [layer])[0]
     head_list = _heads(model, heads)
-    scores = knockout_attribution(model, tokens, metric, layers=[layer], heads=head_list, batch_size=batch_size)[0]
+    scores = knockout_attribution(model, tokens, metric, layers=[layer], heads=head_list, batch_size=batch_size,
+                                  progress=progress)[0]
     if model.cfg.family == "mamba2":
         scores = scores.sum(0)  # knocking the edge out in every chosen head
     attribution = scores[target, sources]
     batch = tokens.shape[0] if batch_size is None else max(1, batch_size)
     clean = _mean_metric(model, tokens, metric, batch)
     effects = []
-    for j in sources:
+    for j in tqdm(sources, desc=f"knockouts of layer {layer}", disable=not progress, leave=False, unit="source"):
         knockout = Knockout(layers=[layer], sources=[j], targets=[target], path="ssm", heads=head_list)
         effects.append(_mean_metric(model, tokens, metric, batch, knockout) - clean)
     effect = torch.tensor(effects, dtype=attribution.dtype)

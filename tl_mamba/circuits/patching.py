@@ -43,6 +43,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import Tensor
 
+from tl_mamba.circuits.graph import check_channel_group_count
+
 Metric = Callable[[Tensor], Union[Tensor, float]]
 LayerSpec = Optional[Union[int, Sequence[int]]]
 IndexSpec = Optional[Union[int, Sequence[int], Tensor, range]]
@@ -216,12 +218,14 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
 
 
 def channel_group_slices(d_inner: int, groups: int) -> List[Tuple[int, int]]:
-    """``[(start, stop)]`` of ``groups`` contiguous channel groups of ``d_inner``
-    (as equal as possible: the first ``d_inner % groups`` groups get one channel more)."""
-    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= d_inner:
-        raise ValueError(f"channel_groups must be an int in [1, d_inner={d_inner}], got {groups!r}")
-    bounds = [chunk[0].item() for chunk in torch.arange(d_inner).tensor_split(groups)] + [d_inner]
-    return [(bounds[i], bounds[i + 1]) for i in range(groups)]
+    """``[(start, stop)]`` of ``groups`` contiguous, equal channel groups of ``d_inner``.
+
+    ``groups`` must divide ``d_inner``, as for ``Graph.from_model(..., channel_groups=G)``
+    (``ValueError`` naming the nearest divisors otherwise): unequal groups would give scores
+    of groups of different sizes, not comparable with each other or with the graph's."""
+    check_channel_group_count(groups, d_inner)
+    width = d_inner // groups
+    return [(g * width, (g + 1) * width) for g in range(groups)]
 
 
 def _check_tokens(clean_tokens, corrupted_tokens) -> Tuple[Tensor, Tensor]:
@@ -460,7 +464,7 @@ def patch_heads(
       ``[b, p, h, hd]``). ``hook_B`` / ``hook_C`` have a group axis, the conv hooks
       mix x, B and C, so they have none.
     - Mamba-1 has no heads: pass ``channel_groups=G`` to split ``d_inner`` into ``G``
-      contiguous channel groups (as equal as possible) and patch one group at a time;
+      contiguous, equal channel groups (``G`` must divide ``d_inner``) and patch one group at a time;
       hooks with a channel axis are ``hook_conv_in``, ``hook_conv``, ``hook_x``,
       ``hook_z``, ``hook_gate``, ``hook_delta``, ``hook_h``, ``hook_y``, ``hook_y_gated``.
 
@@ -471,7 +475,8 @@ def patch_heads(
         positions: positions patched (None = all). With ``per_position=False`` the head
             is patched at all of them together; with ``per_position=True`` at one
             position at a time, which adds a last axis.
-        channel_groups: Mamba-1 only (required there); ``ValueError`` on Mamba-2.
+        channel_groups: Mamba-1 only (required there), a divisor of ``d_inner``; ``ValueError`` on
+            Mamba-2 or for a ``G`` that does not divide ``d_inner``.
         attention_mask, clean_cache, batch_size, progress: as :func:`patch_layer_position`.
 
     Returns:
@@ -515,8 +520,8 @@ def patch_heads(
 def patch_channel_groups(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, channel_groups: int,
                          hook: str = "y", layers: LayerSpec = None, groups: IndexSpec = None,
                          positions: IndexSpec = None, **kwargs) -> Tensor:
-    """Mamba-1 spelling of :func:`patch_heads`: patch ``channel_groups`` contiguous groups of
-    ``d_inner`` one at a time. ``[len(layers), len(groups)]`` (``[..., len(positions)]`` with
-    ``per_position=True``)."""
+    """Mamba-1 spelling of :func:`patch_heads`: patch ``channel_groups`` contiguous, equal groups of
+    ``d_inner`` (it must divide ``d_inner``) one at a time. ``[len(layers), len(groups)]``
+    (``[..., len(positions)]`` with ``per_position=True``)."""
     return patch_heads(model, clean_tokens, corrupted_tokens, metric, hook=hook, layers=layers, heads=groups,
                        positions=positions, channel_groups=channel_groups, **kwargs)
