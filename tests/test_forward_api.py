@@ -423,6 +423,29 @@ def test_heavy_hook_memory_guard(model):
     _, cache = model.run_with_cache(tokens)
     assert "blocks.0.hook_x" in cache
     assert model(tokens).shape == (b, p, model.cfg.d_vocab)
+    # the limit counts an edit's working memory (EDIT_WORKING_FACTOR x the tensor: measured peaks were
+    # 2-2.7x), so a limit that holds the tensor but not the edit lets a cache through and refuses
+    # the edit before any work on it
+    from tl_mamba.models.heavy_hooks import EDIT_WORKING_FACTOR
+
+    assert EDIT_WORKING_FACTOR["hook_h"] >= 2 and EDIT_WORKING_FACTOR["hook_ssm_mask"] >= 2.5
+    mask_bytes = b * 1 * p * p * 4
+    model.heavy_hook_memory_limit = 1.5 * max(nbytes, mask_bytes)
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_h", "blocks.0.hook_ssm_mask"])
+    assert cache["blocks.0.hook_ssm_mask"].shape == (b, 1, p, p)
+
+    def edit(value, hook):  # the state at position 2; the edge 1 -> 3
+        if hook.name.endswith("hook_h"):
+            value[:, 2] = 0
+        else:
+            value[..., 3, 1] = 0
+
+    for name, size in (("hook_h", nbytes), ("hook_ssm_mask", mask_bytes)):
+        model.heavy_hook_memory_limit = 1.5 * size
+        with pytest.raises(MemoryError, match=rf"applying the edit a hook made to blocks.1.{name} \("):
+            model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.1.{name}", edit)])
+        model.heavy_hook_memory_limit = EDIT_WORKING_FACTOR[name] * size
+        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.1.{name}", edit)])
     # None lifts the limit; nonsense is refused when set, not at the next forward
     model.heavy_hook_memory_limit = None
     assert model.heavy_hook_memory_limit == float("inf")

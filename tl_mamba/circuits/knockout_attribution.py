@@ -113,18 +113,25 @@ def _mask_heads(model) -> int:
     return model.cfg.n_heads if model.cfg.family == "mamba2" else 1
 
 
+#: the [H, p, p] masks' worth of memory a prompt and layer take (see _fitting_batch)
+MASK_COPIES = 6
+
+
 def _fitting_batch(model, n_layers: int, n: int, p: int, batch_size: Optional[int], dtype: torch.dtype) -> int:
     """The largest batch ≤ batch_size whose masks fit ``model.heavy_hook_memory_limit``
     (all ``n`` prompts, or ``MemoryError``, when batch_size is None)."""
     limit = model.heavy_hook_memory_limit
     itemsize = torch.finfo(dtype).bits // 8
-    # per prompt and layer: the hooked mask, the ones it is multiplied by, and the gradient
-    per_prompt = 3 * n_layers * _mask_heads(model) * p * p * itemsize
+    # per prompt and layer: the hooked mask, the ones it is multiplied by, the gradient, and the
+    # masked scan's forward and backward scratch: 5.6 masks' worth of peak RSS measured
+    # (toy-mamba2, p 2048, CPU, 2026-12-06), so 6; counting only the first three let a call the
+    # guard passed peak at 1.8x the limit
+    per_prompt = MASK_COPIES * n_layers * _mask_heads(model) * p * p * itemsize
     if per_prompt > limit:
         raise MemoryError(
             f"knockout attribution over {n_layers} layer(s) of a {p}-token sequence would need "
-            f"{format_bytes(per_prompt)} per prompt for the [H={_mask_heads(model)}, p, p] masks and their "
-            f"gradients, over model.heavy_hook_memory_limit ({format_bytes(limit)}). The sequence is too long "
+            f"{format_bytes(per_prompt)} per prompt for the [H={_mask_heads(model)}, p, p] masks, their "
+            f"gradients and the scans' scratch, over model.heavy_hook_memory_limit ({format_bytes(limit)}). The sequence is too long "
             "for this many layers: choose fewer layers (layers=[...]), shorten the prompts, or raise the limit "
             "if you have the memory.")
     fits = limit // per_prompt
@@ -132,7 +139,7 @@ def _fitting_batch(model, n_layers: int, n: int, p: int, batch_size: Optional[in
         if n > fits:
             raise MemoryError(
                 f"knockout attribution of {n} prompts of {p} tokens over {n_layers} layer(s) would need "
-                f"{format_bytes(n * per_prompt)} for the masks and their gradients, over "
+                f"{format_bytes(n * per_prompt)} for the masks, their gradients and the scans' scratch, over "
                 f"model.heavy_hook_memory_limit ({format_bytes(limit)}); pass batch_size={fits} or less (see the "
                 "module docstring on metrics that need per-prompt data), choose fewer layers, or raise the limit.")
         return n
