@@ -673,6 +673,10 @@ def test_triton_backend_needs_cuda_or_the_interpreter(no_env_backend, monkeypatc
 
     with pytest.raises(BackendUnavailableError, match="no Triton kernel"):
         resolve_backend("triton", "cpu", available=("reference", "torch"))
+    # chosen by the environment variable: the error says so, and how to undo it
+    monkeypatch.setenv("TL_MAMBA_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match=r"\(TL_MAMBA_BACKEND is set to triton\).*unset TL_MAMBA_BACKEND"):
+        model(torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_unknown_backend_names_the_choices(no_env_backend):

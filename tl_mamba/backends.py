@@ -78,9 +78,13 @@ def resolve_backend(name: Optional[str], device: torch.device | str | None = Non
                 "or set_backend('reference')."
             )
         if not triton_usable(device):
+            # a model without set_backend follows the environment: say so, since nothing in the code chose triton
+            from_env = os.environ.get(ENV_VAR, "").strip().lower() == "triton"
+            chosen = f" ({ENV_VAR} is set to triton)" if from_env else ""
             raise BackendUnavailableError(
-                "The 'triton' backend needs CUDA tensors (or TRITON_INTERPRET=1, which runs the kernels in "
-                "Triton's CPU interpreter, slowly). On CPU use set_backend('torch')."
+                f"The 'triton' backend{chosen} needs CUDA tensors (or TRITON_INTERPRET=1, which runs the kernels in "
+                "Triton's CPU interpreter, slowly). On CPU use set_backend('torch')"
+                + (f" or unset {ENV_VAR}." if from_env else ".")
             )
     return name
 
