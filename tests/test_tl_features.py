@@ -277,6 +277,13 @@ def test_run_with_cache_pos_slice_cuts_every_hook(model, tokens, pos_slice):
         close(sliced[name], expected, atol=1e-6, rtol=1e-5)
 
 
+def test_run_with_cache_pos_slice_out_of_range_is_named(model, tokens):
+    p = tokens.shape[1]
+    with pytest.raises(IndexError, match=rf"pos_slice={p + 3} is out of range for hook_embed, which has {p} positions"):
+        model.run_with_cache(tokens, pos_slice=p + 3)
+    assert not [name for name, hp in model.hook_dict.items() if hp.fwd_hooks]  # nothing left attached
+
+
 def test_run_with_cache_remove_batch_dim(model, tokens):
     one = tokens[:1]
     _, full = model.run_with_cache(one, names_filter=lambda n: True)

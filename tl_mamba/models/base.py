@@ -838,7 +838,7 @@ class HookedSSM(HookedRootModule):
         2 of ``hook_ssm_mask``).
         """
         cache = {} if cache is None else cache
-        pos_slice = as_slice(pos_slice)
+        given_pos_slice, pos_slice = pos_slice, as_slice(pos_slice)
         names_filter = _names_filter(names_filter, set(self.hook_dict))
         self.is_caching = True
 
@@ -848,7 +848,12 @@ class HookedSSM(HookedRootModule):
             if device is not None:
                 value = value.to(device)
             if value.dim() >= 2:
-                value = pos_slice.apply(value, dim=2 if hook.name.endswith("hook_ssm_mask") else 1)
+                dim = 2 if hook.name.endswith("hook_ssm_mask") else 1
+                try:
+                    value = pos_slice.apply(value, dim=dim)
+                except IndexError as err:  # TransformerLens's message names neither the argument nor the hook
+                    raise IndexError(f"pos_slice={given_pos_slice!r} is out of range for "
+                                     f"{hook.name}, which has {value.shape[dim]} positions") from err
             if remove_batch_dim and value.shape[0] == 1:
                 value = value[0]
             cache[name] = value
