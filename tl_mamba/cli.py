@@ -457,6 +457,7 @@ def cmd_circuit(args) -> int:
 
     from tl_mamba import __version__
     from tl_mamba.circuits import Graph, attribute, evaluate_baseline, faithfulness, logit_diff, task_batches
+    from tl_mamba.circuits.graph import check_channel_group_count
     from tl_mamba.models.mamba2 import HookedMamba2
 
     if args.n < 1:
@@ -494,8 +495,11 @@ def cmd_circuit(args) -> int:
             raise UsageError("--level head on Mamba-1 needs --channel-groups G (Mamba-1 has no heads: G groups "
                              "of its d_inner channels stand in for them); or use layer or component")
         channel_groups = args.channel_groups
-        if channel_groups < 1 or model.cfg.d_inner % channel_groups:
-            raise UsageError(f"--channel-groups must divide d_inner = {model.cfg.d_inner}, got {channel_groups}")
+        try:  # the graph's own rule (tl_mamba.circuits.graph), as patching applies it too
+            check_channel_group_count(channel_groups, model.cfg.d_inner)
+        except ValueError:
+            raise UsageError(
+                f"--channel-groups must divide d_inner = {model.cfg.d_inner}, got {channel_groups}") from None
     out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     console = _console()
     batches = task_batches(model, args.task, n=args.n, seed=args.seed, batch_size=args.batch_size, **task_options)

@@ -131,9 +131,9 @@ def _fitting_batch(model, n_layers: int, n: int, p: int, batch_size: Optional[in
         raise MemoryError(
             f"knockout attribution over {n_layers} layer(s) of a {p}-token sequence would need "
             f"{format_bytes(per_prompt)} per prompt for the [H={_mask_heads(model)}, p, p] masks, their "
-            f"gradients and the scans' scratch, over model.heavy_hook_memory_limit ({format_bytes(limit)}). The sequence is too long "
-            "for this many layers: choose fewer layers (layers=[...]), shorten the prompts, or raise the limit "
-            "if you have the memory.")
+            f"gradients and the scans' scratch, over model.heavy_hook_memory_limit ({format_bytes(limit)}). The "
+            "sequence is too long for this many layers: choose fewer layers (layers=[...]), shorten the prompts, "
+            "or raise the limit if you have the memory.")
     fits = limit // per_prompt
     if batch_size is None:
         if n > fits:

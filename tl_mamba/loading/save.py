@@ -37,8 +37,8 @@ import torch
 from safetensors.torch import save_file
 
 from tl_mamba.loading.convert import checkpoint_name
-from tl_mamba.loading.files import (BIN_FILE, BIN_INDEX, GENERATION_CONFIG_FILE, MISTRAL_PARAMS_FILE, MISTRAL_WEIGHTS_FILE,
-                                     SAFETENSORS_FILE, SAFETENSORS_INDEX, TOKEN_ID_KEYS)
+from tl_mamba.loading.files import (BIN_FILE, BIN_INDEX, GENERATION_CONFIG_FILE, MISTRAL_PARAMS_FILE,
+                                     MISTRAL_WEIGHTS_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX, TOKEN_ID_KEYS)
 from tl_mamba.loading.layouts import MAMBA_SSM_NORM_EPS
 
 #: the fields of mamba_ssm's ``MambaConfig`` dataclass (mamba_ssm/models/config_mamba.py), the

@@ -178,9 +178,7 @@ class HookedSSM(HookedRootModule):
         """Residual directions ``W_U[:, token]`` (``[d]`` for one token, ``[..., d]`` for a tensor)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        if isinstance(tokens, int) and not isinstance(tokens, bool):
-            self._check_token_ids(torch.tensor([tokens]), what="tokens_to_residual_directions: token ids")
-            return self.W_U[:, tokens]
+        # an int is a 0-d tensor here: W_U[:, t] is then [d], as for the int itself
         tokens = self._ids_to_read(tokens, "tokens_to_residual_directions", max_dims=None).to(self.W_E.device)
         return self.W_U[:, tokens].movedim(0, -1)
 
