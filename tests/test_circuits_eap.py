@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import warnings
+
 import pytest
 import torch
 
@@ -143,6 +145,22 @@ def test_topn_threshold_prune_and_json(tmp_path, family, unit):
         graph.in_graph[graph.edge(name).index] = True
     graph.prune()
     assert set(graph.included_edges()) == {"input->m0", f"m0.{unit}1->m2", f"m2.{unit}0->logits"}
+
+    # choosing only edges that pruning drops warns (an empty circuit scores like the corrupted run)
+    graph.scores = torch.zeros(len(graph.edges))
+    graph.scores[graph.edge(f"m0.{unit}2->m1").index] = 1.0
+    with pytest.warns(UserWarning, match="removed all 1 chosen edges"):
+        graph.apply_topn(1)
+    assert graph.count_included_edges() == 0
+    with pytest.warns(UserWarning, match="removed all 1 chosen edges"):
+        graph.apply_threshold(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.apply_topn(0)  # nothing chosen: nothing to warn about
+        graph.apply_topn(1, prune=False)
+    graph.reset(empty=True)
+    for name in ("input->m0", f"m0.{unit}1->m2", f"m2.{unit}0->logits"):
+        graph.in_graph[graph.edge(name).index] = True
 
     path = graph.to_json(tmp_path / "g.json")
     back = Graph.from_json(path)
@@ -527,7 +545,7 @@ def test_left_padded_batch_scores_like_its_unpadded_prompts(family, method):
     expected = (B * parts[0].scores.double() + 4 * parts[1].scores.double()) / (B + 4)
     assert float(expected.abs().max()) > 1e-3
     torch.testing.assert_close(padded.scores.double(), expected, rtol=1e-5, atol=1e-7)
-    graph = parts[0].apply_topn(3)
+    graph = parts[0].apply_topn(3, prune=False)  # pruned, these 3 edges would leave an empty circuit
     values = evaluate_graph(model, graph, clean, corrupted, metric, attention_mask=mask, quiet=True)
     unpadded = torch.cat([evaluate_graph(model, graph, c, k, metric, quiet=True) for c, k in (long_pair, short_pair)])
     torch.testing.assert_close(values.double(), unpadded.double(), rtol=1e-6, atol=1e-8)

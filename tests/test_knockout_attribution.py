@@ -219,6 +219,38 @@ def test_errors_and_memory_guard():
         knockout_attribution_vs_knockout(model, tokens, metric, layer=0, target=2, sources=[4])
 
 
+def test_a_label_closure_split_by_batch_size_says_why():
+    """logit_diff over [n] labels fails on a batch of fewer prompts with its own message; the
+    note says batch_size split the prompts and how to give the metric its rows."""
+    from tl_mamba.circuits import logit_diff
+
+    model = make_model("mamba2")
+    tokens = torch.randint(0, model.cfg.d_vocab, (4, 6), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[3, 7], [5, 1], [2, 9], [4, 4]])
+    closure = lambda logits: logit_diff(logits, labels)  # noqa: E731
+    whole = knockout_attribution(model, tokens, closure, progress=False)  # one batch: fine
+    for call in (lambda: knockout_attribution(model, tokens, closure, batch_size=2, progress=False),
+                 lambda: knockout_attribution_vs_knockout(model, tokens, closure, layer=0, batch_size=3,
+                                                          progress=False)):
+        with pytest.raises(ValueError, match="label rows") as info:
+            call()
+        note = " ".join(getattr(info.value, "__notes__", []))
+        assert "prompts 0..1 of 4" in note or "prompts 0..2 of 4" in note
+        assert "metric(logits, rows)" in note
+    by_rows = knockout_attribution(model, tokens, lambda logits, rows: logit_diff(logits, labels[rows]),
+                                   batch_size=2, progress=False)
+    torch.testing.assert_close(by_rows, whole)
+
+
+def test_constant_effects_warn_that_correlations_are_nan():
+    model = make_model("mamba1")
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="all equal"):
+        check = knockout_attribution_vs_knockout(model, tokens, lambda logits: logits[:, 0, 3], layer=0,
+                                                 target=0, sources=[0, 0], progress=False)
+    assert check.spearman != check.spearman  # NaN
+
+
 def test_prompts_of_different_lengths_raise(tokenizer):
     cfg = HookedMambaConfig(n_layers=1, d_model=16, d_vocab=48, d_state=4, d_conv=3, seed=0,
                             bos_token_id=0, eos_token_id=1, pad_token_id=2)

@@ -45,6 +45,7 @@ Levels (``Graph.from_model(model, level=...)``):
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -290,14 +291,24 @@ class Graph:
         if n > 0:
             keep[torch.topk(flat, min(n, flat.numel())).indices] = True
         self.in_graph = keep.view_as(self.in_graph)
-        return self.prune() if prune else self
+        return self._prune_chosen() if prune else self
 
     def apply_threshold(self, threshold: float, absolute: bool = True, prune: bool = True) -> "Graph":
         """Keep the edges whose score (its absolute value by default) is at least ``threshold``
         (then pruned as in :meth:`apply_topn`)."""
         key = self.scores.abs() if absolute else self.scores
         self.in_graph = key >= threshold
-        return self.prune() if prune else self
+        return self._prune_chosen() if prune else self
+
+    def _prune_chosen(self) -> "Graph":
+        """:meth:`prune`, warning when it drops every chosen edge (an empty circuit scores as the
+        corrupted run: faithfulness ~0, which reads like a finding rather than a pruned-away choice)."""
+        chosen = int(self.in_graph.sum())
+        self.prune()
+        if chosen and not bool(self.in_graph.any()):
+            warnings.warn(f"pruning removed all {chosen} chosen edges: none lies on an input -> logits path "
+                          "through the others. Choose more edges, or pass prune=False to keep them.", stacklevel=3)
+        return self
 
     def _implicit_edges(self) -> List[Tuple[str, str]]:
         """Always-present links that are not scored: a layer's input feeds its heads (channel groups)."""

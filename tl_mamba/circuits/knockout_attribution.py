@@ -36,6 +36,7 @@ against ``model.heavy_hook_memory_limit`` (the limit of the heavy hooks): a give
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
@@ -158,9 +159,19 @@ def _metric_takes_rows(metric: Metric) -> bool:
     return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
 
 
-def _batch_metric(metric: Metric, logits: Tensor, rows: Tensor, takes_rows: bool) -> Tensor:
-    """The sum over the batch of the per-prompt metric."""
-    value = metric(logits, rows.to(logits.device)) if takes_rows else metric(logits)
+def _batch_metric(metric: Metric, logits: Tensor, rows: Tensor, takes_rows: bool, n_prompts: int) -> Tensor:
+    """The sum over the batch of the per-prompt metric (``rows`` of the ``n_prompts``)."""
+    try:
+        value = metric(logits, rows.to(logits.device)) if takes_rows else metric(logits)
+    except Exception as error:
+        if not takes_rows and rows.numel() < n_prompts:
+            # A metric closing over [n] labels fails on a batch of fewer prompts with its own
+            # message (e.g. "4 label rows for 2 prompts"), which does not say why it got fewer.
+            error.add_note(
+                f"the metric was called on prompts {int(rows[0])}..{int(rows[-1])} of {n_prompts}: with batch_size "
+                "it sees one batch at a time. A metric that needs per-prompt data (labels) should take a "
+                "second argument rows, the indices of the batch's prompts: metric(logits, rows).")
+        raise
     return _reduce_metric(value, rows.numel())
 
 
@@ -267,7 +278,7 @@ def knockout_attribution(
         with torch.inference_mode(False), torch.enable_grad():
             logits = model.run_with_hooks(chunk, fwd_hooks=[(name, attribution_hook) for name in names],
                                           attention_mask=chunk_mask)
-            value = _batch_metric(metric, logits, torch.arange(start, start + chunk.shape[0]), takes_rows)
+            value = _batch_metric(metric, logits, torch.arange(start, start + chunk.shape[0]), takes_rows, n)
             if not value.requires_grad:
                 raise ValueError("the metric does not depend on the logits through autograd (detached?)")
             grads = torch.autograd.grad(value, [leaves[name] for name in names], allow_unused=True)
@@ -339,7 +350,8 @@ def _mean_metric(model, tokens: Tensor, metric: Metric, batch: int, knockout=Non
         for start in range(0, tokens.shape[0], batch):
             chunk = tokens[start:start + batch]
             logits = model(chunk) if knockout is None else model.run_with_knockout(chunk, knockout)
-            total += float(_batch_metric(metric, logits, torch.arange(start, start + chunk.shape[0]), takes_rows))
+            rows = torch.arange(start, start + chunk.shape[0])
+            total += float(_batch_metric(metric, logits, rows, takes_rows, tokens.shape[0]))
     return total / tokens.shape[0]
 
 
@@ -408,6 +420,10 @@ def knockout_attribution_vs_knockout(
         effects.append(_mean_metric(model, tokens, metric, batch, knockout) - clean)
     effect = torch.tensor(effects, dtype=attribution.dtype)
     pearson = torch.corrcoef(torch.stack([attribution.double(), effect.double()]))[0, 1]
+    for name, values in (("attribution", attribution), ("real knockout effects", effect)):
+        if values.numel() > 1 and bool((values == values[0]).all()):
+            warnings.warn(f"layer {layer}: the {name} of the {values.numel()} edges -> {target} are all equal "
+                          f"({float(values[0]):.3g}), so their correlations are NaN", stacklevel=2)
     return AttributionCheck(layer=layer, target=target, sources=sources, attribution=attribution, knockout=effect,
                             spearman=rank_correlation(attribution, effect), pearson=float(pearson),
                             clean_metric=clean)
