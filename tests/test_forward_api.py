@@ -66,6 +66,7 @@ def test_return_types(model):
     assert isinstance(both, tuple) and len(both) == 2
     close(both[0], logits, atol=0, rtol=0)
     close(both[1], loss, atol=1e-6, rtol=1e-6)
+    assert both.logits is both[0] and both.loss is both[1]  # named, as HookedTransformer's Output
 
     per_token = model(tokens, return_type="loss", loss_per_token=True)
     assert per_token.shape == (2, 6)
@@ -178,6 +179,20 @@ def test_left_padding_side_infers_the_mask_from_pad_tokens(model, tokenizer, pad
         assert alone.abs().max() > 0
         close(alpha[row, :, width - n:, width - n:], alone)
         assert not alpha[row, :, :, :width - n].any() and not alpha[row, :, :width - n].any()
+
+
+def test_padding_side_left_in_the_call_infers_the_mask_of_tokens(model):
+    """forward(tokens, padding_side="left") reads the pads as padding, as HookedTransformer does
+    (the argument was applied to strings only, so a tokenizer padding on the right ran the pads
+    through the recurrence); run_with_cache and run_with_hooks take it the same way."""
+    assert model._padding_side() == "right"
+    tokens, mask = model.to_tokens(LEFT_TEXTS, padding_side="left", return_attention_mask=True)
+    expected = model(tokens, attention_mask=mask)
+    close(model(tokens, padding_side="left"), expected)
+    close(model.run_with_cache(tokens, padding_side="left")[0], expected)
+    close(model.run_with_hooks(tokens, padding_side="left"), expected)
+    with pytest.warns(UserWarning, match="pass padding_side='left'"):
+        model(tokens)
 
 
 def test_inferred_mask_follows_prepend_bos_and_keeps_all_pad_rows(model, tokenizer):

@@ -148,6 +148,35 @@ def test_a_recurrent_state_of_another_batch_or_model_is_refused_by_name(model, p
             model(prompt, state=RecurrentState.empty(1))
 
 
+def test_a_state_that_would_come_out_wrong_is_refused(model, prompt):
+    """Three stateful calls gave a wrong state silently (the next call's logits differed from the
+    whole sequence by 0.1-10): layers skipped by start/stop_at_layer, padding after real tokens (it
+    filled the conv window), and padding in a call that continues a state. Each now raises; left
+    padding in the first call still gives each prompt's own state."""
+    whole = torch.tensor([[7, 8, 9, 10, 11], [3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        for kw in ({"stop_at_layer": 1}, {"start_at_layer": 1}):
+            state = RecurrentState.empty(model.cfg.n_layers)
+            x = whole[:, :3] if "stop_at_layer" in kw else model(whole[:, :3], stop_at_layer=1)
+            with pytest.raises(ValueError, match=r"state= runs every layer.*blocks \[\d, \d\)"):
+                model(x, state=state, **kw)
+        state = RecurrentState.empty(model.cfg.n_layers)
+        right = torch.tensor([[7, 8, 9, 0, 0], [3, 4, 5, 6, 7]])
+        with pytest.raises(ValueError, match=r"rows \[0\] have padding after real tokens"):
+            model(right, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), state=state)
+        state = RecurrentState.empty(model.cfg.n_layers)
+        model(whole[:, :3], state=state)
+        with pytest.raises(ValueError, match="continues a state 3 tokens in, and its attention_mask has padding"):
+            model(torch.tensor([[0, 10, 11], [5, 6, 7]]), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                  state=state)
+        # left padding when the state starts: row 0's continuation is that of its prompt alone
+        state = RecurrentState.empty(model.cfg.n_layers)
+        model(torch.tensor([[2, 2, 7, 8, 9], [3, 4, 5, 6, 7]]), attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1] * 5]),
+              state=state)
+        step = model(torch.tensor([[10, 11], [8, 9]]), state=state)
+        close(step[0], model(whole[:1])[0, 3:])
+
+
 # --------------------------------------------------------------------------- hooks during decoding
 
 
@@ -602,6 +631,37 @@ def test_frequency_penalty_is_subtracted_per_occurrence():
                          stop_at_eos=False, verbose=False, seed=0)
     seq = out[0].tolist()
     assert len(seq) == 11 and len(set(seq)) == len(seq), seq
+
+
+def test_frequency_penalty_counts_each_rows_own_tokens_and_is_not_negative(model):
+    """A shorter prompt's left padding is not part of it: with a penalty, its padding (the pad id
+    penalised once per pad, as TransformerLens counts it) made a row's samples depend on the
+    other rows' lengths. Each row of a padded batch now samples as its prompt alone."""
+    from tl_mamba.models.base import sample_next_token
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    history = torch.tensor([[0, 0, 1]])
+    own = torch.tensor([[False, True, True]])  # the first 0 is padding
+    draws = torch.stack([sample_next_token(logits, do_sample=True, top_k=None, top_p=None, temperature=1.0,
+                                           freq_penalty=1.0, history=history, history_mask=own,
+                                           generator=torch.Generator().manual_seed(k)) for k in range(4000)])
+    expected = torch.softmax(logits - torch.tensor([[1.0, 1.0, 0.0, 0.0]]), -1)[0]
+    freq = torch.bincount(draws.flatten(), minlength=4).double() / draws.numel()
+    assert (freq - expected.double()).abs().max() < 0.03, (freq, expected)
+
+    prompt = [44, 6, 44]
+    pad = model.tokenizer.pad_token_id
+    # near-uniform sampling: removing the pad id's share moves every later id's slice of the cumulative
+    # distribution, so counting the 4 pads changes some of these 160 draws
+    kw = dict(max_new_tokens=8, do_sample=True, freq_penalty=3.0, temperature=20.0, stop_at_eos=False, verbose=False)
+    for seed in range(20):  # one row: the same draws from the generator, so the same tokens
+        padded = model.generate(torch.tensor([[pad] * 4 + prompt]), attention_mask=torch.tensor([[0] * 4 + [1] * 3]),
+                                seed=seed, **kw)
+        alone = model.generate(torch.tensor([prompt]), seed=seed, **kw)
+        assert torch.equal(padded[0, 4:], alone[0]), (seed, padded, alone)
+    batch = torch.tensor([prompt])
+    with pytest.raises(ValueError, match="freq_penalty must be >= 0"):
+        model.generate(batch[:1], freq_penalty=-1.0, max_new_tokens=2, verbose=False)
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import partial
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -76,6 +76,14 @@ def run_hook_contiguous(hook_point: HookPoint, tensor: Tensor) -> Tensor:
     if hook_is_active(hook_point) and not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return hook_point(tensor)
+
+
+class Output(NamedTuple):
+    """``forward(..., return_type="both")``: a ``(logits, loss)`` tuple whose fields also have names,
+    as HookedTransformer's ``Output``."""
+
+    logits: Tensor
+    loss: Tensor
 
 
 @dataclass
@@ -562,7 +570,7 @@ class HookedSSM(HookedRootModule):
         self._check_token_ids(tokens)
         tokens = tokens.to(self.W_E.device)
         if attention_mask is None and not continuing:
-            attention_mask = self._padding_from_tokens(tokens, prepend_bos)
+            attention_mask = self._padding_from_tokens(tokens, prepend_bos, padding_side)
         if attention_mask is not None:
             attention_mask = self._check_mask(attention_mask, tokens.shape)
         return tokens, attention_mask
@@ -599,12 +607,13 @@ class HookedSSM(HookedRootModule):
         self._check_token_ids(tokens, what="tokens")
         return tokens.long()
 
-    def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None) -> Optional[Tensor]:
+    def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None,
+                             padding_side: Optional[str] = None) -> Optional[Tensor]:
         """The attention mask of token input given without one, from the tokenizer's pad token.
 
-        As TransformerLens does, a model that pads on the left (``model.tokenizer.padding_side
-        == "left"``, which ``set_tokenizer`` keeps equal to ``cfg.default_padding_side``: set
-        either) infers it: each row's leading run of pad tokens is padding, less its last
+        As TransformerLens does, a call with ``padding_side="left"``, or a model that pads on the
+        left (``model.tokenizer.padding_side == "left"``, which ``set_tokenizer`` keeps equal to
+        ``cfg.default_padding_side``: set either), infers it: each row's leading run of pad tokens is padding, less its last
         token when the pad token is also the BOS that ``prepend_bos`` (default
         ``cfg.default_prepend_bos``) puts there; this is the mask
         ``transformer_lens.utilities.get_attention_mask(model.tokenizer, tokens, prepend_bos)``
@@ -616,7 +625,7 @@ class HookedSSM(HookedRootModule):
 
         tok = self.tokenizer
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        infer = self._padding_side() == "left"
+        infer = (padding_side or self._padding_side()) == "left"
         if pad is None or (tokens.shape[0] == 1 and not infer):
             return None
         leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
@@ -642,7 +651,7 @@ class HookedSSM(HookedRootModule):
                 f"The token rows begin with different numbers of pad tokens (id {pad}): this looks like a "
                 "left-padded batch given without an attention_mask. The pads then run through the recurrence "
                 "and change every later position. Pass attention_mask (to_tokens(..., return_attention_mask=True) "
-                "gives it), or set model.tokenizer.padding_side = 'left' (or cfg.default_padding_side) to have it "
+                "gives it), or pass padding_side='left' (or set model.tokenizer.padding_side = 'left') to have it "
                 "inferred from the pad tokens, as TransformerLens does.", UserWarning, stacklevel=_caller_stacklevel())
         return None
 
@@ -691,8 +700,8 @@ class HookedSSM(HookedRootModule):
         Args:
             input: token tensor ``[b, p]``, a string or a list of strings; with
                 ``start_at_layer`` the residual stream ``[b, p, d]`` into that layer.
-            return_type: ``"logits"`` ``[b, p, v]``, ``"loss"``, ``"both"`` (logits,
-                loss) or None.
+            return_type: ``"logits"`` ``[b, p, v]``, ``"loss"``, ``"both"`` (an ``Output``
+                tuple ``(logits, loss)``, fields ``.logits`` / ``.loss``) or None.
             loss_per_token: return the loss per position ``[b, p-1]`` instead of the mean.
             attention_mask: ``[b, p]``, 1 at real tokens. Left or right padding; each
                 prompt's real tokens get the logits of that prompt run alone.
@@ -741,6 +750,7 @@ class HookedSSM(HookedRootModule):
             resid = upcast(resid)
         if state is not None:
             self._check_state(state, resid.shape[0])
+            self._check_state_call(state, attention_mask, start, stop)
         if attention_mask is not None and state is None:  # positions index this whole sequence
             warn_knockouts_on_padding(self, attention_mask)
         for layer in range(start, stop):
@@ -757,7 +767,7 @@ class HookedSSM(HookedRootModule):
         if return_type is None:
             return None
         loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
-        return loss if return_type == "loss" else (logits, loss)
+        return loss if return_type == "loss" else Output(logits, loss)
 
     def loss_fn(
         self,
@@ -962,6 +972,38 @@ class HookedSSM(HookedRootModule):
                 return self.run_with_hooks(*args, fwd_hooks=list(fwd_hooks), **model_kwargs)
             return self(*args, **model_kwargs)
 
+    def _check_state_call(self, state: RecurrentState, attention_mask: Optional[Tensor], start: int,
+                          stop: int) -> None:
+        """Raise for a stateful forward whose new state would be wrong without an error later.
+
+        - Some layers skipped (``start_at_layer`` / ``stop_at_layer``): their state would stay
+          behind while ``seqlen_offset`` advances, and the next call would continue them from it.
+        - Padding after a row's real tokens: the pads would fill the conv window and the SSM
+          state would decay through them, so the next call would not continue the prompt.
+        - Padding in a call that continues a state: the pads would stand in the conv window
+          between the previous call's tokens and this call's.
+        Left padding in the call that starts a state is fine (padding never reaches it).
+        """
+        if (start, stop) != (0, self.cfg.n_layers):
+            raise ValueError(
+                f"state= runs every layer: with start_at_layer / stop_at_layer only blocks [{start}, {stop}) "
+                f"would advance their state, and the state of the other layers would fall behind the "
+                f"{state.seqlen_offset}-token offset. Run all layers with a state, or a partial run without one.")
+        if attention_mask is None:
+            return
+        real = attention_mask.bool()
+        if state.seqlen_offset > 0 and not bool(real.all()):
+            raise ValueError(
+                f"this call continues a state {state.seqlen_offset} tokens in, and its attention_mask has padding: "
+                "the padded positions would stand in the conv window between the previous tokens and these. "
+                "Only the call that starts a state may be padded (on the left).")
+        if bool((real[:, :-1] & ~real[:, 1:]).any()):
+            rows = torch.nonzero((real[:, :-1] & ~real[:, 1:]).any(1)).flatten().tolist()
+            raise ValueError(
+                f"with state=, rows {rows} have padding after real tokens (right padding): the state would carry "
+                "the padding (in the conv window, and the SSM state decays through it), so the next call would "
+                "not continue those prompts. Pad on the left.")
+
     def _check_state(self, state: RecurrentState, batch: int) -> None:
         """Raise unless ``state`` fits this model and a batch of ``batch`` rows: a state carries
         one batch of one model (reusing it for another failed deep inside the conv)."""
@@ -1063,6 +1105,8 @@ class HookedSSM(HookedRootModule):
             raise ValueError("max_new_tokens must be >= 0")
         if temperature < 0:
             raise ValueError("temperature must be >= 0")
+        if freq_penalty < 0:  # as TransformerLens: a negative penalty would reward repetition
+            raise ValueError(f"freq_penalty must be >= 0, got {freq_penalty}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
@@ -1117,10 +1161,12 @@ class HookedSSM(HookedRootModule):
         own = [attention_mask.bool() if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)]
         pad = self._pad_id() if eos_ids is None else int(eos_ids[0])
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-            history = torch.cat(out_tokens, dim=1)
+            # the penalty counts each row's own tokens: a pad id in a shorter prompt's padding is not
+            # a token of that prompt (TransformerLens counts it, so a row depended on the others' lengths)
             next_tokens = sample_next_token(
                 logits[:, -1], do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
-                freq_penalty=freq_penalty, history=history, generator=gen,
+                freq_penalty=freq_penalty, history=torch.cat(out_tokens, dim=1), history_mask=torch.cat(own, dim=1),
+                generator=gen,
             )
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             out_tokens.append(next_tokens[:, None])
@@ -1161,15 +1207,21 @@ def sample_next_token(
     temperature: float,
     freq_penalty: float = 0.0,
     history: Optional[Tensor] = None,
+    history_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Pick the next token from ``logits [b, v]``: greedy, or sampled with temperature / top-k / top-p."""
+    """Pick the next token from ``logits [b, v]``: greedy, or sampled with temperature / top-k / top-p.
+
+    ``freq_penalty`` subtracts ``freq_penalty ×`` each token's count in ``history [b, t]``, counting
+    only where ``history_mask [b, t]`` is true (a row's own tokens, not the batch's padding)."""
     logits = logits.float()
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
     if freq_penalty and history is not None:
-        counts = torch.zeros_like(logits).scatter_add_(1, history, torch.ones_like(history, dtype=logits.dtype))
+        weights = (torch.ones_like(history, dtype=logits.dtype) if history_mask is None
+                   else history_mask.to(logits.dtype))
+        counts = torch.zeros_like(logits).scatter_add_(1, history, weights)
         logits = logits - freq_penalty * counts
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
