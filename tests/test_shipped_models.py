@@ -25,6 +25,17 @@ def test_toy_mamba_is_shipped_and_loads_by_name():
 
 
 @pytest.mark.parametrize("name", sorted(shipped_models()))
+def test_config_token_ids_are_the_tokenizers(name):
+    """cfg's ids come from the folder (generation_config.json), and name the tokenizer's
+    special tokens: code reading model.cfg.eos_token_id must not get <bos>."""
+    model = tl_mamba.from_pretrained(name)
+    tok = model.tokenizer
+    assert tok.convert_ids_to_tokens([model.cfg.bos_token_id, model.cfg.eos_token_id, model.cfg.pad_token_id]) == [
+        tok.bos_token, tok.eos_token, tok.pad_token]
+    assert len({model.cfg.bos_token_id, model.cfg.eos_token_id, model.cfg.pad_token_id}) == 3
+
+
+@pytest.mark.parametrize("name", sorted(shipped_models()))
 @pytest.mark.parametrize("task, n", [("facts", 96), ("ioi", 96), ("needle", 64)])
 def test_heldout_accuracy_matches_the_recorded_one(name, task, n):
     """A fresh held-out sample (other seeds than training's evaluation) reaches the accuracy
