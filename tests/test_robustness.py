@@ -202,3 +202,33 @@ def test_ssm_mask_is_in_the_scans_precision(family):
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_ssm_mask")
         assert cache["blocks.0.hook_ssm_mask"].dtype == expected, dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_an_inf_written_at_one_position_stays_in_its_chunk(toy, backend):
+    """docs/quickstart.md, "Backends": an inf reaches no position before its own (reference, and
+    every Mamba-1 backend) or, in the chunked Mamba-2 form, none before its chunk's start.
+    Reference: the clean run, position by position."""
+    from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK
+
+    toy.set_backend(backend)
+    try:
+        tokens = torch.randint(4, toy.cfg.d_vocab, (1, 2 * DEFAULT_CHUNK + 8), generator=torch.Generator().manual_seed(3))
+        t = DEFAULT_CHUNK + 20
+
+        def inf_at_t(x, hook):
+            x = x.clone()
+            x[:, t] = float("inf")
+            return x
+
+        with torch.no_grad():
+            clean = toy(tokens)
+            hit = toy.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_x", inf_at_t)])
+        chunked = backend == "torch" and toy.cfg.family == "mamba2"
+        first_touched = DEFAULT_CHUNK if chunked else t
+        assert torch.equal(hit[:, :first_touched], clean[:, :first_touched])
+        assert not torch.isfinite(hit[:, t]).all()
+        if not chunked:
+            assert torch.isfinite(hit[:, :t]).all()
+    finally:
+        toy.set_backend(None)
