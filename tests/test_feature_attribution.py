@@ -301,3 +301,91 @@ def test_batch_size_splits_every_given_batch_of_a_list(method):
     expected = -total / 3 / B
     assert abs(expected) > 1e-3
     assert float(split.scores.sum() + split.error.sum()) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_an_sae_trained_on_one_head_reads_that_head():
+    """sae-lens's hook_head_index: the SAE reads head 2 of hook_x [b, p, h, hd]. Reference: the same
+    SAE written out by hand over the flattened hook (zero weights outside head 2), whose features
+    are the same and whose error holds the other heads too; and, for EAP, real feature patches."""
+    from types import SimpleNamespace
+
+    model = tiny("mamba2")
+    hook, head, hd = "blocks.0.hook_x", 2, 8
+    clean, corrupted = small_corruption(model)
+    sae = TinySAE(hd, 12)
+    sae.cfg = SimpleNamespace(metadata=SimpleNamespace(hook_head_index=head, hook_name=hook))
+    flat = TinySAE(4 * hd, 12)
+    with torch.no_grad():
+        for weight in (flat.W_enc, flat.W_dec, flat.b_dec):
+            weight.zero_()
+        flat.W_enc[head * hd:(head + 1) * hd] = sae.W_enc
+        flat.W_dec[:, head * hd:(head + 1) * hd] = sae.W_dec
+        flat.b_enc.copy_(sae.b_enc)
+    for method in ("EAP", "EAP-IG"):
+        ours = feature_attribution(model, {hook: sae}, clean, corrupted, metric, method=method, quiet=True)[hook]
+        by_hand = feature_attribution(model, {hook: flat}, clean, corrupted, metric, method=method, quiet=True)[hook]
+        assert float(ours.scores.abs().max()) > 1e-10
+        torch.testing.assert_close(ours.scores, by_hand.scores, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(ours.error, by_hand.error, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(ours.frequency, by_hand.frequency)
+    top = [f for f, _, _ in ours.top(4)]
+    eap = feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)[hook]
+    torch.testing.assert_close(eap.scores[top], exact_feature_effects(model, hook, flat, clean, corrupted, top),
+                               rtol=2e-3, atol=1e-10)
+    sae.cfg.metadata.hook_head_index = 4
+    with pytest.raises(ValueError, match="trained on head 4 .*has 4"):
+        feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)
+    sae.cfg.metadata.hook_head_index, sae.cfg.metadata.hook_name = 0, "blocks.0.hook_mixer_in"
+    with pytest.raises(ValueError, match="has no head axis"):
+        feature_attribution(model, {"blocks.0.hook_mixer_in": sae}, clean, corrupted, metric, quiet=True)
+
+
+def test_an_sae_trained_on_another_hook_warns():
+    from types import SimpleNamespace
+
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    sae = TinySAE(16, 8)
+    sae.cfg = SimpleNamespace(metadata=SimpleNamespace(hook_name="blocks.0.hook_resid_pre"))
+    with pytest.warns(UserWarning, match="trained on blocks.0.hook_resid_pre"):
+        feature_attribution(model, {"blocks.1.hook_resid_pre": sae}, clean, corrupted, metric, quiet=True)
+
+
+def test_eap_at_hook_h_is_refused_and_eap_ig_warns():
+    """A feature patch at hook_h pins the states it edits; the gradient at the clean run carries each
+    state through every later one. Shown here first (so that the refusal is about something real):
+    the gradient at the clean states, dotted with a patch that edits consecutive positions, is not
+    the finite-difference effect of that patch, while the gradient taken where those positions are
+    edited is."""
+    model = tiny("mamba1")
+    clean, _ = pair()
+    hook = "blocks.0.hook_h"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=[hook])
+    states = cache[hook]
+    delta = torch.randn(states.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def value(h):
+        with torch.no_grad():
+            return float(metric(model.run_with_hooks(clean, fwd_hooks=[(hook, lambda a, hook: h)])).mean())
+
+    def gradient_at(h):
+        with torch.enable_grad():
+            x = h.clone().requires_grad_(True)
+            out = metric(model.run_with_hooks(clean, fwd_hooks=[(hook, lambda a, hook: a - a.detach() + x)])).mean()
+            return torch.autograd.grad(out, x)[0]
+
+    eps = 1e-6
+    finite_difference = (value(states + eps * delta) - value(states)) / eps
+    at_clean = float((gradient_at(states) * delta).sum())
+    edited = states + 1e-3 * delta  # every entry edited: there the gradient is the patch's derivative
+    assert float((gradient_at(edited) * delta).sum()) == pytest.approx(
+        (value(edited + eps * delta) - value(edited)) / eps, rel=1e-4)
+    assert abs(at_clean - finite_difference) > abs(finite_difference)  # 0.35 against 0.037
+
+    sae = TinySAE(states[0, 0].numel(), 8)
+    corrupted = pair(seed=1)[0]
+    with pytest.raises(ValueError, match="method='EAP' at blocks.0.hook_h"):
+        feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)
+    with pytest.warns(UserWarning, match="EAP-IG at blocks.0.hook_h"):
+        feature_attribution(model, {hook: sae}, clean, corrupted, metric, method="EAP-IG", ig_steps=2, quiet=True)
