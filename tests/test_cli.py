@@ -55,6 +55,10 @@ def test_knockout_task_and_prompt(tmp_path, capsys):
     # without --answer the run says which token it scores: here the fact itself
     assert "scoring p('Brevik') = 0.99" in out and "the model's top prediction" in out
     assert (tmp_path / "knockout_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    assert "replacing" not in out and "knockout_tokens.csv" in out  # both files are named
+    # a second run into the same folder says what it replaces
+    assert main(["knockout", "--task", "facts", "--n", "2", "--out", str(tmp_path)]) == 0
+    assert "replacing an earlier run's knockout_facts.png and knockout_facts.csv" in capsys.readouterr().out
 
 
 def test_circuit_prints_edges_and_faithfulness_and_writes_png_and_json(tmp_path, capsys):
@@ -66,6 +70,13 @@ def test_circuit_prints_edges_and_faithfulness_and_writes_png_and_json(tmp_path,
     assert (tmp_path / "circuit.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((tmp_path / "circuit.json").read_text())
     assert data["level"] == "head" and sum(e["in_graph"] for e in data["edges"].values()) <= 10
+    assert data["metadata"]["ig_steps"] == 2
+    # the curve ends at the whole graph, whose faithfulness is 1 by definition; no Python warnings
+    last = [line for line in out.splitlines() if line.strip().startswith("│")][-1].split("│")
+    assert int(last[1]) == len(data["edges"]) and float(last[3]) == pytest.approx(1.0, abs=1e-3)
+    assert "UserWarning" not in capsys.readouterr().err
+    assert main(["circuit", "--n", "4", "--top", "3", "--out", str(tmp_path)]) == 0  # EAP-IG, default steps
+    assert json.loads((tmp_path / "circuit.json").read_text())["metadata"]["ig_steps"] == 5
 
 
 def test_knockout_prompt_csv_matches_a_knockout_by_hand(tmp_path):
@@ -141,6 +152,7 @@ def test_circuit_json_records_how_it_was_made(tmp_path):
     meta = json.loads((tmp_path / "circuit.json").read_text())["metadata"]
     assert meta["model"] == "toy-mamba" and meta["task"] == "ioi" and meta["method"] == "EAP"
     assert meta["n"] == 4 and meta["seed"] == 3 and meta["top"] == 5 and meta["tl_mamba_version"] == __version__
+    assert meta["ig_steps"] is None  # EAP takes no steps
     assert meta["logit_diff_clean"] > meta["logit_diff_corrupted"]
     assert Graph.from_json(tmp_path / "circuit.json").metadata == meta
 
@@ -195,6 +207,24 @@ def test_eval_reports_accuracy(capsys):
     # the shipped model's IOI accuracy is high on any sample; a broken eval would print ~0-50%
     ioi_row = next(line for line in out.splitlines() if "ioi" in line)
     assert float(ioi_row.split()[-2].rstrip("%")) >= 80.0
+
+
+def test_eval_with_the_recorded_seed_and_n_reproduces_the_shipped_accuracies(capsys):
+    """metrics.json's 'eval' names the prompts training measured on (seed + 1, --eval-n): toy-mamba2's
+    facts (97.7%, 293 of 300) and IOI come back exactly with them, and differ with seed 0."""
+    from tl_mamba.toy.shipped import shipped_metrics
+
+    recorded = shipped_metrics("toy-mamba2")
+    seed, n = recorded["eval"]["seed"], recorded["eval"]["n"]
+
+    def measured(seed):
+        assert main(["eval", "toy-mamba2", "--n", str(n), "--tasks", "facts,ioi", "--seed", str(seed)]) == 0
+        rows = {line.split()[1]: float(line.split()[-2].rstrip("%")) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("│")}
+        return rows["facts"], rows["ioi"]
+
+    assert measured(seed) == (round(100 * recorded["facts"], 1), round(100 * recorded["ioi"], 1))
+    assert measured(0) != measured(seed)
 
 
 def test_eval_takes_the_library_needle_lengths(capsys):

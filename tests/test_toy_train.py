@@ -35,6 +35,7 @@ def test_training_is_reproducible_and_loads(tmp_path, arch):
     assert fresh.cfg.d_model == 16 and fresh.cfg.n_layers == 1 and fresh.tokenizer is not None
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["steps"] == 3 and set(metrics["needle_by_length"]) == {"64", "128", "256", "384", "512"}
+    assert metrics["eval"] == {"seed": metrics["seed"] + 1, "n": 2}  # what tl-mamba eval needs to re-measure
     assert len(json.loads((tmp_path / "a" / "train_log.json").read_text())) >= 1
     # continuing from a checkpoint starts from its weights
     assert main(argv + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"), "--lr", "0"]) == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -246,7 +247,8 @@ def cmd_models(args) -> int:
         notes.append(note)
     console = _console()
     console.print(table)
-    console.print("held-out accuracy measured at the end of training (tl-mamba eval NAME re-measures it)")
+    console.print("held-out accuracy measured at the end of training; tl-mamba eval NAME --seed S --n N re-measures "
+                  "it, with the seed and n in the model's metrics.json ('eval')")
     for note in notes:
         console.print(note)
     return 0
@@ -332,6 +334,8 @@ def cmd_knockout(args) -> int:
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
+    stem = out_dir / ("knockout_tokens" if args.prompt is not None else f"knockout_{args.task}")
+    replaced = [f.name for f in (stem.with_suffix(".png"), stem.with_suffix(".csv")) if f.exists()]
     console = _console()
     console.print(f"knockout on {model.cfg.model_name}: window {args.window}, path {args.path}")
     if args.prompt is not None:
@@ -352,7 +356,7 @@ def cmd_knockout(args) -> int:
         prompt = Prompt(text=" ".join(labels[1:]), answer=answer, task="prompt",
                         spans={"last": [tokens.shape[1] - 1]})
         values = information_flow_per_token(model, prompt, window=args.window, path=args.path)
-        path = plot_per_token_flow(values, [f"{i}:{t}" for i, t in enumerate(labels)], out_dir / "knockout_tokens.png",
+        path = plot_per_token_flow(values, [f"{i}:{t}" for i, t in enumerate(labels)], stem.with_suffix(".png"),
                                    title=f"% change in p({answer!r}) when token → last is knocked out")
         whose = "the model's top prediction" if answer_id == top else "given by --answer"
         table = Table(title=f"token → last knockout: % change in p({answer!r}) = {_probability(p_answer)}, {whose}")
@@ -361,14 +365,14 @@ def cmd_knockout(args) -> int:
             table.add_column(f"layer {layer}", justify="right")
         for pos, label in enumerate(labels):
             table.add_row(f"{pos}:{label}", *[f"{100 * float(values[layer, pos]):+.1f}" for layer in range(values.shape[0])])
-        _per_token_frame(values, labels, answer, p_answer).to_csv(out_dir / "knockout_tokens.csv", index=False)
+        _per_token_frame(values, labels, answer, p_answer).to_csv(stem.with_suffix(".csv"), index=False)
     else:
         prompts = make_dataset(args.task, "heldout", n, seed=0 if args.seed is None else args.seed)
         sources = {"facts": ("subject", "relation", "first", "last", "context"),
                    "ioi": ("IO", "S1", "S2", "first", "last", "context"),
                    "needle": ("needle", "query", "distractors", "last", "context")}[args.task]
         frame = information_flow(model, prompts, window=args.window, sources=sources, path=args.path)
-        path = plot_information_flow(frame, out_dir / f"knockout_{args.task}.png",
+        path = plot_information_flow(frame, stem.with_suffix(".png"),
                                      title=f"{args.task}: knockout of source → last ({args.path}, window {args.window})")
         summary = summarize_information_flow(frame, "pooled")
         table = Table(title=f"{args.task}: % change in mean p(answer) when source → last is knocked out "
@@ -378,9 +382,10 @@ def cmd_knockout(args) -> int:
             table.add_column(source, justify="right")
         for layer, row in summary.iterrows():
             table.add_row(str(layer), *[f"{float(row[source]):+.1f}" for source in sources])
-        frame.to_csv(out_dir / f"knockout_{args.task}.csv", index=False)
+        frame.to_csv(stem.with_suffix(".csv"), index=False)
     console.print(table)
-    console.print(f"plot written to {path}")
+    console.print(f"wrote {path} and {stem.with_suffix('.csv')}"
+                  + (f" (replacing an earlier run's {' and '.join(replaced)}: give --out to keep both)" if replaced else ""))
     return 0
 
 
@@ -457,6 +462,7 @@ def cmd_circuit(args) -> int:
 
     from tl_mamba import __version__
     from tl_mamba.circuits import Graph, attribute, evaluate_baseline, faithfulness, logit_diff, task_batches
+    from tl_mamba.circuits.eap import method_steps
     from tl_mamba.circuits.graph import check_channel_group_count
     from tl_mamba.models.mamba2 import HookedMamba2
 
@@ -523,20 +529,24 @@ def cmd_circuit(args) -> int:
     curve.add_column("top n", justify="right")
     curve.add_column("edges kept", justify="right")  # after pruning edges off every input → logits path
     curve.add_column("faithfulness", justify="right")
-    sizes = sorted({k for k in (1, 2, 5, 10, 20, 50, args.top) if k <= len(graph.edges)})
+    # up to every edge: the full graph's row reads 1.000 (a check of the baselines)
+    sizes = sorted({k for k in (1, 2, 5, 10, 20, 50, args.top) if k <= len(graph.edges)} | {len(graph.edges)})
     scores = graph.scores.clone()
-    for k in sizes:
+    with warnings.catch_warnings():  # a top-n pruned to nothing shows as 0 edges kept; the note below says it
+        warnings.filterwarnings("ignore", message="pruning removed all")
+        for k in sizes:
+            graph.scores = scores
+            graph.apply_topn(k)
+            value = faithfulness(model, graph, batches, None, logit_diff, quiet=True,
+                                 baselines=(clean_value, corrupted_value))
+            curve.add_row(str(k), str(graph.count_included_edges()), f"{value:.3f}")
+        console.print(curve)
         graph.scores = scores
-        graph.apply_topn(k)
-        value = faithfulness(model, graph, batches, None, logit_diff, quiet=True,
-                             baselines=(clean_value, corrupted_value))
-        curve.add_row(str(k), str(graph.count_included_edges()), f"{value:.3f}")
-    console.print(curve)
-    graph.scores = scores
-    graph.apply_topn(args.top)
+        graph.apply_topn(args.top)
     graph.metadata = {  # so that circuit.json says how it was made
         "tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
-        "task": args.task, **task_options, "method": args.method, "ig_steps": args.steps, "n": args.n, "seed": args.seed,
+        "task": args.task, **task_options, "method": args.method,
+        "ig_steps": method_steps(args.method, args.steps) if args.method == "EAP-IG" else None, "n": args.n, "seed": args.seed,
         "batch_size": args.batch_size, "top": args.top, "metric": "logit_diff",
         "logit_diff_clean": clean_value, "logit_diff_corrupted": corrupted_value,
     }
@@ -554,29 +564,34 @@ class UsageError(Exception):
     """A bad argument: reported as a message with exit code 2, never a traceback."""
 
 
+MODEL_HELP = f"shipped name or checkpoint dir (default {DEFAULT_MODEL})"
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="tl-mamba", description="Mamba models in TransformerLens")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the README's main job: an IOI patching tour on a shipped toy model")
-    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"shipped name or checkpoint dir (default {DEFAULT_MODEL})")
-    demo.add_argument("--out", default="tl_mamba_demo", help="folder for the plots")
-    demo.add_argument("--seed", type=int, default=0, help="which held-out IOI prompt to use")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    demo.add_argument("--out", default="tl_mamba_demo", help="folder for the plots (default tl_mamba_demo)")
+    demo.add_argument("--seed", type=int, default=0, help="which held-out IOI prompt to use (default 0)")
     demo.set_defaults(func=cmd_demo)
     models = sub.add_parser("models", help="the shipped toy models and their accuracies")
     models.set_defaults(func=cmd_models)
     hooks = sub.add_parser("hooks", help="every hook with its shape")
-    hooks.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    hooks.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     hooks.set_defaults(func=cmd_hooks)
     evaluate = sub.add_parser("eval", help="accuracy on the toy tasks (held-out prompts)")
-    evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    evaluate.add_argument("--n", type=int, default=200, help="prompts per task and per needle length")
-    evaluate.add_argument("--tasks", default="facts,ioi,needle")
+    evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
+    evaluate.add_argument("--n", type=int, default=200, help="prompts per task and per needle length (default 200)")
+    evaluate.add_argument("--tasks", default="facts,ioi,needle", help="comma-separated (default facts,ioi,needle)")
     evaluate.add_argument("--lengths", default=None,
                           help=f"with needle in --tasks: needle lengths in tokens (default {DEFAULT_NEEDLE_LENGTHS})")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="which held-out prompts (default 0; a shipped model's metrics.json names the seed "
+                               "and n of its recorded accuracies, under 'eval')")
     evaluate.set_defaults(func=cmd_eval)
     knockout = sub.add_parser("knockout", help="information flow by knockout (source → last, per layer window)")
-    knockout.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    knockout.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     source = knockout.add_mutually_exclusive_group()
     source.add_argument("--task", choices=("facts", "ioi", "needle"), default="facts",
                         help="a toy task: knock out each span class → last (default facts)")
@@ -585,14 +600,17 @@ def main(argv: Optional[list] = None) -> int:
                           help="with --prompt: the one token whose probability is scored (default: the model's "
                                "top prediction)")
     knockout.add_argument("--window", type=int, default=1, help="layers per knockout window, around each layer and clipped at the first and last (default 1)")
-    knockout.add_argument("--path", choices=("ssm", "conv", "both"), default="ssm")
+    knockout.add_argument("--path", choices=("ssm", "conv", "both"), default="ssm",
+                          help="which token → token terms to remove (default ssm)")
     knockout.add_argument("--n", type=int, default=None, help="prompts (with --task; default 32)")
     knockout.add_argument("--seed", type=int, default=None, help="which held-out prompts (with --task; default 0)")
-    knockout.add_argument("--out", default="tl_mamba_knockout", help="folder for the plot (and CSV)")
+    knockout.add_argument("--out", default="tl_mamba_knockout",
+                          help="folder for the plot and the CSV (default tl_mamba_knockout; the CSV's change is a "
+                               "fraction, -1.0 = -100%%)")
     knockout.set_defaults(func=cmd_knockout)
     circuit = sub.add_parser("circuit", help="EAP / EAP-IG circuit discovery on a toy task (IOI by default)")
-    circuit.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    circuit.add_argument("--task", choices=("ioi", "facts", "needle"), default="ioi")
+    circuit.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
+    circuit.add_argument("--task", choices=("ioi", "facts", "needle"), default="ioi", help="(default ioi)")
     circuit.add_argument("--length", type=int, default=None,
                          help="with --task needle: tokens per prompt, BOS included (default 128)")
     circuit.add_argument("--level", choices=("auto", "layer", "head", "component"), default="auto",
@@ -603,16 +621,17 @@ def main(argv: Optional[list] = None) -> int:
                          help="attribution method (case does not matter; default EAP-IG)")
     circuit.add_argument("--steps", type=int, default=None,
                          help="EAP-IG interpolation steps (default: attribute's, 5)")
-    circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs")
-    circuit.add_argument("--batch-size", type=int, default=32)
-    circuit.add_argument("--top", type=int, default=20, help="edges to keep in the circuit")
-    circuit.add_argument("--seed", type=int, default=0)
-    circuit.add_argument("--out", default="tl_mamba_circuit", help="folder for circuit.png and circuit.json")
+    circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs (default 64)")
+    circuit.add_argument("--batch-size", type=int, default=32, help="pairs per forward (default 32)")
+    circuit.add_argument("--top", type=int, default=20, help="edges to keep in the circuit (default 20)")
+    circuit.add_argument("--seed", type=int, default=0, help="which held-out pairs (default 0)")
+    circuit.add_argument("--out", default="tl_mamba_circuit",
+                         help="folder for circuit.png and circuit.json (default tl_mamba_circuit)")
     circuit.set_defaults(func=cmd_circuit)
     run = sub.add_parser("run", help="top next tokens and a logit lens for a prompt")
     run.add_argument("model", help="shipped name, checkpoint dir or hub id (one with a tokenizer: the prompt is text)")
     run.add_argument("prompt")
-    run.add_argument("--top", type=int, default=10)
+    run.add_argument("--top", type=int, default=10, help="next tokens to list (default 10)")
     run.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad syntax
     try:

@@ -457,7 +457,8 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
     if partial_tie:  # bake the tied rows in: what is saved is a plain untied model
         parametrize.remove_parametrizations(model.unembed, "weight", leave_parametrized=True)
     metrics = evaluate_model(model, tokenizer, seed=seed + 1, n=eval_n, max_len=512)
-    metrics.update(arch=arch, sizes=spec, init=init if init_from is None else None,
+    # how to re-measure these numbers: tl-mamba eval OUT --seed {seed + 1} --n {eval_n}
+    metrics.update(eval=dict(seed=seed + 1, n=eval_n), arch=arch, sizes=spec, init=init if init_from is None else None,
                    init_from=None if init_from is None else str(init_from), task_weights=list(task_weights),
                    balance=balance, tokens=tokens_spent, steps=steps_done, steps_planned=steps,
                    batch_size=batch_size, lr=lr, ssm_lr=ssm_lr, weight_decay=weight_decay,
