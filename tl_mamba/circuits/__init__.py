@@ -11,6 +11,7 @@ knockout attribution, patching and ablation helpers.
 
     scores = knockout_attribution(model, tokens, metric)    # [layer, (head,) p, p], one backward
     feats = feature_attribution(model, {hook: sae}, clean, corrupted, metric, method="EAP-IG")
+    found = smallest_feature_circuit(model, {hook: sae}, feats, clean, corrupted, metric, target=0.8)
     patch_layer_position(model, clean, corrupted, metric, hook="h")
     hooks = class_conditional_ablation_hooks(model, tokens, {3: [0, 5]}, token_class="bos")
 """
@@ -40,6 +41,12 @@ from tl_mamba.circuits.eap import (
     patched_logits,
 )
 from tl_mamba.circuits.feature_attribution import FeatureScores, feature_attribution
+from tl_mamba.circuits.feature_circuit import (
+    FeatureCircuit,
+    evaluate_features,
+    feature_faithfulness,
+    smallest_feature_circuit,
+)
 from tl_mamba.circuits.graph import LEVELS, Edge, Graph
 from tl_mamba.circuits.knockout_attribution import (
     AttributionCheck,
@@ -53,6 +60,7 @@ from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_
 __all__ = [
     "AttributionCheck",
     "Edge",
+    "FeatureCircuit",
     "FeatureScores",
     "Graph",
     "KINDS",
@@ -65,9 +73,11 @@ __all__ = [
     "class_conditional_hook_factory",
     "delta_stats_by_class",
     "evaluate_baseline",
+    "evaluate_features",
     "evaluate_graph",
     "faithfulness",
     "feature_attribution",
+    "feature_faithfulness",
     "iter_batches",
     "knockout_attribution",
     "knockout_attribution_vs_knockout",
@@ -82,6 +92,7 @@ __all__ = [
     "plot_knockout_attribution",
     "rank_correlation",
     "resample_ablation_hooks",
+    "smallest_feature_circuit",
     "task_batches",
     "token_class_mask",
     "zero_ablation_hooks",

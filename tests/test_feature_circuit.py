@@ -1,0 +1,112 @@
+"""Circuits of SAE features: ``evaluate_features``, ``feature_faithfulness`` and the search of
+``smallest_feature_circuit``.
+
+References: the model run on its own (clean and corrupted runs), the residual stream built by
+hand from the SAE's features and fed to the later layers with ``start_at_layer``, and a linear
+scan over every top-k.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_mamba.circuits import (evaluate_features, feature_attribution, feature_faithfulness,
+                               smallest_feature_circuit)
+
+from test_feature_attribution import B, TinySAE, metric, pair, tiny
+
+SITE = "blocks.1.hook_resid_pre"  # a cut: everything the logits see passes through it
+
+
+def mean_metric(logits):
+    return float(metric(logits).mean())
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_everything_kept_is_clean_and_nothing_kept_is_corrupted(family):
+    model = tiny(family)
+    clean, corrupted = pair()
+    sae = TinySAE(16, 12)
+    with torch.no_grad():
+        clean_value, corrupted_value = mean_metric(model(clean)), mean_metric(model(corrupted))
+    assert abs(clean_value - corrupted_value) > 1e-3
+    every = {SITE: range(12)}
+    kept_all = evaluate_features(model, {SITE: sae}, every, clean, corrupted, metric, keep_error=True, quiet=True)
+    assert kept_all.shape == (B,)
+    assert float(kept_all.mean()) == pytest.approx(clean_value, abs=1e-10)
+    none = evaluate_features(model, {SITE: sae}, {}, clean, corrupted, metric, quiet=True)
+    assert float(none.mean()) == pytest.approx(corrupted_value, abs=1e-10)
+    assert feature_faithfulness(model, {SITE: sae}, every, clean, corrupted, metric, keep_error=True,
+                                quiet=True) == pytest.approx(1.0, abs=1e-9)
+    assert feature_faithfulness(model, {SITE: sae}, {}, clean, corrupted, metric, quiet=True) == pytest.approx(
+        0.0, abs=1e-9)
+
+
+def test_a_kept_set_is_the_residual_built_from_its_features():
+    """At a cut, the circuit's residual is decode(clean features where kept, corrupted elsewhere) +
+    the corrupted error; the later layers run on it (start_at_layer) give the same metric."""
+    model = tiny("mamba2")
+    clean, corrupted = pair()
+    sae = TinySAE(16, 12)
+    kept = [0, 3, 4, 9]
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean, names_filter=[SITE])
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=[SITE])
+        f_clean, f_corr = sae.encode(clean_cache[SITE]), sae.encode(corrupted_cache[SITE])
+        error = corrupted_cache[SITE] - sae.decode(f_corr)
+        chosen = torch.zeros(12, dtype=torch.bool)
+        chosen[kept] = True
+        resid = sae.decode(torch.where(chosen, f_clean, f_corr)) + error
+        expected = metric(model(resid, start_at_layer=1))
+        assert not torch.allclose(expected, metric(model(clean))) and not torch.allclose(expected, metric(model(corrupted)))
+    got = evaluate_features(model, {SITE: sae}, {SITE: kept}, clean, corrupted, metric, quiet=True, batch_size=2)
+    torch.testing.assert_close(got, expected.double(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_search_finds_the_boundary_of_a_linear_scan():
+    """Every top-k measured by the search is the faithfulness of that top-k; the k returned reaches
+    the target and k - 1 does not (the binary search's guarantee), checked against a scan of every k."""
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    saes = {"blocks.1.hook_resid_pre": TinySAE(16, 6), "blocks.0.hook_y": TinySAE(32, 6, seed=1)}
+    scores = feature_attribution(model, saes, clean, corrupted, metric, quiet=True)
+    ranked = sorted(((name, f, float(s.scores[f])) for name, s in scores.items() for f in range(6)),
+                    key=lambda item: -abs(item[2]))
+
+    def top(k):
+        kept = {name: [] for name in saes}
+        for name, feature, _ in ranked[:k]:
+            kept[name].append(feature)
+        return kept
+
+    scan = [feature_faithfulness(model, saes, top(k), clean, corrupted, metric, quiet=True) for k in range(13)]
+    target = (scan[0] + scan[12]) / 2
+    found = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target, progress=False)
+    assert [(name, f) for name, f, _ in found.ranked] == [(name, f) for name, f, _ in ranked]
+    for k, value in found.curve:
+        assert value == pytest.approx(scan[k], abs=1e-9)
+    assert found.k is not None and scan[found.k] >= target and (found.k == 0 or scan[found.k - 1] < target)
+    assert found.kept == top(found.k) and found.faithfulness == pytest.approx(scan[found.k], abs=1e-9)
+    assert len(found.curve) <= 6  # log2(13) + the whole set, not a scan
+    unreachable = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=scan[12] + 1,
+                                           progress=False)
+    assert unreachable.k is None and unreachable.curve == [(12, pytest.approx(scan[12], abs=1e-9))]
+    rare = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target,
+                                    min_frequency=0.5, progress=False)
+    assert all(float(scores[name].frequency[f]) >= 0.5 for name, f, _ in rare.ranked)
+    assert len(rare.ranked) < 12
+
+
+def test_bad_input_names_the_problem():
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    sae = TinySAE(16, 12)
+    with pytest.raises(ValueError, match="sites without an SAE"):
+        evaluate_features(model, {SITE: sae}, {"blocks.0.hook_resid_pre": [1]}, clean, corrupted, metric)
+    with pytest.raises(IndexError, match=r"kept features \[12\]"):
+        evaluate_features(model, {SITE: sae}, {SITE: [1, 12]}, clean, corrupted, metric, quiet=True)
+    with pytest.raises(ValueError, match="no scores for the sites"):
+        smallest_feature_circuit(model, {SITE: sae}, {}, clean, corrupted, metric)
+    with pytest.raises(TypeError, match="needs a metric"):
+        evaluate_features(model, {SITE: sae}, {}, clean, corrupted)
