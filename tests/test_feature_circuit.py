@@ -89,8 +89,9 @@ def test_the_search_finds_the_boundary_of_a_linear_scan():
     assert found.k is not None and scan[found.k] >= target and (found.k == 0 or scan[found.k - 1] < target)
     assert found.kept == top(found.k) and found.faithfulness == pytest.approx(scan[found.k], abs=1e-9)
     assert len(found.curve) <= 6  # log2(13) + the whole set, not a scan
-    unreachable = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=scan[12] + 1,
-                                           progress=False)
+    with pytest.warns(UserWarning, match="under the target"):
+        unreachable = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=scan[12] + 1,
+                                               progress=False)
     assert unreachable.k is None and unreachable.curve == [(12, pytest.approx(scan[12], abs=1e-9))]
     rare = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target,
                                     min_frequency=0.5, progress=False)

@@ -24,6 +24,7 @@ guaranteed: it returns the curve it measured, so a non-monotone case shows.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -177,6 +178,11 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
     low, high = 0, len(ranked)  # invariant: faithfulness_of(high) >= target, or high == len(ranked) unchecked
     if faithfulness_of(high) < target:
         bar.close()
+        warnings.warn(f"all {len(ranked)} ranked features together reach a faithfulness of {measured[high]:.3f}, "
+                      f"under the target {target}: no circuit of them does (what the SAEs do not explain, their "
+                      "error terms, is patched" + ("" if keep_error else "; keep_error=True keeps it live")
+                      + (", and min_frequency left features out" if min_frequency > 0 else "") + ")",
+                      stacklevel=2)
         return FeatureCircuit(k=None, kept=_kept(ranked, saes), faithfulness=measured[high],
                               curve=sorted(measured.items()), ranked=ranked)
     while low < high:
