@@ -19,6 +19,20 @@ def test_demo_writes_plots(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.strip("│ ").startswith("resid_pre"))
     cells = [cell.strip() for cell in row.split("│") if cell.strip()]  # hook, at S2 (layer 0), best, restored
     assert float(cells[1]) == pytest.approx(1.0, abs=5e-3)
+    assert "barely separates" not in out
+
+
+def test_demo_on_a_model_that_cannot_do_ioi_says_so(tmp_path, capsys):
+    """A model trained for 3 steps: the clean and corrupted logit differences are close, so every
+    fraction restored is a ratio of small numbers; the demo says so instead of printing 'restored 1.00'."""
+    from tl_mamba.toy.train import main as train
+
+    argv = ["--arch", "mamba2", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
+            "--d-state", "8", "--max-needle-len", "64", "--eval-n", "2", "--device", "cpu"]
+    assert train(argv + ["--out", str(tmp_path / "weak")]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--model", str(tmp_path / "weak"), "--out", str(tmp_path / "demo")]) == 0
+    assert "barely separates the clean prompt from its corruption" in capsys.readouterr().out
 
 
 def test_hooks_lists_contract_hooks(capsys):
