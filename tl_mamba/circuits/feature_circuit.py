@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mamba.circuits.eap import _per_prompt, count_batches, evaluate_baseline, iter_batches
-from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _one_head
+from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _one_head, _sae_parts
 
 Kept = Mapping[str, Sequence[int]]
 
@@ -62,16 +62,11 @@ def evaluate_features(model, saes: Mapping[str, object], kept: Kept, clean, corr
     for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(
             batches, desc="evaluate features", total=count_batches(clean, batch_size), disable=quiet,
             leave=False, unit="batch"):
+        corrupted_parts = _sae_parts(model, saes, corrupted_tokens, mask)  # {hook: (features, error)}
+        for name, (features, _) in corrupted_parts.items():
+            if name not in masks:
+                masks[name] = _feature_mask(name, kept_indices[name], features.shape[-1])
         with torch.no_grad():
-            _, cache = model.run_with_cache(corrupted_tokens, names_filter=lambda n: n in saes, attention_mask=mask)
-            corrupted_parts = {}
-            for name, sae in saes.items():
-                act = _flat(cache[name])
-                features = _encode(sae, name, act)
-                corrupted_parts[name] = (features, act - sae.decode(features).to(act.dtype))
-                if name not in masks:
-                    masks[name] = _feature_mask(name, kept_indices[name], features.shape[-1])
-            del cache
 
             def splice(act: Tensor, hook) -> Tensor:
                 sae = saes[hook.name]
