@@ -333,11 +333,25 @@ def test_an_sae_trained_on_one_head_reads_that_head():
     torch.testing.assert_close(eap.scores[top], exact_feature_effects(model, hook, flat, clean, corrupted, top),
                                rtol=2e-3, atol=1e-10)
     sae.cfg.metadata.hook_head_index = 4
-    with pytest.raises(ValueError, match="trained on head 4 .*has 4"):
+    with pytest.raises(ValueError, match=r"names slice 4 \(hook_head_index\); blocks.0.hook_x has 4 heads"):
         feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)
     sae.cfg.metadata.hook_head_index, sae.cfg.metadata.hook_name = 0, "blocks.0.hook_mixer_in"
     with pytest.raises(ValueError, match="has no head axis"):
         feature_attribution(model, {"blocks.0.hook_mixer_in": sae}, clean, corrupted, metric, quiet=True)
+    sae.cfg.metadata.hook_name = "blocks.0.hook_h"
+    with pytest.raises(ValueError, match=r"a head of Mamba-2's hook_h is a \[hd, n\] matrix"):
+        feature_attribution(model, {"blocks.0.hook_h": sae}, clean, corrupted, metric, method="EAP-IG", quiet=True)
+    # an SAE over the whole hook whose config still names a head: the message says which slice it got
+    flat.cfg = SimpleNamespace(metadata=SimpleNamespace(hook_head_index=1, hook_name=hook))
+    with pytest.raises(ValueError, match=r"could not encode slice 1 of its activations \[b, p, 4, 8\]"):
+        feature_attribution(model, {hook: flat}, clean, corrupted, metric, quiet=True)
+
+    # the head count comes from the config: no extra forward runs the user's hooks on a dummy batch
+    batches_seen = []
+    sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index = hook, head
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: batches_seen.append(act.shape[0]))]):
+        feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)
+    assert batches_seen and set(batches_seen) == {B}
 
 
 def test_an_sae_trained_on_another_hook_warns():

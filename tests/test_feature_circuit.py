@@ -62,6 +62,10 @@ def test_a_kept_set_is_the_residual_built_from_its_features():
         assert not torch.allclose(expected, metric(model(clean))) and not torch.allclose(expected, metric(model(corrupted)))
     got = evaluate_features(model, {SITE: sae}, {SITE: kept}, clean, corrupted, metric, quiet=True, batch_size=2)
     torch.testing.assert_close(got, expected.double(), rtol=1e-9, atol=1e-12)
+    # the same set as a bool mask [d_sae] (scores.frequency > x gives one), or with negative indices
+    for same in (chosen, [0, 3, -8, -3]):
+        torch.testing.assert_close(evaluate_features(model, {SITE: sae}, {SITE: same}, clean, corrupted, metric,
+                                                     quiet=True), got)
 
 
 def test_the_search_finds_the_boundary_of_a_linear_scan():
@@ -107,6 +111,15 @@ def test_bad_input_names_the_problem():
         evaluate_features(model, {SITE: sae}, {"blocks.0.hook_resid_pre": [1]}, clean, corrupted, metric)
     with pytest.raises(IndexError, match=r"kept features \[12\]"):
         evaluate_features(model, {SITE: sae}, {SITE: [1, 12]}, clean, corrupted, metric, quiet=True)
+    with pytest.raises(TypeError, match=r"integer features needed, got 1.9"):  # not read as feature 1
+        evaluate_features(model, {SITE: sae}, {SITE: [1.9]}, clean, corrupted, metric, quiet=True)
+    with pytest.raises(ValueError, match="a bool mask must have the SAE's 12 entries"):
+        evaluate_features(model, {SITE: sae}, {SITE: torch.ones(5, dtype=torch.bool)}, clean, corrupted, metric,
+                          quiet=True)
+    with pytest.raises(ValueError, match="min_frequency is a share of tokens"):  # 10 meant as a percentage
+        smallest_feature_circuit(model, {SITE: sae}, feature_attribution(model, {SITE: sae}, clean, corrupted, metric,
+                                                                         quiet=True),
+                                 clean, corrupted, metric, min_frequency=10, progress=False)
     with pytest.raises(ValueError, match="no scores for the sites"):
         smallest_feature_circuit(model, {SITE: sae}, {}, clean, corrupted, metric)
     with pytest.raises(TypeError, match="needs a metric"):

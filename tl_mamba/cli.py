@@ -158,7 +158,7 @@ def cmd_demo(args) -> int:
     top = model.to_string([int(clean_logits[0, -1].argmax())])
     console.print(f"cached {len(cache)} activations; top prediction {top!r}; logit diff (IO - S) "
                   f"clean {clean_diff:.2f}, corrupted {corrupted_diff:.2f}")
-    if clean_diff - corrupted_diff < 1.0:  # the patching scores below divide by this gap
+    if abs(clean_diff - corrupted_diff) < 1.0:  # the patching scores below divide by this gap
         console.print(f"note: this model barely separates the clean prompt from its corruption (logit diff gap "
                       f"{clean_diff - corrupted_diff:.2f}; the shipped models' is ~20), so the fractions restored "
                       "below are ratios of small numbers and say little")

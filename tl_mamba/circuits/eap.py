@@ -520,20 +520,42 @@ def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = 
     known (from :func:`evaluate_baseline`); a faithfulness curve over many graphs then runs
     the two unpatched baselines once instead of once per graph.
     """
-    kw = dict(labels=labels, batch_size=batch_size, attention_mask=attention_mask)
-    if not isinstance(clean, Tensor):
-        clean = list(iter_batches(clean, corrupted, labels, batch_size))  # iterate the dataloader once
-        corrupted, kw = None, {}
-    circuit = evaluate_graph(model, graph, clean, corrupted, metric, quiet=quiet, **kw).mean()
-    if baselines is None:
-        clean_value = evaluate_baseline(model, clean, corrupted, metric, **kw).mean()
-        corrupted_value = evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True, **kw).mean()
-    else:
-        clean_value, corrupted_value = baselines
+    return circuit_faithfulness(
+        model, lambda clean, corrupted, **kw: evaluate_graph(model, graph, clean, corrupted, metric, quiet=quiet, **kw),
+        clean, corrupted, metric, labels=labels, batch_size=batch_size, attention_mask=attention_mask,
+        baselines=baselines)
+
+
+def read_once(clean, corrupted=None, labels=None, batch_size: Optional[int] = None,
+              attention_mask: Optional[Tensor] = None) -> Tuple[object, object, dict]:
+    """``(clean, corrupted, kw)`` for evaluating the same data several times: token tensors as they
+    are (``kw`` carries labels, batch_size, attention_mask), a dataloader read into a list of
+    batches once (``kw`` then empty: the batches carry their own)."""
+    if isinstance(clean, Tensor):
+        return clean, corrupted, dict(labels=labels, batch_size=batch_size, attention_mask=attention_mask)
+    return list(iter_batches(clean, corrupted, labels, batch_size, attention_mask)), None, {}
+
+
+def mean_baselines(model, clean, corrupted, metric: Callable, **kw) -> Tuple[float, float]:
+    """The mean metric on the clean and on the corrupted prompts (:func:`evaluate_baseline`)."""
+    return (float(evaluate_baseline(model, clean, corrupted, metric, **kw).mean()),
+            float(evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True, **kw).mean()))
+
+
+def circuit_faithfulness(model, evaluate_circuit: Callable[..., Tensor], clean, corrupted, metric: Callable, *,
+                         labels=None, batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+                         baselines: Optional[Tuple[float, float]] = None) -> float:
+    """``(circuit - corrupted) / (clean - corrupted)`` of the mean metric, where
+    ``evaluate_circuit(clean, corrupted, **kw)`` gives the circuit's per-prompt values (an edge
+    circuit's :func:`evaluate_graph`, a feature circuit's ``evaluate_features``)."""
+    clean, corrupted, kw = read_once(clean, corrupted, labels, batch_size, attention_mask)
+    circuit = float(evaluate_circuit(clean, corrupted, **kw).mean())
+    clean_value, corrupted_value = (mean_baselines(model, clean, corrupted, metric, **kw) if baselines is None
+                                    else baselines)
     gap = float(clean_value - corrupted_value)
     if abs(gap) < 1e-8:
         raise ValueError("the metric is the same on clean and corrupted prompts: faithfulness is undefined")
-    return float(circuit - corrupted_value) / gap
+    return (circuit - float(corrupted_value)) / gap
 
 
 def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batch_size, attention_mask,

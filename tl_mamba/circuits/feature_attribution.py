@@ -63,6 +63,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mamba.circuits.eap import _metric_values, _score_dtype, count_batches, iter_batches, method_steps
+from tl_mamba.circuits.patching import _MAMBA2_HEAD_HOOKS as PER_HEAD_HOOKS  # [b, p, h, hd] and hook_h
 
 METHODS = ("EAP", "EAP-IG")
 
@@ -108,21 +109,12 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
     if metric is None:
         raise TypeError("feature_attribution() needs a metric: metric(logits) or metric(logits, labels)")
     steps = method_steps(method, ig_steps, METHODS)
-    if not saes:
-        raise ValueError("saes is empty: give {hook name: sae}")
-    for name, sae in saes.items():
-        model.check_hook_name(name)
-        if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
-            raise TypeError(f"the SAE for {name} needs encode(act) and decode(features) methods, "
-                            f"got {type(sae).__name__}")
-        trained_on = _sae_setting(sae, "hook_name")
-        if isinstance(trained_on, str) and trained_on != name:
-            warnings.warn(f"the SAE given for {name} was trained on {trained_on} (its config's hook_name)",
-                          stacklevel=2)
+    saes = check_saes(model, saes)
+    for name in saes:
         if name.endswith("hook_h"):
             if steps == 1:
                 raise ValueError(
-                    f"method='EAP' at {name}: patching a feature of the state edits every position where it "
+                    f"method={method!r}{'' if method == 'EAP' else ' with ig_steps=1 (EAP)'} at {name}: patching a feature of the state edits every position where it "
                     "changes, and an edited state is pinned (an edit reaches later states only until the next "
                     "edited position), while the gradient at the clean run carries each state through every later "
                     "state: EAP overestimated such patches 3-6x on the toy models. Use method='EAP-IG', or an "
@@ -131,7 +123,6 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
                 f"EAP-IG at {name}: its last step (α = 1) takes the gradient at the clean states, the total "
                 "derivative, where the other steps edit (pin) every state: the scores overshoot a little "
                 "(5% with 5 steps on toy-mamba), less as ig_steps grows.", stacklevel=2)
-    saes = {name: _one_head(model, name, sae) for name, sae in saes.items()}
 
     totals: Dict[str, List[Tensor]] = {}
     n_prompts = 0
@@ -188,36 +179,67 @@ def _sae_setting(sae, key: str):
 
 
 class _OneHead:
-    """An SAE trained on one head of a per-head hook (sae-lens's ``hook_head_index``), seen as an
-    SAE of the flattened hook ``[b, p, h*hd]``: it encodes its head's slice, and decodes into that
-    slice with zeros elsewhere, so the other heads are all in the error term."""
+    """An SAE trained on one slice of axis 2 of a hook (sae-lens's ``hook_head_index``: a Mamba-2
+    head, or a group of ``hook_B`` / ``hook_C``, or a channel of Mamba-1's ``hook_h``), seen as an
+    SAE of the flattened hook ``[b, p, size*width]``: it encodes its slice, and decodes into that
+    slice with zeros elsewhere, so the rest of the hook is all in the error term."""
 
-    def __init__(self, sae, head: int, n_heads: int):
-        self.sae, self.head, self.n_heads = sae, head, n_heads
+    def __init__(self, sae, index: int, size: int):
+        self.sae, self.index, self.size = sae, index, size
 
     def encode(self, act: Tensor) -> Tensor:
-        return self.sae.encode(act.unflatten(-1, (self.n_heads, -1))[..., self.head, :])
+        return self.sae.encode(act.unflatten(-1, (self.size, -1))[..., self.index, :])
 
     def decode(self, features: Tensor) -> Tensor:
-        head = self.sae.decode(features)  # [b, p, hd]
-        out = head.new_zeros(*head.shape[:-1], self.n_heads, head.shape[-1])
-        out = out.index_copy(-2, torch.tensor([self.head], device=head.device), head.unsqueeze(-2))
+        part = self.sae.decode(features)  # [b, p, width]
+        out = part.new_zeros(*part.shape[:-1], self.size, part.shape[-1])
+        out = out.index_copy(-2, torch.tensor([self.index], device=part.device), part.unsqueeze(-2))
         return out.flatten(-2)
 
 
-def _one_head(model, name: str, sae):
-    """``sae``, or a :class:`_OneHead` view of it when its config names a head."""
-    head = _sae_setting(sae, "hook_head_index")
-    if head is None:
+def check_saes(model, saes: Mapping[str, object]) -> Dict[str, object]:
+    """``{hook name: sae}`` checked (hook names, ``encode`` / ``decode``; a warning when an SAE's
+    sae-lens config names another hook), with an SAE trained on one slice of axis 2
+    (``hook_head_index``) seen over the whole flattened hook (:class:`_OneHead`)."""
+    if not isinstance(saes, Mapping) or not saes:
+        raise ValueError("saes is empty (or not a mapping): give {hook name: sae}")
+    views = {}
+    for name, sae in saes.items():
+        model.check_hook_name(name)
+        if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
+            raise TypeError(f"the SAE for {name} needs encode(act) and decode(features) methods, "
+                            f"got {type(sae).__name__}")
+        trained_on = _sae_setting(sae, "hook_name")
+        if isinstance(trained_on, str) and trained_on != name:
+            warnings.warn(f"the SAE given for {name} was trained on {trained_on} (its config's hook_name)",
+                          stacklevel=3)
+        views[name] = _one_slice(model, name, sae)
+    return views
+
+
+def _one_slice(model, name: str, sae):
+    """``sae``, or a :class:`_OneHead` view of it when its config names a slice of axis 2.
+
+    The axis' size comes from the config, not from a forward (which would run the user's hooks)."""
+    index = _sae_setting(sae, "hook_head_index")
+    if index is None:
         return sae
-    shape = model.hook_shapes()[name]
-    if len(shape) != 4:
-        raise ValueError(f"the SAE for {name} was trained on head {head} (hook_head_index), but {name} has no head "
-                         f"axis: {shape}")
-    n_heads = shape[2]
-    if not 0 <= int(head) < n_heads:
-        raise ValueError(f"the SAE for {name} was trained on head {head} (hook_head_index); {name} has {n_heads}")
-    return _OneHead(sae, int(head), n_heads)
+    cfg, hook = model.cfg, name.rsplit(".", 1)[-1]
+    if cfg.family == "mamba2" and hook == "hook_h":
+        raise ValueError(f"the SAE for {name} names head {index} (hook_head_index), but a head of Mamba-2's hook_h "
+                         "is a [hd, n] matrix, which an SAE does not read (sae-lens cannot train one either)")
+    if cfg.family == "mamba2" and hook in ("hook_B", "hook_C"):
+        size, what = cfg.n_groups, "groups"
+    elif cfg.family == "mamba2" and name.startswith("blocks.") and hook in PER_HEAD_HOOKS:
+        size, what = cfg.n_heads, "heads"
+    elif cfg.family == "mamba1" and name.startswith("blocks.") and hook == "hook_h":
+        size, what = cfg.d_inner, "channels"
+    else:
+        raise ValueError(f"the SAE for {name} names slice {index} of axis 2 (hook_head_index), but {name} has no "
+                         "head axis: give an SAE trained on the whole hook (no hook_head_index)")
+    if isinstance(index, bool) or not hasattr(index, "__index__") or not 0 <= int(index) < size:
+        raise ValueError(f"the SAE for {name} names slice {index!r} (hook_head_index); {name} has {size} {what}")
+    return _OneHead(sae, int(index), size)
 
 
 def _flat(act: Tensor) -> Tensor:
@@ -242,6 +264,10 @@ def _encode(sae, name: str, act: Tensor) -> Tensor:
     try:
         return sae.encode(act)
     except RuntimeError as err:  # most often a width mismatch inside the SAE's matmul
+        if isinstance(sae, _OneHead):
+            raise ValueError(f"the SAE for {name} could not encode slice {sae.index} of its activations "
+                             f"[b, p, {sae.size}, {act.shape[-1] // sae.size}] (its config's hook_head_index; an SAE "
+                             f"trained on the whole hook should not name one): {err}") from err
         raise ValueError(f"the SAE for {name} could not encode its activations [b, p, {act.shape[-1]}]: {err}") \
             from err
 

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mamba.circuits.eap import _per_prompt, count_batches, evaluate_baseline, iter_batches
-from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _one_head, _sae_parts
+from tl_mamba.circuits.eap import (_per_prompt, circuit_faithfulness, count_batches, iter_batches, mean_baselines,
+                                   read_once)
+from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _sae_parts, check_saes
+from tl_mamba.knockout import _index_list
 
 Kept = Mapping[str, Sequence[int]]
 
@@ -92,18 +94,13 @@ def feature_faithfulness(model, saes: Mapping[str, object], kept: Kept, clean, c
                          baselines: Optional[Tuple[float, float]] = None, quiet: bool = False) -> float:
     """``(circuit - corrupted) / (clean - corrupted)`` of the mean metric, the circuit being
     :func:`evaluate_features` of ``kept``; ``baselines`` = ``(clean, corrupted)`` means when known."""
-    kw = dict(labels=labels, batch_size=batch_size, attention_mask=attention_mask)
-    if not isinstance(clean, Tensor):
-        clean = list(iter_batches(clean, corrupted, labels, batch_size))  # iterate the dataloader once
-        corrupted, kw = None, {}
-    circuit = float(evaluate_features(model, saes, kept, clean, corrupted, metric, keep_error=keep_error,
-                                      quiet=quiet, **kw).mean())
-    clean_value, corrupted_value = baselines if baselines is not None else _baselines(model, clean, corrupted,
-                                                                                       metric, kw)
-    gap = clean_value - corrupted_value
-    if abs(gap) < 1e-8:
-        raise ValueError("the metric is the same on clean and corrupted prompts: faithfulness is undefined")
-    return (circuit - corrupted_value) / gap
+    if metric is None:
+        raise TypeError("feature_faithfulness() needs a metric")
+    return circuit_faithfulness(
+        model, lambda clean, corrupted, **kw: evaluate_features(model, saes, kept, clean, corrupted, metric,
+                                                                keep_error=keep_error, quiet=quiet, **kw),
+        clean, corrupted, metric, labels=labels, batch_size=batch_size, attention_mask=attention_mask,
+        baselines=baselines)
 
 
 @dataclass
@@ -148,18 +145,11 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
     missing = sorted(set(saes) - set(scores))
     if missing:
         raise ValueError(f"no scores for the sites {missing}: pass feature_attribution's result for every SAE")
-    ranked = []
-    for name in saes:
-        site = scores[name]
-        total = site.scores.sum(0) if site.scores.ndim == 2 else site.scores
-        for feature in torch.nonzero(site.frequency >= min_frequency).flatten().tolist():
-            ranked.append((name, feature, float(total[feature])))
-    ranked.sort(key=lambda item: -abs(item[2]))
-    kw = dict(labels=labels, batch_size=batch_size, attention_mask=attention_mask)
-    if not isinstance(clean, Tensor):
-        clean = list(iter_batches(clean, corrupted, labels, batch_size))
-        corrupted, kw = None, {}
-    baselines = _baselines(model, clean, corrupted, metric, kw)
+    ranked = [(name, feature, score) for name in saes
+              for feature, score, _ in scores[name].top(scores[name].frequency.numel(), min_frequency)]
+    ranked.sort(key=lambda item: -abs(item[2]))  # across sites (stable: a site's order kept on ties)
+    clean, corrupted, kw = read_once(clean, corrupted, labels, batch_size, attention_mask)
+    baselines = mean_baselines(model, clean, corrupted, metric, **kw)
     measured: Dict[int, float] = {}
     bar = tqdm(desc="feature circuit search", disable=not progress, leave=False, unit="circuit")
 
@@ -174,7 +164,7 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
     if faithfulness_of(high) < target:
         bar.close()
         warnings.warn(f"all {len(ranked)} ranked features together reach a faithfulness of {measured[high]:.3f}, "
-                      f"under the target {target}: no circuit of them does (what the SAEs do not explain, their "
+                      f"under the target {target}: the full set does not (what the SAEs do not explain, their "
                       "error terms, is patched" + ("" if keep_error else "; keep_error=True keeps it live")
                       + (", and min_frequency left features out" if min_frequency > 0 else "") + ")",
                       stacklevel=2)
@@ -198,37 +188,30 @@ def _kept(ranked: Sequence[Tuple[str, int, float]], saes) -> Dict[str, List[int]
     return kept
 
 
-def _baselines(model, clean, corrupted, metric, kw) -> Tuple[float, float]:
-    clean_value = float(evaluate_baseline(model, clean, corrupted, metric, **kw).mean())
-    corrupted_value = float(evaluate_baseline(model, clean, corrupted, metric, run_corrupted=True, **kw).mean())
-    return clean_value, corrupted_value
-
-
-def _check_kept(model, saes: Mapping[str, object], kept: Kept) -> Tuple[Dict[str, object], Dict[str, List[int]]]:
-    """The SAEs (a one-head SAE viewed over its flattened hook) and the kept indices of each site."""
-    if not saes:
-        raise ValueError("saes is empty: give {hook name: sae}")
+def _check_kept(model, saes: Mapping[str, object], kept: Kept) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """The checked SAEs (:func:`~tl_mamba.circuits.feature_attribution.check_saes`) and what ``kept``
+    gives for each site (read against the SAE's width once it is known: :func:`_feature_mask`)."""
+    views = check_saes(model, saes)
     if not isinstance(kept, Mapping):
-        raise TypeError(f"kept must be {{hook name: feature indices}}, got {type(kept).__name__}")
-    unknown = sorted(set(kept) - set(saes))
+        raise TypeError(f"kept must be {{hook name: feature indices or a bool mask}}, got {type(kept).__name__}")
+    unknown = sorted(set(kept) - set(views))
     if unknown:
-        raise ValueError(f"kept names sites without an SAE: {unknown} (the SAEs are at {sorted(saes)})")
-    views, indices = {}, {}
-    for name, sae in saes.items():
-        model.check_hook_name(name)
-        if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
-            raise TypeError(f"the SAE for {name} needs encode(act) and decode(features) methods, "
-                            f"got {type(sae).__name__}")
-        views[name] = _one_head(model, name, sae)
-        indices[name] = [int(i) for i in torch.as_tensor(list(kept.get(name, [])), dtype=torch.long).tolist()]
-    return views, indices
+        raise ValueError(f"kept names sites without an SAE: {unknown} (the SAEs are at {sorted(views)})")
+    return views, {name: kept.get(name, []) for name in views}
 
 
-def _feature_mask(name: str, indices: List[int], d_sae: int) -> Tensor:
-    """``[d_sae]`` bool, True at the kept features."""
-    outside = [i for i in indices if not 0 <= i < d_sae]
+def _feature_mask(name: str, chosen, d_sae: int) -> Tensor:
+    """``[d_sae]`` bool, True at the kept features: ``chosen`` is feature indices (negative count
+    from the end) or a bool mask ``[d_sae]`` (e.g. ``scores.frequency > 0.1``)."""
+    if isinstance(chosen, Tensor) and chosen.dtype == torch.bool:
+        if tuple(chosen.shape) != (d_sae,):
+            raise ValueError(f"kept[{name!r}]: a bool mask must have the SAE's {d_sae} entries, "
+                             f"got shape {tuple(chosen.shape)}")
+        return chosen.cpu()
+    given = _index_list(chosen, "features", owner=f"kept[{name!r}]")
+    outside = [i for i in given if not -d_sae <= i < d_sae]
     if outside:
         raise IndexError(f"kept features {outside} of {name} are outside its SAE's {d_sae} features")
     mask = torch.zeros(d_sae, dtype=torch.bool)
-    mask[indices] = True
+    mask[[i % d_sae for i in given]] = True
     return mask

@@ -167,10 +167,13 @@ def _batch_metric(metric: Metric, logits: Tensor, rows: Tensor, takes_rows: bool
         if not takes_rows and rows.numel() < n_prompts:
             # A metric closing over [n] labels fails on a batch of fewer prompts with its own
             # message (e.g. "4 label rows for 2 prompts"), which does not say why it got fewer.
-            error.add_note(
-                f"the metric was called on prompts {int(rows[0])}..{int(rows[-1])} of {n_prompts}: with batch_size "
-                "it sees one batch at a time. A metric that needs per-prompt data (labels) should take a "
-                "second argument rows, the indices of the batch's prompts: metric(logits, rows).")
+            note = (f"the metric was called on prompts {int(rows[0])}..{int(rows[-1])} of {n_prompts}: with "
+                    "batch_size it sees one batch at a time. A metric that needs per-prompt data (labels) should "
+                    "take a second argument rows, the indices of the batch's prompts: metric(logits, rows).")
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(note)
+            else:
+                raise type(error)(f"{error} ({note})") from error
         raise
     return _reduce_metric(value, rows.numel())
 

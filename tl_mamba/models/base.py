@@ -1165,8 +1165,8 @@ class HookedSSM(HookedRootModule):
             # a token of that prompt (TransformerLens counts it, so a row depended on the others' lengths)
             next_tokens = sample_next_token(
                 logits[:, -1], do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
-                freq_penalty=freq_penalty, history=torch.cat(out_tokens, dim=1), history_mask=torch.cat(own, dim=1),
-                generator=gen,
+                freq_penalty=freq_penalty, history=torch.cat(out_tokens, dim=1) if freq_penalty else None,
+                history_mask=torch.cat(own, dim=1) if freq_penalty else None, generator=gen,
             )
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             out_tokens.append(next_tokens[:, None])
