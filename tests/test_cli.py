@@ -72,7 +72,15 @@ def test_knockout_task_and_prompt(tmp_path, capsys):
     assert "replacing" not in out and "knockout_tokens.csv" in out  # both files are named
     # a second run into the same folder says what it replaces
     assert main(["knockout", "--task", "facts", "--n", "2", "--out", str(tmp_path)]) == 0
-    assert "replacing an earlier run's knockout_facts.png and knockout_facts.csv" in capsys.readouterr().out
+    assert "replacing an earlier run's knockout_facts.png, knockout_facts.csv, knockout_facts.json" in (
+        capsys.readouterr().out)
+    import json
+
+    record = json.loads((tmp_path / "knockout_facts.json").read_text())
+    assert record["task"] == "facts" and record["n"] == 2 and record["seed"] == 0 and record["path"] == "ssm"
+    record = json.loads((tmp_path / "knockout_tokens.json").read_text())
+    assert record["prompt"] == "The capital of Kor Mav Vor is" and record["answer"] == "Brevik"
+    assert record["path"] == "both" and record["window"] == 2
 
 
 def test_circuit_prints_edges_and_faithfulness_and_writes_png_and_json(tmp_path, capsys):

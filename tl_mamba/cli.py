@@ -21,6 +21,7 @@ need no text (``hooks``), ``random``: a seeded random-init Mamba-1 with no token
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -230,8 +231,6 @@ def cmd_models(args) -> int:
         table.add_column(column, justify="left" if column in ("name", "family", "size") else "right", no_wrap=True)
     notes = []
     for name, path in models.items():
-        import json
-
         config = json.loads((path / "config.json").read_text())
         metrics = shipped_metrics(name)
         layer = config.get("ssm_cfg", {}).get("layer", "Mamba1")
@@ -339,7 +338,8 @@ def cmd_knockout(args) -> int:
         raise UsageError(f"--n must be at least 1, got {n}")
     out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     stem = out_dir / ("knockout_tokens" if args.prompt is not None else f"knockout_{args.task}")
-    replaced = [f.name for f in (stem.with_suffix(".png"), stem.with_suffix(".csv")) if f.exists()]
+    outputs = [stem.with_suffix(suffix) for suffix in (".png", ".csv", ".json")]
+    replaced = [f.name for f in outputs if f.exists()]
     console = _console()
     console.print(f"knockout on {model.cfg.model_name}: window {args.window}, path {args.path}")
     if args.prompt is not None:
@@ -387,9 +387,19 @@ def cmd_knockout(args) -> int:
         for layer, row in summary.iterrows():
             table.add_row(str(layer), *[f"{float(row[source]):+.1f}" for source in sources])
         frame.to_csv(stem.with_suffix(".csv"), index=False)
+    # how the CSV was made (it holds only the numbers): model, what was knocked out, which prompts
+    from tl_mamba import __version__
+
+    record = {"tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
+              "path": args.path, "window": args.window}
+    if args.prompt is not None:
+        record.update(prompt=args.prompt, answer=answer, p_answer=p_answer)
+    else:
+        record.update(task=args.task, n=n, seed=0 if args.seed is None else args.seed, split="heldout")
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     console.print(table)
-    console.print(f"wrote {path} and {stem.with_suffix('.csv')}"
-                  + (f" (replacing an earlier run's {' and '.join(replaced)}: give --out to keep both)" if replaced else ""))
+    console.print(f"wrote {path}, {stem.with_suffix('.csv')} and {stem.with_suffix('.json')} (how it was made)"
+                  + (f"; replacing an earlier run's {', '.join(replaced)}: give --out to keep both" if replaced else ""))
     return 0
 
 
@@ -609,8 +619,8 @@ def main(argv: Optional[list] = None) -> int:
     knockout.add_argument("--n", type=int, default=None, help="prompts (with --task; default 32)")
     knockout.add_argument("--seed", type=int, default=None, help="which held-out prompts (with --task; default 0)")
     knockout.add_argument("--out", default="tl_mamba_knockout",
-                          help="folder for the plot and the CSV (default tl_mamba_knockout; the CSV's change is a "
-                               "fraction, -1.0 = -100%%)")
+                          help="folder for the plot, the CSV and a JSON of the run's settings (default tl_mamba_knockout; "
+                               "the CSV's change is a fraction, -1.0 = -100%%)")
     knockout.set_defaults(func=cmd_knockout)
     circuit = sub.add_parser("circuit", help="EAP / EAP-IG circuit discovery on a toy task (IOI by default)")
     circuit.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
