@@ -55,6 +55,13 @@ def draw_graph(graph, path: Path, title: Optional[str] = None, max_edges: int = 
                                     connectionstyle=f"arc3,rad={bend}"))
     units = {name for layer in range(graph.n_layers) for name in graph.unit_nodes(layer)} \
         if graph.level == "head" else set()
+    # a head-level layer's input feeds each of its heads (channel groups): not a scored edge, but
+    # without a line the heads in the circuit float apart from their layer (thin, grey, dashed)
+    for parent, child in graph._implicit_edges():
+        if child in used:
+            (x0, y0), (x1, y1) = pos[parent], pos[child]
+            ax.plot([x0, x1], [y0, y1], color="grey", lw=0.6, ls="--", alpha=0.6, zorder=1)
+            used.add(parent)
     for name, (x, y) in pos.items():
         if name not in used and name in units:
             continue  # unused heads (channel groups) would clutter wide layers
