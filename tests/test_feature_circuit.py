@@ -93,9 +93,12 @@ def test_the_search_finds_the_boundary_of_a_linear_scan():
     assert found.k is not None and scan[found.k] >= target and (found.k == 0 or scan[found.k - 1] < target)
     assert found.kept == top(found.k) and found.faithfulness == pytest.approx(scan[found.k], abs=1e-9)
     assert len(found.curve) <= 6  # log2(13) + the whole set, not a scan
-    with pytest.warns(UserWarning, match="under the target"):
+    with pytest.warns(UserWarning, match="under the target.*keep_error=True keeps it live"):
         unreachable = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=scan[12] + 1,
                                                progress=False)
+    with pytest.warns(UserWarning, match="every feature kept is the clean run, faithfulness 1"):
+        smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=1.5, keep_error=True,
+                                 progress=False)
     assert unreachable.k is None and unreachable.curve == [(12, pytest.approx(scan[12], abs=1e-9))]
     rare = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target,
                                     min_frequency=0.5, progress=False)
@@ -116,11 +119,28 @@ def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="a bool mask must have the SAE's 12 entries"):
         evaluate_features(model, {SITE: sae}, {SITE: torch.ones(5, dtype=torch.bool)}, clean, corrupted, metric,
                           quiet=True)
+    int_mask = torch.zeros(12, dtype=torch.long)
+    int_mask[[5, 9]] = 1  # (acts > 0).long(): read as indices it would keep features 0 and 1
+    with pytest.raises(ValueError, match=r"kept\['blocks.1.hook_resid_pre'\] features: .* looks like a 0/1 mask"):
+        evaluate_features(model, {SITE: sae}, {SITE: int_mask}, clean, corrupted, metric, quiet=True)
+    with pytest.raises(ValueError, match="not an activation"):
+        evaluate_features(model, {"blocks.0.hook_ssm_mask": sae}, {}, clean, corrupted, metric, quiet=True)
+    scores = feature_attribution(model, {SITE: sae}, clean, corrupted, metric, quiet=True)
+    with pytest.raises(ValueError, match="target must be a finite faithfulness"):
+        smallest_feature_circuit(model, {SITE: sae}, scores, clean, corrupted, metric, target=float("nan"))
+    with pytest.raises(ValueError, match=r"no SAE for \['blocks.0.hook_y'\]"):
+        smallest_feature_circuit(model, {SITE: sae}, {**scores, "blocks.0.hook_y": scores[SITE]}, clean, corrupted,
+                                 metric)
+    with pytest.raises(TypeError, match="must be the FeatureScores"):
+        smallest_feature_circuit(model, {SITE: sae}, {SITE: scores[SITE].scores}, clean, corrupted, metric)
+    scores[SITE].scores[3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite scores \(features \[3\]\)"):
+        smallest_feature_circuit(model, {SITE: sae}, scores, clean, corrupted, metric)
     with pytest.raises(ValueError, match="min_frequency is a share of tokens"):  # 10 meant as a percentage
         smallest_feature_circuit(model, {SITE: sae}, feature_attribution(model, {SITE: sae}, clean, corrupted, metric,
                                                                          quiet=True),
                                  clean, corrupted, metric, min_frequency=10, progress=False)
-    with pytest.raises(ValueError, match="no scores for the sites"):
+    with pytest.raises(ValueError, match=r"no scores for \[.blocks.1.hook_resid_pre.\]"):
         smallest_feature_circuit(model, {SITE: sae}, {}, clean, corrupted, metric)
     with pytest.raises(TypeError, match="needs a metric"):
         evaluate_features(model, {SITE: sae}, {}, clean, corrupted)

@@ -88,7 +88,7 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
     return out
 
 
-def _refuse_an_int_mask(given: List[int], size: int, what: str, unit: str) -> None:
+def _refuse_an_int_mask(given: List[int], size: int, what: str, unit: str, owner: str = "Knockout") -> None:
     """``ValueError`` when ``given`` looks like a 0/1 mask passed as ints: only 0s and 1s, with a
     repeat. Ints are indices, and read as indices such a "mask" would silently knock out
     position 0 and / or 1 instead. Other repeats are a union and allowed: ``[7, -1]`` at
@@ -96,7 +96,7 @@ def _refuse_an_int_mask(given: List[int], size: int, what: str, unit: str) -> No
     if len(set(given)) == len(given) or not set(given) <= {0, 1}:
         return
     length = f"{len(given)} entries" + ("" if len(given) == size else f", where the layer has {size} {unit}")
-    raise ValueError(f"Knockout {what}: {given[:12]}{' ...' if len(given) > 12 else ''} looks like a 0/1 mask "
+    raise ValueError(f"{owner} {what}: {given[:12]}{' ...' if len(given) > 12 else ''} looks like a 0/1 mask "
                      f"({length}), but an int tensor or list gives {unit}, and this one names {unit} "
                      f"{sorted(set(given))} more than once. A mask must be a bool tensor (mask.bool()); if you "
                      f"meant {unit} {sorted(set(given))}, name each once.")

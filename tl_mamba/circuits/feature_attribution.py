@@ -206,6 +206,8 @@ def check_saes(model, saes: Mapping[str, object]) -> Dict[str, object]:
     views = {}
     for name, sae in saes.items():
         model.check_hook_name(name)
+        if name.endswith("hook_ssm_mask"):
+            raise ValueError(f"{name} is the knockout mask [b, h, p, p], not an activation: an SAE does not read it")
         if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
             raise TypeError(f"the SAE for {name} needs encode(act) and decode(features) methods, "
                             f"got {type(sae).__name__}")

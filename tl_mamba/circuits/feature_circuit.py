@@ -24,6 +24,7 @@ guaranteed: it returns the curve it measured, so a non-monotone case shows.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from tl_mamba.circuits.eap import (_per_prompt, circuit_faithfulness, count_batches, iter_batches, mean_baselines,
                                    read_once)
 from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _sae_parts, check_saes
-from tl_mamba.knockout import _index_list
+from tl_mamba.knockout import _index_list, _refuse_an_int_mask
 
 Kept = Mapping[str, Sequence[int]]
 
@@ -142,9 +143,20 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
     """
     if metric is None:
         raise TypeError("smallest_feature_circuit() needs a metric")
-    missing = sorted(set(saes) - set(scores))
-    if missing:
-        raise ValueError(f"no scores for the sites {missing}: pass feature_attribution's result for every SAE")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+        raise ValueError(f"target must be a finite faithfulness (e.g. 0.8), got {target!r}")
+    missing, extra = sorted(set(saes) - set(scores)), sorted(set(scores) - set(saes))
+    if missing or extra:
+        raise ValueError(f"scores and saes must name the same sites: no scores for {missing}, no SAE for {extra} "
+                         "(pass feature_attribution's result for these SAEs)")
+    for name, site in scores.items():
+        if not isinstance(site, FeatureScores):
+            raise TypeError(f"scores[{name!r}] must be the FeatureScores feature_attribution returns, "
+                            f"got {type(site).__name__}")
+        if not bool(torch.isfinite(site.scores).all()):
+            bad = torch.nonzero(~torch.isfinite(site.scores.reshape(-1, site.scores.shape[-1])).any(0)).flatten()
+            raise ValueError(f"scores[{name!r}] has NaN or infinite scores (features {bad[:8].tolist()}): they "
+                             "cannot be ranked")
     ranked = [(name, feature, score) for name in saes
               for feature, score, _ in scores[name].top(scores[name].frequency.numel(), min_frequency)]
     ranked.sort(key=lambda item: -abs(item[2]))  # across sites (stable: a site's order kept on ties)
@@ -164,9 +176,11 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
     if faithfulness_of(high) < target:
         bar.close()
         warnings.warn(f"all {len(ranked)} ranked features together reach a faithfulness of {measured[high]:.3f}, "
-                      f"under the target {target}: the full set does not (what the SAEs do not explain, their "
-                      "error terms, is patched" + ("" if keep_error else "; keep_error=True keeps it live")
-                      + (", and min_frequency left features out" if min_frequency > 0 else "") + ")",
+                      f"under the target {target}: the full set does not ("
+                      + ("with keep_error=True every feature kept is the clean run, faithfulness 1"
+                         if keep_error else "what the SAEs do not explain, their error terms, is patched; "
+                         "keep_error=True keeps it live")
+                      + ("; min_frequency left features out" if min_frequency > 0 else "") + ")",
                       stacklevel=2)
         return FeatureCircuit(k=None, kept=_kept(ranked, saes), faithfulness=measured[high],
                               curve=sorted(measured.items()), ranked=ranked)
@@ -212,6 +226,7 @@ def _feature_mask(name: str, chosen, d_sae: int) -> Tensor:
     outside = [i for i in given if not -d_sae <= i < d_sae]
     if outside:
         raise IndexError(f"kept features {outside} of {name} are outside its SAE's {d_sae} features")
+    _refuse_an_int_mask(given, d_sae, "features", "features", owner=f"kept[{name!r}]")  # (acts > 0).long()
     mask = torch.zeros(d_sae, dtype=torch.bool)
     mask[[i % d_sae for i in given]] = True
     return mask
