@@ -334,6 +334,7 @@ def cmd_knockout(args) -> int:
     tokens = _prompt_tokens(model, args.prompt) if args.prompt is not None else None
     answer_id = _answer_token(model, args.answer) if args.answer is not None else None
     n = 32 if args.n is None else args.n
+    seed = 0 if args.seed is None else args.seed
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
@@ -371,7 +372,7 @@ def cmd_knockout(args) -> int:
             table.add_row(f"{pos}:{label}", *[f"{100 * float(values[layer, pos]):+.1f}" for layer in range(values.shape[0])])
         _per_token_frame(values, labels, answer, p_answer).to_csv(stem.with_suffix(".csv"), index=False)
     else:
-        prompts = make_dataset(args.task, "heldout", n, seed=0 if args.seed is None else args.seed)
+        prompts = make_dataset(args.task, "heldout", n, seed=seed)
         sources = {"facts": ("subject", "relation", "first", "last", "context"),
                    "ioi": ("IO", "S1", "S2", "first", "last", "context"),
                    "needle": ("needle", "query", "distractors", "last", "context")}[args.task]
@@ -395,7 +396,7 @@ def cmd_knockout(args) -> int:
     if args.prompt is not None:
         record.update(prompt=args.prompt, answer=answer, p_answer=p_answer)
     else:
-        record.update(task=args.task, n=n, seed=0 if args.seed is None else args.seed, split="heldout")
+        record.update(task=args.task, n=n, seed=seed, split="heldout")
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     console.print(table)
     console.print(f"wrote {path}, {stem.with_suffix('.csv')} and {stem.with_suffix('.json')} (how it was made)"

@@ -113,8 +113,9 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
     for name in saes:
         if name.endswith("hook_h"):
             if steps == 1:
+                given = f"method={method!r}" + ("" if method == "EAP" else " with ig_steps=1 (EAP)")
                 raise ValueError(
-                    f"method={method!r}{'' if method == 'EAP' else ' with ig_steps=1 (EAP)'} at {name}: patching a feature of the state edits every position where it "
+                    f"{given} at {name}: patching a feature of the state edits every position where it "
                     "changes, and an edited state is pinned (an edit reaches later states only until the next "
                     "edited position), while the gradient at the clean run carries each state through every later "
                     "state: EAP overestimated such patches 3-6x on the toy models. Use method='EAP-IG', or an "
@@ -178,7 +179,7 @@ def _sae_setting(sae, key: str):
     return value if value is not None else getattr(cfg, key, None)
 
 
-class _OneHead:
+class _OneSlice:
     """An SAE trained on one slice of axis 2 of a hook (sae-lens's ``hook_head_index``: a Mamba-2
     head, or a group of ``hook_B`` / ``hook_C``, or a channel of Mamba-1's ``hook_h``), seen as an
     SAE of the flattened hook ``[b, p, size*width]``: it encodes its slice, and decodes into that
@@ -200,7 +201,7 @@ class _OneHead:
 def check_saes(model, saes: Mapping[str, object]) -> Dict[str, object]:
     """``{hook name: sae}`` checked (hook names, ``encode`` / ``decode``; a warning when an SAE's
     sae-lens config names another hook), with an SAE trained on one slice of axis 2
-    (``hook_head_index``) seen over the whole flattened hook (:class:`_OneHead`)."""
+    (``hook_head_index``) seen over the whole flattened hook (:class:`_OneSlice`)."""
     if not isinstance(saes, Mapping) or not saes:
         raise ValueError("saes is empty (or not a mapping): give {hook name: sae}")
     views = {}
@@ -220,7 +221,7 @@ def check_saes(model, saes: Mapping[str, object]) -> Dict[str, object]:
 
 
 def _one_slice(model, name: str, sae):
-    """``sae``, or a :class:`_OneHead` view of it when its config names a slice of axis 2.
+    """``sae``, or a :class:`_OneSlice` view of it when its config names a slice of axis 2.
 
     The axis' size comes from the config, not from a forward (which would run the user's hooks)."""
     index = _sae_setting(sae, "hook_head_index")
@@ -241,7 +242,7 @@ def _one_slice(model, name: str, sae):
                          "head axis: give an SAE trained on the whole hook (no hook_head_index)")
     if isinstance(index, bool) or not hasattr(index, "__index__") or not 0 <= int(index) < size:
         raise ValueError(f"the SAE for {name} names slice {index!r} (hook_head_index); {name} has {size} {what}")
-    return _OneHead(sae, int(index), size)
+    return _OneSlice(sae, int(index), size)
 
 
 def _flat(act: Tensor) -> Tensor:
@@ -266,7 +267,7 @@ def _encode(sae, name: str, act: Tensor) -> Tensor:
     try:
         return sae.encode(act)
     except RuntimeError as err:  # most often a width mismatch inside the SAE's matmul
-        if isinstance(sae, _OneHead):
+        if isinstance(sae, _OneSlice):
             raise ValueError(f"the SAE for {name} could not encode slice {sae.index} of its activations "
                              f"[b, p, {sae.size}, {act.shape[-1] // sae.size}] (its config's hook_head_index; an SAE "
                              f"trained on the whole hook should not name one): {err}") from err

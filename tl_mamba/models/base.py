@@ -997,8 +997,10 @@ class HookedSSM(HookedRootModule):
                 f"this call continues a state {state.seqlen_offset} tokens in, and its attention_mask has padding: "
                 "the padded positions would stand in the conv window between the previous tokens and these. "
                 "Only the call that starts a state may be padded (on the left).")
-        if bool((real[:, :-1] & ~real[:, 1:]).any()):
-            rows = torch.nonzero((real[:, :-1] & ~real[:, 1:]).any(1)).flatten().tolist()
+        # the mask is a contiguous prefix or suffix of padding per row (_check_mask), so a row ends
+        # in padding exactly when it is right-padded (generate's test too)
+        if not bool(real[:, -1].all()):
+            rows = torch.nonzero(~real[:, -1]).flatten().tolist()
             raise ValueError(
                 f"with state=, rows {rows} have padding after real tokens (right padding): the state would carry "
                 "the padding (in the conv window, and the SSM state decays through it), so the next call would "
