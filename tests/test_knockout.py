@@ -10,6 +10,7 @@ ordinary forward, so everything downstream is the model's own computation.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -747,3 +748,57 @@ def test_knockout_repr_summarises_masks():
                         "path='conv', heads=[0, 2], channels=None)")
     assert repr(Knockout(layers=0, sources=torch.arange(20))) == (
         "Knockout(layers=0, sources=<torch.int64 tensor [20]>, targets=-1, path='ssm', heads=None, channels=None)")
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_hook_h_gradient_under_a_knockout_in_its_layer_warns(family):
+    """The states hook_h shows are not on the loss path of a layer whose y the knockout changed:
+    a backward hook there is never called, and says so; another layer's states keep theirs."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (2, P), generator=torch.Generator().manual_seed(3))
+    ko = Knockout(layers=[0], sources=[1, 2], targets=[-1])
+    with model.knockouts(ko):
+        with pytest.warns(UserWarning, match=r"backward hook on blocks\.0\.hook_h is never called while "
+                                             r"blocks\.0\.hook_ssm_mask knocks out"):
+            _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_h", incl_bwd=True,
+                                            return_type="loss")
+        assert "blocks.0.hook_h_grad" not in cache
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_h", incl_bwd=True,
+                                            return_type="loss")
+        assert cache["blocks.1.hook_h_grad"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_hook_shapes_sets_the_models_hooks_aside_and_puts_them_back(family):
+    """A knockout of position 7 cannot run on hook_shapes' default [1, 4] tokens: the model's
+    hooks (knockouts on both paths, a user hook, a torch hook) are set aside, then act again."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (2, P), generator=torch.Generator().manual_seed(4))
+    ko = Knockout(layers=[0, 1], sources=[1], targets=[7], path="both")
+    calls = []
+    model.add_hook("blocks.1.hook_y", lambda y, hook: calls.append(hook.name))
+    handle = model.blocks[0].hook_x.register_forward_hook(lambda module, inputs, output: calls.append("torch"))
+    try:
+        with model.knockouts(ko):
+            expected = model.run_with_knockout(tokens, knockouts=[ko])  # the same knockout, attached for one call
+            calls.clear()
+            shapes = model.hook_shapes()
+            assert calls == []
+            assert shapes["blocks.0.hook_x"][:2] == (1, 4) and shapes["blocks.0.hook_ssm_mask"][-2:] == (4, 4)
+            assert set(shapes) == set(model.hook_dict)
+            torch.testing.assert_close(model(tokens), expected, atol=0, rtol=0)  # the knockout acts again
+            assert calls == ["torch", "blocks.1.hook_y"]
+        plain = model(tokens)
+        assert not torch.allclose(plain, expected)
+    finally:
+        handle.remove()
+        model.reset_hooks()
+
+
+def test_knockouts_with_tensor_positions_compare_and_hash_by_identity():
+    ko = Knockout(layers=[0], sources=torch.tensor([1, 2]), targets=torch.tensor([[5], [6]]))
+    twin = Knockout(layers=[0], sources=torch.tensor([1, 2]), targets=torch.tensor([[5], [6]]))
+    assert ko == ko and ko != twin and len({ko, twin}) == 2
+    assert [ko, twin].index(twin) == 1

@@ -724,7 +724,9 @@ def test_tokenizer_json_only_in_mamba_ssm_dir(tmp_path, hf_mamba):
     write_mamba_ssm_checkpoint(tmp_path, sd, mamba_ssm_config(d_model=24, n_layer=2, vocab_size=50,
                                                               ssm_cfg={"d_state": 8}))
     write_word_tokenizer(tmp_path, ["dog", "ran"], with_config=False)
-    model = HookedMamba.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tokenizer.json alone is this layout's normal case: nothing lost
+        model = HookedMamba.from_pretrained(tmp_path)
     assert model.tokenizer("dog ran dog")["input_ids"] == [2, 3, 2]
     mine = object()
     assert HookedMamba.from_pretrained(tmp_path, tokenizer=mine).tokenizer is mine
@@ -736,6 +738,19 @@ def test_tokenizer_json_only_in_mamba_ssm_dir(tmp_path, hf_mamba):
         HookedMamba.from_pretrained(tmp_path)
     assert str(tokenizer_file) in str(info.value)
     assert HookedMamba.from_pretrained(tmp_path, tokenizer=mine).tokenizer is mine
+
+
+def test_tokenizer_config_that_autotokenizer_cannot_apply_warns(tmp_path, hf_mamba):
+    hf_mamba.save_pretrained(tmp_path)
+    write_word_tokenizer(tmp_path, ["cat", "sat"])
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(config.read_text()[:30])  # cut short: AutoTokenizer fails, tokenizer.json is fine
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
+    with pytest.warns(UserWarning, match=r"AutoTokenizer could not load.*read tokenizer.json alone instead, with "
+                                         r"the special tokens \(bos_token\).*padding side"):
+        model = HookedMamba.from_pretrained(tmp_path)
+    assert model.tokenizer("cat sat")["input_ids"] == [2, 3]
+    assert model.tokenizer.bos_token == "<|endoftext|>"
 
 
 # --------------------------------------------------------------------------- routing and Mamba-2

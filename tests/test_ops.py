@@ -16,6 +16,7 @@ import importlib
 import math
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -406,6 +407,23 @@ def test_ssm_mask_equals_masked_hidden_attention(backend, route, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ssm_mask_with_batch_axis_1_is_shared_by_every_row(backend):
+    b, p, e, n = 3, 11, 4, 3
+    x, delta, A, B, C, D, _ = make_inputs(b, p, e, n, seed=53)
+    shared = _random_mask(1, p, seed=54)
+    out = selective_scan(x, delta, A, B, C, D, ssm_mask=shared, backend=backend)
+    y_ref, _, _ = closed_form(x, delta, A, B, C, D, mask=shared.expand(b, 1, p, p) * torch.ones(p, p).tril())
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 11, 11), (3, 4, 11, 11), (3, 1, 11, 10), (3, 11, 11)])
+def test_ssm_mask_of_another_shape_is_refused_by_name(shape):
+    x, delta, A, B, C, D, _ = make_inputs(3, 11, 4, 3, seed=55)
+    with pytest.raises(ValueError, match=r"selective_scan: ssm_mask must be \[b, 1, 11, 11\] with b = 3"):
+        selective_scan(x, delta, A, B, C, D, ssm_mask=torch.ones(shape), backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ssm_mask_source_to_target_keeps_D_skip(backend):
     b, p, e, n = 2, 10, 3, 2
     x, delta, A, B, C, D, _ = make_inputs(b, p, e, n, seed=53)
@@ -781,12 +799,35 @@ def test_auto_picks_triton_on_cuda_and_falls_back_with_a_warning(no_env_backend,
         backends.pick_implementation("triton", "cuda", impls)()
 
 
+def test_auto_keeps_triton_after_an_error_that_is_not_the_kernels(no_env_backend, monkeypatch):
+    """Out of GPU memory, or an error the torch path raises as well (bad input), is raised under
+    "auto" and leaves Triton in use: only a failure of the kernel itself switches to torch."""
+    from tl_mamba import backends
+
+    monkeypatch.setattr(backends, "_TRITON_FAILED", None)
+    pytest.importorskip("triton")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    def bad_input(*args, **kwargs):
+        raise ValueError("x must be [b, p, e]")
+
+    for triton_error, torch_path, raised in [(out_of_memory, lambda: "torch", torch.OutOfMemoryError),
+                                            (bad_input, bad_input, ValueError)]:
+        impls = {"reference": lambda: "reference", "torch": torch_path, "triton": triton_error}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(raised):
+                backends.pick_implementation("auto", "cuda", impls)()
+        assert backends._TRITON_FAILED is None
+        assert resolve_backend("auto", "cuda", available=tuple(impls)) == "triton"
+
+
 # ----------------------------------------------------------------------------- kernel fallback
 def test_a_kernel_failing_on_a_gpu_falls_back_once_with_a_warning(monkeypatch):
     """The faster Triton kernels fall back to their simpler path where they fail on a GPU:
     one RuntimeWarning naming the error, no retry afterwards; off CUDA the error propagates."""
-    import warnings
-
     from tl_mamba.ops import triton_scan
 
     monkeypatch.setattr(triton_scan, "_FAILED_KERNELS", {})
@@ -810,6 +851,13 @@ def test_a_kernel_failing_on_a_gpu_falls_back_once_with_a_warning(monkeypatch):
     assert calls == ["kernel", "fallback", "fallback"]
     with pytest.raises(RuntimeError, match="shared memory"):
         triton_scan.kernel_or_fallback("another kernel", torch.device("cpu"), broken, fallback, "the simple path")
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # the input's size, not the kernel: not remembered
+        triton_scan.kernel_or_fallback("a third kernel", torch.device("cuda"), out_of_memory, fallback, "the simple path")
+    assert "a third kernel" not in triton_scan._FAILED_KERNELS
 
 
 @pytest.mark.parametrize("decay_shape", ["full", "per_head"])  # Mamba-1's [e, n] decay; Mamba-2's per head

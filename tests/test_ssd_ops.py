@@ -342,6 +342,24 @@ def test_ssm_mask_broadcast_over_heads_and_all_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_heads", [1, 4])
+def test_ssm_mask_with_batch_axis_1_is_shared_by_every_row(backend, mask_heads):
+    b, p, h, hd, g, n = 3, 9, 4, 2, 2, 2
+    x, delta, A, B, C, D, _ = make_inputs(b, p, h, hd, g, n, seed=57)
+    shared = (torch.rand(1, mask_heads, p, p, generator=torch.Generator().manual_seed(58)) < 0.5).float()
+    out = ssd_scan(x, delta, A, B, C, D, ssm_mask=shared, backend=backend)
+    y_ref, _, _ = brute_force(x, delta, A, B, C, D, mask=shared.expand(b, h, p, p) * torch.ones(p, p).tril())
+    torch.testing.assert_close(out.y.double(), y_ref, **TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 9), (3, 2, 9, 9), (3, 1, 9, 8), (3, 9, 9)])
+def test_ssm_mask_of_another_shape_is_refused_by_name(shape):
+    x, delta, A, B, C, D, _ = make_inputs(3, 9, 4, 2, 2, 2, seed=59)
+    with pytest.raises(ValueError, match=r"ssd_scan: ssm_mask must be \[b, 1, 9, 9\] or \[b, 4, 9, 9\] with b = 3"):
+        ssd_scan(x, delta, A, B, C, D, ssm_mask=torch.ones(shape), backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", ["scans", "quadratic", "edges"])
 @pytest.mark.parametrize("mask_heads", [1, 4])
 def test_dense_mask_every_path_matches_masked_hidden_attention(backend, path, mask_heads, monkeypatch):

@@ -185,6 +185,45 @@ def test_backward_hook_matches_autograd(model, tokens, hook_name):
     close(grads[0], expected, atol=1e-6, rtol=1e-4)
 
 
+def test_torch_hooks_registered_on_a_hook_point_fire_as_transformer_lens_hooks(model, tokens):
+    # A hook point is an nn.Module: a hook registered with torch's register_forward_hook (as some
+    # tools do) must be called where add_hook's is, heavy hooks and the fused gate included.
+    expected_logits, expected = _record_all(model, tokens)
+    seen, handles = {}, []
+    for name, hook_point in model.hook_dict.items():
+        def record(module, inputs, output, name=name):
+            seen[name] = output.detach().clone()
+        handles.append(hook_point.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            logits = model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(seen) == sorted(expected)
+    for name in expected:
+        close(seen[name], expected[name], atol=0, rtol=0)
+    close(logits, expected_logits, atol=0, rtol=0)
+
+    # an edit returned by a torch hook acts as the same edit made by run_with_hooks
+    def zero_edge(mask):
+        mask = mask.clone()
+        mask[..., 5, 1] = 0
+        return mask
+
+    for name, edit in [("blocks.1.hook_h", lambda h: h * 0.5), ("blocks.0.hook_y", lambda y: y * 0.5),
+                       ("blocks.0.hook_ssm_mask", zero_edge)]:
+        with torch.no_grad():
+            by_lens = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda act, hook, edit=edit: edit(act))])
+            handle = model.hook_dict[name].register_forward_hook(lambda module, inputs, output, edit=edit: edit(output))
+            try:
+                by_torch = model(tokens)
+            finally:
+                handle.remove()
+        assert not torch.allclose(by_lens, expected_logits, atol=1e-4), name
+        close(by_torch, by_lens, atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------- run_with_cache
 
 

@@ -10,6 +10,7 @@ import torch
 from tl_mamba.backends import BACKENDS, BackendUnavailableError
 from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 from tl_mamba.models.base import RecurrentState, UnknownTokenWarning
 from tl_mamba.models.mamba import HookedMamba
 from tl_mamba.models.mamba2 import HookedMamba2
@@ -39,6 +40,8 @@ __all__ = [
     "Knockout",
     "HookedMambaConfig",
     "MambaActivationCache",
+    "NotAnIndexError",
+    "OutOfRangeError",
     "RecurrentState",
     "UnknownTokenWarning",
     "conv_attention",

@@ -93,8 +93,12 @@ def pick_implementation(requested: Optional[str], device, implementations: dict)
     """The function that runs a scan for backend ``requested`` on ``device``.
 
     Under ``"auto"`` a Triton kernel that fails (to compile, say, on a GPU it was never
-    run on) is reported once with a warning and replaced by the torch path for the rest
-    of the process; a backend named explicitly raises instead.
+    run on) where the torch path runs the same call is reported once with a warning and
+    replaced by the torch path for the rest of the process; a backend named explicitly
+    raises instead. An error the torch path raises too (bad input) is raised, and so is
+    running out of GPU memory (the torch path needs more): neither is the kernel's failure.
+    (Inside the Triton backend, named or not, its faster kernels fall back to its simpler ones,
+    same results, where they fail on a GPU: ``tl_mamba.ops.triton_scan.kernel_or_fallback``.)
     """
     name = resolve_backend(requested, device, available=tuple(implementations))
     impl = implementations[name]
@@ -105,12 +109,15 @@ def pick_implementation(requested: Optional[str], device, implementations: dict)
         global _TRITON_FAILED
         try:
             return impl(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError, TypeError, ImportError) as err:
             import warnings
 
+            result = implementations["torch"](*args, **kwargs)  # raises for what is not the kernel's fault
             _TRITON_FAILED = f"{type(err).__name__}: {err}"
             warnings.warn(f"backend 'auto': the Triton kernel failed ({_TRITON_FAILED}); using the torch backend "
                           "from now on. set_backend('triton') raises the error instead.", RuntimeWarning)
-            return implementations["torch"](*args, **kwargs)
+            return result
 
     return triton_or_torch

@@ -105,7 +105,7 @@ class MambaActivationCache(ActivationCache):
         if name not in self.cache_dict:
             from tl_mamba.models.base import transformer_hook_analogue
 
-            analogue = transformer_hook_analogue(name, getattr(self.model.cfg, "family", "mamba1"))
+            analogue = transformer_hook_analogue(name, self._family())
             if analogue is not None:  # a transformer's hook (TransformerLens' patching helpers ask for them)
                 raise KeyError(f"{key!r} (resolved to {name!r}) is a transformer hook. {analogue}")
             raise KeyError(
@@ -118,7 +118,7 @@ class MambaActivationCache(ActivationCache):
     def __contains__(self, key) -> bool:
         try:
             return self._resolve(key) in self.cache_dict
-        except Exception:
+        except (TypeError, ValueError, KeyError, IndexError):  # a key no hook name can be made of
             return False
 
     def accumulated_resid(self, layer: Optional[int] = None, incl_mid: bool = False, apply_ln: bool = False,

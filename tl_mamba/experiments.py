@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from tl_mamba.errors import OutOfRangeError
 from tl_mamba.knockout import Knockout
 
 DEFAULT_SOURCES = ("subject", "relation", "first", "last", "context")
@@ -70,7 +71,7 @@ def _encode(model, prompts):
                              "toy tokenizer, or build prompts with tl_mamba.experiments.prompt_from_text")
         beyond = [pos for span in prompt.spans.values() for pos in span if not 0 <= pos < length]
         if beyond:
-            raise IndexError(f"prompt {row} has span positions {beyond} outside its {length} tokens; spans index "
+            raise OutOfRangeError(f"prompt {row} has span positions {beyond} outside its {length} tokens; spans index "
                              "model.to_tokens(prompt.text) (tl_mamba.experiments.prompt_from_text builds them)")
     answers = torch.tensor([_answer_id(model, prompt.answer, row) for row, prompt in enumerate(prompts)])
     batch = {"tokens": tokens, "attention_mask": mask, "answers": answers}
@@ -350,7 +351,7 @@ def features_by_decay(model, layer: int, tokens=None) -> Tuple[torch.Tensor, tor
     """
     cfg = model.cfg
     if not -cfg.n_layers <= layer < cfg.n_layers:
-        raise IndexError(f"layer {layer} out of range for {cfg.n_layers} layers")
+        raise OutOfRangeError(f"layer {layer} out of range for {cfg.n_layers} layers")
     mixer = model.blocks[layer].mixer
     with torch.no_grad():
         A = torch.exp(mixer.A_log.float())  # |A|

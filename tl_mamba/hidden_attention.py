@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 from tl_mamba.ops.buffers import format_bytes
 
 REDUCTIONS = (None, "norm", "sum", "mean", "abs_max")
@@ -98,10 +99,10 @@ def _check_call(model, layer: int, reduce: Optional[str], what: str) -> int:
     """``layer`` in ``[0, n_layers)``; IndexError / ValueError naming ``what`` for a bad layer or reduction."""
     n_layers = model.cfg.n_layers
     if isinstance(layer, bool) or not hasattr(layer, "__index__"):  # 1.5 or "1": not read as a layer
-        raise TypeError(f"{what}: layer must be an integer, got {layer!r} of type {type(layer).__name__}")
+        raise NotAnIndexError(f"{what}: layer must be an integer, got {layer!r} of type {type(layer).__name__}")
     layer = int(layer)
     if not -n_layers <= layer < n_layers:
-        raise IndexError(f"{what}: layer {layer} out of range for {n_layers} layers")
+        raise OutOfRangeError(f"{what}: layer {layer} out of range for {n_layers} layers")
     if reduce not in REDUCTIONS:
         raise ValueError(f"{what}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
     return layer % n_layers
@@ -123,7 +124,7 @@ def _select(index, size: int, what: str) -> Tensor:
     if index.numel() == 0:
         raise ValueError(f"hidden_attention: {what} is empty")
     if bool(((index < -size) | (index >= size)).any()):
-        raise IndexError(f"hidden_attention: {what} {index.tolist()} out of range for {size}")
+        raise OutOfRangeError(f"hidden_attention: {what} {index.tolist()} out of range for {size}")
     return index % size
 
 

@@ -48,6 +48,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 from tl_mamba.ops.conv import causal_conv1d
 from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, outside
 
@@ -68,13 +69,13 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
         values = values.tolist()
     if isinstance(values, Tensor):
         if values.is_floating_point() or values.is_complex() or (values.dtype == torch.bool and not mask_ok):
-            raise TypeError(f"{owner} {what}: give integer {unit}{or_mask}, not a {values.dtype} tensor "
+            raise NotAnIndexError(f"{owner} {what}: give integer {unit}{or_mask}, not a {values.dtype} tensor "
                             f"({values.flatten()[:4].tolist()}...)")
         return [int(v) for v in values.flatten().tolist()]
     if isinstance(values, bool) or (not isinstance(values, (list, tuple, range)) and hasattr(values, "__index__")):
         values = [values]
     elif not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
-        raise TypeError(f"{owner} {what}: give an integer, a list of integers{or_mask}, "
+        raise NotAnIndexError(f"{owner} {what}: give an integer, a list of integers{or_mask}, "
                         f"got {type(values).__name__}")
     out = []
     for v in values:
@@ -83,7 +84,7 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
         if isinstance(v, bool) or isinstance(v, Tensor) or not hasattr(v, "__index__"):
             hint = (" (a list of bools: pass a bool tensor, torch.tensor(mask, dtype=torch.bool), to give a mask)"
                     if isinstance(v, bool) and mask_ok else "")
-            raise TypeError(f"{owner} {what}: integer {unit} needed, got {v!r} of type {type(v).__name__}{hint}")
+            raise NotAnIndexError(f"{owner} {what}: integer {unit} needed, got {v!r} of type {type(v).__name__}{hint}")
         out.append(int(v))
     return out
 
@@ -131,7 +132,7 @@ def resolve_positions(positions: Positions, b: int, p: int, what: str, device=No
     index = []
     for pos in given:
         if not -p <= pos < p:
-            raise IndexError(f"Knockout {what}: position {pos} is out of range for a sequence of {p} tokens")
+            raise OutOfRangeError(f"Knockout {what}: position {pos} is out of range for a sequence of {p} tokens")
         index.append(pos % p)
     out = torch.zeros(b, p, dtype=torch.bool)  # built on the host: indexing a GPU tensor with a list waits for it
     if index:
@@ -155,7 +156,7 @@ def _feature_mask(chosen: Optional[Sequence[int]], size: int, what: str, device=
     given = _index_list(chosen, what)
     bad = [i for i in given if not -size <= i < size]
     if bad:
-        raise IndexError(f"Knockout {what} {bad} out of range: the layer has {size}")
+        raise OutOfRangeError(f"Knockout {what} {bad} out of range: the layer has {size}")
     _refuse_an_int_mask(given, size, what, what)
     index = [i % size for i in given]
     out = torch.zeros(size, dtype=torch.float32)
@@ -163,7 +164,7 @@ def _feature_mask(chosen: Optional[Sequence[int]], size: int, what: str, device=
     return _to_device(out, device)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: its positions may be tensors
 class Knockout:
     """Remove source → target edges inside the mixers of ``layers``.
 
@@ -240,7 +241,7 @@ class Knockout:
     def resolved_layers(self, n_layers: int) -> List[int]:
         bad = [layer for layer in self._layers if not -n_layers <= layer < n_layers]
         if bad:
-            raise IndexError(f"Knockout layers {bad} out of range: the model has {n_layers} layers")
+            raise OutOfRangeError(f"Knockout layers {bad} out of range: the model has {n_layers} layers")
         return sorted({layer % n_layers for layer in self._layers})
 
     def _check_family(self, cfg) -> None:
@@ -521,22 +522,23 @@ def structured_removals(hook_point, b: int, p: int, device) -> Optional[List[Edg
     """The Knockouts on ``hook_ssm_mask`` in structured form, if they are all that hooks it.
 
     Returns None when the mask must be built: no hook, a hook that is not a
-    Knockout (a user hook, a cache hook) or a backward hook. Knockouts that share
-    edges come back as disjoint pieces (their union, each edge once).
+    Knockout (a user hook, a cache hook, a torch hook registered on the hook point
+    directly) or a backward hook. Knockouts that share edges come back as disjoint
+    pieces (their union, each edge once).
     """
     registry = _live_knockouts(hook_point)
-    if not registry or hook_point.bwd_hooks or len(registry) != len(hook_point.fwd_hooks):
+    if not registry or hook_point._backward_hooks or len(registry) != len(hook_point._forward_hooks):
         return None
     return disjoint_removals([fn.removal(b, p, device) for fn in registry.values()])
 
 
 def _live_knockouts(hook_point) -> dict:
-    """The Knockout hooks registered on ``hook_point`` that are still attached, by handle id
-    (forgetting those that ``reset_hooks`` removed)."""
+    """The Knockout hooks registered on ``hook_point`` that are still attached, by torch's
+    handle id (forgetting those that ``reset_hooks`` removed)."""
     registry = getattr(hook_point, "_tl_mamba_knockouts", None)
     if not registry:
         return {}
-    live = {id(handle.hook) for handle in hook_point.fwd_hooks}
+    live = hook_point._forward_hooks  # keyed by those ids
     for key in [key for key in registry if key not in live]:
         del registry[key]
     return registry
@@ -601,7 +603,7 @@ def add_knockout_hooks(model, knockouts: Sequence[Knockout]) -> List[Tuple[objec
             if isinstance(fn, SSMMaskKnockoutHook) or name.endswith(".hook_conv"):
                 if getattr(hook_point, "_tl_mamba_knockouts", None) is None:
                     hook_point._tl_mamba_knockouts = {}
-                hook_point._tl_mamba_knockouts[id(handle.hook)] = fn
+                hook_point._tl_mamba_knockouts[handle.hook.id] = fn  # torch's handle id: never reused
             added.append((hook_point, handle))
     except BaseException:
         remove_knockout_hooks(added)
@@ -614,7 +616,7 @@ def remove_knockout_hooks(added: Sequence[Tuple[object, object]]) -> None:
     for hook_point, handle in added:
         handle.hook.remove()
         hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]
-        (getattr(hook_point, "_tl_mamba_knockouts", None) or {}).pop(id(handle.hook), None)
+        (getattr(hook_point, "_tl_mamba_knockouts", None) or {}).pop(handle.hook.id, None)
 
 
 def as_knockout_list(knockouts) -> List[Knockout]:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mamba.circuits.graph import Graph
+from tl_mamba.circuits.graph import Graph, graph_family
 from tl_mamba.ops.precision import upcast
 
 Batch = Tuple[Tensor, Tensor, object, Optional[Tensor]]  # clean, corrupted, labels, attention_mask
@@ -216,9 +216,9 @@ class _Wiring:
     """How the graph's edges map onto the model's hooks, for one batch."""
 
     def __init__(self, model, graph: Graph, p: int):
-        if graph.n_layers != model.cfg.n_layers or graph.family != _family(model):
+        if graph.n_layers != model.cfg.n_layers or graph.family != graph_family(model):
             raise ValueError(f"this graph was built for a {graph.family} model with {graph.n_layers} layers; the "
-                             f"model is {_family(model)} with {model.cfg.n_layers} layers")
+                             f"model is {graph_family(model)} with {model.cfg.n_layers} layers")
         if graph.positional and p != graph.n_pos:
             raise ValueError(f"the graph is positional over {graph.n_pos} positions but this batch has {p}; "
                              "positional graphs need prompts of exactly that length")
@@ -270,12 +270,6 @@ def _expand(weight: Tensor) -> Tensor:
 def _score_dtype(model) -> torch.dtype:
     """Scores come in float32, or float64 for a float64 model (no rounding below its precision)."""
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-
-
-def _family(model) -> str:
-    from tl_mamba.models.mamba2 import HookedMamba2
-
-    return "mamba2" if isinstance(model, HookedMamba2) else "mamba"
 
 
 def _run_cached(model, tokens: Tensor, names: Sequence[str], attention_mask: Optional[Tensor]) -> Dict[str, Tensor]:

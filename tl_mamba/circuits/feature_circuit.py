@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from tl_mamba.circuits.eap import (_per_prompt, circuit_faithfulness, count_batches, iter_batches, mean_baselines,
                                    read_once)
 from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _sae_parts, check_saes
+from tl_mamba.errors import OutOfRangeError
 from tl_mamba.knockout import _index_list, _refuse_an_int_mask
 
 Kept = Mapping[str, Sequence[int]]
@@ -225,7 +226,7 @@ def _feature_mask(name: str, chosen, d_sae: int) -> Tensor:
     given = _index_list(chosen, "features", owner=f"kept[{name!r}]")
     outside = [i for i in given if not -d_sae <= i < d_sae]
     if outside:
-        raise IndexError(f"kept features {outside} of {name} are outside its SAE's {d_sae} features")
+        raise OutOfRangeError(f"kept features {outside} of {name} are outside its SAE's {d_sae} features")
     _refuse_an_int_mask(given, d_sae, "features", "features", owner=f"kept[{name!r}]")  # (acts > 0).long()
     mask = torch.zeros(d_sae, dtype=torch.bool)
     mask[[i % d_sae for i in given]] = True

@@ -138,10 +138,7 @@ class Graph:
                 layer's ``d_inner`` channels into this many contiguous, equal groups, each a
                 sender ``m{l}.c{j}``.
         """
-        from tl_mamba.models.mamba2 import HookedMamba2
-
-        family = "mamba2" if isinstance(model, HookedMamba2) else "mamba"
-        return cls(family=family, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads, level=level,
+        return cls(family=graph_family(model), n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads, level=level,
                    positional=positional, n_pos=n_pos, channel_groups=channel_groups,
                    d_inner=model.cfg.d_inner if channel_groups is not None else None)
 
@@ -228,9 +225,6 @@ class Graph:
             parent = name.split("->")[0]
             close = [e for e in self.edges if e.startswith(parent + "->")][:8]
             raise KeyError(f"no edge {name!r} in this {self.level}-level graph; edges from {parent!r}: {close}") from None
-
-    def edge_names(self) -> List[str]:
-        return list(self.edges)
 
     def score(self, name: str) -> Tensor:
         """Score of one edge (a scalar, or ``[n_pos]`` when positional)."""
@@ -390,6 +384,12 @@ class Graph:
         from tl_mamba.circuits.draw import draw_graph
 
         return draw_graph(self, Path(path), title=title, max_edges=max_edges)
+
+
+def graph_family(model) -> str:
+    """How a graph names ``model``'s family: ``"mamba2"``, or ``"mamba"`` for Mamba-1 (saved graphs
+    carry it, so it stays as first written although ``cfg.family`` says ``"mamba1"``)."""
+    return "mamba2" if model.cfg.family == "mamba2" else "mamba"
 
 
 def _check_channel_groups(family: str, level: str, channel_groups, d_inner) -> None:

@@ -46,6 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mamba.circuits.eap import _score_dtype
+from tl_mamba.errors import OutOfRangeError
 from tl_mamba.knockout import _index_list
 from tl_mamba.ops.buffers import format_bytes
 
@@ -88,7 +89,7 @@ def _layers(model, layers) -> List[int]:
         raise ValueError("layers is empty")
     bad = [layer for layer in layers if not -n <= layer < n]
     if bad:
-        raise IndexError(f"layers {bad} out of range for a model of {n} layers")
+        raise OutOfRangeError(f"layers {bad} out of range for a model of {n} layers")
     return [layer % n for layer in layers]
 
 
@@ -106,7 +107,7 @@ def _heads(model, heads) -> Optional[List[int]]:
         raise ValueError("heads is empty")
     bad = [h for h in heads if not -cfg.n_heads <= h < cfg.n_heads]
     if bad:
-        raise IndexError(f"heads {bad} out of range for {cfg.n_heads} heads")
+        raise OutOfRangeError(f"heads {bad} out of range for {cfg.n_heads} heads")
     return [h % cfg.n_heads for h in heads]
 
 
@@ -397,13 +398,13 @@ def knockout_attribution_vs_knockout(
     tokens, _ = _as_tokens(model, tokens)
     p = tokens.shape[1]
     if not -p <= target < p:
-        raise IndexError(f"target {target} out of range for {p} positions")
+        raise OutOfRangeError(f"target {target} out of range for {p} positions")
     target = target % p
     if sources is None:
         sources = list(range(target + 1))
     outside = [int(j) for j in sources if not -p <= int(j) < p]
     if outside:
-        raise IndexError(f"sources {outside} out of range for {p} positions")
+        raise OutOfRangeError(f"sources {outside} out of range for {p} positions")
     sources = [int(j) % p for j in sources]
     late = [j for j in sources if j > target]
     if late:

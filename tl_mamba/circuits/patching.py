@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.graph import check_channel_group_count
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
 LayerSpec = Optional[Union[int, Sequence[int]]]
@@ -182,10 +183,10 @@ def check_layers(model, layers: LayerSpec) -> List[int]:
     out = []
     for layer in layers:
         if isinstance(layer, bool) or not hasattr(layer, "__index__"):
-            raise ValueError(f"layers must be ints, got {layer!r}")
+            raise NotAnIndexError(f"layers must be ints, got {layer!r}")
         layer = int(layer)
         if not -n <= layer < n:
-            raise ValueError(f"layer {layer} is out of range for a model with {n} layers")
+            raise OutOfRangeError(f"layer {layer} is out of range for a model with {n} layers")
         out.append(layer % n)
     if not out:
         raise ValueError("layers is empty")
@@ -207,10 +208,10 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
     out = []
     for v in values:
         if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise ValueError(f"{what} must be ints, got {v!r}")
+            raise NotAnIndexError(f"{what} must be ints, got {v!r}")
         v = int(v)
         if not -size <= v < size:
-            raise ValueError(f"{what[:-1] if what.endswith('s') else what} {v} is out of range [0, {size})")
+            raise OutOfRangeError(f"{what[:-1] if what.endswith('s') else what} {v} is out of range [0, {size})")
         out.append(v % size)
     if not out:
         raise ValueError(f"{what} is empty")

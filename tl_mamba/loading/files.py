@@ -260,7 +260,8 @@ def load_tokenizer(path: PathLike) -> Optional[Any]:
     first. mamba_ssm directories have no ``model_type`` for AutoTokenizer to go on, so
     when that fails and a ``tokenizer.json`` exists, it is wrapped in a
     ``PreTrainedTokenizerFast`` (special tokens from ``tokenizer_config.json`` /
-    ``special_tokens_map.json`` when present). With no tokenizer files at all the
+    ``special_tokens_map.json`` when present; a ``tokenizer_config.json`` that AutoTokenizer
+    could not apply warns, since its other settings are lost). With no tokenizer files at all the
     state-spaces checkpoints expect ``EleutherAI/gpt-neox-20b``'s tokenizer: pass it
     as ``tokenizer=``.
 
@@ -302,10 +303,18 @@ def load_tokenizer(path: PathLike) -> Optional[Any]:
                     if isinstance(value, str) and key not in special:
                         special[key] = value
         try:
-            return transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), **special)
+            tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), **special)
         except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
             raise CheckpointFilesError(
                 f"could not read the tokenizer in {path}: AutoTokenizer failed ({type(auto_err).__name__}: "
                 f"{auto_err}) and so did reading {tokenizer_file} alone ({type(err).__name__}: {err}). The file is "
                 "probably truncated or corrupt; fetch it again, or pass a tokenizer with tokenizer="
             ) from err
+        if (path / "tokenizer_config.json").is_file():  # settings AutoTokenizer would have applied are lost
+            warnings.warn(
+                f"AutoTokenizer could not load the tokenizer in {path} ({type(auto_err).__name__}: {auto_err}); "
+                f"read {tokenizer_file.name} alone instead, with the special tokens "
+                f"({', '.join(special) or 'none found'}). The other settings of tokenizer_config.json (its "
+                "tokenizer class, padding side, added-token options) are not applied: pass tokenizer= if they "
+                "matter.", stacklevel=3)
+        return tokenizer

@@ -14,13 +14,14 @@ supplies the TransformerLens-facing surface:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import partial
-from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,7 @@ except ImportError:  # transformer-lens 3.x
 from tl_mamba.backends import resolve_backend, validate_backend
 from tl_mamba.cache import MambaActivationCache, as_slice
 from tl_mamba.config import HookedMambaConfig
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 from tl_mamba.hidden_attention import conv_attention as _conv_attention
 from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
 from tl_mamba.knockout import warn_knockouts_on_padding
@@ -55,8 +57,38 @@ def is_heavy_hook(name: str) -> bool:
 
 
 def hook_is_active(hook_point: HookPoint) -> bool:
-    """Whether a forward or backward hook is attached (works on transformer-lens 3.x and 4.x)."""
-    return bool(hook_point.fwd_hooks) or bool(hook_point.bwd_hooks)
+    """Whether a forward or backward hook is attached: TransformerLens' (``add_hook``, any
+    transformer-lens version) or torch's own (``hook_point.register_forward_hook``), which
+    TransformerLens' hooks are built on. Work done only for a hook (the heavy hooks, an unfused
+    gate) is skipped when this is False, so a hook it missed would never be called."""
+    return bool(hook_point._forward_hooks) or bool(hook_point._backward_hooks)
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(model) -> Iterator[None]:
+    """Detach every hook of ``model``'s hook points for the block, then put them back as they
+    were: torch's hook dicts (emptied and refilled in place, since the handles that remove a
+    hook refer to them), TransformerLens' handle lists (which it replaces when it removes a
+    hook) and the Knockout registry."""
+    held = []
+    for point in model.hook_dict.values():
+        dicts = [(hooks, dict(hooks)) for hooks in (point._forward_hooks, point._backward_hooks)]
+        attributes = {name: getattr(point, name) for name in ("fwd_hooks", "bwd_hooks", "_tl_mamba_knockouts")
+                      if getattr(point, name, None) is not None}
+        held.append((point, dicts, attributes))
+        for hooks, _ in dicts:
+            hooks.clear()
+        for name, value in attributes.items():
+            setattr(point, name, type(value)())
+    try:
+        yield
+    finally:
+        for point, dicts, attributes in held:
+            for hooks, contents in dicts:
+                hooks.clear()
+                hooks.update(contents)
+            for name, value in attributes.items():
+                setattr(point, name, value)
 
 
 def mixer_input(hook_point: HookPoint, resid_pre: Tensor) -> Tensor:
@@ -365,6 +397,8 @@ class HookedSSM(HookedRootModule):
         ``model.tokenizer.padding_side``, which ``set_tokenizer`` keeps equal to
         ``cfg.default_padding_side`` (``"right"`` unless changed). With
         ``return_attention_mask`` also returns the ``[b, p]`` mask (1 = real token).
+        ``truncate`` is accepted as in TransformerLens and does nothing: a recurrent model
+        has no context window (``n_ctx``) to cut prompts to.
         """
         tok = self._require_tokenizer("to_tokens")
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
@@ -860,7 +894,7 @@ class HookedSSM(HookedRootModule):
                 try:
                     value = pos_slice.apply(value, dim=dim)
                 except IndexError as err:  # TransformerLens's message names neither the argument nor the hook
-                    raise IndexError(f"pos_slice={given_pos_slice!r} is out of range for "
+                    raise OutOfRangeError(f"pos_slice={given_pos_slice!r} is out of range for "
                                      f"{hook.name}, which has {value.shape[dim]} positions") from err
             if remove_batch_dim and value.shape[0] == 1:
                 value = value[0]
@@ -1039,7 +1073,12 @@ class HookedSSM(HookedRootModule):
     conv_attention.__doc__ = _conv_attention.__doc__
 
     def hook_shapes(self, tokens: Optional[Tensor] = None) -> Dict[str, tuple]:
-        """Every hook name with the shape it holds on ``tokens`` (default ``[1, 4]``), heavy hooks included."""
+        """Every hook name with the shape it holds on ``tokens`` (default ``[1, 4]``), heavy hooks included.
+
+        The hooks attached to the model (knockouts, edits, caches) are set aside for this
+        forward: they cannot change a shape (a hook returning another shape is refused), but
+        one written for longer prompts (a knockout of position 9) would fail on these tokens.
+        """
         if tokens is None:
             tokens = torch.zeros(1, 4, dtype=torch.long, device=self.W_E.device)
         shapes: Dict[str, tuple] = {}
@@ -1047,7 +1086,7 @@ class HookedSSM(HookedRootModule):
         def record(tensor, hook):
             shapes[hook.name] = tuple(tensor.shape)
 
-        with torch.no_grad():
+        with _hooks_set_aside(self), torch.no_grad():
             self.run_with_hooks(tokens, fwd_hooks=[(lambda name: True, record)], return_type=None)
         return shapes
 
@@ -1365,11 +1404,11 @@ def _input_batch_size(input) -> Optional[int]:
 
 def _layer_index(value: int, n_layers: int, name: str) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):  # 1.5 or "1": not read as a layer
-        raise TypeError(f"{name} must be an integer layer index, got {value!r} of type {type(value).__name__}")
+        raise NotAnIndexError(f"{name} must be an integer layer index, got {value!r} of type {type(value).__name__}")
     value = int(value)
     index = value + n_layers if value < 0 else value
     if not 0 <= index <= n_layers:
-        raise ValueError(f"{name}={value} is out of range for a model with {n_layers} layers")
+        raise OutOfRangeError(f"{name}={value} is out of range for a model with {n_layers} layers")
     return index
 
 

@@ -76,6 +76,19 @@ def _warn_mask_backward_hooks(name: str) -> None:
         "leaf = torch.ones_like(mask, requires_grad=True), then read leaf.grad.", UserWarning, stacklevel=2)
 
 
+def _warn_states_off_the_loss_path(block) -> None:
+    """Under a knockout in the same layer, y comes from the knocked-out scan, not from the
+    states ``hook_h`` shows (those of the scan without it), so they take no gradient."""
+    import warnings
+
+    warnings.warn(
+        f"a backward hook on {block.hook_h.name} is never called while {block.hook_ssm_mask.name} knocks out "
+        "edges in the same layer: y is then computed by the knocked-out scan, not read from the states hook_h "
+        "shows (those of the scan without the knockout), so they get no gradient. Take hook_h gradients in a "
+        "forward without this layer's knockout (or leave hook_h out of an incl_bwd cache).", UserWarning,
+        stacklevel=2)
+
+
 class _ThroughEdits:
     """What :class:`_ConnectStates` needs at backward time: the gradient that reached the hook's
     unedited entries through the zero-valued term (recorded by :class:`_TotalDerivative`'s backward)."""
@@ -198,7 +211,7 @@ def scan_with_heavy_hooks(
             mask_dtype = compute_dtype(block.mixer.A_log)
             mask_bytes = b * H * p * p * torch.finfo(mask_dtype).bits // 8
             check_heavy_hook_memory(block, "hook_ssm_mask", mask_bytes)
-            if block.hook_ssm_mask.bwd_hooks and torch.is_grad_enabled():
+            if block.hook_ssm_mask._backward_hooks and torch.is_grad_enabled():
                 _warn_mask_backward_hooks(block.hook_ssm_mask.name)
             # (a hook returning another shape is refused by the hook point, CheckedHookPoint)
             ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=mask_dtype))
@@ -218,6 +231,8 @@ def scan_with_heavy_hooks(
         return out.y, out.final_state
 
     check_heavy_hook_memory(block, "hook_h", state_bytes)
+    if removes_edges and block.hook_h._backward_hooks and torch.is_grad_enabled():
+        _warn_states_off_the_loss_path(block)
     if torch.is_inference_mode_enabled():
         # An in-place edit by a hook is seen through the states' version counter, which
         # inference tensors lack. Computing them outside inference mode (still without

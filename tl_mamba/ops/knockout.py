@@ -45,7 +45,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from tl_mamba.ops.precision import needs_grad, upcast
+from tl_mamba.ops.precision import compute_dtype, needs_grad, upcast
 
 
 @dataclass
@@ -212,7 +212,7 @@ def pair_terms_bpe(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, ta
     """
     b, _, e = x.shape
     n = A.shape[-1]
-    dtype = _compute_dtype(x, delta, A, B, C)
+    dtype = compute_dtype(x, delta, A, B, C)
     x, dt, A, B, C = (t.to(dtype) for t in (x, delta, A, B, C))
     cumulative = torch.cumsum(delta.double(), dim=1)  # [b, p, e]
     chunk = max(1, chunk_bytes // max(1, 2 * b * e * n * 8))
@@ -239,7 +239,7 @@ def pair_terms_bphd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, t
         ``[b, P, h, hd]`` in the compute dtype (float64 if any input is, else float32); differentiable.
     """
     h, g = x.shape[2], B.shape[2]
-    dtype = _compute_dtype(x, delta, A, B, C)
+    dtype = compute_dtype(x, delta, A, B, C)
     x, dt, A, B, C = (t.to(dtype) for t in (x, delta, A, B, C))
     cb = (C[:, targets] * B[:, sources]).sum(-1).repeat_interleave(h // g, dim=2)  # [b, P, h]
     cumulative = torch.cumsum(delta.double(), dim=1)  # [b, p, h]
@@ -358,6 +358,17 @@ def as_removal_list(ssm_mask: SSMMask, device: torch.device) -> Optional[List[Ed
                          "tl_mamba.ops.knockout.disjoint_removals(removals) (their union, each edge once), as "
                          "tl_mamba.Knockout does for overlapping knockouts")
     return removals
+
+
+def dense_mask_for(ssm_mask: Tensor, b: int, heads: int, p: int, op: str) -> Tensor:
+    """``ssm_mask`` as ``[b, H, p, p]``: a batch axis of 1 is shared by every row, and ``H`` is
+    1 (every head or channel) or, for Mamba-2, ``heads``; any other shape is refused."""
+    shape = tuple(ssm_mask.shape)
+    if ssm_mask.dim() != 4 or shape[0] not in (1, b) or shape[1] not in {1, heads} or shape[2:] != (p, p):
+        per_head = f" or [b, {heads}, {p}, {p}]" if heads != 1 else ""
+        raise ValueError(f"{op}: ssm_mask must be [b, 1, {p}, {p}]{per_head} with b = {b} (or 1, shared by "
+                         f"every row), got {shape}")
+    return ssm_mask.expand(b, shape[1], p, p)
 
 
 def check_no_override_with_mask(state_override, ssm_mask, op: str) -> None:
@@ -485,10 +496,6 @@ def attach_mask_gradient(y: Tensor, ssm_mask: Tensor, edge_gradient: Callable[[T
     return _MaskGradient.apply(ssm_mask, y, edge_gradient)
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _log_decay_differences(log_decay: Tensor, causal: Tensor, dtype: torch.dtype) -> Tensor:
     """``L_i - L_j`` for ``L = cumsum(log_decay)`` over the last axis → ``[..., i, j]``, 0 for j > i.
 
@@ -584,7 +591,7 @@ def edge_gradient_bpe(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Te
         ``[b, 1, p, p]`` in the compute dtype (float64 if any input is, else float32).
     """
     b, p, e = x.shape
-    dtype = _compute_dtype(grad_y, x, delta, A, B, C)
+    dtype = compute_dtype(grad_y, x, delta, A, B, C)
     g, C = grad_y.detach().to(dtype), C.detach().to(dtype)
     total = torch.zeros(b, p, p, dtype=dtype, device=x.device)
     for c, w, local, decays, v, carried in _source_blocks_bpe(x.detach(), delta.detach(), A.detach(), B.detach(),
@@ -621,7 +628,7 @@ def dense_removed_terms_bpe(removed: Tensor, x: Tensor, delta: Tensor, A: Tensor
     """
     b, p, e = x.shape
     n = A.shape[-1]
-    dtype = _compute_dtype(x, delta, A, B, C, removed)
+    dtype = compute_dtype(x, delta, A, B, C, removed)
     R, C = removed[:, 0].to(dtype), C.to(dtype)  # R: [b, i, j]
     out = torch.empty(b, p, e, dtype=dtype, device=x.device)
     for c, w, local, decays, v, carried in _source_blocks_bpe(x, delta, A, B, dtype, chunk_bytes, block):
@@ -647,7 +654,7 @@ def edge_gradient_bphd(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: T
     Returns:
         ``[b, H, p, p]`` in the compute dtype (float64 if any input is, else float32).
     """
-    dtype = _compute_dtype(grad_y, x, delta, A, B, C)
+    dtype = compute_dtype(grad_y, x, delta, A, B, C)
     g = grad_y.detach().to(dtype)
     source = delta.detach().to(dtype)[..., None] * x.detach().to(dtype)  # Δ_j x_j [b, p, h, hd]
     parts = []
@@ -738,7 +745,7 @@ def dense_removed_terms_bphd(removed: Tensor, x: Tensor, delta: Tensor, A: Tenso
     Returns:
         ``[b, p, h, hd]`` in the compute dtype (float64 if any input is, else float32); differentiable.
     """
-    dtype = _compute_dtype(x, delta, A, B, C, removed)
+    dtype = compute_dtype(x, delta, A, B, C, removed)
     R = removed.to(dtype)
     source = delta.to(dtype)[..., None] * x.to(dtype)  # Δ_j x_j [b, p, h, hd]
     parts = []

@@ -108,13 +108,12 @@ def scan_with_override(
     state, start = initial_state, 0
     values = edited_rows(override.values, positions)
     for i, t in enumerate(positions + [p]):
-        if t > start or t == p:
-            if t > start:
-                out = run(start, t, state, return_states)
-                ys.append(out.y)
-                if return_states:
-                    states.append(out.states)
-                state = out.final_state
+        if t > start:  # the unedited run up to t
+            out = run(start, t, state, return_states)
+            ys.append(out.y)
+            if return_states:
+                states.append(out.states)
+            state = out.final_state
         if t == p:
             break
         # step t itself: scan one position, then apply the edit and re-read y_t

@@ -58,12 +58,15 @@ def kernel_or_fallback(name: str, device: torch.device, kernel: Callable[[], obj
     tiles) have been checked in Triton's interpreter but not compiled on every GPU. On a
     CUDA device where one fails, a ``RuntimeWarning`` says so once and the simpler path
     (same results) serves that kernel's calls from then on. Off CUDA (the interpreter,
-    that is tests) the error propagates.
+    that is tests) the error propagates, and so does running out of GPU memory (the
+    input's size, not the kernel: the simpler path would not fit either).
     """
     if name in _FAILED_KERNELS:
         return fallback()
     try:
         return kernel()
+    except torch.OutOfMemoryError:
+        raise
     except Exception as err:  # compilation and resource errors have no common type
         if torch.device(device).type != "cuda":
             raise

@@ -141,7 +141,7 @@ def _norm_split(split: str) -> str:
     try:
         return _SPLIT_ALIASES[split]
     except KeyError:
-        raise ValueError(f"unknown split {split!r}: expected 'train' or 'heldout'") from None
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}") from None
 
 
 def _crc(text: str) -> int:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_no_override_with_mask,
-                                  check_removal,
+                                  check_removal, dense_mask_for,
                                   dense_mask_after_bpe, dense_removed_terms_bpe, edge_gradient_bpe,
                                   knocked_out_terms, pair_terms_bpe, removed_terms, same_pass_removal)
 from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
@@ -175,8 +175,7 @@ def selective_scan(
 
                 out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape, pairs)
             else:
-                if ssm_mask.dim() != 4 or ssm_mask.shape[1] != 1 or tuple(ssm_mask.shape[-2:]) != (p, p):
-                    raise ValueError(f"ssm_mask must be [b, 1, {p}, {p}], got {tuple(ssm_mask.shape)}")
+                mask = dense_mask_for(ssm_mask, b, 1, p, "selective_scan")  # [b, 1, p, p]
 
                 def contribution(sources: Tensor) -> Tensor:
                     return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
@@ -189,11 +188,11 @@ def selective_scan(
                 # through the removed terms (under autograd it would keep a copy of its carried
                 # columns per block), else the scans
                 quadratic = not needs_grad(x, delta, A, B, C)
-                out.y = out.y - knocked_out_terms(contribution, ssm_mask.expand(b, 1, p, p), target_layout="bpe",
+                out.y = out.y - knocked_out_terms(contribution, mask, target_layout="bpe",
                                                   pair_terms=pairs, dense_terms=dense if quadratic else None,
                                                   max_scans=dense_mask_after_bpe(p, x.device) if quadratic else None)
-                if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
-                    out.y = attach_mask_gradient(out.y, ssm_mask.expand(b, 1, p, p),
+                if mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
+                    out.y = attach_mask_gradient(out.y, mask,
                                                  lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))
         if z is not None and not fuse_gate:
             out.y = silu_gate(out.y, z)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tl_mamba.backends import pick_implementation, resolve_backend
 from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_no_override_with_mask,
-                                  check_removal,
+                                  check_removal, dense_mask_for,
                                   dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
                                   pair_terms_bphd, removed_terms, same_pass_removal)
 from tl_mamba.ops.precision import compute_dtype, needs_grad
@@ -186,20 +186,19 @@ def ssd_scan(
 
             out.y = out.y - removed_terms(contribution_by_row, removals, "bphd", out.y.shape, pairs)
         else:
-            if tuple(ssm_mask.shape) != (b, h, p, p) and tuple(ssm_mask.shape) != (b, 1, p, p):
-                raise ValueError(f"ssm_mask must be [b, h, p, p] = {(b, h, p, p)}, got {tuple(ssm_mask.shape)}")
+            mask = dense_mask_for(ssm_mask, b, h, p, "ssd_scan")  # [b, h or 1, p, p]
 
             def contribution(sources: Tensor) -> Tensor:  # sources [p]: the positions whose input is kept
                 xs = x * sources[None, :, None, None].to(x.dtype)
                 return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
 
             out.y = out.y - knocked_out_terms(
-                contribution, ssm_mask, target_layout="bphd", max_scans=dense_mask_after(p, x.device, x.dtype),
+                contribution, mask, target_layout="bphd", max_scans=dense_mask_after(p, x.device, x.dtype),
                 pair_terms=pairs,
                 dense_terms=lambda removed: _dense_mask_implementation(backend, x.device)(removed, x, delta, A, B, C))
-            if ssm_mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
-                out.y = attach_mask_gradient(out.y, ssm_mask, lambda grad_y: edge_gradient_bphd(
-                    grad_y, x, delta, A, B, C, mask_heads=ssm_mask.shape[1]))
+            if mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
+                out.y = attach_mask_gradient(out.y, mask, lambda grad_y: edge_gradient_bphd(
+                    grad_y, x, delta, A, B, C, mask_heads=mask.shape[1]))
         return out
 
     if removals is None or p == 0 or resolve_backend(backend, x.device, available=BACKENDS) != "triton":
