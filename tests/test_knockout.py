@@ -802,3 +802,24 @@ def test_knockouts_with_tensor_positions_compare_and_hash_by_identity():
     twin = Knockout(layers=[0], sources=torch.tensor([1, 2]), targets=torch.tensor([[5], [6]]))
     assert ko == ko and ko != twin and len({ko, twin}) == 2
     assert [ko, twin].index(twin) == 1
+
+
+def test_channel_knockouts_given_to_run_with_hooks_remove_their_union():
+    """Two Mamba-1 channels= knockouts on one layer, attached as plain hooks: where TransformerLens
+    keeps the hook object (LensHandle.user_hook, 4.x) they are found and applied as by a list;
+    where it does not (3.x) the refusal says how to attach them."""
+    from transformer_lens.hook_points import LensHandle
+
+    model = make_model("mamba1")
+    tokens = torch.randint(0, 50, (2, P), generator=torch.Generator().manual_seed(5))
+    k1 = Knockout(layers=[0], sources=[3], targets=[-1], channels=[0, 1])
+    k2 = Knockout(layers=[0], sources=[5], targets=[-1], channels=[7])
+    with torch.no_grad():
+        expected = model.run_with_knockout(tokens, knockouts=[k1, k2])
+        assert not torch.allclose(expected, model(tokens))
+        hooks = list(k1.hooks(model)) + list(k2.hooks(model))
+        if "user_hook" in getattr(LensHandle, "__dataclass_fields__", {}):
+            torch.testing.assert_close(model.run_with_hooks(tokens, fwd_hooks=hooks), expected, atol=0, rtol=0)
+        else:
+            with pytest.raises(ValueError, match="model.knockouts or run_with_knockout"):
+                model.run_with_hooks(tokens, fwd_hooks=hooks)

@@ -224,6 +224,42 @@ def test_torch_hooks_registered_on_a_hook_point_fire_as_transformer_lens_hooks(m
         close(by_torch, by_lens, atol=0, rtol=0)
 
 
+def test_in_place_edits_under_autograd_act_as_returned_edits(model, tokens):
+    # ``act[:, 4] += 0.5``, the usual TransformerLens edit, with gradients on: at hooks given a
+    # part of a split projection, autograd refused it (a view of a multi-output op). Checked
+    # against the same edit returned as a new tensor: the loss and a parameter's gradient.
+    weight = model.blocks[0].mixer.in_proj.weight
+    for name in model.hook_dict:
+        if not name.startswith("blocks.0.") or is_heavy(name) or name.endswith("hook_scale"):
+            continue  # (an in-place edit of ln's hook_scale fails on HookedTransformer too)
+
+        def in_place(act, hook):
+            act[:, 4] += 0.5
+
+        def returned(act, hook):
+            bump = torch.zeros_like(act)
+            bump[:, 4] = 0.5
+            return act + bump
+
+        results = []
+        for edit in (in_place, returned):
+            model.zero_grad(set_to_none=True)
+            loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(name, edit)])
+            loss.backward()
+            results.append((loss.detach(), weight.grad.clone()))
+        close(results[0][0], results[1][0], atol=0, rtol=0)
+        close(results[0][1], results[1][1], atol=1e-6, rtol=1e-5)
+    model.zero_grad(set_to_none=True)
+
+
+def test_every_cached_activation_can_be_flattened_with_view(model, tokens):
+    # sae-lens and TransformerLens code reshape activations with .view: a strided slice refuses it
+    _, cache = model.run_with_cache(tokens)
+    for name, act in cache.items():
+        act.view(act.shape[0], -1)  # one row per prompt
+        act.view(-1, act.shape[-1])
+
+
 # --------------------------------------------------------------------------- run_with_cache
 
 

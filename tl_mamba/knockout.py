@@ -424,7 +424,9 @@ class SSMMaskKnockoutHook:
         if self.cfg.family == "mamba1" and removal.features is not None:
             raise ValueError(
                 f"{hook.name}: a channels= knockout cannot be written into the [b, 1, p, p] mask. This happens when "
-                "the mask is also cached or hooked by something other than a Knockout; drop the other hook."
+                "the mask is also cached or hooked by something other than a Knockout; drop the other hook. (On "
+                "transformer-lens 3.x, Knockout hooks given to run_with_hooks or model.hooks leave no trace of "
+                "the Knockout and count as other hooks: attach them with model.knockouts or run_with_knockout.)"
             )
         return mask * (1 - removal.dense(H).to(mask.dtype))
 
@@ -519,17 +521,18 @@ class ConvKnockoutHook:
 
 
 def structured_removals(hook_point, b: int, p: int, device) -> Optional[List[EdgeRemoval]]:
-    """The Knockouts on ``hook_ssm_mask`` in structured form, if they are all that hooks it.
+    """The Knockouts on ``hook_ssm_mask`` in structured form, if they are all that hooks it
+    (however attached: :func:`_knockout_hooks_on`).
 
     Returns None when the mask must be built: no hook, a hook that is not a
     Knockout (a user hook, a cache hook, a torch hook registered on the hook point
     directly) or a backward hook. Knockouts that share edges come back as disjoint
     pieces (their union, each edge once).
     """
-    registry = _live_knockouts(hook_point)
-    if not registry or hook_point._backward_hooks or len(registry) != len(hook_point._forward_hooks):
+    knockouts = [fn for fn in _knockout_hooks_on(hook_point) if isinstance(fn, SSMMaskKnockoutHook)]
+    if not knockouts or hook_point._backward_hooks or len(knockouts) != len(hook_point._forward_hooks):
         return None
-    return disjoint_removals([fn.removal(b, p, device) for fn in registry.values()])
+    return disjoint_removals([fn.removal(b, p, device) for fn in knockouts])
 
 
 def _live_knockouts(hook_point) -> dict:

@@ -98,15 +98,21 @@ def mixer_input(hook_point: HookPoint, resid_pre: Tensor) -> Tensor:
     return resid_pre.clone() if hook_is_active(hook_point) else resid_pre
 
 
-def run_hook_contiguous(hook_point: HookPoint, tensor: Tensor) -> Tensor:
-    """``hook_point(tensor)``, handing a hooked tensor over contiguous.
+def run_hook_on_slice(hook_point: HookPoint, tensor: Tensor) -> Tensor:
+    """``hook_point(tensor)`` for a tensor that is a slice of a larger one (a part of a split
+    projection), handed to a hook as a tensor of its own:
 
-    Mamba-2's per-head activations are reshaped slices of one projection, so they are
-    strided views; hooks and cache users (sae-lens, ``cache[name].view(-1, d)``) may
-    flatten them with ``.view``. Unhooked, nothing is copied.
+    - contiguous: hooks and cache users (sae-lens, ``cache[name].view(-1, d)``) flatten
+      activations with ``.view``, which a strided slice refuses;
+    - under autograd, not a view: autograd refuses an in-place edit (``act[:, 4] += 0.5``, the
+      usual TransformerLens edit) of one of several views a split returned.
+
+    Unhooked, nothing is copied.
     """
-    if hook_is_active(hook_point) and not tensor.is_contiguous():
-        tensor = tensor.contiguous()
+    if hook_is_active(hook_point) and (not tensor.is_contiguous()
+                                       or (tensor._base is not None and tensor.requires_grad
+                                           and torch.is_grad_enabled())):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
     return hook_point(tensor)
 
 

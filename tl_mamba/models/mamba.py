@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.base import HookedSSM, hook_is_active, mixer_input
+from tl_mamba.models.base import HookedSSM, hook_is_active, mixer_input, run_hook_on_slice
 from tl_mamba.models.block import MixerBlock, uniform_
 from tl_mamba.knockout import run_hook_conv
 from tl_mamba.models.heavy_hooks import scan_with_heavy_hooks
@@ -109,10 +109,10 @@ class MambaBlock(MixerBlock):
         if keep is not None:  # before the hook: it holds what the conv reads (conv_attention, conv knockouts)
             conv_in = conv_in * keep
         # a hook may return another dtype (a patch from an fp32 cache): the weights read this dtype
-        conv_in = self.hook_conv_in(conv_in).to(dtype)
+        conv_in = run_hook_on_slice(self.hook_conv_in, conv_in).to(dtype)
         if keep is not None and hook_is_active(self.hook_conv_in):  # what a hook writes at pads stays there
             conv_in = conv_in * keep
-        z = self.hook_z(z)
+        z = run_hook_on_slice(self.hook_z, z)
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
         )
@@ -123,9 +123,9 @@ class MambaBlock(MixerBlock):
         dt_low, B, C = m.x_proj(x).split([r, n, n], dim=-1)
         if cfg.bcdt_rms_eps is not None:
             dt_low, B, C = (weightless_rms(t, cfg.bcdt_rms_eps) for t in (dt_low, B, C))
-        dt_low = self.hook_dt_low(dt_low).to(dtype)
-        B = self.hook_B(B)
-        C = self.hook_C(C)
+        dt_low = run_hook_on_slice(self.hook_dt_low, dt_low).to(dtype)
+        B = run_hook_on_slice(self.hook_B, B)
+        C = run_hook_on_slice(self.hook_C, C)
         delta = self.hook_delta(F.softplus(upcast(F.linear(dt_low, m.dt_proj.weight)) + upcast(m.dt_proj.bias)))
         A = -torch.exp(upcast(m.A_log))
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tl_mamba.config import HookedMambaConfig
-from tl_mamba.models.base import HookedSSM, hook_is_active, mixer_input, run_hook_contiguous
+from tl_mamba.models.base import HookedSSM, hook_is_active, mixer_input, run_hook_on_slice
 from tl_mamba.models.components import CheckedHookPoint
 from tl_mamba.models.block import MixerBlock
 from tl_mamba.knockout import run_hook_conv
@@ -108,13 +108,13 @@ class Mamba2Block(MixerBlock):
         resid_pre = self.hook_resid_pre(resid)
         normed = self.ln1(self.hook_mixer_in(mixer_input(self.hook_mixer_in, resid_pre)).to(dtype))
         z, conv_in, dt = m.in_proj(normed).split([e, e + 2 * g * n, h], dim=-1)
-        z = run_hook_contiguous(self.hook_z, z.reshape(b, p, h, hd))
+        z = run_hook_on_slice(self.hook_z, z.reshape(b, p, h, hd))
         if keep is not None:  # before the hook: it holds what the conv reads (conv_attention, conv knockouts)
             conv_in = conv_in * keep
-        conv_in = self.hook_conv_in(conv_in)
+        conv_in = run_hook_on_slice(self.hook_conv_in, conv_in)
         if keep is not None and hook_is_active(self.hook_conv_in):  # what a hook writes at pads stays there
             conv_in = conv_in * keep
-        dt = self.hook_delta_raw(dt)
+        dt = run_hook_on_slice(self.hook_delta_raw, dt)
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
         )
@@ -123,19 +123,19 @@ class Mamba2Block(MixerBlock):
         if keep is not None:
             xBC = xBC * keep
         x, B, C = xBC.split([e, g * n, g * n], dim=-1)
-        x = run_hook_contiguous(self.hook_x, x.reshape(b, p, h, hd))
+        x = run_hook_on_slice(self.hook_x, x.reshape(b, p, h, hd))
         if keep is not None and hook_is_active(self.hook_x):  # no state write from a pad (as Mamba-1)
             x = x * keep[..., None]
-        B = run_hook_contiguous(self.hook_B, B.reshape(b, p, g, n))
-        C = run_hook_contiguous(self.hook_C, C.reshape(b, p, g, n))
+        B = run_hook_on_slice(self.hook_B, B.reshape(b, p, g, n))
+        C = run_hook_on_slice(self.hook_C, C.reshape(b, p, g, n))
         lo, hi = cfg.dt_limit
         delta = self.hook_delta(torch.clamp(F.softplus(upcast(dt) + upcast(m.dt_bias)), min=lo, max=hi))
         A = -torch.exp(upcast(m.A_log))
 
         y, ssm_state = self._scan(x, delta, A, B, C, None if layer_state is None else layer_state["ssm"],
                                   attention_mask=attention_mask)
-        y = run_hook_contiguous(self.hook_y, y)  # [b, p, h, hd]
-        gate = run_hook_contiguous(self.hook_gate, F.silu(upcast(z)))
+        y = run_hook_on_slice(self.hook_y, y)  # [b, p, h, hd]
+        gate = run_hook_on_slice(self.hook_gate, F.silu(upcast(z)))
         y_gated = self.hook_y_gated((y * gate).reshape(b, p, e))
         y_normed = self.hook_y_normed(self._gated_norm(y_gated))
         mixer_out = self.hook_mixer_out(m.out_proj(y_normed.to(dtype)))
