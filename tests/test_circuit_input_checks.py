@@ -408,3 +408,27 @@ def test_eap_with_a_nan_metric_raises_naming_the_value(family):
     with pytest.raises(ValueError, match=r"metric returned -?inf: its gradient"):  # a scalar metric
         attribute(model, Graph.from_model(model), clean, corrupted, lambda lg: metric(lg).mean() / 0.0,
                   method="EAP-IG", ig_steps=2, quiet=True)
+
+
+def test_a_corrupted_baseline_without_corrupted_prompts_raises():
+    from tl_mamba.circuits import evaluate_baseline
+
+    model = make_model("mamba2")
+    with pytest.raises(ValueError, match=r"evaluate_baseline\(run_corrupted=True\) runs the corrupted prompts, but corrupted is None"):
+        evaluate_baseline(model, tokens(1), None, metric, run_corrupted=True)
+    clean = evaluate_baseline(model, tokens(1), None, metric)  # the clean baseline needs none
+    with torch.no_grad():
+        torch.testing.assert_close(clean, metric(model(tokens(1))))
+
+
+def test_parallel_lists_of_batches_of_different_lengths_raise(family):
+    from tl_mamba.circuits import evaluate_baseline
+
+    model = make_model(family)
+    clean = [tokens(1), tokens(2), tokens(3)]
+    with pytest.raises(ValueError, match=r"clean has more batches than corrupted \(corrupted ends after 2\)"):
+        attribute(model, Graph.from_model(model), clean, clean[:2], metric)
+    with pytest.raises(ValueError, match="corrupted has more batches than clean"):
+        evaluate_baseline(model, clean[:2], clean, metric)
+    paired = evaluate_baseline(model, clean, [tokens(4), tokens(5), tokens(6)], metric)  # equal lengths: as before
+    assert paired.shape == (3 * B,)

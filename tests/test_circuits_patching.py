@@ -122,6 +122,11 @@ def test_per_prompt_metric_gives_each_prompt_its_own_patch_result(models, pair, 
         alone = get_act_patch_resid_pre(model, corrupted[k:k + 1], cache, metric).double()
         torch.testing.assert_close(per_prompt[..., k], alone, rtol=1e-6, atol=1e-8)
     assert float((per_prompt[..., 0] - per_prompt[..., B - 1]).abs().max()) > 1e-3  # prompts differ
+    # a batch of one prompt keeps its prompt axis ([1] is one value per prompt, not a scalar)
+    one = patch_layer_position(model, clean[:1], corrupted[:1], lambda logits: logits[:, -1, 5] - logits[:, -1, 9],
+                               hook="resid_pre", progress=False)
+    assert one.shape == (2, P, 1)
+    torch.testing.assert_close(one[..., 0], per_prompt[..., 0], rtol=1e-6, atol=1e-8)
     if family == "mamba2":
         heads = patch_heads(model, clean, corrupted, lambda logits: logits[:, -1, 5], hook="y", progress=False)
         assert heads.shape == (2, model.cfg.n_heads, B)
@@ -386,6 +391,24 @@ def test_mean_and_resample_ablation(models, pair):
 
 
 # ------------------------------------------------------------ class-conditional
+def test_class_conditional_mean_factory_takes_its_means_once(models, pair):
+    """A mean over each batch would make a prompt's result depend on its batch: the factory
+    refuses kind="mean" without reference_tokens (or means); with them, a prompt ablated in a
+    batch of its own equals the same prompt ablated with the others."""
+    model = models["mamba2"]
+    tokens, _ = pair
+    with pytest.raises(ValueError, match=r"kind='mean'\) needs reference_tokens \(or means\)"):
+        class_conditional_hook_factory(model, {0: [1]}, kind="mean")
+    factory = class_conditional_hook_factory(model, {0: [1], 1: [0]}, token_class="bos", kind="mean",
+                                             reference_tokens=tokens)
+    with torch.no_grad():
+        together = model.run_with_hooks(tokens, fwd_hooks=factory(tokens))
+        alone = torch.cat([model.run_with_hooks(tokens[r:r + 1], fwd_hooks=factory(tokens[r:r + 1]))
+                           for r in range(tokens.shape[0])])
+        assert not torch.allclose(together, model(tokens))
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+
+
 def test_class_conditional_touches_only_chosen_positions_and_heads(models, pair):
     model = models["mamba2"]
     tokens, _ = pair

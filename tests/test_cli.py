@@ -134,6 +134,48 @@ def test_knockout_prompt_csv_matches_a_knockout_by_hand(tmp_path):
     assert frame["p"].iloc[0] == pytest.approx(float(probs[answer]), rel=1e-4)
 
 
+def test_knockout_prompt_on_a_byte_level_bpe_tokenizer_scores_the_users_tokens(tmp_path, monkeypatch):
+    """A GPT-NeoX-style tokenizer (the real checkpoints'): its tokens carry their leading space, so
+    the prompt must be knocked out as the user's text, not rebuilt from the tokens. Every CSV row is
+    checked against the public Knockout API run by hand on model.to_tokens(prompt)."""
+    import pandas as pd
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import tl_mamba.cli as cli
+    from tl_mamba import HookedMamba, HookedMambaConfig, Knockout
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["The Eiffel Tower is in the city of Paris"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>")
+    model = HookedMamba(HookedMambaConfig(n_layers=2, d_model=32, d_vocab=320, d_state=8, seed=0),
+                        tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # off the init, so that knockouts change something
+            param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    monkeypatch.setattr(cli, "_load", lambda name: model)
+    prompt = "The Eiffel Tower is in the city of"
+    assert main(["knockout", "bpe-model", "--prompt", prompt, "--window", "1", "--out", str(tmp_path)]) == 0
+    frame = pd.read_csv(tmp_path / "knockout_tokens.csv")
+    tokens = model.to_tokens(prompt)
+    assert tokens.shape[1] == 9 and model.to_str_tokens(tokens[0])[2] == " Eiffel"
+    assert len(frame) == model.cfg.n_layers * tokens.shape[1]
+    assert list(frame["token"][:9]) == model.to_str_tokens(tokens[0])
+    with torch.no_grad():
+        probs = model(tokens)[0, -1].softmax(-1)
+        answer = int(probs.argmax())
+        for row in frame.itertuples():
+            ko = Knockout(layers=[row.layer], sources=[row.position], targets=[-1], path="ssm")
+            p_ko = model.run_with_knockout(tokens, ko)[0, -1].softmax(-1)[answer]
+            # (the CLI runs its knockouts batched: fp32 rounding, 1.1e-5 at most here, 3.6e-7 in float64)
+            assert row.change == pytest.approx(float((p_ko - probs[answer]) / probs[answer]), abs=5e-5)
+    assert frame["change"].abs().max() > 0.1
+
+
 @pytest.mark.parametrize("model_name", ["toy-mamba2", "toy-mamba"])
 def test_knockout_answer_scores_the_given_token(tmp_path, capsys, model_name):
     """``--answer`` scores that token, not the top prediction: every cell of the CSV is

@@ -284,3 +284,31 @@ def test_information_flow_given_strings_asks_for_prompts(bpe_model):
                          progress=False)
     with pytest.raises(TypeError, match=r"information_flow_per_token takes Prompt objects.*prompt_from_text"):
         information_flow_per_token(bpe_model, "The capital", progress=False)
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
+    """Every PNG writer draws on a figure of its own: a notebook's backend (svg stands in for
+    inline here) is not switched to Agg, and pyplot is left with no open figures."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from tl_mamba.circuits import Graph, plot_knockout_attribution
+    from tl_mamba.plotting import layer_position_heatmap
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")
+        model = tl_mamba.HookedMamba2(tl_mamba.HookedMambaConfig(family="mamba2", n_layers=2, d_model=16,
+                                                                 d_vocab=20, d_head=8, seed=0))
+        graph = Graph.from_model(model)
+        graph.scores = torch.randn(graph.scores.shape, generator=torch.Generator().manual_seed(0))
+        graph.in_graph[:] = True
+        written = [layer_position_heatmap(torch.randn(2, 5), tmp_path / "heat.png", "t"),
+                   graph.to_image(tmp_path / "graph.png"),
+                   *plot_knockout_attribution(torch.randn(2, 4, 4), tmp_path / "ko")]
+        for path in written:
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)

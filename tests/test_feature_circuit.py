@@ -133,6 +133,9 @@ def test_bad_input_names_the_problem():
                                  metric)
     with pytest.raises(TypeError, match="must be the FeatureScores"):
         smallest_feature_circuit(model, {SITE: sae}, {SITE: scores[SITE].scores}, clean, corrupted, metric)
+    with pytest.raises(ValueError, match=r"scores\['blocks.1.hook_resid_pre'\] are for 12 features, but the SAE "
+                                         r"given for blocks.1.hook_resid_pre has 20"):
+        smallest_feature_circuit(model, {SITE: TinySAE(16, 20)}, scores, clean, corrupted, metric)
     scores[SITE].scores[3] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or infinite scores \(features \[3\]\)"):
         smallest_feature_circuit(model, {SITE: sae}, scores, clean, corrupted, metric)

@@ -181,6 +181,28 @@ def test_left_padding_side_infers_the_mask_from_pad_tokens(model, tokenizer, pad
         assert not alpha[row, :, :, :width - n].any() and not alpha[row, :, :width - n].any()
 
 
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos_and_the_mask_is_inferred(model, tokenizer):
+    """GPT-NeoX's tokenizer (the state-spaces checkpoints') has no pad token: to_tokens pads with
+    the EOS, and a left-padded batch without a mask is read with the same id (it was left
+    unmasked, the pads running through the recurrence, without a warning)."""
+    import copy
+
+    model.tokenizer = copy.deepcopy(tokenizer)
+    model.tokenizer.pad_token = None
+    model.cfg.pad_token_id = None  # (a config naming a pad id would be used before the EOS)
+    assert model.tokenizer.pad_token_id is None
+    tokens, mask = model.to_tokens(LEFT_TEXTS, padding_side="left", return_attention_mask=True)
+    assert (tokens[~mask.bool()] == model.tokenizer.eos_token_id).all() and not mask.all()
+    expected = model(tokens, attention_mask=mask)
+    close(model(tokens, padding_side="left"), expected)
+    with pytest.warns(UserWarning, match="pass padding_side='left'"):
+        model(tokens)
+    width = tokens.shape[1]
+    for row, text in enumerate(LEFT_TEXTS):
+        alone = model.to_tokens(text)
+        close(expected[row, width - alone.shape[1]:], model(alone)[0])
+
+
 def test_padding_side_left_in_the_call_infers_the_mask_of_tokens(model):
     """forward(tokens, padding_side="left") reads the pads as padding, as HookedTransformer does
     (the argument was applied to strings only, so a tokenizer padding on the right ran the pads

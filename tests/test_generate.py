@@ -682,3 +682,33 @@ def test_recurrent_generate_with_d_conv_1(family):
     tokens = torch.randint(4, 40, (2, 5), generator=torch.Generator().manual_seed(3))
     out = model.generate(tokens, max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
     assert torch.equal(out, greedy_by_full_forwards(model, tokens, 4))
+
+
+@pytest.mark.parametrize("use_past_kv_cache", [True, False])
+def test_a_bos_asked_for_is_not_read_as_padding(model, tokenizer, use_past_kv_cache):
+    """A model that pads on the left, with the pad token the BOS and default_prepend_bos=False:
+    generate(prompt, prepend_bos=True) tokenizes with the BOS, and its forwards must keep it
+    (they inferred padding again with the model's defaults, so the BOS was masked out)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.bos_token
+    model.set_tokenizer(tok, default_padding_side="left")
+    model.cfg.default_prepend_bos = False
+    tokens = model.to_tokens("the cat sat on the mat", prepend_bos=True)
+    assert tokens[0, 0] == tok.bos_token_id == tok.pad_token_id
+    expected = tokens.clone()  # reference: argmax of full forwards, every column read (explicit mask)
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(expected, attention_mask=torch.ones_like(expected))
+            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert not torch.allclose(model(tokens)[0, -1], model(tokens, attention_mask=torch.ones_like(tokens))[0, -1])
+    seen = []  # the logits of generate's first forward, over the whole prompt
+    handle = model.unembed.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))
+    try:
+        out = gen(model, "the cat sat on the mat", prepend_bos=True, max_new_tokens=4, do_sample=False,
+                  stop_at_eos=False, return_type="tokens", use_past_kv_cache=use_past_kv_cache)
+    finally:
+        handle.remove()
+    assert torch.equal(out, expected)
+    close(seen[0][0, -1], model(tokens, attention_mask=torch.ones_like(tokens))[0, -1])

@@ -332,8 +332,16 @@ def test_from_hf_dtype_names():
 
 
 def test_a_config_with_an_integer_dtype_is_refused():
+    with pytest.raises(ValueError, match="dtype=torch.int64 is not a floating-point dtype"):
+        tiny_config(dtype=torch.int64)
+    cfg = tiny_config()
+    cfg.dtype = torch.int64  # set after the config checked it
     with pytest.raises(TypeError, match="cfg.dtype must be a floating-point torch dtype"):
-        HookedMamba(tiny_config(dtype=torch.int64))
+        HookedMamba(cfg)
+    # the config reads the names from_pretrained reads ("bf16" was looked up as torch.bf16)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("torch.float64", torch.float64),
+                        ("auto", torch.float32)):
+        assert tiny_config(dtype=name).dtype == dtype
 
 
 @pytest.mark.parametrize("make", FAMILIES)

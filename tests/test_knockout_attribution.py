@@ -195,6 +195,9 @@ def test_errors_and_memory_guard():
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 6))
     with pytest.raises(ValueError, match="one value per prompt"):
         knockout_attribution(model, tokens, lambda logits: logits[:, -1])
+    # a NaN metric for one prompt would make that prompt's scores NaN: refused as attribute() refuses it
+    with pytest.raises(ValueError, match=r"the metric returned nan for prompt\(s\) \[1\]"):
+        knockout_attribution(model, tokens, lambda logits: metric(logits) * torch.tensor([1.0, float("nan")]))
     with pytest.raises(IndexError, match="out of range"):
         knockout_attribution(model, tokens, metric, layers=[5])
     with pytest.raises(IndexError, match="heads"):

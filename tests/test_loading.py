@@ -370,6 +370,11 @@ def test_config_trusts_embedding_rows_over_config_vocab(hf_mamba):
     with pytest.warns(UserWarning, match="embedding of 50 rows but its weights have 56: d_vocab is 56"):
         cfg = config_from_checkpoint(raw, "transformers", "mamba1", state_dict=sd)
     assert cfg.d_vocab == 56 and cfg.d_vocab_out == 56 and cfg.extra["config_d_vocab"] == 50
+    # under a wrapper prefix the conversion strips (DDP's module., torch.compile's _orig_mod.) too
+    for prefix in ("module.", "_orig_mod."):
+        with pytest.warns(UserWarning, match="embedding of 50 rows but its weights have 56: d_vocab is 56"):
+            wrapped = config_from_checkpoint(raw, "transformers", "mamba1", state_dict={prefix + k: v for k, v in sd.items()})
+        assert wrapped.d_vocab == 56
     # mamba_ssm's layout pads vocab_size: 50 -> 56 agrees with the rows (no warning); 40 -> 40 does not
     sd_ssm = {"backbone.embedding.weight": sd["backbone.embeddings.weight"]}
     raw_ssm = mamba_ssm_config(d_model=24, n_layer=2, vocab_size=50)
@@ -1054,6 +1059,11 @@ def test_save_keeps_token_ids(tmp_path, layout):
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     back = tl_mamba.from_pretrained(tmp_path).cfg
     assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (1, 2, 0)
+    if layout == "mamba_ssm":  # the ids' only source there: a broken file warns, the model still loads
+        (tmp_path / "generation_config.json").write_text('{"bos_token_id": 1, "eos')
+        with pytest.warns(UserWarning, match=r"generation_config.json.*token ids it holds \(bos, eos, pad\) are not read"):
+            back = tl_mamba.from_pretrained(tmp_path).cfg
+        assert back.eos_token_id != 2
 
 
 def test_save_mamba_ssm_layout_refuses_an_eps_it_cannot_hold(tmp_path):

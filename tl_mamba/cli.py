@@ -128,8 +128,9 @@ def cmd_demo(args) -> int:
     from rich.table import Table
     from transformer_lens import patching
 
+    from tl_mamba.circuits import patch_layer_position
     from tl_mamba.plotting import layer_position_heatmap
-    from tl_mamba.toy import encode_prompts, make_ioi
+    from tl_mamba.toy import make_ioi
 
     console = _console()
     model = _load(args.model)
@@ -141,8 +142,7 @@ def cmd_demo(args) -> int:
     # An IOI pair from the held-out split (unseen name/template combination) and its ABC
     # corruption: the second mention of the subject replaced by a third name.
     prompt = make_ioi(1, seed=args.seed, split="heldout")[0]
-    clean = encode_prompts([prompt], model.tokenizer)["tokens"]
-    corrupted = model.to_tokens(prompt.corrupted)
+    clean, corrupted = model.to_tokens(prompt.text), model.to_tokens(prompt.corrupted)  # one token per word
     labels = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(clean[0]))]
     io_id, s_id = (model.to_single_token(w) for w in (prompt.meta["IO"], prompt.meta["S"]))
     console.print(f"clean:     {prompt.text!r} -> {prompt.answer!r}")
@@ -180,7 +180,7 @@ def cmd_demo(args) -> int:
 
     with torch.no_grad():
         resid_patch = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
-        state_patch = _state_patching(model, corrupted, cache, metric)
+        state_patch = patch_layer_position(model, clean, corrupted, metric, hook="h", clean_cache=cache)
     layer_position_heatmap(resid_patch, out_dir / "patch_resid_pre.png",
                            "patching resid_pre clean → corrupted (fraction of IO−S logit diff restored)", labels)
     layer_position_heatmap(state_patch, out_dir / "patch_state.png",
@@ -197,24 +197,6 @@ def cmd_demo(args) -> int:
     console.print(table)
     console.print(f"plots written to {out_dir / 'patch_resid_pre.png'} and {out_dir / 'patch_state.png'}")
     return 0
-
-
-def _state_patching(model, corrupted, clean_cache, metric):
-    """Patch the clean SSM state ``hook_h`` into the corrupted run, one (layer, position) at a time."""
-    from tqdm.auto import tqdm
-
-    n_layers, p = model.cfg.n_layers, corrupted.shape[1]
-    result = torch.zeros(n_layers, p)
-    cells = [(layer, pos) for layer in range(n_layers) for pos in range(p)]
-    for layer, pos in tqdm(cells, desc="hook_h patching", leave=False):
-        clean_state = clean_cache[f"blocks.{layer}.hook_h"][:, pos]
-
-        def patch(h, hook, pos=pos, clean_state=clean_state):
-            h[:, pos] = clean_state
-            return h
-
-        result[layer, pos] = metric(model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.hook_h", patch)]))
-    return result
 
 
 def cmd_models(args) -> int:
@@ -358,8 +340,9 @@ def cmd_knockout(args) -> int:
         p_answer = float(probs[answer_id])
         console.print(f"scoring p({answer!r}) = {_probability(p_answer)} at the last position ({which})")
         labels = model.to_str_tokens(tokens[0])
-        prompt = Prompt(text=" ".join(labels[1:]), answer=answer, task="prompt",
-                        spans={"last": [tokens.shape[1] - 1]})
+        # the user's text and the scored token's id as they are: a text rebuilt from the tokens, or an
+        # id turned to text and back, is another prompt or token under a byte-level BPE tokenizer
+        prompt = Prompt(text=args.prompt, answer=answer_id, task="text", spans={"last": [tokens.shape[1] - 1]})
         values = information_flow_per_token(model, prompt, window=args.window, path=args.path)
         path = plot_per_token_flow(values, [f"{i}:{t}" for i, t in enumerate(labels)], stem.with_suffix(".png"),
                                    title=f"% change in p({answer!r}) when token → last is knocked out")

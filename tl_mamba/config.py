@@ -18,6 +18,41 @@ from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK as SSD_DEFAULT_CHUNK
 Family = Literal["mamba1", "mamba2"]
 
 
+DTYPE_NAMES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "double": torch.float64,
+}
+
+
+def resolve_dtype(dtype: Any, auto: Optional[torch.dtype] = None) -> torch.dtype:
+    """The ``torch.dtype`` a ``dtype=`` argument asks for.
+
+    A floating-point ``torch.dtype``, a name (``"float32"``, ``"float16"``, ``"bfloat16"``,
+    ``"float64"``, with or without ``"torch."``; also ``"fp16"``, ``"bf16"`` ...), ``None``
+    (float32), or ``"auto"``: ``auto``, the checkpoint's own dtype
+    (:func:`tl_mamba.loading.checkpoint.checkpoint_dtype`),
+    float32 when it is None. Anything else, integer dtypes included, is a ``ValueError`` /
+    ``TypeError`` that lists what is accepted.
+    """
+    accepted = "a floating-point torch dtype, 'auto', or one of 'float32', 'float16', 'bfloat16', 'float64'"
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return auto if auto is not None else torch.float32
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"dtype={dtype!r} is not a dtype a tl_mamba model can run in; give {accepted}")
+        return DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be {accepted}, got {type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype} is not a floating-point dtype; give {accepted}")
+    return dtype
+
+
 @dataclass
 class HookedMambaConfig:
     """Hyper-parameters of a hooked Mamba model.
@@ -99,8 +134,7 @@ class HookedMambaConfig:
             self.d_inner = self.expand * self.d_model
         if self.d_vocab_out is None:
             self.d_vocab_out = self.d_vocab
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype.replace("torch.", ""))
+        self.dtype = resolve_dtype(self.dtype)  # a floating-point dtype ("auto" here: float32)
         if self.norm_before_gate:  # the field records the checkpoint option; the model has one form
             raise ValueError("norm_before_gate=True is not supported: HookedMamba2 gates before its RMSNorm "
                              "(norm_before_gate=False, as every released Mamba-2 checkpoint and transformers' Mamba2)")

@@ -17,7 +17,7 @@ own ``[b, p]`` source and target masks, so one forward runs many knockouts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -43,7 +43,13 @@ def layer_windows(n_layers: int, window: int) -> List[Tuple[int, List[int]]]:
             for centre in range(n_layers)]
 
 
-def _answer_id(model, answer: str, row: int) -> int:
+def _answer_id(model, answer: Union[str, int], row: int) -> int:
+    """The token id of a prompt's answer: its text (one token), or the id itself."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < model.cfg.d_vocab:
+            raise OutOfRangeError(f"prompt {row}: the answer token id {answer} is outside the vocabulary "
+                                  f"[0, {model.cfg.d_vocab})")
+        return answer
     ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"prompt {row}: the answer {answer!r} is {len(ids)} tokens {ids}; information_flow scores "
@@ -71,8 +77,9 @@ def _encode(model, prompts):
                              "toy tokenizer, or build prompts with tl_mamba.experiments.prompt_from_text")
         beyond = [pos for span in prompt.spans.values() for pos in span if not 0 <= pos < length]
         if beyond:
-            raise OutOfRangeError(f"prompt {row} has span positions {beyond} outside its {length} tokens; spans index "
-                             "model.to_tokens(prompt.text) (tl_mamba.experiments.prompt_from_text builds them)")
+            raise OutOfRangeError(f"prompt {row} has span positions {beyond} outside its {length} tokens; spans "
+                                  "index model.to_tokens(prompt.text) (tl_mamba.experiments.prompt_from_text "
+                                  "builds them)")
     answers = torch.tensor([_answer_id(model, prompt.answer, row) for row, prompt in enumerate(prompts)])
     batch = {"tokens": tokens, "attention_mask": mask, "answers": answers}
     return batch, (tokens.shape[1] - lengths).tolist()
@@ -307,13 +314,10 @@ def plot_information_flow(df, path, title: Optional[str] = None, statistic: str 
 
     ``statistic``: see :func:`summarize_information_flow`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tl_mamba.plotting import new_figure
 
     summary = summarize_information_flow(df, statistic)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure((6, 4))
     for source in summary.columns:
         ax.plot(summary.index, summary[source], marker="o", label=source)
     ax.axhline(0, color="grey", lw=0.8)
@@ -325,7 +329,6 @@ def plot_information_flow(df, path, title: Optional[str] = None, statistic: str 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -479,9 +479,14 @@ def class_conditional_hook_factory(model, layer_heads: Mapping[int, Any], token_
                                    reference_attention_mask: Optional[Tensor] = None,
                                    means: Optional[Mapping[int, Tensor]] = None) -> Callable[..., List[Hook]]:
     """``tokens [, attention_mask] -> hooks``: :func:`class_conditional_ablation_hooks` built per batch
-    (for :func:`needle_accuracy` and other loops over batches). For ``kind="mean"`` with
-    ``reference_tokens`` the means are computed once here; without, per batch from its tokens."""
-    if kind == "mean" and means is None and reference_tokens is not None:
+    (for :func:`needle_accuracy` and other loops over batches). ``kind="mean"`` needs
+    ``reference_tokens`` (the means are computed once here) or ``means``: a mean taken over each
+    batch would make a prompt's result depend on the batch it falls in."""
+    if kind == "mean" and means is None and reference_tokens is None:
+        raise ValueError("class_conditional_hook_factory(kind='mean') needs reference_tokens (or means): the means "
+                         "are taken once from them, since a mean over each batch would make a prompt's result depend "
+                         "on the batch size and on which prompts share its batch")
+    if kind == "mean" and means is None:
         name = resolve_hook(model, hook)
         means = mean_activations(model, reference_tokens, name, [int(k) for k in layer_heads],
                                  attention_mask=reference_attention_mask)

@@ -30,10 +30,7 @@ def _layout(graph) -> Dict[str, Tuple[float, float]]:
 
 def draw_graph(graph, path: Path, title: Optional[str] = None, max_edges: int = 200) -> Path:
     """Draw ``graph``'s in-graph edges (at most ``max_edges``, the highest |score| first) to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from tl_mamba.plotting import new_figure
 
     pos = _layout(graph)
     flags = graph.in_graph.any(-1) if graph.positional else graph.in_graph
@@ -45,7 +42,7 @@ def draw_graph(graph, path: Path, title: Optional[str] = None, max_edges: int = 
     used = {"input", "logits"} | {n for e, _ in edges for n in (e.parent, e.child)}
 
     width = 6 if graph.level != "head" else max(6, graph.units_per_layer * 0.8)
-    fig, ax = plt.subplots(figsize=(width, 1.6 * (graph.n_layers + 2)))
+    fig, ax = new_figure((width, 1.6 * (graph.n_layers + 2)))
     for e, score in edges:
         (x0, y0), (x1, y1) = pos[e.parent], pos[e.child]
         bend = 0.15 * (y1 - y0) if e.kind == "resid" and abs(x1 - x0) < 1e-6 else 0.0
@@ -80,5 +77,4 @@ def draw_graph(graph, path: Path, title: Optional[str] = None, max_edges: int = 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path

@@ -34,7 +34,7 @@ means over prompts of first-order estimates of
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -71,13 +71,26 @@ def iter_batches(clean, corrupted=None, labels=None, batch_size: Optional[int] =
         _label_rows(labels, slice(0, n), n)  # one per prompt (or shared by all): checked before any forward
         batches: Iterable[tuple] = [(clean, corrupted, labels, attention_mask)]
     elif corrupted is not None and not isinstance(corrupted, Tensor):  # two parallel iterables
-        batches = ((c, k, None, None) for c, k in zip(clean, corrupted))
+        batches = ((c, k, None, None) for c, k in _same_length_pairs(clean, corrupted))
     elif corrupted is not None:
         raise TypeError("corrupted is a tensor but clean is not; pass two token tensors or one dataloader")
     else:
         batches = (_unpack(item) for item in clean)
     for batch in batches:
         yield from split_batch(_check_pair(*batch), step)
+
+
+def _same_length_pairs(clean, corrupted) -> Iterator[tuple]:
+    """``zip(clean, corrupted)`` of two parallel iterables of batches, refusing lists of different
+    lengths (zip would drop the longer one's last batches without a word)."""
+    clean_batches, corrupted_batches = iter(clean), iter(corrupted)
+    for index, clean_batch in enumerate(clean_batches):
+        corrupted_batch = next(corrupted_batches, None)
+        if corrupted_batch is None:
+            raise ValueError(f"clean has more batches than corrupted (corrupted ends after {index})")
+        yield clean_batch, corrupted_batch
+    if next(corrupted_batches, None) is not None:
+        raise ValueError("corrupted has more batches than clean")
 
 
 def rows_per_forward(batch_size) -> Optional[int]:
@@ -180,16 +193,21 @@ def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Option
 
 
 def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
-    """The metric as a sum over the batch's prompts (a scalar metric is taken as the batch mean),
-    to differentiate: ``TypeError`` for a value that is not a tensor (a Python float carries no
-    gradient), ``ValueError`` for a tensor detached from the logits or a NaN / infinite value
-    (which would make every score NaN)."""
-    value = metric(logits) if labels is None else metric(logits, labels)
+    """The metric of one batch as a sum over its prompts, to differentiate: :func:`metric_sum`."""
+    return metric_sum(metric(logits) if labels is None else metric(logits, labels), b)
+
+
+def metric_sum(value, b: int, differentiable: bool = True) -> Tensor:
+    """A metric's value on a batch of ``b`` prompts as their sum (a scalar metric is taken as the
+    batch mean): ``TypeError`` for a value that is not a tensor (a Python float carries no
+    gradient), ``ValueError`` for a tensor of another shape than ``[]`` or ``[b]``, NaN or
+    infinite (which would make every score NaN), or, when it is to be ``differentiable``,
+    detached from the logits."""
     if not isinstance(value, Tensor):
         raise TypeError(f"the metric must return a tensor computed from the logits (a scalar or one value per "
                         f"prompt [b]), got {type(value).__name__}: attribution differentiates the metric, and a "
                         "Python number (.item(), float(...)) carries no gradient")
-    if not value.requires_grad:
+    if differentiable and not value.requires_grad:
         raise ValueError("the metric does not depend on the logits through autograd (detached? computed under "
                          "torch.no_grad(), or with .detach() / .item() / numpy?): attribution differentiates the "
                          "metric with respect to the logits")
@@ -495,7 +513,9 @@ def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, 
         raise TypeError("evaluate_baseline() needs a metric")
     out: List[Tensor] = []
     if isinstance(clean, Tensor) and corrupted is None:
-        corrupted = clean  # the baseline needs no corrupted prompts
+        if run_corrupted:
+            raise ValueError("evaluate_baseline(run_corrupted=True) runs the corrupted prompts, but corrupted is None")
+        corrupted = clean  # the clean baseline needs no corrupted prompts
     for clean_tokens, corrupted_tokens, batch_labels, mask in iter_batches(clean, corrupted, labels, batch_size,
                                                                            attention_mask):
         with torch.no_grad():
@@ -579,12 +599,5 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
     return graph
 
 
-def edge_scores_table(graph: Graph, k: int = 20) -> List[Dict[str, Union[str, float, bool]]]:
-    """The top ``k`` edges by |score| as rows ``{"edge", "score", "in_graph"}`` (for printing)."""
-    flags = graph.in_graph.any(-1) if graph.positional else graph.in_graph
-    return [{"edge": name, "score": score, "in_graph": bool(flags[graph.edge(name).index])}
-            for name, score in graph.top_edges(k)]
-
-
 __all__ = ["attribute", "evaluate_graph", "evaluate_baseline", "faithfulness", "patched_logits",
-           "iter_batches", "split_batch", "edge_scores_table", "METHODS"]
+           "iter_batches", "split_batch", "METHODS"]

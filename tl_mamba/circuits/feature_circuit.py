@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from tl_mamba.circuits.eap import (_per_prompt, circuit_faithfulness, count_batches, iter_batches, mean_baselines,
                                    read_once)
-from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _sae_parts, check_saes
+from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _sae_parts, _sae_setting, check_saes
 from tl_mamba.errors import OutOfRangeError
 from tl_mamba.knockout import _index_list, _refuse_an_int_mask
 
@@ -154,6 +154,10 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
         if not isinstance(site, FeatureScores):
             raise TypeError(f"scores[{name!r}] must be the FeatureScores feature_attribution returns, "
                             f"got {type(site).__name__}")
+        width = _declared_width(saes[name])
+        if width is not None and site.frequency.numel() != width:
+            raise ValueError(f"scores[{name!r}] are for {site.frequency.numel()} features, but the SAE given for "
+                             f"{name} has {width}: pass feature_attribution's result for these SAEs")
         if not bool(torch.isfinite(site.scores).all()):
             bad = torch.nonzero(~torch.isfinite(site.scores.reshape(-1, site.scores.shape[-1])).any(0)).flatten()
             raise ValueError(f"scores[{name!r}] has NaN or infinite scores (features {bad[:8].tolist()}): they "
@@ -194,6 +198,15 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
     bar.close()
     return FeatureCircuit(k=high, kept=_kept(ranked[:high], saes), faithfulness=faithfulness_of(high),
                           curve=sorted(measured.items()), ranked=ranked)
+
+
+def _declared_width(sae) -> Optional[int]:
+    """The SAE's number of features where it says (sae-lens' ``cfg.d_sae``, or a ``W_dec``
+    ``[d_sae, d_in]``), else None (known only once it encodes)."""
+    width = _sae_setting(sae, "d_sae")
+    if width is None and isinstance(getattr(sae, "W_dec", None), Tensor):
+        width = sae.W_dec.shape[0]
+    return int(width) if width is not None else None
 
 
 def _kept(ranked: Sequence[Tuple[str, int, float]], saes) -> Dict[str, List[int]]:

@@ -25,9 +25,10 @@ needs per-prompt data then takes a second argument ``rows`` (the indices of this
 batch's prompts, a LongTensor), e.g. ``lambda logits, rows: logits[:, -1].gather(
 -1, answers[rows, None])[:, 0]``.
 
-Memory: each chosen layer's mask and its gradient (``[b, H, p, p]`` each) are held
-from the forward to the backward, so a batch needs about
-``3 · n_layers · b · H · p² · 4`` bytes on top of the usual activations, checked
+Memory: each chosen layer's mask and its gradient (``[b, H, p, p]`` each, with the
+scan's working copies) are held from the forward to the backward, so a batch needs about
+``MASK_COPIES (6) · n_layers · b · H · p²`` values (4 bytes each, 8 for a float64 model)
+on top of the usual activations, checked
 against ``model.heavy_hook_memory_limit`` (the limit of the heavy hooks): a given
 ``batch_size`` is shrunk to fit; without one, a batch that does not fit raises
 ``MemoryError``, as does a single prompt that does not fit.
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mamba.circuits.eap import _score_dtype
+from tl_mamba.circuits.eap import _score_dtype, metric_sum
 from tl_mamba.errors import OutOfRangeError
 from tl_mamba.knockout import _index_list
 from tl_mamba.ops.buffers import format_bytes
@@ -161,7 +162,9 @@ def _metric_takes_rows(metric: Metric) -> bool:
 
 
 def _batch_metric(metric: Metric, logits: Tensor, rows: Tensor, takes_rows: bool, n_prompts: int) -> Tensor:
-    """The sum over the batch of the per-prompt metric (``rows`` of the ``n_prompts``)."""
+    """The sum over the batch of the per-prompt metric (``rows`` of the ``n_prompts``), checked
+    by :func:`~tl_mamba.circuits.eap.metric_sum` (to differentiate, unless grad is off: the
+    knockouts that check the attribution)."""
     try:
         value = metric(logits, rows.to(logits.device)) if takes_rows else metric(logits)
     except Exception as error:
@@ -176,18 +179,7 @@ def _batch_metric(metric: Metric, logits: Tensor, rows: Tensor, takes_rows: bool
             else:
                 raise type(error)(f"{error} ({note})") from error
         raise
-    return _reduce_metric(value, rows.numel())
-
-
-def _reduce_metric(value: Tensor, b: int) -> Tensor:
-    """The sum over the batch of the per-prompt metric (a scalar is taken as its mean: × b)."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"metric must return a tensor (a scalar or one value per prompt [b]), got {type(value).__name__}")
-    if value.dim() == 0:
-        return value * b
-    if tuple(value.shape) == (b,):
-        return value.sum()
-    raise ValueError(f"metric must return a scalar or one value per prompt [b] = [{b}], got shape {tuple(value.shape)}")
+    return metric_sum(value, rows.numel(), differentiable=torch.is_grad_enabled())
 
 
 # -------------------------------------------------------------------------- attribution
@@ -460,10 +452,7 @@ def plot_knockout_attribution(
     Returns:
         The paths written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tl_mamba.plotting import new_figure
 
     scores = scores.detach().float().cpu()
     if scores.dim() == 2:
@@ -490,7 +479,7 @@ def plot_knockout_attribution(
         shown = values.masked_fill(upper, float("nan"))
         bound = float(values.abs().max()) or 1.0
         size = 2.5 + 0.32 * p
-        fig, ax = plt.subplots(figsize=(size + 1.2, size))
+        fig, ax = new_figure((size + 1.2, size))
         image = ax.imshow(shown.numpy(), cmap="RdBu", vmin=-bound, vmax=bound)
         labels = list(str_tokens) if str_tokens is not None else [str(k) for k in range(p)]
         ax.set_xticks(range(p))
@@ -505,7 +494,6 @@ def plot_knockout_attribution(
         out = Path(template.format(layer=layer))
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
-        plt.close(fig)
         written.append(out)
     return written
 

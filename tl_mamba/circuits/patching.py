@@ -364,9 +364,7 @@ def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: 
             logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=mask)
             for i in range(k):
                 value = torch.as_tensor(metric(logits[i * b:(i + 1) * b])).detach().double().cpu()
-                if value.numel() == 1:
-                    value = value.reshape(())
-                elif tuple(value.shape) != (b,):
+                if value.ndim != 0 and tuple(value.shape) != (b,):  # ([b] with b = 1 keeps its prompt axis)
                     raise ValueError(f"metric must return a scalar or one value per prompt ([{b}]), got shape "
                                      f"{tuple(value.shape)}")
                 if out is None:

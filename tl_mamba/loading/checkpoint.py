@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from ..config import HookedMambaConfig
+from ..config import DTYPE_NAMES, HookedMambaConfig, resolve_dtype
 from .convert import convert_state_dict
 from .errors import UnsupportedArchitectureError, WrongModelClassError
 from .files import load_state_dict_files, load_tokenizer, read_checkpoint_config
@@ -54,42 +54,8 @@ def model_class_for_family(family: str) -> type:
 
 
 #: the dtypes a model may be loaded in, by the names ``from_pretrained(dtype=...)`` accepts
-DTYPE_NAMES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "double": torch.float64,
-}
-
-
 def is_auto_dtype(dtype: Any) -> bool:
     return isinstance(dtype, str) and dtype.strip().lower() == "auto"
-
-
-def resolve_dtype(dtype: Any, auto: Optional[torch.dtype] = None) -> torch.dtype:
-    """The ``torch.dtype`` a ``dtype=`` argument asks for.
-
-    A floating-point ``torch.dtype``, a name (``"float32"``, ``"float16"``, ``"bfloat16"``,
-    ``"float64"``, with or without ``"torch."``; also ``"fp16"``, ``"bf16"`` ...), ``None``
-    (float32), or ``"auto"``: ``auto``, the checkpoint's own dtype (see :func:`checkpoint_dtype`),
-    float32 when it is None. Anything else, integer dtypes included, is a ``ValueError`` /
-    ``TypeError`` that lists what is accepted.
-    """
-    accepted = "a floating-point torch dtype, 'auto', or one of 'float32', 'float16', 'bfloat16', 'float64'"
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        name = dtype.strip().lower().removeprefix("torch.")
-        if name == "auto":
-            return auto if auto is not None else torch.float32
-        if name not in DTYPE_NAMES:
-            raise ValueError(f"dtype={dtype!r} is not a dtype tl_mamba can load a model in; give {accepted}")
-        return DTYPE_NAMES[name]
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be {accepted}, got {type(dtype).__name__} {dtype!r}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype} is not a floating-point dtype; give {accepted}")
-    return dtype
 
 
 def checkpoint_dtype(raw: Mapping[str, Any], state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Optional[torch.dtype]:
@@ -262,7 +228,9 @@ def load_pretrained(
     ``UnsupportedArchitectureError``, ``WrongModelClassError`` or
     ``CheckpointMismatchError`` (which lists every missing / unexpected / misshapen key);
     a ``ValueError`` for a ``device`` this machine does not have (:func:`check_device`).
-    Everything but the last is checked from the config alone, before the weights are read.
+    The device, the dtype and the config (``CheckpointConfigError``, ``UnsupportedArchitectureError``,
+    ``WrongModelClassError``) are checked before the weights are read; an unreadable weight file
+    and ``CheckpointMismatchError`` (the weights against the config) come after.
     """
     check_device(device)
     path = resolve_checkpoint(name_or_path, revision=revision)

@@ -107,8 +107,10 @@ def read_checkpoint_config(path: PathLike) -> Dict[str, Any]:
     if "model_type" not in raw and generation_file.is_file():
         try:
             generation = _read_json_object(generation_file)
-        except CheckpointFilesError:
-            generation = {}  # it only supplies token ids; a broken one is not worth refusing the model
+        except CheckpointFilesError as err:  # it only supplies token ids: not worth refusing the model
+            warnings.warn(f"{err}; the token ids it holds (bos, eos, pad) are not read, the layout's defaults "
+                          "stand in", stacklevel=2)
+            generation = {}
         for key in TOKEN_ID_KEYS:
             if key not in raw and key in generation:
                 raw[key] = generation[key]

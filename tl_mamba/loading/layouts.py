@@ -408,9 +408,15 @@ def config_from_checkpoint(
 
 
 def _embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
-    for key in ("backbone.embedding.weight", "backbone.embeddings.weight", "embedding.weight", "embeddings.weight"):
-        if key in state_dict and state_dict[key].ndim == 2:
-            return int(state_dict[key].shape[0])
+    """Rows of the checkpoint's embedding, under any wrapper prefix (``module.``, ``model.``) the
+    conversion strips: :func:`tl_mamba.loading.convert.wrapper_prefix`."""
+    from tl_mamba.loading.convert import _EMBED_NAMES, wrapper_prefix
+
+    prefix = wrapper_prefix(list(state_dict))
+    for name in _EMBED_NAMES:
+        tensor = state_dict.get(prefix + name)
+        if tensor is not None and tensor.ndim == 2:
+            return int(tensor.shape[0])
     return None
 
 

@@ -87,20 +87,6 @@ def generation_config(cfg) -> dict:
     return {key: getattr(cfg, key, None) for key in TOKEN_ID_KEYS}
 
 
-def mamba_ssm_key(name: str) -> str:
-    """Our parameter name → the mamba_ssm checkpoint key."""
-    if name == "embed.W_E":
-        return "backbone.embedding.weight"
-    if name == "ln_final.w":
-        return "backbone.norm_f.weight"
-    if name == "unembed.weight":
-        return "lm_head.weight"
-    if name.startswith("blocks."):
-        _, layer, rest = name.split(".", 2)
-        return f"backbone.layers.{layer}." + ("norm.weight" if rest == "ln1.w" else rest)
-    raise KeyError(f"no mamba_ssm name for parameter {name!r}")
-
-
 def _remove_other_weights(out: Path) -> None:
     """Delete the weight files of an earlier checkpoint in ``out``: its shard indexes, the shards they
     list, ``pytorch_model.bin``, ``model.safetensors`` and Mistral's ``consolidated.safetensors``
@@ -191,7 +177,7 @@ def transformers_config(cfg) -> dict:
 
 
 LAYOUT_WRITERS = {
-    "mamba_ssm": (mamba_ssm_config, mamba_ssm_key),
+    "mamba_ssm": (mamba_ssm_config, lambda name: checkpoint_name(name, "mamba_ssm")),
     "transformers": (transformers_config, lambda name: checkpoint_name(name, "transformers")),
 }
 

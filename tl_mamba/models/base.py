@@ -377,6 +377,8 @@ class HookedSSM(HookedRootModule):
         return int(self.cfg.bos_token_id)
 
     def _pad_id(self) -> int:
+        """The id ``to_tokens`` pads with: the tokenizer's pad token, else the config's, else the
+        EOS (a GPT-NeoX tokenizer has no pad token; TransformerLens pads with its EOS too), else 0."""
         tok = self.tokenizer
         for candidate in (
             getattr(tok, "pad_token_id", None) if tok is not None else None,
@@ -649,7 +651,8 @@ class HookedSSM(HookedRootModule):
 
     def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None,
                              padding_side: Optional[str] = None) -> Optional[Tensor]:
-        """The attention mask of token input given without one, from the tokenizer's pad token.
+        """The attention mask of token input given without one, from the pad id ``to_tokens`` pads
+        with (the tokenizer's pad token, else its EOS: :meth:`_pad_id`).
 
         As TransformerLens does, a call with ``padding_side="left"``, or a model that pads on the
         left (``model.tokenizer.padding_side == "left"``, which ``set_tokenizer`` keeps equal to
@@ -664,12 +667,13 @@ class HookedSSM(HookedRootModule):
         import warnings
 
         tok = self.tokenizer
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         infer = (padding_side or self._padding_side()) == "left"
-        if pad is None or (tokens.shape[0] == 1 and not infer):
+        if tok is None or (tokens.shape[0] == 1 and not infer):
             return None
+        pad = self._pad_id()  # what to_tokens pads with (the EOS for a tokenizer without a pad token)
         leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
         bos = getattr(tok, "bos_token_id", None)
+        bos = self.cfg.bos_token_id if bos is None else bos
         pad_is_bos = pad == bos
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         runs = leading.sum(1)
@@ -1131,7 +1135,8 @@ class HookedSSM(HookedRootModule):
         left out even where the pad token is not a special token, so that each prompt of a
         batch gets the text it gets alone. For the BOS and EOS, ask for
         ``return_type="tokens"`` and use ``to_string``. ``top_k`` must be a positive int or
-        None, and ``eos_token_id`` an id or a non-empty list of ids.
+        None, and ``eos_token_id`` an id or a non-empty list of ids. A row that has ended is
+        filled with the (first) EOS id, as in TransformerLens (transformers fills with the pad id).
 
         ``use_past_kv_cache=False`` re-runs the whole sequence at every step instead
         (hooks then see the whole sequence each time; cost grows with its length).
@@ -1199,13 +1204,17 @@ class HookedSSM(HookedRootModule):
                     f"generate under {ko!r}: its bool-mask positions name the positions of one sequence length, "
                     "but generate lengthens the sequence at every step. Give sources and targets as ints "
                     "(negative ones count from the end: targets=[-1] is the newest token at each step).")
+        if attention_mask is None:  # no padding, read with this call's prepend_bos and padding_side: the
+            # forwards below must not infer padding again with the model's defaults (a BOS asked for here
+            # would be taken for a pad where the pad token is the BOS and the model pads on the left)
+            attention_mask = torch.ones_like(tokens)
         recurrent = use_past_kv_cache and not knockouts
         state = RecurrentState.empty(self.cfg.n_layers) if recurrent else None
         logits = self(tokens, attention_mask=attention_mask, state=state)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out_tokens = [tokens]
         # which tokens are each row's own (for strings): not its padding, nor the fill after its EOS
-        own = [attention_mask.bool() if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)]
+        own = [attention_mask.bool()]
         pad = self._pad_id() if eos_ids is None else int(eos_ids[0])
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
             # the penalty counts each row's own tokens: a pad id in a shorter prompt's padding is not
@@ -1228,8 +1237,8 @@ class HookedSSM(HookedRootModule):
                 logits = self(next_tokens[:, None], state=state)
             else:
                 sequence = torch.cat(out_tokens, dim=1)
-                if attention_mask is not None:  # left padding only (checked above): new tokens are real
-                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(sequence), 1)], dim=1)
+                # left padding only (checked above): new tokens are real
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(sequence), 1)], dim=1)
                 logits = self(sequence, attention_mask=attention_mask)
         result = torch.cat(out_tokens, dim=1)
         if return_type == "str" or (return_type == "input" and string_input):

@@ -108,22 +108,21 @@ class MambaBlock(MixerBlock):
         conv_in, z = m.in_proj(normed).split([e, e], dim=-1)
         if keep is not None:  # before the hook: it holds what the conv reads (conv_attention, conv knockouts)
             conv_in = conv_in * keep
-        # a hook may return another dtype (a patch from an fp32 cache): the weights read this dtype
-        conv_in = run_hook_on_slice(self.hook_conv_in, conv_in).to(dtype)
+        conv_in = run_hook_on_slice(self.hook_conv_in, conv_in)
         if keep is not None and hook_is_active(self.hook_conv_in):  # what a hook writes at pads stays there
             conv_in = conv_in * keep
         z = run_hook_on_slice(self.hook_z, z)
         conv, conv_state = causal_conv1d(
             conv_in, m.conv1d.weight, m.conv1d.bias, None if layer_state is None else layer_state["conv"]
         )
-        conv = run_hook_conv(self.hook_conv, conv, conv_in).to(dtype)  # conv knockouts read conv_in
-        x = self.hook_x(F.silu(conv)).to(dtype)
+        conv = run_hook_conv(self.hook_conv, conv, conv_in)  # conv knockouts read conv_in
+        x = self.hook_x(F.silu(conv))
         if keep is not None:
             x = x * keep
         dt_low, B, C = m.x_proj(x).split([r, n, n], dim=-1)
         if cfg.bcdt_rms_eps is not None:
             dt_low, B, C = (weightless_rms(t, cfg.bcdt_rms_eps) for t in (dt_low, B, C))
-        dt_low = run_hook_on_slice(self.hook_dt_low, dt_low).to(dtype)
+        dt_low = run_hook_on_slice(self.hook_dt_low, dt_low)
         B = run_hook_on_slice(self.hook_B, B)
         C = run_hook_on_slice(self.hook_C, C)
         delta = self.hook_delta(F.softplus(upcast(F.linear(dt_low, m.dt_proj.weight)) + upcast(m.dt_proj.bias)))

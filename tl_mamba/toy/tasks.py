@@ -90,11 +90,12 @@ class Prompt:
 
     ``text`` holds no BOS; ``spans`` are token positions in the tokenized prompt with
     the BOS at position 0 (so word ``i`` of ``text`` is position ``i + 1``); the
-    ``answer`` is one word, the token to predict after the prompt's last token.
+    ``answer`` is one word, the token to predict after the prompt's last token (the
+    ``tl_mamba.experiments`` tools also take its token id).
     """
 
     text: str
-    answer: str
+    answer: Union[str, int]
     task: str
     spans: Dict[str, List[int]]
     corrupted: Optional[str] = None

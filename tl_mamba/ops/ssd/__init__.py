@@ -70,7 +70,7 @@ def _dense_mask_implementation(backend: Optional[str], device):
     })
 
 
-BACKENDS = ("reference", "torch", "triton")
+_IMPLEMENTATION_NAMES = ("reference", "torch", "triton")  # what "auto" and a named backend resolve to
 
 
 def _implementation(backend: Optional[str], device, chunk_size: int):
@@ -201,7 +201,8 @@ def ssd_scan(
                     grad_y, x, delta, A, B, C, mask_heads=mask.shape[1]))
         return out
 
-    if removals is None or p == 0 or resolve_backend(backend, x.device, available=BACKENDS) != "triton":
+    resolved = resolve_backend(backend, x.device, available=_IMPLEMENTATION_NAMES)
+    if removals is None or p == 0 or resolved != "triton":
         return scan_then_remove()
     from tl_mamba.ops.ssd.triton_kernel import SAME_PASS_KNOCKOUT, fuses_knockout
 
