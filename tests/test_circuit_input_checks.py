@@ -330,6 +330,26 @@ def test_float_layers_and_heads_are_refused_not_truncated():
     with pytest.raises(TypeError, match=r"knockout_attribution heads: integer heads needed"):
         knockout_attribution(model, tokens(0), lambda lg: lg[:, -1, 0], heads=[0.5])
     assert Knockout(layers=torch.tensor([0, 1]), sources=[0], targets=[-1]).resolved_layers(2) == [0, 1]
+    # hidden_attention read heads=[1.9] as head 1 and heads=[True] as head 1; ablate's layers=1.0 failed
+    # on iterating a float; every tool raises the shared NotAnIndexError / OutOfRangeError
+    from tl_mamba import NotAnIndexError, OutOfRangeError
+    from tl_mamba.circuits import ablate
+
+    for heads in ([1.9], [True], torch.tensor([1.0])):
+        with pytest.raises(NotAnIndexError, match="hidden_attention heads: "):
+            model.hidden_attention(tokens(0), 0, heads=heads)
+    with pytest.raises(NotAnIndexError, match="conv_attention channels: "):
+        make_model("mamba1").conv_attention(tokens(0), 0, channels=[2.5])
+    with pytest.raises(NotAnIndexError, match="layers must be ints, got 1.0"):
+        ablate(model, tokens(0), "y", layers=1.0)
+    _, cache = model.run_with_cache(tokens(0))
+    for method in ("accumulated_resid", "decompose_resid"):  # a KeyError for a missing hook, before
+        with pytest.raises(OutOfRangeError, match=rf"{method}: layer must be in \[0, 2\]"):
+            getattr(cache, method)(layer=99)
+        with pytest.raises(NotAnIndexError):
+            getattr(cache, method)(layer=1.0)
+    assert issubclass(OutOfRangeError, IndexError) and issubclass(OutOfRangeError, ValueError)
+    assert issubclass(NotAnIndexError, TypeError) and issubclass(NotAnIndexError, ValueError)
 
 
 def test_logit_diff_checks_its_labels_against_the_logits():

@@ -95,6 +95,15 @@ def test_per_token_flow(toy, tmp_path):
     assert float(values[layer, pos]) == pytest.approx(float((p_ko - p) / p), rel=1e-3, abs=1e-5)
     labels = toy.to_str_tokens(tokens[0])
     assert plot_per_token_flow(values, labels, tmp_path / "tok.png").read_bytes()[:4] == b"\x89PNG"
+    # the answer may be given as its token id, with the model's tokenizer or without one (the toy encoding)
+    import copy
+    import dataclasses
+
+    by_id = dataclasses.replace(prompt, answer=answer)
+    torch.testing.assert_close(information_flow_per_token(toy, by_id, window=1, progress=False), values)
+    bare = copy.copy(toy)
+    bare.__dict__["_tokenizer"] = None
+    torch.testing.assert_close(information_flow_per_token(bare, by_id, window=1, progress=False), values)
 
 
 def test_features_by_decay_ranks_by_delta_times_A(toy):

@@ -952,8 +952,13 @@ def test_missing_required_config_field_fails_before_the_weights(tmp_path, hf_mam
         with pytest.raises(CheckpointConfigError, match=rf"config.json lacks the required field '{field}'.*mamba_ssm"):
             HookedMamba.from_pretrained(tmp_path)
     # values our config refuses fail before the weights as well
+    # (as a CheckpointConfigError naming the file: the checkpoint's value, not the caller's)
     (tmp_path / "config.json").write_text(json.dumps(dict(hf_mamba2.config.to_dict(), n_groups=3)))
-    with pytest.raises(ValueError, match=r"n_heads \(4\) must be divisible by n_groups \(3\)"):
+    with pytest.raises(CheckpointConfigError, match=r"config.json \(transformers layout, mamba2\) holds a value "
+                                                    r"tl_mamba cannot use: n_heads \(4\) must be divisible by n_groups \(3\)"):
+        tl_mamba.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(ssm, n_layer="two")))
+    with pytest.raises(CheckpointConfigError, match=r"config.json \(mamba_ssm layout, mamba1\) holds a value"):
         tl_mamba.from_pretrained(tmp_path)
     with pytest.raises(CheckpointConfigError, match="'vocab_size'"):
         config_from_checkpoint({k: v for k, v in full.items() if k != "vocab_size"}, "transformers", "mamba1")

@@ -29,6 +29,7 @@ import torch
 from transformer_lens import ActivationCache
 from transformer_lens.utilities import Slice, get_act_name
 
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 from tl_mamba.ops.buffers import format_bytes
 
 _MIXER_SUBLAYER = re.compile(r"^blocks\.(\d+)\.(?:attn|mlp)\.(hook_\w+)$")
@@ -132,6 +133,7 @@ class MambaActivationCache(ActivationCache):
         complete); they are accepted so that TransformerLens tools that pass them (its direct
         logit attribution by ``unit="layer"``) run unchanged.
         """
+        layer = self._layer_arg(layer, "accumulated_resid")
         return super().accumulated_resid(layer=layer, incl_mid=False, apply_ln=apply_ln, pos_slice=pos_slice,
                                          mlp_input=False, return_labels=return_labels)
 
@@ -167,9 +169,7 @@ class MambaActivationCache(ActivationCache):
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
-        n_layers = self.model.cfg.n_layers
-        if layer is None or layer == -1:
-            layer = n_layers
+        layer = self._layer_arg(layer, "decompose_resid")
         components, labels = [], []
         if incl_embeds:
             components.append(self["hook_embed"])
@@ -200,9 +200,11 @@ class MambaActivationCache(ActivationCache):
         n_layers = self.model.cfg.n_layers
         if layer is None or layer == -1:
             return n_layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
-            raise ValueError(f"{method}: layer must be in [0, {n_layers}], -1 or None, got {layer!r}")
-        return layer
+        if isinstance(layer, bool) or not hasattr(layer, "__index__"):
+            raise NotAnIndexError(f"{method}: layer must be an int in [0, {n_layers}], -1 or None, got {layer!r}")
+        if not 0 <= int(layer) <= n_layers:
+            raise OutOfRangeError(f"{method}: layer must be in [0, {n_layers}], -1 or None, got {layer!r}")
+        return int(layer)
 
     def _resid_name(self, layer: int) -> str:
         """The hook holding the residual stream that is input to ``layer`` (the final stream for n_layers)."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError
+from tl_mamba.knockout import _index_list
 from tl_mamba.ops.buffers import format_bytes
 
 REDUCTIONS = (None, "norm", "sum", "mean", "abs_max")
@@ -115,16 +116,16 @@ def _check_memory(model, needed: int, layer: int, what: str, fewer: str) -> None
                           f"fewer {fewer}, pass reduce=, or shorten the input")
 
 
-def _select(index, size: int, what: str) -> Tensor:
+def _select(index, size: int, what: str, owner: str = "hidden_attention") -> Tensor:
+    """``heads`` / ``channels`` (None: all) as a long tensor in ``[0, size)``: integers only (a
+    float such as 1.9 would be truncated to another head, a bool read as head 0 or 1)."""
     if index is None:
         return torch.arange(size)
-    if isinstance(index, int):
-        index = [index]
-    index = torch.as_tensor(list(index.tolist() if isinstance(index, Tensor) else index), dtype=torch.long)
+    index = torch.tensor(_index_list(index, what, owner=owner, mask_ok=False), dtype=torch.long)
     if index.numel() == 0:
-        raise ValueError(f"hidden_attention: {what} is empty")
+        raise ValueError(f"{owner}: {what} is empty")
     if bool(((index < -size) | (index >= size)).any()):
-        raise OutOfRangeError(f"hidden_attention: {what} {index.tolist()} out of range for {size}")
+        raise OutOfRangeError(f"{owner}: {what} {index.tolist()} out of range for {size}")
     return index % size
 
 
@@ -305,7 +306,7 @@ def conv_attention(
     (conv_in,) = _layer_hooks(model, input_or_cache, layer, ("hook_conv_in",), attention_mask, "conv_attention")
     weight = model.blocks[layer].mixer.conv1d.weight.detach()[:, 0]  # [C, k]
     b, p, n_channels = conv_in.shape
-    chosen = _select(channels, n_channels, "channels").to(conv_in.device)
+    chosen = _select(channels, n_channels, "channels", owner="conv_attention").to(conv_in.device)
     out_features = 1 if reduce else chosen.numel()
     dtype = _result_dtype(conv_in, weight)
     # working memory: conv_in in dtype [b, p, C], the chosen channels [b, c, p], one diagonal's terms

@@ -178,7 +178,7 @@ def check_layers(model, layers: LayerSpec) -> List[int]:
         return list(range(n))
     if isinstance(layers, Tensor):
         layers = layers.reshape(-1).tolist()
-    elif hasattr(layers, "__index__"):
+    elif hasattr(layers, "__index__") or not hasattr(layers, "__iter__"):  # one layer (1.0 is refused below)
         layers = [layers]
     out = []
     for layer in layers:
@@ -203,7 +203,7 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
                 raise ValueError(f"a bool mask of {what} must have shape [{size}], got {tuple(values.shape)}")
             return values.nonzero()[:, 0].tolist()
         values = values.reshape(-1).tolist()
-    elif isinstance(values, int):
+    elif hasattr(values, "__index__") or not hasattr(values, "__iter__"):  # one index (0.5 is refused below)
         values = [values]
     out = []
     for v in values:

@@ -26,8 +26,8 @@ import torch
 
 from ..config import DTYPE_NAMES, HookedMambaConfig, resolve_dtype
 from .convert import convert_state_dict
-from .errors import UnsupportedArchitectureError, WrongModelClassError
-from .files import load_state_dict_files, load_tokenizer, read_checkpoint_config
+from .errors import CheckpointConfigError, UnsupportedArchitectureError, WrongModelClassError
+from .files import checkpoint_config_file, load_state_dict_files, load_tokenizer, read_checkpoint_config
 from .hub import resolve_checkpoint
 from .layouts import config_from_checkpoint, detect_layout, family_of_model_class
 
@@ -181,8 +181,8 @@ def _load_from_dir(
     if not auto:
         dtype = resolve_dtype(dtype)  # an invalid dtype fails before the weights are read
     # the whole config is interpreted (and validated) before the weights are read
-    config_from_checkpoint(raw, layout, family, model_name=model_name, device=device,
-                           dtype=torch.float32 if auto else dtype, **cfg_overrides)
+    _checked_config(path, raw, layout, family, cfg_overrides, model_name=model_name, device=device,
+                    dtype=torch.float32 if auto else dtype)
     sd = load_state_dict_files(path)
     if auto:
         dtype = resolve_dtype(dtype, auto=checkpoint_dtype(raw, sd))
@@ -194,6 +194,22 @@ def _load_from_dir(
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
     return build_model(model_cls, cfg, ours, tokenizer=tokenizer, device=device)
+
+
+def _checked_config(path, raw, layout: str, family: str, overrides: Mapping[str, Any], **settings) -> HookedMambaConfig:
+    """:func:`config_from_checkpoint`, with a value of the checkpoint's config that the model
+    refuses (``d_model=-5``, ``n_layer="two"``) reported as a ``CheckpointConfigError`` naming the
+    file. Errors from ``overrides`` (the caller's own fields) are raised as they are."""
+    try:
+        return config_from_checkpoint(raw, layout, family, **settings, **overrides)
+    except (CheckpointConfigError, UnsupportedArchitectureError):
+        raise
+    except (ValueError, TypeError) as err:
+        if overrides:
+            raise
+        config_file = checkpoint_config_file(path)
+        raise CheckpointConfigError(f"{config_file or path} ({layout} layout, {family}) holds a value tl_mamba "
+                                    f"cannot use: {err}") from err
 
 
 def load_pretrained(

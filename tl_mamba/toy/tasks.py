@@ -676,6 +676,18 @@ def _sample_task(rng: random.Random, task: str, split: str, needle_length, needl
 
 
 # -------------------------------------------------------------------- tokenization
+def _answer_token(answer: Union[str, int], vocab: Mapping[str, int], unk: int, size: int) -> int:
+    """A prompt's answer in the toy encoding: its word's id (``unk`` for a word the vocabulary
+    lacks), or the id itself when given as one."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        raise TypeError(f"a prompt's answer is a word or a token id, got {answer!r}")
+    if isinstance(answer, int):
+        if not 0 <= answer < size:
+            raise ValueError(f"answer token id {answer} is outside the vocabulary [0, {size})")
+        return answer
+    return vocab.get(answer, unk)
+
+
 def encode_prompts(prompts: Sequence[Prompt], tokenizer: Any = None, *, padding_side: str = "left",
                    include_answer: bool = False, mode: str = "answer", return_tensors: str = "pt",
                    pad_to_multiple_of: Optional[int] = None) -> Dict[str, Any]:
@@ -702,7 +714,8 @@ def encode_prompts(prompts: Sequence[Prompt], tokenizer: Any = None, *, padding_
     pad = vocab.get(V.PAD, 0)
     unk = vocab.get(V.UNK, 3)
     seqs = [_encode_words(p.text, vocab) for p in prompts]
-    answers = np.array([vocab.get(p.answer, unk) for p in prompts], dtype=np.int64)
+    size = max(vocab.values()) + 1
+    answers = np.array([_answer_token(p.answer, vocab, unk, size) for p in prompts], dtype=np.int64)
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     extra = 1 if include_answer else 0
     width = int(lens.max()) + extra

@@ -283,6 +283,10 @@ def train(arch: str, out: Path, steps: int, batch_size: int, lr: float, seed: in
           ssm_lr: Optional[float] = None) -> dict:
     """Train one toy model and save it to ``out``; returns the held-out metrics.
 
+    Every setting is what is passed here: the recipes that trained the shipped models
+    (:data:`RECIPES`: mimetic init, tied embeddings, task weights, context noise...) are the
+    command line's defaults (``python -m tl_mamba.toy.train --arch ...``), not this function's.
+
     ``sizes`` overrides entries of :data:`ARCHS` (``d_model``, ``d_state``, ``n_layers``, ...);
     ``task_weights`` are the shares of (facts, ioi, needle) in steps or tokens, as
     ``balance`` says (see :func:`next_task`).
