@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tests.conftest import tiny_config
 from tl_mamba import BackendUnavailableError, HookedMamba
-from tl_mamba.backends import resolve_backend
+from tl_mamba.backends import OUT_OF_MEMORY, resolve_backend
 from tl_mamba.ops import StateOverride, causal_conv1d, selective_scan
 from tl_mamba.ops.conv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
 from tl_mamba.ops.selective_scan import selective_scan_chunked
@@ -808,12 +808,12 @@ def test_auto_keeps_triton_after_an_error_that_is_not_the_kernels(no_env_backend
     pytest.importorskip("triton")
 
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 8.00 GiB")
 
     def bad_input(*args, **kwargs):
         raise ValueError("x must be [b, p, e]")
 
-    for triton_error, torch_path, raised in [(out_of_memory, lambda: "torch", torch.OutOfMemoryError),
+    for triton_error, torch_path, raised in [(out_of_memory, lambda: "torch", OUT_OF_MEMORY),
                                             (bad_input, bad_input, ValueError)]:
         impls = {"reference": lambda: "reference", "torch": torch_path, "triton": triton_error}
         with warnings.catch_warnings():
@@ -853,9 +853,9 @@ def test_a_kernel_failing_on_a_gpu_falls_back_once_with_a_warning(monkeypatch):
         triton_scan.kernel_or_fallback("another kernel", torch.device("cpu"), broken, fallback, "the simple path")
 
     def out_of_memory():
-        raise torch.OutOfMemoryError("CUDA out of memory")
+        raise OUT_OF_MEMORY("CUDA out of memory")
 
-    with pytest.raises(torch.OutOfMemoryError):  # the input's size, not the kernel: not remembered
+    with pytest.raises(OUT_OF_MEMORY):  # the input's size, not the kernel: not remembered
         triton_scan.kernel_or_fallback("a third kernel", torch.device("cuda"), out_of_memory, fallback, "the simple path")
     assert "a third kernel" not in triton_scan._FAILED_KERNELS
 

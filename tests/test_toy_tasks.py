@@ -470,3 +470,21 @@ def test_make_needle_refuses_a_bad_length_by_name(length, message):
         T.make_needle(1, length=length)
     lo, hi = 40, 48  # a good range draws lengths within it
     assert {p.n_tokens for p in T.make_needle(12, seed=0, length=(lo, hi))} <= set(range(lo, hi + 1))
+
+
+def test_an_answer_given_as_its_token_id_is_read_as_that_id():
+    """Prompt.answer may be the token id (the experiments tools take it): an int (numpy's too) is
+    that token, not the unknown word; out of the vocabulary it is refused."""
+    import dataclasses
+
+    import numpy as np
+
+    from tl_mamba import OutOfRangeError
+    from tl_mamba.toy import encode_prompts, make_ioi
+
+    prompt = make_ioi(1, seed=0)[0]
+    by_word = int(encode_prompts([prompt])["answers"][0])
+    for answer in (by_word, np.int64(by_word)):
+        assert int(encode_prompts([dataclasses.replace(prompt, answer=answer)])["answers"][0]) == by_word
+    with pytest.raises(OutOfRangeError, match="answer token id 100000 is outside the vocabulary"):
+        encode_prompts([dataclasses.replace(prompt, answer=100000)])

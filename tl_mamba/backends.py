@@ -56,6 +56,9 @@ def triton_usable(device) -> bool:
 
 _TRITON_FAILED: Optional[str] = None  # set when a Triton kernel failed under "auto"
 
+#: CUDA's out-of-memory error: ``torch.OutOfMemoryError`` in recent torch, ``torch.cuda.OutOfMemoryError`` in older
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 def resolve_backend(name: Optional[str], device: torch.device | str | None = None,
                     available: Sequence[str] = ("reference", "torch")) -> str:
@@ -109,7 +112,7 @@ def pick_implementation(requested: Optional[str], device, implementations: dict)
         global _TRITON_FAILED
         try:
             return impl(*args, **kwargs)
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY:
             raise
         except (RuntimeError, ValueError, TypeError, ImportError) as err:
             import warnings

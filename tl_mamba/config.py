@@ -18,6 +18,7 @@ from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK as SSD_DEFAULT_CHUNK
 Family = Literal["mamba1", "mamba2"]
 
 
+#: the dtypes a model may be built or loaded in, by the names ``dtype=`` accepts
 DTYPE_NAMES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,

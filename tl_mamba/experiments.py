@@ -45,11 +45,11 @@ def layer_windows(n_layers: int, window: int) -> List[Tuple[int, List[int]]]:
 
 def _answer_id(model, answer: Union[str, int], row: int) -> int:
     """The token id of a prompt's answer: its text (one token), or the id itself."""
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        if not 0 <= answer < model.cfg.d_vocab:
-            raise OutOfRangeError(f"prompt {row}: the answer token id {answer} is outside the vocabulary "
+    if not isinstance(answer, (str, bool)) and hasattr(answer, "__index__"):  # an int, numpy's too
+        if not 0 <= int(answer) < model.cfg.d_vocab:
+            raise OutOfRangeError(f"prompt {row}: the answer token id {int(answer)} is outside the vocabulary "
                                   f"[0, {model.cfg.d_vocab})")
-        return answer
+        return int(answer)
     ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"prompt {row}: the answer {answer!r} is {len(ids)} tokens {ids}; information_flow scores "

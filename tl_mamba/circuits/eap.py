@@ -205,8 +205,9 @@ def metric_sum(value, b: int, differentiable: bool = True) -> Tensor:
     detached from the logits."""
     if not isinstance(value, Tensor):
         raise TypeError(f"the metric must return a tensor computed from the logits (a scalar or one value per "
-                        f"prompt [b]), got {type(value).__name__}: attribution differentiates the metric, and a "
-                        "Python number (.item(), float(...)) carries no gradient")
+                        f"prompt [b]), got {type(value).__name__}"
+                        + (": attribution differentiates the metric, and a Python number (.item(), float(...)) "
+                           "carries no gradient" if differentiable else ""))
     if differentiable and not value.requires_grad:
         raise ValueError("the metric does not depend on the logits through autograd (detached? computed under "
                          "torch.no_grad(), or with .detach() / .item() / numpy?): attribution differentiates the "
@@ -216,10 +217,11 @@ def metric_sum(value, b: int, differentiable: bool = True) -> Tensor:
     finite = torch.isfinite(value.detach())
     if not bool(finite.all()):
         where = "" if value.ndim == 0 else f" for prompt(s) {(~finite).nonzero()[:, 0].tolist()[:8]} of this batch"
-        raise ValueError(f"the metric returned {value.detach().flatten()[~finite.flatten()][0].item()}{where}: its "
-                         "gradient, and so every attribution score, would be NaN. Make the metric finite on the clean "
-                         "and corrupted prompts (a log of a zero probability? a division by zero? labels or "
-                         "positions that read padding?)")
+        consequence = ("its gradient, and so every attribution score, would be NaN" if differentiable else
+                       "every score computed from it would be NaN")
+        raise ValueError(f"the metric returned {value.detach().flatten()[~finite.flatten()][0].item()}{where}: "
+                         f"{consequence}. Make the metric finite on the clean and corrupted prompts (a log of a zero "
+                         "probability? a division by zero? labels or positions that read padding?)")
     return value * b if value.ndim == 0 else value.sum()
 
 

@@ -275,8 +275,6 @@ def knockout_attribution(
             logits = model.run_with_hooks(chunk, fwd_hooks=[(name, attribution_hook) for name in names],
                                           attention_mask=chunk_mask)
             value = _batch_metric(metric, logits, torch.arange(start, start + chunk.shape[0]), takes_rows, n)
-            if not value.requires_grad:
-                raise ValueError("the metric does not depend on the logits through autograd (detached?)")
             grads = torch.autograd.grad(value, [leaves[name] for name in names], allow_unused=True)
         for k, grad in enumerate(grads):
             if grad is None:

@@ -53,7 +53,6 @@ def model_class_for_family(family: str) -> type:
     raise ValueError(f"unknown family {family!r}")
 
 
-#: the dtypes a model may be loaded in, by the names ``from_pretrained(dtype=...)`` accepts
 def is_auto_dtype(dtype: Any) -> bool:
     return isinstance(dtype, str) and dtype.strip().lower() == "auto"
 
@@ -199,17 +198,16 @@ def _load_from_dir(
 def _checked_config(path, raw, layout: str, family: str, overrides: Mapping[str, Any], **settings) -> HookedMambaConfig:
     """:func:`config_from_checkpoint`, with a value of the checkpoint's config that the model
     refuses (``d_model=-5``, ``n_layer="two"``) reported as a ``CheckpointConfigError`` naming the
-    file. Errors from ``overrides`` (the caller's own fields) are raised as they are."""
+    file (and the caller's ``overrides``, which may be the cause instead)."""
     try:
         return config_from_checkpoint(raw, layout, family, **settings, **overrides)
     except (CheckpointConfigError, UnsupportedArchitectureError):
         raise
-    except (ValueError, TypeError) as err:
-        if overrides:
-            raise
+    except ValueError as err:
         config_file = checkpoint_config_file(path)
-        raise CheckpointConfigError(f"{config_file or path} ({layout} layout, {family}) holds a value tl_mamba "
-                                    f"cannot use: {err}") from err
+        given = f" with the overrides {sorted(overrides)}" if overrides else ""
+        raise CheckpointConfigError(f"{config_file or path} ({layout} layout, {family}){given} holds a value "
+                                    f"tl_mamba cannot use: {err}") from err
 
 
 def load_pretrained(
@@ -234,7 +232,7 @@ def load_pretrained(
             floating-point ``torch.dtype``, a name (``"float32"``, ``"float16"``,
             ``"bfloat16"``, ``"float64"``) or ``"auto"`` (the checkpoint's own dtype, as
             transformers reads it; float32 when the checkpoint does not say): see
-            :func:`resolve_dtype`.
+            :func:`tl_mamba.config.resolve_dtype`.
         tokenizer: used as given; otherwise the checkpoint's own tokenizer files are
             loaded when present (see :func:`load_tokenizer`), else the model has none.
         revision: hub revision (branch, tag or commit) for hub ids.

@@ -60,7 +60,9 @@ def hook_is_active(hook_point: HookPoint) -> bool:
     """Whether a forward or backward hook is attached: TransformerLens' (``add_hook``, any
     transformer-lens version) or torch's own (``hook_point.register_forward_hook``), which
     TransformerLens' hooks are built on. Work done only for a hook (the heavy hooks, an unfused
-    gate) is skipped when this is False, so a hook it missed would never be called."""
+    gate) is skipped when this is False, so a hook it missed would never be called. (Forward
+    pre-hooks and torch's global module hooks are not looked at: a hook point's input is its
+    output.)"""
     return bool(hook_point._forward_hooks) or bool(hook_point._backward_hooks)
 
 
@@ -1085,8 +1087,8 @@ class HookedSSM(HookedRootModule):
     def hook_shapes(self, tokens: Optional[Tensor] = None) -> Dict[str, tuple]:
         """Every hook name with the shape it holds on ``tokens`` (default ``[1, 4]``), heavy hooks included.
 
-        The hooks attached to the model (knockouts, edits, caches) are set aside for this
-        forward: they cannot change a shape (a hook returning another shape is refused), but
+        The hooks attached to the model's hook points (knockouts, edits, caches) are set aside
+        for this forward: they cannot change a shape (a hook returning another shape is refused), but
         one written for longer prompts (a knockout of position 9) would fail on these tokens.
         """
         if tokens is None:

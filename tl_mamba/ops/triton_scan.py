@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tl_mamba.backends import OUT_OF_MEMORY
 from tl_mamba.ops.precision import compute_dtype, needs_grad
 
 BACKWARD_CHUNK = 64
@@ -65,7 +66,7 @@ def kernel_or_fallback(name: str, device: torch.device, kernel: Callable[[], obj
         return fallback()
     try:
         return kernel()
-    except torch.OutOfMemoryError:
+    except OUT_OF_MEMORY:
         raise
     except Exception as err:  # compilation and resource errors have no common type
         if torch.device(device).type != "cuda":

@@ -64,6 +64,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 from tl_mamba.toy import vocab as V
 
 TASKS: Tuple[str, ...] = ("facts", "ioi", "needle")
@@ -679,13 +680,13 @@ def _sample_task(rng: random.Random, task: str, split: str, needle_length, needl
 def _answer_token(answer: Union[str, int], vocab: Mapping[str, int], unk: int, size: int) -> int:
     """A prompt's answer in the toy encoding: its word's id (``unk`` for a word the vocabulary
     lacks), or the id itself when given as one."""
-    if isinstance(answer, bool) or not isinstance(answer, (str, int)):
-        raise TypeError(f"a prompt's answer is a word or a token id, got {answer!r}")
-    if isinstance(answer, int):
-        if not 0 <= answer < size:
-            raise ValueError(f"answer token id {answer} is outside the vocabulary [0, {size})")
-        return answer
-    return vocab.get(answer, unk)
+    if isinstance(answer, str):
+        return vocab.get(answer, unk)
+    if isinstance(answer, bool) or not hasattr(answer, "__index__"):
+        raise NotAnIndexError(f"a prompt's answer is a word or a token id, got {answer!r}")
+    if not 0 <= int(answer) < size:
+        raise OutOfRangeError(f"answer token id {int(answer)} is outside the vocabulary [0, {size})")
+    return int(answer)
 
 
 def encode_prompts(prompts: Sequence[Prompt], tokenizer: Any = None, *, padding_side: str = "left",
