@@ -336,7 +336,7 @@ def cmd_knockout(args) -> int:
         else:
             which = (f"given by --answer; the model's top prediction is {model.to_string([top])!r} "
                      f"at p = {_probability(float(probs[top]))}")
-        answer = args.answer if args.answer is not None else model.to_string([answer_id])  # text → answer_id
+        answer = args.answer if args.answer is not None else model.to_string([answer_id])  # shown; answer_id is scored
         p_answer = float(probs[answer_id])
         console.print(f"scoring p({answer!r}) = {_probability(p_answer)} at the last position ({which})")
         labels = model.to_str_tokens(tokens[0])

@@ -70,13 +70,13 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
     if isinstance(values, Tensor):
         if values.is_floating_point() or values.is_complex() or (values.dtype == torch.bool and not mask_ok):
             raise NotAnIndexError(f"{owner} {what}: give integer {unit}{or_mask}, not a {values.dtype} tensor "
-                            f"({values.flatten()[:4].tolist()}...)")
+                                  f"({values.flatten()[:4].tolist()}...)")
         return [int(v) for v in values.flatten().tolist()]
     if isinstance(values, bool) or (not isinstance(values, (list, tuple, range)) and hasattr(values, "__index__")):
         values = [values]
     elif not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
         raise NotAnIndexError(f"{owner} {what}: give an integer, a list of integers{or_mask}, "
-                        f"got {type(values).__name__}")
+                              f"got {type(values).__name__}")
     out = []
     for v in values:
         if isinstance(v, Tensor) or hasattr(v, "tolist"):  # a 0-d tensor or numpy scalar: its Python value
@@ -84,7 +84,8 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
         if isinstance(v, bool) or isinstance(v, Tensor) or not hasattr(v, "__index__"):
             hint = (" (a list of bools: pass a bool tensor, torch.tensor(mask, dtype=torch.bool), to give a mask)"
                     if isinstance(v, bool) and mask_ok else "")
-            raise NotAnIndexError(f"{owner} {what}: integer {unit} needed, got {v!r} of type {type(v).__name__}{hint}")
+            raise NotAnIndexError(f"{owner} {what}: integer {unit} needed, got {v!r} of type "
+                                  f"{type(v).__name__}{hint}")
         out.append(int(v))
     return out
 

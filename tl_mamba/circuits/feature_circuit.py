@@ -69,7 +69,7 @@ def evaluate_features(model, saes: Mapping[str, object], kept: Kept, clean, corr
         corrupted_parts = _sae_parts(model, saes, corrupted_tokens, mask)  # {hook: (features, error)}
         for name, (features, _) in corrupted_parts.items():
             if name not in masks:
-                masks[name] = _feature_mask(name, kept_indices[name], features.shape[-1])
+                masks[name] = _kept_mask(name, kept_indices[name], features.shape[-1])
         with torch.no_grad():
 
             def splice(act: Tensor, hook) -> Tensor:
@@ -218,7 +218,7 @@ def _kept(ranked: Sequence[Tuple[str, int, float]], saes) -> Dict[str, List[int]
 
 def _check_kept(model, saes: Mapping[str, object], kept: Kept) -> Tuple[Dict[str, object], Dict[str, object]]:
     """The checked SAEs (:func:`~tl_mamba.circuits.feature_attribution.check_saes`) and what ``kept``
-    gives for each site (read against the SAE's width once it is known: :func:`_feature_mask`)."""
+    gives for each site (read against the SAE's width once it is known: :func:`_kept_mask`)."""
     views = check_saes(model, saes)
     if not isinstance(kept, Mapping):
         raise TypeError(f"kept must be {{hook name: feature indices or a bool mask}}, got {type(kept).__name__}")
@@ -228,7 +228,7 @@ def _check_kept(model, saes: Mapping[str, object], kept: Kept) -> Tuple[Dict[str
     return views, {name: kept.get(name, []) for name in views}
 
 
-def _feature_mask(name: str, chosen, d_sae: int) -> Tensor:
+def _kept_mask(name: str, chosen, d_sae: int) -> Tensor:
     """``[d_sae]`` bool, True at the kept features: ``chosen`` is feature indices (negative count
     from the end) or a bool mask ``[d_sae]`` (e.g. ``scores.frequency > 0.1``)."""
     if isinstance(chosen, Tensor) and chosen.dtype == torch.bool:

@@ -654,13 +654,13 @@ class HookedSSM(HookedRootModule):
     def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None,
                              padding_side: Optional[str] = None) -> Optional[Tensor]:
         """The attention mask of token input given without one, from the pad id ``to_tokens`` pads
-        with (the tokenizer's pad token, else its EOS: :meth:`_pad_id`).
+        with (:meth:`_pad_id`: the tokenizer's pad token, else the config's, else the EOS).
 
         As TransformerLens does, a call with ``padding_side="left"``, or a model that pads on the
         left (``model.tokenizer.padding_side == "left"``, which ``set_tokenizer`` keeps equal to
-        ``cfg.default_padding_side``: set either), infers it: each row's leading run of pad tokens is padding, less its last
-        token when the pad token is also the BOS that ``prepend_bos`` (default
-        ``cfg.default_prepend_bos``) puts there; this is the mask
+        ``cfg.default_padding_side``: set either), infers it: each row's leading run of pad
+        tokens is padding, less its last token when the pad token is also the BOS that
+        ``prepend_bos`` (default ``cfg.default_prepend_bos``) puts there; this is the mask
         ``transformer_lens.utilities.get_attention_mask(model.tokenizer, tokens, prepend_bos)``
         gives. Otherwise nothing is inferred, but rows that begin with runs of pad tokens of
         different lengths are almost surely a left-padded batch, whose pads would run
@@ -672,7 +672,7 @@ class HookedSSM(HookedRootModule):
         infer = (padding_side or self._padding_side()) == "left"
         if tok is None or (tokens.shape[0] == 1 and not infer):
             return None
-        pad = self._pad_id()  # what to_tokens pads with (the EOS for a tokenizer without a pad token)
+        pad = self._pad_id()  # what to_tokens pads with
         leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
         bos = getattr(tok, "bos_token_id", None)
         bos = self.cfg.bos_token_id if bos is None else bos
@@ -907,7 +907,7 @@ class HookedSSM(HookedRootModule):
                     value = pos_slice.apply(value, dim=dim)
                 except IndexError as err:  # TransformerLens's message names neither the argument nor the hook
                     raise OutOfRangeError(f"pos_slice={given_pos_slice!r} is out of range for "
-                                     f"{hook.name}, which has {value.shape[dim]} positions") from err
+                                          f"{hook.name}, which has {value.shape[dim]} positions") from err
             if remove_batch_dim and value.shape[0] == 1:
                 value = value[0]
             cache[name] = value

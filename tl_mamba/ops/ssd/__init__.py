@@ -201,8 +201,8 @@ def ssd_scan(
                     grad_y, x, delta, A, B, C, mask_heads=mask.shape[1]))
         return out
 
-    resolved = resolve_backend(backend, x.device, available=_IMPLEMENTATION_NAMES)
-    if removals is None or p == 0 or resolved != "triton":
+    if (removals is None or p == 0  # (resolved only for a knockout: the plain forward's path stays as short)
+            or resolve_backend(backend, x.device, available=_IMPLEMENTATION_NAMES) != "triton"):
         return scan_then_remove()
     from tl_mamba.ops.ssd.triton_kernel import SAME_PASS_KNOCKOUT, fuses_knockout
 
