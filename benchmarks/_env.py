@@ -40,6 +40,22 @@ def machine_info() -> dict:
     }
 
 
+def triton_toolchain(capability: int) -> dict:
+    """Triton's version and that of the ptxas it uses for ``capability`` (e.g. 90): the
+    registers a kernel gets, so its speed, change with them (docs/performance.md,
+    "Compiled without a GPU"). Empty where triton or its NVIDIA backend is missing."""
+    try:
+        import re
+
+        import triton
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        release = re.search(r"release ([\d.]+)", get_ptxas_version(capability))
+        return {"triton": triton.__version__, "ptxas": release.group(1) if release else "unknown"}
+    except Exception:  # noqa: BLE001 - best effort: a record, never a reason to stop a benchmark
+        return {}
+
+
 def package_revision() -> str:
     """The checkout's commit, with ``+dirty`` when ``tl_mamba/`` has uncommitted changes."""
     root = HERE.parent

@@ -75,7 +75,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _env import machine_info, package_revision, write_results  # noqa: E402
+from _env import machine_info, package_revision, triton_toolchain, write_results  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tl_mamba.ops.triton_scan import _FAILED_KERNELS  # noqa: E402  (kernels that fell back on this GPU)
@@ -533,13 +533,18 @@ def main() -> int:
     results = {"date": _dt.date.today().isoformat(), "machine": machine_info(), "device": str(device),
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "none (smoke run in the interpreter)",
                "revision": package_revision(), "p": args.p, "smoke": args.smoke}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        results["toolchain"] = triton_toolchain(10 * major + minor)
     try:
         import mamba_ssm  # noqa: F401
 
         results["mamba_ssm"] = True
     except ImportError:
         results["mamba_ssm"] = False
-    lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']})", "",
+    tools = results.get("toolchain") or {}
+    tools = f", triton {tools['triton']} with ptxas {tools['ptxas']}" if tools else ""
+    lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']}{tools})", "",
              "## Correctness (max |error| / max |reference|, reference in float64)", "",
              "| family | width | p | dtype | kernel | y | final state | states | knockout y |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -54,15 +54,22 @@ CHUNK_SIZE = 64
 DOT_PRECISION = "ieee"
 """``input_precision`` of the kernels' ``tl.dot`` for fp32 operands (see the module docstring)."""
 
-TILE_CAPS = {("plain", "fp32"): (64, 64), ("plain", "16-bit"): (32, 64),
+TILE_CAPS = {("plain", "fp32"): (32, 64), ("plain", "16-bit"): (32, 64),
              ("knockout", "fp32"): (32, 32), ("knockout", "16-bit"): (32, 32)}
 """The largest default (hd, n) tiles of the chunked kernels, by whether a knockout runs in
 the same pass and the inputs' width (float64 counts as fp32). Measured on an H200
-(2026-12-04, 130m widths: hd 64, n 128; p = 2048; ``benchmarks/results/triton_gpu_scans.md``),
-the three kernels of one scan: plain fp32 0.68 ms at 64 × 64 (0.72 at 32 × 64), plain
-bf16 1.17 ms at 64 × 64 but 0.76 at 32 × 64; with a knockout in the same pass (a second
-state and a second product per tile) 6.6 ms at 64 × 64, 2.3 (fp32) / 1.4 (bf16) at
-32 × 64, 1.26 / 1.28 at 32 × 32 and 1.4 at 16 × 32: the large tiles spill registers."""
+(2026-12-04, Triton 3.6; 130m widths: hd 64, n 128; p = 2048;
+``benchmarks/results/triton_gpu_scans.md``), the three kernels of one scan: plain fp32
+0.68 ms at 64 × 64 (0.72 at 32 × 64), plain bf16 1.17 ms at 64 × 64 but 0.76 at 32 × 64;
+with a knockout in the same pass (a second state and a second product per tile) 6.6 ms
+at 64 × 64, 2.3 (fp32) / 1.4 (bf16) at 32 × 64, 1.26 / 1.28 at 32 × 32 and 1.4 at
+16 × 32: the large tiles spill registers. Plain fp32 is 32 × 64 since 2026-12-06, not
+from a timing: compiled by ``benchmarks/compile_triton.py`` with the ptxas of Triton 3.9
+(CUDA 13.4 for sm_90, 12.9 for sm_80), at 64 × 64 ``_chunk_state_kernel`` spills 5.1 KB
+per thread on sm_90 and ``_chunk_scan_kernel`` 18 KB on sm_80, where Triton 3.6's ptxas
+(12.8, the H200's) spilled 0 and 80 B; at 32 × 64 the two kernels spill at most 44 B on
+sm_90 and 812 B on sm_80 with either ptxas (docs/performance.md, "Compiled without a
+GPU"). The GPU bench times both tiles (``plain_chunked_kernels_*``)."""
 
 
 def default_tiles(hd: int, n: int, dtype: torch.dtype, knockout: bool):

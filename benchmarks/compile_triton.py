@@ -1,0 +1,370 @@
+"""Compile every Triton kernel the models launch, at real widths, for GPUs that are not here.
+
+    env -u TRITON_INTERPRET PYTHONPATH=. python benchmarks/compile_triton.py     # sm_90 (H100), 130m, 370m
+    env -u TRITON_INTERPRET PYTHONPATH=. python benchmarks/compile_triton.py --arch 80 86 89 90 \
+        --out benchmarks/results/compile_triton.md                          # A100, RTX 30xx, L40 / 40xx, H100
+
+Triton compiles ahead of time without a GPU: its compiler and ``ptxas`` ship in the
+wheel, and a GPU is needed only to load and run the result. This script runs
+``HookedMamba`` and ``HookedMamba2`` (one layer, the real checkpoints' widths, random
+weights) on CPU with ``set_backend("triton")`` through every route that launches a
+kernel: the plain forward in fp32 and bf16, ``hook_h`` cached, the S → T knockouts
+(positions, per-row, heads / channels), a general ``hook_ssm_mask`` edit, a ``hook_h``
+edit, a backward through the parameters and through the mask, and ``generate``; then
+the forward, ``hook_h``, knockout, mask and backward routes again with the kernels that
+serve when the first choice fails or is switched off (Mamba-1's sequential kernel,
+Mamba-2's separate knockout scan and its recurrent kernel). Every
+launch is intercepted: the kernel is compiled for the target (TTIR → PTX → cubin, as on
+the GPU, with the launch's own arguments, so with the block sizes the dispatchers choose
+at that width) instead of run. The outputs are therefore never written, and nothing this
+script computes is a result; what it reports, per kernel variant, is what the GPU would
+refuse or slow down for:
+
+- whether it compiles at all (``tests/test_triton.py`` runs the kernels in the
+  interpreter, which never compiles them);
+- shared memory per block against the target's limit (Triton refuses the launch above
+  it: "out of resources");
+- registers per thread, and registers × threads against the 64K of a multiprocessor;
+- bytes spilled to local memory per thread, from ptxas' own report (slow, not wrong).
+
+The exit status is 1 when a kernel does not compile or does not fit its target.
+``--out`` writes the table as markdown (``benchmarks/results/compile_triton.md`` is the
+one docs/performance.md reads). ``tests/test_compile_triton.py`` runs it at toy widths.
+The kernels' speed and their results on a GPU are ``bench_triton_gpu.py``'s to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_triton.py compiles the kernels: unset TRITON_INTERPRET (it makes triton.jit interpret them)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # the package, and _env
+
+import tl_mamba.backends  # noqa: E402
+from _env import triton_toolchain  # noqa: E402
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout  # noqa: E402
+
+#: per target capability: (GPU, shared memory a block may opt into, bytes). Triton compares
+#: its kernel's shared memory with the device's opt-in maximum when it loads the kernel.
+TARGETS = {
+    80: ("A100", 166912),
+    86: ("RTX 30xx / A6000", 101376),
+    89: ("L40 / RTX 40xx", 101376),
+    90: ("H100 / H200", 232448),
+}
+REGISTERS_PER_SM = 65536  # what a block's threads may hold together, every target here
+
+#: one layer at the widths of the released checkpoints (d_inner = 2·d_model; Mamba-2 heads of 64;
+#: "2.8b" is mamba-2.8b and mamba2-2.7b)
+WIDTHS = {
+    "130m": {"mamba1": dict(d_model=768, d_state=16), "mamba2": dict(d_model=768, d_state=128, n_heads=24)},
+    "370m": {"mamba1": dict(d_model=1024, d_state=16), "mamba2": dict(d_model=1024, d_state=128, n_heads=32)},
+    "2.8b": {"mamba1": dict(d_model=2560, d_state=16), "mamba2": dict(d_model=2560, d_state=128, n_heads=80)},
+    "toy": {"mamba1": dict(d_model=16, d_state=4), "mamba2": dict(d_model=32, d_state=8, n_heads=4)},
+}
+
+
+class _CompileOnlyDriver:
+    """What ``JITFunction.run`` asks of the active driver before it compiles: the target, a
+    device index and a stream. Nothing here talks to a GPU."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@dataclass
+class Variant:
+    """One compiled kernel: a kernel function with one set of constexprs and argument types."""
+
+    kernel: str
+    constexprs: Dict[str, object]
+    inputs: str  # dtype of the first tensor argument (the scan's x)
+    routes: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    shared: int = 0
+    num_warps: int = 0
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    error: Optional[str] = None
+
+
+def ptxas_usage(log: str) -> tuple:
+    """``(registers per thread, bytes spilled per thread)`` from ``ptxas -v``'s report, which
+    Triton prints with ``knobs.nvidia.dump_ptxas_log`` (cuobjdump's LOCAL column misses spills)."""
+    registers = re.search(r"Used (\d+) registers", log)
+    spilled = re.search(r"(\d+) bytes spill stores", log)
+    if registers is None or spilled is None:
+        raise RuntimeError(f"no register or spill count in ptxas' report:\n{log}")
+    return int(registers.group(1)), int(spilled.group(1))
+
+
+class Interceptor:
+    """Replaces ``JITFunction.run`` for the duration: compile for the target, never launch."""
+
+    def __init__(self, capability: int, keep: Optional[str] = None):
+        self.capability, self.keep = capability, keep
+        self.variants: Dict[tuple, Variant] = {}
+        self.route = "?"
+
+    @contextlib.contextmanager
+    def active(self):
+        original_run, original_usable = JITFunction.run, tl_mamba.backends.triton_usable
+        interceptor = self
+
+        def compile_only(self, *args, grid, warmup, **kwargs):
+            constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
+            key = (self.fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+                   tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+            if getattr(self, "_compiled_by", None) is not interceptor:
+                # Triton keeps one binder (with its target) and one kernel cache per device index:
+                # start both afresh for each interceptor, or an earlier target's kernels come back
+                # (and ptxas, not run again, reports nothing)
+                self.device_caches.clear()
+                self._compiled_by = interceptor
+            variant = interceptor.variants.get(key)
+            if variant is None:
+                first = next((str(a.dtype)[6:] for a in args if isinstance(a, torch.Tensor)), "-")
+                variant = interceptor.variants[key] = Variant(self.fn.__name__, constexprs, first)
+                start, report = time.perf_counter(), io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(report):  # where Triton prints ptxas' report
+                        compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+                except Exception as err:  # what a GPU would raise at its first launch
+                    variant.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+                else:
+                    variant.shared, variant.num_warps = compiled.metadata.shared, compiled.metadata.num_warps
+                    variant.registers, variant.spill_bytes = ptxas_usage(report.getvalue())
+                variant.seconds = time.perf_counter() - start
+            if interceptor.route not in variant.routes:
+                variant.routes.append(interceptor.route)
+            if variant.error:
+                raise RuntimeError(f"{variant.kernel} did not compile for sm_{interceptor.capability}: {variant.error}")
+
+        previous = driver._active  # None until a driver was needed; a real one on a GPU machine
+        driver.set_active(_CompileOnlyDriver(self.capability))
+        # a cache of our own, so that every variant is compiled here (ptxas reports only then)
+        saved_knobs = knobs.cache.dir, knobs.nvidia.dump_ptxas_log
+        cache = tempfile.TemporaryDirectory(prefix="compile_triton_")
+        knobs.cache.dir = os.path.join(self.keep, f"sm_{self.capability}") if self.keep else cache.name
+        knobs.nvidia.dump_ptxas_log = True
+        JITFunction.run = compile_only
+        # the dispatchers run Triton on CUDA tensors (or under the interpreter); these are CPU tensors
+        tl_mamba.backends.triton_usable = lambda device: True
+        try:
+            yield self
+        finally:
+            JITFunction.run, tl_mamba.backends.triton_usable = original_run, original_usable
+            driver._active = previous
+            knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved_knobs
+            cache.cleanup()
+
+
+def build(family: str, widths: dict, dtype: torch.dtype):
+    cfg = HookedMambaConfig(n_layers=1, d_vocab=512, family=family, dtype=dtype, seed=0, **widths)
+    model = (HookedMamba if family == "mamba1" else HookedMamba2)(cfg)
+    return model.set_backend("triton")
+
+
+def routes(family: str, model, p: int) -> Dict[str, Callable[[], object]]:
+    """The calls that launch kernels, by name. Their outputs are garbage (nothing ran)."""
+    tokens = torch.randint(1, 512, (1, p))
+    pair = torch.randint(1, 512, (2, p))
+    e = model.cfg.d_inner
+    restrict = dict(heads=[0, model.cfg.n_heads - 1]) if family == "mamba2" else dict(channels=list(range(0, e, 3)))
+    rows = torch.zeros(2, p, dtype=torch.bool)
+    rows[0, 1], rows[1, 5] = True, True
+
+    def general_mask(mask, hook):
+        # not an S → T block. Mamba-2: half the edges at random, past any scan count, so the
+        # quadratic form (the masked-tile kernel); Mamba-1: a few edges (its quadratic form is torch)
+        if family == "mamba2":
+            return mask * (torch.rand(mask.shape[-2:], generator=torch.Generator().manual_seed(0)) > 0.5)
+        mask[..., p - 1, 1::7] = 0
+        return mask
+
+    def edit_state(h, hook):
+        h[:, p // 3] = 0
+        return h
+
+    def backward():
+        model.zero_grad()
+        model(tokens, return_type="loss").backward()
+
+    def mask_gradient():
+        from tl_mamba.circuits.knockout_attribution import knockout_attribution
+
+        knockout_attribution(model, pair[:1], lambda logits: logits[:, -1, 0].nan_to_num().sum(),  # the kernels wrote nothing
+                             layers=[0], progress=False)
+
+    return {
+        "forward": lambda: model(tokens),
+        "hook_h cached": lambda: model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_h")),
+        "knockout S→T": lambda: model.run_with_knockout(tokens, Knockout(layers=0, sources=[1, 2], targets=[-1])),
+        "knockout per row": lambda: model.run_with_knockout(pair, Knockout(layers=0, sources=rows, targets=[-1])),
+        "knockout " + next(iter(restrict)): lambda: model.run_with_knockout(
+            tokens, Knockout(layers=0, sources=[1, 2], targets=[-1], **restrict)),
+        "hook_ssm_mask edit": lambda: model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_ssm_mask", general_mask)]),
+        "hook_h edit": lambda: model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", edit_state)]),
+        "backward": backward,
+        "mask gradient": mask_gradient,
+        "generate": lambda: model.generate(tokens[:, :8], max_new_tokens=2, do_sample=False, verbose=False),
+    }
+
+
+def fallback_routes(family: str) -> Dict[str, List[tuple]]:
+    """Settings under which the other kernels run, by route name: ``[(module, attribute, value)]``.
+
+    They serve where the first-choice kernel fails on a GPU (``kernel_or_fallback``) or is
+    switched off; a GPU that never ran them would meet them exactly then. Each is run
+    through the forward, ``hook_h`` cached, the S → T knockout and the backward."""
+    if family == "mamba1":
+        from tl_mamba.ops.selective_scan import triton_kernel
+        return {"sequential kernel": [(triton_kernel, "KERNEL", "sequential"), (triton_kernel, "BACKWARD", "recompute")]}
+    from tl_mamba.ops.ssd import triton_kernel
+    return {
+        "knockout as a separate scan": [(triton_kernel, "SAME_PASS", False)],
+        "recurrent kernel": [(triton_kernel, "BACKWARD_CHUNK", 96)],  # not a multiple of the chunk: recurrent
+    }
+
+
+@contextlib.contextmanager
+def patched(settings: List[tuple]):
+    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    for module, name, value in settings:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def check_target(capability: int, sizes: List[str], p: int, dtypes: List[torch.dtype], keep: Optional[str] = None,
+                 log=print) -> tuple:
+    """Compile what every route launches for ``capability``: ``(variants, failed routes)``."""
+    interceptor = Interceptor(capability, keep)
+    failures = []
+    with interceptor.active():
+        for size in sizes:
+            for family in ("mamba1", "mamba2"):
+                for dtype in dtypes:
+                    model = build(family, WIDTHS[size][family], dtype)
+                    calls = [(name, [], call) for name, call in routes(family, model, p).items()]
+                    for setting, changes in fallback_routes(family).items():
+                        calls += [(f"{name} ({setting})", changes, call) for name, call in routes(family, model, p).items()
+                                  if name in ("forward", "hook_h cached", "knockout S→T", "hook_ssm_mask edit", "backward")]
+                    for name, changes, call in calls:
+                        if "backward" in name or "gradient" in name:
+                            if dtype != torch.float32:
+                                continue  # the kernels' backward runs in fp32 whatever the input
+                        interceptor.route = f"{family} {size} {str(dtype)[6:]} {name}"
+                        try:
+                            with patched(changes), torch.inference_mode("backward" not in name and "gradient" not in name):
+                                call()
+                        except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+                            failures.append(f"{interceptor.route}: {type(err).__name__}: {err}")
+                            log(f"  FAILED {interceptor.route}: {type(err).__name__}: {err}")
+                    log(f"sm_{capability} {family} {size} {str(dtype)[6:]}: {len(interceptor.variants)} variants so far")
+    variants = list(interceptor.variants.values())
+    for variant in variants:
+        variant.routes = sorted(set(variant.routes))
+    return variants, failures
+
+
+def problems(variant: Variant, capability: int) -> List[str]:
+    found = []
+    if variant.error:
+        return [f"does not compile: {variant.error}"]
+    limit = TARGETS[capability][1]
+    if variant.shared > limit:
+        found.append(f"shared memory {variant.shared} B > {limit} B")
+    if variant.registers * 32 * variant.num_warps > REGISTERS_PER_SM:
+        found.append(f"{variant.registers} registers × {32 * variant.num_warps} threads > {REGISTERS_PER_SM}")
+    return found
+
+
+def table(variants: List[Variant], capability: int, tools: dict) -> List[str]:
+    lines = [f"### sm_{capability} ({TARGETS[capability][0]}; shared memory limit {TARGETS[capability][1]} B; "
+             f"ptxas {tools.get('ptxas', 'unknown')})", "",
+             "| kernel | x | constexprs | warps | registers | spilled B | shared B | compile s | fits | routes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in sorted(variants, key=lambda v: (v.kernel, str(v.constexprs), v.inputs)):
+        shown = ", ".join(f"{k}={v.constexprs[k]}" for k in sorted(v.constexprs)
+                          if not (isinstance(v.constexprs[k], bool) and not v.constexprs[k]))
+        found = problems(v, capability)
+        lines.append(f"| `{v.kernel}` | {v.inputs} | {shown} | {v.num_warps} | {v.registers} | {v.spill_bytes} | {v.shared} | "
+                     f"{v.seconds:.1f} | {'no: ' + '; '.join(found) if found else 'yes'} | {len(v.routes)} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(TARGETS),
+                        help="compute capabilities to compile for (default: 90)")
+    parser.add_argument("--widths", nargs="+", default=["130m", "370m"], choices=sorted(WIDTHS),
+                        help="model widths (default: 130m 370m)")
+    parser.add_argument("--p", type=int, default=2048, help="sequence length (default 2048)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--out", help="write the tables as markdown here")
+    parser.add_argument("--keep", metavar="DIR", help="compile into DIR/sm_<arch> and keep it (each variant's TTIR, "
+                        "PTX and cubin, to read); default: a temporary folder. Every variant is compiled afresh "
+                        "either way (ptxas reports only then), so point it at an empty folder")
+    args = parser.parse_args(argv)
+    for capability in args.arch if args.keep else ():
+        folder = os.path.join(args.keep, f"sm_{capability}")
+        if os.path.isdir(folder) and os.listdir(folder):
+            parser.error(f"--keep: {folder} is not empty (its cached kernels would not be compiled again, and "
+                         "ptxas reports only when it runs)")
+    torch.manual_seed(0)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    sections, bad = [], 0
+    for capability in args.arch:
+        tools = triton_toolchain(capability)
+        print(f"sm_{capability}: triton {tools.get('triton')}, ptxas {tools.get('ptxas')}")
+        variants, failures = check_target(capability, args.widths, args.p, dtypes, args.keep)
+        sections += table(variants, capability, tools) + [""]
+        bad += len(failures) + sum(bool(problems(v, capability)) for v in variants)
+        for line in table(variants, capability, tools):
+            print(line)
+    if args.out:
+        header = [f"# Triton kernels compiled without a GPU ({time.strftime('%Y-%m-%d')}, triton {triton.__version__})",
+                  "", f"`python benchmarks/compile_triton.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
+                  f"widths {', '.join(args.widths)}, p = {args.p}, {', '.join(args.dtypes)}. "
+                  "One row per compiled variant; `routes` counts the calls that launched it.", ""]
+        with open(args.out, "w") as handle:
+            handle.write("\n".join(header + sections))
+    print("all kernels compile and fit" if not bad else f"{bad} problem(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
