@@ -613,7 +613,7 @@ def test_frequency_penalty_is_subtracted_per_occurrence():
     sampling distribution is checked against that formula by hand; and with a huge penalty no
     generated token repeats one before it."""
     from tl_mamba import HookedMamba, HookedMambaConfig
-    from tl_mamba.models.base import sample_next_token
+    from tl_mamba.models.generation import sample_next_token
 
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     history = torch.tensor([[0, 0, 1]])
@@ -637,7 +637,7 @@ def test_frequency_penalty_counts_each_rows_own_tokens_and_is_not_negative(model
     """A shorter prompt's left padding is not part of it: with a penalty, its padding (the pad id
     penalised once per pad, as TransformerLens counts it) made a row's samples depend on the
     other rows' lengths. Each row of a padded batch now samples as its prompt alone."""
-    from tl_mamba.models.base import sample_next_token
+    from tl_mamba.models.generation import sample_next_token
 
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     history = torch.tensor([[0, 0, 1]])

@@ -11,7 +11,8 @@ from tl_mamba.backends import BACKENDS, BackendUnavailableError
 from tl_mamba.cache import MambaActivationCache
 from tl_mamba.config import HookedMambaConfig
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError
-from tl_mamba.models.base import RecurrentState, UnknownTokenWarning
+from tl_mamba.models.base import RecurrentState
+from tl_mamba.models.tokens import UnknownTokenWarning
 from tl_mamba.models.mamba import HookedMamba
 from tl_mamba.models.mamba2 import HookedMamba2
 from tl_mamba.hidden_attention import conv_attention, hidden_attention

@@ -1,7 +1,8 @@
 """Exceptions for indices (layers, heads, channels, positions, features) that every tool
 raises alike. Each subclasses two builtins, so code that catches either keeps working:
 ``Knockout(layers=99)``, ``ablate(..., layers=99)`` and ``run_with_cache(pos_slice=...)``
-out of range are all an ``IndexError`` and a ``ValueError``."""
+out of range are all an ``IndexError`` and a ``ValueError``. Also where a warning should
+point: :func:`caller_stacklevel`."""
 
 from __future__ import annotations
 
@@ -12,3 +13,17 @@ class OutOfRangeError(IndexError, ValueError):
 
 class NotAnIndexError(TypeError, ValueError):
     """An index that is not an integer: a float, a string, a bool where ints are expected."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that points at the first frame outside
+    tl_mamba, torch and transformer_lens: the user's call, however deep the forward was entered."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not name.split(".")[0] in ("tl_mamba", "torch", "transformer_lens"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level

@@ -48,7 +48,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel
 from tl_mamba.ops.conv import causal_conv1d
 from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, outside
 
@@ -376,7 +376,6 @@ class Knockout:
             return
         import warnings
 
-        from tl_mamba.models.base import _caller_stacklevel
 
         self._warned_padding = True
         if bool(pad[:, -1].any()):  # right padding: the prompts' last tokens are in different columns
@@ -388,7 +387,7 @@ class Knockout:
             f"{self!r}: {' and '.join(found)} fall on padding (attention_mask 0), where there is nothing to remove. "
             f"Knockout positions are columns of the padded batch, not positions within each prompt: {example}. "
             "For prompts of different lengths give sources / targets as [b, p] bool masks, one row per prompt.",
-            UserWarning, stacklevel=_caller_stacklevel())
+            UserWarning, stacklevel=caller_stacklevel())
 
     # ---------------------------------------------------------------------- hooks
     def hooks(self, model) -> List[Tuple[str, "object"]]:

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from ..errors import caller_stacklevel
 from ..config import DTYPE_NAMES, HookedMambaConfig, resolve_dtype
 from .convert import convert_state_dict
 from .errors import CheckpointConfigError, UnsupportedArchitectureError, WrongModelClassError
@@ -80,7 +81,6 @@ def warn_if_tokenizer_too_large(tokenizer: Any, cfg: HookedMambaConfig) -> None:
     multiple of 8 or more); a larger one most likely belongs to another model."""
     if tokenizer is None:
         return
-    from ..models.base import _caller_stacklevel
 
     try:
         size = len(tokenizer)
@@ -92,7 +92,7 @@ def warn_if_tokenizer_too_large(tokenizer: Any, cfg: HookedMambaConfig) -> None:
             f"ids >= {cfg.d_vocab} cannot be run, so this tokenizer probably belongs to another model. Pass the "
             "model's own tokenizer with tokenizer=.",
             UserWarning,
-            stacklevel=_caller_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
 
 

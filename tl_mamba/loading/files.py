@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from ..errors import caller_stacklevel
 from .errors import CheckpointFilesError
 from .errors import _join
 
@@ -224,7 +225,6 @@ def mistral_tokenizer_file(path: PathLike) -> Optional[pathlib.Path]:
 def _load_mistral_tokenizer(path: pathlib.Path, file: pathlib.Path) -> Optional[Any]:
     """A Mistral tokenizer file through transformers' mistral_common wrapper
     (``MistralCommonBackend``), or None with a warning that says how to set one."""
-    from ..models.base import _caller_stacklevel
 
     why = "it needs the mistral_common package (pip install mistral-common), which is not installed"
     try:
@@ -250,7 +250,7 @@ def _load_mistral_tokenizer(path: pathlib.Path, file: pathlib.Path) -> Optional[
         "'mistralai/Mamba-Codestral-7B-v0.1')), or, with mistral_common installed, "
         f"transformers.MistralCommonBackend.from_pretrained({str(path)!r}); or pass tokenizer= to from_pretrained.",
         UserWarning,
-        stacklevel=_caller_stacklevel(),
+        stacklevel=caller_stacklevel(),
     )
     return None
 

@@ -48,6 +48,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..errors import caller_stacklevel
 from ..config import HookedMambaConfig
 from .errors import CheckpointConfigError, UnsupportedArchitectureError
 
@@ -380,7 +381,6 @@ def config_from_checkpoint(
         if rows is not None and rows != fields["d_vocab"]:
             # Not an error (transformers would refuse): the rows are what runs. But say so,
             # since a config that disagrees with its weights may belong to another model.
-            from ..models.base import _caller_stacklevel
 
             padded = (f" (vocab_size {raw.get('vocab_size')} padded to a multiple of "
                       f"{raw.get('pad_vocab_size_multiple', 8)})" if layout == "mamba_ssm" else "")
@@ -388,7 +388,7 @@ def config_from_checkpoint(
                 f"the checkpoint's config gives an embedding of {fields['d_vocab']} rows{padded} but its weights have "
                 f"{rows}: d_vocab is {rows}, from the weights (cfg.extra['config_d_vocab'] keeps the config's value)",
                 UserWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
             fields["extra"]["config_d_vocab"] = fields["d_vocab"]
             fields["d_vocab"] = rows
@@ -573,13 +573,12 @@ def mamba_ssm_config_from_mistral_params(params: Mapping[str, Any], source: str 
         )
     unknown = sorted(set(params) - set(_MISTRAL_REQUIRED) - set(MISTRAL_MAMBA_DEFAULTS))
     if unknown:
-        from ..models.base import _caller_stacklevel
 
         warnings.warn(
             f"{source}: ignoring field(s) {', '.join(unknown)}, which mistral_inference's Mamba does not read "
             "either (it builds the model from dim, n_layers, vocab_size, n_groups and the norm / vocabulary options)",
             UserWarning,
-            stacklevel=_caller_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
     args = {**MISTRAL_MAMBA_DEFAULTS, **params}
     return {

@@ -7,9 +7,11 @@ supplies the TransformerLens-facing surface:
   masks, ``start_at_layer`` / ``stop_at_layer``, strings);
 - ``run_with_cache`` returning a ``MambaActivationCache``, with heavy hooks left
   out unless named and ``pos_slice`` cutting the position axis of every hook;
-- tokenizer helpers (``to_tokens``, ``to_str_tokens`` ...);
-- ``generate``, which is the same forward run one token at a time on a carried
-  ``RecurrentState``, so hooks fire at every step.
+- the ``RecurrentState`` a forward can start from and return (generation, state patching);
+- from its two other bases: the tokenizer helpers and the checks on token input
+  (``to_tokens``, ``to_str_tokens`` ..., padding; ``tokens.TokensMixin``), and
+  ``generate``, which is the same forward run one token at a time on a carried
+  ``RecurrentState``, so hooks fire at every step (``generation.GenerationMixin``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -42,6 +44,8 @@ from tl_mamba.hidden_attention import conv_attention as _conv_attention
 from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
 from tl_mamba.knockout import warn_knockouts_on_padding
 from tl_mamba.models.components import CheckedHookPoint, Embed, RMSNorm, Unembed
+from tl_mamba.models.generation import GenerationMixin
+from tl_mamba.models.tokens import TokensMixin, _check_token_dtype
 from tl_mamba.ops.precision import upcast
 
 #: Hooks whose tensors are O(p·e·n) or O(p²): computed only when hooked or named in a cache.
@@ -143,7 +147,7 @@ class RecurrentState:
         return cls(layers=[{"conv": None, "ssm": None} for _ in range(n_layers)])
 
 
-class HookedSSM(HookedRootModule):
+class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
     """Base class of the hooked Mamba families. Subclasses set ``family`` and ``block_cls``."""
 
     family: str = ""
@@ -306,336 +310,7 @@ class HookedSSM(HookedRootModule):
 
         return from_hf(cls, hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **cfg_overrides)
 
-    # ------------------------------------------------------------------ tokens
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (None when the model has none). Assigning one is ``set_tokenizer(tok)``."""
-        return self.__dict__.get("_tokenizer")
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        self.set_tokenizer(tokenizer)
-
-    def set_tokenizer(self, tokenizer: Any, default_padding_side: Optional[Literal["left", "right"]] = None) -> None:
-        """Use ``tokenizer`` (a Hugging Face tokenizer, or None for none), as TransformerLens's
-        ``set_tokenizer`` does: its ``padding_side`` is set to ``default_padding_side`` when
-        given, else to ``cfg.default_padding_side``, and ``cfg.default_padding_side`` follows.
-        (Any object is accepted; one without ``padding_side`` is left as it is.)
-
-        ``model.tokenizer = tok`` does the same. The tokenizer itself is changed (as in
-        TransformerLens), so a tokenizer shared by several models pads alike for all of them.
-
-        From then on the padding side is one setting, readable in both places: setting
-        ``model.tokenizer.padding_side`` or ``model.cfg.default_padding_side`` changes it,
-        and the next ``to_tokens`` / forward / ``generate`` brings the other in line (the
-        one changed last wins). It decides how ``to_tokens`` pads a list of strings, and a
-        forward on token input without an ``attention_mask`` infers the mask from the pad
-        tokens when it is ``"left"`` (as TransformerLens's forward does), so that
-        ``transformer_lens.utilities.get_attention_mask(model.tokenizer, tokens, prepend_bos)``
-        and ``model.tokenizer.padding_side`` describe the tokens ``to_tokens`` gives.
-        """
-        if default_padding_side not in ("left", "right", None):
-            raise ValueError(f"default_padding_side must be 'left', 'right' or None, got {default_padding_side!r}")
-        side = default_padding_side or self.cfg.default_padding_side
-        if tokenizer is not None and hasattr(tokenizer, "padding_side"):
-            tokenizer.padding_side = side
-        self.cfg.default_padding_side = side
-        self._padding_side_agreed = side
-        self.__dict__["_tokenizer"] = tokenizer
-
-    def _padding_side(self) -> str:
-        """The padding side in force: ``tokenizer.padding_side`` and ``cfg.default_padding_side``,
-        brought into agreement first (the one changed since they last agreed wins; the
-        config when both changed, since a tokenizer may be shared by other models)."""
-        cfg_side = self.cfg.default_padding_side
-        tok = self.tokenizer
-        tok_side = getattr(tok, "padding_side", None) if tok is not None else None
-        if tok_side not in ("left", "right") or tok_side == cfg_side:
-            if tok_side == cfg_side:
-                self._padding_side_agreed = cfg_side
-            return cfg_side
-        if cfg_side != getattr(self, "_padding_side_agreed", cfg_side):  # the config was changed
-            tok.padding_side = cfg_side
-            side = cfg_side
-        else:  # the tokenizer was changed
-            self.cfg.default_padding_side = side = tok_side
-        self._padding_side_agreed = side
-        return side
-
-    def _require_tokenizer(self, what: str):
-        if self.tokenizer is None:
-            raise ValueError(
-                f"{what} needs a tokenizer, and this model has none. Pass token tensors [batch, pos] instead, "
-                "or give one: HookedMamba.from_pretrained(path, tokenizer=...) or model.tokenizer = tok."
-            )
-        return self.tokenizer
-
-    def _bos_id(self) -> int:
-        tok = self.tokenizer
-        if tok is not None and getattr(tok, "bos_token_id", None) is not None:
-            return int(tok.bos_token_id)
-        if self.cfg.bos_token_id is None:
-            raise ValueError("prepend_bos=True but neither the tokenizer nor the config has a BOS token id")
-        return int(self.cfg.bos_token_id)
-
-    def _pad_id(self) -> int:
-        """The id ``to_tokens`` pads with: the tokenizer's pad token, else the config's, else the
-        EOS (a GPT-NeoX tokenizer has no pad token; TransformerLens pads with its EOS too), else 0."""
-        tok = self.tokenizer
-        for candidate in (
-            getattr(tok, "pad_token_id", None) if tok is not None else None,
-            self.cfg.pad_token_id,
-            getattr(tok, "eos_token_id", None) if tok is not None else None,
-            self.cfg.eos_token_id,
-        ):
-            if candidate is not None:
-                return int(candidate)
-        return 0
-
-    def to_tokens(
-        self,
-        input: Union[str, List[str]],
-        prepend_bos: Optional[bool] = None,
-        padding_side: Optional[Literal["left", "right"]] = None,
-        move_to_device: bool = True,
-        truncate: bool = True,
-        return_attention_mask: bool = False,
-    ):
-        """Tokenize a string or list of strings to ``[b, p]`` (padded to the longest).
-
-        ``prepend_bos`` defaults to ``cfg.default_prepend_bos``; ``padding_side`` to
-        ``model.tokenizer.padding_side``, which ``set_tokenizer`` keeps equal to
-        ``cfg.default_padding_side`` (``"right"`` unless changed). With
-        ``return_attention_mask`` also returns the ``[b, p]`` mask (1 = real token).
-        ``truncate`` is accepted as in TransformerLens and does nothing: a recurrent model
-        has no context window (``n_ctx``) to cut prompts to.
-        """
-        tok = self._require_tokenizer("to_tokens")
-        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        padding_side = padding_side or self._padding_side()
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        strings = [input] if isinstance(input, str) else list(input)
-        if not strings or not all(isinstance(s, str) for s in strings):
-            raise ValueError("to_tokens takes a string or a non-empty list of strings")
-        ids = [list(tok(s, add_special_tokens=False)["input_ids"]) for s in strings]
-        self._warn_unknown_tokens(strings, ids)
-        if prepend_bos:
-            bos = self._bos_id()
-            ids = [[bos] + seq for seq in ids]
-        length = max(len(seq) for seq in ids)
-        if length == 0:
-            raise ValueError("to_tokens: every input tokenized to nothing (empty strings without BOS)")
-        pad = self._pad_id()
-        tokens = torch.full((len(ids), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), length), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            if padding_side == "right":
-                tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, : len(seq)] = 1
-            else:
-                tokens[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                mask[row, length - len(seq) :] = 1
-        if move_to_device:
-            tokens, mask = tokens.to(self.W_E.device), mask.to(self.W_E.device)
-        return (tokens, mask) if return_attention_mask else tokens
-
-    def _unknown_token_id(self) -> Optional[int]:
-        """The tokenizer's unknown-token id, where it means "not in the vocabulary": None when it
-        has none, or shares its id with BOS / EOS / pad (GPT-NeoX's ``<|endoftext|>``), whose
-        text a prompt may hold on purpose."""
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        shared = {getattr(self.tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
-        return None if unk is None or unk in shared else int(unk)
-
-    def _warn_unknown_tokens(self, strings: List[str], ids: List[List[int]]) -> None:
-        """Warn when a word the vocabulary lacks became the unknown token (a word-level
-        tokenizer, such as the toy models', has no pieces to spell it with)."""
-        unk = self._unknown_token_id()
-        if unk is None:
-            return
-        unk_text = self.tokenizer.unk_token
-        rows = [row for row, (text, seq) in enumerate(zip(strings, ids))
-                if seq.count(unk) > text.count(unk_text)]  # an unknown token the text did not spell out
-        if rows:
-            import warnings
-
-            warnings.warn(f"to_tokens: {len(rows)} of {len(strings)} inputs hold words the tokenizer does not know, "
-                          f"read as {unk_text!r} (id {unk}), e.g. {strings[rows[0]][:80]!r} -> "
-                          f"{self.tokenizer.convert_ids_to_tokens(ids[rows[0]])[:16]}", UnknownTokenWarning,
-                          stacklevel=3)
-
-    def to_string(self, tokens: Union[Tensor, List[int], int]) -> Union[str, List[str]]:
-        """Decode ``[p]`` to a string, or ``[b, p]`` to a list of strings."""
-        tok = self._require_tokenizer("to_string")
-        if isinstance(tokens, int):
-            tokens = [tokens]
-        tokens = self._ids_to_read(tokens, "to_string")
-        if tokens.dim() == 2:
-            return [tok.decode(row.tolist()) for row in tokens]
-        return tok.decode(tokens.tolist())
-
-    def to_str_tokens(
-        self,
-        input: Union[str, Tensor, List[int]],
-        prepend_bos: Optional[bool] = None,
-        padding_side: Optional[str] = None,
-    ) -> Union[List[str], List[List[str]]]:
-        """One string per token: of a string (tokenized first) or of token ids.
-
-        Token ids may be an int, a 0-d tensor (``logits.argmax(-1)[0, -1]``: a one-element
-        list, as in TransformerLens), ``[p]``, ``[1, p]`` (a list of strings) or ``[b, p]``
-        (a list of lists); a list of strings gives a list of lists.
-        """
-        tok = self._require_tokenizer("to_str_tokens")
-        if isinstance(input, str):
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
-        elif isinstance(input, list) and input and isinstance(input[0], str):
-            return [self.to_str_tokens(s, prepend_bos=prepend_bos) for s in input]
-        else:
-            tokens = self._ids_to_read(input, "to_str_tokens")
-            if tokens.dim() == 0:
-                tokens = tokens[None]
-            if tokens.dim() == 2:
-                if tokens.shape[0] != 1:
-                    return [[tok.decode([t]) for t in row.tolist()] for row in tokens]
-                tokens = tokens[0]
-        return [tok.decode([t]) for t in tokens.tolist()]
-
-    def _ids_to_read(self, tokens, what: str, max_dims: Optional[int] = 2) -> Tensor:
-        """``tokens`` as an integer tensor of ids in ``[0, d_vocab)`` with at most ``max_dims``
-        axes, for the methods that decode or look up ids (a tokenizer decodes an id past its
-        vocabulary as nothing, so a wrong id would silently vanish from the text)."""
-        tokens = torch.as_tensor(tokens)
-        if not tokens.numel():  # torch.as_tensor([]) is float
-            tokens = tokens.long()
-        _check_token_dtype(tokens, f"{what}: the tokens")
-        if max_dims is not None and tokens.dim() > max_dims:
-            raise ValueError(f"{what} takes token ids [p] or [b, p], got shape {tuple(tokens.shape)}")
-        self._check_token_ids(tokens, what=f"{what}: token ids")
-        return tokens
-
-    def to_single_token(self, string: str) -> int:
-        """The id of a string that is exactly one token (no BOS); error otherwise, and for a
-        word the vocabulary lacks (read as the unknown token)."""
-        import warnings
-
-        if not isinstance(string, str):
-            raise TypeError(f"to_single_token takes a string, got {type(string).__name__} (the string of a token id "
-                            "is to_single_str_token(id))")
-
-        with warnings.catch_warnings():  # an unknown word is an error here, not a warning
-            warnings.simplefilter("ignore", UnknownTokenWarning)
-            tokens = self.to_tokens(string, prepend_bos=False)[0]
-        if tokens.numel() != 1:
-            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one: {self.to_str_tokens(tokens)}")
-        token = int(tokens.item())
-        if token == self._unknown_token_id() and string.strip() != self.tokenizer.unk_token:
-            raise ValueError(f"{string!r} is not in the tokenizer's vocabulary: it reads as the unknown token "
-                             f"{self.tokenizer.unk_token!r} (id {token})")
-        return token
-
-    def to_single_str_token(self, int_token: int) -> str:
-        """The string of the single token ``int_token`` (TransformerLens's ``to_single_str_token``)."""
-        if isinstance(int_token, Tensor) and int_token.numel() == 1 and not int_token.dtype.is_floating_point:
-            int_token = int(int_token.item())
-        if isinstance(int_token, bool) or not isinstance(int_token, int):
-            raise TypeError(f"to_single_str_token takes one token id (an int), got {type(int_token).__name__}")
-        return self.to_str_tokens(torch.tensor([int_token]))[0]
-
-    def get_token_position(
-        self,
-        single_token: Union[str, int, Tensor],
-        input: Union[str, Tensor],
-        mode: Literal["first", "last"] = "first",
-        prepend_bos: Optional[bool] = None,
-        padding_side: Optional[Literal["left", "right"]] = None,
-    ) -> int:
-        """The position of ``single_token`` in ``input`` (TransformerLens's ``get_token_position``).
-
-        Args:
-            single_token: the token to find: an id, or a string that is exactly one token.
-            input: a string (tokenized with ``prepend_bos``, default ``cfg.default_prepend_bos``:
-                the BOS counts as position 0) or tokens ``[p]`` / ``[1, p]``.
-            mode: ``"first"`` or ``"last"`` occurrence.
-            prepend_bos / padding_side: how a string ``input`` is tokenized.
-
-        Raises a ``ValueError`` if the token does not occur.
-        """
-        if mode not in ("first", "last"):
-            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
-        if isinstance(input, str):
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
-        else:
-            tokens = torch.as_tensor(input)
-        if tokens.dim() == 2 and tokens.shape[0] == 1:
-            tokens = tokens[0]
-        if tokens.dim() != 1:
-            raise ValueError(f"tokens must be [p] or [1, p], got shape {tuple(tokens.shape)}")
-        if isinstance(single_token, str):
-            single_token = self.to_single_token(single_token)
-        elif isinstance(single_token, Tensor):
-            single_token = int(single_token.item())
-        positions = (tokens == single_token).nonzero()[:, 0]
-        if not positions.numel():
-            raise ValueError(f"token {single_token} does not occur in the input")
-        return int(positions[0 if mode == "first" else -1])
-
     # ------------------------------------------------------------------ forward
-    def _prepare_input(self, input, attention_mask, prepend_bos, padding_side, continuing: bool = False):
-        """Returns ``(tokens [b, p] long, attention_mask [b, p] or None)``.
-
-        ``continuing``: the tokens continue a sequence (a forward from a non-empty
-        ``RecurrentState``), so their first column is not where padding would be."""
-        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            tokens, mask = self.to_tokens(
-                input, prepend_bos=prepend_bos, padding_side=padding_side, return_attention_mask=True
-            )
-            self._check_token_ids(tokens, from_tokenizer=True)
-            if attention_mask is None and not bool(mask.all()):
-                attention_mask = mask
-            elif attention_mask is not None:
-                attention_mask = self._check_mask(attention_mask, tokens.shape)
-            return tokens, attention_mask
-        if isinstance(input, (list, tuple)) and not input:
-            raise ValueError("input is an empty list: give a string, a list of strings or a token tensor [batch, pos]")
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a token tensor [batch, pos], a string or a list of strings, got {type(input).__name__}")
-        tokens = input
-        if tokens.dim() == 1:
-            tokens = tokens[None]
-        if tokens.dim() != 2:
-            raise ValueError(f"token input must be [batch, pos], got shape {tuple(input.shape)}")
-        _check_token_dtype(tokens, "token input")
-        if tokens.dtype not in (torch.int32, torch.int64):  # int8, int16, uint16 ...: torch indexes only with these
-            tokens = tokens.long()
-        if tokens.shape[1] == 0:
-            raise ValueError("token input has no positions")
-        self._check_token_ids(tokens)
-        tokens = tokens.to(self.W_E.device)
-        if attention_mask is None and not continuing:
-            attention_mask = self._padding_from_tokens(tokens, prepend_bos, padding_side)
-        if attention_mask is not None:
-            attention_mask = self._check_mask(attention_mask, tokens.shape)
-        return tokens, attention_mask
-
-    def _check_token_ids(self, tokens: Tensor, from_tokenizer: bool = False, what: str = "token ids") -> None:
-        """Every id must index a row of ``W_E``: ``0 <= id < d_vocab``."""
-        _check_not_meta(tokens, what)
-        if not tokens.numel():
-            return
-        low, high = int(tokens.min()), int(tokens.max())
-        if low >= 0 and high < self.cfg.d_vocab:
-            return
-        if from_tokenizer:
-            raise ValueError(
-                f"the tokenizer gave token ids up to {high}, but the model has d_vocab={self.cfg.d_vocab} "
-                f"(token ids must lie in [0, {self.cfg.d_vocab})): the tokenizer ({type(self.tokenizer).__name__}, "
-                f"{_tokenizer_size(self.tokenizer)} tokens) does not belong to this model. Set model.tokenizer to "
-                "the model's own tokenizer."
-            )
-        raise ValueError(f"{what} must lie in [0, {self.cfg.d_vocab}), got min {low} max {high}")
-
     def _loss_tokens(self, tokens, shape) -> Tensor:
         """The ``tokens=`` of a loss with ``start_at_layer``: ids of the residual stream's ``[b, p]`` positions."""
         if not isinstance(tokens, Tensor):
@@ -650,83 +325,6 @@ class HookedSSM(HookedRootModule):
             )
         self._check_token_ids(tokens, what="tokens")
         return tokens.long()
-
-    def _padding_from_tokens(self, tokens: Tensor, prepend_bos: Optional[bool] = None,
-                             padding_side: Optional[str] = None) -> Optional[Tensor]:
-        """The attention mask of token input given without one, from the pad id ``to_tokens`` pads
-        with (:meth:`_pad_id`: the tokenizer's pad token, else the config's, else the EOS).
-
-        As TransformerLens does, a call with ``padding_side="left"``, or a model that pads on the
-        left (``model.tokenizer.padding_side == "left"``, which ``set_tokenizer`` keeps equal to
-        ``cfg.default_padding_side``: set either), infers it: each row's leading run of pad
-        tokens is padding, less its last token when the pad token is also the BOS that
-        ``prepend_bos`` (default ``cfg.default_prepend_bos``) puts there; this is the mask
-        ``transformer_lens.utilities.get_attention_mask(model.tokenizer, tokens, prepend_bos)``
-        gives. Otherwise nothing is inferred, but rows that begin with runs of pad tokens of
-        different lengths are almost surely a left-padded batch, whose pads would run
-        through the recurrence and change every later position: that warns.
-        """
-        import warnings
-
-        tok = self.tokenizer
-        infer = (padding_side or self._padding_side()) == "left"
-        if tok is None or (tokens.shape[0] == 1 and not infer):
-            return None
-        pad = self._pad_id()  # what to_tokens pads with
-        leading = (tokens == pad).long().cumprod(dim=1)  # [b, p]: 1 on each row's leading pad run
-        bos = getattr(tok, "bos_token_id", None)
-        bos = self.cfg.bos_token_id if bos is None else bos
-        pad_is_bos = pad == bos
-        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        runs = leading.sum(1)
-        if infer:
-            mask = 1 - leading
-            if pad_is_bos and prepend_bos:  # the run's last token is the BOS
-                rows = (runs > 0).nonzero()[:, 0]
-                mask[rows, runs[rows] - 1] = 1
-            mask[runs == tokens.shape[1]] = 1  # a row of nothing but pads is not padding (zeros fed in, say)
-            return mask
-        # left padding, not a pad id met by chance in random token ids: a run of 2 or more pads, or
-        # (pad != BOS) a run followed by the BOS
-        looks_padded = runs.numel() > 0 and int(runs.max()) >= 2
-        if not looks_padded and not pad_is_bos and bos is not None:
-            after = tokens.gather(1, runs.clamp(max=tokens.shape[1] - 1)[:, None])[:, 0]
-            looks_padded = bool(((runs > 0) & (runs < tokens.shape[1]) & (after == bos)).any())
-        if looks_padded and bool((runs != runs[0]).any()):
-            warnings.warn(
-                f"The token rows begin with different numbers of pad tokens (id {pad}): this looks like a "
-                "left-padded batch given without an attention_mask. The pads then run through the recurrence "
-                "and change every later position. Pass attention_mask (to_tokens(..., return_attention_mask=True) "
-                "gives it), or pass padding_side='left' (or set model.tokenizer.padding_side = 'left') to have it "
-                "inferred from the pad tokens, as TransformerLens does.", UserWarning, stacklevel=_caller_stacklevel())
-        return None
-
-    def _check_mask(self, attention_mask: Tensor, shape) -> Optional[Tensor]:
-        if isinstance(attention_mask, Tensor):
-            _check_not_meta(attention_mask, "attention_mask")
-        attention_mask = torch.as_tensor(attention_mask, device=self.W_E.device)
-        given = tuple(attention_mask.shape)
-        if attention_mask.dim() == 1:  # one prompt's mask: a batch of one
-            attention_mask = attention_mask[None]
-        if tuple(attention_mask.shape) != tuple(shape):
-            one_row = " (a 1-D mask is one prompt's)" if len(given) == 1 else ""
-            raise ValueError(f"attention_mask must have shape {tuple(shape)} (batch, positions), got {given}{one_row}")
-        if attention_mask.is_complex():
-            raise TypeError(f"attention_mask must be a bool, integer or float tensor of 0s and 1s, "
-                            f"got {attention_mask.dtype}")
-        if attention_mask.dtype != torch.bool:
-            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]  # NaN included
-            if bad.numel():
-                values = bad.unique().tolist()
-                shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
-                raise ValueError(
-                    f"attention_mask must hold only 0 (padding) and 1 (real token), got {shown}. "
-                    "It marks padding; it does not weight positions."
-                )
-        if bool(attention_mask.all()):
-            return None
-        _check_contiguous_padding(attention_mask)
-        return attention_mask
 
     def forward(
         self,
@@ -1102,197 +700,6 @@ class HookedSSM(HookedRootModule):
             self.run_with_hooks(tokens, fwd_hooks=[(lambda name: True, record)], return_type=None)
         return shapes
 
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(
-        self,
-        input: Union[str, List[str], Tensor] = "",
-        max_new_tokens: int = 10,
-        stop_at_eos: bool = True,
-        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-        do_sample: bool = True,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        temperature: float = 1.0,
-        freq_penalty: float = 0.0,
-        use_past_kv_cache: bool = True,
-        prepend_bos: Optional[bool] = None,
-        padding_side: Optional[str] = None,
-        return_type: Optional[str] = "input",
-        verbose: bool = True,
-        attention_mask: Optional[Tensor] = None,
-        seed: Optional[int] = None,
-    ):
-        """Decode recurrently: one prefill forward, then one forward per new token.
-
-        The conv and SSM states are carried in a ``RecurrentState``, so each new
-        token costs the same whatever the prefix length, and hooks fire at every
-        step (on ``p = 1`` tensors after the prefill). Keyword names follow
-        TransformerLens' ``generate``. ``return_type="input"`` returns strings for
-        string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one (None
-        gives tokens, as in TransformerLens). A string is the row's prompt and new tokens
-        decoded with ``skip_special_tokens=True``, as TransformerLens (3.x and 4.x) decodes
-        them: no BOS, no EOS, so ``generate(prompt)`` starts with ``prompt``. Unlike
-        TransformerLens, a batch's padding (on the left, or the fill after a row's EOS) is
-        left out even where the pad token is not a special token, so that each prompt of a
-        batch gets the text it gets alone. For the BOS and EOS, ask for
-        ``return_type="tokens"`` and use ``to_string``. ``top_k`` must be a positive int or
-        None, and ``eos_token_id`` an id or a non-empty list of ids. A row that has ended is
-        filled with the (first) EOS id, as in TransformerLens (transformers fills with the pad id).
-
-        ``use_past_kv_cache=False`` re-runs the whole sequence at every step instead
-        (hooks then see the whole sequence each time; cost grows with its length).
-        So does every step while a ``Knockout`` is active: its positions (``sources=[0]``,
-        ``targets=[-1]``) index the whole sequence, which a one-token step cannot see.
-        Each new token is then predicted with the knockout applied to the sequence so
-        far, its ``-1`` being the newest token. (A hand-written hook on ``hook_ssm_mask``
-        sees each step's ``[b, H, 1, 1]`` mask, as any hook sees one-token tensors.)
-        """
-        from tqdm.auto import tqdm
-
-        from tl_mamba.knockout import active_knockouts
-
-        if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__"):
-            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-        max_new_tokens = int(max_new_tokens)
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if freq_penalty < 0:  # as TransformerLens: a negative penalty would reward repetition
-            raise ValueError(f"freq_penalty must be >= 0, got {freq_penalty}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-            raise ValueError(f"top_k must be a positive int (or None for no top-k filtering), got {top_k!r}")
-        if return_type not in ("input", "str", "tokens", None):
-            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
-        if isinstance(eos_token_id, Tensor):
-            eos_token_id = eos_token_id.tolist()
-        if eos_token_id is not None and not isinstance(eos_token_id, int):
-            eos_token_id = list(eos_token_id)
-            if not eos_token_id and stop_at_eos:
-                raise ValueError(
-                    "eos_token_id is empty: give a token id or a non-empty list of them, "
-                    "or stop_at_eos=False to never stop early"
-                )
-        string_input = isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str))
-        if string_input and padding_side is None:
-            padding_side = "left"  # new tokens are appended on the right, so prompts must end together
-        tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side)
-        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "generate needs every prompt to end at the last column: use left padding "
-                "(padding_side='left', or a left-padded attention_mask)"
-            )
-        if eos_token_id is None and stop_at_eos:
-            eos_token_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
-            if eos_token_id is None:
-                eos_token_id = self.cfg.eos_token_id
-        eos_ids = (
-            torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=tokens.device)
-            if (stop_at_eos and eos_token_id is not None)
-            else None
-        )
-        if eos_ids is not None:  # an id the model cannot produce would never stop generation
-            _check_token_dtype(eos_ids, "eos_token_id")
-            self._check_token_ids(eos_ids, what="eos_token_id")
-        gen = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
-        knockouts = active_knockouts(self)
-        for ko in knockouts:
-            if any(isinstance(getattr(ko, what), Tensor) and getattr(ko, what).dtype == torch.bool
-                   for what in ("sources", "targets")):
-                raise ValueError(
-                    f"generate under {ko!r}: its bool-mask positions name the positions of one sequence length, "
-                    "but generate lengthens the sequence at every step. Give sources and targets as ints "
-                    "(negative ones count from the end: targets=[-1] is the newest token at each step).")
-        if attention_mask is None:  # no padding, read with this call's prepend_bos and padding_side: the
-            # forwards below must not infer padding again with the model's defaults (a BOS asked for here
-            # would be taken for a pad where the pad token is the BOS and the model pads on the left)
-            attention_mask = torch.ones_like(tokens)
-        recurrent = use_past_kv_cache and not knockouts
-        state = RecurrentState.empty(self.cfg.n_layers) if recurrent else None
-        logits = self(tokens, attention_mask=attention_mask, state=state)
-        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        out_tokens = [tokens]
-        # which tokens are each row's own (for strings): not its padding, nor the fill after its EOS
-        own = [attention_mask.bool()]
-        pad = self._pad_id() if eos_ids is None else int(eos_ids[0])
-        for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-            # the penalty counts each row's own tokens: a pad id in a shorter prompt's padding is not
-            # a token of that prompt (TransformerLens counts it, so a row depended on the others' lengths)
-            next_tokens = sample_next_token(
-                logits[:, -1], do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
-                freq_penalty=freq_penalty, history=torch.cat(out_tokens, dim=1) if freq_penalty else None,
-                history_mask=torch.cat(own, dim=1) if freq_penalty else None, generator=gen,
-            )
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
-            out_tokens.append(next_tokens[:, None])
-            own.append(~finished[:, None])
-            if eos_ids is not None:
-                finished |= torch.isin(next_tokens, eos_ids)
-                if bool(finished.all()):
-                    break
-            if step + 1 == max_new_tokens:  # no forward for a token nobody will read
-                break
-            if recurrent:
-                logits = self(next_tokens[:, None], state=state)
-            else:
-                sequence = torch.cat(out_tokens, dim=1)
-                # left padding only (checked above): new tokens are real
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(sequence), 1)], dim=1)
-                logits = self(sequence, attention_mask=attention_mask)
-        result = torch.cat(out_tokens, dim=1)
-        if return_type == "str" or (return_type == "input" and string_input):
-            # each row's own tokens only: a padded batch gives every prompt the text it gets alone
-            own = torch.cat(own, dim=1)
-            tok = self._require_tokenizer("generate with string output")
-            strings = [tok.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(result, own)]
-            return strings[0] if isinstance(input, str) else strings
-        return result
-
-
-class UnknownTokenWarning(UserWarning):
-    """``to_tokens`` read a word its tokenizer's vocabulary lacks as the unknown token."""
-
-
-def sample_next_token(
-    logits: Tensor,
-    *,
-    do_sample: bool,
-    top_k: Optional[int],
-    top_p: Optional[float],
-    temperature: float,
-    freq_penalty: float = 0.0,
-    history: Optional[Tensor] = None,
-    history_mask: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
-    """Pick the next token from ``logits [b, v]``: greedy, or sampled with temperature / top-k / top-p.
-
-    ``freq_penalty`` subtracts ``freq_penalty ×`` each token's count in ``history [b, t]``, counting
-    only where ``history_mask [b, t]`` is true (a row's own tokens, not the batch's padding)."""
-    logits = logits.float()
-    if not do_sample or temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if freq_penalty and history is not None:
-        weights = (torch.ones_like(history, dtype=logits.dtype) if history_mask is None
-                   else history_mask.to(logits.dtype))
-        counts = torch.zeros_like(logits).scatter_add_(1, history, weights)
-        logits = logits - freq_penalty * counts
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
 
 def _check_loss_shape(shape, per_token: bool) -> None:
     """A next-token loss needs something to predict (p >= 2) and, for its mean, a sequence (b >= 1)."""
@@ -1315,20 +722,6 @@ def _lm_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor], p
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(loss.dtype)
     loss = loss * valid
     return loss if per_token else loss.sum() / valid.sum().clamp(min=1)
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of a warning raised here that points at the first frame outside
-    tl_mamba, torch and transformer_lens: the user's call, however deep the forward was entered."""
-    import sys
-
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not name.split(".")[0] in ("tl_mamba", "torch", "transformer_lens"):
-            return level
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 _TRANSFORMER_HOOK = re.compile(r"^blocks\.(\d+)\.(?:(attn|mlp|ln2)\.)?(hook_\w+)$")
@@ -1376,36 +769,6 @@ def transformer_hook_analogue(name: str, family: str) -> Optional[str]:
     return found
 
 
-def _check_not_meta(tensor: Tensor, what: str) -> None:
-    """A tensor on the meta device has a shape but no values: no id or mask can be read from it."""
-    if tensor.is_meta:
-        raise ValueError(f"{what}: the tensor is on the meta device, which holds shapes but no values; "
-                         "pass real values (on the CPU or the model's device)")
-
-
-def _check_token_dtype(tokens: Tensor, what: str) -> None:
-    """Token ids must be an integer tensor, and not uint8 or bool: torch indexes with those as masks."""
-    if tokens.dtype == torch.uint8:
-        raise TypeError(
-            f"{what} must be an integer tensor of token ids (torch.long), got torch.uint8, which torch treats "
-            "as a mask when indexing; convert with tokens.long()"
-        )
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(
-            f"{what} must be an integer tensor of token ids, got {tokens.dtype}; to feed residual activations "
-            "use start_at_layer"
-        )
-
-
-def _tokenizer_size(tokenizer) -> Optional[int]:
-    """The number of tokens a tokenizer can produce (added tokens included), or None if it cannot say."""
-    try:
-        return len(tokenizer)
-    except TypeError:
-        size = getattr(tokenizer, "vocab_size", None)
-        return size if isinstance(size, int) else None
-
-
 def _input_batch_size(input) -> Optional[int]:
     """The batch size a forward input gives: 1 for a string or 1-d tokens, the length of a
     list of strings, the leading axis of a tensor ``[b, p]`` (or residual ``[b, p, d]``);
@@ -1427,21 +790,6 @@ def _layer_index(value: int, n_layers: int, name: str) -> int:
     if not 0 <= index <= n_layers:
         raise OutOfRangeError(f"{name}={value} is out of range for a model with {n_layers} layers")
     return index
-
-
-def _check_contiguous_padding(mask: Tensor) -> None:
-    """Padding must be a prefix (left) or a suffix (right) of each row."""
-    m = mask.long()
-    for row in range(m.shape[0]):
-        values = m[row]
-        changes = int((values[1:] != values[:-1]).sum())
-        if changes > 1 or (changes == 1 and not (values[0] == 0 or values[-1] == 0)):
-            raise ValueError(
-                f"attention_mask row {row} is not left- or right-padded ({values.tolist()}); "
-                "padding must be a contiguous prefix or suffix"
-            )
-        if int(values.sum()) == 0:
-            raise ValueError(f"attention_mask row {row} has no real tokens")
 
 
 def _names_filter(names_filter, all_names: set) -> Callable[[str], bool]:
