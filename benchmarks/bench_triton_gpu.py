@@ -298,12 +298,16 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
         removed = torch.rand(1, h, p, p, device=device).tril_()
         quadratic_inputs = [t[k] for k in ("x", "delta", "A", "B", "C")]
         calls["dense_mask_masked_tiles_triton"] = sync(lambda: masked_removed_terms_triton(removed, *quadratic_inputs))
+        # 32 head channels per program: no spills on sm_80 / sm_90 (docs/performance.md, "Compiled without a GPU")
+        calls["dense_mask_masked_tiles_d32_triton"] = sync(
+            lambda: masked_removed_terms_triton(removed, *quadratic_inputs, block_d=32))
         calls["dense_mask_quadratic_torch"] = sync(lambda: dense_removed_terms_bphd(removed, *quadratic_inputs))
         if notes is not None:
             reference = dense_removed_terms_bphd(removed.double(), *(v.double() for v in quadratic_inputs))
-            notes["dense_mask_masked_tiles_triton"] = dict(
-                rel_err=rel_err(masked_removed_terms_triton(removed, *quadratic_inputs), reference),
-                against="the torch quadratic form in float64")
+            for name, block_d in (("dense_mask_masked_tiles_triton", None), ("dense_mask_masked_tiles_d32_triton", 32)):
+                notes[name] = dict(
+                    rel_err=rel_err(masked_removed_terms_triton(removed, *quadratic_inputs, block_d=block_d), reference),
+                    against="the torch quadratic form in float64")
             del reference
         # the three chunked kernels alone at explicit (hd, n) tiles, plain and with the same-pass
         # knockout (3 sources at p/3 → the last position): what triton_chunked.TILE_CAPS is set from

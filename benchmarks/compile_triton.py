@@ -16,7 +16,8 @@ serve when the first choice fails or is switched off (Mamba-1's sequential kerne
 Mamba-2's separate knockout scan and its recurrent kernel). Every
 launch is intercepted: the kernel is compiled for the target (TTIR → PTX → cubin, as on
 the GPU, with the launch's own arguments, so with the block sizes the dispatchers choose
-at that width) instead of run. The outputs are therefore never written, and nothing this
+at that width, and each variant Triton's own specialization tells apart: dtypes,
+integers equal to 1, 16-byte alignment) instead of run. The outputs are therefore never written, and nothing this
 script computes is a result; what it reports, per kernel variant, is what the GPU would
 refuse or slow down for:
 
@@ -24,8 +25,15 @@ refuse or slow down for:
   interpreter, which never compiles them);
 - shared memory per block against the target's limit (Triton refuses the launch above
   it: "out of resources");
-- registers per thread, and registers × threads against the 64K of a multiprocessor;
-- bytes spilled to local memory per thread, from ptxas' own report (slow, not wrong).
+- registers per thread, and the blocks a multiprocessor holds at once (from registers,
+  shared memory and warps: the occupancy a spill-free tile may cost);
+- bytes spilled per thread (ptxas' spill stores, and its stack frame: local memory,
+  slow, not wrong), from ptxas' own report.
+
+``--sweep`` compiles the Mamba-2 kernels over their tile sizes instead (the plain chunked
+kernels over hd × n, the masked-tile kernel over BLOCK_I × BLOCK_D, fp32 and bf16 inputs):
+what ``triton_chunked.TILE_CAPS`` and the masked kernel's blocks were chosen from
+(``benchmarks/results/compile_triton_tiles.md``).
 
 The exit status is 1 when a kernel does not compile or does not fit its target.
 ``--out`` writes the table as markdown (``benchmarks/results/compile_triton.md`` is the
@@ -63,15 +71,30 @@ import tl_mamba.backends  # noqa: E402
 from _env import triton_toolchain  # noqa: E402
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout  # noqa: E402
 
-#: per target capability: (GPU, shared memory a block may opt into, bytes). Triton compares
-#: its kernel's shared memory with the device's opt-in maximum when it loads the kernel.
+#: per target capability, from CUDA's tables: the GPUs, the shared memory one block may opt into
+#: (Triton refuses a launch above it, comparing when it loads the kernel), and per multiprocessor
+#: the shared memory, warps and blocks it holds at most (for the occupancy column)
 TARGETS = {
-    80: ("A100", 166912),
-    86: ("RTX 30xx / A6000", 101376),
-    89: ("L40 / RTX 40xx", 101376),
-    90: ("H100 / H200", 232448),
+    80: dict(gpu="A100", block_shared=166912, sm_shared=167936, sm_warps=64, sm_blocks=32),
+    86: dict(gpu="RTX 30xx / A6000", block_shared=101376, sm_shared=102400, sm_warps=48, sm_blocks=16),
+    89: dict(gpu="L40 / RTX 40xx", block_shared=101376, sm_shared=102400, sm_warps=48, sm_blocks=24),
+    90: dict(gpu="H100 / H200", block_shared=232448, sm_shared=233472, sm_warps=64, sm_blocks=32),
 }
-REGISTERS_PER_SM = 65536  # what a block's threads may hold together, every target here
+REGISTERS_PER_SM = 65536  # every target here
+RESERVED_SHARED_PER_BLOCK = 1024  # what CUDA keeps of a multiprocessor's shared memory per resident block
+
+
+def blocks_per_sm(variant: "Variant", capability: int) -> int:
+    """How many blocks of ``variant`` one multiprocessor holds at once: the least of what its
+    registers (allocated per warp in units of 256), shared memory, warps and blocks allow."""
+    target = TARGETS[capability]
+    per_warp = -(-variant.registers * 32 // 256) * 256
+    limits = [REGISTERS_PER_SM // (per_warp * variant.num_warps), target["sm_warps"] // variant.num_warps,
+              target["sm_blocks"]]
+    if variant.shared:
+        limits.append(target["sm_shared"] // (variant.shared + RESERVED_SHARED_PER_BLOCK))
+    return min(limits)
+
 
 #: one layer at the widths of the released checkpoints (d_inner = 2·d_model; Mamba-2 heads of 64;
 #: "2.8b" is mamba-2.8b and mamba2-2.7b)
@@ -102,28 +125,47 @@ class _CompileOnlyDriver:
 
 @dataclass
 class Variant:
-    """One compiled kernel: a kernel function with one set of constexprs and argument types."""
+    """One compiled kernel: what Triton compiles once, a kernel with one specialization
+    (constexprs, argument dtypes, integers equal to 1, 16-byte alignment)."""
 
     kernel: str
     constexprs: Dict[str, object]
-    inputs: str  # dtype of the first tensor argument (the scan's x)
+    inputs: str  # dtype of the first tensor argument (x for the scans, the states for the state passing)
+    specialized: str = ""  # integer arguments Triton made constants (=1) or found not divisible by 16
     routes: List[str] = field(default_factory=list)
     seconds: float = 0.0
     shared: int = 0
     num_warps: int = 0
     registers: Optional[int] = None
-    spill_bytes: Optional[int] = None
+    spill_bytes: Optional[int] = None  # ptxas' "bytes spill stores"
+    stack_bytes: Optional[int] = None  # ptxas' "bytes stack frame": the local memory each thread holds
     error: Optional[str] = None
 
 
 def ptxas_usage(log: str) -> tuple:
-    """``(registers per thread, bytes spilled per thread)`` from ``ptxas -v``'s report, which
-    Triton prints with ``knobs.nvidia.dump_ptxas_log`` (cuobjdump's LOCAL column misses spills)."""
-    registers = re.search(r"Used (\d+) registers", log)
-    spilled = re.search(r"(\d+) bytes spill stores", log)
-    if registers is None or spilled is None:
-        raise RuntimeError(f"no register or spill count in ptxas' report:\n{log}")
-    return int(registers.group(1)), int(spilled.group(1))
+    """``(registers, spill-store bytes, stack-frame bytes)`` per thread from ``ptxas -v``'s
+    report, which Triton prints with ``knobs.nvidia.dump_ptxas_log`` (each kernel here is one
+    entry function; cuobjdump's LOCAL column misses spills)."""
+    found = [re.search(pattern, log) for pattern in
+             (r"Used (\d+) registers", r"(\d+) bytes spill stores", r"(\d+) bytes stack frame")]
+    if None in found:
+        raise RuntimeError(f"no register, spill or stack count in ptxas' report:\n{log}")
+    return tuple(int(match.group(1)) for match in found)
+
+
+def _specialized(params, specialization) -> str:
+    """The integer arguments Triton specialized: ``=1`` (compiled as that constant) and ``¬16``
+    (not divisible by 16); the others are 16-divisible, as at real widths."""
+    ones, odd = [], []
+    for param, (kind, attribute) in zip(params, specialization):
+        if param.is_constexpr or not isinstance(kind, str):
+            continue
+        if kind == "constexpr":
+            ones.append(param.name)
+        elif kind[0] in "iu" and attribute != "D":
+            odd.append(param.name)
+    return "; ".join(part for part in (", ".join(f"{name}=1" for name in ones), "¬16: " + ", ".join(odd) if odd else "")
+                     if part)
 
 
 class Interceptor:
@@ -132,6 +174,7 @@ class Interceptor:
     def __init__(self, capability: int, keep: Optional[str] = None):
         self.capability, self.keep = capability, keep
         self.variants: Dict[tuple, Variant] = {}
+        self.touched: list = []  # the JITFunctions whose caches this interceptor reset
         self.route = "?"
 
     @contextlib.contextmanager
@@ -140,28 +183,31 @@ class Interceptor:
         interceptor = self
 
         def compile_only(self, *args, grid, warmup, **kwargs):
-            constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
-            key = (self.fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())),
-                   tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
             if getattr(self, "_compiled_by", None) is not interceptor:
                 # Triton keeps one binder (with its target) and one kernel cache per device index:
                 # start both afresh for each interceptor, or an earlier target's kernels come back
                 # (and ptxas, not run again, reports nothing)
                 self.device_caches.clear()
                 self._compiled_by = interceptor
+                interceptor.touched.append(self)
+            # what Triton compiles separately: its own specialization of this call's arguments
+            _, specialization, options = self.device_caches[0][4](*args, **kwargs)
+            key = (self.fn.__module__, self.fn.__qualname__, str(specialization), str(options))
             variant = interceptor.variants.get(key)
             if variant is None:
+                constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
                 first = next((str(a.dtype)[6:] for a in args if isinstance(a, torch.Tensor)), "-")
-                variant = interceptor.variants[key] = Variant(self.fn.__name__, constexprs, first)
+                variant = interceptor.variants[key] = Variant(self.fn.__name__, constexprs, first,
+                                                              _specialized(self.params, specialization))
                 start, report = time.perf_counter(), io.StringIO()
                 try:
                     with contextlib.redirect_stdout(report):  # where Triton prints ptxas' report
                         compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-                except Exception as err:  # what a GPU would raise at its first launch
-                    variant.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
-                else:
                     variant.shared, variant.num_warps = compiled.metadata.shared, compiled.metadata.num_warps
-                    variant.registers, variant.spill_bytes = ptxas_usage(report.getvalue())
+                    variant.registers, variant.spill_bytes, variant.stack_bytes = ptxas_usage(report.getvalue())
+                except Exception as err:  # what a GPU would raise at its first launch
+                    first_line = (str(err).strip().splitlines() or [""])[0]
+                    variant.error = f"{type(err).__name__}: {first_line[:300]}"
                 variant.seconds = time.perf_counter() - start
             if interceptor.route not in variant.routes:
                 variant.routes.append(interceptor.route)
@@ -170,20 +216,22 @@ class Interceptor:
 
         previous = driver._active  # None until a driver was needed; a real one on a GPU machine
         driver.set_active(_CompileOnlyDriver(self.capability))
-        # a cache of our own, so that every variant is compiled here (ptxas reports only then)
-        saved_knobs = knobs.cache.dir, knobs.nvidia.dump_ptxas_log
         cache = tempfile.TemporaryDirectory(prefix="compile_triton_")
-        knobs.cache.dir = os.path.join(self.keep, f"sm_{self.capability}") if self.keep else cache.name
-        knobs.nvidia.dump_ptxas_log = True
         JITFunction.run = compile_only
         # the dispatchers run Triton on CUDA tensors (or under the interpreter); these are CPU tensors
         tl_mamba.backends.triton_usable = lambda device: True
         try:
-            yield self
+            with knobs.cache.scope(), knobs.nvidia.scope():  # restored on exit, os.environ included
+                # a cache of our own, so that every variant is compiled here (ptxas reports only then)
+                knobs.cache.dir = os.path.join(self.keep, f"sm_{self.capability}") if self.keep else cache.name
+                knobs.nvidia.dump_ptxas_log = True
+                yield self
         finally:
             JITFunction.run, tl_mamba.backends.triton_usable = original_run, original_usable
             driver._active = previous
-            knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved_knobs
+            for kernel in self.touched:  # their caches hold this target's binder and kernels
+                kernel.device_caches.clear()
+                del kernel._compiled_by
             cache.cleanup()
 
 
@@ -235,7 +283,8 @@ def routes(family: str, model, p: int) -> Dict[str, Callable[[], object]]:
         "hook_h edit": lambda: model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", edit_state)]),
         "backward": backward,
         "mask gradient": mask_gradient,
-        "generate": lambda: model.generate(tokens[:, :8], max_new_tokens=2, do_sample=False, verbose=False),
+        "generate": lambda: model.generate(  # the logits are garbage: an EOS would stop it before a decode step
+            tokens[:, :8], max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False),
     }
 
 
@@ -244,7 +293,8 @@ def fallback_routes(family: str) -> Dict[str, List[tuple]]:
 
     They serve where the first-choice kernel fails on a GPU (``kernel_or_fallback``) or is
     switched off; a GPU that never ran them would meet them exactly then. Each is run
-    through the forward, ``hook_h`` cached, the S → T knockout and the backward."""
+    through the forward, ``hook_h`` cached, the S → T knockout, the ``hook_ssm_mask`` edit and
+    the backward."""
     if family == "mamba1":
         from tl_mamba.ops.selective_scan import triton_kernel
         return {"sequential kernel": [(triton_kernel, "KERNEL", "sequential"), (triton_kernel, "BACKWARD", "recompute")]}
@@ -282,9 +332,6 @@ def check_target(capability: int, sizes: List[str], p: int, dtypes: List[torch.d
                         calls += [(f"{name} ({setting})", changes, call) for name, call in routes(family, model, p).items()
                                   if name in ("forward", "hook_h cached", "knockout S→T", "hook_ssm_mask edit", "backward")]
                     for name, changes, call in calls:
-                        if "backward" in name or "gradient" in name:
-                            if dtype != torch.float32:
-                                continue  # the kernels' backward runs in fp32 whatever the input
                         interceptor.route = f"{family} {size} {str(dtype)[6:]} {name}"
                         try:
                             with patched(changes), torch.inference_mode("backward" not in name and "gradient" not in name):
@@ -300,28 +347,84 @@ def check_target(capability: int, sizes: List[str], p: int, dtypes: List[torch.d
 
 
 def problems(variant: Variant, capability: int) -> List[str]:
-    found = []
+    """Why ``variant`` would not run on ``capability`` (empty when it would)."""
     if variant.error:
         return [f"does not compile: {variant.error}"]
-    limit = TARGETS[capability][1]
+    if variant.registers is None:
+        return ["ptxas reported no registers"]
+    found = []
+    limit = TARGETS[capability]["block_shared"]
     if variant.shared > limit:
         found.append(f"shared memory {variant.shared} B > {limit} B")
-    if variant.registers * 32 * variant.num_warps > REGISTERS_PER_SM:
+    if blocks_per_sm(variant, capability) < 1:  # registers × threads past a multiprocessor's
         found.append(f"{variant.registers} registers × {32 * variant.num_warps} threads > {REGISTERS_PER_SM}")
     return found
 
 
 def table(variants: List[Variant], capability: int, tools: dict) -> List[str]:
-    lines = [f"### sm_{capability} ({TARGETS[capability][0]}; shared memory limit {TARGETS[capability][1]} B; "
+    target = TARGETS[capability]
+    lines = [f"### sm_{capability} ({target['gpu']}; shared memory limit {target['block_shared']} B; "
              f"ptxas {tools.get('ptxas', 'unknown')})", "",
-             "| kernel | x | constexprs | warps | registers | spilled B | shared B | compile s | fits | routes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for v in sorted(variants, key=lambda v: (v.kernel, str(v.constexprs), v.inputs)):
+             "| kernel | x | constexprs | specialized | warps | registers | spilled B | stack B | shared B | "
+             "blocks / SM | compile s | fits | routes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in sorted(variants, key=lambda v: (v.kernel, str(v.constexprs), v.inputs, v.specialized)):
         shown = ", ".join(f"{k}={v.constexprs[k]}" for k in sorted(v.constexprs)
                           if not (isinstance(v.constexprs[k], bool) and not v.constexprs[k]))
         found = problems(v, capability)
-        lines.append(f"| `{v.kernel}` | {v.inputs} | {shown} | {v.num_warps} | {v.registers} | {v.spill_bytes} | {v.shared} | "
-                     f"{v.seconds:.1f} | {'no: ' + '; '.join(found) if found else 'yes'} | {len(v.routes)} |")
+        occupancy = blocks_per_sm(v, capability) if not found else "-"
+        lines.append(f"| `{v.kernel}` | {v.inputs} | {shown} | {v.specialized} | {v.num_warps} | {v.registers} | "
+                     f"{v.spill_bytes} | {v.stack_bytes} | {v.shared} | {occupancy} | {v.seconds:.1f} | "
+                     f"{'no: ' + '; '.join(found) if found else 'yes'} | {len(v.routes)} |")
+    return lines
+
+
+SWEEP_SHAPE = dict(b=1, p=256, h=24, hd=64, g=1, n=128)  # one Mamba-2 130m layer (p only sets the grid)
+
+
+def sweep_tiles(capability: int, log=print) -> List[str]:
+    """The Mamba-2 tile choices compiled for ``capability``: the plain chunked kernels over
+    hd × n tiles, and the masked-tile kernel over ``BLOCK_I`` × ``BLOCK_D``, in fp32 and bf16.
+    The masked kernel is launched directly, also on bf16 tensors: what ran before its inputs
+    were upcast (2026-12-06). Returns markdown rows."""
+    import triton.language as tl
+
+    from tl_mamba.ops.ssd import triton_chunked, triton_masked
+
+    shape = SWEEP_SHAPE
+    lines = [f"### sm_{capability}: tiles", "", "| kernel | x | tile | registers | spilled B | stack B | shared B |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(interceptor, tile):
+        for v in sorted(interceptor.variants.values(), key=lambda v: v.kernel):
+            if v.kernel in ("_chunk_state_kernel", "_chunk_scan_kernel", "_masked_removed_terms_kernel"):
+                lines.append(f"| `{v.kernel}` | {v.inputs} | {tile} | {v.registers} | {v.spill_bytes} | "
+                             f"{v.stack_bytes} | {v.shared} |" if not v.error else f"| `{v.kernel}` | {v.inputs} | "
+                             f"{tile} | {v.error} | | | |")
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        b, p, h, hd, g, n = (shape[k] for k in ("b", "p", "h", "hd", "g", "n"))
+        x, B, C = (torch.randn(*size, generator=generator).to(dtype) for size in ((b, p, h, hd), (b, p, g, n),
+                                                                                   (b, p, g, n)))
+        delta, A, D = torch.rand(b, p, h).to(dtype), -torch.rand(h), torch.randn(h)
+        for block_hd in (16, 32, 64):
+            for block_n in (16, 32, 64, 128):
+                interceptor = Interceptor(capability)
+                with interceptor.active():
+                    triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, None, block_hd=block_hd, block_n=block_n)
+                row(interceptor, f"hd × n {block_hd} × {block_n}")
+        removed, cumsum = torch.rand(b, h, p, p), torch.rand(b, h, p, dtype=torch.float64)
+        out = torch.empty(b, p, h, hd)
+        for block_i in (16, 32, 64):
+            for block_d in (16, 32, 64):
+                interceptor = Interceptor(capability)
+                with interceptor.active():
+                    triton_masked._masked_removed_terms_kernel[(1,)](
+                        x, delta, A, B, C, removed, cumsum, out, p, h, hd, g, n, h // g, h, ACC=tl.float32,
+                        DOT=triton_chunked.DOT_PRECISION, BLOCK_I=block_i, BLOCK_D=block_d, BLOCK_N=n)
+                row(interceptor, f"I × D {block_i} × {block_d}")
+        log(f"sm_{capability} {str(dtype)[6:]}: tiles compiled")
     return lines
 
 
@@ -335,6 +438,8 @@ def main(argv=None) -> int:
     parser.add_argument("--p", type=int, default=2048, help="sequence length (default 2048)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--out", help="write the tables as markdown here")
+    parser.add_argument("--sweep", action="store_true", help="instead of the models' routes, compile the Mamba-2 "
+                        "kernels over their tile sizes (hd × n; BLOCK_I × BLOCK_D) at 130m widths, fp32 and bf16")
     parser.add_argument("--keep", metavar="DIR", help="compile into DIR/sm_<arch> and keep it (each variant's TTIR, "
                         "PTX and cubin, to read); default: a temporary folder. Every variant is compiled afresh "
                         "either way (ptxas reports only then), so point it at an empty folder")
@@ -350,16 +455,26 @@ def main(argv=None) -> int:
     for capability in args.arch:
         tools = triton_toolchain(capability)
         print(f"sm_{capability}: triton {tools.get('triton')}, ptxas {tools.get('ptxas')}")
+        if args.sweep:
+            rows = sweep_tiles(capability)
+            sections += rows + [""]
+            print("\n".join(rows))
+            continue
         variants, failures = check_target(capability, args.widths, args.p, dtypes, args.keep)
         sections += table(variants, capability, tools) + [""]
-        bad += len(failures) + sum(bool(problems(v, capability)) for v in variants)
+        # a kernel that does not compile fails its routes too: count the routes that failed for another reason
+        broken = sum(bool(problems(v, capability)) for v in variants)
+        bad += broken + sum("did not compile" not in failure for failure in failures)
         for line in table(variants, capability, tools):
             print(line)
     if args.out:
+        fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "unset (Triton's default)")
+        what = ("the Mamba-2 kernels over their tile sizes, at 130m widths" if args.sweep else
+                f"widths {', '.join(args.widths)}, p = {args.p}, {', '.join(args.dtypes)}. One row per compiled "
+                "variant (Triton's specialization); `routes` counts the calls that launched it")
         header = [f"# Triton kernels compiled without a GPU ({time.strftime('%Y-%m-%d')}, triton {triton.__version__})",
                   "", f"`python benchmarks/compile_triton.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
-                  f"widths {', '.join(args.widths)}, p = {args.p}, {', '.join(args.dtypes)}. "
-                  "One row per compiled variant; `routes` counts the calls that launched it.", ""]
+                  f"{what}. TRITON_DEFAULT_FP_FUSION: {fusion}.", ""]
         with open(args.out, "w") as handle:
             handle.write("\n".join(header + sections))
     print("all kernels compile and fit" if not bad else f"{bad} problem(s)")

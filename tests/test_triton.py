@@ -836,6 +836,43 @@ def test_masked_tiles_match_hidden_attention(dtype, p, mask_heads, block_i, monk
     torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol)
 
 
+def test_masked_tiles_launch_on_fp32_copies_of_16bit_inputs(monkeypatch):
+    """bf16 x, Δ, B and C reach the kernel upcast: on 16-bit tiles it spilled ~5 KB of registers
+    per thread (benchmarks/compile_triton.py --sweep) and ran 6.3x slower than on fp32 on an H200."""
+    from tl_mamba.ops.ssd import triton_masked
+
+    launched = []
+    kernel = triton_masked._masked_removed_terms_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append([t.dtype for t in args[:5]])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_masked, "_masked_removed_terms_kernel", Spy())
+    x, delta, A, B, C, _, _ = ssd_inputs(b=1, p=9, h=2, hd=5, g=1, n=3, dtype=torch.bfloat16)
+    removed = torch.ones(1, 2, 9, 9, device=DEVICE).tril()
+    triton_masked.masked_removed_terms_triton(removed, x, delta, A, B, C)
+    assert launched == [[torch.float32] * 5]
+
+
+@pytest.mark.parametrize("block_d", [None, 16])
+def test_masked_tiles_over_several_channel_blocks(block_d):
+    """hd = 40 in one block of 64 (the default) or three of 16 (``block_d=16``, the last one
+    partly masked): the same removed terms, against α built position by position."""
+    from tl_mamba.ops.ssd import triton_masked
+
+    x, delta, A, B, C, _, _ = ssd_inputs(b=1, p=20, h=2, hd=40, g=1, n=3, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    removed = (torch.rand(1, 2, 20, 20, generator=gen) < 0.5).double().tril().to(DEVICE, torch.float32)
+    out = triton_masked.masked_removed_terms_triton(removed, x, delta, A, B, C, block_d=block_d)
+    alpha = _hidden_attention_ssd(x, delta, A, B, C)
+    want = torch.einsum("bhij,bhij,bjhd->bihd", alpha, removed.double().cpu(), x.double().cpu())
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("p, Q, with_features, states, hd, n", [(11, 4, True, True, 5, 3), (6, 8, False, False, 5, 3),
                                                                  (9, 2, True, False, 5, 3), (7, 4, True, False, 40, 70)])
 def test_ssd_knockout_in_the_same_pass_matches_hidden_attention(p, Q, with_features, states, hd, n, monkeypatch):

@@ -25,6 +25,8 @@ widths, p = 2048, but not checked at that size.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -86,12 +88,18 @@ def _masked_removed_terms_kernel(
              mask=mask_i[:, None] & mask_d[None, :])
 
 
-def masked_removed_terms_triton(removed: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+def masked_removed_terms_triton(removed: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                block_d: Optional[int] = None) -> Tensor:
     """``Σ_j R_h[i, j] α_h[i, j] x_j[h]`` by masked tiles (shapes as ``dense_removed_terms_bphd``).
 
     Args:
         removed: ``[b, H, p, p]`` R, the share of each edge to remove (H = h, or 1 for every head).
         x: ``[b, p, h, hd]``. delta: ``[b, p, h]``. A: ``[h]``. B, C: ``[b, p, g, n]``.
+        block_d: head channels per program (a power of 2, at least 16; default up to 64).
+            Smaller blocks form each C·Bᵀ tile once per block: 32 spills no registers on
+            sm_80 and sm_90 with Triton 3.6's or 3.9's ptxas (480 B on sm_86 with 3.9's),
+            where 64 spills 764 B on sm_90 with 3.9's (docs/performance.md, "Compiled
+            without a GPU"); the GPU bench times both.
 
     Returns:
         ``[b, p, h, hd]`` in fp32 (float64 if any input is). With autograd on and an input
@@ -116,7 +124,7 @@ def masked_removed_terms_triton(removed: Tensor, x: Tensor, delta: Tensor, A: Te
     R = removed.to(acc).contiguous()
     cs = torch.cumsum(delta.double(), dim=1).transpose(1, 2).contiguous()  # [b, h, p]
     out = torch.empty(b, p, h, hd, device=x.device, dtype=acc)
-    block_d = max(16, min(64, triton.next_power_of_2(hd)))
+    block_d = block_d or max(16, min(64, triton.next_power_of_2(hd)))
     block_n = max(16, triton.next_power_of_2(n))
     grid = (b * h, triton.cdiv(p, BLOCK_I), triton.cdiv(hd, block_d))
 
