@@ -858,6 +858,16 @@ def test_masked_tiles_launch_on_fp32_copies_of_16bit_inputs(monkeypatch):
     assert launched == [[torch.float32] * 5]
 
 
+@pytest.mark.parametrize("block_d", [8, 24, 16.5, True])
+def test_masked_tiles_refuse_a_channel_block_the_kernel_cannot_tile(block_d):
+    from tl_mamba.ops.ssd import triton_masked
+
+    x, delta, A, B, C, _, _ = ssd_inputs(b=1, p=4, h=2, hd=5, g=1, n=3)
+    with pytest.raises(ValueError, match="block_d must be a power of 2, at least 16"):
+        triton_masked.masked_removed_terms_triton(torch.ones(1, 2, 4, 4, device=DEVICE).tril(), x, delta, A, B, C,
+                                                  block_d=block_d)
+
+
 @pytest.mark.parametrize("block_d", [None, 16])
 def test_masked_tiles_over_several_channel_blocks(block_d):
     """hd = 40 in one block of 64 (the default) or three of 16 (``block_d=16``, the last one

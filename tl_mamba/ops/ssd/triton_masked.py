@@ -108,6 +108,9 @@ def masked_removed_terms_triton(removed: Tensor, x: Tensor, delta: Tensor, A: Te
     from tl_mamba.backends import triton_usable
     from tl_mamba.ops.knockout import dense_removed_terms_bphd
 
+    if block_d is not None and (isinstance(block_d, bool) or int(block_d) != block_d or block_d < 16
+                                or int(block_d) & (int(block_d) - 1)):
+        raise ValueError(f"block_d must be a power of 2, at least 16 (tl.dot's smallest tile), got {block_d!r}")
     if needs_grad(x, delta, A, B, C):
         return dense_removed_terms_bphd(removed, x, delta, A, B, C)
     if not triton_usable(x.device):
@@ -116,15 +119,15 @@ def masked_removed_terms_triton(removed: Tensor, x: Tensor, delta: Tensor, A: Te
     g, n = B.shape[-2:]
     acc = compute_dtype(x, delta, A, B, C, removed)
     # upcast here, not in the kernel: the kernel computes in acc either way, but loading 16-bit
-    # tiles and converting them in registers spilled (4.9 KB per thread at these tiles, sm_80 and
-    # sm_90, benchmarks/compile_triton.py) and ran 6.3x slower than on fp32 inputs (an H200,
+    # tiles and converting them in registers spilled (4.2-5.0 KB per thread at the default tiles,
+    # sm_80 to sm_90: benchmarks/compile_triton.py --sweep) and ran 6.3x slower than on fp32 inputs (an H200,
     # 2026-12-04: 18.4 against 2.9 ms, 130m widths, p = 2048). The copies are O(b·p·e), the
     # mask O(b·h·p²).
     x, delta, A, B, C = (t.to(acc).contiguous() for t in (x, delta, A, B, C))
     R = removed.to(acc).contiguous()
     cs = torch.cumsum(delta.double(), dim=1).transpose(1, 2).contiguous()  # [b, h, p]
     out = torch.empty(b, p, h, hd, device=x.device, dtype=acc)
-    block_d = block_d or max(16, min(64, triton.next_power_of_2(hd)))
+    block_d = int(block_d) if block_d else max(16, min(64, triton.next_power_of_2(hd)))
     block_n = max(16, triton.next_power_of_2(n))
     grid = (b * h, triton.cdiv(p, BLOCK_I), triton.cdiv(hd, block_d))
 
