@@ -382,11 +382,11 @@ def table(variants: List[Variant], capability: int, tools: dict) -> List[str]:
 SWEEP_SHAPE = dict(b=1, p=256, h=24, hd=64, g=1, n=128)  # one Mamba-2 130m layer (p only sets the grid)
 
 
-def sweep_tiles(capability: int, log=print) -> List[str]:
+def sweep_tiles(capability: int, log=print) -> tuple:
     """The Mamba-2 tile choices compiled for ``capability``: the plain chunked kernels over
     hd × n tiles, and the masked-tile kernel over ``BLOCK_I`` × ``BLOCK_D``, in fp32 and bf16.
     The masked kernel is launched directly, also on bf16 tensors: what ran before its inputs
-    were upcast (2026-12-06). Returns markdown rows."""
+    were upcast (2026-12-06). Returns ``(markdown rows, how many sizes did not compile)``."""
     import triton.language as tl
 
     from tl_mamba.ops.ssd import triton_chunked, triton_masked
@@ -394,6 +394,18 @@ def sweep_tiles(capability: int, log=print) -> List[str]:
     shape = SWEEP_SHAPE
     lines = [f"### sm_{capability}: tiles", "", "| kernel | x | tile | registers | spilled B | stack B | shared B |",
              "|---|---|---|---|---|---|---|"]
+
+    failed = 0
+
+    def compile_tile(launch, tile):
+        nonlocal failed
+        interceptor = Interceptor(capability)
+        try:
+            with interceptor.active():
+                launch()
+        except RuntimeError:  # the variant holds the error; its row shows it
+            failed += 1
+        row(interceptor, tile)
 
     def row(interceptor, tile):
         for v in sorted(interceptor.variants.values(), key=lambda v: v.kernel):
@@ -410,22 +422,19 @@ def sweep_tiles(capability: int, log=print) -> List[str]:
         delta, A, D = torch.rand(b, p, h).to(dtype), -torch.rand(h), torch.randn(h)
         for block_hd in (16, 32, 64):
             for block_n in (16, 32, 64, 128):
-                interceptor = Interceptor(capability)
-                with interceptor.active():
-                    triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, None, block_hd=block_hd, block_n=block_n)
-                row(interceptor, f"hd × n {block_hd} × {block_n}")
+                compile_tile(lambda: triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, None, block_hd=block_hd,
+                                                                       block_n=block_n),
+                             f"hd × n {block_hd} × {block_n}")
         removed, cumsum = torch.rand(b, h, p, p), torch.rand(b, h, p, dtype=torch.float64)
         out = torch.empty(b, p, h, hd)
         for block_i in (16, 32, 64):
             for block_d in (16, 32, 64):
-                interceptor = Interceptor(capability)
-                with interceptor.active():
-                    triton_masked._masked_removed_terms_kernel[(1,)](
-                        x, delta, A, B, C, removed, cumsum, out, p, h, hd, g, n, h // g, h, ACC=tl.float32,
-                        DOT=triton_chunked.DOT_PRECISION, BLOCK_I=block_i, BLOCK_D=block_d, BLOCK_N=n)
-                row(interceptor, f"I × D {block_i} × {block_d}")
+                compile_tile(lambda: triton_masked._masked_removed_terms_kernel[(1,)](
+                    x, delta, A, B, C, removed, cumsum, out, p, h, hd, g, n, h // g, h, ACC=tl.float32,
+                    DOT=triton_chunked.DOT_PRECISION, BLOCK_I=block_i, BLOCK_D=block_d, BLOCK_N=n),
+                    f"I × D {block_i} × {block_d}")
         log(f"sm_{capability} {str(dtype)[6:]}: tiles compiled")
-    return lines
+    return lines, failed
 
 
 def main(argv=None) -> int:
@@ -444,6 +453,10 @@ def main(argv=None) -> int:
                         "PTX and cubin, to read); default: a temporary folder. Every variant is compiled afresh "
                         "either way (ptxas reports only then), so point it at an empty folder")
     args = parser.parse_args(argv)
+    if args.p < 8:
+        parser.error(f"--p must be at least 8 (the routes knock out positions 1 to 5 and generate from 8), got {args.p}")
+    if args.sweep and args.keep:
+        parser.error("--keep applies to the routes, not to --sweep (whose tile sizes compile into folders of their own)")
     for capability in args.arch if args.keep else ():
         folder = os.path.join(args.keep, f"sm_{capability}")
         if os.path.isdir(folder) and os.listdir(folder):
@@ -456,9 +469,10 @@ def main(argv=None) -> int:
         tools = triton_toolchain(capability)
         print(f"sm_{capability}: triton {tools.get('triton')}, ptxas {tools.get('ptxas')}")
         if args.sweep:
-            rows = sweep_tiles(capability)
+            rows, failed = sweep_tiles(capability)
             sections += rows + [""]
             print("\n".join(rows))
+            bad += failed
             continue
         variants, failures = check_target(capability, args.widths, args.p, dtypes, args.keep)
         sections += table(variants, capability, tools) + [""]
