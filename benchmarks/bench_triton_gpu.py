@@ -546,9 +546,9 @@ def main() -> int:
         results["mamba_ssm"] = True
     except ImportError:
         results["mamba_ssm"] = False
-    tools = results.get("toolchain") or {}
-    tools = f", triton {tools['triton']} with ptxas {tools['ptxas']}" if tools else ""
-    lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']}{tools})", "",
+    toolchain = results.get("toolchain") or {}
+    built_with = f", triton {toolchain['triton']} with ptxas {toolchain['ptxas']}" if toolchain else ""
+    lines = [f"# Triton backends on {results['gpu']} ({results['date']}, revision {results['revision']}{built_with})", "",
              "## Correctness (max |error| / max |reference|, reference in float64)", "",
              "| family | width | p | dtype | kernel | y | final state | states | knockout y |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -327,9 +327,10 @@ def check_target(capability: int, sizes: List[str], p: int, dtypes: List[torch.d
             for family in ("mamba1", "mamba2"):
                 for dtype in dtypes:
                     model = build(family, WIDTHS[size][family], dtype)
-                    calls = [(name, [], call) for name, call in routes(family, model, p).items()]
+                    model_routes = routes(family, model, p)
+                    calls = [(name, [], call) for name, call in model_routes.items()]
                     for setting, changes in fallback_routes(family).items():
-                        calls += [(f"{name} ({setting})", changes, call) for name, call in routes(family, model, p).items()
+                        calls += [(f"{name} ({setting})", changes, call) for name, call in model_routes.items()
                                   if name in ("forward", "hook_h cached", "knockout S→T", "hook_ssm_mask edit", "backward")]
                     for name, changes, call in calls:
                         interceptor.route = f"{family} {size} {str(dtype)[6:]} {name}"
@@ -475,12 +476,12 @@ def main(argv=None) -> int:
             bad += failed
             continue
         variants, failures = check_target(capability, args.widths, args.p, dtypes, args.keep)
-        sections += table(variants, capability, tools) + [""]
+        rows = table(variants, capability, tools)
+        sections += rows + [""]
         # a kernel that does not compile fails its routes too: count the routes that failed for another reason
         broken = sum(bool(problems(v, capability)) for v in variants)
         bad += broken + sum("did not compile" not in failure for failure in failures)
-        for line in table(variants, capability, tools):
-            print(line)
+        print("\n".join(rows))
     if args.out:
         fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "unset (Triton's default)")
         what = ("the Mamba-2 kernels over their tile sizes, at 130m widths" if args.sweep else

@@ -376,7 +376,6 @@ class Knockout:
             return
         import warnings
 
-
         self._warned_padding = True
         if bool(pad[:, -1].any()):  # right padding: the prompts' last tokens are in different columns
             example = ("with right padding, position -1 is a pad in every padded row (strings are padded on the "

@@ -24,8 +24,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from ..errors import caller_stacklevel
 from ..config import DTYPE_NAMES, HookedMambaConfig, resolve_dtype
+from ..errors import caller_stacklevel
 from .convert import convert_state_dict
 from .errors import CheckpointConfigError, UnsupportedArchitectureError, WrongModelClassError
 from .files import checkpoint_config_file, load_state_dict_files, load_tokenizer, read_checkpoint_config
@@ -81,7 +81,6 @@ def warn_if_tokenizer_too_large(tokenizer: Any, cfg: HookedMambaConfig) -> None:
     multiple of 8 or more); a larger one most likely belongs to another model."""
     if tokenizer is None:
         return
-
     try:
         size = len(tokenizer)
     except TypeError:

@@ -225,7 +225,6 @@ def mistral_tokenizer_file(path: PathLike) -> Optional[pathlib.Path]:
 def _load_mistral_tokenizer(path: pathlib.Path, file: pathlib.Path) -> Optional[Any]:
     """A Mistral tokenizer file through transformers' mistral_common wrapper
     (``MistralCommonBackend``), or None with a warning that says how to set one."""
-
     why = "it needs the mistral_common package (pip install mistral-common), which is not installed"
     try:
         from transformers.utils.import_utils import is_mistral_common_available

@@ -48,8 +48,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import caller_stacklevel
 from ..config import HookedMambaConfig
+from ..errors import caller_stacklevel
 from .errors import CheckpointConfigError, UnsupportedArchitectureError
 
 LAYOUTS = ("mamba_ssm", "transformers")
@@ -381,7 +381,6 @@ def config_from_checkpoint(
         if rows is not None and rows != fields["d_vocab"]:
             # Not an error (transformers would refuse): the rows are what runs. But say so,
             # since a config that disagrees with its weights may belong to another model.
-
             padded = (f" (vocab_size {raw.get('vocab_size')} padded to a multiple of "
                       f"{raw.get('pad_vocab_size_multiple', 8)})" if layout == "mamba_ssm" else "")
             warnings.warn(
@@ -573,7 +572,6 @@ def mamba_ssm_config_from_mistral_params(params: Mapping[str, Any], source: str 
         )
     unknown = sorted(set(params) - set(_MISTRAL_REQUIRED) - set(MISTRAL_MAMBA_DEFAULTS))
     if unknown:
-
         warnings.warn(
             f"{source}: ignoring field(s) {', '.join(unknown)}, which mistral_inference's Mamba does not read "
             "either (it builds the model from dim, n_layers, vocab_size, n_groups and the norm / vocabulary options)",
