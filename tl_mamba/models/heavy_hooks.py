@@ -14,8 +14,8 @@
   (``h * 0.7``, ``h + v``) passes its gradient on into the states and so to the
   parameters (``_ConnectStates``).
 
-Both are handled in the scan dispatchers (``tl_mamba.ops``), so every backend
-honours them.
+Both are handled around the scan by ``tl_mamba.ops.scan_edits``, for either family
+and every backend.
 """
 
 from __future__ import annotations

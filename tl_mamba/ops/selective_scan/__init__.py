@@ -12,8 +12,8 @@ Implementations (same signature, same results):
 - ``triton_kernel.py``: the ``"triton"`` backend: one fused kernel (state in
   registers, fp32, D skip fused), CUDA or ``TRITON_INTERPRET=1``.
 
-Two features live here, in the dispatcher, so that every backend honours them
-with no code of its own:
+Two features are applied around the backend, in ``tl_mamba.ops.scan_edits`` (shared
+with Mamba-2's dispatcher), so that every backend honours them with no code of its own:
 
 - ``state_override`` (what an edit of ``hook_h`` means): the recurrence continues
   from edited state entries. The scan runs in segments that end at edited
@@ -25,6 +25,9 @@ with no code of its own:
   the mask that knock out the same targets are grouped, so an S→T knockout costs
   one extra scan (or, with few edges, a sum over its edges and no scan) and a
   general p×p mask one scan per distinct column pattern.
+
+What this module adds is Mamba-1's layout (:data:`LAYOUT`) and its rules: a dense
+mask's quadratic form only without autograd, and the gate fused into the scan.
 """
 
 from __future__ import annotations
@@ -35,15 +38,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.backends import pick_implementation, resolve_backend
-from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_no_override_with_mask,
-                                  check_removal, dense_mask_for,
-                                  dense_mask_after_bpe, dense_removed_terms_bpe, edge_gradient_bpe,
-                                  knocked_out_terms, pair_terms_bpe, removed_terms, same_pass_removal)
-from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
-from tl_mamba.ops.triton_scan import kernel_or_fallback
-from tl_mamba.ops.state_override import (StateOverride, check_override_shape, override_by_recurrence,
-                                         scan_with_override)
+from tl_mamba.backends import pick_implementation
+from tl_mamba.ops.knockout import (SSMMask, dense_mask_after_bpe, dense_removed_terms_bpe, edge_gradient_bpe,
+                                  pair_terms_bpe)
+from tl_mamba.ops.precision import needs_grad
+from tl_mamba.ops.scan_edits import ScanLayout, knockout_in_kernel_or, removals_of, scan_with_edits
+from tl_mamba.ops.state_override import StateOverride, check_override_shape
 from tl_mamba.ops.selective_scan.chunked import selective_scan_chunked
 from tl_mamba.ops.selective_scan.reference import selective_scan_reference
 
@@ -68,6 +68,33 @@ _IMPLEMENTATIONS = {
     "torch": selective_scan_chunked,
     "triton": _triton,
 }
+
+
+def _fuses_knockout() -> bool:
+    # looked up at call time (the benchmarks switch it) and only on the Triton backend
+    from tl_mamba.ops.selective_scan.triton_kernel import fuses_knockout
+
+    return fuses_knockout()
+
+
+def _read_out(states: Tensor, C: Tensor, D: Optional[Tensor], x: Tensor) -> Tensor:
+    """y from states ``[b, (p,) e, n]``, C ``[b, (p,) n]``, x ``[b, (p,) e]`` and D ``[e]``."""
+    y = torch.einsum("...en,...n->...e", states, C)
+    return y if D is None else y + D * x
+
+
+def _decay_and_write(x: Tensor, delta: Tensor, A: Tensor, B: Tensor):
+    """``h_t = exp(Δ_t ⊗ A) ⊙ h_{t-1} + (Δ_t x_t) ⊗ B_t``: decay and write, ``[b, p, e, n]`` each."""
+    return torch.exp(delta[..., None] * A), (delta * x)[..., None] * B[..., None, :]
+
+
+LAYOUT = ScanLayout(
+    op="selective_scan", target_layout="bpe", features="channels", output=ScanOutput,
+    read_out=_read_out, decay_and_write=_decay_and_write, pair_terms=pair_terms_bpe,
+    edge_gradient=lambda grad_y, mask, *inputs: edge_gradient_bpe(grad_y, *inputs),
+    mask_heads=lambda x: 1,  # one mask for every channel
+)
+"""Mamba-1's tensors, for the state edits and knockouts (``tl_mamba.ops.scan_edits``)."""
 
 
 def selective_scan(
@@ -125,98 +152,26 @@ def selective_scan(
     if z is not None and tuple(z.shape) != (b, p, e):
         raise ValueError(f"selective_scan: z must have shape {(b, p, e)}, got {tuple(z.shape)}")
     impl = pick_implementation(backend, x.device, _IMPLEMENTATIONS)
-    check_no_override_with_mask(state_override, ssm_mask, "selective_scan")
-    removals = None if ssm_mask is None else as_removal_list(ssm_mask, x.device)  # S → T structure, or None (dense)
-    for removal in removals or ():
-        check_removal(removal, b, p, e, "channels")
+    removals = removals_of(LAYOUT, ssm_mask, state_override, x)  # S → T structure, or None (dense or no mask)
+    # a dense mask with many column patterns: the quadratic form when no gradient flows through the
+    # removed terms (under autograd it would keep a copy of its carried columns per block), else the scans
+    quadratic = ssm_mask is not None and removals is None and not needs_grad(x, delta, A, B, C)
 
     def scan_then_remove() -> ScanOutput:
         """The scan (with any state override), then the knocked-out terms subtracted, then the gate."""
-        # every implementation takes z; it can fuse the gate only when its y is the output
-        fuse_gate = z is not None and state_override is None and ssm_mask is None
-        if state_override is None:
-            out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states,
-                       **({"z": z} if fuse_gate else {}))
-        else:
-            def run(start, stop, init, want_states):
-                return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
-                            initial_state=init, return_states=want_states)
+        return scan_with_edits(
+            LAYOUT, impl, x, delta, A, B, C, D, initial_state=initial_state, state_override=state_override,
+            ssm_mask=ssm_mask, removals=removals, return_states=return_states, z=z,
+            dense_terms=(lambda removed: dense_removed_terms_bpe(removed, x, delta, A, B, C)) if quadratic else None,
+            max_scans=dense_mask_after_bpe(p, x.device) if quadratic else None)
 
-            def read_out(state, t):  # y_t from an edited state [b, e, n]
-                y = torch.einsum("ben,bn->be", state, C[:, t].to(state.dtype))
-                return y + (D.to(state.dtype) * x[:, t].to(state.dtype) if D is not None else 0)
-
-            def recurrence():  # every edit in one pass over the states (many edited positions)
-                cdt = compute_dtype(x, delta, A, B, C, initial_state)
-                xf, df = x.to(cdt), delta.to(cdt)
-                decay = torch.exp(df[..., None] * A.to(cdt))  # [b, p, e, n]
-                write = (df * xf)[..., None] * B.to(cdt)[:, :, None, :]
-
-                def read_all(states):
-                    y = torch.einsum("bpen,bpn->bpe", states, C.to(cdt))
-                    return y + (D.to(cdt) * xf if D is not None else 0)
-
-                return override_by_recurrence(decay, write, read_all, state_override, initial_state)
-
-            y, final, states = scan_with_override(
-                run, read_out, p, state_override, initial_state, return_states, recurrence,
-                differentiable=needs_grad(x, delta, A, B, C, D, initial_state, state_override.values))
-            out = ScanOutput(y=y, final_state=final, states=states)
-        if ssm_mask is not None:
-            def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, e]: α[i, j] x_j per channel
-                return pair_terms_bpe(x, delta, A, B, C, targets, sources)
-
-            # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
-            if removals is not None:
-                def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
-                    window = slice(start, stop)
-                    return impl(x[:, window] * sources[:, window, None].to(x.dtype), delta[:, window], A,
-                                B[:, window], C[:, window], None, initial_state=None, return_states=False).y
-
-                out.y = out.y - removed_terms(contribution_by_row, removals, "bpe", out.y.shape, pairs)
-            else:
-                mask = dense_mask_for(ssm_mask, b, 1, p, "selective_scan")  # [b, 1, p, p]
-
-                def contribution(sources: Tensor) -> Tensor:
-                    return impl(x * sources[None, :, None].to(x.dtype), delta, A, B, C, None,
-                                initial_state=None, return_states=False).y
-
-                def dense(removed: Tensor) -> Tensor:
-                    return dense_removed_terms_bpe(removed, x, delta, A, B, C)
-
-                # a mask with many column patterns: the quadratic form when no gradient flows
-                # through the removed terms (under autograd it would keep a copy of its carried
-                # columns per block), else the scans
-                quadratic = not needs_grad(x, delta, A, B, C)
-                out.y = out.y - knocked_out_terms(contribution, mask, target_layout="bpe",
-                                                  pair_terms=pairs, dense_terms=dense if quadratic else None,
-                                                  max_scans=dense_mask_after_bpe(p, x.device) if quadratic else None)
-                if mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
-                    out.y = attach_mask_gradient(out.y, mask,
-                                                 lambda grad_y: edge_gradient_bpe(grad_y, x, delta, A, B, C))
-        if z is not None and not fuse_gate:
-            out.y = silu_gate(out.y, z)
-        return out
-
-    knockout = _knockout_in_kernel(backend, x.device, removals, state_override,
-                                   (x, delta, A, B, C, D, initial_state, z))
-    if knockout is None:
-        return scan_then_remove()
-    # the Triton kernel applies the knockout in the same pass, sharing every load
-    return kernel_or_fallback("selective scan with a knockout in the same pass", x.device,
-                              lambda: _triton(x, delta, A, B, C, D, initial_state=initial_state,
-                                              return_states=return_states, z=z, removal=knockout),
-                              scan_then_remove, "a separate knockout scan")
-
-
-def _knockout_in_kernel(backend, device, removals, state_override, inputs) -> Optional[EdgeRemoval]:
-    """The S → T knockout the chunked Triton kernel applies in the same pass (see
-    :func:`tl_mamba.ops.knockout.same_pass_removal`), or None: a separate scan then."""
-    if removals is None or resolve_backend(backend, device, available=tuple(_IMPLEMENTATIONS)) != "triton":
-        return None
-    from tl_mamba.ops.selective_scan.triton_kernel import fuses_knockout
-
-    return same_pass_removal(removals, state_override, inputs, kernel_runs=fuses_knockout())
+    # on Triton, one S → T knockout goes into the chunked kernel's own pass, sharing every load
+    return knockout_in_kernel_or(
+        scan_then_remove, backend=backend, device=x.device, available=tuple(_IMPLEMENTATIONS), removals=removals,
+        state_override=state_override, inputs=(x, delta, A, B, C, D, initial_state, z),
+        fuses_knockout=_fuses_knockout, kernel_name="selective scan with a knockout in the same pass",
+        kernel=lambda removal: _triton(x, delta, A, B, C, D, initial_state=initial_state,
+                                       return_states=return_states, z=z, removal=removal))
 
 
 def _check_shapes(x, delta, A, B, C, D, initial_state, b, p, e, n) -> None:

@@ -13,11 +13,12 @@
   knockout mask's removed terms by masked tiles.
 
 State edits (``hook_h``) and knockout masks (``hook_ssm_mask``) are applied
-here, in the dispatcher, with nothing asked of the backends beyond an initial
-state and a final state: see ``tl_mamba.ops.state_override`` and
-``tl_mamba.ops.knockout``. The one exception: on the Triton backend, a single
-S → T knockout with no gradient to take goes into the chunked kernels' own pass
-(``triton_kernel.SAME_PASS``, see its docstring), with the same result.
+around the backend, in ``tl_mamba.ops.scan_edits`` (shared with Mamba-1's
+dispatcher), with nothing asked of the backends beyond an initial state and a
+final state. What this module adds is Mamba-2's layout (:data:`LAYOUT`) and its
+rules: a dense mask's quadratic form is the masked-tile kernel on Triton, and on
+Triton a single S → T knockout with no gradient to take goes into the chunked
+kernels' own pass (``triton_kernel.SAME_PASS``, see its docstring), with the same result.
 """
 
 from __future__ import annotations
@@ -28,17 +29,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.backends import pick_implementation, resolve_backend
-from tl_mamba.ops.knockout import (SSMMask, as_removal_list, attach_mask_gradient, check_no_override_with_mask,
-                                  check_removal, dense_mask_for,
-                                  dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd, knocked_out_terms,
-                                  pair_terms_bphd, removed_terms, same_pass_removal)
-from tl_mamba.ops.precision import compute_dtype, needs_grad
+from tl_mamba.backends import pick_implementation
+from tl_mamba.ops.knockout import (SSMMask, dense_mask_after, dense_removed_terms_bphd, edge_gradient_bphd,
+                                  pair_terms_bphd)
+from tl_mamba.ops.scan_edits import ScanLayout, knockout_in_kernel_or, removals_of, scan_with_edits
 from tl_mamba.ops.ssd.chunked import DEFAULT_CHUNK, ssd_chunked
 from tl_mamba.ops.ssd.reference import ssd_reference
-from tl_mamba.ops.state_override import (StateOverride, check_override_shape, override_by_recurrence,
-                                         scan_with_override)
-from tl_mamba.ops.triton_scan import kernel_or_fallback
+from tl_mamba.ops.state_override import StateOverride, check_override_shape
 
 
 @dataclass
@@ -79,6 +76,43 @@ def _implementation(backend: Optional[str], device, chunk_size: int):
         "torch": lambda *a, **k: ssd_chunked(*a, chunk_size=chunk_size, **k),
         "triton": _triton,
     })
+
+
+SAME_PASS_KNOCKOUT = "SSD scan with a knockout in the same pass"
+"""The name the dispatcher gives that kernel in ``kernel_or_fallback`` (and its failure record)."""
+
+
+def _fuses_knockout() -> bool:
+    # looked up at call time (the benchmarks switch it) and only on the Triton backend
+    from tl_mamba.ops.ssd.triton_kernel import fuses_knockout
+
+    return fuses_knockout()
+
+
+def _per_head(C: Tensor, heads: int) -> Tensor:
+    """B or C ``[..., g, n]`` → ``[..., h, n]``: each group's row repeated for its heads."""
+    return C.repeat_interleave(heads // C.shape[-2], dim=-2)
+
+
+def _read_out(states: Tensor, C: Tensor, D: Optional[Tensor], x: Tensor) -> Tensor:
+    """y from states ``[b, (p,) h, hd, n]``, C ``[b, (p,) g, n]``, x ``[b, (p,) h, hd]`` and D ``[h]``."""
+    y = torch.einsum("...hdn,...hn->...hd", states, _per_head(C, states.shape[-3]))
+    return y if D is None else y + D[:, None] * x
+
+
+def _decay_and_write(x: Tensor, delta: Tensor, A: Tensor, B: Tensor):
+    """``h_t = exp(Δ_t A_h) h_{t-1} + (Δ_t x_t) ⊗ B_t``: decay ``[b, p, h, 1, 1]``, write ``[b, p, h, hd, n]``."""
+    write = (delta[..., None] * x)[..., None] * _per_head(B, x.shape[-2])[..., None, :]
+    return torch.exp(delta * A)[..., None, None], write
+
+
+LAYOUT = ScanLayout(
+    op="ssd_scan", target_layout="bphd", features="heads", output=SSDOutput,
+    read_out=_read_out, decay_and_write=_decay_and_write, pair_terms=pair_terms_bphd,
+    edge_gradient=lambda grad_y, mask, *inputs: edge_gradient_bphd(grad_y, *inputs, mask_heads=mask.shape[1]),
+    mask_heads=lambda x: x.shape[2],  # a mask per head, or one shared by them
+)
+"""Mamba-2's tensors, for the state edits and knockouts (``tl_mamba.ops.scan_edits``)."""
 
 
 def ssd_scan(
@@ -131,89 +165,23 @@ def ssd_scan(
     if state_override is not None:
         check_override_shape(state_override, (b, p, h, hd, n))
     impl = _implementation(backend, x.device, chunk_size)
-    check_no_override_with_mask(state_override, ssm_mask, "ssd_scan")
-    removals = None if ssm_mask is None else as_removal_list(ssm_mask, x.device)  # S → T structure, or None
-    for removal in removals or ():
-        check_removal(removal, b, p, h, "heads")
+    removals = removals_of(LAYOUT, ssm_mask, state_override, x)  # S → T structure, or None (dense or no mask)
 
     def scan_then_remove() -> SSDOutput:
         """The scan (with any state override), then the knocked-out terms subtracted."""
-        if state_override is None:
-            out = impl(x, delta, A, B, C, D, initial_state=initial_state, return_states=return_states)
-        else:
-            heads_per_group = h // g
+        return scan_with_edits(
+            LAYOUT, impl, x, delta, A, B, C, D, initial_state=initial_state, state_override=state_override,
+            ssm_mask=ssm_mask, removals=removals, return_states=return_states,
+            dense_terms=lambda removed: _dense_mask_implementation(backend, x.device)(removed, x, delta, A, B, C),
+            max_scans=dense_mask_after(p, x.device, x.dtype))
 
-            def run(start, stop, init, want_states):
-                return impl(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], D,
-                            initial_state=init, return_states=want_states)
-
-            def read_out(state, t):
-                Ct = C[:, t].to(state.dtype).repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
-                y = torch.einsum("bhpn,bhn->bhp", state, Ct)
-                return y + (D.to(state.dtype)[:, None] * x[:, t].to(state.dtype) if D is not None else 0)
-
-            def recurrence():  # every edit in one pass over the states (many edited positions)
-                cdt = compute_dtype(x, delta, A, B, C, initial_state)
-                xf, df = x.to(cdt), delta.to(cdt)
-                Bh = B.to(cdt).repeat_interleave(heads_per_group, dim=2)  # [b, p, h, n]
-                Ch = C.to(cdt).repeat_interleave(heads_per_group, dim=2)
-                decay = torch.exp(df * A.to(cdt))[..., None, None]  # [b, p, h, 1, 1]
-                write = (df[..., None] * xf)[..., None] * Bh[:, :, :, None, :]  # [b, p, h, hd, n]
-
-                def read_all(states):
-                    y = torch.einsum("bphdn,bphn->bphd", states, Ch)
-                    return y + (D.to(cdt)[:, None] * xf if D is not None else 0)
-
-                return override_by_recurrence(decay, write, read_all, state_override, initial_state)
-
-            y, final, states = scan_with_override(
-                run, read_out, p, state_override, initial_state, return_states, recurrence,
-                differentiable=needs_grad(x, delta, A, B, C, D, initial_state, state_override.values))
-            out = SSDOutput(y=y, final_state=final, states=states)
-        if ssm_mask is None:
-            return out
-
-        def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, h, hd]: α_h[i, j] x_j[h]
-            return pair_terms_bphd(x, delta, A, B, C, targets, sources)
-
-        # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
-        if removals is not None:
-            def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
-                window = slice(start, stop)
-                xs = x[:, window] * sources[:, window, None, None].to(x.dtype)
-                return impl(xs, delta[:, window], A, B[:, window], C[:, window], None, initial_state=None,
-                            return_states=False).y
-
-            out.y = out.y - removed_terms(contribution_by_row, removals, "bphd", out.y.shape, pairs)
-        else:
-            mask = dense_mask_for(ssm_mask, b, h, p, "ssd_scan")  # [b, h or 1, p, p]
-
-            def contribution(sources: Tensor) -> Tensor:  # sources [p]: the positions whose input is kept
-                xs = x * sources[None, :, None, None].to(x.dtype)
-                return impl(xs, delta, A, B, C, None, initial_state=None, return_states=False).y  # [b, p, h, hd]
-
-            out.y = out.y - knocked_out_terms(
-                contribution, mask, target_layout="bphd", max_scans=dense_mask_after(p, x.device, x.dtype),
-                pair_terms=pairs,
-                dense_terms=lambda removed: _dense_mask_implementation(backend, x.device)(removed, x, delta, A, B, C))
-            if mask.requires_grad and torch.is_grad_enabled():  # knockout attribution: ∂L/∂mask
-                out.y = attach_mask_gradient(out.y, mask, lambda grad_y: edge_gradient_bphd(
-                    grad_y, x, delta, A, B, C, mask_heads=mask.shape[1]))
-        return out
-
-    if (removals is None or p == 0  # (resolved only for a knockout: the plain forward's path stays as short)
-            or resolve_backend(backend, x.device, available=_IMPLEMENTATION_NAMES) != "triton"):
-        return scan_then_remove()
-    from tl_mamba.ops.ssd.triton_kernel import SAME_PASS_KNOCKOUT, fuses_knockout
-
-    knockout = same_pass_removal(removals, state_override, (x, delta, A, B, C, D, initial_state), fuses_knockout())
-    if knockout is None:
-        return scan_then_remove()
-    # the chunked kernels apply the knockout in the same pass, sharing every load
-    return kernel_or_fallback(SAME_PASS_KNOCKOUT, x.device,
-                              lambda: _triton(x, delta, A, B, C, D, initial_state=initial_state,
-                                              return_states=return_states, removal=knockout),
-                              scan_then_remove, "a separate knockout scan")
+    # on Triton, one S → T knockout goes into the chunked kernels' own pass, sharing every load
+    return knockout_in_kernel_or(
+        scan_then_remove, backend=backend, device=x.device, available=_IMPLEMENTATION_NAMES, removals=removals,
+        state_override=state_override, inputs=(x, delta, A, B, C, D, initial_state),
+        fuses_knockout=_fuses_knockout, kernel_name=SAME_PASS_KNOCKOUT,
+        kernel=lambda removal: _triton(x, delta, A, B, C, D, initial_state=initial_state,
+                                       return_states=return_states, removal=removal))
 
 
 __all__ = ["ssd_scan", "SSDOutput", "StateOverride", "ssd_reference", "ssd_chunked"]

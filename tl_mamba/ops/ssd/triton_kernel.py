@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from tl_mamba.ops.precision import compute_dtype
-from tl_mamba.ops.ssd import triton_chunked
+from tl_mamba.ops.ssd import SAME_PASS_KNOCKOUT, triton_chunked
 from tl_mamba.ops.triton_scan import run_triton_scan
 
 BACKWARD_CHUNK = 2048
@@ -159,10 +159,6 @@ second ``[Q, Q] @ [Q, hd]`` product; at 64 × 64 tiles they spilled registers (a
 model, 4 layers, 5.0x plain where the edge route took 1.6-1.8x), so the knockout uses
 32 × 32 tiles (``triton_chunked.TILE_CAPS``): 1.26 ms, 1.8x the plain kernels (1.1x in
 bf16). The model-level ratio with those tiles is predicted (~1.3x), not yet measured."""
-
-SAME_PASS_KNOCKOUT = "SSD scan with a knockout in the same pass"
-"""The name the dispatcher gives that kernel in ``kernel_or_fallback``."""
-
 
 def fuses_knockout() -> bool:
     """Whether the dispatcher applies a single S → T knockout in the chunked kernels' pass:
