@@ -664,6 +664,47 @@ def test_frequency_penalty_counts_each_rows_own_tokens_and_is_not_negative(model
         model.generate(batch[:1], freq_penalty=-1.0, max_new_tokens=2, verbose=False)
 
 
+def test_repetition_penalty_follows_the_transformers_rule(model, prompt):
+    """TransformerLens 4.x's ``repetition_penalty`` (transformers' rule): a token already in the row
+    has its positive logit divided by the penalty and its negative one multiplied, before sampling,
+    greedy decoding included. Checked on fixed logits (and against TransformerLens' own sampler where
+    it has one), then greedy generation against full forwards with the rule applied by hand."""
+    from tl_mamba.models.generation import sample_next_token
+
+    logits = torch.tensor([[2.0, 1.0, -0.5, -1.0]])
+    history = torch.tensor([[0, 2, 0]])
+    greedy = dict(do_sample=False, top_k=None, top_p=None, temperature=1.0)
+    assert int(sample_next_token(logits, **greedy)) == 0
+    assert int(sample_next_token(logits, repetition_penalty=4.0, history=history, **greedy)) == 1  # 2 / 4 < 1
+    assert int(sample_next_token(logits, repetition_penalty=0.25, history=history, **greedy)) == 0
+    own = torch.tensor([[False, True, False]])  # 0 appears only as padding: not penalised
+    assert int(sample_next_token(logits, repetition_penalty=4.0, history=history, history_mask=own, **greedy)) == 0
+    try:
+        from transformer_lens.utilities.logits_utils import sample_logits
+    except ImportError:
+        sample_logits = None
+    if sample_logits is not None and "repetition_penalty" in sample_logits.__code__.co_varnames:
+        for penalty in (0.5, 1.3, 4.0):
+            theirs = sample_logits(logits, temperature=0.0, repetition_penalty=penalty, tokens=history)
+            assert int(sample_next_token(logits, repetition_penalty=penalty, history=history, **greedy)) == int(theirs)
+
+    penalty, n_new = 1.7, 6
+    with torch.no_grad():
+        tokens = prompt.clone()
+        for _ in range(n_new):
+            last = model(tokens)[:, -1].float()
+            for row in range(len(tokens)):
+                seen = tokens[row].unique()
+                last[row, seen] = torch.where(last[row, seen] > 0, last[row, seen] / penalty, last[row, seen] * penalty)
+            tokens = torch.cat([tokens, last.argmax(-1, keepdim=True)], dim=1)
+    ours = gen(model, prompt, max_new_tokens=n_new, do_sample=False, repetition_penalty=penalty, stop_at_eos=False)
+    assert torch.equal(ours, tokens)
+    assert not torch.equal(ours, gen(model, prompt, max_new_tokens=n_new, do_sample=False, stop_at_eos=False))
+    for bad in (0.0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match="repetition_penalty must be a positive number"):
+            gen(model, prompt, max_new_tokens=1, repetition_penalty=bad)
+
+
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
 def test_recurrent_generate_with_d_conv_1(family):
     """d_conv = 1 carries an empty conv state between steps; greedy recurrent decoding equals one

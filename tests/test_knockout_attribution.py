@@ -430,9 +430,10 @@ def test_per_prompt_left_padded_strings_equal_each_prompt_alone(tokenizer):
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
-def test_mask_gradient_by_a_leaf_in_a_forward_hook_and_a_warning_for_backward_hooks(family):
+def test_mask_gradient_by_a_leaf_in_a_forward_hook_and_by_backward_hooks(family):
     """The documented recipe (a forward hook returning mask * leaf) gives ∂metric/∂mask, equal to the
-    brute-force α reference; a backward hook on the constant mask is never called, and says so."""
+    brute-force α reference; so do a backward hook on the mask and an ``incl_bwd`` cache naming it,
+    as at any other TransformerLens hook."""
     model = make_model(family)
     tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(2))
     leaves = {}
@@ -446,10 +447,27 @@ def test_mask_gradient_by_a_leaf_in_a_forward_hook_and_a_warning_for_backward_ho
     expected = reference_scores(model, tokens, 1)  # -mean over the batch
     torch.testing.assert_close(got if family == "mamba2" else got[0], expected, rtol=1e-6, atol=1e-9)
 
-    called = []
-    model.add_hook("blocks.1.hook_ssm_mask", lambda grad, hook: called.append(hook.name), dir="bwd")
-    with pytest.warns(UserWarning, match="never called"):
-        metric(model(tokens)).sum().backward()
+    grads = {}
+    model.add_hook("blocks.1.hook_ssm_mask", lambda grad, hook: grads.update({hook.name: grad.detach()}), dir="bwd")
+    metric(model(tokens)).sum().backward()
     model.reset_hooks()
-    assert called == []
+    got = -grads["blocks.1.hook_ssm_mask"].mean(0)
+    torch.testing.assert_close(got if family == "mamba2" else got[0], expected.to(got.dtype), rtol=1e-5, atol=1e-7)
+
+    # run_with_cache(incl_bwd=True) caches it under the TransformerLens name, and only where named
+    _, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True,
+                                    names_filter=["blocks.1.hook_ssm_mask", "blocks.1.hook_y"])
+    assert {"blocks.1.hook_ssm_mask_grad", "blocks.1.hook_y_grad"} <= set(cache.keys())
+    assert not any("hook_ssm_mask" in name for name in cache.keys() if not name.startswith("blocks.1."))
+    H = model.cfg.n_heads if family == "mamba2" else 1
+    assert cache["blocks.1.hook_ssm_mask_grad"].shape == (B, H, P, P)
+    # the gradient of the loss with respect to the all-ones mask: a nonzero lower triangle only
+    mask_grad = cache["blocks.1.hook_ssm_mask_grad"]
+    assert float(mask_grad.abs().tril().sum()) > 0 and float(mask_grad.triu(1).abs().max()) == 0.0
+
+    # and it is off the forward's path: the logits are those of a run without the hook
+    model.add_hook("blocks.1.hook_ssm_mask", lambda grad, hook: None, dir="bwd")
+    with_hook = model(tokens)
+    model.reset_hooks()
+    torch.testing.assert_close(with_hook, model(tokens), rtol=0, atol=0)
 

@@ -1117,6 +1117,65 @@ def test_from_hf_wrong_class_names_from_hf(hf_mamba, hf_mamba2):
         tl_mamba.HookedMamba2.from_hf(hf_mamba)
 
 
+def test_tl_mamba_from_hf_picks_the_class(hf_mamba, hf_falcon, hf_mamba2):
+    """tl_mamba.from_hf, as tl_mamba.from_pretrained: the class from the model's config, the logits
+    of the transformers model; keywords reach the class's from_hf; what is not a Mamba model is refused."""
+    for hf_model, cls in ((hf_mamba, HookedMamba), (hf_falcon, HookedMamba), (hf_mamba2, tl_mamba.HookedMamba2)):
+        model = tl_mamba.from_hf(hf_model)
+        assert type(model) is cls
+        assert_close(our_logits(model), hf_logits(hf_model))
+    assert tl_mamba.from_hf(hf_mamba2, dtype=torch.float64).cfg.dtype == torch.float64
+    with pytest.raises(TypeError, match="MambaForCausalLM"):
+        tl_mamba.from_hf(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_a_config_dict_takes_the_family_of_its_class(family):
+    """``HookedMamba2({...})`` builds a Mamba-2 model from the contract's field names with no
+    ``family`` key (the class says it); a HookedMambaConfig of the other family is refused, naming
+    the family= to give."""
+    cls = HookedMamba if family == "mamba1" else tl_mamba.HookedMamba2
+    fields = dict(n_layers=2, d_model=32, d_vocab=50, d_state=8)
+    if family == "mamba2":
+        fields.update(d_head=16, n_groups=2)
+    model = cls(fields)
+    assert model.cfg.family == family
+    if family == "mamba2":
+        assert (model.cfg.n_heads, model.cfg.d_head, model.cfg.n_groups) == (4, 16, 2)
+    assert model(TOKENS[:, :5] % 50).shape == (2, 5, 50)
+    other = "mamba2" if family == "mamba1" else "mamba1"
+    cfg = HookedMambaConfig(n_layers=2, d_model=32, d_vocab=50, **({"family": "mamba2"} if other == "mamba2" else {}))
+    with pytest.raises(ValueError, match=f"config is for {other}.*family='{family}'"):
+        cls(cfg)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "falcon_mamba", "mamba2"])
+def test_a_transformers_config_builds_the_model_it_describes(kind):
+    """``HookedMamba(MambaConfig(...))``: a random model of the config's shape; with a transformers
+    model's weights copied in, it computes that model's logits (the config was read as transformers
+    reads it: eps, Falcon-Mamba's norms, groups, ...)."""
+    hf_model = tiny_transformers_model(kind, seed=7)
+    cls = tl_mamba.HookedMamba2 if kind == "mamba2" else HookedMamba
+    model = cls(hf_model.config)
+    weights = cls.from_hf(hf_model).state_dict()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in weights.items()}
+    model.load_state_dict(weights)
+    assert_close(our_logits(model), hf_logits(hf_model))
+    wrong = HookedMamba if kind == "mamba2" else tl_mamba.HookedMamba2
+    with pytest.raises(WrongModelClassError, match=rf"use {cls.__name__}\(cfg\)"):
+        wrong(hf_model.config)
+
+
+def test_a_config_of_another_kind_is_refused_naming_what_is_accepted():
+    import transformers
+
+    for bad in (42, nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="HookedMambaConfig, a dict of its fields, or a transformers MambaConfig"):
+            HookedMamba(bad)
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2Config.*unknown model_type 'gpt2'"):
+        HookedMamba(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+
+
 @pytest.mark.parametrize("prefix", ["model.", "module.", "_orig_mod.model."])
 def test_state_dict_under_a_wrapper_prefix_loads(tmp_path, hf_mamba_untied, prefix):
     hf_mamba_untied.save_pretrained(tmp_path)

@@ -33,6 +33,18 @@ def from_pretrained(name_or_path, device=None, dtype=torch.float32, **kwargs):
     return load_any(name_or_path, device=device, dtype=torch.float32 if dtype is None else dtype, **kwargs)
 
 
+def from_hf(hf_model, tokenizer=None, **kwargs):
+    """Convert an in-memory transformers model with the class its config calls for.
+
+    ``MambaForCausalLM`` and ``FalconMambaForCausalLM`` give a ``HookedMamba``,
+    ``Mamba2ForCausalLM`` a ``HookedMamba2``; the weights are copied. Keywords as
+    ``HookedMamba.from_hf`` (``device``, ``dtype``, config overrides).
+    """
+    from tl_mamba.loading import from_hf_any
+
+    return from_hf_any(hf_model, tokenizer, **kwargs)
+
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
@@ -46,6 +58,7 @@ __all__ = [
     "RecurrentState",
     "UnknownTokenWarning",
     "conv_attention",
+    "from_hf",
     "from_pretrained",
     "hidden_attention",
 ]

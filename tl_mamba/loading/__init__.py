@@ -19,6 +19,8 @@ Public API::
     load_any(name_or_path, **kw) -> HookedMamba | HookedMamba2
     auto_model_class(name_or_path) -> "mamba1" | "mamba2"
     from_hf(model_cls, hf_model, tokenizer=None, *, device=None, dtype=None, **cfg_overrides)
+    from_hf_any(hf_model, tokenizer=None, **kw) -> HookedMamba | HookedMamba2
+    config_from_transformers(config, model_cls) -> HookedMambaConfig   # MambaConfig, Mamba2Config ...
     load_tokenizer(path) -> tokenizer | None
     check_device(device) -> None                    # ValueError for a device this machine lacks
     save_pretrained(model, path, layout="mamba_ssm"|"transformers")   # in loading.save
@@ -32,7 +34,9 @@ from .checkpoint import (
     auto_model_class,
     build_model,
     check_device,
+    config_from_transformers,
     from_hf,
+    from_hf_any,
     load_any,
     load_pretrained,
     model_class_for_family,
@@ -67,11 +71,13 @@ __all__ = [
     "check_device",
     "checkpoint_name",
     "config_from_checkpoint",
+    "config_from_transformers",
     "convert_state_dict",
     "detect_layout",
     "expected_param_shapes",
     "family_of_model_class",
     "from_hf",
+    "from_hf_any",
     "load_any",
     "load_pretrained",
     "load_state_dict_files",

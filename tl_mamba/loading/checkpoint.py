@@ -5,6 +5,8 @@ The model classes' ``from_pretrained`` / ``from_hf`` classmethods delegate here:
     HookedMamba.from_pretrained(name_or_path)  ->  load_pretrained(HookedMamba, name_or_path)
     HookedMamba.from_hf(hf_model)              ->  from_hf(HookedMamba, hf_model)
     tl_mamba.from_pretrained(name_or_path)     ->  load_any(name_or_path)
+    tl_mamba.from_hf(hf_model)                 ->  from_hf_any(hf_model)
+    HookedMamba(transformers_config)           ->  config_from_transformers(config, HookedMamba)
 
 Pipeline: :func:`check_device` -> :func:`resolve_checkpoint` (local dir or hub id) ->
 :func:`read_checkpoint_config` -> :func:`detect_layout` -> :func:`config_from_checkpoint`
@@ -17,6 +19,7 @@ embedding rows win over the config's vocab size, with a warning; ``dtype="auto"`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import warnings
@@ -130,8 +133,10 @@ def _check_family(model_cls: type, layout: str, family: str, what: str, entry: s
     if family_of_model_class(family) != wanted:
         right = _CLASS_FOR_FAMILY[family_of_model_class(family)]
         if entry == "from_hf":
-            advice = (f"use {right}.from_hf (for a checkpoint directory or hub id: {right}.from_pretrained, "
-                      "or tl_mamba.from_pretrained which picks the class).")
+            advice = (f"use {right}.from_hf, or tl_mamba.from_hf which picks the class (for a checkpoint "
+                      f"directory or hub id: {right}.from_pretrained, or tl_mamba.from_pretrained).")
+        elif entry == "cfg":
+            advice = f"use {right}(cfg)."
         else:
             advice = f"use {right}.from_pretrained, or tl_mamba.from_pretrained which picks the class."
         raise WrongModelClassError(
@@ -289,6 +294,37 @@ def auto_model_class(name_or_path: Union[str, os.PathLike], *, revision: Optiona
     path = resolve_checkpoint(name_or_path, revision=revision)
     _, family = detect_layout(read_checkpoint_config(path))
     return family_of_model_class(family)
+
+
+def config_from_transformers(config: Any, model_cls: type) -> HookedMambaConfig:
+    """The :class:`HookedMambaConfig` of a transformers ``MambaConfig``, ``FalconMambaConfig`` or
+    ``Mamba2Config`` (what ``HookedMamba(config)`` builds a random model from), read as a
+    checkpoint's config.json is. Anything else is a ``TypeError`` naming what is accepted; a config
+    of the other family, a :class:`WrongModelClassError` naming the right class."""
+    accepted = ("a HookedMambaConfig, a dict of its fields, or a transformers MambaConfig, FalconMambaConfig "
+                "or Mamba2Config")
+    if not hasattr(config, "to_dict") or not hasattr(config, "model_type"):
+        raise TypeError(f"{model_cls.__name__}(cfg) takes {accepted}; got {type(config).__name__}")
+    raw = config.to_dict()
+    try:
+        layout, family = detect_layout(raw)
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedArchitectureError(f"{model_cls.__name__}(cfg) cannot use a {type(config).__name__}: {err}. "
+                                           f"It takes {accepted}.") from err
+    _check_family(model_cls, layout, family, what=f"the {type(config).__name__}", entry="cfg")
+    return config_from_checkpoint(raw, layout, family, model_name=type(config).__name__,
+                                  original_architecture=(getattr(config, "architectures", None) or [None])[0])
+
+
+def from_hf_any(hf_model: torch.nn.Module, tokenizer: Any = None, **kwargs: Any) -> torch.nn.Module:
+    """:func:`from_hf` with the class the model's config calls for: ``HookedMamba`` for Mamba-1
+    and Falcon-Mamba, ``HookedMamba2`` for Mamba-2 (``tl_mamba.from_hf``)."""
+    family = "mamba1"  # what cannot be read is refused by from_hf, naming the model
+    config = getattr(hf_model, "config", None)
+    if hasattr(config, "to_dict"):
+        with contextlib.suppress(UnsupportedArchitectureError):
+            family = detect_layout(config.to_dict())[1]
+    return from_hf(model_class_for_family(family), hf_model, tokenizer, **kwargs)
 
 
 def from_hf(

@@ -155,13 +155,22 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
     #: scan implementations the family has (``set_backend`` refuses others)
     scan_backends: tuple = ("reference", "torch", "triton")
 
-    def __init__(self, cfg: HookedMambaConfig, tokenizer: Any = None):
+    def __init__(self, cfg: Union[HookedMambaConfig, dict, Any], tokenizer: Any = None):
+        """A model with random weights (``cfg.seed`` seeds them) from ``cfg``: a
+        :class:`HookedMambaConfig`, a dict of its fields (``family`` defaults to this class's), or a
+        transformers ``MambaConfig`` / ``FalconMambaConfig`` / ``Mamba2Config``."""
         super().__init__()
         if isinstance(cfg, dict):
-            cfg = HookedMambaConfig(**cfg)
+            cfg = HookedMambaConfig(**{"family": self.family, **cfg})
+        elif not isinstance(cfg, HookedMambaConfig):
+            from tl_mamba.loading import config_from_transformers
+
+            cfg = config_from_transformers(cfg, type(self))
         if cfg.family != self.family:
+            default = " (HookedMambaConfig's default family)" if cfg.family == "mamba1" else ""
             raise ValueError(
-                f"{type(self).__name__} builds {self.family} models but the config is for {cfg.family}"
+                f"{type(self).__name__} builds {self.family} models but the config is for {cfg.family}{default}: "
+                f"build it with family={self.family!r}, or use {'HookedMamba' if self.family == 'mamba2' else 'HookedMamba2'}"
             )
         if cfg.dtype is not None and not (isinstance(cfg.dtype, torch.dtype) and cfg.dtype.is_floating_point):
             raise TypeError(f"cfg.dtype must be a floating-point torch dtype (torch.float32, torch.float16, "

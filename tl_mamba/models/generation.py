@@ -2,7 +2,7 @@
 
 :class:`GenerationMixin` is one of ``HookedSSM``'s bases (``tl_mamba/models/base.py``);
 :func:`sample_next_token` is its sampling step (greedy, temperature, top-k, top-p,
-frequency penalty).
+frequency and repetition penalties).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class GenerationMixin:
         top_p: Optional[float] = None,
         temperature: float = 1.0,
         freq_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
         use_past_kv_cache: bool = True,
         prepend_bos: Optional[bool] = None,
         padding_side: Optional[str] = None,
@@ -54,6 +55,9 @@ class GenerationMixin:
         ``return_type="tokens"`` and use ``to_string``. ``top_k`` must be a positive int or
         None, and ``eos_token_id`` an id or a non-empty list of ids. A row that has ended is
         filled with the (first) EOS id, as in TransformerLens (transformers fills with the pad id).
+        ``repetition_penalty`` (TransformerLens 4.x, transformers' rule): a token already in the
+        row (its prompt or its new tokens, not its padding) has a positive logit divided by it
+        and a negative one multiplied, before temperature, greedy decoding included; 1 is none.
 
         ``use_past_kv_cache=False`` re-runs the whole sequence at every step instead
         (hooks then see the whole sequence each time; cost grows with its length).
@@ -76,6 +80,9 @@ class GenerationMixin:
             raise ValueError("temperature must be >= 0")
         if freq_penalty < 0:  # as TransformerLens: a negative penalty would reward repetition
             raise ValueError(f"freq_penalty must be >= 0, got {freq_penalty}")
+        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
+                or not repetition_penalty > 0:  # (as transformers: 0 would divide by zero, a negative flip signs)
+            raise ValueError(f"repetition_penalty must be a positive number (1.0: none), got {repetition_penalty!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
@@ -136,12 +143,14 @@ class GenerationMixin:
         own = [attention_mask.bool()]
         pad = self._pad_id() if eos_ids is None else int(eos_ids[0])
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-            # the penalty counts each row's own tokens: a pad id in a shorter prompt's padding is not
+            # the penalties count each row's own tokens: a pad id in a shorter prompt's padding is not
             # a token of that prompt (TransformerLens counts it, so a row depended on the others' lengths)
+            penalised = freq_penalty or repetition_penalty != 1
             next_tokens = sample_next_token(
                 logits[:, -1], do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
-                freq_penalty=freq_penalty, history=torch.cat(out_tokens, dim=1) if freq_penalty else None,
-                history_mask=torch.cat(own, dim=1) if freq_penalty else None, generator=gen,
+                freq_penalty=freq_penalty, repetition_penalty=repetition_penalty,
+                history=torch.cat(out_tokens, dim=1) if penalised else None,
+                history_mask=torch.cat(own, dim=1) if penalised else None, generator=gen,
             )
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             out_tokens.append(next_tokens[:, None])
@@ -177,6 +186,7 @@ def sample_next_token(
     top_p: Optional[float],
     temperature: float,
     freq_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
     history: Optional[Tensor] = None,
     history_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -184,15 +194,22 @@ def sample_next_token(
     """Pick the next token from ``logits [b, v]``: greedy, or sampled with temperature / top-k / top-p.
 
     ``freq_penalty`` subtracts ``freq_penalty ×`` each token's count in ``history [b, t]``, counting
-    only where ``history_mask [b, t]`` is true (a row's own tokens, not the batch's padding)."""
+    only where ``history_mask [b, t]`` is true (a row's own tokens, not the batch's padding).
+    ``repetition_penalty`` divides the positive logits of the tokens present there (and multiplies
+    the negative ones), before everything else: greedy decoding too."""
     logits = logits.float()
-    if not do_sample or temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if freq_penalty and history is not None:
+    counts = None
+    if history is not None and (freq_penalty or repetition_penalty != 1):  # each token's count in its row
         weights = (torch.ones_like(history, dtype=logits.dtype) if history_mask is None
                    else history_mask.to(logits.dtype))
         counts = torch.zeros_like(logits).scatter_add_(1, history, weights)
+    if repetition_penalty != 1 and counts is not None:
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(counts > 0, penalised, logits)
+    if not do_sample or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if freq_penalty and counts is not None:
         logits = logits - freq_penalty * counts
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]

@@ -5,7 +5,9 @@
   When only ``Knockout`` hooks are on it, their S → T structure goes to the scan
   instead and no mask is built (``tl_mamba.knockout.structured_removals``).
   A hook may return a mask that requires grad (knockout attribution): it is kept
-  even when all ones, and the scan gives it its gradient.
+  even when all ones, and the scan gives it its gradient. So does a backward hook
+  (``incl_bwd``): the mask is then built as a leaf that requires grad, and the hook
+  receives ∂L/∂mask.
 - ``hook_h`` (the state after every step): materialised only when hooked. If a
   hook edits it, the scan is rerun with the edited entries fixed, so the
   recurrence continues from them and y is read from them. Its gradient (backward
@@ -61,19 +63,6 @@ def check_heavy_hook_memory(block, hook: str, nbytes: int, edited: bool = False)
         f"limit of {format_bytes(limit)} (model.heavy_hook_memory_limit). Use a shorter sequence or a "
         "smaller batch, or raise the limit if you have the memory."
     )
-
-
-def _warn_mask_backward_hooks(name: str) -> None:
-    """The all-ones mask is a constant, so a backward hook on it is never called. Giving it a
-    gradient would cost O(p² · features) per layer on every backward of a model hooked by a
-    predicate (the TransformerLens "hook every gradient" idiom), so it is opt-in instead."""
-    import warnings
-
-    warnings.warn(
-        f"a backward hook on {name} is never called: the mask is a constant unless a forward hook makes it "
-        "depend on a tensor that requires grad. For ∂L/∂mask (every edge's first-order knockout effect) use "
-        "tl_mamba.circuits.knockout_attribution, or a forward hook returning mask * leaf with "
-        "leaf = torch.ones_like(mask, requires_grad=True), then read leaf.grad.", UserWarning, stacklevel=2)
 
 
 def _warn_states_off_the_loss_path(block) -> None:
@@ -211,10 +200,14 @@ def scan_with_heavy_hooks(
             mask_dtype = compute_dtype(block.mixer.A_log)
             mask_bytes = b * H * p * p * torch.finfo(mask_dtype).bits // 8
             check_heavy_hook_memory(block, "hook_ssm_mask", mask_bytes)
+            ones = torch.ones(mask_shape, device=block.hook_device(), dtype=mask_dtype)
             if block.hook_ssm_mask._backward_hooks and torch.is_grad_enabled():
-                _warn_mask_backward_hooks(block.hook_ssm_mask.name)
+                # a backward hook (incl_bwd caching it, say) gets ∂L/∂mask, as at any other hook: the
+                # mask is a leaf that requires grad, and the scan gives it its gradient (every edge's
+                # first-order knockout effect; Mamba-1's costs O(p² · d_inner · d_state) per layer)
+                ones.requires_grad_(True)
             # (a hook returning another shape is refused by the hook point, CheckedHookPoint)
-            ssm_mask = block.hook_ssm_mask(torch.ones(mask_shape, device=block.hook_device(), dtype=mask_dtype))
+            ssm_mask = block.hook_ssm_mask(ones)
             if ssm_mask.requires_grad and torch.is_grad_enabled():
                 # knockout attribution: keep the mask even when it removes nothing, so the scan
                 # gives it a gradient (∂L/∂mask[i, j] scores the edge j → i)
@@ -281,10 +274,11 @@ def scan_with_heavy_hooks(
         positions = edited_positions(edited)  # read once: the override needs them too
         if positions:
             if ssm_mask is not None:
-                raise NotImplementedError(
-                    f"{block.hook_h.name} was edited while {block.hook_ssm_mask.name} knocks out edges in the same "
-                    "layer; a knockout has no single state sequence to edit. Apply one at a time."
-                )
+                what = ("knocks out edges in the same layer; a knockout has no single state sequence to edit"
+                        if removes_edges else "takes a gradient (a backward hook, or a mask that requires grad) "
+                        "in the same layer; ∂L/∂mask is that of the unedited scan")
+                raise NotImplementedError(f"{block.hook_h.name} was edited while {block.hook_ssm_mask.name} {what}. "
+                                          "Apply one at a time.")
             out = scan(state_override=StateOverride(values=seen, mask=edited, positions=positions))  # y, final state
         else:
             edited = None
