@@ -1110,11 +1110,17 @@ def test_from_hf_takes_device_dtype_and_overrides(hf_mamba, hf_mamba2):
         HookedMamba.from_hf(hf_mamba, not_a_field=1)
 
 
-def test_from_hf_wrong_class_names_from_hf(hf_mamba, hf_mamba2):
+def test_from_hf_on_either_class_builds_the_family_of_the_model(hf_mamba, hf_mamba2):
+    """The contract's ``HookedMamba.from_hf(hf_model)`` takes any in-memory model: a Mamba-2 one gives a
+    HookedMamba2 (and the other way round), with the transformers model's logits; the loading
+    function itself, given a class, still refuses the wrong family, naming the right one."""
+    for cls, hf_model, want in ((HookedMamba, hf_mamba2, tl_mamba.HookedMamba2),
+                                (tl_mamba.HookedMamba2, hf_mamba, HookedMamba)):
+        model = cls.from_hf(hf_model, dtype=torch.float64)
+        assert type(model) is want and model.cfg.dtype == torch.float64
+        assert_close(our_logits(model), hf_logits(hf_model))
     with pytest.raises(WrongModelClassError, match=r"use HookedMamba2\.from_hf"):
-        HookedMamba.from_hf(hf_mamba2)
-    with pytest.raises(WrongModelClassError, match=r"use HookedMamba\.from_hf"):
-        tl_mamba.HookedMamba2.from_hf(hf_mamba)
+        from_hf(HookedMamba, hf_mamba2)
 
 
 def test_tl_mamba_from_hf_picks_the_class(hf_mamba, hf_falcon, hf_mamba2):

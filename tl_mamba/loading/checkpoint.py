@@ -316,15 +316,20 @@ def config_from_transformers(config: Any, model_cls: type) -> HookedMambaConfig:
                                   original_architecture=(getattr(config, "architectures", None) or [None])[0])
 
 
-def from_hf_any(hf_model: torch.nn.Module, tokenizer: Any = None, **kwargs: Any) -> torch.nn.Module:
+def from_hf_any(hf_model: torch.nn.Module, tokenizer: Any = None, *, model_cls: Optional[type] = None,
+                **kwargs: Any) -> torch.nn.Module:
     """:func:`from_hf` with the class the model's config calls for: ``HookedMamba`` for Mamba-1
-    and Falcon-Mamba, ``HookedMamba2`` for Mamba-2 (``tl_mamba.from_hf``)."""
+    and Falcon-Mamba, ``HookedMamba2`` for Mamba-2 (``tl_mamba.from_hf``, and the classes' own
+    ``from_hf``: the contract's ``HookedMamba.from_hf(hf_model)`` takes any in-memory model).
+    ``model_cls``: the class to build when it is of that family (a subclass, say)."""
     family = "mamba1"  # what cannot be read is refused by from_hf, naming the model
     config = getattr(hf_model, "config", None)
     if hasattr(config, "to_dict"):
         with contextlib.suppress(UnsupportedArchitectureError):
-            family = detect_layout(config.to_dict())[1]
-    return from_hf(model_class_for_family(family), hf_model, tokenizer, **kwargs)
+            family = family_of_model_class(detect_layout(config.to_dict())[1])
+    if model_cls is None or getattr(model_cls, "family", None) != family:
+        model_cls = model_class_for_family(family)
+    return from_hf(model_cls, hf_model, tokenizer, **kwargs)
 
 
 def from_hf(

@@ -310,14 +310,16 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer=None, *, device=None, dtype=None, **cfg_overrides):
-        """Build from an in-memory transformers model (weights are copied).
+        """Build from an in-memory transformers model (weights are copied): ``MambaForCausalLM`` and
+        ``FalconMambaForCausalLM`` give a ``HookedMamba``, ``Mamba2ForCausalLM`` a ``HookedMamba2``,
+        whichever class this is called on (as ``tl_mamba.from_hf``).
 
         ``device`` and ``dtype`` default to those of ``hf_model``'s parameters (``dtype`` also
         takes names such as ``"float16"``, or ``"auto"``); ``cfg_overrides`` replace any
         :class:`HookedMambaConfig` field. See :func:`tl_mamba.loading.from_hf`."""
-        from tl_mamba.loading import from_hf
+        from tl_mamba.loading import from_hf_any
 
-        return from_hf(cls, hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **cfg_overrides)
+        return from_hf_any(hf_model, tokenizer, model_cls=cls, device=device, dtype=dtype, **cfg_overrides)
 
     # ------------------------------------------------------------------ forward
     def _loss_tokens(self, tokens, shape) -> Tensor:
