@@ -584,11 +584,16 @@ def test_ssm_mask_all_zero_leaves_only_D_skip(model, tokens, backend):
     torch.testing.assert_close(cache["blocks.1.hook_y"].double(), D * cache["blocks.1.hook_x"].double(), **TOL)
 
 
-def test_ssm_mask_with_h_edit_in_same_layer_is_refused(model, tokens):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ssm_mask_with_h_edit_in_same_layer_composes(model, tokens, backend):
+    """Every edge knocked out and every state zeroed in one layer: the states hold nothing, and the
+    knockout removes the sources' part of y, which stops at the edited (all) entries, so y = D·x.
+    (Had the knockout subtracted the unedited scan's terms, y would be D·x - α·x.)"""
     hooks = [("blocks.0.hook_ssm_mask", lambda m, hook: torch.zeros_like(m)),
              ("blocks.0.hook_h", lambda h, hook: torch.zeros_like(h))]
-    with pytest.raises(NotImplementedError, match="hook_ssm_mask"):
-        _run(model, tokens, "torch", hooks=hooks)
+    _, cache = _run(model, tokens, backend, hooks=hooks)
+    D = model.blocks[0].mixer.D.double()
+    torch.testing.assert_close(cache["blocks.0.hook_y"].double(), D * cache["blocks.0.hook_x"].double(), **TOL)
 
 
 STATE_EDITS = {

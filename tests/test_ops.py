@@ -929,10 +929,10 @@ def test_torch_backend_backward_of_an_empty_sequence():
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
-def test_ops_refuse_overlapping_removals_and_override_with_mask(family):
+def test_ops_refuse_overlapping_removals(family):
     """Called directly, the scans refuse what the models never pass them: two EdgeRemovals
     sharing an edge (each removal's terms are subtracted on their own, so the edge would go
-    twice) and a state override together with a knockout (no single meaning)."""
+    twice). (A state override with a knockout composes: tests/test_knockout_with_state_edits.py.)"""
     from tl_mamba.ops.knockout import EdgeRemoval
     from tl_mamba.ops.ssd import ssd_scan
 
@@ -942,12 +942,12 @@ def test_ops_refuse_overlapping_removals_and_override_with_mask(family):
         e, n = 3, 2
         args = (torch.randn(b, p, e, generator=g), F.softplus(torch.randn(b, p, e, generator=g)),
                 -torch.rand(e, n, generator=g), torch.randn(b, p, n, generator=g), torch.randn(b, p, n, generator=g))
-        scan, state_shape = selective_scan, (b, p, e, n)
+        scan = selective_scan
     else:
         h, hd, n = 2, 2, 3
         args = (torch.randn(b, p, h, hd, generator=g), F.softplus(torch.randn(b, p, h, generator=g)),
                 -torch.rand(h, generator=g), torch.randn(b, p, 1, n, generator=g), torch.randn(b, p, 1, n, generator=g))
-        scan, state_shape = ssd_scan, (b, p, h, hd, n)
+        scan = ssd_scan
     sources = torch.zeros(b, p, dtype=torch.bool)
     sources[:, 2] = True
     targets = torch.zeros(b, p, dtype=torch.bool)
@@ -958,9 +958,6 @@ def test_ops_refuse_overlapping_removals_and_override_with_mask(family):
     later = torch.zeros(b, p, dtype=torch.bool)
     later[:, 8] = True
     scan(*args, ssm_mask=[removal, EdgeRemoval(sources=sources, targets=later)], backend="torch")  # disjoint: fine
-    override = StateOverride(values=torch.zeros(state_shape), mask=torch.zeros(state_shape, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="state_override and ssm_mask"):
-        scan(*args, ssm_mask=[removal], state_override=override, backend="reference")
 
 
 @pytest.mark.parametrize("positions", [[2, 5], list(range(1, 11))])

@@ -273,13 +273,13 @@ def scan_with_heavy_hooks(
             edited &= attention_mask.bool().view(*attention_mask.shape, *[1] * (edited.dim() - 2))
         positions = edited_positions(edited)  # read once: the override needs them too
         if positions:
-            if ssm_mask is not None:
-                what = ("knocks out edges in the same layer; a knockout has no single state sequence to edit"
-                        if removes_edges else "takes a gradient (a backward hook, or a mask that requires grad) "
-                        "in the same layer; ∂L/∂mask is that of the unedited scan")
-                raise NotImplementedError(f"{block.hook_h.name} was edited while {block.hook_ssm_mask.name} {what}. "
-                                          "Apply one at a time.")
-            out = scan(state_override=StateOverride(values=seen, mask=edited, positions=positions))  # y, final state
+            if isinstance(ssm_mask, Tensor) and ssm_mask.requires_grad and wants_grad:
+                raise NotImplementedError(
+                    f"{block.hook_h.name} was edited while {block.hook_ssm_mask.name} takes a gradient (a backward "
+                    "hook, or a mask that requires grad) in the same layer: ∂L/∂mask scores the edges of the "
+                    "unedited scan. Take one without the other.")
+            # y, final state; a knockout in this layer too: the sources' terms stop at the edited entries
+            out = scan(ssm_mask=ssm_mask, state_override=StateOverride(values=seen, mask=edited, positions=positions))
         else:
             edited = None
     y = out.y

@@ -371,14 +371,6 @@ def dense_mask_for(ssm_mask: Tensor, b: int, heads: int, p: int, op: str) -> Ten
     return ssm_mask.expand(b, shape[1], p, p)
 
 
-def check_no_override_with_mask(state_override, ssm_mask, op: str) -> None:
-    """A knockout subtracts its sources' terms from y; a state override replaces the states
-    those terms live in, so the two together have no single meaning (the model refuses them too)."""
-    if state_override is not None and ssm_mask is not None:
-        raise NotImplementedError(f"{op}: state_override and ssm_mask together are not supported: an edited state "
-                                  "no longer holds the knocked-out sources' terms. Apply one at a time.")
-
-
 def same_pass_removal(removals: Optional[List[EdgeRemoval]], state_override, inputs: Sequence[Optional[Tensor]],
                       kernel_runs: bool) -> Optional[EdgeRemoval]:
     """The S → T removal a Triton kernel can apply in the same pass as its scan, or None.

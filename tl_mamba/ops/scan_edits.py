@@ -9,6 +9,11 @@ beyond a scan with an initial and a final state:
 - a knockout subtracts the knocked-out terms from y by linearity: edge by edge, by one extra
   scan per S → T removal or per column pattern of a dense mask, or in the quadratic form
   (``tl_mamba.ops.knockout``);
+- both together: y of the edited scan, less the sources' part of it. With Δ, B, C and the
+  edited values fixed, that y is affine in x, and x_j's part reaches y_i through the states,
+  except through an entry edited in between (the edit replaced what the entry held). So the
+  knocked-out part is the scan of ``x ⊙ 1_S`` with the edited entries set to zero, by the
+  scans (the edge-by-edge and quadratic forms know no edits);
 - on the Triton backend, a single S → T knockout with no gradient to take goes into the family's
   kernel, in the same pass as its scan (:func:`knockout_in_kernel_or`), with the same result.
 
@@ -25,9 +30,8 @@ import torch
 from torch import Tensor
 
 from tl_mamba.backends import resolve_backend
-from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient,
-                                   check_no_override_with_mask, check_removal, dense_mask_for, knocked_out_terms,
-                                   removed_terms, same_pass_removal)
+from tl_mamba.ops.knockout import (EdgeRemoval, SSMMask, as_removal_list, attach_mask_gradient, check_removal,
+                                   dense_mask_for, knocked_out_terms, removed_terms, same_pass_removal)
 from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate
 from tl_mamba.ops.state_override import StateOverride, override_by_recurrence, scan_with_override
 from tl_mamba.ops.triton_scan import kernel_or_fallback
@@ -74,8 +78,13 @@ class ScanLayout:
 def removals_of(layout: ScanLayout, ssm_mask: Optional[SSMMask], state_override: Optional[StateOverride],
                 x: Tensor) -> Optional[List[EdgeRemoval]]:
     """``ssm_mask``'s S → T removals, checked against x's batch, positions and features; None for a
-    dense mask or none. Refuses a mask together with a state override."""
-    check_no_override_with_mask(state_override, ssm_mask, layout.op)
+    dense mask or none. Refuses ∂L/∂mask (a mask that requires grad) together with a state override:
+    that gradient is the unedited scan's."""
+    if (state_override is not None and isinstance(ssm_mask, Tensor) and ssm_mask.requires_grad
+            and torch.is_grad_enabled()):
+        raise NotImplementedError(f"{layout.op}: a state_override with an ssm_mask that requires grad is not "
+                                  "supported: ∂L/∂mask scores the edges of the unedited scan. Take it without the "
+                                  "edit, or detach the mask.")
     removals = None if ssm_mask is None else as_removal_list(ssm_mask, x.device)
     b, p, n_features = x.shape[:3]
     for removal in removals or ():
@@ -103,7 +112,8 @@ def scan_with_edits(layout: ScanLayout, impl: Callable, x: Tensor, delta: Tensor
             → ``layout.output`` (and ``z=`` for a gate).
         x, delta, A, B, C, D, initial_state, return_states: as the dispatcher's (checked there).
         state_override: edits of the state, or None.
-        ssm_mask: the knockout, or None (not both: :func:`removals_of` refuses that).
+        ssm_mask: the knockout, or None. With a state override too, the sources' terms stop at
+            edited entries (see the module's docstring).
         removals: ``removals_of(layout, ssm_mask, ...)``: the mask's S → T removals, or None.
         z: Mamba-1's gate input (y is returned as ``y · silu(z)``), or None. ``impl`` fuses it into
             its scan when that scan's y is the output (no edit, no knockout); otherwise it is
@@ -123,31 +133,46 @@ def scan_with_edits(layout: ScanLayout, impl: Callable, x: Tensor, delta: Tensor
                                                  state_override, return_states))
     if ssm_mask is not None:
         out.y = _without_knocked_out_terms(layout, impl, out.y, x, delta, A, B, C, ssm_mask, removals,
-                                           dense_terms, max_scans)
+                                           dense_terms, max_scans, state_override)
     if z is not None and not fuse_gate:
         out.y = silu_gate(out.y, z)
     return out
 
 
-def _without_knocked_out_terms(layout, impl, y, x, delta, A, B, C, ssm_mask, removals, dense_terms, max_scans):
+def _without_knocked_out_terms(layout, impl, y, x, delta, A, B, C, ssm_mask, removals, dense_terms, max_scans,
+                               state_override):
     """y with the knocked-out terms of ``ssm_mask`` subtracted (and, for a dense mask that requires
-    grad, a gradient path to it)."""
+    grad, a gradient path to it); with ``state_override``, terms stop at the edited entries."""
 
-    def pairs(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, *features]: α[i, j] x_j
+    def sources_part(xs: Tensor, start: int, stop: int) -> Tensor:
+        """y over ``start:stop`` of the input ``xs`` (already cut to it) alone: no D skip, a zero
+        initial state, and the edited entries of ``state_override`` set to zero."""
+        window = slice(start, stop)
+        if state_override is None:
+            return impl(xs, delta[:, window], A, B[:, window], C[:, window], None, initial_state=None,
+                        return_states=False).y
+        edited = state_override.mask[:, window]
+        erased = StateOverride(values=xs.new_zeros(()).expand(edited.shape), mask=edited,
+                               positions=[t - start for t in state_override.edited_positions() if start <= t < stop])
+        return _scan_with_override(layout, impl, xs, delta[:, window], A, B[:, window], C[:, window], None, None,
+                                   erased, False)[0]
+
+    def pair_terms(targets: Tensor, sources: Tensor) -> Tensor:  # [b, P, *features]: α[i, j] x_j
         return layout.pair_terms(x, delta, A, B, C, targets, sources)
 
+    # only the scans know the edits: the edge-by-edge and quadratic forms read the unedited α
+    pairs = pair_terms if state_override is None else None
+    dense_terms = dense_terms if state_override is None else None
     if removals is not None:  # S → T structure: no p × p tensor; per removal one scan, or a sum over few edges
         def contribution_by_row(sources: Tensor, start: int, stop: int) -> Tensor:  # sources [b, p]
-            window = slice(start, stop)
-            return impl(keep_sources(x[:, window], sources[:, window]), delta[:, window], A, B[:, window],
-                        C[:, window], None, initial_state=None, return_states=False).y
+            return sources_part(keep_sources(x[:, start:stop], sources[:, start:stop]), start, stop)
 
         return y - removed_terms(contribution_by_row, removals, layout.target_layout, y.shape, pairs)
     b, p = x.shape[:2]
     mask = dense_mask_for(ssm_mask, b, layout.mask_heads(x), p, layout.op)  # [b, H, p, p]
 
     def contribution(sources: Tensor) -> Tensor:  # sources [p]: the positions whose input is kept
-        return impl(keep_sources(x, sources), delta, A, B, C, None, initial_state=None, return_states=False).y
+        return sources_part(keep_sources(x, sources), 0, p)
 
     y = y - knocked_out_terms(contribution, mask, target_layout=layout.target_layout, pair_terms=pairs,
                               dense_terms=dense_terms, max_scans=max_scans)
