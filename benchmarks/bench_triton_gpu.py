@@ -84,6 +84,9 @@ WIDTHS = {
     "mamba1": {"130m": dict(d_model=768, d_state=16), "370m": dict(d_model=1024, d_state=16)},
     "mamba2": {"130m": dict(d_model=768, d_state=128, n_heads=24), "370m": dict(d_model=1024, d_state=128, n_heads=32)},
 }
+#: Mamba-1's chunked kernel, timed alone at these BLOCK_T × BLOCK_E tiles (the default is 32 × 8 at n = 16;
+#: benchmarks/results/compile_triton_tiles.md has their registers and spills)
+MAMBA1_TILES = ((32, 8), (64, 4), (128, 2), (128, 4), (256, 1))
 #: --smoke: every step at toy sizes (Mamba-2 heads of 16 channels)
 SMOKE_WIDTHS = {"mamba1": {"tiny": dict(d_model=16, d_state=4)}, "mamba2": {"tiny": dict(d_model=32, d_state=8, n_heads=4)}}
 #: the models of the speed section: 130m widths, 4 layers (and a toy size for --smoke)
@@ -275,6 +278,21 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
                 return selective_scan(*t.values(), z=z, backend="triton")
 
         calls["triton_sequential"] = sync(sequential_kernel)
+        # the chunked kernel alone at explicit BLOCK_T × BLOCK_E tiles (the default: 32 × 8 at n = 16): at
+        # batch 1 a layer has e / BLOCK_E programs, each walking p / BLOCK_T tiles in turn, so fewer channels
+        # per tile is more programs and fewer steps; what triton_kernel.BLOCK_T / TILE_ENTRIES are set from
+        from tl_mamba.ops.selective_scan import triton_kernel
+
+        scan_args = [t[k] for k in ("x", "delta", "A", "B", "C", "D")] + [None, False]
+        for block_t, block_e in MAMBA1_TILES:
+            calls[f"chunked_kernel_{block_t}x{block_e}"] = sync(
+                lambda block_t=block_t, block_e=block_e: triton_kernel._forward(
+                    *scan_args, block_t=block_t, block_e=block_e, z=z, kernel="chunked"))
+        if notes is not None:  # each tile size's y against the torch backend in float64
+            reference = selective_scan(*(v.double() for v in t.values()), z=z.double(), backend="torch").y
+            for name in [c for c in calls if c.startswith("chunked_kernel_")]:
+                notes[name] = dict(rel_err=rel_err(calls[name]()[0], reference), against="the torch backend in float64")
+            del reference
         try:  # mamba_ssm's layout: channels before positions
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 

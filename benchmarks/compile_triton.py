@@ -30,9 +30,10 @@ refuse or slow down for:
 - bytes spilled per thread (ptxas' spill stores, and its stack frame: local memory,
   slow, not wrong), from ptxas' own report.
 
-``--sweep`` compiles the Mamba-2 kernels over their tile sizes instead (the plain chunked
-kernels over hd × n, the masked-tile kernel over BLOCK_I × BLOCK_D, fp32 and bf16 inputs):
-what ``triton_chunked.TILE_CAPS`` and the masked kernel's blocks were chosen from
+``--sweep`` compiles the kernels over their tile sizes instead (Mamba-2's plain chunked
+kernels over hd × n and its masked-tile kernel over BLOCK_I × BLOCK_D; Mamba-1's chunked
+kernel over BLOCK_T × BLOCK_E, plain and with the same-pass knockout; fp32 and bf16
+inputs): what ``triton_chunked.TILE_CAPS`` and the other kernels' blocks were chosen from
 (``benchmarks/results/compile_triton_tiles.md``).
 
 The exit status is 1 when a kernel does not compile or does not fit its target.
@@ -381,15 +382,24 @@ def table(variants: List[Variant], capability: int, tools: dict) -> List[str]:
 
 
 SWEEP_SHAPE = dict(b=1, p=256, h=24, hd=64, g=1, n=128)  # one Mamba-2 130m layer (p only sets the grid)
+SWEEP_SHAPE_MAMBA1 = dict(b=1, p=256, e=1536, n=16)  # one Mamba-1 130m layer
+#: Mamba-1's chunked kernel: positions × channels per tile (BLOCK_T × BLOCK_E; × n = 16 state entries),
+#: from half to twice the default's 32 × 8 entries. At batch 1 a layer has e / BLOCK_E programs, each
+#: walking p / BLOCK_T tiles in turn: fewer channels per tile is more programs and fewer steps.
+MAMBA1_TILES = [(t, e) for t in (16, 32, 64, 128, 256) for e in (1, 2, 4, 8, 16) if 128 <= t * e <= 512]
 
 
 def sweep_tiles(capability: int, log=print) -> tuple:
-    """The Mamba-2 tile choices compiled for ``capability``: the plain chunked kernels over
-    hd × n tiles, and the masked-tile kernel over ``BLOCK_I`` × ``BLOCK_D``, in fp32 and bf16.
-    The masked kernel is launched directly, also on bf16 tensors: what ran before its inputs
-    were upcast (2026-12-06). Returns ``(markdown rows, how many sizes did not compile)``."""
+    """The tile choices compiled for ``capability``, in fp32 and bf16: Mamba-2's plain chunked
+    kernels over hd × n tiles and its masked-tile kernel over ``BLOCK_I`` × ``BLOCK_D``, and
+    Mamba-1's chunked kernel over ``BLOCK_T`` × ``BLOCK_E`` (:data:`MAMBA1_TILES`), plain and with
+    the same-pass knockout. The masked kernel is launched directly, also on bf16 tensors: what
+    ran before its inputs were upcast (2026-12-06). Returns ``(markdown rows, how many sizes did
+    not compile)``."""
     import triton.language as tl
 
+    from tl_mamba.ops.knockout import EdgeRemoval
+    from tl_mamba.ops.selective_scan import triton_kernel as mamba1_kernels
     from tl_mamba.ops.ssd import triton_chunked, triton_masked
 
     shape = SWEEP_SHAPE
@@ -410,7 +420,8 @@ def sweep_tiles(capability: int, log=print) -> tuple:
 
     def row(interceptor, tile):
         for v in sorted(interceptor.variants.values(), key=lambda v: v.kernel):
-            if v.kernel in ("_chunk_state_kernel", "_chunk_scan_kernel", "_masked_removed_terms_kernel"):
+            if v.kernel in ("_chunk_state_kernel", "_chunk_scan_kernel", "_masked_removed_terms_kernel",
+                            "_selective_scan_chunked_fwd_kernel"):
                 lines.append(f"| `{v.kernel}` | {v.inputs} | {tile} | {v.registers} | {v.spill_bytes} | "
                              f"{v.stack_bytes} | {v.shared} |" if not v.error else f"| `{v.kernel}` | {v.inputs} | "
                              f"{tile} | {v.error} | | | |")
@@ -434,6 +445,17 @@ def sweep_tiles(capability: int, log=print) -> tuple:
                     x, delta, A, B, C, removed, cumsum, out, p, h, hd, g, n, h // g, h, ACC=tl.float32,
                     DOT=triton_chunked.DOT_PRECISION, BLOCK_I=block_i, BLOCK_D=block_d, BLOCK_N=n),
                     f"I × D {block_i} × {block_d}")
+        b, p, e, n = (SWEEP_SHAPE_MAMBA1[k] for k in ("b", "p", "e", "n"))
+        x, delta, z = (torch.randn(b, p, e, generator=generator).to(dtype) for _ in range(3))
+        B, C = (torch.randn(b, p, n, generator=generator).to(dtype) for _ in range(2))
+        A, D = -torch.rand(e, n), torch.randn(e)
+        sources, targets = torch.zeros(b, p), torch.zeros(b, p)
+        sources[:, 1:4], targets[:, -1] = 1, 1
+        for block_t, block_e in MAMBA1_TILES:
+            for removal in (None, EdgeRemoval(sources, targets)):
+                compile_tile(lambda: mamba1_kernels._forward(x, delta, A, B, C, D, None, False, block_e=block_e,
+                                                             block_t=block_t, z=z, kernel="chunked", removal=removal),
+                             f"T × E {block_t} × {block_e}" + (", knockout" if removal is not None else ""))
         log(f"sm_{capability} {str(dtype)[6:]}: tiles compiled")
     return lines, failed
 
@@ -448,8 +470,9 @@ def main(argv=None) -> int:
     parser.add_argument("--p", type=int, default=2048, help="sequence length (default 2048)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--out", help="write the tables as markdown here")
-    parser.add_argument("--sweep", action="store_true", help="instead of the models' routes, compile the Mamba-2 "
-                        "kernels over their tile sizes (hd × n; BLOCK_I × BLOCK_D) at 130m widths, fp32 and bf16")
+    parser.add_argument("--sweep", action="store_true", help="instead of the models' routes, compile the "
+                        "kernels over their tile sizes (Mamba-2: hd × n, BLOCK_I × BLOCK_D; Mamba-1: BLOCK_T × "
+                        "BLOCK_E) at 130m widths, fp32 and bf16")
     parser.add_argument("--keep", metavar="DIR", help="compile into DIR/sm_<arch> and keep it (each variant's TTIR, "
                         "PTX and cubin, to read); default: a temporary folder. Every variant is compiled afresh "
                         "either way (ptxas reports only then), so point it at an empty folder")
@@ -484,7 +507,7 @@ def main(argv=None) -> int:
         print("\n".join(rows))
     if args.out:
         fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "unset (Triton's default)")
-        what = ("the Mamba-2 kernels over their tile sizes, at 130m widths" if args.sweep else
+        what = ("the kernels over their tile sizes, at 130m widths" if args.sweep else
                 f"widths {', '.join(args.widths)}, p = {args.p}, {', '.join(args.dtypes)}. One row per compiled "
                 "variant (Triton's specialization); `routes` counts the calls that launched it")
         header = [f"# Triton kernels compiled without a GPU ({time.strftime('%Y-%m-%d')}, triton {triton.__version__})",

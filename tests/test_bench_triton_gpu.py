@@ -90,6 +90,9 @@ def test_gpu_benchmark_smoke_run(tmp_path):
         # and the chunked kernels at each tile size, plain and with the same-pass knockout
         tiled = [row for key, row in scans.items() if key[:2] == ("mamba2", dtype) and "_kernels_" in key[2]]
         assert len(tiled) == 6 and all(row["rel_err"] < 1e-5 for row in tiled), tiled
+        # Mamba-1's chunked kernel at each tile size, checked the same way
+        tiled = [row for key, row in scans.items() if key[:2] == ("mamba1", dtype) and "chunked_kernel_" in key[2]]
+        assert len(tiled) == 5 and all(row["rel_err"] < 1e-5 for row in tiled), tiled
     assert not results["mamba_ssm"]  # transformers' models never saw the vendor folder
     backward = {(r["family"], r["contender"]) for r in results["backward"]}
     assert {("mamba1", "triton"), ("mamba1", "triton_recompute_backward"), ("mamba2", "triton")} <= backward
