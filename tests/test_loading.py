@@ -670,8 +670,8 @@ def test_mamba2_checkpoint_with_mamba1_class(saved, tmp_path, hf_mamba2):
     write_mamba_ssm_checkpoint(tmp_path, sd, raw)
     with pytest.raises(WrongModelClassError, match=r"Mamba-2 checkpoint \(mamba_ssm layout\)"):
         HookedMamba.from_pretrained(tmp_path)
-    with pytest.raises(WrongModelClassError, match="HookedMamba2"):
-        HookedMamba.from_hf(hf_mamba2)
+    # (from_hf, the contract's one entry for in-memory models, gives the model's class instead:
+    # test_from_hf_on_either_class_builds_the_family_of_the_model)
 
 
 def test_hybrid_and_unsupported_dirs_fail_before_weights(tmp_path):
