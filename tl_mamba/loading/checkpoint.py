@@ -3,7 +3,7 @@
 The model classes' ``from_pretrained`` / ``from_hf`` classmethods delegate here::
 
     HookedMamba.from_pretrained(name_or_path)  ->  load_pretrained(HookedMamba, name_or_path)
-    HookedMamba.from_hf(hf_model)              ->  from_hf(HookedMamba, hf_model)
+    HookedMamba.from_hf(hf_model)              ->  from_hf_any(hf_model, model_cls=HookedMamba)
     tl_mamba.from_pretrained(name_or_path)     ->  load_any(name_or_path)
     tl_mamba.from_hf(hf_model)                 ->  from_hf_any(hf_model)
     HookedMamba(transformers_config)           ->  config_from_transformers(config, HookedMamba)
@@ -312,7 +312,7 @@ def config_from_transformers(config: Any, model_cls: type) -> HookedMambaConfig:
         raise UnsupportedArchitectureError(f"{model_cls.__name__}(cfg) cannot use a {type(config).__name__}: {err}. "
                                            f"It takes {accepted}.") from err
     _check_family(model_cls, layout, family, what=f"the {type(config).__name__}", entry="cfg")
-    return config_from_checkpoint(raw, layout, family, model_name=type(config).__name__,
+    return config_from_checkpoint(raw, layout, family, model_name=getattr(config, "_name_or_path", "") or "custom",
                                   original_architecture=(getattr(config, "architectures", None) or [None])[0])
 
 

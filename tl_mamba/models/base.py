@@ -168,10 +168,9 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
             cfg = config_from_transformers(cfg, type(self))
         if cfg.family != self.family:
             default = " (HookedMambaConfig's default family)" if cfg.family == "mamba1" else ""
-            raise ValueError(
-                f"{type(self).__name__} builds {self.family} models but the config is for {cfg.family}{default}: "
-                f"build it with family={self.family!r}, or use {'HookedMamba' if self.family == 'mamba2' else 'HookedMamba2'}"
-            )
+            other = "HookedMamba" if self.family == "mamba2" else "HookedMamba2"
+            raise ValueError(f"{type(self).__name__} builds {self.family} models but the config is for "
+                             f"{cfg.family}{default}: build it with family={self.family!r}, or use {other}")
         if cfg.dtype is not None and not (isinstance(cfg.dtype, torch.dtype) and cfg.dtype.is_floating_point):
             raise TypeError(f"cfg.dtype must be a floating-point torch dtype (torch.float32, torch.float16, "
                             f"torch.bfloat16 or torch.float64), got {cfg.dtype!r}")

@@ -52,8 +52,8 @@ class ScanLayout:
         features: ``"channels"`` or ``"heads"``, what a removal's ``features`` index.
         output: the dispatcher's output dataclass (fields ``y``, ``final_state``, ``states``).
         read_out: ``read_out(states, C, D, x)`` → y including the D skip, from states at one
-            position (``[b, *state]``, C ``[b, g?, n]``, x ``[b, *features]``) or at every
-            position (a ``p`` axis after ``b`` in each); D may be None. All in one dtype.
+            position (``[b, *state]``, C ``[b, n]`` or ``[b, g, n]``, x ``[b, *features]``) or at
+            every position (a ``p`` axis after ``b`` in each); D may be None. All in one dtype.
         decay_and_write: ``decay_and_write(x, delta, A, B)`` → ``(decay, write)``, the
             recurrence ``h_t = decay_t ⊙ h_{t-1} + write_t`` with both broadcastable to
             ``[b, p, *state]``.
