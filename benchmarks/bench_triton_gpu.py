@@ -330,6 +330,7 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
         # the three chunked kernels alone at explicit (hd, n) tiles, plain and with the same-pass
         # knockout (3 sources at p/3 → the last position): what triton_chunked.TILE_CAPS is set from
         from tl_mamba.ops.knockout import EdgeRemoval
+        from tl_mamba.ops.ssd import triton_chunked
         from tl_mamba.ops.ssd.triton_chunked import ssd_chunked_triton
 
         sources = torch.zeros(1, p, device=device)
@@ -345,9 +346,19 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
         for hd_tile, n_tile in ((64, 64), (32, 64)):
             calls[f"plain_chunked_kernels_{hd_tile}x{n_tile}"] = sync(
                 lambda tiles=dict(block_hd=hd_tile, block_n=n_tile): ssd_chunked_triton(*scan_args, **tiles))
+
+        def tf32_dots():  # the default tiles with tensor-core dots (not the default's exact fp32 "ieee" dots)
+            default, triton_chunked.DOT_PRECISION = triton_chunked.DOT_PRECISION, "tf32"
+            try:
+                return ssd_chunked_triton(*scan_args)
+            finally:
+                triton_chunked.DOT_PRECISION = default
+
+        calls["chunked_tf32_dots"] = sync(tf32_dots)
         if notes is not None:  # each tile size's y, plain and knocked out, against the torch backend in float64
             wide = [v.double() for v in scan_args[:-1]]
-            for name, knocked_out in (("same_pass_knockout_kernels", True), ("plain_chunked_kernels", False)):
+            for name, knocked_out in (("same_pass_knockout_kernels", True), ("plain_chunked_kernels", False),
+                                      ("chunked_tf32_dots", False)):
                 reference = ssd_scan(*wide, backend="torch", ssm_mask=[removal] if knocked_out else None).y
                 for name_of_call in [c for c in calls if c.startswith(name)]:
                     notes[name_of_call] = dict(rel_err=rel_err(calls[name_of_call]()[0], reference),

@@ -437,6 +437,11 @@ def sweep_tiles(capability: int, log=print) -> tuple:
                 compile_tile(lambda: triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, None, block_hd=block_hd,
                                                                        block_n=block_n),
                              f"hd × n {block_hd} × {block_n}")
+        for block_hd, block_n in ((32, 64), (64, 64)):  # tensor-core dots: not the default ("ieee"), for comparison
+            with patched([(triton_chunked, "DOT_PRECISION", "tf32")]):
+                compile_tile(lambda: triton_chunked.ssd_chunked_triton(x, delta, A, B, C, D, None, block_hd=block_hd,
+                                                                       block_n=block_n),
+                             f"hd × n {block_hd} × {block_n}, tf32 dots")
         removed, cumsum = torch.rand(b, h, p, p), torch.rand(b, h, p, dtype=torch.float64)
         out = torch.empty(b, p, h, hd)
         for block_i in (16, 32, 64):

@@ -90,6 +90,7 @@ def test_gpu_benchmark_smoke_run(tmp_path):
         # and the chunked kernels at each tile size, plain and with the same-pass knockout
         tiled = [row for key, row in scans.items() if key[:2] == ("mamba2", dtype) and "_kernels_" in key[2]]
         assert len(tiled) == 6 and all(row["rel_err"] < 1e-5 for row in tiled), tiled
+        assert scans[("mamba2", dtype, "chunked_tf32_dots")]["rel_err"] < 1e-2  # tensor-core dots, timed beside
         # Mamba-1's chunked kernel at each tile size, checked the same way
         tiled = [row for key, row in scans.items() if key[:2] == ("mamba1", dtype) and "chunked_kernel_" in key[2]]
         assert len(tiled) == 5 and all(row["rel_err"] < 1e-5 for row in tiled), tiled

@@ -25,7 +25,8 @@ to cancellation, as in the torch backend (``chunked.py``). Inputs of any float d
 loaded and upcast to fp32 (float64 for float64 inputs); states, dot products and the
 output are in that dtype. The dots run with ``input_precision=DOT_PRECISION``
 (``"ieee"``: exact fp32 products; ``"tf32"`` would use tensor cores at ~1e-3 relative
-error, not tested).
+error: not used, but timed beside the default by ``benchmarks/bench_triton_gpu.py``,
+``chunked_tf32_dots``, with its error against float64).
 
 Parallelism: kernels 1, 3 and 4 run one program per (sequence, chunk, head, block of
 head channels or state tile); only kernel 2 is sequential, over p / Q chunks. Compare
