@@ -60,19 +60,29 @@ def test_information_flow_rows_equal_single_knockouts(toy, tmp_path):
     df = information_flow(toy, prompts, window=2, sources=("subject", "context"), batch_size=5, progress=False)
     n_layers = toy.cfg.n_layers
     assert len(df) == len(prompts) * n_layers * 2
-    assert set(df.columns) >= {"prompt", "layer", "layers", "source", "p", "p_ko", "change"}
+    assert set(df.columns) >= {"prompt", "layer", "layers", "source", "p", "p_ko", "change", "log_odds",
+                               "log_odds_ko"}
+
+    def log_odds(logits):  # log p - log(1 - p) of the answer, in float64 from the log-probabilities
+        log_p = logits[0, -1].double().log_softmax(-1)[answer]
+        return float(log_p - torch.log(-torch.expm1(log_p)))
+
     for _, row in df.sample(5, random_state=0).iterrows():
         prompt = prompts[row.prompt]
         tokens = toy.to_tokens(prompt.text)
         answer = toy.to_single_token(prompt.answer)
         last = tokens.shape[1] - 1
         with torch.no_grad():
-            p = toy(tokens)[0, -1].softmax(-1)[answer]
+            clean_logits = toy(tokens)
+            p = clean_logits[0, -1].softmax(-1)[answer]
             ko = Knockout(layers=list(row.layers), sources=prompt.spans[row.source], targets=[last])
-            p_ko = toy.run_with_knockout(tokens, ko)[0, -1].softmax(-1)[answer]
+            ko_logits = toy.run_with_knockout(tokens, ko)
+            p_ko = ko_logits[0, -1].softmax(-1)[answer]
         assert row.p == pytest.approx(float(p), rel=1e-4, abs=1e-6)
         assert row.p_ko == pytest.approx(float(p_ko), rel=1e-4, abs=1e-6)
         assert row.change == pytest.approx((float(p_ko) - float(p)) / float(p), rel=1e-3, abs=1e-5)
+        assert row.log_odds == pytest.approx(log_odds(clean_logits), rel=1e-4, abs=1e-4)
+        assert row.log_odds_ko == pytest.approx(log_odds(ko_logits), rel=1e-4, abs=1e-4)
     pooled = summarize_information_flow(df, "pooled")
     subset = df[(df.layer == 1) & (df.source == "subject")]
     assert float(pooled.loc[1, "subject"]) == pytest.approx(100 * (subset.p_ko.sum() / subset.p.sum() - 1), rel=1e-6)

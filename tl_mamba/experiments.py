@@ -178,14 +178,20 @@ def _window_knockouts(n_layers: int, windows, row_windows: Sequence[int], row_so
     return knockouts
 
 
-def _answer_probs(model, tokens, attention_mask, answers, knockouts: Optional[List[Knockout]]):
+def _answer_scores(model, tokens, attention_mask, answers, knockouts: Optional[List[Knockout]]):
+    """``(p, log_odds)`` of each row's answer at the last position, ``[b]`` each.
+
+    ``log_odds = log p − log(1 − p)``, from the logits (the answer's logit less the logsumexp of
+    the others), so that it keeps resolving where p is within float precision of 1."""
     with torch.no_grad():
         if knockouts:
             logits = model.run_with_knockout(tokens, knockouts=knockouts, attention_mask=attention_mask)
         else:
             logits = model(tokens, attention_mask=attention_mask)
-    probs = logits[:, -1].float().softmax(-1)
-    return probs.gather(1, answers[:, None])[:, 0]
+    last = logits[:, -1].double()
+    answer_logit = last.gather(1, answers[:, None])[:, 0]
+    others = last.scatter(1, answers[:, None], float("-inf")).logsumexp(-1)
+    return last.softmax(-1).gather(1, answers[:, None])[:, 0].float(), (answer_logit - others).float()
 
 
 def information_flow(
@@ -215,8 +221,11 @@ def information_flow(
     Returns:
         A pandas DataFrame, one row per (prompt, layer, source): ``prompt``, ``layer``
         (the window's centre), ``layers`` (the window), ``source``, ``n_sources``,
-        ``p`` (clean answer probability), ``p_ko`` and ``change = (p_ko − p) / p``.
-        Classes with no tokens in a prompt (an empty span) give ``change = 0``.
+        ``p`` (clean answer probability), ``p_ko`` and ``change = (p_ko − p) / p``, and the
+        answer's log-odds ``log_odds`` / ``log_odds_ko`` (``log p − log(1 − p)``, from the logits;
+        where a model is sure, p sits at 1 and its change reads 0, while the log-odds still
+        show what a knockout moved). Classes with no tokens in a prompt (an empty span) give
+        ``change = 0``.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -229,10 +238,10 @@ def information_flow(
     tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
     width = tokens.shape[1]
     device = model.W_E.device
-    clean = torch.cat([
-        _answer_probs(model, tokens[i:i + batch_size].to(device), attention[i:i + batch_size].to(device),
-                      answers[i:i + batch_size].to(device), None).cpu()
-        for i in range(0, len(prompts), batch_size)])
+    clean, clean_odds = (torch.cat(parts).cpu() for parts in zip(*[
+        _answer_scores(model, tokens[i:i + batch_size].to(device), attention[i:i + batch_size].to(device),
+                       answers[i:i + batch_size].to(device), None)
+        for i in range(0, len(prompts), batch_size)]))
     targets = _span_mask(prompts, offsets, width, target)
     source_masks = {name: _span_mask(prompts, offsets, width, name) for name in sources}
     windows = layer_windows(model.cfg.n_layers, window)
@@ -246,13 +255,14 @@ def information_flow(
         row_sources = torch.stack([source_masks[name][i] for _, name, i in chunk])
         knockouts = _window_knockouts(model.cfg.n_layers, windows, [w for w, _, _ in chunk], row_sources,
                                       targets[rows], path, device)
-        p_ko = _answer_probs(model, tokens[rows].to(device), attention[rows].to(device), answers[rows].to(device),
-                             knockouts).cpu()
+        p_ko, odds_ko = (v.cpu() for v in _answer_scores(model, tokens[rows].to(device), attention[rows].to(device),
+                                                        answers[rows].to(device), knockouts))
         for r, (w, name, i) in enumerate(chunk):
             p = float(clean[i])
             records.append(dict(prompt=i, layer=windows[w][0], layers=tuple(windows[w][1]), source=name,
                                 n_sources=int(source_masks[name][i].sum()), p=p, p_ko=float(p_ko[r]),
-                                change=(float(p_ko[r]) - p) / p if p > 0 else float("nan")))
+                                change=(float(p_ko[r]) - p) / p if p > 0 else float("nan"),
+                                log_odds=float(clean_odds[i]), log_odds_ko=float(odds_ko[r])))
     return pd.DataFrame.from_records(records)
 
 
@@ -265,7 +275,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     tokens, answers = batch["tokens"], batch["answers"]
     p = tokens.shape[1]
     device = model.W_E.device
-    clean = float(_answer_probs(model, tokens.to(device), None, answers.to(device), None)[0])
+    clean = float(_answer_scores(model, tokens.to(device), None, answers.to(device), None)[0][0])
     targets = _span_mask([prompt], offsets, p, target)[0]
     windows = layer_windows(model.cfg.n_layers, window)
     jobs = [(w, pos) for w in range(len(windows)) for pos in range(p)]
@@ -279,7 +289,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
         knockouts = _window_knockouts(model.cfg.n_layers, windows, [w for w, _ in chunk], row_sources,
                                       targets.expand(len(chunk), p), path, device)
         rows = tokens.expand(len(chunk), p).to(device)
-        p_ko = _answer_probs(model, rows, None, answers.expand(len(chunk)).to(device), knockouts).cpu()
+        p_ko = _answer_scores(model, rows, None, answers.expand(len(chunk)).to(device), knockouts)[0].cpu()
         for r, (w, pos) in enumerate(chunk):
             result[w, pos] = (float(p_ko[r]) - clean) / clean if clean > 0 else float("nan")
     return result
