@@ -107,6 +107,50 @@ def test_resid_pre_equals_transformer_lens(models, pair, family):
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("hook", ["resid_pre", "h"])
+def test_named_per_row_position_sets(models, pair, family, hook):
+    """``positions={"name": bool [b, p]}``: each prompt patched at its own positions (a token's place
+    differs across templates), one column per name. Against hand-written hooks that copy the clean
+    activation row by row; a set with the same column in every row equals that column patched."""
+    model = models[family]
+    clean, corrupted = pair
+    name = f"blocks.{{}}.hook_{hook}"
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(f"hook_{hook}"))
+    first, second = torch.zeros(B, P, dtype=torch.bool), torch.zeros(B, P, dtype=torch.bool)
+    for row in range(B):  # a different place in every row; the second set holds two positions per row
+        first[row, 1 + row % (P - 1)] = True
+        second[row, [2, 4 + row % (P - 4)]] = True
+    same = torch.zeros(B, P, dtype=torch.bool)
+    same[:, 4] = True
+    sets = {"first": first, "second": second, "same": same.int()}
+    got = patch_layer_position(model, clean, corrupted, metric, hook=hook, positions=sets, batch_size=5,
+                               progress=False)
+    assert got.shape == (2, 3)
+
+    def by_hand(layer, mask):
+        def hook_fn(act, hook):
+            act = act.clone()
+            for row in range(B):
+                for pos in mask[row].nonzero()[:, 0].tolist():
+                    act[row, pos] = cache[name.format(layer)][row, pos]
+            return act
+
+        with torch.no_grad():
+            return float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name.format(layer), hook_fn)])))
+
+    for layer in range(2):
+        for column, mask in enumerate((first, second, same)):
+            assert float(got[layer, column]) == pytest.approx(by_hand(layer, mask), rel=1e-9, abs=1e-12)
+    by_column = patch_layer_position(model, clean, corrupted, metric, hook=hook, positions=[4], progress=False)
+    torch.testing.assert_close(got[:, 2:], by_column, rtol=1e-12, atol=1e-12)
+    assert (got[:, 0] - got[:, 1]).abs().max() > 1e-6  # the sets differ in effect
+    for bad, message in (({}, "empty dict"), ({"s": first[:, :-1]}, r"positions\['s'\] must be a bool mask of"),
+                         ({"s": first.double()}, r"positions\['s'\] must be a bool mask \(or 0 / 1\)")):
+        with pytest.raises(ValueError, match=message):
+            patch_layer_position(model, clean, corrupted, metric, hook=hook, positions=bad, progress=False)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
 def test_per_prompt_metric_gives_each_prompt_its_own_patch_result(models, pair, family):
     """A metric returning [b] adds a last axis: prompt k's value equals patching prompt k on
     its own (a batch of one; TransformerLens's patching with a scalar metric as the reference)."""

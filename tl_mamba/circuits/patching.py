@@ -218,6 +218,25 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
     return out
 
 
+def _position_sets(sets: Mapping[str, Tensor], shape: Tuple[int, int]) -> Dict[str, Tensor]:
+    """Named per-row position sets, each checked to be a bool mask of the batch's ``[b, p]``
+    (an int tensor of 0 / 1 is taken as one); a ``ValueError`` naming the set otherwise."""
+    if not sets:
+        raise ValueError("positions is an empty dict: give at least one named [b, p] mask")
+    out = {}
+    for name, mask in sets.items():
+        mask = torch.as_tensor(mask)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"positions[{name!r}] must be a bool mask of the batch's shape {list(shape)}, "
+                             f"got {list(mask.shape)}")
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"positions[{name!r}] must be a bool mask (or 0 / 1), got dtype {mask.dtype}")
+            mask = mask.bool()
+        out[name] = mask
+    return out
+
+
 def channel_group_slices(d_inner: int, groups: int) -> List[Tuple[int, int]]:
     """``[(start, stop)]`` of ``groups`` contiguous, equal channel groups of ``d_inner``.
 
@@ -262,7 +281,7 @@ def check_cached_activation(name: str, act, b: int, p: int, what: str, tokens: s
 @dataclass(frozen=True)
 class _Patch:
     layer: int
-    positions: Optional[Tuple[int, ...]]  # None: every position
+    positions: Optional[Union[Tuple[int, ...], Tensor]]  # None: every position; a bool [b, p]: each row its own
     features: Optional[Tuple[int, ...]]  # None: every feature (or the hook has none)
 
 
@@ -301,6 +320,10 @@ def _patch_hook(patches: List[Tuple[int, _Patch]], clean: Tensor, b: int, axis: 
         source = (axis.view(clean) if axis is not None else clean).to(new.dtype)
         for k, patch in patches:
             rows = view[k * b:(k + 1) * b]
+            if isinstance(patch.positions, Tensor):  # each row its own positions (every feature)
+                keep = patch.positions.to(act.device).view(b, -1, *[1] * (rows.dim() - 2))
+                rows.copy_(torch.where(keep, source, rows))
+                continue
             pos = slice(None) if patch.positions is None else torch.tensor(patch.positions, device=act.device)
             if patch.features is None:
                 index = (slice(None), pos)
@@ -383,7 +406,7 @@ def patch_layer_position(
     metric: Metric,
     hook: str = "resid_pre",
     layers: LayerSpec = None,
-    positions: IndexSpec = None,
+    positions: Union[IndexSpec, Mapping[str, Tensor]] = None,
     *,
     attention_mask: Optional[Tensor] = None,
     clean_cache: Optional[Mapping[str, Tensor]] = None,
@@ -407,7 +430,10 @@ def patch_layer_position(
             ``"B"``, ``"conv"``, ``"ln1.hook_scale"`` ...), with or without ``hook_``.
         layers: layers to patch (None = all; ints, negative from the end). Rows of the result.
         positions: positions to patch (None = all ``p``; ints, negative from the end).
-            Columns of the result. Positions are absolute columns of the batch.
+            Columns of the result. Positions are absolute columns of the batch. Or a dict of
+            named position sets, each a bool mask ``[b, p]`` (each prompt its own positions, as a
+            token's place differs across templates or padding: ``{"S2": ..., "IO": ...}``):
+            one column per name, in the dict's order, patching each row at its ``True`` positions.
         attention_mask: ``[b, p]`` padding mask, used for both runs.
         clean_cache: activations of the clean run holding ``blocks.{l}.{hook}``
             (e.g. from ``run_with_cache``); computed when None. Each must be ``[b, p, ...]``,
@@ -425,8 +451,11 @@ def patch_layer_position(
     clean_tokens, corrupted_tokens = _check_tokens(clean_tokens, corrupted_tokens)
     name = resolve_hook(model, hook)
     layer_list = check_layers(model, layers)
-    pos_list = check_indices(positions, corrupted_tokens.shape[1], "positions")
-    patches = [_Patch(layer, (pos,), None) for layer in layer_list for pos in pos_list]
+    if isinstance(positions, Mapping):  # named per-row position sets
+        pos_list = list(_position_sets(positions, tuple(corrupted_tokens.shape)).values())
+    else:
+        pos_list = [(pos,) for pos in check_indices(positions, corrupted_tokens.shape[1], "positions")]
+    patches = [_Patch(layer, pos, None) for layer in layer_list for pos in pos_list]
     values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, None,
                           attention_mask=attention_mask, clean_cache=clean_cache, batch_size=batch_size,
                           progress=progress, desc=f"patch {name} by layer x position")
