@@ -456,8 +456,9 @@ def sweep_tiles(capability: int, log=print) -> tuple:
         A, D = -torch.rand(e, n), torch.randn(e)
         sources, targets = torch.zeros(b, p), torch.zeros(b, p)
         sources[:, 1:4], targets[:, -1] = 1, 1
+        knockout = EdgeRemoval(sources, targets)
         for block_t, block_e in MAMBA1_TILES:
-            for removal in (None, EdgeRemoval(sources, targets)):
+            for removal in (None, knockout):
                 compile_tile(lambda: mamba1_kernels._forward(x, delta, A, B, C, D, None, False, block_e=block_e,
                                                              block_t=block_t, z=z, kernel="chunked", removal=removal),
                              f"T × E {block_t} × {block_e}" + (", knockout" if removal is not None else ""))

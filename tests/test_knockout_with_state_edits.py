@@ -93,7 +93,7 @@ def brute_force(family, x, delta, A, B, C, D, h0, keep, edit_values, edit_mask):
     return torch.stack(ys, dim=1)
 
 
-def edits(family, x, h0, positions, seed=1, share=0.5):
+def edits(x, h0, positions, seed=1, share=0.5):
     """An override of about ``share`` of the entries at ``positions`` (the other rows' too)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (x.shape[0], x.shape[1], *h0.shape[1:])
@@ -122,7 +122,7 @@ def _cases():
 def test_a_knockout_and_a_state_edit_compose_as_the_brute_force(family, backend, form, positions):
     x, delta, A, B, C, D, h0 = scan_inputs(family)
     b, p = x.shape[:2]
-    values, mask = edits(family, x, h0, positions)
+    values, mask = edits(x, h0, positions)
     override = StateOverride(values=values, mask=mask)
     heads = x.shape[2] if form == "dense_per_head" else 1
     if form == "removal":  # each row its own sources → targets
@@ -156,7 +156,7 @@ def test_a_mask_gradient_with_a_state_edit_is_refused(family):
     """∂L/∂mask scores the edges of the unedited scan: with an edit in the same scan it is refused,
     at the op and in the model, naming both."""
     x, delta, A, B, C, D, h0 = scan_inputs(family, p=5)
-    values, mask = edits(family, x, h0, [2])
+    values, mask = edits(x, h0, [2])
     heads = x.shape[2] if family == "mamba2" else 1
     leaf = torch.ones(x.shape[0], heads, 5, 5, dtype=torch.float64, requires_grad=True)
     with pytest.raises(NotImplementedError, match="requires grad"):
