@@ -322,6 +322,60 @@ def test_flat_head_hook_and_channel_groups_equal_manual_slices(models, pair):
         torch.testing.assert_close(alias, expected[:, [2]], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_heads_at_named_per_row_position_sets(models, pair, family):
+    """``patch_heads(positions={"name": bool [b, p]})``: one head (or channel group) patched at each
+    row's own positions. ``per_position=True`` gives one column per name; ``False`` patches the union
+    of the sets. Against hand-written hooks that copy the clean slice row by row and position by
+    position; a set with one column in every row equals ``positions=[col]``."""
+    model = models[family]
+    clean, corrupted = pair
+    hook, width = ("x", 8) if family == "mamba1" else ("y", 1)  # channels per group / one head
+    extra = {"channel_groups": 4} if family == "mamba1" else {}
+    name = f"blocks.{{}}.hook_{hook}"
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(f"hook_{hook}"))
+    first, second = torch.zeros(B, P, dtype=torch.bool), torch.zeros(B, P, dtype=torch.bool)
+    for row in range(B):
+        first[row, 2 + 2 * row] = True  # S-like: a different place in every row
+        second[row, [4, 3 - row]] = True
+    same = torch.zeros(B, P, dtype=torch.bool)
+    same[:, 4] = True
+    sets = {"first": first, "second": second, "same": same}
+    got = patch_heads(model, clean, corrupted, metric, hook=hook, heads=[0, 2], positions=sets, per_position=True,
+                      batch_size=5, progress=False, **extra)
+    assert got.shape == (2, 2, 3)
+    union = patch_heads(model, clean, corrupted, metric, hook=hook, heads=[0, 2], positions=sets, progress=False,
+                        **extra)
+    assert union.shape == (2, 2)
+
+    def by_hand(layer, head, mask):
+        lo, hi = head * width, (head + 1) * width
+
+        def hook_fn(act, hook):
+            act = act.clone()
+            for row in range(B):
+                for pos in mask[row].nonzero()[:, 0].tolist():
+                    act[row, pos, lo:hi] = cache[name.format(layer)][row, pos, lo:hi]
+            return act
+
+        with torch.no_grad():
+            return float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name.format(layer), hook_fn)])))
+
+    for layer in range(2):
+        for i, head in enumerate((0, 2)):
+            for column, mask in enumerate((first, second, same)):
+                assert float(got[layer, i, column]) == pytest.approx(by_hand(layer, head, mask), rel=1e-9,
+                                                                     abs=1e-12)
+            assert float(union[layer, i]) == pytest.approx(by_hand(layer, head, first | second | same), rel=1e-9,
+                                                           abs=1e-12)
+    by_column = patch_heads(model, clean, corrupted, metric, hook=hook, heads=[0, 2], positions=[4],
+                            per_position=True, progress=False, **extra)
+    torch.testing.assert_close(got[..., 2:], by_column, rtol=1e-12, atol=1e-12)
+    assert (got[..., 0] - got[..., 1]).abs().max() > 1e-6  # the sets differ in effect
+    with pytest.raises(ValueError, match=r"positions\['s'\] must be a bool mask of"):
+        patch_heads(model, clean, corrupted, metric, hook=hook, positions={"s": first[:1]}, progress=False, **extra)
+
+
 def test_errors_name_the_problem(models, pair):
     m1, m2 = models["mamba1"], models["mamba2"]
     clean, corrupted = pair

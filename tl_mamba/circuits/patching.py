@@ -320,9 +320,13 @@ def _patch_hook(patches: List[Tuple[int, _Patch]], clean: Tensor, b: int, axis: 
         source = (axis.view(clean) if axis is not None else clean).to(new.dtype)
         for k, patch in patches:
             rows = view[k * b:(k + 1) * b]
-            if isinstance(patch.positions, Tensor):  # each row its own positions (every feature)
+            if isinstance(patch.positions, Tensor):  # each row its own positions
                 keep = patch.positions.to(act.device).view(b, -1, *[1] * (rows.dim() - 2))
-                rows.copy_(torch.where(keep, source, rows))
+                if patch.features is None:
+                    rows.copy_(torch.where(keep, source, rows))
+                else:
+                    feat = torch.tensor(patch.features, device=act.device)
+                    rows[:, :, feat] = torch.where(keep, source[:, :, feat], rows[:, :, feat])
                 continue
             pos = slice(None) if patch.positions is None else torch.tensor(patch.positions, device=act.device)
             if patch.features is None:
@@ -470,7 +474,7 @@ def patch_heads(
     hook: str = "y",
     layers: LayerSpec = None,
     heads: IndexSpec = None,
-    positions: IndexSpec = None,
+    positions: Union[IndexSpec, Mapping[str, Tensor]] = None,
     *,
     per_position: bool = False,
     channel_groups: Optional[int] = None,
@@ -502,7 +506,11 @@ def patch_heads(
         heads: heads (Mamba-2) or channel-group indices (Mamba-1) to patch; None = all.
         positions: positions patched (None = all). With ``per_position=False`` the head
             is patched at all of them together; with ``per_position=True`` at one
-            position at a time, which adds a last axis.
+            position at a time, which adds a last axis. Or a dict of named per-row position
+            sets, bool masks ``[b, p]`` as in :func:`patch_layer_position`: with
+            ``per_position=True`` one column per name (each row patched at its own ``True``
+            positions); with ``per_position=False`` the head is patched at every position of
+            any set (their union), row by row.
         channel_groups: Mamba-1 only (required there), a divisor of ``d_inner``; ``ValueError`` on
             Mamba-2 or for a ``G`` that does not divide ``d_inner``.
         attention_mask, clean_cache, batch_size, progress: as :func:`patch_layer_position`.
@@ -530,13 +538,19 @@ def patch_heads(
     layer_list = check_layers(model, layers)
     head_list = check_indices(heads, len(feature_sets), what)
     p = corrupted_tokens.shape[1]
+    named = None  # named per-row position sets, bool [b, p] each
+    if isinstance(positions, Mapping):
+        named = list(_position_sets(positions, tuple(corrupted_tokens.shape)).values())
     if per_position:
-        pos_list = check_indices(positions, p, "positions")
-        patches = [_Patch(layer, (pos,), feature_sets[h]) for layer in layer_list for h in head_list
+        pos_list = named if named is not None else [(pos,) for pos in check_indices(positions, p, "positions")]
+        patches = [_Patch(layer, pos, feature_sets[h]) for layer in layer_list for h in head_list
                    for pos in pos_list]
         shape: Tuple[int, ...] = (len(layer_list), len(head_list), len(pos_list))
     else:
-        pos = None if positions is None else tuple(check_indices(positions, p, "positions"))
+        if named is not None:
+            pos = torch.stack(named).any(0)
+        else:
+            pos = None if positions is None else tuple(check_indices(positions, p, "positions"))
         patches = [_Patch(layer, pos, feature_sets[h]) for layer in layer_list for h in head_list]
         shape = (len(layer_list), len(head_list))
     values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, axis,
@@ -547,7 +561,7 @@ def patch_heads(
 
 def patch_channel_groups(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric, channel_groups: int,
                          hook: str = "y", layers: LayerSpec = None, groups: IndexSpec = None,
-                         positions: IndexSpec = None, **kwargs) -> Tensor:
+                         positions: Union[IndexSpec, Mapping[str, Tensor]] = None, **kwargs) -> Tensor:
     """Mamba-1 spelling of :func:`patch_heads`: patch ``channel_groups`` contiguous, equal groups of
     ``d_inner`` (it must divide ``d_inner``) one at a time. ``[len(layers), len(groups)]``
     (``[..., len(positions)]`` with ``per_position=True``)."""
