@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -751,6 +753,28 @@ def test_unknown_hook_in_names_filter(model, tokens):
         model.run_with_cache(tokens, names_filter=BAD)
     with pytest.raises((ValueError, KeyError), match="blocks.9.hook_x"):
         model.run_with_cache(tokens, names_filter=["hook_embed", "blocks.9.hook_x"])
+
+
+@pytest.mark.parametrize("name, says", [
+    ("h", "a per-block hook: name a layer ('blocks.0.hook_h')"),  # cache["h", 0] works, names_filter="h" not
+    ("hook_h", "lambda name: name.endswith('.hook_h')"),
+    ("ln1.scale", "'blocks.0.ln1.hook_scale'"),
+    ("blocks.1.h", "Did you mean 'blocks.1.hook_h'?"),
+    ("blocks.1.delta", "Did you mean 'blocks.1.hook_delta'?"),
+    ("embed", "Did you mean 'hook_embed'?"),
+    ("blocks.3.hook_x", "no layer 3: its blocks are 0..1"),
+])
+def test_unknown_hook_names_say_what_was_meant(model, tokens, name, says):
+    """A hook named without its layer or its ``hook_``, or at a layer the model lacks: the error
+    (names_filter and add_hook alike) says the full name, and the named hook is a real one."""
+    for call in (lambda: model.run_with_cache(tokens, names_filter=[name]),
+                 lambda: model.add_hook(name, lambda a, hook: a)):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert says in str(info.value), str(info.value)
+    suggested = re.findall(r"'((?:blocks\.\d+\.)?(?:ln1\.)?hook_\w+)'", says)
+    assert all(n in model.hook_dict for n in suggested)
+    model.reset_hooks()
 
 
 def test_unknown_hook_in_add_hook(model, tokens):

@@ -462,16 +462,8 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         """Raise a ``ValueError`` naming ``name`` (and close matches) if it is not a hook of this model."""
         if name in self.hook_dict:
             return
-        import difflib
-
-        analogue = transformer_hook_analogue(name, self.family)
-        if analogue is not None:  # a transformer hook name (TransformerLens' patching uses them): say what Mamba has
-            hint = f" {analogue}"
-        else:
-            close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
-            f"{name!r} is not a hook of {type(self).__name__}.{hint} "
+            f"{name!r} is not a hook of {type(self).__name__}.{hook_name_hint(name, self.hook_dict, self.family)} "
             "model.hook_dict lists them all (docs/hooks.md has their shapes)."
         )
 
@@ -501,7 +493,7 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         """
         cache = {} if cache is None else cache
         given_pos_slice, pos_slice = pos_slice, as_slice(pos_slice)
-        names_filter = _names_filter(names_filter, set(self.hook_dict))
+        names_filter = _names_filter(names_filter, set(self.hook_dict), self.family)
         self.is_caching = True
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool = False):
@@ -802,7 +794,38 @@ def _layer_index(value: int, n_layers: int, name: str) -> int:
     return index
 
 
-def _names_filter(names_filter, all_names: set) -> Callable[[str], bool]:
+def hook_name_hint(name: str, all_names, family: str) -> str:
+    """What ``name``, not a hook of the model, was probably meant to be: a sentence starting with
+    a space, or "". In order: a transformer hook's Mamba analogue; a layer the model lacks; a
+    per-block hook given without its layer (``"h"``, ``"hook_h"``: name the layers, or pass a
+    function) or without ``hook_`` (``"blocks.0.h"``); else the closest spellings."""
+    import difflib
+
+    analogue = transformer_hook_analogue(name, family)
+    if analogue is not None:  # close spellings would mislead here (attn.hook_z is not hook_z)
+        return f" {analogue}"
+    all_names = set(all_names)
+    layer = re.match(r"blocks\.(\d+)\.", name)
+    rest = name[layer.end():] if layer else name
+    layers = {int(m.group(1)) for m in map(_BLOCK_PREFIX.match, all_names) if m}
+    if layer and layers and int(layer.group(1)) not in layers:
+        return f" The model has no layer {layer.group(1)}: its blocks are 0..{max(layers)}."
+    for block_name in (rest, "hook_" + rest, ".hook_".join(rest.rsplit(".", 1))):
+        if layer and f"blocks.{layer.group(1)}.{block_name}" in all_names:
+            return f" Did you mean 'blocks.{layer.group(1)}.{block_name}'?"
+        if not layer and block_name != name and block_name in all_names:
+            return f" Did you mean {block_name!r}?"
+        if not layer and any(n.startswith("blocks.") and n.endswith("." + block_name) for n in all_names):
+            return (f" It is a per-block hook: name a layer ('blocks.0.{block_name}'), or select every "
+                    f"layer's with a function (lambda name: name.endswith('.{block_name}')).")
+    close = difflib.get_close_matches(name, sorted(all_names), n=3)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+_BLOCK_PREFIX = re.compile(r"blocks\.(\d+)\.")
+
+
+def _names_filter(names_filter, all_names: set, family: str) -> Callable[[str], bool]:
     """TransformerLens' names_filter forms, with heavy hooks excluded from the default."""
     if names_filter is None:
         return lambda name: not is_heavy_hook(name)
@@ -816,10 +839,8 @@ def _names_filter(names_filter, all_names: set) -> Callable[[str], bool]:
         raise ValueError("names_filter must be a string, a list of strings, or a function")
     unknown = [n for n in names if n not in all_names]
     if unknown:
-        import difflib
-
-        close = {n: difflib.get_close_matches(n, list(all_names), n=2) for n in unknown}
-        hints = "; ".join(f"{n!r} (did you mean {', '.join(map(repr, c))}?)" if c else repr(n) for n, c in close.items())
-        raise ValueError(f"unknown hook name(s) in names_filter: {hints}. model.hook_dict lists the hooks")
+        hints = "; ".join(f"{n!r}:{hook_name_hint(n, all_names, family) or ' not a hook.'}" for n in unknown)
+        raise ValueError(f"unknown hook name(s) in names_filter: {hints} model.hook_dict lists the hooks "
+                         "(docs/hooks.md has their shapes).")
     wanted = set(names)
     return lambda name: name in wanted
