@@ -481,6 +481,12 @@ def test_mean_and_resample_ablation(models, pair):
     expected = seen["pre"].clone()
     expected[:, [1, 6], :4] = other_cache["blocks.1.hook_delta"][:, [1, 6], :4]
     torch.testing.assert_close(seen["post"], expected, rtol=0, atol=0)
+    # a run shorter than the sources is refused (a decode step of generate looks like one), saying the cut
+    with pytest.raises(ValueError, match=r"pass source_tokens\[:, :4\].*use_past_kv_cache=False"):
+        model.run_with_hooks(tokens[:, :4], fwd_hooks=hooks)
+    with pytest.raises(ValueError, match=r"the run has 9 positions, the source prompts 7; use source prompts of "
+                                         r"the same length\.$"):
+        model.run_with_hooks(torch.cat([tokens, tokens[:, :2]], 1), fwd_hooks=hooks)
     # the ablation composes with a Knockout (ordinary hooks on other hook points)
     ko = Knockout(layers=[1], sources=[1], targets=[-1])
     both = model.run_with_knockout(tokens, ko, fwd_hooks=hooks)

@@ -289,8 +289,12 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
     def make(features, source: Tensor):
         def resample_ablate(act: Tensor, hook) -> Tensor:
             if act.shape[1] != p_s:
+                # not cut here: a one-token step of generate's recurrent decoding looks like a short run
+                hint = (f" If the run is a prefix of the sources, pass source_tokens[:, :{act.shape[1]}] (a causal "
+                        "model's activations at a position depend on earlier tokens only); under generate, hooks "
+                        "see one-token steps unless use_past_kv_cache=False") if act.shape[1] < p_s else ""
                 raise ValueError(f"resample ablation: the run has {act.shape[1]} positions, the source prompts "
-                                 f"{p_s}; use source prompts of the same length")
+                                 f"{p_s}; use source prompts of the same length.{hint}")
             return _masked_replace(act, source[rows_for(act.shape[0], source.device)], positions, axis, features)
         return resample_ablate
 
