@@ -28,6 +28,7 @@ from tl_mamba.circuits.ablation import (
     zero_ablation_hooks,
 )
 from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
+from tl_mamba.errors import OutOfRangeError
 from tl_mamba.models.base import RecurrentState
 
 B, P, V = 2, 7, 50
@@ -481,17 +482,92 @@ def test_mean_and_resample_ablation(models, pair):
     expected = seen["pre"].clone()
     expected[:, [1, 6], :4] = other_cache["blocks.1.hook_delta"][:, [1, 6], :4]
     torch.testing.assert_close(seen["post"], expected, rtol=0, atol=0)
-    # a run shorter than the sources is refused (a decode step of generate looks like one), saying the cut
-    with pytest.raises(ValueError, match=r"pass source_tokens\[:, :4\].*use_past_kv_cache=False"):
-        model.run_with_hooks(tokens[:, :4], fwd_hooks=hooks)
-    with pytest.raises(ValueError, match=r"the run has 9 positions, the source prompts 7; use source prompts of "
-                                         r"the same length\.$"):
-        model.run_with_hooks(torch.cat([tokens, tokens[:, :2]], 1), fwd_hooks=hooks)
     # the ablation composes with a Knockout (ordinary hooks on other hook points)
     ko = Knockout(layers=[1], sources=[1], targets=[-1])
     both = model.run_with_knockout(tokens, ko, fwd_hooks=hooks)
     assert (both - model.run_with_knockout(tokens, ko)).abs().max() > 1e-6
     assert (both - model.run_with_hooks(tokens, fwd_hooks=hooks)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_ablation_positions_are_places_of_the_sequence_under_a_state(models, family):
+    """Under a ``RecurrentState`` (generate's decoding) each forward sees a few positions of a longer
+    sequence; the ablation hooks read ``model.position_offset`` so that their positions name places
+    of the whole sequence. Reference: one forward of the whole sequence with the same hooks (no
+    state): by causality, prefill + one-token steps must give its logits."""
+    from tl_mamba.circuits.ablation import mean_activations
+
+    model = models[family]
+    gen = torch.Generator().manual_seed(21)
+    tokens, other = torch.randint(1, V, (B, 9), generator=gen), torch.randint(1, V, (B, 9), generator=gen)
+    heads = {"heads": [1]} if family == "mamba2" else {"channels": [0, 3]}
+    mask7 = torch.zeros(7, dtype=torch.bool)
+    mask7[[1, 6]] = True
+    rows = torch.zeros(B, 9, dtype=torch.bool)
+    rows[0, 2], rows[1, [4, 7]] = True, True
+    means = mean_activations(model, other, "y", [0], per_position=True)
+    cases = {
+        "zero ints": zero_ablation_hooks(model, "y", [0], positions=[2, 6], **heads),
+        "zero mask [7]": zero_ablation_hooks(model, "x", [1], positions=mask7),
+        "zero mask [b, 9]": zero_ablation_hooks(model, "delta", [0], positions=rows),
+        "mean per position": mean_ablation_hooks(model, "y", None, [0], positions=[3, 7], means=means, **heads),
+        "resample": resample_ablation_hooks(model, "h", other, [1], positions=[1, 8]),
+        "zero last": zero_ablation_hooks(model, "y", [1], positions=[-1]),
+    }
+    offsets = []
+    spy = ("blocks.0.hook_y", lambda act, hook: offsets.append(model.position_offset))
+    for what, hooks in cases.items():
+        with torch.no_grad():
+            if what == "zero last":  # -1: the newest token of every step, so every place from the prefill's last
+                whole = model.run_with_hooks(tokens, fwd_hooks=zero_ablation_hooks(model, "y", [1],
+                                                                                   positions=range(4, 9)))
+            elif what == "zero mask [7]":  # the mask covers the first 7 places, none later
+                whole = model.run_with_hooks(tokens, fwd_hooks=zero_ablation_hooks(
+                    model, "x", [1], positions=torch.cat([mask7, torch.zeros(2, dtype=torch.bool)])))
+            else:
+                whole = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            state = RecurrentState.empty(model.cfg.n_layers)
+            with model.hooks(fwd_hooks=hooks + [spy]):
+                offsets.clear()
+                steps = [model(tokens[:, :5], state=state)] + [model(tokens[:, t:t + 1], state=state)
+                                                               for t in range(5, 9)]
+        torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-9, atol=1e-10, msg=what)
+        assert offsets == [0, 5, 6, 7, 8], what
+        assert (whole - model(tokens).detach()).abs().max() > 1e-6, what  # the ablation does something
+    assert model.position_offset is None  # outside a forward, and in one without a state:
+    model.run_with_hooks(tokens, fwd_hooks=[spy])
+    assert offsets[-1] is None
+    # a plain run shorter than the sources lines up with their prefix (activations are causal)
+    hooks = resample_ablation_hooks(model, "y", other, [0], positions=[1, 3])
+    _, cache = model.run_with_cache(other[:, :5], names_filter="blocks.0.hook_y")
+
+    def by_hand(act, hook):
+        act = act.clone()
+        act[:, [1, 3]] = cache["blocks.0.hook_y"][:, [1, 3]]
+        return act
+
+    with torch.no_grad():
+        torch.testing.assert_close(model.run_with_hooks(tokens[:, :5], fwd_hooks=hooks),
+                                   model.run_with_hooks(tokens[:, :5], fwd_hooks=[("blocks.0.hook_y", by_hand)]),
+                                   rtol=1e-12, atol=1e-12)
+    # places past the sources / reference are refused, under generate too; and generate runs the hooks
+    short = resample_ablation_hooks(model, "y", other[:, :6], [0])
+    with pytest.raises(ValueError, match="source prompts cover 6 positions, but this run ablates position 6 of "
+                                         r"its sequence \(generate went past them\)"):
+        with model.hooks(fwd_hooks=short):
+            model.generate(tokens[:, :5], max_new_tokens=3, verbose=False, stop_at_eos=False)
+    with pytest.raises(ValueError, match="per-position means .* cover 9 positions, but this run ablates position 9"):
+        model.run_with_hooks(torch.cat([tokens, tokens[:, :1]], 1),
+                             fwd_hooks=mean_ablation_hooks(model, "y", None, [0], means=means))
+    with pytest.raises(OutOfRangeError, match="position -7 is out of range: the sequence so far has 5 positions"):
+        with model.hooks(fwd_hooks=zero_ablation_hooks(model, "y", [0], positions=[-7])):
+            model.generate(tokens[:, :5], max_new_tokens=2, verbose=False, stop_at_eos=False)
+    with model.hooks(fwd_hooks=cases["zero ints"]):  # place 6 is a generated token: ablated at its step
+        recurrent = model.generate(tokens[:, :5], max_new_tokens=3, verbose=False, stop_at_eos=False,
+                                   do_sample=False)
+        recomputed = model.generate(tokens[:, :5], max_new_tokens=3, verbose=False, stop_at_eos=False,
+                                    do_sample=False, use_past_kv_cache=False)
+    assert torch.equal(recurrent, recomputed)
 
 
 # ------------------------------------------------------------ class-conditional

@@ -45,6 +45,7 @@ from tl_mamba.circuits.patching import (
     require_feature_axis,
     resolve_hook,
 )
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 
 Hook = Tuple[str, Callable]
 Features = Optional[Union[int, Sequence[int], Tensor, range, Mapping[int, Any]]]
@@ -97,30 +98,66 @@ def _layer_features(model, name: str, layers, heads: Features,
     return {layer: feats for layer in check_layers(model, layers)}, axis
 
 
-def _position_mask(positions: PositionSpec, b: int, p: int, device) -> Tensor:
-    """``positions`` as a ``[b, p]`` bool mask for a run of ``b`` rows and ``p`` positions."""
+def _position_mask(positions: PositionSpec, b: int, p: int, device, offset: Optional[int] = None) -> Tensor:
+    """``positions`` as a ``[b, p]`` bool mask for a run of ``b`` rows and ``p`` positions.
+
+    ``offset`` (``model.position_offset``) is the place of the run's first position in a
+    sequence carried by a ``RecurrentState`` (generate's prefill has 0, each later step the
+    tokens seen so far), or None for a run that is the whole sequence. With it, positions
+    are places in that sequence: ``k >= 0`` is ablated in the run that holds it (none
+    before or after), ``-1`` is the run's last token (the newest one, at every step), and
+    a bool mask ``[m]`` / ``[b, m]`` covers the sequence's first ``m`` places."""
     if positions is None:
         return torch.ones(b, p, dtype=torch.bool, device=device)
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         mask = positions.to(device)
+        if offset is not None:  # the run's window of a mask over the whole sequence, False past its end
+            window = torch.zeros(*mask.shape[:-1], p, dtype=torch.bool, device=device)
+            seen = mask[..., offset:offset + p]
+            window[..., :seen.shape[-1]] = seen
+            mask = window
         if mask.dim() == 1:
             if mask.shape[0] != p:
                 raise ValueError(f"the position mask has {mask.shape[0]} positions, the run {p}")
             return mask[None].expand(b, p)
         if mask.dim() != 2 or tuple(mask.shape) != (b, p):
-            raise ValueError(f"a [b, p] position mask of shape {tuple(mask.shape)} cannot ablate a run of shape "
+            raise ValueError(f"a [b, p] position mask of shape {tuple(positions.shape)} cannot ablate a run of shape "
                              f"[{b}, {p}]: build the hooks for this batch (a factory tokens -> hooks)")
         return mask
     mask = torch.zeros(b, p, dtype=torch.bool, device=device)
-    mask[:, check_indices(positions, p, "positions")] = True
+    if offset is None:
+        mask[:, check_indices(positions, p, "positions")] = True
+        return mask
+    length = offset + p  # the sequence so far
+    values = positions.reshape(-1).tolist() if isinstance(positions, Tensor) else \
+        [positions] if hasattr(positions, "__index__") or not hasattr(positions, "__iter__") else list(positions)
+    for v in values:
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise NotAnIndexError(f"positions must be ints, got {v!r}")
+        place = int(v) + length if int(v) < 0 else int(v)
+        if place < 0:
+            raise OutOfRangeError(f"position {int(v)} is out of range: the sequence so far has {length} positions")
+        if offset <= place < length:  # (a later place is a token still to come)
+            mask[:, place - offset] = True
     return mask
 
 
-def _masked_replace(act: Tensor, replacement: Union[Tensor, float], positions: PositionSpec,
+def _offset(model) -> Optional[int]:
+    """Where the running forward's first position lies in a sequence carried by a state (None: the
+    run is the whole sequence); see ``HookedSSM.position_offset``."""
+    return getattr(model, "position_offset", None)
+
+
+def _ablation_mask(model, act: Tensor, positions: PositionSpec) -> Tensor:
+    """The ``[b, p]`` places of ``act [b, p, ...]`` that ``positions`` names in this forward."""
+    return _position_mask(positions, act.shape[0], act.shape[1], act.device, _offset(model))
+
+
+def _masked_replace(act: Tensor, replacement: Union[Tensor, float], mask: Tensor,
                     axis: Optional[FeatureAxis], features: Optional[List[int]]) -> Tensor:
-    """``act`` with ``replacement`` (broadcastable to ``act``) at the chosen positions and features."""
+    """``act`` with ``replacement`` (broadcastable to ``act``) where the ``[b, p]`` ``mask`` is True, at
+    the chosen features."""
     b, p = act.shape[:2]
-    mask = _position_mask(positions, b, p, act.device)
     if not isinstance(replacement, Tensor):
         replacement = torch.tensor(replacement, dtype=act.dtype, device=act.device)
     replacement = replacement.to(device=act.device, dtype=act.dtype).expand_as(act)
@@ -132,6 +169,29 @@ def _masked_replace(act: Tensor, replacement: Union[Tensor, float], positions: P
     fmask[features] = True
     full = (mask[:, :, None] & fmask[None, None, :]).reshape(b, p, axis.size, *([1] * (view.dim() - 3)))
     return axis.unview(torch.where(full, repl, view))
+
+
+def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpec, axis: Optional[FeatureAxis],
+                      features: Optional[List[int]], what: str) -> Tensor:
+    """``act [b, p, ...]`` with ``places [b or 1, m, ...]`` (per-position means, another prompt's
+    activations) at the chosen positions: the run's position t takes place ``offset + t`` of
+    ``places`` (``offset`` 0 for a whole sequence, else generate's tokens so far). A causal model's
+    activation at a place depends on the tokens up to it only, so places line up whatever the
+    run's length; a ``ValueError`` if an ablated position lies past ``m``."""
+    start = _offset(model) or 0
+    p, m = act.shape[1], places.shape[1]
+    mask = _ablation_mask(model, act, positions)
+    covered = max(0, min(p, m - start))  # the run's positions that ``places`` reaches
+    beyond = mask[:, covered:].any(0).nonzero()
+    if beyond.numel():
+        first = start + covered + int(beyond[0])
+        raise ValueError(f"{what} cover {m} positions, but this run ablates position {first} of its sequence"
+                         f"{' (generate went past them)' if start else ''}: pass longer ones, or restrict "
+                         f"positions= to the first {m}")
+    if not bool(mask.any()):
+        return act
+    window = places[:, start:start + covered].to(act.dtype).expand(act.shape[0], covered, *act.shape[2:])
+    return _masked_replace(act, torch.cat([window, act[:, covered:]], 1), mask, axis, features)
 
 
 def _device_tokens(model, tokens) -> Tensor:
@@ -162,7 +222,7 @@ def zero_ablation_hooks(model, hook: str, layers=None, heads: Features = None, c
 
     def make(features):
         def zero_ablate(act: Tensor, hook) -> Tensor:
-            return _masked_replace(act, 0.0, positions, axis, features)
+            return _masked_replace(act, 0.0, _ablation_mask(model, act, positions), axis, features)
         return zero_ablate
 
     return [(f"blocks.{layer}.{name}", make(features)) for layer, features in per_layer.items()]
@@ -219,8 +279,9 @@ def mean_ablation_hooks(model, hook: str, reference_tokens: Optional[Tensor] = N
     ``channels``, ``positions``).
 
     The mean (:func:`mean_activations`) is over the rows and real positions of
-    ``reference_tokens``, or per position with ``per_position`` (then runs must have
-    the reference's length). ``means`` (``{layer: mean}``) skips the reference run.
+    ``reference_tokens``, or per position with ``per_position`` (position t takes the mean at
+    t, as :func:`resample_ablation_hooks` lines places up; ablating a position past the
+    reference's length is a ``ValueError``). ``means`` (``{layer: mean}``) skips the reference run.
     """
     name = resolve_hook(model, hook)
     per_layer, axis = _layer_features(model, name, layers, heads, channels)
@@ -235,16 +296,13 @@ def mean_ablation_hooks(model, hook: str, reference_tokens: Optional[Tensor] = N
 
     def make(features, mean: Tensor):
         def mean_ablate(act: Tensor, hook) -> Tensor:
-            value = mean
-            if value.dim() == act.dim() - 1:  # per position: [p, ...]
-                if value.shape[0] != act.shape[1]:
-                    raise ValueError(f"per-position means cover {value.shape[0]} positions, the run has "
-                                     f"{act.shape[1]}: use a reference batch of the same length")
-                value = value[None]
-            elif tuple(value.shape) != tuple(act.shape[2:]):
-                raise ValueError(f"the mean of {hook.name} has shape {tuple(value.shape)}, the activation "
+            if mean.dim() == act.dim() - 1:  # per position: [p_ref, ...]
+                return _replace_by_place(model, act, mean[None], positions, axis, features,
+                                         "the per-position means (reference prompts)")
+            if tuple(mean.shape) != tuple(act.shape[2:]):
+                raise ValueError(f"the mean of {hook.name} has shape {tuple(mean.shape)}, the activation "
                                  f"{tuple(act.shape)}")
-            return _masked_replace(act, value, positions, axis, features)
+            return _masked_replace(act, mean, _ablation_mask(model, act, positions), axis, features)
         return mean_ablate
 
     return [(f"blocks.{layer}.{name}", make(features, means[layer])) for layer, features in per_layer.items()]
@@ -259,8 +317,11 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
     ``source_tokens [b_s, p]`` are run once (no hooks); in a run of ``b`` rows, row i
     takes the activations of source row ``source_rows[i]``. By default that is row i
     when ``b_s == b`` (pass other prompts, aligned), else a seeded random draw
-    (``seed``; the same rows on every forward of that batch size). Runs must have
-    the sources' length ``p``. See :func:`zero_ablation_hooks` for the other arguments.
+    (``seed``; the same rows on every forward of that batch size). Position t takes the
+    sources' position t (a causal model's activation there depends on tokens up to t only,
+    so a shorter run, or a generate step, lines up with the sources' prefix); ablating a
+    position past the sources' length ``p`` is a ``ValueError``. See
+    :func:`zero_ablation_hooks` for the other arguments.
     """
     name = resolve_hook(model, hook)
     per_layer, axis = _layer_features(model, name, layers, heads, channels)
@@ -288,14 +349,8 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
 
     def make(features, source: Tensor):
         def resample_ablate(act: Tensor, hook) -> Tensor:
-            if act.shape[1] != p_s:
-                # not cut here: a one-token step of generate's recurrent decoding looks like a short run
-                hint = (f" If the run is a prefix of the sources, pass source_tokens[:, :{act.shape[1]}] (a causal "
-                        "model's activations at a position depend on earlier tokens only); under generate, hooks "
-                        "see one-token steps unless use_past_kv_cache=False") if act.shape[1] < p_s else ""
-                raise ValueError(f"resample ablation: the run has {act.shape[1]} positions, the source prompts "
-                                 f"{p_s}; use source prompts of the same length.{hint}")
-            return _masked_replace(act, source[rows_for(act.shape[0], source.device)], positions, axis, features)
+            return _replace_by_place(model, act, source[rows_for(act.shape[0], source.device)], positions, axis,
+                                     features, "the source prompts")
         return resample_ablate
 
     return [(n, make(features, cache[n])) for n, features in zip(names, per_layer.values())]

@@ -180,6 +180,8 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         self._padding_side_agreed = cfg.default_padding_side
         self.tokenizer = tokenizer  # the property's setter: set_tokenizer's padding-side sync
         self._backend = None  # None: follow TL_MAMBA_BACKEND
+        self._position_offset: Optional[int] = None  # see position_offset
+        self._sequence_grows = False  # True inside generate
         self.heavy_hook_memory_limit = DEFAULT_HEAVY_HOOK_LIMIT
         dtype = cfg.dtype
         self.embed = Embed(cfg.d_vocab, cfg.d_model, dtype)
@@ -384,38 +386,40 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         if state is not None and not isinstance(state, RecurrentState):
             raise TypeError(f"state must be a tl_mamba RecurrentState (RecurrentState.empty(model.cfg.n_layers) to "
                             f"start one), got {type(state).__name__}")
-        if start_at_layer is None:
-            tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side,
-                                                         continuing=state is not None and state.seqlen_offset > 0)
-            resid = self.hook_embed(self.embed(tokens))
-        else:
-            resid = input
-            if not isinstance(resid, Tensor) or resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model:
-                raise ValueError(f"with start_at_layer, input must be the residual stream [b, p, {self.cfg.d_model}]")
-            if attention_mask is not None:
-                attention_mask = self._check_mask(attention_mask, resid.shape[:2])
+        with self._positions_of(state):  # hooks read model.position_offset
+            if start_at_layer is None:
+                tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side,
+                                                             continuing=state is not None and state.seqlen_offset > 0)
+                resid = self.hook_embed(self.embed(tokens))
+            else:
+                resid = input
+                if not isinstance(resid, Tensor) or resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model:
+                    raise ValueError(
+                        f"with start_at_layer, input must be the residual stream [b, p, {self.cfg.d_model}]")
+                if attention_mask is not None:
+                    attention_mask = self._check_mask(attention_mask, resid.shape[:2])
+                if wants_loss:
+                    if tokens is None:
+                        raise ValueError("the loss needs tokens: pass tokens=... when using start_at_layer")
+                    tokens = self._loss_tokens(tokens, resid.shape[:2])
             if wants_loss:
-                if tokens is None:
-                    raise ValueError("the loss needs tokens: pass tokens=... when using start_at_layer")
-                tokens = self._loss_tokens(tokens, resid.shape[:2])
-        if wants_loss:
-            _check_loss_shape(tokens.shape, loss_per_token)
-        if self.cfg.residual_in_fp32:
-            resid = upcast(resid)
-        if state is not None:
-            self._check_state(state, resid.shape[0])
-            self._check_state_call(state, attention_mask, start, stop)
-        if attention_mask is not None and state is None:  # positions index this whole sequence
-            warn_knockouts_on_padding(self, attention_mask)
-        for layer in range(start, stop):
-            resid = self.blocks[layer](
-                resid, attention_mask=attention_mask, layer_state=state.layers[layer] if state is not None else None
-            )
-        if state is not None:
-            state.seqlen_offset += resid.shape[1]
-        if stop_at_layer is not None:
-            return resid
-        logits = self.unembed(self.ln_final(resid), self.ln_final.w)
+                _check_loss_shape(tokens.shape, loss_per_token)
+            if self.cfg.residual_in_fp32:
+                resid = upcast(resid)
+            if state is not None:
+                self._check_state(state, resid.shape[0])
+                self._check_state_call(state, attention_mask, start, stop)
+            if attention_mask is not None and state is None:  # positions index this whole sequence
+                warn_knockouts_on_padding(self, attention_mask)
+            for layer in range(start, stop):
+                resid = self.blocks[layer](
+                    resid, attention_mask=attention_mask, layer_state=state.layers[layer] if state is not None else None
+                )
+            if state is not None:
+                state.seqlen_offset += resid.shape[1]
+            if stop_at_layer is not None:
+                return resid
+            logits = self.unembed(self.ln_final(resid), self.ln_final.w)
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -456,6 +460,28 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
                 raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, "
                                  f"got {tuple(attention_mask.shape)}")
         return _lm_loss(logits, tokens.long(), attention_mask, per_token=per_token)
+
+    @property
+    def position_offset(self) -> Optional[int]:
+        """Where the running forward's first position lies in its sequence, for hooks: the
+        tokens a ``RecurrentState`` has already consumed (generate's prefill 0, each later
+        one-token step the length so far), or None in a forward without a state (the run is
+        the whole sequence) and outside a forward. ``generate(use_past_kv_cache=False)``'s
+        re-runs of the sequence so far have 0: a sequence that grows. The ablation hooks of
+        ``tl_mamba.circuits.ablation`` read it, so their positions name places of the whole
+        sequence under ``generate`` too (a place not yet generated is not an error)."""
+        return self._position_offset
+
+    @contextlib.contextmanager
+    def _positions_of(self, state: Optional["RecurrentState"]):
+        previous = self._position_offset  # (a forward inside a hook restores the outer one's)
+        # generate's re-runs (no state) start at place 0 of a sequence that grows: 0, not None
+        self._position_offset = int(state.seqlen_offset) if state is not None else \
+            0 if self._sequence_grows else None
+        try:
+            yield
+        finally:
+            self._position_offset = previous
 
     # ------------------------------------------------------------------ hook names
     def check_hook_name(self, name: str) -> None:

@@ -66,9 +66,11 @@ class GenerationMixin:
         Each new token is then predicted with the knockout applied to the sequence so
         far, its ``-1`` being the newest token. (A hand-written hook on ``hook_ssm_mask``
         sees each step's ``[b, H, 1, 1]`` mask, as any hook sees one-token tensors.)
+        A hook that needs to know which place of the sequence a step's tensors are reads
+        ``model.position_offset``; the ablation hooks of ``tl_mamba.circuits.ablation`` do, so
+        their positions name places of the whole sequence (``positions=[2]`` ablates the
+        prompt's third token once, ``[-1]`` the newest token of every step).
         """
-        from tqdm.auto import tqdm
-
         from tl_mamba.knockout import active_knockouts
 
         if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__"):
@@ -136,6 +138,27 @@ class GenerationMixin:
         from tl_mamba.models.base import RecurrentState  # (base imports this module)
 
         state = RecurrentState.empty(self.cfg.n_layers) if recurrent else None
+        growing, self._sequence_grows = self._sequence_grows, True  # hooks: model.position_offset
+        try:
+            result, own = self._decode(tokens, attention_mask, state, max_new_tokens, eos_ids, do_sample, top_k,
+                                       top_p, temperature, freq_penalty, repetition_penalty, gen, verbose)
+        finally:
+            self._sequence_grows = growing
+        if return_type == "str" or (return_type == "input" and string_input):
+            # each row's own tokens only: a padded batch gives every prompt the text it gets alone
+            tok = self._require_tokenizer("generate with string output")
+            strings = [tok.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(result, own)]
+            return strings[0] if isinstance(input, str) else strings
+        return result
+
+    def _decode(self, tokens, attention_mask, state, max_new_tokens, eos_ids, do_sample, top_k, top_p, temperature,
+                freq_penalty, repetition_penalty, gen, verbose):
+        """generate's loop: ``(tokens [b, p + new], own [b, p + new])``, ``own`` marking each row's
+        own tokens (not its padding, nor the fill after its EOS). ``state`` None re-runs the sequence
+        at every step."""
+        from tqdm.auto import tqdm
+
+        recurrent = state is not None
         logits = self(tokens, attention_mask=attention_mask, state=state)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out_tokens = [tokens]
@@ -168,14 +191,7 @@ class GenerationMixin:
                 # left padding only (checked above): new tokens are real
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(sequence), 1)], dim=1)
                 logits = self(sequence, attention_mask=attention_mask)
-        result = torch.cat(out_tokens, dim=1)
-        if return_type == "str" or (return_type == "input" and string_input):
-            # each row's own tokens only: a padded batch gives every prompt the text it gets alone
-            own = torch.cat(own, dim=1)
-            tok = self._require_tokenizer("generate with string output")
-            strings = [tok.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(result, own)]
-            return strings[0] if isinstance(input, str) else strings
-        return result
+        return torch.cat(out_tokens, dim=1), torch.cat(own, dim=1)
 
 
 def sample_next_token(
