@@ -5,6 +5,7 @@ knockout attribution, patching and ablation helpers.
     batches = task_batches(model, "ioi", n=64)               # (clean, corrupted, labels) batches
     graph = Graph.from_model(model, level="layer")          # or "head" (Mamba-2), "component"
     attribute(model, graph, batches, None, logit_diff, method="EAP-IG", ig_steps=5)
+    acdc(model, Graph.from_model(model, "layer"), batches, threshold=0.02)   # exact, edge by edge
     graph.apply_topn(10)
     faithfulness(model, graph, batches, None, logit_diff)
     graph.to_json("circuit.json"); graph.to_image("circuit.png")
@@ -30,6 +31,7 @@ from tl_mamba.circuits.ablation import (
     token_class_mask,
     zero_ablation_hooks,
 )
+from tl_mamba.circuits.acdc import acdc
 from tl_mamba.circuits.data import logit_diff, task_batches
 from tl_mamba.circuits.eap import (
     METHODS,
@@ -67,6 +69,7 @@ __all__ = [
     "LEVELS",
     "METHODS",
     "ablate",
+    "acdc",
     "ablation_hooks",
     "attribute",
     "class_conditional_ablation_hooks",
