@@ -559,6 +559,10 @@ def test_ablation_positions_are_places_of_the_sequence_under_a_state(models, fam
     with pytest.raises(ValueError, match="per-position means .* cover 9 positions, but this run ablates position 9"):
         model.run_with_hooks(torch.cat([tokens, tokens[:, :1]], 1),
                              fwd_hooks=mean_ablation_hooks(model, "y", None, [0], means=means))
+    wrong = (9, 3) if family == "mamba1" else (9, 3, 3)  # hook_y [b, p, e] / [b, p, h, hd]
+    with pytest.raises(ValueError, match=rf"means \(reference prompts\) have shape \({', '.join(map(str, wrong))}\)"):
+        model.run_with_hooks(tokens, fwd_hooks=mean_ablation_hooks(model, "y", None, [0],
+                                                                   means={0: torch.zeros(wrong)}))
     with pytest.raises(OutOfRangeError, match="position -7 is out of range: the sequence so far has 5 positions"):
         with model.hooks(fwd_hooks=zero_ablation_hooks(model, "y", [0], positions=[-7])):
             model.generate(tokens[:, :5], max_new_tokens=2, verbose=False, stop_at_eos=False)

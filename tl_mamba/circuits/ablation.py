@@ -22,7 +22,10 @@ Features: ``heads=`` picks Mamba-2 heads, ``channels=`` Mamba-1 ``d_inner`` chan
 on hooks that have that axis (see :func:`tl_mamba.circuits.patching.feature_axis`);
 either may be a mapping ``{layer: features}`` to choose features per layer.
 Positions: None (all), ints (negative from the end), a bool mask ``[p]`` or ``[b, p]``
-(one row per batch element: the hooks then only fit runs of that batch size).
+(one row per batch element: the hooks then only fit runs of that batch size). Under
+``generate`` they name places of the whole sequence, not of each one-token step (the hooks
+read ``model.position_offset``): ``[2]`` is the prompt's third token, ``[-1]`` the newest
+token of every step.
 
 Ablating ``hook_delta`` (Δ) of a head to zero at a position means that head neither
 decays its state (exp(0·A) = 1) nor writes to it (Δ·B = 0) there: the state passes
@@ -178,6 +181,9 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
     ``places`` (``offset`` 0 for a whole sequence, else generate's tokens so far). A causal model's
     activation at a place depends on the tokens up to it only, so places line up whatever the
     run's length; a ``ValueError`` if an ablated position lies past ``m``."""
+    if tuple(places.shape[2:]) != tuple(act.shape[2:]):
+        raise ValueError(f"{what} have shape {tuple(places.shape[1:])} per row, the activation "
+                         f"{tuple(act.shape[1:])}: were they made with another model or hook?")
     start = _offset(model) or 0
     p, m = act.shape[1], places.shape[1]
     mask = _ablation_mask(model, act, positions)
