@@ -41,6 +41,7 @@ from tl_mamba.circuits.eap import (
     faithfulness,
     iter_batches,
     patched_logits,
+    path_patch,
 )
 from tl_mamba.circuits.feature_attribution import FeatureScores, feature_attribution
 from tl_mamba.circuits.feature_circuit import (
@@ -92,6 +93,7 @@ __all__ = [
     "patch_heads",
     "patch_layer_position",
     "patched_logits",
+    "path_patch",
     "plot_knockout_attribution",
     "rank_correlation",
     "resample_ablation_hooks",

@@ -507,6 +507,41 @@ def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable 
     return torch.cat(out)
 
 
+def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders: Sequence[str],
+               receivers: Sequence[str], level: str = "layer", channel_groups: Optional[int] = None, labels=None,
+               batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+               quiet: bool = False) -> Tensor:
+    """Path patching (Wang et al., 2022): the metric of the clean run in which the ``receivers``
+    read the ``senders``' corrupted outputs along their direct residual paths, everything else
+    clean. Per prompt, ``[N]``.
+
+    Nodes are named as in ``Graph.from_model(model, level, channel_groups=...)``: senders
+    ``"input"``, ``"m{l}"`` (``"m{l}.out"`` at ``level="component"``), heads ``"m{l}.h{j}"`` /
+    channel groups ``"m{l}.c{j}"`` at ``level="head"``; receivers ``"m{l}"`` (``"m{l}.in"``)
+    and ``"logits"``. Every edge from a sender to a receiver is patched (a sender after a
+    receiver has none: such a pair adds nothing). It is :func:`evaluate_graph` of the full
+    graph less those edges; :func:`attribute` with ``method="exact"`` gives every single
+    edge's change at once.
+    """
+    graph = Graph.from_model(model, level, channel_groups=channel_groups)
+    for what, names, side in (("senders", senders, "parent"), ("receivers", receivers, "child")):
+        if isinstance(names, str):
+            raise TypeError(f"{what} must be a list of node names, got the string {names!r} (wrap it: [{names!r}])")
+        known = {getattr(e, side) for e in graph.edges.values() if e.kind == "resid"}
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ValueError(f"{what} {unknown or '[]'}: not {what} of this {level}-level graph; its {what} are "
+                             f"{sorted(known, key=graph.nodes.index)}")
+    paths = [e for e in graph.edges.values() if e.kind == "resid" and e.parent in senders and e.child in receivers]
+    if not paths:
+        raise ValueError(f"no residual path from {list(senders)} to {list(receivers)}: every sender comes after "
+                         "every receiver")
+    for e in paths:
+        graph.in_graph[e.index] = False
+    return evaluate_graph(model, graph, clean, corrupted, metric, labels=labels, batch_size=batch_size,
+                          attention_mask=attention_mask, quiet=quiet)
+
+
 def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, run_corrupted: bool = False,
                       labels=None, batch_size: Optional[int] = None,
                       attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -601,5 +636,5 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
     return graph
 
 
-__all__ = ["attribute", "evaluate_graph", "evaluate_baseline", "faithfulness", "patched_logits",
+__all__ = ["attribute", "evaluate_graph", "evaluate_baseline", "faithfulness", "patched_logits", "path_patch",
            "iter_batches", "split_batch", "METHODS"]
