@@ -203,8 +203,14 @@ def test_errors_name_the_problem():
     model = tiny("mamba1", n_layers=2)
     clean, corrupted = pair()
     graph = Graph.from_model(model, "layer")
-    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
-        acdc(model, graph, clean, corrupted, threshold=-1)
+    for bad in (-1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+            acdc(model, graph, clean, corrupted, threshold=bad)
+    import numpy as np  # numpy and 0-d torch scalars are numbers: the same search as the float
+    reference = acdc(model, Graph.from_model(model, "layer"), clean, corrupted, threshold=0.002, quiet=True)
+    for scalar in (np.float32(0.002), torch.tensor(0.002, dtype=torch.float64)):
+        again = acdc(model, Graph.from_model(model, "layer"), clean, corrupted, threshold=scalar, quiet=True)
+        assert torch.equal(again.in_graph, reference.in_graph)
     with pytest.raises(ValueError, match="metric must be 'kl' or a function"):
         acdc(model, graph, clean, corrupted, metric="logit_diff")
     with pytest.raises(ValueError, match="built for a mamba2 model"):

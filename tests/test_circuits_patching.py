@@ -28,7 +28,6 @@ from tl_mamba.circuits.ablation import (
     zero_ablation_hooks,
 )
 from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
-from tl_mamba.errors import OutOfRangeError
 from tl_mamba.models.base import RecurrentState
 
 B, P, V = 2, 7, 50
@@ -512,16 +511,12 @@ def test_ablation_positions_are_places_of_the_sequence_under_a_state(models, fam
         "zero mask [b, 9]": zero_ablation_hooks(model, "delta", [0], positions=rows),
         "mean per position": mean_ablation_hooks(model, "y", None, [0], positions=[3, 7], means=means, **heads),
         "resample": resample_ablation_hooks(model, "h", other, [1], positions=[1, 8]),
-        "zero last": zero_ablation_hooks(model, "y", [1], positions=[-1]),
     }
     offsets = []
     spy = ("blocks.0.hook_y", lambda act, hook: offsets.append(model.position_offset))
     for what, hooks in cases.items():
         with torch.no_grad():
-            if what == "zero last":  # -1: the newest token of every step, so every place from the prefill's last
-                whole = model.run_with_hooks(tokens, fwd_hooks=zero_ablation_hooks(model, "y", [1],
-                                                                                   positions=range(4, 9)))
-            elif what == "zero mask [7]":  # the mask covers the first 7 places, none later
+            if what == "zero mask [7]":  # the mask covers the first 7 places, none later
                 whole = model.run_with_hooks(tokens, fwd_hooks=zero_ablation_hooks(
                     model, "x", [1], positions=torch.cat([mask7, torch.zeros(2, dtype=torch.bool)])))
             else:
@@ -563,9 +558,31 @@ def test_ablation_positions_are_places_of_the_sequence_under_a_state(models, fam
     with pytest.raises(ValueError, match=rf"means \(reference prompts\) have shape \({', '.join(map(str, wrong))}\)"):
         model.run_with_hooks(tokens, fwd_hooks=mean_ablation_hooks(model, "y", None, [0],
                                                                    means={0: torch.zeros(wrong)}))
-    with pytest.raises(OutOfRangeError, match="position -7 is out of range: the sequence so far has 5 positions"):
-        with model.hooks(fwd_hooks=zero_ablation_hooks(model, "y", [0], positions=[-7])):
-            model.generate(tokens[:, :5], max_new_tokens=2, verbose=False, stop_at_eos=False)
+    # negative positions count from an end that moves at every step: recurrent decoding and re-running
+    # the sequence would read them differently, so both refuse them
+    for cached in (True, False):
+        with pytest.raises(ValueError, match=r"position -1 counts from the end .* new tokens are range\(P, P \+ n\)"):
+            with model.hooks(fwd_hooks=zero_ablation_hooks(model, "y", [0], positions=[-1])):
+                model.generate(tokens[:, :5], max_new_tokens=2, verbose=False, stop_at_eos=False,
+                               use_past_kv_cache=cached)
+    # a forward that a hook starts during generate is a whole sequence of its own (offset None)
+    inner = []
+
+    def nested(act, hook):
+        if not inner:
+            inner.append("running")  # (the inner forward calls this hook too)
+            with torch.no_grad():
+                model.run_with_hooks(tokens[:, :3], fwd_hooks=[spy])
+            inner[0] = offsets[-1]
+        return act
+
+    for cached in (True, False):
+        inner.clear()
+        with model.hooks(fwd_hooks=[("blocks.1.hook_y", nested)]):
+            model.generate(tokens[:, :5], max_new_tokens=2, verbose=False, stop_at_eos=False,
+                           use_past_kv_cache=cached)
+        assert inner == [None]
+    assert model.position_offset is None and not model._sequence_grows
     with model.hooks(fwd_hooks=cases["zero ints"]):  # place 6 is a generated token: ablated at its step
         recurrent = model.generate(tokens[:, :5], max_new_tokens=3, verbose=False, stop_at_eos=False,
                                    do_sample=False)

@@ -759,6 +759,8 @@ def test_unknown_hook_in_names_filter(model, tokens):
     ("h", "a per-block hook: name a layer ('blocks.0.hook_h')"),  # cache["h", 0] works, names_filter="h" not
     ("hook_h", "lambda name: name.endswith('.hook_h')"),
     ("ln1.scale", "'blocks.0.ln1.hook_scale'"),
+    ("scale", "name.endswith('.ln1.hook_scale')"),  # not ln_final's: the block-relative name
+    ("blocks.5.attn.hook_z", "no layer 5"),  # before the transformer analogue
     ("blocks.1.h", "Did you mean 'blocks.1.hook_h'?"),
     ("blocks.1.delta", "Did you mean 'blocks.1.hook_delta'?"),
     ("embed", "Did you mean 'hook_embed'?"),

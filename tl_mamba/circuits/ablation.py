@@ -24,8 +24,8 @@ either may be a mapping ``{layer: features}`` to choose features per layer.
 Positions: None (all), ints (negative from the end), a bool mask ``[p]`` or ``[b, p]``
 (one row per batch element: the hooks then only fit runs of that batch size). Under
 ``generate`` they name places of the whole sequence, not of each one-token step (the hooks
-read ``model.position_offset``): ``[2]`` is the prompt's third token, ``[-1]`` the newest
-token of every step.
+read ``model.position_offset``): ``[2]`` is the prompt's third token; negative positions
+are refused there (the sequence's end moves at every step).
 
 Ablating ``hook_delta`` (Δ) of a head to zero at a position means that head neither
 decays its state (exp(0·A) = 1) nor writes to it (Δ·B = 0) there: the state passes
@@ -48,7 +48,7 @@ from tl_mamba.circuits.patching import (
     require_feature_axis,
     resolve_hook,
 )
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError
+from tl_mamba.errors import NotAnIndexError
 
 Hook = Tuple[str, Callable]
 Features = Optional[Union[int, Sequence[int], Tensor, range, Mapping[int, Any]]]
@@ -108,8 +108,11 @@ def _position_mask(positions: PositionSpec, b: int, p: int, device, offset: Opti
     sequence carried by a ``RecurrentState`` (generate's prefill has 0, each later step the
     tokens seen so far), or None for a run that is the whole sequence. With it, positions
     are places in that sequence: ``k >= 0`` is ablated in the run that holds it (none
-    before or after), ``-1`` is the run's last token (the newest one, at every step), and
-    a bool mask ``[m]`` / ``[b, m]`` covers the sequence's first ``m`` places."""
+    before or after, a place still to come is no error), and a bool mask ``[m]`` /
+    ``[b, m]`` covers the sequence's first ``m`` places. Negative positions are refused
+    there: they count from an end that moves at every step, and recurrent decoding (each
+    token ablated once, when newest, and carried in the state) and re-running the sequence
+    (only the current last token) would give them different meanings."""
     if positions is None:
         return torch.ones(b, p, dtype=torch.bool, device=device)
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
@@ -137,11 +140,13 @@ def _position_mask(positions: PositionSpec, b: int, p: int, device, offset: Opti
     for v in values:
         if isinstance(v, bool) or not hasattr(v, "__index__"):
             raise NotAnIndexError(f"positions must be ints, got {v!r}")
-        place = int(v) + length if int(v) < 0 else int(v)
-        if place < 0:
-            raise OutOfRangeError(f"position {int(v)} is out of range: the sequence so far has {length} positions")
-        if offset <= place < length:  # (a later place is a token still to come)
-            mask[:, place - offset] = True
+        if int(v) < 0:
+            raise ValueError(
+                f"position {int(v)} counts from the end of the sequence, but this forward is part of a sequence "
+                "that grows (generate, or a RecurrentState), whose end moves at every step: give places counted "
+                f"from the start (a prompt of P tokens ends at place P - 1; its new tokens are range(P, P + n))")
+        if offset <= int(v) < length:  # (a later place is a token still to come)
+            mask[:, int(v) - offset] = True
     return mask
 
 

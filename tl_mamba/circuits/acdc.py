@@ -24,6 +24,7 @@ one backward for EAP: ACDC is the exact, slow reference that EAP approximates.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
@@ -72,13 +73,18 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
     Returns:
         ``graph``, with ``in_graph`` the edges ACDC kept and ``scores`` the change of the
         objective its trial measured for each tried cell (KL: the rise of the KL, larger =
-        more important; a metric: metric without the edge minus metric with it), and
+        more important; a metric: metric without the edge minus metric with it; 0 for the
+        cells it did not try, those already out of the given graph: earlier scores, EAP's
+        say, are replaced), and
         ``metadata["acdc"]`` = ``{"threshold", "metric", "objective", "forwards"}``
         (``objective``: the final circuit's). Holds every batch's corrupted activations
         at the senders' and internal edges' hooks for the whole search.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+    if isinstance(threshold, Tensor) and threshold.numel() == 1:
+        threshold = threshold.item()  # (a 0-d tensor, as numpy scalars below, is a number too)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not float(threshold) >= 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    threshold = float(threshold)
     kl = isinstance(metric, str)
     if kl and metric != "kl":
         raise ValueError(f"metric must be 'kl' or a function of the logits, got {metric!r}")

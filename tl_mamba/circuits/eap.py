@@ -512,8 +512,14 @@ def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders
                batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
                quiet: bool = False) -> Tensor:
     """Path patching (Wang et al., 2022): the metric of the clean run in which the ``receivers``
-    read the ``senders``' corrupted outputs along their direct residual paths, everything else
-    clean. Per prompt, ``[N]``.
+    read the ``senders``' corrupted outputs along their direct residual paths, every other edge
+    as in this run. Per prompt, ``[N]``.
+
+    With one receiver, or receivers that do not feed each other, this is Wang et al.'s path
+    patching. Receivers that feed each other (``["m1", "m3"]``) differ: here m1's changed
+    output reaches m3 (the edge m1 -> m3 is in the graph and carries this run's value), where
+    Wang et al. freeze every node but the senders when they compute the receivers' inputs.
+    For their version, patch one receiver at a time.
 
     Nodes are named as in ``Graph.from_model(model, level, channel_groups=...)``: senders
     ``"input"``, ``"m{l}"`` (``"m{l}.out"`` at ``level="component"``), heads ``"m{l}.h{j}"`` /

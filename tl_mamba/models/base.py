@@ -474,14 +474,16 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
 
     @contextlib.contextmanager
     def _positions_of(self, state: Optional["RecurrentState"]):
-        previous = self._position_offset  # (a forward inside a hook restores the outer one's)
-        # generate's re-runs (no state) start at place 0 of a sequence that grows: 0, not None
-        self._position_offset = int(state.seqlen_offset) if state is not None else \
-            0 if self._sequence_grows else None
+        # (a forward inside a hook sees its own offset, and restores the outer one's after)
+        previous, grows = self._position_offset, self._sequence_grows
+        # generate's re-runs (no state) start at place 0 of a sequence that grows: 0, not None.
+        # The flag is generate's own forward's: a forward that a hook starts is a sequence of its own
+        self._position_offset = int(state.seqlen_offset) if state is not None else 0 if grows else None
+        self._sequence_grows = False
         try:
             yield
         finally:
-            self._position_offset = previous
+            self._position_offset, self._sequence_grows = previous, grows
 
     # ------------------------------------------------------------------ hook names
     def check_hook_name(self, name: str) -> None:
@@ -827,23 +829,28 @@ def hook_name_hint(name: str, all_names, family: str) -> str:
     function) or without ``hook_`` (``"blocks.0.h"``); else the closest spellings."""
     import difflib
 
-    analogue = transformer_hook_analogue(name, family)
-    if analogue is not None:  # close spellings would mislead here (attn.hook_z is not hook_z)
-        return f" {analogue}"
     all_names = set(all_names)
     layer = re.match(r"blocks\.(\d+)\.", name)
     rest = name[layer.end():] if layer else name
     layers = {int(m.group(1)) for m in map(_BLOCK_PREFIX.match, all_names) if m}
     if layer and layers and int(layer.group(1)) not in layers:
         return f" The model has no layer {layer.group(1)}: its blocks are 0..{max(layers)}."
+    analogue = transformer_hook_analogue(name, family)
+    if analogue is not None:  # close spellings would mislead here (attn.hook_z is not hook_z)
+        return f" {analogue}"
     for block_name in (rest, "hook_" + rest, ".hook_".join(rest.rsplit(".", 1))):
         if layer and f"blocks.{layer.group(1)}.{block_name}" in all_names:
             return f" Did you mean 'blocks.{layer.group(1)}.{block_name}'?"
         if not layer and block_name != name and block_name in all_names:
             return f" Did you mean {block_name!r}?"
-        if not layer and any(n.startswith("blocks.") and n.endswith("." + block_name) for n in all_names):
-            return (f" It is a per-block hook: name a layer ('blocks.0.{block_name}'), or select every "
-                    f"layer's with a function (lambda name: name.endswith('.{block_name}')).")
+        # the block-relative names it ends (``"hook_scale"`` -> ``"ln1.hook_scale"``)
+        relative = sorted({n.split(".", 2)[2] for n in all_names
+                           if n.startswith("blocks.") and n.endswith("." + block_name)})
+        if not layer and len(relative) == 1:
+            return (f" It is a per-block hook: name a layer ('blocks.0.{relative[0]}'), or select every "
+                    f"layer's with a function (lambda name: name.endswith('.{relative[0]}')).")
+        if not layer and relative:
+            return f" Per-block hooks end so: {', '.join(repr('blocks.0.' + r) for r in relative)}."
     close = difflib.get_close_matches(name, sorted(all_names), n=3)
     return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
 

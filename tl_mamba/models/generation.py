@@ -69,7 +69,7 @@ class GenerationMixin:
         A hook that needs to know which place of the sequence a step's tensors are reads
         ``model.position_offset``; the ablation hooks of ``tl_mamba.circuits.ablation`` do, so
         their positions name places of the whole sequence (``positions=[2]`` ablates the
-        prompt's third token once, ``[-1]`` the newest token of every step).
+        prompt's third token once; negative positions are refused, the end moving at every step).
         """
         from tl_mamba.knockout import active_knockouts
 
