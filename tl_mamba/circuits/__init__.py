@@ -59,6 +59,7 @@ from tl_mamba.circuits.knockout_attribution import (
     rank_correlation,
 )
 from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
+from tl_mamba.circuits.probes import similarity_by_class
 
 __all__ = [
     "AttributionCheck",
@@ -97,6 +98,7 @@ __all__ = [
     "plot_knockout_attribution",
     "rank_correlation",
     "resample_ablation_hooks",
+    "similarity_by_class",
     "smallest_feature_circuit",
     "task_batches",
     "token_class_mask",
