@@ -104,6 +104,16 @@ def test_the_search_finds_the_boundary_of_a_linear_scan():
                                     min_frequency=0.5, progress=False)
     assert all(float(scores[name].frequency[f]) >= 0.5 for name, f, _ in rare.ranked)
     assert len(rare.ranked) < 12
+    # attribution x frequency (the Mamba IOI report's "score times count"): ranked by hand
+    by_count = sorted(((name, f, float(s.scores[f])) for name, s in scores.items() for f in range(6)),
+                      key=lambda item: -abs(item[2]) * float(scores[item[0]].frequency[item[1]]))
+    assert [item[:2] for item in by_count] != [item[:2] for item in ranked]  # the weighting reorders here
+    weighted = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target,
+                                        weight_by_frequency=True, progress=False)
+    assert [(name, f) for name, f, _ in weighted.ranked] == [(name, f) for name, f, _ in by_count]
+    site = "blocks.0.hook_y"
+    assert [f for f, _, _ in scores[site].top(6, weight_by_frequency=True)] == \
+        [f for name, f, _ in by_count if name == site]
 
 
 def test_bad_input_names_the_problem():

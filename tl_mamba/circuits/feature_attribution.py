@@ -86,14 +86,19 @@ class FeatureScores:
     error: Tensor
     frequency: Tensor
 
-    def top(self, k: int = 20, min_frequency: float = 0.0) -> List[Tuple[int, float, float]]:
+    def top(self, k: int = 20, min_frequency: float = 0.0,
+            weight_by_frequency: bool = False) -> List[Tuple[int, float, float]]:
         """The ``k`` features with the largest ``|score|`` (summed over positions) among those
-        firing on at least ``min_frequency`` of the clean tokens: ``(feature, score, frequency)``."""
+        firing on at least ``min_frequency`` of the clean tokens: ``(feature, score, frequency)``.
+        ``weight_by_frequency`` ranks by ``|score| × frequency`` instead (the Mamba IOI report's
+        "attribution × count", which demotes features that score high on a prompt or two); the
+        score returned is still the score."""
         if not 0.0 <= min_frequency <= 1.0:
             raise ValueError(f"min_frequency is a share of tokens in [0, 1], got {min_frequency}")
         total = self.scores.sum(0) if self.scores.ndim == 2 else self.scores
         keep = torch.nonzero(self.frequency >= min_frequency).flatten()
-        order = keep[total[keep].abs().argsort(descending=True)][:k]
+        key = total[keep].abs() * (self.frequency[keep].to(total.dtype) if weight_by_frequency else 1)
+        order = keep[key.argsort(descending=True, stable=True)][:k]
         return [(int(i), float(total[i]), float(self.frequency[i])) for i in order]
 
 

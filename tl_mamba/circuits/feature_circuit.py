@@ -126,7 +126,8 @@ class FeatureCircuit:
 
 def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[str, FeatureScores], clean,
                              corrupted=None, metric: Callable = None, *, target: float = 0.8,
-                             min_frequency: float = 0.0, keep_error: bool = False, labels=None,
+                             min_frequency: float = 0.0, weight_by_frequency: bool = False,
+                             keep_error: bool = False, labels=None,
                              batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
                              progress: bool = True) -> FeatureCircuit:
     """The smallest top-k of the features, ranked across sites by ``|score|``, whose
@@ -140,6 +141,8 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
         min_frequency: rank only features firing on at least this share of the clean tokens
             (``FeatureScores.frequency``): features firing on a prompt or two often score high by
             chance (the Mamba IOI report kept features firing on more than a tenth of them).
+        weight_by_frequency: rank by ``|score| × frequency`` (the report's "attribution × count",
+            about 10% smaller circuits there) instead of ``|score|``.
         progress: a tqdm bar over the evaluations.
     """
     if metric is None:
@@ -162,9 +165,11 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
             bad = torch.nonzero(~torch.isfinite(site.scores.reshape(-1, site.scores.shape[-1])).any(0)).flatten()
             raise ValueError(f"scores[{name!r}] has NaN or infinite scores (features {bad[:8].tolist()}): they "
                              "cannot be ranked")
-    ranked = [(name, feature, score) for name in saes
-              for feature, score, _ in scores[name].top(scores[name].frequency.numel(), min_frequency)]
-    ranked.sort(key=lambda item: -abs(item[2]))  # across sites (stable: a site's order kept on ties)
+    ranked = [(name, feature, score, frequency) for name in saes for feature, score, frequency
+              in scores[name].top(scores[name].frequency.numel(), min_frequency, weight_by_frequency)]
+    # across sites (stable: a site's order kept on ties)
+    ranked.sort(key=lambda item: -abs(item[2]) * (item[3] if weight_by_frequency else 1))
+    ranked = [item[:3] for item in ranked]
     clean, corrupted, kw = read_once(clean, corrupted, labels, batch_size, attention_mask)
     baselines = mean_baselines(model, clean, corrupted, metric, **kw)
     measured: Dict[int, float] = {}
