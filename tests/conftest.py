@@ -44,6 +44,17 @@ def make_tokenizer():
     )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: OpenMP spin contention on a busy 2-core
+    machine makes them up to 100x slower. A module uses it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

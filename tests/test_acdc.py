@@ -20,12 +20,7 @@ from tl_mamba.circuits.acdc import acdc_order
 B, P, V = 4, 7, 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 def tiny(family: str, n_layers: int = 3):

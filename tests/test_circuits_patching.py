@@ -33,13 +33,7 @@ from tl_mamba.models.base import RecurrentState
 B, P, V = 2, 7, 50
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on a busy machine (100x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 def make_model(family: str, seed: int = 0):

@@ -569,6 +569,30 @@ def class_conditional_hook_factory(model, layer_heads: Mapping[int, Any], token_
 
 
 # ------------------------------------------------------------- Δ statistics
+def class_masks(model, tokens: Tensor, classes: Mapping[str, TokenClass], attention_mask: Optional[Tensor] = None,
+                include_other: bool = True) -> Tuple[Tensor, Optional[Tensor], List[str], Tensor]:
+    """The positions of each named token class, for statistics by class: ``(tokens, attention_mask)``
+    on the model's device, the class names (with ``"other"``: real positions in none of the classes,
+    when ``include_other``) and their float64 masks ``[C, b, p]``. Resolved once for the whole batch,
+    as a mask class covers all of it; padding is in no class. ``ValueError`` for an empty mapping,
+    a class named ``"other"`` beside ``include_other``, or a mask of another shape than ``tokens``."""
+    if not isinstance(classes, Mapping) or not classes:
+        raise ValueError("classes must be a non-empty mapping {name: token class}")
+    if include_other and "other" in classes:
+        raise ValueError("a class is named 'other', which include_other=True adds: rename it or pass include_other=False")
+    tokens = _device_tokens(model, tokens)
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
+        if tuple(attention_mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
+    names = list(classes) + (["other"] if include_other else [])
+    masks = [token_class_mask(model, tokens, cls, attention_mask) for cls in classes.values()]
+    if include_other:
+        real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        masks.append(real & ~torch.stack(masks).any(0))
+    return tokens, attention_mask, names, torch.stack(masks).to(torch.float64)
+
+
 def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *,
                          attention_mask: Optional[Tensor] = None, layers=None, channel_groups: Optional[int] = None,
                          include_other: bool = True, batch_size: int = 32, progress: bool = True):
@@ -604,27 +628,12 @@ def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass
 
     cfg = model.cfg
     mamba1 = cfg.family == "mamba1"
-    if not isinstance(classes, Mapping) or not classes:
-        raise ValueError("classes must be a non-empty mapping {name: token class}")
-    if include_other and "other" in classes:
-        raise ValueError("a class is named 'other', which include_other=True adds: rename it or pass include_other=False")
     if not mamba1 and channel_groups is not None:
         raise ValueError("channel_groups apply to Mamba-1; Mamba-2 statistics are per head already")
     layer_list = check_layers(model, layers)
-    tokens = _device_tokens(model, tokens)
+    tokens, attention_mask, names, masks = class_masks(model, tokens, classes, attention_mask, include_other)
     device = tokens.device
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask, device=device)
-        if tuple(attention_mask.shape) != tuple(tokens.shape):
-            raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
-    # a full-batch mask class is cut per chunk below, so resolve the masks once
-    names = list(classes) + (["other"] if include_other else [])
-    class_masks = [token_class_mask(model, tokens, cls, attention_mask) for cls in classes.values()]
     real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    if include_other:
-        covered = torch.stack(class_masks).any(0)
-        class_masks.append(real & ~covered)
-    masks = torch.stack(class_masks).to(torch.float64)  # [C, b, p]
 
     if mamba1:
         groups = channel_group_slices(cfg.d_inner, 1 if channel_groups is None else channel_groups)

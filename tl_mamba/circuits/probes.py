@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.circuits.ablation import TokenClass, _device_tokens, token_class_mask
+from tl_mamba.circuits.ablation import TokenClass, class_masks
 from tl_mamba.circuits.patching import channel_group_slices, check_layers, require_feature_axis, resolve_hook
 
 __all__ = ["similarity_by_class"]
@@ -67,26 +67,12 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
 
     cfg = model.cfg
     mamba1 = cfg.family == "mamba1"
-    if not isinstance(classes, Mapping) or not classes:
-        raise ValueError("classes must be a non-empty mapping {name: token class}")
-    if include_other and "other" in classes:
-        raise ValueError("a class is named 'other', which include_other=True adds: rename it or pass include_other=False")
     if not mamba1 and channel_groups is not None:
         raise ValueError("channel_groups apply to Mamba-1; Mamba-2 vectors are per head already")
     name = resolve_hook(model, hook)
     axis = require_feature_axis(model, name, "channel_groups" if mamba1 else "heads")
     layer_list = check_layers(model, layers)
-    tokens = _device_tokens(model, tokens)
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
-        if tuple(attention_mask.shape) != tuple(tokens.shape):
-            raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
-    names = list(classes) + (["other"] if include_other else [])
-    masks = [token_class_mask(model, tokens, cls, attention_mask) for cls in classes.values()]
-    if include_other:
-        real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        masks.append(real & ~torch.stack(masks).any(0))
-    masks = torch.stack(masks).to(torch.float64)  # [C, b, p]
+    tokens, attention_mask, names, masks = class_masks(model, tokens, classes, attention_mask, include_other)
     groups = channel_group_slices(cfg.d_inner, 1 if channel_groups is None else channel_groups) if mamba1 else None
     n_units = len(groups) if mamba1 else axis.size
 
