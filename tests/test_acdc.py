@@ -208,6 +208,10 @@ def test_errors_name_the_problem():
         assert torch.equal(again.in_graph, reference.in_graph)
     with pytest.raises(ValueError, match="metric must be 'kl' or a function"):
         acdc(model, graph, clean, corrupted, metric="logit_diff")
+    right = torch.ones_like(clean)
+    right[0, -2:] = 0  # right padding: the last position of row 0 is padding
+    with pytest.raises(ValueError, match="pad on the left"):
+        acdc(model, graph, clean, corrupted, attention_mask=right)
     with pytest.raises(ValueError, match="built for a mamba2 model"):
         acdc(model, Graph.from_model(tiny("mamba2", n_layers=2), "layer"), clean, corrupted)
 
@@ -256,3 +260,23 @@ def test_path_patch_matches_hand_written_hooks(family):
             path_patch(model, clean, corrupted, metric, quiet=True, **kwargs)
     with pytest.raises(TypeError, match="wrap it"):
         path_patch(model, clean, corrupted, metric, senders="m0", receivers=["m1"])
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_left_padded_batch_searches_as_its_prompts_apart(family):
+    """Prompts of two lengths, left-padded into one batch with an attention mask, give the search
+    that the same prompts give as two batches of their own lengths (a list of batches)."""
+    model = tiny(family)
+    clean, corrupted = pair(4)
+    short_clean, short_corrupted = clean[2:, 3:], corrupted[2:, 3:]  # two prompts of 4 tokens
+    apart = acdc(model, Graph.from_model(model, "layer"),
+                 [(clean[:2], corrupted[:2]), (short_clean, short_corrupted)], threshold=0.002, quiet=True)
+    padded_clean, padded_corrupted = clean.clone(), corrupted.clone()
+    padded_clean[2:, :3] = padded_corrupted[2:, :3] = 0
+    mask = torch.ones_like(clean)
+    mask[2:, :3] = 0
+    together = acdc(model, Graph.from_model(model, "layer"), padded_clean, padded_corrupted, threshold=0.002,
+                    attention_mask=mask, quiet=True)
+    assert torch.equal(together.in_graph, apart.in_graph)
+    torch.testing.assert_close(together.scores, apart.scores, rtol=1e-7, atol=1e-10)
+    assert 0 < together.count_included_edges() < len(together.edges)

@@ -95,6 +95,10 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
                                                                            attention_mask):
         wiring = _Wiring(model, graph, clean_tokens.shape[1])
         reference = None
+        if kl and mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError("metric='kl' compares the next-token distributions at the last position, which is "
+                             "padding in some rows of this batch: pad on the left (every prompt ending at the last "
+                             "column), as the attribution functions expect")
         if kl:  # the clean model's next-token log-probabilities at the last position (left padding: every row's)
             with torch.no_grad():
                 reference = upcast(model(clean_tokens, attention_mask=mask)[:, -1]).log_softmax(-1)
