@@ -107,3 +107,28 @@ def test_identical_vectors_and_errors():
         similarity_by_class(model, tokens, {})
     with pytest.raises(ValueError, match="named 'other'"):
         similarity_by_class(model, tokens, {"other": [1]})
+
+
+def test_inferred_padding_and_repeated_layers():
+    """Without an attention_mask, a model that pads on the left leaves out the padding its forward
+    infers from pad tokens (as with the mask given); a layer named twice counts once. Both for
+    similarity_by_class and for delta_stats_by_class, which share the class masks."""
+    import tl_mamba
+    from tl_mamba.circuits import delta_stats_by_class
+
+    model = tl_mamba.from_pretrained("toy-mamba2")
+    model.cfg.default_padding_side = "left"
+    model.tokenizer.padding_side = "left"
+    tokens, mask = model.to_tokens(["key 1 is 2", "key 3 is 4 key 5 is 6 key 7 is 8"], padding_side="left",
+                                   return_attention_mask=True)
+    assert not bool(mask.all())  # the first prompt is padded
+    for fn in (similarity_by_class, delta_stats_by_class):
+        inferred = fn(model, tokens, {"bos": "bos"}, layers=[0], progress=False)
+        given = fn(model, tokens, {"bos": "bos"}, layers=[0], attention_mask=mask, progress=False)
+        assert inferred.equals(given), fn.__name__
+        counts = inferred["count_a" if fn is similarity_by_class else "count"]
+        assert counts.max() < int(mask.sum())  # "other" counts real tokens only
+        twice = fn(model, tokens, {"bos": "bos"}, layers=[0, -4], attention_mask=mask, progress=False)
+        assert twice.equals(given), fn.__name__
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        similarity_by_class(model, tokens, {"bos": "bos"}, batch_size=0)

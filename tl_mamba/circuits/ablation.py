@@ -205,6 +205,26 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
     return _masked_replace(act, torch.cat([window, act[:, covered:]], 1), mask, axis, features)
 
 
+def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The padding mask a statistic should leave out: ``attention_mask`` on the tokens' device, or,
+    when None, the one the model's forward infers from pad tokens (a model that pads on the left,
+    whose pad id differs from its BOS), or None (every position is real)."""
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
+        if tuple(attention_mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
+        return attention_mask
+    return model._prepare_input(tokens, None, None, None)[1]
+
+
+def _stats_layers(model, layers, batch_size) -> List[int]:
+    """``layers`` for a statistic over a batch, each once (a layer named twice would be summed
+    twice), after checking ``batch_size``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (rows per forward), got {batch_size!r}")
+    return list(dict.fromkeys(check_layers(model, layers)))
+
+
 def _device_tokens(model, tokens) -> Tensor:
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError(f"tokens must be a token tensor [b, p], got "
@@ -248,8 +268,9 @@ def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_posit
     0) is left out; a position with no real token gets 0.
     """
     name = resolve_hook(model, hook)
-    layer_list = check_layers(model, layers)
+    layer_list = _stats_layers(model, layers, batch_size)
     tokens = _device_tokens(model, tokens)
+    attention_mask = _real_positions(model, tokens, attention_mask)
     names = [f"blocks.{layer}.{name}" for layer in layer_list]
     sums: Dict[str, Tensor] = {}
     dtypes: Dict[str, torch.dtype] = {}
@@ -257,8 +278,7 @@ def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_posit
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):
             chunk = tokens[start:start + batch_size]
-            mask = None if attention_mask is None else torch.as_tensor(attention_mask)[start:start + batch_size].to(
-                chunk.device)
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size]
             _, cache = model.run_with_cache(chunk, names_filter=names, attention_mask=mask, return_type=None,
                                             stop_at_layer=max(layer_list) + 1)
             weight = torch.ones(chunk.shape, dtype=torch.float64, device=chunk.device) if mask is None \
@@ -574,17 +594,15 @@ def class_masks(model, tokens: Tensor, classes: Mapping[str, TokenClass], attent
     """The positions of each named token class, for statistics by class: ``(tokens, attention_mask)``
     on the model's device, the class names (with ``"other"``: real positions in none of the classes,
     when ``include_other``) and their float64 masks ``[C, b, p]``. Resolved once for the whole batch,
-    as a mask class covers all of it; padding is in no class. ``ValueError`` for an empty mapping,
+    as a mask class covers all of it; padding is in no class (``attention_mask``, or when None the
+    padding the forward infers from pad tokens, which is returned). ``ValueError`` for an empty mapping,
     a class named ``"other"`` beside ``include_other``, or a mask of another shape than ``tokens``."""
     if not isinstance(classes, Mapping) or not classes:
         raise ValueError("classes must be a non-empty mapping {name: token class}")
     if include_other and "other" in classes:
         raise ValueError("a class is named 'other', which include_other=True adds: rename it or pass include_other=False")
     tokens = _device_tokens(model, tokens)
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
-        if tuple(attention_mask.shape) != tuple(tokens.shape):
-            raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
+    attention_mask = _real_positions(model, tokens, attention_mask)
     names = list(classes) + (["other"] if include_other else [])
     masks = [token_class_mask(model, tokens, cls, attention_mask) for cls in classes.values()]
     if include_other:
@@ -630,7 +648,7 @@ def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass
     mamba1 = cfg.family == "mamba1"
     if not mamba1 and channel_groups is not None:
         raise ValueError("channel_groups apply to Mamba-1; Mamba-2 statistics are per head already")
-    layer_list = check_layers(model, layers)
+    layer_list = _stats_layers(model, layers, batch_size)
     tokens, attention_mask, names, masks = class_masks(model, tokens, classes, attention_mask, include_other)
     device = tokens.device
     real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

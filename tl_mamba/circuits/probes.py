@@ -19,8 +19,8 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.circuits.ablation import TokenClass, class_masks
-from tl_mamba.circuits.patching import channel_group_slices, check_layers, require_feature_axis, resolve_hook
+from tl_mamba.circuits.ablation import TokenClass, _stats_layers, class_masks
+from tl_mamba.circuits.patching import channel_group_slices, require_feature_axis, resolve_hook
 
 __all__ = ["similarity_by_class"]
 
@@ -36,7 +36,8 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
 
     - ``mean_cosine``: the mean of cos(v_i, v_j) over i in a, j in b (for a = b, over
       pairs i ≠ j): how alike single positions of the two classes are;
-    - ``cosine_of_means``: cos(mean of a's v, mean of b's v) (NaN for a = b).
+    - ``cosine_of_means``: cos(mean of a's v, mean of b's v) (NaN for a = b, and where a
+      class has no position or its mean is the zero vector).
 
     Computed exactly from sums of the vectors and of the unit vectors, in float64, so
     every pair of positions counts without a ``[n, n]`` matrix. A zero vector has no
@@ -49,7 +50,8 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
             Classes may overlap (a position in both pairs with itself, cosine 1).
         hook: a hook with a head axis (Mamba-2: ``"y"``, ``"x"``, ``"h"``, ``"y_normed"``, ...)
             or a channel axis (Mamba-1, with ``channel_groups``). Default ``"y"``.
-        attention_mask: padding is in no class.
+        attention_mask: padding is in no class (None: the padding the forward infers from pad
+            tokens, if any).
         layers: None = all.
         channel_groups: Mamba-1 only: ``G`` contiguous, equal groups of ``d_inner`` (default
             1: the whole layer); each group's slice is one vector.
@@ -59,8 +61,8 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
         A pandas DataFrame, one row per (layer, head, class_a, class_b) with class_a at or
         before class_b in ``classes``' order: ``layer``, ``head`` (head, or channel-group
         index), ``class_a``, ``class_b``, ``count_a``, ``count_b``, ``mean_cosine``,
-        ``cosine_of_means`` (NaN where a class has no position, or a = b has one).
-        Mamba-1 rows also carry ``channels`` ``(start, stop)``.
+        ``cosine_of_means`` (``mean_cosine`` is NaN where there is no pair of positions).
+        Mamba-1 rows also carry ``channels`` ``(start, stop)``. Layers named twice count once.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -71,7 +73,7 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
         raise ValueError("channel_groups apply to Mamba-1; Mamba-2 vectors are per head already")
     name = resolve_hook(model, hook)
     axis = require_feature_axis(model, name, "channel_groups" if mamba1 else "heads")
-    layer_list = check_layers(model, layers)
+    layer_list = _stats_layers(model, layers, batch_size)
     tokens, attention_mask, names, masks = class_masks(model, tokens, classes, attention_mask, include_other)
     groups = channel_group_slices(cfg.d_inner, 1 if channel_groups is None else channel_groups) if mamba1 else None
     n_units = len(groups) if mamba1 else axis.size
