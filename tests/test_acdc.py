@@ -122,7 +122,11 @@ def test_layer_graph_matches_the_hand_written_search(family, use_kl, threshold):
     for name, change in scores.items():
         assert float(got.score(name)) == pytest.approx(change, rel=1e-7, abs=1e-10), name
     assert got.metadata["acdc"]["objective"] == pytest.approx(objective, rel=1e-7, abs=1e-10)
-    assert got.metadata["acdc"]["forwards"] == len(got.edges) + 1
+    # one forward per trial, none for an edge into a node that no longer reaches the logits
+    skipped = got.metadata["acdc"]["skipped"]
+    assert got.metadata["acdc"]["forwards"] + skipped == len(got.edges) + 1
+    # (a node's path to the logits is settled before its own edges are tried)
+    assert skipped == sum(1 for e in got.edges.values() if e.child not in got.reaching_logits())
     # the circuit's own evaluation agrees with the objective ACDC reports
     if not use_kl:
         assert float(evaluate_graph(model, got, clean, corrupted, metric, quiet=True).mean()) == \
@@ -186,7 +190,7 @@ def test_extreme_thresholds_and_batches():
         corrupted_kl = kl_objective(model(clean), model(corrupted))
     assert none.metadata["acdc"]["objective"] == pytest.approx(corrupted_kl, rel=1e-7)
     every = acdc(model, Graph.from_model(model, "layer"), clean, corrupted, threshold=0.0, quiet=True)
-    assert every.count_included_edges() == int((every.scores >= 0).sum())
+    assert every.count_included_edges() == int((every.scores >= 0).sum()) - every.metadata["acdc"]["skipped"]
     split = acdc(model, Graph.from_model(model, "layer"), clean, corrupted, threshold=0.002, batch_size=1,
                  quiet=True)
     whole = acdc(model, Graph.from_model(model, "layer"), clean, corrupted, threshold=0.002, quiet=True)
@@ -280,3 +284,17 @@ def test_left_padded_batch_searches_as_its_prompts_apart(family):
     assert torch.equal(together.in_graph, apart.in_graph)
     torch.testing.assert_close(together.scores, apart.scores, rtol=1e-7, atol=1e-10)
     assert 0 < together.count_included_edges() < len(together.edges)
+
+
+def test_edges_into_a_node_cut_off_from_the_logits_are_not_tried():
+    """A node whose every edge out is already removed reads nothing that reaches the output: its
+    edges in go without a forward each (the paper's rule), at any threshold."""
+    model = tiny("mamba2")
+    clean, corrupted = pair(5)
+    graph = Graph.from_model(model, "layer")
+    graph.in_graph[graph.edge("m2->logits").index] = False  # m2's only edge out
+    got = acdc(model, graph, clean, corrupted, threshold=0.0, quiet=True)
+    into_m2 = [name for name, e in got.edges.items() if e.child == "m2"]
+    assert got.metadata["acdc"]["skipped"] == len(into_m2) == 3
+    assert not any(bool(got.in_graph[got.edge(name).index]) for name in into_m2)
+    assert got.metadata["acdc"]["forwards"] == len(got.edges) - 1 - 3 + 1  # tried edges, and the start

@@ -76,9 +76,11 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
         more important; a metric: metric without the edge minus metric with it; 0 for the
         cells it did not try, those already out of the given graph: earlier scores, EAP's
         say, are replaced), and
-        ``metadata["acdc"]`` = ``{"threshold", "metric", "objective", "forwards"}``
-        (``objective``: the final circuit's). Holds every batch's corrupted activations
-        at the senders' and internal edges' hooks for the whole search.
+        ``metadata["acdc"]`` = ``{"threshold", "metric", "objective", "forwards", "skipped"}``
+        (``objective``: the final circuit's). Edges into a node left with no path to the logits
+        are removed without a trial, as in the paper (what such a node reads cannot change the
+        output); ``skipped`` counts them, and their score stays 0. Holds every batch's
+        corrupted activations at the senders' and internal edges' hooks for the whole search.
     """
     if isinstance(threshold, Tensor) and threshold.numel() == 1:
         threshold = threshold.item()  # (a 0-d tensor, as numpy scalars below, is a number too)
@@ -133,7 +135,16 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
     current = objective(removed)
     scores = torch.zeros_like(graph.scores, dtype=torch.float64)
     cells = [cell for cell in acdc_order(graph) if not bool(removed[cell])]
+    child_of = [e.child for e in graph.edges.values()]
+    child, alive, skipped = None, True, 0
     for cell in tqdm(cells, desc="ACDC", disable=quiet, leave=False, unit="edge"):
+        if child_of[cell[0]] != child:  # a new node: its edges out were all decided before it
+            child = child_of[cell[0]]
+            alive = child in graph.reaching_logits(~removed)
+        if not alive:  # no path left from it to the logits: what it reads cannot change the output
+            removed[cell] = True
+            skipped += 1
+            continue
         removed[cell] = True
         value = objective(removed)
         change = value - current
@@ -145,5 +156,6 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
     graph.in_graph = ~removed
     graph.scores = scores.to(_score_dtype(model))
     graph.metadata["acdc"] = {"threshold": float(threshold), "metric": "kl" if kl else getattr(
-        metric, "__name__", type(metric).__name__), "objective": current, "forwards": forwards}
+        metric, "__name__", type(metric).__name__), "objective": current, "forwards": forwards,
+        "skipped": skipped}
     return graph

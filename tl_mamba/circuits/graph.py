@@ -310,6 +310,18 @@ class Graph:
             return []
         return [(f"m{l}", unit) for l in range(self.n_layers) for unit in self.unit_nodes(l)]
 
+    def _live_links(self, in_graph: Optional[Tensor] = None) -> List[Tuple[str, str]]:
+        """``(parent, child)`` of the edges in ``in_graph`` (default ``self.in_graph``; at any position
+        when positional), with the implicit links."""
+        flags = self.in_graph if in_graph is None else in_graph
+        flags = flags.any(-1) if self.positional else flags
+        return [(e.parent, e.child) for e in self.edges.values() if bool(flags[e.index])] + self._implicit_edges()
+
+    def reaching_logits(self, in_graph: Optional[Tensor] = None) -> set:
+        """The nodes with a path to ``logits`` through the edges of ``in_graph`` (default
+        ``self.in_graph``) and the implicit links (a layer's input feeds its heads)."""
+        return _reachable("logits", [(c, p) for p, c in self._live_links(in_graph)])
+
     def prune(self) -> "Graph":
         """Drop edges that are not on a path from ``input`` to ``logits`` through edges in the graph.
 
@@ -317,9 +329,7 @@ class Graph:
         graph at any position (patching acts position by position, but information
         moves across positions inside a mixer).
         """
-        flags = self.in_graph.any(-1) if self.positional else self.in_graph
-        live = [(e.parent, e.child) for e in self.edges.values() if bool(flags[e.index])]
-        links = live + self._implicit_edges()
+        links = self._live_links()
         forward = _reachable("input", links)
         backward = _reachable("logits", [(c, p) for p, c in links])
         for e in self.edges.values():
