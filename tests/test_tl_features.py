@@ -779,6 +779,17 @@ def test_unknown_hook_names_say_what_was_meant(model, tokens, name, says):
     model.reset_hooks()
 
 
+def test_hook_name_hint_lists_every_block_hook_of_a_shared_name():
+    """Two per-block hooks ending in the same name (none do in today's blocks): both are named."""
+    from tl_mamba.models.base import hook_name_hint
+
+    names = {"blocks.0.ln1.hook_scale", "blocks.0.mixer.norm.hook_scale", "blocks.1.ln1.hook_scale",
+             "blocks.1.mixer.norm.hook_scale", "ln_final.hook_scale"}
+    hint = hook_name_hint("scale", names, "mamba2")
+    assert "'blocks.0.ln1.hook_scale'" in hint and "'blocks.0.mixer.norm.hook_scale'" in hint
+    assert "ln_final" not in hint
+
+
 def test_unknown_hook_in_add_hook(model, tokens):
     clean = model(tokens)
     with pytest.raises((ValueError, KeyError), match="hook_nope"):

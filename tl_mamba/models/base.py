@@ -824,13 +824,13 @@ def _layer_index(value: int, n_layers: int, name: str) -> int:
 
 def hook_name_hint(name: str, all_names, family: str) -> str:
     """What ``name``, not a hook of the model, was probably meant to be: a sentence starting with
-    a space, or "". In order: a transformer hook's Mamba analogue; a layer the model lacks; a
+    a space, or "". In order: a layer the model lacks; a transformer hook's Mamba analogue; a
     per-block hook given without its layer (``"h"``, ``"hook_h"``: name the layers, or pass a
     function) or without ``hook_`` (``"blocks.0.h"``); else the closest spellings."""
     import difflib
 
     all_names = set(all_names)
-    layer = re.match(r"blocks\.(\d+)\.", name)
+    layer = _BLOCK_PREFIX.match(name)
     rest = name[layer.end():] if layer else name
     layers = {int(m.group(1)) for m in map(_BLOCK_PREFIX.match, all_names) if m}
     if layer and layers and int(layer.group(1)) not in layers:
@@ -850,7 +850,7 @@ def hook_name_hint(name: str, all_names, family: str) -> str:
             return (f" It is a per-block hook: name a layer ('blocks.0.{relative[0]}'), or select every "
                     f"layer's with a function (lambda name: name.endswith('.{relative[0]}')).")
         if not layer and relative:
-            return f" Per-block hooks end so: {', '.join(repr('blocks.0.' + r) for r in relative)}."
+            return f" Per-block hooks of that name: {', '.join(repr('blocks.0.' + r) for r in relative)}."
     close = difflib.get_close_matches(name, sorted(all_names), n=3)
     return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
 
