@@ -245,6 +245,38 @@ def test_circuit_on_the_needle_task(tmp_path, capsys):
     assert "task needle" in capsys.readouterr().out
 
 
+def test_circuit_by_acdc(tmp_path, capsys):
+    """--method ACDC: the edges kept are those of acdc() on the same pairs, at the given threshold,
+    the printed faithfulness is that circuit's, and circuit.json says how it was made."""
+    import json
+
+    import torch
+
+    from tl_mamba.circuits import Graph, acdc, faithfulness, logit_diff, task_batches
+    from tl_mamba.cli import _load
+
+    assert main(["circuit", "toy-mamba", "--method", "acdc", "--threshold", "0.02", "--n", "6",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    saved = Graph.from_json(tmp_path / "circuit.json")
+    meta = saved.metadata
+    assert meta["method"] == "ACDC" and meta["threshold"] == 0.02 and meta["objective"] == "kl"
+    model = _load("toy-mamba")
+    batches = task_batches(model, "ioi", n=6, seed=0, batch_size=32)
+    by_hand = acdc(model, Graph.from_model(model, "layer"), batches, threshold=0.02, quiet=True)
+    assert torch.equal(saved.in_graph, by_hand.in_graph)
+    assert 0 < by_hand.count_included_edges() < len(by_hand.edges)
+    value = faithfulness(model, by_hand, batches, None, logit_diff, quiet=True)
+    assert meta["faithfulness"] == pytest.approx(value, abs=1e-6)
+    assert f"faithfulness of the ACDC circuit: {value:.3f}" in out
+    assert f"ACDC kept {by_hand.count_included_edges()} of {len(by_hand.edges)} edges" in out
+    for argv, message in ((["--threshold", "0.1"], "--threshold is ACDC's"),
+                          (["--method", "acdc", "--steps", "3"], "ACDC takes none"),
+                          (["--method", "acdc", "--threshold", "-1"], "--threshold must be >= 0")):
+        assert main(["circuit", "toy-mamba", "--n", "2", "--out", str(tmp_path), *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_graph_metadata_must_be_json(tmp_path):
     import torch
 

@@ -7,7 +7,7 @@
     tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
     tl-mamba knockout [MODEL] [--task facts | --prompt "..." [--answer WORD]] [--window W] [--path ssm|conv|both]
                                                      information flow by knockout: table and plot
-    tl-mamba circuit [MODEL] [--task ioi|facts|needle [--length N]] [--level auto|layer|head|component] [--channel-groups G] [--method EAP-IG|EAP]
+    tl-mamba circuit [MODEL] [--task ioi|facts|needle [--length N]] [--level auto|layer|head|component] [--channel-groups G] [--method EAP-IG|EAP|ACDC [--threshold T]]
                                                      edge attribution: top edges, faithfulness, circuit PNG + JSON
 
 Bad arguments (an unknown model, a prompt the tokenizer cannot encode, an
@@ -466,8 +466,12 @@ def cmd_circuit(args) -> int:
 
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
-    if args.method == "EAP" and args.steps is not None:
-        raise UsageError("--steps sets EAP-IG's interpolation steps; plain EAP takes none")
+    if args.method != "EAP-IG" and args.steps is not None:
+        raise UsageError(f"--steps sets EAP-IG's interpolation steps; {args.method} takes none")
+    if args.threshold is not None and args.method != "ACDC":
+        raise UsageError("--threshold is ACDC's; EAP and EAP-IG keep the --top edges")
+    if args.threshold is not None and not args.threshold >= 0:
+        raise UsageError(f"--threshold must be >= 0, got {args.threshold}")
     if args.steps is not None and args.steps < 1:  # None: attribute's own default
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.top < 1:
@@ -512,6 +516,9 @@ def cmd_circuit(args) -> int:
     console.print(f"{args.method} on {model.cfg.model_name}, task {args.task} ({args.n} held-out pairs), "
                   f"{level}-level graph; logit diff clean {clean_value:.2f}, corrupted {corrupted_value:.2f}")
     graph = Graph.from_model(model, level=level, channel_groups=channel_groups)
+    if args.method == "ACDC":
+        return _circuit_by_acdc(args, model, graph, batches, (clean_value, corrupted_value), task_options,
+                                out_dir, console)
     attribute(model, graph, batches, None, logit_diff, method=args.method,
               ig_steps=args.steps if args.method == "EAP-IG" else None)
 
@@ -554,6 +561,42 @@ def cmd_circuit(args) -> int:
     if graph.count_included_edges() == 0:
         console.print(f"note: none of the top {args.top} edges lies on a complete input → logits path, so pruning "
                       "left an empty circuit; raise --top (the faithfulness table shows where edges start to stay)")
+    console.print(f"wrote {png_path} and {json_path}")
+    return 0
+
+
+def _circuit_by_acdc(args, model, graph, batches, baselines, task_options, out_dir, console) -> int:
+    """``circuit --method ACDC``: the edges ACDC keeps (KL objective, ``--threshold``), their
+    trial changes, the circuit's faithfulness, and the PNG and JSON."""
+    from rich.table import Table
+
+    from tl_mamba import __version__
+    from tl_mamba.circuits import acdc, faithfulness, logit_diff
+
+    threshold = 0.01 if args.threshold is None else args.threshold
+    acdc(model, graph, batches, threshold=threshold)
+    info = graph.metadata["acdc"]
+    kept = [(name, float(graph.scores[e.index])) for name, e in graph.edges.items() if bool(graph.in_graph[e.index])]
+    table = Table(title=f"ACDC kept {len(kept)} of {len(graph.edges)} edges (KL threshold {threshold}; "
+                        "score = rise of the KL when the edge was tried)")
+    for column in ("edge", "score"):
+        table.add_column(column, justify="left" if column == "edge" else "right")
+    for name, score in sorted(kept, key=lambda item: -abs(item[1])):
+        table.add_row(name, f"{score:+.4f}")
+    console.print(table)
+    value = faithfulness(model, graph, batches, None, logit_diff, quiet=True, baselines=baselines)
+    console.print(f"faithfulness of the ACDC circuit: {value:.3f} (logit diff; (circuit - corrupted) / "
+                  f"(clean - corrupted)); final KL {info['objective']:.4f}, {info['forwards']} patched forwards")
+    graph.metadata = {  # so that circuit.json says how it was made
+        "tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
+        "task": args.task, **task_options, "method": "ACDC", "threshold": threshold, "objective": "kl",
+        "n": args.n, "seed": args.seed, "batch_size": args.batch_size, "metric": "logit_diff",
+        "logit_diff_clean": baselines[0], "logit_diff_corrupted": baselines[1], "faithfulness": value,
+        "final_kl": info["objective"], "forwards": info["forwards"],
+    }
+    json_path = graph.to_json(out_dir / "circuit.json")
+    png_path = graph.to_image(out_dir / "circuit.png", title=f"{model.cfg.model_name} {args.task}: ACDC "
+                              f"(threshold {threshold}), {len(kept)} edges")
     console.print(f"wrote {png_path} and {json_path}")
     return 0
 
@@ -606,7 +649,7 @@ def main(argv: Optional[list] = None) -> int:
                           help="folder for the plot, the CSV and a JSON of the run's settings (default tl_mamba_knockout; "
                                "the CSV's change is a fraction, -1.0 = -100%%)")
     knockout.set_defaults(func=cmd_knockout)
-    circuit = sub.add_parser("circuit", help="EAP / EAP-IG circuit discovery on a toy task (IOI by default)")
+    circuit = sub.add_parser("circuit", help="EAP / EAP-IG / ACDC circuit discovery on a toy task (IOI by default)")
     circuit.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     circuit.add_argument("--task", choices=("ioi", "facts", "needle"), default="ioi", help="(default ioi)")
     circuit.add_argument("--length", type=int, default=None,
@@ -615,13 +658,16 @@ def main(argv: Optional[list] = None) -> int:
                          help="graph level (auto: head for Mamba-2, layer for Mamba-1)")
     circuit.add_argument("--channel-groups", type=int, default=None,
                          help="Mamba-1 at --level head: senders are this many groups of the d_inner channels")
-    circuit.add_argument("--method", choices=("EAP", "EAP-IG"), default="EAP-IG", type=str.upper,
-                         help="attribution method (case does not matter; default EAP-IG)")
+    circuit.add_argument("--method", choices=("EAP", "EAP-IG", "ACDC"), default="EAP-IG", type=str.upper,
+                         help="attribution method, or ACDC's exact pruning (case does not matter; default EAP-IG)")
+    circuit.add_argument("--threshold", type=float, default=None,
+                         help="ACDC: how much the KL may rise when an edge is removed (default 0.01)")
     circuit.add_argument("--steps", type=int, default=None,
                          help="EAP-IG interpolation steps (default: attribute's, 5)")
     circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs (default 64)")
     circuit.add_argument("--batch-size", type=int, default=32, help="pairs per forward (default 32)")
-    circuit.add_argument("--top", type=int, default=20, help="edges to keep in the circuit (default 20)")
+    circuit.add_argument("--top", type=int, default=20,
+                         help="EAP / EAP-IG: edges to keep in the circuit (default 20; ACDC chooses its own)")
     circuit.add_argument("--seed", type=int, default=0, help="which held-out pairs (default 0)")
     circuit.add_argument("--out", default="tl_mamba_circuit",
                          help="folder for circuit.png and circuit.json (default tl_mamba_circuit)")
