@@ -206,15 +206,10 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
 
 
 def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """The padding mask a statistic should leave out: ``attention_mask`` on the tokens' device, or,
-    when None, the one the model's forward infers from pad tokens (a model that pads on the left,
-    whose pad id differs from its BOS), or None (every position is real)."""
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
-        if tuple(attention_mask.shape) != tuple(tokens.shape):
-            raise ValueError(f"attention_mask must have shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
-        return attention_mask
-    return model._prepare_input(tokens, None, None, None)[1]
+    """The padding mask a statistic should leave out, as the model's forward reads it: the given
+    ``attention_mask``, checked by the forward's own check (shape, 0 / 1, contiguous padding), or,
+    when None, the mask the forward infers from pad tokens; None where every position is real."""
+    return model._prepare_input(tokens, attention_mask, None, None)[1]
 
 
 def _stats_layers(model, layers, batch_size) -> List[int]:
