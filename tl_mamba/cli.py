@@ -455,10 +455,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_circuit(args) -> int:
-    """EAP / EAP-IG on a toy task's clean/corrupted pairs: top edges, faithfulness, circuit PNG and JSON."""
+    """EAP / EAP-IG (or ACDC) on a toy task's clean/corrupted pairs: top edges, faithfulness, circuit PNG and JSON."""
     from rich.table import Table
 
-    from tl_mamba import __version__
     from tl_mamba.circuits import Graph, attribute, evaluate_baseline, faithfulness, logit_diff, task_batches
     from tl_mamba.circuits.eap import method_steps
     from tl_mamba.circuits.graph import check_channel_group_count
@@ -548,13 +547,9 @@ def cmd_circuit(args) -> int:
         console.print(curve)
         graph.scores = scores
         graph.apply_topn(args.top)
-    graph.metadata = {  # so that circuit.json says how it was made
-        "tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
-        "task": args.task, **task_options, "method": args.method,
-        "ig_steps": method_steps(args.method, args.steps) if args.method == "EAP-IG" else None, "n": args.n, "seed": args.seed,
-        "batch_size": args.batch_size, "top": args.top, "metric": "logit_diff",
-        "logit_diff_clean": clean_value, "logit_diff_corrupted": corrupted_value,
-    }
+    graph.metadata = _circuit_metadata(
+        args, model, task_options, (clean_value, corrupted_value),
+        ig_steps=method_steps(args.method, args.steps) if args.method == "EAP-IG" else None, top=args.top)
     json_path = graph.to_json(out_dir / "circuit.json")
     png_path = graph.to_image(out_dir / "circuit.png", title=f"{model.cfg.model_name} {args.task}: top {args.top} "
                               f"edges by {args.method} ({graph.count_included_edges()} after pruning)")
@@ -565,12 +560,22 @@ def cmd_circuit(args) -> int:
     return 0
 
 
+def _circuit_metadata(args, model, task_options, baselines, **method) -> dict:
+    """What circuit.json records of how a ``circuit`` run was made: the run's settings and
+    baselines, and ``method``'s own (EAP-IG's steps and top n, ACDC's threshold ...)."""
+    from tl_mamba import __version__
+
+    return {"tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
+            "task": args.task, **task_options, "method": args.method, "n": args.n, "seed": args.seed,
+            "batch_size": args.batch_size, "metric": "logit_diff", "logit_diff_clean": baselines[0],
+            "logit_diff_corrupted": baselines[1], **method}
+
+
 def _circuit_by_acdc(args, model, graph, batches, baselines, task_options, out_dir, console) -> int:
     """``circuit --method ACDC``: the edges ACDC keeps (KL objective, ``--threshold``), their
     trial changes, the circuit's faithfulness, and the PNG and JSON."""
     from rich.table import Table
 
-    from tl_mamba import __version__
     from tl_mamba.circuits import acdc, faithfulness, logit_diff
 
     threshold = 0.01 if args.threshold is None else args.threshold
@@ -587,13 +592,8 @@ def _circuit_by_acdc(args, model, graph, batches, baselines, task_options, out_d
     value = faithfulness(model, graph, batches, None, logit_diff, quiet=True, baselines=baselines)
     console.print(f"faithfulness of the ACDC circuit: {value:.3f} (logit diff; (circuit - corrupted) / "
                   f"(clean - corrupted)); final KL {info['objective']:.4f}, {info['forwards']} patched forwards")
-    graph.metadata = {  # so that circuit.json says how it was made
-        "tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
-        "task": args.task, **task_options, "method": "ACDC", "threshold": threshold, "objective": "kl",
-        "n": args.n, "seed": args.seed, "batch_size": args.batch_size, "metric": "logit_diff",
-        "logit_diff_clean": baselines[0], "logit_diff_corrupted": baselines[1], "faithfulness": value,
-        "final_kl": info["objective"], "forwards": info["forwards"],
-    }
+    graph.metadata = _circuit_metadata(args, model, task_options, baselines, threshold=threshold, objective="kl",
+                                       faithfulness=value, final_kl=info["objective"], forwards=info["forwards"])
     json_path = graph.to_json(out_dir / "circuit.json")
     png_path = graph.to_image(out_dir / "circuit.png", title=f"{model.cfg.model_name} {args.task}: ACDC "
                               f"(threshold {threshold}), {len(kept)} edges")
