@@ -76,6 +76,24 @@ def tiny_model(tokenizer):
     return model
 
 
+def run_quick_benchmark(script: str, out, timeout: int = 600) -> dict:
+    """Run ``benchmarks/<script> --quick --out <out>`` in a subprocess (offline, this checkout on
+    the path), assert it exited 0 (showing its stderr's tail otherwise), and return the results
+    JSON it wrote to ``<out>.json``."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = pathlib.Path(out)
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--out", str(out)], cwd=root,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root)), capture_output=True,
+                         text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.with_suffix(".json").read_text())
+
+
 class RowCounter:
     """Rows of every forward, read at the embedding module (every forward of the model runs it,
     also when hook_embed's output is replaced): ``with RowCounter(model) as rows: ...``."""

@@ -6,23 +6,14 @@ models and that each circuit's faithfulness was measured at ACDC's size.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import run_quick_benchmark
 
 
 def test_circuits_benchmark_quick_run(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "circuits"
-    run = subprocess.run([sys.executable, "benchmarks/bench_circuits_cpu.py", "--quick", "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = run_quick_benchmark("bench_circuits_cpu.py", out)["rows"]
     assert [(r["model"], r["method"]) for r in rows] == [
         (model, method) for model in ("toy-mamba2", "toy-mamba") for method in ("EAP", "EAP-IG", "exact", "ACDC")]
     for row in rows:

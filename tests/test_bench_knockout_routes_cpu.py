@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import run_quick_benchmark
 
 
 def test_knockout_routes_benchmark_smoke_run(tmp_path):
     from tl_mamba.ops.knockout import PAIRS_PER_SCANNED_POSITION
 
     out = tmp_path / "routes"
-    run = subprocess.run([sys.executable, "benchmarks/bench_knockout_routes_cpu.py", "--quick", "--out", str(out)],
-                         cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)),
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(out.with_suffix(".json").read_text())
+    results = run_quick_benchmark("bench_knockout_routes_cpu.py", out, timeout=300)
     assert results["default_pairs_per_scanned_position"] == PAIRS_PER_SCANNED_POSITION
     rows = results["rows"]
     assert {r["family"] for r in rows} == {"mamba1", "mamba2"}

@@ -6,22 +6,11 @@ the two routes of an override (segments, one recurrence) gave the same logits.
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import run_quick_benchmark
 
 
 def test_state_edits_benchmark_quick_run(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    out = tmp_path / "state_edits"
-    run = subprocess.run([sys.executable, "benchmarks/bench_state_edits_cpu.py", "--quick", "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = run_quick_benchmark("bench_state_edits_cpu.py", tmp_path / "state_edits")["rows"]
     assert [(r["model"], r["grad"]) for r in rows] == [("toy-mamba2", False), ("toy-mamba2", True),
                                                         ("toy-mamba", False), ("toy-mamba", True)]
     for row in rows:
