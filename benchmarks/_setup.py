@@ -30,6 +30,20 @@ import torch
 
 
 @contextlib.contextmanager
+def patched(settings):
+    """Inside, each ``(module, name, value)`` of ``settings`` is set (a kernel's tile, precision or
+    route switch); the previous values come back on leaving, also after an error."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    for module, name, value in settings:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def override_route(route: str):
     """Inside, ``hook_h`` edits take ``route`` (``"segments"`` or ``"recurrence"``) whatever their
     number (``tl_mamba.ops.state_override.scan_with_override``'s thresholds, set and restored)."""

@@ -329,6 +329,7 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
             del reference
         # the three chunked kernels alone at explicit (hd, n) tiles, plain and with the same-pass
         # knockout (3 sources at p/3 → the last position): what triton_chunked.TILE_CAPS is set from
+        from _setup import patched
         from tl_mamba.ops.knockout import EdgeRemoval
         from tl_mamba.ops.ssd import triton_chunked
         from tl_mamba.ops.ssd.triton_chunked import ssd_chunked_triton
@@ -348,11 +349,8 @@ def scan_contenders(family, t, device, log, vendor_path: str = "", notes: Option
                 lambda tiles=dict(block_hd=hd_tile, block_n=n_tile): ssd_chunked_triton(*scan_args, **tiles))
 
         def tf32_dots():  # the default tiles with tensor-core dots (not the default's exact fp32 "ieee" dots)
-            default, triton_chunked.DOT_PRECISION = triton_chunked.DOT_PRECISION, "tf32"
-            try:
+            with patched([(triton_chunked, "DOT_PRECISION", "tf32")]):
                 return ssd_chunked_triton(*scan_args)
-            finally:
-                triton_chunked.DOT_PRECISION = default
 
         calls["chunked_tf32_dots"] = sync(tf32_dots)
         if notes is not None:  # each tile size's y, plain and knocked out, against the torch backend in float64

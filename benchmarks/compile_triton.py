@@ -70,6 +70,7 @@ sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # the package, and _env
 
 import tl_mamba.backends  # noqa: E402
 from _env import triton_toolchain  # noqa: E402
+from _setup import patched  # noqa: E402
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig, Knockout  # noqa: E402
 
 #: per target capability, from CUDA's tables: the GPUs, the shared memory one block may opt into
@@ -304,18 +305,6 @@ def fallback_routes(family: str) -> Dict[str, List[tuple]]:
         "knockout as a separate scan": [(triton_kernel, "SAME_PASS", False)],
         "recurrent kernel": [(triton_kernel, "BACKWARD_CHUNK", 96)],  # not a multiple of the chunk: recurrent
     }
-
-
-@contextlib.contextmanager
-def patched(settings: List[tuple]):
-    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
-    for module, name, value in settings:
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def check_target(capability: int, sizes: List[str], p: int, dtypes: List[torch.dtype], keep: Optional[str] = None,
