@@ -248,8 +248,6 @@ def test_circuit_on_the_needle_task(tmp_path, capsys):
 def test_circuit_by_acdc(tmp_path, capsys):
     """--method ACDC: the edges kept are those of acdc() on the same pairs, at the given threshold,
     the printed faithfulness is that circuit's, and circuit.json says how it was made."""
-    import json
-
     import torch
 
     from tl_mamba.circuits import Graph, acdc, faithfulness, logit_diff, task_batches
