@@ -471,20 +471,24 @@ def test_string_batch_generation_with_default_padding_equals_alone(model):
         assert strings[row].replace("<pad>", "").split() == alone.split(), row
 
 
-def test_right_padding_in_generate_is_refused(model):
+def test_right_padded_tokens_are_refused_and_strings_padded_on_the_left(model):
     """Right padding cannot be continued in place (a short row's next token would follow its pads):
-    generate refuses it by name, from strings and from a right-padded mask alike."""
+    generate refuses a right-padded token batch by name. Strings it tokenizes itself, so it pads them on
+    the left whatever padding_side says, as TransformerLens 4.x does (it refused padding_side="right")."""
     texts = ["when mary and john went to the store", "a dog"]
-    with pytest.raises(ValueError, match="use left padding"):
-        gen(model, texts, max_new_tokens=4, do_sample=False, stop_at_eos=False, padding_side="right")
     tokens, mask = model.to_tokens(texts, padding_side="right", return_attention_mask=True)
-    with pytest.raises(ValueError, match="use left padding"):
+    with pytest.raises(ValueError, match="use left padding.*or give the prompts as strings"):
         gen(model, tokens, attention_mask=mask, max_new_tokens=4, do_sample=False, stop_at_eos=False)
-    # the same prompts left-padded generate what each does alone
-    out = gen(model, texts, max_new_tokens=4, do_sample=False, stop_at_eos=False, padding_side="left",
-              return_type="tokens")
-    for row, text in enumerate(texts):
-        assert out[row, -4:].tolist() == greedy_by_full_forwards(model, model.to_tokens(text), 4)[0, -4:].tolist()
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+        gen(model, texts, max_new_tokens=4, padding_side="middle")
+    # either side given, the prompts generate what each does alone
+    for side in ("right", "left"):
+        out = gen(model, texts, max_new_tokens=4, do_sample=False, stop_at_eos=False, padding_side=side,
+                  return_type="tokens")
+        for row, text in enumerate(texts):
+            alone = greedy_by_full_forwards(model, model.to_tokens(text), 4)
+            assert out[row, -4:].tolist() == alone[0, -4:].tolist(), (side, row)
+            assert out[row, -alone.shape[1]:].tolist() == alone[0].tolist(), (side, row)  # prompt ends at the new tokens
 
 
 def test_generate_zero_new_tokens_and_bad_arguments(model, prompt):

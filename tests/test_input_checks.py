@@ -379,6 +379,22 @@ def test_token_helpers_refuse_ids_they_would_drop_or_misread():
             model.tokens_to_residual_directions(bad)
     with pytest.raises(TypeError, match="to_single_token takes a string, got int.*to_single_str_token"):
         model.to_single_token(5)
+    for call in (model.to_string, model.to_str_tokens):  # the forward's hint is not theirs
+        with pytest.raises(TypeError) as err:
+            call(torch.tensor([1.0, 2.0]))
+        assert "start_at_layer" not in str(err.value)
+    with pytest.raises(TypeError, match="to feed residual activations use start_at_layer"):
+        model(torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("bad, named", [(5, "got int"), (torch.tensor([5]), "got Tensor"), ([], "got an empty list"),
+                                        (["a", 3], "got a list of int, str")])
+def test_to_tokens_names_what_it_was_given(bad, named):
+    """to_tokens(5) raised "'int' object is not iterable"."""
+    model = HookedMamba(tiny_config(), tokenizer=make_tokenizer())
+    with pytest.raises(ValueError, match=f"to_tokens takes a string or a non-empty list of strings, {named}$"):
+        model.to_tokens(bad)
+    assert model.to_tokens(("the", "cat")).shape[0] == 2  # a tuple of strings is a list of strings
 
 
 # ---------------------------------------------------------------- configs

@@ -51,7 +51,9 @@ class GenerationMixin:
         them: no BOS, no EOS, so ``generate(prompt)`` starts with ``prompt``. Unlike
         TransformerLens, a batch's padding (on the left, or the fill after a row's EOS) is
         left out even where the pad token is not a special token, so that each prompt of a
-        batch gets the text it gets alone. For the BOS and EOS, ask for
+        batch gets the text it gets alone. Strings are padded on the left whatever ``padding_side``
+        says (new tokens follow each prompt's last), as in TransformerLens 4.x; a token batch must
+        come left-padded. For the BOS and EOS, ask for
         ``return_type="tokens"`` and use ``to_string``. ``top_k`` must be a positive int or
         None, and ``eos_token_id`` an id or a non-empty list of ids. A row that has ended is
         filled with the (first) EOS id, as in TransformerLens (transformers fills with the pad id).
@@ -101,13 +103,17 @@ class GenerationMixin:
                     "or stop_at_eos=False to never stop early"
                 )
         string_input = isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str))
-        if string_input and padding_side is None:
-            padding_side = "left"  # new tokens are appended on the right, so prompts must end together
+        if string_input:  # new tokens are appended on the right, so prompts must end together: strings are
+            # padded on the left whatever padding_side says, as TransformerLens 4.x's generate does
+            if padding_side not in (None, "left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            padding_side = "left"
         tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side)
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError(
                 "generate needs every prompt to end at the last column: use left padding "
-                "(padding_side='left', or a left-padded attention_mask)"
+                "(a left-padded attention_mask, or padding_side='left' where the pads are read off the pad "
+                "token; or give the prompts as strings, which generate pads on the left itself)"
             )
         if eos_token_id is None and stop_at_eos:
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None

@@ -134,9 +134,11 @@ class TokensMixin:
         padding_side = padding_side or self._padding_side()
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        strings = [input] if isinstance(input, str) else list(input)
+        strings = [input] if isinstance(input, str) else list(input) if isinstance(input, (list, tuple)) else None
         if not strings or not all(isinstance(s, str) for s in strings):
-            raise ValueError("to_tokens takes a string or a non-empty list of strings")
+            got = type(input).__name__ if strings is None else "an empty list" if not strings else "a list of " + \
+                ", ".join(sorted({type(s).__name__ for s in strings}))
+            raise ValueError(f"to_tokens takes a string or a non-empty list of strings, got {got}")
         ids = [list(tok(s, add_special_tokens=False)["input_ids"]) for s in strings]
         self._warn_unknown_tokens(strings, ids)
         if prepend_bos:
@@ -324,7 +326,7 @@ class TokensMixin:
             tokens = tokens[None]
         if tokens.dim() != 2:
             raise ValueError(f"token input must be [batch, pos], got shape {tuple(input.shape)}")
-        _check_token_dtype(tokens, "token input")
+        _check_token_dtype(tokens, "token input", hint="; to feed residual activations use start_at_layer")
         if tokens.dtype not in (torch.int32, torch.int64):  # int8, int16, uint16 ...: torch indexes only with these
             tokens = tokens.long()
         if tokens.shape[1] == 0:
@@ -439,8 +441,9 @@ def _check_not_meta(tensor: Tensor, what: str) -> None:
                          "pass real values (on the CPU or the model's device)")
 
 
-def _check_token_dtype(tokens: Tensor, what: str) -> None:
-    """Token ids must be an integer tensor, and not uint8 or bool: torch indexes with those as masks."""
+def _check_token_dtype(tokens: Tensor, what: str, hint: str = "") -> None:
+    """Token ids must be an integer tensor, and not uint8 or bool: torch indexes with those as masks.
+    ``hint`` ends the float message (the forward's: how to feed residual activations)."""
     if tokens.dtype == torch.uint8:
         raise TypeError(
             f"{what} must be an integer tensor of token ids (torch.long), got torch.uint8, which torch treats "
@@ -448,8 +451,7 @@ def _check_token_dtype(tokens: Tensor, what: str) -> None:
         )
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(
-            f"{what} must be an integer tensor of token ids, got {tokens.dtype}; to feed residual activations "
-            "use start_at_layer"
+            f"{what} must be an integer tensor of token ids, got {tokens.dtype}{hint}"
         )
 
 
