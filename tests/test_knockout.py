@@ -495,6 +495,15 @@ def test_hidden_attention_matches_brute_force_and_reconstructs_y(family):
     pick = {"heads": [2, 0]} if family == "mamba2" else {"channels": [5, 1]}
     chosen = model.hidden_attention(tokens, 1, **pick)
     torch.testing.assert_close(chosen, alpha[:, [2, 0] if family == "mamba2" else [5, 1]])
+    # a bool mask, as Knockout takes (it was refused as not an index), chooses its True features in order
+    what, size = ("heads", cfg.n_heads) if family == "mamba2" else ("channels", cfg.d_inner)
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[[0, 2]] = True
+    torch.testing.assert_close(model.hidden_attention(cache, 1, **{what: mask}), ref[:, [0, 2]], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=rf"a bool mask of {what} must have {size} entries, got shape \(3,\)"):
+        model.hidden_attention(cache, 1, **{what: mask[:3]})
+    with pytest.raises(ValueError, match=f"the {what} mask chooses none"):
+        model.hidden_attention(cache, 1, **{what: torch.zeros(size, dtype=torch.bool)})
     norm = tl_mamba.hidden_attention(model, cache, 1, reduce="norm", chunk_bytes=1)
     torch.testing.assert_close(norm, alpha.pow(2).sum(1).sqrt(), rtol=1e-5, atol=1e-6)
 

@@ -117,11 +117,19 @@ def _check_memory(model, needed: int, layer: int, what: str, fewer: str) -> None
 
 
 def _select(index, size: int, what: str, owner: str = "hidden_attention") -> Tensor:
-    """``heads`` / ``channels`` (None: all) as a long tensor in ``[0, size)``: integers only (a
-    float such as 1.9 would be truncated to another head, a bool read as head 0 or 1)."""
+    """``heads`` / ``channels`` (None: all) as a long tensor in ``[0, size)``: integers, or a bool
+    tensor ``[size]`` as ``Knockout`` takes (a float such as 1.9 would be truncated to another head,
+    a Python bool read as head 0 or 1, so those are refused)."""
     if index is None:
         return torch.arange(size)
-    index = torch.tensor(_index_list(index, what, owner=owner, mask_ok=False), dtype=torch.long)
+    if isinstance(index, Tensor) and index.dtype == torch.bool:
+        if tuple(index.shape) != (size,):
+            raise ValueError(f"{owner}: a bool mask of {what} must have {size} entries, got shape {tuple(index.shape)}")
+        index = index.cpu().nonzero()[:, 0]
+        if index.numel() == 0:
+            raise ValueError(f"{owner}: the {what} mask chooses none")
+        return index
+    index = torch.tensor(_index_list(index, what, owner=owner, mask_ok=True), dtype=torch.long)
     if index.numel() == 0:
         raise ValueError(f"{owner}: {what} is empty")
     if bool(((index < -size) | (index >= size)).any()):
@@ -187,7 +195,8 @@ def hidden_attention(
             without the batch axis: ``remove_batch_dim=True`` caches work for both
             families). A cache cut by ``pos_slice`` (other than a prefix ``slice(0, k)``)
             raises ``ValueError``.
-        heads: Mamba-2 heads to return. channels: Mamba-1 channels to return.
+        heads: Mamba-2 heads to return. channels: Mamba-1 channels to return. Integers, or a
+            bool mask ``[h]`` / ``[e]`` as ``Knockout`` takes.
         reduce: ``None`` (every feature), or a ``[b, p, p]`` view over the chosen
             features for plotting: ``"norm"`` (L2 norm), ``"sum"``, ``"mean"``,
             ``"abs_max"``. Computed chunk by chunk, so the per-feature tensor is never held.
