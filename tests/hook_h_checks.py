@@ -100,3 +100,70 @@ def check_int_or_bool_states_are_read_as_floats(model, tokens, backend, dtype, r
     logits, _ = run(model, tokens, backend, hooks=[("blocks.0.hook_h", signs)])
     ref_logits, _, _ = reference_forward(model, tokens, h_edits={0: lambda t, h: written["h"][:, t].double()})
     torch.testing.assert_close(logits.double(), ref_logits, **TOL)
+
+
+def check_hooks_after_an_edit_see_the_continued_states(model, tokens, backend, probe, reference_forward) -> None:
+    """Hooks on ``hook_h`` run in order, and a hook after an edit gets the states the recurrence
+    continues into from it: a cache before the edits holds the unedited states, one between them
+    the states after the first edit, one after both the states y is read from. A second edit that
+    is a function of the states applies to the continued ones, so two hooks mean what one sequential
+    scan with both edits means. (Every hook got the unedited states, and a cache after an edit held
+    them past the edited position, where y never read them.) The reference applies the edits step
+    by step; the weights' gradients, a probe on the last hook's states included, are autograd's
+    through it."""
+    model.set_backend(backend)
+    seen = {}
+
+    def keep(key):
+        def hook(h, hook):  # (a copy: a later hook's in-place edit shows in the tensor itself, as at any hook)
+            seen[key] = h.clone()
+            return None  # (a cache's way: the next hook gets the same tensor)
+        return hook
+
+    def halve_at_2(h, hook):  # in place
+        h[:, 2] *= 0.5
+
+    def flip_at_5(h, hook):  # a function of the states it is given, out of place
+        h = h.clone()
+        h[:, 5] = -1.5 * h[:, 5]
+        return h
+
+    name = "blocks.0.hook_h"
+    hooks = [(name, keep("before")), (name, halve_at_2), (name, keep("between")), (name, flip_at_5),
+             (name, keep("after"))]
+    model.zero_grad(set_to_none=True)
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    loss = _cross_entropy(logits, tokens) + (seen["after"] * probe).sum()
+    loss.backward()
+    got = {n: param.grad.double() for n, param in model.named_parameters() if param.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    def first(t, h):
+        return 0.5 * h if t == 2 else h
+
+    def both(t, h):
+        return -1.5 * h if t == 5 else first(t, h)
+
+    with torch.no_grad():
+        _, plain, _ = reference_forward(model, tokens)
+        _, after_first, _ = reference_forward(model, tokens, h_edits={0: first})
+    torch.testing.assert_close(seen["before"].detach().double(), plain[name], **TOL)
+    torch.testing.assert_close(seen["between"].detach().double(), after_first[name], **TOL)
+    assert (after_first[name][:, 3:] - plain[name][:, 3:]).abs().max() > 1e-3  # the first edit carried on
+    weights = {k: v.detach().double().requires_grad_() for k, v in model.state_dict().items()}
+    ref_logits, acts, _ = reference_forward(model, tokens, h_edits={0: both}, weights=weights)
+    torch.testing.assert_close(seen["after"].detach().double(), acts[name], **TOL)
+    torch.testing.assert_close(logits.detach().double(), ref_logits.detach(), **TOL)
+    ref_loss = _cross_entropy(ref_logits, tokens) + (acts[name] * probe.double()).sum()
+    names = [n for n in got if n in weights]
+    refs = torch.autograd.grad(ref_loss, [weights[n] for n in names], allow_unused=True)
+    assert "blocks.0.mixer.in_proj.weight" in names
+    for n, ref in zip(names, refs):
+        if ref is not None:
+            torch.testing.assert_close(got[n], ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    # without autograd, in inference mode too, the same
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            again = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        torch.testing.assert_close(again.double(), ref_logits.detach(), **TOL)
+        torch.testing.assert_close(seen["between"].double(), after_first[name], **TOL)

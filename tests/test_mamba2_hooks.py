@@ -23,7 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.hook_h_checks import (check_edit_returned_in_a_narrower_dtype, check_int_or_bool_states_are_read_as_floats,
+from tests.hook_h_checks import (check_edit_returned_in_a_narrower_dtype,
+                                   check_hooks_after_an_edit_see_the_continued_states,
+                                   check_int_or_bool_states_are_read_as_floats,
                                    check_probe_on_the_states_reaches_the_weights,
                                    check_states_returned_rounded_leave_the_gradients)
 from tl_mamba import HookedMamba2, HookedMambaConfig, RecurrentState
@@ -518,8 +520,9 @@ def test_hook_h_override_continues_recurrence(model, tokens, plain_ref, backend,
     state = RecurrentState.empty(model.cfg.n_layers)  # exposes each layer's final SSM state
     logits, cache = _run(model, tokens, backend, hooks=[(f"blocks.{layer}.hook_h", fn)], state=state)
     ref_logits, acts, finals = reference_forward(model, tokens, h_edits={layer: ref_edit})
-    # the cached hook_h is what the hook returned; the continued recurrence shows in y and the final state
-    _assert_acts_match(cache, acts, skip={f"blocks.{layer}.hook_h"})
+    # the cache (its hook follows the edit) holds the states the recurrence continued into, as the
+    # reference's (it held the unedited states after t, which y was never read from)
+    assert _assert_acts_match(cache, acts) == len(acts)
     torch.testing.assert_close(logits.double(), ref_logits, **TOL)
     for l in range(model.cfg.n_layers):
         torch.testing.assert_close(state.layers[l]["ssm"].double(), finals[l], **TOL)
@@ -787,3 +790,10 @@ def test_states_returned_rounded_to_bf16_leave_the_gradients(model, tokens, back
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hook_h_int_or_bool_return_is_read_as_floats(model, tokens, backend, dtype):
     check_int_or_bool_states_are_read_as_floats(model, tokens, backend, dtype, _run, reference_forward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hooks_after_a_hook_h_edit_see_the_continued_states(model, tokens, backend):
+    probe = torch.randn(model.cfg.n_heads, model.cfg.d_head, model.cfg.d_state,
+                        generator=torch.Generator().manual_seed(12))
+    check_hooks_after_an_edit_see_the_continued_states(model, tokens, backend, probe, reference_forward)

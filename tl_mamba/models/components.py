@@ -50,6 +50,38 @@ class CheckedHookPoint(HookPoint):
                 out = out.to(x.dtype)
         return out
 
+    def call_each(self, x: Tensor, on_change) -> Tensor:
+        """``self(x)``, with ``on_change(given, returned, more)`` called after each forward hook that
+        returned another tensor or edited its input in place: what it returns is what the next hook
+        gets (``more``: whether one follows) and, after the last hook, the result.
+
+        ``hook_h`` runs its hooks this way, so that a hook after an edit (a cache, a second edit)
+        sees the states the edit leads to. Backward hooks see the result, as with ``self(x)``.
+        With one hook (or torch's global hooks, or hooks taking keyword arguments, which
+        TransformerLens never adds) the hooks run as ``self(x)`` runs them, ``on_change`` after.
+        """
+        hooks = list(self._forward_hooks.values())
+        if (len(hooks) < 2 or self._forward_hooks_with_kwargs or self._forward_hooks_always_called
+                or nn.modules.module._global_forward_hooks):
+            version = x._version
+            out = self(x)
+            return on_change(x, out, False) if out is not x or x._version != version else out
+        saved, self._forward_hooks = self._forward_hooks, type(self._forward_hooks)()
+        try:
+            for i, hook in enumerate(hooks):
+                version = x._version
+                out = hook(self, (x,), x)  # as Module.__call__ calls a forward hook
+                if out is None:
+                    out = x
+                elif out is not x:
+                    check_hook_output(self, x, out)
+                if out is not x or x._version != version:
+                    out = on_change(x, out, i + 1 < len(hooks))
+                x = out
+            return super().__call__(x)  # with no forward hooks left: what sets up the backward hooks
+        finally:
+            self._forward_hooks = saved
+
 
 def check_hook_output(hook_point: HookPoint, given, returned) -> None:
     """Raise if ``returned`` (what ``hook_point``'s hooks made of ``given``) is not a tensor of

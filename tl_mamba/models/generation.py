@@ -43,7 +43,11 @@ class GenerationMixin:
 
         The conv and SSM states are carried in a ``RecurrentState``, so each new
         token costs the same whatever the prefix length, and hooks fire at every
-        step (on ``p = 1`` tensors after the prefill). Keyword names follow
+        step (on ``p = 1`` tensors after the prefill). So an edit of ``hook_h`` that is a
+        function of the state (``h * 0.5``, ``h + v``) compounds from step to step, each
+        step's hook seeing the state the last step's edit left, where one forward over the
+        same tokens applies it to the states of the unedited scan (docs/quickstart.md,
+        "Editing the state through hook_h"); ``use_past_kv_cache=False`` reads it that way. Keyword names follow
         TransformerLens' ``generate``. ``return_type="input"`` returns strings for
         string input and tokens otherwise; ``"str"`` / ``"tokens"`` force one (None
         gives tokens, as in TransformerLens). A string is the row's prompt and new tokens

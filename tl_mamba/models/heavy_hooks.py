@@ -10,7 +10,8 @@
   receives ∂L/∂mask.
 - ``hook_h`` (the state after every step): materialised only when hooked. If a
   hook edits it, the scan is rerun with the edited entries fixed, so the
-  recurrence continues from them and y is read from them. Its gradient (backward
+  recurrence continues from them and y is read from them. The hooks on it run one
+  at a time: a hook after an edit (a cache, another edit) gets the rerun's states. Its gradient (backward
   hooks, ``incl_bwd``) is the total derivative: through y_t and through every
   later state the recurrence carries h_t into. An edit that is a function of h
   (``h * 0.7``, ``h + v``) passes its gradient on into the states and so to the
@@ -22,6 +23,7 @@ and every backend.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -41,14 +43,18 @@ from tl_mamba.ops.state_override import StateOverride, adjoint_recurrence, edite
 #: edited mask and the masked scan's scratch (2.7x). Peak RSS at 130m widths, p 2048-4096, CPU,
 #: 2026-12-06. Reading a heavy hook (a cache, a hook that returns it unchanged) holds about 1x.
 EDIT_WORKING_FACTOR = {"hook_h": 2.25, "hook_ssm_mask": 3.0}
+#: An edit of ``hook_h`` that another hook on it follows: on top of the above, the states the edit
+#: leads to (the next hook's input) and the rerun's own (counted from the tensors held, not measured).
+CHAINED_EDIT_FACTOR = 3.5
 
 
-def check_heavy_hook_memory(block, hook: str, nbytes: int, edited: bool = False) -> None:
+def check_heavy_hook_memory(block, hook: str, nbytes: int, edited: bool = False, chained: bool = False) -> None:
     """Refuse to materialise a heavy hook of ``nbytes`` over ``model.heavy_hook_memory_limit``,
     or, with ``edited`` (called once a hook has edited it, before any work on the edit), to
-    apply an edit whose working memory (:data:`EDIT_WORKING_FACTOR` times ``nbytes``) is over it."""
+    apply an edit whose working memory (:data:`EDIT_WORKING_FACTOR` times ``nbytes``) is over it;
+    ``chained``: an edit of ``hook_h`` that another hook follows (:data:`CHAINED_EDIT_FACTOR`)."""
     limit = block.model_ref[0].heavy_hook_memory_limit
-    needed = nbytes * EDIT_WORKING_FACTOR[hook] if edited else nbytes
+    needed = nbytes * (CHAINED_EDIT_FACTOR if chained else EDIT_WORKING_FACTOR[hook]) if edited else nbytes
     if needed <= limit:
         return
     if edited:
@@ -160,6 +166,82 @@ class _TotalDerivative(torch.autograd.Function):
         return total, None, None, None, None, None  # ctx keeps its fields: backward(retain_graph=True) twice
 
 
+class _HookEdits:
+    """The edits the hooks on ``hook_h`` make, read one hook at a time (``CheckedHookPoint.call_each``
+    calls it after each hook that changed the states it was given).
+
+    An edit is an entry a hook returned different from the states it was given. After an edit,
+    when another hook follows, the scan is rerun with the edits so far fixed, and that hook gets
+    the states the recurrence continues into (a cache after an edit holds the states the forward
+    uses; a second edit applies to them). Under autograd the rerun states are connected as the
+    first hook's are (:class:`_ConnectStates`), through their own :class:`_ThroughEdits`, which
+    then replaces the first: the unedited entries the last hook saw are the rerun's.
+
+    Attributes:
+        mask: ``[b, p, *state]`` bool, the entries edited so far (None: no hook changed anything).
+        through_edits: the :class:`_ThroughEdits` of the states whose unedited entries the last
+            hook was given (None without autograd).
+    """
+
+    def __init__(self, block, scan, state_bytes: int, attention_mask: Optional[Tensor],
+                 through_edits: Optional[_ThroughEdits], given: Optional[Tensor]):
+        self.block, self.scan, self.state_bytes, self.attention_mask = block, scan, state_bytes, attention_mask
+        self.through_edits = through_edits
+        self.given = given  # the unedited values of what the next hook is given (None: scan again to know)
+        self.mask: Optional[Tensor] = None
+
+    def __call__(self, given: Tensor, returned: Tensor, more: bool) -> Tensor:
+        if self.mask is None:  # before any work on the first edit
+            check_heavy_hook_memory(self.block, "hook_h", self.state_bytes, edited=True)
+        reference = self.given
+        if reference is None:  # the hook had the scan's states themselves (no autograd): even a new
+            # tensor returned may come with an edit through .data, which no version counter shows
+            with torch.no_grad():  # only compared against, never differentiated
+                reference = self.scan(return_states=True).states
+        # compared in the hook's float dtype: states it returned rounded to bf16 are edited only where
+        # it changed them (in the states' dtype, every entry would differ, and the recurrence would be
+        # pinned to the unedited values everywhere instead of continuing from the edit). An int or bool
+        # return is read as floats, as at every other hook point.
+        compare_in = returned.dtype if returned.dtype.is_floating_point else reference.dtype
+        new = returned.detach().to(compare_in) != reference.to(compare_in)
+        if self.attention_mask is not None:  # padding never reaches a real token, edited or not
+            new &= self.attention_mask.bool().view(*self.attention_mask.shape, *[1] * (new.dim() - 2))
+        self.mask = new if self.mask is None else self.mask | new
+        if not more:
+            if (self.through_edits is not None and returned.dtype.is_floating_point
+                    and returned.dtype != reference.dtype):
+                self.through_edits.hook_dtype = returned.dtype  # the cast its unedited gradient goes through
+            return returned
+        # what the next hook gets is made outside inference mode: its in-place edits must show in a
+        # version counter, which inference tensors lack
+        outside_inference = (contextlib.nullcontext() if not torch.is_inference_mode_enabled()
+                             else _outside_inference_mode())
+        positions = edited_positions(self.mask)
+        if not positions:  # only padding changed: the next hook gets the states as they are
+            self.given = reference
+            if returned.is_inference():
+                with outside_inference:
+                    returned = returned.clone()
+            return returned
+        check_heavy_hook_memory(self.block, "hook_h", self.state_bytes, edited=True, chained=True)
+        with outside_inference:
+            values = returned.to(reference.dtype)  # (differentiable)
+            override = StateOverride(values=values, mask=self.mask, positions=positions)
+            continued = self.scan(state_override=override, return_states=True).states
+            self.given = continued.detach()
+            if self.through_edits is not None:
+                self.through_edits = _ThroughEdits()
+                continued = _ConnectStates.apply(continued, self.through_edits)
+            return torch.where(self.mask, values, continued)
+
+
+@contextlib.contextmanager
+def _outside_inference_mode():
+    """Out of inference mode, still without autograd (what a forward in inference mode wants)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def scan_with_heavy_hooks(
     block,
     scan: Callable[..., object],
@@ -247,30 +329,14 @@ def scan_with_heavy_hooks(
     if not wants_grad and states.is_inference():  # a scan that returned inference tensors all the same
         with torch.inference_mode(False):
             states = states.clone()
-    version = states._version
-    seen = block.hook_h(states)  # (another shape is refused by the hook point, CheckedHookPoint)
-    edited = None
-    if seen is not states or states._version != version:
-        # the hook edited the state: find the edited entries against the scan's states, then
-        # rerun with them fixed so the recurrence continues from the edited values
-        check_heavy_hook_memory(block, "hook_h", state_bytes, edited=True)  # before the work on the edit
-        if wants_grad:  # the hook had a copy: the scan's own states are untouched
-            original = out.states.detach()
-        else:  # the hook had the states themselves (even a new tensor returned may come with
-            # an edit through .data, which no version counter shows): scan again to compare
-            with torch.no_grad():  # only compared against, never differentiated
-                original = scan(return_states=True).states
-        # compared in the hook's float dtype: states it returned rounded to bf16 are edited only
-        # where it changed them (in the states' dtype, every entry would differ, and the recurrence
-        # would be pinned to the unedited values everywhere instead of continuing from the edit).
-        # An int or bool return is read as floats, as at every other hook point.
-        compare_in = seen.dtype if seen.dtype.is_floating_point else original.dtype
-        edited = seen.detach().to(compare_in) != original.to(compare_in)
-        if through_edits is not None and seen.dtype.is_floating_point and seen.dtype != original.dtype:
-            through_edits.hook_dtype = seen.dtype
-        seen = seen.to(original.dtype)  # (differentiable: a gradient still reaches the hook's input)
-        if attention_mask is not None:  # padding never reaches a real token, edited or not
-            edited &= attention_mask.bool().view(*attention_mask.shape, *[1] * (edited.dim() - 2))
+    # A hook's edits are read against the states it was given; after an edit, a hook that follows
+    # (a cache, another edit) gets the states the edit leads to (_HookEdits, one hook at a time)
+    edits = _HookEdits(block, scan, state_bytes, attention_mask, through_edits,
+                       given=out.states.detach() if wants_grad else None)  # (no grad: the hook had out.states)
+    seen = block.hook_h.call_each(states, edits)
+    edited, through_edits = edits.mask, edits.through_edits
+    if edited is not None:
+        seen = seen.to(out.states.dtype)  # (differentiable: a gradient still reaches the hook's input)
         positions = edited_positions(edited)  # read once: the override needs them too
         if positions:
             if isinstance(ssm_mask, Tensor) and ssm_mask.requires_grad and wants_grad:
