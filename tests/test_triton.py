@@ -179,9 +179,12 @@ def test_model_hooks_knockout_and_state_edits_through_triton(family):
         model.set_backend(backend)
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_h"))
+            with model.hooks(fwd_hooks=[("blocks.0.hook_h", edit)]):  # a cache after an edit: the rerun's states
+                continued = model.run_with_cache(tokens, names_filter="blocks.0.hook_h")[1]["blocks.0.hook_h"]
             results[backend] = (
                 logits,
                 cache["blocks.1.hook_h"],
+                continued,
                 model.run_with_knockout(tokens, ko),
                 model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_h", edit)]),
                 model.run_with_hooks(longer, fwd_hooks=[("blocks.1.hook_h", lambda h, hook: h * 0.5)]),
