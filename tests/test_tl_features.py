@@ -226,6 +226,35 @@ def test_torch_hooks_registered_on_a_hook_point_fire_as_transformer_lens_hooks(m
         close(by_torch, by_lens, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["blocks.1.hook_h", "blocks.1.hook_y"])
+def test_hooks_added_or_forwards_run_inside_a_hook_behave_as_at_any_hook_point(model, tokens, name):
+    """hook_h runs its forward hooks one at a time (a hook after an edit gets the continued states).
+    As torch runs a module's hooks: one added by a hook during the forward runs from the next forward
+    on and stays, and a forward run from inside a hook sees every hook. (hook_y is the plain case.)"""
+    calls = []
+
+    def adder(act, hook):
+        calls.append("adder")
+        if not any(c == "added" for c in calls) and calls.count("adder") == 1:
+            hook.add_hook(lambda act, hook: calls.append("added"))
+
+    def nested(act, hook):
+        calls.append("nested")
+        if calls.count("nested") == 1:
+            model(tokens[:, :4])
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(name, adder), (name, lambda act, hook: calls.append("other"))],
+                             reset_hooks_end=False)
+        model(tokens)
+    model.reset_hooks()
+    assert calls == ["adder", "other", "adder", "other", "added"]
+    calls.clear()
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(name, nested), (name, lambda act, hook: calls.append("other"))])
+    assert calls == ["nested", "nested", "other", "other"]
+
+
 def test_in_place_edits_under_autograd_act_as_returned_edits(model, tokens):
     # ``act[:, 4] += 0.5``, the usual TransformerLens edit, with gradients on: at hooks given a
     # part of a split projection, autograd refused it (a view of a multi-output op). Checked

@@ -60,25 +60,26 @@ class CheckedHookPoint(HookPoint):
         With one hook (or torch's global hooks, or hooks taking keyword arguments, which
         TransformerLens never adds) the hooks run as ``self(x)`` runs them, ``on_change`` after.
         """
-        hooks = list(self._forward_hooks.values())
-        if (len(hooks) < 2 or self._forward_hooks_with_kwargs or self._forward_hooks_always_called
-                or nn.modules.module._global_forward_hooks):
+        hooks = list(self._forward_hooks.values())  # (a hook added while they run runs from the next forward)
+        if (len(hooks) < 2 or self._forward_pre_hooks or self._forward_hooks_with_kwargs
+                or self._forward_hooks_always_called or nn.modules.module._global_forward_hooks):
             version = x._version
             out = self(x)
             return on_change(x, out, False) if out is not x or x._version != version else out
+        for i, hook in enumerate(hooks):
+            version = x._version
+            out = hook(self, (x,), x)  # as Module.__call__ calls a forward hook
+            if out is None:
+                out = x
+            elif out is not x:
+                check_hook_output(self, x, out)
+            if out is not x or x._version != version:
+                out = on_change(x, out, i + 1 < len(hooks))
+            x = out
+        # what sets up the backward hooks on the result, with the forward hooks set aside (they ran)
         saved, self._forward_hooks = self._forward_hooks, type(self._forward_hooks)()
         try:
-            for i, hook in enumerate(hooks):
-                version = x._version
-                out = hook(self, (x,), x)  # as Module.__call__ calls a forward hook
-                if out is None:
-                    out = x
-                elif out is not x:
-                    check_hook_output(self, x, out)
-                if out is not x or x._version != version:
-                    out = on_change(x, out, i + 1 < len(hooks))
-                x = out
-            return super().__call__(x)  # with no forward hooks left: what sets up the backward hooks
+            return super().__call__(x)
         finally:
             self._forward_hooks = saved
 

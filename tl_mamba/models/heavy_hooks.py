@@ -189,6 +189,9 @@ class _HookEdits:
         self.through_edits = through_edits
         self.given = given  # the unedited values of what the next hook is given (None: scan again to know)
         self.mask: Optional[Tensor] = None
+        # the narrowest float dtype a hook returned the states in since the last rerun: the unedited
+        # entries' gradient comes back rounded through it (_ConnectStates rounds what it takes out alike)
+        self.rounded_to: Optional[torch.dtype] = None
 
     def __call__(self, given: Tensor, returned: Tensor, more: bool) -> Tensor:
         if self.mask is None:  # before any work on the first edit
@@ -207,10 +210,10 @@ class _HookEdits:
         if self.attention_mask is not None:  # padding never reaches a real token, edited or not
             new &= self.attention_mask.bool().view(*self.attention_mask.shape, *[1] * (new.dim() - 2))
         self.mask = new if self.mask is None else self.mask | new
+        if returned.dtype.is_floating_point and returned.dtype != reference.dtype and (
+                self.rounded_to is None or torch.finfo(returned.dtype).eps > torch.finfo(self.rounded_to).eps):
+            self.rounded_to = returned.dtype
         if not more:
-            if (self.through_edits is not None and returned.dtype.is_floating_point
-                    and returned.dtype != reference.dtype):
-                self.through_edits.hook_dtype = returned.dtype  # the cast its unedited gradient goes through
             return returned
         # what the next hook gets is made outside inference mode: its in-place edits must show in a
         # version counter, which inference tensors lack
@@ -229,6 +232,7 @@ class _HookEdits:
             override = StateOverride(values=values, mask=self.mask, positions=positions)
             continued = self.scan(state_override=override, return_states=True).states
             self.given = continued.detach()
+            self.rounded_to = None  # the next hook's unedited entries are the rerun's
             if self.through_edits is not None:
                 self.through_edits = _ThroughEdits()
                 continued = _ConnectStates.apply(continued, self.through_edits)
@@ -336,6 +340,8 @@ def scan_with_heavy_hooks(
     seen = block.hook_h.call_each(states, edits)
     edited, through_edits = edits.mask, edits.through_edits
     if edited is not None:
+        if through_edits is not None:  # the cast the unedited entries' gradient comes back through
+            through_edits.hook_dtype = edits.rounded_to
         seen = seen.to(out.states.dtype)  # (differentiable: a gradient still reaches the hook's input)
         positions = edited_positions(edited)  # read once: the override needs them too
         if positions:
