@@ -774,6 +774,30 @@ def test_threshold_keeps_edges_at_the_threshold():
 
 
 # ------------------------------------------------------------------ needle (key-value retrieval) pairs
+def test_task_batches_ioi_corruption_passes_to_make_ioi():
+    """corruption="S2_IO" (S2 replaced by the IO name: the corrupted answer is S) gives make_ioi's
+    prompts with that corruption; labels stay (IO, S). Other tasks refuse it."""
+    from tl_mamba.circuits import task_batches
+    from tl_mamba.toy import make_ioi
+
+    model = tl_mamba.from_pretrained("toy-mamba2")
+    prompts = make_ioi(6, 2, split="heldout", corruption="S2_IO")
+    batches = task_batches(model, "ioi", n=6, seed=2, corruption="S2_IO")
+    rows = {model.to_string(c[i, 1:]): (k[i], lab[i]) for c, k, lab in batches for i in range(c.shape[0])}
+    assert len(rows) == 6
+    for prompt in prompts:
+        corrupted, (answer, wrong) = rows[prompt.text]
+        assert model.to_string(corrupted[1:]) == prompt.corrupted
+        assert model.to_string(answer[None]) == prompt.answer
+        io_word, s2_place = prompt.answer.strip(), prompt.spans["S2"][0]  # (spans count the BOS)
+        assert model.to_string(corrupted[s2_place:s2_place + 1]).strip() == io_word  # S2 is now IO
+        assert wrong != answer
+    default = task_batches(model, "ioi", n=6, seed=2)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(default, batches))  # ABC corrupts otherwise
+    with pytest.raises(ValueError, match="corruption= applies to task='ioi' only"):
+        task_batches(model, "facts", n=2, corruption="S2_IO")
+
+
 def test_task_batches_needle_pairs_are_make_needles_prompts():
     """task_batches(model, "needle") encodes make_needle's held-out prompts and their
     corruptions (the needle's value replaced by one found nowhere in the prompt), with labels

@@ -90,6 +90,9 @@ def test_information_flow_rows_equal_single_knockouts(toy, tmp_path):
         100 * subset.change.median(), rel=1e-6)
     path = plot_information_flow(df, tmp_path / "flow.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+    for call in (plot_information_flow, summarize_information_flow):  # given the summary: a bare KeyError
+        with pytest.raises(ValueError, match=r"expected information_flow's DataFrame.*lacks \['layer', 'source'"):
+            call(pooled, tmp_path / "again.png") if call is plot_information_flow else call(pooled)
 
 
 def test_per_token_flow(toy, tmp_path):
@@ -132,6 +135,19 @@ def test_features_by_decay_ranks_by_delta_times_A(toy):
         _, cache = toy.run_with_cache(tokens, names_filter="blocks.1.hook_delta")
     typical = cache["blocks.1.hook_delta"].float().flatten(0, 1).mean(0)
     torch.testing.assert_close(with_tokens, typical * (A.mean(-1) if toy.cfg.family == "mamba1" else A))
+    # a padded batch: the mean over the real tokens, that of the prompts run alone (the pads were
+    # averaged in, 34-49% off, and attention_mask was not taken)
+    prompts = ["The capital of Zor Vel Quen is", "Vel is"]
+    with torch.no_grad():
+        alone = torch.cat([toy.run_with_cache(p, names_filter="blocks.1.hook_delta")[1]["blocks.1.hook_delta"][0]
+                           for p in prompts]).float().mean(0)
+    expected = alone * (A.mean(-1) if toy.cfg.family == "mamba1" else A)
+    tokens, mask = toy.to_tokens(prompts, padding_side="left", return_attention_mask=True)
+    for given in (dict(tokens=tokens, attention_mask=mask), dict(tokens=prompts)):
+        torch.testing.assert_close(features_by_decay(toy, 1, **given)[1], expected, rtol=1e-4, atol=1e-6)
+    with pytest.warns(UserWarning, match="left-padded batch given without an attention_mask"):
+        unmasked = features_by_decay(toy, 1, tokens)[1]
+    assert (unmasked - expected).abs().max() > 1e-3  # pads read as tokens: not it
 
 
 def test_subject_knockout_collapses_factual_recall(toy):

@@ -39,6 +39,7 @@ def brute_force(vectors, mask_a, mask_b, same):
     return float(cos.mean()), float(F.cosine_similarity(va.mean(0), vb.mean(0), dim=0))
 
 
+@pytest.mark.filterwarnings("ignore:similarity_by_class. class 'bos' holds")  # (its BOS are all at position 0)
 @pytest.mark.parametrize("family, hook, extra", [("mamba2", "y", {}), ("mamba2", "h", {}),
                                                  ("mamba2", "y_normed", {}),
                                                  ("mamba1", "x", {"channel_groups": 4}), ("mamba1", "h", {})])
@@ -92,7 +93,8 @@ def test_identical_vectors_and_errors():
         y[tokens != 1] = -direction
         return y
 
-    with model.hooks(fwd_hooks=[("blocks.0.hook_y", write)]):
+    with model.hooks(fwd_hooks=[("blocks.0.hook_y", write)]), \
+            pytest.warns(UserWarning, match="class 'bos' holds the same activation at each of its positions"):
         df = similarity_by_class(model, tokens, {"bos": [1]}, layers=[0], progress=False)
     same = df[(df.class_a == "bos") & (df.class_b == "bos")]
     cross = df[(df.class_a == "bos") & (df.class_b == "other")]
@@ -109,6 +111,7 @@ def test_identical_vectors_and_errors():
         similarity_by_class(model, tokens, {"other": [1]})
 
 
+@pytest.mark.filterwarnings("ignore:similarity_by_class. class 'bos' holds")
 def test_inferred_padding_and_repeated_layers():
     """Without an attention_mask, a model that pads on the left leaves out the padding its forward
     infers from pad tokens (as with the mask given); a layer named twice counts once. Both for
@@ -132,3 +135,24 @@ def test_inferred_padding_and_repeated_layers():
         assert twice.equals(given), fn.__name__
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         similarity_by_class(model, tokens, {"bos": "bos"}, batch_size=0)
+
+
+def test_a_class_of_one_context_is_named():
+    """A BOS at position 0 of every prompt has one context, so one activation: its within-class cosine
+    is 1 in every head by construction (a researcher copying the study's BOS probe read it as a
+    detection score). A class whose positions have other contexts is not warned about."""
+    import warnings
+
+    model = tiny("mamba2")
+    tokens = torch.randint(3, V, (3, 7), generator=torch.Generator().manual_seed(4))
+    tokens[:, 0] = 1
+    with pytest.warns(UserWarning, match="class 'bos' holds the same activation"):
+        df = similarity_by_class(model, tokens, {"bos": [1]}, progress=False)
+    same = df[(df.class_a == "bos") & (df.class_b == "bos")]
+    assert same.mean_cosine.min() == pytest.approx(1.0, abs=1e-12)
+    tokens[1, 0] = 5  # one prompt starts otherwise, and a BOS later in another: contexts differ
+    tokens[2, 3] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        df = similarity_by_class(model, tokens, {"bos": [1]}, progress=False)
+    assert df[(df.class_a == "bos") & (df.class_b == "bos")].mean_cosine.min() < 1 - 1e-6

@@ -308,6 +308,12 @@ def summarize_information_flow(df, statistic: str = "pooled"):
     """
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    missing = [c for c in ("layer", "source", "p", "p_ko", "change") if c not in getattr(df, "columns", ())]
+    if missing:  # a summary table given back (it has a column per source), say: a bare KeyError named neither
+        raise ValueError(f"expected information_flow's DataFrame (one row per prompt, layer and source), which "
+                         f"has the columns layer, source, p, p_ko and change; this one lacks {missing}. "
+                         "plot_information_flow and summarize_information_flow both take that DataFrame, "
+                         "not the summary table")
     grouped = df.groupby(["layer", "source"], sort=False)
     if statistic == "pooled":
         sums = grouped[["p", "p_ko"]].sum()
@@ -322,7 +328,8 @@ def summarize_information_flow(df, statistic: str = "pooled"):
 def plot_information_flow(df, path, title: Optional[str] = None, statistic: str = "pooled") -> Path:
     """Paper-style curves: % change of p(answer) per source class against layer (PNG).
 
-    ``statistic``: see :func:`summarize_information_flow`.
+    ``df``: :func:`information_flow`'s DataFrame (it is summarised here, as
+    :func:`summarize_information_flow` does). ``statistic``: see that function.
     """
     from tl_mamba.plotting import new_figure
 
@@ -350,13 +357,15 @@ def plot_per_token_flow(values: torch.Tensor, labels: Sequence[str], path, title
                                   xlabels=labels, xlabel="source token", ylabel="layer (window centre)")
 
 
-def features_by_decay(model, layer: int, tokens=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def features_by_decay(model, layer: int, tokens=None, attention_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rank a layer's features (Mamba-1 channels, Mamba-2 heads) from fastest to slowest decay.
 
     The decay rate of a feature is ``Δ·|A|``: how much of the state one step forgets
-    (``exp(−Δ|A|)`` is kept). Δ is the mean over ``tokens`` when given (run through
-    the model), else the Δ of a zero input (softplus of the bias). For Mamba-1, |A| is
-    averaged over the state entries of the channel.
+    (``exp(−Δ|A|)`` is kept). Δ is the mean over the real tokens of ``tokens`` when given
+    (a token tensor ``[b, p]``, a string or a list of strings, run through the model), else
+    the Δ of a zero input (softplus of the bias). Padding is left out: ``attention_mask``
+    ``[b, p]`` (1 = real token), or, when None, the padding the forward infers (strings are
+    padded by the tokenizer). For Mamba-1, |A| is averaged over the state entries of the channel.
 
     Returns ``(order, rates)``: feature indices sorted by decreasing rate, and the
     rate of every feature. ``order[:k]`` are the fast-decay (short memory) features
@@ -371,8 +380,11 @@ def features_by_decay(model, layer: int, tokens=None) -> Tuple[torch.Tensor, tor
         A = A.mean(-1) if cfg.family == "mamba1" else A
         if tokens is not None:
             name = f"blocks.{layer % cfg.n_layers}.hook_delta"
-            _, cache = model.run_with_cache(tokens, names_filter=name, stop_at_layer=layer % cfg.n_layers + 1)
-            delta = cache[name].float().flatten(0, 1).mean(0)
+            tokens, real = model._prepare_input(tokens, attention_mask, None, None)  # (checked as the forward's)
+            _, cache = model.run_with_cache(tokens, attention_mask=real, names_filter=name,
+                                            stop_at_layer=layer % cfg.n_layers + 1)
+            delta = cache[name].float()  # [b, p, features]
+            delta = delta.flatten(0, 1).mean(0) if real is None else delta[real.to(delta.device).bool()].mean(0)
         elif cfg.family == "mamba1":
             delta = torch.nn.functional.softplus(mixer.dt_proj.bias.float())
         else:

@@ -19,7 +19,8 @@ CONTRAST = {"ioi": "S", "facts": None, "needle": None}  # the wrong answer each 
 def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: str = "heldout",
                  batch_size: int = 32, *, length: Optional[Union[int, Tuple[int, int]]] = None,
                  depth: Optional[float] = None, n_pairs: Optional[int] = None,
-                 max_pairs: Optional[int] = None) -> List[Tuple[Tensor, Tensor, Tensor]]:
+                 max_pairs: Optional[int] = None, corruption: Optional[str] = None
+                 ) -> List[Tuple[Tensor, Tensor, Tensor]]:
     """Clean prompts of a toy task with their corrupted counterparts, grouped by length.
 
     Returns batches ``(clean [b, p], corrupted [b, p], labels [b, 2])``: ``labels[:, 0]``
@@ -41,6 +42,10 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
     - ``depth``: where in the haystack the queried pair sits, in [0, 1] (None: random).
     - ``n_pairs``: key-value pairs (the needle and its distractors; default one more per
       24 tokens, up to ``max_pairs``, default 6).
+
+    IOI alone takes ``corruption``: ``"ABC"`` (the default, above) or ``"S2_IO"`` (the second
+    subject mention becomes the indirect object, so the corrupted prompt's answer is the
+    subject; :func:`tl_mamba.toy.tasks.make_ioi`). ``labels`` stay (IO, S) either way.
     """
     from tl_mamba.toy import make_dataset
     from tl_mamba.toy import vocab as toy_vocab
@@ -53,6 +58,10 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
                if v is not None}
     if task != "needle" and options:
         raise ValueError(f"{sorted(options)} apply to task='needle' only (make_needle's options), not {task!r}")
+    if corruption is not None:
+        if task != "ioi":
+            raise ValueError(f"corruption= applies to task='ioi' only (make_ioi's corruptions), not {task!r}")
+        options["corruption"] = corruption
     toy_vocab.check_tokenizer(model.tokenizer, "task_batches")
     by_length = defaultdict(list)  # tokens per prompt -> [(clean [1, p], corrupted [1, p], answer, wrong)]
     for prompt in make_dataset(task, split, n, seed=seed, **options):

@@ -132,4 +132,22 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
                     if mamba1:
                         row["channels"] = groups[unit]
                     rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    _warn_if_one_context(table)
+    return table
+
+
+def _warn_if_one_context(table) -> None:
+    """Warn for a class whose positions hold one activation everywhere (mean cosine 1 within it, in
+    every layer and head): they all have one context, as a BOS at position 0 does, so the class's
+    similarity says nothing about the heads."""
+    within = table[(table.class_a == table.class_b) & (table.count_a > 1)]
+    for name, rows in within.groupby("class_a", sort=False):
+        if bool((rows.mean_cosine > 1 - 1e-9).all()):
+            import warnings
+
+            warnings.warn(
+                f"similarity_by_class: class {name!r} holds the same activation at each of its positions, in every "
+                "layer and head (mean cosine 1 within it): its positions all have the same context (a BOS at "
+                "position 0 does), so its similarity measures the class, not the heads. Compare classes whose "
+                "positions have different contexts.", UserWarning, stacklevel=3)
