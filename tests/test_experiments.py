@@ -95,6 +95,60 @@ def test_information_flow_rows_equal_single_knockouts(toy, tmp_path):
             call(pooled, tmp_path / "again.png") if call is plot_information_flow else call(pooled)
 
 
+def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy):
+    """heads= (Mamba-2) / channels= (Mamba-1) knock out the edges in those features only: each row
+    equals a forward of its prompt alone with hand-written hooks. Mamba-2: a hook on hook_ssm_mask
+    zeroing subject → last in the chosen heads. Mamba-1 (whose mask has no channel axis): a hook on
+    hook_y taking the chosen channels' subject terms α[last, j]·x_j out of y, with α written out from
+    the same forward's Δ, A, B and C (α = Σ_n C_i exp(A Σ_{k=j+1..i} Δ_k) Δ_j B_j)."""
+    prompts = make_dataset("facts", "heldout", 3, seed=4)
+    mamba2 = toy.cfg.family == "mamba2"
+    chosen = [1, 3] if mamba2 else list(range(0, toy.cfg.d_inner, 3))
+    features = {"heads": chosen} if mamba2 else {"channels": chosen}
+    df = information_flow(toy, prompts, window=2, sources=("subject",), batch_size=4, progress=False, **features)
+    everything = information_flow(toy, prompts, window=2, sources=("subject",), batch_size=4, progress=False)
+    assert (df.p_ko - everything.p_ko).abs().max() > 1e-4  # fewer features: another result
+    assert (df.p_ko - df.p).abs().max() > 1e-4  # and still a knockout
+    for _, row in df.iterrows():
+        prompt = prompts[row.prompt]
+        tokens = toy.to_tokens(prompt.text)
+        answer, last, subject = toy.to_single_token(prompt.answer), tokens.shape[1] - 1, prompt.spans["subject"]
+        seen, hooks = {}, []
+        for layer in row.layers:
+            if mamba2:
+                def zero_edges(mask, hook):
+                    mask = mask.clone()
+                    for j in subject:
+                        mask[:, chosen, last, j] = 0
+                    return mask
+                hooks.append((f"blocks.{layer}.hook_ssm_mask", zero_edges))
+                continue
+            for part in ("x", "delta", "B", "C"):
+                hooks.append((f"blocks.{layer}.hook_{part}", lambda act, hook: seen.update({hook.name: act})))
+
+            def remove_terms(y, hook, layer=layer):
+                get = lambda part: seen[f"blocks.{layer}.hook_{part}"][0].double()  # [p, ...]
+                x, delta, B, C = (get(part)[:, chosen] if part in ("x", "delta") else get(part)
+                                  for part in ("x", "delta", "B", "C"))
+                A = -torch.exp(toy.blocks[layer].mixer.A_log.double())[chosen]  # [c, n]
+                y = y.clone()
+                for j in subject:
+                    decay = torch.exp(A * delta[j + 1:last + 1].sum(0)[:, None])  # [c, n]
+                    alpha = (C[last] * decay * delta[j][:, None] * B[j]).sum(-1)  # [c]
+                    y[0, last, chosen] -= (alpha * x[j]).to(y.dtype)
+                return y
+            hooks.append((f"blocks.{layer}.hook_y", remove_terms))
+        with torch.no_grad():
+            logits = toy.run_with_hooks(tokens, fwd_hooks=hooks)
+        assert row.p_ko == pytest.approx(float(logits[0, -1].softmax(-1)[answer]), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="channels= restricts a Mamba-1 knockout" if mamba2 else "heads= restricts"):
+        information_flow(toy, prompts, **({"channels": [0]} if mamba2 else {"heads": [0]}), progress=False)
+    with pytest.raises(tl_mamba.OutOfRangeError):
+        information_flow(toy, prompts, **({"heads": [99]} if mamba2 else {"channels": [10 ** 6]}), progress=False)
+    per_token = information_flow_per_token(toy, prompts[0], window=2, progress=False, **features)
+    assert per_token.shape == (toy.cfg.n_layers, toy.to_tokens(prompts[0].text).shape[1])
+
+
 def test_per_token_flow(toy, tmp_path):
     prompt = make_dataset("facts", "heldout", 1, seed=2)[0]
     values = information_flow_per_token(toy, prompt, window=1, progress=False)

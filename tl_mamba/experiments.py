@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from tl_mamba.errors import OutOfRangeError
-from tl_mamba.knockout import Knockout
+from tl_mamba.knockout import Knockout, _feature_mask
 
 DEFAULT_SOURCES = ("subject", "relation", "first", "last", "context")
 
@@ -163,19 +163,33 @@ def _span_mask(prompts, offsets, width: int, name: str) -> torch.Tensor:
 
 
 def _window_knockouts(n_layers: int, windows, row_windows: Sequence[int], row_sources: torch.Tensor,
-                      targets: torch.Tensor, path: str, device) -> List[Knockout]:
+                      targets: torch.Tensor, path: str, device, features: Optional[dict] = None) -> List[Knockout]:
     """One Knockout per layer whose rows knock out their own sources in their own window.
 
     Row r removes ``row_sources[r]`` → ``targets[r]`` in the layers of ``windows[row_windows[r]]``;
-    layers no row's window covers get no knockout.
+    layers no row's window covers get no knockout. ``features``: ``heads=`` / ``channels=`` of each.
     """
     knockouts = []
     for layer in range(n_layers):
         in_window = torch.tensor([layer in windows[w][1] for w in row_windows])
         sources = row_sources & in_window[:, None]
         if bool(sources.any()):
-            knockouts.append(Knockout(layers=layer, sources=sources.to(device), targets=targets.to(device), path=path))
+            knockouts.append(Knockout(layers=layer, sources=sources.to(device), targets=targets.to(device), path=path,
+                                      **(features or {})))
     return knockouts
+
+
+def _features(model, heads, channels) -> dict:
+    """``heads`` / ``channels`` for a run's knockouts, checked against the model now (a mistake
+    would otherwise surface at the first batch's forward, after the clean one)."""
+    features = {k: v for k, v in (("heads", heads), ("channels", channels)) if v is not None}
+    if features:
+        probe = Knockout(layers=0, sources=[0], targets=[0], **features)
+        probe._check_family(model.cfg)
+        for what, size in (("heads", model.cfg.n_heads), ("channels", model.cfg.d_inner)):
+            if what in features:
+                _feature_mask(features[what], size, what)  # types and range, named
+    return features
 
 
 def _answer_scores(model, tokens, attention_mask, answers, knockouts: Optional[List[Knockout]]):
@@ -203,6 +217,8 @@ def information_flow(
     path: str = "ssm",
     batch_size: int = 64,
     progress: bool = True,
+    heads=None,
+    channels=None,
 ):
     """Knock out source → target in every layer window, for every source class.
 
@@ -217,6 +233,9 @@ def information_flow(
         target: span name of the targets (``"last"``: the position predicting the answer).
         path: ``"ssm"``, ``"conv"`` or ``"both"`` (see ``Knockout``).
         batch_size: rows per forward; a row is one (prompt, window, class).
+        heads, channels: knock out only in these Mamba-2 heads / Mamba-1 channels (as
+            ``Knockout``'s: ints or a bool mask), e.g. the fast- or slow-decay features of
+            :func:`features_by_decay`. None: all.
 
     Returns:
         A pandas DataFrame, one row per (prompt, layer, source): ``prompt``, ``layer``
@@ -234,6 +253,7 @@ def information_flow(
     if not prompts:
         raise ValueError("information_flow needs at least one prompt")
     _check_prompts(prompts, "information_flow")
+    features = _features(model, heads, channels)
     batch, offsets = _encode(model, prompts)
     tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
     width = tokens.shape[1]
@@ -254,7 +274,7 @@ def information_flow(
         rows = torch.tensor([i for _, _, i in chunk])
         row_sources = torch.stack([source_masks[name][i] for _, name, i in chunk])
         knockouts = _window_knockouts(model.cfg.n_layers, windows, [w for w, _, _ in chunk], row_sources,
-                                      targets[rows], path, device)
+                                      targets[rows], path, device, features)
         p_ko, odds_ko = (v.cpu() for v in _answer_scores(model, tokens[rows].to(device), attention[rows].to(device),
                                                         answers[rows].to(device), knockouts))
         for r, (w, name, i) in enumerate(chunk):
@@ -267,10 +287,13 @@ def information_flow(
 
 
 def information_flow_per_token(model, prompt, window: int = 3, target: str = "last", path: str = "ssm",
-                               batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+                               batch_size: int = 64, progress: bool = True, heads=None,
+                               channels=None) -> torch.Tensor:
     """Each token → target knocked out in each layer window: ``[n_layers, p]`` relative change
-    ``(p_ko − p) / p`` of the answer probability (row = window centre, column = source token)."""
+    ``(p_ko − p) / p`` of the answer probability (row = window centre, column = source token).
+    ``heads`` / ``channels``: as :func:`information_flow`'s."""
     _check_prompts([prompt], "information_flow_per_token")
+    features = _features(model, heads, channels)
     batch, offsets = _encode(model, [prompt])
     tokens, answers = batch["tokens"], batch["answers"]
     p = tokens.shape[1]
@@ -287,7 +310,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
         row_sources = torch.zeros(len(chunk), p, dtype=torch.bool)
         row_sources[torch.arange(len(chunk)), torch.tensor([pos for _, pos in chunk])] = True
         knockouts = _window_knockouts(model.cfg.n_layers, windows, [w for w, _ in chunk], row_sources,
-                                      targets.expand(len(chunk), p), path, device)
+                                      targets.expand(len(chunk), p), path, device, features)
         rows = tokens.expand(len(chunk), p).to(device)
         p_ko = _answer_scores(model, rows, None, answers.expand(len(chunk)).to(device), knockouts)[0].cpu()
         for r, (w, pos) in enumerate(chunk):
