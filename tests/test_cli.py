@@ -270,7 +270,8 @@ def test_circuit_by_acdc(tmp_path, capsys):
     assert f"ACDC kept {by_hand.count_included_edges()} of {len(by_hand.edges)} edges" in out
     for argv, message in ((["--threshold", "0.1"], "--threshold is ACDC's"),
                           (["--method", "acdc", "--steps", "3"], "ACDC takes none"),
-                          (["--method", "acdc", "--threshold", "-1"], "--threshold must be >= 0")):
+                          (["--method", "acdc", "--threshold", "-1"], "--threshold must be >= 0"),
+                          (["--method", "acdc", "--top", "5"], "--top is EAP's and EAP-IG's")):  # (was ignored)
         assert main(["circuit", "toy-mamba", "--n", "2", "--out", str(tmp_path), *argv]) == 2
         assert message in capsys.readouterr().err
 
@@ -323,6 +324,40 @@ def test_eval_with_the_recorded_seed_and_n_reproduces_the_shipped_accuracies(cap
 
     assert measured(seed) == (round(100 * recorded["facts"], 1), round(100 * recorded["ioi"], 1))
     assert measured(0) != measured(seed)
+
+
+def test_eval_lists_a_task_or_length_named_twice_once(capsys):
+    assert main(["eval", "toy-mamba2", "--tasks", "needle,needle", "--n", "2", "--lengths", "64,64"]) == 0
+    assert capsys.readouterr().out.count("needle @ 64 tokens") == 1
+
+
+def test_library_warnings_read_as_messages_on_the_command_line(capsys):
+    """A warning the library raises under the CLI prints as its kind and message on a line of its own,
+    not with Python's file:line prefix and echoed source line (glued to a progress bar)."""
+    import sys
+    import warnings
+
+    import tl_mamba.cli as cli
+
+    def warn(args):
+        warnings.warn("something to know", UserWarning)
+        return 0
+
+    shown = warnings.formatwarning
+    original = cli.cmd_models
+    try:
+        cli.cmd_models = warn
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            # Python's own display (pytest records warnings instead): formatwarning's text to stderr
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            assert main(["models"]) == 0
+    finally:
+        cli.cmd_models = original
+    err = capsys.readouterr().err
+    assert "\nUserWarning: something to know\n" in err and ".py:" not in err
+    assert warnings.formatwarning is shown  # put back for the rest of the process
 
 
 def test_eval_takes_the_library_needle_lengths(capsys):

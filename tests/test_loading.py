@@ -464,6 +464,13 @@ def test_load_state_dict_files_no_weights(tmp_path):
     assert "consolidated.safetensors" in str(info.value)  # Mistral's native weights are looked for too
     with pytest.raises(FileNotFoundError, match="no weight files.*README.md"):
         HookedMamba.from_pretrained(tmp_path)
+    assert "cache snapshot" not in str(info.value)
+    # a hub cache snapshot that holds only the config: the message says the weights were never fetched
+    snapshot = tmp_path / "hub" / "models--acme--partial" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((tmp_path / "config.json").read_text())
+    with pytest.raises(CheckpointFilesError, match="Hugging Face cache snapshot: the weights were never downloaded"):
+        load_state_dict_files(snapshot)
 
 
 def test_load_state_dict_files_missing_shard(tmp_path, hf_mamba):

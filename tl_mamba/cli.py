@@ -32,6 +32,7 @@ import torch
 
 DEFAULT_MODEL = "toy-mamba2"
 DEFAULT_NEEDLE_LENGTHS = "64,128,256,384,512"  # tl-mamba eval --lengths
+DEFAULT_CIRCUIT_TOP = 20  # tl-mamba circuit --top (EAP, EAP-IG)
 
 
 def _console():
@@ -248,7 +249,7 @@ def cmd_eval(args) -> int:
 
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # (each once)
     unknown = [t for t in tasks if t not in ("facts", "ioi", "needle")]
     if unknown or not tasks:
         raise UsageError(f"unknown task(s) {unknown or tasks}: choose from facts, ioi, needle")
@@ -257,7 +258,7 @@ def cmd_eval(args) -> int:
                          "(add needle to --tasks, or drop --lengths)")
     spec = DEFAULT_NEEDLE_LENGTHS if args.lengths is None else args.lengths
     try:
-        lengths: List[int] = [int(x) for x in spec.split(",") if x]
+        lengths: List[int] = list(dict.fromkeys(int(x) for x in spec.split(",") if x))  # (each once)
     except ValueError:
         raise UsageError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
     if not lengths:
@@ -469,6 +470,11 @@ def cmd_circuit(args) -> int:
         raise UsageError(f"--steps sets EAP-IG's interpolation steps; {args.method} takes none")
     if args.threshold is not None and args.method != "ACDC":
         raise UsageError("--threshold is ACDC's; EAP and EAP-IG keep the --top edges")
+    if args.top is not None and args.method == "ACDC":
+        raise UsageError("--top is EAP's and EAP-IG's; ACDC keeps the edges whose removal changes the KL by "
+                         "at least --threshold")
+    if args.top is None:
+        args.top = DEFAULT_CIRCUIT_TOP
     if args.threshold is not None and not args.threshold >= 0:
         raise UsageError(f"--threshold must be >= 0, got {args.threshold}")
     if args.steps is not None and args.steps < 1:  # None: attribute's own default
@@ -521,7 +527,7 @@ def cmd_circuit(args) -> int:
     attribute(model, graph, batches, None, logit_diff, method=args.method,
               ig_steps=args.steps if args.method == "EAP-IG" else None)
 
-    table = Table(title=f"top {args.top} of {len(graph.edges)} edges (score ≈ change of the logit diff "
+    table = Table(title=f"top {min(args.top, len(graph.edges))} of {len(graph.edges)} edges (score ≈ change of the logit diff "
                         "when the edge carries its corrupted value)")
     for column in ("rank", "edge", "score"):
         table.add_column(column, justify="left" if column == "edge" else "right")
@@ -666,8 +672,9 @@ def main(argv: Optional[list] = None) -> int:
                          help="EAP-IG interpolation steps (default: attribute's, 5)")
     circuit.add_argument("--n", type=int, default=64, help="held-out clean/corrupted pairs (default 64)")
     circuit.add_argument("--batch-size", type=int, default=32, help="pairs per forward (default 32)")
-    circuit.add_argument("--top", type=int, default=20,
-                         help="EAP / EAP-IG: edges to keep in the circuit (default 20; ACDC chooses its own)")
+    circuit.add_argument("--top", type=int, default=None,
+                         help=f"EAP / EAP-IG: edges to keep in the circuit (default {DEFAULT_CIRCUIT_TOP}; "
+                              "ACDC chooses its own)")
     circuit.add_argument("--seed", type=int, default=0, help="which held-out pairs (default 0)")
     circuit.add_argument("--out", default="tl_mamba_circuit",
                          help="folder for circuit.png and circuit.json (default tl_mamba_circuit)")
@@ -678,11 +685,21 @@ def main(argv: Optional[list] = None) -> int:
     run.add_argument("--top", type=int, default=10, help="next tokens to list (default 10)")
     run.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad syntax
+    shown, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, PermissionError, NotImplementedError, OSError) as err:
         print(f"tl-mamba {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A library warning as a command-line user reads it: its kind and message on lines of their own
+    (not the file, line number and echoed source line Python shows programmers; the leading newline
+    keeps it off a progress bar's line)."""
+    return f"\n{category.__name__}: {message}\n"
 
 
 if __name__ == "__main__":

@@ -201,10 +201,14 @@ def load_state_dict_files(path: PathLike) -> Dict[str, torch.Tensor]:
         return _load_bin(path / BIN_FILE)
     if (path / MISTRAL_WEIGHTS_FILE).is_file():
         return _load_safetensors(path / MISTRAL_WEIGHTS_FILE)
+    cached = "snapshots" in path.parts  # a hub cache's snapshot folder: only some files were downloaded
     raise CheckpointFilesError(
         f"no weight files in checkpoint directory {path}: expected one of {SAFETENSORS_FILE}, "
         f"{SAFETENSORS_INDEX} (+ shards), {BIN_FILE}, {BIN_INDEX} (+ shards), or Mistral's "
         f"{MISTRAL_WEIGHTS_FILE}; the directory holds: {_listing(path)}"
+        + (". It is a Hugging Face cache snapshot: the weights were never downloaded into it (with "
+           "HF_HUB_OFFLINE=1 or no network nothing is fetched); download them where the hub is reachable, "
+           "or pass a local directory that has them" if cached else "")
     )
 
 
