@@ -44,8 +44,10 @@ from tl_mamba.ops.state_override import StateOverride, adjoint_recurrence, edite
 #: 2026-12-06. Reading a heavy hook (a cache, a hook that returns it unchanged) holds about 1x.
 EDIT_WORKING_FACTOR = {"hook_h": 2.25, "hook_ssm_mask": 3.0}
 #: An edit of ``hook_h`` that another hook on it follows: on top of the above, the states the edit
-#: leads to (the next hook's input) and the rerun's own (counted from the tensors held, not measured).
-CHAINED_EDIT_FACTOR = 3.5
+#: leads to (the next hook's input) and the rerun's own. Peak RSS over the forward's own, one layer at
+#: 130m widths, p = 2048, CPU, 2026-12-07: 3.8x (Mamba-1), 4.1x (Mamba-2), against 2.0x / 2.2x for the
+#: edit alone (docs/performance.md, "CPU: memory of hook_h edits followed by another hook").
+CHAINED_EDIT_FACTOR = 4.25
 
 
 def check_heavy_hook_memory(block, hook: str, nbytes: int, edited: bool = False, chained: bool = False) -> None:
