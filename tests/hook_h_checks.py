@@ -170,9 +170,16 @@ def check_hooks_after_an_edit_see_the_continued_states(model, tokens, backend, p
     for n, ref in zip(names, refs):
         if ref is not None:
             torch.testing.assert_close(got[n], ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
-    # without autograd, in inference mode too, the same
+    # without autograd, in inference mode too, the same, final states included (there the last
+    # rerun's output, when no hook changed the states after it, is the forward's: no second rerun)
+    from tl_mamba import RecurrentState
+
+    with torch.no_grad():
+        _, _, ref_finals = reference_forward(model, tokens, h_edits={0: both})
     for mode in (torch.no_grad, torch.inference_mode):
+        state = RecurrentState.empty(model.cfg.n_layers)
         with mode():
-            again = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            again = model.run_with_hooks(tokens, fwd_hooks=hooks, state=state)
         torch.testing.assert_close(again.double(), ref_logits.detach(), **TOL)
         torch.testing.assert_close(seen["between"].double(), after_first[name], **TOL)
+        torch.testing.assert_close(state.layers[0]["ssm"].double(), ref_finals[0], **TOL)

@@ -191,11 +191,15 @@ class _HookEdits:
         self.through_edits = through_edits
         self.given = given  # the unedited values of what the next hook is given (None: scan again to know)
         self.mask: Optional[Tensor] = None
+        # the last rerun's output, while no hook has changed the states since (without autograd its
+        # y and final state are the forward's when no knockout is in the layer: no second rerun)
+        self.rerun = None
         # the narrowest float dtype a hook returned the states in since the last rerun: the unedited
         # entries' gradient comes back rounded through it (_ConnectStates rounds what it takes out alike)
         self.rounded_to: Optional[torch.dtype] = None
 
     def __call__(self, given: Tensor, returned: Tensor, more: bool) -> Tensor:
+        self.rerun = None  # a change since
         if self.mask is None:  # before any work on the first edit
             check_heavy_hook_memory(self.block, "hook_h", self.state_bytes, edited=True)
         reference = self.given
@@ -232,7 +236,9 @@ class _HookEdits:
         with outside_inference:
             values = returned.to(reference.dtype)  # (differentiable)
             override = StateOverride(values=values, mask=self.mask, positions=positions)
-            continued = self.scan(state_override=override, return_states=True).states
+            rerun = self.scan(state_override=override, return_states=True)
+            continued = rerun.states
+            self.rerun = None if torch.is_grad_enabled() else rerun
             self.given = continued.detach()
             self.rounded_to = None  # the next hook's unedited entries are the rerun's
             if self.through_edits is not None:
@@ -353,7 +359,11 @@ def scan_with_heavy_hooks(
                     "hook, or a mask that requires grad) in the same layer: ∂L/∂mask scores the edges of the "
                     "unedited scan. Take one without the other.")
             # y, final state; a knockout in this layer too: the sources' terms stop at the edited entries
-            out = scan(ssm_mask=ssm_mask, state_override=StateOverride(values=seen, mask=edited, positions=positions))
+            if edits.rerun is not None and ssm_mask is None:  # the states the last hook saw are the answer's
+                out = edits.rerun
+            else:
+                out = scan(ssm_mask=ssm_mask, state_override=StateOverride(values=seen, mask=edited,
+                                                                           positions=positions))
         else:
             edited = None
     y = out.y
