@@ -145,6 +145,17 @@ def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy):
         information_flow(toy, prompts, **({"channels": [0]} if mamba2 else {"heads": [0]}), progress=False)
     with pytest.raises(tl_mamba.OutOfRangeError):
         information_flow(toy, prompts, **({"heads": [99]} if mamba2 else {"channels": [10 ** 6]}), progress=False)
+    for nothing in ([], torch.zeros(toy.cfg.n_heads if mamba2 else toy.cfg.d_inner, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="chooses no (head|channel): nothing would be knocked out"):
+            information_flow(toy, prompts, **({"heads": nothing} if mamba2 else {"channels": nothing}), progress=False)
+    if mamba2:  # part of a group on the conv path: said once for the run (each layer's knockout said it)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            information_flow(toy, prompts, window=1, sources=("subject",), path="conv", heads=[0], progress=False)
+        partial = [w for w in caught if "B and C are convolved once per group" in str(w.message)]
+        assert len(partial) == 1 and "the knockouts (path='conv'" in str(partial[0].message)
     per_token = information_flow_per_token(toy, prompts[0], window=2, progress=False, **features)
     assert per_token.shape == (toy.cfg.n_layers, toy.to_tokens(prompts[0].text).shape[1])
 
@@ -199,6 +210,8 @@ def test_features_by_decay_ranks_by_delta_times_A(toy):
     tokens, mask = toy.to_tokens(prompts, padding_side="left", return_attention_mask=True)
     for given in (dict(tokens=tokens, attention_mask=mask), dict(tokens=prompts)):
         torch.testing.assert_close(features_by_decay(toy, 1, **given)[1], expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="attention_mask marks the padding of tokens, and no tokens were given"):
+        features_by_decay(toy, 1, attention_mask=mask)
     with pytest.warns(UserWarning, match="left-padded batch given without an attention_mask"):
         unmasked = features_by_decay(toy, 1, tokens)[1]
     assert (unmasked - expected).abs().max() > 1e-3  # pads read as tokens: not it

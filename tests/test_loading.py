@@ -471,6 +471,12 @@ def test_load_state_dict_files_no_weights(tmp_path):
     (snapshot / "config.json").write_text((tmp_path / "config.json").read_text())
     with pytest.raises(CheckpointFilesError, match="Hugging Face cache snapshot: the weights were never downloaded"):
         load_state_dict_files(snapshot)
+    own = tmp_path / "snapshots" / "my_finetune"  # a folder of one's own that happens to sit in "snapshots"
+    own.mkdir(parents=True)
+    (own / "config.json").write_text((tmp_path / "config.json").read_text())
+    with pytest.raises(CheckpointFilesError) as info:
+        load_state_dict_files(own)
+    assert "cache snapshot" not in str(info.value)
 
 
 def test_load_state_dict_files_missing_shard(tmp_path, hf_mamba):

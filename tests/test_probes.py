@@ -150,9 +150,12 @@ def test_a_class_of_one_context_is_named():
         df = similarity_by_class(model, tokens, {"bos": [1]}, progress=False)
     same = df[(df.class_a == "bos") & (df.class_b == "bos")]
     assert same.mean_cosine.min() == pytest.approx(1.0, abs=1e-12)
-    tokens[1, 0] = 5  # one prompt starts otherwise, and a BOS later in another: contexts differ
-    tokens[2, 3] = 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # one value per head (hook_delta, softplus: positive): every cosine is 1, yet the values differ
+        delta = similarity_by_class(model, tokens, {"some": list(range(5, 11))}, hook="delta", progress=False)
+        assert delta.mean_cosine.dropna().min() == pytest.approx(1.0)
+        tokens[1, 0] = 5  # one prompt starts otherwise, and a BOS later in another: contexts differ
+        tokens[2, 3] = 1
         df = similarity_by_class(model, tokens, {"bos": [1]}, progress=False)
     assert df[(df.class_a == "bos") & (df.class_b == "bos")].mean_cosine.min() < 1 - 1e-6

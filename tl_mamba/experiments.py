@@ -174,21 +174,32 @@ def _window_knockouts(n_layers: int, windows, row_windows: Sequence[int], row_so
         in_window = torch.tensor([layer in windows[w][1] for w in row_windows])
         sources = row_sources & in_window[:, None]
         if bool(sources.any()):
-            knockouts.append(Knockout(layers=layer, sources=sources.to(device), targets=targets.to(device), path=path,
-                                      **(features or {})))
+            knockout = Knockout(layers=layer, sources=sources.to(device), targets=targets.to(device), path=path,
+                                **(features or {}))
+            knockout._warned_partial_groups = True  # (_features warned once for the whole run)
+            knockouts.append(knockout)
     return knockouts
 
 
-def _features(model, heads, channels) -> dict:
+def _features(model, heads, channels, path: str) -> dict:
     """``heads`` / ``channels`` for a run's knockouts, checked against the model now (a mistake
-    would otherwise surface at the first batch's forward, after the clean one)."""
+    would otherwise surface at the first batch's forward, after the clean one), with the warning
+    about a part of a Mamba-2 group on the conv path given once, not by each of the run's knockouts."""
     features = {k: v for k, v in (("heads", heads), ("channels", channels)) if v is not None}
     if features:
-        probe = Knockout(layers=0, sources=[0], targets=[0], **features)
+        probe = Knockout(layers=0, sources=[0], targets=[0], path=path, **features)
         probe._check_family(model.cfg)
         for what, size in (("heads", model.cfg.n_heads), ("channels", model.cfg.d_inner)):
-            if what in features:
-                _feature_mask(features[what], size, what)  # types and range, named
+            if what in features and not bool(_feature_mask(features[what], size, what).any()):  # (named)
+                raise ValueError(f"{what}={features[what]!r} chooses no {what[:-1]}: nothing would be knocked out")
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:  # said of the run's knockouts, not of the probe
+            warnings.simplefilter("always")
+            probe.warn_if_partial_groups(model.cfg)
+        for warning in caught:
+            warnings.warn(str(warning.message).replace(repr(probe), f"the knockouts (path={path!r}, {features})"),
+                          warning.category, stacklevel=3)
     return features
 
 
@@ -253,7 +264,7 @@ def information_flow(
     if not prompts:
         raise ValueError("information_flow needs at least one prompt")
     _check_prompts(prompts, "information_flow")
-    features = _features(model, heads, channels)
+    features = _features(model, heads, channels, path)
     batch, offsets = _encode(model, prompts)
     tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
     width = tokens.shape[1]
@@ -293,7 +304,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     ``(p_ko − p) / p`` of the answer probability (row = window centre, column = source token).
     ``heads`` / ``channels``: as :func:`information_flow`'s."""
     _check_prompts([prompt], "information_flow_per_token")
-    features = _features(model, heads, channels)
+    features = _features(model, heads, channels, path)
     batch, offsets = _encode(model, [prompt])
     tokens, answers = batch["tokens"], batch["answers"]
     p = tokens.shape[1]
@@ -398,6 +409,8 @@ def features_by_decay(model, layer: int, tokens=None, attention_mask=None) -> Tu
     if not -cfg.n_layers <= layer < cfg.n_layers:
         raise OutOfRangeError(f"layer {layer} out of range for {cfg.n_layers} layers")
     mixer = model.blocks[layer].mixer
+    if tokens is None and attention_mask is not None:
+        raise ValueError("features_by_decay: attention_mask marks the padding of tokens, and no tokens were given")
     with torch.no_grad():
         A = torch.exp(mixer.A_log.float())  # |A|
         A = A.mean(-1) if cfg.family == "mamba1" else A

@@ -90,6 +90,7 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
     sums = {layer: None for layer in layer_list}  # [C, units, D]: Σ v over each class
     unit_sums = {layer: None for layer in layer_list}  # [C, units, D]: Σ v / ‖v‖
     nonzero = {layer: torch.zeros(C, n_units, dtype=torch.float64) for layer in layer_list}
+    squares = {layer: torch.zeros(C, n_units, dtype=torch.float64) for layer in layer_list}  # Σ ‖v‖²
     hook_names = [f"blocks.{layer}.{name}" for layer in layer_list]
     with torch.no_grad():
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc="similarity by class", disable=not progress,
@@ -108,6 +109,7 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
                 sums[layer] = s if sums[layer] is None else sums[layer] + s
                 unit_sums[layer] = us if unit_sums[layer] is None else unit_sums[layer] + us
                 nonzero[layer] += torch.einsum("cbp,bpu->cu", weights, (norm[..., 0] > 0).to(torch.float64)).cpu()
+                squares[layer] += torch.einsum("cbp,bpu->cu", weights, norm[..., 0].pow(2)).cpu()
     counts = masks.sum((1, 2)).cpu()
     rows = []
     for layer in layer_list:
@@ -132,22 +134,23 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
                     if mamba1:
                         row["channels"] = groups[unit]
                     rows.append(row)
-    table = pd.DataFrame(rows)
-    _warn_if_one_context(table)
-    return table
+    # n Σ‖v‖² ≥ ‖Σv‖², equal exactly when the class's n vectors are one vector (Cauchy-Schwarz)
+    spread = torch.stack([counts[:, None].double() * squares[layer] - sums[layer].cpu().pow(2).sum(-1)
+                          for layer in layer_list])  # [layers, C, units]
+    scale = torch.stack([counts[:, None].double() * squares[layer] for layer in layer_list])
+    one_vector = ((spread <= 1e-9 * scale) & (counts[None, :, None] > 1)).all(0).all(-1)  # [C]
+    _warn_if_one_context([name for name, same in zip(names, one_vector.tolist()) if same])
+    return pd.DataFrame(rows)
 
 
-def _warn_if_one_context(table) -> None:
-    """Warn for a class whose positions hold one activation everywhere (mean cosine 1 within it, in
-    every layer and head): they all have one context, as a BOS at position 0 does, so the class's
-    similarity says nothing about the heads."""
-    within = table[(table.class_a == table.class_b) & (table.count_a > 1)]
-    for name, rows in within.groupby("class_a", sort=False):
-        if bool((rows.mean_cosine > 1 - 1e-9).all()):
-            import warnings
+def _warn_if_one_context(classes) -> None:
+    """Warn for classes whose positions hold one activation (in every layer and head): they all have
+    one context, as a BOS at position 0 does, so their similarity says nothing about the heads."""
+    import warnings
 
-            warnings.warn(
-                f"similarity_by_class: class {name!r} holds the same activation at each of its positions, in every "
-                "layer and head (mean cosine 1 within it): its positions all have the same context (a BOS at "
-                "position 0 does), so its similarity measures the class, not the heads. Compare classes whose "
-                "positions have different contexts.", UserWarning, stacklevel=3)
+    for name in classes:
+        warnings.warn(
+            f"similarity_by_class: class {name!r} holds the same activation at each of its positions, in every "
+            "layer and head (mean cosine 1 within it): its positions all have the same context (a BOS at "
+            "position 0 does), so its similarity measures the class, not the heads. Compare classes whose "
+            "positions have different contexts.", UserWarning, stacklevel=3)

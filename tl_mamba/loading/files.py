@@ -201,7 +201,8 @@ def load_state_dict_files(path: PathLike) -> Dict[str, torch.Tensor]:
         return _load_bin(path / BIN_FILE)
     if (path / MISTRAL_WEIGHTS_FILE).is_file():
         return _load_safetensors(path / MISTRAL_WEIGHTS_FILE)
-    cached = "snapshots" in path.parts  # a hub cache's snapshot folder: only some files were downloaded
+    # a hub cache's snapshot folder (models--{org}--{name}/snapshots/{revision}): only some files were fetched
+    cached = path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
     raise CheckpointFilesError(
         f"no weight files in checkpoint directory {path}: expected one of {SAFETENSORS_FILE}, "
         f"{SAFETENSORS_INDEX} (+ shards), {BIN_FILE}, {BIN_INDEX} (+ shards), or Mistral's "
