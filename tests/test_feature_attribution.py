@@ -176,6 +176,17 @@ def test_per_position_scores_sum_to_the_totals_and_frequencies_are_counted():
     common = [f for f, _, freq in totals.top(20, min_frequency=0.5)]
     assert common and all(counted[f] >= 0.5 for f in common)
     assert len(common) < len(totals.top(20))
+    # the share of prompts in which a feature fires somewhere (the Mamba IOI report's count)
+    with torch.no_grad():
+        in_prompts = (sae.encode(cache[hook]) != 0).any(1).double().mean(0)
+    torch.testing.assert_close(totals.prompt_frequency.double(), in_prompts, rtol=1e-6, atol=1e-7)
+    assert bool((in_prompts > counted + 0.1).any())  # another quantity than the share of tokens
+    by_prompts = totals.top(20, min_frequency=0.9, frequency_of="prompts")
+    assert by_prompts and all(in_prompts[f] >= 0.9 and freq == pytest.approx(float(in_prompts[f]))
+                              for f, _, freq in by_prompts)
+    assert [f for f, _, _ in by_prompts] == [f for f, _, _ in totals.top(20) if in_prompts[f] >= 0.9][:len(by_prompts)]
+    with pytest.raises(ValueError, match=r"frequency_of must be one of \('tokens', 'prompts'\), got 'tokenz'"):
+        totals.top(5, frequency_of="tokenz")
 
 
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG"])
@@ -201,6 +212,9 @@ def test_left_padded_batch_scores_like_its_unpadded_prompts(method):
     # the frequency is a share of real tokens: B·P of the long prompts, 3·4 of the short ones
     expected_freq = (B * P * parts[0].frequency.double() + 12 * parts[1].frequency.double()) / (B * P + 12)
     torch.testing.assert_close(padded.frequency.double(), expected_freq, rtol=1e-5, atol=1e-7)
+    # the share of prompts: B long prompts and 3 short ones, padding no prompt's token
+    expected_in = (B * parts[0].prompt_frequency.double() + 3 * parts[1].prompt_frequency.double()) / (B + 3)
+    torch.testing.assert_close(padded.prompt_frequency.double(), expected_in, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_input_names_the_problem():
@@ -211,6 +225,9 @@ def test_bad_input_names_the_problem():
         feature_attribution(model, {"blocks.0.hook_resid_pree": sae}, clean, corrupted, metric, quiet=True)
     with pytest.raises(TypeError, match="encode"):
         feature_attribution(model, {"blocks.0.hook_resid_pre": torch.nn.Linear(16, 8)}, clean, corrupted, metric)
+    # a cache's shorthand key (it raised "expected string or bytes-like object, got 'tuple'")
+    with pytest.raises(TypeError, match=r"full hook names \(strings\): 'blocks.0.hook_resid_pre' for \('resid_pre', 0\)"):
+        feature_attribution(model, {("resid_pre", 0): sae}, clean, corrupted, metric, quiet=True)
     with pytest.raises(ValueError, match=r"could not encode .*\[b, p, 32\]"):
         feature_attribution(model, {"blocks.0.hook_y_gated": sae}, clean, corrupted, metric, quiet=True)
     with pytest.raises(ValueError, match="ig_steps applies"):
@@ -277,7 +294,7 @@ def test_batch_size_splits_every_given_batch_of_a_list(method):
                                     quiet=True, **kw)[hook]
     assert rows and max(rows) <= 2, rows
     whole = feature_attribution(model, {hook: sae}, loader, None, metric, method=method, quiet=True, **kw)[hook]
-    for field in ("scores", "error", "frequency"):
+    for field in ("scores", "error", "frequency", "prompt_frequency"):
         torch.testing.assert_close(getattr(split, field), getattr(whole, field), rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=[hook])

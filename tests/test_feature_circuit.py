@@ -104,6 +104,12 @@ def test_the_search_finds_the_boundary_of_a_linear_scan():
                                     min_frequency=0.5, progress=False)
     assert all(float(scores[name].frequency[f]) >= 0.5 for name, f, _ in rare.ranked)
     assert len(rare.ranked) < 12
+    cut = 0.75  # the share of prompts instead (the Mamba IOI report's filter)
+    by_prompts = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target,
+                                          min_frequency=cut, frequency_of="prompts", progress=False)
+    assert [(name, f) for name, f, _ in by_prompts.ranked] == [
+        (name, f) for name, f, _ in ranked if float(scores[name].prompt_frequency[f]) >= cut]
+    assert [(n, f) for n, f, _ in by_prompts.ranked] != [(n, f) for n, f, _ in rare.ranked]
     # attribution x frequency (the Mamba IOI report's "score times count"): ranked by hand
     by_count = sorted(((name, f, float(s.scores[f])) for name, s in scores.items() for f in range(6)),
                       key=lambda item: -abs(item[2]) * float(scores[item[0]].frequency[item[1]]))

@@ -17,8 +17,8 @@ of the means over prompts, as :func:`tl_mamba.circuits.faithfulness` for edge ci
 
 :func:`smallest_feature_circuit` ranks the features of every site together by
 ``|score|`` (from :func:`~tl_mamba.circuits.feature_attribution`, optionally only those
-firing on at least ``min_frequency`` of the tokens) and binary-searches the smallest top-k
-reaching ``target``. The search assumes faithfulness grows with k, which is typical but not
+firing on at least ``min_frequency`` of the tokens, or of the prompts) and binary-searches
+the smallest top-k reaching ``target``. The search assumes faithfulness grows with k, which is typical but not
 guaranteed: it returns the curve it measured, so a non-monotone case shows.
 """
 
@@ -127,7 +127,7 @@ class FeatureCircuit:
 def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[str, FeatureScores], clean,
                              corrupted=None, metric: Callable = None, *, target: float = 0.8,
                              min_frequency: float = 0.0, weight_by_frequency: bool = False,
-                             keep_error: bool = False, labels=None,
+                             frequency_of: str = "tokens", keep_error: bool = False, labels=None,
                              batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
                              progress: bool = True) -> FeatureCircuit:
     """The smallest top-k of the features, ranked across sites by ``|score|``, whose
@@ -139,10 +139,14 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
             (each site's features summed over positions), for the sites of ``saes``.
         target: the faithfulness to reach (default 0.8).
         min_frequency: rank only features firing on at least this share of the clean tokens
-            (``FeatureScores.frequency``): features firing on a prompt or two often score high by
-            chance (the Mamba IOI report kept features firing on more than a tenth of them).
+            (``FeatureScores.frequency``), or of the clean prompts with ``frequency_of="prompts"``
+            (``prompt_frequency``): features firing on a prompt or two often score high by chance.
+            The Mamba IOI report's filter counts prompts: ``min_frequency=0.1,
+            frequency_of="prompts"`` (a share of tokens of 0.1 leaves out a feature that fires on
+            the IO name in every prompt, one token of ~15).
         weight_by_frequency: rank by ``|score| × frequency`` (the report's "attribution × count",
             about 10% smaller circuits there) instead of ``|score|``.
+        frequency_of: ``"tokens"`` (default) or ``"prompts"``: the frequency both use.
         progress: a tqdm bar over the evaluations.
     """
     if metric is None:
@@ -166,7 +170,7 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
             raise ValueError(f"scores[{name!r}] has NaN or infinite scores (features {bad[:8].tolist()}): they "
                              "cannot be ranked")
     ranked = [(name, feature, score, frequency) for name in saes for feature, score, frequency
-              in scores[name].top(scores[name].frequency.numel(), min_frequency, weight_by_frequency)]
+              in scores[name].top(scores[name].frequency.numel(), min_frequency, weight_by_frequency, frequency_of)]
     # across sites (stable: a site's order kept on ties)
     ranked.sort(key=lambda item: -abs(item[2]) * (item[3] if weight_by_frequency else 1))
     ranked = [item[:3] for item in ranked]
