@@ -149,9 +149,12 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
     totals: Dict[str, List[Tensor]] = {}
     n_prompts = 0
     batches = iter_batches(clean, corrupted, labels, batch_size, attention_mask)
-    for clean_tokens, corrupted_tokens, batch_labels, mask in tqdm(
-            batches, desc=f"{method} feature attribution", total=count_batches(clean, batch_size), disable=quiet,
-            leave=False, unit="batch"):
+    # the bar counts gradient passes: one per batch for EAP, sites × ig_steps per batch for EAP-IG
+    passes = 1 if steps == 1 else len(saes) * steps
+    n_batches = count_batches(clean, batch_size)
+    bar = tqdm(desc=f"{method} feature attribution", total=None if n_batches is None else n_batches * passes,
+               disable=quiet, leave=False, unit="pass")
+    for clean_tokens, corrupted_tokens, batch_labels, mask in batches:
         b = clean_tokens.shape[0]
         real = (torch.ones_like(clean_tokens) if mask is None else mask).to(torch.float64)  # [b, p]
         clean_parts = _sae_parts(model, saes, clean_tokens, mask)
@@ -164,6 +167,7 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
                 alpha = k / steps
                 step_grads = _site_grads(model, saes, clean_tokens, mask, metric, batch_labels, b,
                                          clean_parts, corrupted_parts, site, alpha)
+                bar.update(1)
                 for name, (g_f, g_err) in step_grads.items():
                     if name in grads:
                         grads[name] = (grads[name][0] + g_f, grads[name][1] + g_err)
@@ -186,6 +190,7 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
                 raise ValueError("per_position=True needs every batch to have the same length")
             totals[name] = parts if name not in totals else [t + u for t, u in zip(totals[name], parts)]
         n_prompts += b
+    bar.close()
     if n_prompts == 0:
         raise ValueError("no prompts: the data was empty")
     dtype = _score_dtype(model)  # float32, float64 for a float64 model
