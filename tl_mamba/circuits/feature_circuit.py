@@ -18,8 +18,8 @@ of the means over prompts, as :func:`tl_mamba.circuits.faithfulness` for edge ci
 :func:`smallest_feature_circuit` ranks the features of every site together by
 ``|score|`` (from :func:`~tl_mamba.circuits.feature_attribution`, optionally only those
 firing on at least ``min_frequency`` of the tokens, or of the prompts) and binary-searches
-the smallest top-k reaching ``target``. The search assumes faithfulness grows with k, which is typical but not
-guaranteed: it returns the curve it measured, so a non-monotone case shows.
+the smallest top-k reaching ``target``. The search assumes faithfulness grows with k, which
+is typical but not guaranteed: it returns the curve it measured, so a non-monotone case shows.
 """
 
 from __future__ import annotations
