@@ -51,7 +51,7 @@ class CheckedHookPoint(HookPoint):
         return out
 
     def call_each(self, x: Tensor, on_change) -> Tensor:
-        """``self(x)``, with ``on_change(given, returned, more)`` called after each forward hook that
+        """``self(x)``, with ``on_change(returned, more)`` called after each forward hook that
         returned another tensor or edited its input in place: what it returns is what the next hook
         gets (``more``: whether one follows) and, after the last hook, the result.
 
@@ -65,7 +65,7 @@ class CheckedHookPoint(HookPoint):
                 or self._forward_hooks_always_called or nn.modules.module._global_forward_hooks):
             version = x._version
             out = self(x)
-            return on_change(x, out, False) if out is not x or x._version != version else out
+            return on_change(out, False) if out is not x or x._version != version else out
         for i, hook in enumerate(hooks):
             version = x._version
             out = hook(self, (x,), x)  # as Module.__call__ calls a forward hook
@@ -74,7 +74,7 @@ class CheckedHookPoint(HookPoint):
             elif out is not x:
                 check_hook_output(self, x, out)
             if out is not x or x._version != version:
-                out = on_change(x, out, i + 1 < len(hooks))
+                out = on_change(out, i + 1 < len(hooks))
             x = out
         # what sets up the backward hooks on the result, with the forward hooks set aside (they ran)
         saved, self._forward_hooks = self._forward_hooks, type(self._forward_hooks)()

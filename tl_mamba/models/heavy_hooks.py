@@ -186,10 +186,10 @@ class _HookEdits:
     """
 
     def __init__(self, block, scan, state_bytes: int, attention_mask: Optional[Tensor],
-                 through_edits: Optional[_ThroughEdits], given: Optional[Tensor]):
+                 through_edits: Optional[_ThroughEdits], unedited: Optional[Tensor]):
         self.block, self.scan, self.state_bytes, self.attention_mask = block, scan, state_bytes, attention_mask
         self.through_edits = through_edits
-        self.given = given  # the unedited values of what the next hook is given (None: scan again to know)
+        self.unedited = unedited  # the unedited values of what the next hook is given (None: scan again to know)
         self.mask: Optional[Tensor] = None
         # the last rerun's output, while no hook has changed the states since (without autograd its
         # y and final state are the forward's when no knockout is in the layer: no second rerun)
@@ -198,11 +198,11 @@ class _HookEdits:
         # entries' gradient comes back rounded through it (_ConnectStates rounds what it takes out alike)
         self.rounded_to: Optional[torch.dtype] = None
 
-    def __call__(self, given: Tensor, returned: Tensor, more: bool) -> Tensor:
+    def __call__(self, returned: Tensor, more: bool) -> Tensor:
         self.rerun = None  # a change since
         if self.mask is None:  # before any work on the first edit
             check_heavy_hook_memory(self.block, "hook_h", self.state_bytes, edited=True)
-        reference = self.given
+        reference = self.unedited
         if reference is None:  # the hook had the scan's states themselves (no autograd): even a new
             # tensor returned may come with an edit through .data, which no version counter shows
             with torch.no_grad():  # only compared against, never differentiated
@@ -223,23 +223,21 @@ class _HookEdits:
             return returned
         # what the next hook gets is made outside inference mode: its in-place edits must show in a
         # version counter, which inference tensors lack
-        outside_inference = (contextlib.nullcontext() if not torch.is_inference_mode_enabled()
-                             else _outside_inference_mode())
         positions = edited_positions(self.mask)
         if not positions:  # only padding changed: the next hook gets the states as they are
-            self.given = reference
+            self.unedited = reference
             if returned.is_inference():
-                with outside_inference:
+                with _with_version_counters():
                     returned = returned.clone()
             return returned
         check_heavy_hook_memory(self.block, "hook_h", self.state_bytes, edited=True, chained=True)
-        with outside_inference:
+        with _with_version_counters():
             values = returned.to(reference.dtype)  # (differentiable)
             override = StateOverride(values=values, mask=self.mask, positions=positions)
             rerun = self.scan(state_override=override, return_states=True)
             continued = rerun.states
             self.rerun = None if torch.is_grad_enabled() else rerun
-            self.given = continued.detach()
+            self.unedited = continued.detach()
             self.rounded_to = None  # the next hook's unedited entries are the rerun's
             if self.through_edits is not None:
                 self.through_edits = _ThroughEdits()
@@ -248,8 +246,12 @@ class _HookEdits:
 
 
 @contextlib.contextmanager
-def _outside_inference_mode():
-    """Out of inference mode, still without autograd (what a forward in inference mode wants)."""
+def _with_version_counters():
+    """In inference mode: out of it, still without autograd, so that the tensors made here have
+    the version counters through which a hook's in-place edit is seen. Otherwise nothing."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
     with torch.inference_mode(False), torch.no_grad():
         yield
 
@@ -320,14 +322,11 @@ def scan_with_heavy_hooks(
     check_heavy_hook_memory(block, "hook_h", state_bytes)
     if removes_edges and block.hook_h._backward_hooks and torch.is_grad_enabled():
         _warn_states_off_the_loss_path(block)
-    if torch.is_inference_mode_enabled():
-        # An in-place edit by a hook is seen through the states' version counter, which
-        # inference tensors lack. Computing them outside inference mode (still without
-        # grad) gives them one, where copying them would move p·d_inner·n values again
-        # (1.6 GB a layer at 130m widths, p = 2048: ~1 ms on an H200).
-        with torch.inference_mode(False), torch.no_grad():
-            out = scan(ssm_mask=ssm_mask, return_states=True)
-    else:
+    # An in-place edit by a hook is seen through the states' version counter, which inference
+    # tensors lack. Computing them outside inference mode (still without grad) gives them one,
+    # where copying them would move p·d_inner·n values again (1.6 GB a layer at 130m widths,
+    # p = 2048: ~1 ms on an H200).
+    with _with_version_counters():
         out = scan(ssm_mask=ssm_mask, return_states=True)
     # The hook sees a copy of the states. Under autograd it is the output of _ThroughEdits,
     # which passes back into the scan only what went through the hook's edits (h * 0.7, h + v):
@@ -344,7 +343,7 @@ def scan_with_heavy_hooks(
     # A hook's edits are read against the states it was given; after an edit, a hook that follows
     # (a cache, another edit) gets the states the edit leads to (_HookEdits, one hook at a time)
     edits = _HookEdits(block, scan, state_bytes, attention_mask, through_edits,
-                       given=out.states.detach() if wants_grad else None)  # (no grad: the hook had out.states)
+                       unedited=out.states.detach() if wants_grad else None)  # (no grad: the hook had out.states)
     seen = block.hook_h.call_each(states, edits)
     edited, through_edits = edits.mask, edits.through_edits
     if edited is not None:
