@@ -192,14 +192,7 @@ def _features(model, heads, channels, path: str) -> dict:
         for what, size in (("heads", model.cfg.n_heads), ("channels", model.cfg.d_inner)):
             if what in features and not bool(_feature_mask(features[what], size, what).any()):  # (named)
                 raise ValueError(f"{what}={features[what]!r} chooses no {what[:-1]}: nothing would be knocked out")
-        import warnings
-
-        with warnings.catch_warnings(record=True) as caught:  # said of the run's knockouts, not of the probe
-            warnings.simplefilter("always")
-            probe.warn_if_partial_groups(model.cfg)
-        for warning in caught:
-            warnings.warn(str(warning.message).replace(repr(probe), f"the knockouts (path={path!r}, {features})"),
-                          warning.category, stacklevel=3)
+        probe.warn_if_partial_groups(model.cfg, subject=f"the knockouts (path={path!r}, {features})")
     return features
 
 

@@ -329,12 +329,13 @@ class Knockout:
         warnings.warn(f"{self!r} removes no edges: {what}= chooses no {what[:-1]} (an empty list or an all-False "
                       f"mask); pass {what}=None for every {what[:-1]}.", UserWarning, stacklevel=3)
 
-    def warn_if_partial_groups(self, cfg) -> None:
+    def warn_if_partial_groups(self, cfg, subject: Optional[str] = None) -> None:
         """Warn (once per Knockout) when a Mamba-2 conv-path knockout's ``heads=`` chooses some but
         not all heads of a group: B and C are convolved once per group and shared by its heads, so
         their taps stay, and the sources still reach the chosen heads through B_i and C_i (only the
         chosen heads' x channels lose their taps). With one group, as in the released Mamba-2
-        checkpoints, that is every proper subset of heads."""
+        checkpoints, that is every proper subset of heads. ``subject``: what the message names
+        (default this Knockout's repr; a run of many knockouts warns once in their name)."""
         if cfg.family != "mamba2" or self.heads is None or self.path == "ssm" or self._warned_partial_groups:
             return
         chosen = _feature_mask(self.heads, cfg.n_heads, "heads").view(cfg.n_groups, -1)  # [g, heads per group]
@@ -346,7 +347,7 @@ class Knockout:
         self._warned_partial_groups = True
         per_group = chosen.shape[1]
         warnings.warn(
-            f"{self!r}: on the conv path, heads= removes the sources' taps from the chosen heads' x channels, but "
+            f"{subject or repr(self)}: on the conv path, heads= removes the sources' taps from the chosen heads' x channels, but "
             f"B and C are convolved once per group and shared by its {per_group} heads, so group(s) {partial} keep "
             "their B / C taps: the sources still reach the chosen heads through B_i and C_i. For a complete conv "
             f"knockout choose whole groups (heads {per_group * partial[0]}..{per_group * partial[0] + per_group - 1} "
