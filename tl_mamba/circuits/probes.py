@@ -135,9 +135,8 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
                         row["channels"] = groups[unit]
                     rows.append(row)
     # n Σ‖v‖² ≥ ‖Σv‖², equal exactly when the class's n vectors are one vector (Cauchy-Schwarz)
-    spread = torch.stack([counts[:, None].double() * squares[layer] - sums[layer].cpu().pow(2).sum(-1)
-                          for layer in layer_list])  # [layers, C, units]
-    scale = torch.stack([counts[:, None].double() * squares[layer] for layer in layer_list])
+    scale = torch.stack([counts[:, None].double() * squares[layer] for layer in layer_list])  # [layers, C, units]
+    spread = scale - torch.stack([sums[layer].cpu().pow(2).sum(-1) for layer in layer_list])
     one_vector = ((spread <= 1e-9 * scale) & (counts[None, :, None] > 1)).all(0).all(-1)  # [C]
     _warn_if_one_context([name for name, same in zip(names, one_vector.tolist()) if same])
     return pd.DataFrame(rows)
