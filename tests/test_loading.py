@@ -708,6 +708,63 @@ def test_from_hf_matches_and_copies(hf_mamba, hf_falcon):
     assert not torch.equal(model.W_E, hf_mamba.backbone.embeddings.weight)
 
 
+def _no_random_init(monkeypatch):
+    """Make every random initialisation a loader could run fail the test (torch's own modules
+    call theirs on construction; on the meta device it touches no memory and is allowed)."""
+    from tl_mamba.models.base import HookedSSM
+
+    def refuse(module, *args, **kwargs):
+        if any(p.device.type != "meta" for p in module.parameters()):
+            raise AssertionError(f"a loader ran a random initialisation of a {type(module).__name__}")
+
+    monkeypatch.setattr(HookedSSM, "reset_parameters", refuse)
+    monkeypatch.setattr(nn.Linear, "reset_parameters", refuse)
+    monkeypatch.setattr(nn.Conv1d, "reset_parameters", refuse)
+
+
+def _storages(module):
+    return {t.untyped_storage().data_ptr() for t in module.state_dict().values()}
+
+
+def test_loading_puts_the_weights_in_place_without_a_random_init(monkeypatch, saved, hf_mamba, hf_mamba2):
+    # The model is built on the meta device and given the checkpoint's tensors: no random init
+    # (minutes for a 7B model), no second copy. Every tensor ends up real, on the asked device,
+    # in the asked dtype, and the logits are transformers'.
+    from tl_mamba import HookedMamba2
+
+    _no_random_init(monkeypatch)
+    for cls, name, hf_model in ((HookedMamba, "mamba", hf_mamba), (HookedMamba2, "mamba2", hf_mamba2)):
+        for model in (cls.from_pretrained(saved[name], device="cpu"), cls.from_hf(hf_model),
+                      cls.from_pretrained(saved[name], dtype=torch.float64)):
+            tensors = list(model.state_dict().values())
+            assert tensors and all(t.device.type == "cpu" for t in tensors)
+            assert all(t.dtype == model.cfg.dtype for t in tensors)
+            assert model.cfg.device == "cpu" and not model.training
+            assert all(p.requires_grad and isinstance(p, nn.Parameter) for p in model.parameters())
+            assert_close(our_logits(model), hf_logits(hf_model))
+        # from_hf's tensors are the model's own: no storage is shared with the transformers model
+        assert not _storages(cls.from_hf(hf_model)) & _storages(hf_model)
+
+
+def test_weights_kept_from_the_file_are_the_models_own(tmp_path, saved, hf_mamba):
+    # safetensors' tensors stay mapped from their file (copy-on-write): editing a parameter in
+    # place never reaches the file, and saving over the folder the model came from (a new file,
+    # as safetensors writes) leaves the model's weights as they were
+    import shutil
+
+    folder = tmp_path / "mamba"
+    shutil.copytree(saved["mamba"], folder)
+    model = HookedMamba.from_pretrained(folder)
+    with torch.no_grad():
+        model.W_E.mul_(2.0)
+    edited = model.W_E.clone()
+    reread = HookedMamba.from_pretrained(folder)
+    assert torch.equal(reread.W_E, hf_mamba.backbone.embeddings.weight)
+    model.save_pretrained(folder, layout="transformers")
+    assert torch.equal(model.W_E, edited)
+    assert torch.equal(HookedMamba.from_pretrained(folder).W_E, edited)
+
+
 def test_from_hf_dtype_follows_model():
     hf64 = tiny_transformers_model("mamba", seed=5).double()
     model = from_hf(HookedMamba, hf64)

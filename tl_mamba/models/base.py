@@ -190,7 +190,8 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps, dtype, apply_weight=False)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, dtype, self.embed if cfg.tie_embeddings else None,
                                final_norm=self.ln_final)
-        self.reset_parameters()
+        if torch.device(cfg.device if cfg.device is not None else "cpu").type != "meta":
+            self.reset_parameters()  # on the meta device there are no values to initialise (loading builds there)
         self.setup()
         for block in self.blocks:
             block.model_ref = [self]  # list: keep the root out of the block's module tree
@@ -291,7 +292,12 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         """Load a hub id or local directory (mamba_ssm, transformers or Mistral-native layout).
 
         ``dtype``: a floating-point torch dtype, a name (``"float16"`` ...) or ``"auto"``
-        (the checkpoint's own dtype)."""
+        (the checkpoint's own dtype).
+
+        The weights go straight into the model: no random initialisation runs first. On the
+        CPU, a ``.safetensors`` tensor already in ``dtype`` stays mapped from its file, as in
+        transformers (read as it is first used; an in-place edit of the parameter copies its
+        pages and never writes the file)."""
         from tl_mamba.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
