@@ -746,23 +746,53 @@ def test_loading_puts_the_weights_in_place_without_a_random_init(monkeypatch, sa
         assert not _storages(cls.from_hf(hf_model)) & _storages(hf_model)
 
 
-def test_weights_kept_from_the_file_are_the_models_own(tmp_path, saved, hf_mamba):
-    # safetensors' tensors stay mapped from their file (copy-on-write): editing a parameter in
-    # place never reaches the file, and saving over the folder the model came from (a new file,
-    # as safetensors writes) leaves the model's weights as they were
+def test_loaded_weights_are_the_models_own(tmp_path, saved, hf_mamba):
+    # safetensors maps the file: a write into it in place afterwards (cp over it) must not reach a
+    # loaded model's weights; an in-place edit of a parameter must not reach the file; saving
+    # over the folder the model came from reloads what was saved
     import shutil
 
     folder = tmp_path / "mamba"
     shutil.copytree(saved["mamba"], folder)
     model = HookedMamba.from_pretrained(folder)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = folder / "model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")  # the tensors' bytes follow it
+    with open(weights, "r+b") as f:
+        f.seek(header)
+        f.write(bytes(weights.stat().st_size - header))
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert all(p.is_contiguous() for p in model.parameters())
+    shutil.copytree(saved["mamba"], folder, dirs_exist_ok=True)
+    model = HookedMamba.from_pretrained(folder)
     with torch.no_grad():
         model.W_E.mul_(2.0)
     edited = model.W_E.clone()
-    reread = HookedMamba.from_pretrained(folder)
-    assert torch.equal(reread.W_E, hf_mamba.backbone.embeddings.weight)
+    assert torch.equal(HookedMamba.from_pretrained(folder).W_E, hf_mamba.backbone.embeddings.weight)
     model.save_pretrained(folder, layout="transformers")
     assert torch.equal(model.W_E, edited)
     assert torch.equal(HookedMamba.from_pretrained(folder).W_E, edited)
+
+
+def test_tied_bin_checkpoint_loaded_untied_has_two_weights(tmp_path, hf_mamba):
+    # mamba_ssm's pytorch_model.bin stores lm_head.weight as the embedding tensor itself; loaded with
+    # tie_embeddings=False the two are separate parameters, each with memory of its own
+    model = HookedMamba.from_hf(hf_mamba)
+    model.save_pretrained(tmp_path, layout="mamba_ssm")
+    untied = HookedMamba.from_pretrained(tmp_path, tie_embeddings=False)
+    embed, unembed = untied.embed.W_E, untied.unembed.weight
+    assert torch.equal(embed, unembed)
+    assert embed.untyped_storage().data_ptr() != unembed.untyped_storage().data_ptr()
+    with torch.no_grad():
+        embed.mul_(2.0)
+    assert torch.equal(unembed, hf_mamba.backbone.embeddings.weight)
+    untied.save_pretrained(tmp_path / "untied", layout="transformers")  # safetensors refuses shared tensors
+    assert_close(our_logits(HookedMamba.from_pretrained(tmp_path / "untied")), our_logits(untied), atol=0)
+
+
+def test_model_name_override():
+    assert tl_mamba.from_pretrained("toy-mamba", model_name="mine").cfg.model_name == "mine"
+    assert tl_mamba.from_pretrained("toy-mamba").cfg.model_name == "toy-mamba"
 
 
 def test_from_hf_dtype_follows_model():

@@ -32,7 +32,8 @@ from ..config import DTYPE_NAMES, HookedMambaConfig, resolve_dtype
 from ..errors import caller_stacklevel
 from .convert import convert_state_dict
 from .errors import CheckpointConfigError, UnsupportedArchitectureError, WrongModelClassError
-from .files import checkpoint_config_file, load_state_dict_files, load_tokenizer, read_checkpoint_config
+from .files import (checkpoint_config_file, load_state_dict_files, load_tokenizer, read_checkpoint_config,
+                    weights_are_mapped)
 from .hub import resolve_checkpoint
 from .layouts import config_from_checkpoint, detect_layout, family_of_model_class
 
@@ -163,21 +164,28 @@ def build_model(
 
     The model is built on the meta device and the tensors are put in place of its
     parameters, so no random initialisation runs and no second copy of the weights is made
-    (a random init of 1.4b widths takes about 37 s on one CPU thread; a 7B model's, minutes).
-    ``copy=True`` (the default) gives the model tensors of its own even where ``state_dict``'s
-    already have the right dtype and device; ``copy=False`` lets it take them as they are,
-    for a state dict nothing else holds (one just read from files: safetensors' tensors are
-    then still mapped from the file, copy-on-write, as transformers' own models keep them).
+    (a random init of mamba-1.4b's widths takes 30-37 s on one CPU thread; a 7B model's, minutes).
+    ``copy=True`` (the default) gives the model memory of its own for every tensor, even where
+    ``state_dict``'s already have the right dtype and device. ``copy=False`` lets it take
+    tensors as they are: only for a state dict whose memory nothing else holds or maps (one
+    ``torch.load`` just read). Even then a tensor whose storage an earlier key already gave a
+    parameter is copied (a ``.bin``'s tied ``lm_head.weight`` is the embedding: loaded untied,
+    the two must not move together), and every parameter is contiguous.
     """
     warn_if_tokenizer_too_large(tokenizer, cfg)
     target = torch.device(device if device is not None else (cfg.device if cfg.device is not None else "cpu"))
     with torch.device("meta"):
         model = model_cls(dataclasses.replace(cfg, device="meta"), tokenizer=tokenizer)
     shapes = model.state_dict()  # meta tensors: each parameter's dtype
-    placed = {
-        name: tensor.to(device=target, dtype=shapes[name].dtype, copy=copy) if name in shapes else tensor
-        for name, tensor in state_dict.items()
-    }
+    placed, storages = {}, set()
+    for name, tensor in state_dict.items():
+        if name in shapes:
+            shared = tensor.untyped_storage().data_ptr() in storages
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensor = tensor.to(device=target, dtype=shapes[name].dtype, copy=copy or shared)
+            placed[name] = tensor.contiguous()
+        else:
+            placed[name] = tensor  # (refused by load_state_dict's strict check)
     model.load_state_dict(placed, strict=True, assign=True)
     model.to(target)  # nothing moves; keeps cfg.device / cfg.dtype in step with the weights
     return model.eval()
@@ -214,7 +222,9 @@ def _load_from_dir(
     del sd
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
-    return build_model(model_cls, cfg, ours, tokenizer=tokenizer, device=device, copy=False)
+    # the model owns its memory: safetensors' tensors are mapped from the file, and a later write into
+    # it in place (cp over it) would change the model's weights, or crash it if the file shrank
+    return build_model(model_cls, cfg, ours, tokenizer=tokenizer, device=device, copy=weights_are_mapped(path))
 
 
 def _checked_config(path, raw, layout: str, family: str, overrides: Mapping[str, Any], **settings) -> HookedMambaConfig:
@@ -273,7 +283,7 @@ def load_pretrained(
     return _load_from_dir(
         model_cls,
         path,
-        model_name=os.fspath(name_or_path),
+        model_name=cfg_overrides.pop("model_name", None) or os.fspath(name_or_path),
         device=device,
         dtype=dtype,
         tokenizer=tokenizer,
@@ -297,7 +307,7 @@ def load_any(
     return _load_from_dir(
         None,
         path,
-        model_name=os.fspath(name_or_path),
+        model_name=cfg_overrides.pop("model_name", None) or os.fspath(name_or_path),
         device=device,
         dtype=dtype,
         tokenizer=tokenizer,
@@ -400,7 +410,8 @@ def from_hf(
     cfg_overrides.setdefault("original_architecture", type(hf_model).__name__)
     name = getattr(hf_model, "name_or_path", "") or getattr(config, "_name_or_path", "") or type(hf_model).__name__
     cfg = config_from_checkpoint(
-        raw, layout, family, model_name=str(name), state_dict=sd, device=device, dtype=dtype, **cfg_overrides
+        raw, layout, family, model_name=cfg_overrides.pop("model_name", None) or str(name), state_dict=sd,
+        device=device, dtype=dtype, **cfg_overrides
     )
     ours = convert_state_dict(sd, cfg, layout, family)
     if tokenizer is None and name and pathlib.Path(str(name)).is_dir():

@@ -177,6 +177,30 @@ def _load_sharded(path: pathlib.Path, index_name: str, loader) -> Dict[str, torc
     return state_dict
 
 
+def _weights_source(path: pathlib.Path):
+    """``(file name, reader)`` of the weights :func:`load_state_dict_files` reads in ``path``:
+    the first present of sharded safetensors, ``model.safetensors``, sharded ``.bin``,
+    ``pytorch_model.bin``, Mistral's ``consolidated.safetensors``; None when there is none."""
+    for name, read in (
+        (SAFETENSORS_INDEX, lambda: _load_sharded(path, SAFETENSORS_INDEX, _load_safetensors)),
+        (SAFETENSORS_FILE, lambda: _load_safetensors(path / SAFETENSORS_FILE)),
+        (BIN_INDEX, lambda: _load_sharded(path, BIN_INDEX, _load_bin)),
+        (BIN_FILE, lambda: _load_bin(path / BIN_FILE)),
+        (MISTRAL_WEIGHTS_FILE, lambda: _load_safetensors(path / MISTRAL_WEIGHTS_FILE)),
+    ):
+        if (path / name).is_file():
+            return name, read
+    return None
+
+
+def weights_are_mapped(path: PathLike) -> bool:
+    """Whether :func:`load_state_dict_files` gives ``path``'s tensors mapped from their files
+    (safetensors: the file's pages, copy-on-write, so a later write into the file in place would
+    show in them) rather than read into memory of their own (``torch.load`` of ``.bin`` files)."""
+    source = _weights_source(pathlib.Path(path))
+    return source is not None and source[0].endswith((".safetensors", ".safetensors.index.json"))
+
+
 def load_state_dict_files(path: PathLike) -> Dict[str, torch.Tensor]:
     """Load every tensor of the checkpoint directory ``path`` onto the CPU.
 
@@ -186,21 +210,16 @@ def load_state_dict_files(path: PathLike) -> Dict[str, torch.Tensor]:
     Mistral's native ``consolidated.safetensors`` (its keys carry the prefix ``model.``,
     which :func:`~tl_mamba.loading.convert.convert_state_dict` removes).
     ``.bin`` files are read with ``torch.load(weights_only=True)``, so they cannot run
-    code. Keys and dtypes are returned exactly as stored.
+    code. Keys and dtypes are returned exactly as stored. safetensors' tensors are mapped
+    from the file (:func:`weights_are_mapped`); a ``.bin``'s are read into memory, and keep
+    any storage its keys share (mamba_ssm's tied ``lm_head.weight`` is the embedding).
     """
     path = pathlib.Path(path)
     if not path.is_dir():
         raise CheckpointFilesError(f"checkpoint directory {path} does not exist")
-    if (path / SAFETENSORS_INDEX).is_file():
-        return _load_sharded(path, SAFETENSORS_INDEX, _load_safetensors)
-    if (path / SAFETENSORS_FILE).is_file():
-        return _load_safetensors(path / SAFETENSORS_FILE)
-    if (path / BIN_INDEX).is_file():
-        return _load_sharded(path, BIN_INDEX, _load_bin)
-    if (path / BIN_FILE).is_file():
-        return _load_bin(path / BIN_FILE)
-    if (path / MISTRAL_WEIGHTS_FILE).is_file():
-        return _load_safetensors(path / MISTRAL_WEIGHTS_FILE)
+    source = _weights_source(path)
+    if source is not None:
+        return source[1]()
     # a hub cache's snapshot folder (models--{org}--{name}/snapshots/{revision}): only some files were fetched
     cached = path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
     raise CheckpointFilesError(

@@ -294,10 +294,8 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         ``dtype``: a floating-point torch dtype, a name (``"float16"`` ...) or ``"auto"``
         (the checkpoint's own dtype).
 
-        The weights go straight into the model: no random initialisation runs first. On the
-        CPU, a ``.safetensors`` tensor already in ``dtype`` stays mapped from its file, as in
-        transformers (read as it is first used; an in-place edit of the parameter copies its
-        pages and never writes the file)."""
+        The weights go straight into the model: no random initialisation runs first. The
+        model's memory is its own: nothing written into the checkpoint's files later reaches it."""
         from tl_mamba.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
