@@ -21,9 +21,10 @@ alike. Contenders, in a rotating order each round:
 
 The loaded models' logits are checked against transformers' on a few tokens first (the
 largest difference relative to the largest logit is reported).
-Each process times the load, then the first forward on 8 tokens, which reads every weight:
-transformers' safetensors stay mapped from the file and are read only then, so the time to
-the first logits is what compares loaders. Reported: the medians over the rounds of both
+Each process times the load, then the first forward on 8 tokens: transformers' safetensors
+stay mapped from the file and are read only then, so the time to the first logits is what
+compares loaders. That forward reads every weight but the embedding rows its tokens do not
+use, which an untied model (``Mamba2Config``'s default) then never reads. Reported: the medians over the rounds of both
 times and of the peak memory over both, and the paired ratio of each of ours to ``hf`` in
 time to the first logits. Writes ``<out>.json`` / ``<out>.md`` (default
 ``benchmarks/results/loading_cpu``).

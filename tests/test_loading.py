@@ -790,9 +790,48 @@ def test_tied_bin_checkpoint_loaded_untied_has_two_weights(tmp_path, hf_mamba):
     assert_close(our_logits(HookedMamba.from_pretrained(tmp_path / "untied")), our_logits(untied), atol=0)
 
 
-def test_model_name_override():
+def _own_bytes(model):
+    """Whether every parameter's storage holds exactly that parameter (shares nothing, keeps nothing else alive)."""
+    return all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_bin_checkpoints_of_views_load_as_separate_contiguous_weights(tmp_path, hf_mamba):
+    # a .bin whose tensors are transposed views, or views into one flat buffer of every weight
+    # (torch.nn.utils.vector_to_parameters, flat-buffer trainers), loads into contiguous parameters
+    # each with memory of its own; so does one read while torch's global load setting says mmap
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    sd = hf_mamba.state_dict()
+    transposed = {k: v.T.contiguous().T if v.dim() == 2 else v for k, v in sd.items()}
+    flat = hf_mamba.__class__(hf_mamba.config)
+    vector_to_parameters(parameters_to_vector(hf_mamba.parameters()).clone(), flat.parameters())
+    expected = our_logits(HookedMamba.from_hf(hf_mamba))
+    for name, state in (("transposed", transposed), ("flat", flat.state_dict())):
+        folder = tmp_path / name
+        hf_mamba.config.save_pretrained(folder)
+        torch.save(state, folder / "pytorch_model.bin")
+        model = HookedMamba.from_pretrained(folder)
+        assert all(p.is_contiguous() for p in model.parameters()), name
+        assert _own_bytes(model), name
+        assert_close(our_logits(model), expected, atol=0)
+    config = torch.utils.serialization.config.load
+    mmap = config.mmap
+    try:
+        config.mmap = True
+        model = HookedMamba.from_pretrained(tmp_path / "transposed")
+    finally:
+        config.mmap = mmap
+    before = model.W_E.clone()
+    torch.save({k: torch.zeros_like(v) for k, v in sd.items()}, tmp_path / "transposed" / "pytorch_model.bin")
+    assert torch.equal(model.W_E, before)
+
+
+def test_model_name_override(hf_mamba, saved):
     assert tl_mamba.from_pretrained("toy-mamba", model_name="mine").cfg.model_name == "mine"
     assert tl_mamba.from_pretrained("toy-mamba").cfg.model_name == "toy-mamba"
+    assert HookedMamba.from_pretrained(saved["mamba"], model_name="mine").cfg.model_name == "mine"
+    assert HookedMamba.from_hf(hf_mamba, model_name="mine").cfg.model_name == "mine"
+    assert tl_mamba.from_hf(hf_mamba, model_name="mine").cfg.model_name == "mine"
 
 
 def test_from_hf_dtype_follows_model():

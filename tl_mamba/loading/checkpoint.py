@@ -163,14 +163,15 @@ def build_model(
     model's ``d_vocab``.
 
     The model is built on the meta device and the tensors are put in place of its
-    parameters, so no random initialisation runs and no second copy of the weights is made
-    (a random init of mamba-1.4b's widths takes 30-37 s on one CPU thread; a 7B model's, minutes).
-    ``copy=True`` (the default) gives the model memory of its own for every tensor, even where
-    ``state_dict``'s already have the right dtype and device. ``copy=False`` lets it take
-    tensors as they are: only for a state dict whose memory nothing else holds or maps (one
-    ``torch.load`` just read). Even then a tensor whose storage an earlier key already gave a
-    parameter is copied (a ``.bin``'s tied ``lm_head.weight`` is the embedding: loaded untied,
-    the two must not move together), and every parameter is contiguous.
+    parameters, so no random initialisation runs and no randomly initialised copy of the
+    weights is held beside them (a random init of mamba-1.4b's widths takes 30-37 s on one CPU
+    thread; a 7B model's, minutes). ``copy=True`` (the default) gives the model memory of its
+    own for every tensor, even where ``state_dict``'s already have the right dtype and device.
+    ``copy=False`` lets it take tensors as they are: only for a state dict whose memory nothing
+    else holds or maps (one ``torch.load`` just read). Even then a tensor is copied when its
+    storage holds more than it: another key's too (a ``.bin``'s tied ``lm_head.weight`` is the
+    embedding; loaded untied, the two must not move together) or a flat buffer of all the
+    weights. Every parameter is contiguous.
     """
     warn_if_tokenizer_too_large(tokenizer, cfg)
     target = torch.device(device if device is not None else (cfg.device if cfg.device is not None else "cpu"))
@@ -180,9 +181,12 @@ def build_model(
     placed, storages = {}, set()
     for name, tensor in state_dict.items():
         if name in shapes:
-            shared = tensor.untyped_storage().data_ptr() in storages
-            storages.add(tensor.untyped_storage().data_ptr())
-            tensor = tensor.to(device=target, dtype=shapes[name].dtype, copy=copy or shared)
+            storage = tensor.untyped_storage()
+            # a storage that holds more than this tensor: another key's too (a tied lm_head), or a flat
+            # buffer of all the weights (which this parameter would keep alive whole)
+            borrowed = storage.data_ptr() in storages or storage.nbytes() > tensor.numel() * tensor.element_size()
+            storages.add(storage.data_ptr())
+            tensor = tensor.to(device=target, dtype=shapes[name].dtype, copy=copy or borrowed)
             placed[name] = tensor.contiguous()
         else:
             placed[name] = tensor  # (refused by load_state_dict's strict check)

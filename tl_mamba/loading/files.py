@@ -139,7 +139,9 @@ def _load_safetensors(file: pathlib.Path) -> Dict[str, torch.Tensor]:
 
 def _load_bin(file: pathlib.Path) -> Dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+        # mmap=False whatever torch.utils.serialization.config says: the tensors are read into memory of
+        # their own, which the model may then keep (weights_are_mapped)
+        obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=False)
     except Exception as err:  # noqa: BLE001 - torch.load raises OSError, RuntimeError, UnpicklingError ...
         raise _unreadable(file, err, "a PyTorch checkpoint (torch.load with weights_only=True)") from err
     # A few trainers wrap the state dict; mamba_ssm and transformers do not.
