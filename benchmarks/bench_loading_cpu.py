@@ -48,32 +48,26 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _env import machine_info, package_revision, write_results  # noqa: E402
+from _setup import Mamba2Shapes, Shapes, build_hf, build_hf_mamba2  # noqa: E402
 
-#: the checkpoints' widths: family, d_model, n_layers, vocab (padded as the checkpoints are)
+#: the checkpoints' widths (vocabularies padded as the checkpoints' are)
 SIZES = {
-    "130m": ("mamba1", 768, 24, 50280),
-    "370m": ("mamba1", 1024, 48, 50280),
-    "1.4b": ("mamba1", 2048, 48, 50280),
-    "mamba2-130m": ("mamba2", 768, 24, 50288),
-    "toy": ("mamba1", 64, 2, 512),  # --quick
+    "130m": Shapes(d_model=768, n_layers=24, vocab=50280),
+    "370m": Shapes(d_model=1024, n_layers=48, vocab=50280),
+    "1.4b": Shapes(d_model=2048, n_layers=48, vocab=50280),
+    "mamba2-130m": Mamba2Shapes(d_model=768, n_layers=24, vocab=50288),
+    "toy": Shapes(d_model=64, n_layers=2, vocab=512),  # --quick
 }
 CONTENDERS = ("hf", "ours_transformers", "ours_mamba_ssm", "random_init")
 
 
+def is_mamba2(size: str) -> bool:
+    return isinstance(SIZES[size], Mamba2Shapes)
+
+
 def hf_model(size: str):
     """A random transformers model of ``size``'s widths (float32, eval)."""
-    import transformers
-
-    family, d_model, n_layers, vocab = SIZES[size]
-    torch.manual_seed(0)
-    if family == "mamba1":
-        config = transformers.MambaConfig(hidden_size=d_model, num_hidden_layers=n_layers, vocab_size=vocab,
-                                          state_size=16, expand=2, conv_kernel=4)
-        return transformers.MambaForCausalLM(config).eval()
-    config = transformers.Mamba2Config(hidden_size=d_model, num_hidden_layers=n_layers, vocab_size=vocab,
-                                       state_size=128, expand=2, head_dim=64, num_heads=2 * d_model // 64,
-                                       n_groups=1, conv_kernel=4, chunk_size=256)
-    return transformers.Mamba2ForCausalLM(config).eval()
+    return build_hf_mamba2(SIZES[size]) if is_mamba2(size) else build_hf(SIZES[size])
 
 
 def worker(contender: str, folder: str, size: str) -> dict:
@@ -87,16 +81,15 @@ def worker(contender: str, folder: str, size: str) -> dict:
 
     import tl_mamba
 
-    family = SIZES[size][0]
     if contender == "hf":
-        cls = transformers.MambaForCausalLM if family == "mamba1" else transformers.Mamba2ForCausalLM
+        cls = transformers.Mamba2ForCausalLM if is_mamba2(size) else transformers.MambaForCausalLM
         load = lambda: cls.from_pretrained(folder)  # noqa: E731
     elif contender == "random_init":
         cfg = tl_mamba.from_pretrained(folder).cfg  # read first (and freed): only the build is measured
-        load = lambda: (tl_mamba.HookedMamba if family == "mamba1" else tl_mamba.HookedMamba2)(cfg)  # noqa: E731
+        load = lambda: (tl_mamba.HookedMamba2 if is_mamba2(size) else tl_mamba.HookedMamba)(cfg)  # noqa: E731
     else:
         load = lambda: tl_mamba.from_pretrained(folder)  # noqa: E731
-    tokens = torch.randint(0, SIZES[size][3], (1, 8), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, SIZES[size].vocab, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def load_and_run():
         start = time.perf_counter()
@@ -125,7 +118,7 @@ def check_logits(size: str, hf, folders: dict) -> float:
     the largest |logit| (random weights at 48 layers give logits in the hundreds)."""
     import tl_mamba
 
-    tokens = torch.randint(0, SIZES[size][3], (1, 8), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, SIZES[size].vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = hf(tokens).logits
         worst = 0.0
