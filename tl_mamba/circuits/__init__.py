@@ -15,6 +15,7 @@ knockout attribution, patching and ablation helpers.
     found = smallest_feature_circuit(model, {hook: sae}, feats, clean, corrupted, metric, target=0.8)
     patch_layer_position(model, clean, corrupted, metric, hook="h")
     hooks = class_conditional_ablation_hooks(model, tokens, {3: [0, 5]}, token_class="bos")
+    top = top_activations(model, "blocks.1.hook_resid_pre", tokens, sae, features=[3, 9], k=10)
 """
 
 from tl_mamba.circuits.ablation import (
@@ -60,12 +61,14 @@ from tl_mamba.circuits.knockout_attribution import (
 )
 from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
 from tl_mamba.circuits.probes import similarity_by_class
+from tl_mamba.circuits.top_activations import TopActivations, top_activations
 
 __all__ = [
     "AttributionCheck",
     "Edge",
     "FeatureCircuit",
     "FeatureScores",
+    "TopActivations",
     "Graph",
     "KINDS",
     "LEVELS",
@@ -102,5 +105,6 @@ __all__ = [
     "smallest_feature_circuit",
     "task_batches",
     "token_class_mask",
+    "top_activations",
     "zero_ablation_hooks",
 ]

@@ -1,0 +1,219 @@
+"""top_activations (tl_mamba.circuits.top_activations) against a brute-force reference: every
+prompt run on its own, unpadded, with run_with_cache; every usable position's feature value
+listed in Python and sorted; context windows cut from the unpadded prompt."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
+from tl_mamba.circuits import TopActivations, top_activations
+from tl_mamba.circuits.top_activations import OUTSIDE
+
+from conftest import make_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
+
+V, BOS = 40, 0
+
+
+def tiny(family, tokenizer=None):
+    common = dict(n_layers=3, d_model=16, d_vocab=V, d_state=4, expand=2, seed=3, bos_token_id=BOS,
+                  eos_token_id=1, pad_token_id=2)
+    if family == "mamba1":
+        model = HookedMamba(HookedMambaConfig(**common), tokenizer=tokenizer)
+    else:
+        model = HookedMamba2(HookedMambaConfig(family="mamba2", n_heads=4, n_groups=2, chunk_size=4, **common),
+                             tokenizer=tokenizer)
+    return model.double().eval()
+
+
+def prompts(n=9, seed=0, lo=3, hi=11):
+    """Unpadded prompts of different lengths, each a BOS then random ids (BOS and pad excluded)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [[BOS] + torch.randint(3, V, (m - 1,), generator=g).tolist() for m in lengths]
+
+
+def left_padded(rows, pad=2):
+    p = max(map(len, rows))
+    tokens = torch.full((len(rows), p), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), p, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, p - len(r):] = torch.tensor(r)
+        mask[i, p - len(r):] = 1
+    return tokens, mask
+
+
+def reference(model, hook, rows, featurize, ignore_bos=True, first_prompt=0):
+    """``[(value, prompt, position)]`` of every usable position, one feature list per feature:
+    ``{feature: [...]}``, and the count of usable positions. Each prompt is run alone."""
+    listing, counted = {}, 0
+    for i, r in enumerate(rows):
+        _, cache = model.run_with_cache(torch.tensor([r]), names_filter=[hook])
+        feats = featurize(cache[hook])[0]  # [p, F]
+        for t in range(len(r)):
+            if ignore_bos and r[t] == BOS:
+                continue
+            counted += 1
+            for f in range(feats.shape[-1]):
+                listing.setdefault(f, []).append((float(feats[t, f]), first_prompt + i, t))
+    return listing, counted
+
+
+def window(row, t, before, after):
+    return [row[j] if 0 <= j < len(row) else OUTSIDE for j in range(t - before, t + after + 1)]
+
+
+def check_against(top: TopActivations, listing, rows, k, largest=True, before=12, after=4, features=None):
+    features = list(listing) if features is None else features
+    assert top.features.tolist() == features
+    for i, f in enumerate(features):
+        entries = listing[f]
+        ranked = sorted(entries, key=lambda e: -e[0] if largest else e[0])
+        expected = [e[0] for e in ranked[:k]]
+        got = top.values[i].tolist()
+        n = len(expected)
+        assert got[:n] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert all(math.isnan(v) for v in got[n:]) and (top.prompt[i, n:] == -1).all()
+        # each example is a distinct real position that holds the value reported (ties may be in any order)
+        value_at = {(pr, pos): v for v, pr, pos in entries}
+        places = list(zip(top.prompt[i, :n].tolist(), top.position[i, :n].tolist()))
+        assert len(set(places)) == n
+        for (pr, pos), v in zip(places, got[:n]):
+            assert value_at[(pr, pos)] == pytest.approx(v, rel=1e-9, abs=1e-12)
+            assert top.context[i, places.index((pr, pos))].tolist() == window(rows[pr], pos, before, after)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_raw_channels_of_a_padded_batch_match_each_prompt_run_alone(family):
+    model = tiny(family)
+    rows = prompts()
+    tokens, mask = left_padded(rows)
+    hook = "blocks.1.hook_y"  # Mamba-2: [b, p, h, hd], flattened heads side by side
+    top = top_activations(model, hook, tokens, attention_mask=mask, k=4, batch_size=4, quiet=True)
+    listing, counted = reference(model, hook, rows, lambda a: a.reshape(*a.shape[:2], -1))
+    check_against(top, listing, rows, k=4)
+    assert top.n_positions == counted == sum(len(r) - 1 for r in rows)
+    fired = torch.tensor([sum(v > 0 for v, _, _ in listing[f]) for f in sorted(listing)], dtype=torch.float64)
+    assert torch.allclose(top.frequency, fired / counted)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_an_sae_with_feature_subset_and_smallest_values(family):
+    model = tiny(family)
+    width = model.cfg.d_model
+    g = torch.Generator().manual_seed(1)
+    W, b = torch.randn(width, 12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+
+    class SAE:
+        def encode(self, a):
+            return torch.relu(a @ W + b)
+
+        def decode(self, f):
+            return f @ W.T
+
+    rows = prompts(seed=2)
+    tokens, mask = left_padded(rows)
+    hook = "blocks.2.hook_resid_pre"
+    chosen = [7, 0, 11]
+    listing, _ = reference(model, hook, rows, lambda a: torch.relu(a @ W + b))
+    listing = {f: listing[f] for f in chosen}
+    for largest in (True, False):
+        top = top_activations(model, hook, tokens, SAE(), features=chosen, k=5, largest=largest,
+                              attention_mask=mask, batch_size=3, quiet=True)
+        check_against(top, listing, rows, k=5, largest=largest, features=chosen)
+
+
+def test_the_recurrent_state_and_directions_with_a_stream_of_batches_of_different_lengths():
+    model = tiny("mamba1")
+    e, n = model.cfg.d_inner, model.cfg.d_state
+    hook = "blocks.0.hook_h"  # [b, p, e, n] → feature c·n + i
+    directions = torch.randn(e * n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    batches = [prompts(n=3, seed=5, lo=4, hi=5), prompts(n=2, seed=6, lo=7, hi=8), prompts(n=4, seed=7, lo=2, hi=3)]
+    rows = [r for batch in batches for r in batch]
+    stream = (torch.tensor(batch) for batch in batches)  # each batch unpadded, its own length
+    top = top_activations(model, hook, stream, directions, k=6, context=(2, 1), quiet=True)
+    listing, _ = reference(model, hook, rows, lambda a: a.reshape(*a.shape[:2], -1) @ directions)
+    check_against(top, listing, rows, k=6, before=2, after=1)
+    # and the raw entries, by their flattened index
+    stream = [(torch.tensor(batch), torch.ones(len(batch), len(batch[0]), dtype=torch.long)) for batch in batches]
+    entries = [5, n * 3 + 2]
+    top = top_activations(model, hook, stream, features=entries, k=3, context=0, ignore=None, quiet=True)
+    listing, _ = reference(model, hook, rows, lambda a: a.reshape(*a.shape[:2], -1)[..., entries], ignore_bos=False)
+    listing = {entries[i]: v for i, v in listing.items()}
+    check_against(top, listing, rows, k=3, before=0, after=0, features=entries)
+
+
+def test_more_slots_than_positions_are_left_empty():
+    model = tiny("mamba2")
+    rows = [[BOS, 5, 6], [BOS, 7]]
+    tokens, mask = left_padded(rows)
+    top = top_activations(model, "blocks.0.hook_x", tokens, attention_mask=mask, features=[0], k=5, quiet=True)
+    assert (top.prompt[0] >= 0).sum() == 3 and top.values.shape == (1, 5)  # three real non-BOS positions
+    assert torch.isnan(top.values[0, 3:]).all() and (top.position[0, 3:] == -1).all()
+    assert (top.context[0, 3:] == OUTSIDE).all()
+
+
+def test_strings_are_tokenized_and_positions_count_real_tokens():
+    tok = make_tokenizer()
+    model = tiny("mamba2", tokenizer=tok)
+    texts = ["the cat sat on the mat", "mary gave john a drink", "one two", "red blue green one two three four"]
+    top = top_activations(model, "blocks.1.hook_resid_post", texts, features=[0, 3], k=4, batch_size=3,
+                          quiet=True)
+    rows = [model.to_tokens(t)[0].tolist() for t in texts]
+    listing, _ = reference(model, "blocks.1.hook_resid_post", rows, lambda a: a[..., [0, 3]])
+    listing = {[0, 3][i]: v for i, v in listing.items()}
+    check_against(top, listing, rows, k=4, features=[0, 3])
+    # decoded examples and the table name the token at (prompt, position)
+    ex = top.examples(3, model)
+    assert [e["token"] for e in ex] == [model.to_single_str_token(rows[e["prompt"]][e["position"]]) for e in ex]
+    assert ex[0]["before"] == model.to_string([t for t in rows[ex[0]["prompt"]][:ex[0]["position"]]][-12:])
+    df = top.to_dataframe(model)
+    assert list(df[df.feature == 3].token) == [e["token"] for e in ex]
+    text = top.show(3, model)
+    assert text.count("«") == len(ex) and f"«{ex[0]['token']}»" in text.splitlines()[1]
+
+
+def test_only_the_layers_up_to_the_hook_run():
+    model = tiny("mamba1")
+    tokens = torch.tensor(prompts(n=2, lo=5, hi=6))
+    ran = []
+    with model.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", lambda a, hook: ran.append(hook.name))]):
+        top_activations(model, "blocks.0.hook_conv", tokens, features=[0], k=1, quiet=True)
+        assert ran == []
+        top_activations(model, "ln_final.hook_normalized", tokens, features=[0], k=1, quiet=True)
+        assert ran == ["blocks.2.hook_resid_pre"]
+
+
+def test_errors_name_the_problem():
+    model = tiny("mamba2")
+    tokens = torch.tensor(prompts(n=2, lo=5, hi=6))
+    with pytest.raises(ValueError, match="not a hook"):
+        top_activations(model, "blocks.0.hook_yy", tokens, quiet=True)
+    with pytest.raises(ValueError, match="knockout mask"):
+        top_activations(model, "blocks.0.hook_ssm_mask", tokens, quiet=True)
+    with pytest.raises(ValueError, match="k must be"):
+        top_activations(model, "blocks.0.hook_x", tokens, k=0, quiet=True)
+    with pytest.raises(ValueError, match="context"):
+        top_activations(model, "blocks.0.hook_x", tokens, context=(1, -1), quiet=True)
+    with pytest.raises(ValueError, match="out of range"):
+        top_activations(model, "blocks.0.hook_resid_pre", tokens, features=[16], quiet=True)
+    with pytest.raises(ValueError, match="width 5"):
+        top_activations(model, "blocks.0.hook_resid_pre", tokens, torch.randn(5, dtype=torch.float64), quiet=True)
+    with pytest.raises(ValueError, match=r"\[b, p, F\]"):
+        top_activations(model, "blocks.0.hook_resid_pre", tokens, lambda a: a[0], quiet=True)
+    with pytest.raises(ValueError, match="token ids"):
+        top_activations(model, "blocks.0.hook_x", tokens.double(), quiet=True)
+    with pytest.raises(ValueError, match="attention_mask= goes with a token tensor"):
+        top_activations(model, "blocks.0.hook_x", [tokens], attention_mask=torch.ones_like(tokens), quiet=True)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        top_activations(model, "blocks.0.hook_x", tokens, lambda a: a.flatten(2) / 0 * 0, quiet=True)
+    with pytest.raises(ValueError, match="empty"):
+        top_activations(model, "blocks.0.hook_x", [], quiet=True)
+    top = top_activations(model, "blocks.0.hook_x", tokens, features=[1, 2], k=1, quiet=True)
+    with pytest.raises(ValueError, match="feature 5 is not in this result"):
+        top.examples(5, model)
