@@ -452,3 +452,84 @@ def test_parallel_lists_of_batches_of_different_lengths_raise(family):
         evaluate_baseline(model, clean[:2], clean, metric)
     paired = evaluate_baseline(model, clean, [tokens(4), tokens(5), tokens(6)], metric)  # equal lengths: as before
     assert paired.shape == (3 * B,)
+
+
+def test_single_indices_are_refused_with_the_index_errors_not_truncated(tmp_path):
+    """quickstart.md promises OutOfRangeError / NotAnIndexError for an out-of-range or
+    non-integer layer, head or position given to the tools (2026-12-07 docs audit)."""
+    from tl_mamba.circuits import knockout_attribution_vs_knockout, plot_knockout_attribution, resample_ablation_hooks
+    from tl_mamba.errors import NotAnIndexError, OutOfRangeError
+    from tl_mamba.experiments import features_by_decay
+
+    model = make_model("mamba2")
+    scores = torch.zeros(1, model.cfg.n_heads, P, P)
+    with pytest.raises(OutOfRangeError, match="head 9"):
+        plot_knockout_attribution(scores, tmp_path, head=9)
+    with pytest.raises(NotAnIndexError, match="head"):
+        plot_knockout_attribution(scores, tmp_path, head=1.5)
+    with pytest.raises(NotAnIndexError, match="layer"):
+        features_by_decay(model, 1.5)
+    with pytest.raises(OutOfRangeError, match="layer 9"):
+        features_by_decay(model, 9)
+    prompts = tokens(0)
+    for kwargs, error, pattern in (
+            (dict(layer=0, target=1.5), NotAnIndexError, "^target must be an integer"),
+            (dict(layer=0, sources=[2.7, 3.2]), NotAnIndexError, "sources"),
+            (dict(layer=9), OutOfRangeError, r"^layer 9"),
+            (dict(layer=1.5), NotAnIndexError, r"^layer")):
+        with pytest.raises(error, match=pattern):
+            knockout_attribution_vs_knockout(model, prompts, metric, progress=False, **kwargs)
+    with pytest.raises(NotAnIndexError, match="source_rows"):
+        resample_ablation_hooks(model, "y", prompts, layers=[0], source_rows=[0, 1.5])
+
+
+def test_reference_and_source_masks_are_named_in_their_errors():
+    from tl_mamba.circuits import class_conditional_ablation_hooks, mean_ablation_hooks, resample_ablation_hooks
+
+    model = make_model("mamba2")
+    prompts, bad = tokens(0), torch.ones(3, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="^reference_attention_mask must have"):
+        mean_ablation_hooks(model, "y", prompts, layers=[0], reference_attention_mask=bad)
+    with pytest.raises(ValueError, match="^source_attention_mask must have"):
+        resample_ablation_hooks(model, "y", prompts, layers=[0], source_attention_mask=bad)
+    with pytest.raises(ValueError, match="^reference_attention_mask must have"):
+        class_conditional_ablation_hooks(model, prompts, {0: [0]}, token_class=[5], kind="mean",
+                                         reference_tokens=prompts, reference_attention_mask=bad)
+
+
+def test_similarity_by_class_on_a_hook_without_heads_names_hook():
+    from tl_mamba.circuits import similarity_by_class
+
+    with pytest.raises(ValueError, match=r"similarity_by_class\(hook='B'\): hook_B has no head axis"):
+        similarity_by_class(make_model("mamba2"), tokens(0), {"a": [5]}, hook="B", progress=False)
+
+
+def test_hidden_attention_of_a_cache_refuses_an_attention_mask(family):
+    from tl_mamba import conv_attention, hidden_attention
+
+    model = make_model(family)
+    _, cache = model.run_with_cache(tokens(0))
+    for fn in (hidden_attention, conv_attention):
+        with pytest.raises(ValueError, match="attention_mask goes with token or text input"):
+            fn(model, cache, 0, attention_mask=torch.ones(B, P, dtype=torch.long))
+
+
+def test_a_metric_that_cannot_take_the_labels_says_how_it_is_called(family):
+    model = make_model(family)
+    clean, corrupted = tokens(0), tokens(1)
+    labels = torch.tensor([[5, 6], [6, 5]])
+    graph = Graph.from_model(model, "layer")
+    with pytest.raises(TypeError, match=r"cannot be called as metric\(logits, labels\): these data carry labels"):
+        attribute(model, graph, clean, corrupted, metric, labels=labels, quiet=True)
+
+    def needs_labels(logits, labels):
+        return logits[:, -1, 5]
+
+    with pytest.raises(TypeError, match=r"cannot be called as metric\(logits\): these data have no labels"):
+        attribute(model, graph, clean, corrupted, needs_labels, quiet=True)
+
+    def broken(logits, labels):  # a TypeError of the metric's own is left as it is
+        return logits[:, -1, 5] + "x"
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        attribute(model, graph, clean, corrupted, broken, labels=labels, quiet=True)

@@ -774,6 +774,29 @@ def test_resample_ablation_aligns_rows_by_default(models, family, b):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_resampling_a_prompt_from_itself_warns_that_nothing_changed(models, family):
+    """Resample ablation with the run's own tokens as sources (rows lined up) leaves every row as it
+    was; it warns, naming the rows. Other prompts as sources do not warn, and change the output."""
+    import warnings
+
+    model = models[family]
+    gen = torch.Generator().manual_seed(12)
+    tokens, other = torch.randint(4, V, (3, P), generator=gen), torch.randint(4, V, (3, P), generator=gen)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"resample ablation of blocks.0.hook_y changed nothing in rows \[0, 1, 2\]"):
+            same = model.run_with_hooks(tokens, fwd_hooks=resample_ablation_hooks(model, "y", tokens, layers=[0]))
+        torch.testing.assert_close(same, model(tokens), rtol=0, atol=0)
+        # a chosen source row that is the prompt itself: only that row is named
+        mixed = torch.cat([tokens[:1], other[1:]])
+        with pytest.warns(UserWarning, match=r"changed nothing in rows \[0\] of 3"):
+            model.run_with_hooks(tokens, fwd_hooks=resample_ablation_hooks(model, "y", mixed, layers=[0]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            changed = model.run_with_hooks(tokens, fwd_hooks=resample_ablation_hooks(model, "y", other, layers=[0]))
+    assert not torch.allclose(changed, model(tokens))
+
+
 def test_needle_accuracy_and_task_batches_refuse_a_model_without_the_toy_vocabulary():
     """The needle prompts are toy-vocabulary words: with no tokenizer, or one lacking them (words
     would be read as <unk>), the accuracy would mean nothing, so it is refused by name."""

@@ -202,7 +202,7 @@ def test_errors_and_memory_guard():
         knockout_attribution(model, tokens, metric, layers=[5])
     with pytest.raises(IndexError, match="heads"):
         knockout_attribution(model, tokens, metric, heads=[9])
-    with pytest.raises(IndexError, match=r"target 6 out of range for 6"):
+    with pytest.raises(IndexError, match=r"target 6 is out of range \[0, 6\)"):
         knockout_attribution_vs_knockout(model, tokens, metric, layer=0, target=6)
     with pytest.raises(IndexError, match=r"sources \[9\] out of range for 6"):  # not wrapped round to 3
         knockout_attribution_vs_knockout(model, tokens, metric, layer=0, sources=[1, 9])

@@ -435,3 +435,50 @@ def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     exits_2_saying(capsys, "is a file, not a directory", ["--arch", "mamba", "--steps", "1", "--out",
                                                           str(tmp_path / "file")])
+
+
+def documented_training_commands():
+    """``{out: options passed to train()}`` of each ``python -m tl_mamba.toy.train`` command of
+    docs/toy_models.md, the last command for each ``--out`` (continuation lines joined)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "toy_models.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.strip().startswith("python -m tl_mamba.toy.train"):
+                commands.append(shlex.split(command)[3:])
+    return commands
+
+
+def test_the_documented_commands_pass_what_the_shipped_models_record(monkeypatch):
+    """The commands in docs/toy_models.md give the settings each shipped model's metrics.json
+    records (the last stage's, for toy-mamba2): a recipe default that changed after a model was
+    trained must be pinned in its documented command."""
+    import tl_mamba.toy.train as train_module
+    from tl_mamba.toy.shipped import shipped_metrics
+
+    passed = {}
+
+    def record(arch, out, steps, batch_size, lr, seed, device, max_needle_len, eval_n, **options):
+        passed[str(out)] = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_n=eval_n, **options)
+        return {}
+
+    monkeypatch.setattr(train_module, "train", record)
+    commands = documented_training_commands()
+    assert len(commands) >= 4, commands
+    for argv in commands:
+        assert main(argv) == 0
+    for name in ("toy-mamba", "toy-mamba2"):
+        recorded = shipped_metrics(name)
+        got = passed[name]
+        for key in ("steps", "batch_size", "lr", "seed"):
+            assert got[key] == pytest.approx(recorded[key]), (name, key)
+        assert got["eval_n"] == recorded["eval"]["n"], name
+        # metrics.json has recorded context_noise since the option existed; before, there was none
+        assert got["context_noise"] == recorded.get("context_noise", 0.0), name
+        for key in ("ssm_lr", "weight_decay", "balance", "partial_tie", "init"):
+            if key in recorded:
+                assert got[key] == recorded[key], (name, key)

@@ -15,6 +15,20 @@ class NotAnIndexError(TypeError, ValueError):
     """An index that is not an integer: a float, a string, a bool where ints are expected."""
 
 
+def check_index(value, size: int, what: str) -> int:
+    """One index ``value`` of an axis of ``size`` (negative from the end) as an int in ``[0, size)``:
+    :class:`NotAnIndexError` for anything but an integer (1.5 would be truncated, a bool read as
+    0 or 1), :class:`OutOfRangeError` outside ``[-size, size)``. ``what`` names it in the message."""
+    if hasattr(value, "ndim") and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d tensor or numpy scalar: its Python value
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise NotAnIndexError(f"{what} must be an integer index, got {value!r} of type {type(value).__name__}")
+    value = int(value)
+    if not -size <= value < size:
+        raise OutOfRangeError(f"{what} {value} is out of range [0, {size})")
+    return value % size
+
+
 def caller_stacklevel() -> int:
     """The ``stacklevel`` of a warning raised here that points at the first frame outside
     tl_mamba, torch and transformer_lens: the user's call, however deep the forward was entered."""

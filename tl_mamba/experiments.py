@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from tl_mamba.errors import OutOfRangeError
+from tl_mamba.errors import OutOfRangeError, check_index
 from tl_mamba.knockout import Knockout, _feature_mask
 
 DEFAULT_SOURCES = ("subject", "relation", "first", "last", "context")
@@ -399,8 +399,7 @@ def features_by_decay(model, layer: int, tokens=None, attention_mask=None) -> Tu
     to pass as ``channels=`` / ``heads=``; ``order[-k:]`` the slow-decay ones.
     """
     cfg = model.cfg
-    if not -cfg.n_layers <= layer < cfg.n_layers:
-        raise OutOfRangeError(f"layer {layer} out of range for {cfg.n_layers} layers")
+    layer = check_index(layer, cfg.n_layers, "layer")
     mixer = model.blocks[layer].mixer
     if tokens is None and attention_mask is not None:
         raise ValueError("features_by_decay: attention_mask marks the padding of tokens, and no tokens were given")

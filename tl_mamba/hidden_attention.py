@@ -46,6 +46,9 @@ def _layer_hooks(model, input_or_cache, layer: int, hooks: Sequence[str], attent
     """
     names = [f"blocks.{layer}.{hook}" for hook in hooks]
     from_cache = not isinstance(input_or_cache, (str, list, Tensor))
+    if from_cache and attention_mask is not None:
+        raise ValueError(f"{what}: attention_mask goes with token or text input; a cache's activations already "
+                         "carry the padding of the run that made it (pass attention_mask= to that run_with_cache)")
     if not from_cache:
         with torch.no_grad():
             _, cache = model.run_with_cache(input_or_cache, names_filter=lambda name: name in names,
@@ -200,6 +203,8 @@ def hidden_attention(
         reduce: ``None`` (every feature), or a ``[b, p, p]`` view over the chosen
             features for plotting: ``"norm"`` (L2 norm), ``"sum"``, ``"mean"``,
             ``"abs_max"``. Computed chunk by chunk, so the per-feature tensor is never held.
+        attention_mask: ``[b, p]``, 1 = real token, for token or text input with padding (as the
+            forward takes it); with a cache, a ``ValueError`` (pass it to the run that made the cache).
         chunk_bytes: the most working memory of one chunk of features (Mamba-1 channels,
             Mamba-2 heads); a chunk holds at least one feature.
 
@@ -302,6 +307,9 @@ def conv_attention(
     Args:
         input_or_cache: tokens ``[b, p]``, text, or a cache holding ``blocks.{layer}.hook_conv_in``
             over the whole sequence (checked as in :func:`hidden_attention`).
+        channels: the ``hook_conv`` channels to return (default all), as in :func:`hidden_attention`.
+        reduce: None, or ``"norm"``, ``"sum"``, ``"mean"``, ``"abs_max"`` over the channels.
+        attention_mask: as in :func:`hidden_attention` (token or text input only).
 
     Returns float32 (float64 for a float64 model).
 

@@ -48,7 +48,7 @@ from tl_mamba.circuits.patching import (
     require_feature_axis,
     resolve_hook,
 )
-from tl_mamba.errors import NotAnIndexError
+from tl_mamba.errors import NotAnIndexError, caller_stacklevel
 
 Hook = Tuple[str, Callable]
 Features = Optional[Union[int, Sequence[int], Tensor, range, Mapping[int, Any]]]
@@ -205,6 +205,23 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
     return _masked_replace(act, torch.cat([window, act[:, covered:]], 1), mask, axis, features)
 
 
+def _warn_if_resampled_from_itself(act: Tensor, out: Tensor, mask: Tensor, name: str) -> None:
+    """Warn when rows with ablated places come out of a resample ablation unchanged: their
+    sources hold exactly their activations there (most often the prompt itself as its own source:
+    ``source_tokens`` the run's own tokens, lined up row by row, or a random draw that picked it)."""
+    import warnings
+
+    unchanged = (out == act).reshape(act.shape[0], -1).all(1) & mask.any(1)
+    if bool(unchanged.any()):
+        rows = unchanged.nonzero().flatten().tolist()
+        warnings.warn(
+            f"resample ablation of {name} changed nothing in rows {rows[:8]}{' ...' if len(rows) > 8 else ''} of "
+            f"{act.shape[0]}: their source rows hold exactly their activations at every ablated place (the same "
+            "prompt as its own source: source_tokens are the run's tokens, lined up row by row, or a random draw "
+            "picked it). Resample from other prompts, or choose them with source_rows=.", UserWarning,
+            stacklevel=caller_stacklevel())
+
+
 def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The padding mask a statistic should leave out, as the model's forward reads it: the given
     ``attention_mask``, checked by the forward's own check (shape, 0 / 1, contiguous padding), or,
@@ -218,6 +235,14 @@ def _stats_layers(model, layers, batch_size) -> List[int]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (rows per forward), got {batch_size!r}")
     return list(dict.fromkeys(check_layers(model, layers)))
+
+
+def _check_mask_of(mask: Optional[Tensor], tokens, name: str) -> None:
+    """``ValueError`` naming ``name`` (``reference_attention_mask``, ...) when ``mask`` is not
+    ``tokens``' shape: the forward's own check would name its ``attention_mask``."""
+    if mask is not None and isinstance(tokens, Tensor) and tuple(torch.as_tensor(mask).shape) != tuple(tokens.shape):
+        raise ValueError(f"{name} must have the shape of its tokens {tuple(tokens.shape)}, "
+                         f"got {tuple(torch.as_tensor(mask).shape)}")
 
 
 def _device_tokens(model, tokens) -> Tensor:
@@ -314,6 +339,7 @@ def mean_ablation_hooks(model, hook: str, reference_tokens: Optional[Tensor] = N
     if means is None:
         if reference_tokens is None:
             raise ValueError("mean ablation needs reference_tokens (or precomputed means={layer: mean})")
+        _check_mask_of(reference_attention_mask, reference_tokens, "reference_attention_mask")
         means = mean_activations(model, reference_tokens, name, list(per_layer), per_position=per_position,
                                  attention_mask=reference_attention_mask, batch_size=batch_size)
     missing = [layer for layer in per_layer if layer not in means]
@@ -352,16 +378,15 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
     name = resolve_hook(model, hook)
     per_layer, axis = _layer_features(model, name, layers, heads, channels)
     source_tokens = _device_tokens(model, source_tokens)
+    _check_mask_of(source_attention_mask, source_tokens, "source_attention_mask")
     names = [f"blocks.{layer}.{name}" for layer in per_layer]
     with torch.no_grad():
         _, cache = model.run_with_cache(source_tokens, names_filter=names, attention_mask=source_attention_mask,
                                         return_type=None, stop_at_layer=max(per_layer) + 1)
     b_s, p_s = source_tokens.shape
     fixed = None
-    if source_rows is not None:
-        fixed = torch.as_tensor(source_rows, dtype=torch.long).reshape(-1)
-        if fixed.numel() and (int(fixed.min()) < 0 or int(fixed.max()) >= b_s):
-            raise ValueError(f"source_rows must be in [0, {b_s}), got {fixed.tolist()}")
+    if source_rows is not None:  # ints in [0, b_s) (1.5 is refused, not truncated)
+        fixed = torch.tensor(check_indices(source_rows, b_s, "source_rows"), dtype=torch.long)
 
     def rows_for(b: int, device) -> Tensor:
         if fixed is not None:
@@ -373,10 +398,16 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
         generator = torch.Generator().manual_seed(int(seed))
         return torch.randint(b_s, (b,), generator=generator).to(device)
 
+    warned = []  # one warning per set of hooks
+
     def make(features, source: Tensor):
         def resample_ablate(act: Tensor, hook) -> Tensor:
-            return _replace_by_place(model, act, source[rows_for(act.shape[0], source.device)], positions, axis,
-                                     features, "the source prompts")
+            out = _replace_by_place(model, act, source[rows_for(act.shape[0], source.device)], positions, axis,
+                                    features, "the source prompts")
+            if not warned and out is not act:
+                _warn_if_resampled_from_itself(act, out, _ablation_mask(model, act, positions), hook.name)
+                warned.append(True)
+            return out
         return resample_ablate
 
     return [(n, make(features, cache[n])) for n, features in zip(names, per_layer.values())]
@@ -537,6 +568,9 @@ def class_conditional_ablation_hooks(model, tokens: Tensor, layer_heads: Mapping
         kind: ``"zero"`` or ``"mean"``: the mean of the hook over every real position of
             ``reference_tokens`` (default ``tokens`` with ``attention_mask``), or ``means``.
         attention_mask: padding of ``tokens`` (padding is never in the class).
+        reference_tokens, reference_attention_mask: ``kind="mean"``: the prompts the means are
+            taken over, and their padding.
+        means: ``kind="mean"``: ``{layer: mean}`` given instead (no reference run).
 
     Returns:
         ``[(name, fn)]`` hooks that change ``blocks.{l}.{hook}`` only at
@@ -573,6 +607,7 @@ def class_conditional_hook_factory(model, layer_heads: Mapping[int, Any], token_
                          "on the batch size and on which prompts share its batch")
     if kind == "mean" and means is None:
         name = resolve_hook(model, hook)
+        _check_mask_of(reference_attention_mask, reference_tokens, "reference_attention_mask")
         means = mean_activations(model, reference_tokens, name, [int(k) for k in layer_heads],
                                  attention_mask=reference_attention_mask)
 
@@ -627,7 +662,11 @@ def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass
             ``"newline"``, ids, token strings, a bool mask ``[b, p]``, a function).
             Classes may overlap.
         attention_mask: padding is in no class.
+        layers: None = all; a layer named twice counts once.
+        channel_groups: Mamba-1 only, ``G`` (above).
         include_other: add a class ``"other"``: real positions in none of the classes.
+        batch_size: prompts per forward.
+        progress: a tqdm bar over the batches.
 
     Returns:
         A pandas DataFrame, one row per (layer, head, class): ``layer``, ``head`` (head,

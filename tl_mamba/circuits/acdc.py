@@ -59,7 +59,7 @@ def acdc_order(graph: Graph) -> List[Tuple[int, ...]]:
 def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable] = "kl", threshold: float = 0.01,
          *, labels=None, batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
          quiet: bool = False) -> Graph:
-    """Prune ``graph`` with ACDC (see the module docstring); returns the same graph.
+    """Prune ``graph`` with ACDC (explained after the Args); returns the same graph.
 
     Args:
         model: a ``HookedMamba`` or ``HookedMamba2``.
@@ -159,3 +159,10 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
         metric, "__name__", type(metric).__name__), "objective": current, "forwards": forwards,
         "skipped": skipped}
     return graph
+
+
+# The package exports this function under the module's own name, so ``tl_mamba.circuits.acdc``
+# is the function and ``help()`` would never reach the module's explanation: it follows the
+# function's own docstring.
+if acdc.__doc__ and __doc__:  # None under python -OO
+    acdc.__doc__ += "\n\n" + __doc__

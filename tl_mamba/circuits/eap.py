@@ -192,9 +192,33 @@ def _check_pair(clean: Tensor, corrupted: Tensor, labels, attention_mask: Option
     return clean, corrupted, labels, attention_mask
 
 
+def call_metric(metric: Callable, logits: Tensor, labels):
+    """``metric(logits)``, or ``metric(logits, labels)`` when the data carry labels. A metric that
+    cannot take those arguments is a ``TypeError`` saying how it is called (a TypeError raised
+    inside a metric that can take them is left as it is)."""
+    args = (logits,) if labels is None else (logits, labels)
+    try:
+        return metric(*args)
+    except TypeError:
+        import inspect
+
+        try:
+            inspect.signature(metric).bind(*args)
+        except TypeError:
+            raise TypeError(
+                f"the metric {getattr(metric, '__name__', type(metric).__name__)} cannot be called as "
+                + ("metric(logits): these data have no labels" if labels is None else
+                   "metric(logits, labels): these data carry labels (labels=, or a third item in each batch)")
+                + "; the circuit tools call metric(logits, labels) when there are labels, metric(logits) "
+                  "otherwise") from None
+        except ValueError:  # no signature to read (a builtin): the original error stands
+            pass
+        raise
+
+
 def _metric_values(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
     """The metric of one batch as a sum over its prompts, to differentiate: :func:`metric_sum`."""
-    return metric_sum(metric(logits) if labels is None else metric(logits, labels), b)
+    return metric_sum(call_metric(metric, logits, labels), b)
 
 
 def metric_sum(value, b: int, differentiable: bool = True) -> Tensor:
@@ -226,7 +250,7 @@ def metric_sum(value, b: int, differentiable: bool = True) -> Tensor:
 
 
 def _per_prompt(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
-    value = metric(logits) if labels is None else metric(logits, labels)
+    value = call_metric(metric, logits, labels)
     value = upcast(torch.as_tensor(value).detach()).cpu()  # fp32, float64 for a float64 model's metric
     return value.expand(b).clone() if value.ndim == 0 else value.reshape(b)
 

@@ -122,7 +122,7 @@ def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None
                         method: str = "EAP", ig_steps: Optional[int] = None, *, labels=None,
                         batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
                         per_position: bool = False, quiet: bool = False) -> Dict[str, FeatureScores]:
-    """Score every feature of every SAE in ``saes`` (``{hook name: sae}``); see the module docstring.
+    """Score every feature of every SAE in ``saes`` (``{hook name: sae}``), as explained after the Returns.
 
     Returns:
         ``{hook name: FeatureScores}``.
@@ -347,3 +347,10 @@ def _site_grads(model, saes, tokens, attention_mask, metric, labels, b, clean_pa
         out[name] = (torch.zeros_like(leaves[name][0]) if g_f is None else g_f,
                      torch.zeros_like(leaves[name][1]) if g_err is None else g_err)
     return out
+
+
+# The package exports this function under the module's own name, so ``tl_mamba.circuits.feature_attribution``
+# is the function and ``help()`` would never reach the module's explanation: it follows the
+# function's own docstring.
+if feature_attribution.__doc__ and __doc__:  # None under python -OO
+    feature_attribution.__doc__ += "\n\n" + __doc__

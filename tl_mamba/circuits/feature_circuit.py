@@ -147,6 +147,9 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
         weight_by_frequency: rank by ``|score| × frequency`` (the report's "attribution × count",
             about 10% smaller circuits there) instead of ``|score|``.
         frequency_of: ``"tokens"`` (default) or ``"prompts"``: the frequency both use.
+        keep_error: keep each SAE's error term live too, as in :func:`evaluate_features`.
+        labels, batch_size, attention_mask: the data arguments of
+            :func:`~tl_mamba.circuits.feature_attribution` (and :func:`tl_mamba.circuits.attribute`).
         progress: a tqdm bar over the evaluations.
     """
     if metric is None:

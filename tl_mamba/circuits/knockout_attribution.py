@@ -47,7 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mamba.circuits.eap import _score_dtype, metric_sum
-from tl_mamba.errors import OutOfRangeError
+from tl_mamba.errors import OutOfRangeError, check_index
 from tl_mamba.knockout import _index_list
 from tl_mamba.ops.buffers import format_bytes
 
@@ -387,19 +387,18 @@ def knockout_attribution_vs_knockout(
 
     tokens, _ = _as_tokens(model, tokens)
     p = tokens.shape[1]
-    if not -p <= target < p:
-        raise OutOfRangeError(f"target {target} out of range for {p} positions")
-    target = target % p
+    target = check_index(target, p, "target")
     if sources is None:
         sources = list(range(target + 1))
-    outside = [int(j) for j in sources if not -p <= int(j) < p]
+    sources = _index_list(sources, "sources", owner="knockout_attribution_vs_knockout", mask_ok=False)
+    outside = [j for j in sources if not -p <= j < p]
     if outside:
         raise OutOfRangeError(f"sources {outside} out of range for {p} positions")
-    sources = [int(j) % p for j in sources]
+    sources = [j % p for j in sources]
     late = [j for j in sources if j > target]
     if late:
         raise ValueError(f"sources {late} come after the target {target}: there is no such edge")
-    layer = _layers(model, [layer])[0]
+    layer = check_index(layer, model.cfg.n_layers, "layer")
     head_list = _heads(model, heads)
     scores = knockout_attribution(model, tokens, metric, layers=[layer], heads=head_list, batch_size=batch_size,
                                   progress=progress)[0]
@@ -456,7 +455,7 @@ def plot_knockout_attribution(
     if scores.dim() == 2:
         scores = scores[None]
     if scores.dim() == 4:
-        scores = scores.sum(1) if head is None else scores[:, head]
+        scores = scores.sum(1) if head is None else scores[:, check_index(head, scores.shape[1], "head")]
     elif head is not None:
         raise ValueError("head= needs Mamba-2 scores [L, h, p, p]")
     if scores.dim() != 3 or scores.shape[-1] != scores.shape[-2]:

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.ablation import TokenClass, _stats_layers, class_masks
-from tl_mamba.circuits.patching import channel_group_slices, require_feature_axis, resolve_hook
+from tl_mamba.circuits.patching import (
+    _feature_hooks,
+    channel_group_slices,
+    feature_axis,
+    require_feature_axis,
+    resolve_hook,
+)
 
 __all__ = ["similarity_by_class"]
 
@@ -56,6 +62,8 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
         channel_groups: Mamba-1 only: ``G`` contiguous, equal groups of ``d_inner`` (default
             1: the whole layer); each group's slice is one vector.
         include_other: add a class ``"other"``: real positions in none of the classes.
+        batch_size: prompts per forward.
+        progress: a tqdm bar over the batches.
 
     Returns:
         A pandas DataFrame, one row per (layer, head, class_a, class_b) with class_a at or
@@ -72,6 +80,10 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
     if not mamba1 and channel_groups is not None:
         raise ValueError("channel_groups apply to Mamba-1; Mamba-2 vectors are per head already")
     name = resolve_hook(model, hook)
+    if feature_axis(model, name) is None:  # the probe compares heads (channel groups): hook= is what is wrong
+        unit = "channel (d_inner) axis to split into channel groups" if mamba1 else "head axis"
+        raise ValueError(f"similarity_by_class(hook={hook!r}): {name} has no {unit}; hooks with one: "
+                         f"{_feature_hooks(model)}")
     axis = require_feature_axis(model, name, "channel_groups" if mamba1 else "heads")
     layer_list = _stats_layers(model, layers, batch_size)
     tokens, attention_mask, names, masks = class_masks(model, tokens, classes, attention_mask, include_other)

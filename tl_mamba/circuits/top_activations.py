@@ -9,7 +9,7 @@ where they were, and the tokens around each, so the dataset itself is not kept:
     from tl_mamba.circuits import top_activations
     top = top_activations(model, "blocks.1.hook_resid_pre", tokens, sae, features=[12, 40], k=10)
     print(top.show(12, model))     # the 10 contexts of feature 12, strongest first, its token in «»
-    top.to_dataframe()             # one row per (feature, rank): value, prompt, position, token
+    top.to_dataframe(model)        # one row per (feature, rank): value, prompt, position, token
     top.frequency                  # [F] share of the real tokens where each feature is > 0
 
 A feature is one output of ``encoder`` applied to the hook's activation, read per position:
@@ -149,7 +149,7 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
                     largest: bool = True, context: Union[int, Tuple[int, int]] = (12, 4),
                     ignore: Optional[TokenClass] = "bos", attention_mask: Optional[Tensor] = None,
                     batch_size: int = 16, quiet: bool = False) -> TopActivations:
-    """The ``k`` positions of ``dataset`` where each feature of ``hook`` is largest; see the module.
+    """The ``k`` positions of ``dataset`` where each feature of ``hook`` is largest (more after the Returns).
 
     Args:
         hook: a full hook name with a position axis (``"blocks.3.hook_resid_pre"``,
@@ -383,3 +383,10 @@ def _merge(best, found, k: int):
     return (keys.gather(1, order), torch.cat([best[1], found[1]], 1).gather(1, order),
             torch.cat([best[2], found[2]], 1).gather(1, order),
             torch.cat([best[3], found[3]], 1).gather(1, order[..., None].expand(-1, -1, found[3].shape[-1])))
+
+
+# The package exports this function under the module's own name, so ``tl_mamba.circuits.top_activations``
+# is the function and ``help()`` would never reach the module's explanation: it follows the
+# function's own docstring.
+if top_activations.__doc__ and __doc__:  # None under python -OO
+    top_activations.__doc__ += "\n\n" + __doc__
