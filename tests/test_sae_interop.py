@@ -172,3 +172,17 @@ def test_sae_lens_trains_on_a_mamba_hook(name, hook, normalize, width, quiet_run
     mse = (recon - acts).pow(2).sum(-1).mean().item()
     variance = (acts - acts.mean(0)).pow(2).sum(-1).mean().item()
     assert mse < 0.8 * variance, f"SAE reconstruction MSE {mse:.4g} vs activation variance {variance:.4g}"
+
+    # top_activations reads the sae-lens SAE as it is: its examples and firing rates against the
+    # SAE's own encode of the cached activations, every position counted
+    from tl_mamba.circuits import top_activations
+
+    top = top_activations(model, hook, held_out, sae, k=3, threshold=0.0, ignore=None, quiet=True)
+    with torch.no_grad():
+        features = sae.encode(acts)  # [b·p, d_sae]
+    assert top.values.shape == (features.shape[1], 3) and top.n_positions == held_out.numel()
+    torch.testing.assert_close(top.frequency, (features > 0).double().mean(0))
+    for f in range(0, features.shape[1], 7):
+        fired = features[:, f][features[:, f] > 0].sort(descending=True).values[:3]
+        got = top.values[f][~torch.isnan(top.values[f])]
+        torch.testing.assert_close(got, fired, rtol=1e-5, atol=1e-6)

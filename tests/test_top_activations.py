@@ -48,6 +48,9 @@ def left_padded(rows, pad=2):
     return tokens, mask
 
 
+FEATURES = {}  # (id(rows), prompt) -> that prompt's features [len, F], run alone: for the context values
+
+
 def reference(model, hook, rows, featurize, ignore_bos=True, first_prompt=0):
     """``[(value, prompt, position)]`` of every usable position, one feature list per feature:
     ``{feature: [...]}``, and the count of usable positions. Each prompt is run alone."""
@@ -55,6 +58,7 @@ def reference(model, hook, rows, featurize, ignore_bos=True, first_prompt=0):
     for i, r in enumerate(rows):
         _, cache = model.run_with_cache(torch.tensor([r]), names_filter=[hook])
         feats = featurize(cache[hook])[0]  # [p, F]
+        FEATURES[(id(rows), first_prompt + i)] = feats
         for t in range(len(r)):
             if ignore_bos and r[t] == BOS:
                 continue
@@ -68,11 +72,15 @@ def window(row, t, before, after):
     return [row[j] if 0 <= j < len(row) else OUTSIDE for j in range(t - before, t + after + 1)]
 
 
-def check_against(top: TopActivations, listing, rows, k, largest=True, before=12, after=4, features=None):
+def check_against(top: TopActivations, listing, rows, k, largest=True, before=12, after=4, features=None,
+                  threshold=None, column_of=lambda f: f):
+    """``column_of(feature)``: its column in what the reference's ``featurize`` returned."""
     features = list(listing) if features is None else features
     assert top.features.tolist() == features
     for i, f in enumerate(features):
         entries = listing[f]
+        if threshold is not None:
+            entries = [e for e in entries if (e[0] > threshold if largest else e[0] < threshold)]
         ranked = sorted(entries, key=lambda e: -e[0] if largest else e[0])
         expected = [e[0] for e in ranked[:k]]
         got = top.values[i].tolist()
@@ -83,9 +91,14 @@ def check_against(top: TopActivations, listing, rows, k, largest=True, before=12
         value_at = {(pr, pos): v for v, pr, pos in entries}
         places = list(zip(top.prompt[i, :n].tolist(), top.position[i, :n].tolist()))
         assert len(set(places)) == n
-        for (pr, pos), v in zip(places, got[:n]):
+        for rank, ((pr, pos), v) in enumerate(zip(places, got[:n])):
             assert value_at[(pr, pos)] == pytest.approx(v, rel=1e-9, abs=1e-12)
-            assert top.context[i, places.index((pr, pos))].tolist() == window(rows[pr], pos, before, after)
+            assert top.context[i, rank].tolist() == window(rows[pr], pos, before, after)
+            feats = FEATURES[(id(rows), pr)][:, column_of(f)]
+            expected_values = [float(feats[j]) if 0 <= j < len(rows[pr]) else math.nan
+                               for j in range(pos - before, pos + after + 1)]
+            assert top.context_values[i, rank].tolist() == pytest.approx(expected_values, rel=1e-9, abs=1e-12,
+                                                                        nan_ok=True)
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
@@ -145,7 +158,7 @@ def test_the_recurrent_state_and_directions_with_a_stream_of_batches_of_differen
     top = top_activations(model, hook, stream, features=entries, k=3, context=0, ignore=None, quiet=True)
     listing, _ = reference(model, hook, rows, lambda a: a.reshape(*a.shape[:2], -1)[..., entries], ignore_bos=False)
     listing = {entries[i]: v for i, v in listing.items()}
-    check_against(top, listing, rows, k=3, before=0, after=0, features=entries)
+    check_against(top, listing, rows, k=3, before=0, after=0, features=entries, column_of=entries.index)
 
 
 def test_more_slots_than_positions_are_left_empty():
@@ -167,7 +180,7 @@ def test_strings_are_tokenized_and_positions_count_real_tokens():
     rows = [model.to_tokens(t)[0].tolist() for t in texts]
     listing, _ = reference(model, "blocks.1.hook_resid_post", rows, lambda a: a[..., [0, 3]])
     listing = {[0, 3][i]: v for i, v in listing.items()}
-    check_against(top, listing, rows, k=4, features=[0, 3])
+    check_against(top, listing, rows, k=4, features=[0, 3], column_of=[0, 3].index)
     # decoded examples and the table name the token at (prompt, position)
     ex = top.examples(3, model)
     assert [e["token"] for e in ex] == [model.to_single_str_token(rows[e["prompt"]][e["position"]]) for e in ex]
@@ -210,10 +223,144 @@ def test_errors_name_the_problem():
         top_activations(model, "blocks.0.hook_x", tokens.double(), quiet=True)
     with pytest.raises(ValueError, match="attention_mask= goes with a token tensor"):
         top_activations(model, "blocks.0.hook_x", [tokens], attention_mask=torch.ones_like(tokens), quiet=True)
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match=r"feature 0 of blocks.0.hook_x is nan at prompt 0, position 1"):
         top_activations(model, "blocks.0.hook_x", tokens, lambda a: a.flatten(2) / 0 * 0, quiet=True)
     with pytest.raises(ValueError, match="empty"):
         top_activations(model, "blocks.0.hook_x", [], quiet=True)
     top = top_activations(model, "blocks.0.hook_x", tokens, features=[1, 2], k=1, quiet=True)
     with pytest.raises(ValueError, match="feature 5 is not in this result"):
         top.examples(5, model)
+
+
+def test_a_threshold_leaves_the_slots_of_a_rare_feature_empty():
+    """An SAE-like ReLU feature that fires at a few positions: with threshold=0 its examples are
+    only those, strongest first, the other slots empty (no ties at zero filling them)."""
+    model = tiny("mamba1")
+    rows = prompts(seed=8)
+    tokens, mask = left_padded(rows)
+    hook = "blocks.1.hook_resid_post"
+
+    raw, _ = reference(model, hook, rows, lambda a: a[..., :2])
+    # feature f fires above the (5, 3)-th largest value of channel f: at a few counted positions
+    shift = torch.tensor([sorted((v for v, _, _ in raw[f]), reverse=True)[n] for f, n in ((0, 4), (1, 2))],
+                         dtype=torch.float64)
+
+    def relu_shifted(a):
+        return torch.relu(a[..., :2] - shift)
+
+    listing, _ = reference(model, hook, rows, relu_shifted)
+    fires = [sum(v > 0 for v, _, _ in listing[f]) for f in (0, 1)]
+    assert 0 < min(fires) and max(fires) < 8, fires  # (fewer where prompts share a prefix: equal values)
+    top = top_activations(model, hook, tokens, relu_shifted, attention_mask=mask, k=8, threshold=0.0,
+                          batch_size=4, quiet=True)
+    check_against(top, listing, rows, k=8, threshold=0.0)
+    for f in (0, 1):
+        assert int((top.prompt[f] >= 0).sum()) == fires[f] and torch.isnan(top.values[f, fires[f]:]).all()
+    # and for the smallest values, the threshold is an upper bound
+    top = top_activations(model, hook, tokens, lambda a: a[..., :2], attention_mask=mask, k=5, largest=False,
+                          threshold=-0.5, quiet=True)
+    listing, _ = reference(model, hook, rows, lambda a: a[..., :2])
+    check_against(top, listing, rows, k=5, largest=False, threshold=-0.5)
+
+
+def test_the_other_dataset_forms_give_the_token_tensor_result():
+    """(tokens, attention_mask) as the dataset, a tokenizer's dict, an iterable of dict batches and
+    of 1-tuples (DataLoader(TensorDataset(tokens))), and to_tokens' right padding without a mask."""
+    tok = make_tokenizer()
+    model = tiny("mamba2", tokenizer=tok)
+    texts = ["the cat sat on the mat", "mary gave john a drink", "one two", "red blue green one two three four",
+             "the dog ran to the park"]
+    rows = [model.to_tokens(t)[0].tolist() for t in texts]
+    hook, chosen = "blocks.0.hook_resid_post", [1, 6]
+    listing, _ = reference(model, hook, rows, lambda a: a[..., chosen])
+    listing = {chosen[i]: v for i, v in listing.items()}
+
+    def check(top):
+        check_against(top, listing, rows, k=6, features=chosen, column_of=chosen.index)
+
+    left = model.to_tokens(texts, padding_side="left", return_attention_mask=True)
+    check(top_activations(model, hook, left, features=chosen, k=6, batch_size=2, quiet=True))
+    check(top_activations(model, hook, {"input_ids": left[0], "attention_mask": left[1]}, features=chosen, k=6,
+                          quiet=True))
+    batches = [{"input_ids": left[0][:3], "attention_mask": left[1][:3]},
+               {"input_ids": left[0][3:], "attention_mask": left[1][3:]}]
+    check(top_activations(model, hook, batches, features=chosen, k=6, quiet=True))
+    right = model.to_tokens(texts)  # right padding, the default here, and no mask
+    assert model.tokenizer.padding_side == "right" and (right == tok.pad_token_id).any()
+    check(top_activations(model, hook, right, features=chosen, k=6, quiet=True))
+    check(top_activations(model, hook, [(right[:2],), (right[2:],)], features=chosen, k=6, quiet=True))
+
+
+def test_a_nan_at_padding_is_no_error_but_one_at_a_counted_position_is():
+    """A cosine to the activation is NaN where it is zero: hook_x is zero at left padding. Only
+    counted positions must be finite."""
+    model = tiny("mamba2")
+    rows = prompts(seed=9)
+    tokens, mask = left_padded(rows)
+    hook = "blocks.0.hook_x"
+
+    def cosine(a):  # [b, p, F]: the cosine of each position's activation to two fixed directions
+        flat = a.reshape(*a.shape[:2], -1)
+        return (flat / flat.norm(dim=-1, keepdim=True))[..., :2]
+
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=[hook])
+    assert torch.isnan(cosine(cache[hook])).any()  # at the padding
+    top = top_activations(model, hook, tokens, cosine, attention_mask=mask, k=4, quiet=True)
+    listing, _ = reference(model, hook, rows, cosine)
+    check_against(top, listing, rows, k=4)
+    with pytest.raises(ValueError, match=r"feature 1 of blocks.0.hook_x is nan at prompt 2, position 3"):
+        top_activations(model, hook, tokens, lambda a: torch.where(
+            (torch.arange(a.shape[0])[:, None, None] == 2) & (torch.arange(a.shape[1])[None, :, None] ==
+                                                              a.shape[1] - len(rows[2]) + 3)
+            & (torch.arange(2) == 1), float("nan"), cosine(a).nan_to_num()), attention_mask=mask, quiet=True)
+
+
+def test_features_from_numpy_ignore_masks_per_prompt_and_the_sae_config_check():
+    import numpy as np
+
+    model = tiny("mamba1")
+    rows = prompts(n=6, seed=10)
+    tokens, mask = left_padded(rows)
+    hook = "blocks.0.hook_resid_pre"
+    listing, _ = reference(model, hook, rows, lambda a: a)
+    by_numpy = top_activations(model, hook, tokens, features=np.argsort(np.arange(16.0))[-2:], k=3,
+                               attention_mask=mask, quiet=True)
+    check_against(by_numpy, {f: listing[f] for f in (14, 15)}, rows, k=3, features=[14, 15])
+    # ignore= as a bool mask over the whole dataset [N, p], cut per batch: here, every prompt's last token
+    last = torch.zeros_like(tokens, dtype=torch.bool)
+    last[:, -1] = True
+    top = top_activations(model, hook, tokens, features=[3], k=30, attention_mask=mask, ignore=last | (tokens == BOS),
+                          batch_size=4, quiet=True)
+    kept = {3: [e for e in listing[3] if e[2] != len(rows[e[1]]) - 1]}
+    check_against(top, kept, rows, k=30, features=[3])
+    assert top.n_positions == sum(len(r) - 2 for r in rows)
+    with pytest.raises(ValueError, match=r"must have the dataset's shape \(6, 10\)"):
+        top_activations(model, hook, tokens, ignore=last[:3], attention_mask=mask, quiet=True)
+
+    class SAE:
+        class cfg:
+            hook_name = "blocks.1.hook_resid_pre"
+
+        def encode(self, a):
+            return torch.relu(a)
+
+    with pytest.warns(UserWarning, match="trained on blocks.1.hook_resid_pre"):
+        top_activations(model, hook, tokens, SAE(), attention_mask=mask, quiet=True)
+
+
+def test_bad_encoders_and_options_are_named():
+    model = tiny("mamba2")
+    tokens = torch.tensor(prompts(n=2, lo=5, hi=6))
+    hook = "blocks.0.hook_resid_pre"
+    with pytest.raises(ValueError, match="the encoder returned None"):
+        top_activations(model, hook, tokens, lambda a: None, quiet=True)
+    with pytest.raises(TypeError, match="got the string 'my_sae'"):
+        top_activations(model, hook, tokens, "my_sae", quiet=True)
+    with pytest.raises(TypeError, match="largest must be True or False"):
+        top_activations(model, hook, tokens, largest="yes", quiet=True)
+    with pytest.raises(ValueError, match=r"features \[1\] are named twice"):
+        top_activations(model, hook, tokens, features=[1, 1], quiet=True)
+    with pytest.raises(ValueError, match="no features"):
+        top_activations(model, hook, tokens, lambda a: a[..., :0], quiet=True)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        top_activations(model, hook, tokens, threshold="0", quiet=True)

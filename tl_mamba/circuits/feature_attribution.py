@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from tl_mamba.circuits.eap import _metric_values, _score_dtype, count_batches, iter_batches, method_steps
 from tl_mamba.circuits.patching import _MAMBA2_HEAD_HOOKS as PER_HEAD_HOOKS  # [b, p, h, hd] and hook_h
+from tl_mamba.errors import caller_stacklevel
 
 METHODS = ("EAP", "EAP-IG")
 
@@ -245,18 +246,19 @@ def check_saes(model, saes: Mapping[str, object]) -> Dict[str, object]:
         if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
             raise TypeError(f"the SAE for {name} needs encode(act) and decode(features) methods, "
                             f"got {type(sae).__name__}")
-        trained_on = _sae_setting(sae, "hook_name")
-        if isinstance(trained_on, str) and trained_on != name:
-            warnings.warn(f"the SAE given for {name} was trained on {trained_on} (its config's hook_name)",
-                          stacklevel=3)
         views[name] = _one_slice(model, name, sae)
     return views
 
 
 def _one_slice(model, name: str, sae):
-    """``sae``, or a :class:`_OneSlice` view of it when its config names a slice of axis 2.
+    """``sae``, or a :class:`_OneSlice` view of it when its config names a slice of axis 2; a
+    warning when its config names another hook than ``name``.
 
     The axis' size comes from the config, not from a forward (which would run the user's hooks)."""
+    trained_on = _sae_setting(sae, "hook_name")
+    if isinstance(trained_on, str) and trained_on != name:
+        warnings.warn(f"the SAE given for {name} was trained on {trained_on} (its config's hook_name)",
+                      stacklevel=caller_stacklevel())
     index = _sae_setting(sae, "hook_head_index")
     if index is None:
         return sae

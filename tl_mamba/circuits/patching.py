@@ -197,6 +197,8 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
     """``values`` (None = all, an int, ints, a range, an int or bool tensor) as ints in ``[0, size)``."""
     if values is None:
         return list(range(size))
+    if type(values).__module__ == "numpy":  # an array (np.argsort(x)[-10:], a bool mask) or a numpy scalar
+        values = torch.as_tensor(values)
     if isinstance(values, Tensor):
         if values.dtype == torch.bool:
             if values.shape != (size,):
