@@ -16,6 +16,7 @@ knockout attribution, patching and ablation helpers.
     patch_layer_position(model, clean, corrupted, metric, hook="h")
     hooks = class_conditional_ablation_hooks(model, tokens, {3: [0, 5]}, token_class="bos")
     top = top_activations(model, "blocks.1.hook_resid_pre", tokens, sae, features=[3, 9], k=10)
+    probe = linear_probe(model, "blocks.2.hook_h", tokens, labels, positions=-1)   # .test_accuracy
 """
 
 from tl_mamba.circuits.ablation import (
@@ -60,6 +61,7 @@ from tl_mamba.circuits.knockout_attribution import (
     rank_correlation,
 )
 from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
+from tl_mamba.circuits.linear_probe import LinearProbe, linear_probe, probe_activations
 from tl_mamba.circuits.probes import similarity_by_class
 from tl_mamba.circuits.top_activations import TopActivations, top_activations
 
@@ -72,6 +74,7 @@ __all__ = [
     "Graph",
     "KINDS",
     "LEVELS",
+    "LinearProbe",
     "METHODS",
     "ablate",
     "acdc",
@@ -89,6 +92,7 @@ __all__ = [
     "iter_batches",
     "knockout_attribution",
     "knockout_attribution_vs_knockout",
+    "linear_probe",
     "logit_diff",
     "mean_ablation_hooks",
     "mean_activations",
@@ -99,6 +103,7 @@ __all__ = [
     "patched_logits",
     "path_patch",
     "plot_knockout_attribution",
+    "probe_activations",
     "rank_correlation",
     "resample_ablation_hooks",
     "similarity_by_class",

@@ -20,8 +20,9 @@ A feature is one output of ``encoder`` applied to the hook's activation, read pe
   Mamba-1 ``hook_h`` ``[b, p, e, n]`` gives feature ``c·n + i`` for channel c, state entry i);
 - an SAE, or anything with ``encode(act [b, p, width]) -> [b, p, d_sae]`` (a per-head hook
   ``[b, p, h, hd]`` is flattened to its heads side by side, as :func:`feature_attribution` does);
-- a tensor of directions, ``[width]`` or ``[width, F]``: the activation's projections on them
-  (a probe, a difference of means, a row of ``W_U``);
+- a tensor of directions, ``[width]`` or ``[width, F]``, or one direction in the hook's own
+  shape: the activation's projections on them (a probe's :meth:`LinearProbe.direction`, a
+  difference of means, a row of ``W_U``);
 - a function ``act -> [b, p, F]``, given the hook's activation in its own shape.
 
 Positions that are padding, or in the ``ignore`` token class (``"bos"`` by default: a BOS at
@@ -296,13 +297,19 @@ def _encoder(model, hook: str, encoder: Encoder) -> Callable[[Tensor], Tensor]:
         raise TypeError(f"encoder must be None, an SAE (with encode), a tensor of directions or a function; got the "
                         f"string {encoder!r} (load the SAE first)")
     if isinstance(encoder, Tensor):
-        if encoder.dim() not in (1, 2) or not encoder.is_floating_point():
-            raise ValueError(f"directions must be a float tensor [width] or [width, F], got "
-                             f"{encoder.dtype} {tuple(encoder.shape)}")
-        directions = encoder[:, None] if encoder.dim() == 1 else encoder
+        if not encoder.is_floating_point() or encoder.dim() == 0:
+            raise ValueError(f"directions must be a float tensor [width], [width, F] or one direction in the "
+                             f"hook's own shape, got {encoder.dtype} {tuple(encoder.shape)}")
 
         def project(act: Tensor) -> Tensor:
             flat = _flat(act)
+            if encoder.dim() > 1 and tuple(encoder.shape) == tuple(act.shape[2:]):  # one direction, the hook's shape
+                directions = encoder.reshape(-1, 1)  # (a LinearProbe.direction of a state [e, n], say)
+            elif encoder.dim() in (1, 2):
+                directions = encoder[:, None] if encoder.dim() == 1 else encoder
+            else:
+                raise ValueError(f"directions of shape {tuple(encoder.shape)} are neither [width] / [width, F] nor "
+                                 f"one direction of {hook}'s shape {tuple(act.shape[2:])}")
             if flat.shape[-1] != directions.shape[0]:
                 raise ValueError(f"directions have width {directions.shape[0]}, but {hook} is "
                                  f"{flat.shape[-1]} wide per position ({tuple(act.shape)})")
