@@ -5,11 +5,13 @@ the ridge fit by the primal normal equations solved here."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
-from tl_mamba.circuits import LinearProbe, linear_probe, probe_activations
+from tl_mamba.circuits import LinearProbe, fit_probe, linear_probe, probe_activations
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
@@ -130,7 +132,7 @@ def test_the_ridge_probe_solves_its_normal_equations(n):
     pred = X @ W_raw.T + probe.bias.double()
     torch.testing.assert_close(pred[train].mean(0), Y[train].mean(0))  # the intercept
     r2 = 1 - (Y[test] - pred[test]).pow(2).sum(0) / (Y[test] - Y[test].mean(0)).pow(2).sum(0)
-    assert probe.test_accuracy == pytest.approx(float(r2.mean()))
+    assert probe.metric == "r2" and probe.test_score == pytest.approx(float(r2.mean()))
 
 
 def test_bad_probe_inputs_are_named():
@@ -141,7 +143,7 @@ def test_bad_probe_inputs_are_named():
     hook = "blocks.0.hook_resid_post"
     with pytest.raises(ValueError, match=r"labels must be \[N\]"):
         linear_probe(model, hook, tokens, labels[:5], attention_mask=mask)
-    with pytest.raises(ValueError, match="at least two classes"):
+    with pytest.raises(ValueError, match=r"hold one class \(0\): a probe needs at least two"):
         linear_probe(model, hook, tokens, torch.zeros(6, dtype=torch.long), attention_mask=mask)
     with pytest.raises(ValueError, match="ints .classes. or floats"):
         linear_probe(model, hook, tokens, labels.bool(), attention_mask=mask)
@@ -175,3 +177,91 @@ def test_a_probe_direction_in_the_state_shape_reads_positions_with_top_activatio
     projections = sorted((float((alone(model, hook, [r], [t])[0] * direction).sum()) for r in rows
                           for t in range(1, len(r))), reverse=True)[:3]
     assert top.values[0].tolist() == pytest.approx(projections, rel=1e-9)
+
+
+def test_right_padding_without_a_mask_and_positions_as_a_list():
+    """to_tokens pads on the right by default: without a mask, each row's trailing pad run is
+    padding, so position -1 is each prompt's last real token."""
+    from conftest import make_tokenizer
+
+    model = HookedMamba2(HookedMambaConfig(family="mamba2", n_layers=2, d_model=16, d_vocab=V, d_state=4, expand=2,
+                                           n_heads=4, n_groups=2, chunk_size=4, seed=5),
+                         tokenizer=make_tokenizer()).double().eval()
+    texts = ["the cat sat on the mat", "john ran", "mary gave john a red drink"]
+    tokens = model.to_tokens(texts)
+    assert model.tokenizer.padding_side == "right" and (tokens[1] == model.tokenizer.pad_token_id).any()
+    rows = [model.to_tokens(t)[0].tolist() for t in texts]
+    hook = "blocks.1.hook_h"
+    torch.testing.assert_close(probe_activations(model, hook, tokens, -1),
+                               alone(model, hook, rows, [len(r) - 1 for r in rows]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(probe_activations(model, hook, tokens, [1, 2, -2]),
+                               alone(model, hook, rows, [1, 2, len(rows[2]) - 2]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(probe_activations(model, hook, tokens, torch.tensor(1)),
+                               alone(model, hook, rows, [1, 1, 1]), rtol=1e-10, atol=1e-12)
+
+
+def test_fit_probe_splits_by_class_and_reports_the_majority_baseline():
+    g = torch.Generator().manual_seed(8)
+    acts = torch.randn(40, 3, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0] * 30 + [1] * 6 + [2] * 4)
+    probe = fit_probe(acts, labels, test_fraction=0.25, seed=1)
+    train, test = probe.train_rows, probe.test_rows
+    assert len(test) == 10 and sorted(train.tolist() + test.tolist()) == list(range(40))
+    assert [int((labels[test] == c).sum()) for c in range(3)] in ([7, 2, 1], [8, 1, 1], [7, 1, 2])  # ~ 1/4 of each
+    assert probe.class_counts.tolist() == [int((labels[train] == c).sum()) for c in range(3)]
+    assert probe.majority == pytest.approx(float((labels[test] == 0).double().mean()))
+    # every class keeps a training prompt, even where that leaves the test split short of its share
+    few = fit_probe(acts[:4].clone(), torch.tensor([0, 0, 1, 1]), test_fraction=0.75)
+    assert sorted(torch.tensor([0, 0, 1, 1])[few.train_rows].tolist()) == [0, 1]
+    # a class with one prompt: stratified, it is trained on; drawn into the test split, it warns
+    single = torch.tensor([0] * 17 + [1] * 18 + [2])
+    assert 35 in fit_probe(acts[:36].clone(), single, seed=0).train_rows.tolist()
+    for seed in range(50):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = fit_probe(acts[:36].clone(), single, seed=seed, stratify=False)
+        if 35 in fit.test_rows.tolist():
+            assert any("classes [2] are in the test prompts only" in str(w.message) for w in caught)
+            assert fit.classes.tolist() == [0, 1]
+            break
+    else:
+        pytest.fail("no seed of 50 drew the single prompt of class 2 into the test split")
+    # the same split and fit from linear_probe's own activations
+    model = tiny("mamba1")
+    rows = prompts(12, seed=3)
+    tokens, mask = left_padded(rows)
+    lab = torch.tensor([r[1] % 2 for r in rows])
+    via_model = linear_probe(model, "blocks.0.hook_resid_post", tokens, lab, attention_mask=mask, seed=4)
+    direct = fit_probe(probe_activations(model, "blocks.0.hook_resid_post", tokens, attention_mask=mask), lab, seed=4)
+    assert via_model.hook == "blocks.0.hook_resid_post" and direct.hook is None
+    torch.testing.assert_close(via_model.weight, direct.weight)
+    assert torch.equal(via_model.test_rows, direct.test_rows)
+
+
+def test_fit_probe_refuses_what_it_cannot_fit():
+    acts = torch.randn(10, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    labels = torch.tensor([0, 1] * 5)
+    nan_acts = acts.clone()
+    nan_acts[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"activations of prompts \[3\] hold NaN"):
+        fit_probe(nan_acts, labels)
+    with pytest.raises(ValueError, match=r"labels of prompts \[2\] are NaN or infinite"):
+        fit_probe(acts, torch.tensor([0.0, 1, float("inf")] + [0.0] * 7))
+    for kwargs, pattern in ((dict(l2=float("inf")), "l2 must be a finite"), (dict(max_iter=0), "max_iter"),
+                            (dict(seed=None), "seed must be an int"), (dict(test_fraction=1), "test_fraction")):
+        with pytest.raises(ValueError, match=pattern):
+            fit_probe(acts, labels, **kwargs)
+    with pytest.raises(ValueError, match="no prompts"):
+        fit_probe(acts[:0], labels[:0])
+    with pytest.warns(UserWarning, match="before its gradient tolerance"):
+        fit_probe(acts, labels, max_iter=1, l2=1e-6)
+    probe = fit_probe(acts, labels)
+    with pytest.raises(ValueError, match="integer labels"):
+        probe.direction("a")
+    with pytest.raises(AttributeError, match="no accuracy"):
+        fit_probe(acts, acts[:, 0].clone()).test_accuracy
+    # a regression on [N] targets predicts [...]; R² of constant test targets is NaN, not -1e300
+    ridge = fit_probe(acts, torch.cat([acts[:, 0], torch.zeros(0, dtype=torch.float64)]), test_fraction=0.3)
+    assert ridge.predict(acts).shape == (10,)
+    constant = fit_probe(acts, torch.ones(10, dtype=torch.float64), test_fraction=0.3)
+    assert constant.test_score != constant.test_score

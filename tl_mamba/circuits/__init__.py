@@ -61,7 +61,7 @@ from tl_mamba.circuits.knockout_attribution import (
     rank_correlation,
 )
 from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
-from tl_mamba.circuits.linear_probe import LinearProbe, linear_probe, probe_activations
+from tl_mamba.circuits.linear_probe import LinearProbe, fit_probe, linear_probe, probe_activations
 from tl_mamba.circuits.probes import similarity_by_class
 from tl_mamba.circuits.top_activations import TopActivations, top_activations
 
@@ -87,6 +87,7 @@ __all__ = [
     "evaluate_features",
     "evaluate_graph",
     "faithfulness",
+    "fit_probe",
     "feature_attribution",
     "feature_faithfulness",
     "iter_batches",

@@ -3,34 +3,38 @@
 The Mamba IOI paper found "the name entities are stored linearly in Layer 39's SSM": a linear
 probe on the recurrent state decodes which name is the indirect object. :func:`linear_probe`
 collects one activation per prompt (the hook at a chosen position, flattened), holds out a
-share of the prompts, and fits a multinomial logistic regression (integer labels: which class)
-or a ridge regression (float labels: a quantity), with an L2 penalty on standardised inputs:
+seeded, stratified share of the prompts, and fits a multinomial logistic regression (integer
+labels: which class) or a ridge regression (float labels: a quantity), with an L2 penalty on
+standardised inputs:
 
     from tl_mamba.circuits import linear_probe
     probe = linear_probe(model, "blocks.3.hook_h", tokens, io_name_ids, positions=-1)
-    probe.test_accuracy                  # held-out accuracy (chance: 1 / len(probe.classes))
+    probe.test_accuracy, probe.majority  # held-out accuracy, and always guessing the commonest class
     probe.direction(a, b)                # [*act shape]: class a's weights less class b's
     probe.predict(acts)                  # acts [..., *act shape] -> class labels
 
-The direction lives in the hook's own shape (a Mamba-1 state ``[e, n]``), so it can edit the
-state in a ``hook_h`` hook, or read positions with :func:`top_activations`. A probe that reads a
-property says it is there, not that the model uses it: patch or ablate along the direction to
-test that. :func:`probe_activations` returns the activations alone (for another classifier).
+:func:`probe_activations` collects the activations alone and :func:`fit_probe` fits on them, to
+sweep ``l2``, fit a control task (shuffled labels) or use another classifier without running
+the model again. The direction lives in the hook's own shape (a Mamba-1 state ``[e, n]``), so
+:func:`top_activations` reads it and a ``hook_h`` hook can edit along it. A probe that reads a
+property says it is there, not that the model uses it: patch or ablate to test that.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from tl_mamba.circuits.ablation import _real_positions
-from tl_mamba.circuits.top_activations import _check_hook
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError
+from tl_mamba.circuits.top_activations import _check_hook, _real_tokens
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel
 
-__all__ = ["LinearProbe", "linear_probe", "probe_activations"]
+__all__ = ["LinearProbe", "fit_probe", "linear_probe", "probe_activations"]
 
 
 @dataclass
@@ -39,47 +43,77 @@ class LinearProbe:
     folded in): ``score = weight · act + bias``.
 
     Attributes:
-        hook: the hook read.
         kind: ``"classification"`` or ``"regression"``.
-        classes: ``[C]`` the label values (classification; ``weight[i]`` scores ``classes[i]``), or None.
+        classes: ``[C]`` the label values seen in training (``weight[i]`` scores ``classes[i]``),
+            or None for regression.
         weight: ``[C, *act shape]`` (regression: ``[T, *act shape]``, one row per target column).
         bias: ``[C]`` (``[T]``).
-        train_accuracy, test_accuracy: classification: the share of prompts labelled right (NaN
-            with no test prompts). Regression: R² instead (1 - residual / total sum of squares,
-            per the mean over target columns).
-        train_rows, test_rows: the prompts of each split (rows of the dataset).
-        l2: the penalty used.
+        metric: ``"accuracy"`` (the share of prompts labelled right) or ``"r2"`` (1 - residual /
+            total sum of squares, averaged over target columns; NaN where the targets are constant).
+        train_score, test_score: that metric on each split (NaN with no test prompts).
+        majority: classification: the test share of the training split's most common class, the
+            score of always guessing it (the chance level with unbalanced classes); else NaN.
+        train_rows, test_rows: the prompts of each split (rows of the activations).
+        class_counts: ``[C]`` training prompts per class (classification), else None.
+        input_mean, input_std: ``[*act shape]``: the training activations' mean and the scale
+            each entry was divided by (1 where it is constant): ``weight · input_std`` is the
+            probe on standardised inputs.
+        l2: the penalty used. converged: whether L-BFGS met its gradient tolerance (regression:
+            True, solved exactly). hook: the hook read (``linear_probe``), else None.
     """
 
-    hook: str
     kind: str
     classes: Optional[Tensor]
     weight: Tensor
     bias: Tensor
-    train_accuracy: float
-    test_accuracy: float
+    metric: str
+    train_score: float
+    test_score: float
+    majority: float
     train_rows: Tensor
     test_rows: Tensor
+    class_counts: Optional[Tensor]
+    input_mean: Tensor
+    input_std: Tensor
     l2: float
+    converged: bool
+    hook: Optional[str] = None
+    single_target: bool = False
+
+    @property
+    def train_accuracy(self) -> float:
+        return self._accuracy(self.train_score)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self._accuracy(self.test_score)
+
+    def _accuracy(self, score: float) -> float:
+        if self.metric != "accuracy":
+            raise AttributeError("a regression probe has no accuracy: its train_score / test_score are R²")
+        return score
 
     def scores(self, acts: Tensor) -> Tensor:
         """``acts`` ``[..., *act shape]`` → ``[..., C]`` (class scores, or the regression's outputs)."""
         shape = tuple(self.weight.shape[1:])
         if tuple(acts.shape[acts.dim() - len(shape):]) != shape:
-            raise ValueError(f"acts must end in the hook's shape {shape}, got {tuple(acts.shape)}")
+            raise ValueError(f"acts must end in the probed activation's shape {shape}, got {tuple(acts.shape)}")
         flat = acts.reshape(*acts.shape[:acts.dim() - len(shape)], -1).to(self.weight.dtype)
         return flat @ self.weight.reshape(self.weight.shape[0], -1).to(flat.device).T + self.bias.to(flat.device)
 
     def predict(self, acts: Tensor) -> Tensor:
-        """``acts`` ``[..., *act shape]`` → the predicted labels ``[...]`` (regression: ``[..., T]``)."""
+        """``acts`` ``[..., *act shape]`` → the predicted labels ``[...]`` (regression on ``[N, T]``
+        targets: ``[..., T]``)."""
         scores = self.scores(acts)
         if self.kind == "regression":
-            return scores
+            return scores[..., 0] if self.single_target else scores
         return self.classes.to(scores.device)[scores.argmax(-1)]
 
     def direction(self, a, b=None) -> Tensor:
         """Class ``a``'s weights less class ``b``'s (``[*act shape]``), or less the mean of the
-        other classes' when ``b`` is None: the direction along which the probe tells ``a`` apart."""
+        other classes' when ``b`` is None: the direction the probe *reads* (on raw activations, so
+        large on entries of small variance). To *write* along it (an edit of ``hook_h``), mind its
+        scale: ``direction * input_std**2`` is the same direction in standardised units, mapped back."""
         if self.kind != "classification":
             raise ValueError("direction(a, b) compares classes; a regression probe's weight[t] is its direction")
         i = self._index(a)
@@ -89,9 +123,14 @@ class LinearProbe:
         return self.weight[i] - self.weight[others].mean(0)
 
     def _index(self, label) -> int:
-        hits = (self.classes == label).nonzero().flatten()
+        if isinstance(label, Tensor) and label.numel() == 1:
+            label = label.item()
+        if isinstance(label, bool) or not hasattr(label, "__index__"):
+            raise ValueError(f"a class is one of the integer labels {self.classes.tolist()[:10]}, got {label!r}")
+        hits = (self.classes == int(label)).nonzero().flatten()
         if hits.numel() == 0:
-            raise ValueError(f"{label!r} is not one of the probe's classes {self.classes.tolist()[:10]}")
+            raise ValueError(f"{label!r} is not one of the probe's classes {self.classes.tolist()[:10]} (the "
+                             "labels of its training prompts)")
         return int(hits[0])
 
 
@@ -107,7 +146,8 @@ def probe_activations(model, hook: str, tokens: Tensor, positions: Union[int, Te
         positions: one position for every prompt, or ``[N]`` ints, one per prompt, counted among
             the prompt's real tokens (0 = its first; negative from its last, -1 = the last), so
             left padding does not move them.
-        attention_mask: ``[N, p]``, 1 = real token (None: the padding the forward infers).
+        attention_mask: ``[N, p]``, 1 = real token. None: the padding the forward infers (left
+            padding), and each row's trailing run of the pad id (``to_tokens``' right padding).
         batch_size: prompts per forward.
         quiet: no progress bar.
     """
@@ -122,8 +162,7 @@ def probe_activations(model, hook: str, tokens: Tensor, positions: Union[int, Te
     device = model.W_E.device
     tokens = tokens.to(device)
     n, p = tokens.shape
-    real = _real_positions(model, tokens, None if attention_mask is None else attention_mask.to(device))
-    real = torch.ones(n, p, dtype=torch.bool, device=device) if real is None else real.to(device).bool()
+    real = _real_tokens(model, tokens, None if attention_mask is None else attention_mask.to(device))
     columns = _columns(positions, real)
     out = []
     with torch.no_grad():
@@ -145,6 +184,10 @@ def probe_activations(model, hook: str, tokens: Tensor, positions: Union[int, Te
 def _columns(positions, real: Tensor) -> Tensor:
     """Each prompt's column of ``positions`` (counted among its real tokens): ``[N]`` long."""
     n = real.shape[0]
+    if isinstance(positions, (list, tuple)) or type(positions).__module__ == "numpy":
+        positions = torch.as_tensor(positions)
+    if isinstance(positions, Tensor) and positions.dim() == 0 and not positions.is_floating_point():
+        positions = int(positions)
     if isinstance(positions, Tensor):
         if positions.is_floating_point() or positions.dtype == torch.bool or positions.shape != (n,):
             raise ValueError(f"positions must be one int or [N] = [{n}] ints, got {positions.dtype} "
@@ -165,109 +208,188 @@ def _columns(positions, real: Tensor) -> Tensor:
 
 
 def linear_probe(model, hook: str, tokens: Tensor, labels, positions: Union[int, Tensor] = -1, *,
-                 attention_mask: Optional[Tensor] = None, test_fraction: float = 0.25, l2: float = 1e-3,
-                 seed: int = 0, batch_size: int = 32, max_iter: int = 500, quiet: bool = True) -> LinearProbe:
-    """Fit a linear probe of ``labels`` on ``hook`` at ``positions``; see the module.
-
-    Args:
-        hook, tokens, positions, attention_mask, batch_size: as in :func:`probe_activations`.
-        labels: ``[N]`` ints (classes: multinomial logistic regression), or ``[N]`` / ``[N, T]``
-            floats (ridge regression).
-        test_fraction: the share of prompts held out (a seeded draw), in ``[0, 1)``.
-        l2: the penalty ``l2/2 · ‖W‖²`` on the weights of the standardised inputs (each input
-            entry centred and scaled to unit variance over the training prompts); the loss it is
-            added to is the mean cross-entropy (the mean squared error for regression).
-        seed: the split's seed.
-        max_iter: L-BFGS iterations (classification).
-        quiet: no progress bar while the activations are collected.
-
-    Returns:
-        :class:`LinearProbe`.
-    """
+                 attention_mask: Optional[Tensor] = None, batch_size: int = 32, quiet: bool = True,
+                 **fit) -> LinearProbe:
+    """Fit a linear probe of ``labels`` on ``hook`` at ``positions``: :func:`probe_activations`
+    then :func:`fit_probe` (whose keywords, ``test_fraction``, ``l2``, ``seed``, ``stratify`` and
+    ``max_iter``, it passes on); see the module."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError(f"tokens must be token ids [N, p], got "
                          f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
-    labels = torch.as_tensor(labels)
-    n = tokens.shape[0]
-    if labels.shape[:1] != (n,) or labels.dim() > 2:
-        raise ValueError(f"labels must be [N] (or [N, T] for regression), N = {n} prompts, got {tuple(labels.shape)}")
-    if labels.dtype == torch.bool or labels.is_complex():
-        raise ValueError(f"labels must be ints (classes) or floats (quantities), got {labels.dtype}")
-    classify = not labels.is_floating_point()
-    if classify and labels.dim() != 1:
-        raise ValueError(f"class labels must be [N], got {tuple(labels.shape)}")
-    if not (isinstance(test_fraction, (int, float)) and not isinstance(test_fraction, bool)
-            and 0 <= test_fraction < 1):
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
-        raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
-    if classify and labels.unique().numel() < 2:
-        raise ValueError(f"a probe needs at least two classes; every label is {int(labels[0])}")
+    labels = _check_labels(labels, tokens.shape[0])  # before the forward passes
     acts = probe_activations(model, hook, tokens, positions, attention_mask=attention_mask, batch_size=batch_size,
                              quiet=quiet)
+    probe = fit_probe(acts, labels, **fit)
+    probe.hook = hook
+    return probe
+
+
+def fit_probe(acts: Tensor, labels, *, test_fraction: float = 0.25, l2: float = 1e-3, seed: int = 0,
+              stratify: bool = True, max_iter: int = 500) -> LinearProbe:
+    """Fit a linear probe of ``labels`` on activations you have (``probe_activations``' result):
+    sweep ``l2``, refit with shuffled labels as a control task, or probe other positions without
+    running the model again.
+
+    Args:
+        acts: ``[N, *act shape]`` floats, one activation per prompt.
+        labels: ``[N]`` ints (classes: multinomial logistic regression), or ``[N]`` / ``[N, T]``
+            floats (ridge regression).
+        test_fraction: the share of prompts held out, in ``[0, 1)``; at least one prompt when it is
+            not 0.
+        l2: the penalty ``l2/2 · ‖W‖²`` on the weights of the standardised inputs (each entry
+            centred and scaled to unit variance over the training prompts); the loss it is added to
+            is the mean cross-entropy (half the mean squared error for regression).
+        seed: the split's seed.
+        stratify: classification: hold out about ``test_fraction`` of each class, and keep at
+            least one prompt of every class for training.
+        max_iter: L-BFGS iterations (classification); a warning when it stops before converging.
+
+    Returns:
+        :class:`LinearProbe` (``hook`` None).
+    """
+    if not isinstance(acts, Tensor) or acts.dim() < 2 or not acts.is_floating_point():
+        raise ValueError(f"acts must be float activations [N, *shape], got "
+                         f"{f'{acts.dtype} {tuple(acts.shape)}' if isinstance(acts, Tensor) else type(acts).__name__}")
+    n = acts.shape[0]
+    labels = _check_labels(labels, n)
+    classify = not labels.is_floating_point()
+    if not (isinstance(test_fraction, numbers.Real) and not isinstance(test_fraction, bool)
+            and 0 <= test_fraction < 1):
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    if isinstance(l2, bool) or not isinstance(l2, numbers.Real) or not (0 <= l2 < math.inf):
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int (the split's), got {seed!r}")
     shape = tuple(acts.shape[1:])
-    X = acts.reshape(n, -1).double().cpu()
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    n_test = int(round(test_fraction * n))
-    if n - n_test < 2:
-        raise ValueError(f"{n - n_test} training prompts: a probe needs at least two")
-    test_rows, train_rows = order[:n_test].sort().values, order[n_test:].sort().values
+    X = acts.reshape(n, -1).detach().double().cpu()
+    bad = (~torch.isfinite(X)).any(1).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"the activations of prompts {bad[:8].tolist()} hold NaN or infinite values")
+    train_rows, test_rows = _split(n, labels if classify and stratify else None, float(test_fraction), seed)
+    if train_rows.numel() < 2:
+        raise ValueError(f"{train_rows.numel()} training prompts: a probe needs at least two")
     mean = X[train_rows].mean(0)
     std = X[train_rows].std(0, unbiased=False)
-    std = torch.where(std > 0, std, torch.ones_like(std))  # a constant input entry carries nothing
-    Z = (X - mean) / std
+    # entries constant over the training prompts (to rounding) carry nothing: left unscaled
+    std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
+    Z = (X[train_rows] - mean) / std  # the training prompts' only: a Mamba-2 state is 196k entries
+    converged, counts, majority = True, None, float("nan")
     if classify:
-        classes, target = labels.unique(return_inverse=True)
-        Z_train = Z[train_rows]
-        if Z_train.shape[0] < Z_train.shape[1]:
-            # The penalised optimum's W lies in the span of the training inputs, so with fewer
-            # prompts than inputs it is fitted on their coordinates in that span (Z = U S Vᵀ: scores
-            # Z Wᵀ = (U S) Bᵀ and ‖W‖ = ‖B‖ for W = B Vᵀ), the same problem in n instead of D
-            # dimensions (a 196k-entry Mamba-2 state: seconds, not hours).
-            U, S, Vh = torch.linalg.svd(Z_train, full_matrices=False)
-            B, b = _logistic(U * S, target[train_rows], len(classes), float(l2), int(max_iter))
-            W = B @ Vh
-        else:
-            W, b = _logistic(Z_train, target[train_rows], len(classes), float(l2), int(max_iter))
+        classes, counts = labels[train_rows].unique(return_counts=True)
+        if classes.numel() < 2:
+            raise ValueError(f"the training prompts hold one class ({int(classes[0])}): a probe needs at least two")
+        unseen = sorted(set(labels[test_rows].tolist()) - set(classes.tolist()))
+        if unseen:
+            warnings.warn(f"classes {unseen[:8]} are in the test prompts only: the probe can never predict them",
+                          stacklevel=caller_stacklevel())
+        target = torch.searchsorted(classes, labels.clamp(int(classes[0]), int(classes[-1])))
+        W, b, converged = _logistic(Z, target[train_rows], len(classes), float(l2), max_iter)
+        if not converged:
+            warnings.warn(f"L-BFGS stopped after max_iter={max_iter} iterations before its gradient tolerance: "
+                          "raise max_iter (or l2)", stacklevel=caller_stacklevel())
+        if test_rows.numel():
+            majority = float((labels[test_rows] == classes[counts.argmax()]).double().mean())
     else:
         classes, target = None, labels.double().reshape(n, -1)
-        W, b = _ridge(Z[train_rows], target[train_rows], float(l2))
+        W, b = _ridge(Z, target[train_rows], float(l2))
     weight = W / std  # [C, D] on the raw activations
     bias = b - weight @ mean
     dtype = torch.float64 if acts.dtype == torch.float64 else torch.float32
 
-    def metric(rows: Tensor) -> float:
+    def score(rows: Tensor) -> float:
         if rows.numel() == 0:
             return float("nan")
-        scores = X[rows] @ weight.T + bias
+        predicted = X[rows] @ weight.T + bias
         if classify:
-            return float((scores.argmax(-1) == target[rows]).double().mean())
-        residual = (target[rows] - scores).pow(2).sum(0)
+            return float((classes[predicted.argmax(-1)] == labels[rows]).double().mean())
+        residual = (target[rows] - predicted).pow(2).sum(0)
         total = (target[rows] - target[rows].mean(0)).pow(2).sum(0)
-        return float((1 - residual / total.clamp_min(1e-300)).mean())
+        return float(torch.where(total > 0, 1 - residual / total, torch.nan).mean())
 
-    return LinearProbe(hook=hook, kind="classification" if classify else "regression", classes=classes,
+    return LinearProbe(kind="classification" if classify else "regression", classes=classes,
                        weight=weight.to(dtype).reshape(-1, *shape), bias=bias.to(dtype),
-                       train_accuracy=metric(train_rows), test_accuracy=metric(test_rows), train_rows=train_rows,
-                       test_rows=test_rows, l2=float(l2))
+                       metric="accuracy" if classify else "r2", train_score=score(train_rows),
+                       test_score=score(test_rows), majority=majority, train_rows=train_rows, test_rows=test_rows,
+                       class_counts=counts, input_mean=mean.to(dtype).reshape(shape),
+                       input_std=std.to(dtype).reshape(shape), l2=float(l2), converged=converged,
+                       single_target=not classify and labels.dim() == 1)
 
 
-def _logistic(Z: Tensor, target: Tensor, n_classes: int, l2: float, max_iter: int):
-    """Multinomial logistic regression: argmin mean CE(Z Wᵀ + b) + l2/2 ‖W‖², by L-BFGS (float64)."""
+def _check_labels(labels, n: int) -> Tensor:
+    """``labels`` as a CPU tensor: ``[N]`` ints or ``[N]`` / ``[N, T]`` finite floats."""
+    labels = torch.as_tensor(labels).detach().cpu()
+    if n == 0:
+        raise ValueError("no prompts to probe")
+    if labels.shape[:1] != (n,) or labels.dim() > 2:
+        raise ValueError(f"labels must be [N] (or [N, T] for regression), N = {n} prompts, got {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be ints (classes) or floats (quantities), got {labels.dtype}")
+    if not labels.is_floating_point():
+        if labels.dim() != 1:
+            raise ValueError(f"class labels must be [N], got {tuple(labels.shape)}")
+        return labels.long()
+    bad = (~torch.isfinite(labels.reshape(n, -1))).any(1).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"the labels of prompts {bad[:8].tolist()} are NaN or infinite")
+    return labels
+
+
+def _split(n: int, classes: Optional[Tensor], test_fraction: float, seed: int) -> Tuple[Tensor, Tensor]:
+    """``(train rows, test rows)``, each ascending: a seeded draw of ``round(test_fraction · n)``
+    test prompts (at least one when ``test_fraction > 0``); stratified by ``classes`` when given,
+    each class giving its share (largest remainders first) and keeping one prompt for training."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    wanted = 0 if test_fraction == 0 else max(1, round(test_fraction * n))
+    if classes is None:
+        test = order[:wanted]
+    else:
+        shuffled = classes[order]
+        groups = [order[shuffled == c] for c in shuffled.unique()]
+        quota = [int(test_fraction * len(g)) for g in groups]  # < len(g): test_fraction < 1
+        spare = sorted(range(len(groups)), key=lambda i: -(test_fraction * len(groups[i]) - quota[i]))
+        for i in spare:
+            if sum(quota) >= wanted:
+                break
+            if quota[i] < len(groups[i]) - 1:
+                quota[i] += 1
+        test = torch.cat([g[:q] for g, q in zip(groups, quota)])
+    is_test = torch.zeros(n, dtype=torch.bool)
+    is_test[test] = True
+    return (~is_test).nonzero().flatten(), is_test.nonzero().flatten()
+
+
+def _logistic(Z: Tensor, target: Tensor, n_classes: int, l2: float, max_iter: int) -> Tuple[Tensor, Tensor, bool]:
+    """Multinomial logistic regression: argmin mean CE(Z Wᵀ + b) + l2/2 ‖W‖², by L-BFGS (float64).
+    Returns ``(W [C, D], b [C], converged)``."""
+    if Z.shape[0] < Z.shape[1]:
+        # The penalised optimum's W lies in the span of the training inputs, so with fewer prompts
+        # than inputs it is fitted on their coordinates in that span (Z = U S Vᵀ: scores Z Wᵀ =
+        # (U S) Bᵀ and ‖W‖ = ‖B‖ for W = B Vᵀ), the same problem in n instead of D dimensions
+        # (a 196k-entry Mamba-2 state: seconds, not hours).
+        U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+        B, b, converged = _logistic(U * S, target, n_classes, l2, max_iter)
+        return B @ Vh, b, converged
     W = torch.zeros(n_classes, Z.shape[1], dtype=Z.dtype, requires_grad=True)
     b = torch.zeros(n_classes, dtype=Z.dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
                                   tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
 
-    def objective():
+    def objective() -> Tensor:
+        return torch.nn.functional.cross_entropy(Z @ W.T + b, target) + 0.5 * l2 * W.pow(2).sum()
+
+    def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(Z @ W.T + b, target) + 0.5 * l2 * W.pow(2).sum()
+        loss = objective()
         loss.backward()
         return loss
 
     with torch.enable_grad():
-        optimizer.step(objective)
-    return W.detach(), b.detach()
+        optimizer.step(closure)
+        gradient = max(float(g.abs().max()) for g in torch.autograd.grad(objective(), (W, b)))
+    return W.detach(), b.detach(), gradient <= 1e-5
 
 
 def _ridge(Z: Tensor, Y: Tensor, l2: float):
