@@ -265,3 +265,26 @@ def test_fit_probe_refuses_what_it_cannot_fit():
     assert ridge.predict(acts).shape == (10,)
     constant = fit_probe(acts, torch.ones(10, dtype=torch.float64), test_fraction=0.3)
     assert constant.test_score != constant.test_score
+
+
+def test_several_hooks_in_one_pass_give_each_hook_its_own_activations_and_probe():
+    model = tiny("mamba2")
+    rows = prompts(16, seed=11)
+    tokens, mask = left_padded(rows)
+    hooks = ["blocks.0.hook_h", "blocks.1.hook_resid_pre", "blocks.1.hook_y"]
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    acts = probe_activations(model, hooks, tokens, -1, attention_mask=mask, batch_size=8)
+    assert list(acts) == hooks and len(calls) == 2  # two batches, one forward each
+    for hook in hooks:
+        torch.testing.assert_close(acts[hook], alone(model, hook, rows, [len(r) - 1 for r in rows]),
+                                   rtol=1e-10, atol=1e-12)
+    labels = torch.tensor([r[-1] % 2 for r in rows])
+    probes = linear_probe(model, hooks, tokens, labels, attention_mask=mask, seed=2)
+    assert list(probes) == hooks
+    for hook in hooks:
+        alone_probe = linear_probe(model, hook, tokens, labels, attention_mask=mask, seed=2)
+        assert probes[hook].hook == hook and torch.equal(probes[hook].test_rows, alone_probe.test_rows)
+        torch.testing.assert_close(probes[hook].weight, alone_probe.weight)
+    with pytest.raises(ValueError, match="non-empty list"):
+        probe_activations(model, [], tokens)

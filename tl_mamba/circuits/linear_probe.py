@@ -26,7 +26,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -134,18 +134,20 @@ class LinearProbe:
         return int(hits[0])
 
 
-def probe_activations(model, hook: str, tokens: Tensor, positions: Union[int, Tensor] = -1, *,
-                      attention_mask: Optional[Tensor] = None, batch_size: int = 32,
-                      quiet: bool = True) -> Tensor:
-    """``blocks.{l}.hook_*`` (any hook with a position axis) at one position of each prompt:
-    ``[N, *act shape]``, on the model's device.
+def probe_activations(model, hook: Union[str, Sequence[str]], tokens: Tensor, positions: Union[int, Tensor] = -1,
+                      *, attention_mask: Optional[Tensor] = None, batch_size: int = 32,
+                      quiet: bool = True) -> Union[Tensor, Dict[str, Tensor]]:
+    """``hook`` (any hook with a position axis) at one position of each prompt: ``[N, *act
+    shape]``, on the model's device; for a list of hooks (every layer's ``hook_h``, say), a dict
+    ``{hook: [N, *act shape]}`` from the same forward passes.
 
     Args:
-        hook: a full hook name (``"blocks.3.hook_h"``); the model runs only up to its layer.
+        hook: a full hook name (``"blocks.3.hook_h"``), or a list of them; the model runs only up
+            to the last one's layer.
         tokens: ``[N, p]``.
         positions: one position for every prompt, or ``[N]`` ints, one per prompt, counted among
             the prompt's real tokens (0 = its first; negative from its last, -1 = the last), so
-            left padding does not move them.
+            padding does not move them.
         attention_mask: ``[N, p]``, 1 = real token. None: the padding the forward infers (left
             padding), and each row's trailing run of the pad id (``to_tokens``' right padding).
         batch_size: prompts per forward.
@@ -153,7 +155,11 @@ def probe_activations(model, hook: str, tokens: Tensor, positions: Union[int, Te
     """
     from tqdm.auto import tqdm
 
-    layer = _check_hook(model, hook)
+    names = [hook] if isinstance(hook, str) else list(dict.fromkeys(hook)) if isinstance(hook, (list, tuple)) else None
+    if not names:
+        raise ValueError(f"hook must be a full hook name or a non-empty list of them, got {hook!r}")
+    stops = [_check_hook(model, name) for name in names]
+    stop = None if None in stops else max(stops)
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError(f"tokens must be token ids [N, p], got "
                          f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
@@ -161,24 +167,24 @@ def probe_activations(model, hook: str, tokens: Tensor, positions: Union[int, Te
         raise ValueError(f"batch_size must be a positive int (prompts per forward), got {batch_size!r}")
     device = model.W_E.device
     tokens = tokens.to(device)
-    n, p = tokens.shape
+    n = tokens.shape[0]
     real = _real_tokens(model, tokens, None if attention_mask is None else attention_mask.to(device))
     columns = _columns(positions, real)
-    out = []
+    out: Dict[str, List[Tensor]] = {name: [] for name in names}
     with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc=f"probe activations {hook}", disable=quiet, leave=False,
+        for start in tqdm(range(0, n, batch_size), desc="probe activations", disable=quiet, leave=False,
                           unit="batch"):
             rows = slice(start, start + batch_size)
-            taken = {}
 
             def take(act: Tensor, hook) -> None:
-                taken["act"] = act[torch.arange(act.shape[0], device=act.device), columns[rows].to(act.device)]
+                picked = act[torch.arange(act.shape[0], device=act.device), columns[rows].to(act.device)]
+                out[hook.name].append(picked.clone())
 
             mask = None if attention_mask is None else attention_mask[rows].to(device)
-            model.run_with_hooks(tokens[rows], fwd_hooks=[(hook, take)], attention_mask=mask, return_type=None,
-                                 stop_at_layer=layer)
-            out.append(taken["act"].clone())
-    return torch.cat(out)
+            model.run_with_hooks(tokens[rows], fwd_hooks=[(name, take) for name in names], attention_mask=mask,
+                                 return_type=None, stop_at_layer=stop)
+    acts = {name: torch.cat(parts) for name, parts in out.items()}
+    return acts[names[0]] if isinstance(hook, str) else acts
 
 
 def _columns(positions, real: Tensor) -> Tensor:
@@ -207,21 +213,28 @@ def _columns(positions, real: Tensor) -> Tensor:
     return first + index
 
 
-def linear_probe(model, hook: str, tokens: Tensor, labels, positions: Union[int, Tensor] = -1, *,
-                 attention_mask: Optional[Tensor] = None, batch_size: int = 32, quiet: bool = True,
-                 **fit) -> LinearProbe:
+def linear_probe(model, hook: Union[str, Sequence[str]], tokens: Tensor, labels,
+                 positions: Union[int, Tensor] = -1, *, attention_mask: Optional[Tensor] = None,
+                 batch_size: int = 32, quiet: bool = True, **fit) -> Union[LinearProbe, Dict[str, LinearProbe]]:
     """Fit a linear probe of ``labels`` on ``hook`` at ``positions``: :func:`probe_activations`
     then :func:`fit_probe` (whose keywords, ``test_fraction``, ``l2``, ``seed``, ``stratify`` and
-    ``max_iter``, it passes on); see the module."""
+    ``max_iter``, it passes on); see the module. For a list of hooks (a layer sweep), one probe
+    per hook, ``{hook: LinearProbe}``, all on the same split, from the same forward passes."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError(f"tokens must be token ids [N, p], got "
                          f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
     labels = _check_labels(labels, tokens.shape[0])  # before the forward passes
     acts = probe_activations(model, hook, tokens, positions, attention_mask=attention_mask, batch_size=batch_size,
                              quiet=quiet)
-    probe = fit_probe(acts, labels, **fit)
-    probe.hook = hook
-    return probe
+    if isinstance(acts, Tensor):
+        probe = fit_probe(acts, labels, **fit)
+        probe.hook = hook
+        return probe
+    probes = {}
+    for name, site in acts.items():
+        probes[name] = fit_probe(site, labels, **fit)
+        probes[name].hook = name
+    return probes
 
 
 def fit_probe(acts: Tensor, labels, *, test_fraction: float = 0.25, l2: float = 1e-3, seed: int = 0,
