@@ -364,3 +364,28 @@ def test_bad_encoders_and_options_are_named():
         top_activations(model, hook, tokens, lambda a: a[..., :0], quiet=True)
     with pytest.raises(ValueError, match="threshold must be a number"):
         top_activations(model, hook, tokens, threshold="0", quiet=True)
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_max_per_prompt_caps_the_examples_one_prompt_gives(cap):
+    model = tiny("mamba2")
+    rows = prompts(n=10, seed=12, lo=6, hi=12)
+    tokens, mask = left_padded(rows)
+    hook = "blocks.1.hook_y"
+    top = top_activations(model, hook, tokens, features=[0, 5, 9], k=6, max_per_prompt=cap, attention_mask=mask,
+                          batch_size=3, quiet=True)
+    listing, _ = reference(model, hook, rows, lambda a: a.reshape(*a.shape[:2], -1)[..., [0, 5, 9]])
+    capped = {}
+    for i, f in enumerate([0, 5, 9]):
+        by_prompt = {}
+        for entry in listing[i]:
+            by_prompt.setdefault(entry[1], []).append(entry)
+        capped[f] = [e for entries in by_prompt.values() for e in sorted(entries, key=lambda e: -e[0])[:cap]]
+    check_against(top, capped, rows, k=6, features=[0, 5, 9], column_of=[0, 5, 9].index)
+    for i in range(3):
+        kept = top.prompt[i][top.prompt[i] >= 0].tolist()
+        assert max(kept.count(r) for r in kept) <= cap
+    uncapped = top_activations(model, hook, tokens, features=[0, 5, 9], k=6, attention_mask=mask, quiet=True)
+    assert any(max(r.tolist().count(v) for v in r.tolist()) > cap for r in uncapped.prompt)  # the cap matters here
+    with pytest.raises(ValueError, match="max_per_prompt"):
+        top_activations(model, hook, tokens, max_per_prompt=0, quiet=True)
