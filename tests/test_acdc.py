@@ -48,10 +48,11 @@ def metric(logits):
     return logits[:, -1, 3] - logits[:, -1, 11]
 
 
-def hand_patched_logits(model, clean, corrupted, removed_edges):
+def hand_patched_logits(model, clean, corrupted, removed_edges, positions=None):
     """Layer-level graph, by hooks: receiver ``m{l}`` (``hook_mixer_in``) or ``logits`` (the last
     ``hook_resid_post``) gets, for each removed edge ``s -> r``, s's corrupted output minus its
-    output in this run (``hook_embed`` for the input, ``hook_mixer_out`` for a mixer)."""
+    output in this run (``hook_embed`` for the input, ``hook_mixer_out`` for a mixer); only at
+    ``positions`` (columns) when given."""
     L = model.cfg.n_layers
     out_hook = {"input": "hook_embed", **{f"m{l}": f"blocks.{l}.hook_mixer_out" for l in range(L)}}
     _, corr = model.run_with_cache(corrupted, names_filter=list(out_hook.values()))
@@ -66,7 +67,12 @@ def hand_patched_logits(model, clean, corrupted, removed_edges):
         def fn(act, hook):
             for parent, c in removed_edges:
                 if c == child:
-                    act = act + (corr[out_hook[parent]] - seen[out_hook[parent]])
+                    delta = corr[out_hook[parent]] - seen[out_hook[parent]]
+                    if positions is not None:
+                        keep = torch.zeros(act.shape[1], dtype=torch.bool)
+                        keep[positions] = True
+                        delta = delta * keep[None, :, None]
+                    act = act + delta
             return act
         return fn
 
@@ -264,6 +270,30 @@ def test_path_patch_matches_hand_written_hooks(family):
             path_patch(model, clean, corrupted, metric, quiet=True, **kwargs)
     with pytest.raises(TypeError, match="wrap it"):
         path_patch(model, clean, corrupted, metric, senders="m0", receivers=["m1"])
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_path_patch_at_chosen_positions_matches_hand_written_hooks(family):
+    """positions=: the receivers read the senders' corrupted outputs at those columns only."""
+    from tl_mamba.circuits import path_patch
+
+    model = tiny(family)
+    clean, corrupted = pair(3)
+    p = clean.shape[1]
+    senders, receivers = ["input", "m0"], ["m2", "logits"]
+    edges = [(s, r) for s in senders for r in receivers]
+    for positions, columns in (([2, -1], [2, p - 1]), (torch.arange(p) % 3 == 0, list(range(0, p, 3)))):
+        got = path_patch(model, clean, corrupted, metric, senders=senders, receivers=receivers,
+                         positions=positions, quiet=True)
+        expected = metric(hand_patched_logits(model, clean, corrupted, edges, positions=columns)).double()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-9, atol=1e-10)
+    everywhere = path_patch(model, clean, corrupted, metric, senders=senders, receivers=receivers, quiet=True)
+    assert (everywhere - got).abs().max() > 1e-4  # the positions matter
+    with pytest.raises(IndexError, match="out of range"):
+        path_patch(model, clean, corrupted, metric, senders=senders, receivers=receivers, positions=[p], quiet=True)
+    with pytest.raises(ValueError, match="not an iterator"):
+        path_patch(model, iter([(clean, corrupted)]), None, metric, senders=senders, receivers=receivers,
+                   positions=[1], quiet=True)
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])

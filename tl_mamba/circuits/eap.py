@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mamba.circuits.graph import Graph, graph_family
+from tl_mamba.circuits.patching import check_indices
 from tl_mamba.ops.precision import upcast
 
 Batch = Tuple[Tensor, Tensor, object, Optional[Tensor]]  # clean, corrupted, labels, attention_mask
@@ -532,9 +533,9 @@ def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable 
 
 
 def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders: Sequence[str],
-               receivers: Sequence[str], level: str = "layer", channel_groups: Optional[int] = None, labels=None,
-               batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-               quiet: bool = False) -> Tensor:
+               receivers: Sequence[str], level: str = "layer", channel_groups: Optional[int] = None,
+               positions=None, labels=None, batch_size: Optional[int] = None,
+               attention_mask: Optional[Tensor] = None, quiet: bool = False) -> Tensor:
     """Path patching (Wang et al., 2022): the metric of the clean run in which the ``receivers``
     read the ``senders``' corrupted outputs along their direct residual paths, every other edge
     as in this run. Per prompt, ``[N]``.
@@ -552,8 +553,16 @@ def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders
     receiver has none: such a pair adds nothing). It is :func:`evaluate_graph` of the full
     graph less those edges; :func:`attribute` with ``method="exact"`` gives every single
     edge's change at once.
+
+    ``positions`` (ints, negative from the end, or a bool mask ``[p]``): patch the paths at
+    these positions only (the receivers read the senders' corrupted outputs there, their own
+    run's elsewhere), as Wang et al. patch at the S2 or END token. They are columns of the
+    prompts, which must then all have one length ``p`` (a positional graph's ``n_pos``).
     """
-    graph = Graph.from_model(model, level, channel_groups=channel_groups)
+    n_pos = None
+    if positions is not None:
+        n_pos = _prompt_length(clean)
+    graph = Graph.from_model(model, level, channel_groups=channel_groups, positional=n_pos is not None, n_pos=n_pos)
     for what, names, side in (("senders", senders, "parent"), ("receivers", receivers, "child")):
         if isinstance(names, str):
             raise TypeError(f"{what} must be a list of node names, got the string {names!r} (wrap it: [{names!r}])")
@@ -566,10 +575,26 @@ def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders
     if not paths:
         raise ValueError(f"no residual path from {list(senders)} to {list(receivers)}: every sender comes after "
                          "every receiver")
+    where = () if n_pos is None else (check_indices(positions, n_pos, "positions"),)
     for e in paths:
-        graph.in_graph[e.index] = False
+        graph.in_graph[(e.index, *where)] = False
     return evaluate_graph(model, graph, clean, corrupted, metric, labels=labels, batch_size=batch_size,
                           attention_mask=attention_mask, quiet=quiet)
+
+
+def _prompt_length(clean) -> int:
+    """The length of the prompts of ``clean`` (a token tensor, or a list of batches: the first's),
+    for a positional graph; ``evaluate_graph`` refuses batches of another length."""
+    if isinstance(clean, Tensor):
+        first = clean
+    elif isinstance(clean, (list, tuple)) and clean:
+        first = _unpack(clean[0])[0]
+    else:
+        raise ValueError("positions= needs the prompts as a token tensor [N, p] or a list of batches (their "
+                         "length sets the positions), not an iterator")
+    if not isinstance(first, Tensor) or first.dim() != 2:
+        raise ValueError(f"positions= needs token tensors [N, p], got {type(first).__name__}")
+    return int(first.shape[1])
 
 
 def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, run_corrupted: bool = False,
