@@ -36,6 +36,7 @@ filling its slots with ties at zero.
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Tuple, Union
@@ -204,7 +205,7 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
         raise ValueError(f"batch_size must be a positive int (prompts per forward), got {batch_size!r}")
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be True or False, got {largest!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or threshold != threshold):
         raise ValueError(f"threshold must be a number (or None), got {threshold!r}")
     if max_per_prompt is not None and (isinstance(max_per_prompt, bool) or not isinstance(max_per_prompt, int)
