@@ -420,3 +420,14 @@ def test_eap_at_hook_h_is_refused_and_eap_ig_warns():
         feature_attribution(model, {hook: sae}, clean, corrupted, metric, quiet=True)
     with pytest.warns(UserWarning, match="EAP-IG at blocks.0.hook_h"):
         feature_attribution(model, {hook: sae}, clean, corrupted, metric, method="EAP-IG", ig_steps=2, quiet=True)
+
+
+def test_top_refuses_a_negative_count():
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    scores = feature_attribution(model, {"blocks.1.hook_resid_pre": TinySAE(16, 6)}, clean, corrupted, metric,
+                                 quiet=True)["blocks.1.hook_resid_pre"]
+    assert len(scores.top(0)) == 0 and len(scores.top(3)) == 3
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an int >= 0"):
+            scores.top(bad)

@@ -163,3 +163,26 @@ def test_bad_input_names_the_problem():
         smallest_feature_circuit(model, {SITE: sae}, {}, clean, corrupted, metric)
     with pytest.raises(TypeError, match="needs a metric"):
         evaluate_features(model, {SITE: sae}, {}, clean, corrupted)
+
+
+def test_a_site_that_does_not_cut_the_model_warns_that_the_empty_circuit_is_not_corrupted():
+    """One hook_mixer_out SAE: with no feature kept only that site is corrupted, the rest of the
+    model clean, so the empty circuit is far from the corrupted run; the search says so. A
+    hook_resid_pre site cuts every path: no warning."""
+    import warnings
+
+    model = tiny("mamba1")
+    clean, corrupted = pair()
+    site = "blocks.0.hook_mixer_out"
+    saes = {site: TinySAE(16, 6)}
+    empty = feature_faithfulness(model, saes, {site: []}, clean, corrupted, metric, quiet=True)
+    assert abs(empty) > 0.1, empty  # the test needs a site that leaves much of the run clean
+    scores = feature_attribution(model, saes, clean, corrupted, metric, quiet=True)
+    with pytest.warns(UserWarning, match=f"with no feature kept the circuit already reaches a faithfulness of "
+                                         f"{empty:.3f}"):
+        smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=empty, progress=False)
+    cut = {SITE: TinySAE(16, 6)}
+    scores = feature_attribution(model, cut, clean, corrupted, metric, quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smallest_feature_circuit(model, cut, scores, clean, corrupted, metric, target=0.5, progress=False)

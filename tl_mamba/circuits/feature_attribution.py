@@ -106,6 +106,8 @@ class FeatureScores:
         (the report's "attribution × count", which demotes features that score high on a prompt
         or two); the score returned is still the score."""
         frequency = self.frequency_of(frequency_of)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an int >= 0 (how many features), got {k!r}")
         if not 0.0 <= min_frequency <= 1.0:
             raise ValueError(f"min_frequency is a share of {frequency_of} in [0, 1], got {min_frequency}")
         total = self.scores.sum(0) if self.scores.ndim == 2 else self.scores

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tl_mamba.circuits.eap import (_per_prompt, circuit_faithfulness, count_batches, iter_batches, mean_baselines,
                                    read_once)
 from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _sae_parts, _sae_setting, check_saes
-from tl_mamba.errors import OutOfRangeError
+from tl_mamba.errors import OutOfRangeError, caller_stacklevel
 from tl_mamba.knockout import _index_list, _refuse_an_int_mask
 
 Kept = Mapping[str, Sequence[int]]
@@ -201,6 +201,13 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
                       stacklevel=2)
         return FeatureCircuit(k=None, kept=_kept(ranked, saes), faithfulness=measured[high],
                               curve=sorted(measured.items()), ranked=ranked)
+    if not keep_error and abs(faithfulness_of(0)) > 0.1:
+        warnings.warn(
+            f"with no feature kept the circuit already reaches a faithfulness of {measured[0]:.3f}: the SAE sites "
+            f"{sorted(saes)} do not cut every path from the input to the logits (one hook_mixer_out leaves the "
+            "residual stream around it clean), so k counts only what these sites add to that. Sites at "
+            "hook_resid_pre, or at hook_mixer_out of every layer, make the empty circuit the corrupted run",
+            stacklevel=caller_stacklevel())
     while low < high:
         middle = (low + high) // 2
         if faithfulness_of(middle) >= target:

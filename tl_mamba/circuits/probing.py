@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from tl_mamba.circuits.top_activations import _check_hook, _real_tokens
+from tl_mamba.circuits.activation_examples import _check_hook, _real_tokens
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel
 
 __all__ = ["LinearProbe", "fit_probe", "linear_probe", "probe_activations"]
@@ -218,8 +218,9 @@ def linear_probe(model, hook: Union[str, Sequence[str]], tokens: Tensor, labels,
                  batch_size: int = 32, quiet: bool = True, **fit) -> Union[LinearProbe, Dict[str, LinearProbe]]:
     """Fit a linear probe of ``labels`` on ``hook`` at ``positions``: :func:`probe_activations`
     then :func:`fit_probe` (whose keywords, ``test_fraction``, ``l2``, ``seed``, ``stratify`` and
-    ``max_iter``, it passes on); see the module. For a list of hooks (a layer sweep), one probe
-    per hook, ``{hook: LinearProbe}``, all on the same split, from the same forward passes."""
+    ``max_iter``, it passes on); see the module :mod:`tl_mamba.circuits.probing`. For a list of
+    hooks (a layer sweep), one probe per hook, ``{hook: LinearProbe}``, all on the same split,
+    from the same forward passes."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError(f"tokens must be token ids [N, p], got "
                          f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")

@@ -164,7 +164,8 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
                     context: Union[int, Tuple[int, int]] = (12, 4), ignore: Optional[TokenClass] = "bos",
                     attention_mask: Optional[Tensor] = None, batch_size: int = 16,
                     quiet: bool = False) -> TopActivations:
-    """The ``k`` positions of ``dataset`` where each feature of ``hook`` is largest (more after the Returns).
+    """The ``k`` positions of ``dataset`` where each feature of ``hook`` is largest; see the module
+    :mod:`tl_mamba.circuits.activation_examples`.
 
     Args:
         hook: a full hook name with a position axis (``"blocks.3.hook_resid_pre"``,
@@ -519,9 +520,3 @@ def _merge(best, found, k: int):
         merged.append(both.gather(1, order if both.dim() == 2 else order[..., None].expand(-1, -1, both.shape[-1])))
     return tuple(merged)
 
-
-# The package exports this function under the module's own name, so ``tl_mamba.circuits.top_activations``
-# is the function and ``help()`` would never reach the module's explanation: it follows the
-# function's own docstring.
-if top_activations.__doc__ and __doc__:  # None under python -OO
-    top_activations.__doc__ += "\n\n" + __doc__

@@ -1,4 +1,4 @@
-"""top_activations (tl_mamba.circuits.top_activations) against a brute-force reference: every
+"""top_activations (tl_mamba.circuits.activation_examples) against a brute-force reference: every
 prompt run on its own, unpadded, with run_with_cache; every usable position's feature value
 listed in Python and sorted; context windows cut from the unpadded prompt."""
 
@@ -11,7 +11,7 @@ import torch
 
 from tl_mamba import HookedMamba, HookedMamba2, HookedMambaConfig
 from tl_mamba.circuits import TopActivations, top_activations
-from tl_mamba.circuits.top_activations import OUTSIDE
+from tl_mamba.circuits.activation_examples import OUTSIDE
 
 from conftest import make_tokenizer
 
