@@ -389,3 +389,20 @@ def test_max_per_prompt_caps_the_examples_one_prompt_gives(cap):
     assert any(max(r.tolist().count(v) for v in r.tolist()) > cap for r in uncapped.prompt)  # the cap matters here
     with pytest.raises(ValueError, match="max_per_prompt"):
         top_activations(model, hook, tokens, max_per_prompt=0, quiet=True)
+
+
+def test_a_tokenizers_batch_encoding_is_a_dataset_and_an_empty_mask_is_refused():
+    tok = make_tokenizer()
+    model = tiny("mamba2", tokenizer=tok)
+    texts = ["the cat sat on the mat", "john ran", "mary gave john a red drink"]
+    encoded = tok(texts, return_tensors="pt", padding=True)  # a BatchEncoding (a UserDict), right padded
+    assert not isinstance(encoded, dict)
+    hook = "blocks.0.hook_resid_post"
+    rows = [model.to_tokens(t, prepend_bos=False)[0].tolist() for t in texts]
+    listing, _ = reference(model, hook, rows, lambda a: a[..., [2, 4]])
+    listing = {[2, 4][i]: v for i, v in listing.items()}
+    for dataset in (encoded, [encoded]):
+        top = top_activations(model, hook, dataset, features=[2, 4], k=5, quiet=True)
+        check_against(top, listing, rows, k=5, features=[2, 4], column_of=[2, 4].index)
+    with pytest.raises(ValueError, match=r"features is empty \(an all-False mask\)"):
+        top_activations(model, hook, encoded, features=torch.zeros(16, dtype=torch.bool), quiet=True)

@@ -795,6 +795,11 @@ def test_resampling_a_prompt_from_itself_warns_that_nothing_changed(models, fami
             warnings.simplefilter("error")
             changed = model.run_with_hooks(tokens, fwd_hooks=resample_ablation_hooks(model, "y", other, layers=[0]))
     assert not torch.allclose(changed, model(tokens))
+    # sources that differ only after the ablated prefix: the warning names that cause too
+    prefix = torch.cat([tokens[:, :2], other[:, 2:]], 1)
+    with torch.no_grad(), pytest.warns(UserWarning, match="sources that share the ablated prefix"):
+        model.run_with_hooks(tokens, fwd_hooks=resample_ablation_hooks(model, "y", prefix, layers=[0],
+                                                                       positions=[0, 1]))
 
 
 def test_needle_accuracy_and_task_batches_refuse_a_model_without_the_toy_vocabulary():

@@ -288,3 +288,17 @@ def test_several_hooks_in_one_pass_give_each_hook_its_own_activations_and_probe(
         torch.testing.assert_close(probes[hook].weight, alone_probe.weight)
     with pytest.raises(ValueError, match="non-empty list"):
         probe_activations(model, [], tokens)
+
+
+def test_a_bool_position_is_refused_and_an_unsplittable_set_warns():
+    import numpy as np
+
+    model = tiny("mamba1")
+    tokens, mask = left_padded(prompts(4))
+    for position in (torch.tensor(True), np.False_):
+        with pytest.raises(ValueError, match="positions must be one int"):
+            probe_activations(model, "blocks.0.hook_resid_post", tokens, position, attention_mask=mask)
+    acts = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="no prompt could be held out"):
+        probe = fit_probe(acts, torch.tensor([0, 1, 2, 3]), test_fraction=0.5)
+    assert probe.test_rows.numel() == 0

@@ -205,21 +205,25 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
     return _masked_replace(act, torch.cat([window, act[:, covered:]], 1), mask, axis, features)
 
 
-def _warn_if_resampled_from_itself(act: Tensor, out: Tensor, mask: Tensor, name: str) -> None:
-    """Warn when rows with ablated places come out of a resample ablation unchanged: their
-    sources hold exactly their activations there (most often the prompt itself as its own source:
-    ``source_tokens`` the run's own tokens, lined up row by row, or a random draw that picked it)."""
+def _warn_if_resampled_from_itself(act: Tensor, out: Tensor, mask: Tensor, name: str) -> bool:
+    """Warn (and return True) when rows with ablated places come out of a resample ablation
+    unchanged: their sources hold exactly their activations there (the prompt itself as its own
+    source, ``source_tokens`` being the run's tokens lined up row by row or a random draw that
+    picked it; or sources that share the ablated prefix, a BOS or a template's first words)."""
     import warnings
 
     unchanged = (out == act).reshape(act.shape[0], -1).all(1) & mask.any(1)
-    if bool(unchanged.any()):
-        rows = unchanged.nonzero().flatten().tolist()
-        warnings.warn(
-            f"resample ablation of {name} changed nothing in rows {rows[:8]}{' ...' if len(rows) > 8 else ''} of "
-            f"{act.shape[0]}: their source rows hold exactly their activations at every ablated place (the same "
-            "prompt as its own source: source_tokens are the run's tokens, lined up row by row, or a random draw "
-            "picked it). Resample from other prompts, or choose them with source_rows=.", UserWarning,
-            stacklevel=caller_stacklevel())
+    if not bool(unchanged.any()):
+        return False
+    rows = unchanged.nonzero().flatten().tolist()
+    warnings.warn(
+        f"resample ablation of {name} changed nothing in rows {rows[:8]}{' ...' if len(rows) > 8 else ''} of "
+        f"{act.shape[0]}: their source rows hold exactly their activations at every ablated place (the prompt as "
+        "its own source: source_tokens are the run's tokens, lined up row by row, or a random draw picked it; or "
+        "sources that share the ablated prefix, such as a BOS or a template's first words). Resample from other "
+        "prompts, choose them with source_rows=, or ablate later positions.", UserWarning,
+        stacklevel=caller_stacklevel())
+    return True
 
 
 def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -398,14 +402,14 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
         generator = torch.Generator().manual_seed(int(seed))
         return torch.randint(b_s, (b,), generator=generator).to(device)
 
-    warned = []  # one warning per set of hooks
+    warned = []  # at most one warning per set of hooks
 
     def make(features, source: Tensor):
         def resample_ablate(act: Tensor, hook) -> Tensor:
             out = _replace_by_place(model, act, source[rows_for(act.shape[0], source.device)], positions, axis,
                                     features, "the source prompts")
-            if not warned and out is not act:
-                _warn_if_resampled_from_itself(act, out, _ablation_mask(model, act, positions), hook.name)
+            if not warned and out is not act and \
+                    _warn_if_resampled_from_itself(act, out, _ablation_mask(model, act, positions), hook.name):
                 warned.append(True)
             return out
         return resample_ablate

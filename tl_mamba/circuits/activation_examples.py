@@ -39,13 +39,13 @@ from __future__ import annotations
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from tl_mamba.circuits.ablation import TokenClass, _real_positions, token_class_mask
-from tl_mamba.circuits.feature_attribution import _flat, _one_slice
+from tl_mamba.circuits.feature_attribution import _encode, _flat, _one_slice
 from tl_mamba.circuits.patching import check_indices
 
 __all__ = ["TopActivations", "top_activations"]
@@ -200,18 +200,20 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
     from tqdm.auto import tqdm
 
     layer = _check_hook(model, hook)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive int (examples per feature), got {k!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (prompts per forward), got {batch_size!r}")
+    k, batch_size = int(k), int(batch_size)
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be True or False, got {largest!r}")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or threshold != threshold):
         raise ValueError(f"threshold must be a number (or None), got {threshold!r}")
-    if max_per_prompt is not None and (isinstance(max_per_prompt, bool) or not isinstance(max_per_prompt, int)
-                                       or max_per_prompt < 1):
+    if max_per_prompt is not None and (isinstance(max_per_prompt, bool)
+                                       or not isinstance(max_per_prompt, numbers.Integral) or max_per_prompt < 1):
         raise ValueError(f"max_per_prompt must be a positive int (or None), got {max_per_prompt!r}")
+    max_per_prompt = None if max_per_prompt is None else int(max_per_prompt)
     before, after = _context(context)
     encode = _encoder(model, hook, encoder)
     dataset, attention_mask = _pair(dataset, attention_mask)
@@ -326,12 +328,7 @@ def _encoder(model, hook: str, encoder: Encoder) -> Callable[[Tensor], Tensor]:
         sae = _one_slice(model, hook, encoder)
 
         def encode(act: Tensor) -> Tensor:
-            flat = _flat(act)
-            try:
-                return sae.encode(flat)
-            except RuntimeError as err:  # most often a width mismatch inside the SAE's matmul
-                raise ValueError(f"the SAE could not encode {hook}'s activations [b, p, {flat.shape[-1]}]: {err}") \
-                    from err
+            return _encode(sae, hook, _flat(act))
         return encode
     if callable(encoder):
         return encoder
@@ -364,7 +361,7 @@ def _chosen(features, n: int) -> Tensor:
 
 def _pair(dataset, attention_mask):
     """A whole dataset given as ``(tokens, attention_mask)`` or a tokenizer's dict, as the two."""
-    if isinstance(dataset, dict):
+    if isinstance(dataset, Mapping):
         if "input_ids" not in dataset:
             raise ValueError(f"a dict dataset needs 'input_ids' (and 'attention_mask'), got keys {sorted(dataset)}")
         given = dataset.get("attention_mask")
@@ -452,7 +449,7 @@ def _batches(model, dataset, attention_mask: Optional[Tensor], batch_size: int):
 
     def given():
         for i, item in enumerate(dataset):
-            if isinstance(item, dict):  # a tokenizer's / HuggingFace DataLoader's batch
+            if isinstance(item, Mapping):  # a tokenizer's / HuggingFace DataLoader's batch
                 tokens, mask = item.get("input_ids"), item.get("attention_mask")
             elif isinstance(item, (tuple, list)) and len(item) in (1, 2):  # (tokens,): DataLoader(TensorDataset)
                 tokens, mask = (item[0], None) if len(item) == 1 else item

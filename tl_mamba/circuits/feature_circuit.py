@@ -205,8 +205,9 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
         warnings.warn(
             f"with no feature kept the circuit already reaches a faithfulness of {measured[0]:.3f}: the SAE sites "
             f"{sorted(saes)} do not cut every path from the input to the logits (one hook_mixer_out leaves the "
-            "residual stream around it clean), so k counts only what these sites add to that. Sites at "
-            "hook_resid_pre, or at hook_mixer_out of every layer, make the empty circuit the corrupted run",
+            "residual stream around it clean; even hook_mixer_out of every layer leaves the embedding's direct "
+            "path), so k counts only what these sites add to that. A hook_resid_pre site is a cut: with it the "
+            "empty circuit is the corrupted run",
             stacklevel=caller_stacklevel())
     while low < high:
         middle = (low + high) // 2

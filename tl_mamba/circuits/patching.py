@@ -203,6 +203,8 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
         if values.dtype == torch.bool:
             if values.shape != (size,):
                 raise ValueError(f"a bool mask of {what} must have shape [{size}], got {tuple(values.shape)}")
+            if not bool(values.any()):
+                raise ValueError(f"{what} is empty (an all-False mask)")
             return values.nonzero()[:, 0].tolist()
         values = values.reshape(-1).tolist()
     elif hasattr(values, "__index__") or not hasattr(values, "__iter__"):  # one index (0.5 is refused below)

@@ -60,6 +60,7 @@ class LinearProbe:
             probe on standardised inputs.
         l2: the penalty used. converged: whether L-BFGS met its gradient tolerance (regression:
             True, solved exactly). hook: the hook read (``linear_probe``), else None.
+        single_target: a regression fitted on ``[N]`` labels (``predict`` then returns ``[...]``).
     """
 
     kind: str
@@ -192,14 +193,15 @@ def _columns(positions, real: Tensor) -> Tensor:
     n = real.shape[0]
     if isinstance(positions, (list, tuple)) or type(positions).__module__ == "numpy":
         positions = torch.as_tensor(positions)
-    if isinstance(positions, Tensor) and positions.dim() == 0 and not positions.is_floating_point():
+    if isinstance(positions, Tensor) and positions.dim() == 0 and not positions.is_floating_point() \
+            and positions.dtype != torch.bool:
         positions = int(positions)
     if isinstance(positions, Tensor):
         if positions.is_floating_point() or positions.dtype == torch.bool or positions.shape != (n,):
             raise ValueError(f"positions must be one int or [N] = [{n}] ints, got {positions.dtype} "
                              f"{tuple(positions.shape)}")
         given = positions.to(real.device).long()
-    elif isinstance(positions, bool) or not hasattr(positions, "__index__"):
+    elif isinstance(positions, bool) or type(positions).__name__ == "bool_" or not hasattr(positions, "__index__"):
         raise NotAnIndexError(f"positions must be one int or [N] ints, got {positions!r}")
     else:
         given = torch.full((n,), int(positions), dtype=torch.long, device=real.device)
@@ -249,7 +251,7 @@ def fit_probe(acts: Tensor, labels, *, test_fraction: float = 0.25, l2: float = 
         labels: ``[N]`` ints (classes: multinomial logistic regression), or ``[N]`` / ``[N, T]``
             floats (ridge regression).
         test_fraction: the share of prompts held out, in ``[0, 1)``; at least one prompt when it is
-            not 0.
+            not 0 and some class has a prompt to spare (a warning when none has).
         l2: the penalty ``l2/2 · ‖W‖²`` on the weights of the standardised inputs (each entry
             centred and scaled to unit variance over the training prompts); the loss it is added to
             is the mean cross-entropy (half the mean squared error for regression).
@@ -284,6 +286,9 @@ def fit_probe(acts: Tensor, labels, *, test_fraction: float = 0.25, l2: float = 
     train_rows, test_rows = _split(n, labels if classify and stratify else None, float(test_fraction), seed)
     if train_rows.numel() < 2:
         raise ValueError(f"{train_rows.numel()} training prompts: a probe needs at least two")
+    if test_fraction > 0 and test_rows.numel() == 0:
+        warnings.warn("no prompt could be held out: every class has one prompt, which the stratified split keeps "
+                      "for training (test_score is NaN)", stacklevel=caller_stacklevel())
     mean = X[train_rows].mean(0)
     std = X[train_rows].std(0, unbiased=False)
     # entries constant over the training prompts (to rounding) carry nothing: left unscaled
