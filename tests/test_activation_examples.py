@@ -406,3 +406,22 @@ def test_a_tokenizers_batch_encoding_is_a_dataset_and_an_empty_mask_is_refused()
         check_against(top, listing, rows, k=5, features=[2, 4], column_of=[2, 4].index)
     with pytest.raises(ValueError, match=r"features is empty \(an all-False mask\)"):
         top_activations(model, hook, encoded, features=torch.zeros(16, dtype=torch.bool), quiet=True)
+
+
+def test_features_ranked_a_slice_at_a_time_give_the_same_examples(monkeypatch):
+    """With CHUNK_ELEMENTS forcing one feature per slice (a large dictionary's path), the examples,
+    contexts and frequencies are still those of the reference."""
+    import tl_mamba.circuits.activation_examples as examples
+
+    model = tiny("mamba1")
+    rows = prompts(seed=13)
+    tokens, mask = left_padded(rows)
+    hook = "blocks.1.hook_y"
+    monkeypatch.setattr(examples, "CHUNK_ELEMENTS", 1)
+    top = top_activations(model, hook, tokens, features=range(0, 32, 3), k=4, attention_mask=mask, batch_size=4,
+                          quiet=True)
+    listing, counted = reference(model, hook, rows, lambda a: a)
+    chosen = list(range(0, 32, 3))
+    check_against(top, {f: listing[f] for f in chosen}, rows, k=4, features=chosen)
+    fired = torch.tensor([sum(v > 0 for v, _, _ in listing[f]) for f in chosen], dtype=torch.float64)
+    assert torch.allclose(top.frequency, fired / counted)
