@@ -61,7 +61,7 @@ from tl_mamba.circuits.knockout_attribution import (
     rank_correlation,
 )
 from tl_mamba.circuits.patching import patch_channel_groups, patch_heads, patch_layer_position
-from tl_mamba.circuits.probing import LinearProbe, fit_probe, linear_probe, probe_activations
+from tl_mamba.circuits.linear_probes import LinearProbe, fit_probe, linear_probe, probe_activations
 from tl_mamba.circuits.probes import similarity_by_class
 from tl_mamba.circuits.activation_examples import TopActivations, top_activations
 

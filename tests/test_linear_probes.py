@@ -1,4 +1,4 @@
-"""linear_probe / probe_activations (tl_mamba.circuits.probing). References: the activations
+"""linear_probe / probe_activations (tl_mamba.circuits.linear_probes). References: the activations
 of each prompt run alone, unpadded, with run_with_cache; the logistic fit checked by the gradient
 of its objective (recomputed here with autograd from those activations) vanishing at the result,
 the ridge fit by the primal normal equations solved here."""

@@ -220,7 +220,7 @@ def linear_probe(model, hook: Union[str, Sequence[str]], tokens: Tensor, labels,
                  batch_size: int = 32, quiet: bool = True, **fit) -> Union[LinearProbe, Dict[str, LinearProbe]]:
     """Fit a linear probe of ``labels`` on ``hook`` at ``positions``: :func:`probe_activations`
     then :func:`fit_probe` (whose keywords, ``test_fraction``, ``l2``, ``seed``, ``stratify`` and
-    ``max_iter``, it passes on); see the module :mod:`tl_mamba.circuits.probing`. For a list of
+    ``max_iter``, it passes on); see the module :mod:`tl_mamba.circuits.linear_probes`. For a list of
     hooks (a layer sweep), one probe per hook, ``{hook: LinearProbe}``, all on the same split,
     from the same forward passes."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
