@@ -35,6 +35,7 @@ recurrence continues from the ablated value.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -233,11 +234,17 @@ def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> 
     return model._prepare_input(tokens, attention_mask, None, None)[1]
 
 
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` (prompts per forward) as a positive int; ``ValueError`` otherwise."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (rows per forward), got {batch_size!r}")
+    return int(batch_size)
+
+
 def _stats_layers(model, layers, batch_size) -> List[int]:
     """``layers`` for a statistic over a batch, each once (a layer named twice would be summed
     twice), after checking ``batch_size``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int (rows per forward), got {batch_size!r}")
+    check_batch_size(batch_size)
     return list(dict.fromkeys(check_layers(model, layers)))
 
 

@@ -44,7 +44,7 @@ from typing import Callable, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from tl_mamba.circuits.ablation import TokenClass, _real_positions, token_class_mask
+from tl_mamba.circuits.ablation import TokenClass, _real_positions, check_batch_size, token_class_mask
 from tl_mamba.circuits.feature_attribution import _encode, _flat, _one_slice
 from tl_mamba.circuits.patching import check_indices
 
@@ -207,9 +207,7 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
     layer = _check_hook(model, hook)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive int (examples per feature), got {k!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int (prompts per forward), got {batch_size!r}")
-    k, batch_size = int(k), int(batch_size)
+    k, batch_size = int(k), check_batch_size(batch_size)
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be True or False, got {largest!r}")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
@@ -259,8 +257,9 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
             # features a slice at a time: the ranking's working copies of [b, p, F] stay near
             # CHUNK_ELEMENTS entries, whatever the dictionary's size
             width = max(1, CHUNK_ELEMENTS // max(1, acts.shape[0] * acts.shape[1]))
-            parts = [_batch_top(acts[..., f0:f0 + width], usable, tokens.to(acts.device), real.to(acts.device), k,
-                                largest, threshold, max_per_prompt, before, after, rows_seen)
+            tokens, real = tokens.to(acts.device), real.to(acts.device)
+            parts = [_batch_top(acts[..., f0:f0 + width], usable, tokens, real, k, largest, threshold,
+                                max_per_prompt, before, after, rows_seen)
                      for f0 in range(0, acts.shape[-1], width)]
             found = tuple(torch.cat([part[0][i] for part in parts]) for i in range(len(parts[0][0])))
             hits = torch.cat([part[1] for part in parts])
@@ -270,14 +269,9 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
             rows_seen += tokens.shape[0]
     if best is None:
         raise ValueError("dataset is empty: no batch to read")
+    if best[0].shape[1] < k:  # fewer positions in the whole dataset than k: empty slots after them
+        best = _merge(best, _empty_slots(best, k), k)
     keys, prompt, position, windows, window_values = (t.cpu() for t in best)
-    if keys.shape[1] < k:  # fewer positions in the whole dataset than k: empty slots
-        pad = k - keys.shape[1]
-        keys = torch.cat([keys, keys.new_full((keys.shape[0], pad), float("-inf"))], 1)
-        prompt, position = (torch.cat([t, t.new_full((t.shape[0], pad), -1)], 1) for t in (prompt, position))
-        windows = torch.cat([windows, windows.new_full((windows.shape[0], pad, windows.shape[2]), OUTSIDE)], 1)
-        window_values = torch.cat([window_values, window_values.new_full(
-            (window_values.shape[0], pad, window_values.shape[2]), float("nan"))], 1)
     empty = torch.isinf(keys)  # slots no usable position filled
     values = (keys if largest else -keys).masked_fill(empty, float("nan"))
     return TopActivations(
@@ -516,6 +510,13 @@ def _batch_top(acts: Tensor, usable: Tensor, tokens: Tensor, real: Tensor, k: in
     feature = torch.arange(F, device=acts.device)[:, None, None]
     window_values = acts[row[..., None], columns, feature].masked_fill(~inside, float("nan"))
     return (keys, row + first_row, column - pads[row], windows, window_values), fired
+
+
+def _empty_slots(like, k: int):
+    """``k`` empty example slots per feature, shaped as ``like``'s: keys -inf, prompt and position
+    -1, context :data:`OUTSIDE`, context values NaN."""
+    fills = (float("-inf"), -1, -1, OUTSIDE, float("nan"))
+    return tuple(t.new_full((t.shape[0], k, *t.shape[2:]), fill) for t, fill in zip(like, fills))
 
 
 def _merge(best, found, k: int):

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.circuits.ablation import _device_tokens, check_batch_size
 from tl_mamba.circuits.activation_examples import _check_hook, _real_tokens
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel
 
@@ -161,13 +162,9 @@ def probe_activations(model, hook: Union[str, Sequence[str]], tokens: Tensor, po
         raise ValueError(f"hook must be a full hook name or a non-empty list of them, got {hook!r}")
     stops = [_check_hook(model, name) for name in names]
     stop = None if None in stops else max(stops)
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
-        raise ValueError(f"tokens must be token ids [N, p], got "
-                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int (prompts per forward), got {batch_size!r}")
-    device = model.W_E.device
-    tokens = tokens.to(device)
+    tokens = _device_tokens(model, tokens)
+    batch_size = check_batch_size(batch_size)
+    device = tokens.device
     n = tokens.shape[0]
     real = _real_tokens(model, tokens, None if attention_mask is None else attention_mask.to(device))
     columns = _columns(positions, real)
@@ -223,10 +220,7 @@ def linear_probe(model, hook: Union[str, Sequence[str]], tokens: Tensor, labels,
     ``max_iter``, it passes on); see the module :mod:`tl_mamba.circuits.linear_probes`. For a list of
     hooks (a layer sweep), one probe per hook, ``{hook: LinearProbe}``, all on the same split,
     from the same forward passes."""
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
-        raise ValueError(f"tokens must be token ids [N, p], got "
-                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
-    labels = _check_labels(labels, tokens.shape[0])  # before the forward passes
+    labels = _check_labels(labels, _device_tokens(model, tokens).shape[0])  # before the forward passes
     acts = probe_activations(model, hook, tokens, positions, attention_mask=attention_mask, batch_size=batch_size,
                              quiet=quiet)
     if isinstance(acts, Tensor):

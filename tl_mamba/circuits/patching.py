@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.graph import check_channel_group_count
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, check_index
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
 LayerSpec = Optional[Union[int, Sequence[int]]]
@@ -213,10 +213,7 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
     for v in values:
         if isinstance(v, bool) or not hasattr(v, "__index__"):
             raise NotAnIndexError(f"{what} must be ints, got {v!r}")
-        v = int(v)
-        if not -size <= v < size:
-            raise OutOfRangeError(f"{what[:-1] if what.endswith('s') else what} {v} is out of range [0, {size})")
-        out.append(v % size)
+        out.append(check_index(v, size, what[:-1] if what.endswith("s") else what))
     if not out:
         raise ValueError(f"{what} is empty")
     return out

@@ -20,13 +20,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.ablation import TokenClass, _stats_layers, class_masks
-from tl_mamba.circuits.patching import (
-    _feature_hooks,
-    channel_group_slices,
-    feature_axis,
-    require_feature_axis,
-    resolve_hook,
-)
+from tl_mamba.circuits.patching import _feature_hooks, channel_group_slices, feature_axis, resolve_hook
 
 __all__ = ["similarity_by_class"]
 
@@ -80,11 +74,11 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
     if not mamba1 and channel_groups is not None:
         raise ValueError("channel_groups apply to Mamba-1; Mamba-2 vectors are per head already")
     name = resolve_hook(model, hook)
-    if feature_axis(model, name) is None:  # the probe compares heads (channel groups): hook= is what is wrong
+    axis = feature_axis(model, name)  # the family's own axis: heads (Mamba-2) or channels (Mamba-1)
+    if axis is None:  # the probe compares heads (channel groups): hook= is what is wrong
         unit = "channel (d_inner) axis to split into channel groups" if mamba1 else "head axis"
         raise ValueError(f"similarity_by_class(hook={hook!r}): {name} has no {unit}; hooks with one: "
                          f"{_feature_hooks(model)}")
-    axis = require_feature_axis(model, name, "channel_groups" if mamba1 else "heads")
     layer_list = _stats_layers(model, layers, batch_size)
     tokens, attention_mask, names, masks = class_masks(model, tokens, classes, attention_mask, include_other)
     groups = channel_group_slices(cfg.d_inner, 1 if channel_groups is None else channel_groups) if mamba1 else None
