@@ -2,7 +2,8 @@
 # Everything a lent GPU session runs for the Triton backends, in one call:
 #   1. benchmarks/bench_triton_gpu.py (correctness at real sizes, then the timings);
 #   2. tests/test_triton.py compiled on the GPU (the CI leg runs it in the interpreter),
-#      with a kernel falling back to its simpler path turned into a failure.
+#      with a kernel falling back to its simpler path turned into a failure, and
+#      tests/test_triton_large.py (tensors past 2^31 entries: GPU only).
 #
 #   bash benchmarks/run_gpu_session.sh [OUT_DIR]      # from the repository root
 #
@@ -52,9 +53,9 @@ timeout "${BENCH_LIMIT_S:-330}" $PY benchmarks/bench_triton_gpu.py --out "$OUT_D
 bench_rc=${PIPESTATUS[0]}
 
 timeout "${TESTS_LIMIT_S:-130}" $PY -m pytest -q -p no:cacheprovider -W "error:the Triton:RuntimeWarning" \
-    tests/test_triton.py 2>&1 | tee "$OUT_DIR/pytest_triton.log"
+    tests/test_triton.py tests/test_triton_large.py 2>&1 | tee "$OUT_DIR/pytest_triton.log"
 tests_rc=${PIPESTATUS[0]}
 
-echo "bench rc=$bench_rc (124: cut at its limit), tests/test_triton.py on GPU rc=$tests_rc"
+echo "bench rc=$bench_rc (124: cut at its limit), tests/test_triton.py + test_triton_large.py on GPU rc=$tests_rc"
 [ -f "$OUT_DIR/triton_gpu.md" ] && cat "$OUT_DIR/triton_gpu.md"
 tail -n 15 "$OUT_DIR/pytest_triton.log"

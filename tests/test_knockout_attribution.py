@@ -390,6 +390,26 @@ def test_edge_gradient_bpe_matches_explicit_products(block, chunk_bytes):
     torch.testing.assert_close(got32[:, 0].double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("mask_heads", [1, 4])  # a mask shared by the heads (summed over them); one per head
+@pytest.mark.parametrize("chunk_bytes", [1, 2**28])  # one head at a time; all heads at once
+def test_edge_gradient_bphd_matches_explicit_products(mask_heads, chunk_bytes):
+    """The Mamba-2 mask gradient against g_i[h] · α_h[i, j] x_j[h], α by explicit decay products,
+    2 groups; a shared mask's is the sum over the heads, head chunks accumulated as they come."""
+    from tl_mamba.ops.knockout import edge_gradient_bphd
+
+    gen = torch.Generator().manual_seed(52)
+    b, p, h, hd, groups, n = 2, 9, 4, 3, 2, 5
+    x, g = (torch.randn(b, p, h, hd, generator=gen, dtype=torch.float64) for _ in range(2))
+    delta = torch.rand(b, p, h, generator=gen, dtype=torch.float64) * 2
+    A = -torch.rand(h, generator=gen, dtype=torch.float64) * 3
+    Bm, C = (torch.randn(b, p, groups, n, generator=gen, dtype=torch.float64) for _ in range(2))
+    per_head = torch.einsum("bihd,bhij,bjhd->bhij", g, brute_alpha("mamba2", delta, A, Bm, C, h // groups), x)
+    want = per_head if mask_heads == h else per_head.sum(1, keepdim=True)
+    got = edge_gradient_bphd(g, x, delta, A, Bm, C, mask_heads=mask_heads, chunk_bytes=chunk_bytes)
+    assert got.shape == (b, mask_heads, p, p) and want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
 def test_per_prompt_scores_match_brute_force_per_prompt(family):
     model = make_model(family)

@@ -316,6 +316,47 @@ def test_chunked_backward_with_some_inputs_requiring_grad(family, wanted, monkey
                                    msg=name)
 
 
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("loss_on", ["y", "states", "final"])
+def test_backward_gets_no_gradient_for_an_output_the_loss_does_not_read(family, loss_on, monkeypatch):
+    """With every state returned (``hook_h`` hooked or cached) and a loss on one output, the
+    backward is handed None, not zeros, for the other two: the states' zeros would be
+    b·p·S values, read by Mamba-1's backward kernel and, for Mamba-2, recomputed by the
+    chunked recompute. Gradients match autograd through the reference either way."""
+    from tl_mamba.ops.selective_scan import triton_backward
+    from tl_mamba.ops.ssd import chunked
+
+    _set_backward_chunk(monkeypatch, 4)
+    handed = []  # Mamba-1: which of (y, final, states) had a gradient; Mamba-2: the recompute's return_states
+    kernel_backward, recompute = triton_backward.selective_scan_backward, chunked.ssd_chunked
+
+    def spy_backward(*args):
+        handed.append(tuple(g is not None for g in args[10:13]))
+        return kernel_backward(*args)
+
+    def spy_recompute(*args, **kwargs):
+        handed.append(kwargs.get("return_states"))
+        return recompute(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backward, "selective_scan_backward", spy_backward)
+    monkeypatch.setattr(chunked, "ssd_chunked", spy_recompute)
+    tensors = _family_inputs(family, p=10, seed=4)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        out = _scan(family, backend, leaves, return_states=True)
+        {"y": out.y, "states": out.states, "final": out.final_state}[loss_on].sin().sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    if family == "mamba1":
+        assert handed == [(loss_on == "y", loss_on == "final", loss_on == "states")]
+    else:  # one recompute per chunk of 4 (3 chunks), rebuilding the states only when they have a gradient
+        assert handed == [loss_on == "states"] * 3
+    for name, a, b in zip("x delta A B C D h0".split(), grads["triton"], grads["reference"]):
+        if b is None:  # the reference never used the input (C and D when the loss reads no y)
+            b = torch.zeros_like(a)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_chunked_backward_fp32_and_bf16_inputs(monkeypatch):
     """fp32 / bf16 inputs: the kernel and the recompute run in fp32; gradients keep the inputs' dtypes."""
     _set_backward_chunk(monkeypatch, 4)

@@ -649,15 +649,16 @@ def edge_gradient_bphd(grad_y: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: T
     dtype = compute_dtype(grad_y, x, delta, A, B, C)
     g = grad_y.detach().to(dtype)
     source = delta.detach().to(dtype)[..., None] * x.detach().to(dtype)  # Δ_j x_j [b, p, h, hd]
-    parts = []
+    b, p, h, _ = x.shape
+    total = torch.zeros(b, mask_heads, p, p, dtype=dtype, device=x.device)
     for heads, weight in _head_chunks_of_alpha(x.detach(), delta.detach(), A.detach(), B.detach(), C.detach(), dtype,
                                                chunk_bytes):
         gx = torch.einsum("bihd,bjhd->bhij", g[:, :, heads], source[:, :, heads])  # [b, c, i, j]
-        part = weight * gx
-        parts.append(part.sum(1, keepdim=True) if mask_heads == 1 else part)
-    if mask_heads == 1:
-        return torch.stack(parts, 0).sum(0)
-    return torch.cat(parts, 1)
+        if mask_heads == 1:  # summed as it goes: one [b, 1, p, p] whatever the number of chunks
+            total += (weight * gx).sum(1, keepdim=True)
+        else:
+            torch.mul(weight, gx, out=total[:, heads[0]:heads[-1] + 1])
+    return total
 
 
 def _head_chunks_of_alpha(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, dtype: torch.dtype,

@@ -27,6 +27,14 @@ chunk before it (the first chunk's goes to ``initial_state``). Memory, with
 So O(b·(p/T)·S + b·T·S) instead of the O(b·p·S) of recomputing the whole sequence
 under autograd. The backward costs one extra forward of the torch backend, done in
 ⌈p/T⌉ pieces. The gradients are not themselves differentiable (no double backward).
+
+Offsets: every kernel takes its sequence index (``pid_b``) as int64, so each flat
+offset computed from it is int64 too. Triton's program ids and size arguments are
+int32, and the tensors the heavy paths write pass 2^31 entries at ordinary sizes:
+``hook_h`` of Mamba-2 130m (h·hd·n = 196,608 entries a position) from b·p = 10,923
+tokens, of Mamba-1 130m (e·n = 24,576) from b·p = 87,382; a Mamba-2 2.7B's
+``[b, h, p, p]`` knockout mask at b = 2, p = 4096. In int32 those offsets wrap, and
+the kernel reads and writes outside its tensors.
 """
 
 from __future__ import annotations
@@ -92,6 +100,10 @@ class _ChunkedRecompute(torch.autograd.Function):
                 return_states):
         y, h_final, states, bounds = kernel_forward(x, delta, A, B, C, D, initial_state, return_states,
                                                     boundary_every=chunk, **_gate(z))
+        # an output nothing differentiates reaches backward as None, not as zeros: the states'
+        # zeros would be b·p·S values (1.6 GB a layer at Mamba-2 130m, p = 2048) that the
+        # backward would also read, and recompute the states for
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, delta, A, B, C, D, initial_state, z, bounds)
         ctx.torch_scan, ctx.kernel_backward, ctx.chunk, ctx.return_states = torch_scan, kernel_backward, chunk, return_states
         return y, h_final, states
@@ -99,6 +111,7 @@ class _ChunkedRecompute(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_final, grad_states):
+        # each of the three gradients may be None: that output is not differentiated
         x, delta, A, B, C, D, h0, z, bounds = ctx.saved_tensors
         needs = ctx.needs_input_grad[4:12]  # the four settings take no gradient
         if ctx.kernel_backward is not None:  # the family's backward kernel: one pass, no Python loop
@@ -134,11 +147,11 @@ def _recompute_backward(ctx, grad_y, grad_final, grad_states):
             needs[_H0] if k == 0 else state_needed)
         with torch.enable_grad():
             out = ctx.torch_scan(*(leaf[i] for i in range(6)), initial_state=leaf[_H0],
-                                 return_states=ctx.return_states, **_gate(leaf[_Z]))
-            pairs = [(out.y, grad_y[:, w]), (out.final_state, carry)]
-            if ctx.return_states and grad_states is not None:
+                                 return_states=ctx.return_states and grad_states is not None, **_gate(leaf[_Z]))
+            pairs = [(out.y, None if grad_y is None else grad_y[:, w]), (out.final_state, carry)]
+            if out.states is not None:
                 pairs.append((out.states, grad_states[:, w]))
-            pairs = [(o, torch.zeros_like(o) if g is None else g) for o, g in pairs if o.requires_grad]
+            pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
             wanted = [i for i in range(8) if leaf[i] is not None and leaf[i].requires_grad]
             found = torch.autograd.grad([o for o, _ in pairs], [leaf[i] for i in wanted],
                                         [g for _, g in pairs], allow_unused=True) if pairs and wanted else []

@@ -48,7 +48,7 @@ def _selective_scan_bwd_kernel(
     # x, dt, z, dy, dx, ddt, dz: [b, p, e]; A: [e, n]; B, C: [b, p, n]; h0, dfinal, dh0: [b, e, n];
     # bounds: [b, n_bounds, e, n]; dstates: [b, p, e, n]; dA: [b, e, n]; dD: [b, e];
     # dB, dC: [b, p, n_eblocks, n]; scratch: [b, n_eblocks, T, BLOCK_E, BLOCK_N]. All contiguous.
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     pid_e = tl.program_id(1)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n

@@ -81,7 +81,7 @@ def _channel_block(A_ptr, D_ptr, h0_ptr, e, n, HAS_D: tl.constexpr, HAS_H0: tl.c
     # What both kernels' programs start from, for program (sequence, channel block):
     # the block's channels and masks, its [BLOCK_E, BLOCK_N] slice of A, D (zeros
     # without D) and the initial state (zeros without one).
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     mask_e = offs_e < e
@@ -119,7 +119,7 @@ def _selective_scan_chunked_fwd_kernel(
     # targets' weights), feat [e] (the channels it touches, HAS_FEAT; else all). A second
     # state carries the scan of the sources alone (zero initial state, no D skip), and
     # tgt_t · feat ⊙ (its read-out) is subtracted from y_t, before the gate.
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
@@ -190,7 +190,7 @@ def _selective_scan_fwd_kernel(
     # states: [b, p, e, n]; bounds: [b, n_bounds, e, n] (the state after positions
     # every-1, 2·every-1, ... short of the last); all contiguous. ACC: fp32, or fp64
     # for float64 inputs.
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
     offs_e, mask_e, mask_en, en_offsets, A, D, h = _channel_block(

@@ -84,7 +84,7 @@ def default_tiles(hd: int, n: int, dtype: torch.dtype, knockout: bool):
 def _state_tile(nc, h, g, hd, n, BLOCK_HD: tl.constexpr, BLOCK_N: tl.constexpr):
     # a program of a (sequence·chunk, head, hd block·n block) grid: which sequence, chunk,
     # head and group, and the offsets and masks of its [BLOCK_HD, BLOCK_N] state tile
-    pid_b = tl.program_id(0) // nc
+    pid_b = (tl.program_id(0) // nc).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     pid_c = tl.program_id(0) % nc
     pid_h = tl.program_id(1)
     n_blocks_n = tl.cdiv(n, BLOCK_N)
@@ -147,7 +147,7 @@ def _state_passing_kernel(
 ):
     # states: [b, nc, h, size] in: each chunk's own writes; out: each chunk's starting state.
     # h0, final: [b, h, size]; size = hd·n. Program: (sequence, head, block of state entries).
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     pid_h = tl.program_id(1)
     offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
@@ -176,7 +176,7 @@ def _chunk_scan_kernel(
     # (the sources-only scan's chunk starts); y -= tgt_i · Σ_{j≤i} src_j α[i, j] x_j.
     # Program: (sequence·chunk, head, hd block).
     pid_bc = tl.program_id(0)
-    pid_b = pid_bc // nc
+    pid_b = (pid_bc // nc).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     pid_c = pid_bc % nc
     pid_h = tl.program_id(1)
     pid_d = tl.program_id(2)

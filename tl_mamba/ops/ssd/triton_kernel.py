@@ -79,7 +79,7 @@ def _ssd_fwd_kernel(
     # h0, h_final: [b, h, hd, n]; states: [b, p, h, hd, n]; bounds: [b, n_bounds, h, hd, n]
     # (the state after positions every-1, 2·every-1, ... short of the last); all contiguous.
     # ACC: fp32, or fp64 for float64 inputs.
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     pid_h = tl.program_id(1)
     pid_d = tl.program_id(2)
     group = pid_h // (h // g)

@@ -52,7 +52,7 @@ def _masked_removed_terms_kernel(
     pid_bh = tl.program_id(0)
     pid_i = tl.program_id(1)
     pid_d = tl.program_id(2)
-    batch = pid_bh // h
+    batch = (pid_bh // h).to(tl.int64)  # int64 offsets (tl_mamba.ops.triton_scan, "Offsets")
     head = pid_bh % h
     group = head // heads_per_group
     mask_head = head if mask_heads > 1 else 0
