@@ -89,6 +89,23 @@ def test_empty_channels_or_heads_warn_that_nothing_is_removed(family):
     torch.testing.assert_close(out, model(tokens(0)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_generators_are_read_as_their_lists(family):
+    """sources / targets / heads / channels given as generators knock out what their lists do
+    (the type check used to exhaust them, and the knockout then removed nothing)."""
+    model = make_model(family)
+    feature = dict(heads=[1, 2]) if family == "mamba2" else dict(channels=[0, 3, 5])
+    name, chosen = next(iter(feature.items()))
+    path = "ssm" if family == "mamba2" else "both"  # (part of a group's heads on the conv path warns)
+    as_list = Knockout(layers=[0, 1], sources=[1, 2], targets=[4, 5], path=path, **feature)
+    as_generators = Knockout(layers=[0, 1], sources=(j for j in (1, 2)), targets=(j for j in (4, 5)), path=path,
+                             **{name: (i for i in chosen)})
+    with torch.no_grad():
+        want = model.run_with_knockout(tokens(0), as_list)
+        assert (want - model(tokens(0))).abs().max() > 1e-4  # the knockout changes something
+        torch.testing.assert_close(model.run_with_knockout(tokens(0), as_generators), want)
+
+
 def test_int_zero_one_tensor_is_not_taken_for_a_mask():
     model = make_model("mamba2")
     with pytest.raises(ValueError, match=r"sources: \[0, 1, 0, 0, 0, 0\] looks like a 0/1 mask.*bool"):
@@ -97,8 +114,15 @@ def test_int_zero_one_tensor_is_not_taken_for_a_mask():
         model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[0], targets=[1, 0, 1]))
     with pytest.raises(ValueError, match=r"heads: \[1, 0, 0, 0\] looks like a 0/1 mask.*bool"):
         model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], heads=torch.tensor([1, 0, 0, 0])))
-    with pytest.raises(ValueError, match=r"heads: \[1, 1\] looks like a 0/1 mask.*names heads \[1\] more than once"):
-        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], heads=[1, 1]))
+    with pytest.raises(ValueError, match=r"heads: \[1, 0, 1\] looks like a 0/1 mask.*names heads \[0, 1\] more than once"):
+        model.run_with_knockout(tokens(0), Knockout(layers=0, sources=[1], heads=[1, 0, 1]))
+    # two entries are a union, not a mask: position 1 named by two one-token spans (an IOI prompt's
+    # first token and S1), head 1 twice
+    with torch.no_grad():
+        for twice, once in ((dict(sources=[1, 1]), dict(sources=[1])), (dict(sources=[0, 0]), dict(sources=[0])),
+                            (dict(sources=[2], heads=[1, 1]), dict(sources=[2], heads=[1]))):
+            torch.testing.assert_close(model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], **twice)),
+                                       model.run_with_knockout(tokens(0), Knockout(layers=[0, 1], **once)))
     with pytest.raises(ValueError, match=r"must be 1-D, got shape \(2, 6\).*bool"):
         model.run_with_knockout(tokens(0), Knockout(layers=0, sources=torch.zeros(2, P, dtype=torch.long)))
     # the bool mask is read as a mask

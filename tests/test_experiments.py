@@ -217,6 +217,46 @@ def test_features_by_decay_ranks_by_delta_times_A(toy):
     assert (unmasked - expected).abs().max() > 1e-3  # pads read as tokens: not it
 
 
+def test_a_float64_model_keeps_float64_effects(toy):
+    """On a float64 model (what one turns to for effects below float32's resolution) the
+    probabilities, changes and decay rates stay float64: against a plain float64 forward and
+    knockout, and Δ·|A| from the parameters, to 1e-12 (they were rounded to float32, ~5% off on a
+    change of 3e-7)."""
+    model = tl_mamba.from_pretrained(toy.cfg.model_name, dtype=torch.float64)
+    prompt = make_dataset("facts", "heldout", 1, seed=3)[0]
+    df = information_flow(model, [prompt], window=1, sources=("first",), progress=False)
+    tokens = model.to_tokens(prompt.text)
+    answer = model.to_single_token(prompt.answer)
+    with torch.no_grad():
+        p = model(tokens)[0, -1].softmax(-1)[answer]
+        ko = Knockout(layers=[0], sources=prompt.spans["first"], targets=[tokens.shape[1] - 1])
+        p_ko = model.run_with_knockout(tokens, ko)[0, -1].softmax(-1)[answer]
+    row = df[df.layer == 0].iloc[0]
+    assert row.p == pytest.approx(float(p), rel=1e-12) and row.p_ko == pytest.approx(float(p_ko), rel=1e-12)
+    assert row.change == pytest.approx(float((p_ko - p) / p), rel=1e-9, abs=1e-15)
+    per_token = information_flow_per_token(model, prompt, window=1, progress=False)
+    assert per_token.dtype == torch.float64
+    assert float(per_token[0, prompt.spans["first"][0]]) == pytest.approx(float((p_ko - p) / p), rel=1e-9, abs=1e-15)
+    _, rates = features_by_decay(model, 1)
+    mixer = model.blocks[1].mixer
+    bias = mixer.dt_proj.bias if model.cfg.family == "mamba1" else mixer.dt_bias
+    A = torch.exp(mixer.A_log.detach())
+    expected = torch.nn.functional.softplus(bias.detach()) * (A.mean(-1) if model.cfg.family == "mamba1" else A)
+    assert rates.dtype == torch.float64
+    torch.testing.assert_close(rates, expected, rtol=1e-12, atol=0)
+
+
+def test_an_answer_outside_the_vocabulary_is_refused(toy):
+    """A typo in the answer reads as the unknown token on a word-level vocabulary: its
+    probability would be scored, with no warning. Refused, naming the answer."""
+    prompt = make_dataset("facts", "heldout", 1, seed=3)[0]
+    typo = type(prompt)(text=prompt.text, answer="Brevikk", task=prompt.task, spans=prompt.spans)
+    for call in (lambda: information_flow(toy, [typo], window=1, progress=False),
+                 lambda: information_flow_per_token(toy, typo, window=1, progress=False)):
+        with pytest.raises(ValueError, match=r"answer 'Brevikk' is not in the tokenizer's vocabulary.*unknown token"):
+            call()
+
+
 def test_subject_knockout_collapses_factual_recall(toy):
     """Knocking out subject → last in every layer destroys factual recall; a size-matched
     knockout of context tokens (neither subject, relation, BOS nor last) does not.

@@ -17,7 +17,7 @@ own ``[b, p]`` source and target masks, so one forward runs many knockouts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,6 +54,11 @@ def _answer_id(model, answer: Union[str, int], row: int) -> int:
     if len(ids) != 1:
         raise ValueError(f"prompt {row}: the answer {answer!r} is {len(ids)} tokens {ids}; information_flow scores "
                          "one token (give the first token's text, with its leading space if it has one)")
+    unknown = model._unknown_token_id()
+    if ids[0] == unknown and answer.strip() != model.tokenizer.unk_token:  # a word-level vocabulary lacks it
+        raise ValueError(f"prompt {row}: the answer {answer!r} is not in the tokenizer's vocabulary: it reads as "
+                         f"the unknown token {model.tokenizer.unk_token!r} (id {unknown}), whose probability "
+                         "would be scored instead")
     return int(ids[0])
 
 
@@ -185,7 +190,9 @@ def _features(model, heads, channels, path: str) -> dict:
     """``heads`` / ``channels`` for a run's knockouts, checked against the model now (a mistake
     would otherwise surface at the first batch's forward, after the clean one), with the warning
     about a part of a Mamba-2 group on the conv path given once, not by each of the run's knockouts."""
-    features = {k: v for k, v in (("heads", heads), ("channels", channels)) if v is not None}
+    # (a generator read once here, as a list: every knockout of the run reads it again)
+    features = {k: list(v) if isinstance(v, Iterator) else v for k, v in (("heads", heads), ("channels", channels))
+                if v is not None}
     if features:
         probe = Knockout(layers=0, sources=[0], targets=[0], path=path, **features)
         probe._check_family(model.cfg)
@@ -209,7 +216,8 @@ def _answer_scores(model, tokens, attention_mask, answers, knockouts: Optional[L
     last = logits[:, -1].double()
     answer_logit = last.gather(1, answers[:, None])[:, 0]
     others = last.scatter(1, answers[:, None], float("-inf")).logsumexp(-1)
-    return last.softmax(-1).gather(1, answers[:, None])[:, 0].float(), (answer_logit - others).float()
+    out = torch.float64 if logits.dtype == torch.float64 else torch.float32  # a float64 model's small effects kept
+    return last.softmax(-1).gather(1, answers[:, None])[:, 0].to(out), (answer_logit - others).to(out)
 
 
 def information_flow(
@@ -306,7 +314,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     targets = _span_mask([prompt], offsets, p, target)[0]
     windows = layer_windows(model.cfg.n_layers, window)
     jobs = [(w, pos) for w in range(len(windows)) for pos in range(p)]
-    result = torch.zeros(len(windows), p)
+    result = torch.zeros(len(windows), p, dtype=torch.float64 if model.W_E.dtype == torch.float64 else torch.float32)
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(jobs), batch_size), desc="per-token flow", disable=not progress, leave=False):
@@ -403,19 +411,20 @@ def features_by_decay(model, layer: int, tokens=None, attention_mask=None) -> Tu
     mixer = model.blocks[layer].mixer
     if tokens is None and attention_mask is not None:
         raise ValueError("features_by_decay: attention_mask marks the padding of tokens, and no tokens were given")
+    dtype = torch.float64 if mixer.A_log.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        A = torch.exp(mixer.A_log.float())  # |A|
+        A = torch.exp(mixer.A_log.to(dtype))  # |A|
         A = A.mean(-1) if cfg.family == "mamba1" else A
         if tokens is not None:
             name = f"blocks.{layer % cfg.n_layers}.hook_delta"
             tokens, real = model._prepare_input(tokens, attention_mask, None, None)  # (checked as the forward's)
             _, cache = model.run_with_cache(tokens, attention_mask=real, names_filter=name,
                                             stop_at_layer=layer % cfg.n_layers + 1)
-            delta = cache[name].float()  # [b, p, features]
+            delta = cache[name].to(dtype)  # [b, p, features]
             delta = delta.flatten(0, 1).mean(0) if real is None else delta[real.to(delta.device).bool()].mean(0)
         elif cfg.family == "mamba1":
-            delta = torch.nn.functional.softplus(mixer.dt_proj.bias.float())
+            delta = torch.nn.functional.softplus(mixer.dt_proj.bias.to(dtype))
         else:
-            delta = torch.nn.functional.softplus(mixer.dt_bias.float())
+            delta = torch.nn.functional.softplus(mixer.dt_bias.to(dtype))
         rates = delta * A
     return torch.argsort(rates, descending=True), rates

@@ -91,11 +91,12 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
 
 
 def _refuse_an_int_mask(given: List[int], size: int, what: str, unit: str, owner: str = "Knockout") -> None:
-    """``ValueError`` when ``given`` looks like a 0/1 mask passed as ints: only 0s and 1s, with a
-    repeat. Ints are indices, and read as indices such a "mask" would silently knock out
-    position 0 and / or 1 instead. Other repeats are a union and allowed: ``[7, -1]`` at
-    p = 8 names position 7 once."""
-    if len(set(given)) == len(given) or not set(given) <= {0, 1}:
+    """``ValueError`` when ``given`` looks like a 0/1 mask passed as ints: three or more entries,
+    only 0s and 1s, with a repeat. Ints are indices, and read as indices such a "mask" would
+    silently knock out position 0 and / or 1 instead. Other repeats are a union and allowed:
+    ``[7, -1]`` at p = 8 names position 7 once, and so does ``[1, 1]`` position 1 (two spans
+    of one token that coincide, as an IOI prompt's first token and S1 do)."""
+    if len(given) < 3 or len(set(given)) == len(given) or not set(given) <= {0, 1}:
         return
     length = f"{len(given)} entries" + ("" if len(given) == size else f", where the layer has {size} {unit}")
     raise ValueError(f"{owner} {what}: {given[:12]}{' ...' if len(given) > 12 else ''} looks like a 0/1 mask "
@@ -174,7 +175,7 @@ class Knockout:
         sources, targets: positions (ints, negatives allowed; one named twice counts once), a
             1-D int tensor of positions, or bool masks ``[p]`` / ``[b, p]`` (one knockout per
             batch row). A mask must be a bool tensor: ints are positions, and ints that look
-            like a 0/1 mask (only 0s and 1s, repeated) raise ``ValueError``; non-integer
+            like a 0/1 mask (three or more, only 0s and 1s, repeated) raise ``ValueError``; non-integer
             positions (floats) raise ``TypeError``.
         path: ``"ssm"`` (hidden-attention terms), ``"conv"`` (conv taps) or ``"both"``.
         heads: Mamba-2 only: restrict to these heads (ints, or a bool mask ``[h]``).
@@ -215,6 +216,9 @@ class Knockout:
         # the types now (floats, bools in a list); ranges and repeats when the sizes are known
         for what in ("sources", "targets", "heads", "channels"):
             given = getattr(self, what)
+            if isinstance(given, Iterator):  # a generator: kept as a list, or the check would use it up
+                given = list(given)
+                setattr(self, what, given)
             if given is not None and not (isinstance(given, Tensor) and given.dtype == torch.bool):
                 _index_list(given, what)
         layers = _index_list(self.layers, "layers", mask_ok=False)
