@@ -105,6 +105,45 @@ def test_circuit_prints_edges_and_faithfulness_and_writes_png_and_json(tmp_path,
     assert json.loads((tmp_path / "circuit.json").read_text())["metadata"]["ig_steps"] == 5
 
 
+def test_knockout_sources_statistic_and_features(tmp_path, capsys):
+    """--sources (e.g. the paper's non-subject class), --statistic log_odds and --heads reach
+    information_flow: the CSV equals a Python run with the same arguments, the table its
+    log-odds summary, and the JSON records them; bad values exit 2 naming what is wrong."""
+    import json
+
+    import pandas as pd
+
+    from tl_mamba.cli import _load
+    from tl_mamba.experiments import information_flow, summarize_information_flow
+    from tl_mamba.toy import make_dataset
+
+    args = ["knockout", "toy-mamba2", "--task", "facts", "--n", "6", "--sources", "subject,non_subject",
+            "--statistic", "log_odds", "--heads", "0,3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mean change in the answer's log-odds" in out and "non_subject" in out and "relation" not in out
+    frame = pd.read_csv(tmp_path / "knockout_facts.csv")
+    model = _load("toy-mamba2")
+    want = information_flow(model, make_dataset("facts", "heldout", 6, seed=0), window=1,
+                            sources=("subject", "non_subject"), heads=[0, 3], progress=False)
+    assert list(frame.source.unique()) == ["subject", "non_subject"]
+    for column in ("p", "p_ko", "log_odds", "log_odds_ko"):
+        assert frame[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-5, abs=1e-7)
+    summary = summarize_information_flow(want, "log_odds")
+    assert f"{float(summary.loc[3, 'subject']):+.2f}" in out
+    record = json.loads((tmp_path / "knockout_facts.json").read_text())
+    assert record["sources"] == ["subject", "non_subject"] and record["statistic"] == "log_odds"
+    assert record["heads"] == [0, 3]
+    for bad, message in ((["--sources", "subjct"], "unknown span(s) ['subjct']"),
+                         (["--heads", "0,99"], "[99] out of range; the model has 8 heads"),
+                         (["--channels", "1"], "--channels is for Mamba-1 models"),
+                         (["--heads", "x"], "comma-separated integers"),
+                         (["--prompt", "Vel is", "--statistic", "log_odds"], "--sources and --statistic summarise")):
+        task = [] if "--prompt" in bad else ["--task", "facts", "--n", "2"]
+        assert main(["knockout", "toy-mamba2", *task, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_knockout_prompt_csv_matches_a_knockout_by_hand(tmp_path):
     """The per-token CSV holds (p_ko - p) / p of the model's top answer, checked at the largest
     change against the public Knockout API run by hand."""

@@ -88,6 +88,15 @@ def test_information_flow_rows_equal_single_knockouts(toy, tmp_path):
     assert float(pooled.loc[1, "subject"]) == pytest.approx(100 * (subset.p_ko.sum() / subset.p.sum() - 1), rel=1e-6)
     assert float(summarize_information_flow(df, "median").loc[1, "subject"]) == pytest.approx(
         100 * subset.change.median(), rel=1e-6)
+    assert float(summarize_information_flow(df, "log_odds").loc[1, "subject"]) == pytest.approx(
+        (subset.log_odds_ko - subset.log_odds).mean(), rel=1e-9)  # in nats, not %
+    # one class by name is that class (not its letters), and the summary keeps its columns
+    alone = information_flow(toy, prompts[:2], window=2, sources="subject", progress=False)
+    assert set(alone.source) == {"subject"}
+    for bad, error, message in ((dict(batch_size=0), ValueError, "batch_size must be a positive int"),
+                                (dict(window=1.5), TypeError, "window must be a whole number of layers")):
+        with pytest.raises(error, match=message):
+            information_flow(toy, prompts[:2], progress=False, **{"window": 2, **bad})
     path = plot_information_flow(df, tmp_path / "flow.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     for call in (plot_information_flow, summarize_information_flow):  # given the summary: a bare KeyError

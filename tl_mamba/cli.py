@@ -5,7 +5,8 @@
     tl-mamba hooks [MODEL]                           every hook with its shape
     tl-mamba eval MODEL [--n 200]                    accuracy on the toy tasks (facts, IOI, needle by length)
     tl-mamba run MODEL "prompt" [--top 10]           top next tokens and a logit lens
-    tl-mamba knockout [MODEL] [--task facts | --prompt "..." [--answer WORD]] [--window W] [--path ssm|conv|both]
+    tl-mamba knockout [MODEL] [--task facts [--sources S,..] [--statistic log_odds] | --prompt "..." [--answer WORD]]
+                      [--window W] [--path ssm|conv|both] [--heads I,.. | --channels I,..]
                                                      information flow by knockout: table and plot
     tl-mamba circuit [MODEL] [--task ioi|facts|needle [--length N]] [--level auto|layer|head|component] [--channel-groups G] [--method EAP-IG|EAP|ACDC [--threshold T]]
                                                      edge attribution: top edges, faithfulness, circuit PNG + JSON
@@ -314,6 +315,10 @@ def cmd_knockout(args) -> int:
     if args.answer is not None and args.prompt is None:
         raise UsageError("--answer names the token to score for --prompt; with --task every prompt is scored "
                          "on its own answer")
+    if args.prompt is not None and (args.sources is not None or args.statistic != "pooled"):
+        raise UsageError("--sources and --statistic summarise a toy task's span classes; --prompt knocks out "
+                         "each of its tokens in turn")
+    features = _knockout_features(model, args)
     tokens = _prompt_tokens(model, args.prompt) if args.prompt is not None else None
     answer_id = _answer_token(model, args.answer) if args.answer is not None else None
     n = 32 if args.n is None else args.n
@@ -344,7 +349,7 @@ def cmd_knockout(args) -> int:
         # the user's text and the scored token's id as they are: a text rebuilt from the tokens, or an
         # id turned to text and back, is another prompt or token under a byte-level BPE tokenizer
         prompt = Prompt(text=args.prompt, answer=answer_id, task="text", spans={"last": [tokens.shape[1] - 1]})
-        values = information_flow_per_token(model, prompt, window=args.window, path=args.path)
+        values = information_flow_per_token(model, prompt, window=args.window, path=args.path, **features)
         path = plot_per_token_flow(values, [f"{i}:{t}" for i, t in enumerate(labels)], stem.with_suffix(".png"),
                                    title=f"% change in p({answer!r}) when token → last is knocked out")
         whose = "the model's top prediction" if answer_id == top else "given by --answer"
@@ -357,35 +362,77 @@ def cmd_knockout(args) -> int:
         _per_token_frame(values, labels, answer, p_answer).to_csv(stem.with_suffix(".csv"), index=False)
     else:
         prompts = make_dataset(args.task, "heldout", n, seed=seed)
-        sources = {"facts": ("subject", "relation", "first", "last", "context"),
-                   "ioi": ("IO", "S1", "S2", "first", "last", "context"),
-                   "needle": ("needle", "query", "distractors", "last", "context")}[args.task]
-        frame = information_flow(model, prompts, window=args.window, sources=sources, path=args.path)
-        path = plot_information_flow(frame, stem.with_suffix(".png"),
+        sources = _knockout_sources(args.task, args.sources, prompts[0])
+        frame = information_flow(model, prompts, window=args.window, sources=sources, path=args.path, **features)
+        path = plot_information_flow(frame, stem.with_suffix(".png"), statistic=args.statistic,
                                      title=f"{args.task}: knockout of source → last ({args.path}, window {args.window})")
-        summary = summarize_information_flow(frame, "pooled")
-        table = Table(title=f"{args.task}: % change in mean p(answer) when source → last is knocked out "
-                            f"(n = {n} held-out prompts)")
+        summary = summarize_information_flow(frame, args.statistic)
+        what = {"pooled": "% change in mean p(answer)", "mean": "mean % change in p(answer)",
+                "median": "median % change in p(answer)",
+                "log_odds": "mean change in the answer's log-odds"}[args.statistic]
+        table = Table(title=f"{args.task}: {what} when source → last is knocked out (n = {n} held-out prompts)")
         table.add_column("layer (window centre)")
         for source in sources:
             table.add_column(source, justify="right")
+        number = "{:+.2f}" if args.statistic == "log_odds" else "{:+.1f}"
         for layer, row in summary.iterrows():
-            table.add_row(str(layer), *[f"{float(row[source]):+.1f}" for source in sources])
+            table.add_row(str(layer), *[number.format(float(row[source])) for source in sources])
         frame.to_csv(stem.with_suffix(".csv"), index=False)
     # how the CSV was made (it holds only the numbers): model, what was knocked out, which prompts
     from tl_mamba import __version__
 
     record = {"tl_mamba_version": __version__, "model": args.model, "model_name": model.cfg.model_name,
-              "path": args.path, "window": args.window}
+              "path": args.path, "window": args.window, **features}
     if args.prompt is not None:
         record.update(prompt=args.prompt, answer=answer, p_answer=p_answer)
     else:
-        record.update(task=args.task, n=n, seed=seed, split="heldout")
+        record.update(task=args.task, n=n, seed=seed, split="heldout", sources=list(sources),
+                      statistic=args.statistic)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     console.print(table)
     console.print(f"wrote {path}, {stem.with_suffix('.csv')} and {stem.with_suffix('.json')} (how it was made)"
                   + (f"; replacing an earlier run's {', '.join(replaced)}: give --out to keep both" if replaced else ""))
     return 0
+
+
+TASK_SOURCES = {"facts": ("subject", "relation", "first", "last", "context"),
+                "ioi": ("IO", "S1", "S2", "first", "last", "context"),
+                "needle": ("needle", "query", "distractors", "last", "context")}
+"""The span classes ``tl-mamba knockout --task`` knocks out by default."""
+
+
+def _knockout_sources(task: str, given: Optional[str], example) -> tuple:
+    """``--sources`` as span names (default :data:`TASK_SOURCES`), each one the task's prompts have."""
+    if given is None:
+        return TASK_SOURCES[task]
+    names = tuple(dict.fromkeys(name.strip() for name in given.split(",") if name.strip()))
+    unknown = [name for name in names if name not in example.spans]
+    if not names or unknown:
+        raise UsageError(f"--sources {given!r}: {'no span named' if not names else f'unknown span(s) {unknown}'}; "
+                         f"the {task} prompts have {', '.join(sorted(example.spans))}")
+    return names
+
+
+def _knockout_features(model, args) -> dict:
+    """``--heads`` / ``--channels`` as ``information_flow``'s ``heads=`` / ``channels=`` (checked)."""
+    for what, family, size in (("heads", "mamba2", model.cfg.n_heads), ("channels", "mamba1", model.cfg.d_inner)):
+        given = getattr(args, what)
+        if given is None:
+            continue
+        if model.cfg.family != family:
+            other = "--channels (Mamba-1 d_inner channels)" if what == "heads" else "--heads (Mamba-2 heads)"
+            raise UsageError(f"--{what} is for {'Mamba-2' if family == 'mamba2' else 'Mamba-1'} models; "
+                             f"{model.cfg.model_name} takes {other}")
+        try:
+            chosen = [int(v) for v in given.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--{what} takes comma-separated integers, got {given!r}") from None
+        bad = [v for v in chosen if not -size <= v < size]
+        if not chosen or bad:
+            raise UsageError(f"--{what} {given!r}: " + (f"{bad} out of range" if bad else "none given")
+                             + f"; the model has {size} {what}")
+        return {what: chosen}
+    return {}
 
 
 def _per_token_frame(values: torch.Tensor, labels: list, answer: str, p: float):
@@ -649,6 +696,19 @@ def main(argv: Optional[list] = None) -> int:
     knockout.add_argument("--window", type=int, default=1, help="layers per knockout window, around each layer and clipped at the first and last (default 1)")
     knockout.add_argument("--path", choices=("ssm", "conv", "both"), default="ssm",
                           help="which token → token terms to remove (default ssm)")
+    knockout.add_argument("--sources", default=None, metavar="SPAN[,SPAN...]",
+                          help="with --task: the span classes to knock out (default: facts subject,relation,first,"
+                               "last,context; ioi IO,S1,S2,first,last,context; needle needle,query,distractors,last,"
+                               "context). Also non_subject (facts), S1_plus_1, names, needle_key, query_key, ...")
+    knockout.add_argument("--statistic", choices=("pooled", "mean", "median", "log_odds"), default="pooled",
+                          help="with --task: how the table and plot summarise the prompts (default pooled: %% change "
+                               "of the mean p; log_odds: mean change of the answer's log-odds, which still moves "
+                               "where p is near 1)")
+    features = knockout.add_mutually_exclusive_group()
+    features.add_argument("--heads", default=None, metavar="I[,I...]",
+                          help="Mamba-2: knock out in these heads only (default all)")
+    features.add_argument("--channels", default=None, metavar="I[,I...]",
+                          help="Mamba-1: knock out in these d_inner channels only (default all)")
     knockout.add_argument("--n", type=int, default=None, help="prompts (with --task; default 32)")
     knockout.add_argument("--seed", type=int, default=None, help="which held-out prompts (with --task; default 0)")
     knockout.add_argument("--out", default="tl_mamba_knockout",

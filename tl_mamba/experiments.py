@@ -16,6 +16,7 @@ own ``[b, p]`` source and target masks, so one forward runs many knockouts.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -36,6 +37,8 @@ def layer_windows(n_layers: int, window: int) -> List[Tuple[int, List[int]]]:
     window shifted to full length would repeat its neighbour's). An even window has one more
     layer before the centre than after it.
     """
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window must be a whole number of layers, got {window!r}")
     if not 1 <= window <= n_layers:
         raise ValueError(f"window must be between 1 and the number of layers ({n_layers}), got {window}")
     before = window // 2
@@ -241,7 +244,7 @@ def information_flow(
             tokenizer, :func:`prompt_from_text`'s (spans index ``model.to_tokens(text)``).
             A class missing from a prompt's spans raises.
         window: layers per window (centred on each layer, clipped at the ends).
-        sources: span names to knock out as sources.
+        sources: span names to knock out as sources (one name: that class alone).
         target: span name of the targets (``"last"``: the position predicting the answer).
         path: ``"ssm"``, ``"conv"`` or ``"both"`` (see ``Knockout``).
         batch_size: rows per forward; a row is one (prompt, window, class).
@@ -261,10 +264,14 @@ def information_flow(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from tl_mamba.circuits.ablation import check_batch_size
+
     prompts = list(prompts)
     if not prompts:
         raise ValueError("information_flow needs at least one prompt")
     _check_prompts(prompts, "information_flow")
+    batch_size = check_batch_size(batch_size)
+    sources = (sources,) if isinstance(sources, str) else tuple(sources)  # "subject" is one class, not 7 letters
     features = _features(model, heads, channels, path)
     batch, offsets = _encode(model, prompts)
     tokens, attention, answers = batch["tokens"], batch["attention_mask"], batch["answers"]
@@ -304,7 +311,10 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     """Each token → target knocked out in each layer window: ``[n_layers, p]`` relative change
     ``(p_ko − p) / p`` of the answer probability (row = window centre, column = source token).
     ``heads`` / ``channels``: as :func:`information_flow`'s."""
+    from tl_mamba.circuits.ablation import check_batch_size
+
     _check_prompts([prompt], "information_flow_per_token")
+    batch_size = check_batch_size(batch_size)
     features = _features(model, heads, channels, path)
     batch, offsets = _encode(model, [prompt])
     tokens, answers = batch["tokens"], batch["answers"]
@@ -330,23 +340,28 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     return result
 
 
-STATISTICS = ("pooled", "mean", "median")
+STATISTICS = ("pooled", "mean", "median", "log_odds")
 
 
 def summarize_information_flow(df, statistic: str = "pooled"):
-    """Layer × source table of the % change in p(answer).
+    """Layer × source table of the % change in p(answer), or of the change in its log-odds.
 
     ``"pooled"`` (default): ``(mean p_ko − mean p) / mean p``, the change of the mean
     probability, which a few prompts with a tiny clean p cannot dominate. ``"mean"``:
     the mean of the per-prompt relative changes (unbounded above: one prompt going
-    from p = 0.001 to 0.5 adds +50000%); ``"median"``: their median.
+    from p = 0.001 to 0.5 adds +50000%); ``"median"``: their median. ``"log_odds"``: the
+    mean of ``log_odds_ko − log_odds`` (in nats, not %): where the model is sure, p sits
+    within float precision of 1 and every change above reads about 0, while the log-odds
+    still show what each knockout moved.
     """
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    missing = [c for c in ("layer", "source", "p", "p_ko", "change") if c not in getattr(df, "columns", ())]
+    needed = ("layer", "source", "p", "p_ko", "change")
+    needed += ("log_odds", "log_odds_ko") if statistic == "log_odds" else ()
+    missing = [c for c in needed if c not in getattr(df, "columns", ())]
     if missing:  # a summary table given back (it has a column per source), say: a bare KeyError named neither
         raise ValueError(f"expected information_flow's DataFrame (one row per prompt, layer and source), which "
-                         f"has the columns layer, source, p, p_ko and change; this one lacks {missing}. "
+                         f"has the columns {', '.join(needed)}; this one lacks {missing}. "
                          "plot_information_flow and summarize_information_flow both take that DataFrame, "
                          "not the summary table")
     grouped = df.groupby(["layer", "source"], sort=False)
@@ -355,13 +370,15 @@ def summarize_information_flow(df, statistic: str = "pooled"):
         table = (sums["p_ko"] / sums["p"] - 1).unstack(1)
     elif statistic == "mean":
         table = grouped["change"].mean().unstack(1)
-    else:
+    elif statistic == "median":
         table = grouped["change"].median().unstack(1)
+    else:
+        return (df.log_odds_ko - df.log_odds).groupby([df.layer, df.source], sort=False).mean().unstack(1).sort_index()
     return 100 * table.sort_index()
 
 
 def plot_information_flow(df, path, title: Optional[str] = None, statistic: str = "pooled") -> Path:
-    """Paper-style curves: % change of p(answer) per source class against layer (PNG).
+    """Paper-style curves: % change of p(answer) (or of its log-odds) per source class against layer (PNG).
 
     ``df``: :func:`information_flow`'s DataFrame (it is summarised here, as
     :func:`summarize_information_flow` does). ``statistic``: see that function.
@@ -375,7 +392,8 @@ def plot_information_flow(df, path, title: Optional[str] = None, statistic: str 
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(list(summary.index))  # layers are integers: no ticks at 0.5, 1.5
     ax.set_xlabel("layer (window centre)")
-    ax.set_ylabel("% change in p(answer)" + (" (pooled)" if statistic == "pooled" else f" ({statistic})"))
+    ax.set_ylabel("mean change in log-odds of the answer" if statistic == "log_odds" else
+                  "% change in p(answer)" + (" (pooled)" if statistic == "pooled" else f" ({statistic})"))
     ax.set_title(title or "knockout of source → last")
     ax.legend()
     fig.tight_layout()
