@@ -52,7 +52,7 @@ timeout "${BENCH_LIMIT_S:-330}" $PY benchmarks/bench_triton_gpu.py --out "$OUT_D
     | tee "$OUT_DIR/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
-timeout "${TESTS_LIMIT_S:-130}" $PY -m pytest -q -p no:cacheprovider -W "error:the Triton:RuntimeWarning" \
+timeout "${TESTS_LIMIT_S:-160}" $PY -m pytest -q -p no:cacheprovider -W "error:the Triton:RuntimeWarning" \
     tests/test_triton.py tests/test_triton_large.py 2>&1 | tee "$OUT_DIR/pytest_triton.log"
 tests_rc=${PIPESTATUS[0]}
 

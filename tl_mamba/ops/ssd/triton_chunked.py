@@ -19,9 +19,10 @@ the last chunk may be shorter and is masked). With dA_t = Δ_t A_h, per chunk an
    program per (sequence, chunk, head, state tile), writing each state.
 
 B and C are read from the head's group (``head // (h // g)``). Every exponent is a
-direct sum of ≤ 0 terms (an inclusive, reverse or segment cumulative sum, never a
-difference of two long cumulative sums), so nothing overflows and no precision is lost
-to cancellation, as in the torch backend (``chunked.py``). Inputs of any float dtype are
+sum of ≤ 0 terms within one chunk (an inclusive, reverse or segment cumulative sum; the
+reverse one less its own first term), never a difference of two long cumulative sums,
+so nothing overflows and cancellation costs at most an ulp of a chunk's sum, as in the
+torch backend (``chunked.py``). Inputs of any float dtype are
 loaded and upcast to fp32 (float64 for float64 inputs); states, dot products and the
 output are in that dtype. The dots run with ``input_precision=DOT_PRECISION``
 (``"ieee"``: exact fp32 products; ``"tf32"`` would use tensor cores at ~1e-3 relative
