@@ -22,6 +22,7 @@ from tl_mamba.circuits.ablation import (
     class_conditional_hook_factory,
     delta_stats_by_class,
     mean_ablation_hooks,
+    mean_activations,
     needle_accuracy,
     resample_ablation_hooks,
     token_class_mask,
@@ -454,7 +455,10 @@ def test_mean_and_resample_ablation(models, pair):
     ref_x = ref_cache["blocks.0.hook_x"]  # [3, p, e]
     w = ref_mask.double()[:, :, None]
     mean = (ref_x * w).sum((0, 1)) / w.sum()
-    per_pos = (ref_x * w).sum(0) / w.sum(0)
+    # per position: the mean of each prompt's token t (the left-padded row's tokens start at its column 2)
+    by_token, w_token = ref_x.clone(), torch.ones(3, P, 1, dtype=torch.float64)
+    by_token[0, :P - 2], w_token[0, P - 2:] = ref_x[0, 2:], 0
+    per_pos = (by_token * w_token).sum(0) / w_token.sum(0)
     seen = {}
     for kind, hooks, value in [
         ("mean", mean_ablation_hooks(model, "x", reference, layers=[0], channels=[0, 5],
@@ -820,3 +824,95 @@ def test_needle_accuracy_and_task_batches_refuse_a_model_without_the_toy_vocabul
         needle_accuracy(model, lengths=(64,), n=4, progress=False)
     with pytest.raises(ValueError, match=r"task_batches: the model's tokenizer lacks \d+ words"):
         task_batches(model, "ioi", n=4)
+
+
+@pytest.fixture(scope="module")
+def toy2_float64():
+    import tl_mamba
+
+    return tl_mamba.from_pretrained("toy-mamba2", dtype=torch.float64)
+
+
+NEEDLE_TEXTS = ["The capital of Kor Mav Vor is", "Vel is", "The capital of Zor Vel Quen is the city"]
+
+
+def test_per_position_means_and_resample_sources_line_up_by_token(toy2_float64):
+    """A padded reference / source batch gives what its prompts give run alone: place t is each
+    prompt's token t, whichever side the batch is padded on (left padding moved each row's tokens
+    by its pads: means off by up to 231 on the needle task), and right padding given without a mask
+    is left out of the means (to_tokens' default: pads were counted as tokens)."""
+    model = toy2_float64
+    alone = [model.run_with_cache(t, names_filter="blocks.1.hook_y")[1]["blocks.1.hook_y"][0] for t in NEEDLE_TEXTS]
+    longest = max(a.shape[0] for a in alone)
+    want = torch.stack([torch.stack([a[t] for a in alone if a.shape[0] > t]).mean(0) for t in range(longest)])
+    for side in ("left", "right"):
+        tokens, mask = model.to_tokens(NEEDLE_TEXTS, padding_side=side, return_attention_mask=True)
+        for given in ([mask] if side == "left" else [mask, None]):  # right padding: inferred from the pad id
+            means = mean_activations(model, tokens, "y", layers=[1], per_position=True, attention_mask=given)[1]
+            torch.testing.assert_close(means, want, rtol=1e-10, atol=1e-12, msg=f"{side} {given is None}")
+        # resample: the run (the first prompt, alone) takes source row 1's token t at its position t
+        target = model.to_tokens(NEEDLE_TEXTS[0])
+        hooks = resample_ablation_hooks(model, "y", tokens, layers=[1], heads=[2], positions=[0, 1],
+                                        source_rows=[1], source_attention_mask=mask)
+        seen = {}
+        model.run_with_hooks(target, fwd_hooks=hooks + [("blocks.1.hook_y", record(seen, "post"))])
+        torch.testing.assert_close(seen["post"][0, :2, 2], alone[1][:2, 2], rtol=1e-12, atol=0, msg=side)
+    with pytest.raises(ValueError, match="reference_tokens .* or means= .*not both"):
+        mean_ablation_hooks(model, "y", tokens, layers=[1], means={1: want[0]})
+
+
+def test_class_statistics_leave_out_right_padding_without_a_mask(toy2_float64):
+    """to_tokens pads on the right by default; given without its mask, the trailing pad tokens are
+    padding for the statistics by class too (the "other" class counted them), as with the mask."""
+    from tl_mamba.circuits import delta_stats_by_class, similarity_by_class
+
+    model = toy2_float64
+    tokens, mask = model.to_tokens(NEEDLE_TEXTS, return_attention_mask=True)
+    assert not bool(mask.all()) and bool((mask[:, -1] == 0).any())  # right-padded
+    classes = {"is": ["is"]}
+    for stats in (lambda **kw: similarity_by_class(model, tokens, classes, layers=[1], progress=False, **kw),
+                  lambda **kw: delta_stats_by_class(model, tokens, classes, layers=[1], progress=False, **kw)):
+        with_mask, without = stats(attention_mask=mask), stats()
+        pd.testing.assert_frame_equal(without, with_mask)
+    assert int(with_mask[with_mask["class"] == "other"]["count"].iloc[0]) == int(mask.sum()) - 3
+
+
+def test_place_based_ablations_of_a_padded_batch_equal_each_prompt_alone(toy2_float64):
+    """Per-position means and resampled activations go to each prompt's own token t, in a left- or
+    right-padded run and in the calls that continue a left-padded state (generate's steps: the
+    state remembers each row's padding), as when each prompt runs alone; positions given as
+    columns that fall on padding warn, as Knockout's do."""
+    from tl_mamba.models.base import RecurrentState
+
+    model = toy2_float64
+    source = model.to_tokens(["Quen is the capital of Zor Vel and the city of Kor Mav Vor is"] * 3)
+    hook_sets = {
+        "mean": lambda: mean_ablation_hooks(model, "y", source, heads={1: [2]}, per_position=True),
+        "resample": lambda: resample_ablation_hooks(model, "y", source, heads={1: [2], 2: [0]}),
+    }
+    alone = [model.to_tokens(t) for t in NEEDLE_TEXTS]
+    for kind, hooks in hook_sets.items():
+        for side in ("left", "right"):
+            tokens, mask = model.to_tokens(NEEDLE_TEXTS, padding_side=side, return_attention_mask=True)
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks(), attention_mask=mask)
+            for row, prompt in enumerate(alone):
+                want = model.run_with_hooks(prompt, fwd_hooks=hooks())[0]
+                torch.testing.assert_close(logits[row][mask[row].bool()], want, rtol=1e-9, atol=1e-9,
+                                           msg=f"{kind} {side} {row}")
+        # a left-padded prefill, then one step of a new token per row, from the state
+        tokens, mask = model.to_tokens(NEEDLE_TEXTS, padding_side="left", return_attention_mask=True)
+        step = model.to_tokens(["the"] * 3, prepend_bos=False)
+        state = RecurrentState.empty(model.cfg.n_layers)
+        with model.hooks(fwd_hooks=hooks()):
+            model(tokens, attention_mask=mask, state=state)
+            stepped = model(step, state=state)[:, -1]
+            for row, prompt in enumerate(alone):
+                own = RecurrentState.empty(model.cfg.n_layers)
+                model(prompt, state=own)
+                torch.testing.assert_close(stepped[row], model(step[:1], state=own)[0, -1], rtol=1e-9, atol=1e-9,
+                                           msg=f"{kind} step {row}")
+    for side, positions in (("left", [0]), ("right", [-1])):
+        tokens, mask = model.to_tokens(NEEDLE_TEXTS, padding_side=side, return_attention_mask=True)
+        with pytest.warns(UserWarning, match=r"positions \[\d+\] fall on padding in row \d.*\[b, p\] bool mask"):
+            model.run_with_hooks(tokens, fwd_hooks=zero_ablation_hooks(model, "y", heads=[2], positions=positions),
+                                 attention_mask=mask)

@@ -158,8 +158,26 @@ def _offset(model) -> Optional[int]:
 
 
 def _ablation_mask(model, act: Tensor, positions: PositionSpec) -> Tensor:
-    """The ``[b, p]`` places of ``act [b, p, ...]`` that ``positions`` names in this forward."""
-    return _position_mask(positions, act.shape[0], act.shape[1], act.device, _offset(model))
+    """The ``[b, p]`` places of ``act [b, p, ...]`` that ``positions`` names in this forward.
+
+    Positions given as ints or a ``[p]`` mask are columns of the batch, as ``Knockout``'s are;
+    where one falls on padding in some row of a padded forward, that warns (nothing is there to
+    ablate: prompts of different lengths take a ``[b, p]`` mask, one row per prompt)."""
+    mask = _position_mask(positions, act.shape[0], act.shape[1], act.device, _offset(model))
+    padding = model.padding_mask
+    per_row = isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.dim() == 2
+    if positions is not None and padding is not None and not per_row and tuple(padding.shape) == tuple(mask.shape):
+        hit = mask & (padding.to(mask.device) == 0)
+        if bool(hit.any()):
+            import warnings
+
+            row = int(hit.any(1).nonzero()[0, 0])
+            warnings.warn(
+                f"ablation positions {hit[row].nonzero()[:, 0].tolist()} fall on padding in row {row} (and maybe "
+                "others): positions are columns of the padded batch, and a pad column holds no token to ablate. "
+                "For prompts of different lengths give positions as a [b, p] bool mask, one row per prompt.",
+                UserWarning, stacklevel=caller_stacklevel())
+    return mask
 
 
 def _masked_replace(act: Tensor, replacement: Union[Tensor, float], mask: Tensor,
@@ -183,27 +201,32 @@ def _masked_replace(act: Tensor, replacement: Union[Tensor, float], mask: Tensor
 def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpec, axis: Optional[FeatureAxis],
                       features: Optional[List[int]], what: str) -> Tensor:
     """``act [b, p, ...]`` with ``places [b or 1, m, ...]`` (per-position means, another prompt's
-    activations) at the chosen positions: the run's position t takes place ``offset + t`` of
-    ``places`` (``offset`` 0 for a whole sequence, else generate's tokens so far). A causal model's
-    activation at a place depends on the tokens up to it only, so places line up whatever the
-    run's length; a ``ValueError`` if an ablated position lies past ``m``."""
+    activations, place k holding token k) at the chosen positions: each row's token takes the
+    value of its place in the prompt, ``offset + t - leading_pads[row]`` for the run's column t
+    (``offset`` 0 for a whole sequence, else generate's tokens so far; ``model.leading_pads``
+    the rows' left padding; padding itself is left alone). A causal model's activation at a
+    place depends on the tokens up to it only, so places line up whatever the run's length;
+    a ``ValueError`` if an ablated token lies past place ``m - 1``."""
     if tuple(places.shape[2:]) != tuple(act.shape[2:]):
         raise ValueError(f"{what} have shape {tuple(places.shape[1:])} per row, the activation "
                          f"{tuple(act.shape[1:])}: were they made with another model or hook?")
-    start = _offset(model) or 0
-    p, m = act.shape[1], places.shape[1]
-    mask = _ablation_mask(model, act, positions)
-    covered = max(0, min(p, m - start))  # the run's positions that ``places`` reaches
-    beyond = mask[:, covered:].any(0).nonzero()
-    if beyond.numel():
-        first = start + covered + int(beyond[0])
+    b, p, m = act.shape[0], act.shape[1], places.shape[1]
+    place = (_offset(model) or 0) + torch.arange(p, device=act.device)[None, :].expand(b, p)  # [b, p]
+    lead = model.leading_pads
+    if lead is not None:
+        place = place - lead.to(act.device)[:, None]
+    mask = _ablation_mask(model, act, positions) & (place >= 0)  # (a pad column has no place)
+    beyond = mask & (place >= m)
+    if bool(beyond.any()):
+        first = int(place[beyond].min())
         raise ValueError(f"{what} cover {m} positions, but this run ablates position {first} of its sequence"
-                         f"{' (generate went past them)' if start else ''}: pass longer ones, or restrict "
+                         f"{' (generate went past them)' if _offset(model) else ''}: pass longer ones, or restrict "
                          f"positions= to the first {m}")
     if not bool(mask.any()):
         return act
-    window = places[:, start:start + covered].to(act.dtype).expand(act.shape[0], covered, *act.shape[2:])
-    return _masked_replace(act, torch.cat([window, act[:, covered:]], 1), mask, axis, features)
+    index = place.clamp(0, m - 1).reshape(b, p, *([1] * (act.dim() - 2)))
+    taken = places.to(act.dtype).expand(b, *places.shape[1:]).gather(1, index.expand(b, p, *act.shape[2:]))
+    return _masked_replace(act, taken, mask, axis, features)
 
 
 def _warn_if_resampled_from_itself(act: Tensor, out: Tensor, mask: Tensor, name: str) -> bool:
@@ -230,8 +253,33 @@ def _warn_if_resampled_from_itself(act: Tensor, out: Tensor, mask: Tensor, name:
 def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The padding mask a statistic should leave out, as the model's forward reads it: the given
     ``attention_mask``, checked by the forward's own check (shape, 0 / 1, contiguous padding), or,
-    when None, the mask the forward infers from pad tokens; None where every position is real."""
-    return model._prepare_input(tokens, attention_mask, None, None)[1]
+    when None, the padding the forward infers from pad tokens (leading runs, for a model that pads
+    on the left), else each row's trailing run of the pad id: ``to_tokens``' right padding, which
+    the forward needs no mask for (it comes after every real token) but a statistic pooled over
+    positions would count. A row of nothing but pads is not padding. None where every position
+    is real."""
+    mask = model._prepare_input(tokens, attention_mask, None, None)[1]
+    if attention_mask is not None or mask is not None or model.tokenizer is None:
+        return mask
+    trailing = (tokens == model._pad_id()).flip(1).long().cumprod(1).flip(1).bool()  # [b, p]
+    trailing[trailing.all(1)] = False
+    return (~trailing).long() if bool(trailing.any()) else None
+
+
+def _by_token(act: Tensor, real: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """``act [b, p, ...]`` with each row's tokens at their places in the prompt (token k at index k:
+    a left-padded row's tokens move to the front, by its number of leading pads), and ``[b, p]``
+    which indices hold a real token (None: all). Right padding and no padding are left as they are."""
+    if real is None:
+        return act, None
+    real = real.to(act.device).bool()
+    lead = (~real).long().cumprod(1).sum(1)  # [b]: each row's leading pads
+    if not bool(lead.any()):
+        return act, real
+    p = act.shape[1]
+    index = (torch.arange(p, device=act.device)[None, :] + lead[:, None]).clamp(max=p - 1)  # [b, p]
+    moved = act.gather(1, index.reshape(*index.shape, *([1] * (act.dim() - 2))).expand_as(act))
+    return moved, torch.arange(p, device=act.device)[None, :] < real.sum(1)[:, None]
 
 
 def check_batch_size(batch_size) -> int:
@@ -295,8 +343,10 @@ def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_posit
     """Mean of ``blocks.{l}.{hook}`` over a reference batch: ``{layer: mean}``.
 
     The mean is over rows and positions (shape ``act.shape[2:]``), or over rows only
-    with ``per_position`` (shape ``[p, *act.shape[2:]]``). Padding (``attention_mask``
-    0) is left out; a position with no real token gets 0.
+    with ``per_position`` (shape ``[p, *act.shape[2:]]``: entry t is the mean of each
+    prompt's token t, counted from its first real token, so left and right padding give the
+    same means). Padding (``attention_mask`` 0; without one, the padding the forward infers and
+    trailing pad tokens) is left out; a position with no real token gets 0.
     """
     name = resolve_hook(model, hook)
     layer_list = _stats_layers(model, layers, batch_size)
@@ -314,9 +364,13 @@ def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_posit
                                             stop_at_layer=max(layer_list) + 1)
             weight = torch.ones(chunk.shape, dtype=torch.float64, device=chunk.device) if mask is None \
                 else mask.to(torch.float64)
+            if per_position and mask is not None:  # each prompt's token t at t (left padding moved away)
+                weight = _by_token(weight, mask)[1].to(torch.float64)  # (which places hold a token)
             for n in names:
                 dtypes[n] = cache[n].dtype
                 act = cache[n].to(torch.float64)
+                if per_position:
+                    act = _by_token(act, mask)[0]
                 w = weight.reshape(*weight.shape, *([1] * (act.dim() - 2)))
                 total = (act * w).sum(0) if per_position else (act * w).sum((0, 1))
                 sums[n] = total if n not in sums else sums[n] + total
@@ -341,12 +395,17 @@ def mean_ablation_hooks(model, hook: str, reference_tokens: Optional[Tensor] = N
     ``channels``, ``positions``).
 
     The mean (:func:`mean_activations`) is over the rows and real positions of
-    ``reference_tokens``, or per position with ``per_position`` (position t takes the mean at
-    t, as :func:`resample_ablation_hooks` lines places up; ablating a position past the
-    reference's length is a ``ValueError``). ``means`` (``{layer: mean}``) skips the reference run.
+    ``reference_tokens``, or per position with ``per_position`` (each prompt's token t takes the
+    mean of the reference prompts' tokens t, padding on either side of either batch left out, as
+    :func:`resample_ablation_hooks` lines places up; ablating a token past the reference's
+    length is a ``ValueError``). ``means`` (``{layer: mean}``) skips the reference run; giving
+    both is a ``ValueError``.
     """
     name = resolve_hook(model, hook)
     per_layer, axis = _layer_features(model, name, layers, heads, channels)
+    if means is not None and (reference_tokens is not None or reference_attention_mask is not None):
+        raise ValueError("mean ablation takes reference_tokens (to compute the means) or means= (precomputed), "
+                         "not both: the reference prompts would be ignored")
     if means is None:
         if reference_tokens is None:
             raise ValueError("mean ablation needs reference_tokens (or precomputed means={layer: mean})")
@@ -380,20 +439,23 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
     ``source_tokens [b_s, p]`` are run once (no hooks); in a run of ``b`` rows, row i
     takes the activations of source row ``source_rows[i]``. By default that is row i
     when ``b_s == b`` (pass other prompts, aligned), else a seeded random draw
-    (``seed``; the same rows on every forward of that batch size). Position t takes the
-    sources' position t (a causal model's activation there depends on tokens up to t only,
-    so a shorter run, or a generate step, lines up with the sources' prefix); ablating a
-    position past the sources' length ``p`` is a ``ValueError``. See
+    (``seed``; the same rows on every forward of that batch size). Each prompt's token t takes
+    its source prompt's token t, counted from each one's first real token, so padding on either
+    side of either batch lines up (a causal model's activation there depends on tokens up to t
+    only, so a shorter run, or a generate step, lines up with the sources' prefix); ablating a
+    token past the sources' length ``p`` is a ``ValueError``. See
     :func:`zero_ablation_hooks` for the other arguments.
     """
     name = resolve_hook(model, hook)
     per_layer, axis = _layer_features(model, name, layers, heads, channels)
     source_tokens = _device_tokens(model, source_tokens)
     _check_mask_of(source_attention_mask, source_tokens, "source_attention_mask")
+    source_mask = _real_positions(model, source_tokens, source_attention_mask)
     names = [f"blocks.{layer}.{name}" for layer in per_layer]
     with torch.no_grad():
-        _, cache = model.run_with_cache(source_tokens, names_filter=names, attention_mask=source_attention_mask,
+        _, cache = model.run_with_cache(source_tokens, names_filter=names, attention_mask=source_mask,
                                         return_type=None, stop_at_layer=max(per_layer) + 1)
+    sources = {n: _by_token(cache[n], source_mask)[0] for n in names}  # each prompt's token t at place t
     b_s, p_s = source_tokens.shape
     fixed = None
     if source_rows is not None:  # ints in [0, b_s) (1.5 is refused, not truncated)
@@ -421,7 +483,7 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
             return out
         return resample_ablate
 
-    return [(n, make(features, cache[n])) for n, features in zip(names, per_layer.values())]
+    return [(n, make(features, sources[n])) for n, features in zip(names, per_layer.values())]
 
 
 def ablation_hooks(model, hook: str, kind: str = "zero", layers=None, heads: Features = None,

@@ -396,14 +396,11 @@ def _ignore_per_row(ignore, dataset) -> Optional[Tensor]:
 
 def _real_tokens(model, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
     """``[b, p]`` bool: the positions that are not padding. Without ``mask``: the padding the forward
-    infers (leading), and each row's trailing run of the pad id ``to_tokens`` pads with on the right."""
+    infers (leading), or each row's trailing run of the pad id ``to_tokens`` pads with on the right
+    (``ablation._real_positions``)."""
     real = _real_positions(model, tokens, mask)
-    real = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if real is None else \
+    return torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if real is None else \
         real.to(tokens.device).bool()
-    if mask is None and model.tokenizer is not None:
-        trailing = (tokens == model._pad_id()).flip(1).long().cumprod(1).flip(1).bool()
-        real = real & ~trailing
-    return real
 
 
 def _check_finite(acts: Tensor, usable: Tensor, real: Tensor, hook: str, chosen: Tensor, first_row: int) -> None:

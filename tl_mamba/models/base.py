@@ -141,6 +141,9 @@ class RecurrentState:
 
     layers: List[Dict[str, Optional[Tensor]]] = field(default_factory=list)
     seqlen_offset: int = 0
+    #: ``[b]``: each row's left padding in the call that started the state (None: none), so that
+    #: hooks of later calls still know where each prompt's tokens begin (``HookedSSM.leading_pads``)
+    leading_pads: Optional[Tensor] = None
 
     @classmethod
     def empty(cls, n_layers: int) -> "RecurrentState":
@@ -181,6 +184,8 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         self.tokenizer = tokenizer  # the property's setter: set_tokenizer's padding-side sync
         self._backend = None  # None: follow TL_MAMBA_BACKEND
         self._position_offset: Optional[int] = None  # see position_offset
+        self._padding_mask: Optional[Tensor] = None  # see padding_mask
+        self._leading_pads: Optional[Tensor] = None  # see leading_pads
         self._sequence_grows = False  # True inside generate
         self.heavy_hook_memory_limit = DEFAULT_HEAVY_HOOK_LIMIT
         dtype = cfg.dtype
@@ -394,6 +399,7 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
             if start_at_layer is None:
                 tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side,
                                                              continuing=state is not None and state.seqlen_offset > 0)
+                self._note_padding(attention_mask, state)  # for hooks: padding_mask, leading_pads
                 resid = self.hook_embed(self.embed(tokens))
             else:
                 resid = input
@@ -402,6 +408,7 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
                         f"with start_at_layer, input must be the residual stream [b, p, {self.cfg.d_model}]")
                 if attention_mask is not None:
                     attention_mask = self._check_mask(attention_mask, resid.shape[:2])
+                self._note_padding(attention_mask, state)
                 if wants_loss:
                     if tokens is None:
                         raise ValueError("the loss needs tokens: pass tokens=... when using start_at_layer")
@@ -413,6 +420,8 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
             if state is not None:
                 self._check_state(state, resid.shape[0])
                 self._check_state_call(state, attention_mask, start, stop)
+                if state.seqlen_offset == 0:  # where each row's tokens begin, for the calls that continue it
+                    state.leading_pads = self._leading_pads
             if attention_mask is not None and state is None:  # positions index this whole sequence
                 warn_knockouts_on_padding(self, attention_mask)
             for layer in range(start, stop):
@@ -476,18 +485,47 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         sequence under ``generate`` too (a place not yet generated is not an error)."""
         return self._position_offset
 
+    @property
+    def padding_mask(self) -> Optional[Tensor]:
+        """The running forward's padding, for hooks: its ``attention_mask`` ``[b, p]`` as the forward
+        reads it (given, or inferred from pad tokens), None where it has no padding and outside a
+        forward. Positions of a padded batch are its columns; ``leading_pads`` says where each
+        row's tokens begin."""
+        return self._padding_mask
+
+    @property
+    def leading_pads(self) -> Optional[Tensor]:
+        """Each row's left padding ``[b]`` in the sequence the running forward belongs to, for hooks:
+        the running forward's, or, in a call that continues a ``RecurrentState`` (generate's steps),
+        that of the call that started it. Column c of row r holds the prompt's token
+        ``position_offset + c - leading_pads[r]``. None where no row is left-padded, and outside a
+        forward. The place-based ablations of ``tl_mamba.circuits.ablation`` (per-position means,
+        resampling) read it, so each prompt's token t takes the value of place t."""
+        return self._leading_pads
+
+    def _note_padding(self, attention_mask: Optional[Tensor], state: Optional["RecurrentState"]) -> None:
+        # what padding_mask / leading_pads report during this forward (see them); a call that
+        # continues a state has no padding of its own, and the left padding of the call that began it
+        self._padding_mask = attention_mask
+        if state is not None and state.seqlen_offset > 0:
+            self._leading_pads = state.leading_pads
+            return
+        lead = None if attention_mask is None else (attention_mask == 0).long().cumprod(1).sum(1)
+        self._leading_pads = lead if lead is not None and bool(lead.any()) else None
+
     @contextlib.contextmanager
     def _positions_of(self, state: Optional["RecurrentState"]):
-        # (a forward inside a hook sees its own offset, and restores the outer one's after)
-        previous, grows = self._position_offset, self._sequence_grows
+        # (a forward inside a hook sees its own offset and padding, and restores the outer one's after)
+        previous = self._position_offset, self._sequence_grows, self._padding_mask, self._leading_pads
         # generate's re-runs (no state) start at place 0 of a sequence that grows: 0, not None.
         # The flag is generate's own forward's: a forward that a hook starts is a sequence of its own
-        self._position_offset = int(state.seqlen_offset) if state is not None else 0 if grows else None
+        self._position_offset = int(state.seqlen_offset) if state is not None else 0 if previous[1] else None
         self._sequence_grows = False
+        self._padding_mask = self._leading_pads = None
         try:
             yield
         finally:
-            self._position_offset, self._sequence_grows = previous, grows
+            self._position_offset, self._sequence_grows, self._padding_mask, self._leading_pads = previous
 
     # ------------------------------------------------------------------ hook names
     def check_hook_name(self, name: str) -> None:
