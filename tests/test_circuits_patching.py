@@ -916,3 +916,29 @@ def test_place_based_ablations_of_a_padded_batch_equal_each_prompt_alone(toy2_fl
         with pytest.warns(UserWarning, match=r"positions \[\d+\] fall on padding in row \d.*\[b, p\] bool mask"):
             model.run_with_hooks(tokens, fwd_hooks=zero_ablation_hooks(model, "y", heads=[2], positions=positions),
                                  attention_mask=mask)
+
+
+def test_class_statistics_of_an_ablated_model(toy2_float64):
+    """fwd_hooks= runs every batch of the class statistics under hooks (a list, or a factory per
+    batch): Δ by class at layer 1 with layer 0's heads zeroed, against hook_delta recorded by hand
+    in the same ablated forward; the cosine probe moves with it."""
+    from tl_mamba.circuits import delta_stats_by_class, similarity_by_class
+
+    model = toy2_float64
+    tokens = model.to_tokens(["The capital of Kor Mav Vor is", "The capital of Zor Vel Quen is"])
+    hooks = zero_ablation_hooks(model, "y", heads={0: [0, 1, 2, 3]})
+    seen = {}
+    model.run_with_hooks(tokens, fwd_hooks=hooks + [("blocks.1.hook_delta", record(seen, "delta"))])
+    is_token = tokens == model.to_single_token("is")
+    want = seen["delta"][is_token].mean(0)  # [h]
+    classes = {"is": ["is"]}
+    for given in (hooks, lambda batch: zero_ablation_hooks(model, "y", heads={0: [0, 1, 2, 3]})):
+        stats = delta_stats_by_class(model, tokens, classes, layers=[1], progress=False, batch_size=1,
+                                     fwd_hooks=given)
+        got = torch.tensor(stats[stats["class"] == "is"].sort_values("head")["mean_delta"].to_numpy())
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    plain = delta_stats_by_class(model, tokens, classes, layers=[1], progress=False)
+    assert (torch.tensor(plain[plain["class"] == "is"].sort_values("head")["mean_delta"].to_numpy()) - want).abs().max() > 1e-6
+    edited = similarity_by_class(model, tokens, classes, layers=[1], progress=False, fwd_hooks=hooks)
+    untouched = similarity_by_class(model, tokens, classes, layers=[1], progress=False)
+    assert (edited["mean_cosine"] - untouched["mean_cosine"]).abs().max() > 1e-6

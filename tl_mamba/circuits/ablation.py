@@ -716,7 +716,7 @@ def class_masks(model, tokens: Tensor, classes: Mapping[str, TokenClass], attent
 
 def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *,
                          attention_mask: Optional[Tensor] = None, layers=None, channel_groups: Optional[int] = None,
-                         include_other: bool = True, batch_size: int = 32, progress: bool = True):
+                         include_other: bool = True, batch_size: int = 32, progress: bool = True, fwd_hooks=()):
     """Per-head Δ and decay rate at the positions of each token class (to find state-sink heads).
 
     For every layer, head and class: the mean of Δ (``hook_delta``) and of the decay
@@ -740,6 +740,10 @@ def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass
         include_other: add a class ``"other"``: real positions in none of the classes.
         batch_size: prompts per forward.
         progress: a tqdm bar over the batches.
+        fwd_hooks: hooks to run every batch under (an ablation, a patch: the statistic of the
+            edited model), or a function ``tokens [b, p] -> hooks`` (given ``attention_mask=``
+            too if it takes it) called per batch, such as a
+            ``class_conditional_hook_factory``; as :func:`needle_accuracy` takes them.
 
     Returns:
         A pandas DataFrame, one row per (layer, head, class): ``layer``, ``head`` (head,
@@ -782,8 +786,7 @@ def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass
         for start in tqdm(starts, desc="delta stats", disable=not progress, leave=False, unit="batch"):
             chunk = tokens[start:start + batch_size]
             mask = None if attention_mask is None else attention_mask[start:start + batch_size]
-            _, cache = model.run_with_cache(chunk, names_filter=list(hook_names.values()), attention_mask=mask,
-                                            return_type=None, stop_at_layer=max(layer_list) + 1)
+            cache = _batch_cache(model, chunk, mask, list(hook_names.values()), max(layer_list) + 1, fwd_hooks)
             m = masks[:, start:start + batch_size]
             r = real[start:start + batch_size].to(torch.float64)
             for layer in layer_list:
@@ -822,6 +825,24 @@ def _takes_attention_mask(fn) -> bool:
     return any(p.name == "attention_mask" or p.kind == p.VAR_KEYWORD for p in params)
 
 
+def _hooks_for(fwd_hooks, tokens: Tensor, attention_mask: Optional[Tensor]) -> List[Hook]:
+    """``fwd_hooks`` for one batch: the hooks themselves, or a function ``tokens [b, p] -> hooks``
+    (taking ``attention_mask=`` too if it has that argument) called with this batch."""
+    if not callable(fwd_hooks):
+        return list(fwd_hooks)
+    if _takes_attention_mask(fwd_hooks):
+        return list(fwd_hooks(tokens, attention_mask=attention_mask))
+    return list(fwd_hooks(tokens))
+
+
+def _batch_cache(model, tokens: Tensor, attention_mask: Optional[Tensor], names, stop_at_layer: int, fwd_hooks=()):
+    """The cache of ``names`` for one batch of a statistic, run under ``fwd_hooks`` (see :func:`_hooks_for`):
+    a statistic of an ablated or patched model."""
+    with model.hooks(fwd_hooks=_hooks_for(fwd_hooks, tokens, attention_mask)):
+        return model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask, return_type=None,
+                                    stop_at_layer=stop_at_layer)[1]
+
+
 class _HookedModel:
     """Calls ``model.run_with_hooks`` with hooks (fixed, or built from each batch's tokens);
     everything else is the model's, so ``tl_mamba.toy.tasks.evaluate`` can run it."""
@@ -831,14 +852,8 @@ class _HookedModel:
         self._fwd_hooks = fwd_hooks
 
     def __call__(self, tokens: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
-        if callable(self._fwd_hooks):
-            if _takes_attention_mask(self._fwd_hooks):
-                hooks = self._fwd_hooks(tokens, attention_mask=attention_mask)
-            else:
-                hooks = self._fwd_hooks(tokens)
-        else:
-            hooks = self._fwd_hooks
-        return self._model.run_with_hooks(tokens, fwd_hooks=list(hooks), attention_mask=attention_mask, **kwargs)
+        return self._model.run_with_hooks(tokens, fwd_hooks=_hooks_for(self._fwd_hooks, tokens, attention_mask),
+                                          attention_mask=attention_mask, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._model, name)

@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from tl_mamba.circuits.ablation import TokenClass, _stats_layers, class_masks
+from tl_mamba.circuits.ablation import TokenClass, _batch_cache, _stats_layers, class_masks
 from tl_mamba.circuits.patching import _feature_hooks, channel_group_slices, feature_axis, resolve_hook
 
 __all__ = ["similarity_by_class"]
@@ -27,7 +27,7 @@ __all__ = ["similarity_by_class"]
 
 def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], hook: str = "y", *,
                         attention_mask: Optional[Tensor] = None, layers=None, channel_groups: Optional[int] = None,
-                        include_other: bool = True, batch_size: int = 32, progress: bool = True):
+                        include_other: bool = True, batch_size: int = 32, progress: bool = True, fwd_hooks=()):
     """Class-conditional cosine similarity of each head's activations (the detection probe).
 
     For every layer, head and pair of classes (a, b), with ``v_i`` the head's slice of
@@ -58,6 +58,10 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
         include_other: add a class ``"other"``: real positions in none of the classes.
         batch_size: prompts per forward.
         progress: a tqdm bar over the batches.
+        fwd_hooks: hooks to run every batch under (an ablation, a patch: the statistic of the
+            edited model), or a function ``tokens [b, p] -> hooks`` (given ``attention_mask=``
+            too if it takes it) called per batch, such as a
+            ``class_conditional_hook_factory``; as ``needle_accuracy`` takes them.
 
     Returns:
         A pandas DataFrame, one row per (layer, head, class_a, class_b) with class_a at or
@@ -103,8 +107,7 @@ def similarity_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass]
                           leave=False, unit="batch"):
             chunk = tokens[start:start + batch_size]
             mask = None if attention_mask is None else attention_mask[start:start + batch_size]
-            _, cache = model.run_with_cache(chunk, names_filter=hook_names, attention_mask=mask, return_type=None,
-                                            stop_at_layer=max(layer_list) + 1)
+            cache = _batch_cache(model, chunk, mask, hook_names, max(layer_list) + 1, fwd_hooks)
             weights = masks[:, start:start + batch_size].to(chunk.device)  # [C, b, p]
             for layer, hook_name in zip(layer_list, hook_names):
                 v = unit_vectors(cache[hook_name])  # [b, p, units, D]
