@@ -831,3 +831,31 @@ def test_channel_knockouts_given_to_run_with_hooks_remove_their_union():
         else:
             with pytest.raises(ValueError, match="model.knockouts or run_with_knockout"):
                 model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_column_groups_are_the_exact_groups_of_equal_columns(collide, monkeypatch):
+    """The sources grouped by their mask columns (what a general mask costs: one scan per group),
+    from weighted sums read a chunk at a time, against torch.unique over the columns; with weights
+    that make different columns collide (all ones: [1, 0] and [0, 1] sum alike), the exact check
+    catches it and the groups are still exact."""
+    from tl_mamba.ops import knockout as ops_knockout
+
+    monkeypatch.setattr(ops_knockout, "GROUP_CHUNK_ENTRIES", 37)  # several chunks, a ragged last one
+    if collide:
+        monkeypatch.setattr(ops_knockout, "_column_weights", lambda n: torch.ones(n, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(7)
+    b, H, p = 2, 3, 12
+    patterns = (torch.rand(4, b, H, p, generator=gen) < 0.5).float() * torch.tensor([1.0, 0.5, 1.0, 0.0])[:, None, None, None]
+    patterns[2] = patterns[0].roll(1, dims=-1)  # the same entries in other places: equal plain sums
+    which = torch.randint(0, 4, (p,), generator=gen)
+    removed = patterns[which].permute(1, 2, 3, 0).contiguous()  # [b, H, i, j]: column j is pattern which[j]
+    group, first, removes = ops_knockout.column_groups(removed)
+    _, want = torch.unique(removed.reshape(-1, p).T, dim=0, return_inverse=True)
+    # the same partition of the sources (group ids may differ)
+    assert torch.equal(group[:, None] == group[None, :], want[:, None] == want[None, :])
+    assert first.tolist() == [int((group == g).nonzero()[0]) for g in range(len(first))]
+    assert removes.tolist() == [bool(removed[..., j].ne(0).any()) for j in first.tolist()]
+    if collide:  # the unweighted sums do confuse two different columns here: only the check separates them
+        sums = removed.reshape(-1, p).sum(0)
+        assert any(bool(sums[i] == sums[j]) and int(want[i]) != int(want[j]) for i in range(p) for j in range(p))

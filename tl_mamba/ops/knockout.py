@@ -40,7 +40,7 @@ blocks of positions, almost all of it one matrix product per block).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -413,8 +413,9 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
     """
     b, H, p, _ = ssm_mask.shape
     causal = torch.ones(p, p, dtype=torch.bool, device=ssm_mask.device).tril()
-    # the share of each edge to remove: 1 - M (a mask of 0.5 halves the edge, by linearity)
-    removed = (1 - upcast(ssm_mask.detach())) * causal  # [b, H, i, j] (a float64 mask stays float64)
+    # the share of each edge to remove: 1 - M (a mask of 0.5 halves the edge, by linearity), zeroed
+    # above the diagonal in place: one tensor the mask's size (a float64 mask stays float64)
+    removed = torch.sub(1, upcast(ssm_mask.detach())).masked_fill_(~causal, 0)  # [b, H, i, j]
     total = None
     if not bool(removed.any()):
         return torch.zeros((), device=ssm_mask.device)
@@ -432,17 +433,16 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
                 raise ValueError(f"unknown target_layout {target_layout!r}")
             total = part.new_zeros(b, p, *part.shape[2:])
             return total.index_add_(1, targets, share * part)
-    columns = removed.permute(3, 0, 1, 2).reshape(p, b * H * p)  # one row per source j
-    patterns, group_of_source = torch.unique(columns, dim=0, return_inverse=True)
-    scans = int(patterns.any(1).sum())
-    if dense_terms is not None and max_scans is not None and scans > max_scans:
+    group_of_source, first, removes = column_groups(removed)  # sources j with the same column R[:, :, :, j]
+    removes = removes.tolist()
+    if dense_terms is not None and max_scans is not None and sum(removes) > max_scans:
         return dense_terms(removed)
-    for g, pattern in enumerate(patterns):
-        if not bool(pattern.any()):
+    for g, j in enumerate(first.tolist()):
+        if not removes[g]:
             continue
         sources = (group_of_source == g).float()  # [p]
         part = contribution(sources)
-        targets = pattern.view(b, H, p).permute(0, 2, 1).to(part.dtype)  # [b, i, H]
+        targets = removed[..., j].permute(0, 2, 1).to(part.dtype)  # [b, i, H]: the group's column
         if target_layout == "bpe":
             targets = targets.reshape(b, p, 1) if H == 1 else _bad_layout(H)
         elif target_layout == "bphd":
@@ -452,6 +452,48 @@ def knocked_out_terms(contribution: Callable[[Tensor], Tensor], ssm_mask: Tensor
         term = targets * part
         total = term if total is None else total + term
     return total
+
+
+def _column_weights(n: int) -> Tensor:
+    # column_groups' random weights: float64 in [1, 2), seeded (the same groups on every call)
+    return 1 + torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+GROUP_CHUNK_ENTRIES = 2**21
+"""Mask entries per chunk when :func:`column_groups` reads the mask (two float64 copies of one chunk: 32 MB)."""
+
+
+def column_groups(removed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Group the source positions j of ``removed [b, H, p, p]`` by their column ``removed[..., j]``:
+    ``(group [p], first [G], removes [G])``, the group of each source, each group's first source
+    and whether its column removes anything (not all 0), groups in no set order. Sources in one
+    group have exactly equal columns.
+
+    Each column is summed with random float64 weights over its ``b·H·p`` entries, a chunk of
+    rows at a time (no transposed copy of the mask, and no sort of its columns as ``torch.unique``
+    over them makes: together ~3 more masks' worth of memory), the sums are grouped, and every
+    column is then compared with its group's first: a collision of two different columns
+    (probability ~2^-52 per pair) is caught there, and grouped exactly instead."""
+    p = removed.shape[-1]
+    rows = removed.reshape(-1, p)  # [b·H·i, j]
+    weights = _column_weights(rows.shape[0]).to(rows.device)
+    step = max(1, GROUP_CHUNK_ENTRIES // p)
+    keys = torch.zeros(p, dtype=torch.float64, device=rows.device)
+    nonzero = torch.zeros(p, dtype=torch.bool, device=rows.device)
+    for r in range(0, rows.shape[0], step):
+        keys += (rows[r:r + step].double() * weights[r:r + step, None]).sum(0)
+        nonzero |= rows[r:r + step].ne(0).any(0)
+    _, group = torch.unique(keys, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    positions = torch.arange(p, device=rows.device)
+    first = torch.full((n_groups,), p, dtype=torch.long, device=rows.device).scatter_reduce_(
+        0, group, positions, reduce="amin")
+    if all(torch.equal(rows[r:r + step], rows[r:r + step][:, first[group]]) for r in range(0, rows.shape[0], step)):
+        return group, first, nonzero[first]
+    _, group = torch.unique(rows.T, dim=0, return_inverse=True)  # (a collision: exact, at the memory cost)
+    first = torch.full((int(group.max()) + 1,), p, dtype=torch.long, device=rows.device).scatter_reduce_(
+        0, group, positions, reduce="amin")
+    return group, first, nonzero[first]
 
 
 class _MaskGradient(torch.autograd.Function):
