@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from importlib import resources
 
 import pandas as pd
@@ -942,3 +943,34 @@ def test_class_statistics_of_an_ablated_model(toy2_float64):
     edited = similarity_by_class(model, tokens, classes, layers=[1], progress=False, fwd_hooks=hooks)
     untouched = similarity_by_class(model, tokens, classes, layers=[1], progress=False)
     assert (edited["mean_cosine"] - untouched["mean_cosine"]).abs().max() > 1e-6
+
+
+def test_place_based_ablation_edges(toy2_float64):
+    """A run token past its source prompt's last real token is an error naming the row, whichever
+    side the sources are padded on (it took the last token again, or a pad's value); a row whose
+    only ablated column is padding is not reported as resampled from itself; the padding warning
+    comes once per forward, not once per layer; positions given as a generator serve every layer."""
+    model = toy2_float64
+    short_and_long = ["Vel is", "The capital of Kor Mav Vor is"]
+    run = model.to_tokens(short_and_long[1])
+    for side in ("left", "right"):
+        sources, mask = model.to_tokens(short_and_long, padding_side=side, return_attention_mask=True)
+        hooks = resample_ablation_hooks(model, "y", sources, layers=[1], source_rows=[0], source_attention_mask=mask)
+        with pytest.raises(ValueError, match=r"source prompts cover 3 positions, but this run ablates position 3 .*"
+                                             r"source row 0's tokens"):
+            model.run_with_hooks(run, fwd_hooks=hooks)
+    tokens, mask = model.to_tokens(short_and_long, padding_side="left", return_attention_mask=True)
+    other = model.to_tokens(["Quen is the capital of Zor Vel"] * 2)
+    hooks = resample_ablation_hooks(model, "y", other, heads={1: [2], 2: [2]}, positions=[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=mask)
+    messages = [str(w.message) for w in caught]
+    assert sum("fall on padding" in m for m in messages) == 1, messages  # two hooked layers, one warning
+    assert not any("changed nothing" in m for m in messages), messages  # row 0's column 1 is padding
+    seen = {}
+    zero = zero_ablation_hooks(model, "y", heads=[2], positions=(i for i in (1, 2)))
+    model.run_with_hooks(run, fwd_hooks=zero + [(f"blocks.{layer}.hook_y", record(seen, layer))
+                                                for layer in range(model.cfg.n_layers)])
+    for layer in range(model.cfg.n_layers):
+        assert (seen[layer][0, [1, 2], 2] == 0).all() and (seen[layer][0, [0, 3], 2] != 0).all(), layer

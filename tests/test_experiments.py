@@ -221,6 +221,10 @@ def test_features_by_decay_ranks_by_delta_times_A(toy):
         torch.testing.assert_close(features_by_decay(toy, 1, **given)[1], expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="attention_mask marks the padding of tokens, and no tokens were given"):
         features_by_decay(toy, 1, attention_mask=mask)
+    # to_tokens' default right padding given without its mask: the trailing pads are left out too
+    right, right_mask = toy.to_tokens(prompts, return_attention_mask=True)
+    assert bool((right_mask[:, -1] == 0).any())
+    torch.testing.assert_close(features_by_decay(toy, 1, right)[1], expected, rtol=1e-4, atol=1e-6)
     with pytest.warns(UserWarning, match="left-padded batch given without an attention_mask"):
         unmasked = features_by_decay(toy, 1, tokens)[1]
     assert (unmasked - expected).abs().max() > 1e-3  # pads read as tokens: not it

@@ -151,6 +151,14 @@ def test_bad_probe_inputs_are_named():
         linear_probe(model, hook, tokens, labels, positions=8, attention_mask=mask)
     with pytest.raises(NotAnIndexError, match="positions"):
         probe_activations(model, hook, tokens, 1.5, attention_mask=mask)
+    # a row of nothing but pads (an empty prompt, no mask given) has no token to read
+    import tl_mamba
+
+    toy = tl_mamba.from_pretrained("toy-mamba2")
+    empty = toy.to_tokens(["The capital of Kor Mav Vor is", "Vel is"])
+    empty[1] = toy._pad_id()
+    with pytest.raises(OutOfRangeError, match=r"position -1 is outside prompt 1's 0 real tokens"):
+        probe_activations(toy, hook, empty, -1)
     with pytest.raises(ValueError, match="test_fraction"):
         linear_probe(model, hook, tokens, labels, attention_mask=mask, test_fraction=1.0)
     with pytest.raises(ValueError, match="knockout mask"):

@@ -22,10 +22,14 @@ Features: ``heads=`` picks Mamba-2 heads, ``channels=`` Mamba-1 ``d_inner`` chan
 on hooks that have that axis (see :func:`tl_mamba.circuits.patching.feature_axis`);
 either may be a mapping ``{layer: features}`` to choose features per layer.
 Positions: None (all), ints (negative from the end), a bool mask ``[p]`` or ``[b, p]``
-(one row per batch element: the hooks then only fit runs of that batch size). Under
+(one row per batch element: the hooks then only fit runs of that batch size). Ints and
+``[p]`` masks are columns of the batch, as ``Knockout``'s are (in a left-padded batch
+column 2 is not every prompt's third token: one that falls on padding warns). Under
 ``generate`` they name places of the whole sequence, not of each one-token step (the hooks
-read ``model.position_offset``): ``[2]`` is the prompt's third token; negative positions
-are refused there (the sequence's end moves at every step).
+read ``model.position_offset``): ``[2]`` is column 2 of the prompt; negative positions
+are refused there (the sequence's end moves at every step). Values taken by place
+(per-position means, resampled activations) go to each prompt's own token: its token t
+takes place t, padding on either side of either batch lined up (``model.leading_pads``).
 
 Ablating ``hook_delta`` (Δ) of a head to zero at a position means that head neither
 decays its state (exp(0·A) = 1) nor writes to it (Δ·B = 0) there: the state passes
@@ -36,7 +40,7 @@ recurrence continues from the ablated value.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -151,22 +155,30 @@ def _position_mask(positions: PositionSpec, b: int, p: int, device, offset: Opti
     return mask
 
 
+def _kept(positions: PositionSpec) -> PositionSpec:
+    """``positions`` as the hooks keep them: a generator read once into a list (each layer's hook
+    reads them again)."""
+    return list(positions) if isinstance(positions, Iterator) else positions
+
+
 def _offset(model) -> Optional[int]:
     """Where the running forward's first position lies in a sequence carried by a state (None: the
     run is the whole sequence); see ``HookedSSM.position_offset``."""
     return getattr(model, "position_offset", None)
 
 
-def _ablation_mask(model, act: Tensor, positions: PositionSpec) -> Tensor:
+def _ablation_mask(model, act: Tensor, positions: PositionSpec, warn: bool = True) -> Tensor:
     """The ``[b, p]`` places of ``act [b, p, ...]`` that ``positions`` names in this forward.
 
     Positions given as ints or a ``[p]`` mask are columns of the batch, as ``Knockout``'s are;
     where one falls on padding in some row of a padded forward, that warns (nothing is there to
-    ablate: prompts of different lengths take a ``[b, p]`` mask, one row per prompt)."""
+    ablate: prompts of different lengths take a ``[b, p]`` mask, one row per prompt); ``warn``:
+    whether this call may (the first layer's hook of a set, so a forward warns once)."""
     mask = _position_mask(positions, act.shape[0], act.shape[1], act.device, _offset(model))
     padding = model.padding_mask
     per_row = isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.dim() == 2
-    if positions is not None and padding is not None and not per_row and tuple(padding.shape) == tuple(mask.shape):
+    if warn and positions is not None and padding is not None and not per_row and \
+            tuple(padding.shape) == tuple(mask.shape):
         hit = mask & (padding.to(mask.device) == 0)
         if bool(hit.any()):
             import warnings
@@ -199,14 +211,17 @@ def _masked_replace(act: Tensor, replacement: Union[Tensor, float], mask: Tensor
 
 
 def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpec, axis: Optional[FeatureAxis],
-                      features: Optional[List[int]], what: str) -> Tensor:
+                      features: Optional[List[int]], what: str, lengths: Optional[Tensor] = None,
+                      warn: bool = True) -> Tuple[Tensor, Tensor]:
     """``act [b, p, ...]`` with ``places [b or 1, m, ...]`` (per-position means, another prompt's
     activations, place k holding token k) at the chosen positions: each row's token takes the
     value of its place in the prompt, ``offset + t - leading_pads[row]`` for the run's column t
     (``offset`` 0 for a whole sequence, else generate's tokens so far; ``model.leading_pads``
     the rows' left padding; padding itself is left alone). A causal model's activation at a
     place depends on the tokens up to it only, so places line up whatever the run's length;
-    a ``ValueError`` if an ablated token lies past place ``m - 1``."""
+    a ``ValueError`` if an ablated token lies past place ``m - 1``, or past its row's own
+    ``lengths [b]`` (a source prompt's real tokens). Returns the new activation and the
+    ``[b, p]`` positions it replaced."""
     if tuple(places.shape[2:]) != tuple(act.shape[2:]):
         raise ValueError(f"{what} have shape {tuple(places.shape[1:])} per row, the activation "
                          f"{tuple(act.shape[1:])}: were they made with another model or hook?")
@@ -215,18 +230,21 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
     lead = model.leading_pads
     if lead is not None:
         place = place - lead.to(act.device)[:, None]
-    mask = _ablation_mask(model, act, positions) & (place >= 0)  # (a pad column has no place)
-    beyond = mask & (place >= m)
+    mask = _ablation_mask(model, act, positions, warn) & (place >= 0)  # (a pad column has no place)
+    limit = torch.full((b,), m, device=act.device) if lengths is None else lengths.to(act.device).clamp(max=m)
+    beyond = mask & (place >= limit[:, None])
     if bool(beyond.any()):
-        first = int(place[beyond].min())
-        raise ValueError(f"{what} cover {m} positions, but this run ablates position {first} of its sequence"
+        row = int(beyond.any(1).nonzero()[0, 0])
+        first, cover = int(place[row][beyond[row]].min()), int(limit[row])
+        raise ValueError(f"{what} cover {cover} positions, but this run ablates position {first} of its sequence"
                          f"{' (generate went past them)' if _offset(model) else ''}: pass longer ones, or restrict "
-                         f"positions= to the first {m}")
+                         f"positions= to the first {cover}" + (f" (source row {row}'s tokens)" if lengths is not None
+                                                              else ""))
     if not bool(mask.any()):
-        return act
+        return act, mask
     index = place.clamp(0, m - 1).reshape(b, p, *([1] * (act.dim() - 2)))
     taken = places.to(act.dtype).expand(b, *places.shape[1:]).gather(1, index.expand(b, p, *act.shape[2:]))
-    return _masked_replace(act, taken, mask, axis, features)
+    return _masked_replace(act, taken, mask, axis, features), mask
 
 
 def _warn_if_resampled_from_itself(act: Tensor, out: Tensor, mask: Tensor, name: str) -> bool:
@@ -329,13 +347,14 @@ def zero_ablation_hooks(model, hook: str, layers=None, heads: Features = None, c
     """
     name = resolve_hook(model, hook)
     per_layer, axis = _layer_features(model, name, layers, heads, channels)
+    positions = _kept(positions)
 
-    def make(features):
+    def make(features, first: bool):
         def zero_ablate(act: Tensor, hook) -> Tensor:
-            return _masked_replace(act, 0.0, _ablation_mask(model, act, positions), axis, features)
+            return _masked_replace(act, 0.0, _ablation_mask(model, act, positions, first), axis, features)
         return zero_ablate
 
-    return [(f"blocks.{layer}.{name}", make(features)) for layer, features in per_layer.items()]
+    return [(f"blocks.{layer}.{name}", make(features, i == 0)) for i, (layer, features) in enumerate(per_layer.items())]
 
 
 def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_position: bool = False,
@@ -415,19 +434,21 @@ def mean_ablation_hooks(model, hook: str, reference_tokens: Optional[Tensor] = N
     missing = [layer for layer in per_layer if layer not in means]
     if missing:
         raise ValueError(f"means has no entry for layers {missing}")
+    positions = _kept(positions)
 
-    def make(features, mean: Tensor):
+    def make(features, mean: Tensor, first: bool):
         def mean_ablate(act: Tensor, hook) -> Tensor:
             if mean.dim() == act.dim() - 1:  # per position: [p_ref, ...]
                 return _replace_by_place(model, act, mean[None], positions, axis, features,
-                                         "the per-position means (reference prompts)")
+                                         "the per-position means (reference prompts)", warn=first)[0]
             if tuple(mean.shape) != tuple(act.shape[2:]):
                 raise ValueError(f"the mean of {hook.name} has shape {tuple(mean.shape)}, the activation "
                                  f"{tuple(act.shape)}")
-            return _masked_replace(act, mean, _ablation_mask(model, act, positions), axis, features)
+            return _masked_replace(act, mean, _ablation_mask(model, act, positions, first), axis, features)
         return mean_ablate
 
-    return [(f"blocks.{layer}.{name}", make(features, means[layer])) for layer, features in per_layer.items()]
+    return [(f"blocks.{layer}.{name}", make(features, means[layer], i == 0))
+            for i, (layer, features) in enumerate(per_layer.items())]
 
 
 def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None, heads: Features = None,
@@ -457,6 +478,9 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
                                         return_type=None, stop_at_layer=max(per_layer) + 1)
     sources = {n: _by_token(cache[n], source_mask)[0] for n in names}  # each prompt's token t at place t
     b_s, p_s = source_tokens.shape
+    # each source prompt's real tokens: a run token past its source's last one has nothing to take
+    lengths = torch.full((b_s,), p_s) if source_mask is None else source_mask.bool().sum(1).cpu()
+    positions = _kept(positions)
     fixed = None
     if source_rows is not None:  # ints in [0, b_s) (1.5 is refused, not truncated)
         fixed = torch.tensor(check_indices(source_rows, b_s, "source_rows"), dtype=torch.long)
@@ -473,17 +497,17 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
 
     warned = []  # at most one warning per set of hooks
 
-    def make(features, source: Tensor):
+    def make(features, source: Tensor, first: bool):
         def resample_ablate(act: Tensor, hook) -> Tensor:
-            out = _replace_by_place(model, act, source[rows_for(act.shape[0], source.device)], positions, axis,
-                                    features, "the source prompts")
-            if not warned and out is not act and \
-                    _warn_if_resampled_from_itself(act, out, _ablation_mask(model, act, positions), hook.name):
+            rows = rows_for(act.shape[0], source.device)
+            out, replaced = _replace_by_place(model, act, source[rows], positions, axis, features,
+                                              "the source prompts", lengths=lengths[rows.cpu()], warn=first)
+            if not warned and out is not act and _warn_if_resampled_from_itself(act, out, replaced, hook.name):
                 warned.append(True)
             return out
         return resample_ablate
 
-    return [(n, make(features, sources[n])) for n, features in zip(names, per_layer.values())]
+    return [(n, make(features, sources[n], i == 0)) for i, (n, features) in enumerate(zip(names, per_layer.values()))]
 
 
 def ablation_hooks(model, hook: str, kind: str = "zero", layers=None, heads: Features = None,

@@ -397,10 +397,14 @@ def _ignore_per_row(ignore, dataset) -> Optional[Tensor]:
 def _real_tokens(model, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
     """``[b, p]`` bool: the positions that are not padding. Without ``mask``: the padding the forward
     infers (leading), or each row's trailing run of the pad id ``to_tokens`` pads with on the right
-    (``ablation._real_positions``)."""
+    (``ablation._real_positions``), and a row of nothing but the pad id (an empty prompt: no
+    example, no probe input; the forward itself still runs it)."""
     real = _real_positions(model, tokens, mask)
-    return torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if real is None else \
+    real = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if real is None else \
         real.to(tokens.device).bool()
+    if mask is None and model.tokenizer is not None:
+        real = real & ~(tokens == model._pad_id()).all(1, keepdim=True)
+    return real
 
 
 def _check_finite(acts: Tensor, usable: Tensor, real: Tensor, hook: str, chosen: Tensor, first_row: int) -> None:
