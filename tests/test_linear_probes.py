@@ -157,8 +157,9 @@ def test_bad_probe_inputs_are_named():
     toy = tl_mamba.from_pretrained("toy-mamba2")
     empty = toy.to_tokens(["The capital of Kor Mav Vor is", "Vel is"])
     empty[1] = toy._pad_id()
-    with pytest.raises(OutOfRangeError, match=r"position -1 is outside prompt 1's 0 real tokens"):
-        probe_activations(toy, hook, empty, -1)
+    with pytest.warns(UserWarning, match="looks like a left-padded batch"):  # (the forward's reading of it)
+        with pytest.raises(OutOfRangeError, match=r"position -1 is outside prompt 1's 0 real tokens"):
+            probe_activations(toy, hook, empty, -1)
     with pytest.raises(ValueError, match="test_fraction"):
         linear_probe(model, hook, tokens, labels, attention_mask=mask, test_fraction=1.0)
     with pytest.raises(ValueError, match="knockout mask"):
