@@ -29,6 +29,15 @@ def check_index(value, size: int, what: str) -> int:
     return value % size
 
 
+def reusable(values):
+    """``values`` as something to read more than once: a one-shot iterator (a generator) read
+    into a list, anything else as it is. Index arguments are checked once and read again by each
+    layer's hook or knockout, which would find a generator used up."""
+    from collections.abc import Iterator
+
+    return list(values) if isinstance(values, Iterator) else values
+
+
 def caller_stacklevel() -> int:
     """The ``stacklevel`` of a warning raised here that points at the first frame outside
     tl_mamba, torch and transformer_lens: the user's call, however deep the forward was entered."""

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import numbers
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from tl_mamba.errors import OutOfRangeError, check_index
+from tl_mamba.errors import OutOfRangeError, check_index, reusable
 from tl_mamba.knockout import Knockout, _feature_mask
+from tl_mamba.ops.precision import compute_dtype
 
 DEFAULT_SOURCES = ("subject", "relation", "first", "last", "context")
 
@@ -194,8 +195,7 @@ def _features(model, heads, channels, path: str) -> dict:
     would otherwise surface at the first batch's forward, after the clean one), with the warning
     about a part of a Mamba-2 group on the conv path given once, not by each of the run's knockouts."""
     # (a generator read once here, as a list: every knockout of the run reads it again)
-    features = {k: list(v) if isinstance(v, Iterator) else v for k, v in (("heads", heads), ("channels", channels))
-                if v is not None}
+    features = {k: reusable(v) for k, v in (("heads", heads), ("channels", channels)) if v is not None}
     if features:
         probe = Knockout(layers=0, sources=[0], targets=[0], path=path, **features)
         probe._check_family(model.cfg)
@@ -219,7 +219,7 @@ def _answer_scores(model, tokens, attention_mask, answers, knockouts: Optional[L
     last = logits[:, -1].double()
     answer_logit = last.gather(1, answers[:, None])[:, 0]
     others = last.scatter(1, answers[:, None], float("-inf")).logsumexp(-1)
-    out = torch.float64 if logits.dtype == torch.float64 else torch.float32  # a float64 model's small effects kept
+    out = compute_dtype(logits)  # a float64 model's small effects kept
     return last.softmax(-1).gather(1, answers[:, None])[:, 0].to(out), (answer_logit - others).to(out)
 
 
@@ -324,7 +324,7 @@ def information_flow_per_token(model, prompt, window: int = 3, target: str = "la
     targets = _span_mask([prompt], offsets, p, target)[0]
     windows = layer_windows(model.cfg.n_layers, window)
     jobs = [(w, pos) for w in range(len(windows)) for pos in range(p)]
-    result = torch.zeros(len(windows), p, dtype=torch.float64 if model.W_E.dtype == torch.float64 else torch.float32)
+    result = torch.zeros(len(windows), p, dtype=compute_dtype(model.W_E))
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(jobs), batch_size), desc="per-token flow", disable=not progress, leave=False):
@@ -429,7 +429,7 @@ def features_by_decay(model, layer: int, tokens=None, attention_mask=None) -> Tu
     mixer = model.blocks[layer].mixer
     if tokens is None and attention_mask is not None:
         raise ValueError("features_by_decay: attention_mask marks the padding of tokens, and no tokens were given")
-    dtype = torch.float64 if mixer.A_log.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(mixer.A_log)
     with torch.no_grad():
         A = torch.exp(mixer.A_log.to(dtype))  # |A|
         A = A.mean(-1) if cfg.family == "mamba1" else A

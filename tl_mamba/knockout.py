@@ -48,7 +48,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, reusable
 from tl_mamba.ops.conv import causal_conv1d
 from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, outside
 
@@ -215,10 +215,8 @@ class Knockout:
             raise ValueError("Knockout takes heads= (Mamba-2) or channels= (Mamba-1), not both")
         # the types now (floats, bools in a list); ranges and repeats when the sizes are known
         for what in ("sources", "targets", "heads", "channels"):
-            given = getattr(self, what)
-            if isinstance(given, Iterator):  # a generator: kept as a list, or the check would use it up
-                given = list(given)
-                setattr(self, what, given)
+            given = reusable(getattr(self, what))  # (a generator: kept as a list, or the check would use it up)
+            setattr(self, what, given)
             if given is not None and not (isinstance(given, Tensor) and given.dtype == torch.bool):
                 _index_list(given, what)
         layers = _index_list(self.layers, "layers", mask_ok=False)

@@ -40,7 +40,7 @@ recurrence continues from the ablated value.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -53,7 +53,8 @@ from tl_mamba.circuits.patching import (
     require_feature_axis,
     resolve_hook,
 )
-from tl_mamba.errors import NotAnIndexError, caller_stacklevel
+from tl_mamba.errors import NotAnIndexError, caller_stacklevel, reusable
+from tl_mamba.models.tokens import leading_padding
 
 Hook = Tuple[str, Callable]
 Features = Optional[Union[int, Sequence[int], Tensor, range, Mapping[int, Any]]]
@@ -153,12 +154,6 @@ def _position_mask(positions: PositionSpec, b: int, p: int, device, offset: Opti
         if offset <= int(v) < length:  # (a later place is a token still to come)
             mask[:, int(v) - offset] = True
     return mask
-
-
-def _kept(positions: PositionSpec) -> PositionSpec:
-    """``positions`` as the hooks keep them: a generator read once into a list (each layer's hook
-    reads them again)."""
-    return list(positions) if isinstance(positions, Iterator) else positions
 
 
 def _offset(model) -> Optional[int]:
@@ -284,20 +279,27 @@ def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> 
     return (~trailing).long() if bool(trailing.any()) else None
 
 
-def _by_token(act: Tensor, real: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-    """``act [b, p, ...]`` with each row's tokens at their places in the prompt (token k at index k:
-    a left-padded row's tokens move to the front, by its number of leading pads), and ``[b, p]``
-    which indices hold a real token (None: all). Right padding and no padding are left as they are."""
+def _token_order(real: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """For a padding mask ``real [b, p]`` (None: no padding): ``(index, held)``. ``index [b, p]``
+    gathers each row's token k to index k (a left-padded row's tokens move to the front, by its
+    left padding; None where no row is left-padded: right padding and none stay as they are), and
+    ``held [b, p]`` says which indices then hold a real token (None: all)."""
     if real is None:
-        return act, None
-    real = real.to(act.device).bool()
-    lead = (~real).long().cumprod(1).sum(1)  # [b]: each row's leading pads
+        return None, None
+    real = real.bool()
+    lead = leading_padding(real)
     if not bool(lead.any()):
-        return act, real
-    p = act.shape[1]
-    index = (torch.arange(p, device=act.device)[None, :] + lead[:, None]).clamp(max=p - 1)  # [b, p]
-    moved = act.gather(1, index.reshape(*index.shape, *([1] * (act.dim() - 2))).expand_as(act))
-    return moved, torch.arange(p, device=act.device)[None, :] < real.sum(1)[:, None]
+        return None, real
+    places = torch.arange(real.shape[1], device=real.device)[None, :]
+    return (places + lead[:, None]).clamp(max=real.shape[1] - 1), places < real.sum(1)[:, None]
+
+
+def _in_token_order(act: Tensor, index: Optional[Tensor]) -> Tensor:
+    """``act [b, p, ...]`` gathered by :func:`_token_order`'s ``index`` (as it is for None)."""
+    if index is None:
+        return act
+    index = index.to(act.device).reshape(*index.shape, *([1] * (act.dim() - 2)))
+    return act.gather(1, index.expand_as(act))
 
 
 def check_batch_size(batch_size) -> int:
@@ -347,7 +349,7 @@ def zero_ablation_hooks(model, hook: str, layers=None, heads: Features = None, c
     """
     name = resolve_hook(model, hook)
     per_layer, axis = _layer_features(model, name, layers, heads, channels)
-    positions = _kept(positions)
+    positions = reusable(positions)
 
     def make(features, first: bool):
         def zero_ablate(act: Tensor, hook) -> Tensor:
@@ -383,13 +385,13 @@ def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_posit
                                             stop_at_layer=max(layer_list) + 1)
             weight = torch.ones(chunk.shape, dtype=torch.float64, device=chunk.device) if mask is None \
                 else mask.to(torch.float64)
+            index = None
             if per_position and mask is not None:  # each prompt's token t at t (left padding moved away)
-                weight = _by_token(weight, mask)[1].to(torch.float64)  # (which places hold a token)
+                index, held = _token_order(mask)
+                weight = held.to(torch.float64)
             for n in names:
                 dtypes[n] = cache[n].dtype
-                act = cache[n].to(torch.float64)
-                if per_position:
-                    act = _by_token(act, mask)[0]
+                act = _in_token_order(cache[n].to(torch.float64), index)
                 w = weight.reshape(*weight.shape, *([1] * (act.dim() - 2)))
                 total = (act * w).sum(0) if per_position else (act * w).sum((0, 1))
                 sums[n] = total if n not in sums else sums[n] + total
@@ -434,7 +436,7 @@ def mean_ablation_hooks(model, hook: str, reference_tokens: Optional[Tensor] = N
     missing = [layer for layer in per_layer if layer not in means]
     if missing:
         raise ValueError(f"means has no entry for layers {missing}")
-    positions = _kept(positions)
+    positions = reusable(positions)
 
     def make(features, mean: Tensor, first: bool):
         def mean_ablate(act: Tensor, hook) -> Tensor:
@@ -476,11 +478,12 @@ def resample_ablation_hooks(model, hook: str, source_tokens: Tensor, layers=None
     with torch.no_grad():
         _, cache = model.run_with_cache(source_tokens, names_filter=names, attention_mask=source_mask,
                                         return_type=None, stop_at_layer=max(per_layer) + 1)
-    sources = {n: _by_token(cache[n], source_mask)[0] for n in names}  # each prompt's token t at place t
+    index = _token_order(source_mask)[0]
+    sources = {n: _in_token_order(cache[n], index) for n in names}  # each prompt's token t at place t
     b_s, p_s = source_tokens.shape
     # each source prompt's real tokens: a run token past its source's last one has nothing to take
     lengths = torch.full((b_s,), p_s) if source_mask is None else source_mask.bool().sum(1).cpu()
-    positions = _kept(positions)
+    positions = reusable(positions)
     fixed = None
     if source_rows is not None:  # ints in [0, b_s) (1.5 is refused, not truncated)
         fixed = torch.tensor(check_indices(source_rows, b_s, "source_rows"), dtype=torch.long)

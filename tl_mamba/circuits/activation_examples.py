@@ -47,6 +47,7 @@ from torch import Tensor
 from tl_mamba.circuits.ablation import TokenClass, _real_positions, check_batch_size, token_class_mask
 from tl_mamba.circuits.feature_attribution import _encode, _flat, _one_slice
 from tl_mamba.circuits.patching import check_indices
+from tl_mamba.models.tokens import leading_padding
 
 __all__ = ["TopActivations", "top_activations"]
 
@@ -501,7 +502,7 @@ def _batch_top(acts: Tensor, usable: Tensor, tokens: Tensor, real: Tensor, k: in
     feature_of = torch.arange(F, device=key.device)[:, None].expand_as(index)
     row = cand_row.reshape(candidates, F)[index, feature_of]
     column = cand_column.reshape(candidates, F)[index, feature_of]
-    pads = real.long().argmax(1)  # each row's first real column: its left padding
+    pads = leading_padding(real)  # each row's first real column
     # the window's columns, and which of them hold a real token of the example's prompt
     columns = column[..., None] + torch.arange(-before, after + 1, device=tokens.device)  # [F, kk, w]
     inside = (columns >= 0) & (columns < p)

@@ -34,6 +34,7 @@ from torch import Tensor
 from tl_mamba.circuits.ablation import _device_tokens, check_batch_size
 from tl_mamba.circuits.activation_examples import _check_hook, _real_tokens
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel
+from tl_mamba.models.tokens import leading_padding
 
 __all__ = ["LinearProbe", "fit_probe", "linear_probe", "probe_activations"]
 
@@ -208,8 +209,7 @@ def _columns(positions, real: Tensor) -> Tensor:
         i = int(outside[0])
         raise OutOfRangeError(f"position {int(given[i])} is outside prompt {i}'s {int(length[i])} real tokens")
     index = torch.where(given < 0, given + length, given)  # among the real tokens
-    first = real.long().argmax(1)  # left padding
-    return first + index
+    return leading_padding(real) + index
 
 
 def linear_probe(model, hook: Union[str, Sequence[str]], tokens: Tensor, labels,

@@ -45,7 +45,7 @@ from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
 from tl_mamba.knockout import warn_knockouts_on_padding
 from tl_mamba.models.components import CheckedHookPoint, Embed, RMSNorm, Unembed
 from tl_mamba.models.generation import GenerationMixin
-from tl_mamba.models.tokens import TokensMixin, _check_token_dtype
+from tl_mamba.models.tokens import TokensMixin, _check_token_dtype, leading_padding
 from tl_mamba.ops.precision import upcast
 
 #: Hooks whose tensors are O(p·e·n) or O(p²): computed only when hooked or named in a cache.
@@ -510,16 +510,17 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         if state is not None and state.seqlen_offset > 0:
             self._leading_pads = state.leading_pads
             return
-        lead = None if attention_mask is None else (attention_mask == 0).long().cumprod(1).sum(1)
+        lead = None if attention_mask is None else leading_padding(attention_mask)
         self._leading_pads = lead if lead is not None and bool(lead.any()) else None
 
     @contextlib.contextmanager
     def _positions_of(self, state: Optional["RecurrentState"]):
         # (a forward inside a hook sees its own offset and padding, and restores the outer one's after)
         previous = self._position_offset, self._sequence_grows, self._padding_mask, self._leading_pads
+        grows = self._sequence_grows
         # generate's re-runs (no state) start at place 0 of a sequence that grows: 0, not None.
         # The flag is generate's own forward's: a forward that a hook starts is a sequence of its own
-        self._position_offset = int(state.seqlen_offset) if state is not None else 0 if previous[1] else None
+        self._position_offset = int(state.seqlen_offset) if state is not None else 0 if grows else None
         self._sequence_grows = False
         self._padding_mask = self._leading_pads = None
         try:

@@ -464,6 +464,12 @@ def _tokenizer_size(tokenizer) -> Optional[int]:
         return size if isinstance(size, int) else None
 
 
+def leading_padding(mask: Tensor) -> Tensor:
+    """Each row's left padding ``[b]``: the length of its leading run of 0s in ``mask [b, p]``
+    (an attention mask, 1 or True at real tokens)."""
+    return (mask == 0).long().cumprod(1).sum(1)
+
+
 def _check_contiguous_padding(mask: Tensor) -> None:
     """Padding must be a prefix (left) or a suffix (right) of each row."""
     m = mask.long()

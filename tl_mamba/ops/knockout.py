@@ -483,16 +483,16 @@ def column_groups(removed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     for r in range(0, rows.shape[0], step):
         keys += (rows[r:r + step].double() * weights[r:r + step, None]).sum(0)
         nonzero |= rows[r:r + step].ne(0).any(0)
-    _, group = torch.unique(keys, return_inverse=True)
-    n_groups = int(group.max()) + 1
-    positions = torch.arange(p, device=rows.device)
-    first = torch.full((n_groups,), p, dtype=torch.long, device=rows.device).scatter_reduce_(
-        0, group, positions, reduce="amin")
-    if all(torch.equal(rows[r:r + step], rows[r:r + step][:, first[group]]) for r in range(0, rows.shape[0], step)):
-        return group, first, nonzero[first]
-    _, group = torch.unique(rows.T, dim=0, return_inverse=True)  # (a collision: exact, at the memory cost)
-    first = torch.full((int(group.max()) + 1,), p, dtype=torch.long, device=rows.device).scatter_reduce_(
-        0, group, positions, reduce="amin")
+    def firsts(group: Tensor) -> Tensor:  # each group's first source
+        return torch.full((int(group.max()) + 1,), p, dtype=torch.long, device=rows.device).scatter_reduce_(
+            0, group, torch.arange(p, device=rows.device), reduce="amin")
+
+    group = torch.unique(keys, return_inverse=True)[1]
+    first = firsts(group)
+    if not all(torch.equal(rows[r:r + step], rows[r:r + step][:, first[group]])
+               for r in range(0, rows.shape[0], step)):
+        group = torch.unique(rows.T, dim=0, return_inverse=True)[1]  # (a collision: exact, at the memory cost)
+        first = firsts(group)
     return group, first, nonzero[first]
 
 
