@@ -137,7 +137,8 @@ def selective_scan_backward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     n_eblocks = triton.cdiv(e, block_e)
     dy = torch.zeros(b, p, e, device=x.device, dtype=acc) if grad_y is None else grad_y.to(acc).contiguous()
     new = dict(device=x.device, dtype=acc)
-    dx, ddt, dz = torch.empty(b, p, e, **new), torch.empty(b, p, e, **new), torch.empty(b, p, e, **new)
+    dx, ddt = torch.empty(b, p, e, **new), torch.empty(b, p, e, **new)
+    dz = torch.empty(b, p, e, **new) if z is not None else None  # no gate: nothing to write
     dA, dh0, dD = torch.empty(b, e, n, **new), torch.empty(b, e, n, **new), torch.empty(b, e, **new)
     dB, dC = torch.empty(b, p, n_eblocks, n, **new), torch.empty(b, p, n_eblocks, n, **new)
     scratch = torch.empty(b, n_eblocks, min(chunk, max(p, 1)), block_e, block_n, **new)
@@ -146,7 +147,7 @@ def selective_scan_backward(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
         z_c if z_c is not None else x, bounds if bounds.numel() else dh0,
         dy, grad_final.to(acc).contiguous() if grad_final is not None else dh0,
         grad_states.to(acc).contiguous() if grad_states is not None else dh0,
-        dx, ddt, dA, dB, dC, dD, dh0, dz, scratch,
+        dx, ddt, dA, dB, dC, dD, dh0, dz if dz is not None else dx, scratch,
         p, e, n, min(chunk, max(p, 1)), bounds.shape[1], n_eblocks,
         HAS_D=D is not None, HAS_H0=h0 is not None, HAS_Z=z is not None, HAS_DFINAL=grad_final is not None,
         HAS_DSTATES=grad_states is not None, ACC=tl.float64 if acc == torch.float64 else tl.float32,
