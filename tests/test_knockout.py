@@ -833,6 +833,44 @@ def test_channel_knockouts_given_to_run_with_hooks_remove_their_union():
                 model.run_with_hooks(tokens, fwd_hooks=hooks)
 
 
+def test_mamba1_channel_knockout_beside_a_cached_or_read_mask():
+    """Mamba-1's [b, 1, p, p] mask has no channel axis, so a channels= knockout is applied beside it:
+    caching every hook (the heavy ones named) or reading the mask in a hook gives the brute-force
+    knockout, and the mask seen holds the unrestricted knockout's edges only (with a warning, once);
+    a hook that edits the mask, or a backward hook on it, is refused by name."""
+    model = make_model("mamba1")
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(6))
+    some = Knockout(layers=[0, 1], sources=[1, 2], targets=[-1], channels=[0, 3, 5])
+    every = Knockout(layers=[1], sources=[4], targets=[-2])
+    seen = []
+    with torch.no_grad():
+        ref = reference_union(model, tokens, [([0, 1], [[1, 2]] * B, [[8]] * B, "ssm", [0, 3, 5]),
+                                              ([1], [[4]] * B, [[7]] * B, "ssm", None)])
+        assert (ref - model(tokens)).abs().max() > 1e-4
+        with pytest.warns(UserWarning, match="cannot show") as caught:
+            with model.knockouts([some, every]):
+                logits, cache = model.run_with_cache(tokens, names_filter=lambda name: True)
+                read = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_ssm_mask",
+                                                                lambda mask, hook: seen.append(mask.clone()))])
+    assert sum("cannot show" in str(w.message) for w in caught) == 1  # once for the Knockout
+    torch.testing.assert_close(logits, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(read, ref, rtol=1e-9, atol=1e-9)
+    want = torch.ones(B, 1, P, P, dtype=cache["blocks.1.hook_ssm_mask"].dtype)
+    want[:, :, 7, 4] = 0  # only the unrestricted knockout's edge is in the mask
+    assert torch.equal(cache["blocks.1.hook_ssm_mask"], want) and torch.equal(seen[0], want)
+    assert bool((cache["blocks.0.hook_ssm_mask"] == 1).all())
+
+    def edit(mask, hook):
+        mask = mask.clone()
+        mask[:, :, -1, 6] = 0
+        return mask
+
+    with model.knockouts(some), torch.no_grad(), pytest.raises(ValueError, match="hook other than the Knockouts"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_ssm_mask", edit)])
+    with model.knockouts(some), pytest.raises(ValueError, match="needs its gradient"):
+        model.run_with_hooks(tokens, bwd_hooks=[("blocks.0.hook_ssm_mask", lambda grad, hook: None)])
+
+
 @pytest.mark.parametrize("collide", [False, True])
 def test_column_groups_are_the_exact_groups_of_equal_columns(collide, monkeypatch):
     """The sources grouped by their mask columns (what a general mask costs: one scan per group),

@@ -207,6 +207,7 @@ class Knockout:
     _warned_padding: bool = field(init=False, repr=False, compare=False, default=False)
     _warned_no_features: bool = field(init=False, repr=False, compare=False, default=False)
     _warned_partial_groups: bool = field(init=False, repr=False, compare=False, default=False)
+    _warned_unshown_channels: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -420,17 +421,74 @@ class SSMMaskKnockoutHook:
     def removal(self, b: int, p: int, device) -> EdgeRemoval:
         return self.knockout.removal(self.cfg, b, p, device)
 
+    def writes_mask(self) -> bool:
+        """Whether this knockout can be written into the mask: not a Mamba-1 ``channels=``
+        knockout, whose ``[b, 1, p, p]`` mask has no channel axis (:func:`channel_knockouts_beside_mask`)."""
+        return not (self.cfg.family == "mamba1" and self.knockout.channels is not None)
+
     def __call__(self, mask: Tensor, hook) -> Tensor:
         b, H, p, _ = mask.shape
-        removal = self.removal(b, p, mask.device)
-        if self.cfg.family == "mamba1" and removal.features is not None:
+        if not self.writes_mask():
+            if any(fn is self for fn in _knockout_hooks_on(hook)):
+                return mask  # the block applies it beside the mask (channel_knockouts_beside_mask)
             raise ValueError(
-                f"{hook.name}: a channels= knockout cannot be written into the [b, 1, p, p] mask. This happens when "
-                "the mask is also cached or hooked by something other than a Knockout; drop the other hook. (On "
-                "transformer-lens 3.x, Knockout hooks given to run_with_hooks or model.hooks leave no trace of "
-                "the Knockout and count as other hooks: attach them with model.knockouts or run_with_knockout.)"
-            )
+                f"{hook.name}: a channels= knockout cannot be written into the [b, 1, p, p] mask, and this one was "
+                "attached in a way that leaves no trace of the Knockout (on transformer-lens 3.x, Knockout hooks "
+                "given to run_with_hooks or model.hooks), so the block cannot apply it beside the mask: attach it "
+                "with model.knockouts or run_with_knockout.")
+        removal = self.removal(b, p, mask.device)
         return mask * (1 - removal.dense(H).to(mask.dtype))
+
+
+def channel_knockouts_beside_mask(hook_point, hooked_mask: Tensor, b: int, p: int,
+                                  device) -> Optional[List[EdgeRemoval]]:
+    """Mamba-1's ``channels=`` Knockouts on a mask that other hooks observe, in structured form.
+
+    Mamba-1's ``hook_ssm_mask`` is ``[b, 1, p, p]``, shared by every channel, so a knockout of
+    some channels cannot be written into it: such Knockouts leave the mask as it is, and a
+    cache (or any hook that only reads the mask) sees the other Knockouts' edges only. When
+    nothing but Knockouts changed the mask, every Knockout on it is applied in structured form,
+    the route a mask hooked by Knockouts alone takes, and this returns their disjoint removals.
+
+    Args:
+        hooked_mask: ``[b, 1, p, p]``, what the hook point returned for a mask of ones.
+
+    Returns:
+        None when no ``channels=`` Knockout is attached (the mask is the knockout).
+
+    Raises:
+        ValueError: a hook other than the Knockouts changed the mask, or the mask needs its
+            gradient (a backward hook): an edit of the shared mask and a knockout of some
+            channels cannot be combined edge by edge, so neither is applied silently.
+    """
+    knockouts = [fn for fn in _knockout_hooks_on(hook_point) if isinstance(fn, SSMMaskKnockoutHook)]
+    beside = [fn for fn in knockouts if not fn.writes_mask()]
+    if not beside:
+        return None
+    removals = [fn.removal(b, p, device) for fn in knockouts]
+    written = torch.ones_like(hooked_mask)
+    for fn, removal in zip(knockouts, removals):
+        if fn.writes_mask():
+            written = written * (1 - removal.dense(1).to(written.dtype))
+    edited = not torch.equal(hooked_mask.detach(), written)
+    if edited or hooked_mask.requires_grad:
+        why = "a hook other than the Knockouts changed the mask" if edited else \
+            "the mask needs its gradient (a backward hook on it)"
+        raise ValueError(
+            f"{hook_point.name}: a channels= knockout is applied beside Mamba-1's [b, 1, p, p] mask (which has no "
+            f"channel axis), and {why}: the two cannot be combined edge by edge. Knock the channels out with "
+            "tl_mamba.Knockout alone, or edit the mask without it.")
+    for fn in beside:
+        ko = fn.knockout
+        if not ko._warned_unshown_channels:
+            import warnings
+
+            ko._warned_unshown_channels = True
+            warnings.warn(f"{hook_point.name}: {ko!r} knocks out some channels, which Mamba-1's [b, 1, p, p] mask "
+                          "cannot show (it has no channel axis): the mask that hooks and caches see leaves its "
+                          "edges at 1, and the knockout is applied beside it.", UserWarning,
+                          stacklevel=caller_stacklevel())
+    return disjoint_removals(removals)
 
 
 class ConvTaps:

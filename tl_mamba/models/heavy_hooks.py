@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from tl_mamba.knockout import structured_removals
+from tl_mamba.knockout import channel_knockouts_beside_mask, structured_removals
 from tl_mamba.models.base import hook_is_active
 from tl_mamba.ops.buffers import format_bytes
 from tl_mamba.ops.precision import compute_dtype
@@ -304,7 +304,10 @@ def scan_with_heavy_hooks(
                 ones.requires_grad_(True)
             # (a hook returning another shape is refused by the hook point, CheckedHookPoint)
             ssm_mask = block.hook_ssm_mask(ones)
-            if ssm_mask.requires_grad and torch.is_grad_enabled():
+            beside = channel_knockouts_beside_mask(block.hook_ssm_mask, ssm_mask, b, p, block.hook_device())
+            if beside is not None:  # Mamba-1 channels= knockouts, which the mask cannot hold: structured
+                ssm_mask = beside
+            elif ssm_mask.requires_grad and torch.is_grad_enabled():
                 # knockout attribution: keep the mask even when it removes nothing, so the scan
                 # gives it a gradient (∂L/∂mask[i, j] scores the edge j → i)
                 removes_edges = not bool((ssm_mask.detach() == 1).all())
@@ -314,6 +317,7 @@ def scan_with_heavy_hooks(
                 removes_edges = True
             if removes_edges:
                 check_heavy_hook_memory(block, "hook_ssm_mask", mask_bytes, edited=True)
+            removes_edges = removes_edges or beside is not None
 
     if not hook_is_active(block.hook_h):
         out = scan(ssm_mask=ssm_mask)
