@@ -919,6 +919,38 @@ def test_place_based_ablations_of_a_padded_batch_equal_each_prompt_alone(toy2_fl
                                  attention_mask=mask)
 
 
+def test_place_based_ablation_of_right_padding_past_the_sources(toy2_float64):
+    """A right-padded run whose padded width is past the sources' and the reference's length: its pad
+    columns hold no token, so nothing is taken for them (they raised 'this run ablates position p'
+    and only positions=attention_mask worked), and each prompt gets what it gets alone. Per-position
+    means of a padded reference stop at its longest prompt: a token past it raises, as with an
+    unpadded reference (the padded width's places had a mean of 0, a silent zero ablation)."""
+    model = toy2_float64
+    texts = NEEDLE_TEXTS[:2]  # 8 and 3 tokens
+    source = model.to_tokens(["Quen is the capital of Zor Vel and"] * 2)  # 9 tokens
+    tokens, mask = model.to_tokens(texts, padding_side="right", return_attention_mask=True)
+    wide = torch.cat([tokens, tokens.new_full((2, 3), model.tokenizer.pad_token_id)], 1)  # 11 columns > 9
+    wide_mask = torch.cat([mask, mask.new_zeros(2, 3)], 1)
+    hook_sets = {
+        "mean": lambda: mean_ablation_hooks(model, "y", source, heads={1: [2]}, per_position=True),
+        "resample": lambda: resample_ablation_hooks(model, "y", source, heads={1: [2], 2: [0]}),
+    }
+    for kind, hooks in hook_sets.items():
+        logits = model.run_with_hooks(wide, fwd_hooks=hooks(), attention_mask=wide_mask)
+        for row, text in enumerate(texts):
+            want = model.run_with_hooks(model.to_tokens(text), fwd_hooks=hooks())[0]
+            torch.testing.assert_close(logits[row][wide_mask[row].bool()], want, rtol=1e-9, atol=1e-9,
+                                       msg=f"{kind} {row}")
+    # a reference of the two short prompts, padded to the width of a long one
+    padded, padded_mask = model.to_tokens(texts + [NEEDLE_TEXTS[2]], padding_side="left", return_attention_mask=True)
+    means = mean_activations(model, padded[:2], "y", layers=[1], per_position=True, attention_mask=padded_mask[:2])[1]
+    assert means.shape[0] == 8 < padded.shape[1]
+    hooks = mean_ablation_hooks(model, "y", padded[:2], layers=[1], per_position=True,
+                                reference_attention_mask=padded_mask[:2])
+    with pytest.raises(ValueError, match="cover 8 positions, but this run ablates position 8"):
+        model.run_with_hooks(model.to_tokens(NEEDLE_TEXTS[2]), fwd_hooks=hooks)
+
+
 def test_class_statistics_of_an_ablated_model(toy2_float64):
     """fwd_hooks= runs every batch of the class statistics under hooks (a list, or a factory per
     batch): Δ by class at layer 1 with layer 0's heads zeroed, against hook_delta recorded by hand

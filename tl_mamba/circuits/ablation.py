@@ -215,8 +215,9 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
     the rows' left padding; padding itself is left alone). A causal model's activation at a
     place depends on the tokens up to it only, so places line up whatever the run's length;
     a ``ValueError`` if an ablated token lies past place ``m - 1``, or past its row's own
-    ``lengths [b]`` (a source prompt's real tokens). Returns the new activation and the
-    ``[b, p]`` positions it replaced."""
+    ``lengths [b]`` (a source prompt's real tokens). Padding of the run (``model.padding_mask``
+    0, either side) is never replaced. Returns the new activation and the ``[b, p]`` positions
+    it replaced."""
     if tuple(places.shape[2:]) != tuple(act.shape[2:]):
         raise ValueError(f"{what} have shape {tuple(places.shape[1:])} per row, the activation "
                          f"{tuple(act.shape[1:])}: were they made with another model or hook?")
@@ -225,7 +226,10 @@ def _replace_by_place(model, act: Tensor, places: Tensor, positions: PositionSpe
     lead = model.leading_pads
     if lead is not None:
         place = place - lead.to(act.device)[:, None]
-    mask = _ablation_mask(model, act, positions, warn) & (place >= 0)  # (a pad column has no place)
+    mask = _ablation_mask(model, act, positions, warn) & (place >= 0)  # (a left pad column has no place)
+    padding = model.padding_mask
+    if padding is not None and tuple(padding.shape) == (b, p):  # nor has a right pad column
+        mask = mask & padding.to(act.device).bool()
     limit = torch.full((b,), m, device=act.device) if lengths is None else lengths.to(act.device).clamp(max=m)
     beyond = mask & (place >= limit[:, None])
     if bool(beyond.any()):
@@ -366,8 +370,9 @@ def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_posit
     The mean is over rows and positions (shape ``act.shape[2:]``), or over rows only
     with ``per_position`` (shape ``[p, *act.shape[2:]]``: entry t is the mean of each
     prompt's token t, counted from its first real token, so left and right padding give the
-    same means). Padding (``attention_mask`` 0; without one, the padding the forward infers and
-    trailing pad tokens) is left out; a position with no real token gets 0.
+    same means; ``p`` is then the longest reference prompt's length, as places past it have no
+    token to average, and ablating one is a ``ValueError``). Padding (``attention_mask`` 0;
+    without one, the padding the forward infers and trailing pad tokens) is left out.
     """
     name = resolve_hook(model, hook)
     layer_list = _stats_layers(model, layers, batch_size)
@@ -399,11 +404,14 @@ def mean_activations(model, tokens: Tensor, hook: str, layers=None, *, per_posit
     if not sums:
         raise ValueError("mean_activations needs at least one reference prompt")
     out = {}
+    # per position: places no reference prompt reaches (the padded width past the longest prompt) are
+    # cut, so that ablating such a place raises instead of taking a mean of nothing
+    covered = int((count > 0).sum()) if per_position else None
     for layer, n in zip(layer_list, names):
         c = count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1.0)
         if isinstance(c, Tensor) and per_position:
             c = c.reshape(-1, *([1] * (sums[n].dim() - 1)))
-        out[layer] = (sums[n] / c).to(dtypes[n])
+        out[layer] = (sums[n] / c).to(dtypes[n])[:covered]
     return out
 
 
