@@ -397,6 +397,15 @@ def test_logit_diff_checks_its_labels_against_the_logits():
             logit_diff(logits, bad)
     with pytest.raises(ValueError, match=r"logits \[b, p, v\].*\[3, 10\]"):
         logit_diff(logits[:, -1], labels)
+    # attention_mask: each row's last real token (right padding), by hand
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    ends = [3, 1, 0]
+    expected = torch.stack([logits[i, ends[i], int(a)] - logits[i, ends[i], int(b)] for i, (a, b) in enumerate(labels)])
+    torch.testing.assert_close(logit_diff(logits, labels, attention_mask=mask), expected)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[b, p\]"):
+        logit_diff(logits, labels, attention_mask=mask[:, :3])
+    with pytest.raises(ValueError, match="no real token"):
+        logit_diff(logits, labels, attention_mask=mask * torch.tensor([[1], [1], [0]]))
 
 
 # ------------------------------------------------- blind bad-input pass: silent or cryptic inputs

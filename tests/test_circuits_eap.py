@@ -563,6 +563,23 @@ def test_attention_mask_errors_name_the_problem():
         attribute(model, graph, clean, corrupted, last_logit_metric(), attention_mask=right_padded[:, 1:], quiet=True)
     with pytest.raises(TypeError, match="attention_mask"):
         attribute(model, graph, [(clean, corrupted)], None, last_logit_metric(), attention_mask=right_padded)
+    # a positional graph's position is a column: a padded batch (here left-padded) would mix tokens
+    left_padded_mask = torch.ones_like(clean)
+    left_padded_mask[1, :2] = 0
+    positional = Graph.from_model(model, "layer", positional=True, n_pos=clean.shape[1])
+    for run in (lambda: attribute(model, positional, clean, corrupted, last_logit_metric(),
+                                  attention_mask=left_padded_mask, quiet=True),
+                lambda: evaluate_graph(model, positional, clean, corrupted, last_logit_metric(),
+                                       attention_mask=left_padded_mask, quiet=True),
+                lambda: attribute(model, positional, clean, corrupted, last_logit_metric(), method="exact",
+                                  attention_mask=left_padded_mask, quiet=True)):
+        with pytest.raises(ValueError, match=r"positional over .* rows \[1\] of this batch are padded"):
+            run()
+    full = torch.ones_like(clean)  # a mask with no padding is no problem
+    attribute(model, positional, clean, corrupted, last_logit_metric(), attention_mask=full, quiet=True)
+    # evaluate_baseline takes the quiet= that evaluate_graph and faithfulness take
+    torch.testing.assert_close(evaluate_baseline(model, clean, corrupted, last_logit_metric(), quiet=False),
+                               last_logit_metric()(model(clean)).double(), check_dtype=False)
 
 
 # ------------------------------------------------------------------ batch_size on a list of batches

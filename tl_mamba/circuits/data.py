@@ -85,12 +85,15 @@ def task_batches(model, task: str = "ioi", n: int = 64, seed: int = 0, split: st
     return batches
 
 
-def logit_diff(logits: Tensor, labels: Tensor) -> Tensor:
+def logit_diff(logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     """``[b]``: logit of ``labels[:, 0]`` minus logit of ``labels[:, 1]`` at the last position.
 
     ``logits`` ``[b, p, v]``; ``labels`` ``[b, 2]`` token ids (correct, wrong), one row per
     prompt. Anything else raises: labels for fewer prompts would quietly score only those, and
-    a metric that takes ``.mean()`` would average the wrong prompts.
+    a metric that takes ``.mean()`` would average the wrong prompts. ``attention_mask`` ``[b, p]``
+    (1 at real tokens): read each row's last real token instead, for a right-padded batch (what
+    ``model(list_of_strings)`` runs by default); the circuit tools pad on the left and call
+    ``logit_diff(logits, labels)``.
     """
     if not isinstance(logits, Tensor) or logits.ndim != 3:
         raise ValueError(f"logit_diff needs logits [b, p, v], got {_shape_of(logits)}")
@@ -104,7 +107,18 @@ def logit_diff(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
         raise ValueError(f"logit_diff: label ids must lie in [0, {logits.shape[-1]}) (the logits' vocabulary), "
                          f"got ids from {int(labels.min())} to {int(labels.max())}")
-    last = logits[:, -1]
+    if attention_mask is None:
+        last = logits[:, -1]
+    else:
+        real = torch.as_tensor(attention_mask, device=logits.device)
+        if tuple(real.shape) != tuple(logits.shape[:2]):
+            raise ValueError(f"logit_diff: attention_mask must be [b, p] = {list(logits.shape[:2])}, got "
+                             f"{_shape_of(real)}")
+        if not bool(real.bool().any(1).all()):
+            raise ValueError("logit_diff: a row of attention_mask has no real token")
+        places = torch.arange(logits.shape[1], device=logits.device)
+        end = torch.where(real.bool(), places, -1).max(1).values  # each row's last real token
+        last = logits[torch.arange(logits.shape[0], device=logits.device), end]
     return last.gather(1, labels[:, :1])[:, 0] - last.gather(1, labels[:, 1:2])[:, 0]
 
 
