@@ -4,6 +4,7 @@ an error that names the problem, or warn."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -566,3 +567,14 @@ def test_a_metric_that_cannot_take_the_labels_says_how_it_is_called(family):
 
     with pytest.raises(TypeError, match="unsupported operand"):
         attribute(model, graph, clean, corrupted, broken, labels=labels, quiet=True)
+
+
+def test_the_mask_hook_has_no_position_to_ablate(family):
+    """hook_ssm_mask, [b, 1, p, p] for Mamba-1 and [b, h, p, p] for Mamba-2, has no position axis:
+    ablating it at positions is refused with the family's own shape and what to use instead."""
+    from tl_mamba.circuits import zero_ablation_hooks
+
+    model = make_model(family)
+    shape = "[b, 1, p, p]" if model.cfg.family == "mamba1" else "[b, h, p, p]"
+    with pytest.raises(ValueError, match=rf"hook_ssm_mask {re.escape(shape)} has no position axis.*Knockout"):
+        zero_ablation_hooks(model, "ssm_mask", positions=[1])

@@ -145,8 +145,15 @@ def test_bad_probe_inputs_are_named():
         linear_probe(model, hook, tokens, labels[:5], attention_mask=mask)
     with pytest.raises(ValueError, match=r"hold one class \(0\): a probe needs at least two"):
         linear_probe(model, hook, tokens, torch.zeros(6, dtype=torch.long), attention_mask=mask)
-    with pytest.raises(ValueError, match="ints .classes. or floats"):
+    with pytest.raises(ValueError, match=r"ints .classes. or floats.*0 / 1 ints: labels.long\(\)"):
         linear_probe(model, hook, tokens, labels.bool(), attention_mask=mask)
+    with pytest.raises(ValueError, match=r"labels are strings.*names.index"):
+        linear_probe(model, hook, tokens, ["Mary", "John"] * 3, attention_mask=mask)
+    # generators of labels and of positions are read once, as lists would be
+    from_lists = linear_probe(model, hook, tokens, labels.tolist(), positions=[-1, -2] * 3, attention_mask=mask)
+    from_generators = linear_probe(model, hook, tokens, (int(v) for v in labels), positions=(p for p in [-1, -2] * 3),
+                                   attention_mask=mask)
+    assert torch.equal(from_lists.weight, from_generators.weight)
     with pytest.raises(OutOfRangeError, match=r"position 8 is outside prompt \d's \d real tokens"):
         linear_probe(model, hook, tokens, labels, positions=8, attention_mask=mask)
     with pytest.raises(NotAnIndexError, match="positions"):

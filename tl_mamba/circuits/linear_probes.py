@@ -33,7 +33,7 @@ from torch import Tensor
 
 from tl_mamba.circuits.ablation import _device_tokens, check_batch_size
 from tl_mamba.circuits.activation_examples import _check_hook, _real_tokens
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, reusable
 from tl_mamba.models.tokens import leading_padding
 
 __all__ = ["LinearProbe", "fit_probe", "linear_probe", "probe_activations"]
@@ -151,8 +151,10 @@ def probe_activations(model, hook: Union[str, Sequence[str]], tokens: Tensor, po
         positions: one position for every prompt, or ``[N]`` ints, one per prompt, counted among
             the prompt's real tokens (0 = its first; negative from its last, -1 = the last), so
             padding does not move them.
-        attention_mask: ``[N, p]``, 1 = real token. None: the padding the forward infers (left
-            padding), and each row's trailing run of the pad id (``to_tokens``' right padding).
+        attention_mask: ``[N, p]``, 1 = real token. None: the padding the forward infers (leading
+            pad tokens, read as left padding only when the tokenizer pads on the left:
+            ``model.tokenizer.padding_side``, else a warning), and each row's trailing run of the
+            pad id (``to_tokens``' right padding). Left-padded tokens want their mask.
         batch_size: prompts per forward.
         quiet: no progress bar.
     """
@@ -189,6 +191,7 @@ def probe_activations(model, hook: Union[str, Sequence[str]], tokens: Tensor, po
 def _columns(positions, real: Tensor) -> Tensor:
     """Each prompt's column of ``positions`` (counted among its real tokens): ``[N]`` long."""
     n = real.shape[0]
+    positions = reusable(positions)  # (a generator of one position per prompt)
     if isinstance(positions, (list, tuple)) or type(positions).__module__ == "numpy":
         positions = torch.as_tensor(positions)
     if isinstance(positions, Tensor) and positions.dim() == 0 and not positions.is_floating_point() \
@@ -331,14 +334,22 @@ def fit_probe(acts: Tensor, labels, *, test_fraction: float = 0.25, l2: float = 
 
 
 def _check_labels(labels, n: int) -> Tensor:
-    """``labels`` as a CPU tensor: ``[N]`` ints or ``[N]`` / ``[N, T]`` finite floats."""
+    """``labels`` as a CPU tensor: ``[N]`` ints or ``[N]`` / ``[N, T]`` finite floats (a generator is
+    read once; strings are refused with how to number them)."""
+    labels = reusable(labels)
+    if isinstance(labels, (list, tuple)) and any(isinstance(label, str) for label in labels):
+        raise ValueError("labels are strings; a probe's classes are ints: number them, e.g. "
+                         "names = sorted(set(labels)); labels = [names.index(label) for label in labels] "
+                         "(names[k] is then class k)")
     labels = torch.as_tensor(labels).detach().cpu()
     if n == 0:
         raise ValueError("no prompts to probe")
     if labels.shape[:1] != (n,) or labels.dim() > 2:
         raise ValueError(f"labels must be [N] (or [N, T] for regression), N = {n} prompts, got {tuple(labels.shape)}")
     if labels.dtype == torch.bool or labels.is_complex():
-        raise ValueError(f"labels must be ints (classes) or floats (quantities), got {labels.dtype}")
+        raise ValueError(f"labels must be ints (classes) or floats (quantities), got {labels.dtype}"
+                         + (" (a two-class probe takes 0 / 1 ints: labels.long())" if labels.dtype == torch.bool
+                            else ""))
     if not labels.is_floating_point():
         if labels.dim() != 1:
             raise ValueError(f"class labels must be [N], got {tuple(labels.shape)}")
