@@ -1006,3 +1006,23 @@ def test_place_based_ablation_edges(toy2_float64):
                                                 for layer in range(model.cfg.n_layers)])
     for layer in range(model.cfg.n_layers):
         assert (seen[layer][0, [1, 2], 2] == 0).all() and (seen[layer][0, [0, 3], 2] != 0).all(), layer
+
+
+def test_patch_positions_on_padding_warn(toy2_float64):
+    """Patch positions given as ints are columns of the padded batch: one that falls on padding in
+    some row warns (as Knockout's and the ablations' do); named [b, p] sets, all positions and a
+    batch without padding do not."""
+    model = toy2_float64
+    clean, mask = model.to_tokens(NEEDLE_TEXTS, padding_side="left", return_attention_mask=True)
+    corrupted = clean.flip(0)
+    metric = lambda logits: logits[:, -1, 5].mean()  # noqa: E731
+    run = dict(layers=[1], attention_mask=mask, progress=False)
+    with pytest.warns(UserWarning, match=r"patch positions \[0\] fall on padding in row 0 .*named \[b, p\]"):
+        patch_layer_position(model, clean, corrupted, metric, "y", positions=[0, -1], **run)
+    with pytest.warns(UserWarning, match=r"patch positions \[1\] fall on padding in row 0"):
+        patch_heads(model, clean, corrupted, metric, "y", positions=[1, -1], heads=[0], **run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_layer_position(model, clean, corrupted, metric, "y", positions=[-1], **run)
+        patch_layer_position(model, clean, corrupted, metric, "y", **run)  # every column: nothing chosen
+        patch_heads(model, clean, corrupted, metric, "y", positions={"last": mask.bool()}, heads=[0], **run)

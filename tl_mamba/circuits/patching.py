@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.graph import check_channel_group_count
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError, check_index
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
 LayerSpec = Optional[Union[int, Sequence[int]]]
@@ -404,6 +404,27 @@ def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: 
 
 
 # -------------------------------------------------------------------- public API
+def _warn_if_columns_on_padding(columns: Sequence[int], attention_mask: Optional[Tensor], p: int) -> None:
+    """Warn when a patch position given as an int (a column of the batch) falls on padding in
+    some row of ``attention_mask [b, p]``: there is no token there to patch."""
+    if attention_mask is None or not columns:
+        return
+    mask = torch.as_tensor(attention_mask)
+    if mask.dim() != 2 or mask.shape[1] != p:
+        return  # (the run's own check names a mask of the wrong shape)
+    hit = mask[:, list(columns)] == 0
+    if not bool(hit.any()):
+        return
+    import warnings
+
+    row = int(hit.any(1).nonzero()[0, 0])
+    found = [columns[i] for i in hit[row].nonzero()[:, 0].tolist()]
+    warnings.warn(f"patch positions {found} fall on padding in row {row} (and maybe others): positions given as ints "
+                  "are columns of the padded batch, and a pad column holds no token to patch. For prompts of "
+                  "different lengths give named [b, p] bool masks, one row per prompt (positions={'S2': mask}).",
+                  UserWarning, stacklevel=caller_stacklevel())
+
+
 def patch_layer_position(
     model,
     clean_tokens: Tensor,
@@ -460,6 +481,8 @@ def patch_layer_position(
         pos_list = list(_position_sets(positions, tuple(corrupted_tokens.shape)).values())
     else:
         pos_list = [(pos,) for pos in check_indices(positions, corrupted_tokens.shape[1], "positions")]
+        if positions is not None:
+            _warn_if_columns_on_padding([pos for pos, in pos_list], attention_mask, corrupted_tokens.shape[1])
     patches = [_Patch(layer, pos, None) for layer in layer_list for pos in pos_list]
     values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, None,
                           attention_mask=attention_mask, clean_cache=clean_cache, batch_size=batch_size,
@@ -542,6 +565,8 @@ def patch_heads(
     named = None  # named per-row position sets, bool [b, p] each
     if isinstance(positions, Mapping):
         named = list(_position_sets(positions, tuple(corrupted_tokens.shape)).values())
+    elif positions is not None:
+        _warn_if_columns_on_padding(check_indices(positions, p, "positions"), attention_mask, p)
     if per_position:
         pos_list = named if named is not None else [(pos,) for pos in check_indices(positions, p, "positions")]
         patches = [_Patch(layer, pos, feature_sets[h]) for layer in layer_list for h in head_list
