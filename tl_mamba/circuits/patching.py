@@ -97,8 +97,9 @@ def resolve_hook(model, hook: str, *, need_position: bool = True) -> str:
     for candidate in candidates:
         if candidate in names:
             if need_position and candidate in _NO_POSITION_HOOKS:
+                heads = "1" if model.cfg.family == "mamba1" else "h"
                 raise ValueError(
-                    f"{candidate} [b, {'1' if model.cfg.family == 'mamba1' else 'h'}, p, p] has no position axis to patch or ablate position by position; "
+                    f"{candidate} [b, {heads}, p, p] has no position axis to patch or ablate position by position; "
                     "remove hidden-attention edges with tl_mamba.Knockout instead")
             return candidate
     if hook in ("embed", "hook_embed") or hook.startswith("ln_final"):
