@@ -575,6 +575,14 @@ def test_attention_mask_errors_name_the_problem():
                                   attention_mask=left_padded_mask, quiet=True)):
         with pytest.raises(ValueError, match=r"positional over .* rows \[1\] of this batch are padded"):
             run()
+    # the padding the forward infers (to_tokens' right padding here) is refused alike
+    import tl_mamba
+
+    toy = tl_mamba.from_pretrained("toy-mamba2")
+    padded = toy.to_tokens(["The capital of Kor Mav Vor is", "Vel is"])
+    toy_graph = Graph.from_model(toy, "layer", positional=True, n_pos=padded.shape[1])
+    with pytest.raises(ValueError, match=r"positional over .* rows \[1\] of this batch are padded"):
+        attribute(toy, toy_graph, padded, padded.flip(0), last_logit_metric(), quiet=True)
     full = torch.ones_like(clean)  # a mask with no padding is no problem
     attribute(model, positional, clean, corrupted, last_logit_metric(), attention_mask=full, quiet=True)
     # evaluate_baseline takes the quiet= that evaluate_graph and faithfulness take

@@ -936,11 +936,20 @@ def test_place_based_ablation_of_right_padding_past_the_sources(toy2_float64):
         "resample": lambda: resample_ablation_hooks(model, "y", source, heads={1: [2], 2: [0]}),
     }
     for kind, hooks in hook_sets.items():
-        logits = model.run_with_hooks(wide, fwd_hooks=hooks(), attention_mask=wide_mask)
-        for row, text in enumerate(texts):
-            want = model.run_with_hooks(model.to_tokens(text), fwd_hooks=hooks())[0]
-            torch.testing.assert_close(logits[row][wide_mask[row].bool()], want, rtol=1e-9, atol=1e-9,
-                                       msg=f"{kind} {row}")
+        for given in (wide_mask, None):  # without a mask, the trailing pad runs are the padding
+            logits = model.run_with_hooks(wide, fwd_hooks=hooks(), attention_mask=given)
+            for row, text in enumerate(texts):
+                want = model.run_with_hooks(model.to_tokens(text), fwd_hooks=hooks())[0]
+                torch.testing.assert_close(logits[row][wide_mask[row].bool()], want, rtol=1e-9, atol=1e-9,
+                                           msg=f"{kind} {row} {given is None}")
+    # the reference batch ablated by its own per-position means, no mask given
+    own = mean_ablation_hooks(model, "y", wide, heads={1: [2]}, per_position=True)
+    logits = model.run_with_hooks(wide, fwd_hooks=own)
+    mean_of = mean_activations(model, wide, "y", layers=[1], per_position=True)[1]
+    for row, text in enumerate(texts):
+        edit = mean_ablation_hooks(model, "y", heads={1: [2]}, means={1: mean_of}, per_position=True)
+        want = model.run_with_hooks(model.to_tokens(text), fwd_hooks=edit)[0]
+        torch.testing.assert_close(logits[row][wide_mask[row].bool()], want, rtol=1e-9, atol=1e-9)
     # a reference of the two short prompts, padded to the width of a long one
     padded, padded_mask = model.to_tokens(texts + [NEEDLE_TEXTS[2]], padding_side="left", return_attention_mask=True)
     means = mean_activations(model, padded[:2], "y", layers=[1], per_position=True, attention_mask=padded_mask[:2])[1]
@@ -1026,3 +1035,10 @@ def test_patch_positions_on_padding_warn(toy2_float64):
         patch_layer_position(model, clean, corrupted, metric, "y", positions=[-1], **run)
         patch_layer_position(model, clean, corrupted, metric, "y", **run)  # every column: nothing chosen
         patch_heads(model, clean, corrupted, metric, "y", positions={"last": mask.bool()}, heads=[0], **run)
+    # positions given as a generator serve the check and the patches alike
+    for per_position in (True, False):
+        listed = patch_heads(model, clean, corrupted, metric, "y", positions=[-2, -1], heads=[0],
+                             per_position=per_position, **run)
+        generated = patch_heads(model, clean, corrupted, metric, "y", positions=(p for p in [-2, -1]), heads=[0],
+                                per_position=per_position, **run)
+        assert torch.equal(listed, generated)

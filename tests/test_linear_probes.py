@@ -147,8 +147,11 @@ def test_bad_probe_inputs_are_named():
         linear_probe(model, hook, tokens, torch.zeros(6, dtype=torch.long), attention_mask=mask)
     with pytest.raises(ValueError, match=r"ints .classes. or floats.*0 / 1 ints: labels.long\(\)"):
         linear_probe(model, hook, tokens, labels.bool(), attention_mask=mask)
-    with pytest.raises(ValueError, match=r"labels are strings.*names.index"):
-        linear_probe(model, hook, tokens, ["Mary", "John"] * 3, attention_mask=mask)
+    import numpy as np
+
+    for strings in (["Mary", "John"] * 3, np.array(["Mary", "John"] * 3)):
+        with pytest.raises(ValueError, match=r"labels are strings.*names.index"):
+            linear_probe(model, hook, tokens, strings, attention_mask=mask)
     # generators of labels and of positions are read once, as lists would be
     from_lists = linear_probe(model, hook, tokens, labels.tolist(), positions=[-1, -2] * 3, attention_mask=mask)
     from_generators = linear_probe(model, hook, tokens, (int(v) for v in labels), positions=(p for p in [-1, -2] * 3),

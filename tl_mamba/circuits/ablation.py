@@ -54,7 +54,7 @@ from tl_mamba.circuits.patching import (
     resolve_hook,
 )
 from tl_mamba.errors import NotAnIndexError, caller_stacklevel, reusable
-from tl_mamba.models.tokens import leading_padding
+from tl_mamba.models.tokens import leading_padding, trailing_padding
 
 Hook = Tuple[str, Callable]
 Features = Optional[Union[int, Sequence[int], Tensor, range, Mapping[int, Any]]]
@@ -278,9 +278,7 @@ def _real_positions(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> 
     mask = model._prepare_input(tokens, attention_mask, None, None)[1]
     if attention_mask is not None or mask is not None or model.tokenizer is None:
         return mask
-    trailing = (tokens == model._pad_id()).flip(1).long().cumprod(1).flip(1).bool()  # [b, p]
-    trailing[trailing.all(1)] = False
-    return (~trailing).long() if bool(trailing.any()) else None
+    return trailing_padding(tokens, model._pad_id())
 
 
 def _token_order(real: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:

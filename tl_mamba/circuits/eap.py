@@ -260,13 +260,19 @@ def _per_prompt(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
 class _Wiring:
     """How the graph's edges map onto the model's hooks, for one batch."""
 
-    def __init__(self, model, graph: Graph, p: int, attention_mask: Optional[Tensor] = None):
+    def __init__(self, model, graph: Graph, p: int, attention_mask: Optional[Tensor] = None,
+                 tokens: Optional[Tensor] = None):
         if graph.n_layers != model.cfg.n_layers or graph.family != graph_family(model):
             raise ValueError(f"this graph was built for a {graph.family} model with {graph.n_layers} layers; the "
                              f"model is {graph_family(model)} with {model.cfg.n_layers} layers")
         if graph.positional and p != graph.n_pos:
             raise ValueError(f"the graph is positional over {graph.n_pos} positions but this batch has {p}; "
                              "positional graphs need prompts of exactly that length")
+        if graph.positional and attention_mask is None and tokens is not None:
+            # the padding the forward infers from pad tokens (leading), or to_tokens' trailing pad runs
+            from tl_mamba.circuits.ablation import _real_positions
+
+            attention_mask = _real_positions(model, tokens, None)
         if graph.positional and attention_mask is not None and not bool(attention_mask.bool().all()):
             # a position of the graph is a column: in a padded batch the rows' tokens sit in different columns
             rows = (~attention_mask.bool()).any(1).nonzero()[:, 0].tolist()
@@ -362,7 +368,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
             batches, desc=f"{method} attribution", total=count_batches(clean, batch_size), disable=quiet,
             leave=False, unit="batch"):
         b, p = clean_tokens.shape
-        wiring = _Wiring(model, graph, p, mask)
+        wiring = _Wiring(model, graph, p, mask, clean_tokens)
         names = wiring.sender_hooks + wiring.internal_hooks  # sender_hooks[0] is hook_embed
         clean_acts = _run_cached(model, clean_tokens, names, mask)
         corrupted_acts = _run_cached(model, corrupted_tokens, names, mask)
@@ -452,7 +458,7 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: 
     left padding (see the module docstring).
     """
     b, p = clean_tokens.shape
-    wiring = _Wiring(model, graph, p, attention_mask)
+    wiring = _Wiring(model, graph, p, attention_mask, clean_tokens)
     keep = graph.in_graph if in_graph is None else in_graph
     if keep.shape != graph.in_graph.shape:
         raise ValueError(f"in_graph must have shape {tuple(graph.in_graph.shape)}, got {tuple(keep.shape)}")
@@ -688,7 +694,7 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
     with tqdm(total=len(cells) * len(batches), desc="exact edge patching", disable=quiet, leave=False) as bar:
         for c, k, lab, mask in batches:
             baseline = evaluate_baseline(model, c, k, metric, labels=lab, attention_mask=mask)
-            wiring = _Wiring(model, graph, c.shape[1], mask)
+            wiring = _Wiring(model, graph, c.shape[1], mask, c)
             corrupted_acts = _corrupted_activations(model, wiring, k, mask)
             for index, pos in cells:
                 cell = (index,) if pos is None else (index, pos)

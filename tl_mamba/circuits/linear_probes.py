@@ -337,6 +337,8 @@ def _check_labels(labels, n: int) -> Tensor:
     """``labels`` as a CPU tensor: ``[N]`` ints or ``[N]`` / ``[N, T]`` finite floats (a generator is
     read once; strings are refused with how to number them)."""
     labels = reusable(labels)
+    if not isinstance(labels, Tensor) and hasattr(labels, "tolist"):  # numpy arrays, pandas Series
+        labels = labels.tolist()
     if isinstance(labels, (list, tuple)) and any(isinstance(label, str) for label in labels):
         raise ValueError("labels are strings; a probe's classes are ints: number them, e.g. "
                          "names = sorted(set(labels)); labels = [names.index(label) for label in labels] "

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.graph import check_channel_group_count
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index, reusable
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
 LayerSpec = Optional[Union[int, Sequence[int]]]
@@ -563,6 +563,7 @@ def patch_heads(
     layer_list = check_layers(model, layers)
     head_list = check_indices(heads, len(feature_sets), what)
     p = corrupted_tokens.shape[1]
+    positions = reusable(positions)  # read below more than once
     named = None  # named per-row position sets, bool [b, p] each
     if isinstance(positions, Mapping):
         named = list(_position_sets(positions, tuple(corrupted_tokens.shape)).values())

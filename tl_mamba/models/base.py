@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from tl_mamba.hidden_attention import hidden_attention as _hidden_attention
 from tl_mamba.knockout import warn_knockouts_on_padding
 from tl_mamba.models.components import CheckedHookPoint, Embed, RMSNorm, Unembed
 from tl_mamba.models.generation import GenerationMixin
-from tl_mamba.models.tokens import TokensMixin, _check_token_dtype, leading_padding
+from tl_mamba.models.tokens import TokensMixin, _check_token_dtype, leading_padding, trailing_padding
 from tl_mamba.ops.precision import upcast
 
 #: Hooks whose tensors are O(p·e·n) or O(p²): computed only when hooked or named in a cache.
@@ -399,7 +400,7 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
             if start_at_layer is None:
                 tokens, attention_mask = self._prepare_input(input, attention_mask, prepend_bos, padding_side,
                                                              continuing=state is not None and state.seqlen_offset > 0)
-                self._note_padding(attention_mask, state)  # for hooks: padding_mask, leading_pads
+                self._note_padding(attention_mask, state, tokens)  # for hooks: padding_mask, leading_pads
                 resid = self.hook_embed(self.embed(tokens))
             else:
                 resid = input
@@ -488,9 +489,12 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
     @property
     def padding_mask(self) -> Optional[Tensor]:
         """The running forward's padding, for hooks: its ``attention_mask`` ``[b, p]`` as the forward
-        reads it (given, or inferred from pad tokens), None where it has no padding and outside a
-        forward. Positions of a padded batch are its columns; ``leading_pads`` says where each
-        row's tokens begin."""
+        reads it (given, or inferred from leading pad tokens; with neither, each row's trailing run of
+        pad tokens, ``to_tokens``' right padding, which the forward itself needs no mask for), None
+        where it has no padding and outside a forward. Positions of a padded batch are its columns;
+        ``leading_pads`` says where each row's tokens begin."""
+        if callable(self._padding_mask):  # the trailing pad runs, found when a hook first asks
+            self._padding_mask = self._padding_mask()
         return self._padding_mask
 
     @property
@@ -503,13 +507,18 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
         resampling) read it, so each prompt's token t takes the value of place t."""
         return self._leading_pads
 
-    def _note_padding(self, attention_mask: Optional[Tensor], state: Optional["RecurrentState"]) -> None:
+    def _note_padding(self, attention_mask: Optional[Tensor], state: Optional["RecurrentState"],
+                      tokens: Optional[Tensor] = None) -> None:
         # what padding_mask / leading_pads report during this forward (see them); a call that
         # continues a state has no padding of its own, and the left padding of the call that began it
         self._padding_mask = attention_mask
         if state is not None and state.seqlen_offset > 0:
             self._leading_pads = state.leading_pads
             return
+        if attention_mask is None and tokens is not None and self.tokenizer is not None:
+            # to_tokens' right padding, which the forward needs no mask for: for the hooks only, and
+            # found only if one asks (finding it waits for the device)
+            self._padding_mask = functools.partial(trailing_padding, tokens, self._pad_id())
         lead = None if attention_mask is None else leading_padding(attention_mask)
         self._leading_pads = lead if lead is not None and bool(lead.any()) else None
 

@@ -464,6 +464,17 @@ def _tokenizer_size(tokenizer) -> Optional[int]:
         return size if isinstance(size, int) else None
 
 
+def trailing_padding(tokens: Tensor, pad_id: int) -> Optional[Tensor]:
+    """The padding mask ``[b, p]`` (1 at real tokens) of each row's trailing run of ``pad_id``:
+    ``to_tokens``' right padding, which the forward needs no mask for (it comes after every real
+    token) but a statistic or a hook placing values by token must leave out. None where no row
+    has such a run; a row of nothing but pads keeps its tokens (the forward refuses a mask row
+    with no real token)."""
+    trailing = (tokens == pad_id).flip(1).long().cumprod(1).flip(1).bool()  # [b, p]
+    trailing[trailing.all(1)] = False
+    return (~trailing).long() if bool(trailing.any()) else None
+
+
 def leading_padding(mask: Tensor) -> Tensor:
     """Each row's left padding ``[b]``: the length of its leading run of 0s in ``mask [b, p]``
     (an attention mask, 1 or True at real tokens)."""
