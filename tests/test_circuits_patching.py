@@ -1035,6 +1035,10 @@ def test_patch_positions_on_padding_warn(toy2_float64):
         patch_layer_position(model, clean, corrupted, metric, "y", positions=[-1], **run)
         patch_layer_position(model, clean, corrupted, metric, "y", **run)  # every column: nothing chosen
         patch_heads(model, clean, corrupted, metric, "y", positions={"last": mask.bool()}, heads=[0], **run)
+    # the padding the forward infers warns alike: to_tokens' right padding, no mask given
+    right = model.to_tokens(NEEDLE_TEXTS)
+    with pytest.warns(UserWarning, match=r"patch positions \[9\] fall on padding in row 1"):
+        patch_layer_position(model, right, right.flip(0), metric, "y", positions=[9], layers=[1], progress=False)
     # positions given as a generator serve the check and the patches alike
     for per_position in (True, False):
         listed = patch_heads(model, clean, corrupted, metric, "y", positions=[-2, -1], heads=[0],

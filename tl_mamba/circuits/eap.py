@@ -693,8 +693,8 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
     n_prompts = 0
     with tqdm(total=len(cells) * len(batches), desc="exact edge patching", disable=quiet, leave=False) as bar:
         for c, k, lab, mask in batches:
+            wiring = _Wiring(model, graph, c.shape[1], mask, c)  # (its checks before any forward)
             baseline = evaluate_baseline(model, c, k, metric, labels=lab, attention_mask=mask)
-            wiring = _Wiring(model, graph, c.shape[1], mask, c)
             corrupted_acts = _corrupted_activations(model, wiring, k, mask)
             for index, pos in cells:
                 cell = (index,) if pos is None else (index, pos)

@@ -405,14 +405,23 @@ def _run_patches(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: 
 
 
 # -------------------------------------------------------------------- public API
-def _warn_if_columns_on_padding(columns: Sequence[int], attention_mask: Optional[Tensor], p: int) -> None:
+def _warn_if_columns_on_padding(model, columns: Sequence[int], tokens: Tensor,
+                                attention_mask: Optional[Tensor]) -> None:
     """Warn when a patch position given as an int (a column of the batch) falls on padding in
-    some row of ``attention_mask [b, p]``: there is no token there to patch."""
-    if attention_mask is None or not columns:
+    some row of ``tokens [b, p]``: its ``attention_mask``, or the padding the forward infers from
+    pad tokens (and ``to_tokens``' trailing pad runs). There is no token there to patch."""
+    from tl_mamba.circuits.ablation import _real_positions
+
+    if not columns:
         return
-    mask = torch.as_tensor(attention_mask)
-    if mask.dim() != 2 or mask.shape[1] != p:
-        return  # (the run's own check names a mask of the wrong shape)
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask)
+        if tuple(mask.shape) != tuple(tokens.shape):
+            return  # (the run's own check names a mask of the wrong shape)
+    else:
+        mask = _real_positions(model, tokens, None)
+        if mask is None:
+            return
     hit = mask[:, list(columns)] == 0
     if not bool(hit.any()):
         return
@@ -483,7 +492,7 @@ def patch_layer_position(
     else:
         pos_list = [(pos,) for pos in check_indices(positions, corrupted_tokens.shape[1], "positions")]
         if positions is not None:
-            _warn_if_columns_on_padding([pos for pos, in pos_list], attention_mask, corrupted_tokens.shape[1])
+            _warn_if_columns_on_padding(model, [pos for pos, in pos_list], corrupted_tokens, attention_mask)
     patches = [_Patch(layer, pos, None) for layer in layer_list for pos in pos_list]
     values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, None,
                           attention_mask=attention_mask, clean_cache=clean_cache, batch_size=batch_size,
@@ -568,7 +577,7 @@ def patch_heads(
     if isinstance(positions, Mapping):
         named = list(_position_sets(positions, tuple(corrupted_tokens.shape)).values())
     elif positions is not None:
-        _warn_if_columns_on_padding(check_indices(positions, p, "positions"), attention_mask, p)
+        _warn_if_columns_on_padding(model, check_indices(positions, p, "positions"), corrupted_tokens, attention_mask)
     if per_position:
         pos_list = named if named is not None else [(pos,) for pos in check_indices(positions, p, "positions")]
         patches = [_Patch(layer, pos, feature_sets[h]) for layer in layer_list for h in head_list
