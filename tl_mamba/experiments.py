@@ -418,7 +418,8 @@ def features_by_decay(model, layer: int, tokens=None, attention_mask=None) -> Tu
     (a token tensor ``[b, p]``, a string or a list of strings, run through the model), else
     the Δ of a zero input (softplus of the bias). Padding is left out: ``attention_mask``
     ``[b, p]`` (1 = real token), or, when None, the padding the forward infers and each row's
-    trailing run of pad tokens (``to_tokens``' right padding; strings are padded by the tokenizer). For Mamba-1, |A| is averaged over the state entries of the channel.
+    trailing run of pad tokens (``to_tokens``' right padding; strings are padded by the
+    tokenizer). For Mamba-1, |A| is averaged over the state entries of the channel.
 
     Returns ``(order, rates)``: feature indices sorted by decreasing rate, and the
     rate of every feature. ``order[:k]`` are the fast-decay (short memory) features
@@ -435,11 +436,11 @@ def features_by_decay(model, layer: int, tokens=None, attention_mask=None) -> Tu
         A = A.mean(-1) if cfg.family == "mamba1" else A
         if tokens is not None:
             name = f"blocks.{layer % cfg.n_layers}.hook_delta"
-            from tl_mamba.circuits.ablation import _real_positions
+            from tl_mamba.models.tokens import trailing_padding
 
             tokens, real = model._prepare_input(tokens, attention_mask, None, None)  # (checked as the forward's)
-            if real is None and attention_mask is None:  # to_tokens' right padding too (trailing pad tokens)
-                real = _real_positions(model, tokens, None)
+            if real is None and attention_mask is None and model.tokenizer is not None:
+                real = trailing_padding(tokens, model._pad_id())  # to_tokens' right padding too
             _, cache = model.run_with_cache(tokens, attention_mask=real, names_filter=name,
                                             stop_at_layer=layer % cfg.n_layers + 1)
             delta = cache[name].to(dtype)  # [b, p, features]

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, reusable
+from tl_mamba.models.tokens import padding_hit
 from tl_mamba.ops.conv import causal_conv1d
 from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, outside
 
@@ -366,22 +367,18 @@ class Knockout:
         if self._warned_padding:
             return
         b, p = attention_mask.shape
-        pad = attention_mask == 0
         found = []
         for what in ("sources", "targets"):
             _, host = self.masks(what, b, p)
-            if host is None:
-                continue
-            hit = host & pad
-            if bool(hit.any()):
-                row = int(hit.any(1).nonzero()[0, 0])
-                found.append(f"{what} {hit[row].nonzero()[:, 0].tolist()} in row {row}")
+            hit = None if host is None else padding_hit(host, attention_mask)
+            if hit is not None:
+                found.append(f"{what} {hit[1]} in row {hit[0]}")
         if not found:
             return
         import warnings
 
         self._warned_padding = True
-        if bool(pad[:, -1].any()):  # right padding: the prompts' last tokens are in different columns
+        if bool((attention_mask[:, -1] == 0).any()):  # right padding: the last tokens sit in different columns
             example = ("with right padding, position -1 is a pad in every padded row (strings are padded on the "
                        "tokenizer's side: padding_side='left' makes -1 every prompt's last token)")
         else:

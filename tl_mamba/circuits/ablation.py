@@ -54,7 +54,7 @@ from tl_mamba.circuits.patching import (
     resolve_hook,
 )
 from tl_mamba.errors import NotAnIndexError, caller_stacklevel, reusable
-from tl_mamba.models.tokens import leading_padding, trailing_padding
+from tl_mamba.models.tokens import leading_padding, padding_hit, trailing_padding
 
 Hook = Tuple[str, Callable]
 Features = Optional[Union[int, Sequence[int], Tensor, range, Mapping[int, Any]]]
@@ -174,14 +174,14 @@ def _ablation_mask(model, act: Tensor, positions: PositionSpec, warn: bool = Tru
     per_row = isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.dim() == 2
     if warn and positions is not None and padding is not None and not per_row and \
             tuple(padding.shape) == tuple(mask.shape):
-        hit = mask & (padding.to(mask.device) == 0)
-        if bool(hit.any()):
+        hit = padding_hit(mask, padding.to(mask.device))
+        if hit is not None:
             import warnings
 
-            row = int(hit.any(1).nonzero()[0, 0])
+            row, columns = hit
             warnings.warn(
-                f"ablation positions {hit[row].nonzero()[:, 0].tolist()} fall on padding in row {row} (and maybe "
-                "others): positions are columns of the padded batch, and a pad column holds no token to ablate. "
+                f"ablation positions {columns} fall on padding in row {row} (and maybe others): positions are "
+                "columns of the padded batch, and a pad column holds no token to ablate. "
                 "For prompts of different lengths give positions as a [b, p] bool mask, one row per prompt.",
                 UserWarning, stacklevel=caller_stacklevel())
     return mask

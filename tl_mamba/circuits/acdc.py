@@ -95,7 +95,7 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
     batches = []
     for clean_tokens, corrupted_tokens, batch_labels, mask in iter_batches(clean, corrupted, labels, batch_size,
                                                                            attention_mask):
-        wiring = _Wiring(model, graph, clean_tokens.shape[1], mask, clean_tokens)
+        wiring = _Wiring(model, graph, clean_tokens, mask)
         reference = None
         if kl and mask is not None and not bool(mask[:, -1].all()):
             raise ValueError("metric='kl' compares the next-token distributions at the last position, which is "

@@ -260,15 +260,15 @@ def _per_prompt(metric: Callable, logits: Tensor, labels, b: int) -> Tensor:
 class _Wiring:
     """How the graph's edges map onto the model's hooks, for one batch."""
 
-    def __init__(self, model, graph: Graph, p: int, attention_mask: Optional[Tensor] = None,
-                 tokens: Optional[Tensor] = None):
+    def __init__(self, model, graph: Graph, tokens: Tensor, attention_mask: Optional[Tensor] = None):
+        p = tokens.shape[1]
         if graph.n_layers != model.cfg.n_layers or graph.family != graph_family(model):
             raise ValueError(f"this graph was built for a {graph.family} model with {graph.n_layers} layers; the "
                              f"model is {graph_family(model)} with {model.cfg.n_layers} layers")
         if graph.positional and p != graph.n_pos:
             raise ValueError(f"the graph is positional over {graph.n_pos} positions but this batch has {p}; "
                              "positional graphs need prompts of exactly that length")
-        if graph.positional and attention_mask is None and tokens is not None:
+        if graph.positional and attention_mask is None:
             # the padding the forward infers from pad tokens (leading), or to_tokens' trailing pad runs
             from tl_mamba.circuits.ablation import _real_positions
 
@@ -368,7 +368,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
             batches, desc=f"{method} attribution", total=count_batches(clean, batch_size), disable=quiet,
             leave=False, unit="batch"):
         b, p = clean_tokens.shape
-        wiring = _Wiring(model, graph, p, mask, clean_tokens)
+        wiring = _Wiring(model, graph, clean_tokens, mask)
         names = wiring.sender_hooks + wiring.internal_hooks  # sender_hooks[0] is hook_embed
         clean_acts = _run_cached(model, clean_tokens, names, mask)
         corrupted_acts = _run_cached(model, corrupted_tokens, names, mask)
@@ -458,7 +458,7 @@ def patched_logits(model, graph: Graph, clean_tokens: Tensor, corrupted_tokens: 
     left padding (see the module docstring).
     """
     b, p = clean_tokens.shape
-    wiring = _Wiring(model, graph, p, attention_mask, clean_tokens)
+    wiring = _Wiring(model, graph, clean_tokens, attention_mask)
     keep = graph.in_graph if in_graph is None else in_graph
     if keep.shape != graph.in_graph.shape:
         raise ValueError(f"in_graph must have shape {tuple(graph.in_graph.shape)}, got {tuple(keep.shape)}")
@@ -693,7 +693,7 @@ def _attribute_exact(model, graph: Graph, clean, corrupted, metric, labels, batc
     n_prompts = 0
     with tqdm(total=len(cells) * len(batches), desc="exact edge patching", disable=quiet, leave=False) as bar:
         for c, k, lab, mask in batches:
-            wiring = _Wiring(model, graph, c.shape[1], mask, c)  # (its checks before any forward)
+            wiring = _Wiring(model, graph, c, mask)  # (its checks before any forward)
             baseline = evaluate_baseline(model, c, k, metric, labels=lab, attention_mask=mask)
             corrupted_acts = _corrupted_activations(model, wiring, k, mask)
             for index, pos in cells:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.graph import check_channel_group_count
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index, reusable
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
 LayerSpec = Optional[Union[int, Sequence[int]]]
@@ -412,23 +412,26 @@ def _warn_if_columns_on_padding(model, columns: Sequence[int], tokens: Tensor,
     pad tokens (and ``to_tokens``' trailing pad runs). There is no token there to patch."""
     from tl_mamba.circuits.ablation import _real_positions
 
+    from tl_mamba.models.tokens import padding_hit
+
     if not columns:
         return
     if attention_mask is not None:
-        mask = torch.as_tensor(attention_mask)
-        if tuple(mask.shape) != tuple(tokens.shape):
+        real = torch.as_tensor(attention_mask)
+        if tuple(real.shape) != tuple(tokens.shape):
             return  # (the run's own check names a mask of the wrong shape)
     else:
-        mask = _real_positions(model, tokens, None)
-        if mask is None:
+        real = _real_positions(model, tokens, None)
+        if real is None:
             return
-    hit = mask[:, list(columns)] == 0
-    if not bool(hit.any()):
+    chosen = torch.zeros(real.shape, dtype=torch.bool, device=real.device)
+    chosen[:, list(columns)] = True
+    hit = padding_hit(chosen, real)
+    if hit is None:
         return
     import warnings
 
-    row = int(hit.any(1).nonzero()[0, 0])
-    found = [columns[i] for i in hit[row].nonzero()[:, 0].tolist()]
+    row, found = hit
     warnings.warn(f"patch positions {found} fall on padding in row {row} (and maybe others): positions given as ints "
                   "are columns of the padded batch, and a pad column holds no token to patch. For prompts of "
                   "different lengths give named [b, p] bool masks, one row per prompt (positions={'S2': mask}).",
@@ -572,14 +575,15 @@ def patch_heads(
     layer_list = check_layers(model, layers)
     head_list = check_indices(heads, len(feature_sets), what)
     p = corrupted_tokens.shape[1]
-    positions = reusable(positions)  # read below more than once
     named = None  # named per-row position sets, bool [b, p] each
+    columns = None  # positions given as ints: columns of the batch
     if isinstance(positions, Mapping):
         named = list(_position_sets(positions, tuple(corrupted_tokens.shape)).values())
     elif positions is not None:
-        _warn_if_columns_on_padding(model, check_indices(positions, p, "positions"), corrupted_tokens, attention_mask)
+        columns = check_indices(positions, p, "positions")
+        _warn_if_columns_on_padding(model, columns, corrupted_tokens, attention_mask)
     if per_position:
-        pos_list = named if named is not None else [(pos,) for pos in check_indices(positions, p, "positions")]
+        pos_list = named if named is not None else [(pos,) for pos in (range(p) if columns is None else columns)]
         patches = [_Patch(layer, pos, feature_sets[h]) for layer in layer_list for h in head_list
                    for pos in pos_list]
         shape: Tuple[int, ...] = (len(layer_list), len(head_list), len(pos_list))
@@ -587,7 +591,7 @@ def patch_heads(
         if named is not None:
             pos = torch.stack(named).any(0)
         else:
-            pos = None if positions is None else tuple(check_indices(positions, p, "positions"))
+            pos = None if columns is None else tuple(columns)
         patches = [_Patch(layer, pos, feature_sets[h]) for layer in layer_list for h in head_list]
         shape = (len(layer_list), len(head_list))
     values = _run_patches(model, clean_tokens, corrupted_tokens, metric, name, patches, axis,

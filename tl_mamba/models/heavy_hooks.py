@@ -306,18 +306,18 @@ def scan_with_heavy_hooks(
             ssm_mask = block.hook_ssm_mask(ones)
             beside = channel_knockouts_beside_mask(block.hook_ssm_mask, ssm_mask, b, p, block.hook_device())
             if beside is not None:  # Mamba-1 channels= knockouts, which the mask cannot hold: structured
-                ssm_mask = beside
-            elif ssm_mask.requires_grad and torch.is_grad_enabled():
-                # knockout attribution: keep the mask even when it removes nothing, so the scan
-                # gives it a gradient (∂L/∂mask[i, j] scores the edge j → i)
-                removes_edges = not bool((ssm_mask.detach() == 1).all())
-            elif bool((ssm_mask == 1).all()):  # nothing removed
-                ssm_mask = None
+                ssm_mask, removes_edges = beside, True
             else:
-                removes_edges = True
-            if removes_edges:
-                check_heavy_hook_memory(block, "hook_ssm_mask", mask_bytes, edited=True)
-            removes_edges = removes_edges or beside is not None
+                if ssm_mask.requires_grad and torch.is_grad_enabled():
+                    # knockout attribution: keep the mask even when it removes nothing, so the scan
+                    # gives it a gradient (∂L/∂mask[i, j] scores the edge j → i)
+                    removes_edges = not bool((ssm_mask.detach() == 1).all())
+                elif bool((ssm_mask == 1).all()):  # nothing removed
+                    ssm_mask = None
+                else:
+                    removes_edges = True
+                if removes_edges:  # (the dense mask's route; the structured one needs no mask)
+                    check_heavy_hook_memory(block, "hook_ssm_mask", mask_bytes, edited=True)
 
     if not hook_is_active(block.hook_h):
         out = scan(ssm_mask=ssm_mask)

@@ -475,6 +475,17 @@ def trailing_padding(tokens: Tensor, pad_id: int) -> Optional[Tensor]:
     return (~trailing).long() if bool(trailing.any()) else None
 
 
+def padding_hit(chosen: Tensor, real: Tensor) -> Optional[tuple]:
+    """Where positions chosen as columns of a batch fall on its padding: ``(row, columns)`` of the
+    first row in which ``chosen [b, p]`` (bool) meets a 0 of ``real [b, p]`` (1 at real tokens), or
+    None where none does. For the warnings of Knockout, the ablations and patching."""
+    hit = chosen & (real == 0)
+    if not bool(hit.any()):
+        return None
+    row = int(hit.any(1).nonzero()[0, 0])
+    return row, hit[row].nonzero()[:, 0].tolist()
+
+
 def leading_padding(mask: Tensor) -> Tensor:
     """Each row's left padding ``[b]``: the length of its leading run of 0s in ``mask [b, p]``
     (an attention mask, 1 or True at real tokens)."""
