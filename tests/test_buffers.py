@@ -1,34 +1,10 @@
-"""The states buffer (``tl_mamba.ops.buffers``): huge-page advice on a CPU, and the
-scans' states written into an advised buffer against independent references."""
-
-import mmap
-import os
-import sys
+"""The states buffer (``tl_mamba.ops.buffers``), and the scans' states written into a
+large one against independent references."""
 
 import pytest
 import torch
 
-from tl_mamba.ops import buffers
-from tl_mamba.ops.buffers import HUGE_PAGE_BYTES, advise_huge_pages, huge_page_span, states_buffer
-
-H = HUGE_PAGE_BYTES
-
-
-def _whole_pages_brute_force(address, nbytes):
-    """Every huge page lying wholly inside [address, address + nbytes), by enumeration."""
-    first, last = address // H, (address + nbytes) // H + 1
-    return [k * H for k in range(first, last + 1) if address <= k * H and (k + 1) * H <= address + nbytes]
-
-
-@pytest.mark.parametrize("address", [0, 64, H - 64, H, 3 * H + 4096, 7 * H - 1])
-@pytest.mark.parametrize("nbytes", [0, 64, H - 1, H, H + 64, 2 * H + 4096, 5 * H])
-def test_huge_page_span_is_every_whole_huge_page_inside_the_buffer(address, nbytes):
-    pages = _whole_pages_brute_force(address, nbytes)
-    span = huge_page_span(address, nbytes)
-    if not pages:
-        assert span is None
-    else:
-        assert span == (pages[0], len(pages) * H)
+from tl_mamba.ops.buffers import states_buffer
 
 
 def test_states_buffer_is_a_normal_tensor_under_inference_mode():
@@ -39,41 +15,8 @@ def test_states_buffer_is_a_normal_tensor_under_inference_mode():
     assert not buf.is_inference()  # so a hook_h edit in place bumps a version counter
 
 
-def test_only_large_cpu_buffers_are_advised_and_only_inside_them(monkeypatch):
-    calls = []
-
-    def fake_madvise(start, length, advice):
-        calls.append((start, length, advice))
-        return 0
-
-    monkeypatch.setattr(buffers, "_madvise", fake_madvise)
-    small = states_buffer((1, 16, 8, 8), like=torch.zeros(1), dtype=torch.float32)
-    assert calls == [] and not advise_huge_pages(small)
-
-    large = states_buffer((1, 64, 4, 32, 256), like=torch.zeros(1), dtype=torch.float32)  # 8 MiB
-    assert len(calls) == 1
-    start, length, advice = calls[0]
-    begin, nbytes = large.data_ptr(), large.numel() * large.element_size()
-    assert advice == mmap.MADV_HUGEPAGE
-    assert start % H == 0 and length % H == 0 and length > 0
-    assert begin <= start and start + length <= begin + nbytes
-
-
-def test_advice_is_skipped_where_madvise_is_unavailable(monkeypatch):
-    monkeypatch.setattr(buffers, "_madvise", False)
-    buf = states_buffer((1, 64, 4, 32, 256), like=torch.zeros(1), dtype=torch.float32)
-    assert not advise_huge_pages(buf) and buf.shape == (1, 64, 4, 32, 256)
-
-
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.path.exists("/sys/kernel/mm/transparent_hugepage")),
-                    reason="transparent huge pages are a Linux kernel feature")
-def test_the_kernel_accepts_the_advice():
-    buf = torch.empty(5 * H // 4)
-    assert advise_huge_pages(buf)
-
-
-def test_ssd_states_in_an_advised_buffer_match_the_recurrence():
-    """Mamba-2 states large enough to be advised, against ``tests.test_ssd_ops.brute_force``."""
+def test_ssd_states_in_a_large_buffer_match_the_recurrence():
+    """Mamba-2 states of 8 MiB, against ``tests.test_ssd_ops.brute_force``."""
     from tests.test_ssd_ops import brute_force
     from tl_mamba.ops.ssd import ssd_scan
 
@@ -91,8 +34,8 @@ def test_ssd_states_in_an_advised_buffer_match_the_recurrence():
     assert not out.states.is_inference()
 
 
-def test_selective_scan_states_in_an_advised_buffer_match_the_recurrence():
-    """Mamba-1 states large enough to be advised, against ``tests.test_ops.closed_form``."""
+def test_selective_scan_states_in_a_large_buffer_match_the_recurrence():
+    """Mamba-1 states of 8 MiB, against ``tests.test_ops.closed_form``."""
     from tests.test_ops import closed_form
     from tl_mamba.ops import selective_scan
 

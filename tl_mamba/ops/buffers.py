@@ -2,85 +2,37 @@
 
 The states are the largest tensors a forward makes: ``[b, p, e, n]`` for Mamba-1
 (100 MB per layer at 130m widths, p = 1024) and ``[b, p, h, hd, n]`` for Mamba-2
-(805 MB per layer). On a CPU, a freshly allocated buffer that large is new memory
-from the kernel, which faults in 4 kB page by page on its first write, and on the
-2-core hosts that costs more than the writing itself: filling 100 MB took 29.6 ms
-in a fresh buffer, 12.5 ms in one advised to use transparent huge pages, and 8.3
-ms in one already touched (2026-12-05, Intel Xeon, 1 thread). So on Linux the
-buffer is advised (``madvise(MADV_HUGEPAGE)``) before the scan writes it. PyTorch
-does the same for every allocation of 2 MB or more when ``THP_MEM_ALLOC_ENABLE=1``
-is set before it starts; this asks for it only where it pays.
+(805 MB per layer). On a CPU such a buffer is fresh memory from the kernel, faulted
+in on its first write, and on the 2-core hosts that costs more than the writing.
 
-The advice is a hint: where the kernel has transparent huge pages off, or the call
-is unavailable, the buffer is an ordinary ``torch.empty`` and nothing else changes.
+It is a plain allocation, as every other contender's. From 2026-12-05 to 12-07 it was
+advised to use transparent huge pages (``madvise(MADV_HUGEPAGE)``), which halved a
+100 MB fill timed back to back on that day's host. On 2026-12-07's 2-vCPU Intel Xeon
+VM, whose balloon device reports free 2 MB blocks to the host (``page_reporting_order``
+9), the advice tripled the cost instead: a huge page handed out after its block was
+reported is faulted in again by the host, and the kernel's time grew from ~0.2 to ~1.1 s
+per Mamba-1 ``hook_h`` cache (4 layers, 130m widths, p = 1024; Mamba-2: 3.7 against
+8.7 s). Faulting the advised pages in before the scan, rather than inside its loop,
+recovered only part of that. Measured in docs/performance.md, "CPU: the states buffer
+without huge pages".
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
-from typing import Optional, Sequence, Tuple
+from typing import Sequence
 
 import torch
 from torch import Tensor
-
-HUGE_PAGE_BYTES = 2 << 20
-# Below this a buffer gains too little from huge pages to be worth the call.
-ADVISE_MIN_BYTES = 4 * HUGE_PAGE_BYTES
-
-_madvise = None  # the libc function, once looked up; False when unavailable
-
-
-def _libc_madvise():
-    global _madvise
-    if _madvise is None:
-        _madvise = False
-        if sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-                _madvise = fn
-            except (OSError, AttributeError):
-                pass
-    return _madvise
-
-
-def huge_page_span(address: int, nbytes: int) -> Optional[Tuple[int, int]]:
-    """The whole huge pages inside ``[address, address + nbytes)``: ``(start, length)``, or None.
-
-    madvise needs a page-aligned start; advising only whole 2 MB pages inside the
-    buffer never touches memory the buffer does not own.
-    """
-    start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    end = (address + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-    return (start, end - start) if end > start else None
-
-
-def advise_huge_pages(buffer: Tensor) -> bool:
-    """Ask the kernel to back a large CPU tensor with huge pages. True if advised."""
-    nbytes = buffer.numel() * buffer.element_size()
-    if buffer.device.type != "cpu" or nbytes < ADVISE_MIN_BYTES:
-        return False
-    madvise = _libc_madvise()
-    span = huge_page_span(buffer.data_ptr(), nbytes)
-    if not madvise or span is None:
-        return False
-    return madvise(span[0], span[1], mmap.MADV_HUGEPAGE) == 0
 
 
 def states_buffer(shape: Sequence[int], like: Tensor, dtype: torch.dtype) -> Tensor:
     """An uninitialised buffer for every position's state, on ``like``'s device.
 
     It is a normal tensor even under ``torch.inference_mode()``, so that ``hook_h``
-    can track in-place edits of it without a copy; on a CPU it is advised to use
-    huge pages (module docstring).
+    can track in-place edits of it without a copy.
     """
     with torch.inference_mode(False):
-        buffer = like.new_empty(tuple(shape), dtype=dtype)
-    advise_huge_pages(buffer)
-    return buffer
+        return like.new_empty(tuple(shape), dtype=dtype)
 
 
 def format_bytes(nbytes: float) -> str:
