@@ -156,7 +156,7 @@ def test_chunk_for_is_the_longest_power_of_two_within_the_budget(per_position):
 
     fits = [L for L in (8, 16, 32, 64) if L <= DEFAULT_CHUNK and L * per_position <= CHUNK_BYTES]
     assert chunk_for(1, per_position, 1, 1) == (max(fits) if fits else 8)
-    assert chunk_for(1, 1536, 16, 4) == 64 and chunk_for(8, 1536, 16, 4) == 8  # 130m widths, b 1 and b 8
+    assert chunk_for(1, 1536, 16, 4) == 16 and chunk_for(8, 1536, 16, 4) == 8  # 130m widths, b 1 and b 8
 
 
 def test_chunk_picked_by_batch_size_matches_scalar_loop(monkeypatch):

@@ -52,16 +52,25 @@ from tl_mamba.ops.precision import compute_dtype, needs_grad, silu_gate, zero_su
 DEFAULT_CHUNK = 64
 """The longest chunk (positions) the scan takes when no ``chunk_size`` is given."""
 
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 2 << 20
 """With no ``chunk_size`` given, the chunk is the longest power of two up to
 :data:`DEFAULT_CHUNK` (and at least 8 positions) whose ``[b, L, e, n]`` tensors (decays,
 writes, states) each fit in this many bytes (:func:`chunk_for`; under autograd at most
 :data:`GRAD_CHUNK`). Their size grows with the batch, and a chunk that spills out of cache,
 or past the allocator's 32 MB ``mmap`` threshold (then it faults in fresh pages every
-chunk), is slow. Measured 2026-12-05 (Intel Xeon, 1 thread), a 4-layer model at 130m widths,
-forward, against a fixed 64: b 8, p 512 0.59x the time (the rule picks 8; 16 timed the
-same), b 4 0.89x (16), b 1 the same (64); the scan alone at toy widths (b 32, e 192, n 8)
-0.88x (32)."""
+chunk), is slow. 2 MB is a core's L2 on the hosts measured. Measured 2026-12-07 (2-vCPU
+Intel Xeon, 2 MB L2 a core, 1 thread), the scan alone, chunk lengths alternated in one
+process, time against 64 (the old 8 MB budget's pick at b 1):
+
+- 130m widths (e 1536, n 16), b 1, p 1024: 8 0.54, **16 0.50** (picked), 32 0.55; caching
+  the states: 8 0.63, 16 0.69, 32 0.82; p 2048: 8 0.77, 16 0.70, 32 0.81;
+- 370m widths (e 2048), b 1, p 1024: **8 0.60** (picked), 16 0.57, 32 0.60;
+- b 4, p 512: **8 0.41** (picked; the old budget picked 16, 0.62); b 8: 8 0.35 (picked either way);
+- toy widths (b 32, e 192, n 8, p 156): **8 0.54** (picked; the old pick 32: 0.77).
+
+Under autograd (forward and backward, against 16): toy widths 8 0.87-0.93x (picked), 130m
+widths b 4 0.94x (picked), b 1 picks 16 as before. On 2026-12-05's host the 8 MB budget had
+taken b 8, p 512 to 0.59x of a fixed 64 (a 4-layer model's forward)."""
 
 GRAD_CHUNK = 16
 """Positions per chunk of the differentiable scan (at most ``chunk_size``). Its backward
