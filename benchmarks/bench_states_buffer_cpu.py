@@ -83,11 +83,12 @@ def allocator(strategy: str, library_buffer):
     """A ``states_buffer(shape, like, dtype)`` for ``strategy``, built on the library's."""
     def allocate(shape, like, dtype):
         buffer = library_buffer(shape, like=like, dtype=dtype)
-        if strategy != "plain" and _madvise_huge(buffer) and strategy == "advised_prefault":
-            flat = buffer.view(-1)
-            with torch.no_grad():
-                flat[:: max(1, mmap.PAGESIZE // buffer.element_size())].zero_()
-                flat[-1:].zero_()  # the last page, when the buffer does not start on one
+        if strategy == "plain" or not _madvise_huge(buffer) or strategy == "advised":
+            return buffer
+        flat = buffer.view(-1)  # advised_prefault: one write per 4 kB page maps them all now
+        with torch.no_grad():
+            flat[:: max(1, mmap.PAGESIZE // buffer.element_size())].zero_()
+            flat[-1:].zero_()  # the last page, when the buffer does not start on one
         return buffer
     return allocate
 
