@@ -58,7 +58,7 @@ CHUNK_BYTES = 2 << 20
 writes, states) each fit in this many bytes (:func:`chunk_for`; under autograd at most
 :data:`GRAD_CHUNK`). Their size grows with the batch, and a chunk that spills out of cache,
 or past the allocator's 32 MB ``mmap`` threshold (then it faults in fresh pages every
-chunk), is slow. 2 MB is a core's L2 on the hosts measured. Measured 2026-12-07 (2-vCPU
+chunk), is slow. 2 MB is a core's L2 on the host measured. Measured 2026-12-07 (2-vCPU
 Intel Xeon, 2 MB L2 a core, 1 thread), the scan alone, chunk lengths alternated in one
 process, time against 64 (the old 8 MB budget's pick at b 1):
 
