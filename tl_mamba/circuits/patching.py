@@ -45,6 +45,7 @@ from torch import Tensor
 
 from tl_mamba.circuits.graph import check_channel_group_count
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index
+from tl_mamba.models.tokens import padding_hit
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
 LayerSpec = Optional[Union[int, Sequence[int]]]
@@ -410,9 +411,7 @@ def _warn_if_columns_on_padding(model, columns: Sequence[int], tokens: Tensor,
     """Warn when a patch position given as an int (a column of the batch) falls on padding in
     some row of ``tokens [b, p]``: its ``attention_mask``, or the padding the forward infers from
     pad tokens (and ``to_tokens``' trailing pad runs). There is no token there to patch."""
-    from tl_mamba.circuits.ablation import _real_positions
-
-    from tl_mamba.models.tokens import padding_hit
+    from tl_mamba.circuits.ablation import _real_positions  # (ablation imports this module)
 
     if not columns:
         return
