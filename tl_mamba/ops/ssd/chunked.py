@@ -26,7 +26,10 @@ DEFAULT_CHUNK = 32
 Intel Xeon, 1 thread, 2026-12-05: a 4-layer model at 130m widths took 0.91-0.93x the time of
 L = 64 (p = 1024 and 4096; L = 16 1.01-1.03x), at toy widths (b 32, p 256) 0.84x; L = 64 had
 been the fastest of 64, 128 and 256 in every earlier run. The toy recipe's training steps were
-13-20% faster at 32 than at 64 (docs/toy_models.md)."""
+13-20% faster at 32 than at 64 (docs/toy_models.md). The scan alone on another host,
+2026-12-07 (Intel Xeon, 1.25 MB of L2 a core; ``benchmarks/bench_scan_chunk_cpu.py``), against
+32: 130m widths 16 1.30-1.31x, 64 0.99-1.00x (b 1, p 1024 and b 4, p 512); toy widths (b 32,
+p 256) 16 0.88x, 64 1.36x."""
 
 
 def ssd_chunked(
