@@ -43,6 +43,7 @@ def _fake_vendor_folder(root: pathlib.Path) -> pathlib.Path:
     return root / "vendor"
 
 
+@pytest.mark.no_tl  # the GPU machine carries transformer-lens 4.x; under 3.9 the bridge is only reported missing
 def test_gpu_benchmark_smoke_run(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     if not torch.cuda.is_available():
