@@ -1,5 +1,5 @@
-"""Zero, mean and resample ablation of any Mamba hook, class-conditional ablation, Δ statistics by
-token class, and a needle-in-a-haystack accuracy harness.
+"""Zero, mean and resample ablation of any Mamba hook, class-conditional ablation, Δ statistics and
+next-token loss by token class, and a needle-in-a-haystack accuracy harness.
 
 Every factory returns plain TransformerLens ``(hook_name, hook_fn)`` pairs, so they
 compose with ``run_with_hooks``, the ``model.hooks(...)`` context, other hooks and
@@ -15,6 +15,7 @@ compose with ``run_with_hooks``, the ``model.hooks(...)`` context, other hooks a
     # the Mamba-2 "state sink": zero Δ of chosen heads only at BOS positions
     hooks = class_conditional_ablation_hooks(model, tokens, {1: [3], 2: [0, 7]}, token_class="bos")
     df = delta_stats_by_class(model, tokens, {"bos": "bos", "period": ["."]})   # find such heads
+    loss_by_class(model, tokens, {"period": ["."]}, fwd_hooks=hooks)   # the predictions they support
     needle_accuracy(model, lengths=(64, 128), n=100,
                     fwd_hooks=class_conditional_hook_factory(model, {1: [3]}, token_class="bos"))
 
@@ -75,6 +76,7 @@ __all__ = [
     "class_conditional_ablation_hooks",
     "class_conditional_hook_factory",
     "delta_stats_by_class",
+    "loss_by_class",
     "needle_accuracy",
 ]
 
@@ -844,6 +846,85 @@ def delta_stats_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass
                 if mamba1:
                     row["channels"] = groups[f]
                 records.append(row)
+    return pd.DataFrame.from_records(records)
+
+
+LOSS_BY = ("target", "context")
+
+
+def loss_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *, by: str = "target",
+                  attention_mask: Optional[Tensor] = None, include_other: bool = True, batch_size: int = 32,
+                  progress: bool = True, fwd_hooks=()):
+    """Next-token loss and accuracy by token class: where the model needs a head (the execution side).
+
+    The state-sink study asks which *predictions* a set of heads supports (BOS-context and
+    newline-target predictions): run this clean and under an ablation (``fwd_hooks=``) and
+    compare the rows. The prediction made at position t (of token t+1) is counted for the
+    class of token t+1 (``by="target"``) or of token t (``by="context"``); a prediction
+    whose context or target is padding is not counted.
+
+    Args:
+        tokens: ``[b, p]``, ``p >= 2``.
+        classes: ``{name: token class}`` (see :func:`token_class_mask`: ``"bos"``,
+            ``"newline"``, ids, token strings, a bool mask ``[b, p]``, a function).
+            Classes may overlap.
+        by: ``"target"`` or ``"context"`` (above).
+        attention_mask: ``[b, p]`` padding (1 = real token); when None, the padding the
+            forward infers from pad tokens.
+        include_other: add a class ``"other"``: predictions whose target (context) is in
+            none of the classes.
+        batch_size: prompts per forward.
+        progress: a tqdm bar over the batches.
+        fwd_hooks: hooks to run every batch under, or a function ``tokens [b, p] -> hooks``
+            (given ``attention_mask=`` too if it takes it) called per batch, such as a
+            ``class_conditional_hook_factory``; as :func:`needle_accuracy` takes them.
+
+    Returns:
+        A pandas DataFrame, one row per class: ``class``, ``by``, ``count`` (predictions),
+        ``loss`` (mean negative log-likelihood of the next token, nats, from float64
+        log-softmax of the logits) and ``accuracy`` (share whose top logit is the next
+        token; ties count as right). NaN where count is 0.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if by not in LOSS_BY:
+        raise ValueError(f"by must be one of {LOSS_BY} (count a prediction for its next token's class or its "
+                         f"own token's), got {by!r}")
+    check_batch_size(batch_size)
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [b, p] with p >= 2 (a prediction needs a next token), got shape "
+                         f"{tuple(tokens.shape)}")
+    tokens, attention_mask, names, masks = class_masks(model, tokens, classes, attention_mask, include_other)
+    real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    predicted = real[:, :-1] & real[:, 1:]  # [b, p-1]: context and target both real tokens
+    # the class of each prediction, at its target (t+1) or its context (t); [C, b, p-1]
+    counted = (masks[:, :, 1:] if by == "target" else masks[:, :, :-1]) * predicted.to(torch.float64)
+    C = masks.shape[0]
+    total_loss = torch.zeros(C, dtype=torch.float64, device=tokens.device)
+    total_right = torch.zeros(C, dtype=torch.float64, device=tokens.device)
+    with torch.no_grad():
+        starts = range(0, tokens.shape[0], batch_size)
+        for start in tqdm(starts, desc="loss by class", disable=not progress, leave=False, unit="batch"):
+            chunk = tokens[start:start + batch_size]
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size]
+            logits = model.run_with_hooks(chunk, fwd_hooks=_hooks_for(fwd_hooks, chunk, mask),
+                                          attention_mask=mask, return_type="logits")[:, :-1]
+            log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1)
+            nexts = chunk[:, 1:, None]
+            nll = -log_probs.gather(-1, nexts)[..., 0]  # [b, p-1]
+            right = (logits.gather(-1, nexts)[..., 0] >= logits.max(-1).values).to(torch.float64)
+            weights = counted[:, start:start + batch_size]
+            total_loss += torch.einsum("cbp,bp->c", weights, nll)
+            total_right += torch.einsum("cbp,bp->c", weights, right)
+    counts = counted.sum((1, 2))
+    records = []
+    for ci, cname in enumerate(names):
+        count = float(counts[ci])
+        records.append({"class": cname, "by": by, "count": int(count),
+                        "loss": float(total_loss[ci] / count) if count else float("nan"),
+                        "accuracy": float(total_right[ci] / count) if count else float("nan")})
     return pd.DataFrame.from_records(records)
 
 
