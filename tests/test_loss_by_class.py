@@ -125,3 +125,44 @@ def test_bad_arguments_are_named(toys):
         loss_by_class(model, tokens, {"bos": "bos"}, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="non-empty mapping"):
         loss_by_class(model, tokens, {}, progress=False)
+
+
+def test_hook_arguments_that_cannot_work_are_named(toys):
+    """Shared by the statistics under hooks (loss_by_class, delta_stats_by_class, needle_accuracy ...):
+    None is no hooks; a lone (name, fn) pair, a non-pair and a factory whose second argument is
+    not ``attention_mask`` are refused by name, not by an unpacking error deep in the run."""
+    from tl_mamba.circuits import delta_stats_by_class
+
+    model = toys["toy-mamba"]
+    tokens = model.to_tokens(TEXTS[0])
+    classes = {"is": ["is"]}
+    clean = loss_by_class(model, tokens, classes, fwd_hooks=None, progress=False)
+    assert clean.equals(loss_by_class(model, tokens, classes, progress=False))
+    zero = ("blocks.0.hook_y", lambda act, hook: act * 0)
+    with pytest.raises(ValueError, match=r"one \(name, fn\) pair; pass a list of pairs"):
+        loss_by_class(model, tokens, classes, fwd_hooks=zero, progress=False)
+    with pytest.raises(ValueError, match="must hold \\(hook name, hook fn\\) pairs"):
+        delta_stats_by_class(model, tokens, classes, fwd_hooks=["blocks.0.hook_y"], progress=False)
+    with pytest.raises(ValueError, match="name the second one attention_mask"):
+        loss_by_class(model, tokens, classes, fwd_hooks=lambda toks, mask: [zero], progress=False)
+    # a factory naming it attention_mask gets the batch's mask; a tokens-only one works too
+    seen = []
+    loss_by_class(model, tokens, classes, progress=False,
+                  fwd_hooks=lambda toks, attention_mask=None: seen.append(attention_mask) or [zero])
+    assert seen == [None]
+    ablated = loss_by_class(model, tokens, classes, fwd_hooks=lambda toks: [zero], progress=False)
+    assert ablated.equals(loss_by_class(model, tokens, classes, fwd_hooks=[zero], progress=False))
+    assert not ablated.equals(clean)
+
+
+def test_an_integer_zero_one_tensor_of_the_tokens_shape_warns_that_it_is_read_as_ids(toys):
+    from tl_mamba.circuits import token_class_mask
+
+    model = toys["toy-mamba"]
+    tokens = model.to_tokens([TEXTS[0]] * 2)
+    last = torch.zeros_like(tokens)
+    last[:, -1] = 1
+    with pytest.warns(UserWarning, match="read as the token ids 0 and 1, not as positions"):
+        got = token_class_mask(model, tokens, last)
+    assert torch.equal(got, torch.isin(tokens, torch.tensor([0, 1])))  # ids, as documented
+    assert torch.equal(token_class_mask(model, tokens, last.bool()), last.bool())  # a bool mask: positions

@@ -624,6 +624,13 @@ def token_class_mask(model, tokens: Tensor, token_class: TokenClass,
                                  "token strings, a bool mask [b, p] or a function of the tokens")
         elif isinstance(token_class, Tensor):
             ids = token_class.reshape(-1).tolist()
+            if tuple(token_class.shape) == tuple(tokens.shape) and set(ids) <= {0, 1}:
+                import warnings
+
+                warnings.warn(f"token_class is an integer tensor of the tokens' shape {tuple(tokens.shape)} holding "
+                              "only 0 and 1: it is read as the token ids 0 and 1, not as positions; for a mask of "
+                              "positions pass it as bool (token_class.bool())", UserWarning,
+                              stacklevel=caller_stacklevel())
         elif isinstance(token_class, int) and not isinstance(token_class, bool):
             ids = [token_class]
         elif isinstance(token_class, (list, tuple, set, frozenset, range)):
@@ -869,8 +876,11 @@ def loss_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *, b
             ``"newline"``, ids, token strings, a bool mask ``[b, p]``, a function).
             Classes may overlap.
         by: ``"target"`` or ``"context"`` (above).
-        attention_mask: ``[b, p]`` padding (1 = real token); when None, the padding the
-            forward infers from pad tokens.
+        attention_mask: ``[b, p]`` padding (1 = real token). When None, the padding the
+            forward infers from pad tokens: leading runs when the tokenizer pads on the left,
+            else each row's trailing run (``to_tokens``' default right padding). Left padding
+            made with ``to_tokens(..., padding_side="left")`` needs its mask here (the forward
+            warns otherwise, and the pads would be counted as tokens).
         include_other: add a class ``"other"``: predictions whose target (context) is in
             none of the classes.
         batch_size: prompts per forward.
@@ -939,14 +949,49 @@ def _takes_attention_mask(fn) -> bool:
     return any(p.name == "attention_mask" or p.kind == p.VAR_KEYWORD for p in params)
 
 
+def _required_positional(fn) -> int:
+    """How many positional parameters ``fn`` requires (0 where its signature cannot be read)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
+def _hook_list(hooks, what: str) -> List[Hook]:
+    """``hooks`` as a list of ``(name or filter, fn)`` pairs; ``ValueError`` naming ``what`` otherwise
+    (a lone pair, say, whose name would be unpacked as a hook)."""
+    if isinstance(hooks, tuple) and len(hooks) == 2 and isinstance(hooks[0], str) and callable(hooks[1]):
+        raise ValueError(f"{what} is one (name, fn) pair; pass a list of pairs: [({hooks[0]!r}, fn)]")
+    try:
+        pairs = list(hooks)
+    except TypeError:
+        raise ValueError(f"{what} must be a list of (hook name, hook fn) pairs or a function of the tokens, got "
+                         f"{type(hooks).__name__}") from None
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and (isinstance(pair[0], str) or callable(pair[0]))
+                and callable(pair[1])):
+            raise ValueError(f"{what} must hold (hook name, hook fn) pairs, got {pair!r}")
+    return pairs
+
+
 def _hooks_for(fwd_hooks, tokens: Tensor, attention_mask: Optional[Tensor]) -> List[Hook]:
-    """``fwd_hooks`` for one batch: the hooks themselves, or a function ``tokens [b, p] -> hooks``
-    (taking ``attention_mask=`` too if it has that argument) called with this batch."""
+    """``fwd_hooks`` for one batch: the hooks themselves (None: none), or a function
+    ``tokens [b, p] -> hooks`` (taking ``attention_mask=`` too if it has an argument of that
+    name, or ``**kwargs``) called with this batch."""
+    if fwd_hooks is None:
+        return []
     if not callable(fwd_hooks):
-        return list(fwd_hooks)
+        return _hook_list(fwd_hooks, "fwd_hooks")
     if _takes_attention_mask(fwd_hooks):
-        return list(fwd_hooks(tokens, attention_mask=attention_mask))
-    return list(fwd_hooks(tokens))
+        return _hook_list(fwd_hooks(tokens, attention_mask=attention_mask), "what the fwd_hooks function returned")
+    if _required_positional(fwd_hooks) > 1:
+        raise ValueError("a fwd_hooks function is called with the batch's tokens, and with attention_mask= by that "
+                         "name when it has such an argument; this one requires more positional arguments: name the "
+                         "second one attention_mask (def hooks(tokens, attention_mask=None))")
+    return _hook_list(fwd_hooks(tokens), "what the fwd_hooks function returned")
 
 
 def _batch_cache(model, tokens: Tensor, attention_mask: Optional[Tensor], names, stop_at_layer: int, fwd_hooks=()):
