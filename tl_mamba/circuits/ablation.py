@@ -891,8 +891,8 @@ def loss_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *, b
 
     Returns:
         A pandas DataFrame, one row per class: ``class``, ``by``, ``count`` (predictions),
-        ``loss`` (mean negative log-likelihood of the next token, nats, from float64
-        log-softmax of the logits) and ``accuracy`` (share whose top logit is the next
+        ``loss`` (mean negative log-likelihood of the next token, nats, computed from the
+        logits in float64, one prompt at a time) and ``accuracy`` (share whose top logit is the next
         token; ties count as right). NaN where count is 0.
     """
     import pandas as pd
@@ -921,9 +921,11 @@ def loss_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *, b
             mask = None if attention_mask is None else attention_mask[start:start + batch_size]
             logits = model.run_with_hooks(chunk, fwd_hooks=_hooks_for(fwd_hooks, chunk, mask),
                                           attention_mask=mask, return_type="logits")[:, :-1]
-            log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1)
             nexts = chunk[:, 1:, None]
-            nll = -log_probs.gather(-1, nexts)[..., 0]  # [b, p-1]
+            nll = torch.empty(nexts.shape[:2], dtype=torch.float64, device=tokens.device)  # [b, p-1]
+            for row in range(len(chunk)):  # float64 one row at a time: the batch's copy would be 2x its logits
+                row_logits = logits[row].to(torch.float64)  # [p-1, v]
+                nll[row] = torch.logsumexp(row_logits, -1) - row_logits.gather(-1, nexts[row])[:, 0]
             right = (logits.gather(-1, nexts)[..., 0] >= logits.max(-1).values).to(torch.float64)
             weights = counted[:, start:start + batch_size]
             total_loss += torch.einsum("cbp,bp->c", weights, nll)
