@@ -53,9 +53,10 @@ timeout "${BENCH_LIMIT_S:-330}" $PY benchmarks/bench_triton_gpu.py --out "$OUT_D
 bench_rc=${PIPESTATUS[0]}
 
 timeout "${TESTS_LIMIT_S:-160}" $PY -m pytest -q -p no:cacheprovider -W "error:the Triton:RuntimeWarning" \
-    tests/test_triton.py tests/test_triton_large.py 2>&1 | tee "$OUT_DIR/pytest_triton.log"
+    tests/test_triton.py tests/test_triton_large.py tests/test_other_device.py::test_workflow_runs_on_cuda 2>&1 \
+    | tee "$OUT_DIR/pytest_triton.log"
 tests_rc=${PIPESTATUS[0]}
 
-echo "bench rc=$bench_rc (124: cut at its limit), tests/test_triton.py + test_triton_large.py on GPU rc=$tests_rc"
+echo "bench rc=$bench_rc (124: cut at its limit), tests/test_triton.py + test_triton_large.py + the workflows on CUDA rc=$tests_rc"
 [ -f "$OUT_DIR/triton_gpu.md" ] && cat "$OUT_DIR/triton_gpu.md"
 tail -n 15 "$OUT_DIR/pytest_triton.log"

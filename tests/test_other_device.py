@@ -188,10 +188,19 @@ def models():
     return out
 
 
+@pytest.fixture(scope="module")
+def cuda_models():
+    """``{family: the model on CUDA}`` (GPU machines: benchmarks/run_gpu_session.sh runs these)."""
+    return {family: tl_mamba.from_pretrained(name, device="cuda")
+            for name, family in (("toy-mamba", "mamba1"), ("toy-mamba2", "mamba2"))}
+
+
 def _on_cpu(value):
     """A result with every tensor read back to the CPU, for comparison."""
     if isinstance(value, Other):
         return value.elem
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return value.cpu()
     if isinstance(value, (list, tuple)):
         return [_on_cpu(v) for v in value]
     if hasattr(value, "_asdict"):  # a named tuple
@@ -205,22 +214,33 @@ def _on_cpu(value):
     return value
 
 
-def _assert_same(got, want, where="result"):
+def _assert_same(got, want, where="result", tol=1e-6):
+    """``got == want`` to ``tol``. On CUDA (``tol=None``) the numbers come from other kernels: only
+    shapes, dtypes and finiteness are compared, the device mixing being what is tested."""
     if isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor) and type(got) is torch.Tensor, (where, type(got))
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True, msg=where)
+        if tol is None:
+            assert got.shape == want.shape and got.dtype == want.dtype, (where, got.shape, want.shape)
+            assert torch.isfinite(got.double()).eq(torch.isfinite(want.double())).all(), where
+        else:
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True, msg=where)
     elif isinstance(want, pd.DataFrame):
-        pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6, atol=1e-6)
+        if tol is None:
+            assert got.shape == want.shape and list(got.columns) == list(want.columns), where
+        else:
+            pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=tol, atol=tol)
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want)):
-            _assert_same(g, w, f"{where}[{i}]")
+            _assert_same(g, w, f"{where}[{i}]", tol)
     elif isinstance(want, dict):
         assert got.keys() == want.keys(), where
         for key in want:
-            _assert_same(got[key], want[key], f"{where}[{key!r}]")
+            _assert_same(got[key], want[key], f"{where}[{key!r}]", tol)
     elif isinstance(want, float) and math.isnan(want):
         assert math.isnan(got), where
+    elif tol is None and isinstance(want, float):
+        assert isinstance(got, float) and math.isfinite(got) == math.isfinite(want), where
     else:
         assert got == want, (where, got, want)
 
@@ -233,6 +253,14 @@ def test_workflow_runs_on_another_device_as_on_the_cpu(models, family, workflow)
     with OtherDeviceMode():
         got = WORKFLOWS[workflow](other_model)
     _assert_same(_on_cpu(got), want, workflow)
+
+
+# (one skipped case without CUDA, not one per workflow)
+@pytest.mark.parametrize("family, workflow", [(family, workflow) for family in ("mamba1", "mamba2")
+                                              for workflow in WORKFLOWS] if torch.cuda.is_available() else [])
+def test_workflow_runs_on_cuda(models, cuda_models, family, workflow):
+    want = _on_cpu(WORKFLOWS[workflow](models[family][0]))
+    _assert_same(_on_cpu(WORKFLOWS[workflow](cuda_models[family])), want, workflow, tol=None)
 
 
 def test_the_other_device_refuses_what_cuda_refuses(models):
