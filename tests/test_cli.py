@@ -196,7 +196,7 @@ def test_knockout_prompt_on_a_byte_level_bpe_tokenizer_scores_the_users_tokens(t
     with torch.no_grad():
         for param in model.parameters():  # off the init, so that knockouts change something
             param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
-    monkeypatch.setattr(cli, "_load", lambda name: model)
+    monkeypatch.setattr(cli, "_load", lambda name, device="auto": model)
     prompt = "The Eiffel Tower is in the city of"
     assert main(["knockout", "bpe-model", "--prompt", prompt, "--window", "1", "--out", str(tmp_path)]) == 0
     frame = pd.read_csv(tmp_path / "knockout_tokens.csv")

@@ -14,6 +14,7 @@ attention and information flow.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pandas as pd
@@ -283,3 +284,68 @@ def test_the_other_device_refuses_what_cuda_refuses(models):
 
         with pytest.raises(Mismatch):
             model.run_with_hooks(_tokens(model), fwd_hooks=[("blocks.0.hook_resid_pre", mixes_in_a_cpu_tensor)])
+
+
+CLI_COMMANDS = {
+    "hooks": ["hooks", "toy-mamba"],
+    "eval": ["eval", "toy-mamba2", "--n", "4", "--tasks", "facts,needle", "--lengths", "32"],
+    "knockout by task": ["knockout", "toy-mamba", "--task", "facts", "--n", "4"],
+    "knockout by token": ["knockout", "toy-mamba2", "--prompt", "key fen is 4 . what is key fen ? it is"],
+    "circuit": ["circuit", "toy-mamba2", "--n", "4", "--method", "EAP-IG", "--steps", "2"],
+    "circuit by ACDC": ["circuit", "toy-mamba", "--n", "4", "--method", "ACDC"],
+    "run": ["run", "toy-mamba2", "key fen is 4 . what is key fen ? it is"],
+    "demo": ["demo"],
+}
+
+
+@pytest.mark.parametrize("command", list(CLI_COMMANDS))
+def test_cli_runs_on_another_device_as_on_the_cpu(tmp_path, capsys, command):
+    """``tl-mamba ... --device`` puts the model there; every command then runs without mixing devices,
+    and the CSV / JSON it writes hold what the CPU run writes."""
+    from tl_mamba import cli
+
+    args = CLI_COMMANDS[command]
+    if args[0] in ("knockout", "circuit", "demo"):
+        args = args + ["--out", "OUT"]
+    written = {}
+    for device in ("cpu", "lazy"):
+        out = tmp_path / device
+        argv = [str(out) if a == "OUT" else a for a in args] + ["--device", device]
+        with OtherDeviceMode():
+            assert cli.main(argv) == 0, capsys.readouterr().err
+        written[device] = {path.relative_to(out): path.read_text() for path in sorted(out.rglob("*"))
+                           if path.suffix in (".csv", ".json")} if out.exists() else {}
+    capsys.readouterr()
+    assert written["lazy"].keys() == written["cpu"].keys()
+    for name, text in written["cpu"].items():
+        if name.suffix == ".csv":
+            pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "lazy" / name), pd.read_csv(tmp_path / "cpu" / name),
+                                          check_exact=False, rtol=1e-6, atol=1e-6)
+        else:
+            _assert_json_close(json.loads(written["lazy"][name]), json.loads(text), str(name))
+
+
+def _assert_json_close(got, want, where):
+    """JSON records equal, floats to 1e-5 (a gradient summed in another order differs in the last bits)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            _assert_json_close(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_json_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), where
+    else:
+        assert got == want, where
+
+
+def test_cli_device_names_are_checked(capsys):
+    from tl_mamba import cli
+
+    assert cli.main(["hooks", "toy-mamba", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["hooks", "toy-mamba", "--device", "cuda"]) == 2
+        assert "torch sees no CUDA GPU here" in capsys.readouterr().err

@@ -45,15 +45,35 @@ def _console():
     return Console(soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 120)
 
 
-def _load(model: str):
+def _device(name: str):
+    """``--device``: ``"auto"`` is CUDA where torch sees a GPU, else the CPU; any other name is
+    a torch device (``cpu``, ``cuda``, ``cuda:1``), refused by name where torch does not know it
+    or has no such GPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA GPU here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
+
+
+def _load(model: str, device: str = "auto"):
     import tl_mamba
     from tl_mamba import HookedMamba, HookedMambaConfig
 
+    device = _device(device)
     if model == "random":
         cfg = HookedMambaConfig(n_layers=4, d_model=64, d_vocab=256, d_state=16, seed=0, model_name="random-mamba")
-        return HookedMamba(cfg).eval()
+        return HookedMamba(cfg).to(device).eval()
     try:
-        return tl_mamba.from_pretrained(model).eval()
+        return tl_mamba.from_pretrained(model, device=device).eval()
     except (OSError, ValueError):
         import difflib
 
@@ -71,7 +91,7 @@ def cmd_hooks(args) -> int:
 
     from tl_mamba.hooks_doc import hook_table, size_symbols
 
-    model = _load(args.model)
+    model = _load(args.model, args.device)
     table = Table(title=f"hooks of {type(model).__name__} ({model.cfg.model_name})")
     for column in ("hook", "shape", "what"):
         table.add_column(column)
@@ -135,7 +155,7 @@ def cmd_demo(args) -> int:
     from tl_mamba.toy import make_ioi
 
     console = _console()
-    model = _load(args.model)
+    model = _load(args.model, args.device)
     _check_toy_vocabulary(model, args.model)
     out_dir = _writable_dir(args.out)  # once the inputs are known good: a failed run leaves no empty folder
     console.print(f"tl_mamba demo on {model.cfg.model_name}: {type(model).__name__}, "
@@ -270,7 +290,7 @@ def cmd_eval(args) -> int:
         except ValueError:
             raise UsageError(f"--lengths must be between {NEEDLE_MIN_LENGTH} and {NEEDLE_MAX_LENGTH} tokens, "
                              f"got {lengths}") from None
-    model = _load(args.model)
+    model = _load(args.model, args.device)
     _check_toy_vocabulary(model, args.model)
     rows = []
     for task in tasks:
@@ -305,7 +325,7 @@ def cmd_knockout(args) -> int:
     from tl_mamba.toy import make_dataset
     from tl_mamba.toy.tasks import Prompt
 
-    model = _load(args.model)
+    model = _load(args.model, args.device)
     if model.tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read prompts")
     if not 1 <= args.window <= model.cfg.n_layers:
@@ -471,7 +491,7 @@ def cmd_run(args) -> int:
     from rich.table import Table
 
     console = _console()
-    model = _load(args.model)
+    model = _load(args.model, args.device)
     if model.tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer, so it cannot read a text prompt")
     if args.top < 1:
@@ -542,7 +562,7 @@ def cmd_circuit(args) -> int:
             raise UsageError(f"--length must be between {NEEDLE_MIN_LENGTH} and {NEEDLE_MAX_LENGTH}, "
                              f"got {args.length}") from None
         task_options["length"] = args.length
-    model = _load(args.model)
+    model = _load(args.model, args.device)
     _check_toy_vocabulary(model, args.model)
     level = args.level
     if level == "auto":
@@ -744,6 +764,10 @@ def main(argv: Optional[list] = None) -> int:
     run.add_argument("prompt")
     run.add_argument("--top", type=int, default=10, help="next tokens to list (default 10)")
     run.set_defaults(func=cmd_run)
+    for command in (demo, hooks, evaluate, knockout, circuit, run):
+        command.add_argument("--device", default="auto",
+                             help="where the model runs: auto (CUDA where torch sees a GPU, else cpu), cpu, cuda, "
+                                  "cuda:1 ... (default auto)")
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad syntax
     shown, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
