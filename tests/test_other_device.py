@@ -8,7 +8,8 @@ another device; every op that mixes one with a CPU tensor raises, as CUDA would)
 result must equal the same call on the CPU model: forward, caches, hook edits, knockouts,
 gradients, generate, ablations, statistics by class, patching, EAP / EAP-IG / exact
 scores, ACDC, path patching, knockout attribution, SAE features, probes, hidden
-attention and information flow.
+attention and information flow; and every CLI command with ``--device``. Where there is a
+GPU the same workflows run on CUDA too (``benchmarks/run_gpu_session.sh`` runs them).
 """
 
 from __future__ import annotations
