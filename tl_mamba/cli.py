@@ -46,22 +46,20 @@ def _console():
 
 
 def _device(name: str):
-    """``--device``: ``"auto"`` is CUDA where torch sees a GPU, else the CPU; any other name is
-    a torch device (``cpu``, ``cuda``, ``cuda:1``), refused by name where torch does not know it
-    or has no such GPU."""
+    """``--device``: ``"auto"`` is CUDA where torch sees a GPU, else the CPU; any other name goes
+    through the loader's own check (:func:`tl_mamba.loading.check_device`), refused by name where
+    torch does not know it or this machine lacks it."""
     import torch
+
+    from tl_mamba.loading import check_device
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: torch sees no CUDA GPU here (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
-    return device
+        check_device(name)
+    except ValueError as err:
+        raise UsageError(f"--device {name!r}: {err}") from None
+    return torch.device(name)
 
 
 def _load(model: str, device: str = "auto"):

@@ -941,25 +941,24 @@ def loss_by_class(model, tokens: Tensor, classes: Mapping[str, TokenClass], *, b
 
 
 # ------------------------------------------------------------- needle harness
-def _takes_attention_mask(fn) -> bool:
+def _parameters(fn) -> list:
+    """``fn``'s parameters (empty where its signature cannot be read)."""
     import inspect
 
     try:
-        params = inspect.signature(fn).parameters.values()
+        return list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return False
-    return any(p.name == "attention_mask" or p.kind == p.VAR_KEYWORD for p in params)
+        return []
+
+
+def _takes_attention_mask(fn) -> bool:
+    return any(p.name == "attention_mask" or p.kind == p.VAR_KEYWORD for p in _parameters(fn))
 
 
 def _required_positional(fn) -> int:
     """How many positional parameters ``fn`` requires (0 where its signature cannot be read)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 0
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+               for p in _parameters(fn))
 
 
 def _hook_list(hooks, what: str) -> List[Hook]:
