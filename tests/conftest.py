@@ -16,9 +16,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # here, before anything else is imported. Set TRITON_INTERPRET=0 to compile on a GPU.
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["TRITON_INTERPRET"] = "1"
+# Under pytest-xdist (``-n 2``) each worker gets one thread, its subprocesses too: two
+# workers with two OpenMP threads each would oversubscribe a 2-core machine, where spin
+# contention makes tiny tensors up to 100x slower (see ``one_thread`` below).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)  # in case something imported torch before OMP_NUM_THREADS was set
 
 from tl_mamba import HookedMamba, HookedMambaConfig
 
