@@ -104,15 +104,23 @@ def test_information_flow_rows_equal_single_knockouts(toy, tmp_path):
             call(pooled, tmp_path / "again.png") if call is plot_information_flow else call(pooled)
 
 
-def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["one list", "per layer"])
+def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy, per_layer):
     """heads= (Mamba-2) / channels= (Mamba-1) knock out the edges in those features only: each row
     equals a forward of its prompt alone with hand-written hooks. Mamba-2: a hook on hook_ssm_mask
     zeroing subject → last in the chosen heads. Mamba-1 (whose mask has no channel axis): a hook on
     hook_y taking the chosen channels' subject terms α[last, j]·x_j out of y, with α written out from
-    the same forward's Δ, A, B and C (α = Σ_n C_i exp(A Σ_{k=j+1..i} Δ_k) Δ_j B_j)."""
+    the same forward's Δ, A, B and C (α = Σ_n C_i exp(A Σ_{k=j+1..i} Δ_k) Δ_j B_j). ``per_layer``:
+    the features given as ``{layer: features}``, other ones in each layer (keys negative from the end)."""
     prompts = make_dataset("facts", "heldout", 3, seed=4)
-    mamba2 = toy.cfg.family == "mamba2"
-    chosen = [1, 3] if mamba2 else list(range(0, toy.cfg.d_inner, 3))
+    mamba2, n_layers = toy.cfg.family == "mamba2", toy.cfg.n_layers
+
+    def chosen_in(layer):
+        if mamba2:
+            return sorted({layer % toy.cfg.n_heads, (layer + 3) % toy.cfg.n_heads}) if per_layer else [1, 3]
+        return list(range(layer % 3 if per_layer else 0, toy.cfg.d_inner, 3))
+
+    chosen = {layer - n_layers: chosen_in(layer) for layer in range(n_layers)} if per_layer else chosen_in(0)
     features = {"heads": chosen} if mamba2 else {"channels": chosen}
     df = information_flow(toy, prompts, window=2, sources=("subject",), batch_size=4, progress=False, **features)
     everything = information_flow(toy, prompts, window=2, sources=("subject",), batch_size=4, progress=False)
@@ -125,7 +133,7 @@ def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy):
         seen, hooks = {}, []
         for layer in row.layers:
             if mamba2:
-                def zero_edges(mask, hook):
+                def zero_edges(mask, hook, chosen=chosen_in(layer)):
                     mask = mask.clone()
                     for j in subject:
                         mask[:, chosen, last, j] = 0
@@ -135,7 +143,7 @@ def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy):
             for part in ("x", "delta", "B", "C"):
                 hooks.append((f"blocks.{layer}.hook_{part}", lambda act, hook: seen.update({hook.name: act})))
 
-            def remove_terms(y, hook, layer=layer):
+            def remove_terms(y, hook, layer=layer, chosen=chosen_in(layer)):
                 get = lambda part: seen[f"blocks.{layer}.hook_{part}"][0].double()  # [p, ...]
                 x, delta, B, C = (get(part)[:, chosen] if part in ("x", "delta") else get(part)
                                   for part in ("x", "delta", "B", "C"))
@@ -150,6 +158,16 @@ def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy):
         with torch.no_grad():
             logits = toy.run_with_hooks(tokens, fwd_hooks=hooks)
         assert row.p_ko == pytest.approx(float(logits[0, -1].softmax(-1)[answer]), rel=1e-4, abs=1e-6)
+    per_token = information_flow_per_token(toy, prompts[0], window=2, progress=False, **features)
+    assert per_token.shape == (toy.cfg.n_layers, toy.to_tokens(prompts[0].text).shape[1])
+    if per_layer:  # every window's layers need an entry; each layer must choose some
+        what = "heads" if mamba2 else "channels"
+        for bad, message in (({0: chosen_in(0)}, r"one entry for each of the knockout's layers .*have none"),
+                             ({**{layer: chosen_in(layer) for layer in range(n_layers)}, 0: []},
+                              "chooses no (head|channel) in layer 0")):
+            with pytest.raises(ValueError, match=message):
+                information_flow(toy, prompts, progress=False, **{what: bad})
+        return
     with pytest.raises(ValueError, match="channels= restricts a Mamba-1 knockout" if mamba2 else "heads= restricts"):
         information_flow(toy, prompts, **({"channels": [0]} if mamba2 else {"heads": [0]}), progress=False)
     with pytest.raises(tl_mamba.OutOfRangeError):
@@ -165,8 +183,6 @@ def test_information_flow_of_some_features_equals_a_hand_written_knockout(toy):
             information_flow(toy, prompts, window=1, sources=("subject",), path="conv", heads=[0], progress=False)
         partial = [w for w in caught if "B and C are convolved once per group" in str(w.message)]
         assert len(partial) == 1 and "the knockouts (path='conv'" in str(partial[0].message)
-    per_token = information_flow_per_token(toy, prompts[0], window=2, progress=False, **features)
-    assert per_token.shape == (toy.cfg.n_layers, toy.to_tokens(prompts[0].text).shape[1])
 
 
 def test_per_token_flow(toy, tmp_path):

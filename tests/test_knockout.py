@@ -204,6 +204,46 @@ def test_feature_restricted_knockout(family, path, route):
     assert (ours - full).abs().max() > 1e-6  # restricting the features changes the result
 
 
+@pytest.mark.parametrize("path", ["ssm", "conv", "both"])
+def test_per_layer_features(family, path, route):
+    """heads= / channels= as ``{layer: features}``: each layer knocks out in its own features (a
+    negative key counts from the end), as the brute-force union of one knockout per layer."""
+    model = make_model(family)
+    tokens = torch.randint(0, 50, (B, P), generator=torch.Generator().manual_seed(12))
+    per_layer = {0: [0, 1], -1: [2, 3]} if family == "mamba2" else {0: [0, 3, 5, 17], -1: [1, 2, 30]}
+    what = "heads" if family == "mamba2" else "channels"
+    ko = Knockout(layers=[0, 1], sources=[4, 6], targets=[-1, 7], path=path, **{what: per_layer})
+    with torch.no_grad():
+        ours = model.run_with_knockout(tokens, ko)
+    sources, targets = [[4, 6]] * B, [[8, 7]] * B
+    ref = reference_union(model, tokens, [([0], sources, targets, path, per_layer[0]),
+                                          ([1], sources, targets, path, per_layer[-1])])
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    for features in per_layer.values():  # not the same as either list in both layers
+        shared = reference_forward(model, tokens, [0, 1], sources, targets, path, features)
+        assert (ref - shared).abs().max() > 1e-6
+
+
+def test_a_mapping_where_a_list_is_read_is_refused():
+    """Read as a list, ``{layer: heads}`` gives its keys: heads={1: [0, 1]} would be head 1 in every
+    layer. Where one list is read (Knockout's layers and positions, knockout_attribution's and
+    patch_heads' heads, hidden_attention's heads), a mapping is refused by name."""
+    from tl_mamba.circuits import knockout_attribution, patch_heads
+
+    model = make_model("mamba2")
+    tokens = torch.randint(0, 50, (2, P), generator=torch.Generator().manual_seed(13))
+    metric = lambda logits: logits[:, -1, 0].sum()
+    for call, named in ((lambda: Knockout(layers={0: [1]}, sources=[0]), "Knockout layers"),
+                        (lambda: Knockout(layers=0, sources={0: [1]}), "Knockout sources"),
+                        (lambda: model.hidden_attention(tokens, 0, heads={0: [1]}), "heads"),
+                        (lambda: knockout_attribution(model, tokens, metric, heads={1: [0]}, progress=False),
+                         "knockout_attribution heads"),
+                        (lambda: patch_heads(model, tokens, tokens.flip(0), metric, heads={1: [0]}, progress=False),
+                         "heads")):
+        with pytest.raises(tl_mamba.NotAnIndexError, match=f"{named}: got a dict with keys .* read as a list it would"):
+            call()
+
+
 @pytest.mark.parametrize("path", ["ssm", "conv"])
 def test_per_row_masks(family, path, route):
     """[b, p] bool sources/targets: one different knockout per batch row in one forward."""
@@ -529,6 +569,12 @@ def test_hidden_attention_memory_guard():
         ("mamba1", dict(layers=0, sources=[20]), IndexError, "out of range"),
         ("mamba2", dict(layers=0, sources=[0], heads=[9]), IndexError, "heads"),
         ("mamba1", dict(layers=0, sources=torch.ones(5, dtype=torch.bool)), ValueError, "p = 9"),
+        # per-layer heads= / channels=: exactly the knockout's layers, each entry in range
+        ("mamba2", dict(layers=[0, 1], sources=[0], heads={0: [0]}), ValueError, r"layers \[1\] have none"),
+        ("mamba2", dict(layers=0, sources=[0], heads={0: [0], 1: [1]}), ValueError, r"keys \[1\] are not among"),
+        ("mamba2", dict(layers=0, sources=[0], heads={0: [0], -2: [1]}), ValueError, "layer 0 has two entries"),
+        ("mamba1", dict(layers=0, sources=[0], channels={2: [0]}), IndexError, r"layer keys \[2\] out of range"),
+        ("mamba2", dict(layers=[0, 1], sources=[0], heads={0: [0], 1: [9]}), IndexError, r"heads\[1\]"),
     ],
 )
 def test_bad_knockouts_raise_clearly(family, kwargs, error, message):

@@ -29,6 +29,22 @@ def check_index(value, size: int, what: str) -> int:
     return value % size
 
 
+def refuse_a_mapping(values, what: str, hint: str = "") -> None:
+    """:class:`NotAnIndexError` when ``values`` is a mapping (``{layer: heads}``) where a flat list
+    of indices is read. Iterated, a dict gives its keys, so ``heads={1: [0, 1], 2: [4, 5]}`` would
+    silently mean heads 1 and 2 in every layer. ``what`` names the argument; ``hint`` says what
+    to give instead (the functions that do read one list per layer, such as
+    ``zero_ablation_hooks``, take mappings before calling here)."""
+    from collections.abc import Mapping
+
+    if isinstance(values, Mapping):
+        keys = list(values)
+        shown = f"{keys[:6]}{' ...' if len(keys) > 6 else ''}"
+        raise NotAnIndexError(f"{what}: got a {type(values).__name__} with keys {shown}, which is not read per "
+                              f"key here: read as a list it would give its keys as the indices. "
+                              f"{hint or 'Give a list of indices.'}")
+
+
 def reusable(values):
     """``values`` as something to read more than once: a one-shot iterator (a generator) read
     into a list, anything else as it is. Index arguments are checked once and read again by each

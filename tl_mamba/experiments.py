@@ -17,13 +17,14 @@ own ``[b, p]`` source and target masks, so one forward runs many knockouts.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from tl_mamba.errors import OutOfRangeError, check_index, reusable
-from tl_mamba.knockout import Knockout, _feature_mask
+from tl_mamba.knockout import Knockout
 from tl_mamba.ops.precision import compute_dtype
 
 DEFAULT_SOURCES = ("subject", "relation", "first", "last", "context")
@@ -183,8 +184,10 @@ def _window_knockouts(n_layers: int, windows, row_windows: Sequence[int], row_so
         in_window = torch.tensor([layer in windows[w][1] for w in row_windows])
         sources = row_sources & in_window[:, None]
         if bool(sources.any()):
+            mine = {what: {layer: chosen[layer]} if isinstance(chosen, Mapping) else chosen  # (per layer)
+                    for what, chosen in (features or {}).items()}
             knockout = Knockout(layers=layer, sources=sources.to(device), targets=targets.to(device), path=path,
-                                **(features or {}))
+                                **mine)
             knockout._warned_partial_groups = True  # (_features warned once for the whole run)
             knockouts.append(knockout)
     return knockouts
@@ -197,12 +200,20 @@ def _features(model, heads, channels, path: str) -> dict:
     # (a generator read once here, as a list: every knockout of the run reads it again)
     features = {k: reusable(v) for k, v in (("heads", heads), ("channels", channels)) if v is not None}
     if features:
-        probe = Knockout(layers=0, sources=[0], targets=[0], path=path, **features)
-        probe._check_family(model.cfg)
-        for what, size in (("heads", model.cfg.n_heads), ("channels", model.cfg.d_inner)):
-            if what in features and not bool(_feature_mask(features[what], size, what).any()):  # (named)
-                raise ValueError(f"{what}={features[what]!r} chooses no {what[:-1]}: nothing would be knocked out")
-        probe.warn_if_partial_groups(model.cfg, subject=f"the knockouts (path={path!r}, {features})")
+        cfg = model.cfg
+        # a per-layer mapping needs an entry for every layer: the windows cover them all
+        per_layer = any(isinstance(chosen, Mapping) for chosen in features.values())
+        probe = Knockout(layers=list(range(cfg.n_layers)) if per_layer else 0, sources=[0], targets=[0], path=path,
+                         **features)
+        probe._check_family(cfg)
+        (what, chosen), = features.items()
+        for layer in probe.resolved_layers(cfg.n_layers):
+            if not bool(probe.features(cfg, layer).any()):
+                where = f" in layer {layer}" if per_layer else ""
+                raise ValueError(f"{what}={chosen!r} chooses no {what[:-1]}{where}: nothing would be knocked out")
+        probe.warn_if_partial_groups(cfg, subject=f"the knockouts (path={path!r}, {features})")
+        if per_layer:
+            features = {what: probe._per_layer_features(cfg)}  # (keys resolved: negative ones counted from the end)
     return features
 
 
@@ -249,8 +260,9 @@ def information_flow(
         path: ``"ssm"``, ``"conv"`` or ``"both"`` (see ``Knockout``).
         batch_size: rows per forward; a row is one (prompt, window, class).
         heads, channels: knock out only in these Mamba-2 heads / Mamba-1 channels (as
-            ``Knockout``'s: ints or a bool mask), e.g. the fast- or slow-decay features of
-            :func:`features_by_decay`. None: all.
+            ``Knockout``'s: ints or a bool mask, or a mapping ``{layer: heads}`` with an entry
+            for every layer), e.g. the fast- or slow-decay features of
+            :func:`features_by_decay`, one layer's or each layer's own. None: all.
 
     Returns:
         A pandas DataFrame, one row per (prompt, layer, source): ``prompt``, ``layer``

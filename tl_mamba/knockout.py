@@ -42,13 +42,14 @@ their edges: knockouts of one layer that share edges are split into disjoint pie
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, reusable
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, refuse_a_mapping, reusable
 from tl_mamba.models.tokens import padding_hit
 from tl_mamba.ops.conv import causal_conv1d
 from tl_mamba.ops.knockout import EdgeRemoval, disjoint_removals, outside
@@ -66,6 +67,14 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
     """
     unit = "positions" if what in ("sources", "targets") else what
     or_mask = " or a bool mask" if mask_ok else ""
+    if owner == "Knockout" and what == "layers":
+        hint = ("Give the layers as a list; for other heads or channels in other layers, give the mapping as "
+                "heads= / channels=: Knockout(layers=list(per_layer), heads=per_layer, ...).")
+    elif what in ("heads", "channels"):
+        hint = f"Give one list of {unit}; for other {unit} in other layers, call once per layer."
+    else:
+        hint = f"Give a list of {unit}{or_mask}."
+    refuse_a_mapping(values, f"{owner} {what}", hint)
     if hasattr(values, "tolist") and not isinstance(values, Tensor):  # numpy arrays and scalars
         values = values.tolist()
     if isinstance(values, Tensor):
@@ -89,6 +98,13 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
                                   f"{type(v).__name__}{hint}")
         out.append(int(v))
     return out
+
+
+def _check_index_type(given, what: str) -> None:
+    """The types of ``sources`` / ``targets`` / ``heads`` / ``channels`` (their ranges and repeats
+    are checked when the sizes are known): None, a bool mask, or what :func:`_index_list` reads."""
+    if given is not None and not (isinstance(given, Tensor) and given.dtype == torch.bool):
+        _index_list(given, what)
 
 
 def _refuse_an_int_mask(given: List[int], size: int, what: str, unit: str, owner: str = "Knockout") -> None:
@@ -182,6 +198,9 @@ class Knockout:
         heads: Mamba-2 only: restrict to these heads (ints, or a bool mask ``[h]``).
         channels: Mamba-1 only: restrict to these d_inner channels (ints, or a bool
             mask ``[e]``). An empty list of heads or channels removes nothing (with a warning).
+            Either may be a mapping ``{layer: heads}`` that gives each layer its own (say, each
+            layer's fast-decay features from ``tl_mamba.experiments.features_by_decay``): its keys
+            must be exactly ``layers`` (negative keys count from the end, as layers do).
 
     Positions are columns of the batch as the model sees it, padding included: in a
     left-padded batch ``sources=[0]`` is the pad column of every padded row, not that
@@ -201,8 +220,8 @@ class Knockout:
     sources: Positions
     targets: Positions = -1
     path: str = "ssm"
-    heads: Optional[Sequence[int]] = None
-    channels: Optional[Sequence[int]] = None
+    heads: Optional[Union[Sequence[int], Tensor, Mapping]] = None
+    channels: Optional[Union[Sequence[int], Tensor, Mapping]] = None
     _layers: Tuple[int, ...] = field(init=False, repr=False, default=())
     _warned_no_edges: bool = field(init=False, repr=False, compare=False, default=False)
     _warned_padding: bool = field(init=False, repr=False, compare=False, default=False)
@@ -218,9 +237,14 @@ class Knockout:
         # the types now (floats, bools in a list); ranges and repeats when the sizes are known
         for what in ("sources", "targets", "heads", "channels"):
             given = reusable(getattr(self, what))  # (a generator: kept as a list, or the check would use it up)
+            if what in ("heads", "channels") and isinstance(given, Mapping):  # one list per layer
+                keys = _index_list(list(given), f"{what} keys (layers)", mask_ok=False)
+                given = {key: reusable(value) for key, value in zip(keys, given.values())}
+                for key, value in given.items():
+                    _check_index_type(value, f"{what}[{key}]")
+            else:
+                _check_index_type(given, what)
             setattr(self, what, given)
-            if given is not None and not (isinstance(given, Tensor) and given.dtype == torch.bool):
-                _index_list(given, what)
         layers = _index_list(self.layers, "layers", mask_ok=False)
         if not layers:
             raise ValueError("Knockout needs at least one layer")
@@ -254,9 +278,46 @@ class Knockout:
             raise ValueError("heads= restricts a Mamba-2 knockout; for Mamba-1 use channels= (d_inner channels)")
         if cfg.family == "mamba2" and self.channels is not None:
             raise ValueError("channels= restricts a Mamba-1 knockout; for Mamba-2 use heads=")
+        self._per_layer_features(cfg)
 
-    def removal(self, cfg, b: int, p: int, device=None) -> EdgeRemoval:
-        """This knockout's SSM edges for a batch of ``b`` sequences of ``p`` tokens.
+    def _per_layer_features(self, cfg) -> Optional[dict]:
+        """A per-layer ``heads=`` / ``channels=`` mapping with its keys resolved (``{layer: chosen}``),
+        checked to name exactly this knockout's layers; None when one choice serves every layer."""
+        what = "heads" if cfg.family == "mamba2" else "channels"
+        chosen = getattr(self, what)
+        if not isinstance(chosen, Mapping):
+            return None
+        n_layers = cfg.n_layers
+        bad = [key for key in chosen if not -n_layers <= key < n_layers]
+        if bad:
+            raise OutOfRangeError(f"Knockout {what}: layer keys {bad} out of range: the model has {n_layers} layers")
+        resolved = {}
+        for key, value in chosen.items():
+            if key % n_layers in resolved:
+                raise ValueError(f"Knockout {what}: layer {key % n_layers} has two entries (keys "
+                                 f"{[k for k in chosen if k % n_layers == key % n_layers]})")
+            resolved[key % n_layers] = value
+        layers = self.resolved_layers(n_layers)
+        missing, extra = [l for l in layers if l not in resolved], sorted(set(resolved) - set(layers))
+        if missing or extra:
+            raise ValueError(f"Knockout {what}: a per-layer mapping needs one entry for each of the knockout's layers "
+                             f"{layers}; " + "; ".join(
+                                 ([f"layers {missing} have none"] if missing else []) +
+                                 ([f"keys {extra} are not among them"] if extra else [])))
+        return resolved
+
+    def features(self, cfg, layer: int, device=None) -> Optional[Tensor]:
+        """``heads=`` (Mamba-2) / ``channels=`` (Mamba-1) in ``layer`` (resolved, 0..n_layers-1) as a
+        float mask ``[h]`` / ``[e]``; None: every feature."""
+        what, size = ("heads", cfg.n_heads) if cfg.family == "mamba2" else ("channels", cfg.d_inner)
+        per_layer = self._per_layer_features(cfg)
+        if per_layer is None:
+            return _feature_mask(getattr(self, what), size, what, device)
+        return _feature_mask(per_layer[layer], size, f"{what}[{layer}]", device)
+
+    def removal(self, cfg, b: int, p: int, device=None, layer: Optional[int] = None) -> EdgeRemoval:
+        """This knockout's SSM edges in ``layer`` for a batch of ``b`` sequences of ``p`` tokens
+        (``layer`` matters only for per-layer ``heads=`` / ``channels=``).
 
         Positions given as ints (or masks on the CPU) are resolved on the host, which
         also gives the removal its host-side position lists: on a GPU, the knockout then
@@ -268,10 +329,9 @@ class Knockout:
         target_positions = None if host_targets is None else host_targets.any(0).nonzero()[:, 0]
         if host_sources is not None and host_targets is not None:
             self.warn_if_no_edges(host_sources, host_targets)
-        if cfg.family == "mamba2":
-            features = _feature_mask(self.heads, cfg.n_heads, "heads", device)
-        else:
-            features = _feature_mask(self.channels, cfg.d_inner, "channels", device)
+        if layer is None and self._per_layer_features(cfg) is not None:
+            raise ValueError(f"{self!r}: its features differ by layer, so its removal needs the layer")
+        features = self.features(cfg, layer, device)
         return EdgeRemoval(sources=sources.float(), targets=targets.float(), features=features,
                            source_positions=source_positions, target_positions=target_positions)
 
@@ -321,17 +381,18 @@ class Knockout:
         """Warn (once per Knockout, like :meth:`warn_if_no_edges`) when ``heads=`` / ``channels=``
         chooses no feature, so that the knockout removes nothing; check their ranges."""
         what = "heads" if cfg.family == "mamba2" else "channels"
-        chosen = getattr(self, what)
-        if chosen is None:
+        if getattr(self, what) is None or self._warned_no_features:
             return
-        features = _feature_mask(chosen, cfg.n_heads if what == "heads" else cfg.d_inner, what)
-        if self._warned_no_features or bool(features.any()):
+        layers = self.resolved_layers(cfg.n_layers)
+        empty = [layer for layer in layers if not bool(self.features(cfg, layer).any())]
+        if not empty:
             return
         import warnings
 
         self._warned_no_features = True
-        warnings.warn(f"{self!r} removes no edges: {what}= chooses no {what[:-1]} (an empty list or an all-False "
-                      f"mask); pass {what}=None for every {what[:-1]}.", UserWarning, stacklevel=3)
+        where = "" if self._per_layer_features(cfg) is None else f" in layers {empty}"
+        warnings.warn(f"{self!r} removes no edges{where}: {what}= chooses no {what[:-1]} (an empty list or an "
+                      f"all-False mask); pass {what}=None for every {what[:-1]}.", UserWarning, stacklevel=3)
 
     def warn_if_partial_groups(self, cfg, subject: Optional[str] = None) -> None:
         """Warn (once per Knockout) when a Mamba-2 conv-path knockout's ``heads=`` chooses some but
@@ -342,9 +403,12 @@ class Knockout:
         (default this Knockout's repr; a run of many knockouts warns once in their name)."""
         if cfg.family != "mamba2" or self.heads is None or self.path == "ssm" or self._warned_partial_groups:
             return
-        chosen = _feature_mask(self.heads, cfg.n_heads, "heads").view(cfg.n_groups, -1)  # [g, heads per group]
-        partial = [g for g in range(cfg.n_groups) if 0 < float(chosen[g].sum()) < chosen.shape[1]]
-        if not partial:
+        for layer in self.resolved_layers(cfg.n_layers):
+            chosen = self.features(cfg, layer).view(cfg.n_groups, -1)  # [g, heads per group]
+            partial = [g for g in range(cfg.n_groups) if 0 < float(chosen[g].sum()) < chosen.shape[1]]
+            if partial:
+                break
+        else:
             return
         import warnings
 
@@ -399,9 +463,9 @@ class Knockout:
         hooks: List[Tuple[str, object]] = []
         for layer in self.resolved_layers(cfg.n_layers):
             if self.path in ("ssm", "both"):
-                hooks.append((f"blocks.{layer}.hook_ssm_mask", SSMMaskKnockoutHook(self, cfg)))
+                hooks.append((f"blocks.{layer}.hook_ssm_mask", SSMMaskKnockoutHook(self, cfg, layer)))
             if self.path in ("conv", "both"):
-                hooks.append((f"blocks.{layer}.hook_conv", ConvKnockoutHook(self, cfg, model.blocks[layer])))
+                hooks.append((f"blocks.{layer}.hook_conv", ConvKnockoutHook(self, cfg, model.blocks[layer], layer)))
         return hooks
 
 
@@ -412,11 +476,11 @@ class SSMMaskKnockoutHook:
     hooked only by such hooks skips building the mask (see ``structured_removals``).
     """
 
-    def __init__(self, knockout: Knockout, cfg):
-        self.knockout, self.cfg = knockout, cfg
+    def __init__(self, knockout: Knockout, cfg, layer: int):
+        self.knockout, self.cfg, self.layer = knockout, cfg, layer
 
     def removal(self, b: int, p: int, device) -> EdgeRemoval:
-        return self.knockout.removal(self.cfg, b, p, device)
+        return self.knockout.removal(self.cfg, b, p, device, self.layer)
 
     def writes_mask(self) -> bool:
         """Whether this knockout can be written into the mask: not a Mamba-1 ``channels=``
@@ -526,17 +590,16 @@ def run_hook_conv(hook_point, conv: Tensor, conv_input: Tensor) -> Tensor:
 class ConvKnockoutHook:
     """The conv path of a Knockout: a hook on ``hook_conv`` that removes the source taps."""
 
-    def __init__(self, knockout: Knockout, cfg, block):
-        self.knockout, self.cfg, self.block = knockout, cfg, block
+    def __init__(self, knockout: Knockout, cfg, block, layer: int):
+        self.knockout, self.cfg, self.block, self.layer = knockout, cfg, block, layer
 
     def channel_mask(self, n_channels: int, device) -> Optional[Tensor]:
         """Which conv channels lose their taps: all, Mamba-1 ``channels``, or Mamba-2 ``heads``."""
         cfg, ko = self.cfg, self.knockout
-        if cfg.family == "mamba1":
-            return _feature_mask(ko.channels, n_channels, "channels", device)
-        if ko.heads is None:
-            return None
-        heads = _feature_mask(ko.heads, cfg.n_heads, "heads", device)
+        features = ko.features(cfg, self.layer, device)
+        if cfg.family == "mamba1" or features is None:
+            return features
+        heads = features
         x_channels = heads.repeat_interleave(cfg.d_head)  # [e]
         # B and C are shared by a group's heads: only groups whose heads are all chosen lose their taps
         whole_groups = heads.view(cfg.n_groups, -1).min(-1).values  # [g]

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from tl_mamba.circuits.graph import check_channel_group_count
-from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index
+from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, check_index, refuse_a_mapping
 from tl_mamba.models.tokens import padding_hit
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
@@ -199,6 +199,7 @@ def check_indices(values: IndexSpec, size: int, what: str) -> List[int]:
     """``values`` (None = all, an int, ints, a range, an int or bool tensor) as ints in ``[0, size)``."""
     if values is None:
         return list(range(size))
+    refuse_a_mapping(values, what, f"Give one list of {what}; for other {what} in other layers, call once per layer.")
     if type(values).__module__ == "numpy":  # an array (np.argsort(x)[-10:], a bool mask) or a numpy scalar
         values = torch.as_tensor(values)
     if isinstance(values, Tensor):
