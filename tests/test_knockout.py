@@ -661,6 +661,7 @@ def test_a_mask_on_another_device_than_the_scan_is_named(family, form):
 @pytest.mark.parametrize("kwargs, warns", [
     (dict(sources=[-1], targets=[2]), True),  # swapped: the source comes after the target
     (dict(sources=[], targets=[-1]), True),
+    (dict(sources=torch.zeros(9, dtype=torch.bool), targets=[-1], path="conv"), True),
     (dict(sources=[0], targets=[-1], path="conv"), True),  # outside the conv window
     (dict(sources=[0], targets=[-1], path="both"), False),  # the SSM path has the edge
     (dict(sources=[-3], targets=[-1], path="conv"), False),
@@ -678,10 +679,13 @@ def test_knockout_that_removes_nothing_warns_once(kwargs, warns):
         model.run_with_knockout(tokens, ko)
     ours = [w for w in caught if "removes no edges" in str(w.message)]
     assert len(ours) == (1 if warns else 0)
-    if warns:  # the hint fits the cause: a conv window too short, or no source before a target
-        too_far = kwargs.get("path") == "conv" and kwargs["sources"]
-        assert ("more than 3 positions before every target" in str(ours[0].message)) == bool(too_far)
-        assert ("swapped" in str(ours[0].message)) != bool(too_far)
+    if warns:  # the hint fits the cause: no sources, a conv window too short, or no source before a target
+        sources = kwargs["sources"]
+        none = not bool(sources.any()) if isinstance(sources, torch.Tensor) else not sources
+        too_far = kwargs.get("path") == "conv" and not none
+        assert ("it has no sources" in str(ours[0].message)) == none
+        assert ("more than 3 positions before every target" in str(ours[0].message)) == too_far
+        assert ("swapped" in str(ours[0].message)) == (not too_far and not none)
     # the warning is about something real: the logits moved exactly when it stays silent
     assert torch.equal(knocked, model(tokens)) == warns
 

@@ -305,6 +305,13 @@ def test_several_hooks_in_one_pass_give_each_hook_its_own_activations_and_probe(
         alone_probe = linear_probe(model, hook, tokens, labels, attention_mask=mask, seed=2)
         assert probes[hook].hook == hook and torch.equal(probes[hook].test_rows, alone_probe.test_rows)
         torch.testing.assert_close(probes[hook].weight, alone_probe.weight)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # in a sweep, a fit's warning names its hook
+        warnings.simplefilter("always")
+        linear_probe(model, hooks, tokens, labels, attention_mask=mask, seed=2, max_iter=1, l2=1e-6)
+    stopped = [str(w.message) for w in caught if "before its gradient tolerance" in str(w.message)]
+    assert sorted(message.split(":")[0] for message in stopped) == sorted(hooks)
     with pytest.raises(ValueError, match="non-empty list"):
         probe_activations(model, [], tokens)
 

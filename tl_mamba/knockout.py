@@ -366,7 +366,10 @@ class Knockout:
         import warnings
 
         self._warned_no_edges = True
-        if window is not None and bool((targets.bool() & (before > 0)).any()):
+        empty = [what for what, chosen in (("sources", sources), ("targets", targets)) if not bool(chosen.any())]
+        if empty:
+            why = f"it has no {' and no '.join(empty)} (an empty list, or an all-False mask)."
+        elif window is not None and bool((targets.bool() & (before > 0)).any()):
             # sources do precede targets, only too far back for the conv's taps
             why = (f"every source is more than {window - 1} positions before every target, and the conv "
                    f"(d_conv = {window}) carries a token only {window - 1} positions forward. On the conv path "

@@ -572,6 +572,9 @@ def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders
     these positions only (the receivers read the senders' corrupted outputs there, their own
     run's elsewhere), as Wang et al. patch at the S2 or END token. They are columns of the
     prompts, which must then all have one length ``p`` (a positional graph's ``n_pos``).
+
+    Empty ``senders`` (or ``receivers``) patch nothing: the clean run's metric, the base case of
+    a loop over growing sender sets.
     """
     n_pos = None
     if positions is not None:
@@ -582,11 +585,11 @@ def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders
             raise TypeError(f"{what} must be a list of node names, got the string {names!r} (wrap it: [{names!r}])")
         known = {getattr(e, side) for e in graph.edges.values() if e.kind == "resid"}
         unknown = [n for n in names if n not in known]
-        if unknown or not names:
-            raise ValueError(f"{what} {unknown or '[]'}: not {what} of this {level}-level graph; its {what} are "
+        if unknown:
+            raise ValueError(f"{what} {unknown}: not {what} of this {level}-level graph; its {what} are "
                              f"{sorted(known, key=graph.nodes.index)}")
     paths = [e for e in graph.edges.values() if e.kind == "resid" and e.parent in senders and e.child in receivers]
-    if not paths:
+    if not paths and len(senders) and len(receivers):  # (none given: nothing to patch, the clean run)
         raise ValueError(f"no residual path from {list(senders)} to {list(receivers)}: every sender comes after "
                          "every receiver")
     where = () if n_pos is None else (check_indices(positions, n_pos, "positions"),)

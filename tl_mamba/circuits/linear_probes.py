@@ -227,14 +227,20 @@ def linear_probe(model, hook: Union[str, Sequence[str]], tokens: Tensor, labels,
     acts = probe_activations(model, hook, tokens, positions, attention_mask=attention_mask, batch_size=batch_size,
                              quiet=quiet)
     if isinstance(acts, Tensor):
+        return _fit_at(hook, acts, labels, fit)
+    return {name: _fit_at(name, site, labels, fit) for name, site in acts.items()}
+
+
+def _fit_at(hook: str, acts: Tensor, labels: Tensor, fit: dict) -> LinearProbe:
+    """:func:`fit_probe` of ``hook``'s activations, its warnings naming the hook (in a layer
+    sweep, "L-BFGS stopped after max_iter" alone does not say which probe)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         probe = fit_probe(acts, labels, **fit)
-        probe.hook = hook
-        return probe
-    probes = {}
-    for name, site in acts.items():
-        probes[name] = fit_probe(site, labels, **fit)
-        probes[name].hook = name
-    return probes
+    for warning in caught:
+        warnings.warn(f"{hook}: {warning.message}", warning.category, stacklevel=caller_stacklevel())
+    probe.hook = hook
+    return probe
 
 
 def fit_probe(acts: Tensor, labels, *, test_fraction: float = 0.25, l2: float = 1e-3, seed: int = 0,
