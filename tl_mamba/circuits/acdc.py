@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_mamba.circuits.progress import hide_progress
 from tl_mamba.circuits.eap import (
     _corrupted_activations,
     _patched_logits,
@@ -58,7 +59,7 @@ def acdc_order(graph: Graph) -> List[Tuple[int, ...]]:
 
 def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable] = "kl", threshold: float = 0.01,
          *, labels=None, batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-         quiet: bool = False) -> Graph:
+         quiet: Optional[bool] = None, progress: Optional[bool] = None) -> Graph:
     """Prune ``graph`` with ACDC (explained after the Args); returns the same graph.
 
     Args:
@@ -82,6 +83,7 @@ def acdc(model, graph: Graph, clean, corrupted=None, metric: Union[str, Callable
         output); ``skipped`` counts them, and their score stays 0. Holds every batch's
         corrupted activations at the senders' and internal edges' hooks for the whole search.
     """
+    quiet = hide_progress(quiet, progress, False)
     if isinstance(threshold, Tensor) and threshold.numel() == 1:
         threshold = threshold.item()  # (a 0-d tensor, as numpy scalars below, is a number too)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not float(threshold) >= 0:

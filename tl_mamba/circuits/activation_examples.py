@@ -44,6 +44,7 @@ from typing import Callable, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.circuits.progress import hide_progress
 from tl_mamba.circuits.ablation import TokenClass, _real_positions, check_batch_size, token_class_mask
 from tl_mamba.circuits.feature_attribution import _encode, _flat, _one_slice
 from tl_mamba.circuits.patching import check_indices
@@ -169,7 +170,7 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
                     largest: bool = True, threshold: Optional[float] = None, max_per_prompt: Optional[int] = None,
                     context: Union[int, Tuple[int, int]] = (12, 4), ignore: Optional[TokenClass] = "bos",
                     attention_mask: Optional[Tensor] = None, batch_size: int = 16,
-                    quiet: bool = False) -> TopActivations:
+                    quiet: Optional[bool] = None, progress: Optional[bool] = None) -> TopActivations:
     """The ``k`` positions of ``dataset`` where each feature of ``hook`` is largest; see the module
     :mod:`tl_mamba.circuits.activation_examples`.
 
@@ -198,11 +199,12 @@ def top_activations(model, hook: str, dataset, encoder: Encoder = None, *, featu
         attention_mask: ``[N, p]`` (1 = real token) for a token tensor ``dataset``; None: the
             padding inferred as the module says.
         batch_size: prompts per forward (for a tensor or a list of strings).
-        quiet: no progress bar.
+        quiet / progress: hide / show the progress bar (either spelling; ``tl_mamba.circuits.progress``).
 
     Returns:
         :class:`TopActivations`, on the CPU.
     """
+    quiet = hide_progress(quiet, progress, False)
     from tqdm.auto import tqdm
 
     layer = _check_hook(model, hook)

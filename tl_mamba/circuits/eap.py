@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_mamba.circuits.progress import hide_progress
 from tl_mamba.circuits.graph import Graph, graph_family
 from tl_mamba.circuits.patching import check_indices
 from tl_mamba.ops.precision import upcast
@@ -341,7 +342,8 @@ def _run_cached(model, tokens: Tensor, names: Sequence[str], attention_mask: Opt
 # ---------------------------------------------------------------------- attribution
 def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = None, method: str = "EAP",
               ig_steps: Optional[int] = None, *, labels=None, batch_size: Optional[int] = None,
-              attention_mask: Optional[Tensor] = None, quiet: bool = False) -> Graph:
+              attention_mask: Optional[Tensor] = None, quiet: Optional[bool] = None,
+              progress: Optional[bool] = None) -> Graph:
     """Score every edge of ``graph`` in place (``graph.scores``) and return the graph.
 
     Args:
@@ -355,6 +357,7 @@ def attribute(model, graph: Graph, clean, corrupted=None, metric: Callable = Non
     Scores estimate ``metric(edge patched to corrupted) - metric(clean)``, averaged over prompts.
     A metric value that is NaN or infinite raises ``ValueError`` (every score would be NaN).
     """
+    quiet = hide_progress(quiet, progress, False)
     if metric is None:
         raise TypeError("attribute() needs a metric: metric(logits) or metric(logits, labels)")
     steps = method_steps(method, ig_steps)
@@ -529,11 +532,12 @@ def _patched_logits(model, graph: Graph, wiring: "_Wiring", clean_tokens: Tensor
 
 def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable = None, *, labels=None,
                    batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-                   quiet: bool = False) -> Tensor:
+                   quiet: Optional[bool] = None, progress: Optional[bool] = None) -> Tensor:
     """The metric of the circuit: clean runs with every edge outside the graph patched to
     its corrupted value. Returns per-prompt values ``[N]`` (a scalar metric's batch value is
     given to each of its prompts), in the metric's own dtype, at least float32 (float64 for a
     float64 model's logits)."""
+    quiet = hide_progress(quiet, progress, False)
     if metric is None:
         raise TypeError("evaluate_graph() needs a metric")
     out: List[Tensor] = []
@@ -549,7 +553,8 @@ def evaluate_graph(model, graph: Graph, clean, corrupted=None, metric: Callable 
 def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders: Sequence[str],
                receivers: Sequence[str], level: str = "layer", channel_groups: Optional[int] = None,
                positions=None, labels=None, batch_size: Optional[int] = None,
-               attention_mask: Optional[Tensor] = None, quiet: bool = False) -> Tensor:
+               attention_mask: Optional[Tensor] = None, quiet: Optional[bool] = None,
+               progress: Optional[bool] = None) -> Tensor:
     """Path patching (Wang et al., 2022): the metric of the clean run in which the ``receivers``
     read the ``senders``' corrupted outputs along their direct residual paths, every other edge
     as in this run. Per prompt, ``[N]``.
@@ -576,6 +581,7 @@ def path_patch(model, clean, corrupted=None, metric: Callable = None, *, senders
     Empty ``senders`` (or ``receivers``) patch nothing: the clean run's metric, the base case of
     a loop over growing sender sets.
     """
+    quiet = hide_progress(quiet, progress, False)
     n_pos = None
     if positions is not None:
         n_pos = _prompt_length(clean)
@@ -616,11 +622,13 @@ def _prompt_length(clean) -> int:
 
 def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, run_corrupted: bool = False,
                       labels=None, batch_size: Optional[int] = None,
-                      attention_mask: Optional[Tensor] = None, quiet: bool = True) -> Tensor:
+                      attention_mask: Optional[Tensor] = None, quiet: Optional[bool] = None,
+                      progress: Optional[bool] = None) -> Tensor:
     """The metric of the unpatched model on the clean prompts (or the corrupted ones), per prompt ``[N]``.
 
-    ``quiet`` is taken so that the keyword arguments of :func:`evaluate_graph` and
+    ``quiet`` / ``progress`` are taken so that the keyword arguments of :func:`evaluate_graph` and
     :func:`faithfulness` serve here too; one forward per batch shows no progress bar."""
+    hide_progress(quiet, progress, True)  # (checked only: they must not contradict each other)
     if metric is None:
         raise TypeError("evaluate_baseline() needs a metric")
     out: List[Tensor] = []
@@ -637,7 +645,8 @@ def evaluate_baseline(model, clean, corrupted=None, metric: Callable = None, *, 
 
 
 def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = None, *, labels=None,
-                 batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None, quiet: bool = False,
+                 batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+                 quiet: Optional[bool] = None, progress: Optional[bool] = None,
                  baselines: Optional[Tuple[float, float]] = None) -> float:
     """``(circuit - corrupted) / (clean - corrupted)`` of the mean metric: 1 for the full graph,
     0 for the empty one.
@@ -646,6 +655,7 @@ def faithfulness(model, graph: Graph, clean, corrupted=None, metric: Callable = 
     known (from :func:`evaluate_baseline`); a faithfulness curve over many graphs then runs
     the two unpatched baselines once instead of once per graph.
     """
+    quiet = hide_progress(quiet, progress, False)
     return circuit_faithfulness(
         model, lambda clean, corrupted, **kw: evaluate_graph(model, graph, clean, corrupted, metric, quiet=quiet, **kw),
         clean, corrupted, metric, labels=labels, batch_size=batch_size, attention_mask=attention_mask,

@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_mamba.circuits.progress import hide_progress
 from tl_mamba.circuits.eap import _metric_values, _score_dtype, count_batches, iter_batches, method_steps
 from tl_mamba.circuits.patching import _MAMBA2_HEAD_HOOKS as PER_HEAD_HOOKS  # [b, p, h, hd] and hook_h
 from tl_mamba.errors import caller_stacklevel
@@ -124,12 +125,14 @@ FREQUENCY_UNITS = ("tokens", "prompts")
 def feature_attribution(model, saes: Mapping[str, object], clean, corrupted=None, metric: Callable = None,
                         method: str = "EAP", ig_steps: Optional[int] = None, *, labels=None,
                         batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-                        per_position: bool = False, quiet: bool = False) -> Dict[str, FeatureScores]:
+                        per_position: bool = False, quiet: Optional[bool] = None,
+                        progress: Optional[bool] = None) -> Dict[str, FeatureScores]:
     """Score every feature of every SAE in ``saes`` (``{hook name: sae}``), as explained after the Returns.
 
     Returns:
         ``{hook name: FeatureScores}``.
     """
+    quiet = hide_progress(quiet, progress, False)
     if metric is None:
         raise TypeError("feature_attribution() needs a metric: metric(logits) or metric(logits, labels)")
     steps = method_steps(method, ig_steps, METHODS)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_mamba.circuits.progress import hide_progress
 from tl_mamba.circuits.eap import (_per_prompt, circuit_faithfulness, count_batches, iter_batches, mean_baselines,
                                    read_once)
 from tl_mamba.circuits.feature_attribution import FeatureScores, _encode, _flat, _sae_parts, _sae_setting, check_saes
@@ -45,7 +46,7 @@ Kept = Mapping[str, Sequence[int]]
 def evaluate_features(model, saes: Mapping[str, object], kept: Kept, clean, corrupted=None,
                       metric: Callable = None, *, keep_error: bool = False, labels=None,
                       batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-                      quiet: bool = False) -> Tensor:
+                      quiet: Optional[bool] = None, progress: Optional[bool] = None) -> Tensor:
     """Per-prompt metric ``[N]`` of the clean prompts with only the ``kept`` features clean.
 
     Args:
@@ -57,6 +58,7 @@ def evaluate_features(model, saes: Mapping[str, object], kept: Kept, clean, corr
         clean, corrupted, metric, labels, batch_size, attention_mask: as in
             :func:`~tl_mamba.circuits.evaluate_graph`.
     """
+    quiet = hide_progress(quiet, progress, False)
     if metric is None:
         raise TypeError("evaluate_features() needs a metric")
     saes, kept_indices = _check_kept(model, saes, kept)
@@ -93,9 +95,11 @@ def evaluate_features(model, saes: Mapping[str, object], kept: Kept, clean, corr
 def feature_faithfulness(model, saes: Mapping[str, object], kept: Kept, clean, corrupted=None,
                          metric: Callable = None, *, keep_error: bool = False, labels=None,
                          batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-                         baselines: Optional[Tuple[float, float]] = None, quiet: bool = False) -> float:
+                         baselines: Optional[Tuple[float, float]] = None, quiet: Optional[bool] = None,
+                         progress: Optional[bool] = None) -> float:
     """``(circuit - corrupted) / (clean - corrupted)`` of the mean metric, the circuit being
     :func:`evaluate_features` of ``kept``; ``baselines`` = ``(clean, corrupted)`` means when known."""
+    quiet = hide_progress(quiet, progress, False)
     if metric is None:
         raise TypeError("feature_faithfulness() needs a metric")
     return circuit_faithfulness(

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from tl_mamba.circuits.progress import hide_progress
 from tl_mamba.circuits.ablation import _device_tokens, check_batch_size
 from tl_mamba.circuits.activation_examples import _check_hook, _real_tokens
 from tl_mamba.errors import NotAnIndexError, OutOfRangeError, caller_stacklevel, reusable
@@ -139,7 +140,8 @@ class LinearProbe:
 
 def probe_activations(model, hook: Union[str, Sequence[str]], tokens: Tensor, positions: Union[int, Tensor] = -1,
                       *, attention_mask: Optional[Tensor] = None, batch_size: int = 32,
-                      quiet: bool = True) -> Union[Tensor, Dict[str, Tensor]]:
+                      quiet: Optional[bool] = None,
+                      progress: Optional[bool] = None) -> Union[Tensor, Dict[str, Tensor]]:
     """``hook`` (any hook with a position axis) at one position of each prompt: ``[N, *act
     shape]``, on the model's device; for a list of hooks (every layer's ``hook_h``, say), a dict
     ``{hook: [N, *act shape]}`` from the same forward passes.
@@ -156,8 +158,9 @@ def probe_activations(model, hook: Union[str, Sequence[str]], tokens: Tensor, po
             ``model.tokenizer.padding_side``, else a warning), and each row's trailing run of the
             pad id (``to_tokens``' right padding). Left-padded tokens want their mask.
         batch_size: prompts per forward.
-        quiet: no progress bar.
+        quiet / progress: hide / show the progress bar (either spelling; ``tl_mamba.circuits.progress``).
     """
+    quiet = hide_progress(quiet, progress, True)
     from tqdm.auto import tqdm
 
     names = [hook] if isinstance(hook, str) else list(dict.fromkeys(hook)) if isinstance(hook, (list, tuple)) else None
@@ -217,12 +220,14 @@ def _columns(positions, real: Tensor) -> Tensor:
 
 def linear_probe(model, hook: Union[str, Sequence[str]], tokens: Tensor, labels,
                  positions: Union[int, Tensor] = -1, *, attention_mask: Optional[Tensor] = None,
-                 batch_size: int = 32, quiet: bool = True, **fit) -> Union[LinearProbe, Dict[str, LinearProbe]]:
+                 batch_size: int = 32, quiet: Optional[bool] = None,
+                 progress: Optional[bool] = None, **fit) -> Union[LinearProbe, Dict[str, LinearProbe]]:
     """Fit a linear probe of ``labels`` on ``hook`` at ``positions``: :func:`probe_activations`
     then :func:`fit_probe` (whose keywords, ``test_fraction``, ``l2``, ``seed``, ``stratify`` and
     ``max_iter``, it passes on); see the module :mod:`tl_mamba.circuits.linear_probes`. For a list of
     hooks (a layer sweep), one probe per hook, ``{hook: LinearProbe}``, all on the same split,
     from the same forward passes."""
+    quiet = hide_progress(quiet, progress, True)
     labels = _check_labels(labels, _device_tokens(model, tokens).shape[0])  # before the forward passes
     acts = probe_activations(model, hook, tokens, positions, attention_mask=attention_mask, batch_size=batch_size,
                              quiet=quiet)
