@@ -880,6 +880,19 @@ def test_full_transformer_name_for_z_is_refused_not_remapped_to_the_gate(model, 
     close(F.silu(cache["z", 0]), cache["blocks.0.hook_gate"], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("key, says", [(("pattern", 1), r"hidden_attention\(tokens, 1\)"),
+                                       (("attn_scores", 0), "hidden_attention"), (("q", 1), r"blocks\.1\.hook_C"),
+                                       (("k", 0), r"blocks\.0\.hook_B"), (("v", 1), r"blocks\.1\.hook_x"),
+                                       (("result", 0), r"blocks\.0\.hook_y")])
+def test_attention_shorthand_keys_name_the_mamba_analogue(model, tokens, key, says):
+    """``cache["pattern", l]`` (TransformerLens' shorthand for an attention hook that has no
+    Mamba hook of the same name) says what Mamba has instead, as the full name does."""
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(KeyError, match=says):
+        cache[key]
+    assert key not in cache
+
+
 def test_accumulated_resid_with_incl_mid_is_the_whole_trajectory(model, tokens):
     """A Mamba block has no resid_mid, so incl_mid (which TransformerLens's direct logit
     attribution by layer passes) adds nothing: the stream is each layer's resid_pre, then the final one."""

@@ -97,7 +97,12 @@ class MambaActivationCache(ActivationCache):
         if name not in self.cache_dict:
             match = _MIXER_SUBLAYER.match(name)
             if match is not None:
-                name = f"blocks.{match.group(1)}.{match.group(2)}"
+                # shorthand TransformerLens spells as attention's (``cache["z", 3]``): the mixer's hook of
+                # that name where Mamba has one; else TransformerLens' name is kept, so that the error
+                # names the analogue (``cache["pattern", 3]``: the hidden attention)
+                mixer = f"blocks.{match.group(1)}.{match.group(2)}"
+                if mixer in self.cache_dict or mixer in getattr(self.model, "hook_dict", {}):
+                    name = mixer
         return name
 
     def __getitem__(self, key) -> torch.Tensor:
