@@ -1457,3 +1457,18 @@ def test_sharded_index_and_shards_must_agree(tmp_path):
     _write_sharded(tmp_path / "extra", extra="backbone.layers.0.mixer.extra_probe")
     with pytest.raises(CheckpointFilesError, match="extra_probe"):
         load_state_dict_files(tmp_path / "extra")
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(fold_ln=True), r"fold_ln: weights load as they are; W_U .* carry the final RMSNorm's weight"),
+    (dict(center_unembed=True, torch_dtype=torch.float16), r"center_unembed: W_U is not centred.*torch_dtype: the "
+                                                           r"keyword is dtype="),
+    (dict(first_n_layers=1), "stop_at_layer="),
+])
+def test_transformer_lens_loading_options_say_what_holds_instead(kwargs, says):
+    """HookedTransformer.from_pretrained's processing options are refused (nothing is processed), by a
+    message that says what this loader does instead; other unknown fields are named alone."""
+    with pytest.raises(TypeError, match=f"unknown HookedMambaConfig field.*{says}"):
+        tl_mamba.from_pretrained("toy-mamba2", **kwargs)
+    with pytest.raises(TypeError, match=r"in overrides: nonsense$"):
+        tl_mamba.from_pretrained("toy-mamba", nonsense=1)

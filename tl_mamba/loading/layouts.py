@@ -401,9 +401,34 @@ def config_from_checkpoint(
     valid = {f.name for f in dataclasses.fields(HookedMambaConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise TypeError(f"unknown HookedMambaConfig field(s) in overrides: {', '.join(unknown)}")
+        hints = [f"{name}: {TRANSFORMER_LENS_OPTIONS[name]}" for name in unknown if name in TRANSFORMER_LENS_OPTIONS]
+        raise TypeError(f"unknown HookedMambaConfig field(s) in overrides: {', '.join(unknown)}"
+                        + (". TransformerLens' HookedTransformer.from_pretrained options: " + "; ".join(hints)
+                           if hints else ""))
     fields.update(overrides)
     return HookedMambaConfig(**fields)
+
+
+#: ``HookedTransformer.from_pretrained`` keywords a TransformerLens user passes by habit, and what
+#: holds here instead: the weights load as they are (no processing), apart from ``W_U``.
+TRANSFORMER_LENS_OPTIONS = {
+    "fold_ln": "weights load as they are; W_U (and tokens_to_residual_directions) already carry the final "
+               "RMSNorm's weight, as fold_ln gives, and the blocks apply their norm weights themselves "
+               "(ln1.hook_normalized is x / scale, before the weight)",
+    "center_writing_weights": "RMSNorm subtracts no mean, so writing weights are not centred (TransformerLens skips "
+                              "it for RMSNorm models too)",
+    "center_unembed": "W_U is not centred: the logits (and logit-lens values) keep their mean over the vocabulary; "
+                      "subtract logits.mean(-1, keepdim=True) where you need centred ones",
+    "fold_value_biases": "Mamba has no attention values",
+    "refactor_factored_attn_matrices": "Mamba has no attention matrices",
+    "torch_dtype": "the keyword is dtype= (a torch dtype, a name such as 'bfloat16', or 'auto')",
+    "first_n_layers": "all layers are loaded; stop the forward early with stop_at_layer=",
+    "n_devices": "a model sits on one device (device=)",
+    "move_to_device": "the model loads onto device= directly",
+    "default_padding_side": "set model.tokenizer.padding_side, or pass padding_side= to the forward or to_tokens",
+    "padding_side": "set model.tokenizer.padding_side, or pass padding_side= to the forward or to_tokens",
+    "hf_model": "for an in-memory transformers model use HookedMamba.from_hf(hf_model) (or tl_mamba.from_hf)",
+}
 
 
 def _embedding_rows(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
