@@ -36,6 +36,21 @@ def test_config_token_ids_are_the_tokenizers(name):
 
 
 @pytest.mark.parametrize("name", sorted(shipped_models()))
+def test_long_prompts_tokenize_without_a_length_warning(name, capfd, caplog):
+    """The tokenizer sets no length limit (a recurrent model has none): a prompt past 1024 tokens,
+    as the longer needle prompts are, draws no transformers warning of "indexing errors" (a log
+    record, which pytest captures, or stderr where transformers' logging does not propagate)."""
+    import logging
+
+    model = tl_mamba.from_pretrained(name)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        tokens = model.to_tokens(" ".join(["key"] * 3000))
+    assert tokens.shape == (1, 3001)
+    assert "maximum sequence length" not in capfd.readouterr().err + caplog.text
+
+
+@pytest.mark.parametrize("name", sorted(shipped_models()))
 @pytest.mark.parametrize("task, n", [("facts", 96), ("ioi", 96), ("needle", 64)])
 def test_heldout_accuracy_matches_the_recorded_one(name, task, n):
     """A fresh held-out sample (other seeds than training's evaluation) reaches the accuracy

@@ -25,8 +25,10 @@ from tl_mamba.toy.vocab import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, vocabulary
 
 PathLike = Union[str, Path]
 
-#: Longest sequence the toy models are trained and evaluated on (needle prompts).
-MODEL_MAX_LENGTH = 1024
+#: The tokenizer's ``model_max_length``: none, as for Mamba's released tokenizers (transformers'
+#: "very large" value). A recurrent model has no position limit, and a smaller value (it was 1024)
+#: makes transformers warn of "indexing errors" for the longer needle prompts, which index nothing.
+MODEL_MAX_LENGTH = int(1e30)
 
 SPECIAL_TOKENS_MAP = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
 
