@@ -117,6 +117,11 @@ def test_the_search_finds_the_boundary_of_a_linear_scan():
     weighted = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target,
                                         weight_by_frequency=True, progress=False)
     assert [(name, f) for name, f, _ in weighted.ranked] == [(name, f) for name, f, _ in by_count]
+    quiet = smallest_feature_circuit(model, saes, scores, clean, corrupted, metric, target=target, quiet=True)
+    assert quiet.k == found.k and quiet.curve == found.curve  # the other tools' spelling of progress=False
+    site_scores = scores["blocks.0.hook_y"]
+    with pytest.raises(TypeError, match=r"got one FeatureScores: pass the whole dict"):
+        smallest_feature_circuit(model, saes, site_scores, clean, corrupted, metric, progress=False)
     site = "blocks.0.hook_y"
     assert [f for f, _, _ in scores[site].top(6, weight_by_frequency=True)] == \
         [f for name, f, _ in by_count if name == site]

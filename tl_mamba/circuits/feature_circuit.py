@@ -133,7 +133,7 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
                              min_frequency: float = 0.0, weight_by_frequency: bool = False,
                              frequency_of: str = "tokens", keep_error: bool = False, labels=None,
                              batch_size: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-                             progress: bool = True) -> FeatureCircuit:
+                             progress: Optional[bool] = None, quiet: Optional[bool] = None) -> FeatureCircuit:
     """The smallest top-k of the features, ranked across sites by ``|score|``, whose
     :func:`feature_faithfulness` reaches ``target`` (binary search: about log2 of the number of
     ranked features evaluations, plus the two baselines).
@@ -154,10 +154,15 @@ def smallest_feature_circuit(model, saes: Mapping[str, object], scores: Mapping[
         keep_error: keep each SAE's error term live too, as in :func:`evaluate_features`.
         labels, batch_size, attention_mask: the data arguments of
             :func:`~tl_mamba.circuits.feature_attribution` (and :func:`tl_mamba.circuits.attribute`).
-        progress: a tqdm bar over the evaluations.
+        progress: a tqdm bar over the evaluations (default); ``quiet=True``, as the other feature
+            tools spell it, is ``progress=False``.
     """
+    progress = not hide_progress(quiet, progress, False)
     if metric is None:
         raise TypeError("smallest_feature_circuit() needs a metric")
+    if isinstance(scores, FeatureScores):
+        raise TypeError("scores must be {hook name: FeatureScores}, as feature_attribution returns it, got one "
+                        "FeatureScores: pass the whole dict (or {hook: scores} for one site)")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
         raise ValueError(f"target must be a finite faithfulness (e.g. 0.8), got {target!r}")
     missing, extra = sorted(set(saes) - set(scores)), sorted(set(scores) - set(saes))
