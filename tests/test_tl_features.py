@@ -903,3 +903,27 @@ def test_accumulated_resid_with_incl_mid_is_the_whole_trajectory(model, tokens):
     for l in range(n):
         close(stack[l], cache[f"blocks.{l}.hook_resid_pre"], atol=0, rtol=0)
     close(stack[n], cache[f"blocks.{n - 1}.hook_resid_post"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name, says", [("W_Q", "no attention weights.*hook_C"), ("OV", "no attention weights"),
+                                        ("W_in", "no MLP"), ("W_pos", "no positional embedding"),
+                                        ("set_use_attn_result", "compute_head_results"),
+                                        ("set_use_split_qkv_input", "hook_mixer_in")])
+def test_transformer_attributes_say_what_mamba_has(model, name, says):
+    """A TransformerLens user's ``model.W_Q`` is an AttributeError (``hasattr`` stays False) that
+    names the Mamba analogue; other missing names keep Python's plain message; parameters,
+    submodules and properties resolve as before."""
+    with pytest.raises(AttributeError, match=f"has no attribute {name!r}: .*{says}"):
+        getattr(model, name)
+    assert not hasattr(model, name)
+    with pytest.raises(AttributeError, match="object has no attribute 'no_such_thing'$"):
+        model.no_such_thing
+    assert model.blocks[0] is model._modules["blocks"][0] and model.W_U.shape == (model.cfg.d_model, model.cfg.d_vocab)
+
+
+def test_neuron_results_are_refused_naming_the_per_channel_writes(model, tokens):
+    """TransformerLens' stack_neuron_results asserts on cfg.d_mlp; here it says what Mamba has."""
+    _, cache = model.run_with_cache(tokens)
+    for method in ("stack_neuron_results", "get_neuron_results"):
+        with pytest.raises(ValueError, match=rf"{method}: Mamba blocks have no MLP.*expand_neurons=True"):
+            getattr(cache, method)(0)

@@ -40,6 +40,12 @@ _NO_HEADS = (
     "channel (the analogue of TransformerLens' neurons) use cache.get_full_resid_decomposition(expand_neurons=True)."
 )
 
+_NO_NEURONS = (
+    "Mamba blocks have no MLP, so no neurons. The closest analogue is one residual write per d_inner channel "
+    "of the mixer: cache.get_full_resid_decomposition(expand_neurons=True) (Mamba-1; Mamba-2 gives one term "
+    "per head, as cache.stack_head_results())."
+)
+
 
 def as_slice(pos_slice) -> Slice:
     """``pos_slice`` (an int, a tuple, indices, a ``Slice`` or None) as the ``Slice`` that cuts
@@ -289,6 +295,14 @@ class MambaActivationCache(ActivationCache):
         """
         if self._ensure_head_results(range(self.model.cfg.n_layers), "compute_head_results"):
             logging.warning("Tried to compute head results when they were already cached")
+
+    def stack_neuron_results(self, layer: int, *args, **kwargs):
+        """Refused: a Mamba block has no MLP neurons (the message names the per-channel analogue)."""
+        raise ValueError(f"stack_neuron_results: {_NO_NEURONS}")
+
+    def get_neuron_results(self, layer: int, *args, **kwargs):
+        """Refused: a Mamba block has no MLP neurons (the message names the per-channel analogue)."""
+        raise ValueError(f"get_neuron_results: {_NO_NEURONS}")
 
     def stack_head_results(
         self,

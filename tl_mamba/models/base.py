@@ -243,6 +243,18 @@ class HookedSSM(TokensMixin, GenerationMixin, HookedRootModule):
     def b_U(self) -> Tensor:
         return torch.zeros(self.cfg.d_vocab_out, dtype=self.cfg.dtype, device=self.W_E.device)
 
+    def __getattr__(self, name: str):
+        """``nn.Module``'s lookup (parameters, buffers, submodules); for a transformer's attribute
+        that a TransformerLens user reaches for (``W_Q``, ``W_in``, ``OV``, ``set_use_attn_result``),
+        an ``AttributeError`` that says what a Mamba model has instead."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            analogue = transformer_attribute_analogue(name)
+            if analogue is None:
+                raise
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}: {analogue}") from None
+
     def tokens_to_residual_directions(self, tokens: Union[str, int, Tensor]) -> Tensor:
         """Residual directions ``W_U[:, token]`` (``[d]`` for one token, ``[..., d]`` for a tensor)."""
         if isinstance(tokens, str):
@@ -849,6 +861,32 @@ def transformer_hook_analogue(name: str, family: str) -> Optional[str]:
     if found is None and sublayer == "attn":
         found = "Mamba blocks have no attention; docs/porting.md maps attention hooks to the mixer's."
     return found
+
+
+_ATTENTION_WEIGHTS = ("Mamba has no attention weights. The mixer's own are in model.blocks[l].mixer (in_proj, "
+                      "conv1d, A_log, D, out_proj ...); C plays the query's role, B the key's and x the value's "
+                      "(hook_C, hook_B, hook_x), and model.hidden_attention(tokens, l) is the attention-like matrix "
+                      "(docs/porting.md).")
+_MIXER_INPUT = ("every block already has hook_mixer_in, the mixer's own copy of its input, so edge patching "
+                "needs no switch.")
+_TRANSFORMER_ATTRIBUTES = {
+    **{name: _ATTENTION_WEIGHTS for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "QK", "OV")},
+    **{name: "Mamba blocks have no MLP: the mixer is the block's one sublayer, and its multiplicative "
+             "nonlinearity is the gate y ⊙ SiLU(z) (hook_gate)." for name in ("W_in", "W_out", "b_in", "b_out", "W_gate")},
+    "W_pos": "Mamba has no positional embedding: position is carried by the recurrence and the conv.",
+    "set_use_attn_result": "per-head writes are computed from the cache: cache.compute_head_results() / "
+                           "cache.stack_head_results() (Mamba-2), cache.get_full_resid_decomposition() (one term "
+                           "per Mamba-1 channel).",
+    "set_use_split_qkv_input": _MIXER_INPUT,
+    "set_use_attn_in": _MIXER_INPUT,
+    "set_use_hook_mlp_in": _MIXER_INPUT,
+}
+
+
+def transformer_attribute_analogue(name: str) -> Optional[str]:
+    """For a transformer model's attribute (``W_Q``, ``W_in``, ``set_use_attn_result`` ...), what a
+    Mamba model has in its place (None for other names)."""
+    return _TRANSFORMER_ATTRIBUTES.get(name)
 
 
 def _input_batch_size(input) -> Optional[int]:
