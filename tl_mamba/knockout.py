@@ -67,14 +67,15 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
     """
     unit = "positions" if what in ("sources", "targets") else what
     or_mask = " or a bool mask" if mask_ok else ""
-    if owner == "Knockout" and what == "layers":
-        hint = ("Give the layers as a list; for other heads or channels in other layers, give the mapping as "
-                "heads= / channels=: Knockout(layers=list(per_layer), heads=per_layer, ...).")
-    elif what in ("heads", "channels"):
-        hint = f"Give one list of {unit}; for other {unit} in other layers, call once per layer."
-    else:
-        hint = f"Give a list of {unit}{or_mask}."
-    refuse_a_mapping(values, f"{owner} {what}", hint)
+    if isinstance(values, Mapping):  # (the hint is built only for the error)
+        if owner == "Knockout" and what == "layers":
+            hint = ("Give the layers as a list; for other heads or channels in other layers, give the mapping as "
+                    "heads= / channels=: Knockout(layers=list(per_layer), heads=per_layer, ...).")
+        elif what in ("heads", "channels"):
+            hint = f"Give one list of {unit}; for other {unit} in other layers, call once per layer."
+        else:
+            hint = f"Give a list of {unit}{or_mask}."
+        refuse_a_mapping(values, f"{owner} {what}", hint)
     if hasattr(values, "tolist") and not isinstance(values, Tensor):  # numpy arrays and scalars
         values = values.tolist()
     if isinstance(values, Tensor):
@@ -98,6 +99,16 @@ def _index_list(values, what: str, owner: str = "Knockout", mask_ok: bool = True
                                   f"{type(v).__name__}{hint}")
         out.append(int(v))
     return out
+
+
+def _resolve_layers(layers: Iterable[int], n_layers: int, what: str) -> List[int]:
+    """``layers`` (negative from the end) as indices in ``[0, n_layers)``, in order;
+    :class:`OutOfRangeError` naming ``what`` for any outside ``[-n_layers, n_layers)``."""
+    layers = list(layers)
+    bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
+    if bad:
+        raise OutOfRangeError(f"{what} {bad} out of range: the model has {n_layers} layers")
+    return [layer % n_layers for layer in layers]
 
 
 def _check_index_type(given, what: str) -> None:
@@ -268,10 +279,7 @@ class Knockout:
 
     # ----------------------------------------------------------------- resolution
     def resolved_layers(self, n_layers: int) -> List[int]:
-        bad = [layer for layer in self._layers if not -n_layers <= layer < n_layers]
-        if bad:
-            raise OutOfRangeError(f"Knockout layers {bad} out of range: the model has {n_layers} layers")
-        return sorted({layer % n_layers for layer in self._layers})
+        return sorted(set(_resolve_layers(self._layers, n_layers, "Knockout layers")))
 
     def _check_family(self, cfg) -> None:
         if cfg.family == "mamba1" and self.heads is not None:
@@ -287,17 +295,14 @@ class Knockout:
         chosen = getattr(self, what)
         if not isinstance(chosen, Mapping):
             return None
-        n_layers = cfg.n_layers
-        bad = [key for key in chosen if not -n_layers <= key < n_layers]
-        if bad:
-            raise OutOfRangeError(f"Knockout {what}: layer keys {bad} out of range: the model has {n_layers} layers")
         resolved = {}
-        for key, value in chosen.items():
-            if key % n_layers in resolved:
-                raise ValueError(f"Knockout {what}: layer {key % n_layers} has two entries (keys "
-                                 f"{[k for k in chosen if k % n_layers == key % n_layers]})")
-            resolved[key % n_layers] = value
-        layers = self.resolved_layers(n_layers)
+        for key, layer, value in zip(chosen, _resolve_layers(chosen, cfg.n_layers, f"Knockout {what}: layer keys"),
+                                     chosen.values()):
+            if layer in resolved:
+                raise ValueError(f"Knockout {what}: layer {layer} has two entries (keys "
+                                 f"{[k for k in chosen if k % cfg.n_layers == layer]})")
+            resolved[layer] = value
+        layers = self.resolved_layers(cfg.n_layers)
         missing, extra = [l for l in layers if l not in resolved], sorted(set(resolved) - set(layers))
         if missing or extra:
             raise ValueError(f"Knockout {what}: a per-layer mapping needs one entry for each of the knockout's layers "
@@ -306,13 +311,16 @@ class Knockout:
                                  ([f"keys {extra} are not among them"] if extra else [])))
         return resolved
 
-    def features(self, cfg, layer: int, device=None) -> Optional[Tensor]:
+    def features(self, cfg, layer: Optional[int], device=None) -> Optional[Tensor]:
         """``heads=`` (Mamba-2) / ``channels=`` (Mamba-1) in ``layer`` (resolved, 0..n_layers-1) as a
-        float mask ``[h]`` / ``[e]``; None: every feature."""
+        float mask ``[h]`` / ``[e]``; None: every feature. ``layer`` may be None only when one
+        choice serves every layer."""
         what, size = ("heads", cfg.n_heads) if cfg.family == "mamba2" else ("channels", cfg.d_inner)
         per_layer = self._per_layer_features(cfg)
         if per_layer is None:
             return _feature_mask(getattr(self, what), size, what, device)
+        if layer is None:
+            raise ValueError(f"{self!r}: its features differ by layer, so its removal needs the layer")
         return _feature_mask(per_layer[layer], size, f"{what}[{layer}]", device)
 
     def removal(self, cfg, b: int, p: int, device=None, layer: Optional[int] = None) -> EdgeRemoval:
@@ -329,10 +337,7 @@ class Knockout:
         target_positions = None if host_targets is None else host_targets.any(0).nonzero()[:, 0]
         if host_sources is not None and host_targets is not None:
             self.warn_if_no_edges(host_sources, host_targets)
-        if layer is None and self._per_layer_features(cfg) is not None:
-            raise ValueError(f"{self!r}: its features differ by layer, so its removal needs the layer")
-        features = self.features(cfg, layer, device)
-        return EdgeRemoval(sources=sources.float(), targets=targets.float(), features=features,
+        return EdgeRemoval(sources=sources.float(), targets=targets.float(), features=self.features(cfg, layer, device),
                            source_positions=source_positions, target_positions=target_positions)
 
     def masks(self, what: str, b: int, p: int, device=None) -> Tuple[Tensor, Optional[Tensor]]:
